@@ -1,0 +1,281 @@
+//! A Docker build context read from a folder of the config repo: which files it holds (with
+//! `.dockerignore` honoured), a digest of their content, and the tar the engine builds from.
+//!
+//! The digest is what makes builds content-addressed: the image is tagged by it, so an unchanged
+//! context never rebuilds, and it is part of the challenge's spec hash, so a changed file is an update.
+//! The tar is deterministic (sorted, zero times and owners) so the same context gives the same bytes.
+
+use std::path::{Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use sha2::{Digest, Sha256};
+
+/// One entry of a build context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir,
+    File { executable: bool },
+    Symlink(PathBuf),
+}
+
+/// The files of a build context, sorted by path.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    root: PathBuf,
+    entries: Vec<(String, Entry)>,
+}
+
+impl BuildContext {
+    /// Lists the context at `root`, leaving out what `.dockerignore` excludes. The Dockerfile and
+    /// `.dockerignore` are always kept, as Docker keeps them.
+    pub fn read(root: &Path, dockerfile: &str) -> Result<BuildContext, String> {
+        let ignore = dockerignore(root)?;
+        let mut entries = Vec::new();
+        collect(root, root, &ignore, dockerfile, &mut entries)?;
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(BuildContext {
+            root: root.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// Paths in the context, relative to its root.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(path, _)| path.as_str())
+    }
+
+    /// Hex SHA-256 over every path, its type, executable bit and content.
+    pub fn digest(&self) -> Result<String, String> {
+        let mut hasher = Sha256::new();
+        for (path, entry) in &self.entries {
+            hasher.update(path.as_bytes());
+            hasher.update([0]);
+            match entry {
+                Entry::Dir => hasher.update(b"d"),
+                Entry::File { executable } => {
+                    hasher.update(if *executable { b"x" } else { b"f" });
+                    let content = std::fs::read(self.root.join(path))
+                        .map_err(|e| format!("cannot read {path}: {e}"))?;
+                    hasher.update((content.len() as u64).to_le_bytes());
+                    hasher.update(&content);
+                }
+                Entry::Symlink(target) => {
+                    hasher.update(b"l");
+                    hasher.update(target.to_string_lossy().as_bytes());
+                }
+            }
+            hasher.update([0]);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    /// The context as an uncompressed tar, as the engine's build endpoint takes it.
+    pub fn tar(&self) -> Result<Vec<u8>, String> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, entry) in &self.entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_mtime(0);
+            header.set_uid(0);
+            header.set_gid(0);
+            let result = match entry {
+                Entry::Dir => {
+                    header.set_entry_type(tar::EntryType::Directory);
+                    header.set_mode(0o755);
+                    header.set_size(0);
+                    builder.append_data(&mut header, path, std::io::empty())
+                }
+                Entry::File { executable } => {
+                    let content = std::fs::read(self.root.join(path))
+                        .map_err(|e| format!("cannot read {path}: {e}"))?;
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_mode(if *executable { 0o755 } else { 0o644 });
+                    header.set_size(content.len() as u64);
+                    builder.append_data(&mut header, path, content.as_slice())
+                }
+                Entry::Symlink(target) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_mode(0o777);
+                    header.set_size(0);
+                    builder.append_link(&mut header, path, target)
+                }
+            };
+            result.map_err(|e| format!("cannot add {path} to the build context: {e}"))?;
+        }
+        builder
+            .into_inner()
+            .map_err(|e| format!("cannot finish the build context: {e}"))
+    }
+}
+
+/// `.dockerignore` as a matcher. Docker anchors every pattern at the context's root (`foo` means
+/// `./foo`, not any `foo`), so each pattern is anchored before it is given to the gitignore matcher.
+fn dockerignore(root: &Path) -> Result<Gitignore, String> {
+    let mut builder = GitignoreBuilder::new(root);
+    let path = root.join(".dockerignore");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (negate, pattern) = match line.strip_prefix('!') {
+                Some(rest) => ("!", rest.trim()),
+                None => ("", line),
+            };
+            let pattern = pattern.trim_start_matches("./").trim_start_matches('/');
+            builder
+                .add_line(None, &format!("{negate}/{pattern}"))
+                .map_err(|e| format!(".dockerignore: {e}"))?;
+        }
+    }
+    builder.build().map_err(|e| format!(".dockerignore: {e}"))
+}
+
+fn collect(
+    root: &Path,
+    dir: &Path,
+    ignore: &Gitignore,
+    dockerfile: &str,
+    entries: &mut Vec<(String, Entry)>,
+) -> Result<(), String> {
+    let read = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for item in read {
+        let item = item.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let path = item.path();
+        let relative = path
+            .strip_prefix(root)
+            .expect("walk stays under root")
+            .to_string_lossy()
+            .replace('\\', "/");
+        let file_type = item
+            .file_type()
+            .map_err(|e| format!("cannot stat {relative}: {e}"))?;
+        let always_kept = relative == dockerfile || relative == ".dockerignore";
+        if !always_kept
+            && ignore
+                .matched_path_or_any_parents(&path, file_type.is_dir())
+                .is_ignore()
+        {
+            continue;
+        }
+        if file_type.is_symlink() {
+            let target = std::fs::read_link(&path)
+                .map_err(|e| format!("cannot read link {relative}: {e}"))?;
+            entries.push((relative, Entry::Symlink(target)));
+        } else if file_type.is_dir() {
+            entries.push((relative, Entry::Dir));
+            collect(root, &path, ignore, dockerfile, entries)?;
+        } else if file_type.is_file() {
+            let executable = executable(
+                &item
+                    .metadata()
+                    .map_err(|e| format!("cannot stat {relative}: {e}"))?,
+            );
+            entries.push((relative, Entry::File { executable }));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn executable(metadata: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    metadata.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn executable(_: &std::fs::Metadata) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn dockerignore_patterns_are_anchored_and_negatable() {
+        let dir = context(&[
+            ("Dockerfile", "FROM busybox"),
+            (
+                ".dockerignore",
+                "secret.txt\n*.log\n!keep.log\nnode_modules\n",
+            ),
+            ("secret.txt", "x"),
+            ("app.log", "x"),
+            ("keep.log", "x"),
+            ("sub/secret.txt", "x"),
+            ("node_modules/a.js", "x"),
+            ("src/main.sh", "x"),
+        ]);
+        let read = BuildContext::read(dir.path(), "Dockerfile").unwrap();
+        let paths: Vec<_> = read.paths().collect();
+        assert_eq!(
+            paths,
+            vec![
+                ".dockerignore",
+                "Dockerfile",
+                "keep.log",
+                "src",
+                "src/main.sh",
+                "sub",
+                "sub/secret.txt"
+            ]
+        );
+    }
+
+    #[test]
+    fn digest_follows_content_not_time() {
+        let dir = context(&[("Dockerfile", "FROM busybox"), ("a.txt", "one")]);
+        let first = BuildContext::read(dir.path(), "Dockerfile")
+            .unwrap()
+            .digest()
+            .unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        assert_eq!(
+            BuildContext::read(dir.path(), "Dockerfile")
+                .unwrap()
+                .digest()
+                .unwrap(),
+            first
+        );
+        std::fs::write(dir.path().join("a.txt"), "two").unwrap();
+        assert_ne!(
+            BuildContext::read(dir.path(), "Dockerfile")
+                .unwrap()
+                .digest()
+                .unwrap(),
+            first
+        );
+    }
+
+    #[test]
+    fn tar_holds_the_kept_files() {
+        let dir = context(&[
+            ("Dockerfile", "FROM busybox"),
+            (".dockerignore", "big\n"),
+            ("big", "x"),
+            ("run.sh", "echo"),
+        ]);
+        let bytes = BuildContext::read(dir.path(), "Dockerfile")
+            .unwrap()
+            .tar()
+            .unwrap();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, vec![".dockerignore", "Dockerfile", "run.sh"]);
+    }
+}

@@ -1,0 +1,726 @@
+//! Loading a config repo: every descriptor under a folder, or every problem that stops it.
+//!
+//! The loader walks the folder (skipping `.git`, paths in `.berthignore`, and the folders that
+//! descriptors use as build contexts, manifests or charts), reads each YAML file within limits,
+//! checks each document against its kind's schema and the semantic rules, and returns the typed
+//! descriptors with all problems at once, each placed at a file, line and column.
+//!
+//! Positions are found lazily: files are parsed once without them, and only a file that has a problem
+//! is parsed again to place it. So a clean repo of thousands of files keeps no position tables and no
+//! parsed trees alive, only the typed descriptors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde_json::Value;
+
+use super::model::{ChallengeSpec, Envelope, ImageSource, PipelineSpec, StagingSpec, StepImage};
+use super::schema::{self, Violation};
+use super::semantic;
+use super::yaml::{self, Position};
+use super::{Descriptor, Kind, Problem, Spec, spec_hash};
+use crate::build_context::BuildContext;
+
+/// `errno` for "too many levels of symbolic links" on Linux.
+const ELOOP: i32 = 40;
+
+/// Default largest descriptor file: 4 MiB.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 20;
+
+/// How the loader treats files.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Largest file, in bytes, the loader reads; a larger one is a problem.
+    pub max_file_size: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+        }
+    }
+}
+
+/// Why loading could not even start: nothing here is the repo's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The folder is missing or unreadable.
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The path is not a folder.
+    #[error("{} is not a folder", .0.display())]
+    NotAFolder(PathBuf),
+}
+
+/// A loaded config repo.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The repo's root, canonical.
+    pub root: PathBuf,
+    /// Valid descriptors, sorted by kind and name.
+    pub descriptors: Vec<Descriptor>,
+    /// Every problem, sorted by file, line and column. The repo is valid when this is empty.
+    pub problems: Vec<Problem>,
+}
+
+impl Loaded {
+    /// Whether the repo has no problem.
+    pub fn is_valid(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// `12 descriptors valid (4 Challenge, 3 Pipeline, 5 Staging)`.
+    pub fn summary(&self) -> String {
+        let counts: Vec<String> = Kind::ALL
+            .iter()
+            .map(|kind| {
+                format!(
+                    "{} {kind}",
+                    self.descriptors
+                        .iter()
+                        .filter(|d| d.kind() == *kind)
+                        .count()
+                )
+            })
+            .collect();
+        let n = self.descriptors.len();
+        format!(
+            "{n} descriptor{} valid ({})",
+            if n == 1 { "" } else { "s" },
+            counts.join(", ")
+        )
+    }
+}
+
+/// Loads every descriptor under `dir`.
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
+    let root = dir.canonicalize().map_err(|source| LoadError::Unreadable {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !root.is_dir() {
+        return Err(LoadError::NotAFolder(dir.to_path_buf()));
+    }
+    let mut loader = Loader::new(root, options.clone());
+    let berthignore = berthignore(&loader.root);
+    let mut visited = HashSet::from([loader.root.clone()]);
+    let root = loader.root.clone();
+    loader.walk(&root, &berthignore, &mut visited)?;
+    for file in 0..loader.files.len() {
+        loader.read_file(file);
+    }
+    loader.drop_asset_files();
+    loader.check_repo();
+    Ok(loader.finish())
+}
+
+fn berthignore(root: &Path) -> Gitignore {
+    let mut builder = GitignoreBuilder::new(root);
+    let path = root.join(".berthignore");
+    if path.is_file() {
+        // A broken pattern is skipped; the rest still apply.
+        let _ = builder.add(path);
+    }
+    builder.build().unwrap_or_else(|_| Gitignore::empty())
+}
+
+/// Where a problem stands, before positions are known.
+#[derive(Debug, Clone)]
+enum Place {
+    At(Position),
+    Node {
+        doc: usize,
+        pointer: String,
+        at_key: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    file: usize,
+    place: Place,
+    identity: Option<(String, Option<String>)>,
+    message: String,
+    /// A second place the message refers to ("also defined at …").
+    also: Option<(usize, Place)>,
+}
+
+struct SourceFile {
+    relative: String,
+    path: PathBuf,
+    /// `(kind, name)` of each document, as far as they could be read.
+    identities: Vec<Option<(String, Option<String>)>>,
+}
+
+/// A valid descriptor and the document it came from.
+struct Candidate {
+    descriptor: Descriptor,
+    file: usize,
+    doc: usize,
+}
+
+struct Loader {
+    root: PathBuf,
+    options: LoadOptions,
+    files: Vec<SourceFile>,
+    pending: Vec<Pending>,
+    candidates: Vec<Candidate>,
+    /// Every `Kind/name` some document declares, valid or not: references to them are not "missing".
+    declared: HashSet<(Kind, String)>,
+    /// Folders descriptors build from or deploy: their YAML files are not descriptors.
+    asset_folders: Vec<PathBuf>,
+}
+
+impl Loader {
+    fn new(root: PathBuf, options: LoadOptions) -> Loader {
+        Loader {
+            root,
+            options,
+            files: Vec::new(),
+            pending: Vec::new(),
+            candidates: Vec::new(),
+            declared: HashSet::new(),
+            asset_folders: Vec::new(),
+        }
+    }
+
+    fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .replace('\\', "/")
+    }
+
+    fn file_problem(&mut self, relative: String, path: PathBuf, message: String) {
+        self.files.push(SourceFile {
+            relative,
+            path,
+            identities: Vec::new(),
+        });
+        let file = self.files.len() - 1;
+        self.pending.push(Pending {
+            file,
+            place: Place::At(Position { line: 1, column: 1 }),
+            identity: None,
+            message,
+            also: None,
+        });
+    }
+
+    fn walk(
+        &mut self,
+        dir: &Path,
+        ignore: &Gitignore,
+        visited: &mut HashSet<PathBuf>,
+    ) -> Result<(), LoadError> {
+        let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Unreadable {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+        entries.sort_by_key(|entry| entry.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name == ".git" {
+                continue;
+            }
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            let relative = self.relative(&path);
+            let is_yaml = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            );
+            if file_type.is_symlink() {
+                let target = path.canonicalize();
+                let target_is_dir = target.as_ref().is_ok_and(|t| t.is_dir());
+                if ignore
+                    .matched_path_or_any_parents(&path, target_is_dir)
+                    .is_ignore()
+                {
+                    continue;
+                }
+                match target {
+                    Err(error) if is_yaml || error.raw_os_error() == Some(ELOOP) => {
+                        self.broken_link(relative, path, &error)
+                    }
+                    Err(_) => {}
+                    Ok(_) if !(is_yaml || target_is_dir) => {}
+                    Ok(target) if !target.starts_with(&self.root) => {
+                        let message = format!(
+                            "symlink points outside the repo (to {}); berth reads only files inside the repo",
+                            target.display()
+                        );
+                        self.file_problem(relative, path, message);
+                    }
+                    Ok(target) if target_is_dir => {
+                        if !visited.insert(target.clone()) {
+                            let shown = match self.relative(&target) {
+                                empty if empty.is_empty() => ".".to_string(),
+                                shown => shown,
+                            };
+                            let message = format!(
+                                "symlink loop: this link leads back to {shown}, which is already read; remove the link"
+                            );
+                            self.file_problem(relative, path, message);
+                            continue;
+                        }
+                        self.walk(&path, ignore, visited)?;
+                    }
+                    Ok(_) => self.files.push(SourceFile {
+                        relative,
+                        path,
+                        identities: Vec::new(),
+                    }),
+                }
+            } else if file_type.is_dir() {
+                if ignore.matched_path_or_any_parents(&path, true).is_ignore() {
+                    continue;
+                }
+                if let Ok(canonical) = path.canonicalize() {
+                    visited.insert(canonical);
+                }
+                self.walk(&path, ignore, visited)?;
+            } else if file_type.is_file()
+                && is_yaml
+                && !ignore.matched_path_or_any_parents(&path, false).is_ignore()
+            {
+                self.files.push(SourceFile {
+                    relative,
+                    path,
+                    identities: Vec::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn broken_link(&mut self, relative: String, path: PathBuf, error: &std::io::Error) {
+        let message = if error.raw_os_error() == Some(ELOOP) {
+            "symlink loop: the link never resolves to a file; remove it or point it at a file"
+                .to_string()
+        } else {
+            "symlink points to nothing; remove it or fix its target".to_string()
+        };
+        self.file_problem(relative, path, message);
+    }
+
+    /// Reads one file's text within the size limit; a problem otherwise.
+    fn read_text(&self, path: &Path) -> Result<String, (Position, String)> {
+        let start = Position { line: 1, column: 1 };
+        let limit = self.options.max_file_size;
+        let file =
+            std::fs::File::open(path).map_err(|e| (start, format!("cannot read file: {e}")))?;
+        let mut bytes = Vec::new();
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| (start, format!("cannot read file: {e}")))?;
+        if bytes.len() as u64 > limit {
+            return Err((
+                start,
+                format!(
+                    "file is larger than the {} limit; split it into smaller files or raise --max-file-size",
+                    human_size(limit)
+                ),
+            ));
+        }
+        String::from_utf8(bytes).map_err(|error| {
+            let valid = &error.as_bytes()[..error.utf8_error().valid_up_to()];
+            let valid = std::str::from_utf8(valid).expect("valid prefix");
+            let line = valid.matches('\n').count() + 1;
+            let column = valid.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            (
+                Position { line, column },
+                "file is not valid UTF-8; save it as UTF-8".to_string(),
+            )
+        })
+    }
+
+    fn read_file(&mut self, file: usize) {
+        let path = self.files[file].path.clone();
+        let text = match self.read_text(&path) {
+            Ok(text) => text,
+            Err((at, message)) => {
+                self.pending.push(Pending {
+                    file,
+                    place: Place::At(at),
+                    identity: None,
+                    message,
+                    also: None,
+                });
+                return;
+            }
+        };
+        let stream = yaml::parse(&text, false);
+        for (doc, document) in stream.documents.into_iter().enumerate() {
+            self.read_document(file, doc, document);
+        }
+        if let Some(fatal) = stream.fatal {
+            self.pending.push(Pending {
+                file,
+                place: Place::At(fatal.at),
+                identity: None,
+                message: fatal.message,
+                also: None,
+            });
+        }
+    }
+
+    fn read_document(&mut self, file: usize, doc: usize, document: yaml::Document) {
+        let value = document.value;
+        let identity = identity(&value);
+        self.files[file].identities.push(identity.clone());
+        for problem in document.problems {
+            self.pending.push(Pending {
+                file,
+                place: Place::At(problem.at),
+                identity: identity.clone(),
+                message: problem.message,
+                also: None,
+            });
+        }
+        if value.is_null() {
+            return;
+        }
+        if !value.is_object() {
+            self.pending.push(Pending {
+                file,
+                place: Place::At(document.start),
+                identity: None,
+                message: "a descriptor must be a mapping with apiVersion, kind, metadata and spec"
+                    .into(),
+                also: None,
+            });
+            return;
+        }
+        self.note_asset_folders(&value);
+        let kind = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .and_then(|k| k.parse::<Kind>().ok());
+        if let (Some(kind), Some((_, Some(name)))) = (kind, &identity) {
+            self.declared.insert((kind, name.clone()));
+        }
+        let mut violations = schema::check(kind, &value);
+        if let (true, Some(kind)) = (violations.is_empty(), kind) {
+            violations = semantic::check_values(kind, &value);
+        }
+        if !violations.is_empty() || kind.is_none() {
+            self.push_violations(file, doc, &identity, violations);
+            return;
+        }
+        let kind = kind.expect("checked above");
+        let line = document.start.line;
+        let relative = self.files[file].relative.clone();
+        match typed(kind, value, relative, line) {
+            Ok(mut descriptor) => {
+                let violations = semantic::check_descriptor(&self.root, &descriptor);
+                if !violations.is_empty() {
+                    self.push_violations(file, doc, &identity, violations);
+                    return;
+                }
+                descriptor.spec_hash = self.hash(&descriptor);
+                self.candidates.push(Candidate {
+                    descriptor,
+                    file,
+                    doc,
+                });
+            }
+            Err(message) => {
+                self.pending.push(Pending {
+                    file,
+                    place: Place::At(document.start),
+                    identity,
+                    message: format!("cannot read descriptor: {message}"),
+                    also: None,
+                });
+            }
+        }
+    }
+
+    fn push_violations(
+        &mut self,
+        file: usize,
+        doc: usize,
+        identity: &Option<(String, Option<String>)>,
+        violations: Vec<Violation>,
+    ) {
+        for violation in violations {
+            self.pending.push(Pending {
+                file,
+                place: Place::Node {
+                    doc,
+                    pointer: violation.pointer,
+                    at_key: violation.at_key,
+                },
+                identity: identity.clone(),
+                message: violation.message,
+                also: None,
+            });
+        }
+    }
+
+    fn hash(&self, descriptor: &Descriptor) -> String {
+        let digest = match &descriptor.spec {
+            Spec::Challenge(ChallengeSpec {
+                build: Some(build), ..
+            }) => {
+                let context = self.root.join(&build.context);
+                // The semantic checks proved the context exists; an unreadable file still
+                // changes the hash rather than failing the load.
+                BuildContext::read(&context, &build.dockerfile)
+                    .and_then(|c| c.digest())
+                    .unwrap_or_else(|error| error)
+            }
+            _ => String::new(),
+        };
+        spec_hash(
+            descriptor.kind(),
+            &descriptor.metadata,
+            &descriptor.spec,
+            &[&digest],
+        )
+    }
+
+    fn note_asset_folders(&mut self, value: &Value) {
+        for pointer in [
+            "/spec/build/context",
+            "/spec/manifests",
+            "/spec/chart",
+            "/spec/image/build/context",
+        ] {
+            if let Some(folder) = value.pointer(pointer).and_then(Value::as_str)
+                && let Ok(canonical) = self.root.join(folder).canonicalize()
+                && canonical != self.root
+                && canonical.starts_with(&self.root)
+            {
+                self.asset_folders.push(canonical);
+            }
+        }
+    }
+
+    /// Forgets files inside asset folders: a staging's Kubernetes manifests are not descriptors.
+    fn drop_asset_files(&mut self) {
+        if self.asset_folders.is_empty() {
+            return;
+        }
+        let dropped: HashSet<usize> = self
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                let canonical = f.path.canonicalize().unwrap_or_else(|_| f.path.clone());
+                self.asset_folders
+                    .iter()
+                    .any(|folder| canonical.starts_with(folder))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        self.pending.retain(|p| !dropped.contains(&p.file));
+        self.candidates.retain(|c| !dropped.contains(&c.file));
+    }
+
+    fn check_repo(&mut self) {
+        let descriptors: Vec<&Descriptor> = self.candidates.iter().map(|c| &c.descriptor).collect();
+        for problem in semantic::check_repo(&descriptors, &self.declared) {
+            let at = &self.candidates[problem.at];
+            let identity = Some((
+                at.descriptor.kind().to_string(),
+                Some(at.descriptor.metadata.name.to_string()),
+            ));
+            let also = problem.also.map(|(other, pointer)| {
+                let other = &self.candidates[other];
+                (
+                    other.file,
+                    Place::Node {
+                        doc: other.doc,
+                        pointer,
+                        at_key: false,
+                    },
+                )
+            });
+            self.pending.push(Pending {
+                file: at.file,
+                place: Place::Node {
+                    doc: at.doc,
+                    pointer: problem.pointer,
+                    at_key: false,
+                },
+                identity,
+                message: problem.message,
+                also,
+            });
+        }
+        let invalid: HashSet<usize> = self.pending.iter().map(|p| p.file).collect();
+        self.candidates.retain(|c| !invalid.contains(&c.file));
+    }
+
+    fn finish(self) -> Loaded {
+        // Parse again, with positions, only the files that have something to place.
+        let mut needed: BTreeMap<usize, Vec<yaml::Positions>> = BTreeMap::new();
+        for pending in &self.pending {
+            for (file, place) in std::iter::once((pending.file, &pending.place))
+                .chain(pending.also.iter().map(|(f, p)| (*f, p)))
+            {
+                if matches!(place, Place::Node { .. }) {
+                    needed.entry(file).or_default();
+                }
+            }
+        }
+        for (file, positions) in needed.iter_mut() {
+            if let Ok(text) = self.read_text(&self.files[*file].path) {
+                *positions = yaml::parse(&text, true)
+                    .documents
+                    .into_iter()
+                    .map(|d| d.positions)
+                    .collect();
+            }
+        }
+        let place = |file: usize, place: &Place| -> (Position, String) {
+            match place {
+                Place::At(at) => (*at, String::new()),
+                Place::Node {
+                    doc,
+                    pointer,
+                    at_key,
+                } => {
+                    let positions = needed.get(&file).and_then(|docs| docs.get(*doc));
+                    (locate(positions, pointer, *at_key), pointer.clone())
+                }
+            }
+        };
+        let mut problems: Vec<Problem> = self
+            .pending
+            .iter()
+            .map(|pending| {
+                let (at, path) = place(pending.file, &pending.place);
+                let mut message = pending.message.clone();
+                if let Some((file, other)) = &pending.also {
+                    let (other_at, _) = place(*file, other);
+                    message.push_str(&format!(
+                        " at {}:{}:{}",
+                        self.files[*file].relative, other_at.line, other_at.column
+                    ));
+                }
+                let (kind, name) = pending
+                    .identity
+                    .clone()
+                    .map_or((None, None), |(k, n)| (Some(k), n));
+                Problem {
+                    file: self.files[pending.file].relative.clone(),
+                    line: at.line,
+                    column: at.column,
+                    kind,
+                    name,
+                    path,
+                    message,
+                }
+            })
+            .collect();
+        problems.sort_by(|a, b| {
+            (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
+        });
+        problems.dedup();
+        let mut descriptors: Vec<Descriptor> =
+            self.candidates.into_iter().map(|c| c.descriptor).collect();
+        descriptors.sort_by_key(|d| d.key());
+        Loaded {
+            root: self.root,
+            descriptors,
+            problems,
+        }
+    }
+}
+
+/// The position for a pointer, falling back to the nearest ancestor that has one.
+fn locate(positions: Option<&yaml::Positions>, pointer: &str, at_key: bool) -> Position {
+    let Some(positions) = positions else {
+        return Position { line: 1, column: 1 };
+    };
+    let mut pointer = pointer;
+    let mut exact = true;
+    loop {
+        if let Some(node) = positions.get(pointer) {
+            return match (at_key && exact, node.key) {
+                (true, Some(key)) => key,
+                _ => node.value,
+            };
+        }
+        match pointer.rsplit_once('/') {
+            Some((parent, _)) => {
+                pointer = parent;
+                exact = false;
+            }
+            None => return Position { line: 1, column: 1 },
+        }
+    }
+}
+
+/// `(kind, name)` as far as a raw document says them.
+fn identity(value: &Value) -> Option<(String, Option<String>)> {
+    let kind = value.get("kind")?.as_str()?.to_string();
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Some((kind, name))
+}
+
+fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descriptor, String> {
+    fn parts<S: serde::de::DeserializeOwned>(value: Value) -> Result<(super::Metadata, S), String> {
+        let envelope: Envelope<S> = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        Ok((envelope.metadata, envelope.spec))
+    }
+    let (metadata, spec) = match kind {
+        Kind::Challenge => parts::<ChallengeSpec>(value).map(|(m, s)| (m, Spec::Challenge(s)))?,
+        Kind::Pipeline => parts::<PipelineSpec>(value).map(|(m, s)| (m, Spec::Pipeline(s)))?,
+        Kind::Staging => parts::<StagingSpec>(value).map(|(m, s)| (m, Spec::Staging(s)))?,
+    };
+    Ok(Descriptor {
+        metadata,
+        spec,
+        file,
+        line,
+        spec_hash: String::new(),
+    })
+}
+
+fn human_size(bytes: u64) -> String {
+    super::values::Size { bytes }
+        .to_string()
+        .replace("Ki", " KiB")
+        .replace("Mi", " MiB")
+        .replace("Gi", " GiB")
+}
+
+/// Paths a descriptor builds from, for callers that need the folders (the Docker backend).
+pub fn build_context_of(spec: &Spec) -> Option<&super::model::BuildSpec> {
+    match spec {
+        Spec::Challenge(ChallengeSpec {
+            build: Some(build), ..
+        }) => Some(build),
+        Spec::Pipeline(PipelineSpec {
+            image: StepImage::Build(image),
+            ..
+        }) => Some(&image.build),
+        _ => None,
+    }
+}
+
+/// Whether a challenge runs the image of a pipeline.
+pub fn pipeline_image(spec: &ChallengeSpec) -> Option<&super::Name> {
+    match &spec.image {
+        Some(ImageSource::FromPipeline(from)) => Some(&from.from_pipeline),
+        _ => None,
+    }
+}

@@ -1,0 +1,212 @@
+//! Descriptors: the YAML documents people push to the config repo, and everything needed to turn
+//! a folder of them into a checked, typed desired state.
+//!
+//! - [`model`]: the typed kinds (the source of the JSON Schemas);
+//! - [`values`]: durations, sizes, names, ports, cron expressions, secret references;
+//! - [`yaml`]: YAML to JSON with positions and hostile-input limits;
+//! - [`schema`]: generated schemas and validation messages;
+//! - [`load`]: walking a folder, every problem at once with file, line and column.
+//!
+//! Nothing here talks to an engine.
+
+pub mod load;
+pub mod model;
+pub mod schema;
+mod semantic;
+pub mod values;
+pub mod yaml;
+
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use load::{LoadError, LoadOptions, Loaded, load};
+pub use model::{ChallengeSpec, Metadata, PipelineSpec, StagingSpec};
+pub use values::{Name, ObjectRef};
+
+/// The kinds of descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// Containers on a Docker host.
+    Challenge,
+    /// A build.
+    Pipeline,
+    /// An environment on Kubernetes.
+    Staging,
+}
+
+impl Kind {
+    /// Every kind, in the order summaries list them.
+    pub const ALL: [Kind; 3] = [Kind::Challenge, Kind::Pipeline, Kind::Staging];
+
+    /// The kind's name as written in descriptors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Challenge => "Challenge",
+            Kind::Pipeline => "Pipeline",
+            Kind::Staging => "Staging",
+        }
+    }
+
+    /// The file name of the kind's schema under `schema/`.
+    pub fn schema_file(self) -> &'static str {
+        match self {
+            Kind::Challenge => "challenge.json",
+            Kind::Pipeline => "pipeline.json",
+            Kind::Staging => "staging.json",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl JsonSchema for Kind {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Kind".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "enum": ["Challenge", "Pipeline", "Staging"],
+            "description": "The kind of descriptor: Challenge (containers on a Docker host), Pipeline (a build) or Staging (an environment on Kubernetes)."
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+            .ok_or_else(|| {
+                format!("unknown kind \"{text}\", expected one of: Challenge, Pipeline, Staging")
+            })
+    }
+}
+
+/// The spec of a descriptor, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Spec {
+    /// A Challenge's spec.
+    Challenge(ChallengeSpec),
+    /// A Pipeline's spec.
+    Pipeline(PipelineSpec),
+    /// A Staging's spec.
+    Staging(StagingSpec),
+}
+
+/// A valid descriptor: what one YAML document asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Descriptor {
+    /// Name, labels, dependencies.
+    pub metadata: Metadata,
+    /// What should exist.
+    pub spec: Spec,
+    /// The file it was read from, relative to the repo's root.
+    pub file: String,
+    /// The line its document starts on.
+    pub line: usize,
+    /// Stable hash of the spec, the labels and whatever the spec builds from (a build context's content).
+    pub spec_hash: String,
+}
+
+impl Descriptor {
+    /// The descriptor's kind.
+    pub fn kind(&self) -> Kind {
+        match self.spec {
+            Spec::Challenge(_) => Kind::Challenge,
+            Spec::Pipeline(_) => Kind::Pipeline,
+            Spec::Staging(_) => Kind::Staging,
+        }
+    }
+
+    /// `Kind/name`, unique in a repo.
+    pub fn key(&self) -> ObjectRef {
+        ObjectRef {
+            kind: self.kind(),
+            name: self.metadata.name.clone(),
+        }
+    }
+
+    /// What this descriptor waits for: its `dependsOn` plus the pipeline whose image it runs.
+    pub fn dependencies(&self) -> Vec<ObjectRef> {
+        let mut dependencies = self.metadata.depends_on.clone();
+        if let Spec::Challenge(ChallengeSpec {
+            image: Some(model::ImageSource::FromPipeline(from)),
+            ..
+        }) = &self.spec
+        {
+            let reference = ObjectRef {
+                kind: Kind::Pipeline,
+                name: from.from_pipeline.clone(),
+            };
+            if !dependencies.contains(&reference) {
+                dependencies.push(reference);
+            }
+        }
+        dependencies
+    }
+}
+
+/// Hash of what makes an object what it is: its kind, labels, spec and any extra inputs (such as
+/// a build context's digest). Secret references are hashed as references, never as values.
+pub fn spec_hash(kind: Kind, metadata: &Metadata, spec: &impl Serialize, extra: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(kind.as_str());
+    hasher.update([0]);
+    hasher.update(serde_json::to_vec(&metadata.labels).expect("labels serialize"));
+    hasher.update([0]);
+    hasher.update(serde_json::to_vec(spec).expect("specs serialize"));
+    for input in extra {
+        hasher.update([0]);
+        hasher.update(input);
+    }
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// One thing wrong in the config repo, placed at the offending key or value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The file, relative to the repo's root.
+    pub file: String,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+    /// The descriptor's kind, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The descriptor's name, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// JSON pointer of the offending node inside its document (`""` for the whole document or file).
+    pub path: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    /// `FILE:LINE:COLUMN: KIND/NAME: MESSAGE`, the form editors and CI annotations understand.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        match (&self.kind, &self.name) {
+            (Some(kind), Some(name)) => write!(f, "{kind}/{name}: ")?,
+            (Some(kind), None) => write!(f, "{kind}: ")?,
+            _ => {}
+        }
+        f.write_str(&self.message)
+    }
+}

@@ -1,0 +1,452 @@
+//! The typed descriptor model: the envelope every descriptor shares and the spec of each kind.
+//!
+//! These types are the single source of truth for what a descriptor may say. The JSON Schemas in
+//! `schema/` are generated from them (doc comments become descriptions), and the loader checks a
+//! document against those schemas before deserializing it into these types. They hold no I/O.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::values::{CronExpr, Duration, Name, ObjectRef, Port, SecretRef, Size};
+
+/// The only apiVersion berth reads.
+pub const API_VERSION: &str = "berth/v1";
+
+/// The identity every descriptor carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    /// Unique name among descriptors of the same kind (a DNS-1123 label).
+    pub name: Name,
+    /// Free-form labels, copied onto everything berth creates for this descriptor.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Descriptors (as `Kind/name`) that must be ready before this one is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ObjectRef>,
+}
+
+/// Whether a Challenge's containers should run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RunState {
+    /// Containers exist and run.
+    #[default]
+    Running,
+    /// Containers exist but are stopped.
+    Stopped,
+}
+
+/// A Challenge: one or more long-running containers on a Docker host, with optional sidecars on
+/// the challenge's own network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChallengeSpec {
+    /// `running` (the default) or `stopped`: a stopped challenge keeps its containers.
+    #[serde(default)]
+    pub state: RunState,
+    /// The image to run: a local or pullable image name, or `{fromPipeline: NAME}` for the image a
+    /// Pipeline produces. Exactly one of `image` and `build` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+    /// Build the image from a folder of this repo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSpec>,
+    /// Overrides the image's command, in exec form (a list of strings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Overrides the image's entrypoint, in exec form (a list of strings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Environment variables, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets, read on the agent's host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretRef>,
+    /// Ports the container listens on, and where they are published on the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    /// Limits on CPU, memory and process count, per container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// How to tell that a container is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+    /// What Docker does when a container exits; `unlessStopped` by default.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How many copies of the main container to run (published host ports allow only one).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: u32,
+    /// Extra containers on the challenge's own network, such as a database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<Sidecar>,
+    /// Free-form information (category, points, author…): shown in status and the API, never applied.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub info: serde_json::Map<String, serde_json::Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An image by name, or the image a Pipeline produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ImageSource {
+    /// An image name such as `busybox:latest`; pulled only when missing locally.
+    Name(String),
+    /// The image produced by the named Pipeline.
+    FromPipeline(FromPipeline),
+}
+
+/// The image produced by a Pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FromPipeline {
+    /// The Pipeline's name.
+    pub from_pipeline: Name,
+}
+
+/// An image built from a folder of the config repo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BuildSpec {
+    /// The build context: a folder of this repo, relative to the repo's root.
+    pub context: String,
+    /// The Dockerfile, relative to the context; `Dockerfile` by default.
+    #[serde(default = "default_dockerfile")]
+    pub dockerfile: String,
+    /// Build arguments (`ARG` in the Dockerfile).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
+}
+
+fn default_dockerfile() -> String {
+    "Dockerfile".into()
+}
+
+/// A port a container listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortMapping {
+    /// The port inside the container.
+    pub container: Port,
+    /// The port published on the host; unpublished when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Port>,
+    /// `tcp` (the default) or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A transport protocol.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The protocol as Docker writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Limits for one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU cores, e.g. 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.01, max = 1024))]
+    pub cpus: Option<f64>,
+    /// Memory limit, e.g. 256Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    /// Most processes the container may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pids: Option<i64>,
+}
+
+/// A health check run inside the container by Docker. Exactly one of `tcp` and `http`.
+/// The image needs `/bin/sh` and `nc` (tcp) or `wget` (http), as busybox has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Healthy when this port accepts a TCP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Port>,
+    /// Healthy when an HTTP GET of this port and path succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// Time between checks; 10s by default.
+    #[serde(default = "ten_seconds")]
+    pub interval: Duration,
+    /// Time one check may take; 3s by default.
+    #[serde(default = "three_seconds")]
+    pub timeout: Duration,
+    /// Failed checks in a row before the container counts as unhealthy; 3 by default.
+    #[serde(default = "three")]
+    #[schemars(range(min = 1, max = 100))]
+    pub retries: u32,
+}
+
+fn ten_seconds() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+fn three_seconds() -> Duration {
+    Duration(std::time::Duration::from_secs(3))
+}
+fn three() -> u32 {
+    3
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// The port inside the container.
+    pub port: Port,
+    /// The path to GET; `/` by default.
+    #[serde(default = "root_path")]
+    pub path: String,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+/// What Docker does when a container exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RestartPolicy {
+    /// Never restart.
+    No,
+    /// Always restart.
+    Always,
+    /// Restart unless stopped by berth or by hand.
+    #[default]
+    UnlessStopped,
+    /// Restart only when the container exits with an error.
+    OnFailure,
+}
+
+/// An extra container on the challenge's network, reachable there by its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Sidecar {
+    /// The sidecar's name, also its host name on the challenge's network.
+    pub name: Name,
+    /// The image to run.
+    pub image: String,
+    /// Overrides the image's command, in exec form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Overrides the image's entrypoint, in exec form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Environment variables, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets, read on the agent's host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretRef>,
+    /// Limits for the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// A Pipeline: a build that clones a source repo at a commit, runs steps in a container, keeps
+/// their logs and may produce an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PipelineSpec {
+    /// The repository to build.
+    pub source: Source,
+    /// What starts a run.
+    #[serde(default)]
+    pub triggers: Triggers,
+    /// The image the steps run in: an image name, or `{build: …}` from a folder of this repo.
+    pub image: StepImage,
+    /// The steps, run in order in one container; the run stops at the first that fails.
+    #[schemars(length(min = 1))]
+    pub steps: Vec<Step>,
+    /// Longest a run may take; 30m by default.
+    #[serde(default = "thirty_minutes")]
+    pub timeout: Duration,
+    /// Most runs of this pipeline at once; 1 by default.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: u32,
+    /// The image tag a successful run produces, e.g. `app:{commit}`; `{commit}` is the source commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produces: Option<String>,
+}
+
+fn thirty_minutes() -> Duration {
+    Duration(std::time::Duration::from_secs(1800))
+}
+
+/// Where a pipeline's source comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    /// Clone URL (https://, ssh://, git@host:path or file://).
+    pub url: String,
+    /// Branch, tag or commit to build; `main` by default.
+    #[serde(default = "main_branch", rename = "ref")]
+    pub reference: String,
+}
+
+fn main_branch() -> String {
+    "main".into()
+}
+
+/// What starts a pipeline run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Triggers {
+    /// Run when the provider's webhook reports a push to one of these branches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushTrigger>,
+    /// Run on this cron schedule (5 fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<CronExpr>,
+    /// Run when this descriptor changes.
+    #[serde(default)]
+    pub on_change: bool,
+}
+
+/// A push trigger.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PushTrigger {
+    /// Branches whose pushes start a run; every branch when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<String>,
+}
+
+/// The image a pipeline's steps run in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StepImage {
+    /// An image name.
+    Name(String),
+    /// An image built from a folder of this repo.
+    Build(StepImageBuild),
+}
+
+/// An image built for a pipeline's steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StepImageBuild {
+    /// How to build it.
+    pub build: BuildSpec,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Step {
+    /// The step's name, shown in logs and status.
+    pub name: Name,
+    /// Shell commands, run with `/bin/sh -c` in the source checkout.
+    pub run: String,
+    /// Environment variables for this step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Whether a Staging runs or is archived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StagingState {
+    /// Workloads run.
+    #[default]
+    Running,
+    /// Workloads are scaled to zero; persistent volumes are kept.
+    Archived,
+}
+
+/// A Staging: a per-feature environment on Kubernetes, made from a folder of manifests or a chart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StagingSpec {
+    /// `running` (the default) or `archived` (scaled to zero, volumes kept); `running` again restores.
+    #[serde(default)]
+    pub state: StagingState,
+    /// The namespace the staging lives in.
+    pub namespace: Name,
+    /// The image tag to deploy, substituted for `${tag}` in the manifests.
+    pub tag: String,
+    /// A folder of Kubernetes YAML in this repo, with `${tag}` and `${overrides.KEY}` substituted.
+    /// Exactly one of `manifests` and `chart` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifests: Option<String>,
+    /// A Helm chart folder in this repo, rendered with `helm template` where helm is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chart: Option<String>,
+    /// Values substituted into the manifests.
+    #[serde(default)]
+    pub overrides: Overrides,
+    /// How long an archived staging is kept before it is cleaned up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+}
+
+/// Values substituted into a staging's manifests as `${overrides.KEY}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Overrides {
+    /// Application settings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app: BTreeMap<String, String>,
+    /// Settings of this staging environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub staging: BTreeMap<String, String>,
+    /// Secret settings, read on the agent's host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret: BTreeMap<String, SecretRef>,
+}
+
+/// A descriptor of one kind: the common envelope around that kind's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Envelope<S> {
+    /// Always `berth/v1`.
+    #[schemars(extend("const" = "berth/v1"))]
+    pub api_version: String,
+    /// The kind of descriptor.
+    pub kind: super::Kind,
+    /// Name, labels and dependencies.
+    pub metadata: Metadata,
+    /// What should exist.
+    pub spec: S,
+}

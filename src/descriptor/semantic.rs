@@ -1,0 +1,406 @@
+//! Checks a JSON Schema cannot express: values parsed by their own grammar (cron), fields that
+//! exclude each other, paths that must stay inside the repo, and rules across descriptors
+//! (duplicates, missing references, dependency cycles, host ports claimed twice).
+//!
+//! Every check returns problems placed by JSON pointer; the loader turns pointers into positions.
+//! Only path checks touch the file system, and only to resolve paths under the repo's root.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::model::{ChallengeSpec, ImageSource, StagingSpec, StepImage};
+use super::schema::Violation;
+use super::values::CronExpr;
+use super::{Descriptor, Kind, ObjectRef, Spec};
+
+fn violation(pointer: impl Into<String>, message: impl Into<String>) -> Violation {
+    Violation {
+        pointer: pointer.into(),
+        at_key: false,
+        message: message.into(),
+    }
+}
+
+/// Checks of single values that need more than a pattern, run on the raw document once it
+/// matches the schema.
+pub(super) fn check_values(kind: Kind, value: &Value) -> Vec<Violation> {
+    let mut found = Vec::new();
+    if kind == Kind::Pipeline {
+        let pointer = "/spec/triggers/schedule";
+        if let Some(text) = value.pointer(pointer).and_then(Value::as_str)
+            && let Err(message) = text.parse::<CronExpr>()
+        {
+            found.push(violation(
+                pointer,
+                format!("spec.triggers.schedule: {message}"),
+            ));
+        }
+    }
+    found
+}
+
+/// Checks one typed descriptor against the rules between its own fields and the repo's files.
+pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Violation> {
+    let mut found = Vec::new();
+    match &descriptor.spec {
+        Spec::Challenge(spec) => check_challenge(root, spec, &mut found),
+        Spec::Pipeline(spec) => {
+            if let StepImage::Build(image) = &spec.image {
+                check_build(
+                    root,
+                    "/spec/image/build",
+                    &image.build.context,
+                    &image.build.dockerfile,
+                    &mut found,
+                );
+            }
+        }
+        Spec::Staging(spec) => check_staging(root, spec, &mut found),
+    }
+    found
+}
+
+fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    match (&spec.image, &spec.build) {
+        (None, None) => found.push(violation(
+            "/spec",
+            "spec: needs an image or a build; set spec.image or spec.build",
+        )),
+        (Some(_), Some(_)) => found.push(violation(
+            "/spec/build",
+            "spec.build: set either spec.image or spec.build, not both",
+        )),
+        (None, Some(build)) => check_build(
+            root,
+            "/spec/build",
+            &build.context,
+            &build.dockerfile,
+            found,
+        ),
+        (Some(_), None) => {}
+    }
+    if let Some(check) = &spec.healthcheck
+        && check.tcp.is_some() == check.http.is_some()
+    {
+        found.push(violation(
+            "/spec/healthcheck",
+            "spec.healthcheck: set exactly one of tcp and http",
+        ));
+    }
+    if spec.replicas > 1
+        && let Some(index) = spec.ports.iter().position(|p| p.host.is_some())
+    {
+        found.push(violation(
+            format!("/spec/ports/{index}/host"),
+            format!(
+                "spec.ports[{index}].host: {} replicas cannot share one host port; remove the host port or set replicas: 1",
+                spec.replicas
+            ),
+        ));
+    }
+    for name in spec.secret_env.keys() {
+        if spec.env.contains_key(name) {
+            found.push(violation(
+                format!("/spec/secretEnv/{}", escape(name)),
+                format!("spec.secretEnv.{name}: also set in spec.env; keep it in one of them"),
+            ));
+        }
+    }
+    let mut sidecars = HashMap::new();
+    for (index, sidecar) in spec.sidecars.iter().enumerate() {
+        if let Some(first) = sidecars.insert(sidecar.name.as_str(), index) {
+            found.push(violation(
+                format!("/spec/sidecars/{index}/name"),
+                format!("spec.sidecars[{index}].name: \"{}\" is also the name of spec.sidecars[{first}]", sidecar.name),
+            ));
+        }
+    }
+}
+
+fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
+    match (&spec.manifests, &spec.chart) {
+        (None, None) => found.push(violation(
+            "/spec",
+            "spec: needs manifests or a chart; set spec.manifests or spec.chart",
+        )),
+        (Some(_), Some(_)) => found.push(violation(
+            "/spec/chart",
+            "spec.chart: set either spec.manifests or spec.chart, not both",
+        )),
+        (Some(folder), None) => {
+            if let Err(message) = repo_folder(root, folder) {
+                found.push(violation(
+                    "/spec/manifests",
+                    format!("spec.manifests: {message}"),
+                ));
+            }
+        }
+        (None, Some(folder)) => {
+            if let Err(message) = repo_folder(root, folder) {
+                found.push(violation("/spec/chart", format!("spec.chart: {message}")));
+            }
+        }
+    }
+}
+
+fn check_build(
+    root: &Path,
+    pointer: &str,
+    context: &str,
+    dockerfile: &str,
+    found: &mut Vec<Violation>,
+) {
+    let dotted = super::schema::dotted(pointer);
+    match repo_folder(root, context) {
+        Err(message) => found.push(violation(
+            format!("{pointer}/context"),
+            format!("{dotted}.context: {message}"),
+        )),
+        Ok(folder) => {
+            let file = folder.join(dockerfile);
+            let inside = file.canonicalize().is_ok_and(|f| f.starts_with(&folder));
+            if !inside || !file.is_file() {
+                found.push(violation(
+                    format!("{pointer}/dockerfile"),
+                    format!("{dotted}.dockerfile: no file \"{dockerfile}\" in the build context \"{context}\""),
+                ));
+            }
+        }
+    }
+}
+
+/// Resolves a folder named in a descriptor; it must exist and stay inside the repo, symlinks included.
+pub(super) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, String> {
+    let path = Path::new(folder);
+    if folder.is_empty() {
+        return Err("the path is empty; name a folder of the repo".into());
+    }
+    if path.is_absolute() {
+        return Err(format!(
+            "\"{folder}\" is an absolute path; write it relative to the repo's root"
+        ));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!(
+            "\"{folder}\" leaves the repo through \"..\"; paths must stay inside the repo"
+        ));
+    }
+    let canonical = root
+        .join(path)
+        .canonicalize()
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("folder \"{folder}\" does not exist in the repo")
+            }
+            _ => format!("cannot resolve \"{folder}\": {error}"),
+        })?;
+    if !canonical.starts_with(root) {
+        return Err(format!(
+            "\"{folder}\" is a symlink that points outside the repo"
+        ));
+    }
+    if !canonical.is_dir() {
+        return Err(format!("\"{folder}\" is not a folder"));
+    }
+    Ok(canonical)
+}
+
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// A problem between descriptors, placed in descriptor `at` (an index into the list checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RepoProblem {
+    pub at: usize,
+    pub pointer: String,
+    pub message: String,
+    /// The other descriptor and node the message refers to; its position is appended.
+    pub also: Option<(usize, String)>,
+}
+
+/// Checks across descriptors. `declared` holds every `Kind/name` some document declares, valid or
+/// not, so that a reference to an invalid descriptor is not also reported as missing.
+pub(super) fn check_repo(
+    descriptors: &[&Descriptor],
+    declared: &HashSet<(Kind, String)>,
+) -> Vec<RepoProblem> {
+    let mut found = Vec::new();
+    let mut first: HashMap<ObjectRef, usize> = HashMap::new();
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        let key = descriptor.key();
+        match first.get(&key) {
+            Some(&earlier) => found.push(RepoProblem {
+                at: index,
+                pointer: "/metadata/name".into(),
+                message: format!("duplicate {key}: also defined"),
+                also: Some((earlier, "/metadata/name".into())),
+            }),
+            None => {
+                first.insert(key, index);
+            }
+        }
+    }
+    let exists =
+        |reference: &ObjectRef| declared.contains(&(reference.kind, reference.name.to_string()));
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        for (position, reference) in descriptor.metadata.depends_on.iter().enumerate() {
+            if !exists(reference) {
+                found.push(RepoProblem {
+                    at: index,
+                    pointer: format!("/metadata/dependsOn/{position}"),
+                    message: format!(
+                        "metadata.dependsOn[{position}]: {reference} does not exist in the repo"
+                    ),
+                    also: None,
+                });
+            }
+        }
+        if let Spec::Challenge(ChallengeSpec {
+            image: Some(ImageSource::FromPipeline(from)),
+            ..
+        }) = &descriptor.spec
+        {
+            let reference = ObjectRef {
+                kind: Kind::Pipeline,
+                name: from.from_pipeline.clone(),
+            };
+            let pointer = "/spec/image/fromPipeline".to_string();
+            if !exists(&reference) {
+                found.push(RepoProblem {
+                    at: index,
+                    pointer,
+                    message: format!(
+                        "spec.image.fromPipeline: {reference} does not exist in the repo"
+                    ),
+                    also: None,
+                });
+            } else if let Some(&pipeline) = first.get(&reference)
+                && let Spec::Pipeline(spec) = &descriptors[pipeline].spec
+                && spec.produces.is_none()
+            {
+                found.push(RepoProblem {
+                    at: index,
+                    pointer,
+                    message: format!("spec.image.fromPipeline: {reference} produces no image; set its spec.produces"),
+                    also: None,
+                });
+            }
+        }
+    }
+    found.extend(cycles(descriptors, &first));
+    found.extend(host_port_clashes(descriptors));
+    found
+}
+
+/// Dependency cycles, each reported once, at the edge that closes it.
+fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> Vec<RepoProblem> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    struct Search<'a> {
+        descriptors: &'a [&'a Descriptor],
+        index_of: &'a HashMap<ObjectRef, usize>,
+        marks: Vec<Mark>,
+        path: Vec<usize>,
+        found: Vec<RepoProblem>,
+    }
+    impl Search<'_> {
+        fn visit(&mut self, node: usize) {
+            self.marks[node] = Mark::OnPath;
+            self.path.push(node);
+            let descriptor = self.descriptors[node];
+            for reference in descriptor.dependencies() {
+                let Some(&next) = self.index_of.get(&reference) else {
+                    continue;
+                };
+                match self.marks[next] {
+                    Mark::New => self.visit(next),
+                    Mark::OnPath => {
+                        let start = self.path.iter().position(|&n| n == next).expect("on path");
+                        let mut names: Vec<String> = self.path[start..]
+                            .iter()
+                            .map(|&n| self.descriptors[n].key().to_string())
+                            .collect();
+                        names.push(reference.to_string());
+                        let pointer = match descriptor
+                            .metadata
+                            .depends_on
+                            .iter()
+                            .position(|d| *d == reference)
+                        {
+                            Some(position) => format!("/metadata/dependsOn/{position}"),
+                            None => "/spec/image/fromPipeline".to_string(),
+                        };
+                        self.found.push(RepoProblem {
+                            at: node,
+                            pointer,
+                            message: format!(
+                                "dependency cycle: {}; break one of these dependencies",
+                                names.join(" → ")
+                            ),
+                            also: None,
+                        });
+                    }
+                    Mark::Done => {}
+                }
+            }
+            self.path.pop();
+            self.marks[node] = Mark::Done;
+        }
+    }
+    let mut search = Search {
+        descriptors,
+        index_of,
+        marks: vec![Mark::New; descriptors.len()],
+        path: Vec::new(),
+        found: Vec::new(),
+    };
+    let mut order: Vec<usize> = (0..descriptors.len()).collect();
+    order.sort_by_key(|&i| descriptors[i].key());
+    for node in order {
+        if search.marks[node] == Mark::New {
+            search.visit(node);
+        }
+    }
+    search.found
+}
+
+fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
+    let mut claimed: BTreeMap<(u16, &'static str), (usize, usize)> = BTreeMap::new();
+    let mut found = Vec::new();
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        let Spec::Challenge(spec) = &descriptor.spec else {
+            continue;
+        };
+        for (position, port) in spec.ports.iter().enumerate() {
+            let Some(host) = port.host else { continue };
+            let key = (host.0, port.protocol.as_str());
+            match claimed.get(&key) {
+                Some(&(other, other_position)) => found.push(RepoProblem {
+                    at: index,
+                    pointer: format!("/spec/ports/{position}/host"),
+                    message: format!(
+                        "spec.ports[{position}].host: host port {}/{} is also claimed by {}",
+                        host.0,
+                        key.1,
+                        descriptors[other].key()
+                    ),
+                    also: Some((other, format!("/spec/ports/{other_position}/host"))),
+                }),
+                None => {
+                    claimed.insert(key, (index, position));
+                }
+            }
+        }
+    }
+    found
+}

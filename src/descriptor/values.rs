@@ -1,0 +1,553 @@
+//! The small value types descriptors are written in: durations, sizes, names, ports, cron
+//! expressions, secret references and `Kind/name` references.
+//!
+//! Each type parses from the text a user writes, renders back to the same text, and describes itself
+//! as a JSON Schema with a pattern and examples, so editors catch mistakes as people type. Parsing
+//! is pure and owns its error messages: each says what was written and what was expected.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Pattern of a DNS-1123 label.
+pub const NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
+const SIZE_PATTERN: &str = "^[0-9]+(\\.[0-9]+)?(k|K|M|G|T|Ki|Mi|Gi|Ti)?$";
+const REFERENCE_PATTERN: &str = "^(Challenge|Pipeline|Staging)/[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Implements serde and Display for a type that round-trips through its text form.
+macro_rules! text_value {
+    ($ty:ty) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// A length of time written as `30s`, `10m`, `14d`, `1h30m` or `500ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Duration(pub std::time::Duration);
+
+impl FromStr for Duration {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!(
+                "\"{text}\" is not a duration; expected a number and a unit (ms, s, m, h, d), e.g. 30s, 10m, 14d"
+            )
+        };
+        let mut total = std::time::Duration::ZERO;
+        let mut rest = text;
+        if rest.is_empty() {
+            return Err(invalid());
+        }
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .ok_or_else(invalid)?;
+            if digits == 0 {
+                return Err(invalid());
+            }
+            let amount: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+            rest = &rest[digits..];
+            let (unit, len) = if rest.starts_with("ms") {
+                (std::time::Duration::from_millis(1), 2)
+            } else {
+                let seconds = match rest.chars().next() {
+                    Some('s') => 1,
+                    Some('m') => 60,
+                    Some('h') => 3600,
+                    Some('d') => 86_400,
+                    _ => return Err(invalid()),
+                };
+                (std::time::Duration::from_secs(seconds), 1)
+            };
+            let part = unit
+                .checked_mul(u32::try_from(amount).map_err(|_| invalid())?)
+                .ok_or_else(invalid)?;
+            total = total.checked_add(part).ok_or_else(invalid)?;
+            rest = &rest[len..];
+        }
+        Ok(Duration(total))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let millis = self.0.as_millis();
+        if millis % 1000 != 0 {
+            return write!(f, "{millis}ms");
+        }
+        let seconds = self.0.as_secs();
+        for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+            if seconds != 0 && seconds % size == 0 {
+                return write!(f, "{}{unit}", seconds / size);
+            }
+        }
+        write!(f, "{seconds}s")
+    }
+}
+text_value!(Duration);
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "A length of time: a number and a unit (ms, s, m, h, d), e.g. 30s, 10m, 14d, 1h30m.",
+            "examples": ["30s", "10m", "14d"]
+        })
+    }
+}
+
+/// An amount of memory or storage in bytes, written as `256Mi`, `1G` or `1048576`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Size {
+    /// The size in bytes.
+    pub bytes: u64,
+}
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!(
+                "\"{text}\" is not a size; expected a number with an optional unit (k, M, G, T, Ki, Mi, Gi, Ti), e.g. 256Mi, 1G"
+            )
+        };
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let multiplier: u64 = match unit {
+            "" => 1,
+            "k" | "K" => 1000,
+            "M" => 1000_u64.pow(2),
+            "G" => 1000_u64.pow(3),
+            "T" => 1000_u64.pow(4),
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "Ti" => 1 << 40,
+            _ => return Err(invalid()),
+        };
+        if number.is_empty()
+            || number.starts_with('.')
+            || number.ends_with('.')
+            || number.matches('.').count() > 1
+        {
+            return Err(invalid());
+        }
+        let value: f64 = number.parse().map_err(|_| invalid())?;
+        let bytes = value * multiplier as f64;
+        if !bytes.is_finite() || bytes > u64::MAX as f64 {
+            return Err(invalid());
+        }
+        Ok(Size {
+            bytes: bytes.round() as u64,
+        })
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, size) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
+            if self.bytes != 0 && self.bytes % size == 0 {
+                return write!(f, "{}{unit}", self.bytes / size);
+            }
+        }
+        write!(f, "{}", self.bytes)
+    }
+}
+text_value!(Size);
+
+impl JsonSchema for Size {
+    fn schema_name() -> Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": SIZE_PATTERN,
+            "description": "An amount of bytes with an optional unit: k, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024).",
+            "examples": ["256Mi", "1G"]
+        })
+    }
+}
+
+/// A DNS-1123 label: lower-case letters, digits and `-`, at most 63 characters, starting and
+/// ending with a letter or digit. Names become parts of container, network and namespace names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(String);
+
+impl Name {
+    /// The name as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Name {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let valid = !text.is_empty()
+            && text.len() <= 63
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !text.starts_with('-')
+            && !text.ends_with('-');
+        if valid {
+            Ok(Name(text.to_string()))
+        } else {
+            Err(format!(
+                "\"{text}\" is not a valid name; expected a DNS-1123 label: at most 63 lower-case letters, digits or '-', starting and ending with a letter or digit"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+text_value!(Name);
+
+impl JsonSchema for Name {
+    fn schema_name() -> Cow<'static, str> {
+        "Name".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": NAME_PATTERN,
+            "maxLength": 63,
+            "description": "A DNS-1123 label: at most 63 lower-case letters, digits or '-', starting and ending with a letter or digit.",
+            "examples": ["web-101"]
+        })
+    }
+}
+
+/// A TCP or UDP port number, 1 to 65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let number = i64::deserialize(deserializer)?;
+        match u16::try_from(number) {
+            Ok(port) if port != 0 => Ok(Port(port)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{number} is not a port; expected 1 to 65535"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl JsonSchema for Port {
+    fn schema_name() -> Cow<'static, str> {
+        "Port".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 65535,
+            "description": "A port number, 1 to 65535."
+        })
+    }
+}
+
+/// A standard 5-field cron expression (minute, hour, day of month, month, day of week), such as
+/// `*/15 * * * *`; `@daily` and other nicknames work too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronExpr {
+    text: String,
+    schedule: croner::Cron,
+}
+
+impl CronExpr {
+    /// The parsed schedule.
+    pub fn schedule(&self) -> &croner::Cron {
+        &self.schedule
+    }
+}
+
+impl FromStr for CronExpr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        use croner::parser::{CronParser, Seconds, Year};
+        let fields = text.split_whitespace().count();
+        if !text.trim_start().starts_with('@') && fields != 5 {
+            return Err(format!(
+                "\"{text}\" is not a cron expression: it has {fields} fields, expected 5 (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
+            ));
+        }
+        let parser = CronParser::builder()
+            .seconds(Seconds::Disallowed)
+            .year(Year::Disallowed)
+            .build();
+        match parser.parse(text) {
+            Ok(schedule) => Ok(CronExpr {
+                text: text.to_string(),
+                schedule,
+            }),
+            Err(error) => Err(format!(
+                "\"{text}\" is not a cron expression ({error}); expected 5 fields (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for CronExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+text_value!(CronExpr);
+
+impl JsonSchema for CronExpr {
+    fn schema_name() -> Cow<'static, str> {
+        "CronExpr".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "A standard 5-field cron expression: minute hour day-of-month month day-of-week.",
+            "examples": ["*/15 * * * *", "0 3 * * 1"]
+        })
+    }
+}
+
+/// Where a secret's value is found on the agent's host. Secret values are never written in the repo.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct SecretRef {
+    /// Path of a file on the agent's host that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Name of an environment variable of the agent that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+}
+
+impl SecretRef {
+    /// Reads the secret's value on this host. The error names the reference, never a value.
+    pub fn resolve(&self) -> Result<String, String> {
+        match (&self.file, &self.env) {
+            (Some(path), None) => std::fs::read_to_string(path)
+                .map(|value| value.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|error| format!("cannot read secret file {path}: {error}")),
+            (None, Some(name)) => std::env::var(name)
+                .map_err(|_| format!("secret environment variable {name} is not set")),
+            _ => Err("a secret reference needs exactly one of file or env".into()),
+        }
+    }
+}
+
+impl fmt::Display for SecretRef {
+    /// Always `<secret>`: a reference is shown, never followed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+/// A reference to another descriptor, written `Kind/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// The kind.
+    pub kind: super::Kind,
+    /// The name.
+    pub name: Name,
+}
+
+impl FromStr for ObjectRef {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!("\"{text}\" is not a reference; expected Kind/name, e.g. Pipeline/web-image")
+        };
+        let (kind, name) = text.split_once('/').ok_or_else(invalid)?;
+        Ok(ObjectRef {
+            kind: kind.parse().map_err(|_| invalid())?,
+            name: name.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+text_value!(ObjectRef);
+
+impl JsonSchema for ObjectRef {
+    fn schema_name() -> Cow<'static, str> {
+        "ObjectRef".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": REFERENCE_PATTERN,
+            "description": "Another descriptor, as Kind/name.",
+            "examples": ["Pipeline/web-image"]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_render() {
+        for (text, seconds) in [
+            ("30s", 30),
+            ("10m", 600),
+            ("14d", 14 * 86_400),
+            ("1h30m", 5400),
+            ("0s", 0),
+        ] {
+            let duration: Duration = text.parse().unwrap();
+            assert_eq!(duration.0.as_secs(), seconds, "{text}");
+        }
+        assert_eq!("500ms".parse::<Duration>().unwrap().0.as_millis(), 500);
+        assert_eq!("90m".parse::<Duration>().unwrap().to_string(), "90m");
+        assert_eq!("120m".parse::<Duration>().unwrap().to_string(), "2h");
+        for bad in ["", "30", "s", "10x", "1.5h", "-1s", "10 m", "99999999999d"] {
+            let error = bad.parse::<Duration>().unwrap_err();
+            assert!(error.contains("is not a duration"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_binary_and_decimal_units() {
+        for (text, bytes) in [
+            ("256Mi", 256 << 20),
+            ("1G", 1_000_000_000),
+            ("1048576", 1_048_576),
+            ("1.5Gi", 3 << 29),
+            ("64k", 64_000),
+            ("2Ti", 2 << 40),
+        ] {
+            assert_eq!(text.parse::<Size>().unwrap().bytes, bytes, "{text}");
+        }
+        assert_eq!("256Mi".parse::<Size>().unwrap().to_string(), "256Mi");
+        for bad in ["", "Mi", "12MB", "1..2Mi", ".5G", "1e3", "-1Mi"] {
+            let error = bad.parse::<Size>().unwrap_err();
+            assert!(error.contains("is not a size"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for good in ["web-101", "a", "0day", &"a".repeat(63)] {
+            assert!(good.parse::<Name>().is_ok(), "{good}");
+        }
+        for bad in ["", "Web", "web_101", "-web", "web-", "a.b", &"a".repeat(64)] {
+            let error = bad.parse::<Name>().unwrap_err();
+            assert!(error.contains("DNS-1123"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn cron_takes_five_fields() {
+        for good in [
+            "*/3 * * * *",
+            "0 3 * * 1",
+            "15 2 1 * *",
+            "@daily",
+            "0 0 * * MON-FRI",
+        ] {
+            assert!(good.parse::<CronExpr>().is_ok(), "{good}");
+        }
+        let error = "0 */5 * * * *".parse::<CronExpr>().unwrap_err();
+        assert!(error.contains("6 fields, expected 5"), "{error}");
+        let error = "61 * * * *".parse::<CronExpr>().unwrap_err();
+        assert!(error.contains("is not a cron expression"), "{error}");
+        assert!(
+            "* * *"
+                .parse::<CronExpr>()
+                .unwrap_err()
+                .contains("3 fields")
+        );
+    }
+
+    #[test]
+    fn ports_are_one_to_65535() {
+        let port = |v: serde_json::Value| serde_json::from_value::<Port>(v);
+        assert_eq!(port(serde_json::json!(80)).unwrap(), Port(80));
+        assert_eq!(port(serde_json::json!(65535)).unwrap(), Port(65535));
+        for bad in [0, 65536, -1] {
+            let error = port(serde_json::json!(bad)).unwrap_err().to_string();
+            assert!(error.contains("expected 1 to 65535"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn secret_references_resolve_and_never_display() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        let by_file = SecretRef {
+            file: Some(path.display().to_string()),
+            env: None,
+        };
+        assert_eq!(by_file.resolve().unwrap(), "s3cr3t");
+        assert_eq!(by_file.to_string(), "<secret>");
+        let missing = SecretRef {
+            file: None,
+            env: Some("BERTH_TEST_SURELY_UNSET".into()),
+        };
+        assert_eq!(
+            missing.resolve().unwrap_err(),
+            "secret environment variable BERTH_TEST_SURELY_UNSET is not set"
+        );
+        assert!(
+            SecretRef {
+                file: None,
+                env: None
+            }
+            .resolve()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn references_name_a_kind_and_a_name() {
+        let reference: ObjectRef = "Pipeline/web-image".parse().unwrap();
+        assert_eq!(reference.to_string(), "Pipeline/web-image");
+        assert!("Deployment/x".parse::<ObjectRef>().is_err());
+        assert!("Pipeline".parse::<ObjectRef>().is_err());
+    }
+}
