@@ -1,1 +1,2 @@
+//! Placeholder until the Docker apply benchmark lands with the Docker backend.
 fn main() {}

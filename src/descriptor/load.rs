@@ -158,6 +158,19 @@ struct SourceFile {
     path: PathBuf,
     /// `(kind, name)` of each document, as far as they could be read.
     identities: Vec<Option<(String, Option<String>)>>,
+    /// False for files already reported as unreadable (a link out of the repo, a loop).
+    readable: bool,
+}
+
+impl SourceFile {
+    fn new(relative: String, path: PathBuf, readable: bool) -> SourceFile {
+        SourceFile {
+            relative,
+            path,
+            identities: Vec::new(),
+            readable,
+        }
+    }
 }
 
 /// A valid descriptor and the document it came from.
@@ -200,11 +213,7 @@ impl Loader {
     }
 
     fn file_problem(&mut self, relative: String, path: PathBuf, message: String) {
-        self.files.push(SourceFile {
-            relative,
-            path,
-            identities: Vec::new(),
-        });
+        self.files.push(SourceFile::new(relative, path, false));
         let file = self.files.len() - 1;
         self.pending.push(Pending {
             file,
@@ -277,11 +286,7 @@ impl Loader {
                         }
                         self.walk(&path, ignore, visited)?;
                     }
-                    Ok(_) => self.files.push(SourceFile {
-                        relative,
-                        path,
-                        identities: Vec::new(),
-                    }),
+                    Ok(_) => self.files.push(SourceFile::new(relative, path, true)),
                 }
             } else if file_type.is_dir() {
                 if ignore.matched_path_or_any_parents(&path, true).is_ignore() {
@@ -295,11 +300,7 @@ impl Loader {
                 && is_yaml
                 && !ignore.matched_path_or_any_parents(&path, false).is_ignore()
             {
-                self.files.push(SourceFile {
-                    relative,
-                    path,
-                    identities: Vec::new(),
-                });
+                self.files.push(SourceFile::new(relative, path, true));
             }
         }
         Ok(())
@@ -347,6 +348,9 @@ impl Loader {
     }
 
     fn read_file(&mut self, file: usize) {
+        if !self.files[file].readable {
+            return;
+        }
         let path = self.files[file].path.clone();
         let text = match self.read_text(&path) {
             Ok(text) => text,

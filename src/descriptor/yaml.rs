@@ -11,7 +11,6 @@
 //! Positions are optional: the fast path parses without them, and the loader parses a file again with
 //! positions only when it has a problem to place.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span, Tag};
@@ -156,10 +155,7 @@ impl<'input> Builder<'input> {
         self.alias_nodes = 0;
         let mut value = Value::Null;
         let mut pointer = String::new();
-        loop {
-            let Some((event, span)) = self.next()? else {
-                break;
-            };
+        while let Some((event, span)) = self.next()? {
             match event {
                 Event::DocumentEnd => break,
                 event => {
@@ -252,10 +248,7 @@ impl<'input> Builder<'input> {
         Self::check_depth(at, depth)?;
         let mut items = Vec::new();
         let mut nodes = 1;
-        loop {
-            let Some((event, span)) = self.next()? else {
-                break;
-            };
+        while let Some((event, span)) = self.next()? {
             if matches!(event, Event::SequenceEnd) {
                 break;
             }
@@ -283,10 +276,7 @@ impl<'input> Builder<'input> {
         let mut key_lines: HashMap<String, Position> = HashMap::new();
         let mut merged: Vec<Map<String, Value>> = Vec::new();
         let mut nodes = 1;
-        loop {
-            let Some((event, span)) = self.next()? else {
-                break;
-            };
+        while let Some((event, span)) = self.next()? {
             let key_at = Position::of(&span);
             let key = match event {
                 Event::MappingEnd => break,
@@ -371,7 +361,7 @@ fn push_escaped(pointer: &mut String, key: &str) {
 }
 
 /// Resolves a scalar by the YAML 1.2 core schema; quoted scalars and `!!str` are always strings.
-fn scalar(text: &Cow<'_, str>, style: ScalarStyle, tag: Option<&Tag>) -> Value {
+fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Value {
     if let Some(tag) = tag
         && tag.handle == "tag:yaml.org,2002:"
     {
@@ -384,7 +374,7 @@ fn scalar(text: &Cow<'_, str>, style: ScalarStyle, tag: Option<&Tag>) -> Value {
     if style != ScalarStyle::Plain {
         return Value::String(text.to_string());
     }
-    match text.as_ref() {
+    match text {
         "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
         "true" | "True" | "TRUE" => return Value::Bool(true),
         "false" | "False" | "FALSE" => return Value::Bool(false),

@@ -1,1 +1,12 @@
-//! tests
+//! berth's one integration-test binary (one link on a 2-core machine, not one per file).
+//!
+//! - `validate`: the loader on the fixtures in `tests/fixtures/invalid/` and the sample repo;
+//! - `cli`: the `berth` binary's output formats and exit codes;
+//! - `schema_files`: the committed `schema/` matches the Rust types.
+//!
+//! Helpers shared by every module live in `util`.
+
+mod cli;
+mod schema_files;
+mod util;
+mod validate;

@@ -1,0 +1,398 @@
+//! The loader against every failure mode it promises to report, each at its exact place.
+
+use berth::descriptor::{self, LoadOptions, Problem};
+
+use crate::util::{Repo, challenge, crate_root, fixture};
+
+fn problems_of(dir: &std::path::Path, options: &LoadOptions) -> Vec<Problem> {
+    descriptor::load(dir, options).expect("loads").problems
+}
+
+/// `(fixture, file, line, column, words the message must contain)`: one case per failure mode,
+/// and each fixture has exactly this one problem.
+const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
+    (
+        "unknown-field",
+        "c.yaml",
+        6,
+        3,
+        &[
+            "unknown field \"prots\"",
+            "expected one of:",
+            "ports",
+            "env",
+        ],
+    ),
+    (
+        "wrong-type",
+        "c.yaml",
+        8,
+        13,
+        &["spec.ports[0].host: \"abc\" is not an integer"],
+    ),
+    (
+        "bad-duration",
+        "c.yaml",
+        6,
+        36,
+        &[
+            "spec.healthcheck.interval",
+            "\"10 minutes\" is not a duration",
+            "30s",
+        ],
+    ),
+    (
+        "bad-size",
+        "c.yaml",
+        7,
+        13,
+        &["spec.resources.memory", "\"64MB\" is not a size", "256Mi"],
+    ),
+    (
+        "bad-name",
+        "c.yaml",
+        4,
+        9,
+        &[
+            "metadata.name",
+            "\"Web_101\" is not a valid name",
+            "DNS-1123",
+        ],
+    ),
+    (
+        "bad-cron",
+        "p.yaml",
+        7,
+        15,
+        &["spec.triggers.schedule", "6 fields, expected 5"],
+    ),
+    (
+        "bad-port",
+        "c.yaml",
+        7,
+        29,
+        &["spec.ports[0].host: 70000 is not a port; expected 1 to 65535"],
+    ),
+    (
+        "inline-secret",
+        "c.yaml",
+        7,
+        11,
+        &[
+            "spec.secretEnv.FLAG",
+            "must not be written inline",
+            "{file: PATH} or {env: NAME}",
+        ],
+    ),
+    (
+        "duplicate-name",
+        "b.yaml",
+        5,
+        9,
+        &["duplicate Challenge/web", "also defined at a.yaml:3:18"],
+    ),
+    (
+        "missing-dependency",
+        "c.yaml",
+        5,
+        15,
+        &["metadata.dependsOn[0]", "Challenge/db does not exist"],
+    ),
+    (
+        "missing-pipeline",
+        "c.yaml",
+        5,
+        25,
+        &[
+            "spec.image.fromPipeline",
+            "Pipeline/web-image does not exist",
+        ],
+    ),
+    (
+        "dependency-cycle",
+        "c.yaml",
+        12,
+        15,
+        &["dependency cycle: Challenge/a → Challenge/b → Challenge/a"],
+    ),
+    (
+        "host-port-clash",
+        "c.yaml",
+        14,
+        31,
+        &["host port 10001/tcp is also claimed by Challenge/a at c.yaml:6:33"],
+    ),
+    (
+        "context-outside",
+        "c.yaml",
+        5,
+        20,
+        &["spec.build.context", "\"../elsewhere\" leaves the repo"],
+    ),
+    (
+        "context-missing",
+        "c.yaml",
+        6,
+        14,
+        &[
+            "spec.build.context",
+            "folder \"challenges/web\" does not exist",
+        ],
+    ),
+    (
+        "manifests-absolute",
+        "s.yaml",
+        7,
+        14,
+        &["spec.manifests", "\"/etc/kubernetes\" is an absolute path"],
+    ),
+    (
+        "unknown-kind",
+        "d.yaml",
+        2,
+        7,
+        &[
+            "unknown kind \"Deployment\"",
+            "expected one of: Challenge, Pipeline, Staging",
+        ],
+    ),
+    (
+        "unknown-api-version",
+        "c.yaml",
+        1,
+        13,
+        &["unknown apiVersion \"berth/v2\"", "expected \"berth/v1\""],
+    ),
+    ("yaml-syntax", "c.yaml", 6, 8, &["YAML syntax error"]),
+    (
+        "duplicate-key",
+        "c.yaml",
+        6,
+        3,
+        &["duplicate key \"image\" (first at line 5)"],
+    ),
+    (
+        "missing-field",
+        "s.yaml",
+        5,
+        3,
+        &["spec: missing required field \"namespace\""],
+    ),
+    ("not-utf8", "c.yaml", 6, 22, &["not valid UTF-8"]),
+    ("alias-bomb", "c.yaml", 11, 12, &["alias bomb"]),
+    (
+        "deep-nesting",
+        "c.yaml",
+        69,
+        129,
+        &["nesting is deeper than 64 levels"],
+    ),
+    (
+        "not-a-mapping",
+        "c.yaml",
+        1,
+        1,
+        &["a descriptor must be a mapping"],
+    ),
+];
+
+#[test]
+fn every_fixture_reports_its_one_problem_at_its_place() {
+    let mut failures = Vec::new();
+    for (case, file, line, column, words) in CASES {
+        let problems = problems_of(
+            &fixture(&format!("invalid/{case}")),
+            &LoadOptions::default(),
+        );
+        let ok = problems.len() == 1
+            && problems[0].file == *file
+            && (problems[0].line, problems[0].column) == (*line, *column)
+            && words.iter().all(|w| problems[0].message.contains(w));
+        if !ok {
+            failures.push(format!(
+                "{case}: expected {file}:{line}:{column} with {words:?}, got {problems:#?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_failure_mode_has_a_fixture_and_a_case() {
+    let mut folders: Vec<String> = std::fs::read_dir(fixture("invalid"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    folders.sort();
+    // file-too-large is checked with a small limit in its own test.
+    let mut cases: Vec<String> = CASES
+        .iter()
+        .map(|c| c.0.to_string())
+        .chain(["file-too-large".to_string()])
+        .collect();
+    cases.sort();
+    assert_eq!(folders, cases);
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_one_problem() {
+    let problems = problems_of(
+        &fixture("invalid/file-too-large"),
+        &LoadOptions {
+            max_file_size: 2048,
+        },
+    );
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(
+        (
+            problems[0].file.as_str(),
+            problems[0].line,
+            problems[0].column
+        ),
+        ("big.yaml", 1, 1)
+    );
+    assert!(
+        problems[0].message.contains("larger than the 2 KiB limit"),
+        "{}",
+        problems[0].message
+    );
+    assert!(problems_of(&fixture("invalid/file-too-large"), &LoadOptions::default()).is_empty());
+}
+
+#[test]
+fn the_sample_repo_is_valid() {
+    let loaded =
+        descriptor::load(&crate_root().join("sample-repo"), &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.problems, vec![]);
+    assert_eq!(
+        loaded.summary(),
+        "8 descriptors valid (4 Challenge, 2 Pipeline, 2 Staging)"
+    );
+}
+
+#[test]
+fn a_symlink_out_of_the_repo_is_refused() {
+    let outside = Repo::new();
+    outside.write("secret.yaml", challenge("leak", ""));
+    let repo = Repo::new();
+    repo.write("ok.yaml", challenge("ok", ""))
+        .symlink("linked.yaml", outside.path().join("secret.yaml"));
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(
+        (problems[0].file.as_str(), problems[0].line),
+        ("linked.yaml", 1)
+    );
+    assert!(
+        problems[0]
+            .message
+            .contains("symlink points outside the repo")
+    );
+}
+
+#[test]
+fn symlink_loops_are_reported_not_followed() {
+    let repo = Repo::new();
+    repo.write("ok.yaml", challenge("ok", ""))
+        .symlink("a.yaml", "b.yaml")
+        .symlink("b.yaml", "a.yaml")
+        .symlink("nested/back", "..");
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let summary: Vec<(String, bool)> = problems
+        .iter()
+        .map(|p| (p.file.clone(), p.message.starts_with("symlink loop")))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("a.yaml".into(), true),
+            ("b.yaml".into(), true),
+            ("nested/back".into(), true)
+        ]
+    );
+}
+
+#[test]
+fn a_build_context_through_a_symlink_out_of_the_repo_is_refused() {
+    let outside = Repo::new();
+    outside.write("Dockerfile", "FROM busybox");
+    let repo = Repo::new();
+    repo.symlink("ctx", outside.path())
+        .write("c.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: web}\nspec:\n  build: {context: ctx}\n");
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert!(
+        problems.iter().any(|p| p.file == "c.yaml"
+            && p.line == 5
+            && p.message
+                .contains("\"ctx\" is a symlink that points outside the repo")),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_sorted_by_file_and_line() {
+    let repo = Repo::new();
+    repo.write("b.yaml", challenge("b", "  prots: []\n  replicas: many\n"))
+        .write("a.yaml", challenge("a", "  ports: [{container: 0}]\n"))
+        .write("c.yaml", "kind: Challenge\n");
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let places: Vec<(&str, usize)> = problems.iter().map(|p| (p.file.as_str(), p.line)).collect();
+    assert_eq!(
+        places,
+        vec![
+            ("a.yaml", 7),
+            ("b.yaml", 7),
+            ("b.yaml", 8),
+            ("c.yaml", 1),
+            ("c.yaml", 1),
+            ("c.yaml", 1)
+        ]
+    );
+    assert!(
+        problems[3..]
+            .iter()
+            .any(|p| p.message.contains("missing required field \"apiVersion\""))
+    );
+}
+
+#[test]
+fn berthignore_and_asset_folders_are_not_read_as_descriptors() {
+    let repo = Repo::new();
+    repo.write(".berthignore", "drafts/\n")
+        .write("drafts/broken.yaml", "{ not yaml")
+        .write("deploy/app/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\n")
+        .write(
+            "s.yaml",
+            "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: s}\nspec: {namespace: s, tag: v1, manifests: deploy/app}\n",
+        )
+        .write("empty.yml", "---\n---\n");
+    let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.problems, vec![]);
+    assert_eq!(
+        loaded.summary(),
+        "1 descriptor valid (0 Challenge, 0 Pipeline, 1 Staging)"
+    );
+}
+
+#[test]
+fn spec_hashes_follow_the_build_context() {
+    let repo = Repo::new();
+    repo.write("web/Dockerfile", "FROM busybox:latest\n")
+        .write("web/index.html", "v1")
+        .write("c.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: web}\nspec:\n  build: {context: web}\n");
+    let hash = || {
+        descriptor::load(repo.path(), &LoadOptions::default())
+            .unwrap()
+            .descriptors[0]
+            .spec_hash
+            .clone()
+    };
+    let first = hash();
+    assert_eq!(hash(), first, "unchanged context, unchanged hash");
+    repo.write("web/index.html", "v2");
+    assert_ne!(
+        hash(),
+        first,
+        "a changed file in the context changes the hash"
+    );
+}
