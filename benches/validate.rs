@@ -15,7 +15,11 @@ use berth::descriptor::{self, LoadOptions};
 
 fn generate(dir: &Path, count: usize) {
     std::fs::create_dir_all(dir.join("deploy")).unwrap();
-    std::fs::write(dir.join("deploy/app.yaml"), "apiVersion: apps/v1\nkind: Deployment\n").unwrap();
+    std::fs::write(
+        dir.join("deploy/app.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\n",
+    )
+    .unwrap();
     for i in 0..count {
         let text = match i % 10 {
             0..=5 => format!(
@@ -48,7 +52,10 @@ fn main() {
         println!("{}", peak_rss_kib().unwrap_or(0));
         return;
     }
-    let count: usize = std::env::var("BERTH_BENCH_N").ok().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let count: usize = std::env::var("BERTH_BENCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
     let dir = tempfile::tempdir().unwrap();
     generate(dir.path(), count);
 
@@ -64,23 +71,50 @@ fn main() {
         .env("BERTH_BENCH_CHILD_LOAD", dir.path())
         .output()
         .unwrap();
-    let rss: u64 = String::from_utf8_lossy(&child.stdout).trim().parse().unwrap_or(0);
+    let rss: u64 = String::from_utf8_lossy(&child.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
 
     println!("validate {count} descriptors");
-    println!("  berth (in process, best of 5)   {:>9.1} ms   peak RSS {:.1} MiB", ms(best), rss as f64 / 1024.0);
+    println!(
+        "  berth (in process, best of 5)   {:>9.1} ms   peak RSS {:.1} MiB",
+        ms(best),
+        rss as f64 / 1024.0
+    );
 
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/support/validate.py");
     let start = Instant::now();
-    let python = Command::new("python3").arg(&script).arg(&schema).arg(dir.path()).output();
+    let python = Command::new("python3")
+        .arg(&script)
+        .arg(&schema)
+        .arg(dir.path())
+        .output();
     let elapsed = start.elapsed();
     match python {
         Ok(output) if output.status.success() => {
-            let inner: f64 = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(f64::NAN);
-            println!("  python jsonschema + PyYAML C    {:>9.1} ms   ({:.1} ms with interpreter start)", inner, ms(elapsed));
-            println!("  speed-up                        {:>9.1}x", inner / ms(best));
+            let inner: f64 = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(f64::NAN);
+            println!(
+                "  python jsonschema + PyYAML C    {:>9.1} ms   ({:.1} ms with interpreter start)",
+                inner,
+                ms(elapsed)
+            );
+            println!(
+                "  speed-up                        {:>9.1}x",
+                inner / ms(best)
+            );
         }
-        Ok(output) => println!("  python: failed: {}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")),
+        Ok(output) => println!(
+            "  python: failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ),
         Err(error) => println!("  python: not run: {error}"),
     }
 }

@@ -9,5 +9,8 @@
 //! 3. [`plan::diff`]: a pure comparison of the two, step by step with reasons;
 //! 4. `Backend::apply`: the steps, in dependency order, bounded, one failure not stopping the rest.
 
+pub mod apply;
+pub mod backend;
 pub mod build_context;
 pub mod descriptor;
+pub mod plan;

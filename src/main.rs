@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use berth::apply::{Outcome, StepReport, execute};
+use berth::backend::docker::{self, DockerBackend};
 use berth::descriptor::{self, LoadOptions, load::DEFAULT_MAX_FILE_SIZE};
+use berth::plan::{Action, Policy};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// berth makes running infrastructure match a git repository of YAML descriptors.
@@ -29,6 +32,39 @@ enum Command {
         #[command(flatten)]
         load: LoadFlags,
     },
+    /// Say what `apply` would change on the Docker Engine, and why.
+    ///
+    /// Exit codes: 0 nothing would change, 2 something would, 1 an error (invalid repo, engine unreachable).
+    Plan {
+        /// The config repo's folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Output format: text, a markdown table for pull requests, or JSON.
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+        #[command(flatten)]
+        target: TargetFlags,
+        #[command(flatten)]
+        load: LoadFlags,
+    },
+    /// Make the Docker Engine match the repo: create, update, start, stop (and with --prune, delete).
+    ///
+    /// Exit codes: 0 every step succeeded, 1 a step failed or an error stopped the run.
+    Apply {
+        /// The config repo's folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[command(flatten)]
+        target: TargetFlags,
+        #[command(flatten)]
+        load: LoadFlags,
+        /// Longest time to wait for new containers to become healthy (0s: do not wait).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        wait: std::time::Duration,
+        /// Most steps applied at once.
+        #[arg(long, env = "BERTH_CONCURRENCY", default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Write the JSON Schemas of the descriptor kinds (generated from berth's own types).
     Schema {
         /// Folder to write the schema files to.
@@ -52,6 +88,33 @@ impl LoadFlags {
     }
 }
 
+#[derive(clap::Args)]
+struct TargetFlags {
+    /// Name of this berth instance; instances sharing an engine never touch each other's objects.
+    #[arg(long, env = "BERTH_INSTANCE", default_value = "default", value_parser = parse_instance)]
+    instance: String,
+    /// Also delete what this instance owns that the repo no longer declares.
+    #[arg(long, env = "BERTH_PRUNE")]
+    prune: bool,
+}
+
+fn parse_instance(text: &str) -> Result<String, String> {
+    text.parse::<berth::descriptor::Name>()
+        .map(|n| n.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<berth::descriptor::values::Duration>()
+        .map(|d| d.0)
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanFormat {
+    Text,
+    Markdown,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ProblemFormat {
     Text,
@@ -62,7 +125,228 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { dir, format, load } => validate(&dir, format, &load.options()),
+        Command::Plan {
+            dir,
+            format,
+            target,
+            load,
+        } => run_async(plan(&dir, format, &target, &load.options())),
+        Command::Apply {
+            dir,
+            target,
+            load,
+            wait,
+            concurrency,
+        } => run_async(apply(&dir, &target, &load.options(), wait, concurrency)),
         Command::Schema { out } => write_schemas(&out),
+    }
+}
+
+fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(future)
+}
+
+/// Loads the repo; on problems prints them as `validate` does and returns the exit code.
+fn load_valid(
+    dir: &std::path::Path,
+    options: &LoadOptions,
+) -> Result<descriptor::Loaded, ExitCode> {
+    match descriptor::load(dir, options) {
+        Ok(loaded) if loaded.is_valid() => Ok(loaded),
+        Ok(loaded) => {
+            for problem in &loaded.problems {
+                println!("{problem}");
+            }
+            eprintln!(
+                "berth: the repo has {} problem(s); nothing was planned",
+                loaded.problems.len()
+            );
+            Err(ExitCode::from(1))
+        }
+        Err(error) => {
+            eprintln!("berth: {error}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// Everything a plan is made from: the repo, the engine's view, and the templates to apply.
+struct Planned {
+    loaded: descriptor::Loaded,
+    backend: DockerBackend,
+    templates: Vec<docker::ChallengeTemplate>,
+    plan: berth::plan::Plan,
+}
+
+async fn make_plan(
+    dir: &std::path::Path,
+    target: &TargetFlags,
+    options: &LoadOptions,
+) -> Result<Planned, ExitCode> {
+    let loaded = load_valid(dir, options)?;
+    let fail = |error: docker::EngineError| {
+        eprintln!("berth: {error}");
+        ExitCode::from(1)
+    };
+    let backend = DockerBackend::connect(&target.instance)
+        .await
+        .map_err(fail)?;
+    let observed = backend.observe().await.map_err(fail)?;
+    let (desired, templates) = docker::templates(&loaded.descriptors, &loaded.root);
+    let plan = berth::plan::diff(
+        &desired,
+        &observed,
+        Policy {
+            prune: target.prune,
+        },
+    );
+    Ok(Planned {
+        loaded,
+        backend,
+        templates,
+        plan,
+    })
+}
+
+async fn plan(
+    dir: &std::path::Path,
+    format: PlanFormat,
+    target: &TargetFlags,
+    options: &LoadOptions,
+) -> ExitCode {
+    let planned = match make_plan(dir, target, options).await {
+        Ok(planned) => planned,
+        Err(code) => return code,
+    };
+    let plan = &planned.plan;
+    match format {
+        PlanFormat::Text => print!("{}", plan.render_text()),
+        PlanFormat::Markdown => print!("{}", plan.render_markdown()),
+        PlanFormat::Json => println!("{}", plan.render_json()),
+    }
+    if plan.has_changes() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn apply(
+    dir: &std::path::Path,
+    target: &TargetFlags,
+    options: &LoadOptions,
+    wait: std::time::Duration,
+    concurrency: usize,
+) -> ExitCode {
+    let Planned {
+        loaded,
+        backend,
+        templates,
+        plan,
+    } = match make_plan(dir, target, options).await {
+        Ok(planned) => planned,
+        Err(code) => return code,
+    };
+    let by_key: std::collections::HashMap<_, _> =
+        templates.iter().map(|t| (t.key.clone(), t)).collect();
+    let root = loaded.root.clone();
+    let width = plan
+        .steps
+        .iter()
+        .map(|s| s.key.to_string().len())
+        .max()
+        .unwrap_or(0);
+    let print = |report: &StepReport| {
+        let (verdict, detail) = match &report.outcome {
+            Outcome::Done(done) => ("done", done.as_str()),
+            Outcome::Failed(why) => ("FAILED", why.as_str()),
+            Outcome::Blocked(why) => ("blocked", why.as_str()),
+        };
+        let action = format!("{:?}", report.step.action).to_lowercase();
+        println!(
+            "{:<width$}  {action:<7} {verdict}: {detail} ({:.1}s)",
+            report.step.key.to_string(),
+            report.elapsed.as_secs_f64()
+        );
+    };
+    let mut reports = execute(
+        &plan,
+        concurrency,
+        |step| {
+            let backend = backend.clone();
+            let template = by_key.get(&step.key).copied().cloned();
+            let root = root.clone();
+            async move {
+                match (step.action, template) {
+                    (Action::Delete, _) => backend.delete(&step.key).await,
+                    (_, Some(template)) => backend.converge(&template, &root).await,
+                    (_, None) => Err("no template for this object".to_string()),
+                }
+            }
+        },
+        print,
+    )
+    .await;
+    let started: Vec<_> = reports
+        .iter()
+        .filter(|r| {
+            matches!(r.outcome, Outcome::Done(_))
+                && r.step.action != Action::Delete
+                && r.step.action != Action::Stop
+        })
+        .filter(|r| {
+            by_key
+                .get(&r.step.key)
+                .is_some_and(|t| t.spec.state == berth::descriptor::model::RunState::Running)
+        })
+        .map(|r| r.step.key.clone())
+        .collect();
+    if !wait.is_zero() && !started.is_empty() {
+        let unhealthy = backend.wait_healthy(&started, wait).await;
+        for report in reports.iter_mut() {
+            if let Some(why) = unhealthy.get(&report.step.key) {
+                println!("{}  health  FAILED: {why}", report.step.key);
+                report.outcome = Outcome::Failed(why.clone());
+            }
+        }
+    }
+    let failures: Vec<&StepReport> = reports
+        .iter()
+        .filter(|r| !matches!(r.outcome, Outcome::Done(_)))
+        .collect();
+    let summary = plan.summary();
+    println!(
+        "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed",
+        summary.create,
+        summary.update,
+        summary.delete,
+        summary.start,
+        summary.stop,
+        summary.unchanged,
+        failures.len()
+    );
+    for step in plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action, Action::Orphan | Action::Skip))
+    {
+        println!("{}: {}", step.key, step.reasons.join("; "));
+    }
+    for failure in &failures {
+        let why = match &failure.outcome {
+            Outcome::Failed(why) | Outcome::Blocked(why) => why.as_str(),
+            Outcome::Done(_) => "",
+        };
+        println!("failed: {}: {why}", failure.step.key);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -9,7 +9,7 @@
 //! is parsed again to place it. So a clean repo of thousands of files keeps no position tables and no
 //! parsed trees alive, only the typed descriptors.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -189,7 +189,7 @@ struct Loader {
     /// Every `Kind/name` some document declares, valid or not: references to them are not "missing".
     declared: HashSet<(Kind, String)>,
     /// Folders descriptors build from or deploy: their YAML files are not descriptors.
-    asset_folders: Vec<PathBuf>,
+    asset_folders: BTreeSet<PathBuf>,
 }
 
 impl Loader {
@@ -201,7 +201,7 @@ impl Loader {
             pending: Vec::new(),
             candidates: Vec::new(),
             declared: HashSet::new(),
-            asset_folders: Vec::new(),
+            asset_folders: BTreeSet::new(),
         }
     }
 
@@ -508,7 +508,7 @@ impl Loader {
                 && canonical != self.root
                 && canonical.starts_with(&self.root)
             {
-                self.asset_folders.push(canonical);
+                self.asset_folders.insert(canonical);
             }
         }
     }

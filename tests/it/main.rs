@@ -2,11 +2,13 @@
 //!
 //! - `validate`: the loader on the fixtures in `tests/fixtures/invalid/` and the sample repo;
 //! - `cli`: the `berth` binary's output formats and exit codes;
+//! - `docker`: plan and apply against the real Docker Engine;
 //! - `schema_files`: the committed `schema/` matches the Rust types.
 //!
 //! Helpers shared by every module live in `util`.
 
 mod cli;
+mod docker;
 mod schema_files;
 mod util;
 mod validate;

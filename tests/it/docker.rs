@@ -1,0 +1,582 @@
+//! `berth plan` and `berth apply` against the real Docker Engine on this machine.
+//!
+//! No image can be pulled here: the harness makes `busybox:latest` from Debian's static busybox
+//! (`tests/testbed/busybox-image.sh`). Each test acts as its own berth instance and removes every
+//! container, network and image of that instance when it ends. Without an engine these tests skip
+//! loudly, unless `BERTH_REQUIRE_DOCKER=1` (set by `.ci/run`), which makes them fail instead.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::util::{Repo, crate_root, stdout};
+
+/// A berth instance of its own for one test, cleaned up on drop.
+struct Instance {
+    name: String,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let filter = format!("label=berth.instance={}", self.name);
+        for (list, remove) in [
+            (vec!["ps", "-aq", "--filter", &filter], vec!["rm", "-f"]),
+            (
+                vec!["network", "ls", "-q", "--filter", &filter],
+                vec!["network", "rm"],
+            ),
+            (vec!["images", "-q", "--filter", &filter], vec!["rmi", "-f"]),
+        ] {
+            let ids = docker(&list);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = remove.clone();
+                args.extend(ids);
+                docker(&args);
+            }
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A fresh instance when an engine answers; `None` (after a loud message) when it does not.
+fn engine() -> Option<Instance> {
+    static BUSYBOX: Once = Once::new();
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let answers = Command::new("docker")
+        .args(["version", "--format", "{{.Server.APIVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        assert!(
+            std::env::var("BERTH_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "BERTH_REQUIRE_DOCKER=1 but no Docker Engine answers"
+        );
+        eprintln!(
+            "\n*** SKIPPED: no Docker Engine answers; set BERTH_REQUIRE_DOCKER=1 to make this a failure ***\n"
+        );
+        return None;
+    }
+    BUSYBOX.call_once(|| {
+        let status = Command::new("bash")
+            .arg(crate_root().join("tests/testbed/busybox-image.sh"))
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "could not make busybox:latest");
+    });
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    Some(Instance {
+        name: format!("it{}-{n}", std::process::id()),
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+impl Instance {
+    fn berth(&self, command: &str, repo: &Repo, extra: &[&str]) -> Output {
+        let mut args = vec![
+            command,
+            repo.path().to_str().unwrap(),
+            "--instance",
+            &self.name,
+        ];
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(&args)
+            .env("BERTH_IT_FLAG", "ctf{it-secret}")
+            .output()
+            .unwrap()
+    }
+
+    fn apply(&self, repo: &Repo, extra: &[&str]) -> Output {
+        let mut args = vec!["--wait", "20s"];
+        args.extend(extra);
+        let output = self.berth("apply", repo, &args);
+        eprintln!(
+            "--- apply\n{}{}",
+            stdout(&output),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// `slot name → (id, running)` of this instance's containers for one challenge.
+    fn containers(&self, challenge: &str) -> BTreeMap<String, (String, bool)> {
+        let listed = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=berth.instance={}", self.name),
+            "--filter",
+            &format!("label=berth.name={challenge}"),
+            "--format",
+            "{{.Label \"berth.slot\"}} {{.ID}} {{.State}}",
+        ]);
+        listed
+            .lines()
+            .map(|line| {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                (
+                    parts[0].to_string(),
+                    (parts[1].to_string(), parts[2] == "running"),
+                )
+            })
+            .collect()
+    }
+
+    /// Engine events that change something, for this instance, between two times.
+    fn writes_between(&self, since: f64, until: f64) -> Vec<String> {
+        let events = docker(&[
+            "events",
+            "--since",
+            &format!("{since:.3}"),
+            "--until",
+            &format!("{until:.3}"),
+            "--filter",
+            &format!("label=berth.instance={}", self.name),
+            "--format",
+            "{{.Type}} {{.Action}}",
+        ]);
+        events
+            .lines()
+            .filter(|e| !e.contains("exec_") && !e.contains("health_status"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn web(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\", -h, /www]\n  ports:\n    - {{container: 8080, host: {port}}}\n{extra}"
+    )
+}
+
+#[test]
+fn create_from_empty_then_a_second_apply_changes_nothing() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let repo = Repo::new();
+    repo.write("web.yaml", web("web", port, "  secretEnv:\n    FLAG: {env: BERTH_IT_FLAG}\n  healthcheck: {tcp: 8080, interval: 1s}\n"))
+        .write(
+            "svc.yaml",
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: svc}\nspec:\n  build: {context: svc, args: {WORD: hello}}\n  sidecars:\n    - {name: store, image: \"busybox:latest\", command: [sleep, \"3600\"]}\n",
+        )
+        .write("svc/Dockerfile", "FROM busybox:latest\nARG WORD\nRUN echo $WORD > /word\nCMD [\"sleep\", \"3600\"]\n")
+        .write("svc/.dockerignore", "ignored.txt\n")
+        .write("svc/ignored.txt", "x");
+
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "plan exits 2 when something would change"
+    );
+    assert!(
+        stdout(&plan).contains("2 to create, 0 to update, 0 to delete, 0 unchanged"),
+        "{}",
+        stdout(&plan)
+    );
+
+    let first = instance.apply(&repo, &[]);
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(instance.containers("web").len(), 1);
+    assert!(instance.containers("web")["main-1"].1, "web runs");
+    let svc = instance.containers("svc");
+    assert_eq!(
+        svc.keys().collect::<Vec<_>>(),
+        vec!["main-1", "sidecar-store"]
+    );
+    let served = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    assert!(served, "web answers on its published host port");
+    let web_id = &instance.containers("web")["main-1"].0;
+    let env = docker(&["inspect", "--format", "{{json .Config.Env}}", web_id]);
+    assert!(
+        env.contains("FLAG=ctf{it-secret}"),
+        "the secret reaches the container: {env}"
+    );
+    let labels = docker(&["inspect", "--format", "{{json .Config.Labels}}", web_id]);
+    assert!(
+        !labels.contains("it-secret"),
+        "the secret value never lands in labels"
+    );
+    let built = docker(&[
+        "run",
+        "--rm",
+        &docker(&["inspect", "--format", "{{.Config.Image}}", &svc["main-1"].0]),
+        "cat",
+        "/word",
+    ]);
+    assert_eq!(built, "hello", "build args reach the build");
+
+    let since = now();
+    let second = instance.apply(&repo, &[]);
+    let until = now() + 0.5;
+    assert_eq!(second.status.code(), Some(0));
+    assert!(
+        stdout(&second).contains(
+            "0 created, 0 updated, 0 deleted, 0 started, 0 stopped, 2 unchanged; 0 failed"
+        ),
+        "{}",
+        stdout(&second)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        instance.writes_between(since, until),
+        Vec::<String>::new(),
+        "a no-op apply writes nothing to the engine"
+    );
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "plan exits 0 when nothing would change"
+    );
+    assert!(!stdout(&plan).contains("it-secret"));
+}
+
+#[test]
+fn a_change_replaces_only_the_changed_challenge() {
+    let Some(instance) = engine() else { return };
+    let (port_a, port_b, port_a2) = (free_port(), free_port(), free_port());
+    let repo = Repo::new();
+    repo.write("a.yaml", web("a", port_a, "  env: {MODE: one}\n"))
+        .write("b.yaml", web("b", port_b, ""));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let b_before = instance.containers("b");
+
+    for (change, reason) in [
+        (
+            web("a", port_a, "  env: {MODE: two}\n"),
+            "env changed: MODE".to_string(),
+        ),
+        (
+            web("a", port_a2, "  env: {MODE: two}\n"),
+            format!("ports changed: {port_a}→{port_a2}"),
+        ),
+        (
+            web(
+                "a",
+                port_a2,
+                "  env: {MODE: two}\n  resources: {memory: 32Mi}\n",
+            ),
+            "resources changed".to_string(),
+        ),
+        (
+            web(
+                "a",
+                port_a2,
+                "  env: {MODE: two}\n  resources: {memory: 32Mi}\n",
+            )
+            .replace("busybox:latest", "busybox"),
+            "image changed: busybox:latest→busybox".to_string(),
+        ),
+    ] {
+        let a_before = instance.containers("a");
+        repo.write("a.yaml", change);
+        let plan = instance.berth("plan", &repo, &[]);
+        assert!(
+            stdout(&plan).contains(&reason),
+            "expected {reason:?} in\n{}",
+            stdout(&plan)
+        );
+        assert!(
+            stdout(&plan).contains("replace, stop old first"),
+            "published ports force stop-first"
+        );
+        assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+        let a_after = instance.containers("a");
+        assert_ne!(
+            a_after["main-1"].0, a_before["main-1"].0,
+            "a was replaced for {reason}"
+        );
+        assert!(a_after["main-1"].1);
+        assert_eq!(a_after.len(), 1, "the old container is gone");
+        assert_eq!(
+            instance.containers("b"),
+            b_before,
+            "b was not touched for {reason}"
+        );
+    }
+    let memory = docker(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.Memory}}",
+        &instance.containers("a")["main-1"].0,
+    ]);
+    assert_eq!(memory, (32 << 20).to_string());
+}
+
+#[test]
+fn stopped_keeps_the_container_and_running_starts_it_again() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let spec = |state: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: s}}\nspec:\n  state: {state}\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n"
+        )
+    };
+    repo.write("s.yaml", spec("running"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let id = instance.containers("s")["main-1"].0.clone();
+
+    repo.write("s.yaml", spec("stopped"));
+    assert!(stdout(&instance.berth("plan", &repo, &[])).contains("stop    state: stopped"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    assert_eq!(
+        instance.containers("s")["main-1"],
+        (id.clone(), false),
+        "same container, stopped"
+    );
+
+    repo.write("s.yaml", spec("running"));
+    assert!(stdout(&instance.berth("plan", &repo, &[])).contains("start   container stopped"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    assert_eq!(
+        instance.containers("s")["main-1"],
+        (id, true),
+        "same container, running again"
+    );
+}
+
+#[test]
+fn removed_descriptors_are_orphans_until_pruned() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let sleeper = |name: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n"
+        )
+    };
+    repo.write("keep.yaml", sleeper("keep"))
+        .write("gone.yaml", sleeper("gone"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    std::fs::remove_file(repo.path().join("gone.yaml")).unwrap();
+
+    let without = instance.apply(&repo, &[]);
+    assert_eq!(without.status.code(), Some(0));
+    assert!(
+        stdout(&without)
+            .contains("Challenge/gone: removed from repo; kept (apply with --prune to delete)"),
+        "{}",
+        stdout(&without)
+    );
+    assert_eq!(
+        instance.containers("gone").len(),
+        1,
+        "without prune the orphan stays"
+    );
+
+    let plan = instance.berth("plan", &repo, &["--prune"]);
+    assert!(
+        stdout(&plan).contains("Challenge/gone  delete  removed from repo"),
+        "{}",
+        stdout(&plan)
+    );
+    assert_eq!(instance.apply(&repo, &["--prune"]).status.code(), Some(0));
+    assert!(instance.containers("gone").is_empty(), "pruned");
+    assert_eq!(
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=berth-{}-gone", instance.name)
+        ]),
+        ""
+    );
+    assert_eq!(
+        instance.containers("keep").len(),
+        1,
+        "what is declared stays"
+    );
+}
+
+#[test]
+fn a_container_removed_by_hand_is_recreated() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("d.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: d}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  replicas: 2\n");
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let before = instance.containers("d");
+    docker(&["rm", "-f", &before["main-2"].0]);
+    let plan = instance.berth("plan", &repo, &[]);
+    assert!(
+        stdout(&plan).contains("create  container missing: main-2"),
+        "{}",
+        stdout(&plan)
+    );
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let after = instance.containers("d");
+    assert_eq!(
+        after["main-1"], before["main-1"],
+        "the surviving replica is kept"
+    );
+    assert!(
+        after["main-2"].1 && after["main-2"].0 != before["main-2"].0,
+        "the removed replica is back"
+    );
+}
+
+#[test]
+fn a_host_port_held_by_a_foreign_container_fails_only_that_challenge() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let foreign = docker(&[
+        "run",
+        "-d",
+        "-p",
+        &format!("{port}:80"),
+        "busybox:latest",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+    ]);
+    struct Foreign(String);
+    impl Drop for Foreign {
+        fn drop(&mut self) {
+            docker(&["rm", "-f", &self.0]);
+        }
+    }
+    let foreign = Foreign(foreign);
+    let repo = Repo::new();
+    repo.write("clash.yaml", web("clash", port, ""))
+        .write("fine.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: fine}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n");
+    let output = instance.apply(&repo, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.contains("failed: Challenge/clash: cannot start"),
+        "{text}"
+    );
+    assert!(
+        text.contains("port is already allocated") || text.contains("address already in use"),
+        "{text}"
+    );
+    assert!(
+        instance.containers("fine")["main-1"].1,
+        "the other challenge runs"
+    );
+    assert!(
+        instance.containers("clash").is_empty(),
+        "no half-made container is left behind"
+    );
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.State.Running}}", &foreign.0]),
+        "true",
+        "the foreign container is untouched"
+    );
+}
+
+#[test]
+fn a_build_that_fails_and_a_missing_image_are_clear_failures() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("broken.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: broken}\nspec:\n  build: {context: broken}\n")
+        .write("broken/Dockerfile", "FROM busybox:latest\nRUN echo compiling && exit 3\n")
+        .write("missing.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: missing}\nspec:\n  image: berth-test/surely-missing:nope\n");
+    let output = instance.apply(&repo, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.contains("failed: Challenge/broken: build of broken failed"),
+        "{text}"
+    );
+    assert!(text.contains("returned a non-zero code: 3"), "{text}");
+    assert!(
+        text.contains(
+            "failed: Challenge/missing: cannot pull image berth-test/surely-missing:nope"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn apply_reports_containers_that_do_not_become_healthy() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("sick.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: sick}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  healthcheck: {tcp: 9999, interval: 1s, timeout: 1s, retries: 1}\n");
+    let output = instance.berth("apply", &repo, &["--wait", "4s"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("failed: Challenge/sick: not healthy after 4s: main-1 is"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn kinds_without_a_backend_are_listed_as_skipped() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    for file in [
+        "pipelines/rev-300-image.yaml",
+        "stagings/feature-search.yaml",
+        "challenges/rev-300.yaml",
+    ] {
+        repo.write(
+            file,
+            std::fs::read(crate_root().join("sample-repo").join(file)).unwrap(),
+        );
+    }
+    repo.write(
+        "stagings/manifests/shop/deployment.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\n",
+    );
+    let plan = instance.berth("plan", &repo, &[]);
+    let text = stdout(&plan);
+    assert!(
+        text.contains("Pipeline/rev-300-image  skip    skipped (no backend yet)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Staging/feature-search  skip    skipped (no backend yet)"),
+        "{text}"
+    );
+    assert!(text.contains("Challenge/rev-300       skip    skipped: needs Pipeline/rev-300-image, which has no backend yet"), "{text}");
+    assert_eq!(plan.status.code(), Some(0), "skips are not changes");
+}
+
+#[test]
+fn an_unreachable_engine_is_a_clear_error() {
+    let repo = Repo::new();
+    repo.write(
+        "s.yaml",
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: s}\nspec: {image: busybox}\n",
+    );
+    for command in ["plan", "apply"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args([command, repo.path().to_str().unwrap()])
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("cannot reach the Docker Engine at unix:///nonexistent/docker.sock"),
+            "{stderr}"
+        );
+    }
+}
