@@ -1,2 +1,243 @@
-//! Placeholder until the Docker apply benchmark lands with the Docker backend.
-fn main() {}
+//! Applying N challenges: berth against `docker-compose up -d` and the raw Docker API floor, side
+//! by side on the same engine, for N = 10 and N = 50 (each a busybox `httpd` on its own host port).
+//!
+//! - berth: load + observe + plan + apply in process (`--wait 0s`, concurrency 8), as `berth apply` runs;
+//! - docker-compose: `docker-compose up -d` on an equivalent compose file, run as a command;
+//! - raw floor: the same containers berth makes (create, then start), through the API at
+//!   concurrency 8, with nothing else.
+//!
+//! Each is timed from an empty engine state (initial) and right after (no-op). Needs a Docker Engine
+//! and `busybox:latest` (`tests/testbed/busybox-image.sh`). Run: `cargo bench --bench apply`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth::backend::docker::DockerBackend;
+use berth::descriptor::LoadOptions;
+use berth::reconcile::{self, Target};
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::CreateContainerOptions;
+use futures_util::StreamExt;
+
+const CONCURRENCY: usize = 8;
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn write_repo(dir: &Path, ports: &[u16]) {
+    for (i, port) in ports.iter().enumerate() {
+        let text = format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web-{i}}}\nspec:\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\", -h, /www]\n  ports:\n    - {{container: 8080, host: {port}}}\n"
+        );
+        std::fs::write(dir.join(format!("web-{i}.yaml")), text).unwrap();
+    }
+}
+
+fn write_compose(path: &Path, ports: &[u16]) {
+    let mut text = String::from("version: \"3\"\nservices:\n");
+    for (i, port) in ports.iter().enumerate() {
+        text.push_str(&format!(
+            "  web-{i}:\n    image: busybox:latest\n    command: [httpd, -f, -p, \"8080\", -h, /www]\n    ports: [\"{port}:8080\"]\n"
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn docker_cli(args: &[&str]) -> String {
+    let output = Command::new("docker").args(args).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn remove_labelled(label: &str) {
+    for (list, remove) in [
+        (vec!["ps", "-aq", "--filter", label], vec!["rm", "-f"]),
+        (
+            vec!["network", "ls", "-q", "--filter", label],
+            vec!["network", "rm"],
+        ),
+    ] {
+        let ids = docker_cli(&list);
+        if !ids.is_empty() {
+            let mut args = remove;
+            args.extend(ids.split_whitespace());
+            docker_cli(&args);
+        }
+    }
+}
+
+async fn berth_apply(dir: &Path, instance: &str) -> Duration {
+    let start = Instant::now();
+    let target = Target {
+        instance: instance.into(),
+        prune: false,
+    };
+    let planned = reconcile::plan(dir, &LoadOptions::default(), &target)
+        .await
+        .unwrap();
+    let reports = reconcile::apply(&planned, CONCURRENCY, Duration::ZERO, |_| {}).await;
+    let elapsed = start.elapsed();
+    let failed: Vec<_> = reports
+        .iter()
+        .filter(|r| !matches!(r.outcome, berth::apply::Outcome::Done(_)))
+        .map(|r| format!("{}: {:?}", r.step.key, r.outcome))
+        .collect();
+    assert!(failed.is_empty(), "berth apply failed: {failed:?}");
+    elapsed
+}
+
+async fn raw_floor(docker: &Docker, ports: &[u16], label: &str) -> Duration {
+    let start = Instant::now();
+    let jobs = ports.iter().enumerate().map(|(i, port)| {
+        let docker = docker.clone();
+        let labels = HashMap::from([(label.to_string(), "1".to_string())]);
+        async move {
+            let bindings = HashMap::from([(
+                "8080/tcp".to_string(),
+                Some(vec![PortBinding {
+                    host_ip: None,
+                    host_port: Some(port.to_string()),
+                }]),
+            )]);
+            let body = ContainerCreateBody {
+                image: Some("busybox:latest".into()),
+                cmd: Some(vec![
+                    "httpd".into(),
+                    "-f".into(),
+                    "-p".into(),
+                    "8080".into(),
+                    "-h".into(),
+                    "/www".into(),
+                ]),
+                labels: Some(labels),
+                exposed_ports: Some(vec!["8080/tcp".into()]),
+                host_config: Some(HostConfig {
+                    port_bindings: Some(bindings),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let name = format!("raw-bench-{i}");
+            let options = CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            docker.create_container(Some(options), body).await.unwrap();
+            docker
+                .start_container(
+                    &name,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::stream::iter(jobs)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    start.elapsed()
+}
+
+fn compose(file: &Path, project: &str, args: &[&str]) -> Duration {
+    let start = Instant::now();
+    let status = Command::new("docker-compose")
+        .args(["-p", project, "-f", file.to_str().unwrap()])
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "docker-compose {args:?} failed");
+    start.elapsed()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let status = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/testbed/busybox-image.sh"
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(DockerBackend::connect("bench"))
+        .expect("a Docker Engine answers");
+    let docker = runtime
+        .block_on(Docker::connect_with_defaults().unwrap().negotiate_version())
+        .unwrap();
+    println!(
+        "{:<34} {:>10} {:>10}",
+        "apply N busybox httpd challenges", "initial", "no-op"
+    );
+    for n in [10usize, 50] {
+        let ports = free_ports(n);
+        let dir = tempfile::tempdir().unwrap();
+        write_repo(dir.path(), &ports);
+        let compose_dir = tempfile::tempdir().unwrap();
+        let compose_file = compose_dir.path().join("compose.yml");
+        write_compose(&compose_file, &ports);
+
+        let instance = format!("bench{n}");
+        let label = format!("label=berth.instance={instance}");
+        remove_labelled(&label);
+        let berth_initial = runtime.block_on(berth_apply(dir.path(), &instance));
+        let berth_noop = runtime.block_on(berth_apply(dir.path(), &instance));
+        remove_labelled(&label);
+
+        let project = format!("berthbench{n}");
+        compose(&compose_file, &project, &["down", "--remove-orphans"]);
+        let compose_initial = compose(&compose_file, &project, &["up", "-d"]);
+        let compose_noop = compose(&compose_file, &project, &["up", "-d"]);
+        compose(&compose_file, &project, &["down", "--remove-orphans"]);
+
+        let raw_label = "berth-raw-bench";
+        remove_labelled(&format!("label={raw_label}"));
+        let raw = runtime.block_on(raw_floor(&docker, &ports, raw_label));
+        remove_labelled(&format!("label={raw_label}"));
+
+        println!("N = {n}");
+        println!(
+            "  {:<32} {:>8.0}ms {:>8.1}ms",
+            "berth apply",
+            ms(berth_initial),
+            ms(berth_noop)
+        );
+        println!(
+            "  {:<32} {:>8.0}ms {:>8.1}ms",
+            "docker-compose up -d",
+            ms(compose_initial),
+            ms(compose_noop)
+        );
+        println!(
+            "  {:<32} {:>8.0}ms {:>10}",
+            "raw API floor (create+start)",
+            ms(raw),
+            "-"
+        );
+        println!(
+            "  berth/floor {:.2}x   compose/berth initial {:.1}x   compose/berth no-op {:.0}x",
+            ms(berth_initial) / ms(raw),
+            ms(compose_initial) / ms(berth_initial),
+            ms(compose_noop) / ms(berth_noop)
+        );
+    }
+}

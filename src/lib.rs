@@ -14,3 +14,4 @@ pub mod backend;
 pub mod build_context;
 pub mod descriptor;
 pub mod plan;
+pub mod reconcile;

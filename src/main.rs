@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use berth::apply::{Outcome, StepReport, execute};
-use berth::backend::docker::{self, DockerBackend};
+use berth::apply::{Outcome, StepReport};
 use berth::descriptor::{self, LoadOptions, load::DEFAULT_MAX_FILE_SIZE};
-use berth::plan::{Action, Policy};
+use berth::plan::Action;
+use berth::reconcile::{self, ReconcileError};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// berth makes running infrastructure match a git repository of YAML descriptors.
@@ -150,75 +150,39 @@ fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     runtime.block_on(future)
 }
 
-/// Loads the repo; on problems prints them as `validate` does and returns the exit code.
-fn load_valid(
-    dir: &std::path::Path,
-    options: &LoadOptions,
-) -> Result<descriptor::Loaded, ExitCode> {
-    match descriptor::load(dir, options) {
-        Ok(loaded) if loaded.is_valid() => Ok(loaded),
-        Ok(loaded) => {
-            for problem in &loaded.problems {
-                println!("{problem}");
-            }
-            eprintln!(
-                "berth: the repo has {} problem(s); nothing was planned",
-                loaded.problems.len()
-            );
-            Err(ExitCode::from(1))
-        }
-        Err(error) => {
-            eprintln!("berth: {error}");
-            Err(ExitCode::from(1))
-        }
+fn target(flags: &TargetFlags) -> reconcile::Target {
+    reconcile::Target {
+        instance: flags.instance.clone(),
+        prune: flags.prune,
     }
 }
 
-/// Everything a plan is made from: the repo, the engine's view, and the templates to apply.
-struct Planned {
-    loaded: descriptor::Loaded,
-    backend: DockerBackend,
-    templates: Vec<docker::ChallengeTemplate>,
-    plan: berth::plan::Plan,
-}
-
+/// Plans, printing why when it cannot: problems as `validate` prints them, or the engine's error.
 async fn make_plan(
     dir: &std::path::Path,
-    target: &TargetFlags,
+    flags: &TargetFlags,
     options: &LoadOptions,
-) -> Result<Planned, ExitCode> {
-    let loaded = load_valid(dir, options)?;
-    let fail = |error: docker::EngineError| {
-        eprintln!("berth: {error}");
-        ExitCode::from(1)
-    };
-    let backend = DockerBackend::connect(&target.instance)
+) -> Result<reconcile::Planned, ExitCode> {
+    reconcile::plan(dir, options, &target(flags))
         .await
-        .map_err(fail)?;
-    let observed = backend.observe().await.map_err(fail)?;
-    let (desired, templates) = docker::templates(&loaded.descriptors, &loaded.root);
-    let plan = berth::plan::diff(
-        &desired,
-        &observed,
-        Policy {
-            prune: target.prune,
-        },
-    );
-    Ok(Planned {
-        loaded,
-        backend,
-        templates,
-        plan,
-    })
+        .map_err(|error| {
+            if let ReconcileError::Invalid(problems) = &error {
+                for problem in problems {
+                    println!("{problem}");
+                }
+            }
+            eprintln!("berth: {error}");
+            ExitCode::from(1)
+        })
 }
 
 async fn plan(
     dir: &std::path::Path,
     format: PlanFormat,
-    target: &TargetFlags,
+    flags: &TargetFlags,
     options: &LoadOptions,
 ) -> ExitCode {
-    let planned = match make_plan(dir, target, options).await {
+    let planned = match make_plan(dir, flags, options).await {
         Ok(planned) => planned,
         Err(code) => return code,
     };
@@ -237,23 +201,16 @@ async fn plan(
 
 async fn apply(
     dir: &std::path::Path,
-    target: &TargetFlags,
+    flags: &TargetFlags,
     options: &LoadOptions,
     wait: std::time::Duration,
     concurrency: usize,
 ) -> ExitCode {
-    let Planned {
-        loaded,
-        backend,
-        templates,
-        plan,
-    } = match make_plan(dir, target, options).await {
+    let planned = match make_plan(dir, flags, options).await {
         Ok(planned) => planned,
         Err(code) => return code,
     };
-    let by_key: std::collections::HashMap<_, _> =
-        templates.iter().map(|t| (t.key.clone(), t)).collect();
-    let root = loaded.root.clone();
+    let plan = &planned.plan;
     let width = plan
         .steps
         .iter()
@@ -273,47 +230,7 @@ async fn apply(
             report.elapsed.as_secs_f64()
         );
     };
-    let mut reports = execute(
-        &plan,
-        concurrency,
-        |step| {
-            let backend = backend.clone();
-            let template = by_key.get(&step.key).copied().cloned();
-            let root = root.clone();
-            async move {
-                match (step.action, template) {
-                    (Action::Delete, _) => backend.delete(&step.key).await,
-                    (_, Some(template)) => backend.converge(&template, &root).await,
-                    (_, None) => Err("no template for this object".to_string()),
-                }
-            }
-        },
-        print,
-    )
-    .await;
-    let started: Vec<_> = reports
-        .iter()
-        .filter(|r| {
-            matches!(r.outcome, Outcome::Done(_))
-                && r.step.action != Action::Delete
-                && r.step.action != Action::Stop
-        })
-        .filter(|r| {
-            by_key
-                .get(&r.step.key)
-                .is_some_and(|t| t.spec.state == berth::descriptor::model::RunState::Running)
-        })
-        .map(|r| r.step.key.clone())
-        .collect();
-    if !wait.is_zero() && !started.is_empty() {
-        let unhealthy = backend.wait_healthy(&started, wait).await;
-        for report in reports.iter_mut() {
-            if let Some(why) = unhealthy.get(&report.step.key) {
-                println!("{}  health  FAILED: {why}", report.step.key);
-                report.outcome = Outcome::Failed(why.clone());
-            }
-        }
-    }
+    let reports = reconcile::apply(&planned, concurrency, wait, print).await;
     let failures: Vec<&StepReport> = reports
         .iter()
         .filter(|r| !matches!(r.outcome, Outcome::Done(_)))

@@ -1,5 +1,8 @@
 //! The Docker backend: Challenges as containers on a Docker Engine, through its API (bollard).
 //!
+//! A challenge with sidecars gets a network of its own, where its containers reach each other by
+//! name; one without runs on the engine's default bridge, as `docker run` does.
+//!
 //! It owns the translation of a Challenge into container templates (pure, [`templates`]), observing
 //! what this berth instance runs (one list call, by label), and converging one object at a time.
 //! It never touches a container, network or image without the `berth.instance` label of its own
@@ -131,6 +134,10 @@ pub fn templates(
         }
         if let Some(digest) = &build_digest {
             main_object.insert("buildDigest".into(), Value::String(digest.clone()));
+        }
+        if !spec.sidecars.is_empty() {
+            // Which network the main container joins is part of its template.
+            main_object.insert("network".into(), Value::String("own".into()));
         }
         if !descriptor.metadata.labels.is_empty() {
             main_object.insert("labels".into(), json!(descriptor.metadata.labels));
@@ -297,7 +304,12 @@ impl DockerBackend {
         repo_root: &Path,
     ) -> Result<String, String> {
         let image = self.ensure_image(template, repo_root).await?;
-        let network = self.ensure_network(template).await?;
+        // A challenge gets a network of its own only when it has sidecars to reach by name: the
+        // engine's default address pools hold about 30 networks, and a CTF runs more challenges.
+        let network = match template.spec.sidecars.is_empty() {
+            true => None,
+            false => Some(self.ensure_network(template).await?),
+        };
         let main_env = resolve_env(&template.spec.env, &template.spec.secret_env)?;
         let run = template.spec.state == RunState::Running;
         let existing = self
@@ -339,7 +351,7 @@ impl DockerBackend {
                 continue;
             }
             let config = match member.slot.strip_prefix("sidecar-") {
-                None => self.main_config(template, member, &image, &network, &main_env),
+                None => self.main_config(template, member, &image, network.as_deref(), &main_env),
                 Some(name) => {
                     let sidecar = template
                         .spec
@@ -347,7 +359,10 @@ impl DockerBackend {
                         .iter()
                         .find(|s| s.name.as_str() == name)
                         .expect("slot from spec");
-                    self.sidecar_config(template, member, sidecar, &network)?
+                    let network = network
+                        .as_deref()
+                        .expect("challenges with sidecars have a network");
+                    self.sidecar_config(template, member, sidecar, network)?
                 }
             };
             let start_first = template.start_first();
@@ -577,7 +592,7 @@ impl DockerBackend {
         template: &ChallengeTemplate,
         member: &Member,
         image: &str,
-        network: &str,
+        network: Option<&str>,
         env: &[String],
     ) -> ContainerCreateBody {
         let spec = &template.spec;
@@ -622,7 +637,7 @@ impl DockerBackend {
         });
         let mut host_config = resource_limits(spec.resources.as_ref());
         host_config.port_bindings = Some(bindings);
-        host_config.network_mode = Some(network.to_string());
+        host_config.network_mode = Some(network.unwrap_or("bridge").to_string());
         host_config.restart_policy = Some(restart_policy(spec.restart));
         ContainerCreateBody {
             image: Some(image.to_string()),
@@ -633,7 +648,8 @@ impl DockerBackend {
             exposed_ports: Some(exposed),
             healthcheck,
             host_config: Some(host_config),
-            networking_config: Some(network_aliases(network, template.key.name.as_str())),
+            networking_config: network
+                .map(|network| network_aliases(network, template.key.name.as_str())),
             ..Default::default()
         }
     }

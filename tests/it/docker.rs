@@ -580,3 +580,31 @@ fn an_unreachable_engine_is_a_clear_error() {
         );
     }
 }
+
+/// Regression: one network per challenge exhausted the engine's default address pools after about
+/// 30 challenges ("could not find an available, non-overlapping IPv4 address pool").
+#[test]
+fn only_challenges_with_sidecars_get_a_network_of_their_own() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    for i in 0..40 {
+        repo.write(&format!("c{i}.yaml"), format!("apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c{i}}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n"));
+    }
+    repo.write("side.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: side}\nspec:\n  image: busybox:latest\n  command: [sh, -c, \"sleep 1; wget -q -O - http://store:8000/ && sleep 3600\"]\n  sidecars:\n    - {name: store, image: \"busybox:latest\", command: [httpd, -f, -p, \"8000\", -h, /www]}\n");
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let networks = docker(&[
+        "network",
+        "ls",
+        "--format",
+        "{{.Name}}",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+    ]);
+    assert_eq!(networks, format!("berth-{}-side", instance.name));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let logs = docker(&["logs", &instance.containers("side")["main-1"].0]);
+    assert!(
+        logs.contains("busybox"),
+        "the main container reaches its sidecar by name: {logs:?}"
+    );
+}
