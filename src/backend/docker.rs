@@ -568,6 +568,10 @@ impl DockerBackend {
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
             (LABEL_KIND.to_string(), "Challenge".to_string()),
             (LABEL_NAME.to_string(), template.key.name.to_string()),
+            (
+                LABEL_SPEC_HASH.to_string(),
+                template.main_hash().to_string(),
+            ),
         ]);
         let request = NetworkCreateRequest {
             name: name.clone(),

@@ -601,6 +601,24 @@ fn only_challenges_with_sidecars_get_a_network_of_their_own() {
         &format!("label=berth.instance={}", instance.name),
     ]);
     assert_eq!(networks, format!("berth-{}-side", instance.name));
+    let labels = docker(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{json .Labels}}",
+        &networks,
+    ]);
+    for label in [
+        "berth.instance",
+        "berth.kind",
+        "berth.name",
+        "berth.spec-hash",
+    ] {
+        assert!(
+            labels.contains(label),
+            "the network carries {label}: {labels}"
+        );
+    }
     std::thread::sleep(std::time::Duration::from_secs(2));
     let logs = docker(&["logs", &instance.containers("side")["main-1"].0]);
     assert!(
