@@ -15,7 +15,9 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(dir.path().join("fuzz.yaml"), data).expect("write");
     let options = berth::descriptor::LoadOptions { max_file_size: 64 * 1024 };
     let loaded = berth::descriptor::load(dir.path(), &options).expect("the folder exists");
-    let lines = data.iter().filter(|b| **b == b'\n').count() + 1;
+    // Lines as YAML counts them: CR LF, a lone CR and LF each end one.
+    let text = String::from_utf8_lossy(data).replace("\r\n", "\n").replace('\r', "\n");
+    let lines = text.matches('\n').count() + 1;
     for problem in &loaded.problems {
         assert!(problem.line >= 1 && problem.line <= lines + 1, "{problem} is outside the file");
         assert!(problem.column >= 1, "{problem}");

@@ -338,8 +338,14 @@ impl Loader {
         String::from_utf8(bytes).map_err(|error| {
             let valid = &error.as_bytes()[..error.utf8_error().valid_up_to()];
             let valid = std::str::from_utf8(valid).expect("valid prefix");
-            let line = valid.matches('\n').count() + 1;
-            let column = valid.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            // Lines as YAML counts them: CR LF, a lone CR and LF each end one.
+            let normalized = valid.replace("\r\n", "\n").replace('\r', "\n");
+            let line = normalized.matches('\n').count() + 1;
+            let column = normalized
+                .rsplit('\n')
+                .next()
+                .map_or(0, |l| l.chars().count())
+                + 1;
             (
                 Position { line, column },
                 "file is not valid UTF-8; save it as UTF-8".to_string(),

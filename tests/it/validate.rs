@@ -396,3 +396,22 @@ fn spec_hashes_follow_the_build_context() {
         "a changed file in the context changes the hash"
     );
 }
+
+/// Found by fuzzing: a file with lone CR line breaks. YAML (and editors) count a lone CR as a
+/// line break, so positions must too, including the position of a UTF-8 error.
+#[test]
+fn lone_carriage_returns_count_as_line_breaks() {
+    let repo = Repo::new();
+    repo.write("cr.yaml", b"apiVersion: berth/v1\rkind: Challenge\rmetadata: {name: web}\rspec:\r  image: busybox\r  prots: []\r".as_slice())
+        .write("bad.yaml", b"a: 1\r\nb: 2\rc: \"\xe9\"\n".as_slice());
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let places: Vec<(&str, usize, usize)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.line, p.column))
+        .collect();
+    assert_eq!(
+        places,
+        vec![("bad.yaml", 3, 5), ("cr.yaml", 6, 3)],
+        "{problems:#?}"
+    );
+}
