@@ -84,17 +84,6 @@ pub struct ObservedObject {
     pub members: Vec<ObservedMember>,
 }
 
-impl ObservedObject {
-    /// The worst health of its members; `Missing` with none.
-    pub fn health(&self) -> Health {
-        self.members
-            .iter()
-            .map(|m| m.health)
-            .max()
-            .unwrap_or(Health::Missing)
-    }
-}
-
 /// What a step does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -61,7 +61,7 @@ pub async fn plan(
     }
     let backend = DockerBackend::connect(&target.instance).await?;
     let observed = backend.observe().await?;
-    let (desired, templates) = docker::templates(&loaded.descriptors, &loaded.root);
+    let (desired, templates) = docker::templates(&loaded.descriptors);
     let plan = crate::plan::diff(
         &desired,
         &observed,

@@ -93,13 +93,9 @@ fn short_hash(value: &Value) -> String {
     hex::encode(&digest[..8])
 }
 
-/// Translates descriptors into desired objects and the templates to build them. Pure: no engine.
-///
-/// `repo_root` is where build contexts are read from, to hash their content.
-pub fn templates(
-    descriptors: &[Descriptor],
-    repo_root: &Path,
-) -> (Vec<DesiredObject>, Vec<ChallengeTemplate>) {
+/// Translates descriptors into desired objects and the templates to build them. Pure: no engine,
+/// no file system (build digests come from the loader).
+pub fn templates(descriptors: &[Descriptor]) -> (Vec<DesiredObject>, Vec<ChallengeTemplate>) {
     let kinds: HashMap<ObjectRef, Kind> = descriptors.iter().map(|d| (d.key(), d.kind())).collect();
     let mut desired = Vec::new();
     let mut templates = Vec::new();
@@ -122,11 +118,7 @@ pub fn templates(
             .find(|d| kinds.get(d).is_some_and(|k| *k != Kind::Challenge));
         let skip =
             waits_for_other_kind.map(|d| format!("skipped: needs {d}, which has no backend yet"));
-        let build_digest = spec.build.as_ref().map(|build| {
-            BuildContext::read(&repo_root.join(&build.context), &build.dockerfile)
-                .and_then(|c| c.digest())
-                .unwrap_or_else(|error| error)
-        });
+        let build_digest = descriptor.build_digest.clone();
         let mut main = serde_json::to_value(spec).expect("specs serialize");
         let main_object = main.as_object_mut().expect("spec is an object");
         for not_applied in ["state", "sidecars", "info"] {
@@ -191,8 +183,7 @@ pub struct DockerBackend {
 impl DockerBackend {
     /// Connects through `DOCKER_HOST` or the local socket and agrees on an API version.
     pub async fn connect(instance: &str) -> Result<DockerBackend, EngineError> {
-        let host =
-            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let host = engine_host();
         let unreachable = |reason: String| EngineError::Unreachable {
             host: host.clone(),
             reason,
@@ -243,8 +234,7 @@ impl DockerBackend {
             .containers(None)
             .await
             .map_err(|e| EngineError::Unreachable {
-                host: std::env::var("DOCKER_HOST")
-                    .unwrap_or_else(|_| "unix:///var/run/docker.sock".into()),
+                host: engine_host(),
                 reason: e.to_string(),
             })?;
         let mut objects: BTreeMap<ObjectRef, Vec<ObservedMember>> = BTreeMap::new();
@@ -786,6 +776,11 @@ impl DockerBackend {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// Where berth looks for the engine: `DOCKER_HOST`, or the local socket.
+fn engine_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
 fn label<'a>(container: &'a ContainerSummary, name: &str) -> Option<&'a str> {

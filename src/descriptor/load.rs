@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde_json::Value;
 
-use super::model::{ChallengeSpec, Envelope, ImageSource, PipelineSpec, StagingSpec, StepImage};
+use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
 use super::schema::{self, Violation};
 use super::semantic;
 use super::yaml::{self, Position};
@@ -439,7 +439,7 @@ impl Loader {
                     self.push_violations(file, doc, &identity, violations);
                     return;
                 }
-                descriptor.spec_hash = self.hash(&descriptor);
+                self.hash(&mut descriptor);
                 self.candidates.push(Candidate {
                     descriptor,
                     file,
@@ -480,26 +480,26 @@ impl Loader {
         }
     }
 
-    fn hash(&self, descriptor: &Descriptor) -> String {
-        let digest = match &descriptor.spec {
-            Spec::Challenge(ChallengeSpec {
-                build: Some(build), ..
-            }) => {
-                let context = self.root.join(&build.context);
-                // The semantic checks proved the context exists; an unreadable file still
-                // changes the hash rather than failing the load.
-                BuildContext::read(&context, &build.dockerfile)
-                    .and_then(|c| c.digest())
-                    .unwrap_or_else(|error| error)
-            }
-            _ => String::new(),
-        };
-        spec_hash(
+    /// Reads the build context (once per load) and hashes the descriptor with its digest.
+    fn hash(&self, descriptor: &mut Descriptor) {
+        if let Spec::Challenge(ChallengeSpec {
+            build: Some(build), ..
+        }) = &descriptor.spec
+        {
+            // The semantic checks proved the context exists; an unreadable file still
+            // changes the hash rather than failing the load.
+            let digest = BuildContext::read(&self.root.join(&build.context), &build.dockerfile)
+                .and_then(|c| c.digest())
+                .unwrap_or_else(|error| error);
+            descriptor.build_digest = Some(digest);
+        }
+        let digest = descriptor.build_digest.as_deref().unwrap_or_default();
+        descriptor.spec_hash = spec_hash(
             descriptor.kind(),
             &descriptor.metadata,
             &descriptor.spec,
-            &[&digest],
-        )
+            &[digest],
+        );
     }
 
     fn note_asset_folders(&mut self, value: &Value) {
@@ -702,6 +702,7 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         file,
         line,
         spec_hash: String::new(),
+        build_digest: None,
     })
 }
 
@@ -711,26 +712,4 @@ fn human_size(bytes: u64) -> String {
         .replace("Ki", " KiB")
         .replace("Mi", " MiB")
         .replace("Gi", " GiB")
-}
-
-/// Paths a descriptor builds from, for callers that need the folders (the Docker backend).
-pub fn build_context_of(spec: &Spec) -> Option<&super::model::BuildSpec> {
-    match spec {
-        Spec::Challenge(ChallengeSpec {
-            build: Some(build), ..
-        }) => Some(build),
-        Spec::Pipeline(PipelineSpec {
-            image: StepImage::Build(image),
-            ..
-        }) => Some(&image.build),
-        _ => None,
-    }
-}
-
-/// Whether a challenge runs the image of a pipeline.
-pub fn pipeline_image(spec: &ChallengeSpec) -> Option<&super::Name> {
-    match &spec.image {
-        Some(ImageSource::FromPipeline(from)) => Some(&from.from_pipeline),
-        _ => None,
-    }
 }

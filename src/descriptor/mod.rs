@@ -121,6 +121,8 @@ pub struct Descriptor {
     pub line: usize,
     /// Stable hash of the spec, the labels and whatever the spec builds from (a build context's content).
     pub spec_hash: String,
+    /// Digest of the Challenge's build context (or why it could not be read), when it builds one.
+    pub build_digest: Option<String>,
 }
 
 impl Descriptor {
