@@ -42,6 +42,12 @@ enum Command {
         /// Output format: text, a markdown table for pull requests, or JSON.
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
+        /// Plan against the state an agent committed to the repo's status branch instead of a
+        /// Docker Engine: no engine needed, for pull-request checks.
+        #[arg(long)]
+        against_status: bool,
+        #[command(flatten)]
+        status: StatusBranchFlags,
         #[command(flatten)]
         target: TargetFlags,
         #[command(flatten)]
@@ -65,12 +71,60 @@ enum Command {
         #[arg(long, env = "BERTH_CONCURRENCY", default_value_t = 8)]
         concurrency: usize,
     },
+    /// Run as a long-lived agent: follow a git repo, reconcile on a schedule, webhook, file change or
+    /// API call, and commit status back to the repo.
+    ///
+    /// Every setting of the config file is also an environment variable (see the README). Stops
+    /// cleanly on SIGTERM or SIGINT (exit 0); exit 1 when the configuration is wrong.
+    Agent {
+        /// The agent config file (YAML).
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log format.
+        #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Print the status an agent committed to the repo.
+    ///
+    /// Exit codes: 0 printed, 1 no status found or unreadable.
+    Status {
+        #[command(flatten)]
+        location: StatusFlags,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ProblemFormat::Text)]
+        format: ProblemFormat,
+    },
     /// Write the JSON Schemas of the descriptor kinds (generated from berth's own types).
     Schema {
         /// Folder to write the schema files to.
         #[arg(long, default_value = "schema")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct StatusBranchFlags {
+    /// The branch status is committed to; "" when it lives under .berth/status/ on --branch.
+    #[arg(long, env = "BERTH_STATUS_BRANCH", default_value = "berth-status")]
+    status_branch: String,
+    /// The followed branch (where status lives when --status-branch is "").
+    #[arg(long, env = "BERTH_REPO_BRANCH", default_value = "main")]
+    branch: String,
+}
+
+#[derive(clap::Args)]
+struct StatusFlags {
+    /// A folder inside a clone of the config repo, or the repo's URL.
+    #[arg(long, default_value = ".")]
+    repo: String,
+    #[command(flatten)]
+    branches: StatusBranchFlags,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -128,9 +182,20 @@ fn main() -> ExitCode {
         Command::Plan {
             dir,
             format,
+            against_status: true,
+            status,
             target,
             load,
+        } => plan_against_status(&dir, format, &status, &target, &load.options()),
+        Command::Plan {
+            dir,
+            format,
+            target,
+            load,
+            ..
         } => run_async(plan(&dir, format, &target, &load.options())),
+        Command::Agent { config, log_format } => agent(config.as_deref(), log_format),
+        Command::Status { location, format } => status(&location, format),
         Command::Apply {
             dir,
             target,
@@ -176,17 +241,7 @@ async fn make_plan(
         })
 }
 
-async fn plan(
-    dir: &std::path::Path,
-    format: PlanFormat,
-    flags: &TargetFlags,
-    options: &LoadOptions,
-) -> ExitCode {
-    let planned = match make_plan(dir, flags, options).await {
-        Ok(planned) => planned,
-        Err(code) => return code,
-    };
-    let plan = &planned.plan;
+fn print_plan(plan: &berth::plan::Plan, format: PlanFormat) -> ExitCode {
     match format {
         PlanFormat::Text => print!("{}", plan.render_text()),
         PlanFormat::Markdown => print!("{}", plan.render_markdown()),
@@ -197,6 +252,147 @@ async fn plan(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn status_location(repo: &str, flags: &StatusBranchFlags) -> berth::source::StatusLocation {
+    berth::source::StatusLocation {
+        repo: repo.to_string(),
+        status_branch: flags.status_branch.clone(),
+        branch: flags.branch.clone(),
+    }
+}
+
+/// Reads committed status, printing why when there is none.
+fn read_status(
+    location: &berth::source::StatusLocation,
+) -> Result<berth::status::StatusSet, ExitCode> {
+    let files = berth::source::committed_status(location).map_err(|error| {
+        eprintln!("berth: {error}");
+        ExitCode::from(1)
+    })?;
+    if files.is_empty() {
+        let place = match location.status_branch.as_str() {
+            "" => format!(".berth/status/ on branch {}", location.branch),
+            branch => format!("branch {branch} (local or origin's)"),
+        };
+        eprintln!(
+            "berth: no status found in {place} of {}; has an agent run, and was the branch fetched?",
+            location.repo
+        );
+        return Err(ExitCode::from(1));
+    }
+    berth::status::StatusSet::parse(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))).map_err(
+        |error| {
+            eprintln!("berth: {error}");
+            ExitCode::from(1)
+        },
+    )
+}
+
+fn status(flags: &StatusFlags, format: ProblemFormat) -> ExitCode {
+    let status = match read_status(&status_location(&flags.repo, &flags.branches)) {
+        Ok(status) => status,
+        Err(code) => return code,
+    };
+    match format {
+        ProblemFormat::Text => print!("{}", berth::status::render_table(&status)),
+        ProblemFormat::Json => print!("{}", berth::server::status_json(&status)),
+    }
+    ExitCode::SUCCESS
+}
+
+fn plan_against_status(
+    dir: &std::path::Path,
+    format: PlanFormat,
+    branches: &StatusBranchFlags,
+    flags: &TargetFlags,
+    options: &LoadOptions,
+) -> ExitCode {
+    let loaded = match descriptor::load(dir, options) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("berth: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    if !loaded.is_valid() {
+        for problem in &loaded.problems {
+            println!("{problem}");
+        }
+        eprintln!(
+            "berth: the repo has {} problem(s); nothing was planned",
+            loaded.problems.len()
+        );
+        return ExitCode::from(1);
+    }
+    let status = match read_status(&status_location(&dir.display().to_string(), branches)) {
+        Ok(status) => status,
+        Err(code) => return code,
+    };
+    if status.agent.instance != flags.instance {
+        eprintln!(
+            "berth: the committed status is instance {}'s, not {}; pass --instance {}",
+            status.agent.instance, flags.instance, status.agent.instance
+        );
+        return ExitCode::from(1);
+    }
+    let (desired, _) = berth::backend::docker::templates(&loaded.descriptors);
+    let plan = berth::plan::diff(
+        &desired,
+        &status.observed(),
+        berth::plan::Policy { prune: flags.prune },
+    );
+    print_plan(&plan, format)
+}
+
+fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    let config = match berth::agent::config::AgentConfig::load(config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("berth: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    run_async(async move {
+        let shutdown = async {
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            }
+        };
+        match berth::agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(%error, "agent cannot start");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+async fn plan(
+    dir: &std::path::Path,
+    format: PlanFormat,
+    flags: &TargetFlags,
+    options: &LoadOptions,
+) -> ExitCode {
+    let planned = match make_plan(dir, flags, options).await {
+        Ok(planned) => planned,
+        Err(code) => return code,
+    };
+    print_plan(&planned.plan, format)
 }
 
 async fn apply(

@@ -44,7 +44,7 @@ pub struct DesiredObject {
 }
 
 /// Health of an object or container, as berth reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub enum Health {
     /// Running and passing its health check (or running with none).
     Healthy,

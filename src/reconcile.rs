@@ -85,15 +85,38 @@ pub async fn apply(
     wait: Duration,
     on_report: impl FnMut(&StepReport),
 ) -> Vec<StepReport> {
-    let by_key: HashMap<_, _> = planned
-        .templates
-        .iter()
-        .map(|t| (t.key.clone(), t))
-        .collect();
-    let root = planned.loaded.root.as_path();
-    let backend = &planned.backend;
+    let work = Work {
+        backend: &planned.backend,
+        templates: &planned.templates,
+        root: &planned.loaded.root,
+    };
+    apply_plan(&work, &planned.plan, concurrency, wait, on_report).await
+}
+
+/// What carrying out a plan needs besides the plan: the engine, the templates and the checkout
+/// that build contexts are read from.
+pub struct Work<'a> {
+    /// The engine connection.
+    pub backend: &'a DockerBackend,
+    /// Container templates, by challenge.
+    pub templates: &'a [ChallengeTemplate],
+    /// The repo's root folder.
+    pub root: &'a Path,
+}
+
+/// [`apply`], from parts: the agent keeps the loaded repo and the engine connection apart.
+pub async fn apply_plan(
+    work: &Work<'_>,
+    plan: &Plan,
+    concurrency: usize,
+    wait: Duration,
+    on_report: impl FnMut(&StepReport),
+) -> Vec<StepReport> {
+    let by_key: HashMap<_, _> = work.templates.iter().map(|t| (t.key.clone(), t)).collect();
+    let root = work.root;
+    let backend = work.backend;
     let mut reports = execute(
-        &planned.plan,
+        plan,
         concurrency,
         |step| {
             let template = by_key.get(&step.key).copied();

@@ -1,7 +1,8 @@
 //! Loading a config repo: every descriptor under a folder, or every problem that stops it.
 //!
-//! The loader walks the folder (skipping `.git`, paths in `.berthignore`, and the folders that
-//! descriptors use as build contexts, manifests or charts), reads each YAML file within limits,
+//! The loader walks the folder (skipping hidden entries such as `.git`, `.berth` and `.github`,
+//! paths in `.berthignore`, and the folders that descriptors use as build contexts, manifests or
+//! charts), reads each YAML file within limits,
 //! checks each document against its kind's schema and the semantic rules, and returns the typed
 //! descriptors with all problems at once, each placed at a file, line and column.
 //!
@@ -239,7 +240,9 @@ impl Loader {
         for entry in entries {
             let path = entry.path();
             let name = entry.file_name();
-            if name == ".git" {
+            // Hidden entries are tools' business, not descriptors: `.git`, `.berth` (status an
+            // agent commits), `.github/workflows`, `.gitlab-ci.yml`.
+            if name.as_encoded_bytes().starts_with(b".") {
                 continue;
             }
             let Ok(file_type) = entry.file_type() else {

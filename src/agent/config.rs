@@ -1,0 +1,557 @@
+//! The agent's configuration: one YAML file, every setting also an environment variable
+//! (`BERTH_…`, which wins over the file), and the secrets it names read once at start.
+//!
+//! Pure apart from [`AgentConfig::load`] and [`Secrets::read`]: [`AgentConfig::from_text`] takes the
+//! file's text and an environment lookup, so every rule is unit-tested without touching the process.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::descriptor::values::{CronExpr, Duration};
+use crate::descriptor::{Name, yaml};
+
+/// The default schedule: every three minutes.
+pub const DEFAULT_SCHEDULE: &str = "*/3 * * * *";
+
+/// Every environment variable the agent reads, the setting it overrides (a JSON pointer into the
+/// config file) and the setting's type. The README's table is checked against this list.
+pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
+    ("BERTH_INSTANCE", "/instance", EnvType::Text),
+    ("BERTH_REPO_URL", "/repo/url", EnvType::Text),
+    ("BERTH_REPO_BRANCH", "/repo/branch", EnvType::Text),
+    ("BERTH_REPO_USERNAME", "/repo/auth/username", EnvType::Text),
+    (
+        "BERTH_REPO_TOKEN_FILE",
+        "/repo/auth/tokenFile",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_REPO_PASSWORD_FILE",
+        "/repo/auth/passwordFile",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_REPO_SSH_KEY_FILE",
+        "/repo/auth/sshKeyFile",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_REPO_KNOWN_HOSTS_FILE",
+        "/repo/auth/knownHostsFile",
+        EnvType::Text,
+    ),
+    ("BERTH_SCHEDULE", "/schedule", EnvType::Text),
+    ("BERTH_LISTEN", "/listen", EnvType::Text),
+    (
+        "BERTH_WEBHOOK_SECRET_FILE",
+        "/webhook/secretFile",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_WEBHOOK_MAX_BODY",
+        "/webhook/maxBody",
+        EnvType::Integer,
+    ),
+    ("BERTH_API_TOKEN_FILE", "/api/tokenFile", EnvType::Text),
+    ("BERTH_STATUS_BRANCH", "/statusBranch", EnvType::Text),
+    ("BERTH_PRUNE", "/prune", EnvType::Bool),
+    ("BERTH_DRIFT_CHECK", "/driftCheck", EnvType::Bool),
+    ("BERTH_CONCURRENCY", "/concurrency", EnvType::Integer),
+    ("BERTH_WAIT", "/wait", EnvType::Text),
+    ("BERTH_STATE_DIR", "/stateDir", EnvType::Text),
+];
+
+/// How an environment variable's text becomes a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvType {
+    /// Taken as written.
+    Text,
+    /// `true`/`false`/`1`/`0`/`yes`/`no`.
+    Bool,
+    /// A whole number.
+    Integer,
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of this berth instance; instances sharing an engine never touch each other's objects.
+    #[serde(default = "default_instance")]
+    pub instance: Name,
+    /// The config repo to follow.
+    pub repo: RepoConfig,
+    /// When to fetch and reconcile, as a 5-field cron expression.
+    #[serde(default = "default_schedule")]
+    pub schedule: CronExpr,
+    /// Address of the HTTP server (webhooks, health, metrics, API); no server when absent.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Webhook settings; webhooks are refused when absent.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    /// API settings; the API is refused when absent.
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
+    /// Branch status is committed to; `""` commits under `.berth/status/` on the followed branch.
+    #[serde(default = "default_status_branch")]
+    pub status_branch: String,
+    /// Delete what the repo no longer declares.
+    #[serde(default)]
+    pub prune: bool,
+    /// Compare with the engine on every trigger, even when the revision did not move.
+    #[serde(default = "default_true")]
+    pub drift_check: bool,
+    /// Most steps applied at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Longest wait for new containers to become healthy.
+    #[serde(default = "default_wait")]
+    pub wait: Duration,
+    /// Where the agent keeps its clone.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+/// The repo to follow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RepoConfig {
+    /// `https://…`, `http://…`, `ssh://…`, `git@host:path`, `git://…`, `file://…` or a local path.
+    pub url: String,
+    /// The branch to follow.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// Credentials, by reference to files.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+/// Credentials for the repo: a token, a user and password, or an SSH key; each read from a file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// User name for HTTP(S) (default `git`) or SSH (default from the URL, else `git`).
+    pub username: Option<String>,
+    /// File holding an access token, sent as the HTTP password.
+    pub token_file: Option<PathBuf>,
+    /// File holding the HTTP password.
+    pub password_file: Option<PathBuf>,
+    /// Private key for SSH.
+    pub ssh_key_file: Option<PathBuf>,
+    /// `known_hosts` file the SSH server's key must be listed in.
+    pub known_hosts_file: Option<PathBuf>,
+}
+
+/// Webhook settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// File holding the shared secret.
+    pub secret_file: PathBuf,
+    /// Largest body accepted, in bytes; larger deliveries get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: usize,
+}
+
+/// API settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiConfig {
+    /// File holding the bearer token.
+    pub token_file: PathBuf,
+}
+
+fn default_instance() -> Name {
+    "default".parse().expect("valid name")
+}
+fn default_schedule() -> CronExpr {
+    DEFAULT_SCHEDULE.parse().expect("valid schedule")
+}
+fn default_status_branch() -> String {
+    "berth-status".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_concurrency() -> usize {
+    8
+}
+fn default_wait() -> Duration {
+    "60s".parse().expect("valid duration")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/berth")
+}
+fn default_branch() -> String {
+    "main".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+
+/// Why the configuration cannot be used. Messages name the file, line and column, or the
+/// environment variable, and never a secret's value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl AgentConfig {
+    /// Reads `path` (when given) and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let (name, text) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!(
+                        "{}: cannot read the agent config: {e}",
+                        path.display()
+                    ))
+                })?;
+                (path.display().to_string(), text)
+            }
+            None => ("(environment)".to_string(), String::new()),
+        };
+        AgentConfig::from_text(&name, &text, |var| std::env::var(var).ok())
+    }
+
+    /// Parses the config file's `text` (named `file` in messages), then applies the environment.
+    pub fn from_text(
+        file: &str,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let stream = yaml::parse(text, true);
+        if let Some(fatal) = stream.fatal {
+            return Err(ConfigError(format!(
+                "{file}:{}:{}: {}",
+                fatal.at.line, fatal.at.column, fatal.message
+            )));
+        }
+        let mut document = stream.documents.into_iter().next();
+        if let Some(problem) = document.as_ref().and_then(|d| d.problems.first()) {
+            return Err(ConfigError(format!(
+                "{file}:{}:{}: {}",
+                problem.at.line, problem.at.column, problem.message
+            )));
+        }
+        let mut value = match document.as_mut().map(|d| d.value.take()) {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(value @ Value::Object(_)) => value,
+            Some(_) => {
+                return Err(ConfigError(format!(
+                    "{file}:1:1: the agent config must be a mapping of settings (instance, repo, schedule, …)"
+                )));
+            }
+        };
+        let mut from_env = Vec::new();
+        for (var, pointer, kind) in ENVIRONMENT {
+            let Some(text) = env(var) else { continue };
+            let setting = match kind {
+                EnvType::Text => Value::String(text),
+                EnvType::Bool => match text.to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" => Value::Bool(true),
+                    "0" | "false" | "no" | "" => Value::Bool(false),
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "{var}={text:?} is not a boolean; use true or false"
+                        )));
+                    }
+                },
+                EnvType::Integer => match text.parse::<u64>() {
+                    Ok(n) => Value::from(n),
+                    Err(_) => {
+                        return Err(ConfigError(format!("{var}={text:?} is not a whole number")));
+                    }
+                },
+            };
+            set_pointer(&mut value, pointer, setting);
+            from_env.push((*pointer, *var));
+        }
+        let config: AgentConfig = serde_path_to_error::deserialize(&value).map_err(|error| {
+            let pointer = to_pointer(error.path());
+            let place = from_env
+                .iter()
+                .find(|(p, _)| pointer.starts_with(p))
+                .map(|(_, var)| format!("{var} (environment)"))
+                .or_else(|| {
+                    let positions = &document.as_ref()?.positions;
+                    let mut at = pointer.as_str();
+                    loop {
+                        if let Some(found) = positions.get(at) {
+                            let p = found.key.unwrap_or(found.value);
+                            return Some(format!("{file}:{}:{}", p.line, p.column));
+                        }
+                        at = &at[..at.rfind('/')?];
+                    }
+                })
+                .unwrap_or_else(|| file.to_string());
+            let setting = pointer.trim_start_matches('/').replace('/', ".");
+            let setting = if setting.is_empty() {
+                String::new()
+            } else {
+                format!("{setting}: ")
+            };
+            ConfigError(format!("{place}: {setting}{}", error.inner()))
+        })?;
+        config.check(file)?;
+        Ok(config)
+    }
+
+    fn check(&self, file: &str) -> Result<(), ConfigError> {
+        if let Some(auth) = &self.repo.auth {
+            let given = [
+                auth.token_file.is_some(),
+                auth.password_file.is_some(),
+                auth.ssh_key_file.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() > 1 {
+                return Err(ConfigError(format!(
+                    "{file}: repo.auth: give one of tokenFile, passwordFile or sshKeyFile"
+                )));
+            }
+        }
+        if self.status_branch == self.repo.branch {
+            return Err(ConfigError(format!(
+                "{file}: statusBranch is the followed branch \"{}\"; use statusBranch: \"\" to write status under .berth/status/ on it",
+                self.repo.branch
+            )));
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError(format!(
+                "{file}: concurrency must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The local folder `repo.url` names, when it names one (a path or `file://`): the agent watches it.
+    pub fn local_repo(&self) -> Option<PathBuf> {
+        let url = &self.repo.url;
+        if let Some(path) = url.strip_prefix("file://") {
+            return Some(PathBuf::from(path));
+        }
+        let is_url = url.contains("://") || scp_like(url);
+        (!is_url).then(|| PathBuf::from(url))
+    }
+}
+
+/// `git@host:path`: a host before the first colon, no slash before it.
+fn scp_like(url: &str) -> bool {
+    match url.split_once(':') {
+        Some((host, _)) => !host.is_empty() && !host.contains('/'),
+        None => false,
+    }
+}
+
+fn set_pointer(root: &mut Value, pointer: &str, setting: Value) {
+    let mut node = root;
+    let mut parts = pointer.trim_start_matches('/').split('/').peekable();
+    while let Some(part) = parts.next() {
+        if !node.is_object() {
+            *node = Value::Object(Default::default());
+        }
+        let map = node.as_object_mut().expect("made an object");
+        if parts.peek().is_none() {
+            map.insert(part.to_string(), setting);
+            return;
+        }
+        node = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
+fn to_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut pointer = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key } => pointer.push_str(&format!("/{key}")),
+            Segment::Seq { index } => pointer.push_str(&format!("/{index}")),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    pointer
+}
+
+/// A secret read from a file. Shown as `<secret>`, so it cannot end up in a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Reads a secret file, without its trailing line break.
+    pub fn read(path: &Path, what: &str) -> Result<Secret, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "cannot read the {what} from {}: {e}",
+                path.display()
+            ))
+        })?;
+        let value = text.trim_end_matches(['\r', '\n']).to_string();
+        if value.is_empty() {
+            return Err(ConfigError(format!("{} ({what}) is empty", path.display())));
+        }
+        Ok(Secret(value))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+/// The secrets the configuration names, read at start so a missing file stops the agent at once.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// HTTP password or token for the repo.
+    pub repo_password: Option<Secret>,
+    /// The webhook secret.
+    pub webhook: Option<Secret>,
+    /// The API bearer token.
+    pub api_token: Option<Secret>,
+}
+
+impl Secrets {
+    /// Reads every secret file `config` names.
+    pub fn read(config: &AgentConfig) -> Result<Secrets, ConfigError> {
+        let auth = config.repo.auth.clone().unwrap_or_default();
+        let repo_password = match (&auth.token_file, &auth.password_file) {
+            (Some(path), _) => Some(Secret::read(path, "repo token")?),
+            (None, Some(path)) => Some(Secret::read(path, "repo password")?),
+            (None, None) => None,
+        };
+        let webhook = match &config.webhook {
+            Some(webhook) => Some(Secret::read(&webhook.secret_file, "webhook secret")?),
+            None => None,
+        };
+        let api_token = match &config.api {
+            Some(api) => Some(Secret::read(&api.token_file, "API token")?),
+            None => None,
+        };
+        Ok(Secrets {
+            repo_password,
+            webhook,
+            api_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        AgentConfig::from_text("agent.yaml", text, |var| env.get(var).cloned())
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_its_defaults() {
+        let config = parse(
+            "instance: ctf\nrepo:\n  url: https://git.example.org/ops/infra.git\n  auth: {tokenFile: /etc/berth/git-token}\nlisten: 127.0.0.1:8700\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.instance.to_string(), "ctf");
+        assert_eq!(config.repo.branch, "main");
+        assert_eq!(config.schedule.to_string(), DEFAULT_SCHEDULE);
+        assert_eq!(config.status_branch, "berth-status");
+        assert!(config.drift_check && !config.prune);
+        assert_eq!(config.listen, Some("127.0.0.1:8700".parse().unwrap()));
+        assert_eq!(config.local_repo(), None);
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_file_and_can_stand_alone() {
+        let config = parse(
+            "repo: {url: /srv/infra}\nprune: false\n",
+            &[
+                ("BERTH_PRUNE", "true"),
+                ("BERTH_REPO_BRANCH", "prod"),
+                ("BERTH_CONCURRENCY", "3"),
+            ],
+        )
+        .unwrap();
+        assert!(config.prune);
+        assert_eq!(config.repo.branch, "prod");
+        assert_eq!(config.concurrency, 3);
+        assert_eq!(config.local_repo(), Some(PathBuf::from("/srv/infra")));
+        let only_env = parse("", &[("BERTH_REPO_URL", "git@host:ops/infra.git")]).unwrap();
+        assert_eq!(only_env.local_repo(), None);
+    }
+
+    #[test]
+    fn a_mistake_in_the_file_is_placed_at_its_line_and_column() {
+        let error = parse("repo:\n  url: /srv/infra\n  brnach: main\n", &[]).unwrap_err();
+        assert!(error.0.starts_with("agent.yaml:3:3: repo"), "{}", error.0);
+        assert!(error.0.contains("unknown field `brnach`"), "{}", error.0);
+        let error = parse("repo: {url: /x}\nschedule: '* * *'\n", &[]).unwrap_err();
+        assert!(
+            error.0.starts_with("agent.yaml:2:1: schedule: "),
+            "{}",
+            error.0
+        );
+        assert!(error.0.contains("expected 5"), "{}", error.0);
+    }
+
+    #[test]
+    fn a_mistake_in_the_environment_names_the_variable() {
+        let error = parse("repo: {url: /x}\n", &[("BERTH_LISTEN", "localhost")]).unwrap_err();
+        assert!(
+            error.0.starts_with("BERTH_LISTEN (environment): listen: "),
+            "{}",
+            error.0
+        );
+        let error = parse("repo: {url: /x}\n", &[("BERTH_PRUNE", "maybe")]).unwrap_err();
+        assert!(error.0.contains("BERTH_PRUNE"), "{}", error.0);
+    }
+
+    #[test]
+    fn conflicting_settings_are_refused() {
+        let two_secrets = "repo: {url: /x, auth: {tokenFile: /a, sshKeyFile: /b}}\n";
+        assert!(
+            parse(two_secrets, &[])
+                .unwrap_err()
+                .0
+                .contains("give one of")
+        );
+        let same_branch = "repo: {url: /x}\nstatusBranch: main\n";
+        assert!(
+            parse(same_branch, &[])
+                .unwrap_err()
+                .0
+                .contains("statusBranch: \"\"")
+        );
+        assert!(
+            parse("", &[])
+                .unwrap_err()
+                .0
+                .contains("missing field `repo`")
+        );
+    }
+
+    #[test]
+    fn secrets_are_never_shown() {
+        let secret = Secret("hunter2".into());
+        assert_eq!(format!("{secret:?}"), "<secret>");
+        let secrets = Secrets {
+            webhook: Some(secret),
+            ..Default::default()
+        };
+        assert!(!format!("{secrets:?}").contains("hunter2"));
+    }
+}

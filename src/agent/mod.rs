@@ -1,0 +1,557 @@
+//! The long-running agent: triggers in, passes out. Each pass fetches the config repo and, when the
+//! revision moved (or drift checking is on), validates, plans and applies it as `berth apply` does,
+//! then commits the status to the repo.
+//!
+//! Passes never overlap: one loop takes a batch of triggers, runs one pass, and takes the next
+//! batch. An invalid revision applies nothing (the last good one keeps running); a transient error
+//! (git server or engine down) marks the agent not ready and retries with backoff; a status push
+//! that fails is retried on the next pass, so no status is lost.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::apply::{Outcome, StepReport};
+use crate::backend::docker::{self, ChallengeTemplate, DockerBackend};
+use crate::descriptor::{self, LoadOptions, Loaded, ObjectRef};
+use crate::metrics::Metrics;
+use crate::plan::{self, DesiredObject, Policy};
+use crate::reconcile::{Work, apply_plan};
+use crate::server::{Readiness, ServerState, Shared};
+use crate::source::{Published, Source, SourceError};
+use crate::status::{self, PassRecord, StatusSet, short_revision};
+use crate::triggers::{self, Trigger, TriggerSender};
+use config::{AgentConfig, ConfigError, Secrets};
+
+/// Longest wait between retries after transient failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration or a secret file is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP server could not listen.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The local repo could not be watched.
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        /// The folder.
+        path: String,
+        /// Why.
+        source: notify::Error,
+    },
+}
+
+/// The revision being applied, loaded and translated; kept between passes so a drift check needs
+/// no reload.
+struct Current {
+    revision: String,
+    loaded: Loaded,
+    desired: Vec<DesiredObject>,
+    templates: Vec<ChallengeTemplate>,
+    spec_hashes: HashMap<ObjectRef, String>,
+}
+
+/// How a pass ended, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassOutcome {
+    Applied,
+    Failed,
+    Rejected,
+    Transient,
+    Unchanged,
+}
+
+impl PassOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            PassOutcome::Applied => "applied",
+            PassOutcome::Failed => "failed",
+            PassOutcome::Rejected => "rejected",
+            PassOutcome::Transient => "transient",
+            PassOutcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+struct Agent {
+    config: AgentConfig,
+    source: Source,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    sender: TriggerSender,
+    backend: Option<DockerBackend>,
+    current: Option<Current>,
+    /// Content id (tree without `.berth`) of the revision last looked at.
+    last_content: Option<String>,
+    /// Status as of the last pass.
+    status: StatusSet,
+    /// Status as on the remote; `None` until read (or when there is none).
+    published: Option<StatusSet>,
+    status_read: bool,
+    backoff: Duration,
+    retry_scheduled: Arc<AtomicBool>,
+}
+
+/// Runs the agent until `shutdown` resolves: then finishes the pass in progress, pushes status and
+/// returns.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let secrets = Secrets::read(&config)?;
+    let (sender, mut triggers) = triggers::channel();
+    let metrics = Metrics::new();
+    let shared = Arc::new(Shared {
+        status: RwLock::new(StatusSet::new(&config.instance.to_string())),
+        readiness: RwLock::new(Readiness::Starting),
+    });
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    {
+        let (stopping, stop_requested) = (stopping.clone(), stop_requested.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_requested.store(true, Ordering::SeqCst);
+            stopping.notify_waiters();
+            stopping.notify_one();
+        });
+    }
+    let server = match config.listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| AgentError::Listen { address, source })?;
+            let state = ServerState {
+                triggers: sender.clone(),
+                metrics: metrics.clone(),
+                shared: shared.clone(),
+                webhook_secret: secrets.webhook.clone(),
+                api_token: secrets.api_token.clone(),
+                branch: config.repo.branch.clone(),
+            };
+            let max_body = config.webhook.as_ref().map_or(1 << 20, |w| w.max_body);
+            let app = crate::server::router(state, max_body);
+            let stopping = stopping.clone();
+            tracing::info!(%address, "listening");
+            Some(tokio::spawn(async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stopping.notified().await });
+                if let Err(error) = serve.await {
+                    tracing::error!(%error, "HTTP server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let _watcher = match config.local_repo() {
+        Some(path) => {
+            let watcher = triggers::watch_local_repo(&path, sender.clone()).map_err(|source| {
+                AgentError::Watch {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            tracing::info!(path = %path.display(), "watching the local repo for changes");
+            Some(watcher)
+        }
+        None => None,
+    };
+    triggers::spawn_schedule(config.schedule.clone(), sender.clone());
+    sender.send(Trigger::Startup);
+    let mut agent = Agent {
+        source: Source::new(&config, &secrets),
+        status: StatusSet::new(&config.instance.to_string()),
+        config,
+        metrics,
+        shared,
+        sender,
+        backend: None,
+        current: None,
+        last_content: None,
+        published: None,
+        status_read: false,
+        backoff: Duration::from_secs(1),
+        retry_scheduled: Arc::new(AtomicBool::new(false)),
+    };
+    let mut notified_ready = false;
+    loop {
+        let batch = tokio::select! {
+            batch = triggers.next_batch() => batch,
+            () = stopping.notified() => None,
+        };
+        let Some(batch) = batch else { break };
+        if stop_requested.load(Ordering::SeqCst) {
+            break;
+        }
+        agent.pass(&batch).await;
+        if !notified_ready {
+            notified_ready = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+        if stop_requested.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    agent.publish().await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    Ok(())
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Runs blocking git work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|panic| Err(SourceError::Local(format!("git task panicked: {panic}"))))
+}
+
+impl Agent {
+    async fn pass(&mut self, batch: &[Trigger]) {
+        let started = Instant::now();
+        let span = tracing::info_span!("pass", revision = tracing::field::Empty);
+        let names: Vec<&str> = batch.iter().map(Trigger::name).collect();
+        let outcome = async {
+            tracing::debug!(triggers = ?names, "pass starts");
+            self.run_pass().await
+        }
+        .instrument(span)
+        .await;
+        let took = started.elapsed();
+        self.metrics.pass(outcome.as_str(), took);
+        self.metrics.objects(&self.status.agent.phases);
+        *self.shared.status.write().expect("lock") = self.status.clone();
+        match outcome {
+            PassOutcome::Transient => self.schedule_retry(),
+            _ => self.backoff = Duration::from_secs(1),
+        }
+        tracing::info!(
+            result = outcome.as_str(),
+            took_ms = took.as_millis() as u64,
+            triggers = ?names,
+            "pass done"
+        );
+    }
+
+    fn degraded(&self, why: String) {
+        *self.shared.readiness.write().expect("lock") = Readiness::Degraded(why);
+    }
+
+    fn schedule_retry(&mut self) {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        if self.retry_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (sender, flag) = (self.sender.clone(), self.retry_scheduled.clone());
+        tracing::info!(retry_in_s = delay.as_secs(), "will retry");
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            flag.store(false, Ordering::SeqCst);
+            sender.send(Trigger::Retry);
+        });
+    }
+
+    async fn run_pass(&mut self) -> PassOutcome {
+        let source = self.source.clone();
+        let revision = match blocking(move || source.fetch()).await {
+            Ok(revision) => revision,
+            Err(error) => {
+                tracing::warn!(%error, "fetch failed; the running state is left as it is");
+                self.degraded(error.to_string());
+                return PassOutcome::Transient;
+            }
+        };
+        tracing::Span::current().record("revision", short_revision(&revision));
+        if !self.status_read {
+            self.read_status().await;
+        }
+        let source = self.source.clone();
+        let at = revision.clone();
+        let content = match blocking(move || source.content_id(&at)).await {
+            Ok(content) => content,
+            Err(error) => {
+                self.degraded(error.to_string());
+                return PassOutcome::Transient;
+            }
+        };
+        let moved = self.last_content.as_deref() != Some(content.as_str());
+        if !moved && (!self.config.drift_check || self.current.is_none()) {
+            self.ready();
+            self.publish().await;
+            return PassOutcome::Unchanged;
+        }
+        if moved {
+            match self.load(&revision).await {
+                Ok(Some(current)) => self.current = Some(current),
+                Ok(None) => {
+                    self.last_content = Some(content);
+                    self.ready();
+                    self.publish().await;
+                    return PassOutcome::Rejected;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "checkout failed");
+                    self.degraded(error.to_string());
+                    return PassOutcome::Transient;
+                }
+            }
+        }
+        let outcome = self.apply_current(moved).await;
+        if outcome != PassOutcome::Transient {
+            self.last_content = Some(content);
+            self.ready();
+        }
+        self.publish().await;
+        outcome
+    }
+
+    fn ready(&self) {
+        *self.shared.readiness.write().expect("lock") = Readiness::Ready;
+    }
+
+    /// Reads the status the remote holds, so a restarted agent continues it.
+    async fn read_status(&mut self) {
+        let source = self.source.clone();
+        match blocking(move || source.status_files()).await {
+            Ok(files) if files.is_empty() => self.status_read = true,
+            Ok(files) => {
+                self.status_read = true;
+                match StatusSet::parse(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))) {
+                    Ok(status) => {
+                        self.status = status.clone();
+                        self.published = Some(status);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the committed status cannot be read; starting afresh")
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the committed status"),
+        }
+    }
+
+    /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status.
+    async fn load(&mut self, revision: &str) -> Result<Option<Current>, SourceError> {
+        let source = self.source.clone();
+        let at = revision.to_string();
+        let loaded = blocking(move || {
+            source.checkout(&at)?;
+            descriptor::load(source.workdir(), &LoadOptions::default())
+                .map_err(|e| SourceError::Local(e.to_string()))
+        })
+        .await?;
+        if !loaded.is_valid() {
+            for problem in &loaded.problems {
+                tracing::warn!(%problem, "invalid revision");
+            }
+            tracing::warn!(
+                problems = loaded.problems.len(),
+                "revision rejected; nothing applied, the last good revision keeps running"
+            );
+            self.status = status::after_rejection(&self.status, revision, &loaded.problems, &now());
+            return Ok(None);
+        }
+        let (desired, templates) = docker::templates(&loaded.descriptors);
+        let spec_hashes = loaded
+            .descriptors
+            .iter()
+            .map(|d| (d.key(), d.spec_hash.clone()))
+            .collect();
+        Ok(Some(Current {
+            revision: revision.to_string(),
+            loaded,
+            desired,
+            templates,
+            spec_hashes,
+        }))
+    }
+
+    async fn engine(&mut self) -> Result<DockerBackend, String> {
+        if let Some(backend) = &self.backend {
+            return Ok(backend.clone());
+        }
+        let backend = DockerBackend::connect(&self.config.instance.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.backend = Some(backend.clone());
+        Ok(backend)
+    }
+
+    async fn apply_current(&mut self, moved: bool) -> PassOutcome {
+        let backend = match self.engine().await {
+            Ok(backend) => backend,
+            Err(why) => return self.transient(why),
+        };
+        let observed = match backend.observe().await {
+            Ok(observed) => observed,
+            Err(error) => {
+                self.backend = None;
+                return self.transient(error.to_string());
+            }
+        };
+        let current = self.current.as_ref().expect("a loaded revision");
+        let policy = Policy {
+            prune: self.config.prune,
+        };
+        let plan = plan::diff(&current.desired, &observed, policy);
+        if !plan.has_changes() && !moved {
+            // A drift check that found no drift: status may still change (health).
+            let next = status::after_pass(
+                &self.status,
+                &PassRecord {
+                    revision: &current.revision,
+                    now: &now(),
+                    desired: &current.desired,
+                    spec_hashes: &current.spec_hashes,
+                    plan: &plan,
+                    reports: &[],
+                    observed: &observed,
+                },
+            );
+            self.status = next;
+            return PassOutcome::Unchanged;
+        }
+        self.show_pending(&plan);
+        let work = Work {
+            backend: &backend,
+            templates: &current.templates,
+            root: &current.loaded.root,
+        };
+        let metrics = self.metrics.clone();
+        let on_report = |report: &StepReport| {
+            let action = format!("{:?}", report.step.action).to_lowercase();
+            let (result, detail) = match &report.outcome {
+                Outcome::Done(done) => ("done", done.as_str()),
+                Outcome::Failed(why) => ("failed", why.as_str()),
+                Outcome::Blocked(why) => ("blocked", why.as_str()),
+            };
+            metrics.step(&action, result);
+            tracing::info!(object = %report.step.key, %action, result, detail, took_ms = report.elapsed.as_millis() as u64, "step");
+        };
+        let wait = self.config.wait.0;
+        let reports = apply_plan(&work, &plan, self.config.concurrency, wait, on_report).await;
+        let after = match backend.observe().await {
+            Ok(after) => after,
+            Err(error) => {
+                self.backend = None;
+                return self.transient(error.to_string());
+            }
+        };
+        let failed = reports
+            .iter()
+            .any(|r| !matches!(r.outcome, Outcome::Done(_)));
+        self.status = status::after_pass(
+            &self.status,
+            &PassRecord {
+                revision: &current.revision,
+                now: &now(),
+                desired: &current.desired,
+                spec_hashes: &current.spec_hashes,
+                plan: &plan,
+                reports: &reports,
+                observed: &after,
+            },
+        );
+        if failed {
+            PassOutcome::Failed
+        } else {
+            PassOutcome::Applied
+        }
+    }
+
+    /// Shows the steps about to run as pending phases in the API's status.
+    fn show_pending(&self, plan: &plan::Plan) {
+        let mut shown = self.status.clone();
+        for step in &plan.steps {
+            if let (Some(pending), Some(object)) = (
+                status::Phase::pending_for(step.action),
+                shown.objects.get_mut(&step.key),
+            ) {
+                object.phase = Some(pending);
+            }
+        }
+        *self.shared.status.write().expect("lock") = shown;
+    }
+
+    fn transient(&mut self, why: String) -> PassOutcome {
+        tracing::warn!(%why, "engine unavailable; will retry");
+        let revision = self
+            .current
+            .as_ref()
+            .map(|c| c.revision.clone())
+            .unwrap_or_default();
+        self.status = status::after_transient(&self.status, &revision, &why, &now());
+        self.degraded(why);
+        PassOutcome::Transient
+    }
+
+    /// Commits and pushes the status when it differs from what the remote holds. A failure is
+    /// logged and retried on the next pass.
+    async fn publish(&mut self) {
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|published| !self.status.differs_from(published))
+        {
+            return;
+        }
+        let files = self.status.files();
+        let revision = self
+            .status
+            .agent
+            .last_attempted_revision
+            .as_deref()
+            .map_or("-", short_revision)
+            .to_string();
+        let result = self
+            .status
+            .agent
+            .result
+            .map_or("none".to_string(), |r| format!("{r:?}").to_lowercase());
+        let message = format!("berth: status of {revision} ({result})\n");
+        let source = self.source.clone();
+        let started = Instant::now();
+        match blocking(move || source.publish_status(&files, &message)).await {
+            Ok(published) => {
+                match &published {
+                    Published::Pushed { commit, retries } => tracing::info!(
+                        commit = short_revision(commit),
+                        retries,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "status pushed"
+                    ),
+                    Published::Unchanged => tracing::debug!("status already on the remote"),
+                }
+                self.published = Some(self.status.clone());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "status not pushed; will retry on the next pass");
+                self.degraded(error.to_string());
+                self.schedule_retry();
+            }
+        }
+    }
+}

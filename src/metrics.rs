@@ -1,0 +1,172 @@
+//! The agent's Prometheus metrics, all named `berth_…`, served by `GET /metrics` in the text format.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    action: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    provider: String,
+    result: String,
+}
+
+/// The agent's metrics. Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    passes: Family<ResultLabel, Counter>,
+    pass_duration: Histogram,
+    steps: Family<StepLabels, Counter>,
+    objects: Family<PhaseLabel, Gauge>,
+    webhooks: Family<WebhookLabels, Counter>,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, registered.
+    pub fn new() -> Metrics {
+        let passes = Family::<ResultLabel, Counter>::default();
+        // 1 ms to about 65 s.
+        let pass_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let steps = Family::<StepLabels, Counter>::default();
+        let objects = Family::<PhaseLabel, Gauge>::default();
+        let webhooks = Family::<WebhookLabels, Counter>::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "berth_passes",
+            "Reconcile passes, by result (applied, failed, rejected, transient, unchanged)",
+            passes.clone(),
+        );
+        registry.register(
+            "berth_pass_duration_seconds",
+            "How long a pass took, fetch to status pushed",
+            pass_duration.clone(),
+        );
+        registry.register(
+            "berth_steps",
+            "Plan steps carried out, by action and result",
+            steps.clone(),
+        );
+        registry.register(
+            "berth_objects",
+            "Objects by phase, as of the last pass",
+            objects.clone(),
+        );
+        registry.register(
+            "berth_webhook_requests",
+            "Webhook deliveries, by provider and result",
+            webhooks.clone(),
+        );
+        Metrics {
+            passes,
+            pass_duration,
+            steps,
+            objects,
+            webhooks,
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    /// Counts a pass and its duration.
+    pub fn pass(&self, result: &str, took: Duration) {
+        self.passes
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+        self.pass_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a step.
+    pub fn step(&self, action: &str, result: &str) {
+        self.steps
+            .get_or_create(&StepLabels {
+                action: action.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Sets the objects-by-phase gauges.
+    pub fn objects(&self, phases: &std::collections::BTreeMap<String, usize>) {
+        self.objects.clear();
+        for (phase, count) in phases {
+            self.objects
+                .get_or_create(&PhaseLabel {
+                    phase: phase.clone(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts a webhook delivery.
+    pub fn webhook(&self, provider: &str, result: &str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                provider: provider.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_berth_names_and_labels() {
+        let metrics = Metrics::new();
+        metrics.pass("applied", Duration::from_millis(20));
+        metrics.webhook("github", "unauthorized");
+        let text = metrics.render();
+        assert!(
+            text.contains("berth_passes_total{result=\"applied\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "berth_webhook_requests_total{provider=\"github\",result=\"unauthorized\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("berth_pass_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! The config repo as the agent sees it, through git2: a clone in the state folder, fetched on every
+//! trigger, checked out at the revision being applied, and the status tree committed and pushed.
+//!
+//! Every function here blocks; the agent calls them from `spawn_blocking`. Status is published
+//! statelessly: each attempt lays the status files over the remote branch's current tip and pushes
+//! a commit with that tip as parent, so a rejected push (someone else pushed) is fetched, rebased
+//! (the files laid again over the new tip) and retried, and nothing local can go stale.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use git2::build::{CheckoutBuilder, TreeUpdateBuilder};
+use git2::{
+    AutotagOption, Cred, CredentialType, FetchOptions, FileMode, ObjectType, Oid, PushOptions,
+    RemoteCallbacks, Repository, Signature,
+};
+
+use crate::agent::config::{AgentConfig, Secret, Secrets};
+
+/// The remote's name in the agent's clone.
+const REMOTE: &str = "origin";
+
+/// How often a rejected status push is rebased and retried.
+const PUSH_ATTEMPTS: usize = 5;
+
+/// Why the repo could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The git server could not be reached or refused us; try again later.
+    #[error("cannot fetch {url}: {reason}")]
+    Unreachable {
+        /// The repo URL.
+        url: String,
+        /// What git said (never with credentials).
+        reason: String,
+    },
+    /// The followed branch does not exist on the server.
+    #[error("{url} has no branch \"{branch}\"; push one, or set repo.branch")]
+    NoBranch {
+        /// The repo URL.
+        url: String,
+        /// The branch.
+        branch: String,
+    },
+    /// Something local went wrong (disk, a corrupt clone).
+    #[error("git: {0}")]
+    Local(String),
+}
+
+impl From<git2::Error> for SourceError {
+    fn from(error: git2::Error) -> Self {
+        SourceError::Local(error.message().to_string())
+    }
+}
+
+/// Where status lives: its own branch, or a folder on the followed branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusTarget {
+    /// The branch status commits go to.
+    pub branch: String,
+    /// Folder inside that branch holding `status/` (`""` on a status branch, `.berth` on the followed one).
+    pub folder: String,
+}
+
+/// The agent's clone of the config repo.
+#[derive(Debug, Clone)]
+pub struct Source {
+    dir: PathBuf,
+    url: String,
+    branch: String,
+    status: StatusTarget,
+    username: Option<String>,
+    password: Option<Secret>,
+    ssh_key: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+    instance: String,
+}
+
+/// What publishing status did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// The remote already had exactly these files.
+    Unchanged,
+    /// A commit was pushed, after this many rejected attempts.
+    Pushed {
+        /// The commit.
+        commit: String,
+        /// Rejected pushes that were rebased and retried.
+        retries: usize,
+    },
+}
+
+impl Source {
+    /// The clone for `config`, kept under its state folder.
+    pub fn new(config: &AgentConfig, secrets: &Secrets) -> Source {
+        let auth = config.repo.auth.clone().unwrap_or_default();
+        let status = match config.status_branch.as_str() {
+            "" => StatusTarget {
+                branch: config.repo.branch.clone(),
+                folder: ".berth".into(),
+            },
+            branch => StatusTarget {
+                branch: branch.to_string(),
+                folder: String::new(),
+            },
+        };
+        Source {
+            dir: config.state_dir.join("repo"),
+            url: config.repo.url.clone(),
+            branch: config.repo.branch.clone(),
+            status,
+            username: auth.username,
+            password: secrets.repo_password.clone(),
+            ssh_key: auth.ssh_key_file,
+            known_hosts: auth.known_hosts_file,
+            instance: config.instance.to_string(),
+        }
+    }
+
+    /// The working tree the revision being applied is checked out in.
+    pub fn workdir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where status is written.
+    pub fn status_target(&self) -> &StatusTarget {
+        &self.status
+    }
+
+    /// Opens the clone, making it when missing. Making it needs no network: the first fetch fills it.
+    fn open(&self) -> Result<Repository, SourceError> {
+        match Repository::open(&self.dir) {
+            Ok(repo) => {
+                if repo.find_remote(REMOTE)?.url() != Some(self.url.as_str()) {
+                    repo.remote_set_url(REMOTE, &self.url)?;
+                }
+                Ok(repo)
+            }
+            Err(_) => {
+                std::fs::create_dir_all(&self.dir).map_err(|e| {
+                    SourceError::Local(format!("cannot create {}: {e}", self.dir.display()))
+                })?;
+                let repo = Repository::init(&self.dir)?;
+                repo.remote(REMOTE, &self.url)?;
+                Ok(repo)
+            }
+        }
+    }
+
+    fn callbacks(&self) -> RemoteCallbacks<'_> {
+        let mut callbacks = RemoteCallbacks::new();
+        let mut attempts = 0;
+        callbacks.credentials(move |_url, username_from_url, allowed| {
+            attempts += 1;
+            if attempts > 3 {
+                return Err(git2::Error::from_str(
+                    "the server refused the credentials (check repo.auth)",
+                ));
+            }
+            if allowed.contains(CredentialType::SSH_KEY)
+                && let Some(key) = &self.ssh_key
+            {
+                let user = self
+                    .username
+                    .as_deref()
+                    .or(username_from_url)
+                    .unwrap_or("git");
+                return Cred::ssh_key(user, None, key, None);
+            }
+            if allowed.contains(CredentialType::USERNAME) {
+                return Cred::username(self.username.as_deref().unwrap_or("git"));
+            }
+            if allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
+                && let Some(password) = &self.password
+            {
+                let user = self
+                    .username
+                    .as_deref()
+                    .or(username_from_url)
+                    .unwrap_or("git");
+                return Cred::userpass_plaintext(user, password.expose());
+            }
+            Err(git2::Error::from_str(
+                "the server asks for credentials; set repo.auth",
+            ))
+        });
+        if let Some(known_hosts) = self.known_hosts.clone() {
+            callbacks.certificate_check(move |cert, host| {
+                let Some(hostkey) = cert.as_hostkey().and_then(|k| k.hostkey()) else {
+                    return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+                };
+                if known_host(&known_hosts, host, hostkey) {
+                    Ok(git2::CertificateCheckStatus::CertificateOk)
+                } else {
+                    Err(git2::Error::from_str(&format!(
+                        "the SSH host key of {host} is not in {}",
+                        known_hosts.display()
+                    )))
+                }
+            });
+        }
+        callbacks
+    }
+
+    fn unreachable(&self, error: &git2::Error) -> SourceError {
+        SourceError::Unreachable {
+            url: redact(&self.url),
+            reason: error.message().to_string(),
+        }
+    }
+
+    /// Fetches the followed branch (and the status branch) and returns the followed branch's tip.
+    pub fn fetch(&self) -> Result<String, SourceError> {
+        let repo = self.open()?;
+        let mut refspecs = vec![tracking_refspec(&self.branch)];
+        if self.status.branch != self.branch {
+            refspecs.push(tracking_refspec(&self.status.branch));
+        }
+        self.fetch_refspecs(&repo, &refspecs)?;
+        let tip = repo
+            .find_reference(&tracking_ref(&self.branch))
+            .map_err(|_| SourceError::NoBranch {
+                url: redact(&self.url),
+                branch: self.branch.clone(),
+            })?;
+        Ok(tip.peel_to_commit()?.id().to_string())
+    }
+
+    fn fetch_refspecs(&self, repo: &Repository, refspecs: &[String]) -> Result<(), SourceError> {
+        let mut remote = repo.find_remote(REMOTE)?;
+        let mut options = FetchOptions::new();
+        options
+            .remote_callbacks(self.callbacks())
+            .download_tags(AutotagOption::None)
+            .prune(git2::FetchPrune::On);
+        // A branch missing on the server (a status branch not made yet) is not an error.
+        remote
+            .fetch(refspecs, Some(&mut options), None)
+            .map_err(|e| self.unreachable(&e))
+    }
+
+    /// Checks `revision` out into the working tree, exactly: changed files rewritten, removed ones
+    /// deleted, stray ones (from a crash mid-checkout) cleaned.
+    pub fn checkout(&self, revision: &str) -> Result<(), SourceError> {
+        let repo = self.open()?;
+        let commit = repo.find_commit(Oid::from_str(revision)?)?;
+        let mut options = CheckoutBuilder::new();
+        options.force().remove_untracked(true);
+        repo.checkout_tree(commit.as_object(), Some(&mut options))?;
+        repo.set_head_detached(commit.id())?;
+        Ok(())
+    }
+
+    /// The id of `revision`'s tree without the `.berth` folder: two revisions with the same
+    /// content id differ only in berth's own status commits, which must never trigger a pass.
+    pub fn content_id(&self, revision: &str) -> Result<String, SourceError> {
+        let repo = self.open()?;
+        let tree = repo.find_commit(Oid::from_str(revision)?)?.tree()?;
+        if tree.get_name(".berth").is_none() {
+            return Ok(tree.id().to_string());
+        }
+        let mut builder = repo.treebuilder(Some(&tree))?;
+        builder.remove(".berth")?;
+        Ok(builder.write()?.to_string())
+    }
+
+    /// The status files on the remote status branch, as fetched last: paths relative to the status
+    /// tree (`status/agent.yaml`, …) and their text. Empty when there is no status yet.
+    pub fn status_files(&self) -> Result<BTreeMap<String, String>, SourceError> {
+        let repo = self.open()?;
+        read_status_files(
+            &repo,
+            &tracking_ref(&self.status.branch),
+            &self.status.folder,
+        )
+    }
+
+    /// Commits `files` (paths relative to the status tree) on the status branch and pushes,
+    /// rebasing and retrying when the push is rejected. Files under `status/` not in `files` are
+    /// removed; anything else on the branch is kept.
+    pub fn publish_status(
+        &self,
+        files: &BTreeMap<String, String>,
+        message: &str,
+    ) -> Result<Published, SourceError> {
+        let repo = self.open()?;
+        let tracking = tracking_ref(&self.status.branch);
+        let mut retries = 0;
+        loop {
+            let base = repo
+                .find_reference(&tracking)
+                .ok()
+                .and_then(|r| r.peel_to_commit().ok());
+            let base_tree = base.as_ref().map(|c| c.tree()).transpose()?;
+            let tree = overlay(&repo, base_tree.as_ref(), &self.status.folder, files)?;
+            if base_tree.as_ref().map(|t| t.id()) == Some(tree) {
+                return Ok(Published::Unchanged);
+            }
+            let signature = Signature::now("berth", &format!("berth@{}", self.instance))?;
+            let tree = repo.find_tree(tree)?;
+            let parents: Vec<&git2::Commit> = base.iter().collect();
+            let commit = repo.commit(None, &signature, &signature, message, &tree, &parents)?;
+            match self.push(&repo, commit) {
+                Ok(()) => {
+                    repo.reference(&tracking, commit, true, "berth: status pushed")?;
+                    return Ok(Published::Pushed {
+                        commit: commit.to_string(),
+                        retries,
+                    });
+                }
+                Err(PushError::Rejected(why)) if retries + 1 < PUSH_ATTEMPTS => {
+                    tracing::info!(%why, "status push rejected; fetching and rebasing");
+                    retries += 1;
+                    self.fetch_refspecs(&repo, &[tracking_refspec(&self.status.branch)])?;
+                }
+                Err(PushError::Rejected(why)) => {
+                    return Err(SourceError::Unreachable {
+                        url: redact(&self.url),
+                        reason: format!("status push rejected {PUSH_ATTEMPTS} times: {why}"),
+                    });
+                }
+                Err(PushError::Failed(error)) => return Err(self.unreachable(&error)),
+            }
+        }
+    }
+
+    fn push(&self, repo: &Repository, commit: Oid) -> Result<(), PushError> {
+        let branch = &self.status.branch;
+        // Push the commit through a private ref, so no local branch is ever checked out or moved.
+        let local = format!("refs/berth/push/{branch}");
+        repo.reference(&local, commit, true, "berth: status to push")
+            .map_err(PushError::Failed)?;
+        let mut remote = repo.find_remote(REMOTE).map_err(PushError::Failed)?;
+        let rejection = std::cell::RefCell::new(None);
+        let mut callbacks = self.callbacks();
+        callbacks.push_update_reference(|_, status| {
+            *rejection.borrow_mut() = status.map(String::from);
+            Ok(())
+        });
+        let mut options = PushOptions::new();
+        options.remote_callbacks(callbacks);
+        let result = remote.push(
+            &[format!("{local}:refs/heads/{branch}")],
+            Some(&mut options),
+        );
+        drop(options);
+        match (result, rejection.into_inner()) {
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(why)) => Err(PushError::Rejected(why)),
+            (Err(error), _) if is_rejection(&error) => {
+                Err(PushError::Rejected(error.message().to_string()))
+            }
+            (Err(error), _) => Err(PushError::Failed(error)),
+        }
+    }
+}
+
+enum PushError {
+    Rejected(String),
+    Failed(git2::Error),
+}
+
+fn is_rejection(error: &git2::Error) -> bool {
+    matches!(
+        error.code(),
+        git2::ErrorCode::NotFastForward | git2::ErrorCode::Modified
+    ) || error.message().contains("fast-forward")
+}
+
+fn tracking_ref(branch: &str) -> String {
+    format!("refs/remotes/{REMOTE}/{branch}")
+}
+
+fn tracking_refspec(branch: &str) -> String {
+    format!("+refs/heads/{branch}:{}", tracking_ref(branch))
+}
+
+/// Reads the status files under `folder` of the commit `reference` points at.
+pub fn read_status_files(
+    repo: &Repository,
+    reference: &str,
+    folder: &str,
+) -> Result<BTreeMap<String, String>, SourceError> {
+    let mut files = BTreeMap::new();
+    let Ok(reference) = repo.find_reference(reference) else {
+        return Ok(files);
+    };
+    let tree = reference.peel_to_commit()?.tree()?;
+    let status_path = join(folder, crate::status::STATUS_FOLDER);
+    let Ok(entry) = tree.get_path(Path::new(&status_path)) else {
+        return Ok(files);
+    };
+    let status_tree = repo.find_tree(entry.id())?;
+    let mut failure = None;
+    status_tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+        if entry.kind() != Some(ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let path = format!(
+            "{}/{parent}{}",
+            crate::status::STATUS_FOLDER,
+            entry.name().unwrap_or_default()
+        );
+        match repo.find_blob(entry.id()) {
+            Ok(blob) => {
+                files.insert(path, String::from_utf8_lossy(blob.content()).into_owned());
+            }
+            Err(error) => failure = Some(error),
+        }
+        git2::TreeWalkResult::Ok
+    })?;
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(files),
+    }
+}
+
+fn join(folder: &str, path: &str) -> String {
+    match folder {
+        "" => path.to_string(),
+        folder => format!("{folder}/{path}"),
+    }
+}
+
+/// `base` with `files` laid over `folder` and stale files under `folder/status` removed.
+fn overlay(
+    repo: &Repository,
+    base: Option<&git2::Tree>,
+    folder: &str,
+    files: &BTreeMap<String, String>,
+) -> Result<Oid, SourceError> {
+    let mut update = TreeUpdateBuilder::new();
+    if let Some(base) = base {
+        let status_path = join(folder, crate::status::STATUS_FOLDER);
+        if let Ok(entry) = base.get_path(Path::new(&status_path)) {
+            let old = repo.find_tree(entry.id())?;
+            old.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+                let relative = format!(
+                    "{}/{parent}{}",
+                    crate::status::STATUS_FOLDER,
+                    entry.name().unwrap_or_default()
+                );
+                if entry.kind() == Some(ObjectType::Blob) && !files.contains_key(&relative) {
+                    update.remove(join(folder, &relative));
+                }
+                git2::TreeWalkResult::Ok
+            })?;
+        }
+    }
+    for (path, text) in files {
+        let blob = repo.blob(text.as_bytes())?;
+        update.upsert(join(folder, path), blob, FileMode::Blob);
+    }
+    let empty;
+    let base = match base {
+        Some(base) => base,
+        None => {
+            empty = repo.find_tree(repo.treebuilder(None)?.write()?)?;
+            &empty
+        }
+    };
+    Ok(update.create_updated(repo, base)?)
+}
+
+/// Whether `known_hosts` lists `host` with exactly `key` (the raw key blob the server sent).
+fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
+    let Ok(text) = std::fs::read_to_string(known_hosts) else {
+        return false;
+    };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .any(|line| {
+            let mut fields = line.split_whitespace();
+            let (Some(hosts), Some(_kind), Some(blob)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return false;
+            };
+            hosts.split(',').any(|h| {
+                h == host
+                    || h.strip_prefix('[')
+                        .is_some_and(|h| h.starts_with(&format!("{host}]")))
+            }) && blob == encoded
+        })
+}
+
+/// `url` without any password or token written into it (`https://user:secret@host/…`).
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:<secret>@{host}/{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact("https://bot:s3cret@git.example.org/ops/infra.git"),
+            "https://bot:<secret>@git.example.org/ops/infra.git"
+        );
+        assert_eq!(redact("git@host:ops/infra.git"), "git@host:ops/infra.git");
+        assert_eq!(redact("https://host/x.git"), "https://host/x.git");
+    }
+}
+
+/// Where committed status is looked for by `berth status` and `berth plan --against-status`.
+#[derive(Debug, Clone)]
+pub struct StatusLocation {
+    /// A folder inside a clone, or a repo URL.
+    pub repo: String,
+    /// The status branch; `""` for status kept under `.berth/` on `branch`.
+    pub status_branch: String,
+    /// The followed branch (used when `status_branch` is `""`).
+    pub branch: String,
+}
+
+/// Reads committed status files. In a clone, the status branch is looked for as a local branch,
+/// then as `origin`'s; a URL is fetched into a temporary repo. Paths are relative to the status
+/// tree (`status/agent.yaml`, …).
+pub fn committed_status(
+    location: &StatusLocation,
+) -> Result<BTreeMap<String, String>, SourceError> {
+    let (branch, folder) = match location.status_branch.as_str() {
+        "" => (location.branch.as_str(), ".berth"),
+        branch => (branch, ""),
+    };
+    let path = Path::new(&location.repo);
+    if path.exists() {
+        let repo = Repository::discover(path).map_err(|e| {
+            SourceError::Local(format!(
+                "{} is not in a git repo: {}",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        for reference in [format!("refs/heads/{branch}"), tracking_ref(branch)] {
+            let files = read_status_files(&repo, &reference, folder)?;
+            if !files.is_empty() {
+                return Ok(files);
+            }
+        }
+        return Ok(BTreeMap::new());
+    }
+    let temporary = tempfile::tempdir()
+        .map_err(|e| SourceError::Local(format!("cannot make a temporary folder: {e}")))?;
+    let repo = Repository::init_bare(temporary.path())?;
+    let mut remote = repo.remote_anonymous(&location.repo)?;
+    remote
+        .fetch(&[tracking_refspec(branch)], None, None)
+        .map_err(|e| SourceError::Unreachable {
+            url: redact(&location.repo),
+            reason: e.message().to_string(),
+        })?;
+    read_status_files(&repo, &tracking_ref(branch), folder)
+}

@@ -1,0 +1,982 @@
+//! Status: what berth last saw and did, per object and per pass, and the files that carry it in
+//! the config repo (`status/agent.yaml` and `status/<kind>/<name>.yaml`).
+//!
+//! Everything here is pure. [`after_pass`] computes the next status from the previous one and what
+//! a pass planned, did and observed; [`StatusSet::files`] renders it; [`StatusSet::parse`] reads
+//! it back (for `berth status`, `berth plan --against-status` and an agent's restart). Each object
+//! moves through the [`Phase`] state machine, whose legal moves are [`Phase::may_follow`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::apply::{Outcome, StepReport};
+use crate::descriptor::{Kind, ObjectRef, Problem, yaml};
+use crate::plan::{Action, DesiredObject, Health, ObservedMember, ObservedObject, Plan};
+
+/// Where an object is in its life, after DM/octopod: pending phases while a step runs, settled
+/// phases between passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Being created.
+    CreatePending,
+    /// Being updated, started or stopped.
+    UpdatePending,
+    /// Being deleted.
+    DeletePending,
+    /// Being archived (Stagings).
+    ArchivePending,
+    /// Applied and meant to run.
+    Running,
+    /// Applied and meant to be stopped (`state: stopped`).
+    Stopped,
+    /// Archived: scaled to zero, volumes kept (Stagings).
+    Archived,
+    /// The last step for it failed; see the message.
+    Failure,
+    /// Deleting it failed; some of it may remain.
+    CleanupFailed,
+}
+
+impl Phase {
+    /// Every phase, in the order summaries list them.
+    pub const ALL: [Phase; 9] = [
+        Phase::CreatePending,
+        Phase::UpdatePending,
+        Phase::DeletePending,
+        Phase::ArchivePending,
+        Phase::Running,
+        Phase::Stopped,
+        Phase::Archived,
+        Phase::Failure,
+        Phase::CleanupFailed,
+    ];
+
+    /// Whether the phase lasts between passes (as opposed to while a step runs).
+    pub fn is_settled(self) -> bool {
+        !matches!(
+            self,
+            Phase::CreatePending
+                | Phase::UpdatePending
+                | Phase::DeletePending
+                | Phase::ArchivePending
+        )
+    }
+
+    /// Whether an object may move from `from` (`None`: not known before) to `to`. Staying put is
+    /// always legal; every other move goes through a pending phase or settles one.
+    pub fn may_follow(from: Option<Phase>, to: Phase) -> bool {
+        use Phase::*;
+        if from == Some(to) {
+            return true;
+        }
+        match from {
+            // First sight (no status recorded yet): anything but a failed cleanup, which needs a
+            // delete first.
+            None => to != CleanupFailed,
+            Some(CreatePending) => matches!(to, Running | Stopped | Archived | Failure),
+            Some(UpdatePending) => matches!(to, Running | Stopped | Failure),
+            Some(ArchivePending) => matches!(to, Archived | Failure),
+            Some(DeletePending) => matches!(to, CleanupFailed),
+            Some(Running | Stopped | Failure) => {
+                matches!(
+                    to,
+                    CreatePending | UpdatePending | DeletePending | ArchivePending
+                )
+            }
+            Some(Archived) => matches!(to, UpdatePending | DeletePending),
+            Some(CleanupFailed) => matches!(to, DeletePending | CreatePending),
+        }
+    }
+
+    /// The pending phase a step passes through.
+    pub fn pending_for(action: Action) -> Option<Phase> {
+        match action {
+            Action::Create => Some(Phase::CreatePending),
+            Action::Update | Action::Start | Action::Stop => Some(Phase::UpdatePending),
+            Action::Delete => Some(Phase::DeletePending),
+            Action::Noop | Action::Orphan | Action::Skip => None,
+        }
+    }
+}
+
+/// One container slot as last observed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemberStatus {
+    /// The slot: `main-1`, `sidecar-db`.
+    pub slot: String,
+    /// Hash of the template the container was made from.
+    pub hash: String,
+    /// Whether it runs.
+    pub running: bool,
+    /// Its health.
+    pub health: Health,
+    /// The template it was made from (secrets only as references).
+    pub spec: Value,
+}
+
+/// What berth knows of one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectStatus {
+    /// The kind.
+    pub kind: Kind,
+    /// The name.
+    pub name: String,
+    /// Its phase; absent when no backend here applies the kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Its health, from the engine.
+    pub health: Health,
+    /// The revision whose spec is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The descriptor's spec hash at that revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// Where it can be reached: published host ports, `10101/tcp`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// The last thing berth did or found, or why it could not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the phase last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<String>,
+    /// Its containers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassResult {
+    /// The revision was applied; every step succeeded.
+    Applied,
+    /// The revision was applied, but some steps failed (see the objects).
+    Failed,
+    /// The revision is invalid; nothing was applied (see `problems`).
+    Rejected,
+    /// The engine or git server could not be used; the pass will be retried.
+    Transient,
+}
+
+/// The agent's own status: the pass as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentStatus {
+    /// The berth instance.
+    pub instance: String,
+    /// The revision the last pass looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_revision: Option<String>,
+    /// The last revision that was valid and applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_revision: Option<String>,
+    /// How the last pass ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<PassResult>,
+    /// Why, when it was not applied.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When this status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<String>,
+    /// The problems that rejected `lastAttemptedRevision`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<ProblemStatus>,
+    /// Objects by phase.
+    #[serde(default)]
+    pub phases: BTreeMap<String, usize>,
+}
+
+/// A problem as status records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProblemStatus {
+    /// The file, relative to the repo's root.
+    pub file: String,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+    /// What is wrong and what to do, as `berth validate` says it.
+    pub message: String,
+}
+
+impl From<&Problem> for ProblemStatus {
+    fn from(problem: &Problem) -> Self {
+        let mut message = problem.to_string();
+        let place = format!("{}:{}:{}: ", problem.file, problem.line, problem.column);
+        if let Some(rest) = message.strip_prefix(&place) {
+            message = rest.to_string();
+        }
+        ProblemStatus {
+            file: problem.file.clone(),
+            line: problem.line,
+            column: problem.column,
+            message,
+        }
+    }
+}
+
+/// The whole status: the agent's and every object's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusSet {
+    /// The pass as a whole.
+    pub agent: AgentStatus,
+    /// Each object, by `Kind/name`.
+    pub objects: BTreeMap<ObjectRef, ObjectStatus>,
+}
+
+/// Why status files could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct StatusError {
+    /// The file.
+    pub file: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The folder, inside a status tree, that holds the files.
+pub const STATUS_FOLDER: &str = "status";
+
+impl StatusSet {
+    /// An empty status for `instance`.
+    pub fn new(instance: &str) -> StatusSet {
+        StatusSet {
+            agent: AgentStatus {
+                instance: instance.to_string(),
+                last_attempted_revision: None,
+                last_applied_revision: None,
+                result: None,
+                message: String::new(),
+                updated: None,
+                problems: Vec::new(),
+                phases: BTreeMap::new(),
+            },
+            objects: BTreeMap::new(),
+        }
+    }
+
+    /// The files, as paths relative to the status tree's root (`status/agent.yaml`, …) and YAML.
+    pub fn files(&self) -> BTreeMap<String, String> {
+        let mut files = BTreeMap::new();
+        files.insert(format!("{STATUS_FOLDER}/agent.yaml"), to_yaml(&self.agent));
+        for status in self.objects.values() {
+            files.insert(object_path(status.kind, &status.name), to_yaml(status));
+        }
+        files
+    }
+
+    /// Reads status back from its files (paths relative to the status tree's root). Files outside
+    /// `status/` are ignored: people may keep a README beside it.
+    pub fn parse<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<StatusSet, StatusError> {
+        let mut agent = None;
+        let mut objects = BTreeMap::new();
+        for (path, text) in files {
+            let Some(relative) = path
+                .strip_prefix(STATUS_FOLDER)
+                .and_then(|p| p.strip_prefix('/'))
+            else {
+                continue;
+            };
+            if relative == "agent.yaml" {
+                agent = Some(from_yaml::<AgentStatus>(path, text)?);
+            } else if relative.ends_with(".yaml") {
+                let status = from_yaml::<ObjectStatus>(path, text)?;
+                let name = status.name.parse().map_err(|message| StatusError {
+                    file: path.to_string(),
+                    message,
+                })?;
+                let key = ObjectRef {
+                    kind: status.kind,
+                    name,
+                };
+                objects.insert(key, status);
+            }
+        }
+        let agent = agent.ok_or_else(|| StatusError {
+            file: format!("{STATUS_FOLDER}/agent.yaml"),
+            message: "missing; is this a berth status tree?".into(),
+        })?;
+        Ok(StatusSet { agent, objects })
+    }
+
+    /// The recorded state as the planner's observed objects, so a plan can be made with no engine.
+    pub fn observed(&self) -> Vec<ObservedObject> {
+        self.objects
+            .iter()
+            .filter(|(_, status)| !status.members.is_empty())
+            .map(|(key, status)| ObservedObject {
+                key: key.clone(),
+                members: status
+                    .members
+                    .iter()
+                    .map(|member| ObservedMember {
+                        name: format!("{key} {}", member.slot),
+                        slot: member.slot.clone(),
+                        hash: member.hash.clone(),
+                        spec: member.spec.clone(),
+                        running: member.running,
+                        health: member.health,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn count_phases(&mut self) {
+        let mut phases = BTreeMap::new();
+        for status in self.objects.values() {
+            if let Some(phase) = status.phase {
+                *phases.entry(format!("{phase:?}")).or_insert(0) += 1;
+            }
+        }
+        self.agent.phases = phases;
+    }
+
+    /// Whether `other` differs from this status in anything but the time it was written.
+    pub fn differs_from(&self, other: &StatusSet) -> bool {
+        let mut this = self.agent.clone();
+        this.updated.clone_from(&other.agent.updated);
+        this != other.agent || self.objects != other.objects
+    }
+}
+
+/// `status/challenge/web-101.yaml`.
+pub fn object_path(kind: Kind, name: &str) -> String {
+    format!(
+        "{STATUS_FOLDER}/{}/{name}.yaml",
+        kind.as_str().to_ascii_lowercase()
+    )
+}
+
+fn to_yaml(value: &impl Serialize) -> String {
+    let json = serde_json::to_value(value).expect("status serializes");
+    let mut text = String::new();
+    saphyr::YamlEmitter::new(&mut text)
+        .dump(&to_saphyr(&json))
+        .expect("writing to a String cannot fail");
+    // The emitter starts documents with `---`; a status file holds just one.
+    let body = text.strip_prefix("---\n").unwrap_or(&text);
+    format!("# Written by berth; edits are overwritten on the next pass.\n{body}\n")
+}
+
+fn to_saphyr(value: &Value) -> saphyr::Yaml<'static> {
+    use saphyr::{Scalar, Yaml};
+    match value {
+        Value::Null => Yaml::Value(Scalar::Null),
+        Value::Bool(b) => Yaml::Value(Scalar::Boolean(*b)),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Value(Scalar::Integer(i)),
+            None => Yaml::Value(Scalar::FloatingPoint(n.as_f64().unwrap_or(0.0).into())),
+        },
+        Value::String(s) => Yaml::Value(Scalar::String(s.clone().into())),
+        Value::Array(items) => Yaml::Sequence(items.iter().map(to_saphyr).collect()),
+        Value::Object(map) => Yaml::Mapping(
+            map.iter()
+                .map(|(k, v)| (Yaml::Value(Scalar::String(k.clone().into())), to_saphyr(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn from_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, StatusError> {
+    let fail = |message: String| StatusError {
+        file: file.to_string(),
+        message,
+    };
+    let stream = yaml::parse(text, false);
+    if let Some(fatal) = stream.fatal {
+        return Err(fail(format!(
+            "{}:{}: {}",
+            fatal.at.line, fatal.at.column, fatal.message
+        )));
+    }
+    let document = stream
+        .documents
+        .into_iter()
+        .next()
+        .ok_or_else(|| fail("empty".into()))?;
+    serde_json::from_value(document.value).map_err(|e| fail(e.to_string()))
+}
+
+/// What one pass knew, for [`after_pass`].
+pub struct PassRecord<'a> {
+    /// The revision applied.
+    pub revision: &'a str,
+    /// When the pass ended (RFC 3339).
+    pub now: &'a str,
+    /// What the repo declares.
+    pub desired: &'a [DesiredObject],
+    /// Descriptor spec hashes, by object.
+    pub spec_hashes: &'a HashMap<ObjectRef, String>,
+    /// The plan that was carried out.
+    pub plan: &'a Plan,
+    /// What each changing step did.
+    pub reports: &'a [StepReport],
+    /// What the engine runs after the pass.
+    pub observed: &'a [ObservedObject],
+}
+
+/// The status after a pass that applied `record.revision`.
+pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
+    let desired: HashMap<&ObjectRef, &DesiredObject> =
+        record.desired.iter().map(|d| (&d.key, d)).collect();
+    let observed: HashMap<&ObjectRef, &ObservedObject> =
+        record.observed.iter().map(|o| (&o.key, o)).collect();
+    let reports: HashMap<&ObjectRef, &StepReport> =
+        record.reports.iter().map(|r| (&r.step.key, r)).collect();
+    let mut next = StatusSet {
+        agent: previous.agent.clone(),
+        objects: BTreeMap::new(),
+    };
+    for step in &record.plan.steps {
+        let key = &step.key;
+        let before = previous.objects.get(key);
+        let members = observed
+            .get(key)
+            .map(|o| member_statuses(&o.members))
+            .unwrap_or_default();
+        let outcome = reports.get(key).map(|r| &r.outcome);
+        let wants_running = desired.get(key).is_none_or(|d| d.run);
+        let settled = if wants_running {
+            Phase::Running
+        } else {
+            Phase::Stopped
+        };
+        let (phase, message, applied) = match (step.action, outcome) {
+            (Action::Skip, _) => (None, step.reasons.join("; "), false),
+            (Action::Delete, Some(Outcome::Done(_))) => continue,
+            (Action::Delete, Some(Outcome::Failed(why) | Outcome::Blocked(why))) => {
+                (Some(Phase::CleanupFailed), why.clone(), false)
+            }
+            (Action::Orphan, _) => {
+                let running = members.iter().any(|m| m.running);
+                let phase = if running {
+                    Phase::Running
+                } else {
+                    Phase::Stopped
+                };
+                (Some(phase), step.reasons.join("; "), false)
+            }
+            (_, Some(Outcome::Failed(why) | Outcome::Blocked(why))) => {
+                (Some(Phase::Failure), why.clone(), false)
+            }
+            (action, Some(Outcome::Done(_))) => {
+                let verb = match action {
+                    Action::Create => "created",
+                    Action::Start => "started",
+                    Action::Stop => "stopped",
+                    _ => "updated",
+                };
+                let message = match step.reasons.is_empty() {
+                    true => verb.to_string(),
+                    false => format!("{verb}: {}", step.reasons.join("; ")),
+                };
+                (Some(settled), message, true)
+            }
+            (_, None) => {
+                // Nothing to do: keep what was recorded, settling a phase left pending by a crash.
+                let message = before.map(|b| b.message.clone()).unwrap_or_default();
+                (Some(settled), message, false)
+            }
+        };
+        let from = before.and_then(|b| b.phase);
+        if let (Some(pending), Some(_)) = (Phase::pending_for(step.action), outcome)
+            && !(Phase::may_follow(from, pending)
+                && phase.is_none_or(|to| Phase::may_follow(Some(pending), to)))
+        {
+            tracing::error!(object = %key, ?from, to = ?phase, "illegal phase transition (a bug in berth)");
+        }
+        let revision = match applied {
+            true => Some(record.revision.to_string()),
+            false => before
+                .and_then(|b| b.revision.clone())
+                .or_else(|| Some(record.revision.to_string()).filter(|_| phase.is_some())),
+        };
+        let spec_hash = match applied || before.is_none() {
+            true => record.spec_hashes.get(key).cloned(),
+            false => before.and_then(|b| b.spec_hash.clone()),
+        };
+        let last_transition = match before {
+            Some(b) if b.phase == phase => b.last_transition.clone(),
+            _ => Some(record.now.to_string()),
+        };
+        let status = ObjectStatus {
+            kind: key.kind,
+            name: key.name.to_string(),
+            phase,
+            health: object_health(&members, phase),
+            revision,
+            spec_hash,
+            endpoints: endpoints(&members),
+            message,
+            last_transition,
+            members,
+        };
+        next.objects.insert(key.clone(), status);
+    }
+    let failed = record
+        .reports
+        .iter()
+        .any(|r| !matches!(r.outcome, Outcome::Done(_)));
+    next.agent.last_attempted_revision = Some(record.revision.to_string());
+    next.agent.last_applied_revision = Some(record.revision.to_string());
+    next.agent.result = Some(if failed {
+        PassResult::Failed
+    } else {
+        PassResult::Applied
+    });
+    next.agent.message = String::new();
+    next.agent.problems.clear();
+    next.count_phases();
+    stamp(next, previous, record.now)
+}
+
+/// The status after a pass that found `revision` invalid: objects as they were, the problems recorded.
+pub fn after_rejection(
+    previous: &StatusSet,
+    revision: &str,
+    problems: &[Problem],
+    now: &str,
+) -> StatusSet {
+    let mut next = previous.clone();
+    next.agent.last_attempted_revision = Some(revision.to_string());
+    next.agent.result = Some(PassResult::Rejected);
+    next.agent.message = format!(
+        "revision {} has {} problem(s); nothing was applied and revision {} keeps running",
+        short_revision(revision),
+        problems.len(),
+        next.agent
+            .last_applied_revision
+            .as_deref()
+            .map_or("(none)", short_revision)
+    );
+    next.agent.problems = problems.iter().map(ProblemStatus::from).collect();
+    stamp(next, previous, now)
+}
+
+/// The status after a pass that could not reach the engine.
+pub fn after_transient(previous: &StatusSet, revision: &str, why: &str, now: &str) -> StatusSet {
+    let mut next = previous.clone();
+    next.agent.last_attempted_revision = Some(revision.to_string());
+    next.agent.result = Some(PassResult::Transient);
+    next.agent.message = why.to_string();
+    stamp(next, previous, now)
+}
+
+fn stamp(mut next: StatusSet, previous: &StatusSet, now: &str) -> StatusSet {
+    next.agent.updated = match next.differs_from(previous) {
+        true => Some(now.to_string()),
+        false => previous.agent.updated.clone(),
+    };
+    next
+}
+
+/// The first 12 characters of a commit id.
+pub fn short_revision(revision: &str) -> &str {
+    &revision[..revision.len().min(12)]
+}
+
+fn member_statuses(members: &[ObservedMember]) -> Vec<MemberStatus> {
+    let mut statuses: Vec<MemberStatus> = members
+        .iter()
+        .map(|m| MemberStatus {
+            slot: m.slot.clone(),
+            hash: m.hash.clone(),
+            running: m.running,
+            health: m.health,
+            spec: m.spec.clone(),
+        })
+        .collect();
+    statuses.sort_by(|a, b| (&a.slot, &a.hash).cmp(&(&b.slot, &b.hash)));
+    statuses
+}
+
+fn object_health(members: &[MemberStatus], phase: Option<Phase>) -> Health {
+    match (phase, members.iter().map(|m| m.health).max()) {
+        (None, _) => Health::Unknown,
+        (Some(Phase::Stopped), Some(_)) => Health::Healthy,
+        (_, Some(worst)) => worst,
+        (_, None) => Health::Missing,
+    }
+}
+
+fn endpoints(members: &[MemberStatus]) -> Vec<String> {
+    let mut endpoints: Vec<String> = members
+        .iter()
+        .filter(|m| m.slot.starts_with("main-"))
+        .filter_map(|m| m.spec.get("ports")?.as_array().cloned())
+        .flatten()
+        .filter_map(|port| {
+            let host = port.get("host")?.as_u64()?;
+            let protocol = port
+                .get("protocol")
+                .and_then(Value::as_str)
+                .unwrap_or("tcp");
+            Some(format!("{host}/{protocol}"))
+        })
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    endpoints
+}
+
+/// Renders status as a table for `berth status`.
+pub fn render_table(status: &StatusSet) -> String {
+    use std::fmt::Write as _;
+    let agent = &status.agent;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "instance {}: last pass {} at revision {}; applied revision {}{}",
+        agent.instance,
+        agent
+            .result
+            .map_or("never ran".to_string(), |r| format!("{r:?}").to_lowercase()),
+        agent
+            .last_attempted_revision
+            .as_deref()
+            .map_or("-", short_revision),
+        agent
+            .last_applied_revision
+            .as_deref()
+            .map_or("-", short_revision),
+        agent
+            .updated
+            .as_deref()
+            .map_or(String::new(), |t| format!(" (updated {t})")),
+    );
+    if !agent.message.is_empty() {
+        let _ = writeln!(out, "{}", agent.message);
+    }
+    for problem in &agent.problems {
+        let _ = writeln!(
+            out,
+            "{}:{}:{}: {}",
+            problem.file, problem.line, problem.column, problem.message
+        );
+    }
+    let rows: Vec<[String; 6]> = status
+        .objects
+        .iter()
+        .map(|(key, s)| {
+            [
+                key.to_string(),
+                s.phase.map_or("-".into(), |p| format!("{p:?}")),
+                format!("{:?}", s.health),
+                s.revision
+                    .as_deref()
+                    .map_or("-", short_revision)
+                    .to_string(),
+                s.endpoints.join(","),
+                s.message.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "OBJECT",
+        "PHASE",
+        "HEALTH",
+        "REVISION",
+        "ENDPOINTS",
+        "MESSAGE",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(header.map(String::from)).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Member, Policy, Step, diff};
+    use std::time::Duration;
+
+    fn key(name: &str) -> ObjectRef {
+        format!("Challenge/{name}").parse().unwrap()
+    }
+
+    fn desired(name: &str, hash: &str, port: u16) -> DesiredObject {
+        DesiredObject {
+            key: key(name),
+            run: true,
+            members: vec![Member {
+                slot: "main-1".into(),
+                hash: hash.into(),
+                spec: serde_json::json!({"image": hash, "ports": [{"container": 80, "host": port}]}),
+            }],
+            dependencies: vec![],
+            start_first: false,
+            skip: None,
+        }
+    }
+
+    fn running(object: &DesiredObject) -> ObservedObject {
+        ObservedObject {
+            key: object.key.clone(),
+            members: object
+                .members
+                .iter()
+                .map(|m| ObservedMember {
+                    name: format!("c-{}", m.hash),
+                    slot: m.slot.clone(),
+                    hash: m.hash.clone(),
+                    spec: m.spec.clone(),
+                    running: true,
+                    health: Health::Healthy,
+                })
+                .collect(),
+        }
+    }
+
+    fn done(step: &Step) -> StepReport {
+        StepReport {
+            step: step.clone(),
+            outcome: Outcome::Done("ok".into()),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn pass(
+        previous: &StatusSet,
+        desired: &[DesiredObject],
+        before: &[ObservedObject],
+        fail: bool,
+        now: &str,
+    ) -> StatusSet {
+        let plan = diff(desired, before, Policy::default());
+        let reports: Vec<StepReport> = plan
+            .steps
+            .iter()
+            .filter(|s| s.action.changes())
+            .map(|s| match fail {
+                false => done(s),
+                true => StepReport {
+                    outcome: Outcome::Failed("port is already allocated".into()),
+                    ..done(s)
+                },
+            })
+            .collect();
+        let after: Vec<ObservedObject> = match fail {
+            false => desired.iter().map(running).collect(),
+            true => before.to_vec(),
+        };
+        let hashes = desired
+            .iter()
+            .map(|d| (d.key.clone(), format!("spec-{}", d.members[0].hash)))
+            .collect();
+        after_pass(
+            previous,
+            &PassRecord {
+                revision: "rev2",
+                now,
+                desired,
+                spec_hashes: &hashes,
+                plan: &plan,
+                reports: &reports,
+                observed: &after,
+            },
+        )
+    }
+
+    #[test]
+    fn a_created_object_is_running_with_its_revision_endpoint_and_transition_time() {
+        let web = desired("web", "h1", 10101);
+        let status = pass(&StatusSet::new("ci"), &[web], &[], false, "t1");
+        let object = &status.objects[&key("web")];
+        assert_eq!(object.phase, Some(Phase::Running));
+        assert_eq!(object.health, Health::Healthy);
+        assert_eq!(object.revision.as_deref(), Some("rev2"));
+        assert_eq!(object.endpoints, ["10101/tcp"]);
+        assert_eq!(object.message, "created: container missing");
+        assert_eq!(object.last_transition.as_deref(), Some("t1"));
+        assert_eq!(status.agent.result, Some(PassResult::Applied));
+        assert_eq!(status.agent.phases["Running"], 1);
+        assert_eq!(status.agent.updated.as_deref(), Some("t1"));
+    }
+
+    #[test]
+    fn an_unchanged_pass_changes_nothing_not_even_the_time() {
+        let web = desired("web", "h1", 10101);
+        let first = pass(
+            &StatusSet::new("ci"),
+            std::slice::from_ref(&web),
+            &[],
+            false,
+            "t1",
+        );
+        let second = pass(
+            &first,
+            std::slice::from_ref(&web),
+            &[running(&web)],
+            false,
+            "t2",
+        );
+        assert!(!second.differs_from(&first));
+        assert_eq!(second, first);
+    }
+
+    #[test]
+    fn a_failed_step_is_a_failure_with_the_engines_reason_and_the_old_revision() {
+        let web = desired("web", "h1", 10101);
+        let first = pass(
+            &StatusSet::new("ci"),
+            std::slice::from_ref(&web),
+            &[],
+            false,
+            "t1",
+        );
+        let mut first_at_rev1 = first.clone();
+        first_at_rev1.objects.get_mut(&key("web")).unwrap().revision = Some("rev1".into());
+        let changed = desired("web", "h2", 10101);
+        let second = pass(&first_at_rev1, &[changed], &[running(&web)], true, "t2");
+        let object = &second.objects[&key("web")];
+        assert_eq!(object.phase, Some(Phase::Failure));
+        assert_eq!(object.message, "port is already allocated");
+        assert_eq!(object.revision.as_deref(), Some("rev1"));
+        assert_eq!(
+            object.members[0].hash, "h1",
+            "what runs is what was observed"
+        );
+        assert_eq!(second.agent.result, Some(PassResult::Failed));
+    }
+
+    #[test]
+    fn status_files_round_trip_through_yaml() {
+        let web = desired("web", "h1", 10101);
+        let status = pass(
+            &StatusSet::new("ci"),
+            &[web],
+            &[],
+            false,
+            "2026-11-22T03:00:00Z",
+        );
+        let files = status.files();
+        assert!(files.contains_key("status/agent.yaml"));
+        assert!(files.contains_key("status/challenge/web.yaml"));
+        let text = &files["status/challenge/web.yaml"];
+        assert!(text.contains("phase: Running"), "{text}");
+        let parsed = StatusSet::parse(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))).unwrap();
+        assert_eq!(parsed, status);
+    }
+
+    #[test]
+    fn recorded_status_plans_like_the_engine_would() {
+        let web = desired("web", "h1", 10101);
+        let status = pass(
+            &StatusSet::new("ci"),
+            std::slice::from_ref(&web),
+            &[],
+            false,
+            "t1",
+        );
+        let changed = desired("web", "h2", 10102);
+        let plan = diff(&[changed], &status.observed(), Policy::default());
+        assert_eq!(plan.steps[0].action, Action::Update);
+        assert!(
+            plan.steps[0]
+                .reasons
+                .contains(&"ports changed: 10101→10102".to_string()),
+            "{:?}",
+            plan.steps[0].reasons
+        );
+    }
+
+    #[test]
+    fn a_rejected_revision_keeps_objects_and_records_problems() {
+        let web = desired("web", "h1", 10101);
+        let applied = pass(&StatusSet::new("ci"), &[web], &[], false, "t1");
+        let problem = Problem {
+            file: "challenges/web.yaml".into(),
+            line: 7,
+            column: 5,
+            kind: Some("Challenge".into()),
+            name: Some("web".into()),
+            path: "/spec/ports".into(),
+            message: "spec.ports[0].host: \"abc\" is not an integer".into(),
+        };
+        let rejected = after_rejection(&applied, "rev3", &[problem], "t2");
+        assert_eq!(rejected.objects, applied.objects);
+        assert_eq!(
+            rejected.agent.last_applied_revision.as_deref(),
+            Some("rev2")
+        );
+        assert_eq!(
+            rejected.agent.last_attempted_revision.as_deref(),
+            Some("rev3")
+        );
+        assert_eq!(rejected.agent.problems[0].line, 7);
+        assert_eq!(
+            rejected.agent.problems[0].message,
+            "Challenge/web: spec.ports[0].host: \"abc\" is not an integer"
+        );
+    }
+
+    #[test]
+    fn legal_phase_moves_go_through_pending_phases() {
+        use Phase::*;
+        assert!(Phase::may_follow(None, CreatePending));
+        assert!(Phase::may_follow(Some(CreatePending), Running));
+        assert!(Phase::may_follow(Some(Running), UpdatePending));
+        assert!(Phase::may_follow(Some(UpdatePending), Stopped));
+        assert!(Phase::may_follow(Some(Running), ArchivePending));
+        assert!(Phase::may_follow(Some(ArchivePending), Archived));
+        assert!(Phase::may_follow(Some(Archived), UpdatePending));
+        assert!(Phase::may_follow(Some(DeletePending), CleanupFailed));
+        assert!(Phase::may_follow(Some(Failure), UpdatePending));
+        for phase in Phase::ALL {
+            assert!(Phase::may_follow(Some(phase), phase), "{phase:?} stays");
+        }
+    }
+
+    #[test]
+    fn illegal_phase_moves_are_refused() {
+        use Phase::*;
+        let illegal = [
+            (None, CleanupFailed),
+            (Some(Running), Stopped),
+            (Some(Running), Archived),
+            (Some(Archived), Running),
+            (Some(CreatePending), UpdatePending),
+            (Some(DeletePending), Running),
+            (Some(CleanupFailed), Running),
+            (Some(Stopped), Failure),
+        ];
+        for (from, to) in illegal {
+            assert!(!Phase::may_follow(from, to), "{from:?} → {to:?}");
+        }
+        // A settled phase is only ever left for a pending one.
+        for from in Phase::ALL.into_iter().filter(|p| p.is_settled()) {
+            for to in Phase::ALL
+                .into_iter()
+                .filter(|p| p.is_settled() && *p != from)
+            {
+                assert!(!Phase::may_follow(Some(from), to), "{from:?} → {to:?}");
+            }
+        }
+    }
+}
