@@ -210,14 +210,11 @@ impl Source {
         }
     }
 
-    /// Fetches the followed branch (and the status branch) and returns the followed branch's tip.
+    /// Fetches the followed branch and returns its tip. The status branch is fetched only when
+    /// status is read and when a push of it is rejected: the agent is its main writer.
     pub fn fetch(&self) -> Result<String, SourceError> {
         let repo = self.open()?;
-        let mut refspecs = vec![tracking_refspec(&self.branch)];
-        if self.status.branch != self.branch {
-            refspecs.push(tracking_refspec(&self.status.branch));
-        }
-        self.fetch_refspecs(&repo, &refspecs)?;
+        self.fetch_refspecs(&repo, &[tracking_refspec(&self.branch)])?;
         let tip = repo
             .find_reference(&tracking_ref(&self.branch))
             .map_err(|_| SourceError::NoBranch {
@@ -232,8 +229,7 @@ impl Source {
         let mut options = FetchOptions::new();
         options
             .remote_callbacks(self.callbacks())
-            .download_tags(AutotagOption::None)
-            .prune(git2::FetchPrune::On);
+            .download_tags(AutotagOption::None);
         // A branch missing on the server (a status branch not made yet) is not an error.
         remote
             .fetch(refspecs, Some(&mut options), None)
@@ -265,10 +261,13 @@ impl Source {
         Ok(builder.write()?.to_string())
     }
 
-    /// The status files on the remote status branch, as fetched last: paths relative to the status
-    /// tree (`status/agent.yaml`, …) and their text. Empty when there is no status yet.
+    /// Fetches the status branch and returns its status files: paths relative to the status tree
+    /// (`status/agent.yaml`, …) and their text. Empty when there is no status yet.
     pub fn status_files(&self) -> Result<BTreeMap<String, String>, SourceError> {
         let repo = self.open()?;
+        if self.status.branch != self.branch {
+            self.fetch_refspecs(&repo, &[tracking_refspec(&self.status.branch)])?;
+        }
         read_status_files(
             &repo,
             &tracking_ref(&self.status.branch),
@@ -277,8 +276,8 @@ impl Source {
     }
 
     /// Commits `files` (paths relative to the status tree) on the status branch and pushes,
-    /// rebasing and retrying when the push is rejected. Files under `status/` not in `files` are
-    /// removed; anything else on the branch is kept.
+    /// rebasing and retrying when the push is rejected. YAML files under `status/` not in `files`
+    /// (objects that are gone) are removed; anything else on the branch is kept.
     pub fn publish_status(
         &self,
         files: &BTreeMap<String, String>,
@@ -441,7 +440,11 @@ fn overlay(
                     crate::status::STATUS_FOLDER,
                     entry.name().unwrap_or_default()
                 );
-                if entry.kind() == Some(ObjectType::Blob) && !files.contains_key(&relative) {
+                // berth owns the YAML files under `status/`; a note someone keeps there stays.
+                if entry.kind() == Some(ObjectType::Blob)
+                    && relative.ends_with(".yaml")
+                    && !files.contains_key(&relative)
+                {
                     update.remove(join(folder, &relative));
                 }
                 git2::TreeWalkResult::Ok

@@ -14,8 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::util::{Repo, crate_root, stdout};
 
 /// A berth instance of its own for one test, cleaned up on drop.
-struct Instance {
-    name: String,
+pub struct Instance {
+    /// The instance's name.
+    pub name: String,
 }
 
 impl Drop for Instance {
@@ -40,7 +41,8 @@ impl Drop for Instance {
     }
 }
 
-fn docker(args: &[&str]) -> String {
+/// Runs the docker CLI and returns its trimmed output.
+pub fn docker(args: &[&str]) -> String {
     let output = Command::new("docker")
         .args(args)
         .output()
@@ -49,7 +51,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 /// A fresh instance when an engine answers; `None` (after a loud message) when it does not.
-fn engine() -> Option<Instance> {
+pub fn engine() -> Option<Instance> {
     static BUSYBOX: Once = Once::new();
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let answers = Command::new("docker")
@@ -79,7 +81,8 @@ fn engine() -> Option<Instance> {
     })
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -123,7 +126,7 @@ impl Instance {
     }
 
     /// `slot name → (id, running)` of this instance's containers for one challenge.
-    fn containers(&self, challenge: &str) -> BTreeMap<String, (String, bool)> {
+    pub fn containers(&self, challenge: &str) -> BTreeMap<String, (String, bool)> {
         let listed = docker(&[
             "ps",
             "-a",
@@ -167,7 +170,8 @@ impl Instance {
     }
 }
 
-fn web(name: &str, port: u16, extra: &str) -> String {
+/// A challenge serving HTTP on `port`.
+pub fn web(name: &str, port: u16, extra: &str) -> String {
     format!(
         "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\", -h, /www]\n  ports:\n    - {{container: 8080, host: {port}}}\n{extra}"
     )

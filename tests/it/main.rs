@@ -3,12 +3,15 @@
 //! - `validate`: the loader on the fixtures in `tests/fixtures/invalid/` and the sample repo;
 //! - `cli`: the `berth` binary's output formats and exit codes;
 //! - `docker`: plan and apply against the real Docker Engine;
+//! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
 //! - `schema_files`: the committed `schema/` matches the Rust types.
 //!
 //! Helpers shared by every module live in `util`.
 
+mod agent;
 mod cli;
 mod docker;
+mod gitserver;
 mod schema_files;
 mod util;
 mod validate;

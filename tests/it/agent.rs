@@ -1,0 +1,749 @@
+//! `berth agent` end to end: the real binary following a real git server (`git daemon`, or
+//! `git http-backend` behind lighttpd with basic auth), applying to the real Docker Engine, and
+//! committing status back, driven the way users drive it: pushes, signed webhooks, API calls,
+//! SIGTERM and `kill -9`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::docker::{Instance, docker, engine, free_port, web};
+use crate::gitserver::{GitDaemon, GitHttp, HTTP_PASSWORD, HTTP_USER, Origin, git};
+use crate::util::stdout;
+
+const WEBHOOK_SECRET: &str = "whsec-3b8e1f0a";
+const API_TOKEN: &str = "api-token-71c2d9";
+
+/// A running `berth agent`, killed on drop.
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    config: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `instance` following `url`. `extra` is appended to the config file.
+    fn start(instance: &Instance, url: &str, extra: &str) -> Agent {
+        Agent::start_with(&instance.name, url, "", extra)
+    }
+
+    /// [`Agent::start`] with `repo_extra` added to the `repo:` section (credentials).
+    fn start_with(instance: &str, url: &str, repo_extra: &str, extra: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("webhook-secret"),
+            format!("{WEBHOOK_SECRET}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("api-token"), API_TOKEN).unwrap();
+        let config = dir.path().join("agent.yaml");
+        let text = format!(
+            "instance: {instance}\nrepo:\n  url: {url}\n  branch: main\n{repo_extra}listen: 127.0.0.1:{port}\nwebhook: {{secretFile: {dir}/webhook-secret, maxBody: 4096}}\napi: {{tokenFile: {dir}/api-token}}\nstateDir: {dir}/state\nwait: 20s\n# Passes come from webhooks and API calls in these tests, not the clock.\nschedule: '0 0 1 1 *'\n{extra}",
+            dir = dir.path().display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut agent = Agent {
+            child: None,
+            dir,
+            port,
+            config,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("BERTH_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("berth agent starts");
+        self.child = Some(child);
+        self.wait_for("the HTTP server", || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Polls `done` for up to 60 s; fails with the agent's log when it never holds.
+    fn wait_for(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; agent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
+        http(self.port, method, path, headers, body)
+    }
+
+    fn api(&self, method: &str, path: &str) -> (u16, String) {
+        let bearer = format!("Bearer {API_TOKEN}");
+        self.request(method, path, &[("Authorization", &bearer)], b"")
+    }
+
+    fn reconcile(&self) {
+        let (code, _) = self.api("POST", "/api/v1/reconcile");
+        assert_eq!(code, 202);
+    }
+
+    /// `berth_passes_total` for one result.
+    fn passes(&self, result: &str) -> u64 {
+        let (_, metrics) = self.api("GET", "/metrics");
+        let prefix = format!("berth_passes_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    // The server may answer (413) before reading the whole body.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A push event as GitHub sends it (trimmed to the fields a receiver reads, same shape).
+fn github_push(commit: &str, branch: &str) -> String {
+    format!(
+        r#"{{"ref":"refs/heads/{branch}","before":"0000000000000000000000000000000000000000","after":"{commit}",
+"repository":{{"id":1296269,"name":"infra","full_name":"ops/infra","private":true,"default_branch":"main"}},
+"pusher":{{"name":"octocat","email":"octocat@github.com"}},"sender":{{"login":"octocat","id":1}},
+"created":false,"deleted":false,"forced":false,"compare":"https://github.com/ops/infra/compare/abc...def",
+"commits":[{{"id":"{commit}","message":"Change the challenge","author":{{"name":"Octo Cat","email":"octocat@github.com"}}}}],
+"head_commit":{{"id":"{commit}","message":"Change the challenge"}}}}"#
+    )
+}
+
+fn send_github(agent: &Agent, body: &str, signature: &str) -> (u16, String) {
+    agent.request(
+        "POST",
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            ("X-Hub-Signature-256", signature),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+fn sign(body: &str) -> String {
+    format!(
+        "sha256={}",
+        berth::webhook::sign(WEBHOOK_SECRET.as_bytes(), body.as_bytes())
+    )
+}
+
+/// Whether the status branch's agent.yaml says `revision` was applied.
+fn applied(origin: &Origin, revision: &str) -> bool {
+    origin
+        .show("berth-status:status/agent.yaml")
+        .is_some_and(|s| s.contains(&format!("lastAppliedRevision: {revision}")))
+}
+
+fn container_ids(instance: &Instance, name: &str) -> Vec<String> {
+    instance
+        .containers(name)
+        .values()
+        .filter(|(_, running)| *running)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+#[test]
+fn a_push_and_a_signed_github_webhook_replace_the_container_and_status_lands() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    let before = container_ids(&instance, "web");
+    assert_eq!(before.len(), 1);
+    assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
+    assert_eq!(agent.request("GET", "/readyz", &[], b"").0, 200);
+
+    // The status branch holds the object's status.
+    let web_status = origin
+        .show("berth-status:status/challenge/web.yaml")
+        .unwrap();
+    assert!(web_status.contains("phase: Running"), "{web_status}");
+    assert!(
+        web_status.contains(&format!("revision: {first}")),
+        "{web_status}"
+    );
+    assert!(
+        web_status.contains(&format!("- {port}/tcp")),
+        "{web_status}"
+    );
+
+    // A push, then a webhook with a bad signature: refused, and nothing happens.
+    let second = origin.commit(
+        &[(
+            "challenges/web.yaml",
+            Some(&web("web", port, "  env: {GREETING: hello}\n")),
+        )],
+        "Greet",
+    );
+    let body = github_push(&second, "main");
+    let passes = agent.passes("applied");
+    let (code, text) = send_github(&agent, &body, &sign("something else"));
+    assert_eq!(code, 401, "{text}");
+    let (code, _) = send_github(&agent, &body, "");
+    assert_eq!(code, 401);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.passes("applied"), passes);
+    assert_eq!(
+        container_ids(&instance, "web"),
+        before,
+        "a refused webhook changes nothing"
+    );
+    let (_, metrics) = agent.api("GET", "/metrics");
+    assert!(
+        metrics.contains(
+            "berth_webhook_requests_total{provider=\"github\",result=\"unauthorized\"} 2"
+        ),
+        "{metrics}"
+    );
+
+    // A push to another branch is acknowledged and ignored.
+    let (code, text) = send_github(
+        &agent,
+        &github_push(&second, "feature"),
+        &sign(&github_push(&second, "feature")),
+    );
+    assert_eq!(
+        (code, text.trim()),
+        (200, "ignored: push to feature, berth follows main")
+    );
+
+    // The signed webhook: 202 at once, then the container is replaced.
+    let (code, _) = send_github(&agent, &body, &sign(&body));
+    assert_eq!(code, 202);
+    agent.wait_for("the second revision applied", || applied(&origin, &second));
+    let after = container_ids(&instance, "web");
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before, "the container was replaced");
+    let web_status = origin
+        .show("berth-status:status/challenge/web.yaml")
+        .unwrap();
+    assert!(
+        web_status.contains("message: \"updated: env changed: GREETING\""),
+        "{web_status}"
+    );
+
+    // One commit per pass that changed something; the status commits never trigger a pass.
+    let status_commits = origin.bare_git(&["rev-list", "--count", "berth-status"]);
+    assert_eq!(status_commits, "2");
+    agent.reconcile();
+    agent.wait_for("an unchanged pass", || agent.passes("unchanged") >= 1);
+    assert_eq!(
+        origin.bare_git(&["rev-list", "--count", "berth-status"]),
+        "2"
+    );
+    assert_eq!(agent.passes("applied"), passes + 1);
+
+    // The status API and `berth status` show the same.
+    let (code, json) = agent.api("GET", "/api/v1/status");
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["agent"]["lastAppliedRevision"], second.as_str());
+    assert_eq!(json["objects"][0]["phase"], "Running");
+    assert_eq!(
+        agent.request("GET", "/api/v1/status", &[], b"").0,
+        401,
+        "the API needs the token"
+    );
+    let printed = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--repo", &daemon.url()])
+        .output()
+        .unwrap();
+    let table = stdout(&printed);
+    assert!(printed.status.success(), "{table}");
+    assert!(
+        table.contains("Challenge/web") && table.contains("Running") && table.contains("Healthy"),
+        "{table}"
+    );
+
+    // A pull request that moves the port: `plan --against-status` says so with no engine at all.
+    let review = tempfile::tempdir().unwrap();
+    git(review.path(), &["clone", "-q", &daemon.url(), "pr"]);
+    let pr = review.path().join("pr");
+    std::fs::write(
+        pr.join("challenges/web.yaml"),
+        web("web", port + 1, "  env: {GREETING: hello}\n"),
+    )
+    .unwrap();
+    let plan = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "plan",
+            "--against-status",
+            "--format",
+            "markdown",
+            "--instance",
+            &instance.name,
+        ])
+        .arg(&pr)
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    let text = stdout(&plan);
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "{text}{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        text.contains(&format!("ports changed: {port}→{}", port + 1)),
+        "{text}"
+    );
+
+    // SIGTERM: a clean exit.
+    let mut agent = agent;
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn an_invalid_commit_is_rejected_while_the_old_container_runs_then_a_fix_applies() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    let running = container_ids(&instance, "web");
+
+    let broken = web("web", port, "").replace(&format!("host: {port}"), "host: abc");
+    let bad = origin.commit(&[("challenges/web.yaml", Some(&broken))], "Break the port");
+    agent.reconcile();
+    agent.wait_for("the rejection recorded", || {
+        origin
+            .show("berth-status:status/agent.yaml")
+            .is_some_and(|s| s.contains(&format!("lastAttemptedRevision: {bad}")))
+    });
+    let agent_status = origin.show("berth-status:status/agent.yaml").unwrap();
+    assert!(agent_status.contains("result: rejected"), "{agent_status}");
+    assert!(
+        agent_status.contains(&format!("lastAppliedRevision: {first}")),
+        "{agent_status}"
+    );
+    assert!(
+        agent_status.contains("file: challenges/web.yaml"),
+        "{agent_status}"
+    );
+    assert!(agent_status.contains("line: 8"), "{agent_status}");
+    assert!(agent_status.contains("is not an integer"), "{agent_status}");
+    assert_eq!(
+        container_ids(&instance, "web"),
+        running,
+        "the last good revision keeps running"
+    );
+    let ready = agent.request("GET", "/readyz", &[], b"");
+    assert_eq!(
+        ready.0, 200,
+        "an invalid revision is not a transient failure"
+    );
+
+    let fixed = origin.commit(
+        &[(
+            "challenges/web.yaml",
+            Some(&web("web", port, "  env: {FIXED: \"yes\"}\n")),
+        )],
+        "Fix the port",
+    );
+    agent.reconcile();
+    agent.wait_for("the fix applied", || applied(&origin, &fixed));
+    let agent_status = origin.show("berth-status:status/agent.yaml").unwrap();
+    assert!(agent_status.contains("result: applied"), "{agent_status}");
+    assert!(!agent_status.contains("problems"), "{agent_status}");
+    assert_ne!(container_ids(&instance, "web"), running);
+}
+
+#[test]
+fn status_on_the_followed_branch_is_committed_there_and_never_triggers_a_pass() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "statusBranch: \"\"\n");
+    agent.wait_for("status committed on main", || {
+        origin
+            .show("main:.berth/status/agent.yaml")
+            .is_some_and(|s| s.contains(&format!("lastAppliedRevision: {first}")))
+    });
+    assert!(
+        origin
+            .show("main:.berth/status/challenge/web.yaml")
+            .is_some()
+    );
+    assert_eq!(origin.bare_git(&["rev-list", "--count", "main"]), "2");
+    // The agent fetches its own status commit: same content, so no pass applies anything.
+    agent.reconcile();
+    agent.wait_for("an unchanged pass", || agent.passes("unchanged") >= 1);
+    agent.reconcile();
+    agent.wait_for("a second unchanged pass", || agent.passes("unchanged") >= 2);
+    assert_eq!(agent.passes("applied"), 1);
+    assert_eq!(origin.bare_git(&["rev-list", "--count", "main"]), "2");
+    let status = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["status", "--status-branch", "", "--repo"])
+        .arg(origin.bare())
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&status).contains("Challenge/web"),
+        "{}",
+        stdout(&status)
+    );
+}
+
+#[test]
+fn over_authenticated_http_a_rejected_status_push_is_rebased_and_retried() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
+    let Some(server) = GitHttp::start(&origin) else {
+        return;
+    };
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("password");
+    std::fs::write(&password_file, format!("{HTTP_PASSWORD}\n")).unwrap();
+    let auth = format!(
+        "  auth: {{username: {HTTP_USER}, passwordFile: {}}}\n",
+        password_file.display()
+    );
+    let agent = Agent::start_with(&instance.name, &server.url(), &auth, "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+
+    // Someone else pushes to the status branch: the agent's next push is rejected.
+    let other = tempfile::tempdir().unwrap();
+    git(
+        other.path(),
+        &[
+            "clone",
+            "-q",
+            "-b",
+            "berth-status",
+            origin.bare().to_str().unwrap(),
+            "notes",
+        ],
+    );
+    let notes = other.path().join("notes");
+    std::fs::write(
+        notes.join("status/NOTES.md"),
+        "Maintenance window on Friday.\n",
+    )
+    .unwrap();
+    git(&notes, &["add", "-A"]);
+    git(&notes, &["commit", "-q", "-m", "A note beside the status"]);
+    git(&notes, &["push", "-q", "origin", "berth-status"]);
+    let theirs = git(&notes, &["rev-parse", "HEAD"]);
+
+    let second = origin.commit(
+        &[("challenges/web.yaml", Some(&web("web", free_port(), "")))],
+        "Move the port",
+    );
+    agent.reconcile();
+    agent.wait_for("the second revision's status", || applied(&origin, &second));
+    assert!(
+        agent
+            .log()
+            .contains("status push rejected; fetching and rebasing"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        origin.show("berth-status:status/NOTES.md").as_deref(),
+        Some("Maintenance window on Friday.\n"),
+        "the other writer's file survives the rebase"
+    );
+    origin.bare_git(&["merge-base", "--is-ancestor", &theirs, "berth-status"]);
+    assert!(
+        !agent.log().contains(HTTP_PASSWORD),
+        "the password never reaches the log"
+    );
+}
+
+#[test]
+fn wrong_credentials_leave_the_agent_up_and_not_ready_without_showing_the_password() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
+    let Some(server) = GitHttp::start(&origin) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("password");
+    std::fs::write(&password_file, "not-the-password-5d1e\n").unwrap();
+    let auth = format!(
+        "  auth: {{username: {HTTP_USER}, passwordFile: {}}}\n",
+        password_file.display()
+    );
+    let agent = Agent::start_with(&instance.name, &server.url(), &auth, "");
+    agent.wait_for("not ready", || {
+        let (code, body) = agent.request("GET", "/readyz", &[], b"");
+        code == 503 && body.contains("cannot fetch")
+    });
+    assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
+    assert!(
+        !agent.log().contains("not-the-password-5d1e"),
+        "{}",
+        agent.log()
+    );
+    assert!(container_ids(&instance, "web").is_empty());
+}
+
+#[test]
+fn when_the_git_server_goes_down_the_agent_stays_up_and_recovers() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let mut daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    let running = container_ids(&instance, "web");
+
+    daemon.stop();
+    agent.reconcile();
+    agent.wait_for("not ready", || {
+        let (code, body) = agent.request("GET", "/readyz", &[], b"");
+        code == 503 && body.contains("cannot fetch")
+    });
+    assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
+    assert_eq!(
+        container_ids(&instance, "web"),
+        running,
+        "what runs is left alone"
+    );
+
+    let second = origin.commit(
+        &[(
+            "challenges/web.yaml",
+            Some(&web("web", port, "  env: {AFTER: outage}\n")),
+        )],
+        "Change during the outage",
+    );
+    daemon.restart();
+    // No trigger needed: the agent retries with backoff.
+    agent.wait_for("the change applied after the outage", || {
+        applied(&origin, &second)
+    });
+    agent.wait_for("ready again", || {
+        agent.request("GET", "/readyz", &[], b"").0 == 200
+    });
+    assert_ne!(container_ids(&instance, "web"), running);
+}
+
+#[test]
+fn kill_9_during_a_pass_then_a_restart_converges_without_duplicates() {
+    let Some(instance) = engine() else { return };
+    let names: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (format!("challenges/{n}.yaml"), web(n, free_port(), "")))
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    let origin = Origin::new(&files);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let mut agent = Agent::start(&instance, &daemon.url(), "concurrency: 1\n");
+    agent.wait_for("the first step", || agent.log().contains(" step "));
+    agent.kill9();
+    let made: usize = names.iter().map(|n| instance.containers(n).len()).sum();
+    assert!(
+        made < names.len(),
+        "killed mid-pass: {made} of {} made",
+        names.len()
+    );
+
+    agent.spawn();
+    agent.wait_for("the revision applied after the restart", || {
+        applied(&origin, &first)
+    });
+    for name in &names {
+        let containers = instance.containers(name);
+        assert_eq!(containers.len(), 1, "{name}: {containers:?}");
+        assert!(containers.values().all(|(_, running)| *running), "{name}");
+    }
+    let all = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+    ]);
+    assert_eq!(all.lines().count(), names.len(), "no duplicates");
+}
+
+#[test]
+fn a_commit_in_a_local_repo_is_applied_without_any_other_trigger() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    // The agent follows the bare repo by path, so it watches it.
+    let agent = Agent::start(&instance, origin.bare().to_str().unwrap(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    let running = container_ids(&instance, "web");
+    let second = origin.commit(
+        &[(
+            "challenges/web.yaml",
+            Some(&web("web", port, "  env: {SAVED: \"1\"}\n")),
+        )],
+        "Save",
+    );
+    agent.wait_for("the commit applied", || applied(&origin, &second));
+    assert_ne!(container_ids(&instance, "web"), running);
+    assert!(agent.log().contains("file-change"), "{}", agent.log());
+}
+
+#[test]
+fn webhook_endpoints_check_each_providers_signature_and_limit_bodies() {
+    // No engine or git server needed: the HTTP server answers whatever the passes find.
+    let agent = Agent::start_with("hooks", "git://127.0.0.1:9/nothing.git", "", "");
+    let push = br#"{"ref":"refs/heads/main","after":"bffeb74224043ba2feb48d137756c8a9331c449a","checkout_sha":"bffeb74224043ba2feb48d137756c8a9331c449a","pusher":{"login":"gitea"},"user_username":"jsmith"}"#;
+    let hex = berth::webhook::sign(WEBHOOK_SECRET.as_bytes(), push);
+    type Header<'a> = (&'a str, &'a str);
+    let cases: [(&str, Header, &str, Header); 3] = [
+        (
+            "gitlab",
+            ("X-Gitlab-Token", WEBHOOK_SECRET),
+            "X-Gitlab-Event",
+            ("X-Gitlab-Token", "guess"),
+        ),
+        (
+            "gitea",
+            ("X-Gitea-Signature", &hex),
+            "X-Gitea-Event",
+            ("X-Gitea-Signature", "00ff"),
+        ),
+        (
+            "generic",
+            ("X-Signature", &hex),
+            "X-Generic-Unused",
+            ("X-Signature", ""),
+        ),
+    ];
+    for (provider, good, event_header, bad) in cases {
+        let event = if provider == "gitlab" {
+            "Push Hook"
+        } else {
+            "push"
+        };
+        let path = format!("/hooks/{provider}");
+        let (code, body) = agent.request("POST", &path, &[good, (event_header, event)], push);
+        assert_eq!(code, 202, "{provider}: {body}");
+        let (code, _) = agent.request("POST", &path, &[bad, (event_header, event)], push);
+        assert_eq!(code, 401, "{provider} with a bad signature");
+        let (code, _) = agent.request("POST", &path, &[(event_header, event)], push);
+        assert_eq!(code, 401, "{provider} with no signature");
+    }
+    // A body over the limit (4 KiB in these tests) is refused before anything reads it.
+    let big = vec![b' '; 5000];
+    let (code, _) = agent.request("POST", "/hooks/generic", &[("X-Signature", "00")], &big);
+    assert_eq!(code, 413);
+    assert_eq!(agent.request("POST", "/hooks/bitbucket", &[], b"{}").0, 404);
+    // Only health answers without the token.
+    assert_eq!(agent.request("POST", "/api/v1/reconcile", &[], b"").0, 401);
+    assert_eq!(
+        agent
+            .request("GET", "/metrics", &[("Authorization", "Bearer wrong")], b"")
+            .0,
+        401
+    );
+    assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
+    let (_, metrics) = agent.api("GET", "/metrics");
+    for line in [
+        "berth_webhook_requests_total{provider=\"gitlab\",result=\"accepted\"} 1",
+        "berth_webhook_requests_total{provider=\"gitea\",result=\"unauthorized\"} 2",
+        "berth_webhook_requests_total{provider=\"generic\",result=\"too_large\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(!agent.log().contains(WEBHOOK_SECRET), "{}", agent.log());
+}
