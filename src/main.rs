@@ -362,7 +362,14 @@ fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    run_async(async move {
+    // Passes run one at a time, so one thread for blocking git work is enough; fewer threads
+    // also mean fewer malloc arenas holding memory while the agent idles.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
         let shutdown = async {
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -37,7 +37,7 @@ pub enum Readiness {
 #[derive(Debug)]
 pub struct Shared {
     /// Status as of the last pass.
-    pub status: RwLock<StatusSet>,
+    pub status: RwLock<Arc<StatusSet>>,
     /// Readiness.
     pub readiness: RwLock<Readiness>,
 }
@@ -141,7 +141,8 @@ async fn status(State(state): State<ServerState>, headers: HeaderMap) -> Respons
     if let Err(refusal) = authorized(&state, &headers) {
         return *refusal;
     }
-    let body = status_json(&state.shared.status.read().expect("lock"));
+    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let body = status_json(&status);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

@@ -7,6 +7,7 @@
 //! (the files laid again over the new tip) and retried, and nothing local can go stale.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -88,6 +89,10 @@ pub enum Published {
         commit: String,
         /// Rejected pushes that were rebased and retried.
         retries: usize,
+        /// Time spent making the status tree (blobs and trees, in memory).
+        made: std::time::Duration,
+        /// Time until the commit was stored in the clone (tree, pack written and indexed, commit).
+        stored: std::time::Duration,
     },
 }
 
@@ -285,27 +290,38 @@ impl Source {
     ) -> Result<Published, SourceError> {
         let repo = self.open()?;
         let tracking = tracking_ref(&self.status.branch);
+        let signature = Signature::now("berth", &format!("berth@{}", self.instance))?;
         let mut retries = 0;
         loop {
             let base = repo
                 .find_reference(&tracking)
                 .ok()
                 .and_then(|r| r.peel_to_commit().ok());
-            let base_tree = base.as_ref().map(|c| c.tree()).transpose()?;
-            let tree = overlay(&repo, base_tree.as_ref(), &self.status.folder, files)?;
-            if base_tree.as_ref().map(|t| t.id()) == Some(tree) {
+            let building = std::time::Instant::now();
+            let Some((tree, pack, made)) =
+                build_tree(&repo, base.as_ref(), &self.status.folder, files)?
+            else {
                 return Ok(Published::Unchanged);
-            }
-            let signature = Signature::now("berth", &format!("berth@{}", self.instance))?;
+            };
+            let odb = repo.odb()?;
+            let mut writer = odb.packwriter()?;
+            writer
+                .write_all(&pack)
+                .map_err(|e| SourceError::Local(format!("cannot write a pack: {e}")))?;
+            writer.commit()?;
+            odb.refresh()?;
             let tree = repo.find_tree(tree)?;
             let parents: Vec<&git2::Commit> = base.iter().collect();
             let commit = repo.commit(None, &signature, &signature, message, &tree, &parents)?;
+            let stored = building.elapsed();
             match self.push(&repo, commit) {
                 Ok(()) => {
                     repo.reference(&tracking, commit, true, "berth: status pushed")?;
                     return Ok(Published::Pushed {
                         commit: commit.to_string(),
                         retries,
+                        made,
+                        stored,
                     });
                 }
                 Err(PushError::Rejected(why)) if retries + 1 < PUSH_ATTEMPTS => {
@@ -420,6 +436,110 @@ fn join(folder: &str, path: &str) -> String {
         "" => path.to_string(),
         folder => format!("{folder}/{path}"),
     }
+}
+
+/// Makes the status tree (`base`'s tree with `files` laid over it) in a repository that lives
+/// only in memory, so a thousand files cost a thousand hashes rather than a thousand object-store
+/// lookups on disk, and returns it with its new objects as one pack and the time making it took
+/// (without the pack). `None`: `base` already holds exactly `files`.
+fn build_tree(
+    disk: &Repository,
+    base: Option<&git2::Commit>,
+    folder: &str,
+    files: &BTreeMap<String, String>,
+) -> Result<Option<(Oid, git2::Buf, std::time::Duration)>, SourceError> {
+    // The new trees list objects that exist only on disk (the base's other files); checking each
+    // one would cost the lookups this function avoids. Every object written here is made here.
+    git2::opts::strict_object_creation(false);
+    let memory = Repository::from_odb(git2::Odb::new()?)?;
+    let odb = memory.odb()?;
+    odb.add_new_mempack_backend(1)?;
+    let making = std::time::Instant::now();
+    let base_tree = match base {
+        Some(commit) => {
+            Some(memory.find_tree(copy_trees(disk, &memory, commit.tree_id(), folder)?)?)
+        }
+        None => None,
+    };
+    let tree = overlay(&memory, base_tree.as_ref(), folder, files)?;
+    if base_tree.as_ref().map(|t| t.id()) == Some(tree) {
+        return Ok(None);
+    }
+    let made = making.elapsed();
+    // The pack holds the blobs of `files` and the trees on the way to them.
+    let mut packer = memory.packbuilder()?;
+    let new_tree = memory.find_tree(tree)?;
+    packer.insert_object(tree, None)?;
+    for path in [
+        folder.to_string(),
+        join(folder, crate::status::STATUS_FOLDER),
+    ] {
+        if let Ok(entry) = new_tree.get_path(Path::new(&path)) {
+            packer.insert_object(entry.id(), None)?;
+        }
+    }
+    if let Ok(entry) = new_tree.get_path(Path::new(&join(folder, crate::status::STATUS_FOLDER))) {
+        let mut failure = None;
+        memory
+            .find_tree(entry.id())?
+            .walk(git2::TreeWalkMode::PreOrder, |_, entry| {
+                let is_new_blob = entry.kind() == Some(ObjectType::Blob)
+                    && entry.name().is_some_and(|_| odb.exists(entry.id()));
+                if (entry.kind() == Some(ObjectType::Tree) || is_new_blob)
+                    && let Err(error) = packer.insert_object(entry.id(), None)
+                {
+                    failure = Some(error);
+                }
+                git2::TreeWalkResult::Ok
+            })?;
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+    }
+    let mut pack = git2::Buf::new();
+    packer.write_buf(&mut pack)?;
+    Ok(Some((tree, pack, made)))
+}
+
+/// Copies into `memory` the trees a status update walks through: the root, `folder`, and the
+/// status folder with its subfolders. Blobs are not copied: only new ones are ever read.
+fn copy_trees(
+    disk: &Repository,
+    memory: &Repository,
+    root: Oid,
+    folder: &str,
+) -> Result<Oid, SourceError> {
+    let (disk_odb, memory_odb) = (disk.odb()?, memory.odb()?);
+    let copy = |id: Oid| -> Result<(), SourceError> {
+        let object = disk_odb.read(id)?;
+        memory_odb.write(ObjectType::Tree, object.data())?;
+        Ok(())
+    };
+    copy(root)?;
+    let root_tree = disk.find_tree(root)?;
+    if !folder.is_empty()
+        && let Ok(entry) = root_tree.get_path(Path::new(folder))
+    {
+        copy(entry.id())?;
+    }
+    let status_path = join(folder, crate::status::STATUS_FOLDER);
+    if let Ok(entry) = root_tree.get_path(Path::new(&status_path)) {
+        copy(entry.id())?;
+        let mut failure = None;
+        disk.find_tree(entry.id())?
+            .walk(git2::TreeWalkMode::PreOrder, |_, entry| {
+                if entry.kind() == Some(ObjectType::Tree)
+                    && let Err(error) = copy(entry.id())
+                {
+                    failure = Some(error);
+                }
+                git2::TreeWalkResult::Ok
+            })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+    }
+    Ok(root)
 }
 
 /// `base` with `files` laid over `folder` and stale files under `folder/status` removed.

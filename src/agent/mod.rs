@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::apply::{Outcome, StepReport};
 use crate::backend::docker::{self, ChallengeTemplate, DockerBackend};
-use crate::descriptor::{self, LoadOptions, Loaded, ObjectRef};
+use crate::descriptor::{self, LoadOptions, ObjectRef};
 use crate::metrics::Metrics;
 use crate::plan::{self, DesiredObject, Policy};
 use crate::reconcile::{Work, apply_plan};
@@ -59,7 +59,8 @@ pub enum AgentError {
 /// no reload.
 struct Current {
     revision: String,
-    loaded: Loaded,
+    /// The checkout the revision was loaded from (build contexts are read from it).
+    root: std::path::PathBuf,
     desired: Vec<DesiredObject>,
     templates: Vec<ChallengeTemplate>,
     spec_hashes: HashMap<ObjectRef, String>,
@@ -97,10 +98,10 @@ struct Agent {
     current: Option<Current>,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
-    /// Status as of the last pass.
-    status: StatusSet,
+    /// Status as of the last pass; shared with the server and `published`, never copied.
+    status: Arc<StatusSet>,
     /// Status as on the remote; `None` until read (or when there is none).
-    published: Option<StatusSet>,
+    published: Option<Arc<StatusSet>>,
     status_read: bool,
     backoff: Duration,
     retry_scheduled: Arc<AtomicBool>,
@@ -116,7 +117,7 @@ pub async fn run(
     let (sender, mut triggers) = triggers::channel();
     let metrics = Metrics::new();
     let shared = Arc::new(Shared {
-        status: RwLock::new(StatusSet::new(&config.instance.to_string())),
+        status: RwLock::new(Arc::new(StatusSet::new(&config.instance.to_string()))),
         readiness: RwLock::new(Readiness::Starting),
     });
     let stopping = Arc::new(tokio::sync::Notify::new());
@@ -174,7 +175,7 @@ pub async fn run(
     sender.send(Trigger::Startup);
     let mut agent = Agent {
         source: Source::new(&config, &secrets),
-        status: StatusSet::new(&config.instance.to_string()),
+        status: Arc::new(StatusSet::new(&config.instance.to_string())),
         config,
         metrics,
         shared,
@@ -242,7 +243,7 @@ impl Agent {
         let took = started.elapsed();
         self.metrics.pass(outcome.as_str(), took);
         self.metrics.objects(&self.status.agent.phases);
-        *self.shared.status.write().expect("lock") = self.status.clone();
+        *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
         match outcome {
             PassOutcome::Transient => self.schedule_retry(),
             _ => self.backoff = Duration::from_secs(1),
@@ -341,8 +342,9 @@ impl Agent {
                 self.status_read = true;
                 match StatusSet::parse(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))) {
                     Ok(status) => {
-                        self.status = status.clone();
-                        self.published = Some(status);
+                        let status = Arc::new(status);
+                        self.published = Some(Arc::clone(&status));
+                        self.status = status;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "the committed status cannot be read; starting afresh")
@@ -371,7 +373,12 @@ impl Agent {
                 problems = loaded.problems.len(),
                 "revision rejected; nothing applied, the last good revision keeps running"
             );
-            self.status = status::after_rejection(&self.status, revision, &loaded.problems, &now());
+            self.status = Arc::new(status::after_rejection(
+                &self.status,
+                revision,
+                &loaded.problems,
+                &now(),
+            ));
             return Ok(None);
         }
         let (desired, templates) = docker::templates(&loaded.descriptors);
@@ -380,9 +387,10 @@ impl Agent {
             .iter()
             .map(|d| (d.key(), d.spec_hash.clone()))
             .collect();
+        // Only the translated form is kept: the typed descriptors are not needed between passes.
         Ok(Some(Current {
             revision: revision.to_string(),
-            loaded,
+            root: loaded.root,
             desired,
             templates,
             spec_hashes,
@@ -431,14 +439,14 @@ impl Agent {
                     observed: &observed,
                 },
             );
-            self.status = next;
+            self.status = Arc::new(next);
             return PassOutcome::Unchanged;
         }
         self.show_pending(&plan);
         let work = Work {
             backend: &backend,
             templates: &current.templates,
-            root: &current.loaded.root,
+            root: &current.root,
         };
         let metrics = self.metrics.clone();
         let on_report = |report: &StepReport| {
@@ -463,7 +471,7 @@ impl Agent {
         let failed = reports
             .iter()
             .any(|r| !matches!(r.outcome, Outcome::Done(_)));
-        self.status = status::after_pass(
+        self.status = Arc::new(status::after_pass(
             &self.status,
             &PassRecord {
                 revision: &current.revision,
@@ -474,7 +482,7 @@ impl Agent {
                 reports: &reports,
                 observed: &after,
             },
-        );
+        ));
         if failed {
             PassOutcome::Failed
         } else {
@@ -484,7 +492,7 @@ impl Agent {
 
     /// Shows the steps about to run as pending phases in the API's status.
     fn show_pending(&self, plan: &plan::Plan) {
-        let mut shown = self.status.clone();
+        let mut shown = StatusSet::clone(&self.status);
         for step in &plan.steps {
             if let (Some(pending), Some(object)) = (
                 status::Phase::pending_for(step.action),
@@ -493,7 +501,7 @@ impl Agent {
                 object.phase = Some(pending);
             }
         }
-        *self.shared.status.write().expect("lock") = shown;
+        *self.shared.status.write().expect("lock") = Arc::new(shown);
     }
 
     fn transient(&mut self, why: String) -> PassOutcome {
@@ -503,7 +511,12 @@ impl Agent {
             .as_ref()
             .map(|c| c.revision.clone())
             .unwrap_or_default();
-        self.status = status::after_transient(&self.status, &revision, &why, &now());
+        self.status = Arc::new(status::after_transient(
+            &self.status,
+            &revision,
+            &why,
+            &now(),
+        ));
         self.degraded(why);
         PassOutcome::Transient
     }
@@ -537,15 +550,23 @@ impl Agent {
         match blocking(move || source.publish_status(&files, &message)).await {
             Ok(published) => {
                 match &published {
-                    Published::Pushed { commit, retries } => tracing::info!(
+                    Published::Pushed {
+                        commit,
+                        retries,
+                        made,
+                        stored,
+                    } => tracing::info!(
                         commit = short_revision(commit),
                         retries,
+                        files = self.status.objects.len() + 1,
+                        tree_ms = made.as_secs_f64() * 1000.0,
+                        commit_ms = stored.as_secs_f64() * 1000.0,
                         took_ms = started.elapsed().as_millis() as u64,
                         "status pushed"
                     ),
                     Published::Unchanged => tracing::debug!("status already on the remote"),
                 }
-                self.published = Some(self.status.clone());
+                self.published = Some(Arc::clone(&self.status));
             }
             Err(error) => {
                 tracing::warn!(%error, "status not pushed; will retry on the next pass");

@@ -1,0 +1,411 @@
+//! The agent at 1,000 descriptors: the real `berth agent` binary following a repo served by
+//! `git daemon` on loopback, applying to the real Docker Engine. Measured in one run:
+//!
+//! - fetch when nothing is new: berth's in-process fetch (git2) against `git fetch` by the CLI, on
+//!   the same repo and server;
+//! - the initial pass (1,000 objects) and its status commit (1,000 new status files);
+//! - a no-op pass with drift checking on (fetch, hash compare, one engine list call), and the
+//!   engine's list call alone;
+//! - a one-file change: the pass, and signed webhook received → container replaced;
+//! - the agent's RSS, idle and peak (`VmRSS`, `VmHWM`).
+//!
+//! The repo holds 1,000 challenges: 990 `state: stopped` (created, not started: a thousand running
+//! containers would measure the machine, not berth) and 10 running. Needs Docker, `busybox:latest`
+//! (`tests/testbed/busybox-image.sh`) and git. Run: `cargo bench --bench agent`.
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::agent::config::{AgentConfig, Secrets};
+use berth::backend::docker::DockerBackend;
+use berth::source::Source;
+
+const OBJECTS: usize = 1000;
+const RUNNING: usize = 10;
+const INSTANCE: &str = "bench-agent";
+const SECRET: &str = "bench-webhook-secret";
+const TOKEN: &str = "bench-api-token";
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.org",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn challenge(i: usize, env: &str) -> String {
+    let state = if i < RUNNING { "running" } else { "stopped" };
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c-{i:04}}}\nspec:\n  state: {state}\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  env: {{ROUND: \"{env}\"}}\n"
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn remove_containers() {
+    let ids = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=berth.instance={INSTANCE}"),
+        ])
+        .output()
+        .unwrap();
+    let ids = String::from_utf8_lossy(&ids.stdout).into_owned();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    for chunk in ids.chunks(200) {
+        Command::new("docker")
+            .args(["rm", "-f"])
+            .args(chunk)
+            .output()
+            .unwrap();
+    }
+}
+
+/// The agent's JSON log, read line by line as it is written.
+struct Log {
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+}
+
+impl Log {
+    /// Reads until a line with `message`, returning its fields.
+    fn until(&mut self, message: &str) -> serde_json::Value {
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if value["message"] == message {
+                return value;
+            }
+        }
+        panic!("the agent's log ended before {message:?}");
+    }
+}
+
+fn main() {
+    if !Command::new("docker")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("no Docker Engine answers; this benchmark needs one");
+        return;
+    }
+    remove_containers();
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    let source_dir = work.path().join("source");
+    std::fs::create_dir_all(source_dir.join("challenges")).unwrap();
+    for i in 0..OBJECTS {
+        std::fs::write(
+            source_dir.join(format!("challenges/c-{i:04}.yaml")),
+            challenge(i, "1"),
+        )
+        .unwrap();
+    }
+    git(work.path(), &["init", "-q", "-b", "main", "source"]);
+    git(&source_dir, &["add", "-A"]);
+    git(&source_dir, &["commit", "-q", "-m", "1,000 challenges"]);
+    std::fs::create_dir_all(&served).unwrap();
+    git(
+        &served,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            source_dir.to_str().unwrap(),
+            "infra.git",
+        ],
+    );
+    git(
+        &source_dir,
+        &[
+            "remote",
+            "add",
+            "served",
+            served.join("infra.git").to_str().unwrap(),
+        ],
+    );
+
+    let exec_path = PathBuf::from(git(work.path(), &["--exec-path"]));
+    let daemon_port = free_port();
+    let mut daemon = Command::new(exec_path.join("git-daemon"))
+        .args([
+            "--reuseaddr",
+            "--export-all",
+            "--enable=receive-pack",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={daemon_port}"))
+        .arg(format!("--base-path={}", served.display()))
+        .arg(&served)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while TcpStream::connect(("127.0.0.1", daemon_port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("git://127.0.0.1:{daemon_port}/infra.git");
+    println!(
+        "repo: {OBJECTS} challenges ({RUNNING} running, the rest stopped), served by git daemon on loopback\n"
+    );
+
+    // Fetch with nothing new: berth (git2, in process) against the git CLI.
+    let config = AgentConfig::from_text(
+        "bench",
+        &format!(
+            "repo: {{url: \"{url}\"}}\nstateDir: {}\n",
+            work.path().join("fetch-state").display()
+        ),
+        |_| None,
+    )
+    .unwrap();
+    let source = Source::new(&config, &Secrets::default());
+    let head = source.fetch().unwrap();
+    let berth_fetch: Vec<f64> = (0..20)
+        .map(|_| {
+            let started = Instant::now();
+            let tip = source.fetch().unwrap();
+            source.content_id(&tip).unwrap();
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    git(work.path(), &["clone", "-q", &url, "cli-clone"]);
+    let cli_clone = work.path().join("cli-clone");
+    let cli_fetch: Vec<f64> = (0..20)
+        .map(|_| {
+            let started = Instant::now();
+            git(&cli_clone, &["fetch", "-q", "origin"]);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    println!("fetch, nothing new (median of 20)");
+    println!(
+        "  berth (git2, + content id) {:>8.1} ms",
+        median(berth_fetch.clone())
+    );
+    println!(
+        "  git fetch (CLI)            {:>8.1} ms",
+        median(cli_fetch.clone())
+    );
+
+    // The agent.
+    let state = work.path().join("agent");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("secret"), SECRET).unwrap();
+    std::fs::write(state.join("token"), TOKEN).unwrap();
+    let port = free_port();
+    let agent_config = state.join("agent.yaml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "instance: {INSTANCE}\nrepo: {{url: \"{url}\"}}\nlisten: 127.0.0.1:{port}\nwebhook: {{secretFile: {s}/secret}}\napi: {{tokenFile: {s}/token}}\nstateDir: {s}/state\nschedule: '0 0 1 1 *'\nwait: 30s\n",
+            s = state.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut agent: Child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["agent", "--log-format", "json", "--config"])
+        .arg(&agent_config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    let mut log = Log {
+        lines: std::io::BufReader::new(agent.stderr.take().unwrap()).lines(),
+    };
+    let pushed = log.until("status pushed");
+    let first = log.until("pass done");
+    let initial = started.elapsed();
+    println!(
+        "\ninitial pass, {OBJECTS} objects created: {:.1} s (pass {} ms)",
+        initial.as_secs_f64(),
+        first["took_ms"]
+    );
+    println!(
+        "status write-back, {} files: commit built in {:.1} ms; commit + push {} ms",
+        pushed["files"],
+        pushed["commit_ms"].as_f64().unwrap_or(f64::NAN),
+        pushed["took_ms"]
+    );
+
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rss_kib(pid, "VmRSS:");
+
+    // No-op passes (drift checking on: fetch, compare, one engine list call).
+    let auth = format!("Bearer {TOKEN}");
+    let mut noop = Vec::new();
+    for _ in 0..15 {
+        assert_eq!(
+            http(
+                port,
+                "POST",
+                "/api/v1/reconcile",
+                &[("Authorization", &auth)],
+                b""
+            ),
+            202
+        );
+        let done = log.until("pass done");
+        assert_eq!(done["result"], "unchanged", "{done}");
+        noop.push(done["took_ms"].as_f64().unwrap());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let list: Vec<f64> = runtime.block_on(async {
+        let backend = DockerBackend::connect(INSTANCE).await.unwrap();
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let started = Instant::now();
+            backend.observe().await.unwrap();
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times
+    });
+    let (noop, list) = (median(noop), median(list));
+    println!(
+        "\nno-op pass, drift check on (median of 15): {noop:.0} ms; engine list call alone {list:.1} ms; berth's part {:.1} ms",
+        noop - list
+    );
+
+    // One file changes; a signed webhook announces it.
+    std::fs::write(source_dir.join("challenges/c-0000.yaml"), challenge(0, "2")).unwrap();
+    git(
+        &source_dir,
+        &["commit", "-q", "-am", "Change one challenge"],
+    );
+    git(&source_dir, &["push", "-q", "served", "main"]);
+    let commit = git(&source_dir, &["rev-parse", "HEAD"]);
+    let old = runtime.block_on(running_id("c-0000"));
+    let body =
+        format!(r#"{{"ref":"refs/heads/main","after":"{commit}","pusher":{{"name":"bench"}}}}"#);
+    let signature = format!(
+        "sha256={}",
+        berth::webhook::sign(SECRET.as_bytes(), body.as_bytes())
+    );
+    let sent = Instant::now();
+    let code = http(
+        port,
+        "POST",
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &signature),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(code, 202);
+    let replaced = runtime.block_on(async {
+        loop {
+            let now = running_id("c-0000").await;
+            if now.is_some() && now != old {
+                return sent.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let changed = log.until("pass done");
+    println!(
+        "\none-file change: webhook → container replaced {:.0} ms; the pass {} ms (incl. waiting for the new container to run)",
+        replaced.as_secs_f64() * 1000.0,
+        changed["took_ms"]
+    );
+    let _ = (head, &daemon);
+    let peak = rss_kib(pid, "VmHWM:");
+    println!(
+        "\nagent RSS: idle {:.1} MiB, peak {:.1} MiB",
+        idle as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    remove_containers();
+}
+
+/// The id of the running container of challenge `name`, if one runs.
+async fn running_id(name: &str) -> Option<String> {
+    let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+    let mut filters = std::collections::HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec![
+            format!("berth.instance={INSTANCE}"),
+            format!("berth.name={name}"),
+        ],
+    );
+    filters.insert("status".to_string(), vec!["running".to_string()]);
+    let options = bollard::query_parameters::ListContainersOptions {
+        all: false,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    let list = docker.list_containers(Some(options)).await.ok()?;
+    list.first()?.id.clone()
+}
