@@ -285,14 +285,16 @@ fn main() {
         first["took_ms"]
     );
     println!(
-        "status write-back, {} files: commit built in {:.1} ms; commit + push {} ms",
+        "status write-back, {} files: tree made (in memory) {:.1} ms; commit stored in the clone {:.1} ms; with the push {} ms",
         pushed["files"],
+        pushed["tree_ms"].as_f64().unwrap_or(f64::NAN),
         pushed["commit_ms"].as_f64().unwrap_or(f64::NAN),
         pushed["took_ms"]
     );
 
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(pid, "VmRSS:");
+    let idle_anonymous = rss_kib(pid, "RssAnon:");
 
     // No-op passes (drift checking on: fetch, compare, one engine list call).
     let auth = format!("Bearer {TOKEN}");
@@ -377,8 +379,9 @@ fn main() {
     let _ = (head, &daemon);
     let peak = rss_kib(pid, "VmHWM:");
     println!(
-        "\nagent RSS: idle {:.1} MiB, peak {:.1} MiB",
+        "\nagent RSS: idle {:.1} MiB (anonymous memory {:.1} MiB; the rest is the mapped binary), peak {:.1} MiB",
         idle as f64 / 1024.0,
+        idle_anonymous as f64 / 1024.0,
         peak as f64 / 1024.0
     );
 

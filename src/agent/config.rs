@@ -77,7 +77,7 @@ pub enum EnvType {
 }
 
 /// The agent's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
     /// Name of this berth instance; instances sharing an engine never touch each other's objects.
@@ -118,7 +118,7 @@ pub struct AgentConfig {
 }
 
 /// The repo to follow.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RepoConfig {
     /// `https://…`, `http://…`, `ssh://…`, `git@host:path`, `git://…`, `file://…` or a local path.
@@ -132,7 +132,7 @@ pub struct RepoConfig {
 }
 
 /// Credentials for the repo: a token, a user and password, or an SSH key; each read from a file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthConfig {
     /// User name for HTTP(S) (default `git`) or SSH (default from the URL, else `git`).
@@ -148,7 +148,7 @@ pub struct AuthConfig {
 }
 
 /// Webhook settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebhookConfig {
     /// File holding the shared secret.
@@ -159,7 +159,7 @@ pub struct WebhookConfig {
 }
 
 /// API settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApiConfig {
     /// File holding the bearer token.
@@ -473,6 +473,19 @@ mod tests {
         assert!(config.drift_check && !config.prune);
         assert_eq!(config.listen, Some("127.0.0.1:8700".parse().unwrap()));
         assert_eq!(config.local_repo(), None);
+    }
+
+    #[test]
+    fn the_sample_repos_example_config_is_valid_and_every_variable_is_documented() {
+        let config = parse(include_str!("../../sample-repo/agent.yaml"), &[]).unwrap();
+        assert_eq!(config.status_branch, "berth-status");
+        let readme = include_str!("../../README.md");
+        for (var, _, _) in ENVIRONMENT {
+            assert!(
+                readme.contains(&format!("`{var}`")),
+                "README does not document {var}"
+            );
+        }
     }
 
     #[test]

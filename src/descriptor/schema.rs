@@ -24,6 +24,7 @@ pub fn generate() -> Vec<(&'static str, Value)> {
     for kind in Kind::ALL {
         files.push((kind.schema_file(), kind_schema(kind)));
     }
+    files.push(("agent.json", agent_schema()));
     files
 }
 
@@ -92,6 +93,14 @@ fn kind_schema(kind: Kind) -> Value {
         kind.schema_file(),
         &format!("berth {kind} descriptor"),
     )
+}
+
+/// The agent's config file (`berth agent --config`), for editors.
+fn agent_schema() -> Value {
+    let schema = settings()
+        .into_root_schema_for::<crate::agent::config::AgentConfig>()
+        .to_value();
+    finish(schema, "agent.json", "berth agent config")
 }
 
 fn envelope_schema() -> Value {
