@@ -133,6 +133,48 @@ impl Source {
         &self.status
     }
 
+    /// Takes the state folder for this process: fails when another agent holds it. Then removes
+    /// the lock files git leaves when a process is killed mid-write (`index.lock`, `*.lock` under
+    /// refs): with the folder held, they are stale, and left alone they would block every pass.
+    /// Keep the returned file open for as long as the agent runs.
+    pub fn take_state_folder(&self) -> Result<std::fs::File, SourceError> {
+        let state = self.dir.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(state)
+            .map_err(|e| SourceError::Local(format!("cannot create {}: {e}", state.display())))?;
+        let path = state.join("agent.lock");
+        let file = std::fs::File::create(&path)
+            .map_err(|e| SourceError::Local(format!("cannot open {}: {e}", path.display())))?;
+        file.try_lock().map_err(|_| {
+            SourceError::Local(format!(
+                "another berth agent uses {}; give each agent its own stateDir",
+                state.display()
+            ))
+        })?;
+        let mut stale = Vec::new();
+        let mut folders = vec![self.dir.join(".git")];
+        while let Some(folder) = folders.pop() {
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.ends_with("objects") {
+                    continue;
+                }
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => folders.push(path),
+                    Ok(_) if path.extension().is_some_and(|e| e == "lock") => stale.push(path),
+                    _ => {}
+                }
+            }
+        }
+        for path in stale {
+            tracing::warn!(path = %path.display(), "removing a lock left by a killed agent");
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(file)
+    }
+
     /// Opens the clone, making it when missing. Making it needs no network: the first fetch fills it.
     fn open(&self) -> Result<Repository, SourceError> {
         match Repository::open(&self.dir) {

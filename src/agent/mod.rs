@@ -45,6 +45,9 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The state folder is in use or unusable.
+    #[error(transparent)]
+    State(#[from] SourceError),
     /// The local repo could not be watched.
     #[error("cannot watch {path}: {source}")]
     Watch {
@@ -114,6 +117,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let secrets = Secrets::read(&config)?;
+    let source = Source::new(&config, &secrets);
+    let _state_lock = source.take_state_folder()?;
     let (sender, mut triggers) = triggers::channel();
     let metrics = Metrics::new();
     let shared = Arc::new(Shared {
@@ -174,7 +179,7 @@ pub async fn run(
     triggers::spawn_schedule(config.schedule.clone(), sender.clone());
     sender.send(Trigger::Startup);
     let mut agent = Agent {
-        source: Source::new(&config, &secrets),
+        source,
         status: Arc::new(StatusSet::new(&config.instance.to_string())),
         config,
         metrics,

@@ -19,6 +19,8 @@ const API_TOKEN: &str = "api-token-71c2d9";
 /// A running `berth agent`, killed on drop.
 struct Agent {
     child: Option<Child>,
+    /// Extra environment for the agent process.
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
     port: u16,
     config: PathBuf,
@@ -48,6 +50,7 @@ impl Agent {
         std::fs::write(&config, text).unwrap();
         let mut agent = Agent {
             child: None,
+            env: Vec::new(),
             dir,
             port,
             config,
@@ -67,6 +70,7 @@ impl Agent {
             .arg(&self.config)
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -617,6 +621,7 @@ fn when_the_git_server_goes_down_the_agent_stays_up_and_recovers() {
     assert_ne!(container_ids(&instance, "web"), running);
 }
 
+/// Regression: a clone left with git's lock files by a killed agent blocked every later pass.
 #[test]
 fn kill_9_during_a_pass_then_a_restart_converges_without_duplicates() {
     let Some(instance) = engine() else { return };
@@ -642,7 +647,26 @@ fn kill_9_during_a_pass_then_a_restart_converges_without_duplicates() {
         names.len()
     );
 
+    // What git leaves when a writer is killed mid-write: lock files that block the next writer.
+    let clone = agent.dir.path().join("state/repo/.git");
+    std::fs::write(clone.join("index.lock"), "").unwrap();
+    std::fs::create_dir_all(clone.join("refs/remotes/origin")).unwrap();
+    std::fs::write(clone.join("refs/remotes/origin/main.lock"), "").unwrap();
+
+    // A second agent on the same state folder while the first runs is refused.
     agent.spawn();
+    let second = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["agent", "--config"])
+        .arg(&agent.config)
+        .env("BERTH_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another berth agent uses"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     agent.wait_for("the revision applied after the restart", || {
         applied(&origin, &first)
     });
@@ -746,4 +770,37 @@ fn webhook_endpoints_check_each_providers_signature_and_limit_bodies() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(!agent.log().contains(WEBHOOK_SECRET), "{}", agent.log());
+}
+
+#[test]
+fn under_systemd_ready_is_sent_once_the_first_pass_is_done() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let sockets = tempfile::tempdir().unwrap();
+    let path = sockets.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut agent = Agent::start(&instance, &daemon.url(), "");
+    // Restart it the way systemd starts a Type=notify service.
+    agent.kill9();
+    agent
+        .env
+        .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    agent.spawn();
+    let mut message = [0u8; 256];
+    let n = systemd.recv(&mut message).expect("a notification");
+    let text = String::from_utf8_lossy(&message[..n]).into_owned();
+    assert!(text.contains("READY=1"), "{text}");
+    assert!(
+        applied(&origin, &first),
+        "READY=1 comes after the first pass"
+    );
+    let status = agent.terminate();
+    assert!(status.success());
+    let n = systemd.recv(&mut message).expect("a notification");
+    assert!(String::from_utf8_lossy(&message[..n]).contains("STOPPING=1"));
 }
