@@ -86,12 +86,12 @@ impl FromStr for Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let millis = self.0.as_millis();
-        if millis % 1000 != 0 {
+        if !millis.is_multiple_of(1000) {
             return write!(f, "{millis}ms");
         }
         let seconds = self.0.as_secs();
         for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-            if seconds != 0 && seconds % size == 0 {
+            if seconds != 0 && seconds.is_multiple_of(size) {
                 return write!(f, "{}{unit}", seconds / size);
             }
         }
@@ -171,7 +171,7 @@ impl fmt::Display for Size {
             ("Mi", 1 << 20),
             ("Ki", 1 << 10),
         ] {
-            if self.bytes != 0 && self.bytes % size == 0 {
+            if self.bytes != 0 && self.bytes.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.bytes / size);
             }
         }
