@@ -230,15 +230,18 @@ async fn make_plan(
 ) -> Result<reconcile::Planned, ExitCode> {
     reconcile::plan(dir, options, &target(flags))
         .await
-        .map_err(|error| {
-            if let ReconcileError::Invalid(problems) = &error {
-                for problem in problems {
-                    println!("{problem}");
-                }
-            }
-            eprintln!("berth: {error}");
-            ExitCode::from(1)
-        })
+        .map_err(unplannable)
+}
+
+/// Prints why a repo cannot be planned: its problems as `validate` prints them, or the error.
+fn unplannable(error: ReconcileError) -> ExitCode {
+    if let ReconcileError::Invalid(problems) = &error {
+        for problem in problems {
+            println!("{problem}");
+        }
+    }
+    eprintln!("berth: {error}");
+    ExitCode::from(1)
 }
 
 fn print_plan(plan: &berth::plan::Plan, format: PlanFormat) -> ExitCode {
@@ -308,23 +311,10 @@ fn plan_against_status(
     flags: &TargetFlags,
     options: &LoadOptions,
 ) -> ExitCode {
-    let loaded = match descriptor::load(dir, options) {
+    let loaded = match reconcile::load_valid(dir, options) {
         Ok(loaded) => loaded,
-        Err(error) => {
-            eprintln!("berth: {error}");
-            return ExitCode::from(1);
-        }
+        Err(error) => return unplannable(error),
     };
-    if !loaded.is_valid() {
-        for problem in &loaded.problems {
-            println!("{problem}");
-        }
-        eprintln!(
-            "berth: the repo has {} problem(s); nothing was planned",
-            loaded.problems.len()
-        );
-        return ExitCode::from(1);
-    }
     let status = match read_status(&status_location(&dir.display().to_string(), branches)) {
         Ok(status) => status,
         Err(code) => return code,
@@ -426,7 +416,7 @@ async fn apply(
             Outcome::Failed(why) => ("FAILED", why.as_str()),
             Outcome::Blocked(why) => ("blocked", why.as_str()),
         };
-        let action = format!("{:?}", report.step.action).to_lowercase();
+        let action = report.step.action.as_str();
         println!(
             "{:<width$}  {action:<7} {verdict}: {detail} ({:.1}s)",
             report.step.key.to_string(),

@@ -115,7 +115,8 @@ impl Action {
         )
     }
 
-    fn as_str(self) -> &'static str {
+    /// The action's name, as plans and logs show it: `create`, `update`, …
+    pub fn as_str(self) -> &'static str {
         match self {
             Action::Create => "create",
             Action::Update => "update",

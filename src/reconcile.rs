@@ -49,16 +49,23 @@ pub struct Planned {
     pub plan: Plan,
 }
 
+/// Loads `dir`, or says why it cannot be planned: unreadable, or every problem it has.
+pub fn load_valid(dir: &Path, options: &LoadOptions) -> Result<Loaded, ReconcileError> {
+    let loaded = descriptor::load(dir, options)?;
+    if loaded.is_valid() {
+        Ok(loaded)
+    } else {
+        Err(ReconcileError::Invalid(loaded.problems))
+    }
+}
+
 /// Loads `dir`, observes the engine and plans.
 pub async fn plan(
     dir: &Path,
     options: &LoadOptions,
     target: &Target,
 ) -> Result<Planned, ReconcileError> {
-    let loaded = descriptor::load(dir, options)?;
-    if !loaded.is_valid() {
-        return Err(ReconcileError::Invalid(loaded.problems));
-    }
+    let loaded = load_valid(dir, options)?;
     let backend = DockerBackend::connect(&target.instance).await?;
     let observed = backend.observe().await?;
     let (desired, templates) = docker::templates(&loaded.descriptors);

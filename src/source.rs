@@ -444,33 +444,67 @@ pub fn read_status_files(
         return Ok(files);
     };
     let tree = reference.peel_to_commit()?.tree()?;
-    let status_path = join(folder, crate::status::STATUS_FOLDER);
-    let Ok(entry) = tree.get_path(Path::new(&status_path)) else {
-        return Ok(files);
-    };
-    let status_tree = repo.find_tree(entry.id())?;
-    let mut failure = None;
-    status_tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-        if entry.kind() != Some(ObjectType::Blob) {
-            return git2::TreeWalkResult::Ok;
+    for entry in status_tree(repo, &tree, folder)?.entries {
+        if entry.kind == Some(ObjectType::Blob) {
+            let blob = repo.find_blob(entry.id)?;
+            files.insert(
+                entry.path,
+                String::from_utf8_lossy(blob.content()).into_owned(),
+            );
         }
-        let path = format!(
-            "{}/{parent}{}",
-            crate::status::STATUS_FOLDER,
-            entry.name().unwrap_or_default()
-        );
-        match repo.find_blob(entry.id()) {
-            Ok(blob) => {
-                files.insert(path, String::from_utf8_lossy(blob.content()).into_owned());
-            }
-            Err(error) => failure = Some(error),
-        }
-        git2::TreeWalkResult::Ok
-    })?;
-    match failure {
-        Some(error) => Err(error.into()),
-        None => Ok(files),
     }
+    Ok(files)
+}
+
+/// What a status update touches in a tree: the trees on the way to the status folder
+/// (`folder/status`) and everything under it.
+struct StatusTree {
+    /// The root, `folder` (when there is one) and the status folder, as far as they exist.
+    trees_on_the_way: Vec<Oid>,
+    /// Every entry under the status folder.
+    entries: Vec<StatusEntry>,
+}
+
+struct StatusEntry {
+    /// The path relative to the status tree's root: `status/challenge/web.yaml`.
+    path: String,
+    kind: Option<ObjectType>,
+    id: Oid,
+}
+
+fn status_tree(
+    repo: &Repository,
+    tree: &git2::Tree,
+    folder: &str,
+) -> Result<StatusTree, SourceError> {
+    let mut found = StatusTree {
+        trees_on_the_way: vec![tree.id()],
+        entries: Vec::new(),
+    };
+    if !folder.is_empty()
+        && let Ok(entry) = tree.get_path(Path::new(folder))
+    {
+        found.trees_on_the_way.push(entry.id());
+    }
+    let status_path = join(folder, crate::status::STATUS_FOLDER);
+    let Ok(status) = tree.get_path(Path::new(&status_path)) else {
+        return Ok(found);
+    };
+    found.trees_on_the_way.push(status.id());
+    repo.find_tree(status.id())?
+        .walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+            found.entries.push(StatusEntry {
+                path: format!(
+                    "{}/{parent}{}",
+                    crate::status::STATUS_FOLDER,
+                    entry.name().unwrap_or_default()
+                ),
+                kind: entry.kind(),
+                id: entry.id(),
+            });
+            git2::TreeWalkResult::Ok
+        })?;
+    Ok(found)
 }
 
 fn join(folder: &str, path: &str) -> String {
@@ -508,34 +542,17 @@ fn build_tree(
         return Ok(None);
     }
     let made = making.elapsed();
-    // The pack holds the blobs of `files` and the trees on the way to them.
+    // The pack holds the blobs of `files` and the trees on the way to them: the blobs that
+    // exist in memory are the ones made here.
     let mut packer = memory.packbuilder()?;
-    let new_tree = memory.find_tree(tree)?;
-    packer.insert_object(tree, None)?;
-    for path in [
-        folder.to_string(),
-        join(folder, crate::status::STATUS_FOLDER),
-    ] {
-        if let Ok(entry) = new_tree.get_path(Path::new(&path)) {
-            packer.insert_object(entry.id(), None)?;
-        }
+    let new = status_tree(&memory, &memory.find_tree(tree)?, folder)?;
+    for id in new.trees_on_the_way {
+        packer.insert_object(id, None)?;
     }
-    if let Ok(entry) = new_tree.get_path(Path::new(&join(folder, crate::status::STATUS_FOLDER))) {
-        let mut failure = None;
-        memory
-            .find_tree(entry.id())?
-            .walk(git2::TreeWalkMode::PreOrder, |_, entry| {
-                let is_new_blob = entry.kind() == Some(ObjectType::Blob)
-                    && entry.name().is_some_and(|_| odb.exists(entry.id()));
-                if (entry.kind() == Some(ObjectType::Tree) || is_new_blob)
-                    && let Err(error) = packer.insert_object(entry.id(), None)
-                {
-                    failure = Some(error);
-                }
-                git2::TreeWalkResult::Ok
-            })?;
-        if let Some(error) = failure {
-            return Err(error.into());
+    for entry in new.entries {
+        let is_new_blob = entry.kind == Some(ObjectType::Blob) && odb.exists(entry.id);
+        if entry.kind == Some(ObjectType::Tree) || is_new_blob {
+            packer.insert_object(entry.id, None)?;
         }
     }
     let mut pack = git2::Buf::new();
@@ -552,34 +569,14 @@ fn copy_trees(
     folder: &str,
 ) -> Result<Oid, SourceError> {
     let (disk_odb, memory_odb) = (disk.odb()?, memory.odb()?);
-    let copy = |id: Oid| -> Result<(), SourceError> {
-        let object = disk_odb.read(id)?;
-        memory_odb.write(ObjectType::Tree, object.data())?;
-        Ok(())
-    };
-    copy(root)?;
-    let root_tree = disk.find_tree(root)?;
-    if !folder.is_empty()
-        && let Ok(entry) = root_tree.get_path(Path::new(folder))
-    {
-        copy(entry.id())?;
-    }
-    let status_path = join(folder, crate::status::STATUS_FOLDER);
-    if let Ok(entry) = root_tree.get_path(Path::new(&status_path)) {
-        copy(entry.id())?;
-        let mut failure = None;
-        disk.find_tree(entry.id())?
-            .walk(git2::TreeWalkMode::PreOrder, |_, entry| {
-                if entry.kind() == Some(ObjectType::Tree)
-                    && let Err(error) = copy(entry.id())
-                {
-                    failure = Some(error);
-                }
-                git2::TreeWalkResult::Ok
-            })?;
-        if let Some(error) = failure {
-            return Err(error);
-        }
+    let old = status_tree(disk, &disk.find_tree(root)?, folder)?;
+    let subtrees = old
+        .entries
+        .iter()
+        .filter(|entry| entry.kind == Some(ObjectType::Tree))
+        .map(|entry| entry.id);
+    for id in old.trees_on_the_way.into_iter().chain(subtrees) {
+        memory_odb.write(ObjectType::Tree, disk_odb.read(id)?.data())?;
     }
     Ok(root)
 }
@@ -593,24 +590,14 @@ fn overlay(
 ) -> Result<Oid, SourceError> {
     let mut update = TreeUpdateBuilder::new();
     if let Some(base) = base {
-        let status_path = join(folder, crate::status::STATUS_FOLDER);
-        if let Ok(entry) = base.get_path(Path::new(&status_path)) {
-            let old = repo.find_tree(entry.id())?;
-            old.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-                let relative = format!(
-                    "{}/{parent}{}",
-                    crate::status::STATUS_FOLDER,
-                    entry.name().unwrap_or_default()
-                );
-                // berth owns the YAML files under `status/`; a note someone keeps there stays.
-                if entry.kind() == Some(ObjectType::Blob)
-                    && relative.ends_with(".yaml")
-                    && !files.contains_key(&relative)
-                {
-                    update.remove(join(folder, &relative));
-                }
-                git2::TreeWalkResult::Ok
-            })?;
+        for entry in status_tree(repo, base, folder)?.entries {
+            // berth owns the YAML files under `status/`; a note someone keeps there stays.
+            if entry.kind == Some(ObjectType::Blob)
+                && entry.path.ends_with(".yaml")
+                && !files.contains_key(&entry.path)
+            {
+                update.remove(join(folder, &entry.path));
+            }
         }
     }
     for (path, text) in files {

@@ -164,6 +164,18 @@ pub enum PassResult {
     Transient,
 }
 
+impl PassResult {
+    /// The result as status files write it: `applied`, `failed`, `rejected`, `transient`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassResult::Applied => "applied",
+            PassResult::Failed => "failed",
+            PassResult::Rejected => "rejected",
+            PassResult::Transient => "transient",
+        }
+    }
+}
+
 /// The agent's own status: the pass as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -639,9 +651,7 @@ pub fn render_table(status: &StatusSet) -> String {
         out,
         "instance {}: last pass {} at revision {}; applied revision {}{}",
         agent.instance,
-        agent
-            .result
-            .map_or("never ran".to_string(), |r| format!("{r:?}").to_lowercase()),
+        agent.result.map_or("never ran", PassResult::as_str),
         agent
             .last_attempted_revision
             .as_deref()

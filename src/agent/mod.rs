@@ -24,7 +24,7 @@ use crate::plan::{self, DesiredObject, Policy};
 use crate::reconcile::{Work, apply_plan};
 use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
-use crate::status::{self, PassRecord, StatusSet, short_revision};
+use crate::status::{self, PassRecord, PassResult, StatusSet, short_revision};
 use crate::triggers::{self, Trigger, TriggerSender};
 use config::{AgentConfig, ConfigError, Secrets};
 
@@ -418,64 +418,45 @@ impl Agent {
             Ok(backend) => backend,
             Err(why) => return self.transient(why),
         };
-        let observed = match backend.observe().await {
+        let observed = match self.observe(&backend).await {
             Ok(observed) => observed,
-            Err(error) => {
-                self.backend = None;
-                return self.transient(error.to_string());
-            }
+            Err(outcome) => return outcome,
         };
         let current = self.current.as_ref().expect("a loaded revision");
         let policy = Policy {
             prune: self.config.prune,
         };
         let plan = plan::diff(&current.desired, &observed, policy);
-        if !plan.has_changes() && !moved {
-            // A drift check that found no drift: status may still change (health).
-            let next = status::after_pass(
-                &self.status,
-                &PassRecord {
-                    revision: &current.revision,
-                    now: &now(),
-                    desired: &current.desired,
-                    spec_hashes: &current.spec_hashes,
-                    plan: &plan,
-                    reports: &[],
-                    observed: &observed,
-                },
-            );
-            self.status = Arc::new(next);
-            return PassOutcome::Unchanged;
-        }
-        self.show_pending(&plan);
-        let work = Work {
-            backend: &backend,
-            templates: &current.templates,
-            root: &current.root,
-        };
-        let metrics = self.metrics.clone();
-        let on_report = |report: &StepReport| {
-            let action = format!("{:?}", report.step.action).to_lowercase();
-            let (result, detail) = match &report.outcome {
-                Outcome::Done(done) => ("done", done.as_str()),
-                Outcome::Failed(why) => ("failed", why.as_str()),
-                Outcome::Blocked(why) => ("blocked", why.as_str()),
+        // A drift check that found no drift writes nothing; status may still change (health).
+        let drift_only = !plan.has_changes() && !moved;
+        let (reports, after) = if drift_only {
+            (Vec::new(), observed)
+        } else {
+            self.show_pending(&plan);
+            let work = Work {
+                backend: &backend,
+                templates: &current.templates,
+                root: &current.root,
             };
-            metrics.step(&action, result);
-            tracing::info!(object = %report.step.key, %action, result, detail, took_ms = report.elapsed.as_millis() as u64, "step");
-        };
-        let wait = self.config.wait.0;
-        let reports = apply_plan(&work, &plan, self.config.concurrency, wait, on_report).await;
-        let after = match backend.observe().await {
-            Ok(after) => after,
-            Err(error) => {
-                self.backend = None;
-                return self.transient(error.to_string());
+            let metrics = self.metrics.clone();
+            let on_report = |report: &StepReport| {
+                let action = report.step.action.as_str();
+                let (result, detail) = match &report.outcome {
+                    Outcome::Done(done) => ("done", done.as_str()),
+                    Outcome::Failed(why) => ("failed", why.as_str()),
+                    Outcome::Blocked(why) => ("blocked", why.as_str()),
+                };
+                metrics.step(action, result);
+                tracing::info!(object = %report.step.key, action, result, detail, took_ms = report.elapsed.as_millis() as u64, "step");
+            };
+            let wait = self.config.wait.0;
+            let reports = apply_plan(&work, &plan, self.config.concurrency, wait, on_report).await;
+            match self.observe(&backend).await {
+                Ok(after) => (reports, after),
+                Err(outcome) => return outcome,
             }
         };
-        let failed = reports
-            .iter()
-            .any(|r| !matches!(r.outcome, Outcome::Done(_)));
+        let current = self.current.as_ref().expect("a loaded revision");
         self.status = Arc::new(status::after_pass(
             &self.status,
             &PassRecord {
@@ -488,11 +469,22 @@ impl Agent {
                 observed: &after,
             },
         ));
-        if failed {
-            PassOutcome::Failed
-        } else {
-            PassOutcome::Applied
+        match self.status.agent.result {
+            _ if drift_only => PassOutcome::Unchanged,
+            Some(PassResult::Failed) => PassOutcome::Failed,
+            _ => PassOutcome::Applied,
         }
+    }
+
+    /// One engine list call; an engine that does not answer makes the pass transient.
+    async fn observe(
+        &mut self,
+        backend: &DockerBackend,
+    ) -> Result<Vec<plan::ObservedObject>, PassOutcome> {
+        backend.observe().await.map_err(|error| {
+            self.backend = None;
+            self.transient(error.to_string())
+        })
     }
 
     /// Shows the steps about to run as pending phases in the API's status.

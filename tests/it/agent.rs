@@ -219,6 +219,22 @@ fn sign(body: &str) -> String {
     )
 }
 
+/// A repo with one web challenge on `port`, served by `git daemon`, and its first revision.
+fn served_web(port: u16) -> (Origin, GitDaemon, String) {
+    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    (origin, daemon, first)
+}
+
+/// Waits until `/readyz` answers 503 because the repo cannot be fetched.
+fn wait_until_fetching_fails(agent: &Agent) {
+    agent.wait_for("not ready", || {
+        let (code, body) = agent.request("GET", "/readyz", &[], b"");
+        code == 503 && body.contains("cannot fetch")
+    });
+}
+
 /// Whether the status branch's agent.yaml says `revision` was applied.
 fn applied(origin: &Origin, revision: &str) -> bool {
     origin
@@ -239,9 +255,7 @@ fn container_ids(instance: &Instance, name: &str) -> Vec<String> {
 fn a_push_and_a_signed_github_webhook_replace_the_container_and_status_lands() {
     let Some(instance) = engine() else { return };
     let port = free_port();
-    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
-    let first = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
+    let (origin, daemon, first) = served_web(port);
     let agent = Agent::start(&instance, &daemon.url(), "");
     agent.wait_for("the first revision applied", || applied(&origin, &first));
     let before = container_ids(&instance, "web");
@@ -394,9 +408,7 @@ fn a_push_and_a_signed_github_webhook_replace_the_container_and_status_lands() {
 fn an_invalid_commit_is_rejected_while_the_old_container_runs_then_a_fix_applies() {
     let Some(instance) = engine() else { return };
     let port = free_port();
-    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
-    let first = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
+    let (origin, daemon, first) = served_web(port);
     let agent = Agent::start(&instance, &daemon.url(), "");
     agent.wait_for("the first revision applied", || applied(&origin, &first));
     let running = container_ids(&instance, "web");
@@ -450,9 +462,7 @@ fn an_invalid_commit_is_rejected_while_the_old_container_runs_then_a_fix_applies
 #[test]
 fn status_on_the_followed_branch_is_committed_there_and_never_triggers_a_pass() {
     let Some(instance) = engine() else { return };
-    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
-    let first = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
+    let (origin, daemon, first) = served_web(free_port());
     let agent = Agent::start(&instance, &daemon.url(), "statusBranch: \"\"\n");
     agent.wait_for("status committed on main", || {
         origin
@@ -566,10 +576,7 @@ fn wrong_credentials_leave_the_agent_up_and_not_ready_without_showing_the_passwo
         password_file.display()
     );
     let agent = Agent::start_with(&instance.name, &server.url(), &auth, "");
-    agent.wait_for("not ready", || {
-        let (code, body) = agent.request("GET", "/readyz", &[], b"");
-        code == 503 && body.contains("cannot fetch")
-    });
+    wait_until_fetching_fails(&agent);
     assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
     assert!(
         !agent.log().contains("not-the-password-5d1e"),
@@ -583,19 +590,14 @@ fn wrong_credentials_leave_the_agent_up_and_not_ready_without_showing_the_passwo
 fn when_the_git_server_goes_down_the_agent_stays_up_and_recovers() {
     let Some(instance) = engine() else { return };
     let port = free_port();
-    let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
-    let first = origin.bare_git(&["rev-parse", "main"]);
-    let mut daemon = GitDaemon::start(&origin);
+    let (origin, mut daemon, first) = served_web(port);
     let agent = Agent::start(&instance, &daemon.url(), "");
     agent.wait_for("the first revision applied", || applied(&origin, &first));
     let running = container_ids(&instance, "web");
 
     daemon.stop();
     agent.reconcile();
-    agent.wait_for("not ready", || {
-        let (code, body) = agent.request("GET", "/readyz", &[], b"");
-        code == 503 && body.contains("cannot fetch")
-    });
+    wait_until_fetching_fails(&agent);
     assert_eq!(agent.request("GET", "/healthz", &[], b"").0, 200);
     assert_eq!(
         container_ids(&instance, "web"),
@@ -775,9 +777,7 @@ fn webhook_endpoints_check_each_providers_signature_and_limit_bodies() {
 #[test]
 fn under_systemd_ready_is_sent_once_the_first_pass_is_done() {
     let Some(instance) = engine() else { return };
-    let origin = Origin::new(&[("challenges/web.yaml", &web("web", free_port(), ""))]);
-    let first = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
+    let (origin, daemon, first) = served_web(free_port());
     let sockets = tempfile::tempdir().unwrap();
     let path = sockets.path().join("notify.sock");
     let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
