@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth::agent::config::{AgentConfig, Secrets};
+use berth::config::{AgentConfig, Secrets};
 use berth::backend::docker::DockerBackend;
 use berth::source::Source;
 

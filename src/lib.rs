@@ -18,6 +18,7 @@ pub mod agent;
 pub mod apply;
 pub mod backend;
 pub mod build_context;
+pub mod config;
 pub mod descriptor;
 pub mod metrics;
 pub mod plan;

@@ -345,7 +345,7 @@ fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    let config = match berth::agent::config::AgentConfig::load(config) {
+    let config = match berth::config::AgentConfig::load(config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("berth: {error}");

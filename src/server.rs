@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
 
-use crate::agent::config::Secret;
+use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::status::StatusSet;
 use crate::triggers::{Trigger, TriggerSender};

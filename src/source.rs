@@ -17,7 +17,7 @@ use git2::{
     RemoteCallbacks, Repository, Signature,
 };
 
-use crate::agent::config::{AgentConfig, Secret, Secrets};
+use crate::config::{AgentConfig, Secret, Secrets};
 
 /// The remote's name in the agent's clone.
 const REMOTE: &str = "origin";

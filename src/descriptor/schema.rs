@@ -98,7 +98,7 @@ fn kind_schema(kind: Kind) -> Value {
 /// The agent's config file (`berth agent --config`), for editors.
 fn agent_schema() -> Value {
     let schema = settings()
-        .into_root_schema_for::<crate::agent::config::AgentConfig>()
+        .into_root_schema_for::<crate::config::AgentConfig>()
         .to_value();
     finish(schema, "agent.json", "berth agent config")
 }

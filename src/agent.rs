@@ -7,8 +7,6 @@
 //! (git server or engine down) marks the agent not ready and retries with backoff; a status push
 //! that fails is retried on the next pass, so no status is lost.
 
-pub mod config;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -26,7 +24,7 @@ use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
 use crate::status::{self, PassRecord, PassResult, StatusSet, short_revision};
 use crate::triggers::{self, Trigger, TriggerSender};
-use config::{AgentConfig, ConfigError, Secrets};
+use crate::config::{AgentConfig, ConfigError, Secrets};
 
 /// Longest wait between retries after transient failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
