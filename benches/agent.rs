@@ -20,7 +20,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth::config::{AgentConfig, Secrets};
-use berth::backend::docker::DockerBackend;
 use berth::source::Source;
 
 const OBJECTS: usize = 1000;
@@ -319,7 +318,7 @@ fn main() {
         .build()
         .unwrap();
     let list: Vec<f64> = runtime.block_on(async {
-        let backend = DockerBackend::connect(INSTANCE).await.unwrap();
+        let backend = berth::reconcile::connect(INSTANCE).await.unwrap();
         let mut times = Vec::new();
         for _ in 0..15 {
             let started = Instant::now();

@@ -14,9 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth::backend::docker::DockerBackend;
 use berth::descriptor::LoadOptions;
-use berth::reconcile::{self, Target};
+use berth::plan::Policy;
+use berth::reconcile::{self, ApplyOptions};
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use bollard::query_parameters::CreateContainerOptions;
@@ -77,16 +77,21 @@ fn remove_labelled(label: &str) {
 
 async fn berth_apply(dir: &Path, instance: &str) -> Duration {
     let start = Instant::now();
-    let target = Target {
-        instance: instance.into(),
-        prune: false,
+    // The same pass `berth apply` runs: load, connect, observe, resolve, diff, apply.
+    let loaded = reconcile::load(dir, &LoadOptions::default()).unwrap();
+    let engines = reconcile::connect(instance).await.unwrap();
+    let options = ApplyOptions {
+        concurrency: CONCURRENCY,
+        lock_wait: Duration::from_secs(60),
+        policy: Policy::default(),
     };
-    let planned = reconcile::plan(dir, &LoadOptions::default(), &target)
+    let desired = reconcile::desired(&loaded, instance);
+    let applied = reconcile::apply(desired, &engines, &loaded.root, &options, |_| {})
         .await
         .unwrap();
-    let reports = reconcile::apply(&planned, CONCURRENCY, Duration::ZERO, |_| {}).await;
     let elapsed = start.elapsed();
-    let failed: Vec<_> = reports
+    let failed: Vec<_> = applied
+        .reports
         .iter()
         .filter(|r| !matches!(r.outcome, berth::apply::Outcome::Done(_)))
         .map(|r| format!("{}: {:?}", r.step.key, r.outcome))
@@ -179,7 +184,7 @@ fn main() {
         .build()
         .unwrap();
     runtime
-        .block_on(DockerBackend::connect("bench"))
+        .block_on(reconcile::connect("bench"))
         .expect("a Docker Engine answers");
     let docker = runtime
         .block_on(Docker::connect_with_defaults().unwrap().negotiate_version())

@@ -7,27 +7,31 @@
 //! (git server or engine down) marks the agent not ready and retries with backoff; a status push
 //! that fails is retried on the next pass, so no status is lost.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::apply::{Outcome, StepReport};
-use crate::backend::docker::{self, ChallengeTemplate, DockerBackend};
-use crate::descriptor::{self, LoadOptions, ObjectRef};
+use crate::apply::StepReport;
+use crate::backend::{Desired, Engines};
+use crate::config::{AgentConfig, ConfigError, Secrets};
+use crate::descriptor::{self, LoadOptions};
 use crate::metrics::Metrics;
-use crate::plan::{self, DesiredObject, Policy};
-use crate::reconcile::{Work, apply_plan};
+use crate::plan::{Health, Policy};
+use crate::reconcile::{self, ApplyOptions};
 use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
 use crate::status::{self, PassRecord, PassResult, StatusSet, short_revision};
 use crate::triggers::{self, Trigger, TriggerSender};
-use crate::config::{AgentConfig, ConfigError, Secrets};
 
 /// Longest wait between retries after transient failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest wait for another berth's apply lock before the pass counts as transient and is retried:
+/// short, so the agent's loop (and its webhooks) are never held for long.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait between checks of objects still settling.
+const MAX_RECHECK: Duration = Duration::from_secs(30);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +64,10 @@ pub enum AgentError {
 /// no reload.
 struct Current {
     revision: String,
-    /// The checkout the revision was loaded from (build contexts are read from it).
+    /// The checkout the revision was loaded from (build contexts are read from it). It always holds
+    /// this revision: a rejected revision is checked out only while it is loaded.
     root: std::path::PathBuf,
-    desired: Vec<DesiredObject>,
-    templates: Vec<ChallengeTemplate>,
-    spec_hashes: HashMap<ObjectRef, String>,
+    desired: Desired,
 }
 
 /// How a pass ended, for logs and metrics.
@@ -95,7 +98,7 @@ struct Agent {
     metrics: Metrics,
     shared: Arc<Shared>,
     sender: TriggerSender,
-    backend: Option<DockerBackend>,
+    engines: Option<Engines>,
     current: Option<Current>,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
@@ -106,6 +109,9 @@ struct Agent {
     status_read: bool,
     backoff: Duration,
     retry_scheduled: Arc<AtomicBool>,
+    /// Delay before the next check of settling objects; grows while they keep settling.
+    recheck: Duration,
+    recheck_scheduled: Arc<AtomicBool>,
 }
 
 /// Runs the agent until `shutdown` resolves: then finishes the pass in progress, pushes status and
@@ -183,13 +189,15 @@ pub async fn run(
         metrics,
         shared,
         sender,
-        backend: None,
+        engines: None,
         current: None,
         last_content: None,
         published: None,
         status_read: false,
         backoff: Duration::from_secs(1),
         retry_scheduled: Arc::new(AtomicBool::new(false)),
+        recheck: Duration::from_secs(1),
+        recheck_scheduled: Arc::new(AtomicBool::new(false)),
     };
     let mut notified_ready = false;
     loop {
@@ -239,7 +247,7 @@ impl Agent {
         let names: Vec<&str> = batch.iter().map(Trigger::name).collect();
         let outcome = async {
             tracing::debug!(triggers = ?names, "pass starts");
-            self.run_pass().await
+            self.run_pass(batch.contains(&Trigger::Recheck)).await
         }
         .instrument(span)
         .await;
@@ -278,10 +286,17 @@ impl Agent {
         });
     }
 
-    async fn run_pass(&mut self) -> PassOutcome {
+    async fn run_pass(&mut self, recheck: bool) -> PassOutcome {
         let source = self.source.clone();
         let revision = match blocking(move || source.fetch()).await {
             Ok(revision) => revision,
+            Err(error @ SourceError::NoBranch { .. }) => {
+                // Deleted on the server: what runs keeps running, and everyone is told.
+                tracing::error!(%error, "the followed branch is gone; what runs is left as it is");
+                self.transient(error.to_string());
+                self.publish().await;
+                return PassOutcome::Transient;
+            }
             Err(error) => {
                 tracing::warn!(%error, "fetch failed; the running state is left as it is");
                 self.degraded(error.to_string());
@@ -302,7 +317,7 @@ impl Agent {
             }
         };
         let moved = self.last_content.as_deref() != Some(content.as_str());
-        if !moved && (!self.config.drift_check || self.current.is_none()) {
+        if !moved && (!(self.config.drift_check || recheck) || self.current.is_none()) {
             self.ready();
             self.publish().await;
             return PassOutcome::Unchanged;
@@ -358,14 +373,21 @@ impl Agent {
         }
     }
 
-    /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status.
+    /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status;
+    /// the checkout is then put back at the applied revision, so drift correction and retries
+    /// build from what is applied, never from the rejected revision.
     async fn load(&mut self, revision: &str) -> Result<Option<Current>, SourceError> {
         let source = self.source.clone();
         let at = revision.to_string();
+        let applied = self.current.as_ref().map(|c| c.revision.clone());
         let loaded = blocking(move || {
             source.checkout(&at)?;
-            descriptor::load(source.workdir(), &LoadOptions::default())
-                .map_err(|e| SourceError::Local(e.to_string()))
+            let loaded = descriptor::load(source.workdir(), &LoadOptions::default())
+                .map_err(|e| SourceError::Local(e.to_string()))?;
+            if let (false, Some(applied)) = (loaded.is_valid(), applied) {
+                source.checkout(&applied)?;
+            }
+            Ok(loaded)
         })
         .await?;
         if !loaded.is_valid() {
@@ -384,89 +406,84 @@ impl Agent {
             ));
             return Ok(None);
         }
-        let (desired, templates) = docker::templates(&loaded.descriptors);
-        let spec_hashes = loaded
-            .descriptors
-            .iter()
-            .map(|d| (d.key(), d.spec_hash.clone()))
-            .collect();
+        let desired = reconcile::desired(&loaded, &self.config.instance.to_string());
         // Only the translated form is kept: the typed descriptors are not needed between passes.
         Ok(Some(Current {
             revision: revision.to_string(),
             root: loaded.root,
             desired,
-            templates,
-            spec_hashes,
         }))
     }
 
-    async fn engine(&mut self) -> Result<DockerBackend, String> {
-        if let Some(backend) = &self.backend {
-            return Ok(backend.clone());
+    async fn engines(&mut self) -> Result<Engines, String> {
+        if let Some(engines) = &self.engines {
+            return Ok(engines.clone());
         }
-        let backend = DockerBackend::connect(&self.config.instance.to_string())
+        let engines = reconcile::connect(&self.config.instance.to_string())
             .await
             .map_err(|e| e.to_string())?;
-        self.backend = Some(backend.clone());
-        Ok(backend)
+        self.engines = Some(engines.clone());
+        Ok(engines)
     }
 
     async fn apply_current(&mut self, moved: bool) -> PassOutcome {
-        let backend = match self.engine().await {
-            Ok(backend) => backend,
+        let engines = match self.engines().await {
+            Ok(engines) => engines,
             Err(why) => return self.transient(why),
         };
-        let observed = match self.observe(&backend).await {
-            Ok(observed) => observed,
-            Err(outcome) => return outcome,
-        };
         let current = self.current.as_ref().expect("a loaded revision");
-        let policy = Policy {
-            prune: self.config.prune,
+        let options = ApplyOptions {
+            concurrency: self.config.concurrency,
+            lock_wait: LOCK_WAIT,
+            policy: Policy {
+                prune: self.config.prune,
+            },
         };
-        let plan = plan::diff(&current.desired, &observed, policy);
-        // A drift check that found no drift writes nothing; status may still change (health).
-        let drift_only = !plan.has_changes() && !moved;
-        let (reports, after) = if drift_only {
-            (Vec::new(), observed)
-        } else {
-            self.show_pending(&plan);
-            let work = Work {
-                backend: &backend,
-                templates: &current.templates,
-                root: &current.root,
-            };
-            let metrics = self.metrics.clone();
-            let on_report = |report: &StepReport| {
-                let action = report.step.action.as_str();
-                let (result, detail) = match &report.outcome {
-                    Outcome::Done(done) => ("done", done.as_str()),
-                    Outcome::Failed(why) => ("failed", why.as_str()),
-                    Outcome::Blocked(why) => ("blocked", why.as_str()),
-                };
-                metrics.step(action, result);
-                tracing::info!(object = %report.step.key, action, result, detail, took_ms = report.elapsed.as_millis() as u64, "step");
-            };
-            let wait = self.config.wait.0;
-            let reports = apply_plan(&work, &plan, self.config.concurrency, wait, on_report).await;
-            match self.observe(&backend).await {
-                Ok(after) => (reports, after),
-                Err(outcome) => return outcome,
+        let metrics = self.metrics.clone();
+        let on_report = |report: &StepReport| {
+            let action = report.step.action.as_str();
+            let result = report.outcome.as_str();
+            metrics.step(action, result);
+            tracing::info!(object = %report.step.key, action, result, detail = report.outcome.detail(), took_ms = report.elapsed.as_millis() as u64, "step");
+        };
+        let applied = reconcile::apply(
+            current.desired.clone(),
+            &engines,
+            &current.root,
+            &options,
+            on_report,
+        )
+        .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(error) => {
+                self.engines = None;
+                return self.transient(error.to_string());
             }
         };
+        // A drift check that found no drift wrote nothing; status may still change (health).
+        let drift_only = !applied.planned.plan.has_changes() && !moved;
         let current = self.current.as_ref().expect("a loaded revision");
         self.status = Arc::new(status::after_pass(
             &self.status,
             &PassRecord {
                 revision: &current.revision,
                 now: &now(),
-                desired: &current.desired,
-                spec_hashes: &current.spec_hashes,
-                plan: &plan,
-                reports: &reports,
-                observed: &after,
+                desired: &applied.planned.desired.objects,
+                spec_hashes: &applied.planned.desired.spec_hashes,
+                plan: &applied.planned.plan,
+                reports: &applied.reports,
+                observed: &applied.observed,
             },
         ));
+        if let Some(why) = applied.transient() {
+            // The engine went away mid-pass: nothing is marked failed; the pass is retried.
+            self.engines = None;
+            tracing::warn!(%why, "engine unavailable mid-pass; will retry");
+            self.degraded(why.to_string());
+            return PassOutcome::Transient;
+        }
+        self.schedule_recheck_if_settling();
         match self.status.agent.result {
             _ if drift_only => PassOutcome::Unchanged,
             Some(PassResult::Failed) => PassOutcome::Failed,
@@ -474,29 +491,29 @@ impl Agent {
         }
     }
 
-    /// One engine list call; an engine that does not answer makes the pass transient.
-    async fn observe(
-        &mut self,
-        backend: &DockerBackend,
-    ) -> Result<Vec<plan::ObservedObject>, PassOutcome> {
-        backend.observe().await.map_err(|error| {
-            self.backend = None;
-            self.transient(error.to_string())
-        })
-    }
-
-    /// Shows the steps about to run as pending phases in the API's status.
-    fn show_pending(&self, plan: &plan::Plan) {
-        let mut shown = StatusSet::clone(&self.status);
-        for step in &plan.steps {
-            if let (Some(pending), Some(object)) = (
-                status::Phase::pending_for(step.action),
-                shown.objects.get_mut(&step.key),
-            ) {
-                object.phase = Some(pending);
-            }
+    /// Objects still starting (a health check not yet passed) are checked again soon, with a
+    /// growing delay, instead of holding the pass until they settle.
+    fn schedule_recheck_if_settling(&mut self) {
+        let settling = self
+            .status
+            .objects
+            .values()
+            .any(|o| o.phase.is_some() && o.health == Health::Progressing);
+        if !settling {
+            self.recheck = Duration::from_secs(1);
+            return;
         }
-        *self.shared.status.write().expect("lock") = Arc::new(shown);
+        let delay = self.recheck;
+        self.recheck = (self.recheck * 2).min(MAX_RECHECK);
+        if self.recheck_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (sender, flag) = (self.sender.clone(), self.recheck_scheduled.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            flag.store(false, Ordering::SeqCst);
+            sender.send(Trigger::Recheck);
+        });
     }
 
     fn transient(&mut self, why: String) -> PassOutcome {

@@ -3,12 +3,15 @@
 //! People push YAML descriptors to a config repo; berth loads them ([`descriptor`]), compares
 //! what they ask for with what runs ([`plan`]), and makes the engines match ([`backend`]).
 //!
-//! One pass, top-down:
-//! 1. [`descriptor::load`]: every descriptor under a folder, or every problem, placed;
-//! 2. `Backend::observe`: what the engine runs that this berth instance owns;
-//! 3. [`plan::diff`]: a pure comparison of the two, step by step with reasons;
-//! 4. `Backend::apply`: the steps, in dependency order, bounded, one failure not stopping the rest;
-//! 5. [`status`]: what was seen and done, committed back to the repo by [`source`].
+//! One pass, top-down ([`reconcile`], the same for every driver):
+//! 1. load: [`descriptor::load`], every descriptor under a folder, or every problem, placed;
+//! 2. observe: [`backend::Engines::observe`], what the engines run that this instance owns (or,
+//!    for a pull request's plan, the status an agent committed);
+//! 3. resolve: [`reconcile::resolve`], references between descriptors (`fromPipeline`);
+//! 4. diff: [`plan::diff`], a pure comparison of the two, step by step with reasons;
+//! 5. apply: [`apply::execute`] runs the steps through [`backend::Engines::apply`], each as soon as
+//!    its dependencies are done, under the instance's lock in the engine;
+//! 6. outcome: [`status::after_pass`], what was seen and done, committed back by [`source`].
 //!
 //! `berth apply` runs one pass over a folder. The [`agent`] runs passes for ever: it follows a git
 //! repo ([`source`]), wakes on [`triggers`] (cron, [`webhook`]s through the [`server`], file

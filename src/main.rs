@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use berth::apply::{Outcome, StepReport};
 use berth::descriptor::{self, LoadOptions, load::DEFAULT_MAX_FILE_SIZE};
-use berth::plan::Action;
-use berth::reconcile::{self, ReconcileError};
+use berth::plan::{Action, Policy};
+use berth::reconcile::{self, ApplyOptions, Observer, PassError};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// berth makes running infrastructure match a git repository of YAML descriptors.
@@ -70,6 +70,9 @@ enum Command {
         /// Most steps applied at once.
         #[arg(long, env = "BERTH_CONCURRENCY", default_value_t = 8)]
         concurrency: usize,
+        /// Longest wait for another berth applying to the same instance on this engine.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        lock_wait: std::time::Duration,
     },
     /// Run as a long-lived agent: follow a git repo, reconcile on a schedule, webhook, file change or
     /// API call, and commit status back to the repo.
@@ -202,12 +205,22 @@ fn main() -> ExitCode {
             load,
             wait,
             concurrency,
-        } => run_async(apply(&dir, &target, &load.options(), wait, concurrency)),
+            lock_wait,
+        } => {
+            let options = ApplyOptions {
+                concurrency,
+                lock_wait,
+                policy: Policy {
+                    prune: target.prune,
+                },
+            };
+            run_async(apply(&dir, &target, &load.options(), wait, &options))
+        }
         Command::Schema { out } => write_schemas(&out),
     }
 }
 
-fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+fn run_async<T>(future: impl std::future::Future<Output = T>) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -215,27 +228,22 @@ fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     runtime.block_on(future)
 }
 
-fn target(flags: &TargetFlags) -> reconcile::Target {
-    reconcile::Target {
-        instance: flags.instance.clone(),
-        prune: flags.prune,
-    }
-}
-
-/// Plans, printing why when it cannot: problems as `validate` prints them, or the engine's error.
-async fn make_plan(
+/// Loads `dir` and connects to the engines, printing why when either cannot be done.
+async fn load_and_connect(
     dir: &std::path::Path,
     flags: &TargetFlags,
     options: &LoadOptions,
-) -> Result<reconcile::Planned, ExitCode> {
-    reconcile::plan(dir, options, &target(flags))
+) -> Result<(descriptor::Loaded, berth::backend::Engines), ExitCode> {
+    let loaded = reconcile::load(dir, options).map_err(unplannable)?;
+    let engines = reconcile::connect(&flags.instance)
         .await
-        .map_err(unplannable)
+        .map_err(|e| unplannable(e.into()))?;
+    Ok((loaded, engines))
 }
 
 /// Prints why a repo cannot be planned: its problems as `validate` prints them, or the error.
-fn unplannable(error: ReconcileError) -> ExitCode {
-    if let ReconcileError::Invalid(problems) = &error {
+fn unplannable(error: PassError) -> ExitCode {
+    if let PassError::Invalid(problems) = &error {
         for problem in problems {
             println!("{problem}");
         }
@@ -311,7 +319,7 @@ fn plan_against_status(
     flags: &TargetFlags,
     options: &LoadOptions,
 ) -> ExitCode {
-    let loaded = match reconcile::load_valid(dir, options) {
+    let loaded = match reconcile::load(dir, options) {
         Ok(loaded) => loaded,
         Err(error) => return unplannable(error),
     };
@@ -326,13 +334,14 @@ fn plan_against_status(
         );
         return ExitCode::from(1);
     }
-    let (desired, _) = berth::backend::docker::templates(&loaded.descriptors);
-    let plan = berth::plan::diff(
-        &desired,
-        &status.observed(),
-        berth::plan::Policy { prune: flags.prune },
-    );
-    print_plan(&plan, format)
+    let desired = reconcile::desired(&loaded, &flags.instance);
+    let policy = Policy { prune: flags.prune };
+    run_async(async {
+        match reconcile::plan(desired, Observer::Status(&status), policy).await {
+            Ok(planned) => print_plan(&planned.plan, format),
+            Err(error) => unplannable(error.into()),
+        }
+    })
 }
 
 fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
@@ -385,11 +394,16 @@ async fn plan(
     flags: &TargetFlags,
     options: &LoadOptions,
 ) -> ExitCode {
-    let planned = match make_plan(dir, flags, options).await {
-        Ok(planned) => planned,
+    let (loaded, engines) = match load_and_connect(dir, flags, options).await {
+        Ok(ready) => ready,
         Err(code) => return code,
     };
-    print_plan(&planned.plan, format)
+    let desired = reconcile::desired(&loaded, &flags.instance);
+    let policy = Policy { prune: flags.prune };
+    match reconcile::plan(desired, Observer::Engines(&engines), policy).await {
+        Ok(planned) => print_plan(&planned.plan, format),
+        Err(error) => unplannable(error.into()),
+    }
 }
 
 async fn apply(
@@ -397,63 +411,81 @@ async fn apply(
     flags: &TargetFlags,
     options: &LoadOptions,
     wait: std::time::Duration,
-    concurrency: usize,
+    apply_options: &ApplyOptions,
 ) -> ExitCode {
-    let planned = match make_plan(dir, flags, options).await {
-        Ok(planned) => planned,
+    let (loaded, engines) = match load_and_connect(dir, flags, options).await {
+        Ok(ready) => ready,
         Err(code) => return code,
     };
-    let plan = &planned.plan;
-    let width = plan
-        .steps
+    let desired = reconcile::desired(&loaded, &flags.instance);
+    let width = desired
+        .objects
         .iter()
-        .map(|s| s.key.to_string().len())
+        .map(|o| o.key.to_string().len())
         .max()
         .unwrap_or(0);
     let print = |report: &StepReport| {
-        let (verdict, detail) = match &report.outcome {
-            Outcome::Done(done) => ("done", done.as_str()),
-            Outcome::Failed(why) => ("FAILED", why.as_str()),
-            Outcome::Blocked(why) => ("blocked", why.as_str()),
+        let verdict = match &report.outcome {
+            Outcome::Done(_) => "done".to_string(),
+            other => other.as_str().to_uppercase(),
         };
-        let action = report.step.action.as_str();
         println!(
-            "{:<width$}  {action:<7} {verdict}: {detail} ({:.1}s)",
+            "{:<width$}  {:<7} {verdict}: {} ({:.1}s)",
             report.step.key.to_string(),
+            report.step.action.as_str(),
+            report.outcome.detail(),
             report.elapsed.as_secs_f64()
         );
     };
-    let reports = reconcile::apply(&planned, concurrency, wait, print).await;
-    let failures: Vec<&StepReport> = reports
+    let mut applied =
+        match reconcile::apply(desired, &engines, &loaded.root, apply_options, print).await {
+            Ok(applied) => applied,
+            Err(error) => return unplannable(error.into()),
+        };
+    let unhealthy = match wait.is_zero() {
+        true => reconcile::unhealthy(&applied.planned, &applied.observed, false),
+        false => reconcile::settle(&mut applied, &engines, wait).await,
+    };
+    let done = |action: Action| {
+        applied
+            .reports
+            .iter()
+            .filter(|r| r.step.action == action && matches!(r.outcome, Outcome::Done(_)))
+            .count()
+    };
+    let failures: Vec<&StepReport> = applied
+        .reports
         .iter()
         .filter(|r| !matches!(r.outcome, Outcome::Done(_)))
         .collect();
-    let summary = plan.summary();
+    let summary = applied.planned.plan.summary();
     println!(
-        "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed",
-        summary.create,
-        summary.update,
-        summary.delete,
-        summary.start,
-        summary.stop,
+        "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed, {} unhealthy",
+        done(Action::Create),
+        done(Action::Update),
+        done(Action::Delete),
+        done(Action::Start),
+        done(Action::Stop),
         summary.unchanged,
-        failures.len()
+        failures.len(),
+        unhealthy.len(),
     );
-    for step in plan
+    for step in applied
+        .planned
+        .plan
         .steps
         .iter()
-        .filter(|s| matches!(s.action, Action::Orphan | Action::Skip))
+        .filter(|s| matches!(s.action, Action::Orphan | Action::Skip | Action::Wait))
     {
         println!("{}: {}", step.key, step.reasons.join("; "));
     }
     for failure in &failures {
-        let why = match &failure.outcome {
-            Outcome::Failed(why) | Outcome::Blocked(why) => why.as_str(),
-            Outcome::Done(_) => "",
-        };
-        println!("failed: {}: {why}", failure.step.key);
+        println!("failed: {}: {}", failure.step.key, failure.outcome.detail());
     }
-    if failures.is_empty() {
+    for (key, why) in &unhealthy {
+        println!("unhealthy: {key}: {why}");
+    }
+    if failures.is_empty() && unhealthy.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -1,29 +1,70 @@
 //! The plan: what must change to turn observed state into desired state, one step per object, each
 //! with its reasons.
 //!
-//! [`diff`] is a pure function. Backends describe each object as *members* (one per container
-//! slot: each replica, each sidecar), each with the hash of its own template and its spec as JSON
-//! for explaining changes. Comparing members rather than whole objects means a changed sidecar
-//! replaces only that sidecar, and leftovers of an interrupted apply (two containers in one slot)
-//! are seen and cleaned. Rendering (text, markdown, JSON) lives here too; nothing here does I/O.
+//! [`diff`] is a pure function over every kind. Backends describe each object as *parts*: a
+//! container slot (each replica, each sidecar), a Kubernetes object, a pipeline run. Each part has
+//! the hash of its own template and its spec as JSON for explaining changes. Comparing parts rather
+//! than whole objects means a changed sidecar replaces only that sidecar, and leftovers of an
+//! interrupted apply (two containers in one slot) are seen and cleaned. The words of the reasons
+//! ("container missing", "object missing") come from the backend through [`Vocabulary`].
+//! Rendering (text, markdown, JSON) lives here too; nothing here does I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::descriptor::ObjectRef;
 
-/// One container slot an object should have.
+/// What an object should be doing once applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetState {
+    /// Its parts exist and run.
+    Running,
+    /// Its parts exist and are stopped (a Challenge's `state: stopped`).
+    Stopped,
+    /// Its workloads are scaled to zero and its volumes kept (a Staging's `state: archived`).
+    Archived,
+}
+
+/// The words a backend's reasons use for its parts: "container missing", "object missing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vocabulary {
+    /// What one part is called.
+    pub part: &'static str,
+}
+
+impl Vocabulary {
+    /// Parts that are containers.
+    pub const CONTAINER: Vocabulary = Vocabulary { part: "container" };
+}
+
+/// One part an object should have.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Member {
-    /// The slot: `main-1`, `main-2`, `sidecar-db`.
-    pub slot: String,
-    /// Hash of the slot's template; a different hash means the container is replaced.
+pub struct Part {
+    /// Which part: `main-1`, `sidecar-db`, `Deployment/web`.
+    pub id: String,
+    /// Hash of the part's template; a different hash means the part is replaced.
     pub hash: String,
-    /// The slot's spec, for explaining changes (secrets only as references).
+    /// The part's spec, for explaining changes (secrets only as references).
     pub spec: Value,
+    /// Keyed digests of the part's secret values, by secret name; `None` where they cannot be
+    /// known (a plan against committed status has no secrets), and then they are not compared.
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// Whether the part runs once and exits (`restart: no`): an exited one-shot is done, not stopped.
+    pub one_shot: bool,
+}
+
+/// Why an object is held back from this pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    /// No backend here applies it: never applied.
+    Skip(String),
+    /// It needs something that is not there yet (the image a Pipeline has not produced): applied
+    /// once it is.
+    Wait(String),
 }
 
 /// What an object should be.
@@ -31,22 +72,24 @@ pub struct Member {
 pub struct DesiredObject {
     /// `Kind/name`.
     pub key: ObjectRef,
-    /// Whether its containers should run (`state: running`).
-    pub run: bool,
-    /// Its container slots.
-    pub members: Vec<Member>,
+    /// What its parts should be doing.
+    pub target: TargetState,
+    /// Its parts.
+    pub parts: Vec<Part>,
     /// Objects that must be applied first.
     pub dependencies: Vec<ObjectRef>,
-    /// Whether new containers can start before old ones stop (no published host port clashes).
+    /// Whether new parts can start before old ones stop (no published host port clashes).
     pub start_first: bool,
-    /// Why it cannot be applied by any backend here, if so.
-    pub skip: Option<String>,
+    /// Why it is not applied in this pass, if so.
+    pub hold: Option<Hold>,
+    /// The words its reasons use.
+    pub words: Vocabulary,
 }
 
-/// Health of an object or container, as berth reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+/// Health of an object or part, as berth reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Health {
-    /// Running and passing its health check (or running with none).
+    /// Running and passing its health check (or running with none; or a one-shot that succeeded).
     Healthy,
     /// Starting, or its health check has not passed yet.
     Progressing,
@@ -58,21 +101,39 @@ pub enum Health {
     Unknown,
 }
 
-/// One container berth owns, as the engine reports it.
+/// What a part is doing, as observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartState {
+    /// Running (or restarting).
+    Running,
+    /// Made but not running.
+    Stopped,
+    /// Scaled to zero with its volumes kept.
+    Archived,
+    /// A one-shot that ran and exited; see its health for how.
+    Completed,
+}
+
+/// One part berth owns, as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ObservedMember {
+pub struct ObservedPart {
     /// The engine's name for it.
     pub name: String,
-    /// The slot it fills.
-    pub slot: String,
+    /// Which part it is.
+    pub id: String,
     /// Hash of the template it was made from.
     pub hash: String,
     /// The spec it was made from.
     pub spec: Value,
-    /// Whether it runs.
-    pub running: bool,
+    /// Keyed digests of the secret values it was made with; `None` when not recorded.
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// What it is doing.
+    pub state: PartState,
     /// Its health.
     pub health: Health,
+    /// Why it is not healthy, in the engine's words (`exited with code 1`), when known.
+    pub detail: Option<String>,
 }
 
 /// What the engine runs for one object.
@@ -80,8 +141,8 @@ pub struct ObservedMember {
 pub struct ObservedObject {
     /// `Kind/name`.
     pub key: ObjectRef,
-    /// Its containers.
-    pub members: Vec<ObservedMember>,
+    /// Its parts.
+    pub parts: Vec<ObservedPart>,
 }
 
 /// What a step does.
@@ -90,20 +151,26 @@ pub struct ObservedObject {
 pub enum Action {
     /// Make what is missing.
     Create,
-    /// Replace containers whose template changed.
+    /// Replace parts whose template changed.
     Update,
     /// Remove what the repo no longer declares (`--prune`).
     Delete,
-    /// Start stopped containers.
+    /// Start stopped parts.
     Start,
-    /// Stop running containers.
+    /// Stop running parts.
     Stop,
+    /// Scale workloads to zero, keeping volumes.
+    Archive,
+    /// Bring archived workloads back.
+    Restore,
     /// Nothing to do.
     Noop,
     /// Owned but no longer declared; kept because prune is off.
     Orphan,
     /// Declared but not applicable here.
     Skip,
+    /// Declared, but waits for something not there yet.
+    Wait,
 }
 
 impl Action {
@@ -111,7 +178,13 @@ impl Action {
     pub fn changes(self) -> bool {
         matches!(
             self,
-            Action::Create | Action::Update | Action::Delete | Action::Start | Action::Stop
+            Action::Create
+                | Action::Update
+                | Action::Delete
+                | Action::Start
+                | Action::Stop
+                | Action::Archive
+                | Action::Restore
         )
     }
 
@@ -123,20 +196,24 @@ impl Action {
             Action::Delete => "delete",
             Action::Start => "start",
             Action::Stop => "stop",
+            Action::Archive => "archive",
+            Action::Restore => "restore",
             Action::Noop => "noop",
             Action::Orphan => "orphan",
             Action::Skip => "skip",
+            Action::Wait => "wait",
         }
     }
 }
 
-/// How an update replaces containers.
+/// How an update replaces parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Replacement {
-    /// Start the new container, then remove the old one.
+    /// Start the new part, then remove the old one.
     StartFirst,
-    /// Stop the old container first (its host ports are needed by the new one).
+    /// Stop the old part first (its host ports are needed by the new one); restart it if the new
+    /// one cannot start.
     StopFirst,
 }
 
@@ -150,7 +227,7 @@ pub struct Step {
     pub action: Action,
     /// Why.
     pub reasons: Vec<String>,
-    /// For updates: how containers are replaced.
+    /// For updates: how parts are replaced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replacement: Option<Replacement>,
     /// Objects whose steps must succeed first.
@@ -159,6 +236,9 @@ pub struct Step {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub dependencies: Vec<ObjectRef>,
+    /// Whether the object runs but is not healthy (a `noop` that is not fine).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unhealthy: bool,
 }
 
 fn as_string<S: serde::Serializer>(key: &ObjectRef, serializer: S) -> Result<S::Ok, S::Error> {
@@ -192,8 +272,9 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         observed.iter().map(|o| (&o.key, o)).collect();
     let mut steps = Vec::new();
     for object in desired {
-        let (action, reasons) = match &object.skip {
-            Some(reason) => (Action::Skip, vec![reason.clone()]),
+        let (action, reasons) = match &object.hold {
+            Some(Hold::Skip(reason)) => (Action::Skip, vec![reason.clone()]),
+            Some(Hold::Wait(reason)) => (Action::Wait, vec![reason.clone()]),
             None => compare(object, observed_by_key.get(&object.key).copied()),
         };
         let replacement = (action == Action::Update).then_some(if object.start_first {
@@ -201,12 +282,14 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         } else {
             Replacement::StopFirst
         });
+        let unhealthy = action == Action::Noop && !reasons.is_empty();
         steps.push(Step {
             key: object.key.clone(),
             action,
             reasons,
             replacement,
             dependencies: object.dependencies.clone(),
+            unhealthy,
         });
     }
     let declared: BTreeSet<&ObjectRef> = desired.iter().map(|d| &d.key).collect();
@@ -225,6 +308,7 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
             reasons: vec![reason],
             replacement: None,
             dependencies: Vec::new(),
+            unhealthy: false,
         });
     }
     steps.sort_by(|a, b| a.key.cmp(&b.key));
@@ -232,38 +316,46 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
 }
 
 fn compare(desired: &DesiredObject, observed: Option<&ObservedObject>) -> (Action, Vec<String>) {
-    let Some(observed) = observed.filter(|o| !o.members.is_empty()) else {
-        return (Action::Create, vec!["container missing".into()]);
+    let noun = desired.words.part;
+    let Some(observed) = observed.filter(|o| !o.parts.is_empty()) else {
+        return (Action::Create, vec![format!("{noun} missing")]);
     };
-    let mut by_slot: BTreeMap<&str, Vec<&ObservedMember>> = BTreeMap::new();
-    for member in &observed.members {
-        by_slot
-            .entry(member.slot.as_str())
-            .or_default()
-            .push(member);
+    let mut by_id: BTreeMap<&str, Vec<&ObservedPart>> = BTreeMap::new();
+    for part in &observed.parts {
+        by_id.entry(part.id.as_str()).or_default().push(part);
     }
     let mut changed = Vec::new();
     let mut missing = Vec::new();
-    for member in &desired.members {
-        let present = by_slot
-            .get(member.slot.as_str())
+    for part in &desired.parts {
+        let present = by_id
+            .get(part.id.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let same =
+            |seen: &ObservedPart| seen.hash == part.hash && secrets_changed(part, seen).is_empty();
         match present {
-            [] => missing.push(member.slot.clone()),
-            [one] if one.hash == member.hash => {}
-            several if several.iter().any(|m| m.hash == member.hash) => {
+            [] => missing.push(part.id.clone()),
+            [one] if same(one) => {}
+            several if several.iter().any(|seen| same(seen)) => {
                 changed.push(format!(
-                    "{}: leftover containers from an interrupted apply",
-                    member.slot
+                    "{}: leftover {noun}s from an interrupted apply",
+                    part.id
                 ));
             }
-            [old, ..] => changed.extend(explain(&member.slot, &old.spec, &member.spec)),
+            [old, ..] => {
+                if old.hash != part.hash {
+                    changed.extend(explain(&part.id, &old.spec, &part.spec));
+                }
+                let prefix = part_prefix(&part.id);
+                for name in secrets_changed(part, old) {
+                    changed.push(format!("{prefix}secret {name} changed"));
+                }
+            }
         }
     }
-    let desired_slots: BTreeSet<&str> = desired.members.iter().map(|m| m.slot.as_str()).collect();
-    for slot in by_slot.keys().filter(|slot| !desired_slots.contains(*slot)) {
-        changed.push(format!("{slot} removed"));
+    let desired_ids: BTreeSet<&str> = desired.parts.iter().map(|p| p.id.as_str()).collect();
+    for id in by_id.keys().filter(|id| !desired_ids.contains(*id)) {
+        changed.push(format!("{id} removed"));
     }
     if !changed.is_empty() {
         let mut reasons = Vec::new();
@@ -277,28 +369,68 @@ fn compare(desired: &DesiredObject, observed: Option<&ObservedObject>) -> (Actio
     if !missing.is_empty() {
         return (
             Action::Create,
-            vec![format!("container missing: {}", missing.join(", "))],
+            vec![format!("{noun} missing: {}", missing.join(", "))],
         );
     }
-    let any_running = observed.members.iter().any(|m| m.running);
-    let all_running = observed.members.iter().all(|m| m.running);
-    match (desired.run, any_running, all_running) {
-        (true, _, false) => (Action::Start, vec!["container stopped".into()]),
-        (false, true, _) => (Action::Stop, vec!["state: stopped".into()]),
-        _ => (Action::Noop, Vec::new()),
+    let states: Vec<PartState> = observed.parts.iter().map(|p| p.state).collect();
+    let any = |state: PartState| states.contains(&state);
+    match desired.target {
+        TargetState::Running if any(PartState::Archived) => {
+            (Action::Restore, vec!["archived; state: running".into()])
+        }
+        TargetState::Running if any(PartState::Stopped) => {
+            (Action::Start, vec![format!("{noun} stopped")])
+        }
+        TargetState::Stopped if any(PartState::Running) => {
+            (Action::Stop, vec!["state: stopped".into()])
+        }
+        TargetState::Archived if any(PartState::Running) || any(PartState::Stopped) => {
+            (Action::Archive, vec!["state: archived".into()])
+        }
+        _ => (Action::Noop, unwell(desired.target, observed)),
     }
 }
 
-/// Why a slot's template changed, field by field: `image changed: a→b`, `ports changed: 10001→10002`.
-fn explain(slot: &str, old: &Value, new: &Value) -> Vec<String> {
+/// Why an object that needs no change is still not fine: each part that is not healthy.
+fn unwell(target: TargetState, observed: &ObservedObject) -> Vec<String> {
+    if target != TargetState::Running {
+        return Vec::new();
+    }
+    observed
+        .parts
+        .iter()
+        .filter(|p| matches!(p.health, Health::Degraded | Health::Missing))
+        .map(|p| match &p.detail {
+            Some(detail) => format!("{} is {:?}: {detail}", p.id, p.health),
+            None => format!("{} is {:?}", p.id, p.health),
+        })
+        .collect()
+}
+
+/// Names of the secrets whose values differ, when both sides know them.
+fn secrets_changed<'a>(part: &'a Part, seen: &'a ObservedPart) -> Vec<&'a str> {
+    let (Some(want), Some(have)) = (&part.secrets, &seen.secrets) else {
+        return Vec::new();
+    };
+    want.iter()
+        .filter(|(name, digest)| have.get(*name).is_some_and(|d| d != *digest))
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+fn part_prefix(id: &str) -> String {
+    id.strip_prefix("sidecar-")
+        .map(|name| format!("sidecar {name}: "))
+        .unwrap_or_default()
+}
+
+/// Why a part's template changed, field by field: `image changed: a→b`, `ports changed: 10001→10002`.
+fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
     let empty = serde_json::Map::new();
     let old_fields = old.as_object().unwrap_or(&empty);
     let new_fields = new.as_object().unwrap_or(&empty);
     let keys: BTreeSet<&String> = old_fields.keys().chain(new_fields.keys()).collect();
-    let prefix = slot
-        .strip_prefix("sidecar-")
-        .map(|name| format!("sidecar {name}: "))
-        .unwrap_or_default();
+    let prefix = part_prefix(id);
     let mut reasons = Vec::new();
     for key in keys {
         let (before, after) = (old_fields.get(key), new_fields.get(key));
@@ -370,7 +502,7 @@ fn changed_keys(before: Option<&Value>, after: Option<&Value>) -> String {
     keys.into_iter().cloned().collect::<Vec<_>>().join(", ")
 }
 
-/// Counts of steps by outcome, for the summary line.
+/// Counts of steps by action, for the summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
     /// Steps that create.
@@ -383,12 +515,20 @@ pub struct Summary {
     pub start: usize,
     /// Steps that stop.
     pub stop: usize,
-    /// Objects that need nothing.
+    /// Steps that archive.
+    pub archive: usize,
+    /// Steps that restore.
+    pub restore: usize,
+    /// Objects that need nothing and are healthy.
     pub unchanged: usize,
+    /// Objects that need no change but are not healthy.
+    pub unhealthy: usize,
     /// Objects owned but no longer declared, kept.
     pub orphaned: usize,
     /// Objects that cannot be applied here.
     pub skipped: usize,
+    /// Objects waiting for something not there yet.
+    pub waiting: usize,
 }
 
 impl Plan {
@@ -401,39 +541,59 @@ impl Plan {
     pub fn summary(&self) -> Summary {
         let mut summary = Summary::default();
         for step in &self.steps {
-            match step.action {
-                Action::Create => summary.create += 1,
-                Action::Update => summary.update += 1,
-                Action::Delete => summary.delete += 1,
-                Action::Start => summary.start += 1,
-                Action::Stop => summary.stop += 1,
-                Action::Noop => summary.unchanged += 1,
-                Action::Orphan => summary.orphaned += 1,
-                Action::Skip => summary.skipped += 1,
-            }
+            let count = match step.action {
+                Action::Create => &mut summary.create,
+                Action::Update => &mut summary.update,
+                Action::Delete => &mut summary.delete,
+                Action::Start => &mut summary.start,
+                Action::Stop => &mut summary.stop,
+                Action::Archive => &mut summary.archive,
+                Action::Restore => &mut summary.restore,
+                Action::Noop if step.unhealthy => &mut summary.unhealthy,
+                Action::Noop => &mut summary.unchanged,
+                Action::Orphan => &mut summary.orphaned,
+                Action::Skip => &mut summary.skipped,
+                Action::Wait => &mut summary.waiting,
+            };
+            *count += 1;
         }
         summary
     }
 
-    /// `2 to create, 1 to update, 0 to delete, 5 unchanged`, with starts, stops, orphans and
-    /// skips when there are any.
+    /// `2 to create, 1 to update, 0 to delete, 5 unchanged`, with the other counts when there are
+    /// any.
     pub fn summary_line(&self) -> String {
         let s = self.summary();
         let mut line = format!(
             "{} to create, {} to update, {} to delete",
             s.create, s.update, s.delete
         );
-        for (count, what) in [(s.start, "to start"), (s.stop, "to stop")] {
-            if count > 0 {
-                write!(line, ", {count} {what}").expect("write to string");
+        let optional = |line: &mut String, counts: &[(usize, &str)]| {
+            for (count, what) in counts {
+                if *count > 0 {
+                    write!(line, ", {count} {what}").expect("write to string");
+                }
             }
-        }
+        };
+        optional(
+            &mut line,
+            &[
+                (s.start, "to start"),
+                (s.stop, "to stop"),
+                (s.archive, "to archive"),
+                (s.restore, "to restore"),
+            ],
+        );
         write!(line, ", {} unchanged", s.unchanged).expect("write to string");
-        for (count, what) in [(s.orphaned, "orphaned"), (s.skipped, "skipped")] {
-            if count > 0 {
-                write!(line, ", {count} {what}").expect("write to string");
-            }
-        }
+        optional(
+            &mut line,
+            &[
+                (s.unhealthy, "unhealthy"),
+                (s.orphaned, "orphaned"),
+                (s.skipped, "skipped"),
+                (s.waiting, "waiting"),
+            ],
+        );
         line
     }
 
@@ -475,17 +635,18 @@ impl Plan {
         out
     }
 
-    /// A table fit for a pull-request comment.
+    /// A table fit for a pull-request comment. Everything taken from descriptors is escaped, so
+    /// a hostile value cannot inject HTML, links or table cells into the comment.
     pub fn render_markdown(&self) -> String {
         let mut out =
             String::from("### berth plan\n\n| Object | Action | Reason |\n|---|---|---|\n");
         for step in &self.steps {
-            let reason = Self::describe(step).replace('|', "\\|");
             writeln!(
                 out,
-                "| `{}` | {} | {reason} |",
-                step.key,
-                step.action.as_str()
+                "| {} | {} | {} |",
+                markdown_text(&step.key.to_string()),
+                step.action.as_str(),
+                markdown_text(&Self::describe(step))
             )
             .expect("write to string");
         }
@@ -500,6 +661,28 @@ impl Plan {
     }
 }
 
+/// Text as Markdown shows it literally inside a table cell: HTML and Markdown punctuation become
+/// entities or escapes, and line breaks become spaces.
+pub fn markdown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '|' | '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')' | '!' | '#' | '~' | '{' | '}' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' | '\t' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,40 +692,69 @@ mod tests {
         format!("Challenge/{name}").parse().unwrap()
     }
 
-    fn member(slot: &str, hash: &str, spec: Value) -> Member {
-        Member {
-            slot: slot.into(),
+    fn member(id: &str, hash: &str, spec: Value) -> Part {
+        Part {
+            id: id.into(),
             hash: hash.into(),
             spec,
+            secrets: None,
+            one_shot: false,
         }
     }
 
-    fn desired(name: &str, run: bool, members: Vec<Member>) -> DesiredObject {
+    fn desired(name: &str, run: bool, parts: Vec<Part>) -> DesiredObject {
+        let target = if run {
+            TargetState::Running
+        } else {
+            TargetState::Stopped
+        };
+        targeted(name, target, parts)
+    }
+
+    fn targeted(name: &str, target: TargetState, parts: Vec<Part>) -> DesiredObject {
         DesiredObject {
             key: key(name),
-            run,
-            members,
+            target,
+            parts,
             dependencies: vec![],
             start_first: true,
-            skip: None,
+            hold: None,
+            words: Vocabulary::CONTAINER,
         }
     }
 
-    fn seen(slot: &str, hash: &str, spec: Value, running: bool) -> ObservedMember {
-        ObservedMember {
-            name: format!("c-{slot}-{hash}"),
-            slot: slot.into(),
+    fn seen(id: &str, hash: &str, spec: Value, running: bool) -> ObservedPart {
+        let state = if running {
+            PartState::Running
+        } else {
+            PartState::Stopped
+        };
+        in_state(id, hash, spec, state, Health::Healthy)
+    }
+
+    fn in_state(
+        id: &str,
+        hash: &str,
+        spec: Value,
+        state: PartState,
+        health: Health,
+    ) -> ObservedPart {
+        ObservedPart {
+            name: format!("c-{id}-{hash}"),
+            id: id.into(),
             hash: hash.into(),
             spec,
-            running,
-            health: Health::Healthy,
+            secrets: None,
+            state,
+            health,
+            detail: None,
         }
     }
 
-    fn observed(name: &str, members: Vec<ObservedMember>) -> ObservedObject {
+    fn observed(name: &str, parts: Vec<ObservedPart>) -> ObservedObject {
         ObservedObject {
             key: key(name),
-            members,
+            parts,
         }
     }
 
@@ -738,9 +950,206 @@ mod tests {
     }
 
     #[test]
+    fn table_of_target_states_and_health() {
+        let spec = json!({"image": "busybox:1"});
+        let part = || member("main-1", "h1", spec.clone());
+        let at = |state, health| {
+            vec![observed(
+                "a",
+                vec![in_state("main-1", "h1", spec.clone(), state, health)],
+            )]
+        };
+        let one_shot = || Part {
+            one_shot: true,
+            ..part()
+        };
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, DesiredObject, Vec<ObservedObject>, Action, Vec<&str>)> = vec![
+            (
+                "archive a running object",
+                targeted("a", TargetState::Archived, vec![part()]),
+                at(PartState::Running, Health::Healthy),
+                Action::Archive,
+                vec!["state: archived"],
+            ),
+            (
+                "already archived",
+                targeted("a", TargetState::Archived, vec![part()]),
+                at(PartState::Archived, Health::Healthy),
+                Action::Noop,
+                vec![],
+            ),
+            (
+                "restore an archived object",
+                targeted("a", TargetState::Running, vec![part()]),
+                at(PartState::Archived, Health::Healthy),
+                Action::Restore,
+                vec!["archived; state: running"],
+            ),
+            (
+                "a one-shot that completed is done, not stopped",
+                targeted("a", TargetState::Running, vec![one_shot()]),
+                at(PartState::Completed, Health::Healthy),
+                Action::Noop,
+                vec![],
+            ),
+            (
+                "a one-shot that failed is not restarted, and says so",
+                targeted("a", TargetState::Running, vec![one_shot()]),
+                vec![observed(
+                    "a",
+                    vec![ObservedPart {
+                        detail: Some("exited with code 3".into()),
+                        ..in_state(
+                            "main-1",
+                            "h1",
+                            spec.clone(),
+                            PartState::Completed,
+                            Health::Degraded,
+                        )
+                    }],
+                )],
+                Action::Noop,
+                vec!["main-1 is Degraded: exited with code 3"],
+            ),
+            (
+                "running but unhealthy is not unchanged",
+                targeted("a", TargetState::Running, vec![part()]),
+                at(PartState::Running, Health::Degraded),
+                Action::Noop,
+                vec!["main-1 is Degraded"],
+            ),
+            (
+                "progressing is not yet unhealthy",
+                targeted("a", TargetState::Running, vec![part()]),
+                at(PartState::Running, Health::Progressing),
+                Action::Noop,
+                vec![],
+            ),
+        ];
+        for (name, desired, observed, action, reasons) in cases {
+            let (got_action, got_reasons) = only_step(vec![desired], observed, false);
+            assert_eq!(
+                (got_action, got_reasons),
+                (
+                    action,
+                    reasons.into_iter().map(String::from).collect::<Vec<_>>()
+                ),
+                "case: {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn unhealthy_objects_are_counted_apart_from_unchanged_ones() {
+        let spec = json!({});
+        let plan = diff(
+            &[desired(
+                "a",
+                true,
+                vec![member("main-1", "h", spec.clone())],
+            )],
+            &[observed(
+                "a",
+                vec![in_state(
+                    "main-1",
+                    "h",
+                    spec,
+                    PartState::Running,
+                    Health::Degraded,
+                )],
+            )],
+            Policy::default(),
+        );
+        assert!(plan.steps[0].unhealthy);
+        assert_eq!(
+            plan.summary_line(),
+            "0 to create, 0 to update, 0 to delete, 0 unchanged, 1 unhealthy"
+        );
+    }
+
+    #[test]
+    fn a_rotated_secret_replaces_the_part_and_names_only_the_secret() {
+        let spec = json!({"secretEnv": {"FLAG": {"file": "/run/flag"}}});
+        let with = |digest: &str| Part {
+            secrets: Some(BTreeMap::from([("FLAG".to_string(), digest.to_string())])),
+            ..member("main-1", "h1", spec.clone())
+        };
+        let running = |digest: &str| {
+            vec![observed(
+                "a",
+                vec![ObservedPart {
+                    secrets: Some(BTreeMap::from([("FLAG".to_string(), digest.to_string())])),
+                    ..seen("main-1", "h1", spec.clone(), true)
+                }],
+            )]
+        };
+        let (action, reasons) = only_step(
+            vec![desired("a", true, vec![with("new")])],
+            running("old"),
+            false,
+        );
+        assert_eq!(action, Action::Update);
+        assert_eq!(reasons, vec!["secret FLAG changed"]);
+        let (action, _) = only_step(
+            vec![desired("a", true, vec![with("same")])],
+            running("same"),
+            false,
+        );
+        assert_eq!(action, Action::Noop);
+        // A plan with no access to the secrets (against committed status) cannot tell.
+        let (action, _) = only_step(
+            vec![desired(
+                "a",
+                true,
+                vec![member("main-1", "h1", spec.clone())],
+            )],
+            running("old"),
+            false,
+        );
+        assert_eq!(action, Action::Noop);
+    }
+
+    #[test]
+    fn waiting_objects_say_why_and_change_nothing() {
+        let mut object = desired("a", true, vec![]);
+        object.hold = Some(Hold::Wait(
+            "waits for Pipeline/img to produce an image".into(),
+        ));
+        let plan = diff(&[object], &[], Policy::default());
+        assert_eq!(plan.steps[0].action, Action::Wait);
+        assert!(!plan.has_changes());
+        assert_eq!(
+            plan.summary_line(),
+            "0 to create, 0 to update, 0 to delete, 0 unchanged, 1 waiting"
+        );
+    }
+
+    #[test]
+    fn markdown_escapes_everything_taken_from_descriptors() {
+        let hostile = "<img src=x onerror=alert(1)> | [click](http://evil) `code` **bold**\nnext";
+        let mut object = desired("a", true, vec![]);
+        object.hold = Some(Hold::Skip(hostile.into()));
+        let markdown = diff(&[object], &[], Policy::default()).render_markdown();
+        assert!(!markdown.contains("<img"), "{markdown}");
+        assert!(!markdown.contains("](http"), "{markdown}");
+        assert!(
+            markdown.contains("&lt;img src=x onerror=alert\\(1\\)&gt;"),
+            "{markdown}"
+        );
+        let row = markdown.lines().find(|l| l.contains("Challenge")).unwrap();
+        assert_eq!(
+            row.matches(" | ").count(),
+            2,
+            "one row of three cells: {row}"
+        );
+        assert_eq!(markdown.lines().filter(|l| l.starts_with('|')).count(), 3);
+    }
+
+    #[test]
     fn skipped_objects_say_why_and_change_nothing() {
         let mut object = desired("a", true, vec![]);
-        object.skip = Some("skipped (no backend yet)".into());
+        object.hold = Some(Hold::Skip("skipped (no backend yet)".into()));
         let plan = diff(&[object], &[], Policy::default());
         assert_eq!(plan.steps[0].action, Action::Skip);
         assert!(!plan.has_changes());
@@ -788,7 +1197,7 @@ mod tests {
         );
         assert!(
             plan.render_markdown()
-                .contains("| `Challenge/new` | create | container missing |")
+                .contains("| Challenge/new | create | container missing |")
         );
         let json: Value = serde_json::from_str(&plan.render_json()).unwrap();
         assert_eq!(json["summary"]["create"], 1);

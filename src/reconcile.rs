@@ -1,163 +1,278 @@
-//! One reconcile, as the CLI, the benchmarks and (later) the agent run it: load the repo, observe
-//! the engine, plan, and carry the plan out.
+//! One pass, as every driver runs it (`berth plan`, `berth apply`, `berth plan --against-status`,
+//! the agent, the benchmarks): load → observe → resolve → diff → apply → outcome.
 //!
-//! Each stage fails with its own reason ([`ReconcileError`]): an invalid repo needs a fix by the
-//! user, an unreachable engine needs a retry. Printing is the caller's business.
+//! Each stage fails with its own reason: an invalid repo needs a fix by the user
+//! ([`PassError::Invalid`]), an engine that does not answer or is locked by another berth needs a
+//! retry ([`PassError::Engine`]). Applying happens under the instance's lock in the engine, so two
+//! berths (a CLI beside an agent, on any host) never apply at once. Printing and publishing are
+//! the callers' business; so is waiting: [`settle`] is for a foreground command, while the agent
+//! requeues a check instead of holding the pass.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::apply::{Outcome, StepReport, execute};
-use crate::backend::docker::{self, ChallengeTemplate, DockerBackend, EngineError};
-use crate::descriptor::model::RunState;
-use crate::descriptor::{self, LoadError, LoadOptions, Loaded, Problem};
-use crate::plan::{Action, Plan, Policy};
+use crate::backend::{self, Desired, EngineError, Engines, Ownership};
+use crate::descriptor::{self, LoadError, LoadOptions, Loaded, ObjectRef, Problem};
+use crate::plan::{self, Action, Health, Hold, ObservedObject, Plan, Policy, TargetState};
+use crate::status::StatusSet;
 
-/// Why a reconcile stopped before applying anything.
+/// Why a pass stopped before applying anything.
 #[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
+pub enum PassError {
     /// The repo could not be read at all.
     #[error(transparent)]
     Unreadable(#[from] LoadError),
     /// The repo has problems; nothing is applied until they are fixed.
     #[error("the repo has {} problem(s); nothing was planned", .0.len())]
     Invalid(Vec<Problem>),
-    /// The engine cannot be used right now.
+    /// An engine cannot be used right now.
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
-/// Where and how to reconcile.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The berth instance acting.
-    pub instance: String,
-    /// Delete what the repo no longer declares.
-    pub prune: bool,
-}
-
-/// A plan and everything needed to carry it out.
-pub struct Planned {
-    /// The loaded repo.
-    pub loaded: Loaded,
-    /// The engine connection.
-    pub backend: DockerBackend,
-    /// Container templates, by challenge.
-    pub templates: Vec<ChallengeTemplate>,
-    /// The plan.
-    pub plan: Plan,
-}
-
-/// Loads `dir`, or says why it cannot be planned: unreadable, or every problem it has.
-pub fn load_valid(dir: &Path, options: &LoadOptions) -> Result<Loaded, ReconcileError> {
+/// Stage 1, load: the repo at `dir`, or why it cannot be planned (unreadable, or every problem).
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, PassError> {
     let loaded = descriptor::load(dir, options)?;
     if loaded.is_valid() {
         Ok(loaded)
     } else {
-        Err(ReconcileError::Invalid(loaded.problems))
+        Err(PassError::Invalid(loaded.problems))
     }
 }
 
-/// Loads `dir`, observes the engine and plans.
+/// Where observed state comes from: the engines, or the status an agent committed (for a
+/// pull request's plan, with no engine).
+pub enum Observer<'a> {
+    /// The live engines.
+    Engines(&'a Engines),
+    /// Status committed to the repo.
+    Status(&'a StatusSet),
+}
+
+/// A plan, with what it was made from.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// What the revision asks for, resolved.
+    pub desired: Desired,
+    /// What ran when the plan was made.
+    pub observed: Vec<ObservedObject>,
+    /// The steps.
+    pub plan: Plan,
+}
+
+/// Stages 2 to 4, observe → resolve → diff.
 pub async fn plan(
-    dir: &Path,
-    options: &LoadOptions,
-    target: &Target,
-) -> Result<Planned, ReconcileError> {
-    let loaded = load_valid(dir, options)?;
-    let backend = DockerBackend::connect(&target.instance).await?;
-    let observed = backend.observe().await?;
-    let (desired, templates) = docker::templates(&loaded.descriptors);
-    let plan = crate::plan::diff(
-        &desired,
-        &observed,
-        Policy {
-            prune: target.prune,
-        },
-    );
+    mut desired: Desired,
+    observer: Observer<'_>,
+    policy: Policy,
+) -> Result<Planned, EngineError> {
+    let observed = match observer {
+        Observer::Engines(engines) => {
+            engines.seal(&mut desired).await?;
+            let mut observed = engines.observe().await?;
+            engines.diagnose(&mut observed).await;
+            observed
+        }
+        Observer::Status(status) => status.observed(),
+    };
+    resolve(&mut desired, &observed);
+    let plan = plan::diff(&desired.objects, &observed, policy);
     Ok(Planned {
-        loaded,
-        backend,
-        templates,
+        desired,
+        observed,
         plan,
     })
 }
 
-/// Carries out a plan: steps in dependency order, `concurrency` at once; then waits up to `wait`
-/// for started challenges to be healthy, turning those that are not into failures.
+/// Stage 3, resolve: fills in references between descriptors. An object that uses the image of a
+/// Pipeline waits, with that reason, until the Pipeline has produced one. Pipelines have no
+/// backend yet, so nothing is produced: every such object waits.
+pub fn resolve(desired: &mut Desired, _observed: &[ObservedObject]) {
+    for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
+        if let Some(pipeline) = desired.pipeline_references.get(&object.key) {
+            object.hold = Some(Hold::Wait(format!(
+                "waits for {pipeline} to produce an image (Pipelines have no backend yet)"
+            )));
+        }
+    }
+}
+
+/// How to apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Most steps at once.
+    pub concurrency: usize,
+    /// Longest wait for another berth's lock on the engine.
+    pub lock_wait: Duration,
+    /// Delete what the repo no longer declares.
+    pub policy: Policy,
+}
+
+/// A pass that applied: its plan, what each step did, and what runs afterwards.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The plan that was carried out.
+    pub planned: Planned,
+    /// What each changing step did.
+    pub reports: Vec<StepReport>,
+    /// What runs after the pass.
+    pub observed: Vec<ObservedObject>,
+}
+
+impl Applied {
+    /// The engine's trouble, when a step found the engine gone: the pass is then to be retried.
+    pub fn transient(&self) -> Option<&str> {
+        self.reports.iter().find_map(|r| match &r.outcome {
+            Outcome::Transient(why) => Some(why.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// Stages 2 to 6: observe, resolve, diff, apply, and observe again. `root` is the checkout of the
+/// revision `desired` was loaded from; build contexts come from it.
+///
+/// A plan with no changes ends there, with no write to any engine (not even the lock). Otherwise
+/// the instance's lock is taken and the plan made again under it, since another berth may have
+/// applied in between.
 pub async fn apply(
-    planned: &Planned,
-    concurrency: usize,
-    wait: Duration,
+    desired: Desired,
+    engines: &Engines,
+    root: &Path,
+    options: &ApplyOptions,
     on_report: impl FnMut(&StepReport),
-) -> Vec<StepReport> {
-    let work = Work {
-        backend: &planned.backend,
-        templates: &planned.templates,
-        root: &planned.loaded.root,
-    };
-    apply_plan(&work, &planned.plan, concurrency, wait, on_report).await
+) -> Result<Applied, EngineError> {
+    let unlocked = plan(desired.clone(), Observer::Engines(engines), options.policy).await?;
+    if !unlocked.plan.has_changes() {
+        let observed = unlocked.observed.clone();
+        return Ok(Applied {
+            planned: unlocked,
+            reports: Vec::new(),
+            observed,
+        });
+    }
+    let lock = engines.lock(options.lock_wait).await?;
+    let result = apply_locked(desired, engines, root, options, on_report).await;
+    lock.release().await;
+    result
 }
 
-/// What carrying out a plan needs besides the plan: the engine, the templates and the checkout
-/// that build contexts are read from.
-pub struct Work<'a> {
-    /// The engine connection.
-    pub backend: &'a DockerBackend,
-    /// Container templates, by challenge.
-    pub templates: &'a [ChallengeTemplate],
-    /// The repo's root folder.
-    pub root: &'a Path,
-}
-
-/// [`apply`], from parts: the agent keeps the loaded repo and the engine connection apart.
-pub async fn apply_plan(
-    work: &Work<'_>,
-    plan: &Plan,
-    concurrency: usize,
-    wait: Duration,
+async fn apply_locked(
+    desired: Desired,
+    engines: &Engines,
+    root: &Path,
+    options: &ApplyOptions,
     on_report: impl FnMut(&StepReport),
-) -> Vec<StepReport> {
-    let by_key: HashMap<_, _> = work.templates.iter().map(|t| (t.key.clone(), t)).collect();
-    let root = work.root;
-    let backend = work.backend;
-    let mut reports = execute(
-        plan,
-        concurrency,
+) -> Result<Applied, EngineError> {
+    let planned = plan(desired, Observer::Engines(engines), options.policy).await?;
+    if !planned.plan.has_changes() {
+        let observed = planned.observed.clone();
+        return Ok(Applied {
+            planned,
+            reports: Vec::new(),
+            observed,
+        });
+    }
+    let reports = execute(
+        &planned.plan,
+        options.concurrency,
         |step| {
-            let template = by_key.get(&step.key).copied();
-            async move {
-                match (step.action, template) {
-                    (Action::Delete, _) => backend.delete(&step.key).await,
-                    (_, Some(template)) => backend.converge(template, root).await,
-                    (_, None) => Err("no template for this object".to_string()),
-                }
-            }
+            let desired = &planned.desired;
+            async move { engines.apply(&step, desired, root).await }
         },
         on_report,
     )
     .await;
-    let started: Vec<_> = reports
-        .iter()
-        .filter(|r| {
-            matches!(r.outcome, Outcome::Done(_))
-                && !matches!(r.step.action, Action::Delete | Action::Stop)
-        })
-        .filter(|r| {
-            by_key
-                .get(&r.step.key)
-                .is_some_and(|t| t.spec.state == RunState::Running)
-        })
-        .map(|r| r.step.key.clone())
-        .collect();
-    if !wait.is_zero() && !started.is_empty() {
-        let unhealthy = backend.wait_healthy(&started, wait).await;
-        for report in reports.iter_mut() {
-            if let Some(why) = unhealthy.get(&report.step.key) {
-                report.outcome = Outcome::Failed(why.clone());
-            }
+    let mut observed = engines.observe().await?;
+    engines.diagnose(&mut observed).await;
+    Ok(Applied {
+        planned,
+        reports,
+        observed,
+    })
+}
+
+/// Objects meant to run that are not healthy in `observed`, each with why (the parts that are
+/// not, and the engine's detail). Progressing ones are listed only when `progressing` is set.
+pub fn unhealthy(
+    planned: &Planned,
+    observed: &[ObservedObject],
+    progressing: bool,
+) -> BTreeMap<ObjectRef, String> {
+    let by_key: BTreeMap<&ObjectRef, &ObservedObject> =
+        observed.iter().map(|o| (&o.key, o)).collect();
+    let mut unwell = BTreeMap::new();
+    for object in &planned.desired.objects {
+        if object.hold.is_some() || object.target != TargetState::Running {
+            continue;
+        }
+        let Some(seen) = by_key.get(&object.key) else {
+            unwell.insert(object.key.clone(), "no containers".into());
+            continue;
+        };
+        let parts: Vec<String> = seen
+            .parts
+            .iter()
+            .filter(|p| match p.health {
+                Health::Healthy => false,
+                Health::Progressing => progressing,
+                _ => true,
+            })
+            .map(|p| match &p.detail {
+                Some(detail) => format!("{} is {:?}: {detail}", p.id, p.health),
+                None => format!("{} is {:?}", p.id, p.health),
+            })
+            .collect();
+        if !parts.is_empty() {
+            unwell.insert(object.key.clone(), parts.join(", "));
         }
     }
-    reports
+    unwell
+}
+
+/// For a foreground apply: waits up to `limit` for the objects meant to run to be healthy, then
+/// turns each step of an object that is not into a failure with the engine's reason (exit code,
+/// last log lines). Returns the objects that are not healthy and had no step.
+pub async fn settle(
+    applied: &mut Applied,
+    engines: &Engines,
+    limit: Duration,
+) -> BTreeMap<ObjectRef, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let pending = unhealthy(&applied.planned, &applied.observed, true);
+        let progressing = pending.values().any(|why| why.contains("Progressing"));
+        if !progressing || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(observed) = engines.observe().await {
+            applied.observed = observed;
+        }
+    }
+    engines.diagnose(&mut applied.observed).await;
+    let mut unwell = unhealthy(&applied.planned, &applied.observed, true);
+    for report in applied.reports.iter_mut() {
+        let started = !matches!(report.step.action, Action::Delete | Action::Stop);
+        if let (Outcome::Done(_), true, Some(why)) =
+            (&report.outcome, started, unwell.remove(&report.step.key))
+        {
+            report.outcome =
+                Outcome::Failed(format!("not healthy after {}s: {why}", limit.as_secs()));
+        }
+    }
+    unwell
+}
+
+/// The engines for `instance`, with the ownership they act under.
+pub async fn connect(instance: &str) -> Result<Engines, EngineError> {
+    Engines::connect(&Ownership::new(instance)).await
+}
+
+/// Stage 1 and the pure part of the rest, for drivers that keep the loaded revision: the desired
+/// state of `loaded` for `instance`.
+pub fn desired(loaded: &Loaded, instance: &str) -> Desired {
+    backend::desired(&loaded.descriptors, &Ownership::new(instance))
 }

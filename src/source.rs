@@ -276,7 +276,10 @@ impl Source {
         let mut options = FetchOptions::new();
         options
             .remote_callbacks(self.callbacks())
-            .download_tags(AutotagOption::None);
+            .download_tags(AutotagOption::None)
+            // A branch deleted on the server must stop resolving here too, or passes would go on
+            // reporting "unchanged" from a tracking ref that no longer means anything.
+            .prune(git2::FetchPrune::On);
         // A branch missing on the server (a status branch not made yet) is not an error.
         remote
             .fetch(refspecs, Some(&mut options), None)

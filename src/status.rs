@@ -13,7 +13,9 @@ use serde_json::Value;
 
 use crate::apply::{Outcome, StepReport};
 use crate::descriptor::{Kind, ObjectRef, Problem, yaml};
-use crate::plan::{Action, DesiredObject, Health, ObservedMember, ObservedObject, Plan};
+use crate::plan::{
+    Action, DesiredObject, Health, ObservedObject, ObservedPart, PartState, Plan, TargetState,
+};
 
 /// Where an object is in its life, after DM/octopod: pending phases while a step runs, settled
 /// phases between passes.
@@ -85,32 +87,43 @@ impl Phase {
                     CreatePending | UpdatePending | DeletePending | ArchivePending
                 )
             }
-            Some(Archived) => matches!(to, UpdatePending | DeletePending),
+            Some(Archived) => matches!(to, CreatePending | UpdatePending | DeletePending),
             Some(CleanupFailed) => matches!(to, DeletePending | CreatePending),
         }
     }
 
-    /// The pending phase a step passes through.
+    /// The pending phase a step passes through. A restore is a create of the workloads again
+    /// (after DM/octopod: Archived → CreatePending).
     pub fn pending_for(action: Action) -> Option<Phase> {
         match action {
-            Action::Create => Some(Phase::CreatePending),
+            Action::Create | Action::Restore => Some(Phase::CreatePending),
             Action::Update | Action::Start | Action::Stop => Some(Phase::UpdatePending),
+            Action::Archive => Some(Phase::ArchivePending),
             Action::Delete => Some(Phase::DeletePending),
-            Action::Noop | Action::Orphan | Action::Skip => None,
+            Action::Noop | Action::Orphan | Action::Skip | Action::Wait => None,
+        }
+    }
+
+    /// The phase an object settles in when its steps succeed.
+    pub fn settled_for(target: TargetState) -> Phase {
+        match target {
+            TargetState::Running => Phase::Running,
+            TargetState::Stopped => Phase::Stopped,
+            TargetState::Archived => Phase::Archived,
         }
     }
 }
 
-/// One container slot as last observed.
+/// One part (a container slot) as last observed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MemberStatus {
-    /// The slot: `main-1`, `sidecar-db`.
-    pub slot: String,
-    /// Hash of the template the container was made from.
+pub struct PartStatus {
+    /// Which part: `main-1`, `sidecar-db`.
+    pub id: String,
+    /// Hash of the template it was made from.
     pub hash: String,
-    /// Whether it runs.
-    pub running: bool,
+    /// What it is doing.
+    pub state: PartState,
     /// Its health.
     pub health: Health,
     /// The template it was made from (secrets only as references).
@@ -145,9 +158,9 @@ pub struct ObjectStatus {
     /// When the phase last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<String>,
-    /// Its containers.
+    /// Its parts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub members: Vec<MemberStatus>,
+    pub parts: Vec<PartStatus>,
 }
 
 /// How a pass ended.
@@ -325,19 +338,21 @@ impl StatusSet {
     pub fn observed(&self) -> Vec<ObservedObject> {
         self.objects
             .iter()
-            .filter(|(_, status)| !status.members.is_empty())
+            .filter(|(_, status)| !status.parts.is_empty())
             .map(|(key, status)| ObservedObject {
                 key: key.clone(),
-                members: status
-                    .members
+                parts: status
+                    .parts
                     .iter()
-                    .map(|member| ObservedMember {
-                        name: format!("{key} {}", member.slot),
-                        slot: member.slot.clone(),
-                        hash: member.hash.clone(),
-                        spec: member.spec.clone(),
-                        running: member.running,
-                        health: member.health,
+                    .map(|part| ObservedPart {
+                        name: format!("{key} {}", part.id),
+                        id: part.id.clone(),
+                        hash: part.hash.clone(),
+                        spec: part.spec.clone(),
+                        secrets: None,
+                        state: part.state,
+                        health: part.health,
+                        detail: None,
                     })
                     .collect(),
             })
@@ -453,56 +468,63 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
     for step in &record.plan.steps {
         let key = &step.key;
         let before = previous.objects.get(key);
-        let members = observed
+        let kept_phase = before.and_then(|b| b.phase);
+        let parts = observed
             .get(key)
-            .map(|o| member_statuses(&o.members))
+            .map(|o| part_statuses(&o.parts))
             .unwrap_or_default();
         let outcome = reports.get(key).map(|r| &r.outcome);
-        let wants_running = desired.get(key).is_none_or(|d| d.run);
-        let settled = if wants_running {
-            Phase::Running
-        } else {
-            Phase::Stopped
-        };
+        let settled = desired
+            .get(key)
+            .map_or(Phase::Running, |d| Phase::settled_for(d.target));
+        let reasons = step.reasons.join("; ");
         let (phase, message, applied) = match (step.action, outcome) {
-            (Action::Skip, _) => (None, step.reasons.join("; "), false),
+            (Action::Skip, _) => (None, reasons, false),
+            (Action::Wait, _) => (kept_phase, format!("waiting: {reasons}"), false),
             (Action::Delete, Some(Outcome::Done(_))) => continue,
-            (Action::Delete, Some(Outcome::Failed(why) | Outcome::Blocked(why))) => {
+            // The engine went away: nothing is known to have changed, so nothing is marked.
+            (_, Some(Outcome::Transient(why))) => (kept_phase, why.clone(), false),
+            (Action::Delete, Some(Outcome::Failed(why) | Outcome::Skipped(why))) => {
                 (Some(Phase::CleanupFailed), why.clone(), false)
             }
             (Action::Orphan, _) => {
-                let running = members.iter().any(|m| m.running);
+                let running = parts.iter().any(|p| p.state == PartState::Running);
                 let phase = if running {
                     Phase::Running
                 } else {
                     Phase::Stopped
                 };
-                (Some(phase), step.reasons.join("; "), false)
+                (Some(phase), reasons, false)
             }
-            (_, Some(Outcome::Failed(why) | Outcome::Blocked(why))) => {
+            (_, Some(Outcome::Failed(why) | Outcome::Skipped(why))) => {
                 (Some(Phase::Failure), why.clone(), false)
             }
+            (_, Some(Outcome::Waiting(why))) => (kept_phase, format!("waiting: {why}"), false),
             (action, Some(Outcome::Done(_))) => {
                 let verb = match action {
                     Action::Create => "created",
                     Action::Start => "started",
                     Action::Stop => "stopped",
+                    Action::Archive => "archived",
+                    Action::Restore => "restored",
                     _ => "updated",
                 };
-                let message = match step.reasons.is_empty() {
+                let message = match reasons.is_empty() {
                     true => verb.to_string(),
-                    false => format!("{verb}: {}", step.reasons.join("; ")),
+                    false => format!("{verb}: {reasons}"),
                 };
                 (Some(settled), message, true)
             }
+            (_, None) if step.unhealthy => (Some(settled), reasons, false),
             (_, None) => {
                 // Nothing to do: keep what was recorded, settling a phase left pending by a crash.
                 let message = before.map(|b| b.message.clone()).unwrap_or_default();
                 (Some(settled), message, false)
             }
         };
-        let from = before.and_then(|b| b.phase);
-        if let (Some(pending), Some(_)) = (Phase::pending_for(step.action), outcome)
+        let from = kept_phase;
+        if let (Some(pending), Some(outcome)) = (Phase::pending_for(step.action), outcome)
+            && !matches!(outcome, Outcome::Transient(_))
             && !(Phase::may_follow(from, pending)
                 && phase.is_none_or(|to| Phase::may_follow(Some(pending), to)))
         {
@@ -522,35 +544,69 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
             Some(b) if b.phase == phase => b.last_transition.clone(),
             _ => Some(record.now.to_string()),
         };
+        let health = object_health(&parts, phase);
+        let message = match unwell_parts(observed.get(key).copied(), health) {
+            Some(why) if !message.contains(&why) => match message.is_empty() {
+                true => why,
+                false => format!("{message}; {why}"),
+            },
+            _ => message,
+        };
         let status = ObjectStatus {
             kind: key.kind,
             name: key.name.to_string(),
             phase,
-            health: object_health(&members, phase),
+            health,
             revision,
             spec_hash,
-            endpoints: endpoints(&members),
+            endpoints: endpoints(&parts),
             message,
             last_transition,
-            members,
+            parts,
         };
         next.objects.insert(key.clone(), status);
     }
+    let transient = record
+        .reports
+        .iter()
+        .find(|r| matches!(r.outcome, Outcome::Transient(_)));
     let failed = record
         .reports
         .iter()
-        .any(|r| !matches!(r.outcome, Outcome::Done(_)));
+        .any(|r| matches!(r.outcome, Outcome::Failed(_) | Outcome::Skipped(_)));
     next.agent.last_attempted_revision = Some(record.revision.to_string());
-    next.agent.last_applied_revision = Some(record.revision.to_string());
-    next.agent.result = Some(if failed {
-        PassResult::Failed
-    } else {
-        PassResult::Applied
-    });
     next.agent.message = String::new();
+    next.agent.result = Some(match (transient, failed) {
+        (Some(report), _) => {
+            next.agent.message = report.outcome.detail().to_string();
+            PassResult::Transient
+        }
+        (None, true) => PassResult::Failed,
+        (None, false) => PassResult::Applied,
+    });
+    if transient.is_none() {
+        next.agent.last_applied_revision = Some(record.revision.to_string());
+    }
     next.agent.problems.clear();
     next.count_phases();
     stamp(next, previous, record.now)
+}
+
+/// `main-1 is Degraded: exited with code 1; …` for an object whose health is not good.
+fn unwell_parts(observed: Option<&ObservedObject>, health: Health) -> Option<String> {
+    if health != Health::Degraded {
+        return None;
+    }
+    let parts: Vec<String> = observed?
+        .parts
+        .iter()
+        .filter(|p| p.health == Health::Degraded)
+        .map(|p| match &p.detail {
+            Some(detail) => format!("{} is Degraded: {detail}", p.id),
+            None => format!("{} is Degraded", p.id),
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// The status after a pass that found `revision` invalid: objects as they were, the problems recorded.
@@ -598,35 +654,35 @@ pub fn short_revision(revision: &str) -> &str {
     &revision[..revision.len().min(12)]
 }
 
-fn member_statuses(members: &[ObservedMember]) -> Vec<MemberStatus> {
-    let mut statuses: Vec<MemberStatus> = members
+fn part_statuses(parts: &[ObservedPart]) -> Vec<PartStatus> {
+    let mut statuses: Vec<PartStatus> = parts
         .iter()
-        .map(|m| MemberStatus {
-            slot: m.slot.clone(),
-            hash: m.hash.clone(),
-            running: m.running,
-            health: m.health,
-            spec: m.spec.clone(),
+        .map(|p| PartStatus {
+            id: p.id.clone(),
+            hash: p.hash.clone(),
+            state: p.state,
+            health: p.health,
+            spec: p.spec.clone(),
         })
         .collect();
-    statuses.sort_by(|a, b| (&a.slot, &a.hash).cmp(&(&b.slot, &b.hash)));
+    statuses.sort_by(|a, b| (&a.id, &a.hash).cmp(&(&b.id, &b.hash)));
     statuses
 }
 
-fn object_health(members: &[MemberStatus], phase: Option<Phase>) -> Health {
-    match (phase, members.iter().map(|m| m.health).max()) {
+fn object_health(parts: &[PartStatus], phase: Option<Phase>) -> Health {
+    match (phase, parts.iter().map(|p| p.health).max()) {
         (None, _) => Health::Unknown,
-        (Some(Phase::Stopped), Some(_)) => Health::Healthy,
+        (Some(Phase::Stopped | Phase::Archived), Some(_)) => Health::Healthy,
         (_, Some(worst)) => worst,
         (_, None) => Health::Missing,
     }
 }
 
-fn endpoints(members: &[MemberStatus]) -> Vec<String> {
-    let mut endpoints: Vec<String> = members
+fn endpoints(parts: &[PartStatus]) -> Vec<String> {
+    let mut endpoints: Vec<String> = parts
         .iter()
-        .filter(|m| m.slot.starts_with("main-"))
-        .filter_map(|m| m.spec.get("ports")?.as_array().cloned())
+        .filter(|p| p.id.starts_with("main-"))
+        .filter_map(|p| p.spec.get("ports")?.as_array().cloned())
         .flatten()
         .filter_map(|port| {
             let host = port.get("host")?.as_u64()?;
@@ -723,7 +779,7 @@ pub fn render_table(status: &StatusSet) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Member, Policy, Step, diff};
+    use crate::plan::{Part, Policy, Step, Vocabulary, diff};
     use std::time::Duration;
 
     fn key(name: &str) -> ObjectRef {
@@ -733,31 +789,36 @@ mod tests {
     fn desired(name: &str, hash: &str, port: u16) -> DesiredObject {
         DesiredObject {
             key: key(name),
-            run: true,
-            members: vec![Member {
-                slot: "main-1".into(),
+            target: TargetState::Running,
+            parts: vec![Part {
+                id: "main-1".into(),
                 hash: hash.into(),
                 spec: serde_json::json!({"image": hash, "ports": [{"container": 80, "host": port}]}),
+                secrets: None,
+                one_shot: false,
             }],
             dependencies: vec![],
             start_first: false,
-            skip: None,
+            hold: None,
+            words: Vocabulary::CONTAINER,
         }
     }
 
     fn running(object: &DesiredObject) -> ObservedObject {
         ObservedObject {
             key: object.key.clone(),
-            members: object
-                .members
+            parts: object
+                .parts
                 .iter()
-                .map(|m| ObservedMember {
-                    name: format!("c-{}", m.hash),
-                    slot: m.slot.clone(),
-                    hash: m.hash.clone(),
-                    spec: m.spec.clone(),
-                    running: true,
+                .map(|p| ObservedPart {
+                    name: format!("c-{}", p.hash),
+                    id: p.id.clone(),
+                    hash: p.hash.clone(),
+                    spec: p.spec.clone(),
+                    secrets: None,
+                    state: PartState::Running,
                     health: Health::Healthy,
+                    detail: None,
                 })
                 .collect(),
         }
@@ -797,7 +858,7 @@ mod tests {
         };
         let hashes = desired
             .iter()
-            .map(|d| (d.key.clone(), format!("spec-{}", d.members[0].hash)))
+            .map(|d| (d.key.clone(), format!("spec-{}", d.parts[0].hash)))
             .collect();
         after_pass(
             previous,
@@ -868,10 +929,7 @@ mod tests {
         assert_eq!(object.phase, Some(Phase::Failure));
         assert_eq!(object.message, "port is already allocated");
         assert_eq!(object.revision.as_deref(), Some("rev1"));
-        assert_eq!(
-            object.members[0].hash, "h1",
-            "what runs is what was observed"
-        );
+        assert_eq!(object.parts[0].hash, "h1", "what runs is what was observed");
         assert_eq!(second.agent.result, Some(PassResult::Failed));
     }
 

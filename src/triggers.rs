@@ -29,6 +29,9 @@ pub enum Trigger {
     Api,
     /// A retry after a transient failure.
     Retry,
+    /// A check of objects still settling (a rollout, a health check not yet passed): the agent
+    /// requeues one instead of holding a pass while it waits.
+    Recheck,
 }
 
 impl Trigger {
@@ -41,6 +44,7 @@ impl Trigger {
             Trigger::FileChange => "file-change",
             Trigger::Api => "api",
             Trigger::Retry => "retry",
+            Trigger::Recheck => "recheck",
         }
     }
 }

@@ -3,63 +3,66 @@
 //! A challenge with sidecars gets a network of its own, where its containers reach each other by
 //! name; one without runs on the engine's default bridge, as `docker run` does.
 //!
-//! It owns the translation of a Challenge into container templates (pure, [`templates`]), observing
-//! what this berth instance runs (one list call, by label), and converging one object at a time.
-//! It never touches a container, network or image without the `berth.instance` label of its own
-//! instance, and every name it makes is derived from the instance, the object, the slot and the
-//! template's hash, so a pass killed at any point and run again converges without duplicates.
+//! It owns the translation of a Challenge into container templates (pure, [`desired_object`]),
+//! observing what this berth instance runs (one list call, by label), converging one object at a
+//! time, and the instance's apply lock and secret-digest key, both kept in the engine itself so
+//! that berths on other hosts driving the same engine see them. It never touches a container,
+//! network or image without the `berth.instance` label of its own instance, and every name it
+//! makes is derived from the instance, the object, the slot and the template's hash, so a pass
+//! killed at any point and run again converges without duplicates.
+//!
+//! Everything that can fail is prepared before an old container is touched, and an update whose
+//! new container cannot start restarts the old one: a failed update leaves the old version running.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
+use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings,
     HealthConfig, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
     RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, StopContainerOptions,
+    BuildImageOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
+    ListContainersOptions, ListImagesOptions, ListNetworksOptions, LogsOptions,
+    RemoveContainerOptions, RemoveImageOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use crate::apply::Outcome;
 use crate::build_context::BuildContext;
 use crate::descriptor::model::{ChallengeSpec, ImageSource, RestartPolicy, RunState, Sidecar};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Health, Member, ObservedMember, ObservedObject};
+use crate::plan::{
+    DesiredObject, Health, ObservedObject, ObservedPart, Part, PartState, TargetState, Vocabulary,
+};
 
-/// Label naming the berth instance that owns an object.
-pub const LABEL_INSTANCE: &str = "berth.instance";
-/// Label naming the owning descriptor's kind.
-pub const LABEL_KIND: &str = "berth.kind";
-/// Label naming the owning descriptor.
-pub const LABEL_NAME: &str = "berth.name";
-/// Label with the hash of the container's template.
-pub const LABEL_SPEC_HASH: &str = "berth.spec-hash";
+/// The kinds this backend serves.
+pub const KINDS: &[Kind] = &[Kind::Challenge];
+
 /// Label naming the container's slot (`main-1`, `sidecar-db`).
 pub const LABEL_SLOT: &str = "berth.slot";
 /// Label with the container's template as JSON (secrets only as references).
 pub const LABEL_SPEC: &str = "berth.spec";
-
-/// Why the engine could not be used at all (as opposed to one object failing).
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// No engine answered.
-    #[error(
-        "cannot reach the Docker Engine at {host}: {reason}; is the daemon running? Set DOCKER_HOST to point berth at it"
-    )]
-    Unreachable {
-        /// Where berth looked.
-        host: String,
-        /// What went wrong.
-        reason: String,
-    },
-}
+/// Label with keyed digests of the container's secret values, by name (see [`secret_digest`]).
+pub const LABEL_SECRETS: &str = "berth.secret-digests";
+/// Label on the lock container naming its holder (`host:pid`).
+const LABEL_LOCK_HOLDER: &str = "berth.lock-holder";
+/// Label on the lock container with when it was taken.
+const LABEL_LOCK_SINCE: &str = "berth.lock-since";
+/// Label on the key container holding the instance's secret-digest key.
+const LABEL_DIGEST_KEY: &str = "berth.digest-key";
+/// A tiny image (one file, never run) that lock and key containers are made from: a container
+/// name is the one thing the engine creates exclusively.
+const ANCHOR_IMAGE: &str = "berth-anchor:1";
 
 /// One challenge, as containers.
 #[derive(Debug, Clone)]
@@ -73,18 +76,31 @@ pub struct ChallengeTemplate {
     /// Digest of the build context, for built images.
     pub build_digest: Option<String>,
     /// The slots, with their hashes and specs.
-    pub members: Vec<Member>,
+    pub parts: Vec<Part>,
 }
 
 impl ChallengeTemplate {
     fn main_hash(&self) -> &str {
-        &self.members[0].hash
+        &self.parts[0].hash
     }
 
     /// Whether new containers may start before old ones stop: only when nothing is published on
     /// a host port, which two containers cannot hold at once.
     pub fn start_first(&self) -> bool {
         self.spec.ports.iter().all(|p| p.host.is_none())
+    }
+
+    /// The secret references of a slot.
+    fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
+        match slot.strip_prefix("sidecar-") {
+            None => &self.spec.secret_env,
+            Some(name) => self
+                .spec
+                .sidecars
+                .iter()
+                .find(|s| s.name.as_str() == name)
+                .map_or(&self.spec.secret_env, |s| &s.secret_env),
+        }
     }
 }
 
@@ -93,101 +109,216 @@ fn short_hash(value: &Value) -> String {
     hex::encode(&digest[..8])
 }
 
-/// Translates descriptors into desired objects and the templates to build them. Pure: no engine,
-/// no file system (build digests come from the loader).
-pub fn templates(descriptors: &[Descriptor]) -> (Vec<DesiredObject>, Vec<ChallengeTemplate>) {
-    let kinds: HashMap<ObjectRef, Kind> = descriptors.iter().map(|d| (d.key(), d.kind())).collect();
-    let mut desired = Vec::new();
-    let mut templates = Vec::new();
-    for descriptor in descriptors {
-        let key = descriptor.key();
-        let dependencies = descriptor.dependencies();
-        let Spec::Challenge(spec) = &descriptor.spec else {
-            desired.push(DesiredObject {
-                key,
-                run: true,
-                members: Vec::new(),
-                dependencies,
-                start_first: true,
-                skip: Some("skipped (no backend yet)".into()),
-            });
-            continue;
-        };
-        let waits_for_other_kind = dependencies
-            .iter()
-            .find(|d| kinds.get(d).is_some_and(|k| *k != Kind::Challenge));
-        let skip =
-            waits_for_other_kind.map(|d| format!("skipped: needs {d}, which has no backend yet"));
-        let build_digest = descriptor.build_digest.clone();
-        let mut main = serde_json::to_value(spec).expect("specs serialize");
-        let main_object = main.as_object_mut().expect("spec is an object");
-        for not_applied in ["state", "sidecars", "info"] {
-            main_object.remove(not_applied);
-        }
-        if let Some(digest) = &build_digest {
-            main_object.insert("buildDigest".into(), Value::String(digest.clone()));
-        }
-        if !spec.sidecars.is_empty() {
-            // Which network the main container joins is part of its template.
-            main_object.insert("network".into(), Value::String("own".into()));
-        }
-        if !descriptor.metadata.labels.is_empty() {
-            main_object.insert("labels".into(), json!(descriptor.metadata.labels));
-        }
-        let main_hash = short_hash(&main);
-        let mut members: Vec<Member> = (1..=spec.replicas)
-            .map(|replica| Member {
-                slot: format!("main-{replica}"),
-                hash: main_hash.clone(),
-                spec: main.clone(),
-            })
-            .collect();
-        for sidecar in &spec.sidecars {
-            let mut sidecar_spec = serde_json::to_value(sidecar).expect("sidecars serialize");
-            if !descriptor.metadata.labels.is_empty() {
-                sidecar_spec["labels"] = json!(descriptor.metadata.labels);
-            }
-            members.push(Member {
-                slot: format!("sidecar-{}", sidecar.name),
-                hash: short_hash(&sidecar_spec),
-                spec: sidecar_spec,
-            });
-        }
-        let template = ChallengeTemplate {
-            key: key.clone(),
-            spec: spec.clone(),
-            labels: descriptor.metadata.labels.clone(),
-            build_digest,
-            members: members.clone(),
-        };
-        desired.push(DesiredObject {
-            key,
-            run: spec.state == RunState::Running,
-            members,
-            dependencies,
-            start_first: template.start_first(),
-            skip,
-        });
-        templates.push(template);
+/// Translates a Challenge into its desired object and the template to build it. Pure: no engine,
+/// no file system (build digests come from the loader). `None` for other kinds.
+pub fn desired_object(
+    descriptor: &Descriptor,
+    _ownership: &Ownership,
+) -> Option<(DesiredObject, ChallengeTemplate)> {
+    let Spec::Challenge(spec) = &descriptor.spec else {
+        return None;
+    };
+    let key = descriptor.key();
+    let build_digest = descriptor.build_digest.clone();
+    let mut main = serde_json::to_value(spec).expect("specs serialize");
+    let main_object = main.as_object_mut().expect("spec is an object");
+    for not_applied in ["state", "sidecars", "info"] {
+        main_object.remove(not_applied);
     }
-    (desired, templates)
+    if let Some(digest) = &build_digest {
+        main_object.insert("buildDigest".into(), Value::String(digest.clone()));
+    }
+    if !spec.sidecars.is_empty() {
+        // Which network the main container joins is part of its template.
+        main_object.insert("network".into(), Value::String("own".into()));
+    }
+    if !descriptor.metadata.labels.is_empty() {
+        main_object.insert("labels".into(), json!(descriptor.metadata.labels));
+    }
+    let main_hash = short_hash(&main);
+    let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
+    let mut parts: Vec<Part> = (1..=spec.replicas)
+        .map(|replica| Part {
+            id: format!("main-{replica}"),
+            hash: main_hash.clone(),
+            spec: main.clone(),
+            secrets: None,
+            one_shot,
+        })
+        .collect();
+    for sidecar in &spec.sidecars {
+        let mut sidecar_spec = serde_json::to_value(sidecar).expect("sidecars serialize");
+        if !descriptor.metadata.labels.is_empty() {
+            sidecar_spec["labels"] = json!(descriptor.metadata.labels);
+        }
+        parts.push(Part {
+            id: format!("sidecar-{}", sidecar.name),
+            hash: short_hash(&sidecar_spec),
+            spec: sidecar_spec,
+            secrets: None,
+            one_shot: false,
+        });
+    }
+    let template = ChallengeTemplate {
+        key: key.clone(),
+        spec: spec.clone(),
+        labels: descriptor.metadata.labels.clone(),
+        build_digest,
+        parts: parts.clone(),
+    };
+    let object = DesiredObject {
+        key,
+        target: match spec.state {
+            RunState::Running => TargetState::Running,
+            RunState::Stopped => TargetState::Stopped,
+        },
+        parts,
+        dependencies: descriptor.dependencies(),
+        start_first: template.start_first(),
+        hold: None,
+        words: Vocabulary::CONTAINER,
+    };
+    Some((object, template))
+}
+
+/// What went wrong with one engine call: the engine gone (transient), or this object (failed).
+enum Trouble {
+    Transient(String),
+    Failed(String),
+}
+
+impl From<Trouble> for Outcome {
+    fn from(trouble: Trouble) -> Outcome {
+        match trouble {
+            Trouble::Transient(why) => Outcome::Transient(why),
+            Trouble::Failed(why) => Outcome::Failed(why),
+        }
+    }
+}
+
+type Attempt<T> = Result<T, Trouble>;
+
+/// Whether the error means the engine did not answer, rather than answered "no".
+fn engine_gone(error: &DockerError) -> bool {
+    matches!(
+        error,
+        DockerError::IOError { .. }
+            | DockerError::HyperResponseError { .. }
+            | DockerError::HyperLegacyError { .. }
+            | DockerError::HttpClientError { .. }
+            | DockerError::RequestTimeoutError
+            | DockerError::SocketNotFoundError(_)
+    )
+}
+
+/// The engine's own words for an error, without bollard's wrapping.
+fn engine_message(error: &DockerError) -> String {
+    match error {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn is_status(error: &DockerError, code: u16) -> bool {
+    matches!(error, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// Where berth looks for the engine: `DOCKER_HOST`, or the local socket.
+fn engine_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
+fn unreachable(reason: String) -> EngineError {
+    EngineError::Unreachable {
+        engine: "the Docker Engine",
+        host: engine_host(),
+        reason,
+        hint: "Set DOCKER_HOST to point berth at it.",
+    }
+}
+
+/// A keyed digest of one secret value: reveals nothing about the value to anyone without the
+/// key (a plain hash of a short flag could be brute-forced from the status branch).
+pub fn secret_digest(key: &[u8], name: &str, value: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(name.as_bytes());
+    mac.update(&[0]);
+    mac.update(value.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..12])
+}
+
+/// The lock an apply holds in the engine; remove it with [`ApplyLock::release`] (or on drop).
+pub struct ApplyLock {
+    docker: Docker,
+    name: String,
+    released: bool,
+}
+
+impl ApplyLock {
+    /// Removes the lock from the engine.
+    pub async fn release(mut self) {
+        self.released = true;
+        let _ = remove_container(&self.docker, &self.name).await;
+    }
+}
+
+impl Drop for ApplyLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (docker, name) = (self.docker.clone(), self.name.clone());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = remove_container(&docker, &name).await;
+            });
+        }
+    }
+}
+
+async fn remove_container(docker: &Docker, name: &str) -> Result<(), DockerError> {
+    let options = RemoveContainerOptions {
+        force: true,
+        v: true,
+        ..Default::default()
+    };
+    match docker.remove_container(name, Some(options)).await {
+        Err(error) if is_status(&error, 404) => Ok(()),
+        other => other,
+    }
+}
+
+/// `host:pid` of this process, as lock holders are named.
+fn this_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Whether a lock's holder is a process of this host that has died (kill -9 mid-apply).
+fn holder_is_dead(holder: &str) -> bool {
+    let this = this_holder();
+    let (Some((host, pid)), Some((this_host, _))) =
+        (holder.rsplit_once(':'), this.rsplit_once(':'))
+    else {
+        return false;
+    };
+    host == this_host && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// A connection to one Docker Engine, acting for one berth instance.
 #[derive(Clone)]
 pub struct DockerBackend {
     docker: Docker,
-    instance: String,
+    ownership: Ownership,
+    digest_key: std::sync::Arc<tokio::sync::OnceCell<Vec<u8>>>,
 }
 
 impl DockerBackend {
     /// Connects through `DOCKER_HOST` or the local socket and agrees on an API version.
-    pub async fn connect(instance: &str) -> Result<DockerBackend, EngineError> {
-        let host = engine_host();
-        let unreachable = |reason: String| EngineError::Unreachable {
-            host: host.clone(),
-            reason,
-        };
+    pub async fn connect(ownership: &Ownership) -> Result<DockerBackend, EngineError> {
         let docker = Docker::connect_with_defaults().map_err(|e| unreachable(e.to_string()))?;
         // The engine may be older than bollard's default API version: agree on one both speak.
         let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
@@ -196,33 +327,30 @@ impl DockerBackend {
             .map_err(|e| unreachable(e.to_string()))?;
         Ok(DockerBackend {
             docker,
-            instance: instance.to_string(),
+            ownership: ownership.clone(),
+            digest_key: Default::default(),
         })
     }
 
-    /// The instance this backend acts for.
-    pub fn instance(&self) -> &str {
-        &self.instance
+    fn instance(&self) -> &str {
+        self.ownership.instance()
     }
 
-    fn ownership_filter(&self, name: Option<&str>) -> HashMap<String, Vec<String>> {
-        let mut labels = vec![
-            format!("{LABEL_INSTANCE}={}", self.instance),
-            format!("{LABEL_KIND}=Challenge"),
-        ];
-        if let Some(name) = name {
-            labels.push(format!("{LABEL_NAME}={name}"));
+    fn trouble(&self, what: &str, error: DockerError) -> Trouble {
+        if engine_gone(&error) {
+            Trouble::Transient(unreachable(format!("{what}: {error}")).to_string())
+        } else {
+            Trouble::Failed(format!("{what}: {}", engine_message(&error)))
         }
-        HashMap::from([("label".to_string(), labels)])
     }
 
-    async fn containers(
-        &self,
-        name: Option<&str>,
-    ) -> Result<Vec<ContainerSummary>, bollard::errors::Error> {
+    async fn containers(&self, name: Option<&str>) -> Result<Vec<ContainerSummary>, DockerError> {
         let options = ListContainersOptions {
             all: true,
-            filters: Some(self.ownership_filter(name)),
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                self.ownership.selector(Kind::Challenge, name),
+            )])),
             ..Default::default()
         };
         self.docker.list_containers(Some(options)).await
@@ -233,20 +361,13 @@ impl DockerBackend {
         let containers = self
             .containers(None)
             .await
-            .map_err(|e| EngineError::Unreachable {
-                host: engine_host(),
-                reason: e.to_string(),
-            })?;
-        let mut objects: BTreeMap<ObjectRef, Vec<ObservedMember>> = BTreeMap::new();
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut objects: BTreeMap<ObjectRef, Vec<ObservedPart>> = BTreeMap::new();
         for container in &containers {
-            let Some(member) = observed_member(container) else {
+            let Some(part) = observed_part(container) else {
                 continue;
             };
-            let labels = container
-                .labels
-                .as_ref()
-                .expect("observed_member checked labels");
-            let Ok(name) = labels[LABEL_NAME].parse() else {
+            let Some(Ok(name)) = label(container, LABEL_NAME).map(str::parse) else {
                 continue;
             };
             objects
@@ -255,93 +376,406 @@ impl DockerBackend {
                     name,
                 })
                 .or_default()
-                .push(member);
+                .push(part);
         }
         Ok(objects
             .into_iter()
-            .map(|(key, members)| ObservedObject { key, members })
+            .map(|(key, parts)| ObservedObject { key, parts })
             .collect())
     }
 
-    fn container_name(&self, key: &ObjectRef, member: &Member) -> String {
+    /// Fills in, for each container that is not healthy, its exit code and the last lines of its
+    /// log; one that just came up again after exiting is in a crash loop, and so Degraded.
+    pub async fn diagnose(&self, observed: &mut [ObservedObject]) {
+        for object in observed
+            .iter_mut()
+            .filter(|o| o.key.kind == Kind::Challenge)
+        {
+            for part in object
+                .parts
+                .iter_mut()
+                .filter(|p| matches!(p.health, Health::Degraded | Health::Progressing))
+            {
+                if let Some((detail, restarted)) = self.explain(&part.name).await {
+                    if restarted {
+                        part.health = Health::Degraded;
+                    }
+                    if part.health == Health::Degraded {
+                        part.detail = Some(detail);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `exited with code 1; last log lines: …` for one container, in the engine's words, and
+    /// whether the engine has restarted it.
+    async fn explain(&self, container: &str) -> Option<(String, bool)> {
+        let inspected = self
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+            .ok()?;
+        let state = inspected.state?;
+        let mut detail = Vec::new();
+        let running = state.running.unwrap_or(false);
+        let restarts = inspected.restart_count.unwrap_or(0);
+        match state.exit_code {
+            Some(code) if restarts > 0 => detail.push(format!(
+                "exited with code {code}, restarted {restarts} times"
+            )),
+            Some(code) if !running || state.restarting == Some(true) => {
+                detail.push(format!("exited with code {code}"))
+            }
+            _ => {}
+        }
+        if state.oom_killed == Some(true) {
+            detail.push("killed for running out of memory".into());
+        }
+        if let Some(error) = state.error.filter(|e| !e.is_empty()) {
+            detail.push(error);
+        }
+        if let Some(last) = state
+            .health
+            .and_then(|h| h.log)
+            .and_then(|log| log.into_iter().last())
+            .and_then(|probe| probe.output)
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+        {
+            detail.push(format!("health check: {}", clip(&last)));
+        }
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "5".into(),
+            ..Default::default()
+        };
+        let mut logs = self.docker.logs(container, Some(options));
+        let mut lines = Vec::new();
+        while let Some(Ok(chunk)) = logs.next().await {
+            for line in String::from_utf8_lossy(&chunk.into_bytes()).lines() {
+                let line = line.trim();
+                if !line.is_empty() {
+                    lines.push(clip(line));
+                }
+            }
+        }
+        if !lines.is_empty() {
+            let tail = &lines[lines.len().saturating_sub(5)..];
+            detail.push(format!("last log lines: {}", tail.join(" | ")));
+        }
+        (!detail.is_empty()).then(|| (detail.join("; "), restarts > 0))
+    }
+
+    /// The instance's secret-digest key, made once and kept in the engine (a label of a container
+    /// that never runs), so every berth driving this engine for the instance digests alike. Anyone
+    /// who can read it can already read the containers' environment, where the secrets are.
+    async fn digest_key(&self) -> Result<Vec<u8>, EngineError> {
+        self.digest_key
+            .get_or_try_init(|| async {
+                let name = format!("berth-{}-key", self.instance());
+                loop {
+                    match self
+                        .docker
+                        .inspect_container(&name, None::<InspectContainerOptions>)
+                        .await
+                    {
+                        Ok(container) => {
+                            let key = container
+                                .config
+                                .and_then(|c| c.labels)
+                                .and_then(|l| l.get(LABEL_DIGEST_KEY).cloned())
+                                .and_then(|k| hex::decode(k).ok());
+                            match key {
+                                Some(key) if key.len() >= 16 => return Ok(key),
+                                _ => {
+                                    // Not a key berth made: replace it.
+                                    remove_container(&self.docker, &name)
+                                        .await
+                                        .map_err(|e| unreachable(e.to_string()))?;
+                                }
+                            }
+                        }
+                        Err(error) if is_status(&error, 404) => {
+                            let key = random_key().map_err(|e| unreachable(e.to_string()))?;
+                            let labels = HashMap::from([
+                                (LABEL_INSTANCE.to_string(), self.instance().to_string()),
+                                (LABEL_DIGEST_KEY.to_string(), hex::encode(&key)),
+                            ]);
+                            // Two berths may race here: the engine keeps one, and both then read it.
+                            match self.create_anchored(&name, labels).await {
+                                Ok(()) => {}
+                                Err(error) if is_status(&error, 409) => {}
+                                Err(error) => return Err(unreachable(engine_message(&error))),
+                            }
+                        }
+                        Err(error) => return Err(unreachable(engine_message(&error))),
+                    }
+                }
+            })
+            .await
+            .cloned()
+    }
+
+    /// Records on `object`'s parts the keyed digests of their secret values. A secret that cannot
+    /// be read leaves the digests unknown; applying then fails with the reason.
+    pub async fn seal(
+        &self,
+        template: &ChallengeTemplate,
+        object: &mut DesiredObject,
+    ) -> Result<(), EngineError> {
+        let needs_key = object
+            .parts
+            .iter()
+            .any(|p| !template.secrets_of(&p.id).is_empty());
+        let key = match needs_key {
+            true => self.digest_key().await?,
+            false => Vec::new(),
+        };
+        for part in &mut object.parts {
+            part.secrets = secret_digests(&key, template.secrets_of(&part.id)).ok();
+        }
+        Ok(())
+    }
+
+    /// Makes a container that never runs from the anchor image: the engine creates a container
+    /// name exactly once, which makes it a lock or a key holder.
+    async fn create_anchored(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), DockerError> {
+        self.ensure_anchor().await?;
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(ANCHOR_IMAGE.into()),
+            cmd: Some(vec!["/berth-anchor".into()]),
+            labels: Some(labels),
+            network_disabled: Some(true),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map(|_| ())
+    }
+
+    async fn ensure_anchor(&self) -> Result<(), DockerError> {
+        match self.docker.inspect_image(ANCHOR_IMAGE).await {
+            Ok(_) => return Ok(()),
+            Err(error) if !is_status(&error, 404) => return Err(error),
+            Err(_) => {}
+        }
+        let mut tar = tar::Builder::new(Vec::new());
+        let text = b"berth: lock and key holder; never run\n";
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "berth-anchor", &text[..])
+            .map_err(|source| DockerError::IOError { err: source })?;
+        let tar = tar
+            .into_inner()
+            .map_err(|source| DockerError::IOError { err: source })?;
+        let (repo, tag) = ANCHOR_IMAGE.split_once(':').expect("name:tag");
+        let options = CreateImageOptions {
+            from_src: Some("-".into()),
+            repo: Some(repo.into()),
+            tag: Some(tag.into()),
+            ..Default::default()
+        };
+        let mut import =
+            self.docker
+                .create_image(Some(options), Some(bollard::body_full(tar.into())), None);
+        while let Some(progress) = import.next().await {
+            progress?;
+        }
+        Ok(())
+    }
+
+    /// Takes the instance's apply lock in the engine, waiting up to `wait` for another holder. A
+    /// lock left by a dead process of this host (kill -9) is taken over at once.
+    pub async fn lock(&self, wait: Duration) -> Result<ApplyLock, EngineError> {
+        let name = format!("berth-{}-lock", self.instance());
+        let started = Instant::now();
+        let holder = this_holder();
+        let mut announced = false;
+        loop {
+            let labels = HashMap::from([
+                (LABEL_INSTANCE.to_string(), self.instance().to_string()),
+                (LABEL_LOCK_HOLDER.to_string(), holder.clone()),
+                (
+                    LABEL_LOCK_SINCE.to_string(),
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ),
+            ]);
+            match self.create_anchored(&name, labels).await {
+                Ok(()) => {
+                    return Ok(ApplyLock {
+                        docker: self.docker.clone(),
+                        name,
+                        released: false,
+                    });
+                }
+                Err(error) if is_status(&error, 409) => {}
+                Err(error) => return Err(unreachable(engine_message(&error))),
+            }
+            let labels = self
+                .docker
+                .inspect_container(&name, None::<InspectContainerOptions>)
+                .await
+                .ok()
+                .and_then(|c| c.config)
+                .and_then(|c| c.labels)
+                .unwrap_or_default();
+            let other = labels.get(LABEL_LOCK_HOLDER).cloned().unwrap_or_default();
+            if holder_is_dead(&other) {
+                tracing::warn!(holder = %other, "taking over the apply lock of a process that died");
+                remove_container(&self.docker, &name)
+                    .await
+                    .map_err(|e| unreachable(engine_message(&e)))?;
+                continue;
+            }
+            if started.elapsed() >= wait {
+                return Err(EngineError::Locked {
+                    instance: self.instance().to_string(),
+                    holder: other,
+                    since: labels.get(LABEL_LOCK_SINCE).cloned().unwrap_or_default(),
+                    waited: started.elapsed().as_secs(),
+                    lock: name,
+                });
+            }
+            if !announced {
+                announced = true;
+                tracing::info!(holder = %other, "another berth is applying; waiting for it");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn container_name(&self, key: &ObjectRef, part: &Part, version: &str) -> String {
         format!(
-            "berth-{}-{}-{}-{}",
-            self.instance, key.name, member.slot, member.hash
+            "berth-{}-{}-{}-{version}",
+            self.instance(),
+            key.name,
+            part.id
         )
     }
 
     fn network_name(&self, key: &ObjectRef) -> String {
-        format!("berth-{}-{}", self.instance, key.name)
+        format!("berth-{}-{}", self.instance(), key.name)
     }
 
-    fn labels(&self, template: &ChallengeTemplate, member: &Member) -> HashMap<String, String> {
+    fn labels(
+        &self,
+        template: &ChallengeTemplate,
+        part: &Part,
+        secrets: &BTreeMap<String, String>,
+    ) -> HashMap<String, String> {
         let mut labels: HashMap<String, String> = template.labels.clone().into_iter().collect();
-        labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
-        labels.insert(LABEL_KIND.into(), "Challenge".into());
-        labels.insert(LABEL_NAME.into(), template.key.name.to_string());
-        labels.insert(LABEL_SLOT.into(), member.slot.clone());
-        labels.insert(LABEL_SPEC_HASH.into(), member.hash.clone());
-        labels.insert(LABEL_SPEC.into(), member.spec.to_string());
+        labels.extend(self.ownership.labels(&template.key, &part.hash));
+        labels.insert(LABEL_SLOT.into(), part.id.clone());
+        labels.insert(LABEL_SPEC.into(), part.spec.to_string());
+        if !secrets.is_empty() {
+            labels.insert(
+                LABEL_SECRETS.into(),
+                serde_json::to_string(secrets).expect("digests serialize"),
+            );
+        }
         labels
     }
 
     /// Makes the challenge match its template: image, network, then each slot's container,
     /// replacing changed ones the way `start_first` allows, and removing what is left over.
-    /// Returns what was done.
-    pub async fn converge(
+    pub async fn converge(&self, template: &ChallengeTemplate, repo_root: &Path) -> Outcome {
+        match self.try_converge(template, repo_root).await {
+            Ok(done) => Outcome::Done(done),
+            Err(trouble) => trouble.into(),
+        }
+    }
+
+    async fn try_converge(
         &self,
         template: &ChallengeTemplate,
         repo_root: &Path,
-    ) -> Result<String, String> {
+    ) -> Attempt<String> {
+        // Everything that can fail is prepared before any container is touched.
         let image = self.ensure_image(template, repo_root).await?;
         // A challenge gets a network of its own only when it has sidecars to reach by name: the
         // engine's default address pools hold about 30 networks, and a CTF runs more challenges.
         let network = match template.spec.sidecars.is_empty() {
             true => None,
-            false => Some(self.ensure_network(template).await?),
+            false => Some(self.ensure_network(&template.key).await?),
         };
-        let main_env = resolve_env(&template.spec.env, &template.spec.secret_env)?;
+        let key = match template
+            .parts
+            .iter()
+            .any(|p| !template.secrets_of(&p.id).is_empty())
+        {
+            true => self
+                .digest_key()
+                .await
+                .map_err(|e| Trouble::Transient(e.to_string()))?,
+            false => Vec::new(),
+        };
         let run = template.spec.state == RunState::Running;
         let existing = self
             .containers(Some(template.key.name.as_str()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.trouble("cannot list containers", e))?;
         let mut by_slot: BTreeMap<String, Vec<&ContainerSummary>> = BTreeMap::new();
         for container in &existing {
-            let slot = container
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SLOT))
-                .cloned()
-                .unwrap_or_default();
+            let slot = label(container, LABEL_SLOT).unwrap_or_default().to_string();
             by_slot.entry(slot).or_default().push(container);
         }
         let mut done = Vec::new();
-        for member in &template.members {
-            let present = by_slot.remove(&member.slot).unwrap_or_default();
-            let (current, old): (Vec<&ContainerSummary>, Vec<&ContainerSummary>) = present
-                .into_iter()
-                .partition(|c| label(c, LABEL_SPEC_HASH) == Some(member.hash.as_str()));
+        for part in &template.parts {
+            let secrets = template.secrets_of(&part.id);
+            let env_values = resolve_secrets(secrets).map_err(Trouble::Failed)?;
+            let digests: BTreeMap<String, String> = env_values
+                .iter()
+                .map(|(name, value)| (name.clone(), secret_digest(&key, name, value)))
+                .collect();
+            let present = by_slot.remove(&part.id).unwrap_or_default();
+            let wanted_digests = (!digests.is_empty())
+                .then(|| serde_json::to_string(&digests).expect("digests serialize"));
+            let (current, old): (Vec<&ContainerSummary>, Vec<&ContainerSummary>) =
+                present.into_iter().partition(|c| {
+                    label(c, LABEL_SPEC_HASH) == Some(part.hash.as_str())
+                        && label(c, LABEL_SECRETS) == wanted_digests.as_deref()
+                });
             if let Some(container) = current.first() {
-                for duplicate in &current[1..] {
-                    self.remove(duplicate).await?;
-                }
-                for stale in &old {
+                for stale in current[1..].iter().chain(&old) {
                     self.remove(stale).await?;
                 }
-                let running = matches!(container.state, Some(ContainerSummaryStateEnum::RUNNING));
                 let name = container_name_of(container);
-                if run && !running {
-                    self.start(&name).await?;
-                    done.push(format!("started {}", member.slot));
-                } else if !run && running {
-                    self.stop(&name).await?;
-                    done.push(format!("stopped {}", member.slot));
+                let completed = part.one_shot && container_state(container) == PartState::Completed;
+                match (run, container_state(container)) {
+                    (true, PartState::Stopped) if !completed => {
+                        self.start(&name).await?;
+                        done.push(format!("started {}", part.id));
+                    }
+                    (false, PartState::Running) => {
+                        self.stop(&name).await?;
+                        done.push(format!("stopped {}", part.id));
+                    }
+                    _ => {}
                 }
                 continue;
             }
-            let config = match member.slot.strip_prefix("sidecar-") {
-                None => self.main_config(template, member, &image, network.as_deref(), &main_env),
+            let config = match part.id.strip_prefix("sidecar-") {
+                None => self.main_config(
+                    template,
+                    part,
+                    &image,
+                    network.as_deref(),
+                    &env_values,
+                    &digests,
+                ),
                 Some(name) => {
                     let sidecar = template
                         .spec
@@ -352,32 +786,23 @@ impl DockerBackend {
                     let network = network
                         .as_deref()
                         .expect("challenges with sidecars have a network");
-                    self.sidecar_config(template, member, sidecar, network)?
+                    self.sidecar_config(template, part, sidecar, network, &env_values, &digests)
                 }
             };
-            let start_first = template.start_first();
-            if !start_first {
-                for stale in &old {
-                    self.remove(stale).await?;
-                }
-            }
-            let name = self.container_name(&template.key, member);
+            let version = match digests.is_empty() {
+                true => part.hash.clone(),
+                false => short_hash(&json!([part.hash, digests])),
+            };
+            let name = self.container_name(&template.key, part, &version);
+            // Created, not started: a create that fails (a value the engine rejects) has touched
+            // nothing that runs.
             self.create(&name, config).await?;
-            if run && let Err(error) = self.start(&name).await {
-                // Leave nothing half-made: the next pass would otherwise see a stopped container
-                // of the right template and merely try to start it again.
-                let _ = self.remove_by_name(&name).await;
-                return Err(error);
-            }
-            if start_first {
-                for stale in &old {
-                    self.remove(stale).await?;
-                }
-            }
-            done.push(if old.is_empty() {
-                format!("created {}", member.slot)
-            } else {
-                format!("replaced {}", member.slot)
+            self.replace(&name, &old, run, template.start_first())
+                .await?;
+            done.push(match (old.is_empty(), run) {
+                (true, true) => format!("created {}", part.id),
+                (true, false) => format!("created {} (stopped)", part.id),
+                (false, _) => format!("replaced {}", part.id),
             });
         }
         for (slot, leftovers) in by_slot {
@@ -389,34 +814,100 @@ impl DockerBackend {
         Ok(done.join(", "))
     }
 
+    /// Puts the created container `new` in place of `old`. Start-first starts the new one, then
+    /// removes the old. Stop-first (host ports) stops the old first; if the new one then cannot
+    /// start, it is removed and the old one started again, so a failed update leaves the old
+    /// version running.
+    async fn replace(
+        &self,
+        new: &str,
+        old: &[&ContainerSummary],
+        run: bool,
+        start_first: bool,
+    ) -> Attempt<()> {
+        if !run {
+            for stale in old {
+                self.remove(stale).await?;
+            }
+            return Ok(());
+        }
+        if start_first || old.is_empty() {
+            if let Err(trouble) = self.start(new).await {
+                let _ = remove_container(&self.docker, new).await;
+                return Err(trouble);
+            }
+            for stale in old {
+                self.remove(stale).await?;
+            }
+            return Ok(());
+        }
+        let was_running: Vec<String> = old
+            .iter()
+            .filter(|c| container_state(c) == PartState::Running)
+            .map(|c| container_name_of(c))
+            .collect();
+        for name in &was_running {
+            self.stop(name).await?;
+        }
+        match self.start(new).await {
+            Ok(()) => {
+                for stale in old {
+                    self.remove(stale).await?;
+                }
+                Ok(())
+            }
+            Err(trouble) => {
+                let _ = remove_container(&self.docker, new).await;
+                let mut restarted = Vec::new();
+                for name in &was_running {
+                    if self.start(name).await.is_ok() {
+                        restarted.push(name.clone());
+                    }
+                }
+                let why = match trouble {
+                    Trouble::Failed(why) | Trouble::Transient(why) => why,
+                };
+                let note = match restarted.len() {
+                    0 => "; the old container could not be restarted".to_string(),
+                    _ => "; the old container was restarted and keeps running".to_string(),
+                };
+                Err(Trouble::Failed(format!("{why}{note}")))
+            }
+        }
+    }
+
     /// Removes everything this instance made for the challenge: containers, network, built images.
-    pub async fn delete(&self, key: &ObjectRef) -> Result<String, String> {
+    pub async fn delete(&self, key: &ObjectRef) -> Outcome {
+        match self.try_delete(key).await {
+            Ok(done) => Outcome::Done(done),
+            Err(trouble) => trouble.into(),
+        }
+    }
+
+    async fn try_delete(&self, key: &ObjectRef) -> Attempt<String> {
         let existing = self
             .containers(Some(key.name.as_str()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.trouble("cannot list containers", e))?;
         for container in &existing {
             self.remove(container).await?;
         }
-        match self.docker.remove_network(&self.network_name(key)).await {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {}
-            Err(error) => {
-                return Err(format!(
-                    "cannot remove network {}: {}",
-                    self.network_name(key),
-                    engine_message(&error)
-                ));
+        for network in self.networks(key).await? {
+            let id = network.id.unwrap_or_default();
+            match self.docker.remove_network(&id).await {
+                Err(error) if !is_status(&error, 404) => {
+                    return Err(self.trouble(
+                        &format!("cannot remove network {}", self.network_name(key)),
+                        error,
+                    ));
+                }
+                _ => {}
             }
         }
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![
-                format!("{LABEL_INSTANCE}={}", self.instance),
-                format!("{LABEL_NAME}={}", key.name),
-            ],
+            self.ownership
+                .selector(Kind::Challenge, Some(key.name.as_str())),
         )]);
         let images = self
             .docker
@@ -425,7 +916,7 @@ impl DockerBackend {
                 ..Default::default()
             }))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.trouble("cannot list images", e))?;
         for image in images {
             let options = RemoveImageOptions {
                 force: true,
@@ -443,11 +934,17 @@ impl DockerBackend {
         &self,
         template: &ChallengeTemplate,
         repo_root: &Path,
-    ) -> Result<String, String> {
+    ) -> Attempt<String> {
         match (&template.spec.image, &template.spec.build) {
             (Some(ImageSource::Name(name)), _) => {
-                if self.docker.inspect_image(name).await.is_ok() {
-                    return Ok(name.clone());
+                match self.docker.inspect_image(name).await {
+                    Ok(_) => return Ok(name.clone()),
+                    // Only an image the engine says it lacks is pulled: any other failure to
+                    // inspect is reported, never papered over with a registry pull.
+                    Err(error) if is_status(&error, 404) => {}
+                    Err(error) => {
+                        return Err(self.trouble(&format!("cannot inspect image {name}"), error));
+                    }
                 }
                 let options = CreateImageOptions {
                     from_image: Some(name.clone()),
@@ -455,50 +952,44 @@ impl DockerBackend {
                 };
                 let mut pull = self.docker.create_image(Some(options), None, None);
                 while let Some(progress) = pull.next().await {
-                    let progress = progress
-                        .map_err(|e| format!("cannot pull image {name}: {}", engine_message(&e)))?;
-                    if let Some(detail) = progress.error_detail {
-                        return Err(format!(
-                            "cannot pull image {name}: {}",
-                            detail.message.unwrap_or_default()
-                        ));
-                    }
+                    progress.map_err(|e| {
+                        self.trouble(
+                            &format!("cannot pull image {name} (it is not on the engine)"),
+                            e,
+                        )
+                    })?;
                 }
                 Ok(name.clone())
             }
-            (Some(ImageSource::FromPipeline(from)), _) => Err(format!(
-                "the image comes from Pipeline/{}, which has no backend yet",
+            (Some(ImageSource::FromPipeline(from)), _) => Err(Trouble::Failed(format!(
+                "the image comes from Pipeline/{}, which has not produced one",
                 from.from_pipeline
-            )),
+            ))),
             (None, Some(build)) => {
                 let digest = template.build_digest.clone().unwrap_or_default();
                 let tag = format!(
                     "berth-{}-{}:{}",
-                    self.instance,
+                    self.instance(),
                     template.key.name,
                     &digest[..digest.len().min(16)]
                 );
-                if self.docker.inspect_image(&tag).await.is_ok() {
-                    return Ok(tag);
+                match self.docker.inspect_image(&tag).await {
+                    Ok(_) => return Ok(tag),
+                    Err(error) if is_status(&error, 404) => {}
+                    Err(error) => {
+                        return Err(self.trouble(&format!("cannot inspect image {tag}"), error));
+                    }
                 }
-                let context_dir: PathBuf = repo_root.join(&build.context);
-                let tar = BuildContext::read(&context_dir, &build.dockerfile)
+                let tar = BuildContext::read(&repo_root.join(&build.context), &build.dockerfile)
                     .and_then(|c| c.tar())
-                    .map_err(|e| format!("cannot read build context {}: {e}", build.context))?;
-                let labels = HashMap::from([
-                    (LABEL_INSTANCE.to_string(), self.instance.clone()),
-                    (LABEL_KIND.to_string(), "Challenge".to_string()),
-                    (LABEL_NAME.to_string(), template.key.name.to_string()),
-                    (
-                        LABEL_SPEC_HASH.to_string(),
-                        template.main_hash().to_string(),
-                    ),
-                ]);
+                    .map_err(|e| {
+                        Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
+                    })?;
                 let options = BuildImageOptions {
                     dockerfile: build.dockerfile.clone(),
                     t: Some(tag.clone()),
                     buildargs: Some(build.args.clone().into_iter().collect()),
-                    labels: Some(labels),
+                    labels: Some(self.ownership.labels(&template.key, template.main_hash())),
                     rm: true,
                     forcerm: true,
                     ..Default::default()
@@ -508,28 +999,25 @@ impl DockerBackend {
                         .build_image(options, None, Some(bollard::body_full(tar.into())));
                 let mut log: Vec<String> = Vec::new();
                 while let Some(item) = output.next().await {
-                    let failed = |reason: String, log: &[String]| {
-                        let tail: Vec<&str> = log
-                            .iter()
-                            .rev()
-                            .take(3)
-                            .rev()
-                            .map(|l| l.trim())
-                            .filter(|l| !l.is_empty())
-                            .collect();
-                        format!(
-                            "build of {} failed: {reason}{}",
-                            build.context,
-                            if tail.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (after: {})", tail.join(" | "))
-                            }
-                        )
+                    let info = match item {
+                        Ok(info) => info,
+                        Err(error) if engine_gone(&error) => {
+                            return Err(self.trouble("build interrupted", error));
+                        }
+                        Err(error) => {
+                            return Err(Trouble::Failed(build_failed(
+                                &build.context,
+                                &engine_message(&error),
+                                &log,
+                            )));
+                        }
                     };
-                    let info = item.map_err(|e| failed(engine_message(&e), &log))?;
                     if let Some(detail) = info.error_detail {
-                        return Err(failed(detail.message.unwrap_or_default(), &log));
+                        return Err(Trouble::Failed(build_failed(
+                            &build.context,
+                            &detail.message.unwrap_or_default(),
+                            &log,
+                        )));
                     }
                     if let Some(line) = info.stream {
                         log.push(line);
@@ -537,57 +1025,89 @@ impl DockerBackend {
                 }
                 Ok(tag)
             }
-            (None, None) => Err("no image and no build".into()),
+            (None, None) => Err(Trouble::Failed("no image and no build".into())),
         }
     }
 
-    async fn ensure_network(&self, template: &ChallengeTemplate) -> Result<String, String> {
-        let name = self.network_name(&template.key);
-        if self
-            .docker
-            .inspect_network(
-                &name,
-                None::<bollard::query_parameters::InspectNetworkOptions>,
-            )
-            .await
-            .is_ok()
-        {
-            return Ok(name);
-        }
-        let labels = HashMap::from([
-            (LABEL_INSTANCE.to_string(), self.instance.clone()),
-            (LABEL_KIND.to_string(), "Challenge".to_string()),
-            (LABEL_NAME.to_string(), template.key.name.to_string()),
+    async fn networks(&self, key: &ObjectRef) -> Attempt<Vec<bollard::models::Network>> {
+        let name = self.network_name(key);
+        let filters = HashMap::from([
+            ("name".to_string(), vec![name.clone()]),
             (
-                LABEL_SPEC_HASH.to_string(),
-                template.main_hash().to_string(),
+                "label".to_string(),
+                self.ownership
+                    .selector(Kind::Challenge, Some(key.name.as_str())),
             ),
         ]);
-        let request = NetworkCreateRequest {
-            name: name.clone(),
-            labels: Some(labels),
-            ..Default::default()
-        };
-        match self.docker.create_network(request).await {
-            Ok(_) => Ok(name),
-            // Made by a concurrent or interrupted pass: it is ours by name and label.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(name),
-            Err(error) => Err(format!(
-                "cannot create network {name}: {}",
-                engine_message(&error)
-            )),
+        let mut networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| self.trouble("cannot list networks", e))?;
+        // The engine's name filter matches substrings.
+        networks.retain(|n| n.name.as_deref() == Some(name.as_str()));
+        networks.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+        Ok(networks)
+    }
+
+    /// The challenge's network, by id. The engine accepts two networks of one name (two applies
+    /// racing before the lock existed); the oldest is kept, and the others are removed along with
+    /// the containers on them, which this pass then makes again on the kept one.
+    async fn ensure_network(&self, key: &ObjectRef) -> Attempt<String> {
+        let name = self.network_name(key);
+        let mut networks = self.networks(key).await?;
+        if networks.is_empty() {
+            let request = NetworkCreateRequest {
+                name: name.clone(),
+                labels: Some(self.ownership.labels(key, "")),
+                ..Default::default()
+            };
+            let created = self
+                .docker
+                .create_network(request)
+                .await
+                .map_err(|e| self.trouble(&format!("cannot create network {name}"), e))?;
+            return Ok(created.id);
         }
+        let keep = networks.remove(0);
+        for duplicate in networks {
+            let id = duplicate.id.unwrap_or_default();
+            tracing::warn!(network = %name, %id, "removing a duplicate network");
+            let attached = self
+                .docker
+                .inspect_network(
+                    &id,
+                    None::<bollard::query_parameters::InspectNetworkOptions>,
+                )
+                .await
+                .ok()
+                .and_then(|n| n.containers)
+                .unwrap_or_default();
+            for container in attached.keys() {
+                remove_container(&self.docker, container)
+                    .await
+                    .map_err(|e| self.trouble("cannot remove a container", e))?;
+            }
+            match self.docker.remove_network(&id).await {
+                Err(error) if !is_status(&error, 404) => {
+                    return Err(self.trouble("cannot remove a duplicate network", error));
+                }
+                _ => {}
+            }
+        }
+        Ok(keep.id.unwrap_or(name))
     }
 
     fn main_config(
         &self,
         template: &ChallengeTemplate,
-        member: &Member,
+        part: &Part,
         image: &str,
         network: Option<&str>,
-        env: &[String],
+        secrets: &BTreeMap<String, String>,
+        digests: &BTreeMap<String, String>,
     ) -> ContainerCreateBody {
         let spec = &template.spec;
         let exposed: Vec<String> = spec
@@ -637,8 +1157,8 @@ impl DockerBackend {
             image: Some(image.to_string()),
             cmd: spec.command.clone(),
             entrypoint: spec.entrypoint.clone(),
-            env: Some(env.to_vec()),
-            labels: Some(self.labels(template, member)),
+            env: Some(environment(&spec.env, secrets)),
+            labels: Some(self.labels(template, part, digests)),
             exposed_ports: Some(exposed),
             healthcheck,
             host_config: Some(host_config),
@@ -651,136 +1171,104 @@ impl DockerBackend {
     fn sidecar_config(
         &self,
         template: &ChallengeTemplate,
-        member: &Member,
+        part: &Part,
         sidecar: &Sidecar,
         network: &str,
-    ) -> Result<ContainerCreateBody, String> {
-        let env = resolve_env(&sidecar.env, &sidecar.secret_env)?;
+        secrets: &BTreeMap<String, String>,
+        digests: &BTreeMap<String, String>,
+    ) -> ContainerCreateBody {
         let mut host_config = resource_limits(sidecar.resources.as_ref());
         host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
-        Ok(ContainerCreateBody {
+        ContainerCreateBody {
             image: Some(sidecar.image.clone()),
             cmd: sidecar.command.clone(),
             entrypoint: sidecar.entrypoint.clone(),
-            env: Some(env),
-            labels: Some(self.labels(template, member)),
+            env: Some(environment(&sidecar.env, secrets)),
+            labels: Some(self.labels(template, part, digests)),
             host_config: Some(host_config),
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
-        })
+        }
     }
 
-    async fn create(&self, name: &str, config: ContainerCreateBody) -> Result<(), String> {
+    async fn create(&self, name: &str, config: ContainerCreateBody) -> Attempt<()> {
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
         };
         match self.docker.create_container(Some(options), config).await {
             Ok(_) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
-                message,
-            }) => Err(format!("cannot create {name}: image not found ({message})")),
-            Err(error) => Err(format!("cannot create {name}: {}", engine_message(&error))),
+            // Made by an interrupted pass, with these very labels (the name holds the hash).
+            Err(error) if is_status(&error, 409) => Ok(()),
+            Err(error) => Err(self.trouble(&format!("cannot create {name}"), error)),
         }
     }
 
-    async fn start(&self, name: &str) -> Result<(), String> {
+    async fn start(&self, name: &str) -> Attempt<()> {
         self.docker
             .start_container(
                 name,
                 None::<bollard::query_parameters::StartContainerOptions>,
             )
             .await
-            .map_err(|e| format!("cannot start {name}: {}", engine_message(&e)))
+            .map_err(|e| self.trouble(&format!("cannot start {name}"), e))
     }
 
-    async fn stop(&self, name: &str) -> Result<(), String> {
+    async fn stop(&self, name: &str) -> Attempt<()> {
         let options = StopContainerOptions {
             t: Some(10),
             ..Default::default()
         };
-        self.docker
-            .stop_container(name, Some(options))
+        match self.docker.stop_container(name, Some(options)).await {
+            // 304: already stopped.
+            Err(error) if !is_status(&error, 304) => {
+                Err(self.trouble(&format!("cannot stop {name}"), error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn remove(&self, container: &ContainerSummary) -> Attempt<()> {
+        let name = container_name_of(container);
+        remove_container(&self.docker, &name)
             .await
-            .map_err(|e| format!("cannot stop {name}: {}", engine_message(&e)))
-    }
-
-    async fn remove(&self, container: &ContainerSummary) -> Result<(), String> {
-        self.remove_by_name(&container_name_of(container)).await
-    }
-
-    async fn remove_by_name(&self, name: &str) -> Result<(), String> {
-        let options = RemoveContainerOptions {
-            force: true,
-            v: true,
-            ..Default::default()
-        };
-        match self.docker.remove_container(name, Some(options)).await {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(error) => Err(format!("cannot remove {name}: {}", engine_message(&error))),
-        }
-    }
-
-    /// Waits until every listed challenge is healthy, or `limit` passes. Returns, per challenge
-    /// that did not get there, why.
-    pub async fn wait_healthy(
-        &self,
-        keys: &[ObjectRef],
-        limit: Duration,
-    ) -> BTreeMap<ObjectRef, String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let mut pending = BTreeMap::new();
-            match self.observe().await {
-                Ok(observed) => {
-                    let by_key: HashMap<&ObjectRef, &ObservedObject> =
-                        observed.iter().map(|o| (&o.key, o)).collect();
-                    for key in keys {
-                        let Some(object) = by_key.get(key) else {
-                            pending.insert(key.clone(), "no containers".to_string());
-                            continue;
-                        };
-                        let unwell: Vec<String> = object
-                            .members
-                            .iter()
-                            .filter(|m| m.health != Health::Healthy)
-                            .map(|m| format!("{} is {:?}", m.slot, m.health))
-                            .collect();
-                        if !unwell.is_empty() {
-                            pending.insert(key.clone(), unwell.join(", "));
-                        }
-                    }
-                }
-                Err(error) => {
-                    for key in keys {
-                        pending.insert(key.clone(), error.to_string());
-                    }
-                }
-            }
-            if pending.is_empty() || Instant::now() >= deadline {
-                return pending
-                    .into_iter()
-                    .map(|(key, why)| {
-                        (
-                            key,
-                            format!("not healthy after {}s: {why}", limit.as_secs()),
-                        )
-                    })
-                    .collect();
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            .map_err(|e| self.trouble(&format!("cannot remove {name}"), e))
     }
 }
 
-/// Where berth looks for the engine: `DOCKER_HOST`, or the local socket.
-fn engine_host() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+fn build_failed(context: &str, reason: &str, log: &[String]) -> String {
+    let tail: Vec<&str> = log
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!(
+        "build of {context} failed: {reason}{}",
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(" (after: {})", tail.join(" | "))
+        }
+    )
+}
+
+fn clip(line: &str) -> String {
+    const LONGEST: usize = 200;
+    match line.char_indices().nth(LONGEST) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_string(),
+    }
+}
+
+fn random_key() -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut key = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key)
 }
 
 fn label<'a>(container: &'a ContainerSummary, name: &str) -> Option<&'a str> {
@@ -797,23 +1285,67 @@ fn container_name_of(container: &ContainerSummary) -> String {
         .unwrap_or_default()
 }
 
-fn observed_member(container: &ContainerSummary) -> Option<ObservedMember> {
+/// The exit code in Docker's status text: `Exited (137) 2 seconds ago`.
+fn exit_code(status: &str) -> Option<i64> {
+    let rest = status.strip_prefix("Exited (")?;
+    rest.split_once(')')?.0.parse().ok()
+}
+
+/// Whether the container's template says it runs once (`restart: no` or `onFailure`).
+fn runs_once(container: &ContainerSummary) -> bool {
+    label(container, LABEL_SPEC)
+        .and_then(|spec| serde_json::from_str::<Value>(spec).ok())
+        .and_then(|spec| {
+            spec.get("restart")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .is_some_and(|restart| restart == "no" || restart == "onFailure")
+}
+
+fn container_state(container: &ContainerSummary) -> PartState {
+    use ContainerSummaryStateEnum as S;
+    match container.state {
+        Some(S::RUNNING | S::RESTARTING | S::PAUSED) => PartState::Running,
+        Some(S::EXITED) if runs_once(container) => PartState::Completed,
+        _ => PartState::Stopped,
+    }
+}
+
+fn observed_part(container: &ContainerSummary) -> Option<ObservedPart> {
     let labels = container.labels.as_ref()?;
     labels.get(LABEL_NAME)?;
-    let running = matches!(container.state, Some(ContainerSummaryStateEnum::RUNNING));
-    Some(ObservedMember {
+    let status = container.status.as_deref().unwrap_or_default();
+    let state = container_state(container);
+    let code = exit_code(status);
+    let health = match (state, code) {
+        (PartState::Completed, Some(0)) => Health::Healthy,
+        (PartState::Completed, _) => Health::Degraded,
+        _ => health_of(container.state.as_ref(), status),
+    };
+    let detail = match container.state {
+        Some(ContainerSummaryStateEnum::RESTARTING) => Some("restarting (crash loop)".to_string()),
+        _ => code
+            .filter(|c| *c != 0 || state != PartState::Completed)
+            .map(|c| format!("exited with code {c}")),
+    };
+    Some(ObservedPart {
         name: container_name_of(container),
-        slot: labels.get(LABEL_SLOT)?.clone(),
+        id: labels.get(LABEL_SLOT)?.clone(),
         hash: labels.get(LABEL_SPEC_HASH)?.clone(),
         spec: labels
             .get(LABEL_SPEC)
             .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or(Value::Null),
-        running,
-        health: health_of(
-            container.state.as_ref(),
-            container.status.as_deref().unwrap_or_default(),
+        secrets: Some(
+            labels
+                .get(LABEL_SECRETS)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
         ),
+        state,
+        health,
+        detail: detail.filter(|_| health != Health::Healthy),
     })
 }
 
@@ -824,7 +1356,9 @@ pub fn health_of(state: Option<&ContainerSummaryStateEnum>, status: &str) -> Hea
         Some(ContainerSummaryStateEnum::RUNNING) => {
             if status.contains("(unhealthy)") {
                 Health::Degraded
-            } else if status.contains("(health: starting)") {
+            } else if status.contains("(healthy)") {
+                Health::Healthy
+            } else if status.contains("(health: starting)") || just_started(status) {
                 Health::Progressing
             } else {
                 Health::Healthy
@@ -843,18 +1377,55 @@ pub fn health_of(state: Option<&ContainerSummaryStateEnum>, status: &str) -> Hea
     }
 }
 
-fn resolve_env(
-    env: &BTreeMap<String, String>,
-    secrets: &BTreeMap<String, SecretRef>,
-) -> Result<Vec<String>, String> {
-    let mut out: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    for (name, reference) in secrets {
-        let value = reference
-            .resolve()
-            .map_err(|e| format!("secret {name}: {e}"))?;
-        out.push(format!("{name}={value}"));
+/// Whether a container came up in the last few seconds (`Up Less than a second`, `Up 2 seconds`):
+/// with no health check of its own, it has not yet shown that it stays up, and a crash loop looks
+/// like this between restarts.
+fn just_started(status: &str) -> bool {
+    const SETTLE_SECONDS: u64 = 3;
+    let Some(up) = status.strip_prefix("Up ") else {
+        return false;
+    };
+    if up.starts_with("Less than a second") {
+        return true;
     }
-    Ok(out)
+    let mut words = up.split_whitespace();
+    match (words.next().map(str::parse::<u64>), words.next()) {
+        (Some(Ok(n)), Some(unit)) => unit.starts_with("second") && n < SETTLE_SECONDS,
+        _ => false,
+    }
+}
+
+/// Reads each secret's value; the error names the secret and its reference, never a value.
+fn resolve_secrets(
+    secrets: &BTreeMap<String, SecretRef>,
+) -> Result<BTreeMap<String, String>, String> {
+    secrets
+        .iter()
+        .map(|(name, reference)| {
+            reference
+                .resolve()
+                .map(|value| (name.clone(), value))
+                .map_err(|e| format!("secret {name}: {e}"))
+        })
+        .collect()
+}
+
+/// Keyed digests of a slot's secret values, by name.
+fn secret_digests(
+    key: &[u8],
+    secrets: &BTreeMap<String, SecretRef>,
+) -> Result<BTreeMap<String, String>, String> {
+    Ok(resolve_secrets(secrets)?
+        .iter()
+        .map(|(name, value)| (name.clone(), secret_digest(key, name, value)))
+        .collect())
+}
+
+fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {
+    env.iter()
+        .chain(secrets)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }
 
 fn resource_limits(resources: Option<&crate::descriptor::model::Resources>) -> HostConfig {
@@ -890,14 +1461,6 @@ fn network_aliases(network: &str, alias: &str) -> NetworkingConfig {
     }
 }
 
-/// The engine's own words for an error, without bollard's wrapping.
-fn engine_message(error: &bollard::errors::Error) -> String {
-    match error {
-        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,6 +1470,18 @@ mod tests {
         use ContainerSummaryStateEnum as S;
         assert_eq!(
             health_of(Some(&S::RUNNING), "Up 3 seconds"),
+            Health::Healthy
+        );
+        assert_eq!(
+            health_of(Some(&S::RUNNING), "Up Less than a second"),
+            Health::Progressing
+        );
+        assert_eq!(
+            health_of(Some(&S::RUNNING), "Up 2 seconds"),
+            Health::Progressing
+        );
+        assert_eq!(
+            health_of(Some(&S::RUNNING), "Up 2 minutes"),
             Health::Healthy
         );
         assert_eq!(
@@ -927,5 +1502,23 @@ mod tests {
         );
         assert_eq!(health_of(Some(&S::CREATED), "Created"), Health::Progressing);
         assert_eq!(health_of(None, ""), Health::Unknown);
+    }
+
+    #[test]
+    fn exit_codes_are_read_from_the_status_text() {
+        assert_eq!(exit_code("Exited (137) 2 seconds ago"), Some(137));
+        assert_eq!(exit_code("Exited (0) About a minute ago"), Some(0));
+        assert_eq!(exit_code("Up 3 seconds"), None);
+    }
+
+    #[test]
+    fn secret_digests_are_keyed_and_name_bound() {
+        let a = secret_digest(b"key-one", "FLAG", "flag{x}");
+        assert_eq!(a, secret_digest(b"key-one", "FLAG", "flag{x}"));
+        assert_ne!(a, secret_digest(b"key-two", "FLAG", "flag{x}"));
+        assert_ne!(a, secret_digest(b"key-one", "OTHER", "flag{x}"));
+        assert_ne!(a, secret_digest(b"key-one", "FLAG", "flag{y}"));
+        let plain = hex::encode(Sha256::digest(b"flag{x}"));
+        assert!(!plain.starts_with(&a), "not a plain hash of the value");
     }
 }

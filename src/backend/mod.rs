@@ -1,7 +1,315 @@
-//! Backends: the parts that observe and change one family of resources.
+//! Backends: the parts that observe and change one family of resources, behind one interface.
 //!
-//! Each backend turns descriptors into [`crate::plan::DesiredObject`]s, reports what it runs as
-//! [`crate::plan::ObservedObject`]s, and carries out steps. Today: [`docker`] for Challenges.
-//! Pipelines and Stagings are planned as `skip` until their backends land.
+//! Every backend does the same five things: says which [`Kind`]s it serves, turns descriptors into
+//! [`DesiredObject`]s (pure), observes what this berth instance owns, applies one step, and tells
+//! the health of what it runs. [`Backend`] is that interface, as an enum over the backends (simpler
+//! than trait objects with async methods); today it has [`docker`] for Challenges. [`Engines`] is
+//! the registry a pass uses: it routes each descriptor and step by kind, and owns the "no backend
+//! yet" case. The ownership labels every backend puts on what it makes are built here, once
+//! ([`Ownership`]).
+//!
+//! Nothing outside this module names an engine's types: the rest of berth sees [`DesiredObject`],
+//! [`ObservedObject`], [`Outcome`] and [`EngineError`].
 
 pub mod docker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::apply::Outcome;
+use crate::descriptor::{Descriptor, Kind, ObjectRef};
+use crate::plan::{DesiredObject, Hold, ObservedObject, Step, TargetState, Vocabulary};
+
+/// Label naming the berth instance that owns an object.
+pub const LABEL_INSTANCE: &str = "berth.instance";
+/// Label naming the owning descriptor's kind.
+pub const LABEL_KIND: &str = "berth.kind";
+/// Label naming the owning descriptor.
+pub const LABEL_NAME: &str = "berth.name";
+/// Label with the hash of the object's (or part's) template.
+pub const LABEL_SPEC_HASH: &str = "berth.spec-hash";
+
+/// Who owns what: one berth instance, and the labels that say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    instance: String,
+}
+
+impl Ownership {
+    /// Ownership by `instance`.
+    pub fn new(instance: &str) -> Ownership {
+        Ownership {
+            instance: instance.to_string(),
+        }
+    }
+
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The labels on everything made for `key` from a template with `spec_hash`: instance, kind,
+    /// name and hash. Backends add their own (slot, spec) beside these.
+    pub fn labels(&self, key: &ObjectRef, spec_hash: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_INSTANCE.to_string(), self.instance.clone()),
+            (LABEL_KIND.to_string(), key.kind.to_string()),
+            (LABEL_NAME.to_string(), key.name.to_string()),
+            (LABEL_SPEC_HASH.to_string(), spec_hash.to_string()),
+        ])
+    }
+
+    /// Label selectors (`key=value`) matching what this instance owns of `kind`, or of one object.
+    pub fn selector(&self, kind: Kind, name: Option<&str>) -> Vec<String> {
+        let mut selector = vec![
+            format!("{LABEL_INSTANCE}={}", self.instance),
+            format!("{LABEL_KIND}={kind}"),
+        ];
+        if let Some(name) = name {
+            selector.push(format!("{LABEL_NAME}={name}"));
+        }
+        selector
+    }
+}
+
+/// Why an engine could not be used at all (as opposed to one object failing). Always transient:
+/// the agent retries with backoff and leaves what runs alone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// No engine answered.
+    #[error("{engine} at {host} is not answering ({reason}); is it running? {hint}")]
+    Unreachable {
+        /// Which engine: "the Docker Engine".
+        engine: &'static str,
+        /// Where berth looked.
+        host: String,
+        /// What went wrong, in the client's words.
+        reason: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+    /// Another berth is applying to the same engine for the same instance.
+    #[error(
+        "another berth ({holder}, since {since}) is applying instance {instance} on this engine; waited {waited}s. If that berth is gone, remove its lock: docker rm -f {lock}"
+    )]
+    Locked {
+        /// The instance.
+        instance: String,
+        /// Who holds the lock: host and process.
+        holder: String,
+        /// Since when (RFC 3339).
+        since: String,
+        /// How long this berth waited.
+        waited: u64,
+        /// The lock's name in the engine.
+        lock: String,
+    },
+}
+
+/// A template, kept per object so a step can be applied: what a backend needs beyond the plan.
+#[derive(Debug, Clone)]
+enum Template {
+    Challenge(Box<docker::ChallengeTemplate>),
+}
+
+/// The desired state of one revision, ready for planning and applying.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// What each descriptor asks for, in plan form.
+    pub objects: Vec<DesiredObject>,
+    /// Descriptor spec hashes, by object (for status).
+    pub spec_hashes: HashMap<ObjectRef, String>,
+    /// References to Pipelines' products, by consuming object: resolved before planning.
+    pub pipeline_references: BTreeMap<ObjectRef, ObjectRef>,
+    templates: HashMap<ObjectRef, Template>,
+}
+
+/// One backend: the interface every engine implements.
+#[derive(Clone)]
+pub enum Backend {
+    /// Challenges as containers on a Docker Engine.
+    Docker(docker::DockerBackend),
+}
+
+/// Which backend serves `kind`, if any here.
+fn serves(kind: Kind) -> bool {
+    docker::KINDS.contains(&kind)
+}
+
+impl Backend {
+    /// The kinds the backend serves.
+    pub fn kinds(&self) -> &'static [Kind] {
+        match self {
+            Backend::Docker(_) => docker::KINDS,
+        }
+    }
+
+    /// What this instance runs on the engine.
+    pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        match self {
+            Backend::Docker(docker) => docker.observe().await,
+        }
+    }
+
+    /// Applies one step; `root` is the checkout of the revision being applied.
+    async fn apply(&self, step: &Step, template: Option<&Template>, root: &Path) -> Outcome {
+        match (self, template) {
+            (Backend::Docker(docker), _) if step.action == crate::plan::Action::Delete => {
+                docker.delete(&step.key).await
+            }
+            (Backend::Docker(docker), Some(Template::Challenge(template))) => {
+                docker.converge(template, root).await
+            }
+            (_, None) => Outcome::Failed(format!("{} has no template (a bug in berth)", step.key)),
+        }
+    }
+
+    /// Fills in why each unhealthy part is unhealthy (exit code, last log lines).
+    async fn diagnose(&self, observed: &mut [ObservedObject]) {
+        match self {
+            Backend::Docker(docker) => docker.diagnose(observed).await,
+        }
+    }
+
+    /// Records the keyed digests of secret values on the desired parts, so a rotated secret
+    /// shows as a change.
+    async fn seal(&self, desired: &mut Desired) -> Result<(), EngineError> {
+        match self {
+            Backend::Docker(docker) => {
+                for object in &mut desired.objects {
+                    if let Some(Template::Challenge(template)) = desired.templates.get(&object.key)
+                    {
+                        docker.seal(template, object).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Translates descriptors into desired state: each routed to the backend of its kind, the rest
+/// planned as `skip` with the reason. Pure: no engine, no file system.
+pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
+    let mut desired = Desired::default();
+    for descriptor in descriptors {
+        let key = descriptor.key();
+        desired
+            .spec_hashes
+            .insert(key.clone(), descriptor.spec_hash.clone());
+        if let Some(pipeline) = descriptor.pipeline_reference() {
+            desired.pipeline_references.insert(key.clone(), pipeline);
+        }
+        if !serves(descriptor.kind()) {
+            desired.objects.push(DesiredObject {
+                key,
+                target: TargetState::Running,
+                parts: Vec::new(),
+                dependencies: descriptor.dependencies(),
+                start_first: true,
+                hold: Some(Hold::Skip("skipped (no backend yet)".into())),
+                words: Vocabulary::CONTAINER,
+            });
+            continue;
+        }
+        if let Some((object, template)) = docker::desired_object(descriptor, ownership) {
+            desired
+                .templates
+                .insert(key, Template::Challenge(Box::new(template)));
+            desired.objects.push(object);
+        }
+    }
+    desired
+}
+
+/// The engines one pass works with: every backend this berth has, routed by kind.
+#[derive(Clone)]
+pub struct Engines {
+    ownership: Ownership,
+    backends: Vec<Backend>,
+}
+
+/// How long a pass waits for another berth's lock before giving up.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Held while a pass applies; [`EngineLock::release`] removes it from the engines (dropping it
+/// does too, in the background).
+pub struct EngineLock {
+    locks: Vec<docker::ApplyLock>,
+}
+
+impl EngineLock {
+    /// Removes the locks from the engines.
+    pub async fn release(self) {
+        for lock in self.locks {
+            lock.release().await;
+        }
+    }
+}
+
+impl Engines {
+    /// Connects to every engine this berth drives.
+    pub async fn connect(ownership: &Ownership) -> Result<Engines, EngineError> {
+        let docker = docker::DockerBackend::connect(ownership).await?;
+        Ok(Engines {
+            ownership: ownership.clone(),
+            backends: vec![Backend::Docker(docker)],
+        })
+    }
+
+    /// Who this berth acts for.
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
+    }
+
+    /// What this instance runs, on every engine, sorted by object.
+    pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        let mut observed = Vec::new();
+        for backend in &self.backends {
+            observed.extend(backend.observe().await?);
+        }
+        observed.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(observed)
+    }
+
+    /// Records secret digests on `desired` (see [`Backend`]'s `seal`).
+    pub async fn seal(&self, desired: &mut Desired) -> Result<(), EngineError> {
+        for backend in &self.backends {
+            backend.seal(desired).await?;
+        }
+        Ok(())
+    }
+
+    /// Explains each unhealthy part of `observed` in the engine's words.
+    pub async fn diagnose(&self, observed: &mut [ObservedObject]) {
+        for backend in &self.backends {
+            backend.diagnose(observed).await;
+        }
+    }
+
+    /// Applies one step with the backend of its kind.
+    pub async fn apply(&self, step: &Step, desired: &Desired, root: &Path) -> Outcome {
+        let template = desired.templates.get(&step.key);
+        match self
+            .backends
+            .iter()
+            .find(|b| b.kinds().contains(&step.key.kind))
+        {
+            Some(backend) => backend.apply(step, template, root).await,
+            None => Outcome::Failed(format!("no backend here applies {}", step.key.kind)),
+        }
+    }
+
+    /// Takes this instance's apply lock on every engine, waiting up to `wait` for another berth
+    /// to finish; the lock lives in the engine, so berths on other hosts see it too.
+    pub async fn lock(&self, wait: Duration) -> Result<EngineLock, EngineError> {
+        let mut locks = Vec::new();
+        for backend in &self.backends {
+            match backend {
+                Backend::Docker(docker) => locks.push(docker.lock(wait).await?),
+            }
+        }
+        Ok(EngineLock { locks })
+    }
+}

@@ -146,20 +146,27 @@ impl Descriptor {
     /// What this descriptor waits for: its `dependsOn` plus the pipeline whose image it runs.
     pub fn dependencies(&self) -> Vec<ObjectRef> {
         let mut dependencies = self.metadata.depends_on.clone();
-        if let Spec::Challenge(ChallengeSpec {
-            image: Some(model::ImageSource::FromPipeline(from)),
-            ..
-        }) = &self.spec
+        if let Some(reference) = self.pipeline_reference()
+            && !dependencies.contains(&reference)
         {
-            let reference = ObjectRef {
-                kind: Kind::Pipeline,
-                name: from.from_pipeline.clone(),
-            };
-            if !dependencies.contains(&reference) {
-                dependencies.push(reference);
-            }
+            dependencies.push(reference);
         }
         dependencies
+    }
+
+    /// The Pipeline whose product this descriptor uses (`image: {fromPipeline: NAME}`), if any.
+    /// The one place that matching is written.
+    pub fn pipeline_reference(&self) -> Option<ObjectRef> {
+        match &self.spec {
+            Spec::Challenge(ChallengeSpec {
+                image: Some(model::ImageSource::FromPipeline(from)),
+                ..
+            }) => Some(ObjectRef {
+                kind: Kind::Pipeline,
+                name: from.from_pipeline.clone(),
+            }),
+            _ => None,
+        }
     }
 }
 

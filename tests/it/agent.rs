@@ -804,3 +804,95 @@ fn under_systemd_ready_is_sent_once_the_first_pass_is_done() {
     let n = systemd.recv(&mut message).expect("a notification");
     assert!(String::from_utf8_lossy(&message[..n]).contains("STOPPING=1"));
 }
+
+/// Issue 8, item 4: after a rejected revision, drift correction rebuilds from the applied
+/// revision's build context, not from the rejected one's files in the checkout.
+#[test]
+fn regression_8_4_drift_correction_after_a_rejection_builds_from_the_applied_revision() {
+    let Some(instance) = engine() else { return };
+    let svc = "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: svc}\nspec:\n  build: {context: svc}\n";
+    let origin = Origin::new(&[
+        ("challenges/svc.yaml", svc),
+        (
+            "svc/Dockerfile",
+            "FROM busybox:latest\nRUN echo good > /word\nCMD [\"sleep\", \"3600\"]\n",
+        ),
+    ]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "driftCheck: true\n");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+
+    // A rejected revision that also changes the build context.
+    let bad = origin.commit(
+        &[
+            (
+                "challenges/svc.yaml",
+                Some(&svc.replace("context: svc", "context: svc, nope: 1")),
+            ),
+            (
+                "svc/Dockerfile",
+                Some("FROM busybox:latest\nRUN echo rejected > /word\nCMD [\"sleep\", \"3600\"]\n"),
+            ),
+        ],
+        "Break it",
+    );
+    agent.reconcile();
+    agent.wait_for("the rejection recorded", || {
+        origin
+            .show("berth-status:status/agent.yaml")
+            .is_some_and(|s| s.contains(&format!("lastAttemptedRevision: {bad}")))
+    });
+    // Someone removes the container and its image by hand; drift correction must rebuild.
+    let filter = format!("label=berth.instance={}", instance.name);
+    for id in docker(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
+        docker(&["rm", "-f", id]);
+    }
+    for id in docker(&["images", "-q", "--filter", &filter]).split_whitespace() {
+        docker(&["rmi", "-f", id]);
+    }
+    agent.reconcile();
+    agent.wait_for("the container made again", || {
+        container_ids(&instance, "svc").len() == 1
+    });
+    let id = &container_ids(&instance, "svc")[0];
+    let mut word = String::new();
+    for _ in 0..50 {
+        word = docker(&["exec", id, "cat", "/word"]);
+        if !word.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(word, "good", "built from the applied revision");
+}
+
+/// Issue 8, item 9: a followed branch deleted on the server keeps what runs, and says so in
+/// `/readyz`, in the committed status and in the log.
+#[test]
+fn regression_8_9_a_deleted_branch_is_visible_and_what_runs_is_kept() {
+    let Some(instance) = engine() else { return };
+    let (origin, daemon, first) = served_web(free_port());
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    let running = container_ids(&instance, "web");
+
+    origin.bare_git(&["update-ref", "-d", "refs/heads/main"]);
+    agent.reconcile();
+    agent.wait_for("the agent not ready", || {
+        agent.request("GET", "/readyz", &[], b"").0 == 503
+    });
+    let ready = agent.request("GET", "/readyz", &[], b"");
+    assert!(ready.1.contains("has no branch \"main\""), "{}", ready.1);
+    agent.wait_for("the status says so", || {
+        origin
+            .show("berth-status:status/agent.yaml")
+            .is_some_and(|s| s.contains("has no branch"))
+    });
+    assert!(agent.log().contains("the followed branch is gone"));
+    assert_eq!(
+        container_ids(&instance, "web"),
+        running,
+        "what runs is kept"
+    );
+}

@@ -98,7 +98,7 @@ fn now() -> f64 {
 }
 
 impl Instance {
-    fn berth(&self, command: &str, repo: &Repo, extra: &[&str]) -> Output {
+    pub fn berth(&self, command: &str, repo: &Repo, extra: &[&str]) -> Output {
         let mut args = vec![
             command,
             repo.path().to_str().unwrap(),
@@ -113,7 +113,7 @@ impl Instance {
             .unwrap()
     }
 
-    fn apply(&self, repo: &Repo, extra: &[&str]) -> Output {
+    pub fn apply(&self, repo: &Repo, extra: &[&str]) -> Output {
         let mut args = vec!["--wait", "20s"];
         args.extend(extra);
         let output = self.berth("apply", repo, &args);
@@ -134,6 +134,9 @@ impl Instance {
             &format!("label=berth.instance={}", self.name),
             "--filter",
             &format!("label=berth.name={challenge}"),
+            // Not a build's intermediate containers, which carry the image's labels.
+            "--filter",
+            "label=berth.slot",
             "--format",
             "{{.Label \"berth.slot\"}} {{.ID}} {{.State}}",
         ]);
@@ -559,7 +562,7 @@ fn kinds_without_a_backend_are_listed_as_skipped() {
         text.contains("Staging/feature-search  skip    skipped (no backend yet)"),
         "{text}"
     );
-    assert!(text.contains("Challenge/rev-300       skip    skipped: needs Pipeline/rev-300-image, which has no backend yet"), "{text}");
+    assert!(text.contains("Challenge/rev-300       wait    waits for Pipeline/rev-300-image to produce an image (Pipelines have no backend yet)"), "{text}");
     assert_eq!(plan.status.code(), Some(0), "skips are not changes");
 }
 
@@ -579,7 +582,8 @@ fn an_unreachable_engine_is_a_clear_error() {
         assert_eq!(output.status.code(), Some(1), "{command}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
-            stderr.contains("cannot reach the Docker Engine at unix:///nonexistent/docker.sock"),
+            stderr
+                .contains("the Docker Engine at unix:///nonexistent/docker.sock is not answering"),
             "{stderr}"
         );
     }

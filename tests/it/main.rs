@@ -12,6 +12,7 @@ mod agent;
 mod cli;
 mod docker;
 mod gitserver;
+mod hardening;
 mod schema_files;
 mod util;
 mod validate;

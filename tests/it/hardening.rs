@@ -1,0 +1,310 @@
+//! Regression tests for issue 8 (what a hostile user and a careless operator broke), against the
+//! real Docker Engine: concurrent applies, failed updates, crash loops and one-shots, rotated
+//! secrets. Each test names the issue's item it covers.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::docker::{Instance, docker, engine, free_port, web};
+use crate::util::{Repo, stdout};
+
+/// A challenge with a sidecar, so it has a network of its own.
+fn with_sidecar(name: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - {{name: store, image: \"busybox:latest\", command: [sleep, \"3600\"]}}\n"
+    )
+}
+
+fn networks_named(instance: &Instance, challenge: &str) -> usize {
+    docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        &format!("label=berth.name={challenge}"),
+    ])
+    .lines()
+    .count()
+}
+
+fn spawn_apply(instance: &Instance, repo: &Repo) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "apply",
+            repo.path().to_str().unwrap(),
+            "--instance",
+            &instance.name,
+            "--wait",
+            "0s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        stdout(output),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Fetches `http://127.0.0.1:PORT/`, retrying for a few seconds while the server starts.
+fn serves(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1") {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Issue 8, item 2: two applies at once on one instance both succeed (the second waits for the
+/// first's lock in the engine), every challenge gets exactly one network, and a duplicate network
+/// left from before the lock existed is cleaned up by the next apply.
+#[test]
+fn regression_8_2_two_applies_at_once_converge_with_one_network_each() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    for i in 0..4 {
+        repo.write(&format!("c{i}.yaml"), with_sidecar(&format!("c{i}")));
+    }
+    let first = spawn_apply(&instance, &repo);
+    let second = spawn_apply(&instance, &repo);
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    for i in 0..4 {
+        assert_eq!(networks_named(&instance, &format!("c{i}")), 1, "c{i}");
+    }
+    assert!(
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("name=berth-{}-lock", instance.name)
+        ])
+        .is_empty(),
+        "the lock is released"
+    );
+
+    // A duplicate made behind berth's back, as two unlocked applies used to make.
+    let name = format!("berth-{}-c0", instance.name);
+    // The CLI checks for duplicates; the engine's API does not unless asked.
+    let request = format!(
+        r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"c0"}}}}"#,
+        instance.name
+    );
+    let created = Command::new("curl")
+        .args([
+            "-sf",
+            "--unix-socket",
+            "/var/run/docker.sock",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &request,
+            "http://localhost/networks/create",
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", text(&created));
+    assert_eq!(networks_named(&instance, "c0"), 2);
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    repo.write("c0.yaml", with_sidecar("c0").replace("3600", "3601"));
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(networks_named(&instance, "c0"), 1, "the duplicate is gone");
+    assert_eq!(instance.containers("c0").len(), 2, "main and sidecar");
+}
+
+/// Issue 8, item 2: a lock held by another live berth makes apply wait, then refuse with a clear
+/// message naming the holder and how to remove a stale lock.
+#[test]
+fn regression_8_2_a_held_lock_is_waited_for_then_refused_clearly() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("c.yaml", with_sidecar("c"));
+    // The anchor image exists once any apply has run.
+    assert_eq!(
+        instance
+            .berth("apply", &repo, &["--wait", "0s"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let lock = format!("berth-{}-lock", instance.name);
+    docker(&[
+        "create",
+        "--name",
+        &lock,
+        "--label",
+        &format!("berth.instance={}", instance.name),
+        "--label",
+        "berth.lock-holder=elsewhere:1",
+        "--label",
+        "berth.lock-since=2026-01-01T00:00:00Z",
+        "berth-anchor:1",
+        "/berth-anchor",
+    ]);
+    repo.write("c.yaml", with_sidecar("c").replace("3600", "3602"));
+    let output = instance.berth("apply", &repo, &["--wait", "0s", "--lock-wait", "2s"]);
+    assert_eq!(output.status.code(), Some(1));
+    let said = text(&output);
+    assert!(said.contains("another berth (elsewhere:1"), "{said}");
+    assert!(said.contains(&format!("docker rm -f {lock}")), "{said}");
+    docker(&["rm", "-f", &lock]);
+    assert_eq!(
+        instance
+            .berth("apply", &repo, &["--wait", "0s"])
+            .status
+            .code(),
+        Some(0)
+    );
+}
+
+/// Issue 8, item 3: an update that must stop the old container first (a published host port)
+/// and then cannot start the new one restarts the old one: the old version keeps serving.
+#[test]
+fn regression_8_3_a_failed_stop_first_update_leaves_the_old_version_running() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let repo = Repo::new();
+    repo.write("web.yaml", web("web", port, ""));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let (old_id, _) = instance.containers("web")["main-1"].clone();
+    assert!(serves(port));
+
+    // The engine creates this container but cannot start it.
+    repo.write(
+        "web.yaml",
+        web("web", port, "").replace("command: [httpd,", "command: [/no/such/binary,"),
+    );
+    let output = instance.apply(&repo, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let said = stdout(&output);
+    assert!(said.contains("cannot start"), "{said}");
+    assert!(said.contains("the old container was restarted"), "{said}");
+    let containers = instance.containers("web");
+    assert_eq!(containers.len(), 1, "the failed new container is removed");
+    assert_eq!(containers["main-1"], (old_id.clone(), true), "old one runs");
+    assert!(serves(port), "the old version serves again");
+
+    // A missing image fails before anything is touched.
+    repo.write(
+        "web.yaml",
+        web("web", port, "").replace("busybox:latest", "berth-test/surely-missing:nope"),
+    );
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(1));
+    assert_eq!(instance.containers("web")["main-1"], (old_id, true));
+    assert!(serves(port));
+}
+
+/// Issue 8, item 7: a crash-looping sidecar fails the apply with its exit code and log; a
+/// one-shot that completes is done (not restarted, not planned again); the summary does not
+/// count failures as created.
+#[test]
+fn regression_8_7_crash_loops_show_exit_code_and_log_and_one_shots_are_done() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("loop.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: loop}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - {name: db, image: \"busybox:latest\", command: [sh, -c, \"echo db cannot open its data; exit 3\"]}\n")
+        .write("once.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: once}\nspec:\n  image: busybox:latest\n  restart: \"no\"\n  command: [sh, -c, \"echo seeded\"]\n");
+    let output = instance.berth("apply", &repo, &["--wait", "6s"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let said = stdout(&output);
+    assert!(said.contains("Challenge/loop"), "{said}");
+    assert!(said.contains("sidecar-db is Degraded"), "{said}");
+    assert!(said.contains("exited with code 3"), "{said}");
+    assert!(said.contains("db cannot open its data"), "{said}");
+    assert!(
+        said.contains("applied: 1 created"),
+        "only the one-shot counts as created: {said}"
+    );
+    assert!(
+        !said.contains("Challenge/once: "),
+        "the one-shot is fine: {said}"
+    );
+
+    let plan = instance.berth("plan", &repo, &[]);
+    let planned = stdout(&plan);
+    assert!(
+        planned.contains("Challenge/once  noop"),
+        "a completed one-shot is not started again: {planned}"
+    );
+    assert!(
+        planned.contains("Challenge/loop  noop    sidecar-db is Degraded"),
+        "an unhealthy challenge is never unchanged and healthy: {planned}"
+    );
+    assert!(planned.contains("1 unhealthy"), "{planned}");
+    assert_eq!(plan.status.code(), Some(0), "{planned}");
+    let again = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "still unhealthy: {}",
+        text(&again)
+    );
+}
+
+/// Issue 8, item 8: a changed secret value replaces the container; the plan names the secret,
+/// never its value, and the digest in the engine's labels is keyed (not a plain hash).
+#[test]
+fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, "flag{first}\n").unwrap();
+    let repo = Repo::new();
+    let descriptor = format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+        flag.display()
+    );
+    repo.write("vault.yaml", &descriptor);
+    assert_eq!(
+        instance
+            .berth("apply", &repo, &["--wait", "0s"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+
+    std::fs::write(&flag, "flag{second}\n").unwrap();
+    let plan = instance.berth("plan", &repo, &["--format", "json"]);
+    let said = text(&plan);
+    assert_eq!(plan.status.code(), Some(2), "{said}");
+    assert!(said.contains("secret FLAG changed"), "{said}");
+    assert!(!said.contains("flag{"), "{said}");
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert!(!text(&output).contains("flag{"));
+    let (id, running) = instance.containers("vault")["main-1"].clone();
+    assert!(running);
+    let env = docker(&["inspect", "--format", "{{json .Config.Env}}", &id]);
+    assert!(env.contains("FLAG=flag{second}"), "{env}");
+    let labels = docker(&["inspect", "--format", "{{json .Config.Labels}}", &id]);
+    assert!(!labels.contains("flag{"), "{labels}");
+    use sha2::Digest;
+    let plain = hex::encode(sha2::Sha256::digest(b"flag{second}"));
+    assert!(
+        !labels.contains(&plain[..24]),
+        "the digest is keyed: {labels}"
+    );
+}
