@@ -111,6 +111,8 @@ struct Agent {
     retry_scheduled: Arc<AtomicBool>,
     /// Delay before the next check of settling objects; grows while they keep settling.
     recheck: Duration,
+    /// When objects started settling; rechecks stop after the config's `wait`.
+    settling_since: Option<Instant>,
     recheck_scheduled: Arc<AtomicBool>,
 }
 
@@ -197,6 +199,7 @@ pub async fn run(
         backoff: Duration::from_secs(1),
         retry_scheduled: Arc::new(AtomicBool::new(false)),
         recheck: Duration::from_secs(1),
+        settling_since: None,
         recheck_scheduled: Arc::new(AtomicBool::new(false)),
     };
     let mut notified_ready = false;
@@ -492,15 +495,24 @@ impl Agent {
     }
 
     /// Objects still starting (a health check not yet passed) are checked again soon, with a
-    /// growing delay, instead of holding the pass until they settle.
+    /// growing delay, instead of holding the pass until they settle; for at most `wait`, after
+    /// which the schedule, webhooks and drift checks take over.
     fn schedule_recheck_if_settling(&mut self) {
-        let settling = self
+        let settling: Vec<String> = self
             .status
             .objects
-            .values()
-            .any(|o| o.phase.is_some() && o.health == Health::Progressing);
-        if !settling {
+            .iter()
+            .filter(|(_, o)| o.phase.is_some() && o.health == Health::Progressing)
+            .map(|(key, _)| key.to_string())
+            .collect();
+        if settling.is_empty() {
             self.recheck = Duration::from_secs(1);
+            self.settling_since = None;
+            return;
+        }
+        let since = *self.settling_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.config.wait.0 {
+            tracing::warn!(objects = ?settling, wait_s = self.config.wait.0.as_secs(), "still not healthy; no more rechecks until the next pass");
             return;
         }
         let delay = self.recheck;

@@ -109,7 +109,8 @@ pub struct AgentConfig {
     /// Most steps applied at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Longest wait for new containers to become healthy.
+    /// How long the agent keeps re-checking objects that are still becoming healthy (a pass never
+    /// waits for them).
     #[serde(default = "default_wait")]
     pub wait: Duration,
     /// Where the agent keeps its clone.

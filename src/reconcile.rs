@@ -122,6 +122,15 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// A pass whose plan changes nothing: what ran is what runs.
+    fn nothing_to_do(planned: Planned) -> Applied {
+        Applied {
+            observed: planned.observed.clone(),
+            planned,
+            reports: Vec::new(),
+        }
+    }
+
     /// The engine's trouble, when a step found the engine gone: the pass is then to be retried.
     pub fn transient(&self) -> Option<&str> {
         self.reports.iter().find_map(|r| match &r.outcome {
@@ -146,12 +155,7 @@ pub async fn apply(
 ) -> Result<Applied, EngineError> {
     let unlocked = plan(desired.clone(), Observer::Engines(engines), options.policy).await?;
     if !unlocked.plan.has_changes() {
-        let observed = unlocked.observed.clone();
-        return Ok(Applied {
-            planned: unlocked,
-            reports: Vec::new(),
-            observed,
-        });
+        return Ok(Applied::nothing_to_do(unlocked));
     }
     let lock = engines.lock(options.lock_wait).await?;
     let result = apply_locked(desired, engines, root, options, on_report).await;
@@ -168,12 +172,7 @@ async fn apply_locked(
 ) -> Result<Applied, EngineError> {
     let planned = plan(desired, Observer::Engines(engines), options.policy).await?;
     if !planned.plan.has_changes() {
-        let observed = planned.observed.clone();
-        return Ok(Applied {
-            planned,
-            reports: Vec::new(),
-            observed,
-        });
+        return Ok(Applied::nothing_to_do(planned));
     }
     let reports = execute(
         &planned.plan,

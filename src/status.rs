@@ -1005,6 +1005,62 @@ mod tests {
     }
 
     #[test]
+    fn a_transient_step_keeps_the_phase_and_does_not_count_as_applied() {
+        let web = desired("web", "h1", 10101);
+        let first = pass(
+            &StatusSet::new("ci"),
+            std::slice::from_ref(&web),
+            &[],
+            false,
+            "t1",
+        );
+        let changed = desired("web", "h2", 10101);
+        let plan = diff(
+            std::slice::from_ref(&changed),
+            &[running(&web)],
+            Policy::default(),
+        );
+        let reports: Vec<StepReport> = plan
+            .steps
+            .iter()
+            .map(|s| StepReport {
+                outcome: Outcome::Transient("the Docker Engine stopped answering".into()),
+                ..done(s)
+            })
+            .collect();
+        let hashes = HashMap::new();
+        let next = after_pass(
+            &first,
+            &PassRecord {
+                revision: "rev3",
+                now: "t2",
+                desired: &[changed],
+                spec_hashes: &hashes,
+                plan: &plan,
+                reports: &reports,
+                observed: &[running(&web)],
+            },
+        );
+        let object = &next.objects[&key("web")];
+        assert_eq!(object.phase, Some(Phase::Running), "not marked Failure");
+        assert_eq!(next.agent.result, Some(PassResult::Transient));
+        assert_eq!(next.agent.last_applied_revision.as_deref(), Some("rev2"));
+    }
+
+    #[test]
+    fn archive_and_restore_pass_through_their_pending_phases() {
+        use Phase::*;
+        assert_eq!(Phase::pending_for(Action::Archive), Some(ArchivePending));
+        assert_eq!(Phase::pending_for(Action::Restore), Some(CreatePending));
+        assert!(Phase::may_follow(Some(Running), ArchivePending));
+        assert!(Phase::may_follow(Some(ArchivePending), Archived));
+        assert!(Phase::may_follow(Some(Archived), CreatePending));
+        assert!(Phase::may_follow(Some(CreatePending), Running));
+        assert_eq!(Phase::settled_for(TargetState::Archived), Archived);
+        assert_eq!(Phase::pending_for(Action::Wait), None);
+    }
+
+    #[test]
     fn legal_phase_moves_go_through_pending_phases() {
         use Phase::*;
         assert!(Phase::may_follow(None, CreatePending));
