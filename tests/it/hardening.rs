@@ -308,3 +308,124 @@ fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
         "the digest is keyed: {labels}"
     );
 }
+
+/// A TCP front for the local Docker Engine's socket that a test can cut, as an engine that
+/// vanishes mid-pass (a daemon restart, a remote host lost). `DOCKER_HOST=tcp://127.0.0.1:PORT`
+/// points berth at it.
+pub struct EngineProxy {
+    /// The port it listens on.
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl EngineProxy {
+    /// Starts forwarding to `/var/run/docker.sock`.
+    pub fn start() -> EngineProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flag, held) = (open.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: refused, as a dead engine would
+                }
+                let Ok(engine) = std::os::unix::net::UnixStream::connect("/var/run/docker.sock")
+                else {
+                    continue;
+                };
+                held.lock().unwrap().push(client.try_clone().unwrap());
+                let (mut client_in, mut engine_out) =
+                    (client.try_clone().unwrap(), engine.try_clone().unwrap());
+                let (mut engine_in, mut client_out) = (engine, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_in, &mut engine_out);
+                    let _ = engine_out.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut engine_in, &mut client_out);
+                    let _ = client_out.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        EngineProxy {
+            port,
+            open,
+            connections,
+        }
+    }
+
+    /// `tcp://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection and refuses new ones, or lets them through again.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+        if !open {
+            for connection in self.connections.lock().unwrap().drain(..) {
+                let _ = connection.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Issue 9, item 4: an engine that stops answering mid-apply is transient, in words that say
+/// what to do, never a failure of the object and never a pull from a registry.
+#[test]
+fn regression_9_4_an_engine_that_vanishes_mid_apply_is_transient_not_a_failure() {
+    let Some(instance) = engine() else { return };
+    let proxy = EngineProxy::start();
+    let repo = Repo::new();
+    repo.write("slow.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: slow}\nspec:\n  build: {context: slow}\n")
+        .write("slow/Dockerfile", "FROM busybox:latest\nRUN sleep 4\nCMD [\"sleep\", \"3600\"]\n");
+    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "apply",
+            repo.path().to_str().unwrap(),
+            "--instance",
+            &instance.name,
+            "--wait",
+            "0s",
+        ])
+        .env("DOCKER_HOST", proxy.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    proxy.set_open(false);
+    let output = child.wait_with_output().unwrap();
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("TRANSIENT"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "the Docker Engine at {} is not answering",
+            proxy.url()
+        )),
+        "{said}"
+    );
+    assert!(!said.contains("FAILED"), "{said}");
+    assert!(!said.contains("pull"), "{said}");
+    proxy.set_open(true);
+    let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "apply",
+            repo.path().to_str().unwrap(),
+            "--instance",
+            &instance.name,
+            "--wait",
+            "0s",
+        ])
+        .env("DOCKER_HOST", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(instance.containers("slow").len(), 1);
+}
