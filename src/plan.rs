@@ -48,8 +48,9 @@ pub struct Part {
     pub id: String,
     /// Hash of the part's template; a different hash means the part is replaced.
     pub hash: String,
-    /// The part's spec, for explaining changes (secrets only as references).
-    pub spec: Value,
+    /// The part's spec, for explaining changes (secrets only as references); shared, since
+    /// replicas have one spec and desired state is copied into every pass.
+    pub spec: std::sync::Arc<Value>,
     /// Keyed digests of the part's secret values, by secret name; `None` where they cannot be
     /// known (a plan against committed status has no secrets), and then they are not compared.
     pub secrets: Option<BTreeMap<String, String>>,
@@ -696,7 +697,7 @@ mod tests {
         Part {
             id: id.into(),
             hash: hash.into(),
-            spec,
+            spec: spec.into(),
             secrets: None,
             one_shot: false,
         }

@@ -72,7 +72,7 @@ pub async fn plan(
         Observer::Engines(engines) => {
             engines.seal(&mut desired).await?;
             let mut observed = engines.observe().await?;
-            engines.diagnose(&mut observed).await;
+            engines.diagnose(&mut observed, &desired, false).await;
             observed
         }
         Observer::Status(status) => status.observed(),
@@ -185,7 +185,9 @@ async fn apply_locked(
     )
     .await;
     let mut observed = engines.observe().await?;
-    engines.diagnose(&mut observed).await;
+    engines
+        .diagnose(&mut observed, &planned.desired, true)
+        .await;
     Ok(Applied {
         planned,
         reports,
@@ -251,7 +253,9 @@ pub async fn settle(
             applied.observed = observed;
         }
     }
-    engines.diagnose(&mut applied.observed).await;
+    engines
+        .diagnose(&mut applied.observed, &applied.planned.desired, true)
+        .await;
     let mut unwell = unhealthy(&applied.planned, &applied.observed, true);
     for report in applied.reports.iter_mut() {
         let started = !matches!(report.step.action, Action::Delete | Action::Stop);

@@ -793,7 +793,9 @@ mod tests {
             parts: vec![Part {
                 id: "main-1".into(),
                 hash: hash.into(),
-                spec: serde_json::json!({"image": hash, "ports": [{"container": 80, "host": port}]}),
+                spec:
+                    serde_json::json!({"image": hash, "ports": [{"container": 80, "host": port}]})
+                        .into(),
                 secrets: None,
                 one_shot: false,
             }],
@@ -814,7 +816,7 @@ mod tests {
                     name: format!("c-{}", p.hash),
                     id: p.id.clone(),
                     hash: p.hash.clone(),
-                    spec: p.spec.clone(),
+                    spec: (*p.spec).clone(),
                     secrets: None,
                     state: PartState::Running,
                     health: Health::Healthy,

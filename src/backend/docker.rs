@@ -14,7 +14,7 @@
 //! Everything that can fail is prepared before an old container is touched, and an update whose
 //! new container cannot start restarts the old one: a failed update leaves the old version running.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,7 @@ pub fn desired_object(
         main_object.insert("labels".into(), json!(descriptor.metadata.labels));
     }
     let main_hash = short_hash(&main);
+    let main = std::sync::Arc::new(main);
     let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
     let mut parts: Vec<Part> = (1..=spec.replicas)
         .map(|replica| Part {
@@ -154,7 +155,7 @@ pub fn desired_object(
         parts.push(Part {
             id: format!("sidecar-{}", sidecar.name),
             hash: short_hash(&sidecar_spec),
-            spec: sidecar_spec,
+            spec: sidecar_spec.into(),
             secrets: None,
             one_shot: false,
         });
@@ -313,7 +314,7 @@ fn holder_is_dead(holder: &str) -> bool {
 pub struct DockerBackend {
     docker: Docker,
     ownership: Ownership,
-    digest_key: std::sync::Arc<tokio::sync::OnceCell<Vec<u8>>>,
+    digest_key: std::sync::Arc<std::sync::OnceLock<Vec<u8>>>,
 }
 
 impl DockerBackend {
@@ -384,25 +385,42 @@ impl DockerBackend {
             .collect())
     }
 
-    /// Fills in, for each container that is not healthy, its exit code and the last lines of its
-    /// log; one that just came up again after exiting is in a crash loop, and so Degraded.
-    pub async fn diagnose(&self, observed: &mut [ObservedObject]) {
-        for object in observed
+    /// Fills in, for each container of `wanted` (objects meant to run) that is Degraded, its exit
+    /// code and the last lines of its log. With `settling`, Progressing containers are looked at
+    /// too: one the engine has restarted is in a crash loop, and so Degraded. Only those
+    /// containers are inspected, a few at once, so a quiet pass costs no more than its list call.
+    pub async fn diagnose(
+        &self,
+        observed: &mut [ObservedObject],
+        wanted: &HashSet<&ObjectRef>,
+        settling: bool,
+    ) {
+        let suspects: Vec<&mut ObservedPart> = observed
             .iter_mut()
-            .filter(|o| o.key.kind == Kind::Challenge)
-        {
-            for part in object
-                .parts
-                .iter_mut()
-                .filter(|p| matches!(p.health, Health::Degraded | Health::Progressing))
-            {
-                if let Some((detail, restarted)) = self.explain(&part.name).await {
-                    if restarted {
-                        part.health = Health::Degraded;
-                    }
-                    if part.health == Health::Degraded {
-                        part.detail = Some(detail);
-                    }
+            .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
+            .flat_map(|o| o.parts.iter_mut())
+            .filter(|p| match p.health {
+                Health::Degraded => true,
+                Health::Progressing => settling,
+                _ => false,
+            })
+            .collect();
+        let explained: Vec<(&mut ObservedPart, Option<(String, bool)>)> =
+            futures_util::stream::iter(suspects)
+                .map(|part| async move {
+                    let explained = self.explain(&part.name).await;
+                    (part, explained)
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+        for (part, explained) in explained {
+            if let Some((detail, restarted)) = explained {
+                if restarted {
+                    part.health = Health::Degraded;
+                }
+                if part.health == Health::Degraded {
+                    part.detail = Some(detail);
                 }
             }
         }
@@ -470,52 +488,55 @@ impl DockerBackend {
 
     /// The instance's secret-digest key, made once and kept in the engine (a label of a container
     /// that never runs), so every berth driving this engine for the instance digests alike. Anyone
-    /// who can read it can already read the containers' environment, where the secrets are.
-    async fn digest_key(&self) -> Result<Vec<u8>, EngineError> {
-        self.digest_key
-            .get_or_try_init(|| async {
-                let name = format!("berth-{}-key", self.instance());
-                loop {
-                    match self
-                        .docker
-                        .inspect_container(&name, None::<InspectContainerOptions>)
-                        .await
-                    {
-                        Ok(container) => {
-                            let key = container
-                                .config
-                                .and_then(|c| c.labels)
-                                .and_then(|l| l.get(LABEL_DIGEST_KEY).cloned())
-                                .and_then(|k| hex::decode(k).ok());
-                            match key {
-                                Some(key) if key.len() >= 16 => return Ok(key),
-                                _ => {
-                                    // Not a key berth made: replace it.
-                                    remove_container(&self.docker, &name)
-                                        .await
-                                        .map_err(|e| unreachable(e.to_string()))?;
-                                }
-                            }
+    /// who can read it can already read the containers' environment, where the secrets are. With
+    /// `make` unset (planning), a missing key is `None`: a plan writes nothing, and no container
+    /// can carry digests before the key exists.
+    async fn digest_key(&self, make: bool) -> Result<Option<Vec<u8>>, EngineError> {
+        if let Some(key) = self.digest_key.get() {
+            return Ok(Some(key.clone()));
+        }
+        let name = format!("berth-{}-key", self.instance());
+        loop {
+            match self
+                .docker
+                .inspect_container(&name, None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(container) => {
+                    let key = container
+                        .config
+                        .and_then(|c| c.labels)
+                        .and_then(|l| l.get(LABEL_DIGEST_KEY).cloned())
+                        .and_then(|k| hex::decode(k).ok());
+                    match key {
+                        Some(key) if key.len() >= 16 => {
+                            let _ = self.digest_key.set(key.clone());
+                            return Ok(Some(key));
                         }
-                        Err(error) if is_status(&error, 404) => {
-                            let key = random_key().map_err(|e| unreachable(e.to_string()))?;
-                            let labels = HashMap::from([
-                                (LABEL_INSTANCE.to_string(), self.instance().to_string()),
-                                (LABEL_DIGEST_KEY.to_string(), hex::encode(&key)),
-                            ]);
-                            // Two berths may race here: the engine keeps one, and both then read it.
-                            match self.create_anchored(&name, labels).await {
-                                Ok(()) => {}
-                                Err(error) if is_status(&error, 409) => {}
-                                Err(error) => return Err(unreachable(engine_message(&error))),
-                            }
-                        }
+                        // Not a key berth made: replace it.
+                        _ if make => remove_container(&self.docker, &name)
+                            .await
+                            .map_err(|e| unreachable(e.to_string()))?,
+                        _ => return Ok(None),
+                    }
+                }
+                Err(error) if is_status(&error, 404) && !make => return Ok(None),
+                Err(error) if is_status(&error, 404) => {
+                    let key = random_key().map_err(|e| unreachable(e.to_string()))?;
+                    let labels = HashMap::from([
+                        (LABEL_INSTANCE.to_string(), self.instance().to_string()),
+                        (LABEL_DIGEST_KEY.to_string(), hex::encode(&key)),
+                    ]);
+                    // Two berths may race here: the engine keeps one, and both then read it.
+                    match self.create_anchored(&name, labels).await {
+                        Ok(()) => {}
+                        Err(error) if is_status(&error, 409) => {}
                         Err(error) => return Err(unreachable(engine_message(&error))),
                     }
                 }
-            })
-            .await
-            .cloned()
+                Err(error) => return Err(unreachable(engine_message(&error))),
+            }
+        }
     }
 
     /// Records on `object`'s parts the keyed digests of their secret values. A secret that cannot
@@ -530,11 +551,13 @@ impl DockerBackend {
             .iter()
             .any(|p| !template.secrets_of(&p.id).is_empty());
         let key = match needs_key {
-            true => self.digest_key().await?,
-            false => Vec::new(),
+            true => self.digest_key(false).await?,
+            false => Some(Vec::new()),
         };
         for part in &mut object.parts {
-            part.secrets = secret_digests(&key, template.secrets_of(&part.id)).ok();
+            part.secrets = key
+                .as_ref()
+                .and_then(|key| secret_digests(key, template.secrets_of(&part.id)).ok());
         }
         Ok(())
     }
@@ -717,9 +740,10 @@ impl DockerBackend {
             .any(|p| !template.secrets_of(&p.id).is_empty())
         {
             true => self
-                .digest_key()
+                .digest_key(true)
                 .await
-                .map_err(|e| Trouble::Transient(e.to_string()))?,
+                .map_err(|e| Trouble::Transient(e.to_string()))?
+                .unwrap_or_default(),
             false => Vec::new(),
         };
         let run = template.spec.state == RunState::Running;

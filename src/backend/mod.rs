@@ -13,7 +13,7 @@
 
 pub mod docker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -122,7 +122,8 @@ pub struct Desired {
     pub spec_hashes: HashMap<ObjectRef, String>,
     /// References to Pipelines' products, by consuming object: resolved before planning.
     pub pipeline_references: BTreeMap<ObjectRef, ObjectRef>,
-    templates: HashMap<ObjectRef, Template>,
+    /// Shared: desired state is copied into every pass, its templates need not be.
+    templates: std::sync::Arc<HashMap<ObjectRef, Template>>,
 }
 
 /// One backend: the interface every engine implements.
@@ -165,10 +166,16 @@ impl Backend {
         }
     }
 
-    /// Fills in why each unhealthy part is unhealthy (exit code, last log lines).
-    async fn diagnose(&self, observed: &mut [ObservedObject]) {
+    /// Fills in why each unhealthy part of `wanted` objects is unhealthy (exit code, last log
+    /// lines); with `settling`, also finds crash loops among parts still starting.
+    async fn diagnose(
+        &self,
+        observed: &mut [ObservedObject],
+        wanted: &HashSet<&ObjectRef>,
+        settling: bool,
+    ) {
         match self {
-            Backend::Docker(docker) => docker.diagnose(observed).await,
+            Backend::Docker(docker) => docker.diagnose(observed, wanted, settling).await,
         }
     }
 
@@ -193,6 +200,7 @@ impl Backend {
 /// planned as `skip` with the reason. Pure: no engine, no file system.
 pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
     let mut desired = Desired::default();
+    let mut templates = HashMap::new();
     for descriptor in descriptors {
         let key = descriptor.key();
         desired
@@ -214,12 +222,11 @@ pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
             continue;
         }
         if let Some((object, template)) = docker::desired_object(descriptor, ownership) {
-            desired
-                .templates
-                .insert(key, Template::Challenge(Box::new(template)));
+            templates.insert(key, Template::Challenge(Box::new(template)));
             desired.objects.push(object);
         }
     }
+    desired.templates = std::sync::Arc::new(templates);
     desired
 }
 
@@ -281,10 +288,24 @@ impl Engines {
         Ok(())
     }
 
-    /// Explains each unhealthy part of `observed` in the engine's words.
-    pub async fn diagnose(&self, observed: &mut [ObservedObject]) {
+    /// Explains, in the engine's words, each unhealthy part of the objects `desired` means to run
+    /// (a stopped challenge's exited containers are as they should be). With `settling`, parts
+    /// still starting are looked at too, to find crash loops; that costs an inspect each, so only
+    /// passes that just applied or wait for health ask for it.
+    pub async fn diagnose(
+        &self,
+        observed: &mut [ObservedObject],
+        desired: &Desired,
+        settling: bool,
+    ) {
+        let wanted: HashSet<&ObjectRef> = desired
+            .objects
+            .iter()
+            .filter(|o| o.hold.is_none() && o.target == TargetState::Running)
+            .map(|o| &o.key)
+            .collect();
         for backend in &self.backends {
-            backend.diagnose(observed).await;
+            backend.diagnose(observed, &wanted, settling).await;
         }
     }
 
