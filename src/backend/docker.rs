@@ -35,7 +35,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use super::{EngineError, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
 use crate::build_context::BuildContext;
 use crate::descriptor::model::{ChallengeSpec, ImageSource, RestartPolicy, RunState, Sidecar};
@@ -523,10 +523,8 @@ impl DockerBackend {
                 Err(error) if is_status(&error, 404) && !make => return Ok(None),
                 Err(error) if is_status(&error, 404) => {
                     let key = random_key().map_err(|e| unreachable(e.to_string()))?;
-                    let labels = HashMap::from([
-                        (LABEL_INSTANCE.to_string(), self.instance().to_string()),
-                        (LABEL_DIGEST_KEY.to_string(), hex::encode(&key)),
-                    ]);
+                    let mut labels = self.ownership.instance_labels();
+                    labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(&key));
                     // Two berths may race here: the engine keeps one, and both then read it.
                     match self.create_anchored(&name, labels).await {
                         Ok(()) => {}
@@ -628,14 +626,12 @@ impl DockerBackend {
         let holder = this_holder();
         let mut announced = false;
         loop {
-            let labels = HashMap::from([
-                (LABEL_INSTANCE.to_string(), self.instance().to_string()),
-                (LABEL_LOCK_HOLDER.to_string(), holder.clone()),
-                (
-                    LABEL_LOCK_SINCE.to_string(),
-                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                ),
-            ]);
+            let mut labels = self.ownership.instance_labels();
+            labels.insert(LABEL_LOCK_HOLDER.to_string(), holder.clone());
+            labels.insert(
+                LABEL_LOCK_SINCE.to_string(),
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            );
             match self.create_anchored(&name, labels).await {
                 Ok(()) => {
                     return Ok(ApplyLock {

@@ -60,6 +60,12 @@ impl Ownership {
         ])
     }
 
+    /// The label on what the instance keeps for itself (an engine's apply lock, its key), which
+    /// belongs to no descriptor.
+    pub fn instance_labels(&self) -> HashMap<String, String> {
+        HashMap::from([(LABEL_INSTANCE.to_string(), self.instance.clone())])
+    }
+
     /// Label selectors (`key=value`) matching what this instance owns of `kind`, or of one object.
     pub fn selector(&self, kind: Kind, name: Option<&str>) -> Vec<String> {
         let mut selector = vec![
