@@ -309,7 +309,7 @@ fn authorized(state: &ServerState, headers: &HeaderMap) -> Result<(), Box<Respon
     let sent = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if bool::from(sent.as_bytes().ct_eq(token.expose().as_bytes())) {
         Ok(())
@@ -323,6 +323,15 @@ fn authorized(state: &ServerState, headers: &HeaderMap) -> Result<(), Box<Respon
                 .into_response(),
         ))
     }
+}
+
+/// The token of an `Authorization` header's value when its scheme is Bearer. The scheme is
+/// case-insensitive (RFC 7235, section 2.1), and any run of spaces or tabs may surround the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let blank = [' ', '\t'];
+    let (scheme, token) = value.trim_matches(blank).split_once(blank)?;
+    let token = token.trim_matches(blank);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 async fn metrics(State(state): State<ServerState>, headers: HeaderMap) -> Response {
@@ -516,6 +525,22 @@ async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_spaces_around_the_token_are_ignored() {
+        for value in [
+            "Bearer t0k",
+            "bearer t0k",
+            "BEARER t0k",
+            "  Bearer   t0k  ",
+            "Bearer\tt0k",
+        ] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value:?}");
+        }
+        for value in ["Basic t0k", "Bearert0k", "Bearer", "Bearer   ", "t0k", ""] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 
     #[test]
     fn the_open_file_limit_is_read_from_proc_self_limits() {

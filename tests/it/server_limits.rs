@@ -1,6 +1,6 @@
-//! The agent's HTTP server against hostile clients (issue 8, items 11 and 12): the real
-//! `berth agent` binary on loopback, flooded with badly signed bodies and held by clients that
-//! send half a request.
+//! The agent's HTTP server against hostile clients (issue 8, items 11, 12 and 14): the real
+//! `berth agent` binary on loopback, flooded with badly signed bodies, held by clients that send
+//! half a request, and called with the bearer scheme written as users write it.
 //!
 //! The agent follows a git server that does not exist: every pass fails, and only the HTTP server
 //! matters. No test asserts a time; waits are bounded, and a connection the server still holds
@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::agent::Agent;
+use crate::agent::{API_TOKEN, Agent};
 
 /// No git server listens here.
 const NOWHERE: &str = "git://127.0.0.1:9/nothing.git";
@@ -96,6 +96,33 @@ fn open_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count()
+}
+
+/// Issue 8, item 14: `Authorization: bearer TOKEN` got 401, though the scheme is
+/// case-insensitive (RFC 7235).
+#[test]
+fn issue8_item14_the_bearer_scheme_is_case_insensitive() {
+    let agent = agent("bearer", "", &[]);
+    let accepted = [
+        format!("bearer {API_TOKEN}"),
+        format!("BEARER {API_TOKEN}"),
+        format!("Bearer    {API_TOKEN}   "),
+        format!("bEaReR\t{API_TOKEN}"),
+    ];
+    for value in &accepted {
+        let (code, body) = agent.request("GET", "/api/v1/status", &[("Authorization", value)], b"");
+        assert_eq!(code, 200, "{value:?}: {body}");
+    }
+    let refused = [
+        format!("Basic {API_TOKEN}"),
+        format!("Bearer{API_TOKEN}"),
+        format!("Bearer {API_TOKEN}x"),
+        "Bearer".to_string(),
+    ];
+    for value in &refused {
+        let (code, _) = agent.request("GET", "/api/v1/status", &[("Authorization", value)], b"");
+        assert_eq!(code, 401, "{value:?}");
+    }
 }
 
 /// Issue 8, item 11: a delivery with no signature, a malformed one, or a body declared over
