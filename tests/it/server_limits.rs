@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::agent::{API_TOKEN, Agent};
+use crate::agent::{API_TOKEN, Agent, status_code};
 
 /// No git server listens here.
 const NOWHERE: &str = "git://127.0.0.1:9/nothing.git";
@@ -69,15 +69,6 @@ fn until_closed(stream: &mut TcpStream) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&received).into_owned())
-}
-
-/// The status code of an HTTP answer; 0 when there is none.
-fn status_code(answer: &str) -> u16 {
-    answer
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A line of the agent's `/proc/PID/status`, in kB (`VmHWM`, `RssAnon`, …).
