@@ -285,6 +285,42 @@ fn issue8_item12_clients_that_stall_are_cut_off() {
     assert_eq!(status_code(&answer), 200, "{answer}");
 }
 
+/// Issue 8, item 12, the same class: each client that sent headers without end could make the
+/// agent buffer 400 KiB of them until the header timeout, so 256 of them held 100 MiB. Now a
+/// request's headers may take 16 KiB, and such clients are cut off as they pass it.
+#[test]
+fn issue8_item12_headers_without_end_hold_little_memory() {
+    const CLIENTS: usize = 200;
+    let agent = agent("big-headers", "", &[]);
+    let pid = agent.pid();
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (start, port) = (Arc::clone(&start), agent.port);
+            std::thread::spawn(move || {
+                let mut stream = send(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+                start.wait();
+                let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+                for _ in 0..300 {
+                    // The server stops reading, and closes, once the headers are too large.
+                    if stream.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+                until_closed(&mut stream).is_some()
+            })
+        })
+        .collect();
+    let closed = clients
+        .into_iter()
+        .filter_map(|c| c.join().unwrap().then_some(()))
+        .count();
+    let peak_mib = memory_kb(pid, "VmHWM") / 1024;
+    eprintln!("endless headers: {closed} of {CLIENTS} cut off; agent peak RSS {peak_mib} MiB");
+    assert_eq!(closed, CLIENTS);
+    assert!(peak_mib < 64, "peak RSS {peak_mib} MiB");
+}
+
 /// Issue 8, item 12: 3,000 slow clients each held a descriptor, so under a limit of 1,024 open
 /// files the agent had none left for git or the engine. Now open connections stay under half the
 /// process's file limit (here 64, set with `prlimit`) and the agent serves again once they go.
