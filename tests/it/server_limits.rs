@@ -153,6 +153,30 @@ fn issue8_item11_what_the_headers_refuse_is_refused_before_the_body_arrives() {
     }
 }
 
+/// Issue 8, item 11, the same class: a body sent in chunks declares no length, so it is cut off
+/// as it streams past `webhook.maxBody` (4 KiB in these tests), never read whole. axum's body
+/// limit did this before; the guard stays now that hooks read their bodies themselves.
+#[test]
+fn issue8_item11_a_chunked_body_over_the_limit_is_cut_off_as_it_streams() {
+    let agent = agent("hooks-chunked", "", &[]);
+    let mut stream = send(
+        agent.port,
+        format!(
+            "POST /hooks/github HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nX-Hub-Signature-256: {WRONG_SIGNATURE}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let chunk = format!("400\r\n{}\r\n", "x".repeat(0x400));
+    for _ in 0..5 {
+        if stream.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    // No last chunk: the answer must not wait for the end of the body.
+    let answer = until_closed(&mut stream).expect("an answer before the body ends");
+    assert_eq!(status_code(&answer), 413, "{answer}");
+}
+
 /// Issue 8, item 11: concurrent webhook bodies were unbounded. Now at most
 /// `webhook.maxConcurrent` are read at once; the next delivery gets 503 with `Retry-After`, and a
 /// slot is free again once a delivery is answered.
