@@ -155,17 +155,16 @@ pub async fn run(
                 api_token: secrets.api_token.clone(),
                 branch: config.repo.branch.clone(),
             };
-            let max_body = config.webhook.as_ref().map_or(1 << 20, |w| w.max_body);
-            let app = crate::server::router(state, max_body);
+            let limits = crate::server::Limits::new(&config);
+            let app = crate::server::router(state, &limits);
             let stopping = stopping.clone();
-            tracing::info!(%address, "listening");
-            Some(tokio::spawn(async move {
-                let serve = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stopping.notified().await });
-                if let Err(error) = serve.await {
-                    tracing::error!(%error, "HTTP server stopped");
-                }
-            }))
+            tracing::info!(%address, max_connections = limits.max_connections, "listening");
+            Some(tokio::spawn(crate::server::serve(
+                listener,
+                app,
+                limits,
+                async move { stopping.notified().await },
+            )))
         }
         None => None,
     };

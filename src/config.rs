@@ -56,6 +56,26 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         "/webhook/maxBody",
         EnvType::Integer,
     ),
+    (
+        "BERTH_WEBHOOK_MAX_CONCURRENT",
+        "/webhook/maxConcurrent",
+        EnvType::Integer,
+    ),
+    (
+        "BERTH_HTTP_MAX_CONNECTIONS",
+        "/http/maxConnections",
+        EnvType::Integer,
+    ),
+    (
+        "BERTH_HTTP_HEADER_TIMEOUT",
+        "/http/headerTimeout",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_HTTP_BODY_TIMEOUT",
+        "/http/bodyTimeout",
+        EnvType::Text,
+    ),
     ("BERTH_API_TOKEN_FILE", "/api/tokenFile", EnvType::Text),
     ("BERTH_STATUS_BRANCH", "/statusBranch", EnvType::Text),
     ("BERTH_PRUNE", "/prune", EnvType::Bool),
@@ -91,6 +111,9 @@ pub struct AgentConfig {
     /// Address of the HTTP server (webhooks, health, metrics, API); no server when absent.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// How long and how many clients the HTTP server serves.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Webhook settings; webhooks are refused when absent.
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
@@ -157,6 +180,37 @@ pub struct WebhookConfig {
     /// Largest body accepted, in bytes; larger deliveries get 413.
     #[serde(default = "default_max_body")]
     pub max_body: usize,
+    /// Most deliveries whose bodies are read at once; more get 503 with `Retry-After`. With
+    /// `maxBody`, this bounds the memory webhooks can hold.
+    #[serde(default = "default_max_concurrent_webhooks")]
+    pub max_concurrent: usize,
+}
+
+/// Limits on the HTTP server's clients, so slow or idle ones cannot hold the agent's memory and
+/// file descriptors.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Most client connections open at once; further clients wait in the kernel's queue. Never
+    /// more than half the process's open-file limit, so git and the engine keep the other half.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest wait for a request's headers, and how long an idle kept-alive connection stays open.
+    #[serde(default = "default_http_timeout")]
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's body and answer it; slower clients get 408.
+    #[serde(default = "default_http_timeout")]
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> HttpConfig {
+        HttpConfig {
+            max_connections: default_max_connections(),
+            header_timeout: default_http_timeout(),
+            body_timeout: default_http_timeout(),
+        }
+    }
 }
 
 /// API settings.
@@ -193,6 +247,16 @@ fn default_branch() -> String {
 }
 fn default_max_body() -> usize {
     1 << 20
+}
+fn default_max_concurrent_webhooks() -> usize {
+    8
+}
+fn default_max_connections() -> usize {
+    // Far more than webhooks, the API and a scraper need; each idle connection costs about 25 KiB.
+    256
+}
+fn default_http_timeout() -> Duration {
+    "10s".parse().expect("valid duration")
 }
 
 /// Why the configuration cannot be used. Messages name the file, line and column, or the
@@ -321,10 +385,28 @@ impl AgentConfig {
                 self.repo.branch
             )));
         }
-        if self.concurrency == 0 {
-            return Err(ConfigError(format!(
-                "{file}: concurrency must be at least 1"
-            )));
+        let at_least_one = [
+            ("concurrency", self.concurrency),
+            ("http.maxConnections", self.http.max_connections),
+            (
+                "webhook.maxConcurrent",
+                self.webhook.as_ref().map_or(1, |w| w.max_concurrent),
+            ),
+        ];
+        for (setting, value) in at_least_one {
+            if value == 0 {
+                return Err(ConfigError(format!("{file}: {setting} must be at least 1")));
+            }
+        }
+        for (setting, value) in [
+            ("http.headerTimeout", self.http.header_timeout),
+            ("http.bodyTimeout", self.http.body_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(ConfigError(format!(
+                    "{file}: {setting} must be longer than 0s"
+                )));
+            }
         }
         Ok(())
     }
@@ -556,6 +638,36 @@ mod tests {
                 .0
                 .contains("missing field `repo`")
         );
+    }
+
+    #[test]
+    fn the_http_servers_limits_have_defaults_and_refuse_zero() {
+        let config = parse("repo: {url: /x}\n", &[]).unwrap();
+        assert_eq!(config.http.max_connections, 256);
+        assert_eq!(config.http.header_timeout.0.as_secs(), 10);
+        let config = parse(
+            "repo: {url: /x}\nwebhook: {secretFile: /s}\n",
+            &[
+                ("BERTH_HTTP_MAX_CONNECTIONS", "64"),
+                ("BERTH_HTTP_BODY_TIMEOUT", "2s"),
+                ("BERTH_WEBHOOK_MAX_CONCURRENT", "3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.http.max_connections, 64);
+        assert_eq!(config.http.body_timeout.0.as_secs(), 2);
+        assert_eq!(config.webhook.unwrap().max_concurrent, 3);
+        for (text, setting) in [
+            ("http: {maxConnections: 0}", "http.maxConnections"),
+            ("http: {headerTimeout: 0s}", "http.headerTimeout"),
+            (
+                "webhook: {secretFile: /s, maxConcurrent: 0}",
+                "webhook.maxConcurrent",
+            ),
+        ] {
+            let error = parse(&format!("repo: {{url: /x}}\n{text}\n"), &[]).unwrap_err();
+            assert!(error.0.contains(setting), "{}", error.0);
+        }
     }
 
     #[test]

@@ -84,33 +84,90 @@ pub fn verify(
     body: &[u8],
     secret: &[u8],
 ) -> Result<(), Refusal> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let name = provider.signature_header();
-    let sent = header(name).ok_or(Refusal::Missing(name))?.trim();
-    let matches = match provider {
-        Provider::GitLab => bool::from(sent.as_bytes().ct_eq(secret)),
-        Provider::GitHub => sent
-            .strip_prefix("sha256=")
-            .is_some_and(|hex| hmac_matches(secret, body, hex)),
-        Provider::Gitea | Provider::Generic => {
-            hmac_matches(secret, body, sent.strip_prefix("sha256=").unwrap_or(sent))
-        }
-    };
-    if matches {
-        Ok(())
-    } else {
-        Err(Refusal::Bad(name))
-    }
+    let mut check = SignatureCheck::start(provider, headers, secret)?;
+    check.update(body);
+    check.finish()
 }
 
-fn hmac_matches(secret: &[u8], body: &[u8], hex_signature: &str) -> bool {
-    let Ok(signature) = hex::decode(hex_signature) else {
-        return false;
-    };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(body);
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&signature).is_ok()
+/// Bytes in an HMAC-SHA256.
+const HMAC_SHA256_LEN: usize = 32;
+
+/// A delivery's signature, checked in two stages so that a server refuses what it can before it
+/// reads a body: [`SignatureCheck::start`] looks only at the headers (a missing header, a
+/// malformed signature, GitLab's token), then the body is fed in as it arrives and never has to
+/// be held for the check.
+pub struct SignatureCheck {
+    header: &'static str,
+    expected: Expected,
+}
+
+enum Expected {
+    /// GitLab's token was right; the body is not signed.
+    Nothing,
+    /// The HMAC-SHA256 of the body must equal `sent`.
+    Hmac { mac: Hmac<Sha256>, sent: Vec<u8> },
+}
+
+impl SignatureCheck {
+    /// Reads the signature header. Refuses at once when it is missing, cannot be a signature, or
+    /// (GitLab) is not the secret.
+    pub fn start(
+        provider: Provider,
+        headers: &HeaderMap,
+        secret: &[u8],
+    ) -> Result<SignatureCheck, Refusal> {
+        let header = provider.signature_header();
+        let sent = headers
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(Refusal::Missing(header))?
+            .trim();
+        let hex = match provider {
+            Provider::GitLab => {
+                return if bool::from(sent.as_bytes().ct_eq(secret)) {
+                    Ok(SignatureCheck {
+                        header,
+                        expected: Expected::Nothing,
+                    })
+                } else {
+                    Err(Refusal::Bad(header))
+                };
+            }
+            Provider::GitHub => sent.strip_prefix("sha256="),
+            Provider::Gitea | Provider::Generic => {
+                Some(sent.strip_prefix("sha256=").unwrap_or(sent))
+            }
+        };
+        match hex.map(hex::decode) {
+            Some(Ok(sent)) if sent.len() == HMAC_SHA256_LEN => Ok(SignatureCheck {
+                header,
+                expected: Expected::Hmac {
+                    mac: Hmac::<Sha256>::new_from_slice(secret)
+                        .expect("HMAC takes keys of any length"),
+                    sent,
+                },
+            }),
+            _ => Err(Refusal::Bad(header)),
+        }
+    }
+
+    /// Feeds the next piece of the body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        if let Expected::Hmac { mac, .. } = &mut self.expected {
+            mac.update(chunk);
+        }
+    }
+
+    /// Whether the body fed in matches the signature.
+    pub fn finish(self) -> Result<(), Refusal> {
+        match self.expected {
+            Expected::Nothing => Ok(()),
+            // `verify_slice` compares in constant time.
+            Expected::Hmac { mac, sent } => mac
+                .verify_slice(&sent)
+                .map_err(|_| Refusal::Bad(self.header)),
+        }
+    }
 }
 
 /// The HMAC-SHA256 signature of `body`, hex, as GitHub, Gitea and the generic endpoint expect
@@ -259,6 +316,37 @@ mod tests {
         // GitHub requires its prefix.
         let map = headers(&[("x-hub-signature-256", &hex)]);
         assert!(verify(Provider::GitHub, &map, body, SECRET).is_err());
+    }
+
+    #[test]
+    fn what_the_headers_show_is_refused_before_any_body_is_read() {
+        let bad_headers: [(Provider, &[(&str, &str)]); 5] = [
+            (Provider::GitHub, &[]),
+            (Provider::GitHub, &[("x-hub-signature-256", "sha256=zz")]),
+            (Provider::GitHub, &[("x-hub-signature-256", "00ff")]),
+            (Provider::Gitea, &[("x-gitea-signature", "00ff")]),
+            (Provider::GitLab, &[("x-gitlab-token", "guess")]),
+        ];
+        for (provider, pairs) in bad_headers {
+            assert!(
+                SignatureCheck::start(provider, &headers(pairs), SECRET).is_err(),
+                "{provider:?} {pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_fed_in_pieces_is_checked_as_a_whole() {
+        let body = br#"{"ref":"refs/heads/main","after":"abc"}"#;
+        let map = headers(&[("x-signature", &sign(SECRET, body))]);
+        let mut check = SignatureCheck::start(Provider::Generic, &map, SECRET).unwrap();
+        for piece in body.chunks(7) {
+            check.update(piece);
+        }
+        assert_eq!(check.finish(), Ok(()));
+        let mut check = SignatureCheck::start(Provider::Generic, &map, SECRET).unwrap();
+        check.update(&body[..10]);
+        assert!(check.finish().is_err());
     }
 
     #[test]

@@ -13,16 +13,18 @@ use crate::docker::{Instance, docker, engine, free_port, web};
 use crate::gitserver::{GitDaemon, GitHttp, HTTP_PASSWORD, HTTP_USER, Origin, git};
 use crate::util::stdout;
 
-const WEBHOOK_SECRET: &str = "whsec-3b8e1f0a";
-const API_TOKEN: &str = "api-token-71c2d9";
+pub(crate) const WEBHOOK_SECRET: &str = "whsec-3b8e1f0a";
+pub(crate) const API_TOKEN: &str = "api-token-71c2d9";
 
 /// A running `berth agent`, killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Option<Child>,
     /// Extra environment for the agent process.
-    env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
+    /// A command and its arguments that run the agent (e.g. `prlimit --nofile=40`); none when empty.
+    pub(crate) launcher: Vec<String>,
     dir: tempfile::TempDir,
-    port: u16,
+    pub(crate) port: u16,
     config: PathBuf,
 }
 
@@ -33,7 +35,15 @@ impl Agent {
     }
 
     /// [`Agent::start`] with `repo_extra` added to the `repo:` section (credentials).
-    fn start_with(instance: &str, url: &str, repo_extra: &str, extra: &str) -> Agent {
+    pub(crate) fn start_with(instance: &str, url: &str, repo_extra: &str, extra: &str) -> Agent {
+        let mut agent = Agent::configure(instance, url, repo_extra, extra);
+        agent.spawn();
+        agent
+    }
+
+    /// An agent's config and folder, not started yet: set [`Agent::env`] or
+    /// [`Agent::launcher`], then [`Agent::spawn`].
+    pub(crate) fn configure(instance: &str, url: &str, repo_extra: &str, extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         std::fs::write(
@@ -48,24 +58,32 @@ impl Agent {
             dir = dir.path().display(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut agent = Agent {
+        Agent {
             child: None,
             env: Vec::new(),
+            launcher: Vec::new(),
             dir,
             port,
             config,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        let berth = env!("CARGO_BIN_EXE_berth");
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(berth);
+                command
+            }
+            None => Command::new(berth),
+        };
+        let child = command
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("BERTH_LOG", "info")
@@ -81,12 +99,17 @@ impl Agent {
         });
     }
 
-    fn log(&self) -> String {
+    /// The agent's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
     /// Polls `done` for up to 60 s; fails with the agent's log when it never holds.
-    fn wait_for(&self, what: &str, done: impl Fn() -> bool) {
+    pub(crate) fn wait_for(&self, what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done() {
             assert!(
@@ -98,7 +121,7 @@ impl Agent {
         }
     }
 
-    fn request(
+    pub(crate) fn request(
         &self,
         method: &str,
         path: &str,
@@ -108,7 +131,7 @@ impl Agent {
         http(self.port, method, path, headers, body)
     }
 
-    fn api(&self, method: &str, path: &str) -> (u16, String) {
+    pub(crate) fn api(&self, method: &str, path: &str) -> (u16, String) {
         let bearer = format!("Bearer {API_TOKEN}");
         self.request(method, path, &[("Authorization", &bearer)], b"")
     }
@@ -174,16 +197,21 @@ fn http(
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).into_owned();
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let code = status_code(&response);
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+/// The status code of an HTTP answer; 0 when there is none.
+pub(crate) fn status_code(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A push event as GitHub sends it (trimmed to the fields a receiver reads, same shape).

@@ -68,17 +68,91 @@ pub fn engine() -> Option<Instance> {
         );
         return None;
     }
+    // The script probes the image rather than trusting its name, and makes it again when it lacks
+    // what the tests run (issue 8, item 17).
     BUSYBOX.call_once(|| {
         let status = Command::new("bash")
-            .arg(crate_root().join("tests/testbed/busybox-image.sh"))
+            .arg(busybox_script())
             .status()
             .expect("bash runs");
-        assert!(status.success(), "could not make busybox:latest");
+        assert!(
+            status.success(),
+            "no busybox:latest with what the tests need; tests/testbed/busybox-image.sh said why above"
+        );
     });
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     Some(Instance {
         name: format!("it{}-{n}", std::process::id()),
     })
+}
+
+/// The script that makes (or checks) the test bed's busybox image.
+fn busybox_script() -> std::path::PathBuf {
+    crate_root().join("tests/testbed/busybox-image.sh")
+}
+
+/// Issue 8, item 17: the harness trusted any image named `busybox:latest`, and one made by another
+/// tool, without /tmp, /etc/passwd and /www, failed 8 tests. The script now probes the image and
+/// makes it again. Checked on a tag of its own: other tests use the real `busybox:latest` meanwhile.
+#[test]
+fn issue8_item17_a_busybox_image_without_what_the_tests_need_is_remade() {
+    use std::io::Write as _;
+    let Some(_instance) = engine() else { return };
+    let tag = format!("berth-it-busybox-{}:broken", std::process::id());
+    let id = |tag: &str| docker(&["image", "inspect", "--format", "{{.Id}}", tag]);
+    // Like the image that broke the tests: busybox, without /tmp, /etc/passwd and /www.
+    let mut build = Command::new("docker")
+        .args(["build", "-q", "-t", &tag, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker CLI runs");
+    build
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"FROM busybox:latest\nRUN rm -rf /tmp /etc/passwd /www\n")
+        .unwrap();
+    let built = build.wait_with_output().unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let broken = id(&tag);
+    let make = || {
+        let output = Command::new("bash")
+            .arg(busybox_script())
+            .env("BERTH_BUSYBOX_TAG", &tag)
+            .output()
+            .expect("bash runs");
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{said}");
+        said
+    };
+    let said = make();
+    let remade = id(&tag);
+    docker(&["rmi", &broken]);
+    assert!(
+        said.contains("it lacks /tmp /etc/passwd /www/index.html"),
+        "{said}"
+    );
+    assert_ne!(remade, broken, "{said}");
+    let probe = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", &tag, "sh", "-c"])
+        .arg(
+            "test -w /tmp && test -f /etc/passwd && test -f /www/index.html && which httpd nc wget",
+        )
+        .output()
+        .unwrap();
+    // A good image is left as it is.
+    let said_again = make();
+    let kept = id(&tag);
+    docker(&["rmi", &tag]);
+    assert!(probe.status.success(), "{probe:?}");
+    assert_eq!(said_again, "");
+    assert_eq!(kept, remade);
 }
 
 /// A loopback port nobody listens on.

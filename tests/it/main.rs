@@ -4,7 +4,8 @@
 //! - `cli`: the `berth` binary's output formats and exit codes;
 //! - `docker`: plan and apply against the real Docker Engine;
 //! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
-//! - `schema_files`: the committed `schema/` matches the Rust types.
+//! - `schema_files`: the committed `schema/` matches the Rust types;
+//! - `server_limits`: the agent's HTTP server against floods and clients that stall.
 //!
 //! Helpers shared by every module live in `util`.
 
@@ -14,5 +15,6 @@ mod docker;
 mod gitserver;
 mod hardening;
 mod schema_files;
+mod server_limits;
 mod util;
 mod validate;
