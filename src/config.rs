@@ -477,9 +477,9 @@ mod tests {
 
     #[test]
     fn the_sample_repos_example_config_is_valid_and_every_variable_is_documented() {
-        let config = parse(include_str!("../../sample-repo/agent.yaml"), &[]).unwrap();
+        let config = parse(include_str!("../sample-repo/agent.yaml"), &[]).unwrap();
         assert_eq!(config.status_branch, "berth-status");
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../README.md");
         for (var, _, _) in ENVIRONMENT {
             assert!(
                 readme.contains(&format!("`{var}`")),
