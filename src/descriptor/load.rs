@@ -424,10 +424,7 @@ impl Loader {
         if let (Some(kind), Some((_, Some(name)))) = (kind, &identity) {
             self.declared.insert((kind, name.clone()));
         }
-        let mut violations = schema::check(kind, &value);
-        if let (true, Some(kind)) = (violations.is_empty(), kind) {
-            violations = semantic::check_values(kind, &value);
-        }
+        let violations = schema::check(kind, &value);
         if !violations.is_empty() || kind.is_none() {
             self.push_violations(file, doc, &identity, violations);
             return;
@@ -449,15 +446,7 @@ impl Loader {
                     doc,
                 });
             }
-            Err(message) => {
-                self.pending.push(Pending {
-                    file,
-                    place: Place::At(document.start),
-                    identity,
-                    message: format!("cannot read descriptor: {message}"),
-                    also: None,
-                });
-            }
+            Err(violation) => self.push_violations(file, doc, &identity, vec![violation]),
         }
     }
 
@@ -689,9 +678,36 @@ fn identity(value: &Value) -> Option<(String, Option<String>)> {
     Some((kind, name))
 }
 
-fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descriptor, String> {
-    fn parts<S: serde::de::DeserializeOwned>(value: Value) -> Result<(super::Metadata, S), String> {
-        let envelope: Envelope<S> = serde_json::from_value(value).map_err(|e| e.to_string())?;
+/// The typed descriptor of a document that matches its schema. Where the types are stricter than
+/// the schema (a whole number written `2.0`), the problem is placed at the value.
+fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descriptor, Violation> {
+    fn parts<S: serde::de::DeserializeOwned>(
+        value: Value,
+    ) -> Result<(super::Metadata, S), Violation> {
+        let envelope: Envelope<S> = serde_path_to_error::deserialize(value).map_err(|error| {
+            let mut pointer = String::new();
+            for segment in error.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Map { key } => {
+                        pointer.push('/');
+                        pointer.push_str(&yaml::escaped(key));
+                    }
+                    serde_path_to_error::Segment::Seq { index } => {
+                        pointer.push_str(&format!("/{index}"));
+                    }
+                    _ => {}
+                }
+            }
+            let message = match schema::secret_part(&pointer) {
+                Some(shown) => schema::secret_message(&shown),
+                None => format!("{}: {}", schema::dotted(&pointer), error.inner()),
+            };
+            Violation {
+                pointer,
+                at_key: false,
+                message,
+            }
+        })?;
         Ok((envelope.metadata, envelope.spec))
     }
     let (metadata, spec) = match kind {

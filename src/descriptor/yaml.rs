@@ -350,6 +350,13 @@ impl<'input> Builder<'input> {
     }
 }
 
+/// `key` as a JSON pointer segment (`~` and `/` escaped).
+pub fn escaped(key: &str) -> String {
+    let mut segment = String::with_capacity(key.len());
+    push_escaped(&mut segment, key);
+    segment
+}
+
 fn push_escaped(pointer: &mut String, key: &str) {
     for c in key.chars() {
         match c {
