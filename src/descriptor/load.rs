@@ -18,9 +18,9 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde_json::Value;
 
 use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
-use super::schema::{self, Violation};
+use super::schema::{self, MAX_VIOLATIONS, Violation};
 use super::semantic;
-use super::yaml::{self, Position};
+use super::yaml::{self, Position, Wanted};
 use super::{Descriptor, Kind, Problem, Spec, spec_hash};
 use crate::build_context::BuildContext;
 
@@ -161,6 +161,8 @@ struct SourceFile {
     identities: Vec<Option<(String, Option<String>)>>,
     /// False for files already reported as unreadable (a link out of the repo, a loop).
     readable: bool,
+    /// Problems reported in it so far.
+    problems: usize,
 }
 
 impl SourceFile {
@@ -170,6 +172,7 @@ impl SourceFile {
             path,
             identities: Vec::new(),
             readable,
+            problems: 0,
         }
     }
 }
@@ -216,13 +219,30 @@ impl Loader {
     fn file_problem(&mut self, relative: String, path: PathBuf, message: String) {
         self.files.push(SourceFile::new(relative, path, false));
         let file = self.files.len() - 1;
-        self.pending.push(Pending {
+        self.report(Pending {
             file,
             place: Place::At(Position { line: 1, column: 1 }),
             identity: None,
             message,
             also: None,
         });
+    }
+
+    /// Records a problem. A file's problems are bounded: past [`MAX_VIOLATIONS`], one more says
+    /// that there are more, so a hostile file cannot make an unbounded list.
+    fn report(&mut self, mut pending: Pending) {
+        let file = &mut self.files[pending.file];
+        file.problems += 1;
+        if file.problems > MAX_VIOLATIONS + 1 {
+            return;
+        }
+        if file.problems == MAX_VIOLATIONS + 1 {
+            pending.message = format!(
+                "more than {MAX_VIOLATIONS} problems in this file; fix these and validate again to see the rest"
+            );
+            pending.also = None;
+        }
+        self.pending.push(pending);
     }
 
     fn walk(
@@ -364,7 +384,7 @@ impl Loader {
         let text = match self.read_text(&path) {
             Ok(text) => text,
             Err((at, message)) => {
-                self.pending.push(Pending {
+                self.report(Pending {
                     file,
                     place: Place::At(at),
                     identity: None,
@@ -374,12 +394,12 @@ impl Loader {
                 return;
             }
         };
-        let stream = yaml::parse(&text, false);
+        let stream = yaml::read(&text, reading(), &mut BTreeMap::new());
         for (doc, document) in stream.documents.into_iter().enumerate() {
             self.read_document(file, doc, document);
         }
         if let Some(fatal) = stream.fatal {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::At(fatal.at),
                 identity: None,
@@ -394,7 +414,7 @@ impl Loader {
         let identity = identity(&value);
         self.files[file].identities.push(identity.clone());
         for problem in document.problems {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::At(problem.at),
                 identity: identity.clone(),
@@ -406,7 +426,7 @@ impl Loader {
             return;
         }
         if !value.is_object() {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::At(document.start),
                 identity: None,
@@ -458,7 +478,7 @@ impl Loader {
         violations: Vec<Violation>,
     ) {
         for violation in violations {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::Node {
                     doc,
@@ -551,7 +571,7 @@ impl Loader {
                     },
                 )
             });
-            self.pending.push(Pending {
+            self.report(Pending {
                 file: at.file,
                 place: Place::Node {
                     doc: at.doc,
@@ -568,26 +588,29 @@ impl Loader {
     }
 
     fn finish(self) -> Loaded {
-        // Parse again, with positions, only the files that have something to place.
-        let mut needed: BTreeMap<usize, Vec<yaml::Positions>> = BTreeMap::new();
+        // Parse again only the files that have something to place, recording the positions of
+        // only the nodes to place: by file, by document.
+        let mut needed: BTreeMap<usize, BTreeMap<usize, Wanted>> = BTreeMap::new();
         for pending in &self.pending {
             for (file, place) in std::iter::once((pending.file, &pending.place))
                 .chain(pending.also.iter().map(|(f, p)| (*f, p)))
             {
-                if matches!(place, Place::Node { .. }) {
-                    needed.entry(file).or_default();
+                if let Place::Node { doc, pointer, .. } = place {
+                    needed
+                        .entry(file)
+                        .or_default()
+                        .entry(*doc)
+                        .or_default()
+                        .insert(pointer);
                 }
             }
         }
-        for (file, positions) in needed.iter_mut() {
+        for (file, wanted) in needed.iter_mut() {
             if let Ok(text) = self.read_text(&self.files[*file].path) {
-                *positions = yaml::parse(&text, true)
-                    .documents
-                    .into_iter()
-                    .map(|d| d.positions)
-                    .collect();
+                yaml::read(&text, reading(), wanted);
             }
         }
+        let start = Position { line: 1, column: 1 };
         let place = |file: usize, place: &Place| -> (Position, String) {
             match place {
                 Place::At(at) => (*at, String::new()),
@@ -596,8 +619,14 @@ impl Loader {
                     pointer,
                     at_key,
                 } => {
-                    let positions = needed.get(&file).and_then(|docs| docs.get(*doc));
-                    (locate(positions, pointer, *at_key), pointer.clone())
+                    let at = needed
+                        .get(&file)
+                        .and_then(|docs| docs.get(doc))
+                        .and_then(|wanted| wanted.locate(pointer, *at_key))
+                        .unwrap_or(start);
+                    // The path shown stops where a secret starts.
+                    let path = schema::secret_part(pointer).unwrap_or_else(|| pointer.clone());
+                    (at, path)
                 }
             }
         };
@@ -644,27 +673,11 @@ impl Loader {
     }
 }
 
-/// The position for a pointer, falling back to the nearest ancestor that has one.
-fn locate(positions: Option<&yaml::Positions>, pointer: &str, at_key: bool) -> Position {
-    let Some(positions) = positions else {
-        return Position { line: 1, column: 1 };
-    };
-    let mut pointer = pointer;
-    let mut exact = true;
-    loop {
-        if let Some(node) = positions.get(pointer) {
-            return match (at_key && exact, node.key) {
-                (true, Some(key)) => key,
-                _ => node.value,
-            };
-        }
-        match pointer.rsplit_once('/') {
-            Some((parent, _)) => {
-                pointer = parent;
-                exact = false;
-            }
-            None => return Position { line: 1, column: 1 },
-        }
+/// How the loader reads YAML: positions only when asked, and no key named inside a secret.
+fn reading() -> yaml::Reading<'static> {
+    yaml::Reading {
+        all_positions: false,
+        secret_fields: schema::secret_fields(),
     }
 }
 

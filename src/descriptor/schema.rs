@@ -280,10 +280,14 @@ pub fn check(kind: Option<Kind>, document: &Value) -> Vec<Violation> {
     let mut violations = Vec::new();
     for error in validator.iter_errors(document) {
         explain(schema, &error, &mut violations);
+        if violations.len() > MAX_VIOLATIONS {
+            break;
+        }
     }
     // A value type's pattern and format can tell the same mistake twice.
     violations.sort_by(|a, b| (&a.pointer, &a.message).cmp(&(&b.pointer, &b.message)));
     violations.dedup();
+    violations.truncate(MAX_VIOLATIONS + 1);
     violations
 }
 

@@ -235,6 +235,13 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
             "{file: PATH} or {env: NAME}",
         ],
     ),
+    (
+        "too-many-documents",
+        "c.yaml",
+        1001,
+        1,
+        &["more than 1000 documents in one file; split it into smaller files"],
+    ),
 ];
 
 #[test]
@@ -670,4 +677,49 @@ fn out_of_range_numbers_are_placed_at_their_values_beside_other_problems() {
     ]) {
         assert!(problem.3.contains(words), "{problem:?}");
     }
+}
+
+/// Issue 8, item 16: a file within the size limit could still hold unbounded work (a million
+/// empty documents cost 215 MB); the count of problems per file is bounded too, and says so.
+#[test]
+fn a_file_reports_a_bounded_number_of_problems() {
+    let fields: String = (0..150).map(|i| format!("  unknown{i}: 1\n")).collect();
+    let repo = Repo::new();
+    repo.write("c.yaml", challenge("web", &fields));
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert_eq!(problems.len(), 101, "{problems:#?}");
+    assert!(
+        problems.iter().any(|p| p.message
+            == "more than 100 problems in this file; fix these and validate again to see the rest"),
+        "{problems:#?}"
+    );
+}
+
+/// Issue 8, item 16: nodes per file are bounded wherever they come from, and the problem stands
+/// at the first node past the limit.
+#[test]
+fn a_file_of_too_many_nodes_is_one_problem_at_the_node_past_the_limit() {
+    let items: String = "- 1\n".repeat(100_000);
+    let repo = Repo::new();
+    repo.write("c.yaml", format!("list:\n{items}"));
+    assert_eq!(
+        places(&problems_of(repo.path(), &LoadOptions::default())),
+        [(
+            "c.yaml".to_string(),
+            100_000,
+            3,
+            "more than 100000 YAML nodes in one file; split it into smaller files".to_string()
+        )]
+    );
+    let flow = format!("list: [{}]\n", vec!["1"; 10_001].join(", "));
+    repo.write("c.yaml", flow);
+    assert_eq!(
+        places(&problems_of(repo.path(), &LoadOptions::default())),
+        [(
+            "c.yaml".to_string(),
+            1,
+            6 + 3 * 10_000,
+            "a flow collection ([…] or {…}) with more than 10000 entries; write it in block style, one entry per line".to_string()
+        )]
+    );
 }
