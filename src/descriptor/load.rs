@@ -1,23 +1,28 @@
 //! Loading a config repo: every descriptor under a folder, or every problem that stops it.
 //!
 //! The loader walks the folder (skipping hidden entries such as `.git`, `.berth` and `.github`,
-//! paths in `.berthignore`, and the folders that descriptors use as build contexts, manifests or
-//! charts), reads each YAML file within limits,
-//! checks each document against its kind's schema and the semantic rules, and returns the typed
-//! descriptors with all problems at once, each placed at a file, line and column.
+//! and paths in `.berthignore`), reads each YAML file within limits, checks each document against
+//! its kind's schema and the semantic rules, and returns the typed descriptors with all problems at
+//! once, each placed at a file, line and column.
+//!
+//! YAML files inside the folders descriptors use as build contexts, manifests or charts are assets
+//! (a staging's Kubernetes manifests), not descriptors, and are set aside. But a file that looks like
+//! a descriptor (`apiVersion: berth/…`) is never set aside: it is read, and the overlap is a problem
+//! at the folder's path. A descriptor the loader skipped would look deleted, and pruning would
+//! remove what it describes.
 //!
 //! Positions are found lazily: files are parsed once without them, and only a file that has a problem
 //! is parsed again to place it. So a clean repo of thousands of files keeps no position tables and no
 //! parsed trees alive, only the typed descriptors.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde_json::Value;
 
-use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
+use super::model::{API_VERSION, ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
 use super::schema::{self, MAX_VIOLATIONS, Violation};
 use super::semantic;
 use super::yaml::{self, Position, Wanted};
@@ -118,7 +123,7 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
     for file in 0..loader.files.len() {
         loader.read_file(file);
     }
-    loader.drop_asset_files();
+    loader.set_asset_files_aside();
     loader.check_repo();
     Ok(loader.finish())
 }
@@ -161,6 +166,8 @@ struct SourceFile {
     identities: Vec<Option<(String, Option<String>)>>,
     /// False for files already reported as unreadable (a link out of the repo, a loop).
     readable: bool,
+    /// Whether some document in it looks like a descriptor: then it is never set aside as an asset.
+    holds_descriptor: bool,
     /// Problems reported in it so far.
     problems: usize,
 }
@@ -172,9 +179,19 @@ impl SourceFile {
             path,
             identities: Vec::new(),
             readable,
+            holds_descriptor: false,
             problems: 0,
         }
     }
+}
+
+/// Where a descriptor names a folder it builds from or deploys.
+struct AssetUse {
+    /// The path as written.
+    written: String,
+    file: usize,
+    doc: usize,
+    pointer: &'static str,
 }
 
 /// A valid descriptor and the document it came from.
@@ -192,8 +209,9 @@ struct Loader {
     candidates: Vec<Candidate>,
     /// Every `Kind/name` some document declares, valid or not: references to them are not "missing".
     declared: HashSet<(Kind, String)>,
-    /// Folders descriptors build from or deploy: their YAML files are not descriptors.
-    asset_folders: BTreeSet<PathBuf>,
+    /// Folders descriptors build from or deploy (canonical, relative to the root, `""` for the
+    /// root), and where they are named: their YAML files are not descriptors.
+    asset_folders: HashMap<String, Vec<AssetUse>>,
 }
 
 impl Loader {
@@ -205,7 +223,7 @@ impl Loader {
             pending: Vec::new(),
             candidates: Vec::new(),
             declared: HashSet::new(),
-            asset_folders: BTreeSet::new(),
+            asset_folders: HashMap::new(),
         }
     }
 
@@ -269,10 +287,11 @@ impl Loader {
                 continue;
             };
             let relative = self.relative(&path);
-            let is_yaml = matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            );
+            // `WEB.YAML` is as much a descriptor as `web.yaml`: skipping it would look like a deletion.
+            let is_yaml = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
             if file_type.is_symlink() {
                 let target = path.canonicalize();
                 let target_is_dir = target.as_ref().is_ok_and(|t| t.is_dir());
@@ -399,6 +418,10 @@ impl Loader {
             self.read_document(file, doc, document);
         }
         if let Some(fatal) = stream.fatal {
+            // The rest of the file was not read: it may still be a descriptor.
+            if names_berth_api(&text) {
+                self.files[file].holds_descriptor = true;
+            }
             self.report(Pending {
                 file,
                 place: Place::At(fatal.at),
@@ -425,6 +448,10 @@ impl Loader {
         if value.is_null() {
             return;
         }
+        if looks_like_descriptor(&value) {
+            self.files[file].holds_descriptor = true;
+            self.note_asset_folders(file, doc, &value);
+        }
         if !value.is_object() {
             self.report(Pending {
                 file,
@@ -436,7 +463,6 @@ impl Loader {
             });
             return;
         }
-        self.note_asset_folders(&value);
         let kind = value
             .get("kind")
             .and_then(Value::as_str)
@@ -514,42 +540,108 @@ impl Loader {
         );
     }
 
-    fn note_asset_folders(&mut self, value: &Value) {
+    fn note_asset_folders(&mut self, file: usize, doc: usize, value: &Value) {
         for pointer in [
             "/spec/build/context",
             "/spec/manifests",
             "/spec/chart",
             "/spec/image/build/context",
         ] {
-            if let Some(folder) = value.pointer(pointer).and_then(Value::as_str)
-                && let Ok(canonical) = self.root.join(folder).canonicalize()
-                && canonical != self.root
+            // Folders only: a path to a file is reported by the semantic checks.
+            if let Some(written) = value.pointer(pointer).and_then(Value::as_str)
+                && let Ok(canonical) = self.root.join(written).canonicalize()
                 && canonical.starts_with(&self.root)
+                && canonical.is_dir()
             {
-                self.asset_folders.insert(canonical);
+                let folder = self.relative(&canonical);
+                self.asset_folders
+                    .entry(folder)
+                    .or_default()
+                    .push(AssetUse {
+                        written: written.to_string(),
+                        file,
+                        doc,
+                        pointer,
+                    });
             }
         }
     }
 
-    /// Forgets files inside asset folders: a staging's Kubernetes manifests are not descriptors.
-    fn drop_asset_files(&mut self) {
+    /// Sets aside the files inside asset folders (a staging's Kubernetes manifests are not
+    /// descriptors), except those that hold descriptors: those stay, and each folder that holds
+    /// one is a problem at its path.
+    fn set_asset_files_aside(&mut self) {
         if self.asset_folders.is_empty() {
             return;
         }
-        let dropped: HashSet<usize> = self
-            .files
+        let mut aside = HashSet::new();
+        // The descriptor files inside each asset folder.
+        let mut overlaps: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (index, file) in self.files.iter().enumerate() {
+            let canonical = file
+                .path
+                .canonicalize()
+                .unwrap_or_else(|_| file.path.clone());
+            let relative = self.relative(&canonical);
+            // Looked up by the folders the file is in, so the cost does not grow with the
+            // number of asset folders.
+            let folders = std::iter::once("")
+                .chain(relative.match_indices('/').map(|(at, _)| &relative[..at]));
+            for (folder, _) in folders.filter_map(|f| self.asset_folders.get_key_value(f)) {
+                if file.holds_descriptor {
+                    overlaps.entry(folder.as_str()).or_default().push(index);
+                } else {
+                    aside.insert(index);
+                }
+            }
+        }
+        let problems: Vec<Pending> = overlaps
             .iter()
-            .enumerate()
-            .filter(|(_, f)| {
-                let canonical = f.path.canonicalize().unwrap_or_else(|_| f.path.clone());
-                self.asset_folders
+            .flat_map(|(folder, overlap)| {
+                self.asset_folders[*folder]
                     .iter()
-                    .any(|folder| canonical.starts_with(folder))
+                    .map(|used| self.overlap_problem(used, overlap))
             })
-            .map(|(i, _)| i)
             .collect();
-        self.pending.retain(|p| !dropped.contains(&p.file));
-        self.candidates.retain(|c| !dropped.contains(&c.file));
+        self.pending.retain(|p| !aside.contains(&p.file));
+        self.candidates.retain(|c| !aside.contains(&c.file));
+        for problem in problems {
+            self.report(problem);
+        }
+    }
+
+    /// The problem at `used`: its folder holds the descriptor files `overlap` (at least one).
+    fn overlap_problem(&self, used: &AssetUse, overlap: &[usize]) -> Pending {
+        let (what, content) = match used.pointer {
+            "/spec/manifests" => ("manifests folder", "manifests"),
+            "/spec/chart" => ("chart folder", "chart"),
+            _ => ("build context", "build files"),
+        };
+        let more = match overlap.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        let message = format!(
+            "{}: {what} \"{}\" holds descriptor {}{more}; move the {content} to a folder of their own",
+            schema::dotted(used.pointer),
+            used.written,
+            self.files[overlap[0]].relative,
+        );
+        Pending {
+            file: used.file,
+            place: Place::Node {
+                doc: used.doc,
+                pointer: used.pointer.to_string(),
+                at_key: false,
+            },
+            identity: self.files[used.file]
+                .identities
+                .get(used.doc)
+                .cloned()
+                .flatten(),
+            message,
+            also: None,
+        }
     }
 
     fn check_repo(&mut self) {
@@ -679,6 +771,47 @@ fn reading() -> yaml::Reading<'static> {
         all_positions: false,
         secret_fields: schema::secret_fields(),
     }
+}
+
+/// Whether a document looks like a descriptor, valid or not: its `apiVersion` is berth's, or it
+/// names one of berth's kinds and no `apiVersion` at all.
+fn looks_like_descriptor(value: &Value) -> bool {
+    match value.get("apiVersion") {
+        Some(Value::String(version)) => is_berth_api(version),
+        Some(_) => false,
+        None => value
+            .get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|kind| kind.parse::<Kind>().is_ok()),
+    }
+}
+
+/// Whether an `apiVersion` is berth's, at any version (`berth/v1`, `berth/v2`…).
+fn is_berth_api(version: &str) -> bool {
+    let family = |version: &str| {
+        version
+            .split_once('/')
+            .map(|(family, _)| family.to_string())
+    };
+    family(version).is_some_and(|f| Some(f) == family(API_VERSION))
+}
+
+/// Whether the text says `apiVersion: berth/…` anywhere, quoted or not: for files whose YAML
+/// could not be read to the end.
+fn names_berth_api(text: &str) -> bool {
+    text.match_indices("apiVersion").any(|(at, key)| {
+        let rest = text[at + key.len()..].trim_start_matches(['"', '\'']);
+        let Some(value) = rest.trim_start().strip_prefix(':') else {
+            return false;
+        };
+        let value = value.trim_start().trim_start_matches(['"', '\'']);
+        is_berth_api(
+            value
+                .split([' ', '"', '\'', ',', '}', '\n'])
+                .next()
+                .unwrap_or_default(),
+        )
+    })
 }
 
 /// `(kind, name)` as far as a raw document says them.

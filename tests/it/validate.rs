@@ -195,6 +195,26 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["a descriptor must be a mapping"],
     ),
     (
+        "context-holds-descriptors",
+        "challenges/web.yaml",
+        6,
+        14,
+        &[
+            "spec.build.context: build context \"challenges\" holds descriptor challenges/web.yaml",
+            "move the build files to a folder of their own",
+        ],
+    ),
+    (
+        "manifests-hold-descriptor",
+        "stagings/shop.yaml",
+        7,
+        14,
+        &[
+            "spec.manifests: manifests folder \"stagings/deploy\" holds descriptor stagings/deploy/web.yaml",
+            "move the manifests to a folder of their own",
+        ],
+    ),
+    (
         "bad-env-name",
         "c.yaml",
         8,
@@ -471,6 +491,70 @@ fn places(problems: &[Problem]) -> Vec<(String, usize, usize, String)> {
         .iter()
         .map(|p| (p.file.clone(), p.line, p.column, p.message.clone()))
         .collect()
+}
+
+/// Issue 8, item 1: a build context that covered the folder of descriptors made the loader skip
+/// every descriptor in it, silently: `0 descriptors valid`, and prune deleted what they describe.
+/// Now a file that looks like a descriptor is always read, whatever its case, its YAML or its
+/// missing `apiVersion`, and the folder's path is the problem; other YAML stays an asset.
+#[test]
+fn descriptors_inside_asset_folders_are_read_and_reported() {
+    let repo = Repo::new();
+    repo.write("challenges/Dockerfile", "FROM busybox:latest\n")
+        .write("challenges/web.yaml", challenge("web", ""))
+        .write("challenges/UPPER.YAML", challenge("upper", ""))
+        .write(
+            "challenges/broken.yaml",
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: broken\n",
+        )
+        .write("challenges/kind-only.yaml", "kind: Challenge\nmetadata: {name: k}\nspec: {image: busybox}\n")
+        .write("challenges/compose.yaml", "services: {web: {image: busybox}}\n")
+        .write(
+            "other.yaml",
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: other}\nspec:\n  build: {context: challenges/.}\n",
+        );
+    let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+    let names: Vec<&str> = loaded
+        .descriptors
+        .iter()
+        .map(|d| d.metadata.name.as_str())
+        .collect();
+    assert_eq!(names, ["upper", "web"], "{:#?}", loaded.problems);
+    let found: Vec<(String, usize, usize)> = loaded
+        .problems
+        .iter()
+        .map(|p| (p.file.clone(), p.line, p.column))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("challenges/broken.yaml".to_string(), 4, 1),
+            ("challenges/kind-only.yaml".to_string(), 1, 1),
+            ("other.yaml".to_string(), 5, 20),
+        ],
+        "{:#?}",
+        loaded.problems
+    );
+    assert_eq!(
+        loaded.problems[2].message,
+        "spec.build.context: build context \"challenges/.\" holds descriptor challenges/UPPER.YAML and 3 more; move the build files to a folder of their own"
+    );
+
+    // The repo's root holds every descriptor, the one naming it included.
+    let root = Repo::new();
+    root.write("Dockerfile", "FROM busybox:latest\n").write(
+        "c.yaml",
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: web}\nspec:\n  build: {context: ./}\n",
+    );
+    assert_eq!(
+        places(&problems_of(root.path(), &LoadOptions::default())),
+        [(
+            "c.yaml".to_string(),
+            5,
+            20,
+            "spec.build.context: build context \"./\" holds descriptor c.yaml; move the build files to a folder of their own".to_string()
+        )]
+    );
 }
 
 /// Issue 8, item 5: a key with `=`, a space or nothing at all passed as a variable name, and set
