@@ -1,26 +1,31 @@
 //! Loading a config repo: every descriptor under a folder, or every problem that stops it.
 //!
 //! The loader walks the folder (skipping hidden entries such as `.git`, `.berth` and `.github`,
-//! paths in `.berthignore`, and the folders that descriptors use as build contexts, manifests or
-//! charts), reads each YAML file within limits,
-//! checks each document against its kind's schema and the semantic rules, and returns the typed
-//! descriptors with all problems at once, each placed at a file, line and column.
+//! and paths in `.berthignore`), reads each YAML file within limits, checks each document against
+//! its kind's schema and the semantic rules, and returns the typed descriptors with all problems at
+//! once, each placed at a file, line and column.
+//!
+//! YAML files inside the folders descriptors use as build contexts, manifests or charts are assets
+//! (a staging's Kubernetes manifests), not descriptors, and are set aside. But a file that looks like
+//! a descriptor (`apiVersion: berth/…`) is never set aside: it is read, and the overlap is a problem
+//! at the folder's path. A descriptor the loader skipped would look deleted, and pruning would
+//! remove what it describes.
 //!
 //! Positions are found lazily: files are parsed once without them, and only a file that has a problem
 //! is parsed again to place it. So a clean repo of thousands of files keeps no position tables and no
 //! parsed trees alive, only the typed descriptors.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde_json::Value;
 
-use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
-use super::schema::{self, Violation};
+use super::model::{API_VERSION, ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
+use super::schema::{self, MAX_VIOLATIONS, Violation};
 use super::semantic;
-use super::yaml::{self, Position};
+use super::yaml::{self, Position, Wanted};
 use super::{Descriptor, Kind, Problem, Spec, spec_hash};
 use crate::build_context::BuildContext;
 
@@ -118,7 +123,7 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
     for file in 0..loader.files.len() {
         loader.read_file(file);
     }
-    loader.drop_asset_files();
+    loader.set_asset_files_aside();
     loader.check_repo();
     Ok(loader.finish())
 }
@@ -161,6 +166,10 @@ struct SourceFile {
     identities: Vec<Option<(String, Option<String>)>>,
     /// False for files already reported as unreadable (a link out of the repo, a loop).
     readable: bool,
+    /// Whether some document in it looks like a descriptor: then it is never set aside as an asset.
+    holds_descriptor: bool,
+    /// Problems reported in it so far.
+    problems: usize,
 }
 
 impl SourceFile {
@@ -170,8 +179,19 @@ impl SourceFile {
             path,
             identities: Vec::new(),
             readable,
+            holds_descriptor: false,
+            problems: 0,
         }
     }
+}
+
+/// Where a descriptor names a folder it builds from or deploys.
+struct AssetUse {
+    /// The path as written.
+    written: String,
+    file: usize,
+    doc: usize,
+    pointer: &'static str,
 }
 
 /// A valid descriptor and the document it came from.
@@ -189,8 +209,9 @@ struct Loader {
     candidates: Vec<Candidate>,
     /// Every `Kind/name` some document declares, valid or not: references to them are not "missing".
     declared: HashSet<(Kind, String)>,
-    /// Folders descriptors build from or deploy: their YAML files are not descriptors.
-    asset_folders: BTreeSet<PathBuf>,
+    /// Folders descriptors build from or deploy (canonical, relative to the root, `""` for the
+    /// root), and where they are named: their YAML files are not descriptors.
+    asset_folders: HashMap<String, Vec<AssetUse>>,
 }
 
 impl Loader {
@@ -202,7 +223,7 @@ impl Loader {
             pending: Vec::new(),
             candidates: Vec::new(),
             declared: HashSet::new(),
-            asset_folders: BTreeSet::new(),
+            asset_folders: HashMap::new(),
         }
     }
 
@@ -216,13 +237,30 @@ impl Loader {
     fn file_problem(&mut self, relative: String, path: PathBuf, message: String) {
         self.files.push(SourceFile::new(relative, path, false));
         let file = self.files.len() - 1;
-        self.pending.push(Pending {
+        self.report(Pending {
             file,
             place: Place::At(Position { line: 1, column: 1 }),
             identity: None,
             message,
             also: None,
         });
+    }
+
+    /// Records a problem. A file's problems are bounded: past [`MAX_VIOLATIONS`], one more says
+    /// that there are more, so a hostile file cannot make an unbounded list.
+    fn report(&mut self, mut pending: Pending) {
+        let file = &mut self.files[pending.file];
+        file.problems += 1;
+        if file.problems > MAX_VIOLATIONS + 1 {
+            return;
+        }
+        if file.problems == MAX_VIOLATIONS + 1 {
+            pending.message = format!(
+                "more than {MAX_VIOLATIONS} problems in this file; fix these and validate again to see the rest"
+            );
+            pending.also = None;
+        }
+        self.pending.push(pending);
     }
 
     fn walk(
@@ -249,10 +287,11 @@ impl Loader {
                 continue;
             };
             let relative = self.relative(&path);
-            let is_yaml = matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            );
+            // `WEB.YAML` is as much a descriptor as `web.yaml`: skipping it would look like a deletion.
+            let is_yaml = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
             if file_type.is_symlink() {
                 let target = path.canonicalize();
                 let target_is_dir = target.as_ref().is_ok_and(|t| t.is_dir());
@@ -364,7 +403,7 @@ impl Loader {
         let text = match self.read_text(&path) {
             Ok(text) => text,
             Err((at, message)) => {
-                self.pending.push(Pending {
+                self.report(Pending {
                     file,
                     place: Place::At(at),
                     identity: None,
@@ -374,12 +413,16 @@ impl Loader {
                 return;
             }
         };
-        let stream = yaml::parse(&text, false);
+        let stream = yaml::read(&text, reading(), &mut BTreeMap::new());
         for (doc, document) in stream.documents.into_iter().enumerate() {
             self.read_document(file, doc, document);
         }
         if let Some(fatal) = stream.fatal {
-            self.pending.push(Pending {
+            // The rest of the file was not read: it may still be a descriptor.
+            if names_berth_api(&text) {
+                self.files[file].holds_descriptor = true;
+            }
+            self.report(Pending {
                 file,
                 place: Place::At(fatal.at),
                 identity: None,
@@ -394,7 +437,7 @@ impl Loader {
         let identity = identity(&value);
         self.files[file].identities.push(identity.clone());
         for problem in document.problems {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::At(problem.at),
                 identity: identity.clone(),
@@ -405,8 +448,12 @@ impl Loader {
         if value.is_null() {
             return;
         }
+        if looks_like_descriptor(&value) {
+            self.files[file].holds_descriptor = true;
+            self.note_asset_folders(file, doc, &value);
+        }
         if !value.is_object() {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::At(document.start),
                 identity: None,
@@ -416,7 +463,6 @@ impl Loader {
             });
             return;
         }
-        self.note_asset_folders(&value);
         let kind = value
             .get("kind")
             .and_then(Value::as_str)
@@ -424,10 +470,7 @@ impl Loader {
         if let (Some(kind), Some((_, Some(name)))) = (kind, &identity) {
             self.declared.insert((kind, name.clone()));
         }
-        let mut violations = schema::check(kind, &value);
-        if let (true, Some(kind)) = (violations.is_empty(), kind) {
-            violations = semantic::check_values(kind, &value);
-        }
+        let violations = schema::check(kind, &value);
         if !violations.is_empty() || kind.is_none() {
             self.push_violations(file, doc, &identity, violations);
             return;
@@ -449,15 +492,7 @@ impl Loader {
                     doc,
                 });
             }
-            Err(message) => {
-                self.pending.push(Pending {
-                    file,
-                    place: Place::At(document.start),
-                    identity,
-                    message: format!("cannot read descriptor: {message}"),
-                    also: None,
-                });
-            }
+            Err(violation) => self.push_violations(file, doc, &identity, vec![violation]),
         }
     }
 
@@ -469,7 +504,7 @@ impl Loader {
         violations: Vec<Violation>,
     ) {
         for violation in violations {
-            self.pending.push(Pending {
+            self.report(Pending {
                 file,
                 place: Place::Node {
                     doc,
@@ -505,42 +540,108 @@ impl Loader {
         );
     }
 
-    fn note_asset_folders(&mut self, value: &Value) {
+    fn note_asset_folders(&mut self, file: usize, doc: usize, value: &Value) {
         for pointer in [
             "/spec/build/context",
             "/spec/manifests",
             "/spec/chart",
             "/spec/image/build/context",
         ] {
-            if let Some(folder) = value.pointer(pointer).and_then(Value::as_str)
-                && let Ok(canonical) = self.root.join(folder).canonicalize()
-                && canonical != self.root
+            // Folders only: a path to a file is reported by the semantic checks.
+            if let Some(written) = value.pointer(pointer).and_then(Value::as_str)
+                && let Ok(canonical) = self.root.join(written).canonicalize()
                 && canonical.starts_with(&self.root)
+                && canonical.is_dir()
             {
-                self.asset_folders.insert(canonical);
+                let folder = self.relative(&canonical);
+                self.asset_folders
+                    .entry(folder)
+                    .or_default()
+                    .push(AssetUse {
+                        written: written.to_string(),
+                        file,
+                        doc,
+                        pointer,
+                    });
             }
         }
     }
 
-    /// Forgets files inside asset folders: a staging's Kubernetes manifests are not descriptors.
-    fn drop_asset_files(&mut self) {
+    /// Sets aside the files inside asset folders (a staging's Kubernetes manifests are not
+    /// descriptors), except those that hold descriptors: those stay, and each folder that holds
+    /// one is a problem at its path.
+    fn set_asset_files_aside(&mut self) {
         if self.asset_folders.is_empty() {
             return;
         }
-        let dropped: HashSet<usize> = self
-            .files
+        let mut aside = HashSet::new();
+        // The descriptor files inside each asset folder.
+        let mut overlaps: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (index, file) in self.files.iter().enumerate() {
+            let canonical = file
+                .path
+                .canonicalize()
+                .unwrap_or_else(|_| file.path.clone());
+            let relative = self.relative(&canonical);
+            // Looked up by the folders the file is in, so the cost does not grow with the
+            // number of asset folders.
+            let folders = std::iter::once("")
+                .chain(relative.match_indices('/').map(|(at, _)| &relative[..at]));
+            for (folder, _) in folders.filter_map(|f| self.asset_folders.get_key_value(f)) {
+                if file.holds_descriptor {
+                    overlaps.entry(folder.as_str()).or_default().push(index);
+                } else {
+                    aside.insert(index);
+                }
+            }
+        }
+        let problems: Vec<Pending> = overlaps
             .iter()
-            .enumerate()
-            .filter(|(_, f)| {
-                let canonical = f.path.canonicalize().unwrap_or_else(|_| f.path.clone());
-                self.asset_folders
+            .flat_map(|(folder, overlap)| {
+                self.asset_folders[*folder]
                     .iter()
-                    .any(|folder| canonical.starts_with(folder))
+                    .map(|used| self.overlap_problem(used, overlap))
             })
-            .map(|(i, _)| i)
             .collect();
-        self.pending.retain(|p| !dropped.contains(&p.file));
-        self.candidates.retain(|c| !dropped.contains(&c.file));
+        self.pending.retain(|p| !aside.contains(&p.file));
+        self.candidates.retain(|c| !aside.contains(&c.file));
+        for problem in problems {
+            self.report(problem);
+        }
+    }
+
+    /// The problem at `used`: its folder holds the descriptor files `overlap` (at least one).
+    fn overlap_problem(&self, used: &AssetUse, overlap: &[usize]) -> Pending {
+        let (what, content) = match used.pointer {
+            "/spec/manifests" => ("manifests folder", "manifests"),
+            "/spec/chart" => ("chart folder", "chart"),
+            _ => ("build context", "build files"),
+        };
+        let more = match overlap.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        let message = format!(
+            "{}: {what} \"{}\" holds descriptor {}{more}; move the {content} to a folder of their own",
+            schema::dotted(used.pointer),
+            used.written,
+            self.files[overlap[0]].relative,
+        );
+        Pending {
+            file: used.file,
+            place: Place::Node {
+                doc: used.doc,
+                pointer: used.pointer.to_string(),
+                at_key: false,
+            },
+            identity: self.files[used.file]
+                .identities
+                .get(used.doc)
+                .cloned()
+                .flatten(),
+            message,
+            also: None,
+        }
     }
 
     fn check_repo(&mut self) {
@@ -562,7 +663,7 @@ impl Loader {
                     },
                 )
             });
-            self.pending.push(Pending {
+            self.report(Pending {
                 file: at.file,
                 place: Place::Node {
                     doc: at.doc,
@@ -579,26 +680,29 @@ impl Loader {
     }
 
     fn finish(self) -> Loaded {
-        // Parse again, with positions, only the files that have something to place.
-        let mut needed: BTreeMap<usize, Vec<yaml::Positions>> = BTreeMap::new();
+        // Parse again only the files that have something to place, recording the positions of
+        // only the nodes to place: by file, by document.
+        let mut needed: BTreeMap<usize, BTreeMap<usize, Wanted>> = BTreeMap::new();
         for pending in &self.pending {
             for (file, place) in std::iter::once((pending.file, &pending.place))
                 .chain(pending.also.iter().map(|(f, p)| (*f, p)))
             {
-                if matches!(place, Place::Node { .. }) {
-                    needed.entry(file).or_default();
+                if let Place::Node { doc, pointer, .. } = place {
+                    needed
+                        .entry(file)
+                        .or_default()
+                        .entry(*doc)
+                        .or_default()
+                        .insert(pointer);
                 }
             }
         }
-        for (file, positions) in needed.iter_mut() {
+        for (file, wanted) in needed.iter_mut() {
             if let Ok(text) = self.read_text(&self.files[*file].path) {
-                *positions = yaml::parse(&text, true)
-                    .documents
-                    .into_iter()
-                    .map(|d| d.positions)
-                    .collect();
+                yaml::read(&text, reading(), wanted);
             }
         }
+        let start = Position { line: 1, column: 1 };
         let place = |file: usize, place: &Place| -> (Position, String) {
             match place {
                 Place::At(at) => (*at, String::new()),
@@ -607,8 +711,14 @@ impl Loader {
                     pointer,
                     at_key,
                 } => {
-                    let positions = needed.get(&file).and_then(|docs| docs.get(*doc));
-                    (locate(positions, pointer, *at_key), pointer.clone())
+                    let at = needed
+                        .get(&file)
+                        .and_then(|docs| docs.get(doc))
+                        .and_then(|wanted| wanted.locate(pointer, *at_key))
+                        .unwrap_or(start);
+                    // The path shown stops where a secret starts.
+                    let path = schema::secret_part(pointer).unwrap_or_else(|| pointer.clone());
+                    (at, path)
                 }
             }
         };
@@ -655,28 +765,53 @@ impl Loader {
     }
 }
 
-/// The position for a pointer, falling back to the nearest ancestor that has one.
-fn locate(positions: Option<&yaml::Positions>, pointer: &str, at_key: bool) -> Position {
-    let Some(positions) = positions else {
-        return Position { line: 1, column: 1 };
-    };
-    let mut pointer = pointer;
-    let mut exact = true;
-    loop {
-        if let Some(node) = positions.get(pointer) {
-            return match (at_key && exact, node.key) {
-                (true, Some(key)) => key,
-                _ => node.value,
-            };
-        }
-        match pointer.rsplit_once('/') {
-            Some((parent, _)) => {
-                pointer = parent;
-                exact = false;
-            }
-            None => return Position { line: 1, column: 1 },
-        }
+/// How the loader reads YAML: positions only when asked, and no key named inside a secret.
+fn reading() -> yaml::Reading<'static> {
+    yaml::Reading {
+        all_positions: false,
+        secret_fields: schema::secret_fields(),
     }
+}
+
+/// Whether a document looks like a descriptor, valid or not: its `apiVersion` is berth's, or it
+/// names one of berth's kinds and no `apiVersion` at all.
+fn looks_like_descriptor(value: &Value) -> bool {
+    match value.get("apiVersion") {
+        Some(Value::String(version)) => is_berth_api(version),
+        Some(_) => false,
+        None => value
+            .get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|kind| kind.parse::<Kind>().is_ok()),
+    }
+}
+
+/// Whether an `apiVersion` is berth's, at any version (`berth/v1`, `berth/v2`…).
+fn is_berth_api(version: &str) -> bool {
+    let family = |version: &str| {
+        version
+            .split_once('/')
+            .map(|(family, _)| family.to_string())
+    };
+    family(version).is_some_and(|f| Some(f) == family(API_VERSION))
+}
+
+/// Whether the text says `apiVersion: berth/…` anywhere, quoted or not: for files whose YAML
+/// could not be read to the end.
+fn names_berth_api(text: &str) -> bool {
+    text.match_indices("apiVersion").any(|(at, key)| {
+        let rest = text[at + key.len()..].trim_start_matches(['"', '\'']);
+        let Some(value) = rest.trim_start().strip_prefix(':') else {
+            return false;
+        };
+        let value = value.trim_start().trim_start_matches(['"', '\'']);
+        is_berth_api(
+            value
+                .split([' ', '"', '\'', ',', '}', '\n'])
+                .next()
+                .unwrap_or_default(),
+        )
+    })
 }
 
 /// `(kind, name)` as far as a raw document says them.
@@ -689,9 +824,36 @@ fn identity(value: &Value) -> Option<(String, Option<String>)> {
     Some((kind, name))
 }
 
-fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descriptor, String> {
-    fn parts<S: serde::de::DeserializeOwned>(value: Value) -> Result<(super::Metadata, S), String> {
-        let envelope: Envelope<S> = serde_json::from_value(value).map_err(|e| e.to_string())?;
+/// The typed descriptor of a document that matches its schema. Where the types are stricter than
+/// the schema (a whole number written `2.0`), the problem is placed at the value.
+fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descriptor, Violation> {
+    fn parts<S: serde::de::DeserializeOwned>(
+        value: Value,
+    ) -> Result<(super::Metadata, S), Violation> {
+        let envelope: Envelope<S> = serde_path_to_error::deserialize(value).map_err(|error| {
+            let mut pointer = String::new();
+            for segment in error.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Map { key } => {
+                        pointer.push('/');
+                        pointer.push_str(&yaml::escaped(key));
+                    }
+                    serde_path_to_error::Segment::Seq { index } => {
+                        pointer.push_str(&format!("/{index}"));
+                    }
+                    _ => {}
+                }
+            }
+            let message = match schema::secret_part(&pointer) {
+                Some(shown) => schema::secret_message(&shown),
+                None => format!("{}: {}", schema::dotted(&pointer), error.inner()),
+            };
+            Violation {
+                pointer,
+                at_key: false,
+                message,
+            }
+        })?;
         Ok((envelope.metadata, envelope.spec))
     }
     let (metadata, spec) = match kind {

@@ -6,10 +6,28 @@
 
 use std::collections::BTreeMap;
 
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::values::{CronExpr, Duration, Name, ObjectRef, Port, SecretRef, Size};
+use super::values::{
+    CronExpr, Duration, MEMORY_LIMIT_FORMAT, NONZERO_DURATION_FORMAT, Name, ObjectRef, Port,
+    SecretRef, Size, VARIABLE_NAME_PATTERN,
+};
+
+/// The schema of a map from variable names to `V` (environment variables, build arguments): its
+/// keys must be portable names, or a process would get a surprising variable (`PATH=/evil:/bin`
+/// from a key `PATH=/evil:/bin`) or the engine would refuse it.
+fn variables<V: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<BTreeMap<String, V>>();
+    schema.insert(
+        "propertyNames".into(),
+        serde_json::json!({
+            "pattern": VARIABLE_NAME_PATTERN,
+            "description": "a variable name is letters, digits and _, not starting with a digit (POSIX), e.g. LOG_LEVEL"
+        }),
+    );
+    schema
+}
 
 /// The only apiVersion berth reads.
 pub const API_VERSION: &str = "berth/v1";
@@ -62,9 +80,11 @@ pub struct ChallengeSpec {
     pub entrypoint: Option<Vec<String>>,
     /// Environment variables, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<String>")]
     pub env: BTreeMap<String, String>,
     /// Environment variables whose values are secrets, read on the agent's host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<SecretRef>", extend("writeOnly" = true))]
     pub secret_env: BTreeMap<String, SecretRef>,
     /// Ports the container listens on, and where they are published on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -121,8 +141,9 @@ pub struct BuildSpec {
     /// The Dockerfile, relative to the context; `Dockerfile` by default.
     #[serde(default = "default_dockerfile")]
     pub dockerfile: String,
-    /// Build arguments (`ARG` in the Dockerfile).
+    /// Build arguments (`ARG` in the Dockerfile); the build's commands see them as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<String>")]
     pub args: BTreeMap<String, String>,
 }
 
@@ -182,16 +203,19 @@ impl Protocol {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Resources {
-    /// CPU cores, e.g. 0.5.
+    /// CPU cores, e.g. 0.5: from 0.01 (Docker's smallest share) to 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.01, max = 1024))]
     pub cpus: Option<f64>,
-    /// Memory limit, e.g. 256Mi.
+    /// Memory limit, e.g. 256Mi: at least 6Mi, Docker's smallest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = MEMORY_LIMIT_FORMAT))]
     pub memory: Option<Size>,
-    /// Most processes the container may run.
+    /// Most processes the container may run: 1 to 4194304 (Linux's largest pid_max). Leave it out
+    /// for the engine's default; 0 and -1 are refused because engines disagree on whether they mean
+    /// "unlimited" or "keep the current limit".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4_194_304))]
     pub pids: Option<i64>,
 }
 
@@ -206,11 +230,13 @@ pub struct HealthCheck {
     /// Healthy when an HTTP GET of this port and path succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCheck>,
-    /// Time between checks; 10s by default.
+    /// Time between checks; 10s by default, at least 1ms.
     #[serde(default = "ten_seconds")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub interval: Duration,
-    /// Time one check may take; 3s by default.
+    /// Time one check may take; 3s by default, at least 1ms.
     #[serde(default = "three_seconds")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub timeout: Duration,
     /// Failed checks in a row before the container counts as unhealthy; 3 by default.
     #[serde(default = "three")]
@@ -274,9 +300,11 @@ pub struct Sidecar {
     pub entrypoint: Option<Vec<String>>,
     /// Environment variables, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<String>")]
     pub env: BTreeMap<String, String>,
     /// Environment variables whose values are secrets, read on the agent's host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<SecretRef>", extend("writeOnly" = true))]
     pub secret_env: BTreeMap<String, SecretRef>,
     /// Limits for the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,8 +326,9 @@ pub struct PipelineSpec {
     /// The steps, run in order in one container; the run stops at the first that fails.
     #[schemars(length(min = 1))]
     pub steps: Vec<Step>,
-    /// Longest a run may take; 30m by default.
+    /// Longest a run may take; 30m by default, at least 1ms.
     #[serde(default = "thirty_minutes")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub timeout: Duration,
     /// Most runs of this pipeline at once; 1 by default.
     #[serde(default = "one")]
@@ -381,6 +410,7 @@ pub struct Step {
     pub run: String,
     /// Environment variables for this step.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<String>")]
     pub env: BTreeMap<String, String>,
 }
 
@@ -433,6 +463,7 @@ pub struct Overrides {
     pub staging: BTreeMap<String, String>,
     /// Secret settings, read on the agent's host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("writeOnly" = true))]
     pub secret: BTreeMap<String, SecretRef>,
 }
 

@@ -3,6 +3,10 @@
 //! This module owns three things: generating one schema per kind plus one for the common envelope
 //! (what `berth schema` writes to `schema/`), compiling them once, and turning `jsonschema`'s errors
 //! into messages that say what was written and what was expected. It never reads files.
+//!
+//! Messages quote what was written, except inside a secret: wherever a schema node is marked
+//! `writeOnly` (secret references and the maps of them), no value and no key is ever shown, only
+//! the path to the secret and what to write instead.
 
 use std::sync::OnceLock;
 
@@ -13,7 +17,12 @@ use serde_json::Value;
 
 use super::Kind;
 use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
-use super::values::{Duration, Name, ObjectRef, Size};
+use super::values::{self, Duration, Name, ObjectRef, Size};
+
+/// Most violations reported for one file: enough to fix a file in a few rounds, few enough that
+/// a hostile file cannot make an unbounded list. [`check`] returns one more, so that the loader
+/// can say there are more.
+pub const MAX_VIOLATIONS: usize = 100;
 
 /// Base of the `$id` of every schema berth writes.
 pub const SCHEMA_ID_BASE: &str = "https://berth.dev/schema/v1/";
@@ -113,24 +122,140 @@ fn envelope_schema() -> Value {
 struct Compiled {
     envelope: (Value, Validator),
     kinds: Vec<(Value, Validator)>,
+    /// Names of the fields that hold secrets, in any kind.
+    secret_fields: Vec<String>,
 }
 
 fn compiled() -> &'static Compiled {
     static COMPILED: OnceLock<Compiled> = OnceLock::new();
     COMPILED.get_or_init(|| {
         let compile = |schema: Value| {
-            let validator =
-                jsonschema::validator_for(&schema).expect("generated schemas are valid");
+            let mut options = jsonschema::options().should_validate_formats(true);
+            for &(name, check) in values::FORMATS {
+                options = options.with_format(name, move |text: &str| check(text).is_ok());
+            }
+            let validator = options.build(&schema).expect("generated schemas are valid");
             (schema, validator)
         };
+        let kinds: Vec<_> = Kind::ALL
+            .iter()
+            .map(|kind| compile(kind_schema(*kind)))
+            .collect();
+        let mut secret_fields = Vec::new();
+        for (schema, _) in &kinds {
+            collect_secret_fields(schema, &mut secret_fields);
+        }
+        secret_fields.sort();
+        secret_fields.dedup();
         Compiled {
             envelope: compile(envelope_schema()),
-            kinds: Kind::ALL
-                .iter()
-                .map(|kind| compile(kind_schema(*kind)))
-                .collect(),
+            kinds,
+            secret_fields,
         }
     })
+}
+
+fn collect_secret_fields(schema: &Value, out: &mut Vec<String>) {
+    match schema {
+        Value::Object(object) => {
+            if let Some(Value::Object(properties)) = object.get("properties") {
+                for (name, property) in properties {
+                    if property.get("writeOnly") == Some(&Value::Bool(true)) {
+                        out.push(name.clone());
+                    }
+                }
+            }
+            object
+                .values()
+                .for_each(|value| collect_secret_fields(value, out));
+        }
+        Value::Array(items) => items
+            .iter()
+            .for_each(|value| collect_secret_fields(value, out)),
+        _ => {}
+    }
+}
+
+/// The names of the fields that hold secrets (`secretEnv`, `secret`): YAML problems inside them
+/// never name a key.
+pub fn secret_fields() -> &'static [String] {
+    &compiled().secret_fields
+}
+
+/// Whether the value at `pointer` lies in a secret, in any kind's schema: then the part of the
+/// pointer that may be shown. That is the path up to the secret, plus the name a map of secrets
+/// holds it under when that name is a plain variable name (`/spec/secretEnv/FLAG`); never a key
+/// inside a secret reference.
+pub fn secret_part(pointer: &str) -> Option<String> {
+    compiled()
+        .kinds
+        .iter()
+        .filter_map(|(schema, _)| secret_part_in(schema, pointer))
+        .min_by_key(String::len)
+}
+
+fn secret_part_in(schema: &Value, pointer: &str) -> Option<String> {
+    let mut node = schema;
+    let mut walked = 0;
+    let mut segments = pointer.split('/').skip(1).peekable();
+    loop {
+        if write_only(schema, node) {
+            let mut shown = pointer[..walked].to_string();
+            if let Some(name) = segments.peek()
+                && resolve(schema, node)
+                    .get("additionalProperties")
+                    .is_some_and(Value::is_object)
+                && values::is_variable_name(name)
+            {
+                shown.push('/');
+                shown.push_str(name);
+            }
+            return Some(shown);
+        }
+        let segment = segments.next()?;
+        node = child(schema, node, &segment.replace("~1", "/").replace("~0", "~"))?;
+        walked += 1 + segment.len();
+    }
+}
+
+/// `node`, or what its `$ref` points at.
+fn resolve<'a>(schema: &'a Value, mut node: &'a Value) -> &'a Value {
+    // Generated schemas never chain references deeply; the bound only guards against a cycle.
+    for _ in 0..8 {
+        match node
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|reference| reference.strip_prefix('#'))
+            .and_then(|pointer| schema.pointer(pointer))
+        {
+            Some(target) => node = target,
+            None => break,
+        }
+    }
+    node
+}
+
+fn write_only(schema: &Value, node: &Value) -> bool {
+    let marked = |node: &Value| node.get("writeOnly") == Some(&Value::Bool(true));
+    marked(node) || marked(resolve(schema, node))
+}
+
+/// The schema of `node`'s member `segment`, through references and untagged choices.
+fn child<'a>(schema: &'a Value, node: &'a Value, segment: &str) -> Option<&'a Value> {
+    let node = resolve(schema, node);
+    if let Some(property) = node.get("properties").and_then(|p| p.get(segment)) {
+        return Some(property);
+    }
+    for key in ["additionalProperties", "items"] {
+        if let Some(member) = node.get(key).filter(|m| m.is_object()) {
+            return Some(member);
+        }
+    }
+    ["anyOf", "oneOf", "allOf"]
+        .iter()
+        .filter_map(|key| node.get(*key).and_then(Value::as_array))
+        .flatten()
+        .find_map(|branch| child(schema, branch, segment))
 }
 
 /// A schema violation, placed by JSON pointer.
@@ -155,9 +280,14 @@ pub fn check(kind: Option<Kind>, document: &Value) -> Vec<Violation> {
     let mut violations = Vec::new();
     for error in validator.iter_errors(document) {
         explain(schema, &error, &mut violations);
+        if violations.len() > MAX_VIOLATIONS {
+            break;
+        }
     }
-    violations.sort_by(|a, b| a.pointer.cmp(&b.pointer));
+    // A value type's pattern and format can tell the same mistake twice.
+    violations.sort_by(|a, b| (&a.pointer, &a.message).cmp(&(&b.pointer, &b.message)));
     violations.dedup();
+    violations.truncate(MAX_VIOLATIONS + 1);
     violations
 }
 
@@ -193,7 +323,8 @@ fn definition(keyword_location: &str) -> Option<&str> {
     (!keyword.contains('/')).then_some(name)
 }
 
-fn show(value: &Value) -> String {
+/// A written value as messages quote it: as JSON, cut after 40 characters.
+pub(super) fn show(value: &Value) -> String {
     let text = value.to_string();
     if text.chars().count() > 40 {
         format!("{}…", text.chars().take(40).collect::<String>())
@@ -251,18 +382,9 @@ fn explain(schema: &Value, error: &ValidationError<'_>, out: &mut Vec<Violation>
         })
     };
 
-    if definition == Some("SecretRef") {
-        let message = match error.kind() {
-            ValidationErrorKind::Type { .. } => "a secret value must not be written inline; write a reference instead: {file: PATH} or {env: NAME}, resolved on the agent's host".to_string(),
-            ValidationErrorKind::MinProperties { .. } | ValidationErrorKind::MaxProperties { .. } => {
-                "a secret reference needs exactly one of file or env".to_string()
-            }
-            _ => String::new(),
-        };
-        if !message.is_empty() {
-            push(pointer, false, format!("{here}{message}"));
-            return;
-        }
+    if let Some(shown) = secret_part(&pointer) {
+        explain_secret(schema, error, &pointer, &shown, out);
+        return;
     }
 
     match error.kind() {
@@ -272,17 +394,32 @@ fn explain(schema: &Value, error: &ValidationError<'_>, out: &mut Vec<Violation>
                 .and_then(Value::as_object)
                 .map(|properties| properties.keys().cloned().collect::<Vec<_>>().join(", "))
                 .unwrap_or_default();
-            for field in unexpected {
+            for field in unexpected.iter().take(MAX_VIOLATIONS + 1) {
+                let shown = show(&Value::String(field.clone()));
                 let message = if allowed.is_empty() {
-                    format!("{here}unknown field \"{field}\"")
+                    format!("{here}unknown field {shown}")
                 } else {
-                    format!("{here}unknown field \"{field}\", expected one of: {allowed}")
+                    format!("{here}unknown field {shown}, expected one of: {allowed}")
                 };
-                let mut field_pointer = pointer.clone();
-                field_pointer.push('/');
-                field_pointer.push_str(&field.replace('~', "~0").replace('/', "~1"));
-                push(field_pointer, true, message);
+                push(member(&pointer, field), true, message);
             }
+        }
+        ValidationErrorKind::PropertyNames { error: name_error } => {
+            let name = name_error.instance();
+            let rule = name_rule(schema, name_error);
+            push(
+                member(&pointer, name.as_str().unwrap_or_default()),
+                true,
+                format!("{here}{} is not a valid name: {rule}", show(name)),
+            );
+        }
+        ValidationErrorKind::Format { format } => {
+            let message = value
+                .as_str()
+                .and_then(|text| values::check_format(format, text))
+                .and_then(Result::err)
+                .unwrap_or_else(|| error.to_string());
+            push(pointer, false, format!("{here}{message}"));
         }
         ValidationErrorKind::Required { property } => {
             let property = property.as_str().unwrap_or_default();
@@ -396,6 +533,99 @@ fn explain(schema: &Value, error: &ValidationError<'_>, out: &mut Vec<Violation>
     }
 }
 
+/// Said of a mistake inside a secret, in place of what was written.
+const HIDDEN: &str = "what is written there is not shown, as it may be a secret";
+/// What to write in a secret position.
+const REFERENCE: &str =
+    "write a reference instead: {file: PATH} or {env: NAME}, resolved on the agent's host";
+
+/// The message for a value that is not a secret reference where one belongs: what to write,
+/// nothing of what was written. `shown` is the part of its pointer that may be shown.
+pub fn secret_message(shown: &str) -> String {
+    format!(
+        "{}a secret value must not be written inline ({HIDDEN}); {REFERENCE}",
+        prefix(shown)
+    )
+}
+
+/// A problem inside a secret, told without anything written there: no value, no key.
+fn explain_secret(
+    schema: &Value,
+    error: &ValidationError<'_>,
+    pointer: &str,
+    shown: &str,
+    out: &mut Vec<Violation>,
+) {
+    let here = prefix(shown);
+    let mut push = |pointer: String, at_key: bool, message: String| {
+        out.push(Violation {
+            pointer,
+            at_key,
+            message: format!("{here}{message}"),
+        })
+    };
+    match error.kind() {
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            for field in unexpected.iter().take(MAX_VIOLATIONS + 1) {
+                push(
+                    member(pointer, field),
+                    true,
+                    format!("a secret reference takes only file or env ({HIDDEN}); {REFERENCE}"),
+                );
+            }
+        }
+        ValidationErrorKind::PropertyNames { error: name_error } => {
+            let name = name_error.instance();
+            push(
+                member(pointer, name.as_str().unwrap_or_default()),
+                true,
+                format!(
+                    "a name is not valid ({HIDDEN}): {}",
+                    name_rule(schema, name_error)
+                ),
+            );
+        }
+        ValidationErrorKind::MinProperties { .. } | ValidationErrorKind::MaxProperties { .. } => {
+            push(
+                pointer.to_string(),
+                false,
+                "a secret reference needs exactly one of file or env".into(),
+            );
+        }
+        ValidationErrorKind::Type { .. }
+            if schema_node(schema, error.schema_path().as_str())
+                .and_then(|node| node.get("additionalProperties"))
+                .is_some_and(Value::is_object) =>
+        {
+            push(
+                pointer.to_string(),
+                false,
+                format!(
+                    "expected a mapping of names to secret references, e.g. FLAG: {{file: PATH}} ({HIDDEN})"
+                ),
+            );
+        }
+        _ => out.push(Violation {
+            pointer: pointer.to_string(),
+            at_key: false,
+            message: secret_message(shown),
+        }),
+    }
+}
+
+/// The pointer of `name` in the object at `pointer`.
+fn member(pointer: &str, name: &str) -> String {
+    format!("{pointer}/{}", super::yaml::escaped(name))
+}
+
+/// What names a `propertyNames` schema allows, from its description.
+fn name_rule(schema: &Value, name_error: &ValidationError<'_>) -> String {
+    schema_node(schema, name_error.schema_path().as_str())
+        .and_then(|node| node.get("description"))
+        .and_then(Value::as_str)
+        .map_or_else(|| name_error.to_string(), str::to_string)
+}
+
 fn enum_names(options: &Value) -> String {
     options
         .as_array()
@@ -469,6 +699,90 @@ mod tests {
             found[0].2
         );
         assert!(!found[0].2.contains("ctf{leak}"));
+    }
+
+    /// Issue 8, item 13: a secret written as a map, with an unknown key, as a list or a number
+    /// had its content in the message. Nothing inside a secret position is ever quoted.
+    #[test]
+    fn nothing_inside_a_secret_is_quoted() {
+        for secret_env in [
+            json!({"F": {"file": {"x": "flag{1}"}}}),
+            json!({"F": {"vault": "flag{2}"}}),
+            json!({"F": ["flag{3}"]}),
+            json!({"F": 4242}),
+            json!({"flag{5}": {"env": "X"}}),
+            json!("flag{6}"),
+            json!(["flag{7}"]),
+            json!({"F": {"env": {"flag{8}": 1}}}),
+            json!({"F": {"file": "/x", "env": "flag_9"}}),
+        ] {
+            let document = challenge(json!({"image": "busybox", "secretEnv": secret_env.clone(),
+                "sidecars": [{"name": "db", "image": "busybox", "secretEnv": secret_env}]}));
+            let found = messages(Some(Kind::Challenge), &document);
+            assert_eq!(found.len(), 2, "{found:?}");
+            for (_, _, message) in &found {
+                for secret in ["flag", "4242"] {
+                    assert!(!message.contains(secret), "{message}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn secret_positions_come_from_the_schemas() {
+        assert_eq!(secret_fields(), ["secret", "secretEnv"]);
+        for (pointer, shown) in [
+            ("/spec/secretEnv/FLAG/file", Some("/spec/secretEnv/FLAG")),
+            ("/spec/secretEnv/flag{x}/env", Some("/spec/secretEnv")),
+            ("/spec/secretEnv", Some("/spec/secretEnv")),
+            (
+                "/spec/sidecars/0/secretEnv/A/x/y",
+                Some("/spec/sidecars/0/secretEnv/A"),
+            ),
+            (
+                "/spec/overrides/secret/DB",
+                Some("/spec/overrides/secret/DB"),
+            ),
+            ("/spec/env/A", None),
+            ("/spec/image/build/context", None),
+            ("/spec/prots/0", None),
+        ] {
+            assert_eq!(secret_part(pointer).as_deref(), shown, "{pointer}");
+        }
+    }
+
+    /// Issue 8, item 5: names of variables are checked, each placed at its key.
+    #[test]
+    fn variable_names_are_placed_at_their_keys() {
+        let document = challenge(json!({"image": "busybox", "env": {"A B": "x", "OK": "y"}}));
+        assert_eq!(
+            messages(Some(Kind::Challenge), &document),
+            vec![(
+                "/spec/env/A B".to_string(),
+                true,
+                "spec.env: \"A B\" is not a valid name: a variable name is letters, digits and _, not starting with a digit (POSIX), e.g. LOG_LEVEL".to_string()
+            )]
+        );
+    }
+
+    /// Issue 8, items 6 and 15: what only a value's parser or the engine's limits can tell is
+    /// checked with the schema, so it comes with every other problem of the document.
+    #[test]
+    fn formats_are_checked_with_everything_else() {
+        let document = challenge(json!({"image": "busybox", "prots": [],
+            "resources": {"memory": "1k"}, "healthcheck": {"tcp": 80, "interval": "99999999999d"}}));
+        let found: Vec<String> = messages(Some(Kind::Challenge), &document)
+            .into_iter()
+            .map(|(pointer, _, message)| format!("{pointer} {message}"))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                "/spec/healthcheck/interval spec.healthcheck.interval: \"99999999999d\" is too long; the longest duration is 106751d".to_string(),
+                "/spec/prots spec: unknown field \"prots\", expected one of: state, image, build, command, entrypoint, env, secretEnv, ports, resources, healthcheck, restart, replicas, sidecars, info".to_string(),
+                "/spec/resources/memory spec.resources.memory: \"1k\" is below the smallest memory limit the engine accepts; write at least 6Mi".to_string(),
+            ]
+        );
     }
 
     #[test]

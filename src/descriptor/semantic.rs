@@ -1,5 +1,4 @@
-//! Checks a JSON Schema cannot express: values parsed by their own grammar (cron), fields that
-//! exclude each other, paths that must stay inside the repo, and rules across descriptors
+//! Checks a JSON Schema cannot express: fields that exclude each other, paths that must stay inside the repo, and rules across descriptors
 //! (duplicates, missing references, dependency cycles, host ports claimed twice).
 //!
 //! Every check returns problems placed by JSON pointer; the loader turns pointers into positions.
@@ -8,11 +7,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use serde_json::Value;
-
 use super::model::{ChallengeSpec, ImageSource, StagingSpec, StepImage};
 use super::schema::Violation;
-use super::values::CronExpr;
 use super::{Descriptor, Kind, ObjectRef, Spec};
 
 fn violation(pointer: impl Into<String>, message: impl Into<String>) -> Violation {
@@ -21,24 +17,6 @@ fn violation(pointer: impl Into<String>, message: impl Into<String>) -> Violatio
         at_key: false,
         message: message.into(),
     }
-}
-
-/// Checks of single values that need more than a pattern, run on the raw document once it
-/// matches the schema.
-pub(super) fn check_values(kind: Kind, value: &Value) -> Vec<Violation> {
-    let mut found = Vec::new();
-    if kind == Kind::Pipeline {
-        let pointer = "/spec/triggers/schedule";
-        if let Some(text) = value.pointer(pointer).and_then(Value::as_str)
-            && let Err(message) = text.parse::<CronExpr>()
-        {
-            found.push(violation(
-                pointer,
-                format!("spec.triggers.schedule: {message}"),
-            ));
-        }
-    }
-    found
 }
 
 /// Checks one typed descriptor against the rules between its own fields and the repo's files.
@@ -103,7 +81,7 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     for name in spec.secret_env.keys() {
         if spec.env.contains_key(name) {
             found.push(violation(
-                format!("/spec/secretEnv/{}", escape(name)),
+                format!("/spec/secretEnv/{}", super::yaml::escaped(name)),
                 format!("spec.secretEnv.{name}: also set in spec.env; keep it in one of them"),
             ));
         }
@@ -208,10 +186,6 @@ pub(super) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBu
         return Err(format!("\"{folder}\" is not a folder"));
     }
     Ok(canonical)
-}
-
-fn escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// A problem between descriptors, placed in descriptor `at` (an index into the list checked).

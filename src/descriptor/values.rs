@@ -17,6 +17,81 @@ pub const NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
 const SIZE_PATTERN: &str = "^[0-9]+(\\.[0-9]+)?(k|K|M|G|T|Ki|Mi|Gi|Ti)?$";
 const REFERENCE_PATTERN: &str = "^(Challenge|Pipeline|Staging)/[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// Pattern of a portable variable name (POSIX): letters, digits and `_`, not starting with a digit.
+/// [`is_variable_name`] is the same rule in Rust.
+pub const VARIABLE_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// Longest duration: what an engine can still count in nanoseconds as an `i64` (Docker's
+/// health-check intervals are), so no value overflows on its way to the engine.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(106_751 * 86_400);
+/// Largest size: what an engine can still count in bytes as an `i64` (Docker's memory limit is).
+const MAX_SIZE_BYTES: u64 = i64::MAX as u64;
+/// Docker refuses a memory limit below 6 MiB (`Minimum memory limit allowed is 6MB`).
+pub const MIN_MEMORY_LIMIT: Size = Size { bytes: 6 << 20 };
+
+/// `format` of a [`Duration`].
+const DURATION_FORMAT: &str = "berth-duration";
+/// `format` of a [`Size`].
+const SIZE_FORMAT: &str = "berth-size";
+/// `format` of a [`CronExpr`].
+const CRON_FORMAT: &str = "berth-cron";
+/// `format` of a memory limit: a [`Size`] the engine accepts as one.
+pub const MEMORY_LIMIT_FORMAT: &str = "berth-memory-limit";
+/// `format` of a [`Duration`] that must not be zero: health-check intervals and timeouts (Docker
+/// reads 0 as "the default" and refuses anything under 1ms) and run timeouts.
+pub const NONZERO_DURATION_FORMAT: &str = "berth-nonzero-duration";
+
+/// Why a string does not satisfy a format, if it does not.
+pub type FormatCheck = fn(&str) -> Result<(), String>;
+
+/// What a string must be beyond its schema's pattern, by the `format` name the schemas carry:
+/// the value types' own parsers and the engine's limits. The schema validator runs these, so a
+/// value that matches its pattern but cannot be used (an overflowing size, a memory limit the
+/// engine refuses) is reported with every other problem of its document, at its value.
+pub const FORMATS: &[(&str, FormatCheck)] = &[
+    (DURATION_FORMAT, |text| text.parse::<Duration>().map(drop)),
+    (SIZE_FORMAT, |text| text.parse::<Size>().map(drop)),
+    (CRON_FORMAT, |text| text.parse::<CronExpr>().map(drop)),
+    (MEMORY_LIMIT_FORMAT, memory_limit),
+    (NONZERO_DURATION_FORMAT, nonzero_duration),
+];
+
+/// Why `text` does not satisfy `format`, if it does not; `None` for formats berth does not own.
+pub fn check_format(format: &str, text: &str) -> Option<Result<(), String>> {
+    FORMATS
+        .iter()
+        .find(|(name, _)| *name == format)
+        .map(|(_, check)| check(text))
+}
+
+/// Texts that are no size at all are left to the size format, so each mistake is told once.
+fn memory_limit(text: &str) -> Result<(), String> {
+    match text.parse::<Size>() {
+        Ok(size) if size < MIN_MEMORY_LIMIT => Err(format!(
+            "\"{text}\" is below the smallest memory limit the engine accepts; write at least {MIN_MEMORY_LIMIT}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn nonzero_duration(text: &str) -> Result<(), String> {
+    match text.parse::<Duration>() {
+        Ok(duration) if duration.0.is_zero() => {
+            Err(format!("\"{text}\" is too short; write at least 1ms"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `text` is a portable variable name (POSIX): letters, digits and `_`, not starting with
+/// a digit. The same rule as [`VARIABLE_NAME_PATTERN`].
+pub fn is_variable_name(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
 
 /// Implements serde and Display for a type that round-trips through its text form.
 macro_rules! text_value {
@@ -47,6 +122,12 @@ impl FromStr for Duration {
                 "\"{text}\" is not a duration; expected a number and a unit (ms, s, m, h, d), e.g. 30s, 10m, 14d"
             )
         };
+        let too_long = || {
+            format!(
+                "\"{text}\" is too long; the longest duration is {}",
+                Duration(MAX_DURATION)
+            )
+        };
         let mut total = std::time::Duration::ZERO;
         let mut rest = text;
         if rest.is_empty() {
@@ -59,7 +140,8 @@ impl FromStr for Duration {
             if digits == 0 {
                 return Err(invalid());
             }
-            let amount: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+            // Only digits: parsing fails only by overflow.
+            let amount: u64 = rest[..digits].parse().map_err(|_| too_long())?;
             rest = &rest[digits..];
             let (unit, len) = if rest.starts_with("ms") {
                 (std::time::Duration::from_millis(1), 2)
@@ -74,10 +156,13 @@ impl FromStr for Duration {
                 (std::time::Duration::from_secs(seconds), 1)
             };
             let part = unit
-                .checked_mul(u32::try_from(amount).map_err(|_| invalid())?)
-                .ok_or_else(invalid)?;
-            total = total.checked_add(part).ok_or_else(invalid)?;
+                .checked_mul(u32::try_from(amount).map_err(|_| too_long())?)
+                .ok_or_else(too_long)?;
+            total = total.checked_add(part).ok_or_else(too_long)?;
             rest = &rest[len..];
+        }
+        if total > MAX_DURATION {
+            return Err(too_long());
         }
         Ok(Duration(total))
     }
@@ -108,6 +193,7 @@ impl JsonSchema for Duration {
         json_schema!({
             "type": "string",
             "pattern": DURATION_PATTERN,
+            "format": DURATION_FORMAT,
             "description": "A length of time: a number and a unit (ms, s, m, h, d), e.g. 30s, 10m, 14d, 1h30m.",
             "examples": ["30s", "10m", "14d"]
         })
@@ -154,8 +240,14 @@ impl FromStr for Size {
         }
         let value: f64 = number.parse().map_err(|_| invalid())?;
         let bytes = value * multiplier as f64;
-        if !bytes.is_finite() || bytes > u64::MAX as f64 {
-            return Err(invalid());
+        // `MAX_SIZE_BYTES as f64` rounds up to 2^63, one past the largest size.
+        if !bytes.is_finite() || bytes >= MAX_SIZE_BYTES as f64 {
+            return Err(format!(
+                "\"{text}\" is too large; the largest size is {}",
+                Size {
+                    bytes: MAX_SIZE_BYTES >> 40 << 40
+                }
+            ));
         }
         Ok(Size {
             bytes: bytes.round() as u64,
@@ -188,6 +280,7 @@ impl JsonSchema for Size {
         json_schema!({
             "type": "string",
             "pattern": SIZE_PATTERN,
+            "format": SIZE_FORMAT,
             "description": "An amount of bytes with an optional unit: k, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024).",
             "examples": ["256Mi", "1G"]
         })
@@ -339,6 +432,7 @@ impl JsonSchema for CronExpr {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
+            "format": CRON_FORMAT,
             "description": "A standard 5-field cron expression: minute hour day-of-month month day-of-week.",
             "examples": ["*/15 * * * *", "0 3 * * 1"]
         })
@@ -350,7 +444,8 @@ impl JsonSchema for CronExpr {
     Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(deny_unknown_fields)]
-#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+// `writeOnly` marks what messages must never show (see `schema::secret_part`).
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1, "writeOnly" = true))]
 pub struct SecretRef {
     /// Path of a file on the agent's host that holds the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,9 +539,105 @@ mod tests {
         assert_eq!("500ms".parse::<Duration>().unwrap().0.as_millis(), 500);
         assert_eq!("90m".parse::<Duration>().unwrap().to_string(), "90m");
         assert_eq!("120m".parse::<Duration>().unwrap().to_string(), "2h");
-        for bad in ["", "30", "s", "10x", "1.5h", "-1s", "10 m", "99999999999d"] {
+        for bad in ["", "30", "s", "10x", "1.5h", "-1s", "10 m"] {
             let error = bad.parse::<Duration>().unwrap_err();
             assert!(error.contains("is not a duration"), "{bad}: {error}");
+        }
+    }
+
+    /// Issue 8, item 15: a duration an engine cannot count in nanoseconds overflowed on its way
+    /// to Docker (a negative health-check interval); it is refused, saying the longest.
+    #[test]
+    fn durations_stop_where_engines_stop_counting() {
+        assert_eq!(
+            "106751d".parse::<Duration>().unwrap().to_string(),
+            "106751d"
+        );
+        for long in [
+            "106752d",
+            "99999999999d",
+            "99999999999999999999999s",
+            "4294967296ms",
+        ] {
+            let error = long.parse::<Duration>().unwrap_err();
+            assert_eq!(
+                error,
+                format!("\"{long}\" is too long; the longest duration is 106751d")
+            );
+        }
+    }
+
+    /// Issue 8, item 15: `99999999999999999999Gi` matched the size pattern and then failed to
+    /// deserialize, reported at the document's first line; now the parser itself refuses it,
+    /// saying the largest size, so the schema check places it at the value.
+    #[test]
+    fn sizes_stop_where_engines_stop_counting() {
+        assert_eq!("8388607Ti".parse::<Size>().unwrap().bytes, 8_388_607 << 40);
+        for large in [
+            "8388608Ti",
+            "99999999999999999999Gi",
+            "99999999999999999999",
+        ] {
+            let error = large.parse::<Size>().unwrap_err();
+            assert_eq!(
+                error,
+                format!("\"{large}\" is too large; the largest size is 8388607Ti")
+            );
+        }
+    }
+
+    /// Issue 8, item 6: values the engine refuses (a memory limit under 6 MiB, a zero interval)
+    /// are refused here, and a text that is no value at all is left to its type's own format.
+    #[test]
+    fn formats_know_the_engine_limits() {
+        let check = |format: &str, text: &str| check_format(format, text).expect("known format");
+        assert!(check(MEMORY_LIMIT_FORMAT, "6Mi").is_ok());
+        assert!(
+            check(MEMORY_LIMIT_FORMAT, "64MB").is_ok(),
+            "the size format tells this one"
+        );
+        assert_eq!(
+            check(MEMORY_LIMIT_FORMAT, "1k").unwrap_err(),
+            "\"1k\" is below the smallest memory limit the engine accepts; write at least 6Mi"
+        );
+        assert!(check(MEMORY_LIMIT_FORMAT, "6291455").is_err());
+        assert!(check(NONZERO_DURATION_FORMAT, "1ms").is_ok());
+        assert_eq!(
+            check(NONZERO_DURATION_FORMAT, "0s").unwrap_err(),
+            "\"0s\" is too short; write at least 1ms"
+        );
+        assert!(check(CRON_FORMAT, "61 * * * *").is_err());
+        assert!(check(SIZE_FORMAT, "1..2Mi").is_err());
+        assert_eq!(check_format("uint32", "1"), None);
+    }
+
+    /// Issue 8, item 5: variable names are portable POSIX names, and the Rust rule agrees with
+    /// the pattern the schemas carry.
+    #[test]
+    fn variable_names_are_posix_names() {
+        let pattern =
+            jsonschema::validator_for(&serde_json::json!({ "pattern": VARIABLE_NAME_PATTERN }))
+                .unwrap();
+        for (name, valid) in [
+            ("LOG_LEVEL", true),
+            ("_x1", true),
+            ("a", true),
+            ("", false),
+            ("A=B", false),
+            ("PATH=/evil:/bin", false),
+            ("A B", false),
+            ("1A", false),
+            ("A-B", false),
+            ("A.B", false),
+            ("É", false),
+            ("A\n", false),
+        ] {
+            assert_eq!(is_variable_name(name), valid, "{name:?}");
+            assert_eq!(
+                pattern.is_valid(&serde_json::json!(name)),
+                valid,
+                "{name:?}"
+            );
         }
     }
 

@@ -78,3 +78,83 @@ fn help_and_version_explain_themselves() {
         assert!(stdout(&output).contains("Usage: berth"), "{command:?}");
     }
 }
+
+/// Issue 8, item 13: a secret written as a map (`{file: {x: "flag{…}"}}`), with an unknown key,
+/// as a list, a number and so on had its content printed in problems. No part of anything in a
+/// secret position (a reference, its keys, a map of them, the map's odd names) is ever printed,
+/// in either format, and each is still one problem at its place.
+#[test]
+fn validate_never_echoes_any_part_of_a_secret() {
+    let repo = Repo::new();
+    repo.write(
+        "c.yaml",
+        challenge(
+            "web",
+            concat!(
+                "  secretEnv:\n",
+                "    A: {file: {x: \"flag{a}\"}}\n",
+                "    B: {vault: \"flag{b}\"}\n",
+                "    C: [\"flag{c}\"]\n",
+                "    D: 4242424242\n",
+                "    E: {file: /x, \"flag{e}\": y}\n",
+                "    F: {\"flag{f}\": 1, \"flag{f}\": 2}\n",
+                "    \"flag{g}\": {env: X}\n",
+                "    H: {env: [\"flag{h}\"]}\n",
+                "    I: {file: /x, env: flag_i}\n",
+                "  sidecars:\n",
+                "    - {name: db, image: busybox, secretEnv: \"flag{j}\"}\n",
+            ),
+        ),
+    )
+    .write(
+        "s.yaml",
+        "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: s}\nspec:\n  namespace: s\n  tag: v1\n  chart: charts\n  overrides:\n    secret: {DB: \"flag{k}\", \"flag{l}\": true, X: {file: {y: \"flag{m}\"}}}\n",
+    )
+    .write("charts/Chart.yaml", "name: app\n")
+    .write("list.yaml", challenge("list", "  secretEnv: [\"flag{n}\"]\n"));
+    let text = berth(&["validate", repo.path().to_str().unwrap()]);
+    let json = berth(&[
+        "validate",
+        "--format",
+        "json",
+        repo.path().to_str().unwrap(),
+    ]);
+    for output in [&text, &json] {
+        assert_eq!(output.status.code(), Some(1));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for secret in ["flag{", "flag_i", "4242424242"] {
+            assert!(!all.contains(secret), "{secret} echoed in:\n{all}");
+        }
+    }
+    let lines: Vec<String> = stdout(&text)
+        .lines()
+        .map(|line| line.split(": ").next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "c.yaml:8:15",
+            "c.yaml:9:9",
+            "c.yaml:10:8",
+            "c.yaml:11:8",
+            "c.yaml:12:8",
+            "c.yaml:12:19",
+            "c.yaml:13:23",
+            "c.yaml:13:23",
+            "c.yaml:14:5",
+            "c.yaml:15:14",
+            "c.yaml:16:8",
+            "c.yaml:18:45",
+            "list.yaml:7:14",
+            "s.yaml:9:18",
+            "s.yaml:9:40",
+            "s.yaml:9:56",
+        ],
+        "{}",
+        stdout(&text)
+    );
+}
