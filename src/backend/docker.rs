@@ -90,6 +90,15 @@ impl ChallengeTemplate {
         self.spec.ports.iter().all(|p| p.host.is_none())
     }
 
+    /// Every secret value of the challenge that can be read here, for masking what it prints.
+    pub fn secret_values(&self) -> Vec<String> {
+        std::iter::once(&self.spec.secret_env)
+            .chain(self.spec.sidecars.iter().map(|s| &s.secret_env))
+            .flat_map(|secrets| secrets.values())
+            .filter_map(|reference| reference.resolve().ok())
+            .collect()
+    }
+
     /// The secret references of a slot.
     fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
         match slot.strip_prefix("sidecar-") {
@@ -389,26 +398,34 @@ impl DockerBackend {
     /// code and the last lines of its log. With `settling`, Progressing containers are looked at
     /// too: one the engine has restarted is in a crash loop, and so Degraded. Only those
     /// containers are inspected, a few at once, so a quiet pass costs no more than its list call.
+    ///
+    /// What the container wrote is masked with `secrets_of` its object: a challenge that prints
+    /// its flag as it crashes must not put the flag in the status branch.
     pub async fn diagnose(
         &self,
         observed: &mut [ObservedObject],
         wanted: &HashSet<&ObjectRef>,
         settling: bool,
+        secrets_of: &(dyn Fn(&ObjectRef) -> Vec<String> + Sync),
     ) {
-        let suspects: Vec<&mut ObservedPart> = observed
+        let suspects: Vec<(Vec<String>, &mut ObservedPart)> = observed
             .iter_mut()
             .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
-            .flat_map(|o| o.parts.iter_mut())
-            .filter(|p| match p.health {
+            .flat_map(|o| {
+                let key = o.key.clone();
+                o.parts.iter_mut().map(move |p| (key.clone(), p))
+            })
+            .filter(|(_, p)| match p.health {
                 Health::Degraded => true,
                 Health::Progressing => settling,
                 _ => false,
             })
+            .map(|(key, p)| (secrets_of(&key), p))
             .collect();
         let explained: Vec<(&mut ObservedPart, Option<(String, bool)>)> =
             futures_util::stream::iter(suspects)
-                .map(|part| async move {
-                    let explained = self.explain(&part.name).await;
+                .map(|(secrets, part)| async move {
+                    let explained = self.explain(&part.name, &secrets).await;
                     (part, explained)
                 })
                 .buffer_unordered(8)
@@ -428,7 +445,7 @@ impl DockerBackend {
 
     /// `exited with code 1; last log lines: …` for one container, in the engine's words, and
     /// whether the engine has restarted it.
-    async fn explain(&self, container: &str) -> Option<(String, bool)> {
+    async fn explain(&self, container: &str, secrets: &[String]) -> Option<(String, bool)> {
         let inspected = self
             .docker
             .inspect_container(container, None::<InspectContainerOptions>)
@@ -461,7 +478,7 @@ impl DockerBackend {
             .map(|o| o.trim().to_string())
             .filter(|o| !o.is_empty())
         {
-            detail.push(format!("health check: {}", clip(&last)));
+            detail.push(format!("health check: {}", clip(&mask(&last, secrets))));
         }
         let options = LogsOptions {
             stdout: true,
@@ -475,7 +492,7 @@ impl DockerBackend {
             for line in String::from_utf8_lossy(&chunk.into_bytes()).lines() {
                 let line = line.trim();
                 if !line.is_empty() {
-                    lines.push(clip(line));
+                    lines.push(clip(&mask(line, secrets)));
                 }
             }
         }
@@ -1276,6 +1293,15 @@ fn build_failed(context: &str, reason: &str, log: &[String]) -> String {
     )
 }
 
+/// `text` with every secret value in it shown as `<secret>`.
+fn mask(text: &str, secrets: &[String]) -> String {
+    let mut masked = text.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        masked = masked.replace(secret.as_str(), "<secret>");
+    }
+    masked
+}
+
 fn clip(line: &str) -> String {
     const LONGEST: usize = 200;
     match line.char_indices().nth(LONGEST) {
@@ -1522,6 +1548,15 @@ mod tests {
         );
         assert_eq!(health_of(Some(&S::CREATED), "Created"), Health::Progressing);
         assert_eq!(health_of(None, ""), Health::Unknown);
+    }
+
+    #[test]
+    fn secret_values_are_masked_in_what_a_container_prints() {
+        let secrets = vec!["flag{x}".to_string(), String::new()];
+        assert_eq!(
+            mask("boom: flag{x} leaked, flag{x} again", &secrets),
+            "boom: <secret> leaked, <secret> again"
+        );
     }
 
     #[test]

@@ -429,3 +429,17 @@ fn regression_9_4_an_engine_that_vanishes_mid_apply_is_transient_not_a_failure()
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     assert_eq!(instance.containers("slow").len(), 1);
 }
+
+/// Secrets never appear in output: a crashing challenge that prints its flag has it masked in
+/// the last log lines berth reports.
+#[test]
+fn a_flag_printed_by_a_crashing_container_is_masked_in_what_berth_reports() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("leaky.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: leaky}\nspec:\n  image: busybox:latest\n  command: [sh, -c, \"echo the flag is $FLAG; exit 3\"]\n  secretEnv:\n    FLAG: {env: BERTH_IT_FLAG}\n");
+    let output = instance.berth("apply", &repo, &["--wait", "6s"]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("the flag is <secret>"), "{said}");
+    assert!(!said.contains("ctf{it-secret}"), "{said}");
+}
