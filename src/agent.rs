@@ -77,6 +77,7 @@ enum PassOutcome {
     Failed,
     Rejected,
     Transient,
+    Broken,
     Unchanged,
 }
 
@@ -87,6 +88,7 @@ impl PassOutcome {
             PassOutcome::Failed => "failed",
             PassOutcome::Rejected => "rejected",
             PassOutcome::Transient => "transient",
+            PassOutcome::Broken => "broken",
             PassOutcome::Unchanged => "unchanged",
         }
     }
@@ -334,9 +336,15 @@ impl Agent {
                     return PassOutcome::Rejected;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "checkout failed");
-                    self.degraded(error.to_string());
-                    return PassOutcome::Transient;
+                    // Not a network error: a retry cannot fix a disk or a corrupt clone.
+                    let why = format!(
+                        "the checkout in {} cannot be read ({error}); nothing was applied. Check the disk, or stop the agent and remove that folder to clone afresh",
+                        self.source.workdir().display()
+                    );
+                    tracing::error!(%why, "checkout unreadable; not retrying until the next trigger");
+                    self.unapplied(PassResult::Broken, why);
+                    self.publish().await;
+                    return PassOutcome::Broken;
                 }
             }
         }
@@ -529,19 +537,25 @@ impl Agent {
 
     fn transient(&mut self, why: String) -> PassOutcome {
         tracing::warn!(%why, "engine unavailable; will retry");
+        self.unapplied(PassResult::Transient, why);
+        PassOutcome::Transient
+    }
+
+    /// Records a pass that applied nothing for a reason outside the repo, and says so in `/readyz`.
+    fn unapplied(&mut self, result: PassResult, why: String) {
         let revision = self
             .current
             .as_ref()
             .map(|c| c.revision.clone())
             .unwrap_or_default();
-        self.status = Arc::new(status::after_transient(
+        self.status = Arc::new(status::after_unapplied(
             &self.status,
             &revision,
+            result,
             &why,
             &now(),
         ));
         self.degraded(why);
-        PassOutcome::Transient
     }
 
     /// Commits and pushes the status when it differs from what the remote holds. A failure is

@@ -175,16 +175,21 @@ pub enum PassResult {
     Rejected,
     /// The engine or git server could not be used; the pass will be retried.
     Transient,
+    /// The agent's own checkout could not be read (disk, a corrupt clone): not retried on its
+    /// own, since retrying cannot fix it; see the message for what to do.
+    Broken,
 }
 
 impl PassResult {
-    /// The result as status files write it: `applied`, `failed`, `rejected`, `transient`.
+    /// The result as status files write it: `applied`, `failed`, `rejected`, `transient`,
+    /// `broken`.
     pub fn as_str(self) -> &'static str {
         match self {
             PassResult::Applied => "applied",
             PassResult::Failed => "failed",
             PassResult::Rejected => "rejected",
             PassResult::Transient => "transient",
+            PassResult::Broken => "broken",
         }
     }
 }
@@ -632,11 +637,19 @@ pub fn after_rejection(
     stamp(next, previous, now)
 }
 
-/// The status after a pass that could not reach the engine.
-pub fn after_transient(previous: &StatusSet, revision: &str, why: &str, now: &str) -> StatusSet {
+/// The status after a pass that applied nothing for a reason outside the repo: an engine or git
+/// server that could not be reached ([`PassResult::Transient`]), or an unreadable checkout
+/// ([`PassResult::Broken`]). Objects stay as they were.
+pub fn after_unapplied(
+    previous: &StatusSet,
+    revision: &str,
+    result: PassResult,
+    why: &str,
+    now: &str,
+) -> StatusSet {
     let mut next = previous.clone();
     next.agent.last_attempted_revision = Some(revision.to_string());
-    next.agent.result = Some(PassResult::Transient);
+    next.agent.result = Some(result);
     next.agent.message = why.to_string();
     stamp(next, previous, now)
 }
