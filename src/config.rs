@@ -14,6 +14,11 @@ use serde_json::Value;
 use crate::descriptor::values::{CronExpr, Duration};
 use crate::descriptor::{Name, yaml};
 
+/// The agent's config file (`berth agent --config`) as a JSON Schema, for editors: `agent.json`.
+pub fn schema() -> Value {
+    crate::descriptor::schema::root_schema::<AgentConfig>("agent.json", "berth agent config")
+}
+
 /// The default schedule: every three minutes.
 pub const DEFAULT_SCHEDULE: &str = "*/3 * * * *";
 

@@ -528,7 +528,8 @@ fn write_schemas(out: &std::path::Path) -> ExitCode {
         eprintln!("berth: cannot create {}: {error}", out.display());
         return ExitCode::from(2);
     }
-    for (file, schema) in descriptor::schema::generate() {
+    let agent = ("agent.json", berth::config::schema());
+    for (file, schema) in descriptor::schema::generate().into_iter().chain([agent]) {
         let path = out.join(file);
         let text = serde_json::to_string_pretty(&schema).expect("schemas serialize") + "\n";
         if let Err(error) = std::fs::write(&path, text) {

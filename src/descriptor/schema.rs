@@ -27,14 +27,23 @@ pub const MAX_VIOLATIONS: usize = 100;
 /// Base of the `$id` of every schema berth writes.
 pub const SCHEMA_ID_BASE: &str = "https://berth.dev/schema/v1/";
 
-/// The schema files `berth schema` writes, by file name.
+/// The descriptor schema files `berth schema` writes, by file name (the agent's config schema
+/// is [`crate::config::schema`]).
 pub fn generate() -> Vec<(&'static str, Value)> {
     let mut files = vec![("envelope.json", envelope_schema())];
     for kind in Kind::ALL {
         files.push((kind.schema_file(), kind_schema(kind)));
     }
-    files.push(("agent.json", agent_schema()));
     files
+}
+
+/// The schema of any of berth's types, written as berth writes its schema files.
+pub fn root_schema<T: schemars::JsonSchema>(file: &str, title: &str) -> Value {
+    finish(
+        settings().into_root_schema_for::<T>().to_value(),
+        file,
+        title,
+    )
 }
 
 fn settings() -> schemars::SchemaGenerator {
@@ -102,14 +111,6 @@ fn kind_schema(kind: Kind) -> Value {
         kind.schema_file(),
         &format!("berth {kind} descriptor"),
     )
-}
-
-/// The agent's config file (`berth agent --config`), for editors.
-fn agent_schema() -> Value {
-    let schema = settings()
-        .into_root_schema_for::<crate::config::AgentConfig>()
-        .to_value();
-    finish(schema, "agent.json", "berth agent config")
 }
 
 fn envelope_schema() -> Value {
