@@ -434,6 +434,8 @@ impl DockerBackend {
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .ok()?;
+        let secrets = secret_values(inspected.config.as_ref());
+        let mask = |text: &str| clip(&masked(text, &secrets));
         let state = inspected.state?;
         let mut detail = Vec::new();
         let running = state.running.unwrap_or(false);
@@ -451,7 +453,7 @@ impl DockerBackend {
             detail.push("killed for running out of memory".into());
         }
         if let Some(error) = state.error.filter(|e| !e.is_empty()) {
-            detail.push(error);
+            detail.push(mask(&error));
         }
         if let Some(last) = state
             .health
@@ -461,7 +463,7 @@ impl DockerBackend {
             .map(|o| o.trim().to_string())
             .filter(|o| !o.is_empty())
         {
-            detail.push(format!("health check: {}", clip(&last)));
+            detail.push(format!("health check: {}", mask(&last)));
         }
         let options = LogsOptions {
             stdout: true,
@@ -475,7 +477,7 @@ impl DockerBackend {
             for line in String::from_utf8_lossy(&chunk.into_bytes()).lines() {
                 let line = line.trim();
                 if !line.is_empty() {
-                    lines.push(clip(line));
+                    lines.push(mask(line));
                 }
             }
         }
@@ -1276,6 +1278,45 @@ fn build_failed(context: &str, reason: &str, log: &[String]) -> String {
     )
 }
 
+/// The values of a container's secret variables (named by its secret-digest label), longest
+/// first, to be masked wherever the container's own words are shown (logs, health output).
+fn secret_values(config: Option<&bollard::models::ContainerConfig>) -> Vec<String> {
+    let Some(config) = config else {
+        return Vec::new();
+    };
+    let names: BTreeMap<String, String> = config
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_SECRETS))
+        .and_then(|digests| serde_json::from_str(digests).ok())
+        .unwrap_or_default();
+    let mut values: Vec<String> = config
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, value)| names.contains_key(*name) && !value.is_empty())
+        .map(|(_, value)| value.to_string())
+        .collect();
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+/// `text` with every secret value (and each of its lines, for values of several lines) shown as
+/// `<secret>`.
+fn masked(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for value in secrets {
+        for piece in std::iter::once(value.as_str()).chain(value.lines()) {
+            let piece = piece.trim();
+            if !piece.is_empty() {
+                text = text.replace(piece, "<secret>");
+            }
+        }
+    }
+    text
+}
+
 fn clip(line: &str) -> String {
     const LONGEST: usize = 200;
     match line.char_indices().nth(LONGEST) {
@@ -1540,5 +1581,32 @@ mod tests {
         assert_ne!(a, secret_digest(b"key-one", "FLAG", "flag{y}"));
         let plain = hex::encode(Sha256::digest(b"flag{x}"));
         assert!(!plain.starts_with(&a), "not a plain hash of the value");
+    }
+
+    /// A container's own words (logs, health output) reach status: its secret values are masked,
+    /// other variables are not, and a value of several lines is masked line by line.
+    #[test]
+    fn secret_values_are_masked_in_what_a_container_says() {
+        let config = bollard::models::ContainerConfig {
+            env: Some(vec![
+                "FLAG=flag{x}".into(),
+                "KEY=line one\nline two".into(),
+                "PORT=8080".into(),
+                "EMPTY=".into(),
+            ]),
+            labels: Some(HashMap::from([(
+                LABEL_SECRETS.to_string(),
+                r#"{"FLAG":"d1","KEY":"d2","EMPTY":"d3"}"#.to_string(),
+            )])),
+            ..Default::default()
+        };
+        let secrets = secret_values(Some(&config));
+        assert_eq!(
+            masked("got flag{x} on 8080", &secrets),
+            "got <secret> on 8080"
+        );
+        assert_eq!(masked("line two", &secrets), "<secret>");
+        assert_eq!(masked("nothing", &secrets), "nothing");
+        assert!(secret_values(None).is_empty());
     }
 }

@@ -429,3 +429,38 @@ fn regression_9_4_an_engine_that_vanishes_mid_apply_is_transient_not_a_failure()
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     assert_eq!(instance.containers("slow").len(), 1);
 }
+
+/// Attack on issue 8, item 7: a crash-looping container that prints its secret (a flag echoed at
+/// boot, a password in a connection error) put the value into `apply`'s failure, the plan and so
+/// the committed status, through the "last log lines" of the diagnosis. Secret values in log
+/// lines must be masked as `<secret>`.
+#[test]
+fn attack_a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, "flag{leaked-by-logs}").unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "leaky.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: leaky}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, \"echo booting with $FLAG; exit 3\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+            flag.display()
+        ),
+    );
+    let output = instance.berth("apply", &repo, &["--wait", "5s"]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("booting with <secret>"), "{said}");
+    assert!(!said.contains("leaked-by-logs"), "{said}");
+    for format in ["text", "json", "markdown"] {
+        let plan = instance.berth("plan", &repo, &["--format", format]);
+        let planned = text(&plan);
+        let shown = match format {
+            "markdown" => "booting with &lt;secret&gt;",
+            _ => "booting with <secret>",
+        };
+        assert!(planned.contains(shown), "{planned}");
+        assert!(!planned.contains("leaked-by-logs"), "{planned}");
+    }
+}
