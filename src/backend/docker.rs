@@ -250,9 +250,11 @@ pub fn secret_digest(key: &[u8], name: &str, value: &str) -> String {
 }
 
 /// The lock an apply holds in the engine; remove it with [`ApplyLock::release`] (or on drop).
+/// It is removed by the id of the container this berth made, never by name: by then the name may
+/// belong to another berth's lock.
 pub struct ApplyLock {
     docker: Docker,
-    name: String,
+    id: String,
     released: bool,
 }
 
@@ -260,7 +262,7 @@ impl ApplyLock {
     /// Removes the lock from the engine.
     pub async fn release(mut self) {
         self.released = true;
-        let _ = remove_container(&self.docker, &self.name).await;
+        let _ = remove_container(&self.docker, &self.id).await;
     }
 }
 
@@ -269,10 +271,10 @@ impl Drop for ApplyLock {
         if self.released {
             return;
         }
-        let (docker, name) = (self.docker.clone(), self.name.clone());
+        let (docker, id) = (self.docker.clone(), self.id.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = remove_container(&docker, &name).await;
+                let _ = remove_container(&docker, &id).await;
             });
         }
     }
@@ -529,7 +531,7 @@ impl DockerBackend {
                     labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(&key));
                     // Two berths may race here: the engine keeps one, and both then read it.
                     match self.create_anchored(&name, labels).await {
-                        Ok(()) => {}
+                        Ok(_) => {}
                         Err(error) if is_status(&error, 409) => {}
                         Err(error) => return Err(unreachable(engine_message(&error))),
                     }
@@ -563,12 +565,12 @@ impl DockerBackend {
     }
 
     /// Makes a container that never runs from the anchor image: the engine creates a container
-    /// name exactly once, which makes it a lock or a key holder.
+    /// name exactly once, which makes it a lock or a key holder. Returns the container's id.
     async fn create_anchored(
         &self,
         name: &str,
         labels: HashMap<String, String>,
-    ) -> Result<(), DockerError> {
+    ) -> Result<String, DockerError> {
         self.ensure_anchor().await?;
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
@@ -584,7 +586,7 @@ impl DockerBackend {
         self.docker
             .create_container(Some(options), body)
             .await
-            .map(|_| ())
+            .map(|created| created.id)
     }
 
     async fn ensure_anchor(&self) -> Result<(), DockerError> {
@@ -635,28 +637,31 @@ impl DockerBackend {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             );
             match self.create_anchored(&name, labels).await {
-                Ok(()) => {
+                Ok(id) => {
                     return Ok(ApplyLock {
                         docker: self.docker.clone(),
-                        name,
+                        id,
                         released: false,
                     });
                 }
                 Err(error) if is_status(&error, 409) => {}
                 Err(error) => return Err(unreachable(engine_message(&error))),
             }
-            let labels = self
+            let found = self
                 .docker
                 .inspect_container(&name, None::<InspectContainerOptions>)
                 .await
-                .ok()
+                .ok();
+            let found_id = found.as_ref().and_then(|c| c.id.clone());
+            let labels = found
                 .and_then(|c| c.config)
                 .and_then(|c| c.labels)
                 .unwrap_or_default();
             let other = labels.get(LABEL_LOCK_HOLDER).cloned().unwrap_or_default();
-            if holder_is_dead(&other) {
+            if let (true, Some(dead)) = (holder_is_dead(&other), found_id) {
                 tracing::warn!(holder = %other, "taking over the apply lock of a process that died");
-                remove_container(&self.docker, &name)
+                // By id: another berth may have taken the name over since it was read.
+                remove_container(&self.docker, &dead)
                     .await
                     .map_err(|e| unreachable(engine_message(&e)))?;
                 continue;

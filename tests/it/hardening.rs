@@ -464,3 +464,45 @@ fn attack_a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis() {
         assert!(!planned.contains("leaked-by-logs"), "{planned}");
     }
 }
+
+/// Attack on issue 8, item 1: a berth removed its lock *by name* when it finished, and a takeover
+/// removed the lock it had found dead by name too. A lock that another berth holds by then (taken
+/// over, or freshly taken after a dead holder's lock was removed) was removed with it, so two
+/// applies could run at once. Each berth must remove only the lock container it made or found.
+#[test]
+fn attack_a_berth_removes_only_its_own_lock_container() {
+    let Some(instance) = engine() else { return };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let engines = runtime
+        .block_on(berth::reconcile::connect(&instance.name))
+        .unwrap();
+    let held = runtime.block_on(engines.lock(Duration::ZERO)).unwrap();
+    // Meanwhile the lock changed hands (another berth took it over, believing this one dead).
+    let lock = format!("berth-{}-lock", instance.name);
+    docker(&["rm", "-f", &lock]);
+    let other = docker(&[
+        "create",
+        "--name",
+        &lock,
+        "--label",
+        &format!("berth.instance={}", instance.name),
+        "--label",
+        "berth.lock-holder=elsewhere:1",
+        "berth-anchor:1",
+        "/berth-anchor",
+    ]);
+    runtime.block_on(held.release());
+    let left = docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("name={lock}"),
+    ]);
+    assert_eq!(left, other, "the other berth's lock is kept");
+    let refused = runtime.block_on(engines.lock(Duration::ZERO));
+    assert!(
+        refused.is_err(),
+        "the lock is still held by the other berth"
+    );
+}
