@@ -56,6 +56,8 @@ pub const LABEL_SPEC: &str = "berth.spec";
 pub const LABEL_SECRETS: &str = "berth.secret-digests";
 /// Label on the lock container naming its holder (`host:pid`).
 const LABEL_LOCK_HOLDER: &str = "berth.lock-holder";
+/// Label on the lock container identifying its holder's process (see [`process_identity`]).
+const LABEL_LOCK_PROCESS: &str = "berth.lock-process";
 /// Label on the lock container with when it was taken.
 const LABEL_LOCK_SINCE: &str = "berth.lock-since";
 /// Label on the key container holding the instance's secret-digest key.
@@ -300,15 +302,50 @@ fn this_holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Whether a lock's holder is a process of this host that has died (kill -9 mid-apply).
-fn holder_is_dead(holder: &str) -> bool {
-    let this = this_holder();
-    let (Some((host, pid)), Some((this_host, _))) =
-        (holder.rsplit_once(':'), this.rsplit_once(':'))
-    else {
+/// When process `pid` of this pid namespace started (clock ticks since boot), if it runs.
+fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the fields after it do not.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19).map(str::to_string)
+}
+
+/// `boot/pid-namespace/pid/start` of process `pid`: what tells a process apart from every other
+/// one, on any machine (a host name does not: `localhost` and `ubuntu` repeat) and in any
+/// container (pids repeat across pid namespaces), even once its pid is reused.
+fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let namespace = namespace
+        .to_str()?
+        .strip_prefix("pid:[")?
+        .strip_suffix(']')?;
+    let start = process_start(pid)?;
+    Some(format!("{}/{namespace}/{pid}/{start}", boot.trim()))
+}
+
+/// Whether a lock's holder, by its `process` label ([`process_identity`]), is a process that has
+/// died (kill -9 mid-apply). Only a process of this boot and pid namespace can be known dead; a
+/// lock without the label (made by someone else) never is.
+fn holder_is_dead(process: Option<&str>) -> bool {
+    let fields = |identity: &str| -> Option<[String; 4]> {
+        let parts: Vec<String> = identity.split('/').map(str::to_string).collect();
+        parts.try_into().ok()
+    };
+    let (Some([boot, namespace, pid, start]), Some([this_boot, this_namespace, ..])) = (
+        process.and_then(fields),
+        process_identity(std::process::id())
+            .as_deref()
+            .and_then(fields),
+    ) else {
         return false;
     };
-    host == this_host && !Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    boot == this_boot
+        && namespace == this_namespace
+        && process_start(pid).is_none_or(|now| now != start)
 }
 
 /// A connection to one Docker Engine, acting for one berth instance.
@@ -628,10 +665,14 @@ impl DockerBackend {
         let name = format!("berth-{}-lock", self.instance());
         let started = Instant::now();
         let holder = this_holder();
+        let process = process_identity(std::process::id());
         let mut announced = false;
         loop {
             let mut labels = self.ownership.instance_labels();
             labels.insert(LABEL_LOCK_HOLDER.to_string(), holder.clone());
+            if let Some(process) = &process {
+                labels.insert(LABEL_LOCK_PROCESS.to_string(), process.clone());
+            }
             labels.insert(
                 LABEL_LOCK_SINCE.to_string(),
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -658,7 +699,10 @@ impl DockerBackend {
                 .and_then(|c| c.labels)
                 .unwrap_or_default();
             let other = labels.get(LABEL_LOCK_HOLDER).cloned().unwrap_or_default();
-            if let (true, Some(dead)) = (holder_is_dead(&other), found_id) {
+            if let (true, Some(dead)) = (
+                holder_is_dead(labels.get(LABEL_LOCK_PROCESS).map(String::as_str)),
+                found_id,
+            ) {
                 tracing::warn!(holder = %other, "taking over the apply lock of a process that died");
                 // By id: another berth may have taken the name over since it was read.
                 remove_container(&self.docker, &dead)
@@ -1586,6 +1630,36 @@ mod tests {
         assert_ne!(a, secret_digest(b"key-one", "FLAG", "flag{y}"));
         let plain = hex::encode(Sha256::digest(b"flag{x}"));
         assert!(!plain.starts_with(&a), "not a plain hash of the value");
+    }
+
+    /// Only a holder of this boot and pid namespace whose process is gone (or whose pid now
+    /// belongs to a later process) is dead; junk and other machines' holders never are.
+    #[test]
+    fn lock_holders_are_dead_only_when_known_to_be() {
+        let this = process_identity(std::process::id()).expect("linux");
+        assert!(!holder_is_dead(Some(&this)));
+        let [boot, namespace, _, start]: [&str; 4] =
+            this.split('/').collect::<Vec<_>>().try_into().unwrap();
+        assert!(holder_is_dead(Some(&format!(
+            "{boot}/{namespace}/4194000/1"
+        ))));
+        let pid = std::process::id();
+        assert!(holder_is_dead(Some(&format!(
+            "{boot}/{namespace}/{pid}/{start}0"
+        ))));
+        let other_boot = format!("00000000-0000-4000-8000-000000000000/{namespace}/4194000/1");
+        assert!(!holder_is_dead(Some(&other_boot)));
+        assert!(!holder_is_dead(Some(&format!("{boot}/1/4194000/1"))));
+        for junk in [
+            "",
+            "x",
+            "a/b/c",
+            &format!("{boot}/{namespace}/../1/1"),
+            "h:1",
+        ] {
+            assert!(!holder_is_dead(Some(junk)), "{junk}");
+        }
+        assert!(!holder_is_dead(None));
     }
 
     /// A container's own words (logs, health output) reach status: its secret values are masked,

@@ -506,3 +506,61 @@ fn attack_a_berth_removes_only_its_own_lock_container() {
         "the lock is still held by the other berth"
     );
 }
+
+/// Attack on issue 8, item 1: a lock was taken over whenever its holder's host name was this
+/// host's and no process of its pid ran here. Host names repeat (`localhost`, `ubuntu`, cloud
+/// images' defaults) across machines that drive one engine, and berths in containers see other
+/// pid namespaces, so a live apply's lock was taken over and two applies ran at once. Only a
+/// holder of this very boot and pid namespace whose process is gone is dead.
+#[test]
+fn attack_a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
+    let Some(instance) = engine() else { return };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let engines = runtime
+        .block_on(berth::reconcile::connect(&instance.name))
+        .unwrap();
+    // Makes the anchor image.
+    runtime.block_on(async { engines.lock(Duration::ZERO).await.unwrap().release().await });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lock = format!("berth-{}-lock", instance.name);
+    // A live berth on another machine named like this one, whose pid does not exist here.
+    let pid = 4_194_000;
+    docker(&[
+        "create",
+        "--name",
+        &lock,
+        "--label",
+        &format!("berth.instance={}", instance.name),
+        "--label",
+        &format!("berth.lock-holder={}:{pid}", host.trim()),
+        "--label",
+        &format!("berth.lock-process=00000000-0000-4000-8000-000000000000/4026531836/{pid}/1"),
+        "berth-anchor:1",
+        "/berth-anchor",
+    ]);
+    let taken = runtime.block_on(engines.lock(Duration::ZERO));
+    assert!(taken.is_err(), "another machine's live lock was taken over");
+
+    // The same holder, of this boot and pid namespace, is dead here: taken over.
+    docker(&["rm", "-f", &lock]);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let namespace = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let namespace = namespace.to_string_lossy();
+    let namespace = namespace.trim_start_matches("pid:[").trim_end_matches(']');
+    docker(&[
+        "create",
+        "--name",
+        &lock,
+        "--label",
+        &format!("berth.instance={}", instance.name),
+        "--label",
+        &format!("berth.lock-holder={}:{pid}", host.trim()),
+        "--label",
+        &format!("berth.lock-process={}/{namespace}/{pid}/1", boot.trim()),
+        "berth-anchor:1",
+        "/berth-anchor",
+    ]);
+    let taken = runtime.block_on(engines.lock(Duration::ZERO));
+    assert!(taken.is_ok(), "a dead holder's lock is taken over");
+    runtime.block_on(taken.unwrap().release());
+}
