@@ -35,7 +35,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{EngineError, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
 use crate::build_context::BuildContext;
 use crate::descriptor::model::{ChallengeSpec, ImageSource, RestartPolicy, RunState, Sidecar};
@@ -1157,9 +1157,30 @@ impl DockerBackend {
                 .and_then(|n| n.containers)
                 .unwrap_or_default();
             for container in attached.keys() {
-                remove_container(&self.docker, container)
+                // Only this challenge's own containers are removed (made again on the kept
+                // network); anything else someone attached is disconnected and left alone.
+                let owned = self
+                    .docker
+                    .inspect_container(container, None::<InspectContainerOptions>)
                     .await
-                    .map_err(|e| self.trouble("cannot remove a container", e))?;
+                    .ok()
+                    .and_then(|c| c.config)
+                    .and_then(|c| c.labels)
+                    .is_some_and(|labels| {
+                        labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.instance())
+                            && labels.get(LABEL_NAME).map(String::as_str) == Some(key.name.as_str())
+                    });
+                let result = match owned {
+                    true => remove_container(&self.docker, container).await,
+                    false => {
+                        let request = bollard::models::NetworkDisconnectRequest {
+                            container: container.clone(),
+                            force: Some(true),
+                        };
+                        self.docker.disconnect_network(&id, request).await
+                    }
+                };
+                result.map_err(|e| self.trouble("cannot clear a duplicate network", e))?;
             }
             match self.docker.remove_network(&id).await {
                 Err(error) if !is_status(&error, 404) => {

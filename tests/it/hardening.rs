@@ -564,3 +564,62 @@ fn attack_a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
     assert!(taken.is_ok(), "a dead holder's lock is taken over");
     runtime.block_on(taken.unwrap().release());
 }
+
+/// Attack on issue 8, item 2: removing a duplicate network removed *every* container attached
+/// to it, berth's or not, so a debugging container someone had connected to the challenge's
+/// network was deleted. berth never touches what it does not own: a foreign container is only
+/// disconnected, and kept.
+#[test]
+fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("c0.yaml", with_sidecar("c0"));
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let name = format!("berth-{}-c0", instance.name);
+    let request = format!(
+        r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"c0"}}}}"#,
+        instance.name
+    );
+    let created = Command::new("curl")
+        .args([
+            "-sf",
+            "--unix-socket",
+            "/var/run/docker.sock",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &request,
+            "http://localhost/networks/create",
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", text(&created));
+    let duplicate: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let duplicate = duplicate["Id"].as_str().unwrap();
+    // Someone's debugging container, not berth's, joins the duplicate.
+    let foreign = format!("atk-foreign-{}", instance.name);
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &foreign,
+        "busybox:latest",
+        "sleep",
+        "3600",
+    ]);
+    docker(&["network", "connect", duplicate, &foreign]);
+    let before = docker(&["ps", "-q", "--filter", &format!("name={foreign}")]);
+    assert!(!before.is_empty(), "the foreign container runs");
+    repo.write("c0.yaml", with_sidecar("c0").replace("3600", "3601"));
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    let kept = docker(&["ps", "-q", "--filter", &format!("name={foreign}")]);
+    docker(&["rm", "-f", &foreign]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(networks_named(&instance, "c0"), 1, "the duplicate is gone");
+    assert!(
+        !kept.is_empty(),
+        "the foreign container was removed: {}",
+        text(&output)
+    );
+}
