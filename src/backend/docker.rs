@@ -530,8 +530,11 @@ impl DockerBackend {
     /// The instance's secret-digest key, made once and kept in the engine (a label of a container
     /// that never runs), so every berth driving this engine for the instance digests alike. Anyone
     /// who can read it can already read the containers' environment, where the secrets are. With
-    /// `make` unset (planning), a missing key is `None`: a plan writes nothing, and no container
-    /// can carry digests before the key exists.
+    /// `make` unset (planning), a missing key is `None`: a plan writes nothing. A key can go
+    /// missing after containers carry digests made with it (`docker container prune`); [`seal`]
+    /// then marks their digests unknown, so they are replaced rather than called unchanged.
+    ///
+    /// [`seal`]: DockerBackend::seal
     async fn digest_key(&self, make: bool) -> Result<Option<Vec<u8>>, EngineError> {
         if let Some(key) = self.digest_key.get() {
             return Ok(Some(key.clone()));
@@ -594,9 +597,19 @@ impl DockerBackend {
             false => Some(Vec::new()),
         };
         for part in &mut object.parts {
-            part.secrets = key
-                .as_ref()
-                .and_then(|key| secret_digests(key, template.secrets_of(&part.id)).ok());
+            let secrets = template.secrets_of(&part.id);
+            part.secrets = match &key {
+                Some(key) => secret_digests(key, secrets).ok(),
+                // The key is gone (`docker container prune` removes never-run containers), so no
+                // digest can be checked: unknown ones differ from any a container carries, and
+                // the part is replaced with the current values rather than called unchanged.
+                None => Some(
+                    secrets
+                        .keys()
+                        .map(|name| (name.clone(), "unknown: no digest key".to_string()))
+                        .collect(),
+                ),
+            };
         }
         Ok(())
     }

@@ -623,3 +623,36 @@ fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
         text(&output)
     );
 }
+
+/// Attack on issue 8, item 8: the digest key lives in a never-run container, which
+/// `docker container prune` removes with every other stopped one. Without the key a plan could not
+/// compare digests and said "unchanged", and apply did nothing, so a rotated secret was silently
+/// never applied. A part whose digests cannot be checked must be replaced.
+#[test]
+fn attack_a_rotated_secret_is_applied_after_the_digest_key_was_pruned() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, "flag{before-prune}").unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "vault.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+            flag.display()
+        ),
+    );
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    docker(&["rm", "-f", &format!("berth-{}-key", instance.name)]);
+    std::fs::write(&flag, "flag{after-prune}").unwrap();
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let (id, _) = instance.containers("vault")["main-1"].clone();
+    let env = docker(&["inspect", "--format", "{{json .Config.Env}}", &id]);
+    assert!(env.contains("FLAG=flag{after-prune}"), "{env}");
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(plan.status.code(), Some(0), "settled: {}", text(&plan));
+}
