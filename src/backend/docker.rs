@@ -35,7 +35,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{EngineError, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
 use crate::build_context::BuildContext;
 use crate::descriptor::model::{ChallengeSpec, ImageSource, RestartPolicy, RunState, Sidecar};
@@ -56,6 +56,8 @@ pub const LABEL_SPEC: &str = "berth.spec";
 pub const LABEL_SECRETS: &str = "berth.secret-digests";
 /// Label on the lock container naming its holder (`host:pid`).
 const LABEL_LOCK_HOLDER: &str = "berth.lock-holder";
+/// Label on the lock container identifying its holder's process (see [`process_identity`]).
+const LABEL_LOCK_PROCESS: &str = "berth.lock-process";
 /// Label on the lock container with when it was taken.
 const LABEL_LOCK_SINCE: &str = "berth.lock-since";
 /// Label on the key container holding the instance's secret-digest key.
@@ -88,15 +90,6 @@ impl ChallengeTemplate {
     /// a host port, which two containers cannot hold at once.
     pub fn start_first(&self) -> bool {
         self.spec.ports.iter().all(|p| p.host.is_none())
-    }
-
-    /// Every secret value of the challenge that can be read here, for masking what it prints.
-    pub fn secret_values(&self) -> Vec<String> {
-        std::iter::once(&self.spec.secret_env)
-            .chain(self.spec.sidecars.iter().map(|s| &s.secret_env))
-            .flat_map(|secrets| secrets.values())
-            .filter_map(|reference| reference.resolve().ok())
-            .collect()
     }
 
     /// The secret references of a slot.
@@ -259,9 +252,11 @@ pub fn secret_digest(key: &[u8], name: &str, value: &str) -> String {
 }
 
 /// The lock an apply holds in the engine; remove it with [`ApplyLock::release`] (or on drop).
+/// It is removed by the id of the container this berth made, never by name: by then the name may
+/// belong to another berth's lock.
 pub struct ApplyLock {
     docker: Docker,
-    name: String,
+    id: String,
     released: bool,
 }
 
@@ -269,7 +264,7 @@ impl ApplyLock {
     /// Removes the lock from the engine.
     pub async fn release(mut self) {
         self.released = true;
-        let _ = remove_container(&self.docker, &self.name).await;
+        let _ = remove_container(&self.docker, &self.id).await;
     }
 }
 
@@ -278,10 +273,10 @@ impl Drop for ApplyLock {
         if self.released {
             return;
         }
-        let (docker, name) = (self.docker.clone(), self.name.clone());
+        let (docker, id) = (self.docker.clone(), self.id.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = remove_container(&docker, &name).await;
+                let _ = remove_container(&docker, &id).await;
             });
         }
     }
@@ -307,15 +302,50 @@ fn this_holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Whether a lock's holder is a process of this host that has died (kill -9 mid-apply).
-fn holder_is_dead(holder: &str) -> bool {
-    let this = this_holder();
-    let (Some((host, pid)), Some((this_host, _))) =
-        (holder.rsplit_once(':'), this.rsplit_once(':'))
-    else {
+/// When process `pid` of this pid namespace started (clock ticks since boot), if it runs.
+fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the fields after it do not.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19).map(str::to_string)
+}
+
+/// `boot/pid-namespace/pid/start` of process `pid`: what tells a process apart from every other
+/// one, on any machine (a host name does not: `localhost` and `ubuntu` repeat) and in any
+/// container (pids repeat across pid namespaces), even once its pid is reused.
+fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let namespace = namespace
+        .to_str()?
+        .strip_prefix("pid:[")?
+        .strip_suffix(']')?;
+    let start = process_start(pid)?;
+    Some(format!("{}/{namespace}/{pid}/{start}", boot.trim()))
+}
+
+/// Whether a lock's holder, by its `process` label ([`process_identity`]), is a process that has
+/// died (kill -9 mid-apply). Only a process of this boot and pid namespace can be known dead; a
+/// lock without the label (made by someone else) never is.
+fn holder_is_dead(process: Option<&str>) -> bool {
+    let fields = |identity: &str| -> Option<[String; 4]> {
+        let parts: Vec<String> = identity.split('/').map(str::to_string).collect();
+        parts.try_into().ok()
+    };
+    let (Some([boot, namespace, pid, start]), Some([this_boot, this_namespace, ..])) = (
+        process.and_then(fields),
+        process_identity(std::process::id())
+            .as_deref()
+            .and_then(fields),
+    ) else {
         return false;
     };
-    host == this_host && !Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    boot == this_boot
+        && namespace == this_namespace
+        && process_start(pid).is_none_or(|now| now != start)
 }
 
 /// A connection to one Docker Engine, acting for one berth instance.
@@ -398,34 +428,26 @@ impl DockerBackend {
     /// code and the last lines of its log. With `settling`, Progressing containers are looked at
     /// too: one the engine has restarted is in a crash loop, and so Degraded. Only those
     /// containers are inspected, a few at once, so a quiet pass costs no more than its list call.
-    ///
-    /// What the container wrote is masked with `secrets_of` its object: a challenge that prints
-    /// its flag as it crashes must not put the flag in the status branch.
     pub async fn diagnose(
         &self,
         observed: &mut [ObservedObject],
         wanted: &HashSet<&ObjectRef>,
         settling: bool,
-        secrets_of: &(dyn Fn(&ObjectRef) -> Vec<String> + Sync),
     ) {
-        let suspects: Vec<(Vec<String>, &mut ObservedPart)> = observed
+        let suspects: Vec<&mut ObservedPart> = observed
             .iter_mut()
             .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
-            .flat_map(|o| {
-                let key = o.key.clone();
-                o.parts.iter_mut().map(move |p| (key.clone(), p))
-            })
-            .filter(|(_, p)| match p.health {
+            .flat_map(|o| o.parts.iter_mut())
+            .filter(|p| match p.health {
                 Health::Degraded => true,
                 Health::Progressing => settling,
                 _ => false,
             })
-            .map(|(key, p)| (secrets_of(&key), p))
             .collect();
         let explained: Vec<(&mut ObservedPart, Option<(String, bool)>)> =
             futures_util::stream::iter(suspects)
-                .map(|(secrets, part)| async move {
-                    let explained = self.explain(&part.name, &secrets).await;
+                .map(|part| async move {
+                    let explained = self.explain(&part.name).await;
                     (part, explained)
                 })
                 .buffer_unordered(8)
@@ -444,13 +466,16 @@ impl DockerBackend {
     }
 
     /// `exited with code 1; last log lines: …` for one container, in the engine's words, and
-    /// whether the engine has restarted it.
-    async fn explain(&self, container: &str, secrets: &[String]) -> Option<(String, bool)> {
+    /// whether the engine has restarted it. What the container wrote is masked: a challenge that
+    /// prints its flag as it crashes must not put the flag in the status branch.
+    async fn explain(&self, container: &str) -> Option<(String, bool)> {
         let inspected = self
             .docker
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .ok()?;
+        let secrets = secret_values(inspected.config.as_ref());
+        let mask = |text: &str| clip(&masked(text, &secrets));
         let state = inspected.state?;
         let mut detail = Vec::new();
         let running = state.running.unwrap_or(false);
@@ -468,7 +493,7 @@ impl DockerBackend {
             detail.push("killed for running out of memory".into());
         }
         if let Some(error) = state.error.filter(|e| !e.is_empty()) {
-            detail.push(error);
+            detail.push(mask(&error));
         }
         if let Some(last) = state
             .health
@@ -478,7 +503,7 @@ impl DockerBackend {
             .map(|o| o.trim().to_string())
             .filter(|o| !o.is_empty())
         {
-            detail.push(format!("health check: {}", clip(&mask(&last, secrets))));
+            detail.push(format!("health check: {}", mask(&last)));
         }
         let options = LogsOptions {
             stdout: true,
@@ -492,7 +517,7 @@ impl DockerBackend {
             for line in String::from_utf8_lossy(&chunk.into_bytes()).lines() {
                 let line = line.trim();
                 if !line.is_empty() {
-                    lines.push(clip(&mask(line, secrets)));
+                    lines.push(mask(line));
                 }
             }
         }
@@ -506,8 +531,11 @@ impl DockerBackend {
     /// The instance's secret-digest key, made once and kept in the engine (a label of a container
     /// that never runs), so every berth driving this engine for the instance digests alike. Anyone
     /// who can read it can already read the containers' environment, where the secrets are. With
-    /// `make` unset (planning), a missing key is `None`: a plan writes nothing, and no container
-    /// can carry digests before the key exists.
+    /// `make` unset (planning), a missing key is `None`: a plan writes nothing. A key can go
+    /// missing after containers carry digests made with it (`docker container prune`); [`seal`]
+    /// then marks their digests unknown, so they are replaced rather than called unchanged.
+    ///
+    /// [`seal`]: DockerBackend::seal
     async fn digest_key(&self, make: bool) -> Result<Option<Vec<u8>>, EngineError> {
         if let Some(key) = self.digest_key.get() {
             return Ok(Some(key.clone()));
@@ -544,7 +572,7 @@ impl DockerBackend {
                     labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(&key));
                     // Two berths may race here: the engine keeps one, and both then read it.
                     match self.create_anchored(&name, labels).await {
-                        Ok(()) => {}
+                        Ok(_) => {}
                         Err(error) if is_status(&error, 409) => {}
                         Err(error) => return Err(unreachable(engine_message(&error))),
                     }
@@ -570,20 +598,30 @@ impl DockerBackend {
             false => Some(Vec::new()),
         };
         for part in &mut object.parts {
-            part.secrets = key
-                .as_ref()
-                .and_then(|key| secret_digests(key, template.secrets_of(&part.id)).ok());
+            let secrets = template.secrets_of(&part.id);
+            part.secrets = match &key {
+                Some(key) => secret_digests(key, secrets).ok(),
+                // The key is gone (`docker container prune` removes never-run containers), so no
+                // digest can be checked: unknown ones differ from any a container carries, and
+                // the part is replaced with the current values rather than called unchanged.
+                None => Some(
+                    secrets
+                        .keys()
+                        .map(|name| (name.clone(), "unknown: no digest key".to_string()))
+                        .collect(),
+                ),
+            };
         }
         Ok(())
     }
 
     /// Makes a container that never runs from the anchor image: the engine creates a container
-    /// name exactly once, which makes it a lock or a key holder.
+    /// name exactly once, which makes it a lock or a key holder. Returns the container's id.
     async fn create_anchored(
         &self,
         name: &str,
         labels: HashMap<String, String>,
-    ) -> Result<(), DockerError> {
+    ) -> Result<String, DockerError> {
         self.ensure_anchor().await?;
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
@@ -599,7 +637,7 @@ impl DockerBackend {
         self.docker
             .create_container(Some(options), body)
             .await
-            .map(|_| ())
+            .map(|created| created.id)
     }
 
     async fn ensure_anchor(&self) -> Result<(), DockerError> {
@@ -641,37 +679,47 @@ impl DockerBackend {
         let name = format!("berth-{}-lock", self.instance());
         let started = Instant::now();
         let holder = this_holder();
+        let process = process_identity(std::process::id());
         let mut announced = false;
         loop {
             let mut labels = self.ownership.instance_labels();
             labels.insert(LABEL_LOCK_HOLDER.to_string(), holder.clone());
+            if let Some(process) = &process {
+                labels.insert(LABEL_LOCK_PROCESS.to_string(), process.clone());
+            }
             labels.insert(
                 LABEL_LOCK_SINCE.to_string(),
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             );
             match self.create_anchored(&name, labels).await {
-                Ok(()) => {
+                Ok(id) => {
                     return Ok(ApplyLock {
                         docker: self.docker.clone(),
-                        name,
+                        id,
                         released: false,
                     });
                 }
                 Err(error) if is_status(&error, 409) => {}
                 Err(error) => return Err(unreachable(engine_message(&error))),
             }
-            let labels = self
+            let found = self
                 .docker
                 .inspect_container(&name, None::<InspectContainerOptions>)
                 .await
-                .ok()
+                .ok();
+            let found_id = found.as_ref().and_then(|c| c.id.clone());
+            let labels = found
                 .and_then(|c| c.config)
                 .and_then(|c| c.labels)
                 .unwrap_or_default();
             let other = labels.get(LABEL_LOCK_HOLDER).cloned().unwrap_or_default();
-            if holder_is_dead(&other) {
+            if let (true, Some(dead)) = (
+                holder_is_dead(labels.get(LABEL_LOCK_PROCESS).map(String::as_str)),
+                found_id,
+            ) {
                 tracing::warn!(holder = %other, "taking over the apply lock of a process that died");
-                remove_container(&self.docker, &name)
+                // By id: another berth may have taken the name over since it was read.
+                remove_container(&self.docker, &dead)
                     .await
                     .map_err(|e| unreachable(engine_message(&e)))?;
                 continue;
@@ -1123,9 +1171,30 @@ impl DockerBackend {
                 .and_then(|n| n.containers)
                 .unwrap_or_default();
             for container in attached.keys() {
-                remove_container(&self.docker, container)
+                // Only this challenge's own containers are removed (made again on the kept
+                // network); anything else someone attached is disconnected and left alone.
+                let owned = self
+                    .docker
+                    .inspect_container(container, None::<InspectContainerOptions>)
                     .await
-                    .map_err(|e| self.trouble("cannot remove a container", e))?;
+                    .ok()
+                    .and_then(|c| c.config)
+                    .and_then(|c| c.labels)
+                    .is_some_and(|labels| {
+                        labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.instance())
+                            && labels.get(LABEL_NAME).map(String::as_str) == Some(key.name.as_str())
+                    });
+                let result = match owned {
+                    true => remove_container(&self.docker, container).await,
+                    false => {
+                        let request = bollard::models::NetworkDisconnectRequest {
+                            container: container.clone(),
+                            force: Some(true),
+                        };
+                        self.docker.disconnect_network(&id, request).await
+                    }
+                };
+                result.map_err(|e| self.trouble("cannot clear a duplicate network", e))?;
             }
             match self.docker.remove_network(&id).await {
                 Err(error) if !is_status(&error, 404) => {
@@ -1293,13 +1362,43 @@ fn build_failed(context: &str, reason: &str, log: &[String]) -> String {
     )
 }
 
-/// `text` with every secret value in it shown as `<secret>`.
-fn mask(text: &str, secrets: &[String]) -> String {
-    let mut masked = text.to_string();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        masked = masked.replace(secret.as_str(), "<secret>");
+/// The values of a container's secret variables (named by its secret-digest label), longest
+/// first, to be masked wherever the container's own words are shown (logs, health output).
+fn secret_values(config: Option<&bollard::models::ContainerConfig>) -> Vec<String> {
+    let Some(config) = config else {
+        return Vec::new();
+    };
+    let names: BTreeMap<String, String> = config
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_SECRETS))
+        .and_then(|digests| serde_json::from_str(digests).ok())
+        .unwrap_or_default();
+    let mut values: Vec<String> = config
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, value)| names.contains_key(*name) && !value.is_empty())
+        .map(|(_, value)| value.to_string())
+        .collect();
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+/// `text` with every secret value (and each of its lines, for values of several lines) shown as
+/// `<secret>`.
+fn masked(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for value in secrets {
+        for piece in std::iter::once(value.as_str()).chain(value.lines()) {
+            let piece = piece.trim();
+            if !piece.is_empty() {
+                text = text.replace(piece, "<secret>");
+            }
+        }
     }
-    masked
+    text
 }
 
 fn clip(line: &str) -> String {
@@ -1551,15 +1650,6 @@ mod tests {
     }
 
     #[test]
-    fn secret_values_are_masked_in_what_a_container_prints() {
-        let secrets = vec!["flag{x}".to_string(), String::new()];
-        assert_eq!(
-            mask("boom: flag{x} leaked, flag{x} again", &secrets),
-            "boom: <secret> leaked, <secret> again"
-        );
-    }
-
-    #[test]
     fn exit_codes_are_read_from_the_status_text() {
         assert_eq!(exit_code("Exited (137) 2 seconds ago"), Some(137));
         assert_eq!(exit_code("Exited (0) About a minute ago"), Some(0));
@@ -1575,5 +1665,62 @@ mod tests {
         assert_ne!(a, secret_digest(b"key-one", "FLAG", "flag{y}"));
         let plain = hex::encode(Sha256::digest(b"flag{x}"));
         assert!(!plain.starts_with(&a), "not a plain hash of the value");
+    }
+
+    /// Only a holder of this boot and pid namespace whose process is gone (or whose pid now
+    /// belongs to a later process) is dead; junk and other machines' holders never are.
+    #[test]
+    fn lock_holders_are_dead_only_when_known_to_be() {
+        let this = process_identity(std::process::id()).expect("linux");
+        assert!(!holder_is_dead(Some(&this)));
+        let [boot, namespace, _, start]: [&str; 4] =
+            this.split('/').collect::<Vec<_>>().try_into().unwrap();
+        assert!(holder_is_dead(Some(&format!(
+            "{boot}/{namespace}/4194000/1"
+        ))));
+        let pid = std::process::id();
+        assert!(holder_is_dead(Some(&format!(
+            "{boot}/{namespace}/{pid}/{start}0"
+        ))));
+        let other_boot = format!("00000000-0000-4000-8000-000000000000/{namespace}/4194000/1");
+        assert!(!holder_is_dead(Some(&other_boot)));
+        assert!(!holder_is_dead(Some(&format!("{boot}/1/4194000/1"))));
+        for junk in [
+            "",
+            "x",
+            "a/b/c",
+            &format!("{boot}/{namespace}/../1/1"),
+            "h:1",
+        ] {
+            assert!(!holder_is_dead(Some(junk)), "{junk}");
+        }
+        assert!(!holder_is_dead(None));
+    }
+
+    /// A container's own words (logs, health output) reach status: its secret values are masked,
+    /// other variables are not, and a value of several lines is masked line by line.
+    #[test]
+    fn secret_values_are_masked_in_what_a_container_says() {
+        let config = bollard::models::ContainerConfig {
+            env: Some(vec![
+                "FLAG=flag{x}".into(),
+                "KEY=line one\nline two".into(),
+                "PORT=8080".into(),
+                "EMPTY=".into(),
+            ]),
+            labels: Some(HashMap::from([(
+                LABEL_SECRETS.to_string(),
+                r#"{"FLAG":"d1","KEY":"d2","EMPTY":"d3"}"#.to_string(),
+            )])),
+            ..Default::default()
+        };
+        let secrets = secret_values(Some(&config));
+        assert_eq!(
+            masked("got flag{x} on 8080", &secrets),
+            "got <secret> on 8080"
+        );
+        assert_eq!(masked("line two", &secrets), "<secret>");
+        assert_eq!(masked("nothing", &secrets), "nothing");
+        assert!(secret_values(None).is_empty());
     }
 }

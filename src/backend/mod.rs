@@ -179,18 +179,9 @@ impl Backend {
         observed: &mut [ObservedObject],
         wanted: &HashSet<&ObjectRef>,
         settling: bool,
-        desired: &Desired,
     ) {
         match self {
-            Backend::Docker(docker) => {
-                let secrets_of = |key: &ObjectRef| match desired.templates.get(key) {
-                    Some(Template::Challenge(template)) => template.secret_values(),
-                    None => Vec::new(),
-                };
-                docker
-                    .diagnose(observed, wanted, settling, &secrets_of)
-                    .await
-            }
+            Backend::Docker(docker) => docker.diagnose(observed, wanted, settling).await,
         }
     }
 
@@ -320,7 +311,7 @@ impl Engines {
             .map(|o| &o.key)
             .collect();
         for backend in &self.backends {
-            backend.diagnose(observed, &wanted, settling, desired).await;
+            backend.diagnose(observed, &wanted, settling).await;
         }
     }
 
