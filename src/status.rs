@@ -320,7 +320,12 @@ impl StatusSet {
             if relative == "agent.yaml" {
                 agent = Some(from_yaml::<AgentStatus>(path, text)?);
             } else if relative.ends_with(".yaml") {
-                let status = from_yaml::<ObjectStatus>(path, text)?;
+                let status = from_yaml::<ObjectStatus>(path, text).map_err(|mut error| {
+                    if error.message.contains("`members`") {
+                        error.message = "written by an older berth (container members, not parts); the agent rewrites it on its next pass".into();
+                    }
+                    error
+                })?;
                 let name = status.name.parse().map_err(|message| StatusError {
                     file: path.to_string(),
                     message,
@@ -1073,6 +1078,20 @@ mod tests {
         assert!(Phase::may_follow(Some(CreatePending), Running));
         assert_eq!(Phase::settled_for(TargetState::Archived), Archived);
         assert_eq!(Phase::pending_for(Action::Wait), None);
+    }
+
+    #[test]
+    fn status_written_before_parts_says_so() {
+        let files = [
+            ("status/agent.yaml", "instance: ci\n"),
+            (
+                "status/challenge/web.yaml",
+                "kind: Challenge\nname: web\nhealth: Healthy\nmembers:\n  - {slot: main-1, hash: h, running: true, health: Healthy, spec: {}}\n",
+            ),
+        ];
+        let error = StatusSet::parse(files).unwrap_err();
+        assert_eq!(error.file, "status/challenge/web.yaml");
+        assert!(error.message.contains("older berth"), "{error}");
     }
 
     #[test]

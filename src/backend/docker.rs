@@ -481,6 +481,10 @@ impl DockerBackend {
         let running = state.running.unwrap_or(false);
         let restarts = inspected.restart_count.unwrap_or(0);
         match state.exit_code {
+            // Running again after a restart: the engine has reset the exit code to 0 by now.
+            Some(_) if restarts > 0 && running && state.restarting != Some(true) => {
+                detail.push(format!("crash loop: restarted {restarts} times"))
+            }
             Some(code) if restarts > 0 => detail.push(format!(
                 "exited with code {code}, restarted {restarts} times"
             )),
@@ -931,8 +935,17 @@ impl DockerBackend {
             .filter(|c| container_state(c) == PartState::Running)
             .map(|c| container_name_of(c))
             .collect();
+        let mut stopped: Vec<&String> = Vec::new();
         for name in &was_running {
-            self.stop(name).await?;
+            if let Err(trouble) = self.stop(name).await {
+                // Put back what this update stopped before it could not go on.
+                let _ = remove_container(&self.docker, new).await;
+                for name in &stopped {
+                    let _ = self.start(name).await;
+                }
+                return Err(trouble);
+            }
+            stopped.push(name);
         }
         match self.start(new).await {
             Ok(()) => {
