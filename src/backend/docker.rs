@@ -886,7 +886,7 @@ impl DockerBackend {
             // Created, not started: a create that fails (a value the engine rejects) has touched
             // nothing that runs.
             self.create(&name, config).await?;
-            self.replace(&name, &old, run, template.start_first())
+            self.replace(&name, &old, run, template.start_first(), part.one_shot)
                 .await?;
             done.push(match (old.is_empty(), run) {
                 (true, true) => format!("created {}", part.id),
@@ -904,27 +904,19 @@ impl DockerBackend {
     }
 
     /// Puts the created container `new` in place of `old`. Start-first starts the new one, then
-    /// removes the old. Stop-first (host ports) stops the old first; if the new one then cannot
-    /// start, it is removed and the old one started again, so a failed update leaves the old
-    /// version running.
+    /// removes the old. Stop-first (host ports) stops the old first. Either way, when there is an
+    /// old version, the new one must start and stay up for a moment ([`Self::stays_up`]) before
+    /// the old one is removed; if it does not, it is removed and the old one keeps (or is started
+    /// again to keep) running, so a failed update leaves the old version running.
     async fn replace(
         &self,
         new: &str,
         old: &[&ContainerSummary],
         run: bool,
         start_first: bool,
+        one_shot: bool,
     ) -> Attempt<()> {
         if !run {
-            for stale in old {
-                self.remove(stale).await?;
-            }
-            return Ok(());
-        }
-        if start_first || old.is_empty() {
-            if let Err(trouble) = self.start(new).await {
-                let _ = remove_container(&self.docker, new).await;
-                return Err(trouble);
-            }
             for stale in old {
                 self.remove(stale).await?;
             }
@@ -936,18 +928,23 @@ impl DockerBackend {
             .map(|c| container_name_of(c))
             .collect();
         let mut stopped: Vec<&String> = Vec::new();
-        for name in &was_running {
-            if let Err(trouble) = self.stop(name).await {
-                // Put back what this update stopped before it could not go on.
-                let _ = remove_container(&self.docker, new).await;
-                for name in &stopped {
-                    let _ = self.start(name).await;
+        if !start_first {
+            for name in &was_running {
+                if let Err(trouble) = self.stop(name).await {
+                    // Put back what this update stopped before it could not go on.
+                    self.roll_back(new, &stopped).await;
+                    return Err(trouble);
                 }
-                return Err(trouble);
+                stopped.push(name);
             }
-            stopped.push(name);
         }
-        match self.start(new).await {
+        let started = match self.start(new).await {
+            // A one-shot is meant to exit; there is nothing to watch.
+            Ok(()) if old.is_empty() || one_shot => Ok(()),
+            Ok(()) => self.stays_up(new).await,
+            Err(trouble) => Err(trouble),
+        };
+        match started {
             Ok(()) => {
                 for stale in old {
                     self.remove(stale).await?;
@@ -955,23 +952,61 @@ impl DockerBackend {
                 Ok(())
             }
             Err(trouble) => {
-                let _ = remove_container(&self.docker, new).await;
-                let mut restarted = Vec::new();
-                for name in &was_running {
-                    if self.start(name).await.is_ok() {
-                        restarted.push(name.clone());
-                    }
-                }
+                let restarted = self.roll_back(new, &stopped).await;
                 let why = match trouble {
                     Trouble::Failed(why) | Trouble::Transient(why) => why,
                 };
-                let note = match restarted.len() {
-                    0 => "; the old container could not be restarted".to_string(),
-                    _ => "; the old container was restarted and keeps running".to_string(),
+                let note = match (old.is_empty(), restarted) {
+                    (true, _) => "",
+                    (false, true) => "; the old container keeps running",
+                    (false, false) => "; the old container could not be restarted",
                 };
                 Err(Trouble::Failed(format!("{why}{note}")))
             }
         }
+    }
+
+    /// Removes the new container of a failed update and starts the old ones it stopped; whether
+    /// they all started.
+    async fn roll_back(&self, new: &str, stopped: &[&String]) -> bool {
+        let _ = remove_container(&self.docker, new).await;
+        let mut all = true;
+        for name in stopped {
+            all &= self.start(name).await.is_ok();
+        }
+        all
+    }
+
+    /// Whether a replacement that has just started keeps running for a few seconds: one that
+    /// exits at once (a bad command, a missing file, a crash on start) must not take the old
+    /// version's place. Bounded, so it never holds a pass for long.
+    async fn stays_up(&self, name: &str) -> Attempt<()> {
+        const WATCH: Duration = Duration::from_secs(3);
+        let started = Instant::now();
+        while started.elapsed() < WATCH {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let inspected = self
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| self.trouble(&format!("cannot inspect {name}"), e))?;
+            let restarts = inspected.restart_count.unwrap_or(0);
+            let running = inspected
+                .state
+                .as_ref()
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if !running || restarts > 0 {
+                let why = self
+                    .explain(name)
+                    .await
+                    .map_or_else(|| "it stopped".to_string(), |(detail, _)| detail);
+                return Err(Trouble::Failed(format!(
+                    "the new container {name} did not stay up: {why}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Removes everything this instance made for the challenge: containers, network, built images.
