@@ -692,3 +692,63 @@ fn regression_8_3_an_update_that_crashes_on_start_keeps_the_old_version() {
     assert_eq!(instance.containers("web").len(), 1);
     assert!(serves(port), "the old version serves");
 }
+
+/// Attack 2, secrets: a secret file removed from a running challenge (rotated away, a typo in a
+/// deploy script) was not seen at all: `seal` left the part's digests unknown, unknown digests are
+/// not compared, so `plan` said `noop` with exit 0 and `apply` succeeded while the challenge could
+/// no longer be made again. It must be a change whose apply fails naming the file, never a
+/// value, and the running container must be kept.
+#[test]
+fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, "flag{kept-secret}").unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "vault.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+            flag.display()
+        ),
+    );
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let before = instance.containers("vault");
+
+    std::fs::remove_file(&flag).unwrap();
+    let plan = instance.berth("plan", &repo, &[]);
+    let planned = text(&plan);
+    assert_eq!(plan.status.code(), Some(2), "{planned}");
+    assert!(
+        planned.contains(&format!(
+            "secret FLAG: cannot read secret file {}",
+            flag.display()
+        )),
+        "{planned}"
+    );
+    for attempt in [&[][..], &["--prune"][..]] {
+        let mut args = vec!["--wait", "0s"];
+        args.extend(attempt);
+        let output = instance.berth("apply", &repo, &args);
+        let said = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{said}");
+        assert!(
+            said.contains(&format!(
+                "failed: Challenge/vault: secret FLAG: cannot read secret file {}",
+                flag.display()
+            )),
+            "{said}"
+        );
+        assert!(!said.contains("kept-secret"), "{said}");
+        assert_eq!(
+            instance.containers("vault"),
+            before,
+            "the running container is kept"
+        );
+    }
+
+    std::fs::write(&flag, "flag{kept-secret}").unwrap();
+    let plan = instance.berth("plan", &repo, &[]);
+    assert_eq!(plan.status.code(), Some(0), "settled: {}", text(&plan));
+}
