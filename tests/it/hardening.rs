@@ -752,3 +752,36 @@ fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container
     let plan = instance.berth("plan", &repo, &[]);
     assert_eq!(plan.status.code(), Some(0), "settled: {}", text(&plan));
 }
+
+/// Attack 2, `dependsOn`: a dependency whose step fails skips its dependents, but a dependency
+/// that needs no change and is unhealthy (a seed job that exited with code 3, a crash-looping
+/// database) did not hold anything back: its dependents were applied as if it were ready. A
+/// dependency that is not ready holds back its dependents, the same in either case.
+#[test]
+fn attack2_a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependents() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("seed.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: seed}\nspec:\n  image: busybox:latest\n  restart: \"no\"\n  command: [sh, -c, \"echo cannot seed; exit 3\"]\n");
+    let output = instance.berth("apply", &repo, &["--wait", "3s"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    repo.write("app.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: app, dependsOn: [Challenge/seed]}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n");
+    let plan = instance.berth("plan", &repo, &[]);
+    assert!(
+        stdout(&plan).contains("Challenge/seed  noop    main-1 is Degraded: exited with code 3"),
+        "{}",
+        text(&plan)
+    );
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("failed: Challenge/app: dependency Challenge/seed is unhealthy"),
+        "{said}"
+    );
+    assert!(instance.containers("app").is_empty(), "{said}");
+
+    repo.write("seed.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: seed}\nspec:\n  image: busybox:latest\n  restart: \"no\"\n  command: [sh, -c, \"echo seeded\"]\n");
+    let output = instance.berth("apply", &repo, &["--wait", "5s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(instance.containers("app").len(), 1);
+}
