@@ -785,3 +785,28 @@ fn attack2_a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependent
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     assert_eq!(instance.containers("app").len(), 1);
 }
+
+/// Attack 2, labels: a descriptor's `metadata.labels` were merged under berth's own, so
+/// `berth.instance` or `berth.spec-hash` were overwritten silently, but a `berth.*` label berth
+/// sets only sometimes was taken as berth's: `berth.secret-digests` on a challenge without
+/// secrets made every update see its unchanged containers as old ones of the same name, and each
+/// apply then removed one of the challenge's containers (main-1, then the sidecar, in turn) while
+/// saying "done". Labels starting with `berth.` are refused, each at its key.
+#[test]
+fn attack2_descriptor_labels_cannot_use_berths_own_label_keys() {
+    let repo = Repo::new();
+    repo.write("forged.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata:\n  name: forged\n  labels:\n    track: web\n    berth.instance: someone-else\n    berth.secret-digests: \"{}\"\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - {name: db, image: \"busybox:latest\", command: [sleep, \"3600\"]}\n");
+    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("forged.yaml:7:5: Challenge/forged: metadata.labels.berth.instance: labels starting with \"berth.\" are berth's own"), "{said}");
+    assert!(
+        said.contains("forged.yaml:8:5: Challenge/forged: metadata.labels.berth.secret-digests:"),
+        "{said}"
+    );
+    assert!(!said.contains("track"), "{said}");
+    let Some(instance) = engine() else { return };
+    let output = instance.berth("apply", &repo, &["--wait", "0s"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(instance.containers("forged").is_empty());
+}
