@@ -68,13 +68,16 @@ pub struct StepReport {
     pub elapsed: Duration,
 }
 
-/// Why a step cannot start, from the plan alone: a dependency that the plan holds back.
+/// Why a step cannot start, from the plan alone: a dependency that the plan holds back, or one
+/// that needs no change but is not healthy.
 fn held_dependency(step: &Step, actions: &HashMap<&ObjectRef, &Step>) -> Option<String> {
     step.dependencies.iter().find_map(|dependency| {
         let held = actions.get(dependency)?;
         let why = match held.action {
             Action::Skip => "was skipped",
             Action::Wait => "is waiting",
+            // Not ready, as a dependency must be: the same as a dependency whose step failed.
+            Action::Noop if held.unhealthy => "is unhealthy",
             _ => return None,
         };
         Some(format!("dependency {dependency} {why}"))

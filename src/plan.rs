@@ -53,6 +53,7 @@ pub struct Part {
     pub spec: std::sync::Arc<Value>,
     /// Keyed digests of the part's secret values, by secret name; `None` where they cannot be
     /// known (a plan against committed status has no secrets), and then they are not compared.
+    /// A secret that cannot be read has [`UNREADABLE`] and the reason in place of a digest.
     pub secrets: Option<BTreeMap<String, String>>,
     /// Whether the part runs once and exits (`restart: no`): an exited one-shot is done, not stopped.
     pub one_shot: bool,
@@ -267,6 +268,12 @@ pub struct Policy {
     pub prune: bool,
 }
 
+/// Starts what stands in a desired part's secret digests for a secret that cannot be read (its
+/// file removed, its variable unset), followed by the reason (which names the file or variable,
+/// never a value). It differs from every digest, so the part is planned as an update, whose apply
+/// fails with the reason before the running container is touched.
+pub const UNREADABLE: &str = "unreadable: ";
+
 /// The pure diff of desired and observed state.
 pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Policy) -> Plan {
     let observed_by_key: BTreeMap<&ObjectRef, &ObservedObject> =
@@ -349,7 +356,11 @@ fn compare(desired: &DesiredObject, observed: Option<&ObservedObject>) -> (Actio
                 }
                 let prefix = part_prefix(&part.id);
                 for name in secrets_changed(part, old) {
-                    changed.push(format!("{prefix}secret {name} changed"));
+                    let wanted = part.secrets.as_ref().and_then(|s| s.get(name));
+                    match wanted.and_then(|d| d.strip_prefix(UNREADABLE)) {
+                        Some(why) => changed.push(format!("{prefix}{why}")),
+                        None => changed.push(format!("{prefix}secret {name} changed")),
+                    }
                 }
             }
         }

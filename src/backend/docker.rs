@@ -42,7 +42,8 @@ use crate::descriptor::model::{ChallengeSpec, ImageSource, RestartPolicy, RunSta
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
-    DesiredObject, Health, ObservedObject, ObservedPart, Part, PartState, TargetState, Vocabulary,
+    DesiredObject, Health, ObservedObject, ObservedPart, Part, PartState, TargetState, UNREADABLE,
+    Vocabulary,
 };
 
 /// The kinds this backend serves.
@@ -604,7 +605,21 @@ impl DockerBackend {
         for part in &mut object.parts {
             let secrets = template.secrets_of(&part.id);
             part.secrets = match &key {
-                Some(key) => secret_digests(key, secrets).ok(),
+                // A secret that cannot be read (its file removed, its variable unset) must not
+                // pass as unchanged: its digest says why, so the plan shows an update that fails
+                // with the reason and leaves the running container as it is.
+                Some(key) => Some(
+                    secrets
+                        .iter()
+                        .map(|(name, reference)| {
+                            let digest = match reference.resolve() {
+                                Ok(value) => secret_digest(key, name, &value),
+                                Err(why) => format!("{UNREADABLE}secret {name}: {why}"),
+                            };
+                            (name.clone(), digest)
+                        })
+                        .collect(),
+                ),
                 // The key is gone (`docker container prune` removes never-run containers), so no
                 // digest can be checked: unknown ones differ from any a container carries, and
                 // the part is replaced with the current values rather than called unchanged.
@@ -1601,17 +1616,6 @@ fn resolve_secrets(
                 .map_err(|e| format!("secret {name}: {e}"))
         })
         .collect()
-}
-
-/// Keyed digests of a slot's secret values, by name.
-fn secret_digests(
-    key: &[u8],
-    secrets: &BTreeMap<String, SecretRef>,
-) -> Result<BTreeMap<String, String>, String> {
-    Ok(resolve_secrets(secrets)?
-        .iter()
-        .map(|(name, value)| (name.clone(), secret_digest(key, name, value)))
-        .collect())
 }
 
 fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {

@@ -38,7 +38,8 @@ pub const API_VERSION: &str = "berth/v1";
 pub struct Metadata {
     /// Unique name among descriptors of the same kind (a DNS-1123 label).
     pub name: Name,
-    /// Free-form labels, copied onto everything berth creates for this descriptor.
+    /// Free-form labels, copied onto everything berth creates for this descriptor. Keys starting
+    /// with `berth.` are berth's own and refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Descriptors (as `Kind/name`) that must be ready before this one is applied.

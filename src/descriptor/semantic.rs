@@ -37,6 +37,20 @@ pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Viol
         }
         Spec::Staging(spec) => check_staging(root, spec, &mut found),
     }
+    // berth's own labels (ownership, slot, spec, secret digests) are set by berth alone: a
+    // descriptor's value was either overwritten silently or, where berth sets none, taken as
+    // berth's (a forged `berth.secret-digests` made every converge replace the container).
+    for key in descriptor.metadata.labels.keys() {
+        if key.starts_with("berth.") {
+            found.push(Violation {
+                pointer: format!("/metadata/labels/{}", super::yaml::escaped(key)),
+                at_key: true,
+                message: format!(
+                    "metadata.labels.{key}: labels starting with \"berth.\" are berth's own; choose another key"
+                ),
+            });
+        }
+    }
     found
 }
 
