@@ -72,7 +72,7 @@ pub async fn plan(
         Observer::Engines(engines) => {
             engines.seal(&mut desired).await?;
             let mut observed = engines.observe().await?;
-            engines.diagnose(&mut observed, &desired, false).await;
+            engines.diagnose(&mut observed, &desired).await;
             observed
         }
         Observer::Status(status) => status.observed(),
@@ -185,9 +185,7 @@ async fn apply_locked(
     )
     .await;
     let mut observed = engines.observe().await?;
-    engines
-        .diagnose(&mut observed, &planned.desired, true)
-        .await;
+    engines.diagnose(&mut observed, &planned.desired).await;
     Ok(Applied {
         planned,
         reports,
@@ -254,7 +252,7 @@ pub async fn settle(
         }
     }
     engines
-        .diagnose(&mut applied.observed, &applied.planned.desired, true)
+        .diagnose(&mut applied.observed, &applied.planned.desired)
         .await;
     let mut unwell = unhealthy(&applied.planned, &applied.observed, true);
     for report in applied.reports.iter_mut() {

@@ -138,9 +138,15 @@ pub fn desired_object(
     if !descriptor.metadata.labels.is_empty() {
         main_object.insert("labels".into(), json!(descriptor.metadata.labels));
     }
+    let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
+    if one_shot {
+        // The engine cannot tell a one-shot berth stopped from one that finished, so a one-shot's
+        // state is part of its template: switching it makes a new container (run, or only made),
+        // never a restart of an exited one.
+        main_object.insert("state".into(), json!(spec.state));
+    }
     let main_hash = short_hash(&main);
     let main = std::sync::Arc::new(main);
-    let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
     let mut parts: Vec<Part> = (1..=spec.replicas)
         .map(|replica| Part {
             id: format!("main-{replica}"),
@@ -426,22 +432,18 @@ impl DockerBackend {
     }
 
     /// Fills in, for each container of `wanted` (objects meant to run) that is Degraded, its exit
-    /// code and the last lines of its log. With `settling`, Progressing containers are looked at
-    /// too: one the engine has restarted is in a crash loop, and so Degraded. Only those
-    /// containers are inspected, a few at once, so a quiet pass costs no more than its list call.
-    pub async fn diagnose(
-        &self,
-        observed: &mut [ObservedObject],
-        wanted: &HashSet<&ObjectRef>,
-        settling: bool,
-    ) {
+    /// code and the last lines of its log. Progressing ones (just started) are inspected too: one
+    /// the engine has restarted is in a crash loop, and so Degraded. Only those containers are
+    /// inspected, a few at once, and logs are read only for the unwell, so a quiet pass costs no
+    /// more than its list call.
+    pub async fn diagnose(&self, observed: &mut [ObservedObject], wanted: &HashSet<&ObjectRef>) {
         let suspects: Vec<&mut ObservedPart> = observed
             .iter_mut()
             .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
             .flat_map(|o| o.parts.iter_mut())
             .filter(|p| match p.health {
                 Health::Degraded => true,
-                Health::Progressing => settling,
+                Health::Progressing => true,
                 _ => false,
             })
             .collect();
@@ -481,6 +483,12 @@ impl DockerBackend {
         let mut detail = Vec::new();
         let running = state.running.unwrap_or(false);
         let restarts = inspected.restart_count.unwrap_or(0);
+        let failing_check = state.health.as_ref().and_then(|h| h.status)
+            == Some(bollard::models::HealthStatusEnum::UNHEALTHY);
+        if running && restarts == 0 && state.restarting != Some(true) && !failing_check {
+            // Just started and nothing wrong yet: one inspect, and no log read.
+            return None;
+        }
         match state.exit_code {
             // Running again after a restart: the engine has reset the exit code to 0 by now.
             Some(_) if restarts > 0 && running && state.restarting != Some(true) => {

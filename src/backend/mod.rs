@@ -173,15 +173,10 @@ impl Backend {
     }
 
     /// Fills in why each unhealthy part of `wanted` objects is unhealthy (exit code, last log
-    /// lines); with `settling`, also finds crash loops among parts still starting.
-    async fn diagnose(
-        &self,
-        observed: &mut [ObservedObject],
-        wanted: &HashSet<&ObjectRef>,
-        settling: bool,
-    ) {
+    /// lines), and finds crash loops among parts still starting.
+    async fn diagnose(&self, observed: &mut [ObservedObject], wanted: &HashSet<&ObjectRef>) {
         match self {
-            Backend::Docker(docker) => docker.diagnose(observed, wanted, settling).await,
+            Backend::Docker(docker) => docker.diagnose(observed, wanted).await,
         }
     }
 
@@ -295,15 +290,9 @@ impl Engines {
     }
 
     /// Explains, in the engine's words, each unhealthy part of the objects `desired` means to run
-    /// (a stopped challenge's exited containers are as they should be). With `settling`, parts
-    /// still starting are looked at too, to find crash loops; that costs an inspect each, so only
-    /// passes that just applied or wait for health ask for it.
-    pub async fn diagnose(
-        &self,
-        observed: &mut [ObservedObject],
-        desired: &Desired,
-        settling: bool,
-    ) {
+    /// (a stopped challenge's exited containers are as they should be), and finds crash loops
+    /// among parts still starting.
+    pub async fn diagnose(&self, observed: &mut [ObservedObject], desired: &Desired) {
         let wanted: HashSet<&ObjectRef> = desired
             .objects
             .iter()
@@ -311,7 +300,7 @@ impl Engines {
             .map(|o| &o.key)
             .collect();
         for backend in &self.backends {
-            backend.diagnose(observed, &wanted, settling).await;
+            backend.diagnose(observed, &wanted).await;
         }
     }
 

@@ -815,10 +815,9 @@ fn attack2_descriptor_labels_cannot_use_berths_own_label_keys() {
 /// run once) and is set to `state: stopped` is stopped by berth, and then looks exactly like a
 /// one-shot that completed: set back to `state: running`, the plan says `noop` (healthy when it
 /// exited 0 on SIGTERM, "Degraded: exited with code 137" when it was killed) and no apply starts
-/// it again. Not fixed: the engine does not say whether a container exited by itself or was
-/// stopped, so berth would need to record that it stopped it (or recreate, not stop, one-shots).
+/// it again. The engine does not say whether a container exited by itself or was
+/// stopped, so a one-shot's state is part of its template: switching it recreates the container.
 #[test]
-#[ignore = "open: a one-shot berth stopped is taken for a completed one and never started again"]
 fn attack2_a_one_shot_stopped_by_berth_starts_again_when_set_running() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
