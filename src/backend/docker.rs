@@ -441,11 +441,7 @@ impl DockerBackend {
             .iter_mut()
             .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
             .flat_map(|o| o.parts.iter_mut())
-            .filter(|p| match p.health {
-                Health::Degraded => true,
-                Health::Progressing => true,
-                _ => false,
-            })
+            .filter(|p| matches!(p.health, Health::Degraded | Health::Progressing))
             .collect();
         let explained: Vec<(&mut ObservedPart, Option<(String, bool)>)> =
             futures_util::stream::iter(suspects)

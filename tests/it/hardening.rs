@@ -29,6 +29,33 @@ fn networks_named(instance: &Instance, challenge: &str) -> usize {
     .count()
 }
 
+/// Makes a second network named as the challenge's own, with berth's labels, as two unlocked
+/// applies used to; the CLI checks for duplicates, the engine's API does not unless asked.
+/// Returns its id.
+fn duplicate_network(instance: &Instance, challenge: &str) -> String {
+    let name = format!("berth-{}-{challenge}", instance.name);
+    let request = format!(
+        r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"{challenge}"}}}}"#,
+        instance.name
+    );
+    let created = Command::new("curl")
+        .args([
+            "-sf",
+            "--unix-socket",
+            "/var/run/docker.sock",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &request,
+            "http://localhost/networks/create",
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", text(&created));
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    created["Id"].as_str().unwrap().to_string()
+}
+
 fn spawn_apply(instance: &Instance, repo: &Repo) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_berth"))
         .args([
@@ -105,26 +132,7 @@ fn regression_8_2_two_applies_at_once_converge_with_one_network_each() {
     );
 
     // A duplicate made behind berth's back, as two unlocked applies used to make.
-    let name = format!("berth-{}-c0", instance.name);
-    // The CLI checks for duplicates; the engine's API does not unless asked.
-    let request = format!(
-        r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"c0"}}}}"#,
-        instance.name
-    );
-    let created = Command::new("curl")
-        .args([
-            "-sf",
-            "--unix-socket",
-            "/var/run/docker.sock",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &request,
-            "http://localhost/networks/create",
-        ])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", text(&created));
+    duplicate_network(&instance, "c0");
     assert_eq!(networks_named(&instance, "c0"), 2);
     let plan = instance.berth("plan", &repo, &[]);
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
@@ -580,27 +588,8 @@ fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
     repo.write("c0.yaml", with_sidecar("c0"));
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    let name = format!("berth-{}-c0", instance.name);
-    let request = format!(
-        r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"c0"}}}}"#,
-        instance.name
-    );
-    let created = Command::new("curl")
-        .args([
-            "-sf",
-            "--unix-socket",
-            "/var/run/docker.sock",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &request,
-            "http://localhost/networks/create",
-        ])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", text(&created));
-    let duplicate: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
-    let duplicate = duplicate["Id"].as_str().unwrap();
+    let duplicate = duplicate_network(&instance, "c0");
+    let duplicate = duplicate.as_str();
     // Someone's debugging container, not berth's, joins the duplicate.
     let foreign = format!("atk-foreign-{}", instance.name);
     docker(&[
