@@ -395,26 +395,53 @@ impl CronExpr {
 impl FromStr for CronExpr {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        use croner::parser::{CronParser, Seconds, Year};
-        let fields = text.split_whitespace().count();
-        if !text.trim_start().starts_with('@') && fields != 5 {
-            return Err(format!(
-                "\"{text}\" is not a cron expression: it has {fields} fields, expected 5 (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
-            ));
+        // A schedule is parsed twice per document (the schema's format check, then the typed
+        // model), and repos repeat schedules: remember the last few, since parsing one fills
+        // croner's bit sets and was a tenth of `validate`'s time.
+        const REMEMBERED: usize = 8;
+        thread_local! {
+            static RECENT: std::cell::RefCell<Vec<(String, Result<CronExpr, String>)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
         }
-        let parser = CronParser::builder()
-            .seconds(Seconds::Disallowed)
-            .year(Year::Disallowed)
-            .build();
-        match parser.parse(text) {
-            Ok(schedule) => Ok(CronExpr {
-                text: text.to_string(),
-                schedule,
-            }),
-            Err(error) => Err(format!(
-                "\"{text}\" is not a cron expression ({error}); expected 5 fields (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
-            )),
+        if let Some(known) = RECENT.with_borrow(|recent| {
+            recent
+                .iter()
+                .find(|(seen, _)| seen == text)
+                .map(|(_, parsed)| parsed.clone())
+        }) {
+            return known;
         }
+        let parsed = parse_cron(text);
+        RECENT.with_borrow_mut(|recent| {
+            if recent.len() == REMEMBERED {
+                drop(recent.remove(0));
+            }
+            recent.push((text.to_string(), parsed.clone()));
+        });
+        parsed
+    }
+}
+
+fn parse_cron(text: &str) -> Result<CronExpr, String> {
+    use croner::parser::{CronParser, Seconds, Year};
+    let fields = text.split_whitespace().count();
+    if !text.trim_start().starts_with('@') && fields != 5 {
+        return Err(format!(
+            "\"{text}\" is not a cron expression: it has {fields} fields, expected 5 (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
+        ));
+    }
+    let parser = CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .build();
+    match parser.parse(text) {
+        Ok(schedule) => Ok(CronExpr {
+            text: text.to_string(),
+            schedule,
+        }),
+        Err(error) => Err(format!(
+            "\"{text}\" is not a cron expression ({error}); expected 5 fields (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
+        )),
     }
 }
 
