@@ -56,6 +56,14 @@ fn duplicate_network(instance: &Instance, challenge: &str) -> String {
     created["Id"].as_str().unwrap().to_string()
 }
 
+/// A challenge `vault` whose `FLAG` comes from the file `flag`.
+fn vault(flag: &std::path::Path) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+        flag.display()
+    )
+}
+
 fn spawn_apply(instance: &Instance, repo: &Repo) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_berth"))
         .args([
@@ -284,11 +292,7 @@ fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
     let flag = secrets.path().join("flag");
     std::fs::write(&flag, "flag{first}\n").unwrap();
     let repo = Repo::new();
-    let descriptor = format!(
-        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
-        flag.display()
-    );
-    repo.write("vault.yaml", &descriptor);
+    repo.write("vault.yaml", vault(&flag));
     assert_eq!(
         instance
             .berth("apply", &repo, &["--wait", "0s"])
@@ -628,13 +632,7 @@ fn attack_a_rotated_secret_is_applied_after_the_digest_key_was_pruned() {
     let flag = secrets.path().join("flag");
     std::fs::write(&flag, "flag{before-prune}").unwrap();
     let repo = Repo::new();
-    repo.write(
-        "vault.yaml",
-        format!(
-            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
-            flag.display()
-        ),
-    );
+    repo.write("vault.yaml", vault(&flag));
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     docker(&["rm", "-f", &format!("berth-{}-key", instance.name)]);
@@ -694,13 +692,7 @@ fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container
     let flag = secrets.path().join("flag");
     std::fs::write(&flag, "flag{kept-secret}").unwrap();
     let repo = Repo::new();
-    repo.write(
-        "vault.yaml",
-        format!(
-            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
-            flag.display()
-        ),
-    );
+    repo.write("vault.yaml", vault(&flag));
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let before = instance.containers("vault");
