@@ -932,3 +932,74 @@ fn regression_8_9_a_deleted_branch_is_visible_and_what_runs_is_kept() {
         "what runs is kept"
     );
 }
+
+/// Makes a file immutable (even to root) until dropped, so a checkout over it fails as a broken
+/// disk or clone would.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: PathBuf) -> Immutable {
+        let status = Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chattr +i {}", path.display());
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Issue 9, item 4: a checkout that cannot be written is reported as such (`broken`, with what
+/// to do), what runs is left alone, and it is not retried as a network error would be; once the
+/// disk is fixed, the next trigger applies.
+#[test]
+fn a_checkout_that_cannot_be_written_is_broken_not_retried_and_what_runs_stays() {
+    let Some(instance) = engine() else { return };
+    let port = free_port();
+    let (origin, daemon, first) = served_web(port);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first revision applied", || applied(&origin, &first));
+    // Settled, so no requeued check is pending to start a pass of its own.
+    agent.wait_for("the container healthy in status", || {
+        origin
+            .show("berth-status:status/challenge/web.yaml")
+            .is_some_and(|s| s.contains("health: Healthy"))
+    });
+    let running = container_ids(&instance, "web");
+
+    let file = agent.dir.path().join("state/repo/challenges/web.yaml");
+    let guard = Immutable::set(file);
+    let second = origin.commit(
+        &[(
+            "challenges/web.yaml",
+            Some(&web("web", port, "  env: {STEP: \"2\"}\n")),
+        )],
+        "Step",
+    );
+    agent.reconcile();
+    agent.wait_for("the broken checkout recorded", || {
+        origin
+            .show("berth-status:status/agent.yaml")
+            .is_some_and(|s| s.contains("result: broken"))
+    });
+    let status = origin.show("berth-status:status/agent.yaml").unwrap();
+    assert!(status.contains("cannot be read"), "{status}");
+    assert!(status.contains("clone afresh"), "{status}");
+    let (code, body) = agent.request("GET", "/readyz", &[], b"");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(container_ids(&instance, "web"), running, "what runs stays");
+    // No backoff retries: the count of broken passes stays at one while nothing else happens.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(agent.passes("broken"), 1);
+
+    drop(guard);
+    agent.reconcile();
+    agent.wait_for("the fix applied", || applied(&origin, &second));
+    assert_ne!(container_ids(&instance, "web"), running);
+}
