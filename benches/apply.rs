@@ -85,7 +85,7 @@ async fn berth_apply(dir: &Path, instance: &str) -> Duration {
         lock_wait: Duration::from_secs(60),
         policy: Policy::default(),
     };
-    let desired = reconcile::desired(&loaded, instance);
+    let desired = reconcile::desired(&loaded);
     let applied = reconcile::apply(desired, &engines, &loaded.root, &options, |_| {})
         .await
         .unwrap();

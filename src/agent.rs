@@ -416,7 +416,7 @@ impl Agent {
             ));
             return Ok(None);
         }
-        let desired = reconcile::desired(&loaded, &self.config.instance.to_string());
+        let desired = reconcile::desired(&loaded);
         // Only the translated form is kept: the typed descriptors are not needed between passes.
         Ok(Some(Current {
             revision: revision.to_string(),

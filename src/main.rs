@@ -334,7 +334,7 @@ fn plan_against_status(
         );
         return ExitCode::from(1);
     }
-    let desired = reconcile::desired(&loaded, &flags.instance);
+    let desired = reconcile::desired(&loaded);
     let policy = Policy { prune: flags.prune };
     run_async(async {
         match reconcile::plan(desired, Observer::Status(&status), policy).await {
@@ -398,7 +398,7 @@ async fn plan(
         Ok(ready) => ready,
         Err(code) => return code,
     };
-    let desired = reconcile::desired(&loaded, &flags.instance);
+    let desired = reconcile::desired(&loaded);
     let policy = Policy { prune: flags.prune };
     match reconcile::plan(desired, Observer::Engines(&engines), policy).await {
         Ok(planned) => print_plan(&planned.plan, format),
@@ -417,7 +417,7 @@ async fn apply(
         Ok(ready) => ready,
         Err(code) => return code,
     };
-    let desired = reconcile::desired(&loaded, &flags.instance);
+    let desired = reconcile::desired(&loaded);
     let width = desired
         .objects
         .iter()

@@ -138,6 +138,16 @@ pub struct ObservedPart {
     pub detail: Option<String>,
 }
 
+impl ObservedPart {
+    /// `main-1 is Degraded: exited with code 1; …`, as plans, apply and status say it.
+    pub fn condition(&self) -> String {
+        match &self.detail {
+            Some(detail) => format!("{} is {:?}: {detail}", self.id, self.health),
+            None => format!("{} is {:?}", self.id, self.health),
+        }
+    }
+}
+
 /// What the engine runs for one object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObservedObject {
@@ -412,10 +422,7 @@ fn unwell(target: TargetState, observed: &ObservedObject) -> Vec<String> {
         .parts
         .iter()
         .filter(|p| matches!(p.health, Health::Degraded | Health::Missing))
-        .map(|p| match &p.detail {
-            Some(detail) => format!("{} is {:?}: {detail}", p.id, p.health),
-            None => format!("{} is {:?}", p.id, p.health),
-        })
+        .map(ObservedPart::condition)
         .collect()
 }
 

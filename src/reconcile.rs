@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use crate::apply::{Outcome, StepReport, execute};
 use crate::backend::{self, Desired, EngineError, Engines, Ownership};
 use crate::descriptor::{self, LoadError, LoadOptions, Loaded, ObjectRef, Problem};
-use crate::plan::{self, Action, Health, Hold, ObservedObject, Plan, Policy, TargetState};
+use crate::plan::{
+    self, Action, Health, Hold, ObservedObject, ObservedPart, Plan, Policy, TargetState,
+};
 use crate::status::StatusSet;
 
 /// Why a pass stopped before applying anything.
@@ -77,7 +79,7 @@ pub async fn plan(
         }
         Observer::Status(status) => status.observed(),
     };
-    resolve(&mut desired, &observed);
+    resolve(&mut desired);
     let plan = plan::diff(&desired.objects, &observed, policy);
     Ok(Planned {
         desired,
@@ -89,7 +91,7 @@ pub async fn plan(
 /// Stage 3, resolve: fills in references between descriptors. An object that uses the image of a
 /// Pipeline waits, with that reason, until the Pipeline has produced one. Pipelines have no
 /// backend yet, so nothing is produced: every such object waits.
-pub fn resolve(desired: &mut Desired, _observed: &[ObservedObject]) {
+pub fn resolve(desired: &mut Desired) {
     for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
         if let Some(pipeline) = desired.pipeline_references.get(&object.key) {
             object.hold = Some(Hold::Wait(format!(
@@ -219,10 +221,7 @@ pub fn unhealthy(
                 Health::Progressing => progressing,
                 _ => true,
             })
-            .map(|p| match &p.detail {
-                Some(detail) => format!("{} is {:?}: {detail}", p.id, p.health),
-                None => format!("{} is {:?}", p.id, p.health),
-            })
+            .map(ObservedPart::condition)
             .collect();
         if !parts.is_empty() {
             unwell.insert(object.key.clone(), parts.join(", "));
@@ -272,8 +271,8 @@ pub async fn connect(instance: &str) -> Result<Engines, EngineError> {
     Engines::connect(&Ownership::new(instance)).await
 }
 
-/// Stage 1 and the pure part of the rest, for drivers that keep the loaded revision: the desired
-/// state of `loaded` for `instance`.
-pub fn desired(loaded: &Loaded, instance: &str) -> Desired {
-    backend::desired(&loaded.descriptors, &Ownership::new(instance))
+/// What a loaded revision asks for, as the pass plans it. Pure: no engine, so a pull request's
+/// plan against committed status can make it too.
+pub fn desired(loaded: &Loaded) -> Desired {
+    backend::desired(&loaded.descriptors)
 }

@@ -611,10 +611,7 @@ fn unwell_parts(observed: Option<&ObservedObject>, health: Health) -> Option<Str
         .parts
         .iter()
         .filter(|p| p.health == Health::Degraded)
-        .map(|p| match &p.detail {
-            Some(detail) => format!("{} is Degraded: {detail}", p.id),
-            None => format!("{} is Degraded", p.id),
-        })
+        .map(ObservedPart::condition)
         .collect();
     (!parts.is_empty()).then(|| parts.join(", "))
 }

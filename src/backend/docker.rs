@@ -114,10 +114,7 @@ fn short_hash(value: &Value) -> String {
 
 /// Translates a Challenge into its desired object and the template to build it. Pure: no engine,
 /// no file system (build digests come from the loader). `None` for other kinds.
-pub fn desired_object(
-    descriptor: &Descriptor,
-    _ownership: &Ownership,
-) -> Option<(DesiredObject, ChallengeTemplate)> {
+pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, ChallengeTemplate)> {
     let Spec::Challenge(spec) = &descriptor.spec else {
         return None;
     };
@@ -861,9 +858,9 @@ impl DockerBackend {
                     self.remove(stale).await?;
                 }
                 let name = container_name_of(container);
-                let completed = part.one_shot && container_state(container) == PartState::Completed;
+                // An exited one-shot is `Completed`, not `Stopped`: it is done, not started again.
                 match (run, container_state(container)) {
-                    (true, PartState::Stopped) if !completed => {
+                    (true, PartState::Stopped) => {
                         self.start(&name).await?;
                         done.push(format!("started {}", part.id));
                     }

@@ -199,7 +199,7 @@ impl Backend {
 
 /// Translates descriptors into desired state: each routed to the backend of its kind, the rest
 /// planned as `skip` with the reason. Pure: no engine, no file system.
-pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
+pub fn desired(descriptors: &[Descriptor]) -> Desired {
     let mut desired = Desired::default();
     let mut templates = HashMap::new();
     for descriptor in descriptors {
@@ -222,7 +222,7 @@ pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
             });
             continue;
         }
-        if let Some((object, template)) = docker::desired_object(descriptor, ownership) {
+        if let Some((object, template)) = docker::desired_object(descriptor) {
             templates.insert(key, Template::Challenge(Box::new(template)));
             desired.objects.push(object);
         }
@@ -234,7 +234,6 @@ pub fn desired(descriptors: &[Descriptor], ownership: &Ownership) -> Desired {
 /// The engines one pass works with: every backend this berth has, routed by kind.
 #[derive(Clone)]
 pub struct Engines {
-    ownership: Ownership,
     backends: Vec<Backend>,
 }
 
@@ -261,14 +260,8 @@ impl Engines {
     pub async fn connect(ownership: &Ownership) -> Result<Engines, EngineError> {
         let docker = docker::DockerBackend::connect(ownership).await?;
         Ok(Engines {
-            ownership: ownership.clone(),
             backends: vec![Backend::Docker(docker)],
         })
-    }
-
-    /// Who this berth acts for.
-    pub fn ownership(&self) -> &Ownership {
-        &self.ownership
     }
 
     /// What this instance runs, on every engine, sorted by object.

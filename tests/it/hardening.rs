@@ -56,12 +56,21 @@ fn duplicate_network(instance: &Instance, challenge: &str) -> String {
     created["Id"].as_str().unwrap().to_string()
 }
 
-/// A challenge `vault` whose `FLAG` comes from the file `flag`.
-fn vault(flag: &std::path::Path) -> String {
-    format!(
-        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
-        flag.display()
-    )
+/// A repo with the challenge `vault`, whose `FLAG` is read from a file holding `value`; the
+/// file's folder (removed on drop) and the file's path come with it.
+fn vault_repo(value: &str) -> (tempfile::TempDir, std::path::PathBuf, Repo) {
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, value).unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "vault.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  secretEnv:\n    FLAG: {{file: {}}}\n",
+            flag.display()
+        ),
+    );
+    (secrets, flag, repo)
 }
 
 fn spawn_apply(instance: &Instance, repo: &Repo) -> std::process::Child {
@@ -288,11 +297,7 @@ fn regression_8_7_crash_loops_show_exit_code_and_log_and_one_shots_are_done() {
 #[test]
 fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
     let Some(instance) = engine() else { return };
-    let secrets = tempfile::tempdir().unwrap();
-    let flag = secrets.path().join("flag");
-    std::fs::write(&flag, "flag{first}\n").unwrap();
-    let repo = Repo::new();
-    repo.write("vault.yaml", vault(&flag));
+    let (_secrets, flag, repo) = vault_repo("flag{first}\n");
     assert_eq!(
         instance
             .berth("apply", &repo, &["--wait", "0s"])
@@ -628,11 +633,7 @@ fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
 #[test]
 fn attack_a_rotated_secret_is_applied_after_the_digest_key_was_pruned() {
     let Some(instance) = engine() else { return };
-    let secrets = tempfile::tempdir().unwrap();
-    let flag = secrets.path().join("flag");
-    std::fs::write(&flag, "flag{before-prune}").unwrap();
-    let repo = Repo::new();
-    repo.write("vault.yaml", vault(&flag));
+    let (_secrets, flag, repo) = vault_repo("flag{before-prune}");
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     docker(&["rm", "-f", &format!("berth-{}-key", instance.name)]);
@@ -688,11 +689,7 @@ fn regression_8_3_an_update_that_crashes_on_start_keeps_the_old_version() {
 #[test]
 fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container() {
     let Some(instance) = engine() else { return };
-    let secrets = tempfile::tempdir().unwrap();
-    let flag = secrets.path().join("flag");
-    std::fs::write(&flag, "flag{kept-secret}").unwrap();
-    let repo = Repo::new();
-    repo.write("vault.yaml", vault(&flag));
+    let (_secrets, flag, repo) = vault_repo("flag{kept-secret}");
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     let before = instance.containers("vault");
