@@ -318,7 +318,9 @@ fn main() {
         .build()
         .unwrap();
     let list: Vec<f64> = runtime.block_on(async {
-        let backend = berth::reconcile::connect(INSTANCE).await.unwrap();
+        let backend = berth::reconcile::connect(INSTANCE, &Default::default())
+            .await
+            .unwrap();
         let mut times = Vec::new();
         for _ in 0..15 {
             let started = Instant::now();

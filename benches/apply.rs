@@ -79,7 +79,9 @@ async fn berth_apply(dir: &Path, instance: &str) -> Duration {
     let start = Instant::now();
     // The same pass `berth apply` runs: load, connect, observe, resolve, diff, apply.
     let loaded = reconcile::load(dir, &LoadOptions::default()).unwrap();
-    let engines = reconcile::connect(instance).await.unwrap();
+    let engines = reconcile::connect(instance, &Default::default())
+        .await
+        .unwrap();
     let options = ApplyOptions {
         concurrency: CONCURRENCY,
         lock_wait: Duration::from_secs(60),
@@ -184,7 +186,7 @@ fn main() {
         .build()
         .unwrap();
     runtime
-        .block_on(reconcile::connect("bench"))
+        .block_on(reconcile::connect("bench", &Default::default()))
         .expect("a Docker Engine answers");
     let docker = runtime
         .block_on(Docker::connect_with_defaults().unwrap().negotiate_version())

@@ -429,7 +429,8 @@ impl Agent {
         if let Some(engines) = &self.engines {
             return Ok(engines.clone());
         }
-        let engines = reconcile::connect(&self.config.instance.to_string())
+        let access = crate::config::KubeConfig::access(self.config.kube.as_ref());
+        let engines = reconcile::connect(&self.config.instance.to_string(), &access)
             .await
             .map_err(|e| e.to_string())?;
         self.engines = Some(engines.clone());
@@ -447,6 +448,7 @@ impl Agent {
             lock_wait: LOCK_WAIT,
             policy: Policy {
                 prune: self.config.prune,
+                now: None,
             },
         };
         let metrics = self.metrics.clone();

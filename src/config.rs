@@ -88,6 +88,8 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
     ("BERTH_CONCURRENCY", "/concurrency", EnvType::Integer),
     ("BERTH_WAIT", "/wait", EnvType::Text),
     ("BERTH_STATE_DIR", "/stateDir", EnvType::Text),
+    ("BERTH_KUBECONFIG", "/kube/kubeconfig", EnvType::Text),
+    ("BERTH_KUBE_CONTEXT", "/kube/context", EnvType::Text),
 ];
 
 /// How an environment variable's text becomes a setting.
@@ -144,6 +146,33 @@ pub struct AgentConfig {
     /// Where the agent keeps its clone.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The Kubernetes cluster Stagings go to; without it, `KUBECONFIG`, `~/.kube/config` or the
+    /// pod's service account, and with none of those Stagings are skipped.
+    #[serde(default)]
+    pub kube: Option<KubeConfig>,
+}
+
+/// How to reach the Kubernetes cluster.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeConfig {
+    /// A kubeconfig file.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The context to use in it; its current context when absent.
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+impl KubeConfig {
+    /// The access the Kubernetes backend uses.
+    pub fn access(config: Option<&KubeConfig>) -> crate::backend::kube::Access {
+        let config = config.cloned().unwrap_or_default();
+        crate::backend::kube::Access {
+            kubeconfig: config.kubeconfig,
+            context: config.context,
+        }
+    }
 }
 
 /// The repo to follow.

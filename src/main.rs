@@ -212,6 +212,7 @@ fn main() -> ExitCode {
                 lock_wait,
                 policy: Policy {
                     prune: target.prune,
+                    now: None,
                 },
             };
             run_async(apply(&dir, &target, &load.options(), wait, &options))
@@ -235,7 +236,7 @@ async fn load_and_connect(
     options: &LoadOptions,
 ) -> Result<(descriptor::Loaded, berth::backend::Engines), ExitCode> {
     let loaded = reconcile::load(dir, options).map_err(unplannable)?;
-    let engines = reconcile::connect(&flags.instance)
+    let engines = reconcile::connect(&flags.instance, &Default::default())
         .await
         .map_err(|e| unplannable(e.into()))?;
     Ok((loaded, engines))
@@ -335,7 +336,10 @@ fn plan_against_status(
         return ExitCode::from(1);
     }
     let desired = reconcile::desired(&loaded);
-    let policy = Policy { prune: flags.prune };
+    let policy = Policy {
+        prune: flags.prune,
+        now: None,
+    };
     run_async(async {
         match reconcile::plan(desired, Observer::Status(&status), policy).await {
             Ok(planned) => print_plan(&planned.plan, format),
@@ -399,7 +403,10 @@ async fn plan(
         Err(code) => return code,
     };
     let desired = reconcile::desired(&loaded);
-    let policy = Policy { prune: flags.prune };
+    let policy = Policy {
+        prune: flags.prune,
+        now: None,
+    };
     match reconcile::plan(desired, Observer::Engines(&engines), policy).await {
         Ok(planned) => print_plan(&planned.plan, format),
         Err(error) => unplannable(error.into()),

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -67,6 +68,9 @@ pub enum Hold {
     /// It needs something that is not there yet (the image a Pipeline has not produced): applied
     /// once it is.
     Wait(String),
+    /// It cannot be made as declared (a chart that does not render): its step fails with the
+    /// reason and leaves what runs alone.
+    Fail(String),
 }
 
 /// What an object should be.
@@ -86,6 +90,8 @@ pub struct DesiredObject {
     pub hold: Option<Hold>,
     /// The words its reasons use.
     pub words: Vocabulary,
+    /// How long it may stay archived before it is cleaned up (a Staging's `ttl`).
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// Health of an object or part, as berth reports it.
@@ -155,6 +161,10 @@ pub struct ObservedObject {
     pub key: ObjectRef,
     /// Its parts.
     pub parts: Vec<ObservedPart>,
+    /// Since when it is archived, when the engine records it.
+    pub archived_at: Option<DateTime<Utc>>,
+    /// When it was cleaned up after its ttl: only a marker is left.
+    pub expired: Option<DateTime<Utc>>,
 }
 
 /// What a step does.
@@ -276,6 +286,8 @@ pub struct Plan {
 pub struct Policy {
     /// Delete what berth owns that the repo no longer declares.
     pub prune: bool,
+    /// The time ttls are measured against; none expire without it.
+    pub now: Option<DateTime<Utc>>,
 }
 
 /// Starts what stands in a desired part's secret digests for a secret that cannot be read (its
@@ -293,14 +305,23 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         let (action, reasons) = match &object.hold {
             Some(Hold::Skip(reason)) => (Action::Skip, vec![reason.clone()]),
             Some(Hold::Wait(reason)) => (Action::Wait, vec![reason.clone()]),
-            None => compare(object, observed_by_key.get(&object.key).copied()),
+            Some(Hold::Fail(reason)) => match observed_by_key.contains_key(&object.key) {
+                true => (Action::Update, vec![reason.clone()]),
+                false => (Action::Create, vec![reason.clone()]),
+            },
+            None => compare(
+                object,
+                observed_by_key.get(&object.key).copied(),
+                policy.now,
+            ),
         };
         let replacement = (action == Action::Update).then_some(if object.start_first {
             Replacement::StartFirst
         } else {
             Replacement::StopFirst
         });
-        let unhealthy = action == Action::Noop && !reasons.is_empty();
+        let unhealthy =
+            action == Action::Noop && !reasons.is_empty() && object.target == TargetState::Running;
         steps.push(Step {
             key: object.key.clone(),
             action,
@@ -333,11 +354,37 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
     Plan { steps }
 }
 
-fn compare(desired: &DesiredObject, observed: Option<&ObservedObject>) -> (Action, Vec<String>) {
+fn compare(
+    desired: &DesiredObject,
+    observed: Option<&ObservedObject>,
+    now: Option<DateTime<Utc>>,
+) -> (Action, Vec<String>) {
     let noun = desired.words.part;
     let Some(observed) = observed.filter(|o| !o.parts.is_empty()) else {
         return (Action::Create, vec![format!("{noun} missing")]);
     };
+    if desired.target == TargetState::Archived {
+        if let Some(at) = observed.expired {
+            return (
+                Action::Noop,
+                vec![format!(
+                    "cleaned up at {} after its ttl; remove it from the repo, or set state: running to make it anew",
+                    at.format("%Y-%m-%d %H:%M UTC")
+                )],
+            );
+        }
+        if let (Some(ttl), Some(since), Some(now)) = (desired.ttl, observed.archived_at, now)
+            && chrono::Duration::from_std(ttl).is_ok_and(|ttl| since + ttl <= now)
+        {
+            return (
+                Action::Delete,
+                vec![format!(
+                    "archived since {}, longer than its ttl: cleaned up, volumes too",
+                    since.format("%Y-%m-%d %H:%M UTC")
+                )],
+            );
+        }
+    }
     let mut by_id: BTreeMap<&str, Vec<&ObservedPart>> = BTreeMap::new();
     for part in &observed.parts {
         by_id.entry(part.id.as_str()).or_default().push(part);
@@ -438,9 +485,11 @@ fn secrets_changed<'a>(part: &'a Part, seen: &'a ObservedPart) -> Vec<&'a str> {
 }
 
 fn part_prefix(id: &str) -> String {
-    id.strip_prefix("sidecar-")
-        .map(|name| format!("sidecar {name}: "))
-        .unwrap_or_default()
+    match id.strip_prefix("sidecar-") {
+        Some(name) => format!("sidecar {name}: "),
+        None if id.contains('/') => format!("{id}: "),
+        None => String::new(),
+    }
 }
 
 /// Why a part's template changed, field by field: `image changed: a→b`, `ports changed: 10001→10002`.
@@ -459,6 +508,13 @@ fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
         let detail = match key.as_str() {
             "image" | "replicas" | "restart" => format!(": {}→{}", short(before), short(after)),
             "ports" => format!(": {}→{}", ports(before), ports(after)),
+            "edited" => {
+                reasons.push(format!(
+                    "{prefix}edited outside berth ({}); a forced apply takes it back",
+                    short(before)
+                ));
+                continue;
+            }
             "env" | "secretEnv" => {
                 let names = changed_keys(before, after);
                 if names.is_empty() {
@@ -739,6 +795,7 @@ mod tests {
             start_first: true,
             hold: None,
             words: Vocabulary::CONTAINER,
+            ttl: None,
         }
     }
 
@@ -774,6 +831,8 @@ mod tests {
         ObservedObject {
             key: key(name),
             parts,
+            archived_at: None,
+            expired: None,
         }
     }
 
@@ -782,7 +841,7 @@ mod tests {
         observed: Vec<ObservedObject>,
         prune: bool,
     ) -> (Action, Vec<String>) {
-        let plan = diff(&desired, &observed, Policy { prune });
+        let plan = diff(&desired, &observed, Policy { prune, now: None });
         assert_eq!(plan.steps.len(), 1, "{plan:?}");
         (plan.steps[0].action, plan.steps[0].reasons.clone())
     }

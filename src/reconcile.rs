@@ -72,6 +72,7 @@ pub async fn plan(
 ) -> Result<Planned, EngineError> {
     let observed = match observer {
         Observer::Engines(engines) => {
+            engines.hold_unserved(&mut desired);
             engines.seal(&mut desired).await?;
             let mut observed = engines.observe().await?;
             engines.diagnose(&mut observed, &desired).await;
@@ -80,6 +81,10 @@ pub async fn plan(
         Observer::Status(status) => status.observed(),
     };
     resolve(&mut desired);
+    let policy = Policy {
+        now: policy.now.or_else(|| Some(chrono::Utc::now())),
+        ..policy
+    };
     let plan = plan::diff(&desired.objects, &observed, policy);
     Ok(Planned {
         desired,
@@ -266,9 +271,13 @@ pub async fn settle(
     unwell
 }
 
-/// The engines for `instance`, with the ownership they act under.
-pub async fn connect(instance: &str) -> Result<Engines, EngineError> {
-    Engines::connect(&Ownership::new(instance)).await
+/// The engines for `instance`, with the ownership they act under: the Docker Engine, and the
+/// Kubernetes cluster `access` names (or the usual places: `KUBECONFIG`, in-cluster) if any.
+pub async fn connect(
+    instance: &str,
+    access: &backend::kube::Access,
+) -> Result<Engines, EngineError> {
+    Engines::connect(&Ownership::new(instance), access).await
 }
 
 /// What a loaded revision asks for, as the pass plans it. Pure: no engine, so a pull request's

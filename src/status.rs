@@ -351,6 +351,8 @@ impl StatusSet {
             .filter(|(_, status)| !status.parts.is_empty())
             .map(|(key, status)| ObservedObject {
                 key: key.clone(),
+                archived_at: None,
+                expired: None,
                 parts: status
                     .parts
                     .iter()
@@ -818,12 +820,15 @@ mod tests {
             start_first: false,
             hold: None,
             words: Vocabulary::CONTAINER,
+            ttl: None,
         }
     }
 
     fn running(object: &DesiredObject) -> ObservedObject {
         ObservedObject {
             key: object.key.clone(),
+            archived_at: None,
+            expired: None,
             parts: object
                 .parts
                 .iter()

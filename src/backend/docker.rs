@@ -184,6 +184,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         start_first: template.start_first(),
         hold: None,
         words: Vocabulary::CONTAINER,
+        ttl: None,
     };
     Some((object, template))
 }
@@ -424,7 +425,12 @@ impl DockerBackend {
         }
         Ok(objects
             .into_iter()
-            .map(|(key, parts)| ObservedObject { key, parts })
+            .map(|(key, parts)| ObservedObject {
+                key,
+                parts,
+                archived_at: None,
+                expired: None,
+            })
             .collect())
     }
 

@@ -12,6 +12,7 @@
 //! [`ObservedObject`], [`Outcome`] and [`EngineError`].
 
 pub mod docker;
+pub mod kube;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -117,6 +118,7 @@ pub enum EngineError {
 #[derive(Debug, Clone)]
 enum Template {
     Challenge(Box<docker::ChallengeTemplate>),
+    Staging(Box<kube::StagingTemplate>),
 }
 
 /// The desired state of one revision, ready for planning and applying.
@@ -137,11 +139,13 @@ pub struct Desired {
 pub enum Backend {
     /// Challenges as containers on a Docker Engine.
     Docker(docker::DockerBackend),
+    /// Stagings as namespaces on a Kubernetes cluster.
+    Kube(kube::KubeBackend),
 }
 
 /// Which backend serves `kind`, if any here.
 fn serves(kind: Kind) -> bool {
-    docker::KINDS.contains(&kind)
+    docker::KINDS.contains(&kind) || kube::KINDS.contains(&kind)
 }
 
 impl Backend {
@@ -149,6 +153,7 @@ impl Backend {
     pub fn kinds(&self) -> &'static [Kind] {
         match self {
             Backend::Docker(_) => docker::KINDS,
+            Backend::Kube(_) => kube::KINDS,
         }
     }
 
@@ -156,27 +161,66 @@ impl Backend {
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
         match self {
             Backend::Docker(docker) => docker.observe().await,
+            Backend::Kube(kube) => kube.observe().await,
         }
     }
 
-    /// Applies one step; `root` is the checkout of the revision being applied.
-    async fn apply(&self, step: &Step, template: Option<&Template>, root: &Path) -> Outcome {
+    /// Applies one step of `object`; `root` is the checkout of the revision being applied.
+    async fn apply(
+        &self,
+        step: &Step,
+        object: Option<&DesiredObject>,
+        template: Option<&Template>,
+        root: &Path,
+    ) -> Outcome {
+        let delete = step.action == crate::plan::Action::Delete;
         match (self, template) {
-            (Backend::Docker(docker), _) if step.action == crate::plan::Action::Delete => {
-                docker.delete(&step.key).await
-            }
+            (Backend::Docker(docker), _) if delete => docker.delete(&step.key).await,
             (Backend::Docker(docker), Some(Template::Challenge(template))) => {
                 docker.converge(template, root).await
             }
-            (_, None) => Outcome::Failed(format!("{} has no template (a bug in berth)", step.key)),
+            (Backend::Kube(kube), template) if delete => {
+                // A declared staging is deleted only when its ttl ran out: it leaves a marker.
+                let expired = match (template, object) {
+                    (Some(Template::Staging(template)), Some(object)) => {
+                        Some((template.as_ref(), object.parts.as_slice()))
+                    }
+                    _ => None,
+                };
+                kube.delete(&step.key, expired).await
+            }
+            (Backend::Kube(kube), Some(Template::Staging(template))) => match object {
+                Some(object) => {
+                    kube.converge(&step.key, template, &object.parts, object.target)
+                        .await
+                }
+                None => Outcome::Failed(format!("{} is not declared (a bug in berth)", step.key)),
+            },
+            _ => Outcome::Failed(format!("{} has no template (a bug in berth)", step.key)),
         }
     }
 
     /// Fills in why each unhealthy part of `wanted` objects is unhealthy (exit code, last log
-    /// lines), and finds crash loops among parts still starting.
-    async fn diagnose(&self, observed: &mut [ObservedObject], wanted: &HashSet<&ObjectRef>) {
+    /// lines, a hand edit), and finds crash loops among parts still starting.
+    async fn diagnose(
+        &self,
+        observed: &mut [ObservedObject],
+        wanted: &HashSet<&ObjectRef>,
+        desired: &Desired,
+    ) {
         match self {
             Backend::Docker(docker) => docker.diagnose(observed, wanted).await,
+            Backend::Kube(kube) => {
+                let templates = desired
+                    .templates
+                    .iter()
+                    .filter_map(|(key, template)| match template {
+                        Template::Staging(template) => Some((key.clone(), template.as_ref())),
+                        Template::Challenge(_) => None,
+                    })
+                    .collect();
+                kube.diagnose(observed, &templates);
+            }
         }
     }
 
@@ -189,6 +233,14 @@ impl Backend {
                     if let Some(Template::Challenge(template)) = desired.templates.get(&object.key)
                     {
                         docker.seal(template, object).await?;
+                    }
+                }
+                Ok(())
+            }
+            Backend::Kube(kube) => {
+                for object in &mut desired.objects {
+                    if let Some(Template::Staging(template)) = desired.templates.get(&object.key) {
+                        kube.seal(template, object);
                     }
                 }
                 Ok(())
@@ -219,11 +271,15 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
                 start_first: true,
                 hold: Some(Hold::Skip("skipped (no backend yet)".into())),
                 words: Vocabulary::CONTAINER,
+                ttl: None,
             });
             continue;
         }
         if let Some((object, template)) = docker::desired_object(descriptor) {
             templates.insert(key, Template::Challenge(Box::new(template)));
+            desired.objects.push(object);
+        } else if let Some((object, template)) = kube::desired_object(descriptor) {
+            templates.insert(key, Template::Staging(Box::new(template)));
             desired.objects.push(object);
         }
     }
@@ -256,12 +312,38 @@ impl EngineLock {
 }
 
 impl Engines {
-    /// Connects to every engine this berth drives.
-    pub async fn connect(ownership: &Ownership) -> Result<Engines, EngineError> {
+    /// Connects to every engine this berth drives: the Docker Engine, and the Kubernetes cluster
+    /// `access` names when one is configured.
+    pub async fn connect(
+        ownership: &Ownership,
+        access: &kube::Access,
+    ) -> Result<Engines, EngineError> {
         let docker = docker::DockerBackend::connect(ownership).await?;
-        Ok(Engines {
-            backends: vec![Backend::Docker(docker)],
-        })
+        let mut backends = vec![Backend::Docker(docker)];
+        if let Some(cluster) = kube::KubeBackend::connect(ownership, access).await? {
+            backends.push(Backend::Kube(cluster));
+        }
+        Ok(Engines { backends })
+    }
+
+    /// Holds back the objects of kinds no connected engine serves (stagings with no cluster
+    /// configured), with the reason and what to do.
+    pub fn hold_unserved(&self, desired: &mut Desired) {
+        for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
+            if !self
+                .backends
+                .iter()
+                .any(|b| b.kinds().contains(&object.key.kind))
+            {
+                object.hold = Some(Hold::Skip(format!(
+                    "skipped: no {} is configured (set KUBECONFIG, or kube.kubeconfig in the agent's config)",
+                    match object.key.kind {
+                        Kind::Staging => "Kubernetes cluster",
+                        _ => "engine for this kind",
+                    }
+                )));
+            }
+        }
     }
 
     /// What this instance runs, on every engine, sorted by object.
@@ -293,19 +375,23 @@ impl Engines {
             .map(|o| &o.key)
             .collect();
         for backend in &self.backends {
-            backend.diagnose(observed, &wanted).await;
+            backend.diagnose(observed, &wanted, desired).await;
         }
     }
 
     /// Applies one step with the backend of its kind.
     pub async fn apply(&self, step: &Step, desired: &Desired, root: &Path) -> Outcome {
         let template = desired.templates.get(&step.key);
+        let object = desired.objects.iter().find(|o| o.key == step.key);
+        if let Some(Hold::Fail(why)) = object.and_then(|o| o.hold.as_ref()) {
+            return Outcome::Failed(why.clone());
+        }
         match self
             .backends
             .iter()
             .find(|b| b.kinds().contains(&step.key.kind))
         {
-            Some(backend) => backend.apply(step, template, root).await,
+            Some(backend) => backend.apply(step, object, template, root).await,
             None => Outcome::Failed(format!("no backend here applies {}", step.key.kind)),
         }
     }
@@ -317,6 +403,10 @@ impl Engines {
         for backend in &self.backends {
             match backend {
                 Backend::Docker(docker) => locks.push(docker.lock(wait).await?),
+                // The Docker Engine's lock serializes the berths of an instance; a cluster
+                // shared by instances on different Docker hosts gets a Lease with leader
+                // election.
+                Backend::Kube(_) => {}
             }
         }
         Ok(EngineLock { locks })

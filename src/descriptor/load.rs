@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde_json::Value;
 
+use super::manifests;
 use super::model::{API_VERSION, ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
 use super::schema::{self, MAX_VIOLATIONS, Violation};
 use super::semantic;
@@ -124,6 +125,7 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
         loader.read_file(file);
     }
     loader.set_asset_files_aside();
+    loader.report_manifest_problems();
     loader.check_repo();
     Ok(loader.finish())
 }
@@ -212,6 +214,9 @@ struct Loader {
     /// Folders descriptors build from or deploy (canonical, relative to the root, `""` for the
     /// root), and where they are named: their YAML files are not descriptors.
     asset_folders: HashMap<String, Vec<AssetUse>>,
+    /// Problems in a staging's manifests: reported after asset files are set aside, since they
+    /// are in those files.
+    manifest_problems: Vec<Pending>,
 }
 
 impl Loader {
@@ -224,6 +229,7 @@ impl Loader {
             candidates: Vec::new(),
             declared: HashSet::new(),
             asset_folders: HashMap::new(),
+            manifest_problems: Vec::new(),
         }
     }
 
@@ -485,6 +491,9 @@ impl Loader {
                     self.push_violations(file, doc, &identity, violations);
                     return;
                 }
+                if !self.render(&mut descriptor, &identity) {
+                    return;
+                }
                 self.hash(&mut descriptor);
                 self.candidates.push(Candidate {
                     descriptor,
@@ -518,6 +527,45 @@ impl Loader {
         }
     }
 
+    /// Renders a Staging's manifests (or its chart); false when they have problems, which are
+    /// then reported at their files.
+    fn render(
+        &mut self,
+        descriptor: &mut Descriptor,
+        identity: &Option<(String, Option<String>)>,
+    ) -> bool {
+        let Spec::Staging(spec) = &descriptor.spec else {
+            return true;
+        };
+        match manifests::render(&self.root, spec, self.options.max_file_size) {
+            Ok(rendered) => {
+                descriptor.manifests = Some(rendered);
+                true
+            }
+            Err(problems) => {
+                for problem in problems {
+                    let file = match self.files.iter().position(|f| f.relative == problem.file) {
+                        Some(file) => file,
+                        None => {
+                            let path = self.root.join(&problem.file);
+                            self.files
+                                .push(SourceFile::new(problem.file.clone(), path, true));
+                            self.files.len() - 1
+                        }
+                    };
+                    self.manifest_problems.push(Pending {
+                        file,
+                        place: Place::At(problem.at),
+                        identity: identity.clone(),
+                        message: problem.message,
+                        also: None,
+                    });
+                }
+                false
+            }
+        }
+    }
+
     /// Reads the build context (once per load) and hashes the descriptor with its digest.
     fn hash(&self, descriptor: &mut Descriptor) {
         if let Spec::Challenge(ChallengeSpec {
@@ -532,11 +580,19 @@ impl Loader {
             descriptor.build_digest = Some(digest);
         }
         let digest = descriptor.build_digest.as_deref().unwrap_or_default();
+        let rendered = match &descriptor.manifests {
+            Some(Ok(manifests)) => {
+                serde_json::to_string(&manifests.iter().map(|m| &m.object).collect::<Vec<_>>())
+                    .expect("JSON serializes")
+            }
+            Some(Err(why)) => why.clone(),
+            None => String::new(),
+        };
         descriptor.spec_hash = spec_hash(
             descriptor.kind(),
             &descriptor.metadata,
             &descriptor.spec,
-            &[digest],
+            &[digest, &rendered],
         );
     }
 
@@ -606,6 +662,13 @@ impl Loader {
         self.pending.retain(|p| !aside.contains(&p.file));
         self.candidates.retain(|c| !aside.contains(&c.file));
         for problem in problems {
+            self.report(problem);
+        }
+    }
+
+    /// Reports the problems found in staging manifests, which asset files do not hide.
+    fn report_manifest_problems(&mut self) {
+        for problem in std::mem::take(&mut self.manifest_problems) {
             self.report(problem);
         }
     }
@@ -868,6 +931,7 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         line,
         spec_hash: String::new(),
         build_digest: None,
+        manifests: None,
     })
 }
 

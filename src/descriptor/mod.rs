@@ -10,6 +10,7 @@
 //! Nothing here talks to an engine.
 
 pub mod load;
+pub mod manifests;
 pub mod model;
 pub mod schema;
 mod semantic;
@@ -123,6 +124,8 @@ pub struct Descriptor {
     pub spec_hash: String,
     /// Digest of the Challenge's build context (or why it could not be read), when it builds one.
     pub build_digest: Option<String>,
+    /// A Staging's objects, rendered from its manifests or chart.
+    pub manifests: Option<manifests::Rendered>,
 }
 
 impl Descriptor {
@@ -160,6 +163,13 @@ impl Descriptor {
         match &self.spec {
             Spec::Challenge(ChallengeSpec {
                 image: Some(model::ImageSource::FromPipeline(from)),
+                ..
+            }) => Some(ObjectRef {
+                kind: Kind::Pipeline,
+                name: from.from_pipeline.clone(),
+            }),
+            Spec::Staging(StagingSpec {
+                tag: model::TagSource::FromPipeline(from),
                 ..
             }) => Some(ObjectRef {
                 kind: Kind::Pipeline,

@@ -435,8 +435,9 @@ pub struct StagingSpec {
     pub state: StagingState,
     /// The namespace the staging lives in.
     pub namespace: Name,
-    /// The image tag to deploy, substituted for `${tag}` in the manifests.
-    pub tag: String,
+    /// The image tag to deploy, substituted for `${tag}` in the manifests (the chart's `tag`
+    /// value), or `{fromPipeline: NAME}` for the tag of the image that Pipeline produced last.
+    pub tag: TagSource,
     /// A folder of Kubernetes YAML in this repo, with `${tag}` and `${overrides.KEY}` substituted.
     /// Exactly one of `manifests` and `chart` is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,6 +451,20 @@ pub struct StagingSpec {
     /// How long an archived staging is kept before it is cleaned up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
+    /// How long the staging may stay Progressing after a change before it counts as a Failure;
+    /// no limit by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout: Option<Duration>,
+}
+
+/// A Staging's image tag: written out, or the one a Pipeline produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TagSource {
+    /// A tag such as `login-3f2a1c`.
+    Tag(String),
+    /// The tag of the image the named Pipeline produced last.
+    FromPipeline(FromPipeline),
 }
 
 /// Values substituted into a staging's manifests as `${overrides.KEY}`.

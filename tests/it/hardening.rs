@@ -495,7 +495,10 @@ fn attack_a_berth_removes_only_its_own_lock_container() {
     let Some(instance) = engine() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let engines = runtime
-        .block_on(berth::reconcile::connect(&instance.name))
+        .block_on(berth::reconcile::connect(
+            &instance.name,
+            &Default::default(),
+        ))
         .unwrap();
     let held = runtime.block_on(engines.lock(Duration::ZERO)).unwrap();
     // Meanwhile the lock changed hands (another berth took it over, believing this one dead).
@@ -538,7 +541,10 @@ fn attack_a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
     let Some(instance) = engine() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let engines = runtime
-        .block_on(berth::reconcile::connect(&instance.name))
+        .block_on(berth::reconcile::connect(
+            &instance.name,
+            &Default::default(),
+        ))
         .unwrap();
     // Makes the anchor image.
     runtime.block_on(async { engines.lock(Duration::ZERO).await.unwrap().release().await });

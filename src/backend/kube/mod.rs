@@ -1,0 +1,956 @@
+//! Stagings on Kubernetes: the only module that talks to an API server (through kube).
+//!
+//! A staging is a namespace berth makes, and the objects of its manifests in it, each applied by
+//! server-side apply with field manager `berth` and forced, so a hand edit is taken back. Every
+//! object carries the ownership labels; the namespace also carries the *inventory*, the kinds
+//! berth applied there (as Flux's inventory and kubectl's ApplySet do), so observing is one list
+//! per kind for every staging at once, and prune deletes only what berth made. The inventory is
+//! widened before objects are applied and narrowed after pruning, so a crash between leaves
+//! nothing the next pass cannot find.
+//!
+//! Archive applies the same objects with workloads at zero replicas (kept in an annotation) and
+//! marks the namespace with the time; restore is the plain apply. Cleanup deletes the namespace
+//! and waits until it is gone. A staging archived for longer than its `ttl` is cleaned up and a
+//! bare namespace is left as a tombstone, so it is not made again while the repo still says
+//! `archived`.
+//!
+//! Discovery runs once (`Discovery::run`, which 1.20 servers answer) and again only when a kind
+//! is not found. No request sends `fieldValidation`, which 1.20 does not know.
+
+pub mod health;
+pub mod objects;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use crate::apply::Outcome;
+use crate::descriptor::manifests::{Manifest, Rendered, SECRET_NAME};
+use crate::descriptor::values::SecretRef;
+use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
+use crate::plan::{
+    DesiredObject, Health, ObservedObject, ObservedPart, Part, PartState, TargetState, UNREADABLE,
+    Vocabulary,
+};
+
+/// The kinds this backend serves.
+pub const KINDS: &[Kind] = &[Kind::Staging];
+
+/// The field manager of every apply.
+const FIELD_MANAGER: &str = "berth";
+/// Namespace annotation: the kinds berth applied in it, as `apiVersion/Kind` lines.
+const ANNOTATION_INVENTORY: &str = "berth.inventory";
+/// Namespace annotation: when the staging was archived (RFC 3339).
+const ANNOTATION_ARCHIVED_AT: &str = "berth.archived-at";
+/// Namespace annotation: when the staging was cleaned up after its ttl (RFC 3339).
+const ANNOTATION_EXPIRED_AT: &str = "berth.expired-at";
+/// How long cleanup waits for a namespace to go.
+const CLEANUP_WAIT: Duration = Duration::from_secs(300);
+/// Objects applied at once within one staging.
+const APPLY_CONCURRENCY: usize = 8;
+
+/// What plans call the parts of a staging.
+pub const OBJECT: Vocabulary = Vocabulary { part: "object" };
+
+/// How berth reaches the cluster: a kubeconfig and context, or the usual places (`KUBECONFIG`,
+/// `~/.kube/config`, the in-cluster service account).
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// A kubeconfig file.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context in it.
+    pub context: Option<String>,
+}
+
+impl Access {
+    /// Whether any cluster is configured at all; without one, stagings are skipped with the
+    /// reason rather than failing every pass.
+    fn configured(&self) -> bool {
+        self.kubeconfig.is_some()
+            || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            || std::env::var_os("HOME")
+                .is_some_and(|home| PathBuf::from(home).join(".kube/config").is_file())
+    }
+}
+
+/// What applying one staging needs beyond its plan.
+#[derive(Debug, Clone)]
+pub struct StagingTemplate {
+    namespace: String,
+    manifests: Rendered,
+    secrets: BTreeMap<String, SecretRef>,
+    labels: BTreeMap<String, String>,
+}
+
+/// The desired object and template of a Staging descriptor.
+pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, StagingTemplate)> {
+    let Spec::Staging(spec) = &descriptor.spec else {
+        return None;
+    };
+    let key = descriptor.key();
+    let template = StagingTemplate {
+        namespace: spec.namespace.to_string(),
+        manifests: descriptor.manifests.clone().unwrap_or_else(|| {
+            Err("the staging's manifests were not read (a bug in berth)".into())
+        }),
+        secrets: spec.overrides.secret.clone(),
+        labels: descriptor.metadata.labels.clone(),
+    };
+    let target = match spec.state {
+        crate::descriptor::model::StagingState::Running => TargetState::Running,
+        crate::descriptor::model::StagingState::Archived => TargetState::Archived,
+    };
+    let parts = match &template.manifests {
+        Ok(manifests) => template.parts(manifests),
+        Err(_) => Vec::new(),
+    };
+    let hold = template
+        .manifests
+        .as_ref()
+        .err()
+        .map(|why| crate::plan::Hold::Fail(why.clone()));
+    let object = DesiredObject {
+        key,
+        target,
+        parts,
+        dependencies: descriptor.dependencies(),
+        start_first: true,
+        hold,
+        words: OBJECT,
+        ttl: spec.ttl.map(|d| d.0),
+    };
+    Some((object, template))
+}
+
+impl StagingTemplate {
+    fn parts(&self, manifests: &[Manifest]) -> Vec<Part> {
+        let mut parts = vec![Part {
+            id: format!("Namespace/{}", self.namespace),
+            hash: hash(&[&json!(self.labels)]),
+            spec: Arc::new(json!({})),
+            secrets: None,
+            one_shot: false,
+        }];
+        if !self.secrets.is_empty() {
+            let names: Vec<&String> = self.secrets.keys().collect();
+            parts.push(Part {
+                id: format!("Secret/{SECRET_NAME}"),
+                hash: hash(&[&json!(names), &json!(self.labels)]),
+                spec: Arc::new(json!({})),
+                secrets: None,
+                one_shot: false,
+            });
+        }
+        for manifest in manifests {
+            parts.push(Part {
+                id: manifest.id(),
+                hash: hash(&[&manifest.object, &json!(self.labels)]),
+                spec: Arc::new(objects::summary(&manifest.object)),
+                secrets: None,
+                one_shot: manifest.kind == "Job",
+            });
+        }
+        parts
+    }
+
+    fn part_hash(&self, id: &str, parts: &[Part]) -> String {
+        parts
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.hash.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn hash(values: &[&Value]) -> String {
+    let mut hasher = Sha256::new();
+    for value in values {
+        hasher.update(serde_json::to_vec(value).expect("JSON serializes"));
+        hasher.update([0]);
+    }
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// The Kubernetes backend: one API server.
+#[derive(Clone)]
+pub struct KubeBackend {
+    client: Client,
+    cluster: String,
+    ownership: Ownership,
+    discovery: Arc<tokio::sync::Mutex<Option<Arc<Discovery>>>>,
+    /// The objects the last observation saw, by `namespace/Kind/name`: hand edits are found in them.
+    live: Arc<Mutex<HashMap<String, Value>>>,
+    /// Key of the in-memory digests that tell a rotated secret; never stored.
+    digest_key: Arc<[u8; 32]>,
+}
+
+impl std::fmt::Debug for KubeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeBackend")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+fn unreachable(cluster: &str, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::Unreachable {
+        engine: "the Kubernetes API server",
+        host: cluster.to_string(),
+        reason: reason.to_string(),
+        hint: "Check KUBECONFIG (or kube.kubeconfig in the agent's config) and that the API server runs.",
+    }
+}
+
+impl KubeBackend {
+    /// The cluster `access` names; `None` when no cluster is configured at all.
+    pub async fn connect(
+        ownership: &Ownership,
+        access: &Access,
+    ) -> Result<Option<KubeBackend>, EngineError> {
+        if !access.configured() {
+            return Ok(None);
+        }
+        let options = kube::config::KubeConfigOptions {
+            context: access.context.clone(),
+            ..Default::default()
+        };
+        let where_ = access
+            .kubeconfig
+            .as_ref()
+            .map_or("the kubeconfig".to_string(), |p| p.display().to_string());
+        let config = match &access.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| unreachable(&where_, e))?;
+                Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| unreachable(&where_, e))?
+            }
+            None if access.context.is_some() => Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| unreachable(&where_, e))?,
+            None => Config::infer().await.map_err(|e| unreachable(&where_, e))?,
+        };
+        let mut config = config;
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(30));
+        let cluster = config.cluster_url.to_string();
+        let client = Client::try_from(config).map_err(|e| unreachable(&cluster, e))?;
+        Ok(Some(KubeBackend {
+            client,
+            cluster,
+            ownership: ownership.clone(),
+            discovery: Arc::default(),
+            live: Arc::default(),
+            digest_key: Arc::new(random_key()),
+        }))
+    }
+
+    fn gone(&self, error: impl std::fmt::Display) -> EngineError {
+        unreachable(&self.cluster, error)
+    }
+
+    /// The cluster's kinds, discovered once; again when `refresh` (a kind was not found).
+    async fn discovery(&self, refresh: bool) -> Result<Arc<Discovery>, kube::Error> {
+        let mut cached = self.discovery.lock().await;
+        if let (Some(discovery), false) = (cached.as_ref(), refresh) {
+            return Ok(discovery.clone());
+        }
+        let discovery = Arc::new(Discovery::new(self.client.clone()).run().await?);
+        *cached = Some(discovery.clone());
+        Ok(discovery)
+    }
+
+    /// The API resource of `apiVersion`/`kind`, rediscovering once when it is not known.
+    async fn resource(
+        &self,
+        api_version: &str,
+        kind: &str,
+    ) -> Result<Option<(ApiResource, ApiCapabilities)>, kube::Error> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+        if let Some(found) = self.discovery(false).await?.resolve_gvk(&gvk) {
+            return Ok(Some(found));
+        }
+        Ok(self.discovery(true).await?.resolve_gvk(&gvk))
+    }
+
+    fn selector(&self, name: Option<&str>) -> String {
+        self.ownership.selector(Kind::Staging, name).join(",")
+    }
+
+    fn labels(
+        &self,
+        key: &ObjectRef,
+        spec_hash: &str,
+        extra: &BTreeMap<String, String>,
+    ) -> HashMap<String, String> {
+        let mut labels: HashMap<String, String> = extra.clone().into_iter().collect();
+        labels.extend(self.ownership.labels(key, spec_hash));
+        labels
+    }
+
+    fn pod_labels(&self, key: &ObjectRef) -> HashMap<String, String> {
+        let mut labels = self.ownership.labels(key, "");
+        labels.remove(LABEL_SPEC_HASH);
+        labels
+    }
+
+    /// Every staging this instance runs, with the health of each object.
+    pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        let namespaces: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &namespace_resource());
+        let params = ListParams::default().labels(&self.selector(None));
+        let listed = namespaces.list(&params).await.map_err(|e| self.gone(e))?;
+        let mut stagings: BTreeMap<String, (ObservedObject, String)> = BTreeMap::new();
+        let mut kinds: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut live = HashMap::new();
+        for namespace in listed.items {
+            let value = serde_json::to_value(&namespace).unwrap_or_default();
+            let Some(ns) = namespace.metadata.name.clone() else {
+                continue;
+            };
+            let labels = namespace.metadata.labels.clone().unwrap_or_default();
+            let Some(name) = labels.get(LABEL_NAME).and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let annotations = namespace.metadata.annotations.clone().unwrap_or_default();
+            for line in annotations
+                .get(ANNOTATION_INVENTORY)
+                .map(String::as_str)
+                .unwrap_or("")
+                .lines()
+            {
+                if let Some((api_version, kind)) = line.rsplit_once('/') {
+                    kinds.insert((api_version.to_string(), kind.to_string()));
+                }
+            }
+            let time = |key: &str| {
+                annotations
+                    .get(key)
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc))
+            };
+            let archived_at = time(ANNOTATION_ARCHIVED_AT);
+            let state = if archived_at.is_some() {
+                PartState::Archived
+            } else {
+                PartState::Running
+            };
+            let terminating = namespace.metadata.deletion_timestamp.is_some();
+            let part = ObservedPart {
+                name: ns.clone(),
+                id: format!("Namespace/{ns}"),
+                hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+                spec: json!({}),
+                secrets: None,
+                state,
+                health: if terminating {
+                    Health::Progressing
+                } else {
+                    Health::Healthy
+                },
+                detail: terminating.then(|| "being deleted".to_string()),
+            };
+            live.insert(format!("{ns}/Namespace/{ns}"), value);
+            let object = ObservedObject {
+                key: ObjectRef {
+                    kind: Kind::Staging,
+                    name,
+                },
+                parts: vec![part],
+                archived_at,
+                expired: time(ANNOTATION_EXPIRED_AT),
+            };
+            stagings.insert(ns, (object, String::new()));
+        }
+        if stagings.is_empty() {
+            *self.live.lock().expect("live objects") = live;
+            return Ok(Vec::new());
+        }
+        // Pods, for the reasons a workload does not come up.
+        let pods: Api<DynamicObject> = Api::all_with(self.client.clone(), &pod_resource());
+        let pods = pods.list(&params).await.map_err(|e| self.gone(e))?;
+        let mut pods_by_namespace: HashMap<String, Vec<Value>> = HashMap::new();
+        for pod in pods.items {
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            pods_by_namespace
+                .entry(ns)
+                .or_default()
+                .push(serde_json::to_value(&pod).unwrap_or_default());
+        }
+        let lists = futures_util::stream::iter(kinds.into_iter().map(|(api_version, kind)| {
+            let params = params.clone();
+            async move {
+                let resource = match self.resource(&api_version, &kind).await {
+                    Ok(Some((resource, _))) => resource,
+                    // A kind the server no longer serves cannot be read: its objects are not
+                    // observed, so nothing is ever pruned because of it.
+                    Ok(None) => return Ok((kind, Vec::new())),
+                    Err(error) => return Err(error),
+                };
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+                api.list(&params).await.map(|list| (kind, list.items))
+            }
+        }))
+        .buffer_unordered(APPLY_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        for listed in lists {
+            let (kind, items) = listed.map_err(|e| self.gone(e))?;
+            for item in items {
+                let ns = item.metadata.namespace.clone().unwrap_or_default();
+                let Some((staging, _)) = stagings.get_mut(&ns) else {
+                    continue;
+                };
+                let Some(name) = item.metadata.name.clone() else {
+                    continue;
+                };
+                let labels = item.metadata.labels.clone().unwrap_or_default();
+                if labels.get(LABEL_NAME).map(String::as_str) != Some(staging.key.name.as_str()) {
+                    continue;
+                }
+                let value = serde_json::to_value(&item).unwrap_or_default();
+                let pods: Vec<&Value> = pods_by_namespace
+                    .get(&ns)
+                    .map(|p| p.iter().collect())
+                    .unwrap_or_default();
+                let condition = health::of(&kind, &value, &pods);
+                let archived = staging.archived_at.is_some();
+                let state = match (condition.state, archived) {
+                    (PartState::Running, true) => PartState::Archived,
+                    (state, _) => state,
+                };
+                let secrets =
+                    (kind == "Secret" && name == SECRET_NAME).then(|| self.live_digests(&value));
+                staging.parts.push(ObservedPart {
+                    name: format!("{ns}/{kind}/{name}"),
+                    id: format!("{kind}/{name}"),
+                    hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+                    spec: objects::summary(&value),
+                    secrets,
+                    state,
+                    health: condition.health,
+                    detail: condition.detail,
+                });
+                live.insert(format!("{ns}/{kind}/{name}"), value);
+            }
+        }
+        *self.live.lock().expect("live objects") = live;
+        Ok(stagings.into_values().map(|(o, _)| o).collect())
+    }
+
+    fn digest(&self, name: &str, value: &[u8]) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.digest_key.as_slice());
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(value);
+        hex::encode(&hasher.finalize()[..16])
+    }
+
+    fn live_digests(&self, secret: &Value) -> BTreeMap<String, String> {
+        use base64::Engine as _;
+        secret["data"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, encoded)| {
+                let value = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.as_str().unwrap_or_default())
+                    .unwrap_or_default();
+                (name.clone(), self.digest(name, &value))
+            })
+            .collect()
+    }
+
+    /// Records the digests of the staging's secret values on its Secret part, so a rotated
+    /// secret shows as a change (and an unreadable one as an update that fails with the reason).
+    pub fn seal(&self, template: &StagingTemplate, object: &mut DesiredObject) {
+        let id = format!("Secret/{SECRET_NAME}");
+        if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
+            part.secrets = Some(
+                template
+                    .secrets
+                    .iter()
+                    .map(|(name, reference)| {
+                        let digest = match reference.resolve() {
+                            Ok(value) => self.digest(name, value.as_bytes()),
+                            Err(why) => format!("{UNREADABLE}secret {name}: {why}"),
+                        };
+                        (name.clone(), digest)
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Marks each object someone edited by hand (a field berth applies has another value), so
+    /// the plan takes it back and says so.
+    pub fn diagnose(
+        &self,
+        observed: &mut [ObservedObject],
+        templates: &HashMap<ObjectRef, &StagingTemplate>,
+    ) {
+        let live = self.live.lock().expect("live objects");
+        for object in observed.iter_mut() {
+            let Some(template) = templates.get(&object.key) else {
+                continue;
+            };
+            let Ok(manifests) = &template.manifests else {
+                continue;
+            };
+            let parts = template.parts(manifests);
+            let archived = object.archived_at.is_some();
+            for part in object.parts.iter_mut() {
+                let Some(manifest) = manifests.iter().find(|m| m.id() == part.id) else {
+                    continue;
+                };
+                if part.hash != template.part_hash(&part.id, &parts) {
+                    continue;
+                }
+                let Some(seen) = live.get(&part.name) else {
+                    continue;
+                };
+                let labels = self.labels(&object.key, &part.hash, &template.labels);
+                let applied = objects::shaped(
+                    manifest,
+                    &template.namespace,
+                    &labels,
+                    &self.pod_labels(&object.key),
+                    archived,
+                );
+                if let Some(edit) = objects::edited(&applied, seen) {
+                    part.hash = format!("edited:{}", part.hash);
+                    if let Some(spec) = part.spec.as_object_mut() {
+                        spec.insert("edited".into(), edit.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the staging what `template` and `target` say: namespace, secret, objects; then
+    /// prunes what berth applied before and the manifests no longer hold.
+    pub async fn converge(
+        &self,
+        key: &ObjectRef,
+        template: &StagingTemplate,
+        parts: &[Part],
+        target: TargetState,
+    ) -> Outcome {
+        match self.try_converge(key, template, parts, target).await {
+            Ok(done) => Outcome::Done(done),
+            Err(Trouble::Failed(why)) => Outcome::Failed(why),
+            Err(Trouble::Gone(why)) => Outcome::Transient(self.gone(why).to_string()),
+        }
+    }
+
+    async fn try_converge(
+        &self,
+        key: &ObjectRef,
+        template: &StagingTemplate,
+        parts: &[Part],
+        target: TargetState,
+    ) -> Result<String, Trouble> {
+        let manifests = template
+            .manifests
+            .as_ref()
+            .map_err(|why| Trouble::Failed(why.clone()))?;
+        let ns = template.namespace.as_str();
+        // Every kind is resolved before anything is applied: an unknown kind fails the staging
+        // and touches nothing.
+        let mut resources = Vec::new();
+        for manifest in manifests.iter() {
+            match self
+                .resource(&manifest.api_version, &manifest.kind)
+                .await
+                .map_err(Trouble::from)?
+            {
+                Some((resource, caps)) if caps.scope == Scope::Namespaced => {
+                    resources.push(resource)
+                }
+                Some(_) => {
+                    return Err(Trouble::Failed(format!(
+                        "{}:{}: {} is cluster-scoped on this API server; a staging holds only namespaced objects",
+                        manifest.file, manifest.line, manifest.kind
+                    )));
+                }
+                None => {
+                    return Err(Trouble::Failed(format!(
+                        "{}:{}: the API server does not serve kind {} in {}; install its CustomResourceDefinition first, or fix apiVersion and kind",
+                        manifest.file, manifest.line, manifest.kind, manifest.api_version
+                    )));
+                }
+            }
+        }
+        // Secret values are read before anything changes: an unreadable one fails the staging.
+        let mut secret_data = serde_json::Map::new();
+        for (name, reference) in &template.secrets {
+            use base64::Engine as _;
+            let value = reference.resolve().map_err(Trouble::Failed)?;
+            secret_data.insert(
+                name.clone(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(value)
+                    .into(),
+            );
+        }
+        let namespaces: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &namespace_resource());
+        let existing = namespaces.get_opt(ns).await.map_err(Trouble::from)?;
+        let mut inventory: BTreeSet<String> = BTreeSet::new();
+        let mut archived_at = None;
+        if let Some(existing) = &existing {
+            let labels = existing.metadata.labels.clone().unwrap_or_default();
+            if labels.get(LABEL_INSTANCE).map(String::as_str) != Some(self.ownership.instance())
+                || labels.get(LABEL_NAME).map(String::as_str) != Some(key.name.as_str())
+            {
+                return Err(Trouble::Failed(format!(
+                    "namespace {ns} exists and was not made by berth for {key}; berth manages only namespaces it makes: choose another spec.namespace, or delete that namespace"
+                )));
+            }
+            if existing.metadata.deletion_timestamp.is_some() {
+                return Err(Trouble::Failed(format!(
+                    "namespace {ns} is still being deleted; the next pass makes it again"
+                )));
+            }
+            let annotations = existing.metadata.annotations.clone().unwrap_or_default();
+            inventory.extend(
+                annotations
+                    .get(ANNOTATION_INVENTORY)
+                    .map(String::as_str)
+                    .unwrap_or("")
+                    .lines()
+                    .map(str::to_string),
+            );
+            archived_at = annotations.get(ANNOTATION_ARCHIVED_AT).cloned();
+        }
+        let mut wanted: BTreeSet<String> = manifests
+            .iter()
+            .map(|m| format!("{}/{}", m.api_version, m.kind))
+            .collect();
+        if !template.secrets.is_empty() {
+            wanted.insert("v1/Secret".into());
+        }
+        let archived = target == TargetState::Archived;
+        let archived_at = match archived {
+            true => Some(archived_at.unwrap_or_else(|| Utc::now().to_rfc3339())),
+            false => None,
+        };
+        // The inventory is widened first: a crash after this leaves everything findable.
+        let widened: BTreeSet<String> = inventory.union(&wanted).cloned().collect();
+        let namespace_hash = template.part_hash(&format!("Namespace/{ns}"), parts);
+        self.apply_namespace(
+            key,
+            template,
+            &namespace_hash,
+            &widened,
+            archived_at.as_deref(),
+            None,
+        )
+        .await?;
+        if !secret_data.is_empty() {
+            let id = format!("Secret/{SECRET_NAME}");
+            let secret = json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": SECRET_NAME,
+                    "namespace": ns,
+                    "labels": self.labels(key, &template.part_hash(&id, parts), &template.labels),
+                },
+                "type": "Opaque",
+                "data": secret_data,
+            });
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), ns, &secret_resource());
+            api.patch(SECRET_NAME, &apply_params(), &Patch::Apply(&secret))
+                .await
+                .map_err(|e| Trouble::object("Secret", SECRET_NAME, e))?;
+        }
+        // Things pods need (configuration, claims, accounts) first, then the rest.
+        let first = |m: &Manifest| {
+            matches!(
+                m.kind.as_str(),
+                "ConfigMap"
+                    | "Secret"
+                    | "PersistentVolumeClaim"
+                    | "ServiceAccount"
+                    | "Role"
+                    | "RoleBinding"
+            )
+        };
+        let pod_labels = self.pod_labels(key);
+        for wave in [true, false] {
+            let results = futures_util::stream::iter(
+                manifests
+                    .iter()
+                    .zip(&resources)
+                    .filter(|(m, _)| first(m) == wave)
+                    .map(|(manifest, resource)| {
+                        let labels = self.labels(
+                            key,
+                            &template.part_hash(&manifest.id(), parts),
+                            &template.labels,
+                        );
+                        let object = objects::shaped(manifest, ns, &labels, &pod_labels, archived);
+                        let api: Api<DynamicObject> =
+                            Api::namespaced_with(self.client.clone(), ns, resource);
+                        async move {
+                            api.patch(&manifest.name, &apply_params(), &Patch::Apply(&object))
+                                .await
+                                .map_err(|e| Trouble::object(&manifest.kind, &manifest.name, e))
+                        }
+                    }),
+            )
+            .buffer_unordered(APPLY_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+            for result in results {
+                result?;
+            }
+        }
+        // Prune: what berth labelled in this namespace, of every kind it ever applied here, that
+        // the manifests no longer hold.
+        let keep: BTreeSet<(String, String)> = manifests
+            .iter()
+            .map(|m| (m.kind.clone(), m.name.clone()))
+            .chain(
+                (!template.secrets.is_empty())
+                    .then(|| ("Secret".to_string(), SECRET_NAME.to_string())),
+            )
+            .collect();
+        let mut pruned = Vec::new();
+        let selector = self.selector(Some(key.name.as_str()));
+        for line in &widened {
+            let Some((api_version, kind)) = line.rsplit_once('/') else {
+                continue;
+            };
+            let Some((resource, _)) = self
+                .resource(api_version, kind)
+                .await
+                .map_err(Trouble::from)?
+            else {
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &resource);
+            let listed = api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(Trouble::from)?;
+            for item in listed.items {
+                let Some(name) = item.metadata.name.clone() else {
+                    continue;
+                };
+                if keep.contains(&(kind.to_string(), name.clone())) {
+                    continue;
+                }
+                api.delete(&name, &DeleteParams::background())
+                    .await
+                    .map_err(|e| Trouble::object(kind, &name, e))?;
+                pruned.push(format!("{kind}/{name}"));
+            }
+        }
+        self.apply_namespace(
+            key,
+            template,
+            &namespace_hash,
+            &wanted,
+            archived_at.as_deref(),
+            None,
+        )
+        .await?;
+        let mut done = format!("applied {} objects in namespace {ns}", manifests.len());
+        if archived {
+            done.push_str(", workloads scaled to zero");
+        }
+        if !pruned.is_empty() {
+            done.push_str(&format!(", pruned {}", pruned.join(", ")));
+        }
+        Ok(done)
+    }
+
+    async fn apply_namespace(
+        &self,
+        key: &ObjectRef,
+        template: &StagingTemplate,
+        spec_hash: &str,
+        inventory: &BTreeSet<String>,
+        archived_at: Option<&str>,
+        expired_at: Option<&str>,
+    ) -> Result<(), Trouble> {
+        let ns = template.namespace.as_str();
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(
+            ANNOTATION_INVENTORY.into(),
+            inventory
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into(),
+        );
+        if let Some(at) = archived_at {
+            annotations.insert(ANNOTATION_ARCHIVED_AT.into(), at.into());
+        }
+        if let Some(at) = expired_at {
+            annotations.insert(ANNOTATION_EXPIRED_AT.into(), at.into());
+        }
+        let namespace = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": ns,
+                "labels": self.labels(key, spec_hash, &template.labels),
+                "annotations": annotations,
+            },
+        });
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &namespace_resource());
+        api.patch(ns, &apply_params(), &Patch::Apply(&namespace))
+            .await
+            .map_err(|e| Trouble::object("Namespace", ns, e))?;
+        Ok(())
+    }
+
+    /// Deletes the staging's namespace and waits until it is gone. With `expired`, the staging
+    /// is still declared (archived past its ttl): a bare namespace is left as its tombstone.
+    pub async fn delete(
+        &self,
+        key: &ObjectRef,
+        expired: Option<(&StagingTemplate, &[Part])>,
+    ) -> Outcome {
+        match self.try_delete(key, expired).await {
+            Ok(done) => Outcome::Done(done),
+            Err(Trouble::Failed(why)) => Outcome::Failed(why),
+            Err(Trouble::Gone(why)) => Outcome::Transient(self.gone(why).to_string()),
+        }
+    }
+
+    async fn try_delete(
+        &self,
+        key: &ObjectRef,
+        expired: Option<(&StagingTemplate, &[Part])>,
+    ) -> Result<String, Trouble> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &namespace_resource());
+        let listed = api
+            .list(&ListParams::default().labels(&self.selector(Some(key.name.as_str()))))
+            .await
+            .map_err(Trouble::from)?;
+        let mut deleted = Vec::new();
+        for namespace in listed.items {
+            let Some(ns) = namespace.metadata.name.clone() else {
+                continue;
+            };
+            if namespace.metadata.deletion_timestamp.is_none() {
+                api.delete(&ns, &DeleteParams::background())
+                    .await
+                    .map_err(|e| Trouble::object("Namespace", &ns, e))?;
+            }
+            let started = Instant::now();
+            loop {
+                match api.get_opt(&ns).await.map_err(Trouble::from)? {
+                    None => break,
+                    Some(_) if started.elapsed() > CLEANUP_WAIT => {
+                        return Err(Trouble::Failed(format!(
+                            "namespace {ns} is still being deleted after {}s; see kubectl describe namespace {ns} for what holds it",
+                            CLEANUP_WAIT.as_secs()
+                        )));
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            deleted.push(ns);
+        }
+        if let Some((template, parts)) = expired {
+            let ns_hash = template.part_hash(&format!("Namespace/{}", template.namespace), parts);
+            let now = Utc::now().to_rfc3339();
+            self.apply_namespace(
+                key,
+                template,
+                &ns_hash,
+                &BTreeSet::new(),
+                Some(&now),
+                Some(&now),
+            )
+            .await?;
+            return Ok(format!(
+                "cleaned up after its ttl: namespace {} deleted with its volumes; an empty one is kept as a marker",
+                template.namespace
+            ));
+        }
+        Ok(match deleted.is_empty() {
+            true => "already gone".into(),
+            false => format!("namespace {} deleted", deleted.join(", ")),
+        })
+    }
+}
+
+/// Why a step could not finish.
+enum Trouble {
+    /// The staging cannot be applied as it is: the reason says what to do.
+    Failed(String),
+    /// The API server did not answer.
+    Gone(String),
+}
+
+impl From<kube::Error> for Trouble {
+    fn from(error: kube::Error) -> Trouble {
+        match error {
+            kube::Error::Api(status) => {
+                Trouble::Failed(format!("the API server refused: {}", status.message))
+            }
+            other => Trouble::Gone(other.to_string()),
+        }
+    }
+}
+
+impl Trouble {
+    fn object(kind: &str, name: &str, error: kube::Error) -> Trouble {
+        match Trouble::from(error) {
+            Trouble::Failed(why) => Trouble::Failed(format!("{kind}/{name}: {why}")),
+            gone => gone,
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+fn namespace_resource() -> ApiResource {
+    ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&())
+}
+
+fn pod_resource() -> ApiResource {
+    ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&())
+}
+
+fn secret_resource() -> ApiResource {
+    ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&())
+}
+
+/// 32 bytes from the kernel's random source, for keys that never leave the process.
+fn random_key() -> [u8; 32] {
+    use std::io::Read as _;
+    let mut key = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .is_err()
+    {
+        let seed = format!("{:?}{:?}", std::time::SystemTime::now(), std::process::id());
+        key.copy_from_slice(&Sha256::digest(seed.as_bytes()));
+    }
+    key
+}

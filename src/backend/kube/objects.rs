@@ -1,0 +1,283 @@
+//! A staging's objects as berth applies them, and the comparison of that with what runs. Pure.
+//!
+//! Every object gets the ownership labels and the staging's namespace; the pods of workloads get
+//! the ownership labels too, so one list finds them. Archiving applies the same objects with the
+//! workloads' replicas at zero and the replicas they had in an annotation, so restore is the
+//! plain apply again. [`edited`] finds what someone changed by hand: every field berth applies
+//! must still have the value berth gave it (fields others add, and defaults, are theirs).
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::health::ANNOTATION_ARCHIVED_REPLICAS;
+use crate::descriptor::manifests::Manifest;
+
+/// Kinds berth scales to zero to archive a staging.
+pub const WORKLOADS: &[&str] = &["Deployment", "StatefulSet"];
+
+/// Kinds whose pod template gets the ownership labels.
+const POD_TEMPLATES: &[&str] = &[
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "Job",
+    "ReplicaSet",
+];
+
+/// `manifest` as berth applies it in `namespace`, with `labels`; archived workloads at zero.
+pub fn shaped(
+    manifest: &Manifest,
+    namespace: &str,
+    labels: &HashMap<String, String>,
+    pod_labels: &HashMap<String, String>,
+    archived: bool,
+) -> Value {
+    let mut object = manifest.object.clone();
+    let metadata = entry(&mut object, "metadata");
+    metadata.insert("namespace".into(), namespace.into());
+    let own = entry_value(metadata, "labels");
+    for (key, value) in labels {
+        own.insert(key.clone(), value.clone().into());
+    }
+    let kind = manifest.kind.as_str();
+    if POD_TEMPLATES.contains(&kind)
+        && let Some(template) = object.pointer_mut("/spec/template")
+        && template.is_object()
+    {
+        let template_metadata = entry(template, "metadata");
+        let own = entry_value(template_metadata, "labels");
+        for (key, value) in pod_labels {
+            own.insert(key.clone(), value.clone().into());
+        }
+    }
+    if archived && WORKLOADS.contains(&kind) {
+        let replicas = manifest
+            .object
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let annotations = entry_value(entry(&mut object, "metadata"), "annotations");
+        annotations.insert(
+            ANNOTATION_ARCHIVED_REPLICAS.into(),
+            replicas.to_string().into(),
+        );
+        entry(&mut object, "spec").insert("replicas".into(), 0.into());
+    }
+    object
+}
+
+fn entry<'v>(value: &'v mut Value, key: &str) -> &'v mut Map<String, Value> {
+    let map = value.as_object_mut().expect("manifests are mappings");
+    entry_value(map, key)
+}
+
+fn entry_value<'m>(map: &'m mut Map<String, Value>, key: &str) -> &'m mut Map<String, Value> {
+    let slot = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
+    if !slot.is_object() {
+        *slot = Value::Object(Map::new());
+    }
+    slot.as_object_mut().expect("made a mapping above")
+}
+
+/// What a plan shows of an object: its images and replicas, when it has them.
+pub fn summary(object: &Value) -> Value {
+    let mut summary = Map::new();
+    let containers = object
+        .pointer("/spec/template/spec/containers")
+        .or_else(|| object.pointer("/spec/containers"))
+        .and_then(Value::as_array);
+    let images: Vec<&str> = containers
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["image"].as_str())
+        .collect();
+    if !images.is_empty() {
+        summary.insert("image".into(), images.join(", ").into());
+    }
+    let archived = object
+        .pointer(&format!(
+            "/metadata/annotations/{ANNOTATION_ARCHIVED_REPLICAS}"
+        ))
+        .and_then(Value::as_str)
+        .and_then(|n| n.parse::<i64>().ok());
+    if let Some(replicas) =
+        archived.or_else(|| object.pointer("/spec/replicas").and_then(Value::as_i64))
+    {
+        summary.insert("replicas".into(), replicas.into());
+    }
+    Value::Object(summary)
+}
+
+/// The first field berth applies whose live value differs: `spec.replicas is 3, berth applies 1`.
+pub fn edited(applied: &Value, live: &Value) -> Option<String> {
+    let mut path = String::new();
+    differ(applied, live, &mut path)
+}
+
+fn differ(applied: &Value, live: &Value, path: &mut String) -> Option<String> {
+    match (applied, live) {
+        (Value::Object(want), Value::Object(have)) => {
+            for (key, value) in want {
+                let length = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                let found = match have.get(key) {
+                    Some(there) => differ(value, there, path),
+                    None if empty(value) => None,
+                    None => Some(format!("{path} was removed")),
+                };
+                path.truncate(length);
+                if found.is_some() {
+                    return found;
+                }
+            }
+            None
+        }
+        (Value::Array(want), Value::Array(have)) => {
+            for (index, value) in want.iter().enumerate() {
+                let length = path.len();
+                path.push_str(&format!("[{index}]"));
+                let found = match have.get(index) {
+                    Some(there) => differ(value, there, path),
+                    None => Some(format!("{path} was removed")),
+                };
+                path.truncate(length);
+                if found.is_some() {
+                    return found;
+                }
+            }
+            None
+        }
+        (want, have) if same_scalar(want, have) => None,
+        (want, _) if empty(want) => None,
+        (want, have) => Some(format!(
+            "{path} is {}, berth applies {}",
+            short(have),
+            short(want)
+        )),
+    }
+}
+
+/// Whether two scalars mean the same (`8080` and `"8080"`, as the API server may write either).
+fn same_scalar(want: &Value, have: &Value) -> bool {
+    want == have
+        || match (want, have) {
+            (Value::Number(a), Value::String(b)) | (Value::String(b), Value::Number(a)) => {
+                a.to_string() == *b
+            }
+            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            _ => false,
+        }
+}
+
+/// Values the API server drops when they are empty.
+fn empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(_) => false,
+    }
+}
+
+fn short(value: &Value) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.chars().count() > 60 {
+        format!("{}…", text.chars().take(60).collect::<String>())
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest(object: Value) -> Manifest {
+        Manifest {
+            file: "m.yaml".into(),
+            line: 1,
+            api_version: object["apiVersion"].as_str().unwrap().into(),
+            kind: object["kind"].as_str().unwrap().into(),
+            name: object["metadata"]["name"].as_str().unwrap().into(),
+            object,
+        }
+    }
+
+    fn deployment() -> Manifest {
+        manifest(
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "shop"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "shop"}},
+                "template": {"metadata": {"labels": {"app": "shop"}},
+                    "spec": {"containers": [{"name": "shop", "image": "shop:v1", "env": [{"name": "A", "value": ""}]}]}}}}),
+        )
+    }
+
+    #[test]
+    fn shaping_labels_objects_and_pods_and_archives_by_scaling_to_zero() {
+        let labels = HashMap::from([("berth.name".to_string(), "login".to_string())]);
+        let running = shaped(&deployment(), "stg", &labels, &labels, false);
+        assert_eq!(running.pointer("/metadata/namespace"), Some(&json!("stg")));
+        assert_eq!(
+            running.pointer("/metadata/labels/berth.name"),
+            Some(&json!("login"))
+        );
+        assert_eq!(
+            running.pointer("/spec/template/metadata/labels/berth.name"),
+            Some(&json!("login"))
+        );
+        assert_eq!(
+            running.pointer("/spec/template/metadata/labels/app"),
+            Some(&json!("shop"))
+        );
+        assert_eq!(running.pointer("/spec/replicas"), Some(&json!(2)));
+        let archived = shaped(&deployment(), "stg", &labels, &labels, true);
+        assert_eq!(archived.pointer("/spec/replicas"), Some(&json!(0)));
+        assert_eq!(
+            archived.pointer("/metadata/annotations/berth.archived-replicas"),
+            Some(&json!("2"))
+        );
+        assert_eq!(
+            summary(&archived),
+            json!({"image": "shop:v1", "replicas": 2})
+        );
+    }
+
+    #[test]
+    fn a_hand_edit_of_an_applied_field_is_found_and_defaults_are_not() {
+        let applied = shaped(
+            &deployment(),
+            "stg",
+            &HashMap::new(),
+            &HashMap::new(),
+            false,
+        );
+        let mut live = applied.clone();
+        live["status"] = json!({"replicas": 2});
+        live["spec"]["strategy"] = json!({"type": "RollingUpdate"});
+        live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] =
+            json!("IfNotPresent");
+        live["spec"]["template"]["spec"]["containers"][0]["env"][0] = json!({"name": "A"});
+        assert_eq!(edited(&applied, &live), None);
+        live["spec"]["replicas"] = json!(5);
+        assert_eq!(
+            edited(&applied, &live).as_deref(),
+            Some("spec.replicas is 5, berth applies 2")
+        );
+        live["spec"]["replicas"] = json!(2);
+        live["spec"]["template"]["spec"]["containers"][0]["image"] = json!("evil:1");
+        assert_eq!(
+            edited(&applied, &live).as_deref(),
+            Some("spec.template.spec.containers[0].image is evil:1, berth applies shop:v1")
+        );
+    }
+}

@@ -1,0 +1,630 @@
+//! A Staging's Kubernetes manifests: read from its folder in the repo (or from a chart's rendered
+//! output), variables substituted, every document checked, each problem placed at its file, line
+//! and column.
+//!
+//! Substitution is textual, before parsing, as Flux's `postBuild` and `envsubst` do, so a variable
+//! can stand for a number as well as a string: `${tag}` and `${overrides.KEY}` (a key of
+//! `overrides.app` or `overrides.staging`; `staging` wins). `$${` writes a literal `${`. Secret
+//! overrides are never substituted: they live in the Secret [`SECRET_NAME`], which manifests
+//! reference with `secretKeyRef` or `envFrom`, so no value is ever written into an object berth
+//! shows. Each document must name its apiVersion, kind and name, stay in the staging's namespace,
+//! and be of a namespaced kind (berth makes the namespace itself).
+//!
+//! A `chart:` is rendered with `helm template` when `helm` is on PATH, with the values `tag` and
+//! `overrides`; its output goes through the same checks, and then through berth's own apply,
+//! inventory and prune, as Argo CD treats charts. A chart that cannot be rendered is not a problem
+//! of the revision: that one staging fails with the reason, and the others go on.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::model::{StagingSpec, TagSource};
+use super::yaml::{self, Position};
+
+/// The Secret in a staging's namespace that holds its `overrides.secret` values.
+pub const SECRET_NAME: &str = "berth-overrides";
+
+/// Kinds that are not namespaced, and so cannot be part of a staging.
+const CLUSTER_SCOPED: &[&str] = &[
+    "APIService",
+    "CertificateSigningRequest",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ComponentStatus",
+    "CSIDriver",
+    "CSINode",
+    "CustomResourceDefinition",
+    "IngressClass",
+    "MutatingWebhookConfiguration",
+    "Namespace",
+    "Node",
+    "PersistentVolume",
+    "PodSecurityPolicy",
+    "PriorityClass",
+    "RuntimeClass",
+    "StorageClass",
+    "ValidatingWebhookConfiguration",
+    "VolumeAttachment",
+];
+
+/// One object of a staging, ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// Where it was written, relative to the repo's root (or `chart output`).
+    pub file: String,
+    /// The line its document starts on.
+    pub line: usize,
+    /// `apps/v1`.
+    pub api_version: String,
+    /// `Deployment`.
+    pub kind: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The whole object, variables substituted.
+    pub object: Value,
+}
+
+impl Manifest {
+    /// `Deployment/shop`: how plans and status name the object.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+}
+
+/// The manifests of one staging, or why they could not be made (a chart that did not render).
+pub type Rendered = Result<Arc<Vec<Manifest>>, String>;
+
+/// Something wrong in a manifest, at its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestProblem {
+    /// The file, relative to the repo's root.
+    pub file: String,
+    /// Where.
+    pub at: Position,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The values a staging's manifests may use.
+#[derive(Debug, Clone, Default)]
+pub struct Variables<'a> {
+    /// `${tag}`; `None` while it comes from a Pipeline that has produced nothing yet.
+    pub tag: Option<&'a str>,
+    /// `${overrides.KEY}`.
+    pub overrides: BTreeMap<&'a str, &'a str>,
+    /// Keys of `overrides.secret`: named only to say how to use them instead.
+    pub secrets: BTreeSet<&'a str>,
+}
+
+/// Where a staging's manifests go.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The staging's namespace.
+    pub namespace: &'a str,
+    /// Largest file read, in bytes.
+    pub max_file_size: u64,
+}
+
+/// The manifests of `spec`: its folder rendered, or its chart. Problems in the folder's files are
+/// the revision's problems; a chart that does not render is that staging's failure.
+pub fn render(
+    root: &Path,
+    spec: &StagingSpec,
+    max_file_size: u64,
+) -> Result<Rendered, Vec<ManifestProblem>> {
+    let mut overrides: BTreeMap<&str, &str> = BTreeMap::new();
+    for (key, value) in spec.overrides.app.iter().chain(&spec.overrides.staging) {
+        overrides.insert(key, value);
+    }
+    let variables = Variables {
+        tag: match &spec.tag {
+            TagSource::Tag(tag) => Some(tag),
+            TagSource::FromPipeline(_) => None,
+        },
+        overrides,
+        secrets: spec.overrides.secret.keys().map(String::as_str).collect(),
+    };
+    let target = Target {
+        namespace: spec.namespace.as_str(),
+        max_file_size,
+    };
+    match (&spec.manifests, &spec.chart) {
+        (Some(folder), _) => {
+            render_folder(root, folder, target, &variables).map(|m| Ok(Arc::new(m)))
+        }
+        (None, Some(chart)) => Ok(render_chart(root, chart, target, &variables)),
+        (None, None) => Ok(Ok(Arc::new(Vec::new()))),
+    }
+}
+
+/// Runs `helm template` on `chart` and checks its output.
+fn render_chart(
+    root: &Path,
+    chart: &str,
+    target: Target<'_>,
+    variables: &Variables<'_>,
+) -> Rendered {
+    let values = serde_json::json!({
+        "tag": variables.tag.unwrap_or("pending"),
+        "overrides": variables.overrides,
+    });
+    let mut file = tempfile::NamedTempFile::new()
+        .map_err(|error| format!("cannot write the chart's values: {error}"))?;
+    std::io::Write::write_all(&mut file, values.to_string().as_bytes())
+        .map_err(|error| format!("cannot write the chart's values: {error}"))?;
+    let output = std::process::Command::new("helm")
+        .args(["template", "berth", chart, "--namespace", target.namespace, "--values"])
+        .arg(file.path())
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "cannot render chart {chart}: helm is not on PATH; install helm 3 on the agent's host, or render the chart into a manifests folder"
+            ),
+            _ => format!("cannot render chart {chart}: cannot run helm: {error}"),
+        })?;
+    if !output.status.success() {
+        let said = String::from_utf8_lossy(&output.stderr);
+        let said: Vec<&str> = said
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(5)
+            .collect();
+        return Err(format!(
+            "cannot render chart {chart}: helm template {}: {}",
+            output.status,
+            said.join("; ")
+        ));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let origin = format!("{chart} (rendered)");
+    let (manifests, problems) = documents(&origin, &text, target);
+    match problems.first() {
+        None => Ok(Arc::new(manifests)),
+        Some(first) => Err(format!(
+            "chart {chart} renders {} problem(s); the first, at line {} of helm's output: {}",
+            problems.len(),
+            first.at.line,
+            first.message
+        )),
+    }
+}
+
+/// Reads every `.yaml`, `.yml` and `.json` file under `folder` (sorted, hidden ones skipped),
+/// substitutes `variables`, and checks each document.
+pub fn render_folder(
+    root: &Path,
+    folder: &str,
+    target: Target<'_>,
+    variables: &Variables<'_>,
+) -> Result<Vec<Manifest>, Vec<ManifestProblem>> {
+    let mut files = Vec::new();
+    let base = root.join(folder);
+    let mut problems = Vec::new();
+    collect(&base, &mut files).map_err(|error| {
+        vec![ManifestProblem {
+            file: folder.to_string(),
+            at: Position { line: 1, column: 1 },
+            message: format!("cannot read the manifests folder: {error}"),
+        }]
+    })?;
+    files.sort();
+    let mut manifests = Vec::new();
+    for path in files {
+        let relative = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let size = path.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > target.max_file_size {
+            problems.push(ManifestProblem {
+                file: relative,
+                at: Position { line: 1, column: 1 },
+                message: format!(
+                    "the file has {size} bytes, more than the {} a manifest may have; split it",
+                    target.max_file_size
+                ),
+            });
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let (found, wrong) = render_text(&relative, &text, target, variables);
+                manifests.extend(found);
+                problems.extend(wrong);
+            }
+            Err(error) => problems.push(ManifestProblem {
+                file: relative,
+                at: Position { line: 1, column: 1 },
+                message: format!("cannot read the file: {error}"),
+            }),
+        }
+    }
+    problems.extend(duplicates(&manifests));
+    if manifests.is_empty() && problems.is_empty() {
+        problems.push(ManifestProblem {
+            file: folder.to_string(),
+            at: Position { line: 1, column: 1 },
+            message:
+                "the manifests folder holds no Kubernetes objects (.yaml, .yml or .json files)"
+                    .into(),
+        });
+    }
+    if problems.is_empty() {
+        Ok(manifests)
+    } else {
+        Err(problems)
+    }
+}
+
+fn collect(folder: &Path, files: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(folder)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            collect(&entry.path(), files)?;
+        } else if kind.is_file()
+            && [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        {
+            files.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Substitutes and checks one file's documents (or a chart's output, named `file`).
+pub fn render_text(
+    file: &str,
+    text: &str,
+    target: Target<'_>,
+    variables: &Variables<'_>,
+) -> (Vec<Manifest>, Vec<ManifestProblem>) {
+    let problem = |at: Position, message: String| ManifestProblem {
+        file: file.to_string(),
+        at,
+        message,
+    };
+    match substitute(text, variables) {
+        Ok(text) => documents(file, &text, target),
+        Err(found) => (
+            Vec::new(),
+            found.into_iter().map(|(at, m)| problem(at, m)).collect(),
+        ),
+    }
+}
+
+/// Checks the documents of `text`, named `file`, as they are.
+fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<ManifestProblem>) {
+    let problem = |at: Position, message: String| ManifestProblem {
+        file: file.to_string(),
+        at,
+        message,
+    };
+    let stream = yaml::parse(text, true);
+    let mut manifests = Vec::new();
+    let mut problems: Vec<ManifestProblem> = Vec::new();
+    if let Some(fatal) = stream.fatal {
+        problems.push(problem(fatal.at, fatal.message));
+    }
+    for document in stream.documents {
+        problems.extend(
+            document
+                .problems
+                .iter()
+                .map(|p| problem(p.at, p.message.clone())),
+        );
+        if document.value.is_null() {
+            continue;
+        }
+        let at = |pointer: &str| {
+            document
+                .positions
+                .get(pointer)
+                .map_or(document.start, |p| p.value)
+        };
+        match check(document.value, target.namespace) {
+            Ok((api_version, kind, name, object)) => manifests.push(Manifest {
+                file: file.to_string(),
+                line: document.start.line,
+                api_version,
+                kind,
+                name,
+                object,
+            }),
+            Err(found) => problems.extend(
+                found
+                    .into_iter()
+                    .map(|(pointer, message)| problem(at(pointer), message)),
+            ),
+        }
+    }
+    (manifests, problems)
+}
+
+type Identity = (String, String, String, Value);
+
+/// Checks one document: its identity, namespace and scope. Problems come with the JSON pointer
+/// of the node they are about.
+fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, String)>> {
+    if !object.is_object() {
+        return Err(vec![(
+            "",
+            "a manifest must be a mapping with apiVersion, kind and metadata.name".into(),
+        )]);
+    }
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let mut found = Vec::new();
+    let api_version = text("/apiVersion");
+    let kind = text("/kind");
+    let name = text("/metadata/name");
+    if api_version.is_none() {
+        found.push((
+            "",
+            "the object has no apiVersion; add one, e.g. apiVersion: apps/v1".into(),
+        ));
+    }
+    if kind.is_none() {
+        found.push((
+            "",
+            "the object has no kind; add one, e.g. kind: Deployment".into(),
+        ));
+    }
+    if name.is_none() {
+        found.push((
+            "/metadata",
+            "the object has no metadata.name; every object needs a name".into(),
+        ));
+    }
+    if let Some(kind) = &kind {
+        if CLUSTER_SCOPED.contains(&kind.as_str()) {
+            found.push((
+                "/kind",
+                format!(
+                    "{kind} is cluster-scoped, and a staging holds only objects of its own namespace (berth makes the namespace itself); remove it"
+                ),
+            ));
+        } else if kind.ends_with("List") {
+            found.push((
+                "/kind",
+                format!("{kind}: write each object as a document of its own (separated by ---)"),
+            ));
+        }
+    }
+    if let Some(theirs) = object.pointer("/metadata/namespace")
+        && theirs.as_str() != Some(namespace)
+    {
+        found.push((
+            "/metadata/namespace",
+            format!(
+                "the object is in namespace {}, but the staging's namespace is {namespace}; remove metadata.namespace (berth sets it)",
+                theirs.as_str().map_or_else(|| theirs.to_string(), str::to_string)
+            ),
+        ));
+    }
+    if let Some(labels) = object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+    {
+        for key in labels.keys().filter(|k| k.starts_with("berth.")) {
+            found.push((
+                "/metadata/labels",
+                format!("label {key}: labels starting with \"berth.\" are berth's own; choose another key"),
+            ));
+        }
+    }
+    match (api_version, kind, name) {
+        (Some(api_version), Some(kind), Some(name)) if found.is_empty() => {
+            Ok((api_version, kind, name, object))
+        }
+        _ => Err(found),
+    }
+}
+
+/// Two documents naming the same object.
+fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
+    let mut seen: HashMap<(String, &str, &str), &Manifest> = HashMap::new();
+    let mut problems = Vec::new();
+    for manifest in manifests {
+        let group = manifest
+            .api_version
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group);
+        let key = (
+            group.to_string(),
+            manifest.kind.as_str(),
+            manifest.name.as_str(),
+        );
+        if let Some(first) = seen.insert(key, manifest) {
+            problems.push(ManifestProblem {
+                file: manifest.file.clone(),
+                at: Position {
+                    line: manifest.line,
+                    column: 1,
+                },
+                message: format!(
+                    "{} is also defined at {}:{}; keep one",
+                    manifest.id(),
+                    first.file,
+                    first.line
+                ),
+            });
+        }
+    }
+    problems
+}
+
+/// Replaces `${tag}` and `${overrides.KEY}`; every variable that cannot be replaced is a problem
+/// at its line and column.
+fn substitute(text: &str, variables: &Variables<'_>) -> Result<String, Vec<(Position, String)>> {
+    if !text.contains("${") {
+        return Ok(text.to_string());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        let mut column = 1;
+        while let Some(at) = rest.find("${") {
+            let escaped = at > 0 && rest.as_bytes()[at - 1] == b'$';
+            let before = &rest[..at];
+            column += before.chars().count();
+            let position = Position {
+                line: index + 1,
+                column,
+            };
+            if escaped {
+                out.push_str(&before[..before.len() - 1]);
+                out.push_str("${");
+                rest = &rest[at + 2..];
+                column += 2;
+                continue;
+            }
+            out.push_str(before);
+            let Some(end) = rest[at..].find('}') else {
+                problems.push((
+                    position,
+                    "\"${\" without a closing \"}\"; write $${ for a literal ${".to_string(),
+                ));
+                rest = &rest[at + 2..];
+                column += 2;
+                continue;
+            };
+            let name = &rest[at + 2..at + end];
+            match lookup(name, variables) {
+                Ok(value) => out.push_str(value),
+                Err(message) => problems.push((position, message)),
+            }
+            column += rest[at..at + end + 1].chars().count();
+            rest = &rest[at + end + 1..];
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+fn lookup<'v>(name: &str, variables: &Variables<'v>) -> Result<&'v str, String> {
+    if name == "tag" {
+        // A tag from a Pipeline is not known until it has produced an image; the staging waits
+        // until then, so what stands in for it is never applied.
+        return Ok(variables.tag.unwrap_or("pending"));
+    }
+    if let Some(key) = name.strip_prefix("overrides.") {
+        if let Some(value) = variables.overrides.get(key) {
+            return Ok(value);
+        }
+        if variables.secrets.contains(key) {
+            return Err(format!(
+                "${{{name}}} is a secret override, and secrets are never written into manifests; use valueFrom: {{secretKeyRef: {{name: {SECRET_NAME}, key: {key}}}}}"
+            ));
+        }
+        return Err(format!(
+            "${{{name}}} is not defined; add {key} to spec.overrides.app or spec.overrides.staging, or write $${{ for a literal ${{"
+        ));
+    }
+    Err(format!(
+        "${{{name}}} is not a variable berth knows; use ${{tag}} or ${{overrides.KEY}}, or write $${{ for a literal ${{"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Variables<'static> {
+        Variables {
+            tag: Some("v2"),
+            overrides: BTreeMap::from([("LOG_LEVEL", "debug"), ("REPLICAS", "2")]),
+            secrets: BTreeSet::from(["DB_PASSWORD"]),
+        }
+    }
+
+    const TARGET: Target<'static> = Target {
+        namespace: "stg",
+        max_file_size: 1 << 20,
+    };
+
+    #[test]
+    fn variables_are_substituted_before_parsing_so_numbers_stay_numbers() {
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: ${overrides.REPLICAS}\n  image: shop:${tag}\n  note: cost $${HOME}\n";
+        let (manifests, problems) = render_text("m.yaml", text, TARGET, &vars());
+        assert!(problems.is_empty(), "{problems:?}");
+        let object = &manifests[0].object;
+        assert_eq!(object.pointer("/spec/replicas"), Some(&Value::from(2)));
+        assert_eq!(object.pointer("/spec/image"), Some(&Value::from("shop:v2")));
+        assert_eq!(
+            object.pointer("/spec/note"),
+            Some(&Value::from("cost ${HOME}"))
+        );
+    }
+
+    #[test]
+    fn an_undefined_variable_is_placed_at_its_line_and_column() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: x-${overrides.NOPE}\n  b: ${overrides.DB_PASSWORD}\n  c: ${home}\n";
+        let (_, problems) = render_text("m.yaml", text, TARGET, &vars());
+        let places: Vec<(usize, usize)> =
+            problems.iter().map(|p| (p.at.line, p.at.column)).collect();
+        assert_eq!(places, vec![(5, 8), (6, 6), (7, 6)]);
+        assert!(
+            problems[0]
+                .message
+                .contains("add NOPE to spec.overrides.app")
+        );
+        assert!(problems[1].message.contains("secretKeyRef"));
+        assert!(problems[2].message.contains("not a variable berth knows"));
+    }
+
+    #[test]
+    fn identity_namespace_and_scope_are_checked_at_the_node() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: other\n---\nkind: Service\nmetadata: {name: s}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n";
+        let (manifests, problems) = render_text("m.yaml", text, TARGET, &vars());
+        assert!(manifests.is_empty());
+        let found: Vec<(usize, &str)> = problems
+            .iter()
+            .map(|p| (p.at.line, p.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found[0].0, 5);
+        assert!(found[0].1.contains("namespace other"));
+        assert!(found[1].1.contains("no apiVersion"));
+        assert_eq!(found[2].0, 11);
+        assert!(found[2].1.contains("cluster-scoped"));
+    }
+
+    #[test]
+    fn the_same_object_twice_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("m");
+        std::fs::create_dir(&folder).unwrap();
+        let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n";
+        std::fs::write(folder.join("a.yaml"), doc).unwrap();
+        std::fs::write(folder.join("b.yml"), doc).unwrap();
+        std::fs::write(folder.join(".hidden.yaml"), "not: [valid").unwrap();
+        std::fs::write(folder.join("README.md"), "# not a manifest").unwrap();
+        let problems = render_folder(dir.path(), "m", TARGET, &vars()).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].file, "m/b.yml");
+        assert!(problems[0].message.contains("also defined at m/a.yaml:1"));
+    }
+}
