@@ -176,6 +176,10 @@ fn stuck_pod(workload: &Value, pods: &[&Value]) -> Option<String> {
         .pointer("/spec/selector/matchLabels")
         .and_then(Value::as_object)?;
     let mine = |pod: &&&Value| {
+        // A pod on its way out says nothing about the workload any more.
+        if pod.pointer("/metadata/deletionTimestamp").is_some() {
+            return false;
+        }
         let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
         labels.is_some_and(|labels| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
     };

@@ -532,10 +532,13 @@ impl KubeBackend {
                     archived,
                 );
                 if let Some(edit) = objects::edited(&applied, seen) {
-                    part.hash = format!("edited:{}", part.hash);
-                    if let Some(spec) = part.spec.as_object_mut() {
-                        spec.insert("edited".into(), edit.into());
+                    // Shown as the one change: the summary is what berth applied, plus the edit.
+                    let mut spec = objects::summary(&manifest.object);
+                    if let Some(fields) = spec.as_object_mut() {
+                        fields.insert("edited".into(), edit.into());
                     }
+                    part.hash = format!("edited:{}", part.hash);
+                    part.spec = spec;
                 }
             }
         }

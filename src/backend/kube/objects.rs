@@ -112,7 +112,13 @@ pub fn summary(object: &Value) -> Value {
 /// The first field berth applies whose live value differs: `spec.replicas is 3, berth applies 1`.
 pub fn edited(applied: &Value, live: &Value) -> Option<String> {
     let mut path = String::new();
-    differ(applied, live, &mut path)
+    // Lists leave out each item's apiVersion and kind; the object was found by them anyway.
+    let mut applied = applied.clone();
+    if let Some(fields) = applied.as_object_mut() {
+        fields.remove("apiVersion");
+        fields.remove("kind");
+    }
+    differ(&applied, live, &mut path)
 }
 
 fn differ(applied: &Value, live: &Value, path: &mut String) -> Option<String> {
