@@ -476,6 +476,30 @@ impl Loader {
         if let (Some(kind), Some((_, Some(name)))) = (kind, &identity) {
             self.declared.insert((kind, name.clone()));
         }
+        if kind.is_none()
+            && let Some(Value::String(version)) = value.get("apiVersion")
+            && !is_berth_api(version)
+        {
+            // A Kubernetes object outside any staging's folder (its staging removed, or a file
+            // of another tool): one problem that says what to do, not one per schema rule.
+            let what = value
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("object");
+            self.push_violations(
+                file,
+                doc,
+                &identity,
+                vec![Violation {
+                    pointer: "/apiVersion".into(),
+                    at_key: false,
+                    message: format!(
+                        "not a berth descriptor ({what} of apiVersion {version}); if it is a Kubernetes manifest, name its folder in a Staging's spec.manifests, or list the file in .berthignore"
+                    ),
+                }],
+            );
+            return;
+        }
         let violations = schema::check(kind, &value);
         if !violations.is_empty() || kind.is_none() {
             self.push_violations(file, doc, &identity, violations);

@@ -330,9 +330,10 @@ fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
     );
 }
 
-/// A TCP front for the local Docker Engine's socket that a test can cut, as an engine that
-/// vanishes mid-pass (a daemon restart, a remote host lost). `DOCKER_HOST=tcp://127.0.0.1:PORT`
-/// points berth at it.
+/// A TCP front for an engine that a test can cut, as an engine that vanishes mid-pass (a daemon
+/// restart, a remote host lost, an API server stopped). `DOCKER_HOST=tcp://127.0.0.1:PORT` points
+/// berth at the Docker Engine through it; a kubeconfig with `server: https://127.0.0.1:PORT`
+/// points it at the Kubernetes API server.
 pub struct EngineProxy {
     /// The port it listens on.
     pub port: u16,
@@ -340,9 +341,44 @@ pub struct EngineProxy {
     connections: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
+/// A connection to the engine behind the front.
+trait Upstream: std::io::Read + std::io::Write + Send + Sized + 'static {
+    fn again(&self) -> Self;
+    fn close(&self);
+}
+
+impl Upstream for std::os::unix::net::UnixStream {
+    fn again(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Upstream for std::net::TcpStream {
+    fn again(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl EngineProxy {
     /// Starts forwarding to `/var/run/docker.sock`.
     pub fn start() -> EngineProxy {
+        EngineProxy::forwarding(|| std::os::unix::net::UnixStream::connect("/var/run/docker.sock"))
+    }
+
+    /// Starts forwarding to a TCP address (an API server).
+    pub fn to_tcp(address: std::net::SocketAddr) -> EngineProxy {
+        EngineProxy::forwarding(move || std::net::TcpStream::connect(address))
+    }
+
+    fn forwarding<U: Upstream>(
+        connect: impl Fn() -> std::io::Result<U> + Send + 'static,
+    ) -> EngineProxy {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -355,17 +391,15 @@ impl EngineProxy {
                 if !flag.load(Ordering::SeqCst) {
                     continue; // dropped: refused, as a dead engine would
                 }
-                let Ok(engine) = std::os::unix::net::UnixStream::connect("/var/run/docker.sock")
-                else {
+                let Ok(engine) = connect() else {
                     continue;
                 };
                 held.lock().unwrap().push(client.try_clone().unwrap());
-                let (mut client_in, mut engine_out) =
-                    (client.try_clone().unwrap(), engine.try_clone().unwrap());
+                let (mut client_in, mut engine_out) = (client.try_clone().unwrap(), engine.again());
                 let (mut engine_in, mut client_out) = (engine, client);
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut client_in, &mut engine_out);
-                    let _ = engine_out.shutdown(std::net::Shutdown::Both);
+                    engine_out.close();
                 });
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut engine_in, &mut client_out);

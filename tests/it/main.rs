@@ -3,6 +3,7 @@
 //! - `validate`: the loader on the fixtures in `tests/fixtures/invalid/` and the sample repo;
 //! - `cli`: the `berth` binary's output formats and exit codes;
 //! - `docker`: plan and apply against the real Docker Engine;
+//! - `kube`: Stagings against a real single-node Kubernetes cluster (`tests/testbed/kube-up.sh`);
 //! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
@@ -14,6 +15,7 @@ mod cli;
 mod docker;
 mod gitserver;
 mod hardening;
+mod kube;
 mod schema_files;
 mod server_limits;
 mod util;

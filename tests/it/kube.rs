@@ -1,0 +1,677 @@
+//! Stagings against a real single-node Kubernetes cluster where pods really run
+//! (`tests/testbed/kube-up.sh`: Debian's own v1.20.2 build, with a kubelet on the local Docker
+//! Engine), driving the real `berth` binary through create, update, hand edit, prune, archive,
+//! restore, cleanup and ttl, and observing real pods, claims and NodePorts.
+//!
+//! Without a cluster these tests skip loudly, unless `BERTH_REQUIRE_KUBE=1` (set by `.ci/run`),
+//! which makes them fail instead. When the cluster's binaries are cached (or the variable is set),
+//! the first test starts the cluster; tests using it run one at a time. Each test is its own berth
+//! instance and deletes its namespaces when it ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::docker::{Instance, engine};
+use crate::hardening::EngineProxy;
+use crate::util::{Repo, crate_root, stdout};
+
+/// The cluster, for one test at a time.
+struct Cluster {
+    kubeconfig: PathBuf,
+    instance: Instance,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let selector = format!("berth.instance={}", self.instance.name);
+        self.kubectl(&["delete", "namespace", "-l", &selector, "--wait=false"]);
+        self.kubectl(&["delete", "pv", "-l", &selector, "--wait=false"]);
+    }
+}
+
+fn kubeconfig() -> Option<PathBuf> {
+    static STARTED: OnceLock<Option<PathBuf>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            let required = std::env::var("BERTH_REQUIRE_KUBE").as_deref() == Ok("1");
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("berth/kube-v1.20.2-oom0/bin/kube-apiserver"));
+            if !required && !cache.is_some_and(|c| c.is_file()) {
+                eprintln!(
+                    "\n*** SKIPPED: no Kubernetes test cluster is built; run tests/testbed/kube-up.sh once, or set BERTH_REQUIRE_KUBE=1 to build it and make this a failure ***\n"
+                );
+                return None;
+            }
+            let output = Command::new("bash")
+                .arg(crate_root().join("tests/testbed/kube-up.sh"))
+                .output()
+                .expect("bash runs");
+            let path = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .map(PathBuf::from);
+            match path {
+                Some(path) if output.status.success() && path.is_file() => Some(path),
+                _ => {
+                    let said = String::from_utf8_lossy(&output.stderr);
+                    assert!(
+                        !required,
+                        "BERTH_REQUIRE_KUBE=1 but the test cluster did not start:\n{said}"
+                    );
+                    eprintln!("\n*** SKIPPED: the test cluster did not start:\n{said} ***\n");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// The cluster and a berth instance of this test's own; `None` (after a loud message) without.
+fn cluster() -> Option<Cluster> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let instance = engine()?;
+    let kubeconfig = kubeconfig()?;
+    let serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    Some(Cluster {
+        kubeconfig,
+        instance,
+        _serial: serial,
+    })
+}
+
+impl Cluster {
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// `kubectl get … -o jsonpath=…`, trimmed; empty when the object is missing.
+    fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
+        let output = self.kubectl(&[
+            "get",
+            "-n",
+            namespace,
+            what,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]);
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn exists(&self, namespace: &str, what: &str) -> bool {
+        self.kubectl(&["get", "-n", namespace, what, "-o", "name"])
+            .status
+            .success()
+    }
+
+    /// Runs berth against the cluster (and `kubeconfig` instead of the admin one, when given).
+    fn berth(
+        &self,
+        args: &[&str],
+        repo: &Path,
+        kubeconfig: Option<&Path>,
+        path: Option<&str>,
+    ) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
+        command
+            .args(args)
+            .arg(repo)
+            .args(["--instance", &self.instance.name])
+            .env("KUBECONFIG", kubeconfig.unwrap_or(&self.kubeconfig))
+            .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value");
+        if let Some(path) = path {
+            command.env("PATH", path);
+        }
+        command.output().expect("berth runs")
+    }
+
+    fn apply(&self, repo: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["apply", "--wait", "90s"];
+        args.extend(extra);
+        self.berth(&args, repo, None, None)
+    }
+
+    fn plan(&self, repo: &Path) -> String {
+        stdout(&self.berth(&["plan"], repo, None, None))
+    }
+}
+
+fn said(output: &Output) -> String {
+    format!(
+        "{}{}",
+        stdout(output),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// What the NodePort answers, retried while kube-proxy's rules catch up.
+fn fetch(port: u16) -> String {
+    let started = Instant::now();
+    loop {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "3",
+                &format!("http://127.0.0.1:{port}/index.html"),
+            ])
+            .output()
+            .expect("curl runs");
+        if output.status.success() || started.elapsed() > Duration::from_secs(20) {
+            return String::from_utf8_lossy(&output.stdout).trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A NodePort (30000-32767) of this instance's own.
+fn node_port(instance: &str) -> u16 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    instance.hash(&mut hasher);
+    30000 + (hasher.finish() % 2700) as u16
+}
+
+fn staging(name: &str, namespace: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Staging\nmetadata: {{name: {name}}}\nspec:\n  namespace: {namespace}\n{extra}"
+    )
+}
+
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: web
+          image: busybox:${tag}
+          imagePullPolicy: IfNotPresent
+          command: [httpd, -f, -p, \"8080\", -h, /data]
+          ports: [{containerPort: 8080}]
+          readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+          volumeMounts: [{name: data, mountPath: /data}]
+          env:
+            - name: TOKEN
+              valueFrom: {secretKeyRef: {name: berth-overrides, key: TOKEN}}
+      volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: ${overrides.NODE_PORT}, protocol: TCP}]
+";
+
+const CLAIM: &str = "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec:
+  storageClassName: ${overrides.CLASS}
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Mi}}
+";
+
+const EXTRA: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: extra}
+data: {greeting: \"${overrides.GREETING}\"}
+";
+
+#[test]
+fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cleanup() {
+    let Some(cluster) = cluster() else { return };
+    let name = &cluster.instance.name;
+    let ns = format!("{name}-shop");
+    let port = node_port(name);
+    // A volume on the host for the claim (no provisioner here), with the page the pods serve.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("index.html"), "kept across archive\n").unwrap();
+    let pv = format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}-pv\n  labels: {{berth.instance: {name}}}\nspec:\n  capacity: {{storage: 1Mi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: {name}\n  persistentVolumeReclaimPolicy: Retain\n  hostPath: {{path: {}}}\n",
+        volume.path().display()
+    );
+    let pv_file = volume.path().join("pv.yaml");
+    std::fs::write(&pv_file, pv).unwrap();
+    assert!(
+        cluster
+            .kubectl(&["apply", "-f", pv_file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let descriptor = |tag: &str, state: &str| {
+        staging(
+            "shop",
+            &ns,
+            &format!(
+                "  state: {state}\n  tag: {tag}\n  manifests: shop\n  overrides:\n    app: {{GREETING: hello, NODE_PORT: \"{port}\", CLASS: {name}}}\n    secret: {{TOKEN: {{env: BERTH_IT_TOKEN}}}}\n"
+            ),
+        )
+    };
+    let repo = Repo::new();
+    repo.write("shop.yaml", descriptor("latest", "running"))
+        .write("shop/web.yaml", WEB)
+        .write("shop/claim.yaml", CLAIM)
+        .write("shop/extra.yaml", EXTRA);
+
+    // Create: namespace, secret, objects; pods become ready and the NodePort answers.
+    let created = cluster.apply(repo.path(), &[]);
+    assert!(created.status.success(), "{}", said(&created));
+    assert!(
+        !said(&created).contains("s3cr3t"),
+        "a secret value was shown"
+    );
+    assert_eq!(fetch(port), "kept across archive");
+    assert_eq!(
+        cluster.get(&ns, "configmap/extra", "{.data.greeting}"),
+        "hello"
+    );
+    assert_eq!(
+        cluster.get(&ns, "deployment/web", "{.metadata.labels.berth\\.instance}"),
+        *name
+    );
+    let token = cluster.get(&ns, "secret/berth-overrides", "{.data.TOKEN}");
+    assert_eq!(
+        token, "czNjcjN0LXQwa2VuLXZhbHVl",
+        "the Secret holds the override"
+    );
+    assert!(cluster.plan(repo.path()).contains("1 unchanged"));
+
+    // Update: a new tag rolls the pods out to the new image.
+    let tag = format!("{name}-v2");
+    crate::docker::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
+    repo.write("shop.yaml", descriptor(&tag, "running"));
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains(&format!(
+            "Deployment/web: image changed: busybox:latest→busybox:{tag}"
+        )),
+        "{plan}"
+    );
+    let updated = cluster.apply(repo.path(), &[]);
+    assert!(updated.status.success(), "{}", said(&updated));
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/web",
+            "{.status.updatedReplicas} {.status.readyReplicas}"
+        ),
+        "1 1",
+        "apply --wait returns when the rollout is done"
+    );
+    eventually("the old pod goes", Duration::from_secs(30), || {
+        cluster.get(&ns, "pods", "{.items[*].spec.containers[0].image}") == format!("busybox:{tag}")
+    });
+    assert_eq!(fetch(port), "kept across archive");
+
+    // A hand edit is shown and taken back.
+    assert!(
+        cluster
+            .kubectl(&["scale", "-n", &ns, "deployment/web", "--replicas=2"])
+            .status
+            .success()
+    );
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("Deployment/web: edited outside berth (spec.replicas is 2, berth applies 1)"),
+        "{plan}"
+    );
+    let taken = cluster.apply(repo.path(), &[]);
+    assert!(taken.status.success(), "{}", said(&taken));
+    assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "1");
+
+    // Prune: an object dropped from the manifests is deleted.
+    std::fs::remove_file(repo.path().join("shop/extra.yaml")).unwrap();
+    assert!(
+        cluster
+            .plan(repo.path())
+            .contains("ConfigMap/extra removed")
+    );
+    let pruned = cluster.apply(repo.path(), &[]);
+    assert!(pruned.status.success(), "{}", said(&pruned));
+    assert!(!cluster.exists(&ns, "configmap/extra"));
+
+    // Archive: pods go, the claim and its data stay.
+    repo.write("shop.yaml", descriptor(&tag, "archived"));
+    let archived = cluster.apply(repo.path(), &[]);
+    assert!(archived.status.success(), "{}", said(&archived));
+    eventually("the pods terminate", Duration::from_secs(60), || {
+        cluster
+            .get(&ns, "pods", "{.items[*].metadata.name}")
+            .is_empty()
+    });
+    assert_eq!(cluster.get(&ns, "pvc/data", "{.status.phase}"), "Bound");
+    assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/web",
+            "{.metadata.annotations.berth\\.archived-replicas}"
+        ),
+        "1"
+    );
+    assert!(cluster.plan(repo.path()).contains("1 unchanged"));
+
+    // Restore: the pods come back, with the data.
+    repo.write("shop.yaml", descriptor(&tag, "running"));
+    assert!(cluster.plan(repo.path()).contains("restore"));
+    let restored = cluster.apply(repo.path(), &[]);
+    assert!(restored.status.success(), "{}", said(&restored));
+    assert_eq!(fetch(port), "kept across archive");
+
+    // Cleanup: removed from the repo (its manifests too, or berth would ask what they are), with
+    // prune, the namespace is deleted and gone.
+    std::fs::remove_file(repo.path().join("shop.yaml")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("shop")).unwrap();
+    let kept = cluster.apply(repo.path(), &[]);
+    assert!(kept.status.success(), "{}", said(&kept));
+    assert!(
+        cluster.exists(&ns, "deployment/web"),
+        "without prune nothing is deleted"
+    );
+    let cleaned = cluster.apply(repo.path(), &["--prune"]);
+    assert!(cleaned.status.success(), "{}", said(&cleaned));
+    assert!(
+        !cluster.kubectl(&["get", "namespace", &ns]).status.success(),
+        "the namespace is gone when apply returns"
+    );
+    crate::docker::docker(&["rmi", &format!("busybox:{tag}")]);
+}
+
+#[test]
+fn an_archived_staging_past_its_ttl_is_cleaned_up_and_not_made_again() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-ttl", cluster.instance.name);
+    let repo = Repo::new();
+    let descriptor = |state: &str| {
+        staging(
+            "old",
+            &ns,
+            &format!(
+                "  state: {state}\n  ttl: 2s\n  tag: x\n  manifests: m\n  overrides: {{app: {{GREETING: hi}}}}\n"
+            ),
+        )
+    };
+    repo.write("old.yaml", descriptor("archived"))
+        .write("m/extra.yaml", EXTRA);
+    let archived = cluster.apply(repo.path(), &[]);
+    assert!(archived.status.success(), "{}", said(&archived));
+    assert!(cluster.exists(&ns, "configmap/extra"));
+    std::thread::sleep(Duration::from_secs(3));
+    let plan = cluster.plan(repo.path());
+    assert!(plan.contains("longer than its ttl: cleaned up"), "{plan}");
+    // No --prune: the user asked for the cleanup with the ttl.
+    let expired = cluster.apply(repo.path(), &[]);
+    assert!(expired.status.success(), "{}", said(&expired));
+    assert!(
+        !cluster.exists(&ns, "configmap/extra"),
+        "cleaned up, volumes and all"
+    );
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("cleaned up at") && plan.contains("1 unchanged"),
+        "{plan}"
+    );
+    // Running again makes it anew.
+    repo.write("old.yaml", descriptor("running"));
+    let made = cluster.apply(repo.path(), &[]);
+    assert!(made.status.success(), "{}", said(&made));
+    assert_eq!(
+        cluster.get(&ns, "configmap/extra", "{.data.greeting}"),
+        "hi"
+    );
+}
+
+#[test]
+fn an_unknown_kind_or_a_chart_without_helm_fails_only_its_own_staging() {
+    let Some(cluster) = cluster() else { return };
+    let name = &cluster.instance.name;
+    let repo = Repo::new();
+    repo.write(
+        "good.yaml",
+        staging(
+            "good",
+            &format!("{name}-good"),
+            "  tag: x\n  manifests: good\n  overrides: {app: {GREETING: fine}}\n",
+        ),
+    )
+    .write("good/extra.yaml", EXTRA)
+    .write(
+        "widget.yaml",
+        staging(
+            "widget",
+            &format!("{name}-widget"),
+            "  tag: x\n  manifests: widget\n",
+        ),
+    )
+    .write(
+        "widget/w.yaml",
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+    )
+    .write(
+        "charted.yaml",
+        staging(
+            "charted",
+            &format!("{name}-chart"),
+            "  tag: x\n  chart: chart\n",
+        ),
+    )
+    .write(
+        "chart/Chart.yaml",
+        "apiVersion: v2\nname: demo\nversion: 0.1.0\n",
+    )
+    .write(
+        "chart/templates/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+    );
+    let output = cluster.berth(
+        &["apply", "--wait", "30s"],
+        repo.path(),
+        None,
+        Some("/usr/sbin:/usr/bin:/sbin:/bin"),
+    );
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("the API server does not serve kind Widget in example.com/v1; install its CustomResourceDefinition"),
+        "{text}"
+    );
+    assert!(text.contains("widget/w.yaml:1"), "{text}");
+    assert!(text.contains("helm is not on PATH"), "{text}");
+    assert_eq!(
+        cluster.get(
+            &format!("{name}-good"),
+            "configmap/extra",
+            "{.data.greeting}"
+        ),
+        "fine"
+    );
+    assert!(
+        !cluster
+            .kubectl(&["get", "namespace", &format!("{name}-widget")])
+            .status
+            .success(),
+        "nothing of a failed staging is applied"
+    );
+}
+
+#[test]
+fn a_chart_is_rendered_by_helm_and_applied_by_berth() {
+    let Some(cluster) = cluster() else { return };
+    // The test's `helm` is a stand-in over the helm-python-sdk wheel (Helm's own template
+    // engine as a library): no helm binary can be downloaded here.
+    let bin = tempfile::tempdir().unwrap();
+    let shim = Command::new("bash")
+        .arg(crate_root().join("tests/testbed/helm-shim.sh"))
+        .arg(bin.path())
+        .output()
+        .expect("bash runs");
+    assert!(shim.status.success(), "the helm stand-in: {}", said(&shim));
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let ns = format!("{}-chart", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("charted.yaml", staging("charted", &ns, "  tag: v7\n  chart: chart\n  overrides: {app: {LEVEL: debug}}\n"))
+        .write("chart/Chart.yaml", "apiVersion: v2\nname: demo\nversion: 0.1.0\n")
+        .write("chart/values.yaml", "greeting: hello\n")
+        .write(
+            "chart/templates/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-settings\ndata:\n  tag: {{ .Values.tag | quote }}\n  level: {{ .Values.overrides.LEVEL | quote }}\n  greeting: {{ .Values.greeting | quote }}\n",
+        );
+    let output = cluster.berth(&["apply", "--wait", "30s"], repo.path(), None, Some(&path));
+    assert!(output.status.success(), "{}", said(&output));
+    let data = cluster.get(
+        &ns,
+        "configmap/berth-settings",
+        "{.data.tag} {.data.level} {.data.greeting}",
+    );
+    assert_eq!(data, "v7 debug hello");
+    // A change in the chart's templates is an update of the rendered object.
+    repo.write("chart/values.yaml", "greeting: changed\n");
+    let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
+    assert!(
+        plan.contains("ConfigMap/berth-settings: template changed"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn a_crash_looping_pod_makes_its_staging_degraded_with_the_reason() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-crash", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("crash.yaml", staging("crash", &ns, "  tag: latest\n  manifests: m\n"))
+        .write(
+            "m/d.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: crash}\nspec:\n  selector: {matchLabels: {app: crash}}\n  template:\n    metadata: {labels: {app: crash}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - {name: main, image: \"busybox:${tag}\", imagePullPolicy: IfNotPresent, command: [sh, -c, \"echo boom; exit 3\"]}\n",
+        );
+    let output = cluster.apply(repo.path(), &[]);
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("Deployment/crash is Degraded"), "{text}");
+    assert!(
+        text.contains("CrashLoopBackOff") && text.contains("last exit code 3"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_api_server_that_stops_answering_is_transient_and_running_stagings_stay() {
+    let Some(cluster) = cluster() else { return };
+    // berth talks to the API server through a TCP front the test cuts, as if it stopped.
+    let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
+    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let fronted = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        fronted.path(),
+        text.replace(
+            "https://127.0.0.1:6443",
+            &format!("https://127.0.0.1:{}", proxy.port),
+        ),
+    )
+    .unwrap();
+    let ns = format!("{}-cut", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write(
+        "cut.yaml",
+        staging(
+            "cut",
+            &ns,
+            "  tag: x\n  manifests: m\n  overrides: {app: {GREETING: up}}\n",
+        ),
+    )
+    .write("m/extra.yaml", EXTRA);
+    let berth = |args: &[&str]| cluster.berth(args, repo.path(), Some(fronted.path()), None);
+    let made = berth(&["apply"]);
+    assert!(made.status.success(), "{}", said(&made));
+    proxy.set_open(false);
+    for args in [&["plan"][..], &["apply"][..]] {
+        let output = berth(args);
+        let text = said(&output);
+        assert!(!output.status.success(), "{text}");
+        assert!(
+            text.contains(&format!(
+                "the Kubernetes API server at https://127.0.0.1:{}/ is not answering",
+                proxy.port
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("Failure"), "{text}");
+    }
+    assert_eq!(
+        cluster.get(&ns, "configmap/extra", "{.data.greeting}"),
+        "up",
+        "left alone"
+    );
+    proxy.set_open(true);
+    let back = berth(&["plan"]);
+    assert!(
+        back.status.success() && stdout(&back).contains("1 unchanged"),
+        "{}",
+        said(&back)
+    );
+}
+
+#[test]
+fn validate_places_each_manifest_problem_at_its_file_line_and_column() {
+    let repo = Repo::new();
+    repo.write("s.yaml", staging("s", "stg", "  tag: x\n  manifests: m\n  overrides:\n    secret: {PW: {env: NOPE}}\n"))
+        .write(
+            "m/a.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: other}\ndata:\n  x: ${overrides.MISSING}\n  y: ${overrides.PW}\n",
+        )
+        .write("m/b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n---\nkind: Service\nmetadata: {name: s}\n");
+    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let text = stdout(&output);
+    assert!(!output.status.success(), "{text}");
+    for expected in [
+        "m/a.yaml:5:6: Staging/s: ${overrides.MISSING} is not defined",
+        "m/a.yaml:6:6: Staging/s: ${overrides.PW} is a secret override",
+        "m/b.yaml:2:7: Staging/s: Namespace is cluster-scoped",
+        "m/b.yaml:5:1: Staging/s: the object has no apiVersion",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // Variables are checked before the document is read, so the namespace is reported once the
+    // variables are fixed.
+    repo.write(
+        "m/a.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: other}\n",
+    );
+    let text = stdout(&crate::util::berth(&[
+        "validate",
+        repo.path().to_str().unwrap(),
+    ]));
+    assert!(
+        text.contains("m/a.yaml:3:32: Staging/s: the object is in namespace other, but the staging's namespace is stg"),
+        "{text}"
+    );
+}
