@@ -180,9 +180,13 @@ impl Instance {
             &self.name,
         ];
         args.extend(extra);
+        // No Kubernetes cluster for these: stagings are skipped, as on a host without one.
         Command::new(env!("CARGO_BIN_EXE_berth"))
             .args(&args)
             .env("BERTH_IT_FLAG", "ctf{it-secret}")
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HOME", "/nonexistent/berth-it-home")
             .output()
             .unwrap()
     }
@@ -622,10 +626,13 @@ fn kinds_without_a_backend_are_listed_as_skipped() {
             std::fs::read(crate_root().join("sample-repo").join(file)).unwrap(),
         );
     }
-    repo.write(
-        "stagings/manifests/shop/deployment.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\n",
-    );
+    for file in ["deployment.yaml", "pvc.yaml", "service.yaml"] {
+        let path = format!("stagings/manifests/shop/{file}");
+        repo.write(
+            &path,
+            std::fs::read(crate_root().join("sample-repo").join(&path)).unwrap(),
+        );
+    }
     let plan = instance.berth("plan", &repo, &[]);
     let text = stdout(&plan);
     assert!(
@@ -633,7 +640,7 @@ fn kinds_without_a_backend_are_listed_as_skipped() {
         "{text}"
     );
     assert!(
-        text.contains("Staging/feature-search  skip    skipped (no backend yet)"),
+        text.contains("Staging/feature-search  skip    skipped: no Kubernetes cluster is configured (set KUBECONFIG"),
         "{text}"
     );
     assert!(text.contains("Challenge/rev-300       wait    waits for Pipeline/rev-300-image to produce an image (Pipelines have no backend yet)"), "{text}");

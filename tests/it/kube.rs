@@ -324,7 +324,7 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
         "1 1",
         "apply --wait returns when the rollout is done"
     );
-    eventually("the old pod goes", Duration::from_secs(30), || {
+    eventually("the old pod goes", Duration::from_secs(90), || {
         cluster.get(&ns, "pods", "{.items[*].spec.containers[0].image}") == format!("busybox:{tag}")
     });
     assert_eq!(fetch(port), "kept across archive");
@@ -360,7 +360,7 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
     repo.write("shop.yaml", descriptor(&tag, "archived"));
     let archived = cluster.apply(repo.path(), &[]);
     assert!(archived.status.success(), "{}", said(&archived));
-    eventually("the pods terminate", Duration::from_secs(60), || {
+    eventually("the pods terminate", Duration::from_secs(90), || {
         cluster
             .get(&ns, "pods", "{.items[*].metadata.name}")
             .is_empty()

@@ -429,7 +429,10 @@ fn berthignore_and_asset_folders_are_not_read_as_descriptors() {
     let repo = Repo::new();
     repo.write(".berthignore", "drafts/\n")
         .write("drafts/broken.yaml", "{ not yaml")
-        .write("deploy/app/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\n")
+        .write(
+            "deploy/app/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\n",
+        )
         .write(
             "s.yaml",
             "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: s}\nspec: {namespace: s, tag: v1, manifests: deploy/app}\n",
