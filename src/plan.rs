@@ -92,6 +92,9 @@ pub struct DesiredObject {
     pub words: Vocabulary,
     /// How long it may stay archived before it is cleaned up (a Staging's `ttl`).
     pub ttl: Option<std::time::Duration>,
+    /// How long it may stay Progressing after it was applied before it counts as a Failure (a
+    /// Staging's `readyTimeout`); no limit when `None`.
+    pub ready_timeout: Option<std::time::Duration>,
 }
 
 /// Health of an object or part, as berth reports it.
@@ -796,6 +799,7 @@ mod tests {
             hold: None,
             words: Vocabulary::CONTAINER,
             ttl: None,
+            ready_timeout: None,
         }
     }
 

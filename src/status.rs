@@ -81,7 +81,13 @@ impl Phase {
             Some(UpdatePending) => matches!(to, Running | Stopped | Failure),
             Some(ArchivePending) => matches!(to, Archived | Failure),
             Some(DeletePending) => matches!(to, CleanupFailed),
-            Some(Running | Stopped | Failure) => {
+            // Running turns into a Failure without a step when it stays Progressing past its
+            // readyTimeout.
+            Some(Running) => matches!(
+                to,
+                CreatePending | UpdatePending | DeletePending | ArchivePending | Failure
+            ),
+            Some(Stopped | Failure) => {
                 matches!(
                     to,
                     CreatePending | UpdatePending | DeletePending | ArchivePending
@@ -534,6 +540,16 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
                 (Some(settled), message, false)
             }
         };
+        let (phase, message) = past_ready_timeout(
+            desired.get(key).and_then(|d| d.ready_timeout),
+            before,
+            object_health(&parts, phase),
+            applied,
+            record.now,
+        )
+        .map_or((phase, message.clone()), |why| {
+            (Some(Phase::Failure), format!("{why}; {message}"))
+        });
         let from = kept_phase;
         if let (Some(pending), Some(outcome)) = (Phase::pending_for(step.action), outcome)
             && !matches!(outcome, Outcome::Transient(_))
@@ -686,6 +702,34 @@ fn part_statuses(parts: &[ObservedPart]) -> Vec<PartStatus> {
     statuses
 }
 
+/// Why an object that is still Progressing has failed: it has been Running (or failed for this
+/// reason already) for longer than its `readyTimeout` without becoming healthy.
+fn past_ready_timeout(
+    limit: Option<std::time::Duration>,
+    before: Option<&ObjectStatus>,
+    health: Health,
+    applied: bool,
+    now: &str,
+) -> Option<String> {
+    let limit = limit?;
+    let before = before?;
+    if health != Health::Progressing || applied {
+        return None;
+    }
+    let why = format!("not ready within its readyTimeout ({}s)", limit.as_secs());
+    match before.phase? {
+        Phase::Failure if before.message.starts_with(&why) => Some(why),
+        Phase::Running => {
+            let since =
+                chrono::DateTime::parse_from_rfc3339(before.last_transition.as_deref()?).ok()?;
+            let now = chrono::DateTime::parse_from_rfc3339(now).ok()?;
+            let waited = (now - since).to_std().ok()?;
+            (waited > limit).then_some(why)
+        }
+        _ => None,
+    }
+}
+
 fn object_health(parts: &[PartStatus], phase: Option<Phase>) -> Health {
     match (phase, parts.iter().map(|p| p.health).max()) {
         (None, _) => Health::Unknown,
@@ -821,6 +865,7 @@ mod tests {
             hold: None,
             words: Vocabulary::CONTAINER,
             ttl: None,
+            ready_timeout: None,
         }
     }
 
@@ -1069,6 +1114,205 @@ mod tests {
         assert_eq!(next.agent.last_applied_revision.as_deref(), Some("rev2"));
     }
 
+    /// One pass over the staging `x`: a step with `action` ending in `outcome` (none for a step
+    /// that changes nothing), after which its one part is `state` and `health`.
+    fn staging_pass(
+        previous: &StatusSet,
+        target: TargetState,
+        action: Action,
+        outcome: Option<Outcome>,
+        seen: Option<(PartState, Health)>,
+        now: &str,
+    ) -> StatusSet {
+        let key: ObjectRef = "Staging/x".parse().unwrap();
+        let desired = DesiredObject {
+            key: key.clone(),
+            target,
+            ready_timeout: Some(Duration::from_secs(60)),
+            ..desired("x", "h", 80)
+        };
+        let step = Step {
+            key: key.clone(),
+            action,
+            reasons: vec![],
+            replacement: None,
+            dependencies: vec![],
+            unhealthy: false,
+        };
+        let reports: Vec<StepReport> = outcome
+            .into_iter()
+            .map(|outcome| StepReport {
+                outcome,
+                ..done(&step)
+            })
+            .collect();
+        let observed: Vec<ObservedObject> = seen
+            .into_iter()
+            .map(|(state, health)| {
+                let mut object = running(&desired);
+                object.key = key.clone();
+                object.parts[0].state = state;
+                object.parts[0].health = health;
+                object
+            })
+            .collect();
+        let plan = Plan { steps: vec![step] };
+        after_pass(
+            previous,
+            &PassRecord {
+                revision: "rev",
+                now,
+                desired: std::slice::from_ref(&desired),
+                spec_hashes: &HashMap::new(),
+                plan: &plan,
+                reports: &reports,
+                observed: &observed,
+            },
+        )
+    }
+
+    #[test]
+    fn every_transition_of_the_staging_phase_table() {
+        use Phase::*;
+        let key: ObjectRef = "Staging/x".parse().unwrap();
+        let phase = |set: &StatusSet| set.objects.get(&key).and_then(|o| o.phase);
+        let up = Some((PartState::Running, Health::Healthy));
+        let starting = Some((PartState::Running, Health::Progressing));
+        let archived = Some((PartState::Archived, Health::Healthy));
+        let failed = || Some(Outcome::Failed("the API server refused".into()));
+        let done = || Some(Outcome::Done("applied".into()));
+        let (run, keep) = (TargetState::Running, TargetState::Archived);
+        let t0 = "2026-11-30T10:00:00Z";
+        let empty = StatusSet::new("ci");
+        // CreatePending → Running | Failure.
+        let running = staging_pass(&empty, run, Action::Create, done(), up, t0);
+        assert_eq!(phase(&running), Some(Running));
+        assert_eq!(
+            phase(&staging_pass(
+                &empty,
+                run,
+                Action::Create,
+                failed(),
+                None,
+                t0
+            )),
+            Some(Failure)
+        );
+        // Running → UpdatePending (→ Running | Failure) | ArchivePending (→ Archived) | Failure.
+        assert_eq!(
+            phase(&staging_pass(&running, run, Action::Update, done(), up, t0)),
+            Some(Running)
+        );
+        assert_eq!(
+            phase(&staging_pass(
+                &running,
+                run,
+                Action::Update,
+                failed(),
+                up,
+                t0
+            )),
+            Some(Failure)
+        );
+        let archive = staging_pass(&running, keep, Action::Archive, done(), archived, t0);
+        assert_eq!(phase(&archive), Some(Archived));
+        // Archived → CreatePending (restore) → Running; Archived → DeletePending → gone | CleanupFailed.
+        assert_eq!(
+            phase(&staging_pass(
+                &archive,
+                run,
+                Action::Restore,
+                done(),
+                up,
+                t0
+            )),
+            Some(Running)
+        );
+        let gone = staging_pass(&archive, keep, Action::Delete, done(), None, t0);
+        assert!(
+            !gone.objects.contains_key(&key),
+            "cleaned up: no status left"
+        );
+        assert_eq!(
+            phase(&staging_pass(
+                &archive,
+                keep,
+                Action::Delete,
+                failed(),
+                archived,
+                t0
+            )),
+            Some(CleanupFailed)
+        );
+        // Running and still Progressing past readyTimeout (60s) → Failure, kept while it lasts.
+        let early = staging_pass(
+            &running,
+            run,
+            Action::Noop,
+            None,
+            starting,
+            "2026-11-30T10:00:30Z",
+        );
+        assert_eq!(
+            phase(&early),
+            Some(Running),
+            "Progressing is visible, not a failure"
+        );
+        let late = staging_pass(
+            &running,
+            run,
+            Action::Noop,
+            None,
+            starting,
+            "2026-11-30T10:01:01Z",
+        );
+        assert_eq!(phase(&late), Some(Failure));
+        assert!(
+            late.objects[&key]
+                .message
+                .starts_with("not ready within its readyTimeout (60s)")
+        );
+        let still = staging_pass(
+            &late,
+            run,
+            Action::Noop,
+            None,
+            starting,
+            "2026-11-30T10:05:00Z",
+        );
+        assert_eq!(phase(&still), Some(Failure));
+        assert_eq!(
+            phase(&staging_pass(
+                &still,
+                run,
+                Action::Noop,
+                None,
+                up,
+                "2026-11-30T10:06:00Z"
+            )),
+            Some(Running)
+        );
+        // The table, edge by edge, as the pass checks it.
+        for (from, to) in [
+            (None, CreatePending),
+            (Some(CreatePending), Running),
+            (Some(CreatePending), Failure),
+            (Some(Running), UpdatePending),
+            (Some(Running), ArchivePending),
+            (Some(Running), Failure),
+            (Some(ArchivePending), Archived),
+            (Some(Archived), CreatePending),
+            (Some(Archived), DeletePending),
+            (Some(DeletePending), CleanupFailed),
+        ] {
+            assert!(Phase::may_follow(from, to), "{from:?} → {to:?}");
+        }
+        assert!(
+            !Phase::may_follow(Some(Archived), Running),
+            "a restore passes CreatePending"
+        );
+    }
+
     #[test]
     fn archive_and_restore_pass_through_their_pending_phases() {
         use Phase::*;
@@ -1129,11 +1373,13 @@ mod tests {
         for (from, to) in illegal {
             assert!(!Phase::may_follow(from, to), "{from:?} → {to:?}");
         }
-        // A settled phase is only ever left for a pending one.
+        // A settled phase is only ever left for a pending one, but for Running turning into a
+        // Failure past its readyTimeout.
         for from in Phase::ALL.into_iter().filter(|p| p.is_settled()) {
             for to in Phase::ALL
                 .into_iter()
                 .filter(|p| p.is_settled() && *p != from)
+                .filter(|to| (from, *to) != (Running, Failure))
             {
                 assert!(!Phase::may_follow(Some(from), to), "{from:?} → {to:?}");
             }

@@ -185,6 +185,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         hold: None,
         words: Vocabulary::CONTAINER,
         ttl: None,
+        ready_timeout: None,
     };
     Some((object, template))
 }

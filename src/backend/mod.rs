@@ -272,6 +272,7 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
                 hold: Some(Hold::Skip("skipped (no backend yet)".into())),
                 words: Vocabulary::CONTAINER,
                 ttl: None,
+                ready_timeout: None,
             });
             continue;
         }

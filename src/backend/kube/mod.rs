@@ -129,6 +129,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Staging
         hold,
         words: OBJECT,
         ttl: spec.ttl.map(|d| d.0),
+        ready_timeout: spec.ready_timeout.map(|d| d.0),
     };
     Some((object, template))
 }
