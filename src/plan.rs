@@ -35,11 +35,17 @@ pub enum TargetState {
 pub struct Vocabulary {
     /// What one part is called.
     pub part: &'static str,
+    /// Whether an update replaces parts (containers), so the plan says how; an object applied
+    /// in place (a Kubernetes object) is not replaced.
+    pub replaces: bool,
 }
 
 impl Vocabulary {
     /// Parts that are containers.
-    pub const CONTAINER: Vocabulary = Vocabulary { part: "container" };
+    pub const CONTAINER: Vocabulary = Vocabulary {
+        part: "container",
+        replaces: true,
+    };
 }
 
 /// One part an object should have.
@@ -318,7 +324,8 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
                 policy.now,
             ),
         };
-        let replacement = (action == Action::Update).then_some(if object.start_first {
+        let replaced = action == Action::Update && object.words.replaces;
+        let replacement = replaced.then_some(if object.start_first {
             Replacement::StartFirst
         } else {
             Replacement::StopFirst

@@ -60,7 +60,10 @@ const CLEANUP_WAIT: Duration = Duration::from_secs(300);
 const APPLY_CONCURRENCY: usize = 8;
 
 /// What plans call the parts of a staging.
-pub const OBJECT: Vocabulary = Vocabulary { part: "object" };
+pub const OBJECT: Vocabulary = Vocabulary {
+    part: "object",
+    replaces: false,
+};
 
 /// How berth reaches the cluster: a kubeconfig and context, or the usual places (`KUBECONFIG`,
 /// `~/.kube/config`, the in-cluster service account).
