@@ -283,6 +283,33 @@ pub(super) fn check_repo(
     }
     found.extend(cycles(descriptors, &first));
     found.extend(host_port_clashes(descriptors));
+    found.extend(shared_namespaces(descriptors));
+    found
+}
+
+/// Two Stagings in one namespace: cleaning one up would delete the other.
+fn shared_namespaces(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let mut found = Vec::new();
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        let Spec::Staging(spec) = &descriptor.spec else {
+            continue;
+        };
+        if let Some(&earlier) = first.get(spec.namespace.as_str()) {
+            found.push(RepoProblem {
+                at: index,
+                pointer: "/spec/namespace".into(),
+                message: format!(
+                    "spec.namespace: {} is also the namespace of {}, and a staging owns its namespace; choose another",
+                    spec.namespace,
+                    descriptors[earlier].key()
+                ),
+                also: Some((earlier, "/spec/namespace".into())),
+            });
+        } else {
+            first.insert(spec.namespace.as_str(), index);
+        }
+    }
     found
 }
 

@@ -116,6 +116,23 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["dependency cycle: Challenge/a → Challenge/b → Challenge/a"],
     ),
     (
+        "staging-shared-namespace",
+        "s.yaml",
+        9,
+        19,
+        &[
+            "spec.namespace: shared is also the namespace of Staging/a",
+            "at s.yaml:4:19",
+        ],
+    ),
+    (
+        "manifest-undefined-variable",
+        "m/c.yaml",
+        6,
+        9,
+        &["${overrides.HOSTNAME} is not defined; add HOSTNAME to spec.overrides.app"],
+    ),
+    (
         "host-port-clash",
         "c.yaml",
         14,
