@@ -264,7 +264,7 @@ fn wait_until_fetching_fails(agent: &Agent) {
 }
 
 /// Whether the status branch's agent.yaml says `revision` was applied.
-fn applied(origin: &Origin, revision: &str) -> bool {
+pub(crate) fn applied(origin: &Origin, revision: &str) -> bool {
     origin
         .show("berth-status:status/agent.yaml")
         .is_some_and(|s| s.contains(&format!("lastAppliedRevision: {revision}")))

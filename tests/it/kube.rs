@@ -675,3 +675,83 @@ fn validate_places_each_manifest_problem_at_its_file_line_and_column() {
         "{text}"
     );
 }
+
+#[test]
+fn the_agent_follows_a_repo_of_stagings_and_commits_their_phases() {
+    use crate::agent::{Agent, applied};
+    use crate::gitserver::Origin;
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-agent", cluster.instance.name);
+    let descriptor = |state: &str| {
+        staging(
+            "shop",
+            &ns,
+            &format!(
+                "  state: {state}\n  tag: latest\n  manifests: m\n  overrides: {{app: {{GREETING: hi}}}}\n"
+            ),
+        )
+    };
+    let sleeper = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n  selector: {matchLabels: {app: a}}\n  template:\n    metadata: {labels: {app: a}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - {name: main, image: \"busybox:${tag}\", imagePullPolicy: IfNotPresent, command: [sleep, \"3600\"]}\n";
+    let origin = Origin::new(&[
+        ("shop.yaml", &descriptor("running")),
+        ("m/app.yaml", sleeper),
+        ("m/extra.yaml", EXTRA),
+    ]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    let config = format!(
+        "prune: true\nkube: {{kubeconfig: {}}}\n",
+        cluster.kubeconfig.display()
+    );
+    // The agent follows the bare repo by path, so a commit is a trigger.
+    let mut agent = Agent::configure(
+        &cluster.instance.name,
+        origin.bare().to_str().unwrap(),
+        "",
+        &config,
+    );
+    agent.spawn();
+    let status = || {
+        origin
+            .show("berth-status:status/staging/shop.yaml")
+            .unwrap_or_default()
+    };
+    agent.wait_for("the staging running and healthy in status", || {
+        applied(&origin, &first)
+            && status().contains("phase: Running")
+            && status().contains("\nhealth: Healthy\n")
+    });
+    assert_eq!(
+        cluster.get(&ns, "deployment/app", "{.status.readyReplicas}"),
+        "1",
+        "{}",
+        status()
+    );
+    let archive = origin.commit(
+        &[("shop.yaml", Some(&descriptor("archived")))],
+        "Archive the staging",
+    );
+    agent.wait_for("the staging archived in status", || {
+        applied(&origin, &archive) && status().contains("phase: Archived")
+    });
+    assert_eq!(cluster.get(&ns, "deployment/app", "{.spec.replicas}"), "0");
+    assert_eq!(
+        cluster.get(&ns, "configmap/extra", "{.data.greeting}"),
+        "hi",
+        "kept while archived"
+    );
+    let removed = origin.commit(
+        &[
+            ("shop.yaml", None),
+            ("m/app.yaml", None),
+            ("m/extra.yaml", None),
+        ],
+        "Clean up the staging",
+    );
+    agent.wait_for("the staging gone, status and all", || {
+        applied(&origin, &removed)
+            && origin
+                .show("berth-status:status/staging/shop.yaml")
+                .is_none()
+    });
+    assert!(!cluster.kubectl(&["get", "namespace", &ns]).status.success());
+}
