@@ -62,6 +62,9 @@ pub struct Planned {
     pub observed: Vec<ObservedObject>,
     /// The steps.
     pub plan: Plan,
+    /// Objects held back because their engine does not answer, with why; the pass is then
+    /// transient for them, while the other engines' objects are applied.
+    pub unreachable: Vec<(ObjectRef, String)>,
 }
 
 /// Stages 2 to 4, observe → resolve → diff.
@@ -70,11 +73,29 @@ pub async fn plan(
     observer: Observer<'_>,
     policy: Policy,
 ) -> Result<Planned, EngineError> {
+    let mut unreachable = Vec::new();
     let observed = match observer {
         Observer::Engines(engines) => {
             engines.hold_unserved(&mut desired);
+            let (mut observed, down) = engines.observe_available().await;
+            if down.len() == engines.len()
+                && let Some((_, error)) = down.first()
+            {
+                return Err(error.clone());
+            }
+            for (kinds, error) in &down {
+                for object in desired
+                    .objects
+                    .iter_mut()
+                    .filter(|o| kinds.contains(&o.key.kind))
+                {
+                    if object.hold.is_none() {
+                        unreachable.push((object.key.clone(), error.to_string()));
+                        object.hold = Some(Hold::Wait(error.to_string()));
+                    }
+                }
+            }
             engines.seal(&mut desired).await?;
-            let mut observed = engines.observe().await?;
             engines.diagnose(&mut observed, &desired).await;
             observed
         }
@@ -90,6 +111,7 @@ pub async fn plan(
         desired,
         observed,
         plan,
+        unreachable,
     })
 }
 
@@ -133,8 +155,8 @@ impl Applied {
     fn nothing_to_do(planned: Planned) -> Applied {
         Applied {
             observed: planned.observed.clone(),
+            reports: unreachable_reports(&planned),
             planned,
-            reports: Vec::new(),
         }
     }
 
@@ -191,13 +213,32 @@ async fn apply_locked(
         on_report,
     )
     .await;
-    let mut observed = engines.observe().await?;
+    let (mut observed, _) = engines.observe_available().await;
     engines.diagnose(&mut observed, &planned.desired).await;
+    let mut reports = reports;
+    reports.extend(unreachable_reports(&planned));
     Ok(Applied {
         planned,
         reports,
         observed,
     })
+}
+
+/// A transient report for each object whose engine did not answer, so status keeps its phase
+/// and the agent retries, as when an engine goes away mid-pass.
+fn unreachable_reports(planned: &Planned) -> Vec<StepReport> {
+    planned
+        .unreachable
+        .iter()
+        .filter_map(|(key, why)| {
+            let step = planned.plan.steps.iter().find(|s| &s.key == key)?;
+            Some(StepReport {
+                step: step.clone(),
+                outcome: Outcome::Transient(why.clone()),
+                elapsed: Duration::ZERO,
+            })
+        })
+        .collect()
 }
 
 /// Objects meant to run that are not healthy in `observed`, each with why (the parts that are
@@ -251,9 +292,16 @@ pub async fn settle(
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Ok(observed) = engines.observe().await {
-            applied.observed = observed;
-        }
+        // An engine that does not answer keeps what was seen of its objects.
+        let (observed, down) = engines.observe_available().await;
+        let kept = applied
+            .observed
+            .iter()
+            .filter(|o| down.iter().any(|(kinds, _)| kinds.contains(&o.key.kind)))
+            .cloned();
+        let mut observed: Vec<ObservedObject> = observed.into_iter().chain(kept).collect();
+        observed.sort_by(|a, b| a.key.cmp(&b.key));
+        applied.observed = observed;
     }
     engines
         .diagnose(&mut applied.observed, &applied.planned.desired)

@@ -349,12 +349,38 @@ impl Engines {
 
     /// What this instance runs, on every engine, sorted by object.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        let (observed, mut unreachable) = self.observe_available().await;
+        match unreachable.pop() {
+            Some((_, error)) => Err(error),
+            None => Ok(observed),
+        }
+    }
+
+    /// What this instance runs on every engine that answers, sorted by object, and the kinds of
+    /// each engine that does not, with why: one engine down holds back only its own kinds.
+    pub async fn observe_available(
+        &self,
+    ) -> (Vec<ObservedObject>, Vec<(&'static [Kind], EngineError)>) {
         let mut observed = Vec::new();
+        let mut unreachable = Vec::new();
         for backend in &self.backends {
-            observed.extend(backend.observe().await?);
+            match backend.observe().await {
+                Ok(objects) => observed.extend(objects),
+                Err(error) => unreachable.push((backend.kinds(), error)),
+            }
         }
         observed.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(observed)
+        (observed, unreachable)
+    }
+
+    /// How many engines this berth drives.
+    pub fn len(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Whether it drives none (never: the Docker Engine is always one).
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
     }
 
     /// Records secret digests on `desired` (see [`Backend`]'s `seal`).
