@@ -317,7 +317,7 @@ impl KubeBackend {
             Api::all_with(self.client.clone(), &namespace_resource());
         let params = ListParams::default().labels(&self.selector(None));
         let listed = namespaces.list(&params).await.map_err(|e| self.gone(e))?;
-        let mut stagings: BTreeMap<String, (ObservedObject, String)> = BTreeMap::new();
+        let mut stagings: BTreeMap<String, ObservedObject> = BTreeMap::new();
         let mut kinds: BTreeSet<(String, String)> = BTreeSet::new();
         let mut live = HashMap::new();
         for namespace in listed.items {
@@ -377,7 +377,7 @@ impl KubeBackend {
                 archived_at,
                 expired: time(ANNOTATION_EXPIRED_AT),
             };
-            stagings.insert(ns, (object, String::new()));
+            stagings.insert(ns, object);
         }
         if stagings.is_empty() {
             *self.live.lock().expect("live objects") = live;
@@ -415,7 +415,7 @@ impl KubeBackend {
             let (kind, items) = listed.map_err(|e| self.gone(e))?;
             for item in items {
                 let ns = item.metadata.namespace.clone().unwrap_or_default();
-                let Some((staging, _)) = stagings.get_mut(&ns) else {
+                let Some(staging) = stagings.get_mut(&ns) else {
                     continue;
                 };
                 let Some(name) = item.metadata.name.clone() else {
@@ -452,7 +452,7 @@ impl KubeBackend {
             }
         }
         *self.live.lock().expect("live objects") = live;
-        Ok(stagings.into_values().map(|(o, _)| o).collect())
+        Ok(stagings.into_values().collect())
     }
 
     fn digest(&self, name: &str, value: &[u8]) -> String {
