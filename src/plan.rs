@@ -446,10 +446,11 @@ fn compare(
         return (Action::Update, reasons);
     }
     if !missing.is_empty() {
-        return (
-            Action::Create,
-            vec![format!("{noun} missing: {}", missing.join(", "))],
-        );
+        let shown = match missing.len() {
+            n if n > 10 => format!("{} and {} more", missing[..10].join(", "), n - 10),
+            _ => missing.join(", "),
+        };
+        return (Action::Create, vec![format!("{noun} missing: {shown}")]);
     }
     let states: Vec<PartState> = observed.parts.iter().map(|p| p.state).collect();
     let any = |state: PartState| states.contains(&state);

@@ -284,7 +284,8 @@ pub async fn settle(
     engines: &Engines,
     limit: Duration,
 ) -> BTreeMap<ObjectRef, String> {
-    let deadline = Instant::now() + limit;
+    let began = Instant::now();
+    let deadline = began + limit;
     loop {
         let pending = unhealthy(&applied.planned, &applied.observed, true);
         let progressing = pending.values().any(|why| why.contains("Progressing"));
@@ -312,8 +313,10 @@ pub async fn settle(
         if let (Outcome::Done(_), true, Some(why)) =
             (&report.outcome, started, unwell.remove(&report.step.key))
         {
-            report.outcome =
-                Outcome::Failed(format!("not healthy after {}s: {why}", limit.as_secs()));
+            report.outcome = Outcome::Failed(format!(
+                "not healthy after {}s: {why}",
+                began.elapsed().as_secs()
+            ));
         }
     }
     unwell

@@ -685,6 +685,12 @@ impl Loader {
             .collect();
         self.pending.retain(|p| !aside.contains(&p.file));
         self.candidates.retain(|c| !aside.contains(&c.file));
+        // What was counted against an asset file while it was read as a descriptor is gone with
+        // it; its count must go too, or the problems found in it as a manifest would be dropped
+        // as over the limit (and a staging with a broken manifest would vanish, and be pruned).
+        for file in &aside {
+            self.files[*file].problems = 0;
+        }
         for problem in problems {
             self.report(problem);
         }

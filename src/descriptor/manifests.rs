@@ -184,6 +184,10 @@ fn render_chart(
     let origin = format!("{chart} (rendered)");
     let (manifests, problems) = documents(&origin, &text, target);
     match problems.first() {
+        // Nothing rendered would mean deleting everything the staging has.
+        None if manifests.is_empty() => Err(format!(
+            "chart {chart} renders no objects; check its templates and values (berth will not empty a staging because a chart rendered nothing)"
+        )),
         None => Ok(Arc::new(manifests)),
         Some(first) => Err(format!(
             "chart {chart} renders {} problem(s); the first, at line {} of helm's output: {}",
@@ -419,6 +423,14 @@ fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, 
             ),
         ));
     }
+    if kind.as_deref() == Some("Secret") && name.as_deref() == Some(SECRET_NAME) {
+        found.push((
+            "/metadata/name",
+            format!(
+                "{SECRET_NAME} is the Secret berth makes from spec.overrides.secret; name this one otherwise"
+            ),
+        ));
+    }
     if let Some(labels) = object
         .pointer("/metadata/labels")
         .and_then(Value::as_object)
@@ -610,6 +622,16 @@ mod tests {
         assert!(found[1].1.contains("no apiVersion"));
         assert_eq!(found[2].0, 11);
         assert!(found[2].1.contains("cluster-scoped"));
+    }
+
+    /// Hostile finding: a manifest Secret named like berth's own took over its values.
+    #[test]
+    fn a_secret_named_like_berths_own_is_a_problem() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: berth-overrides}\n";
+        let (_, problems) = render_text("m.yaml", text, TARGET, &vars());
+        assert_eq!(problems.len(), 1);
+        assert_eq!((problems[0].at.line, problems[0].at.column), (3, 18));
+        assert!(problems[0].message.contains("the Secret berth makes"));
     }
 
     #[test]

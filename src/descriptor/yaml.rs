@@ -820,7 +820,8 @@ fn push_escaped(pointer: &mut String, key: &str) {
     }
 }
 
-/// Resolves a scalar by the YAML 1.2 core schema; quoted scalars and `!!str` are always strings.
+/// Resolves a scalar by the YAML 1.2 core schema (with YAML 1.1's leading-zero octal, see
+/// [`integer`]); quoted scalars and `!!str` are always strings.
 fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Value {
     if let Some(tag) = tag
         && tag.handle == "tag:yaml.org,2002:"
@@ -852,11 +853,20 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Value {
     Value::String(text.to_string())
 }
 
+/// An integer: decimal, `0x` hex, `0o` octal, and (as YAML 1.1, which Kubernetes and kubectl
+/// read, has it) a leading zero for octal, so a file mode `0644` in a manifest is the mode kubectl
+/// would make of it, not 644 decimal.
 fn integer(text: &str) -> Option<Number> {
+    let unsigned_text = text.strip_prefix(['-', '+']).unwrap_or(text);
     let (digits, radix) = if let Some(hex) = text.strip_prefix("0x") {
         (hex, 16)
     } else if let Some(octal) = text.strip_prefix("0o") {
         (octal, 8)
+    } else if unsigned_text.len() > 1
+        && unsigned_text.starts_with('0')
+        && unsigned_text.chars().all(|c| c.is_digit(8))
+    {
+        (text, 8)
     } else {
         (text, 10)
     };
@@ -864,7 +874,7 @@ fn integer(text: &str) -> Option<Number> {
     if unsigned.is_empty() || !unsigned.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
-    if radix != 10 && unsigned.len() != digits.len() {
+    if radix != 10 && unsigned.len() != digits.len() && digits.len() != text.len() {
         return None;
     }
     if let Ok(n) = i64::from_str_radix(digits, radix) {
@@ -891,6 +901,16 @@ mod tests {
         let mut stream = parse(text, true);
         assert!(stream.fatal.is_none(), "{:?}", stream.fatal);
         stream.documents.remove(0)
+    }
+
+    /// Hostile finding: `defaultMode: 0400` became 400 (0o620), a mode kubectl never makes of it.
+    #[test]
+    fn a_leading_zero_is_octal_as_kubernetes_reads_it() {
+        let doc = one("mode: 0400\nopen: 0644\nnine: 09\nzero: 0\nnegative: -010\n");
+        assert_eq!(
+            doc.value,
+            json!({"mode": 256, "open": 420, "nine": 9, "zero": 0, "negative": -8})
+        );
     }
 
     #[test]

@@ -771,3 +771,39 @@ fn the_agent_follows_a_repo_of_stagings_and_commits_their_phases() {
     });
     assert!(!cluster.kubectl(&["get", "namespace", &ns]).status.success());
 }
+
+/// Hostile finding: controllers copy berth's labels (a Deployment's onto its ReplicaSet and
+/// pods), and with a bare Pod in the manifests every apply pruned the Deployment's pods.
+#[test]
+fn objects_controllers_make_with_berths_labels_are_never_pruned() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-copies", cluster.instance.name);
+    let sleeper = |kind_line: &str| {
+        format!(
+            "{kind_line}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - {{name: main, image: \"busybox:${{tag}}\", imagePullPolicy: IfNotPresent, command: [sleep, \"3600\"]}}\n"
+        )
+    };
+    let repo = Repo::new();
+    repo.write("s.yaml", staging("copies", &ns, "  tag: latest\n  manifests: m\n"))
+        .write(
+            "m/app.yaml",
+            sleeper("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n  selector: {matchLabels: {app: a}}\n  template:\n    metadata: {labels: {app: a}}"),
+        )
+        .write(
+            "m/lone.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: lone}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n    - {name: main, image: \"busybox:${tag}\", imagePullPolicy: IfNotPresent, command: [sleep, \"3600\"]}\n",
+        );
+    let first = cluster.apply(repo.path(), &[]);
+    assert!(first.status.success(), "{}", said(&first));
+    let pods = cluster.get(&ns, "pods", "{.items[*].metadata.name}");
+    assert_eq!(pods.split_whitespace().count(), 2, "{pods}");
+    let plan = cluster.plan(repo.path());
+    assert!(plan.contains("1 unchanged"), "{plan}");
+    let again = cluster.apply(repo.path(), &[]);
+    assert!(again.status.success(), "{}", said(&again));
+    assert_eq!(
+        cluster.get(&ns, "pods", "{.items[*].metadata.name}"),
+        pods,
+        "no pod was pruned"
+    );
+}

@@ -133,6 +133,15 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["${overrides.HOSTNAME} is not defined; add HOSTNAME to spec.overrides.app"],
     ),
     (
+        // Hostile finding: the 150 documents, first read as descriptors, used up the file's
+        // problem count, so the typo was dropped, the staging vanished and prune deleted it.
+        "manifest-problem-after-many-documents",
+        "m/all.yaml",
+        749,
+        12,
+        &["${overrides.TYPO} is not defined"],
+    ),
+    (
         "host-port-clash",
         "c.yaml",
         14,

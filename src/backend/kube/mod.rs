@@ -317,7 +317,10 @@ impl KubeBackend {
             Api::all_with(self.client.clone(), &namespace_resource());
         let params = ListParams::default().labels(&self.selector(None));
         let listed = namespaces.list(&params).await.map_err(|e| self.gone(e))?;
+        // By staging; a staging whose spec.namespace changed has its old namespace here too,
+        // as a part the plan removes.
         let mut stagings: BTreeMap<String, ObservedObject> = BTreeMap::new();
+        let mut staging_of: HashMap<String, String> = HashMap::new();
         let mut kinds: BTreeSet<(String, String)> = BTreeSet::new();
         let mut live = HashMap::new();
         for namespace in listed.items {
@@ -326,7 +329,10 @@ impl KubeBackend {
                 continue;
             };
             let labels = namespace.metadata.labels.clone().unwrap_or_default();
-            let Some(name) = labels.get(LABEL_NAME).and_then(|n| n.parse().ok()) else {
+            let Some(name) = labels.get(LABEL_NAME).cloned() else {
+                continue;
+            };
+            let Ok(key_name) = name.parse() else {
                 continue;
             };
             let annotations = namespace.metadata.annotations.clone().unwrap_or_default();
@@ -368,16 +374,17 @@ impl KubeBackend {
                 detail: terminating.then(|| "being deleted".to_string()),
             };
             live.insert(format!("{ns}/Namespace/{ns}"), value);
-            let object = ObservedObject {
+            staging_of.insert(ns, name.clone());
+            let object = stagings.entry(name).or_insert_with(|| ObservedObject {
                 key: ObjectRef {
                     kind: Kind::Staging,
-                    name,
+                    name: key_name,
                 },
-                parts: vec![part],
+                parts: Vec::new(),
                 archived_at,
                 expired: time(ANNOTATION_EXPIRED_AT),
-            };
-            stagings.insert(ns, object);
+            });
+            object.parts.push(part);
         }
         if stagings.is_empty() {
             *self.live.lock().expect("live objects") = live;
@@ -415,14 +422,17 @@ impl KubeBackend {
             let (kind, items) = listed.map_err(|e| self.gone(e))?;
             for item in items {
                 let ns = item.metadata.namespace.clone().unwrap_or_default();
-                let Some(staging) = stagings.get_mut(&ns) else {
+                let Some(staging) = staging_of.get(&ns).and_then(|name| stagings.get_mut(name))
+                else {
                     continue;
                 };
                 let Some(name) = item.metadata.name.clone() else {
                     continue;
                 };
                 let labels = item.metadata.labels.clone().unwrap_or_default();
-                if labels.get(LABEL_NAME).map(String::as_str) != Some(staging.key.name.as_str()) {
+                if labels.get(LABEL_NAME).map(String::as_str) != Some(staging.key.name.as_str())
+                    || !applied_by_berth(&item.metadata)
+                {
                     continue;
                 }
                 let value = serde_json::to_value(&item).unwrap_or_default();
@@ -625,7 +635,7 @@ impl KubeBackend {
                 || labels.get(LABEL_NAME).map(String::as_str) != Some(key.name.as_str())
             {
                 return Err(Trouble::Failed(format!(
-                    "namespace {ns} exists and was not made by berth for {key}; berth manages only namespaces it makes: choose another spec.namespace, or delete that namespace"
+                    "namespace {ns} exists and was not made by berth for {key}; berth manages only namespaces it makes: choose another spec.namespace"
                 )));
             }
             if existing.metadata.deletion_timestamp.is_some() {
@@ -700,12 +710,19 @@ impl KubeBackend {
             )
         };
         let pod_labels = self.pod_labels(key);
-        for wave in [true, false] {
+        // A dry run of every object first: what the server refuses (a typo in a field, a
+        // quantity it cannot read, an immutable field changed) fails the staging before any
+        // object changes, so a bad change never leaves it half applied.
+        let mut refused = Vec::new();
+        for wave in [None, Some(true), Some(false)] {
+            let dry_run = wave.is_none();
+            let mut params = apply_params();
+            params.dry_run = dry_run;
             let results = futures_util::stream::iter(
                 manifests
                     .iter()
                     .zip(&resources)
-                    .filter(|(m, _)| first(m) == wave)
+                    .filter(|(m, _)| wave.is_none_or(|first_wave| first(m) == first_wave))
                     .map(|(manifest, resource)| {
                         let labels = self.labels(
                             key,
@@ -715,8 +732,9 @@ impl KubeBackend {
                         let object = objects::shaped(manifest, ns, &labels, &pod_labels, archived);
                         let api: Api<DynamicObject> =
                             Api::namespaced_with(self.client.clone(), ns, resource);
+                        let params = &params;
                         async move {
-                            api.patch(&manifest.name, &apply_params(), &Patch::Apply(&object))
+                            api.patch(&manifest.name, params, &Patch::Apply(&object))
                                 .await
                                 .map_err(|e| Trouble::object(&manifest.kind, &manifest.name, e))
                         }
@@ -726,7 +744,23 @@ impl KubeBackend {
             .collect::<Vec<_>>()
             .await;
             for result in results {
-                result?;
+                match result {
+                    Err(Trouble::Failed(why)) if dry_run => refused.push(why),
+                    Err(trouble) => return Err(trouble),
+                    Ok(_) => {}
+                }
+            }
+            if dry_run && !refused.is_empty() {
+                refused.sort();
+                let more = match refused.len() {
+                    n if n > 5 => format!(" (and {} more)", n - 5),
+                    _ => String::new(),
+                };
+                refused.truncate(5);
+                return Err(Trouble::Failed(format!(
+                    "{}{more}; nothing was changed (a dry run found it)",
+                    refused.join("; ")
+                )));
             }
         }
         // Prune: what berth labelled in this namespace, of every kind it ever applied here, that
@@ -761,7 +795,11 @@ impl KubeBackend {
                 let Some(name) = item.metadata.name.clone() else {
                     continue;
                 };
-                if keep.contains(&(kind.to_string(), name.clone())) {
+                // Controllers copy labels (a Deployment's onto its ReplicaSets and pods, a
+                // Service's onto its Endpoints): only what berth itself applied is berth's.
+                if keep.contains(&(kind.to_string(), name.clone()))
+                    || !applied_by_berth(&item.metadata)
+                {
                     continue;
                 }
                 api.delete(&name, &DeleteParams::background())
@@ -779,6 +817,23 @@ impl KubeBackend {
             None,
         )
         .await?;
+        // A namespace the staging had before its spec.namespace changed goes, with all in it.
+        let others = namespaces
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(Trouble::from)?;
+        for other in others.items {
+            let Some(name) = other.metadata.name.clone() else {
+                continue;
+            };
+            if name != ns && other.metadata.deletion_timestamp.is_none() {
+                namespaces
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                    .map_err(|e| Trouble::object("Namespace", &name, e))?;
+                pruned.push(format!("Namespace/{name}"));
+            }
+        }
         let mut done = format!("applied {} objects in namespace {ns}", manifests.len());
         if archived {
             done.push_str(", workloads scaled to zero");
@@ -916,7 +971,12 @@ impl From<kube::Error> for Trouble {
     fn from(error: kube::Error) -> Trouble {
         match error {
             kube::Error::Api(status) => {
-                Trouble::Failed(format!("the API server refused: {}", status.message))
+                // Some refusals quote a whole object (an immutable pod template): keep the gist.
+                let mut message: String = status.message.chars().take(400).collect();
+                if status.message.chars().count() > 400 {
+                    message.push('…');
+                }
+                Trouble::Failed(format!("the API server refused: {message}"))
             }
             other => Trouble::Gone(other.to_string()),
         }
@@ -930,6 +990,16 @@ impl Trouble {
             gone => gone,
         }
     }
+}
+
+/// Whether berth applied the object itself (its field manager holds an Apply), rather than a
+/// controller that made it with labels copied from one of berth's objects.
+fn applied_by_berth(metadata: &kube::api::ObjectMeta) -> bool {
+    metadata.owner_references.as_ref().is_none_or(Vec::is_empty)
+        && metadata.managed_fields.iter().flatten().any(|entry| {
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
+                && entry.operation.as_deref() == Some("Apply")
+        })
 }
 
 fn apply_params() -> PatchParams {

@@ -114,9 +114,16 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
     let mut path = String::new();
     // Lists leave out each item's apiVersion and kind; the object was found by them anyway.
     let mut applied = applied.clone();
+    let secret = applied["kind"] == "Secret";
     if let Some(fields) = applied.as_object_mut() {
         fields.remove("apiVersion");
         fields.remove("kind");
+        // A Secret's values are never compared, so never shown: and `stringData` is not even
+        // kept by the server, which folds it into `data`.
+        if secret {
+            fields.remove("data");
+            fields.remove("stringData");
+        }
     }
     differ(&applied, live, &mut path)
 }
@@ -143,10 +150,18 @@ fn differ(applied: &Value, live: &Value, path: &mut String) -> Option<String> {
             None
         }
         (Value::Array(want), Value::Array(have)) => {
+            // Lists of named items (containers, env, volumes) are matched by name, as the API
+            // server merges them: an item someone else inserted does not shift berth's.
+            let name = |item: &Value| item.get("name").and_then(Value::as_str).map(str::to_string);
+            let by_name = want.iter().all(|item| name(item).is_some());
             for (index, value) in want.iter().enumerate() {
                 let length = path.len();
                 path.push_str(&format!("[{index}]"));
-                let found = match have.get(index) {
+                let there = match by_name {
+                    true => have.iter().find(|item| name(item) == name(value)),
+                    false => have.get(index),
+                };
+                let found = match there {
                     Some(there) => differ(value, there, path),
                     None => Some(format!("{path} was removed")),
                 };
@@ -177,6 +192,44 @@ fn same_scalar(want: &Value, have: &Value) -> bool {
             (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
             _ => false,
         }
+        || quantity(want).zip(quantity(have)).is_some_and(|(a, b)| {
+            a == b || (a - b).abs() <= f64::EPSILON * a.abs().max(b.abs()) * 8.0
+        })
+}
+
+/// A Kubernetes quantity's value (`500m`, `1Gi`, `0.5`, `1e3`), which the API server writes in
+/// its own canonical form: `0.5` comes back as `500m`, `1024Mi` as `1Gi`.
+fn quantity(value: &Value) -> Option<f64> {
+    let text = match value {
+        Value::Number(number) => return number.as_f64(),
+        Value::String(text) => text.as_str(),
+        _ => return None,
+    };
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, scale) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, scale)| text.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or((text, 1.0));
+    let starts_numeric =
+        number.starts_with(|c: char| c.is_ascii_digit() || c == '.' || c == '-' || c == '+');
+    if !starts_numeric {
+        return None;
+    }
+    number.parse::<f64>().ok().map(|n| n * scale)
 }
 
 /// Values the API server drops when they are empty.
@@ -285,5 +338,39 @@ mod tests {
             edited(&applied, &live).as_deref(),
             Some("spec.template.spec.containers[0].image is evil:1, berth applies shop:v1")
         );
+    }
+
+    /// Hostile finding: quantities the server rewrites, and an item inserted ahead of berth's,
+    /// made every plan an update that never settled.
+    #[test]
+    fn quantities_in_the_servers_form_and_items_inserted_by_others_are_not_edits() {
+        let applied = json!({"spec": {"resources": {"cpu": 0.5, "memory": "1024Mi", "other": "1000m"},
+            "env": [{"name": "A", "value": "1"}]}});
+        let live = json!({"spec": {"resources": {"cpu": "500m", "memory": "1Gi", "other": "1"},
+            "env": [{"name": "INSERTED", "value": "x"}, {"name": "A", "value": "1"}]}});
+        assert_eq!(edited(&applied, &live), None);
+        let changed = json!({"spec": {"resources": {"cpu": "600m", "memory": "1Gi", "other": "1"},
+            "env": [{"name": "A", "value": "1"}]}});
+        assert_eq!(
+            edited(&applied, &changed).as_deref(),
+            Some("spec.resources.cpu is 600m, berth applies 0.5")
+        );
+    }
+
+    /// Hostile finding: a Secret's edited value was printed in the plan.
+    #[test]
+    fn a_secrets_values_are_never_compared_or_shown() {
+        let secret = manifest(
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+            "type": "Opaque", "stringData": {"pw": "hunter2"}}),
+        );
+        let applied = shaped(&secret, "stg", &HashMap::new(), &HashMap::new(), false);
+        let mut live = applied.clone();
+        live.as_object_mut().unwrap().remove("stringData");
+        live["data"] = json!({"pw": "c3RvbGVu"});
+        assert_eq!(edited(&applied, &live), None);
+        live["type"] = json!("kubernetes.io/tls");
+        let edit = edited(&applied, &live).unwrap();
+        assert_eq!(edit, "type is kubernetes.io/tls, berth applies Opaque");
     }
 }
