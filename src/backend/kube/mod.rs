@@ -20,7 +20,7 @@
 pub mod health;
 pub mod objects;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use kube::{Client, Config};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
+use super::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
 use crate::descriptor::manifests::{Manifest, Rendered, SECRET_NAME};
 use crate::descriptor::values::SecretRef;
@@ -195,6 +195,8 @@ pub struct KubeBackend {
     discovery: Arc<tokio::sync::Mutex<Option<Arc<Discovery>>>>,
     /// The objects the last observation saw, by `namespace/Kind/name`: hand edits are found in them.
     live: Arc<Mutex<HashMap<String, Value>>>,
+    /// Every namespace the last observation saw, berth's or not.
+    taken: Arc<Mutex<HashSet<String>>>,
     /// Key of the in-memory digests that tell a rotated secret; never stored.
     digest_key: Arc<[u8; 32]>,
 }
@@ -257,6 +259,7 @@ impl KubeBackend {
             ownership: ownership.clone(),
             discovery: Arc::default(),
             live: Arc::default(),
+            taken: Arc::default(),
             digest_key: Arc::new(random_key()),
         }))
     }
@@ -316,7 +319,18 @@ impl KubeBackend {
         let namespaces: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &namespace_resource());
         let params = ListParams::default().labels(&self.selector(None));
-        let listed = namespaces.list(&params).await.map_err(|e| self.gone(e))?;
+        // Every namespace, not only berth's: a staging made next knows without asking whether
+        // its namespace is taken.
+        let listed = namespaces
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| self.gone(e))?;
+        *self.taken.lock().expect("namespace names") = listed
+            .items
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let instance = Some(self.ownership.instance());
         // By staging; a staging whose spec.namespace changed has its old namespace here too,
         // as a part the plan removes.
         let mut stagings: BTreeMap<String, ObservedObject> = BTreeMap::new();
@@ -329,7 +343,9 @@ impl KubeBackend {
                 continue;
             };
             let labels = namespace.metadata.labels.clone().unwrap_or_default();
-            let Some(name) = labels.get(LABEL_NAME).cloned() else {
+            let ours = labels.get(LABEL_INSTANCE).map(String::as_str) == instance
+                && labels.get(LABEL_KIND).map(String::as_str) == Some(Kind::Staging.as_str());
+            let Some(name) = labels.get(LABEL_NAME).cloned().filter(|_| ours) else {
                 continue;
             };
             let Ok(key_name) = name.parse() else {
@@ -626,7 +642,18 @@ impl KubeBackend {
         }
         let namespaces: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &namespace_resource());
-        let existing = namespaces.get_opt(ns).await.map_err(Trouble::from)?;
+        // The namespaces this staging has, as the plan observed them just before (under the
+        // lock); one not among them is asked for, to refuse one berth did not make.
+        let mine = self.namespaces_of(key);
+        let taken = self.taken.lock().expect("namespace names").contains(ns);
+        let existing = match mine.iter().find(|n| n.metadata.name.as_deref() == Some(ns)) {
+            Some(known) => Some(known.clone()),
+            None if !taken => None,
+            None => namespaces.get_opt(ns).await.map_err(Trouble::from)?,
+        };
+        // A staging made now has nothing to check beforehand, nor anything to prune.
+        let fresh = existing.is_none();
+        let mut recorded: Option<(BTreeSet<String>, Option<String>)> = None;
         let mut inventory: BTreeSet<String> = BTreeSet::new();
         let mut archived_at = None;
         if let Some(existing) = &existing {
@@ -653,6 +680,7 @@ impl KubeBackend {
                     .map(str::to_string),
             );
             archived_at = annotations.get(ANNOTATION_ARCHIVED_AT).cloned();
+            recorded = Some((inventory.clone(), archived_at.clone()));
         }
         let mut wanted: BTreeSet<String> = manifests
             .iter()
@@ -669,15 +697,22 @@ impl KubeBackend {
         // The inventory is widened first: a crash after this leaves everything findable.
         let widened: BTreeSet<String> = inventory.union(&wanted).cloned().collect();
         let namespace_hash = template.part_hash(&format!("Namespace/{ns}"), parts);
-        self.apply_namespace(
-            key,
-            template,
-            &namespace_hash,
-            &widened,
-            archived_at.as_deref(),
-            None,
-        )
-        .await?;
+        let labelled = existing
+            .as_ref()
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(LABEL_SPEC_HASH))
+            == Some(&namespace_hash);
+        if !(labelled && recorded == Some((widened.clone(), archived_at.clone()))) {
+            self.apply_namespace(
+                key,
+                template,
+                &namespace_hash,
+                &widened,
+                archived_at.as_deref(),
+                None,
+            )
+            .await?;
+        }
         if !secret_data.is_empty() {
             let id = format!("Secret/{SECRET_NAME}");
             let secret = json!({
@@ -714,7 +749,8 @@ impl KubeBackend {
         // quantity it cannot read, an immutable field changed) fails the staging before any
         // object changes, so a bad change never leaves it half applied.
         let mut refused = Vec::new();
-        for wave in [None, Some(true), Some(false)] {
+        let waves = [None, Some(true), Some(false)];
+        for wave in waves.into_iter().skip(usize::from(fresh)) {
             let dry_run = wave.is_none();
             let mut params = apply_params();
             params.dry_run = dry_run;
@@ -775,7 +811,7 @@ impl KubeBackend {
             .collect();
         let mut pruned = Vec::new();
         let selector = self.selector(Some(key.name.as_str()));
-        for line in &widened {
+        for line in widened.iter().filter(|_| !fresh) {
             let Some((api_version, kind)) = line.rsplit_once('/') else {
                 continue;
             };
@@ -808,21 +844,19 @@ impl KubeBackend {
                 pruned.push(format!("{kind}/{name}"));
             }
         }
-        self.apply_namespace(
-            key,
-            template,
-            &namespace_hash,
-            &wanted,
-            archived_at.as_deref(),
-            None,
-        )
-        .await?;
+        if widened != wanted {
+            self.apply_namespace(
+                key,
+                template,
+                &namespace_hash,
+                &wanted,
+                archived_at.as_deref(),
+                None,
+            )
+            .await?;
+        }
         // A namespace the staging had before its spec.namespace changed goes, with all in it.
-        let others = namespaces
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(Trouble::from)?;
-        for other in others.items {
+        for other in mine {
             let Some(name) = other.metadata.name.clone() else {
                 continue;
             };
@@ -884,6 +918,23 @@ impl KubeBackend {
             .await
             .map_err(|e| Trouble::object("Namespace", ns, e))?;
         Ok(())
+    }
+
+    /// The namespaces of `key` the last observation saw.
+    fn namespaces_of(&self, key: &ObjectRef) -> Vec<DynamicObject> {
+        let live = self.live.lock().expect("live objects");
+        live.iter()
+            .filter(|(id, _)| id.contains("/Namespace/"))
+            .filter_map(|(_, value)| serde_json::from_value::<DynamicObject>(value.clone()).ok())
+            .filter(|namespace| {
+                namespace
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get(LABEL_NAME))
+                    == Some(&key.name.to_string())
+            })
+            .collect()
     }
 
     /// Deletes the staging's namespace and waits until it is gone. With `expired`, the staging
