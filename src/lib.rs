@@ -4,9 +4,11 @@
 //! what they ask for with what runs ([`plan`]), and makes the engines match ([`backend`]).
 //!
 //! One pass, top-down ([`reconcile`], the same for every driver):
-//! 1. load: [`descriptor::load`], every descriptor under a folder, or every problem, placed;
-//! 2. observe: [`backend::Engines::observe`], what the engines run that this instance owns (or,
-//!    for a pull request's plan, the status an agent committed);
+//! 1. load: [`descriptor::load`], every descriptor under a folder (a Staging's manifests or chart
+//!    rendered with it), or every problem, placed;
+//! 2. observe: [`backend::Engines::observe_available`], what the engines (the Docker Engine, a
+//!    Kubernetes cluster) run that this instance owns; an engine that does not answer holds back
+//!    only its own kinds (or, for a pull request's plan, the status an agent committed);
 //! 3. resolve: [`reconcile::resolve`], references between descriptors (`fromPipeline`);
 //! 4. diff: [`plan::diff`], a pure comparison of the two, step by step with reasons;
 //! 5. apply: [`apply::execute`] runs the steps through [`backend::Engines::apply`], each as soon as
