@@ -150,6 +150,11 @@ fn collect(
         let file_type = item
             .file_type()
             .map_err(|e| format!("cannot stat {relative}: {e}"))?;
+        // Git's own files are never part of a context: in a clone they change with every fetch
+        // and status commit, which would make every build and digest new.
+        if item.file_name() == ".git" {
+            continue;
+        }
         let always_kept = relative == dockerfile || relative == ".dockerignore";
         if !always_kept
             && ignore

@@ -28,6 +28,7 @@ pub mod descriptor;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod run;
 pub mod server;
 pub mod source;
 pub mod status;

@@ -97,6 +97,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ProblemFormat::Text)]
         format: ProblemFormat,
     },
+    /// Run a pipeline in the foreground, without an agent, streaming its log (as `gitlab-runner
+    /// exec` or `act` do): clone its source (or take its context from DIR), run its steps in a
+    /// container on the Docker Engine, and build the image it produces.
+    ///
+    /// Exit codes: 0 the run succeeded, 1 it failed, timed out or could not run.
+    Run {
+        /// The config repo's folder.
+        dir: PathBuf,
+        /// The pipeline's name.
+        pipeline: String,
+        /// The source commit (or branch or tag) to build; the source's `ref`, or DIR's HEAD.
+        #[arg(long)]
+        commit: Option<String>,
+        /// Where to keep the run's log (capped, secrets masked).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// Most bytes of log kept; the head and the tail are kept, the middle dropped.
+        #[arg(long, default_value_t = berth::run::DEFAULT_LOG_CAP)]
+        log_cap: usize,
+        #[command(flatten)]
+        target: TargetFlags,
+    },
     /// Write the JSON Schemas of the descriptor kinds (generated from berth's own types).
     Schema {
         /// Folder to write the schema files to.
@@ -218,6 +240,21 @@ fn main() -> ExitCode {
             run_async(apply(&dir, &target, &load.options(), wait, &options))
         }
         Command::Schema { out } => write_schemas(&out),
+        Command::Run {
+            dir,
+            pipeline,
+            commit,
+            log_file,
+            log_cap,
+            target,
+        } => run_async(run_pipeline(
+            &dir,
+            &pipeline,
+            commit.as_deref(),
+            log_file.as_deref(),
+            log_cap,
+            &target.instance,
+        )),
     }
 }
 
@@ -546,4 +583,90 @@ fn write_schemas(out: &std::path::Path) -> ExitCode {
         println!("wrote {}", path.display());
     }
     ExitCode::SUCCESS
+}
+
+/// `berth run`: one pipeline run in the foreground.
+async fn run_pipeline(
+    dir: &std::path::Path,
+    pipeline: &str,
+    commit: Option<&str>,
+    log_file: Option<&std::path::Path>,
+    log_cap: usize,
+    instance: &str,
+) -> ExitCode {
+    use std::io::Write as _;
+    let loaded = match reconcile::load(dir, &LoadOptions::default()) {
+        Ok(loaded) => loaded,
+        Err(error) => return unplannable(error),
+    };
+    let found = loaded.descriptors.iter().find_map(|d| match &d.spec {
+        descriptor::Spec::Pipeline(spec) if d.metadata.name.as_str() == pipeline => {
+            Some((&d.metadata.name, spec))
+        }
+        _ => None,
+    });
+    let Some((name, spec)) = found else {
+        eprintln!("berth: no Pipeline {pipeline} in {}", dir.display());
+        return ExitCode::from(1);
+    };
+    let mut secrets = std::collections::BTreeMap::new();
+    for (key, reference) in &spec.secret_env {
+        match reference.resolve() {
+            Ok(value) => secrets.insert(key.clone(), value),
+            Err(why) => {
+                eprintln!("berth: Pipeline/{pipeline}: secret {key}: {why}");
+                return ExitCode::from(1);
+            }
+        };
+    }
+    let (workspace, commit) = match berth::source::pipeline_workspace(&loaded.root, spec, commit) {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("berth: Pipeline/{pipeline}: {why}");
+            return ExitCode::from(1);
+        }
+    };
+    let ownership = berth::backend::Ownership::new(instance);
+    let docker = match berth::backend::docker::DockerBackend::connect(&ownership).await {
+        Ok(docker) => docker,
+        Err(error) => {
+            eprintln!("berth: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut log = berth::run::RunLog::new(log_cap, secrets.values().cloned());
+    let request = berth::backend::docker::run::RunRequest {
+        pipeline: name,
+        spec,
+        workspace,
+        commit,
+        secrets,
+    };
+    let mut stdout = std::io::stdout();
+    let report = docker
+        .run_pipeline(request, &mut log, |bytes| {
+            let _ = stdout.write_all(bytes);
+            let _ = stdout.flush();
+        })
+        .await;
+    if let Some(path) = log_file
+        && let Err(error) = std::fs::write(path, log.contents())
+    {
+        eprintln!("berth: cannot write the log to {}: {error}", path.display());
+    }
+    for step in &report.steps {
+        let code = step
+            .exit_code
+            .map_or("killed".to_string(), |c| format!("exit code {c}"));
+        println!(
+            "step {}: {code} in {:.1}s",
+            step.name,
+            step.duration.as_secs_f64()
+        );
+    }
+    println!("{}", report.summary());
+    match report.result {
+        berth::run::RunResult::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
 }

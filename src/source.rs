@@ -721,3 +721,54 @@ pub fn committed_status(
         })?;
     read_status_files(&repo, &tracking_ref(branch), folder)
 }
+
+/// The workspace of a pipeline run, as a tar of its `context` folder, and the commit it is at.
+///
+/// Without `source`, the config repo at `root` is the source (its commit is `HEAD` of the git
+/// repository holding it, or `local` for a plain folder). With one, the source is cloned into a
+/// temporary folder and checked out at `commit`, or else at its `ref`. `.dockerignore` in the
+/// context is honoured; `.git` is never part of it.
+pub fn pipeline_workspace(
+    root: &Path,
+    spec: &crate::descriptor::PipelineSpec,
+    commit: Option<&str>,
+) -> Result<(Vec<u8>, String), String> {
+    let clone;
+    let (base, commit) = match &spec.source {
+        None => {
+            let head = Repository::discover(root)
+                .ok()
+                .and_then(|repo| Some(repo.head().ok()?.peel_to_commit().ok()?.id().to_string()));
+            let commit = commit
+                .map(str::to_string)
+                .or(head)
+                .unwrap_or_else(|| "local".into());
+            (root.to_path_buf(), commit)
+        }
+        Some(source) => {
+            clone = tempfile::tempdir()
+                .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
+            let shown = redact(&source.url);
+            let repo = git2::build::RepoBuilder::new()
+                .clone(&source.url, clone.path())
+                .map_err(|e| format!("cannot clone {shown}: {}", e.message()))?;
+            let wanted = commit.unwrap_or(&source.reference);
+            let object = repo
+                .revparse_single(wanted)
+                .or_else(|_| repo.revparse_single(&format!("origin/{wanted}")))
+                .map_err(|_| format!("{shown} has no commit, branch or tag {wanted}"))?;
+            let found = object
+                .peel_to_commit()
+                .map_err(|e| format!("{wanted} in {shown} is not a commit: {}", e.message()))?;
+            repo.checkout_tree(found.as_object(), Some(CheckoutBuilder::new().force()))
+                .map_err(|e| format!("cannot check out {wanted} of {shown}: {}", e.message()))?;
+            let _ = std::fs::remove_dir_all(clone.path().join(".git"));
+            (clone.path().to_path_buf(), found.id().to_string())
+        }
+    };
+    let folder = base.join(&spec.context);
+    let tar = crate::build_context::BuildContext::read(&folder, "Dockerfile")
+        .and_then(|context| context.tar())
+        .map_err(|e| format!("cannot read the context {}: {e}", spec.context))?;
+    Ok((tar, commit))
+}

@@ -317,8 +317,19 @@ pub struct Sidecar {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PipelineSpec {
-    /// The repository to build.
-    pub source: Source,
+    /// The repository to build; without it, the config repo itself at the applied revision (a
+    /// monorepo, or a repo that holds its challenges' sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// The folder of the source the steps run in (and whose Dockerfile `produces` builds);
+    /// the source's root by default.
+    #[serde(default = "root_folder")]
+    pub context: String,
+    /// Secret environment variables for every step, read on the agent's host; their values are
+    /// masked as `***` in logs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "variables::<SecretRef>", extend("writeOnly" = true))]
+    pub secret_env: BTreeMap<String, SecretRef>,
     /// What starts a run.
     #[serde(default)]
     pub triggers: Triggers,
@@ -357,6 +368,10 @@ pub struct Source {
 
 fn main_branch() -> String {
     "main".into()
+}
+
+fn root_folder() -> String {
+    ".".into()
 }
 
 /// What starts a pipeline run.

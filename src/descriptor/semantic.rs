@@ -25,6 +25,14 @@ pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Viol
     match &descriptor.spec {
         Spec::Challenge(spec) => check_challenge(root, spec, &mut found),
         Spec::Pipeline(spec) => {
+            if spec.source.is_none()
+                && let Err(message) = repo_folder(root, &spec.context)
+            {
+                found.push(violation(
+                    "/spec/context",
+                    format!("spec.context: {message} (without spec.source, the steps run in a folder of this repo)"),
+                ));
+            }
             if let StepImage::Build(image) = &spec.image {
                 check_build(
                     root,

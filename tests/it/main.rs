@@ -4,6 +4,7 @@
 //! - `cli`: the `berth` binary's output formats and exit codes;
 //! - `docker`: plan and apply against the real Docker Engine;
 //! - `kube`: Stagings against a real single-node Kubernetes cluster (`tests/testbed/kube-up.sh`);
+//! - `pipeline`: `berth run`, a pipeline run in the foreground on the real Docker Engine;
 //! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
@@ -16,6 +17,7 @@ mod docker;
 mod gitserver;
 mod hardening;
 mod kube;
+mod pipeline;
 mod schema_files;
 mod server_limits;
 mod util;

@@ -14,6 +14,8 @@
 //! Everything that can fail is prepared before an old container is touched, and an update whose
 //! new container cannot start restarts the old one: a failed update leaves the old version running.
 
+pub mod run;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -1092,31 +1094,7 @@ impl DockerBackend {
         repo_root: &Path,
     ) -> Attempt<String> {
         match (&template.spec.image, &template.spec.build) {
-            (Some(ImageSource::Name(name)), _) => {
-                match self.docker.inspect_image(name).await {
-                    Ok(_) => return Ok(name.clone()),
-                    // Only an image the engine says it lacks is pulled: any other failure to
-                    // inspect is reported, never papered over with a registry pull.
-                    Err(error) if is_status(&error, 404) => {}
-                    Err(error) => {
-                        return Err(self.trouble(&format!("cannot inspect image {name}"), error));
-                    }
-                }
-                let options = CreateImageOptions {
-                    from_image: Some(name.clone()),
-                    ..Default::default()
-                };
-                let mut pull = self.docker.create_image(Some(options), None, None);
-                while let Some(progress) = pull.next().await {
-                    progress.map_err(|e| {
-                        self.trouble(
-                            &format!("cannot pull image {name} (it is not on the engine)"),
-                            e,
-                        )
-                    })?;
-                }
-                Ok(name.clone())
-            }
+            (Some(ImageSource::Name(name)), _) => self.named_image(name).await,
             (Some(ImageSource::FromPipeline(from)), _) => Err(Trouble::Failed(format!(
                 "the image comes from Pipeline/{}, which has not produced one",
                 from.from_pipeline
@@ -1150,39 +1128,72 @@ impl DockerBackend {
                     forcerm: true,
                     ..Default::default()
                 };
-                let mut output =
-                    self.docker
-                        .build_image(options, None, Some(bollard::body_full(tar.into())));
-                let mut log: Vec<String> = Vec::new();
-                while let Some(item) = output.next().await {
-                    let info = match item {
-                        Ok(info) => info,
-                        Err(error) if engine_gone(&error) => {
-                            return Err(self.trouble("build interrupted", error));
-                        }
-                        Err(error) => {
-                            return Err(Trouble::Failed(build_failed(
-                                &build.context,
-                                &engine_message(&error),
-                                &log,
-                            )));
-                        }
-                    };
-                    if let Some(detail) = info.error_detail {
-                        return Err(Trouble::Failed(build_failed(
-                            &build.context,
-                            &detail.message.unwrap_or_default(),
-                            &log,
-                        )));
-                    }
-                    if let Some(line) = info.stream {
-                        log.push(line);
-                    }
-                }
+                self.build(options, tar, &build.context).await?;
                 Ok(tag)
             }
             (None, None) => Err(Trouble::Failed("no image and no build".into())),
         }
+    }
+
+    /// The image `name`, pulled only when the engine says it lacks it: any other failure to
+    /// inspect is reported, never papered over with a registry pull.
+    async fn named_image(&self, name: &str) -> Attempt<String> {
+        match self.docker.inspect_image(name).await {
+            Ok(_) => return Ok(name.to_string()),
+            Err(error) if is_status(&error, 404) => {}
+            Err(error) => {
+                return Err(self.trouble(&format!("cannot inspect image {name}"), error));
+            }
+        }
+        let options = CreateImageOptions {
+            from_image: Some(name.to_string()),
+            ..Default::default()
+        };
+        let mut pull = self.docker.create_image(Some(options), None, None);
+        while let Some(progress) = pull.next().await {
+            progress.map_err(|e| {
+                self.trouble(
+                    &format!("cannot pull image {name} (it is not on the engine)"),
+                    e,
+                )
+            })?;
+        }
+        Ok(name.to_string())
+    }
+
+    /// Builds an image from the context `tar` (named `context` in errors, with the build's last
+    /// lines).
+    async fn build(&self, options: BuildImageOptions, tar: Vec<u8>, context: &str) -> Attempt<()> {
+        let mut output =
+            self.docker
+                .build_image(options, None, Some(bollard::body_full(tar.into())));
+        let mut log: Vec<String> = Vec::new();
+        while let Some(item) = output.next().await {
+            let info = match item {
+                Ok(info) => info,
+                Err(error) if engine_gone(&error) => {
+                    return Err(self.trouble("build interrupted", error));
+                }
+                Err(error) => {
+                    return Err(Trouble::Failed(build_failed(
+                        context,
+                        &engine_message(&error),
+                        &log,
+                    )));
+                }
+            };
+            if let Some(detail) = info.error_detail {
+                return Err(Trouble::Failed(build_failed(
+                    context,
+                    &detail.message.unwrap_or_default(),
+                    &log,
+                )));
+            }
+            if let Some(line) = info.stream {
+                log.push(line);
+            }
+        }
+        Ok(())
     }
 
     async fn networks(&self, key: &ObjectRef) -> Attempt<Vec<bollard::models::Network>> {

@@ -1,0 +1,299 @@
+//! Pipeline runs on the Docker Engine: the workspace copied into a volume (so a remote engine
+//! works as well as a local one: no host path is mounted), every step run in turn in one
+//! container of the step image, each as an exec whose output is streamed into the run's log and
+//! whose exit code and duration are recorded, the container killed at the timeout, and, when the
+//! run succeeds and `produces` is set, the image built from the workspace and tagged with the
+//! ownership labels. The volume and the container are removed however the run ends.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateContainerOptions, DownloadFromContainerOptions,
+    RemoveContainerOptions, RemoveVolumeOptions, UploadToContainerOptions,
+};
+use futures_util::StreamExt;
+
+use super::{Attempt, DockerBackend, Trouble};
+use crate::descriptor::model::{PipelineSpec, StepImage};
+use crate::descriptor::{Kind, Name, ObjectRef};
+use crate::run::{RunLog, RunReport, RunResult, StepRun};
+
+/// Where the workspace is in the step container.
+const WORKSPACE: &str = "/workspace";
+
+/// One run to carry out.
+pub struct RunRequest<'a> {
+    /// The pipeline's name.
+    pub pipeline: &'a Name,
+    /// Its spec.
+    pub spec: &'a PipelineSpec,
+    /// The source's `context` folder as a tar.
+    pub workspace: Vec<u8>,
+    /// The source commit.
+    pub commit: String,
+    /// The secret environment, read.
+    pub secrets: BTreeMap<String, String>,
+}
+
+impl DockerBackend {
+    /// Carries out one run, feeding its output to `log`; `shown` gets what the log kept as it
+    /// comes (masked), for a foreground run.
+    pub async fn run_pipeline(
+        &self,
+        request: RunRequest<'_>,
+        log: &mut RunLog,
+        mut shown: impl FnMut(&[u8]),
+    ) -> RunReport {
+        let started = Instant::now();
+        let key = ObjectRef {
+            kind: Kind::Pipeline,
+            name: request.pipeline.clone(),
+        };
+        let nonce = format!(
+            "{:x}",
+            started.elapsed().as_nanos() ^ u128::from(std::process::id())
+        );
+        let name = format!("berth-{}-run-{}-{nonce}", self.instance(), request.pipeline);
+        let mut steps = Vec::new();
+        let outcome = self
+            .carry_out(&request, &key, &name, log, &mut shown, &mut steps)
+            .await;
+        // Whatever happened, nothing of the run is left on the engine.
+        let _ = self
+            .docker
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        let _ = self
+            .docker
+            .remove_volume(&name, Some(RemoveVolumeOptions { force: true }))
+            .await;
+        let (result, image) = match outcome {
+            Ok(done) => done,
+            Err(Trouble::Failed(why) | Trouble::Transient(why)) => (RunResult::Error(why), None),
+        };
+        shown(&log.flush());
+        RunReport {
+            pipeline: request.pipeline.to_string(),
+            commit: request.commit,
+            steps,
+            result,
+            image,
+            duration: started.elapsed(),
+        }
+    }
+
+    async fn carry_out(
+        &self,
+        request: &RunRequest<'_>,
+        key: &ObjectRef,
+        name: &str,
+        log: &mut RunLog,
+        shown: &mut impl FnMut(&[u8]),
+        steps: &mut Vec<StepRun>,
+    ) -> Attempt<(RunResult, Option<String>)> {
+        let spec = request.spec;
+        let image = match &spec.image {
+            StepImage::Name(image) => self.named_image(image).await?,
+            StepImage::Build(_) => {
+                return Err(Trouble::Failed(
+                    "step images built from the repo are not run by this berth yet; name an image"
+                        .into(),
+                ));
+            }
+        };
+        let labels = self.ownership.labels(key, "");
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(name.to_string()),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.trouble("cannot make the run's volume", e))?;
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            // The container only holds the workspace; each step is an exec in it.
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "exec sleep 2147483647".into(),
+            ]),
+            working_dir: Some(WORKSPACE.into()),
+            labels: Some(labels.clone()),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{name}:{WORKSPACE}")]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| {
+                self.trouble(
+                    &format!("cannot create the run's container from {image}"),
+                    e,
+                )
+            })?;
+        self.docker
+            .start_container(
+                name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| self.trouble("cannot start the run's container", e))?;
+        self.docker
+            .upload_to_container(
+                name,
+                Some(UploadToContainerOptions {
+                    path: WORKSPACE.into(),
+                    ..Default::default()
+                }),
+                bollard::body_full(request.workspace.clone().into()),
+            )
+            .await
+            .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?;
+        let limit = spec.timeout.0;
+        let deadline = Instant::now() + limit;
+        for step in &spec.steps {
+            shown(&log.note(&format!("== step {}", step.name)));
+            let began = Instant::now();
+            let left = deadline.saturating_duration_since(began);
+            let ran =
+                tokio::time::timeout(left, self.exec_step(name, step, request, log, shown)).await;
+            let exit_code = match ran {
+                Ok(code) => code?,
+                Err(_) => {
+                    let _ = self
+                        .docker
+                        .kill_container(
+                            name,
+                            None::<bollard::query_parameters::KillContainerOptions>,
+                        )
+                        .await;
+                    steps.push(StepRun {
+                        name: step.name.to_string(),
+                        exit_code: None,
+                        duration: began.elapsed(),
+                    });
+                    shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
+                    return Ok((RunResult::TimedOut(limit), None));
+                }
+            };
+            steps.push(StepRun {
+                name: step.name.to_string(),
+                exit_code: Some(exit_code),
+                duration: began.elapsed(),
+            });
+            if exit_code != 0 {
+                shown(&log.note(&format!(
+                    "== step {} exited with code {exit_code}",
+                    step.name
+                )));
+                return Ok((
+                    RunResult::Failed {
+                        step: step.name.to_string(),
+                        exit_code,
+                    },
+                    None,
+                ));
+            }
+        }
+        let Some(produces) = &spec.produces else {
+            return Ok((RunResult::Succeeded, None));
+        };
+        let short = &request.commit[..request.commit.len().min(12)];
+        let tag = produces.replace("{commit}", short);
+        shown(&log.note(&format!("== building {tag} from the workspace")));
+        let mut tar = Vec::new();
+        let mut download = self.docker.download_from_container(
+            name,
+            Some(DownloadFromContainerOptions {
+                path: format!("{WORKSPACE}/."),
+            }),
+        );
+        while let Some(chunk) = download.next().await {
+            tar.extend_from_slice(
+                &chunk.map_err(|e| self.trouble("cannot read the workspace back", e))?,
+            );
+        }
+        let options = BuildImageOptions {
+            dockerfile: "Dockerfile".into(),
+            t: Some(tag.clone()),
+            labels: Some(labels),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        self.build(
+            options,
+            tar,
+            &format!("the workspace of Pipeline/{}", request.pipeline),
+        )
+        .await?;
+        Ok((RunResult::Succeeded, Some(tag)))
+    }
+
+    /// Runs one step as an exec and returns its exit code.
+    async fn exec_step(
+        &self,
+        container: &str,
+        step: &crate::descriptor::model::Step,
+        request: &RunRequest<'_>,
+        log: &mut RunLog,
+        shown: &mut impl FnMut(&[u8]),
+    ) -> Attempt<i64> {
+        let env: Vec<String> = step
+            .env
+            .iter()
+            .chain(&request.secrets)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let exec = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    cmd: Some(vec!["sh".to_string(), "-c".to_string(), step.run.clone()]),
+                    env: Some(env),
+                    working_dir: Some(WORKSPACE.to_string()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.trouble(&format!("cannot start step {}", step.name), e))?;
+        let started = self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| self.trouble(&format!("cannot start step {}", step.name), e))?;
+        if let StartExecResults::Attached { mut output, .. } = started {
+            while let Some(chunk) = output.next().await {
+                let chunk = chunk.map_err(|e| self.trouble("the step's output stopped", e))?;
+                shown(&log.push(&chunk.into_bytes()));
+            }
+        }
+        let inspected =
+            self.docker.inspect_exec(&exec.id).await.map_err(|e| {
+                self.trouble(&format!("cannot read step {}'s exit code", step.name), e)
+            })?;
+        Ok(inspected.exit_code.unwrap_or(-1))
+    }
+}

@@ -1,0 +1,269 @@
+//! A pipeline run as berth records it: each step's exit code and duration, how the run ended,
+//! the image it produced, and its log, capped and with secret values masked. Pure: the Docker
+//! backend runs the steps and feeds output in; the CLI and the agent show and keep what is here.
+//!
+//! The log keeps its head and its tail when a run says more than the cap (as CI systems do),
+//! with a marker where the middle was dropped. Output is masked line by line, so a secret split
+//! across two chunks of the engine's stream is still masked.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Largest log kept per run by default, in bytes.
+pub const DEFAULT_LOG_CAP: usize = 10 << 20;
+
+/// What stands in for a secret value in a log.
+pub const MASK: &str = "***";
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    /// Every step exited 0 (and the image, if any, was built).
+    Succeeded,
+    /// A step exited non-zero: its name and exit code.
+    Failed {
+        /// The step.
+        step: String,
+        /// Its exit code.
+        exit_code: i64,
+    },
+    /// The run took longer than its timeout and was killed.
+    TimedOut(Duration),
+    /// The run could not be carried out (the image is missing, the engine went away, the build
+    /// failed); what to do is in the message.
+    Error(String),
+}
+
+impl RunResult {
+    /// `succeeded`, `failed`, `timed out` or `error`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunResult::Succeeded => "succeeded",
+            RunResult::Failed { .. } => "failed",
+            RunResult::TimedOut(_) => "timed out",
+            RunResult::Error(_) => "error",
+        }
+    }
+}
+
+/// One step as it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRun {
+    /// The step's name.
+    pub name: String,
+    /// Its exit code; `None` when it was killed.
+    pub exit_code: Option<i64>,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The source commit (or `local` for a folder that is not a git checkout).
+    pub commit: String,
+    /// The steps that ran, in order.
+    pub steps: Vec<StepRun>,
+    /// How it ended.
+    pub result: RunResult,
+    /// The image it produced, when it succeeded and produces one.
+    pub image: Option<String>,
+    /// How long it took in all.
+    pub duration: Duration,
+}
+
+impl RunReport {
+    /// `Pipeline/x at abc1234: failed at step test (exit code 2) after 1.2s`.
+    pub fn summary(&self) -> String {
+        let commit = &self.commit[..self.commit.len().min(12)];
+        let took = format!("{:.1}s", self.duration.as_secs_f64());
+        match &self.result {
+            RunResult::Succeeded => match &self.image {
+                Some(image) => format!(
+                    "Pipeline/{} at {commit}: succeeded in {took}, produced {image}",
+                    self.pipeline
+                ),
+                None => format!(
+                    "Pipeline/{} at {commit}: succeeded in {took}",
+                    self.pipeline
+                ),
+            },
+            RunResult::Failed { step, exit_code } => format!(
+                "Pipeline/{} at {commit}: failed at step {step} (exit code {exit_code}) after {took}",
+                self.pipeline
+            ),
+            RunResult::TimedOut(limit) => format!(
+                "Pipeline/{} at {commit}: timed out after {}s (its timeout); the container was killed",
+                self.pipeline,
+                limit.as_secs()
+            ),
+            RunResult::Error(why) => {
+                format!("Pipeline/{} at {commit}: error: {why}", self.pipeline)
+            }
+        }
+    }
+}
+
+/// A run's log: masked, and capped to its head and tail.
+#[derive(Debug)]
+pub struct RunLog {
+    secrets: Vec<String>,
+    cap: usize,
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    dropped: usize,
+    /// A line not yet ended, held until it is, so it is masked whole.
+    partial: Vec<u8>,
+}
+
+impl RunLog {
+    /// A log keeping at most about `cap` bytes, masking each of `secrets`.
+    pub fn new(cap: usize, secrets: impl IntoIterator<Item = String>) -> RunLog {
+        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        // The longest first, so a secret that contains another is masked whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        RunLog {
+            secrets,
+            cap: cap.max(64),
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            dropped: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Adds output; returns the masked, complete lines it finished, to show as they come.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.partial.extend_from_slice(bytes);
+        let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') else {
+            // A line longer than the cap is let through in pieces rather than held for ever.
+            if self.partial.len() < self.cap / 2 {
+                return Vec::new();
+            }
+            let piece = std::mem::take(&mut self.partial);
+            return self.keep(&piece);
+        };
+        let lines: Vec<u8> = self.partial.drain(..=end).collect();
+        self.keep(&lines)
+    }
+
+    /// Adds a line of berth's own (`== step test`), not masked: it holds no output.
+    pub fn note(&mut self, line: &str) -> Vec<u8> {
+        let mut flushed = self.flush();
+        let text = format!("{line}\n").into_bytes();
+        self.store(&text);
+        flushed.extend(text);
+        flushed
+    }
+
+    /// Masks and keeps what is held back of a line not yet ended.
+    pub fn flush(&mut self) -> Vec<u8> {
+        let piece = std::mem::take(&mut self.partial);
+        if piece.is_empty() {
+            return Vec::new();
+        }
+        self.keep(&piece)
+    }
+
+    fn keep(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let masked = self.mask(bytes);
+        self.store(&masked);
+        masked
+    }
+
+    fn mask(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut text = String::from_utf8_lossy(bytes).into_owned();
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), MASK);
+            }
+        }
+        text.into_bytes()
+    }
+
+    fn store(&mut self, bytes: &[u8]) {
+        let half = self.cap / 2;
+        let room = half.saturating_sub(self.head.len());
+        let (into_head, rest) = bytes.split_at(room.min(bytes.len()));
+        self.head.extend_from_slice(into_head);
+        self.tail.extend(rest);
+        while self.tail.len() > half {
+            self.tail.pop_front();
+            self.dropped += 1;
+        }
+    }
+
+    /// The log as kept: the head, a marker if anything was dropped, and the tail.
+    pub fn contents(&mut self) -> Vec<u8> {
+        self.flush();
+        let mut out = self.head.clone();
+        if self.dropped > 0 {
+            out.extend_from_slice(
+                format!(
+                    "\n[berth: {} bytes of output dropped here; the log keeps its first and last {} bytes]\n",
+                    self.dropped,
+                    self.cap / 2
+                )
+                .as_bytes(),
+            );
+        }
+        out.extend(self.tail.iter());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_even_when_split_across_chunks() {
+        let mut log = RunLog::new(1 << 20, ["hunter2".to_string(), "hunter2-long".to_string()]);
+        let mut shown = log.push(b"token=hun");
+        shown.extend(log.push(b"ter2 and hunter2-long\nnext"));
+        shown.extend(log.flush());
+        assert_eq!(String::from_utf8(shown).unwrap(), "token=*** and ***\nnext");
+        assert!(
+            !String::from_utf8(log.contents())
+                .unwrap()
+                .contains("hunter")
+        );
+    }
+
+    #[test]
+    fn a_long_log_keeps_its_head_and_tail_with_a_marker() {
+        let mut log = RunLog::new(1000, Vec::new());
+        for line in 0..1000 {
+            log.push(format!("line {line:04}\n").as_bytes());
+        }
+        let text = String::from_utf8(log.contents()).unwrap();
+        assert!(text.starts_with("line 0000\n"));
+        assert!(text.ends_with("line 0999\n"));
+        assert!(text.contains("bytes of output dropped here"));
+        assert!(text.len() < 1200, "{}", text.len());
+    }
+
+    #[test]
+    fn summaries_say_how_a_run_ended() {
+        let mut report = RunReport {
+            pipeline: "app".into(),
+            commit: "0123456789abcdef".into(),
+            steps: vec![],
+            result: RunResult::Failed {
+                step: "test".into(),
+                exit_code: 2,
+            },
+            image: None,
+            duration: Duration::from_millis(1200),
+        };
+        assert_eq!(
+            report.summary(),
+            "Pipeline/app at 0123456789ab: failed at step test (exit code 2) after 1.2s"
+        );
+        report.result = RunResult::Succeeded;
+        report.image = Some("app:0123456".into());
+        assert!(report.summary().ends_with("produced app:0123456"));
+    }
+}

@@ -1,0 +1,179 @@
+//! `berth run`: a pipeline run in the foreground against the real Docker Engine: the workspace
+//! copied into a volume, the steps as execs in one container, the log streamed with secrets
+//! masked and capped, the timeout, the produced image, and a source cloned from a real git
+//! repository. Each test is its own instance; its images and containers go when it ends.
+
+use crate::docker::{docker, engine};
+use crate::gitserver::Origin;
+use crate::util::{Repo, stdout};
+
+fn pipeline(name: &str, extra: &str, steps: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n{extra}  steps:\n{steps}"
+    )
+}
+
+#[test]
+fn a_run_streams_its_steps_masks_secrets_and_produces_a_labelled_image() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let image = format!("{}-app", instance.name);
+    repo.write(
+        "app.yaml",
+        pipeline(
+            "app",
+            &format!("  context: src\n  secretEnv: {{TOKEN: {{env: BERTH_IT_FLAG}}}}\n  produces: \"{image}:{{commit}}\"\n"),
+            "    - {name: test, run: \"echo token=$TOKEN; test -f main.sh\"}\n    - {name: package, run: \"echo built > out.txt\"}\n",
+        ),
+    )
+    .write("src/main.sh", "echo hi\n")
+    .write("src/Dockerfile", "FROM busybox:latest\nCOPY out.txt /out.txt\nCMD [\"cat\", \"/out.txt\"]\n");
+    let output = instance.berth("run", &repo, &["app"]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("== step test\ntoken=***\n"), "{text}");
+    assert!(
+        !text.contains("it-secret"),
+        "the secret value was shown:\n{text}"
+    );
+    assert!(text.contains("step package: exit code 0"), "{text}");
+    assert!(
+        text.contains("succeeded in") && text.contains(&format!("produced {image}:local")),
+        "{text}"
+    );
+    // The image holds what the steps made, and carries the ownership labels.
+    assert_eq!(docker(&["run", "--rm", &format!("{image}:local")]), "built");
+    let labels = docker(&[
+        "image",
+        "inspect",
+        &format!("{image}:local"),
+        "--format",
+        "{{index .Config.Labels \"berth.name\"}} {{index .Config.Labels \"berth.kind\"}}",
+    ]);
+    assert_eq!(labels, "app Pipeline");
+    // Nothing of the run is left: no container, no volume.
+    let filter = format!("label=berth.instance={}", instance.name);
+    assert_eq!(docker(&["ps", "-aq", "--filter", &filter]), "");
+    assert_eq!(docker(&["volume", "ls", "-q", "--filter", &filter]), "");
+}
+
+#[test]
+fn a_failing_step_stops_the_run_with_its_exit_code() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "p.yaml",
+        pipeline(
+            "fails",
+            "",
+            "    - {name: test, run: \"echo checking; exit 3\"}\n    - {name: never, run: \"echo SHOULD-NOT-RUN\"}\n",
+        ),
+    );
+    let output = instance.berth("run", &repo, &["fails"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("== step test exited with code 3"), "{text}");
+    assert!(text.contains("failed at step test (exit code 3)"), "{text}");
+    assert!(
+        !text.contains("SHOULD-NOT-RUN") && !text.contains("step never"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_run_past_its_timeout_is_killed() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "p.yaml",
+        pipeline(
+            "slow",
+            "  timeout: 2s\n",
+            "    - {name: wait, run: \"echo started; sleep 60\"}\n",
+        ),
+    );
+    let started = std::time::Instant::now();
+    let output = instance.berth("run", &repo, &["slow"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "not killed: {text}"
+    );
+    assert!(
+        text.contains("timed out after 2s (its timeout); the container was killed"),
+        "{text}"
+    );
+    assert!(text.contains("step wait: killed"), "{text}");
+}
+
+#[test]
+fn a_long_log_keeps_its_head_and_tail() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "p.yaml",
+        pipeline("loud", "", "    - {name: talk, run: \"seq 1 100000\"}\n"),
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let output = instance.berth(
+        "run",
+        &repo,
+        &[
+            "loud",
+            "--log-cap",
+            "8192",
+            "--log-file",
+            log.path().to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "{}", stdout(&output));
+    let kept = std::fs::read_to_string(log.path()).unwrap();
+    assert!(kept.len() < 9000, "{} bytes kept", kept.len());
+    assert!(kept.starts_with("== step talk\n1\n2\n3\n"), "{kept:.200}");
+    assert!(
+        kept.ends_with("99999\n100000\n"),
+        "…{}",
+        &kept[kept.len() - 100..]
+    );
+    assert!(kept.contains("bytes of output dropped here"));
+}
+
+#[test]
+fn a_source_repository_is_cloned_at_the_commit_asked_for() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[("VERSION", "one\n")]);
+    let first = origin.bare_git(&["rev-parse", "main"]);
+    origin.commit(&[("VERSION", Some("two\n"))], "Two");
+    let repo = Repo::new();
+    repo.write(
+        "p.yaml",
+        pipeline(
+            "versioned",
+            &format!(
+                "  source: {{url: \"file://{}\", ref: main}}\n",
+                origin.bare().display()
+            ),
+            "    - {name: show, run: \"cat VERSION; test ! -e .git\"}\n",
+        ),
+    );
+    let latest = instance.berth("run", &repo, &["versioned"]);
+    assert!(latest.status.success(), "{}", stdout(&latest));
+    assert!(
+        stdout(&latest).contains("== step show\ntwo\n"),
+        "{}",
+        stdout(&latest)
+    );
+    let older = instance.berth("run", &repo, &["versioned", "--commit", &first]);
+    assert!(older.status.success(), "{}", stdout(&older));
+    assert!(
+        stdout(&older).contains("== step show\none\n"),
+        "{}",
+        stdout(&older)
+    );
+    assert!(
+        stdout(&older).contains(&format!("at {}", &first[..12])),
+        "{}",
+        stdout(&older)
+    );
+}
