@@ -319,7 +319,7 @@ async fn berth_split(dir: &Path, engines: &Engines) -> [Duration; 4] {
     let observe = start.elapsed();
     let start = Instant::now();
     engines.diagnose(&mut observed, &desired).await;
-    reconcile::resolve(&mut desired);
+    reconcile::resolve(&mut desired, &observed);
     let policy = Policy {
         now: Some(chrono::Utc::now()),
         ..policy

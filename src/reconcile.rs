@@ -101,7 +101,7 @@ pub async fn plan(
         }
         Observer::Status(status) => status.observed(),
     };
-    resolve(&mut desired);
+    resolve(&mut desired, &observed);
     let policy = Policy {
         now: policy.now.or_else(|| Some(chrono::Utc::now())),
         ..policy
@@ -116,14 +116,38 @@ pub async fn plan(
 }
 
 /// Stage 3, resolve: fills in references between descriptors. An object that uses the image of a
-/// Pipeline waits, with that reason, until the Pipeline has produced one. Pipelines have no
-/// backend yet, so nothing is produced: every such object waits.
-pub fn resolve(desired: &mut Desired) {
-    for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
-        if let Some(pipeline) = desired.pipeline_references.get(&object.key) {
-            object.hold = Some(Hold::Wait(format!(
-                "waits for {pipeline} to produce an image (Pipelines have no backend yet)"
-            )));
+/// Pipeline runs the newest image the Pipeline produced; until there is one, it waits, with that
+/// reason (not a failure).
+pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
+    let products: BTreeMap<&ObjectRef, &str> = observed
+        .iter()
+        .filter(|o| o.key.kind == descriptor::Kind::Pipeline)
+        .filter_map(|o| {
+            let spec = &o.parts.first()?.spec;
+            let image = spec.get("id").or_else(|| spec.get("image"))?.as_str()?;
+            Some((&o.key, image))
+        })
+        .collect();
+    let references: Vec<(ObjectRef, ObjectRef)> = desired
+        .pipeline_references
+        .iter()
+        .map(|(k, p)| (k.clone(), p.clone()))
+        .collect();
+    for (key, pipeline) in references {
+        let held = desired
+            .objects
+            .iter()
+            .any(|o| o.key == key && o.hold.is_some());
+        if held {
+            continue;
+        }
+        let why = match products.get(&pipeline) {
+            Some(image) if desired.use_product(&key, image) => continue,
+            Some(_) => format!("waits: a {} takes no product of {pipeline} yet", key.kind),
+            None => format!("waits for {pipeline} to produce an image"),
+        };
+        if let Some(object) = desired.objects.iter_mut().find(|o| o.key == key) {
+            object.hold = Some(Hold::Wait(why));
         }
     }
 }
@@ -197,13 +221,45 @@ async fn apply_locked(
     engines: &Engines,
     root: &Path,
     options: &ApplyOptions,
-    on_report: impl FnMut(&StepReport),
+    mut on_report: impl FnMut(&StepReport),
 ) -> Result<Applied, EngineError> {
-    let planned = plan(desired, Observer::Engines(engines), options.policy).await?;
+    let mut planned = plan(desired.clone(), Observer::Engines(engines), options.policy).await?;
     if !planned.plan.has_changes() {
         return Ok(Applied::nothing_to_do(planned));
     }
-    let reports = execute(
+    let mut reports = execute_plan(&planned, engines, root, options, &mut on_report).await;
+    // A Pipeline that produced an image in this pass: what uses it is planned again and rolled
+    // to it now, rather than a pass later.
+    let produced = reports.iter().any(|r| {
+        r.step.key.kind == descriptor::Kind::Pipeline
+            && r.step.action != Action::Delete
+            && matches!(r.outcome, Outcome::Done(_))
+    });
+    if produced {
+        let again = plan(desired, Observer::Engines(engines), options.policy).await?;
+        if again.plan.has_changes() {
+            reports.extend(execute_plan(&again, engines, root, options, &mut on_report).await);
+        }
+        planned = again;
+    }
+    let (mut observed, _) = engines.observe_available().await;
+    engines.diagnose(&mut observed, &planned.desired).await;
+    reports.extend(unreachable_reports(&planned));
+    Ok(Applied {
+        planned,
+        reports,
+        observed,
+    })
+}
+
+async fn execute_plan(
+    planned: &Planned,
+    engines: &Engines,
+    root: &Path,
+    options: &ApplyOptions,
+    on_report: impl FnMut(&StepReport),
+) -> Vec<StepReport> {
+    execute(
         &planned.plan,
         options.concurrency,
         |step| {
@@ -212,16 +268,7 @@ async fn apply_locked(
         },
         on_report,
     )
-    .await;
-    let (mut observed, _) = engines.observe_available().await;
-    engines.diagnose(&mut observed, &planned.desired).await;
-    let mut reports = reports;
-    reports.extend(unreachable_reports(&planned));
-    Ok(Applied {
-        planned,
-        reports,
-        observed,
-    })
+    .await
 }
 
 /// A transient report for each object whose engine did not answer, so status keeps its phase

@@ -19,7 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::apply::Outcome;
-use crate::descriptor::{Descriptor, Kind, ObjectRef};
+use crate::descriptor::model::ImageSource;
+use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Hold, ObservedObject, Step, TargetState, Vocabulary};
 
 /// Label naming the berth instance that owns an object.
@@ -118,6 +119,7 @@ pub enum EngineError {
 #[derive(Debug, Clone)]
 enum Template {
     Challenge(Box<docker::ChallengeTemplate>),
+    Pipeline(Box<docker::run::PipelineTemplate>),
     Staging(Box<kube::StagingTemplate>),
 }
 
@@ -132,6 +134,31 @@ pub struct Desired {
     pub pipeline_references: BTreeMap<ObjectRef, ObjectRef>,
     /// Shared: desired state is copied into every pass, its templates need not be.
     templates: std::sync::Arc<HashMap<ObjectRef, Template>>,
+    /// The descriptors that use a Pipeline's product, made again once it is known.
+    consumers: std::sync::Arc<HashMap<ObjectRef, Descriptor>>,
+}
+
+impl Desired {
+    /// Makes `key`, which uses a Pipeline's product, run `image`. False when its kind cannot
+    /// take a product yet (a Staging's tag), so it keeps waiting.
+    pub fn use_product(&mut self, key: &ObjectRef, image: &str) -> bool {
+        let Some(mut descriptor) = self.consumers.get(key).cloned() else {
+            return false;
+        };
+        let Spec::Challenge(spec) = &mut descriptor.spec else {
+            return false;
+        };
+        spec.image = Some(ImageSource::Name(image.to_string()));
+        let Some((object, template)) = docker::desired_object(&descriptor) else {
+            return false;
+        };
+        std::sync::Arc::make_mut(&mut self.templates)
+            .insert(key.clone(), Template::Challenge(Box::new(template)));
+        if let Some(slot) = self.objects.iter_mut().find(|o| &o.key == key) {
+            *slot = object;
+        }
+        true
+    }
 }
 
 /// One backend: the interface every engine implements.
@@ -175,7 +202,13 @@ impl Backend {
     ) -> Outcome {
         let delete = step.action == crate::plan::Action::Delete;
         match (self, template) {
+            (Backend::Docker(docker), _) if delete && step.key.kind == Kind::Pipeline => {
+                docker.remove_products(&step.key).await
+            }
             (Backend::Docker(docker), _) if delete => docker.delete(&step.key).await,
+            (Backend::Docker(docker), Some(Template::Pipeline(template))) => {
+                docker.produce(template, root).await
+            }
             (Backend::Docker(docker), Some(Template::Challenge(template))) => {
                 docker.converge(template, root).await
             }
@@ -216,7 +249,7 @@ impl Backend {
                     .iter()
                     .filter_map(|(key, template)| match template {
                         Template::Staging(template) => Some((key.clone(), template.as_ref())),
-                        Template::Challenge(_) => None,
+                        Template::Challenge(_) | Template::Pipeline(_) => None,
                     })
                     .collect();
                 kube.diagnose(observed, &templates);
@@ -254,6 +287,7 @@ impl Backend {
 pub fn desired(descriptors: &[Descriptor]) -> Desired {
     let mut desired = Desired::default();
     let mut templates = HashMap::new();
+    let mut consumers = HashMap::new();
     for descriptor in descriptors {
         let key = descriptor.key();
         desired
@@ -261,6 +295,7 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
             .insert(key.clone(), descriptor.spec_hash.clone());
         if let Some(pipeline) = descriptor.pipeline_reference() {
             desired.pipeline_references.insert(key.clone(), pipeline);
+            consumers.insert(key.clone(), descriptor.clone());
         }
         if !serves(descriptor.kind()) {
             desired.objects.push(DesiredObject {
@@ -279,12 +314,16 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
         if let Some((object, template)) = docker::desired_object(descriptor) {
             templates.insert(key, Template::Challenge(Box::new(template)));
             desired.objects.push(object);
+        } else if let Some((object, template)) = docker::run::desired_pipeline(descriptor) {
+            templates.insert(key, Template::Pipeline(Box::new(template)));
+            desired.objects.push(object);
         } else if let Some((object, template)) = kube::desired_object(descriptor) {
             templates.insert(key, Template::Staging(Box::new(template)));
             desired.objects.push(object);
         }
     }
     desired.templates = std::sync::Arc::new(templates);
+    desired.consumers = std::sync::Arc::new(consumers);
     desired
 }
 

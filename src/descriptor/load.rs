@@ -603,6 +603,18 @@ impl Loader {
                 .unwrap_or_else(|error| error);
             descriptor.build_digest = Some(digest);
         }
+        // A Pipeline that builds from a folder of this repo runs again when the folder changes.
+        if let Spec::Pipeline(PipelineSpec {
+            source: None,
+            context,
+            ..
+        }) = &descriptor.spec
+        {
+            let digest = BuildContext::read(&self.root.join(context), "Dockerfile")
+                .and_then(|c| c.digest())
+                .unwrap_or_else(|error| error);
+            descriptor.build_digest = Some(digest);
+        }
         let digest = descriptor.build_digest.as_deref().unwrap_or_default();
         let rendered = match &descriptor.manifests {
             Some(Ok(manifests)) => {

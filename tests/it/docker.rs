@@ -614,38 +614,50 @@ fn apply_reports_containers_that_do_not_become_healthy() {
 }
 
 #[test]
-fn kinds_without_a_backend_are_listed_as_skipped() {
+fn what_no_engine_here_serves_is_skipped_and_what_uses_a_missing_product_waits() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     for file in [
         "pipelines/rev-300-image.yaml",
+        "pipelines/nightly-lint.yaml",
+        "pipelines/rev-300/serve.sh",
+        "pipelines/rev-300/Dockerfile",
         "stagings/feature-search.yaml",
         "challenges/rev-300.yaml",
+        "stagings/manifests/shop/deployment.yaml",
+        "stagings/manifests/shop/pvc.yaml",
+        "stagings/manifests/shop/service.yaml",
     ] {
         repo.write(
             file,
             std::fs::read(crate_root().join("sample-repo").join(file)).unwrap(),
         );
     }
-    for file in ["deployment.yaml", "pvc.yaml", "service.yaml"] {
-        let path = format!("stagings/manifests/shop/{file}");
-        repo.write(
-            &path,
-            std::fs::read(crate_root().join("sample-repo").join(&path)).unwrap(),
-        );
-    }
     let plan = instance.berth("plan", &repo, &[]);
     let text = stdout(&plan);
     assert!(
-        text.contains("Pipeline/rev-300-image  skip    skipped (no backend yet)"),
+        text.contains("Pipeline/rev-300-image  create  image missing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Pipeline/nightly-lint   skip    produces no image; it runs on its triggers"),
         "{text}"
     );
     assert!(
         text.contains("Staging/feature-search  skip    skipped: no Kubernetes cluster is configured (set KUBECONFIG"),
         "{text}"
     );
-    assert!(text.contains("Challenge/rev-300       wait    waits for Pipeline/rev-300-image to produce an image (Pipelines have no backend yet)"), "{text}");
-    assert_eq!(plan.status.code(), Some(0), "skips are not changes");
+    assert!(
+        text.contains(
+            "Challenge/rev-300       wait    waits for Pipeline/rev-300-image to produce an image"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "the pipeline's run is a change"
+    );
 }
 
 #[test]

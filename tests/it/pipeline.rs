@@ -177,3 +177,54 @@ fn a_source_repository_is_cloned_at_the_commit_asked_for() {
         stdout(&older)
     );
 }
+
+#[test]
+fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
+    let Some(instance) = engine() else { return };
+    let port = crate::docker::free_port();
+    let repo = Repo::new();
+    let image = format!("{}-site", instance.name);
+    repo.write(
+        "site.yaml",
+        pipeline(
+            "site",
+            &format!("  context: site\n  produces: \"{image}:{{commit}}\"\n"),
+            "    - {name: render, run: \"mkdir -p www && cat page.txt > www/index.html\"}\n",
+        ),
+    )
+    .write("site/page.txt", "version one\n")
+    .write(
+        "site/Dockerfile",
+        "FROM busybox:latest\nCOPY www /www\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .write(
+        "web.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
+        ),
+    );
+    let fetch = || {
+        let output = std::process::Command::new("curl")
+            .args(["-s", "-m", "3", &format!("http://127.0.0.1:{port}/")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let first = instance.berth("apply", &repo, &["--wait", "30s"]);
+    let text = stdout(&first);
+    assert!(first.status.success(), "{text}");
+    assert!(text.contains("Pipeline/site  create  done"), "{text}");
+    assert!(text.contains("Challenge/web  create  done"), "{text}");
+    assert_eq!(fetch(), "version one");
+    // A change in the pipeline's folder runs it again, and the challenge follows in one apply.
+    repo.write("site/page.txt", "version two\n");
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(plan.contains("Pipeline/site  update"), "{plan}");
+    let second = instance.berth("apply", &repo, &["--wait", "30s"]);
+    let text = stdout(&second);
+    assert!(second.status.success(), "{text}");
+    assert!(text.contains("Challenge/web  update  done"), "{text}");
+    assert_eq!(fetch(), "version two");
+    let settled = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(settled.contains("2 unchanged"), "{settled}");
+}

@@ -49,7 +49,7 @@ use crate::plan::{
 };
 
 /// The kinds this backend serves.
-pub const KINDS: &[Kind] = &[Kind::Challenge];
+pub const KINDS: &[Kind] = &[Kind::Challenge, Kind::Pipeline];
 
 /// Label naming the container's slot (`main-1`, `sidecar-db`).
 pub const LABEL_SLOT: &str = "berth.slot";
@@ -426,7 +426,7 @@ impl DockerBackend {
                 .or_default()
                 .push(part);
         }
-        Ok(objects
+        let mut observed: Vec<ObservedObject> = objects
             .into_iter()
             .map(|(key, parts)| ObservedObject {
                 key,
@@ -434,7 +434,13 @@ impl DockerBackend {
                 archived_at: None,
                 expired: None,
             })
-            .collect())
+            .collect();
+        observed.extend(
+            self.observe_products()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?,
+        );
+        Ok(observed)
     }
 
     /// Fills in, for each container of `wanted` (objects meant to run) that is Degraded, its exit

@@ -17,8 +17,13 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::{Attempt, DockerBackend, Trouble};
+use crate::apply::Outcome;
 use crate::descriptor::model::{PipelineSpec, StepImage};
 use crate::descriptor::{Kind, Name, ObjectRef};
+use crate::plan::{
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
+    Vocabulary,
+};
 use crate::run::{RunLog, RunReport, RunResult, StepRun};
 
 /// Where the workspace is in the step container.
@@ -45,7 +50,27 @@ impl DockerBackend {
         &self,
         request: RunRequest<'_>,
         log: &mut RunLog,
+        shown: impl FnMut(&[u8]),
+    ) -> RunReport {
+        self.run_with(request, log, shown, "").await
+    }
+
+    /// [`DockerBackend::run_pipeline`] for a pass: the image is labelled with `spec_hash`.
+    async fn run_pipeline_labelled(
+        &self,
+        request: RunRequest<'_>,
+        log: &mut RunLog,
+        spec_hash: &str,
+    ) -> RunReport {
+        self.run_with(request, log, |_| {}, spec_hash).await
+    }
+
+    async fn run_with(
+        &self,
+        request: RunRequest<'_>,
+        log: &mut RunLog,
         mut shown: impl FnMut(&[u8]),
+        spec_hash: &str,
     ) -> RunReport {
         let started = Instant::now();
         let key = ObjectRef {
@@ -59,7 +84,14 @@ impl DockerBackend {
         let name = format!("berth-{}-run-{}-{nonce}", self.instance(), request.pipeline);
         let mut steps = Vec::new();
         let outcome = self
-            .carry_out(&request, &key, &name, log, &mut shown, &mut steps)
+            .carry_out(
+                &request,
+                &name,
+                self.ownership.labels(&key, spec_hash),
+                log,
+                &mut shown,
+                &mut steps,
+            )
             .await;
         // Whatever happened, nothing of the run is left on the engine.
         let _ = self
@@ -94,8 +126,8 @@ impl DockerBackend {
     async fn carry_out(
         &self,
         request: &RunRequest<'_>,
-        key: &ObjectRef,
         name: &str,
+        labels: std::collections::HashMap<String, String>,
         log: &mut RunLog,
         shown: &mut impl FnMut(&[u8]),
         steps: &mut Vec<StepRun>,
@@ -110,7 +142,6 @@ impl DockerBackend {
                 ));
             }
         };
-        let labels = self.ownership.labels(key, "");
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(name.to_string()),
@@ -295,5 +326,204 @@ impl DockerBackend {
                 self.trouble(&format!("cannot read step {}'s exit code", step.name), e)
             })?;
         Ok(inspected.exit_code.unwrap_or(-1))
+    }
+}
+
+/// What applying a Pipeline needs: it is reconciled to *an image produced from this spec and
+/// this source*, so a Pipeline whose product is missing (or whose spec or context changed) runs,
+/// and the objects that use its image follow.
+#[derive(Debug, Clone)]
+pub struct PipelineTemplate {
+    key: ObjectRef,
+    spec: PipelineSpec,
+    hash: String,
+}
+
+/// The part a producing Pipeline has: its newest image.
+pub const PRODUCT: &str = "image";
+
+/// The desired object of a Pipeline that produces an image; one that does not is run by its
+/// triggers only, and is held back with that reason.
+pub fn desired_pipeline(
+    descriptor: &crate::descriptor::Descriptor,
+) -> Option<(DesiredObject, PipelineTemplate)> {
+    let crate::descriptor::Spec::Pipeline(spec) = &descriptor.spec else {
+        return None;
+    };
+    let key = descriptor.key();
+    let hold = spec.produces.is_none().then(|| {
+        Hold::Skip(
+            "produces no image; it runs on its triggers (the agent's run queue is not built yet)"
+                .into(),
+        )
+    });
+    let object = DesiredObject {
+        key: key.clone(),
+        target: TargetState::Running,
+        parts: vec![Part {
+            id: PRODUCT.into(),
+            hash: descriptor.spec_hash.clone(),
+            spec: std::sync::Arc::new(serde_json::json!({"image": spec.produces})),
+            secrets: None,
+            one_shot: true,
+        }],
+        dependencies: descriptor.dependencies(),
+        start_first: true,
+        hold,
+        words: Vocabulary {
+            part: "image",
+            replaces: false,
+        },
+        ttl: None,
+        ready_timeout: None,
+    };
+    let template = PipelineTemplate {
+        key,
+        spec: spec.clone(),
+        hash: descriptor.spec_hash.clone(),
+    };
+    Some((object, template))
+}
+
+impl DockerBackend {
+    /// The newest image each Pipeline of this instance produced.
+    pub(super) async fn observe_products(
+        &self,
+    ) -> Result<Vec<ObservedObject>, bollard::errors::Error> {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            self.ownership.selector(Kind::Pipeline, None),
+        )]);
+        let images = self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await?;
+        let mut newest: BTreeMap<ObjectRef, (i64, ObservedPart)> = BTreeMap::new();
+        for image in images {
+            let labels = &image.labels;
+            let Some(Ok(name)) = labels.get(super::LABEL_NAME).map(|n| n.parse()) else {
+                continue;
+            };
+            let Some(tag) = image.repo_tags.iter().find(|t| !t.contains("<none>")) else {
+                continue;
+            };
+            let part = ObservedPart {
+                name: tag.clone(),
+                id: PRODUCT.into(),
+                hash: labels
+                    .get(super::LABEL_SPEC_HASH)
+                    .cloned()
+                    .unwrap_or_default(),
+                // Consumers run the image by its id: a tag can be built again (a run of the same
+                // commit), an id cannot.
+                spec: serde_json::json!({"image": tag, "id": image.id}),
+                secrets: None,
+                state: PartState::Completed,
+                health: Health::Healthy,
+                detail: None,
+            };
+            let key = ObjectRef {
+                kind: Kind::Pipeline,
+                name,
+            };
+            if newest
+                .get(&key)
+                .is_none_or(|(created, _)| image.created > *created)
+            {
+                newest.insert(key, (image.created, part));
+            }
+        }
+        Ok(newest
+            .into_iter()
+            .map(|(key, (_, part))| ObservedObject {
+                key,
+                parts: vec![part],
+                archived_at: None,
+                expired: None,
+            })
+            .collect())
+    }
+
+    /// Runs the Pipeline on the config repo at `root` and labels what it produces with the
+    /// spec's hash, so the next plan sees it produced.
+    pub async fn produce(&self, template: &PipelineTemplate, root: &std::path::Path) -> Outcome {
+        let mut secrets = BTreeMap::new();
+        for (key, reference) in &template.spec.secret_env {
+            match reference.resolve() {
+                Ok(value) => secrets.insert(key.clone(), value),
+                Err(why) => return Outcome::Failed(format!("secret {key}: {why}")),
+            };
+        }
+        let (workspace, commit) =
+            match crate::source::pipeline_workspace(root, &template.spec, None) {
+                Ok(found) => found,
+                Err(why) => return Outcome::Failed(why),
+            };
+        let mut log = RunLog::new(crate::run::DEFAULT_LOG_CAP, secrets.values().cloned());
+        let request = RunRequest {
+            pipeline: &template.key.name,
+            spec: &template.spec,
+            workspace,
+            commit,
+            secrets,
+        };
+        let report = self
+            .run_pipeline_labelled(request, &mut log, &template.hash)
+            .await;
+        match report.result {
+            RunResult::Succeeded => Outcome::Done(report.summary()),
+            _ => {
+                // The log's last lines say why.
+                let contents = log.contents();
+                let text = String::from_utf8_lossy(&contents);
+                let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Outcome::Failed(format!(
+                    "{}; last lines: {}",
+                    report.summary(),
+                    tail.join(" | ")
+                ))
+            }
+        }
+    }
+
+    /// Removes every image the Pipeline produced (when it is removed from the repo, with prune).
+    pub async fn remove_products(&self, key: &ObjectRef) -> Outcome {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            self.ownership
+                .selector(Kind::Pipeline, Some(key.name.as_str())),
+        )]);
+        let images = match self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(images) => images,
+            Err(error) => return self.trouble("cannot list images", error).into(),
+        };
+        let mut removed = 0;
+        for image in images {
+            // An image a container still uses stays; the engine refuses to remove it anyway.
+            let options = bollard::query_parameters::RemoveImageOptions {
+                force: false,
+                ..Default::default()
+            };
+            if self
+                .docker
+                .remove_image(&image.id, Some(options), None)
+                .await
+                .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Outcome::Done(format!("removed {removed} produced image(s)"))
     }
 }
