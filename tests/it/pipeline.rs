@@ -227,4 +227,21 @@ fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
     assert_eq!(fetch(), "version two");
     let settled = stdout(&instance.berth("plan", &repo, &[]));
     assert!(settled.contains("2 unchanged"), "{settled}");
+    // Old products are collected: the newest three are kept.
+    for version in ["three", "four"] {
+        repo.write("site/page.txt", format!("version {version}\n"));
+        let applied = instance.berth("apply", &repo, &["--wait", "30s"]);
+        assert!(applied.status.success(), "{}", stdout(&applied));
+    }
+    assert_eq!(fetch(), "version four");
+    let filter = format!("label=berth.instance={}", instance.name);
+    let images = docker(&[
+        "images",
+        "-q",
+        "--filter",
+        &filter,
+        "--filter",
+        "label=berth.name=site",
+    ]);
+    assert_eq!(images.lines().count(), 3, "{images}");
 }

@@ -49,7 +49,7 @@ die() { echo "kube-up: error: $*" >&2; exit 1; }
 # hunt. A Go crash ends in pages of goroutine dumps: then its first line is what matters.
 fail() { # component, log file, what happened
     local first
-    first=$(grep -nE '^(panic: |fatal error: |F[0-9]{4} )' "$2" 2>/dev/null | head -n 1 | cut -d: -f1)
+    first=$(grep -nE '^(panic: |fatal error: |F[0-9]{4} )' "$2" 2>/dev/null | head -n 1 | cut -d: -f1 || true)
     if [ -n "$first" ]; then
         echo "kube-up: error: $1 $3. Read $2; it crashed at line $first:" >&2
         sed -n "$((first > 8 ? first - 8 : 1)),$((first + 12))p" "$2" | cut -c1-300 | sed 's/^/    | /' >&2
@@ -66,7 +66,10 @@ alive() { # component
     local pid bin
     pid=$(pid_of "$1")
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    bin=$(tr '\0' '\n' <"/proc/$pid/cmdline" | head -n 1)
+    # The first argument, read up to its NUL without a pipe: under pipefail, `tr | head` failed
+    # whenever head closed the pipe before tr was done (a busy machine), and set -e then ended
+    # the script with no word said.
+    IFS= read -r -d '' bin <"/proc/$pid/cmdline" || true
     [ "$(basename -- "$bin")" = "$1" ]
 }
 
@@ -332,7 +335,7 @@ start() { # component, command...
 ports_free() {
     local port holder
     for port in 2379 2380 6443 10248 10249 10250 10256; do
-        holder=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1)
+        holder=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1 || true)
         [ -z "$holder" ] || die "port 127.0.0.1:$port is taken, so the cluster cannot start: $holder"
     done
 }

@@ -342,6 +342,9 @@ pub struct PipelineTemplate {
 /// The part a producing Pipeline has: its newest image.
 pub const PRODUCT: &str = "image";
 
+/// How many produced images of a Pipeline are kept (besides any a container still uses).
+const KEEP_PRODUCTS: usize = 3;
+
 /// The desired object of a Pipeline that produces an image; one that does not is run by its
 /// triggers only, and is held back with that reason.
 pub fn desired_pipeline(
@@ -474,7 +477,14 @@ impl DockerBackend {
             .run_pipeline_labelled(request, &mut log, &template.hash)
             .await;
         match report.result {
-            RunResult::Succeeded => Outcome::Done(report.summary()),
+            RunResult::Succeeded => {
+                let removed = self.collect_products(&template.key, KEEP_PRODUCTS).await;
+                let mut done = report.summary();
+                if removed > 0 {
+                    done.push_str(&format!("; {removed} older image(s) removed"));
+                }
+                Outcome::Done(done)
+            }
             _ => {
                 // The log's last lines say why.
                 let contents = log.contents();
@@ -488,6 +498,44 @@ impl DockerBackend {
                 ))
             }
         }
+    }
+
+    /// Removes the Pipeline's produced images but the newest `keep`; an image a container
+    /// still uses stays whatever its age (the engine refuses to remove it). Returns how many went.
+    async fn collect_products(&self, key: &ObjectRef, keep: usize) -> usize {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            self.ownership
+                .selector(Kind::Pipeline, Some(key.name.as_str())),
+        )]);
+        let Ok(mut images) = self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                all: false,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        else {
+            return 0;
+        };
+        images.sort_by_key(|image| std::cmp::Reverse(image.created));
+        let mut removed = 0;
+        for image in images.iter().skip(keep) {
+            let options = bollard::query_parameters::RemoveImageOptions {
+                force: false,
+                ..Default::default()
+            };
+            if self
+                .docker
+                .remove_image(&image.id, Some(options), None)
+                .await
+                .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Removes every image the Pipeline produced (when it is removed from the repo, with prune).
