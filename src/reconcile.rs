@@ -119,13 +119,14 @@ pub async fn plan(
 /// Pipeline runs the newest image the Pipeline produced; until there is one, it waits, with that
 /// reason (not a failure).
 pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
-    let products: BTreeMap<&ObjectRef, &str> = observed
+    let products: BTreeMap<&ObjectRef, backend::Product> = observed
         .iter()
         .filter(|o| o.key.kind == descriptor::Kind::Pipeline)
         .filter_map(|o| {
             let spec = &o.parts.first()?.spec;
-            let image = spec.get("id").or_else(|| spec.get("image"))?.as_str()?;
-            Some((&o.key, image))
+            let tag = spec.get("image")?.as_str()?;
+            let id = spec.get("id").and_then(|id| id.as_str()).unwrap_or(tag);
+            Some((&o.key, backend::Product { tag, id }))
         })
         .collect();
     let references: Vec<(ObjectRef, ObjectRef)> = desired
@@ -142,7 +143,7 @@ pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
             continue;
         }
         let why = match products.get(&pipeline) {
-            Some(image) if desired.use_product(&key, image) => continue,
+            Some(product) if desired.use_product(&key, product) => continue,
             Some(_) => format!("waits: a {} takes no product of {pipeline} yet", key.kind),
             None => format!("waits for {pipeline} to produce an image"),
         };
@@ -381,5 +382,7 @@ pub async fn connect(
 /// What a loaded revision asks for, as the pass plans it. Pure: no engine, so a pull request's
 /// plan against committed status can make it too.
 pub fn desired(loaded: &Loaded) -> Desired {
-    backend::desired(&loaded.descriptors)
+    let mut desired = backend::desired(&loaded.descriptors);
+    desired.root = Some(loaded.root.clone());
+    desired
 }

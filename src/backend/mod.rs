@@ -136,24 +136,62 @@ pub struct Desired {
     templates: std::sync::Arc<HashMap<ObjectRef, Template>>,
     /// The descriptors that use a Pipeline's product, made again once it is known.
     consumers: std::sync::Arc<HashMap<ObjectRef, Descriptor>>,
+    /// The checkout the descriptors were loaded from: a Staging's manifests are rendered again
+    /// from it with a produced tag.
+    pub root: Option<std::path::PathBuf>,
+}
+
+/// The newest image a Pipeline produced.
+#[derive(Debug, Clone, Copy)]
+pub struct Product<'a> {
+    /// `name:tag`, which a Staging's tag is taken from.
+    pub tag: &'a str,
+    /// The image's id, which a Challenge runs (a tag can be built again).
+    pub id: &'a str,
 }
 
 impl Desired {
-    /// Makes `key`, which uses a Pipeline's product, run `image`. False when its kind cannot
-    /// take a product yet (a Staging's tag), so it keeps waiting.
-    pub fn use_product(&mut self, key: &ObjectRef, image: &str) -> bool {
+    /// Makes `key`, which uses a Pipeline's product, run it. False when it cannot take one, so
+    /// it keeps waiting.
+    pub fn use_product(&mut self, key: &ObjectRef, product: &Product<'_>) -> bool {
         let Some(mut descriptor) = self.consumers.get(key).cloned() else {
             return false;
         };
-        let Spec::Challenge(spec) = &mut descriptor.spec else {
-            return false;
+        let (object, template) = match &mut descriptor.spec {
+            Spec::Challenge(spec) => {
+                spec.image = Some(ImageSource::Name(product.id.to_string()));
+                let Some((object, template)) = docker::desired_object(&descriptor) else {
+                    return false;
+                };
+                (object, Template::Challenge(Box::new(template)))
+            }
+            Spec::Staging(spec) => {
+                // A Staging takes the product's tag, and its manifests are rendered with it.
+                let (Some(root), Some((_, tag))) = (&self.root, product.tag.rsplit_once(':'))
+                else {
+                    return false;
+                };
+                spec.tag = crate::descriptor::model::TagSource::Tag(tag.to_string());
+                let limit = crate::descriptor::load::DEFAULT_MAX_FILE_SIZE;
+                descriptor.manifests = Some(
+                    match crate::descriptor::manifests::render(root, spec, limit) {
+                        Ok(rendered) => rendered,
+                        Err(problems) => Err(problems
+                            .first()
+                            .map(|p| {
+                                format!("{}:{}:{}: {}", p.file, p.at.line, p.at.column, p.message)
+                            })
+                            .unwrap_or_default()),
+                    },
+                );
+                let Some((object, template)) = kube::desired_object(&descriptor) else {
+                    return false;
+                };
+                (object, Template::Staging(Box::new(template)))
+            }
+            Spec::Pipeline(_) => return false,
         };
-        spec.image = Some(ImageSource::Name(image.to_string()));
-        let Some((object, template)) = docker::desired_object(&descriptor) else {
-            return false;
-        };
-        std::sync::Arc::make_mut(&mut self.templates)
-            .insert(key.clone(), Template::Challenge(Box::new(template)));
+        std::sync::Arc::make_mut(&mut self.templates).insert(key.clone(), template);
         if let Some(slot) = self.objects.iter_mut().find(|o| &o.key == key) {
             *slot = object;
         }

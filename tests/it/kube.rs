@@ -807,3 +807,60 @@ fn objects_controllers_make_with_berths_labels_are_never_pruned() {
         "no pod was pruned"
     );
 }
+
+/// A Staging whose tag comes from a Pipeline waits until it has produced an image, then runs
+/// it, and rolls out when a new commit produces another.
+#[test]
+fn a_staging_takes_the_tag_a_pipeline_produced_and_rolls_to_the_next() {
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let ns = format!("{name}-built");
+    let port = node_port(&format!("{name}-built"));
+    let repo = Repo::new();
+    let git = |args: &[&str]| {
+        let status = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .current_dir(repo.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    repo.write(
+        "site.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  context: site\n  image: busybox:latest\n  steps:\n    - {{name: render, run: \"mkdir -p www && cp page.txt www/index.html\"}}\n  produces: \"{name}-site:{{commit}}\"\n"
+        ),
+    )
+    .write("site/page.txt", "built one\n")
+    .write("site/Dockerfile", "FROM busybox:latest\nCOPY www /www\n")
+    .write(
+        "shop.yaml",
+        staging("shop", &ns, &format!("  tag: {{fromPipeline: site}}\n  manifests: m\n  overrides: {{app: {{NODE_PORT: \"{port}\"}}}}\n")),
+    )
+    .write(
+        "m/web.yaml",
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - name: web\n          image: {name}-site:${{tag}}\n          imagePullPolicy: IfNotPresent\n          command: [httpd, -f, -p, \"8080\", -h, /www]\n          readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080, nodePort: ${{overrides.NODE_PORT}}, protocol: TCP}}]\n"),
+    );
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "one"]);
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("Staging/shop   wait    waits for Pipeline/site to produce an image"),
+        "{plan}"
+    );
+    let first = cluster.apply(repo.path(), &[]);
+    assert!(first.status.success(), "{}", said(&first));
+    assert_eq!(fetch(port), "built one");
+    repo.write("site/page.txt", "built two\n");
+    git(&["commit", "-qam", "two"]);
+    let second = cluster.apply(repo.path(), &[]);
+    assert!(second.status.success(), "{}", said(&second));
+    assert!(
+        said(&second).contains("Staging/shop   update"),
+        "{}",
+        said(&second)
+    );
+    assert_eq!(fetch(port), "built two");
+}
