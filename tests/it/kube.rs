@@ -864,3 +864,48 @@ fn a_staging_takes_the_tag_a_pipeline_produced_and_rolls_to_the_next() {
     );
     assert_eq!(fetch(port), "built two");
 }
+
+/// Hostile finding: an object made by hand with a manifest's name was adopted, and deleted with
+/// all its data when the manifest later dropped it.
+#[test]
+fn an_object_made_by_hand_is_never_adopted() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-hand", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write(
+        "s.yaml",
+        staging(
+            "hand",
+            &ns,
+            "  tag: x\n  manifests: m\n  overrides: {app: {GREETING: hi}}\n",
+        ),
+    )
+    .write("m/extra.yaml", EXTRA);
+    let first = cluster.apply(repo.path(), &[]);
+    assert!(first.status.success(), "{}", said(&first));
+    let made = cluster.kubectl(&[
+        "create",
+        "configmap",
+        "precious",
+        "-n",
+        &ns,
+        "--from-literal=mine=keep",
+    ]);
+    assert!(made.status.success(), "{}", said(&made));
+    repo.write(
+        "m/precious.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: precious}\ndata: {theirs: x}\n",
+    );
+    let refused = cluster.apply(repo.path(), &[]);
+    let text = said(&refused);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("ConfigMap/precious exists in namespace")
+            && text.contains("was not made by berth"),
+        "{text}"
+    );
+    assert_eq!(
+        cluster.get(&ns, "configmap/precious", "{.data.mine}|{.data.theirs}"),
+        "keep|"
+    );
+}

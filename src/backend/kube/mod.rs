@@ -749,6 +749,33 @@ impl KubeBackend {
         // quantity it cannot read, an immutable field changed) fails the staging before any
         // object changes, so a bad change never leaves it half applied.
         let mut refused = Vec::new();
+        // An object new to an existing staging may already be there, made by hand: applying
+        // would adopt it, and a later prune would delete what berth never made.
+        if !fresh {
+            let new_objects: Vec<String> = {
+                let live = self.live.lock().expect("live objects");
+                manifests
+                    .iter()
+                    .filter(|m| !live.contains_key(&format!("{ns}/{}/{}", m.kind, m.name)))
+                    .map(|m| m.id())
+                    .collect()
+            };
+            for (manifest, resource) in manifests.iter().zip(&resources) {
+                if !new_objects.contains(&manifest.id()) {
+                    continue;
+                }
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), ns, resource);
+                if let Some(found) = api.get_opt(&manifest.name).await.map_err(Trouble::from)?
+                    && !applied_by_berth(&found.metadata)
+                {
+                    refused.push(format!(
+                        "{} exists in namespace {ns} and was not made by berth; delete it or rename the manifest's object",
+                        manifest.id()
+                    ));
+                }
+            }
+        }
         let waves = [None, Some(true), Some(false)];
         for wave in waves.into_iter().skip(usize::from(fresh)) {
             let dry_run = wave.is_none();
