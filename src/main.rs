@@ -1,5 +1,26 @@
 //! The `berth` command line: parses flags, calls the library, maps outcomes to exit codes.
 
+/// `println!` for output a reader may stop reading (`berth plan | head`): a closed pipe ends the
+/// command quietly, as it does for other Unix tools, instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// `print!` with [`outln!`]'s handling of a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -283,7 +304,7 @@ async fn load_and_connect(
 fn unplannable(error: PassError) -> ExitCode {
     if let PassError::Invalid(problems) = &error {
         for problem in problems {
-            println!("{problem}");
+            outln!("{problem}");
         }
     }
     eprintln!("berth: {error}");
@@ -292,9 +313,9 @@ fn unplannable(error: PassError) -> ExitCode {
 
 fn print_plan(plan: &berth::plan::Plan, format: PlanFormat) -> ExitCode {
     match format {
-        PlanFormat::Text => print!("{}", plan.render_text()),
-        PlanFormat::Markdown => print!("{}", plan.render_markdown()),
-        PlanFormat::Json => println!("{}", plan.render_json()),
+        PlanFormat::Text => out!("{}", plan.render_text()),
+        PlanFormat::Markdown => out!("{}", plan.render_markdown()),
+        PlanFormat::Json => outln!("{}", plan.render_json()),
     }
     if plan.has_changes() {
         ExitCode::from(2)
@@ -344,8 +365,8 @@ fn status(flags: &StatusFlags, format: ProblemFormat) -> ExitCode {
         Err(code) => return code,
     };
     match format {
-        ProblemFormat::Text => print!("{}", berth::status::render_table(&status)),
-        ProblemFormat::Json => print!("{}", berth::server::status_json(&status)),
+        ProblemFormat::Text => out!("{}", berth::status::render_table(&status)),
+        ProblemFormat::Json => out!("{}", berth::server::status_json(&status)),
     }
     ExitCode::SUCCESS
 }
@@ -473,7 +494,7 @@ async fn apply(
             Outcome::Done(_) => "done".to_string(),
             other => other.as_str().to_uppercase(),
         };
-        println!(
+        outln!(
             "{:<width$}  {:<7} {verdict}: {} ({:.1}s)",
             report.step.key.to_string(),
             report.step.action.as_str(),
@@ -503,7 +524,7 @@ async fn apply(
         .filter(|r| !matches!(r.outcome, Outcome::Done(_)))
         .collect();
     let summary = applied.planned.plan.summary();
-    println!(
+    outln!(
         "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed, {} unhealthy",
         done(Action::Create),
         done(Action::Update),
@@ -521,13 +542,13 @@ async fn apply(
         .iter()
         .filter(|s| matches!(s.action, Action::Orphan | Action::Skip | Action::Wait))
     {
-        println!("{}: {}", step.key, step.reasons.join("; "));
+        outln!("{}: {}", step.key, step.reasons.join("; "));
     }
     for failure in &failures {
-        println!("failed: {}: {}", failure.step.key, failure.outcome.detail());
+        outln!("failed: {}: {}", failure.step.key, failure.outcome.detail());
     }
     for (key, why) in &unhealthy {
-        println!("unhealthy: {key}: {why}");
+        outln!("unhealthy: {key}: {why}");
     }
     if failures.is_empty() && unhealthy.is_empty() {
         ExitCode::SUCCESS
@@ -546,15 +567,15 @@ fn validate(dir: &std::path::Path, format: ProblemFormat, options: &LoadOptions)
     };
     match format {
         ProblemFormat::Json => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&loaded.problems).expect("problems serialize")
             );
         }
-        ProblemFormat::Text if loaded.is_valid() => println!("{}", loaded.summary()),
+        ProblemFormat::Text if loaded.is_valid() => outln!("{}", loaded.summary()),
         ProblemFormat::Text => {
             for problem in &loaded.problems {
-                println!("{problem}");
+                outln!("{problem}");
             }
             let n = loaded.problems.len();
             eprintln!("{n} problem{} found", if n == 1 { "" } else { "s" });
@@ -580,7 +601,7 @@ fn write_schemas(out: &std::path::Path) -> ExitCode {
             eprintln!("berth: cannot write {}: {error}", path.display());
             return ExitCode::from(2);
         }
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     ExitCode::SUCCESS
 }
@@ -658,13 +679,13 @@ async fn run_pipeline(
         let code = step
             .exit_code
             .map_or("killed".to_string(), |c| format!("exit code {c}"));
-        println!(
+        outln!(
             "step {}: {code} in {:.1}s",
             step.name,
             step.duration.as_secs_f64()
         );
     }
-    println!("{}", report.summary());
+    outln!("{}", report.summary());
     match report.result {
         berth::run::RunResult::Succeeded => ExitCode::SUCCESS,
         _ => ExitCode::from(1),

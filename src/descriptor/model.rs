@@ -463,12 +463,14 @@ pub struct StagingSpec {
     /// Values substituted into the manifests.
     #[serde(default)]
     pub overrides: Overrides,
-    /// How long an archived staging is kept before it is cleaned up.
+    /// How long an archived staging is kept before it is cleaned up; at least 1ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub ttl: Option<Duration>,
     /// How long the staging may stay Progressing after a change before it counts as a Failure;
     /// no limit by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub ready_timeout: Option<Duration>,
 }
 

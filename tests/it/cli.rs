@@ -158,3 +158,29 @@ fn validate_never_echoes_any_part_of_a_secret() {
         stdout(&text)
     );
 }
+
+/// Hostile finding: `berth … | head -1` panicked with a backtrace (exit 101) when the reader
+/// went away; a closed pipe now ends the command quietly.
+#[test]
+fn a_reader_that_stops_reading_ends_the_command_quietly() {
+    let repo = crate::util::Repo::new();
+    for i in 0..200 {
+        repo.write(
+            &format!("c{i}.yaml"),
+            format!(
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c{i}}}\nspec: {{}}\n"
+            ),
+        );
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["validate", repo.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_ne!(output.status.code(), Some(101), "{said}");
+}
