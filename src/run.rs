@@ -122,6 +122,21 @@ impl RunLog {
     /// A log keeping at most about `cap` bytes, masking each of `secrets`.
     pub fn new(cap: usize, secrets: impl IntoIterator<Item = String>) -> RunLog {
         let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        // Each line of a multi-line secret (a PEM key) too: output is masked line by line, and
+        // a program may print it a line at a time.
+        let lines: Vec<String> = secrets
+            .iter()
+            .filter(|s| s.contains('\n'))
+            .flat_map(|s| {
+                s.lines()
+                    .map(str::trim)
+                    .filter(|l| l.len() >= 3)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        secrets.extend(lines);
+        secrets.dedup();
         // The longest first, so a secret that contains another is masked whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         RunLog {
@@ -142,7 +157,10 @@ impl RunLog {
             if self.partial.len() < self.cap / 2 {
                 return Vec::new();
             }
-            let piece = std::mem::take(&mut self.partial);
+            // What may be the start of a secret stays back, to be masked with the rest of it.
+            let longest = self.secrets.first().map_or(0, String::len);
+            let cut = self.partial.len().saturating_sub(longest.saturating_sub(1));
+            let piece: Vec<u8> = self.partial.drain(..cut).collect();
             return self.keep(&piece);
         };
         let lines: Vec<u8> = self.partial.drain(..=end).collect();
@@ -171,6 +189,12 @@ impl RunLog {
         let masked = self.mask(bytes);
         self.store(&masked);
         masked
+    }
+
+    /// `text` with every secret masked: for what berth says about a run (an error, a build's
+    /// last lines), which may quote the run's output.
+    pub fn masked(&self, text: &str) -> String {
+        String::from_utf8(self.mask(text.as_bytes())).unwrap_or_default()
     }
 
     fn mask(&self, bytes: &[u8]) -> Vec<u8> {
@@ -230,6 +254,23 @@ mod tests {
                 .unwrap()
                 .contains("hunter")
         );
+    }
+
+    /// Hostile findings: a PEM key printed a line at a time, and a secret cut where a long line
+    /// is let through in pieces, were shown in clear.
+    #[test]
+    fn multi_line_secrets_and_secrets_across_a_long_line_cut_are_masked() {
+        let key = "-----BEGIN KEY-----\nAAAAsecretline\n-----END KEY-----".to_string();
+        let mut log = RunLog::new(100, [key, "s3cr3tVAL".to_string()]);
+        let mut shown = log.push(b"AAAAsecretline\n");
+        shown.extend(log.push(format!("{}s3cr", "0".repeat(60)).as_bytes()));
+        shown.extend(log.push(b"3tVAL\n"));
+        let text = String::from_utf8(shown).unwrap();
+        assert!(
+            !text.contains("secretline") && !text.contains("3tVAL"),
+            "{text}"
+        );
+        assert_eq!(log.masked("build said s3cr3tVAL"), "build said ***");
     }
 
     #[test]

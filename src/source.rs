@@ -735,6 +735,12 @@ pub fn pipeline_workspace(
 ) -> Result<(Vec<u8>, String), String> {
     let clone;
     let (base, commit) = match &spec.source {
+        None if commit.is_some() => {
+            return Err(
+                "--commit needs spec.source: without one, the context is taken from the repo folder as it is"
+                    .into(),
+            );
+        }
         None => {
             let head = Repository::discover(root)
                 .ok()
@@ -766,7 +772,10 @@ pub fn pipeline_workspace(
             (clone.path().to_path_buf(), found.id().to_string())
         }
     };
-    let folder = base.join(&spec.context);
+    // The same rule as for a folder of the config repo: no way out of the clone.
+    let base = base.canonicalize().unwrap_or(base);
+    let folder = crate::descriptor::repo_folder(&base, &spec.context)
+        .map_err(|why| format!("spec.context: {why}"))?;
     let tar = crate::build_context::BuildContext::read(&folder, "Dockerfile")
         .and_then(|context| context.tar())
         .map_err(|e| format!("cannot read the context {}: {e}", spec.context))?;

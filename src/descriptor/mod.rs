@@ -14,6 +14,8 @@ pub mod manifests;
 pub mod model;
 pub mod schema;
 mod semantic;
+
+pub(crate) use semantic::repo_folder;
 pub mod values;
 pub mod yaml;
 

@@ -25,6 +25,14 @@ pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Viol
     match &descriptor.spec {
         Spec::Challenge(spec) => check_challenge(root, spec, &mut found),
         Spec::Pipeline(spec) => {
+            if let Some(produces) = &spec.produces
+                && let Err(message) = image_reference(&produces.replace("{commit}", "0"))
+            {
+                found.push(violation(
+                    "/spec/produces",
+                    format!("spec.produces: \"{produces}\" {message}"),
+                ));
+            }
             if spec.source.is_none()
                 && let Err(message) = repo_folder(root, &spec.context)
             {
@@ -119,6 +127,53 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     }
 }
 
+/// Whether `text` is an image name the engine takes: lower-case path components, an optional
+/// host with a port, and a tag (`registry:5000/team/app:v1`).
+fn image_reference(text: &str) -> Result<(), String> {
+    let (name, tag) = match text.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
+        _ => (text, None),
+    };
+    let Some(tag) = tag else {
+        return Err("has no tag; write NAME:TAG, e.g. app:{commit}".into());
+    };
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 128
+        && !tag.starts_with(['.', '-'])
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !tag_ok {
+        return Err(format!(
+            "has the tag \"{tag}\": letters, digits, _ . and - only, at most 128"
+        ));
+    }
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    let mut components = name.split('/').peekable();
+    let first = components.peek().copied().unwrap_or_default();
+    // A registry host may carry a port and capitals; the rest is the path.
+    let host =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    if host {
+        components.next();
+    }
+    if components.all(component_ok) {
+        Ok(())
+    } else {
+        Err(
+            "is not an image name the engine takes: lower-case letters, digits and . _ - between /"
+                .into(),
+        )
+    }
+}
+
 fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
     match (&spec.manifests, &spec.chart) {
         (None, None) => found.push(violation(
@@ -172,7 +227,7 @@ fn check_build(
 }
 
 /// Resolves a folder named in a descriptor; it must exist and stay inside the repo, symlinks included.
-pub(super) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, String> {
     let path = Path::new(folder);
     if folder.is_empty() {
         return Err("the path is empty; name a folder of the repo".into());

@@ -245,3 +245,75 @@ fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
     ]);
     assert_eq!(images.lines().count(), 3, "{images}");
 }
+
+/// Hostile findings: a secret reached the summary through a failed build's last lines; a
+/// context could leave a cloned source for the host's files; a run could take over an image
+/// berth did not make.
+#[test]
+fn a_run_keeps_secrets_the_host_and_foreign_images_out_of_reach() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "leak.yaml",
+        pipeline(
+            "leak",
+            &format!("  context: src\n  secretEnv: {{TOKEN: {{env: BERTH_IT_FLAG}}}}\n  produces: \"{}-leak:{{commit}}\"\n", instance.name),
+            "    - {name: keep, run: \"echo $TOKEN > tok.txt\"}\n",
+        ),
+    )
+    .write("src/Dockerfile", "FROM busybox:latest\nCOPY . /w\nRUN cat /w/tok.txt; exit 7\n");
+    let output = instance.berth("run", &repo, &["leak"]);
+    let text = format!(
+        "{}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("error: build of the workspace"), "{text}");
+    assert!(!text.contains("it-secret"), "the secret was shown:\n{text}");
+
+    let origin = Origin::new(&[("README", "source\n")]);
+    repo.write(
+        "escape.yaml",
+        pipeline(
+            "escape",
+            &format!(
+                "  source: {{url: \"file://{}\", ref: main}}\n  context: ../../../../etc\n",
+                origin.bare().display()
+            ),
+            "    - {name: look, run: \"ls\"}\n",
+        ),
+    );
+    let output = instance.berth("run", &repo, &["escape"]);
+    let text = format!(
+        "{}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("spec.context:") && text.contains("leaves the repo"),
+        "{text}"
+    );
+
+    repo.write(
+        "taker.yaml",
+        pipeline(
+            "taker",
+            "  produces: \"busybox:latest\"\n",
+            "    - {name: noop, run: \"true\"}\n",
+        ),
+    );
+    let before = docker(&["image", "inspect", "busybox:latest", "--format", "{{.Id}}"]);
+    let output = instance.berth("run", &repo, &["taker"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("image busybox:latest exists and was not produced by berth"),
+        "{text}"
+    );
+    assert_eq!(
+        docker(&["image", "inspect", "busybox:latest", "--format", "{{.Id}}"]),
+        before
+    );
+}

@@ -29,6 +29,9 @@ use crate::run::{RunLog, RunReport, RunResult, StepRun};
 /// Where the workspace is in the step container.
 const WORKSPACE: &str = "/workspace";
 
+/// Label on a run's container and volume (not on what it produces).
+const LABEL_RUN: &str = "berth.run";
+
 /// One run to carry out.
 pub struct RunRequest<'a> {
     /// The pipeline's name.
@@ -77,10 +80,7 @@ impl DockerBackend {
             kind: Kind::Pipeline,
             name: request.pipeline.clone(),
         };
-        let nonce = format!(
-            "{:x}",
-            started.elapsed().as_nanos() ^ u128::from(std::process::id())
-        );
+        let nonce = hex::encode(&super::random_key().unwrap_or_default()[..6]);
         let name = format!("berth-{}-run-{}-{nonce}", self.instance(), request.pipeline);
         let mut steps = Vec::new();
         let outcome = self
@@ -110,7 +110,10 @@ impl DockerBackend {
             .await;
         let (result, image) = match outcome {
             Ok(done) => done,
-            Err(Trouble::Failed(why) | Trouble::Transient(why)) => (RunResult::Error(why), None),
+            // The engine's words may quote the run's output (a build's last lines): masked too.
+            Err(Trouble::Failed(why) | Trouble::Transient(why)) => {
+                (RunResult::Error(log.masked(&why)), None)
+            }
         };
         shown(&log.flush());
         RunReport {
@@ -133,6 +136,12 @@ impl DockerBackend {
         steps: &mut Vec<StepRun>,
     ) -> Attempt<(RunResult, Option<String>)> {
         let spec = request.spec;
+        self.clear_leftover_runs().await;
+        let short = &request.commit[..request.commit.len().min(12)];
+        let tag = spec.produces.as_ref().map(|p| p.replace("{commit}", short));
+        if let Some(tag) = &tag {
+            self.refuse_foreign_tag(tag).await?;
+        }
         let image = match &spec.image {
             StepImage::Name(image) => self.named_image(image).await?,
             StepImage::Build(_) => {
@@ -142,24 +151,26 @@ impl DockerBackend {
                 ));
             }
         };
+        let mut run_labels = labels.clone();
+        run_labels.insert(LABEL_RUN.into(), "true".into());
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(name.to_string()),
-                labels: Some(labels.clone()),
+                labels: Some(run_labels.clone()),
                 ..Default::default()
             })
             .await
             .map_err(|e| self.trouble("cannot make the run's volume", e))?;
         let body = ContainerCreateBody {
             image: Some(image.clone()),
-            // The container only holds the workspace; each step is an exec in it.
+            // The container only holds the workspace; each step is an exec in it. It ends by
+            // itself a minute after the run's timeout, should berth be killed meanwhile.
             cmd: Some(vec![
-                "sh".into(),
-                "-c".into(),
-                "exec sleep 2147483647".into(),
+                "sleep".into(),
+                (spec.timeout.0.as_secs() + 60).to_string(),
             ]),
             working_dir: Some(WORKSPACE.into()),
-            labels: Some(labels.clone()),
+            labels: Some(run_labels.clone()),
             host_config: Some(HostConfig {
                 binds: Some(vec![format!("{name}:{WORKSPACE}")]),
                 ..Default::default()
@@ -245,11 +256,9 @@ impl DockerBackend {
                 ));
             }
         }
-        let Some(produces) = &spec.produces else {
+        let Some(tag) = tag else {
             return Ok((RunResult::Succeeded, None));
         };
-        let short = &request.commit[..request.commit.len().min(12)];
-        let tag = produces.replace("{commit}", short);
         shown(&log.note(&format!("== building {tag} from the workspace")));
         let mut tar = Vec::new();
         let mut download = self.docker.download_from_container(
@@ -271,12 +280,17 @@ impl DockerBackend {
             forcerm: true,
             ..Default::default()
         };
-        self.build(
-            options,
-            tar,
-            &format!("the workspace of Pipeline/{}", request.pipeline),
-        )
-        .await?;
+        // The build counts toward the run's timeout too.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let context = format!("the workspace of Pipeline/{}", request.pipeline);
+        match tokio::time::timeout(left, self.build(options, tar, &context)).await {
+            Ok(built) => built?,
+            Err(_) => {
+                let note = format!("== timed out after {}s while building", limit.as_secs());
+                shown(&log.note(&note));
+                return Ok((RunResult::TimedOut(limit), None));
+            }
+        }
         Ok((RunResult::Succeeded, Some(tag)))
     }
 
@@ -413,6 +427,14 @@ impl DockerBackend {
             let Some(tag) = image.repo_tags.iter().find(|t| !t.contains("<none>")) else {
                 continue;
             };
+            // A foreground `berth run` labels its image with no spec hash: it is not the
+            // product a pass reconciles to.
+            if labels
+                .get(super::LABEL_SPEC_HASH)
+                .is_none_or(String::is_empty)
+            {
+                continue;
+            }
             let part = ObservedPart {
                 name: tag.clone(),
                 id: PRODUCT.into(),
@@ -490,12 +512,13 @@ impl DockerBackend {
                 let contents = log.contents();
                 let text = String::from_utf8_lossy(&contents);
                 let tail: Vec<&str> = text.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                Outcome::Failed(format!(
-                    "{}; last lines: {}",
-                    report.summary(),
-                    tail.join(" | ")
-                ))
+                let mut tail: String = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                // Status and logs keep this: a step's one huge line must not come with it.
+                if tail.chars().count() > 2000 {
+                    let end: String = tail.chars().rev().take(2000).collect();
+                    tail = format!("…{}", end.chars().rev().collect::<String>());
+                }
+                Outcome::Failed(format!("{}; last lines: {tail}", report.summary()))
             }
         }
     }
@@ -536,6 +559,77 @@ impl DockerBackend {
             }
         }
         removed
+    }
+
+    /// Removes what runs killed with berth left: their containers once they have exited (they
+    /// end by themselves after the run's timeout) and their volumes once no container uses
+    /// them. A run still going keeps both: the engine refuses to remove a volume in use.
+    async fn clear_leftover_runs(&self) {
+        let mut selector = self.ownership.selector(Kind::Pipeline, None);
+        selector.push(format!("{LABEL_RUN}=true"));
+        let filters = std::collections::HashMap::from([
+            ("label".to_string(), selector.clone()),
+            (
+                "status".to_string(),
+                vec!["exited".to_string(), "dead".to_string()],
+            ),
+        ]);
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let leftovers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .unwrap_or_default();
+        for container in leftovers {
+            if let Some(id) = container.id {
+                let _ = self
+                    .docker
+                    .remove_container(&id, None::<RemoveContainerOptions>)
+                    .await;
+            }
+        }
+        let filters = std::collections::HashMap::from([
+            ("label".to_string(), selector),
+            ("dangling".to_string(), vec!["true".to_string()]),
+        ]);
+        let options = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(filters),
+        };
+        if let Ok(listed) = self.docker.list_volumes(Some(options)).await {
+            for volume in listed.volumes.unwrap_or_default() {
+                let _ = self
+                    .docker
+                    .remove_volume(&volume.name, None::<RemoveVolumeOptions>)
+                    .await;
+            }
+        }
+    }
+
+    /// Fails when `tag` names an image this instance did not produce: a run must not take over
+    /// someone's image (or a base image such as `busybox:latest`).
+    async fn refuse_foreign_tag(&self, tag: &str) -> Attempt<()> {
+        match self.docker.inspect_image(tag).await {
+            Ok(image) => {
+                let labels = image.config.and_then(|c| c.labels).unwrap_or_default();
+                let ours = labels.get(super::LABEL_INSTANCE).map(String::as_str)
+                    == Some(self.instance())
+                    && labels.get(crate::backend::LABEL_KIND).map(String::as_str)
+                        == Some(Kind::Pipeline.as_str());
+                match ours {
+                    true => Ok(()),
+                    false => Err(Trouble::Failed(format!(
+                        "image {tag} exists and was not produced by berth instance {}; choose another spec.produces",
+                        self.instance()
+                    ))),
+                }
+            }
+            Err(error) if super::is_status(&error, 404) => Ok(()),
+            Err(error) => Err(self.trouble(&format!("cannot inspect image {tag}"), error)),
+        }
     }
 
     /// Removes every image the Pipeline produced (when it is removed from the repo, with prune).
