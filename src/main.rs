@@ -630,23 +630,14 @@ async fn run_pipeline(
         eprintln!("berth: no Pipeline {pipeline} in {}", dir.display());
         return ExitCode::from(1);
     };
-    let mut secrets = std::collections::BTreeMap::new();
-    for (key, reference) in &spec.secret_env {
-        match reference.resolve() {
-            Ok(value) => secrets.insert(key.clone(), value),
+    let request =
+        match berth::backend::docker::run::RunRequest::prepare(name, spec, &loaded.root, commit) {
+            Ok(request) => request,
             Err(why) => {
-                eprintln!("berth: Pipeline/{pipeline}: secret {key}: {why}");
+                eprintln!("berth: Pipeline/{pipeline}: {why}");
                 return ExitCode::from(1);
             }
         };
-    }
-    let (workspace, commit) = match berth::source::pipeline_workspace(&loaded.root, spec, commit) {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("berth: Pipeline/{pipeline}: {why}");
-            return ExitCode::from(1);
-        }
-    };
     let ownership = berth::backend::Ownership::new(instance);
     let docker = match berth::backend::docker::DockerBackend::connect(&ownership).await {
         Ok(docker) => docker,
@@ -655,14 +646,7 @@ async fn run_pipeline(
             return ExitCode::from(1);
         }
     };
-    let mut log = berth::run::RunLog::new(log_cap, secrets.values().cloned());
-    let request = berth::backend::docker::run::RunRequest {
-        pipeline: name,
-        spec,
-        workspace,
-        commit,
-        secrets,
-    };
+    let mut log = berth::run::RunLog::new(log_cap, request.secrets.values().cloned());
     let mut stdout = std::io::stdout();
     let report = docker
         .run_pipeline(request, &mut log, |bytes| {

@@ -32,6 +32,14 @@ pub const LABEL_NAME: &str = "berth.name";
 /// Label with the hash of the object's (or part's) template.
 pub const LABEL_SPEC_HASH: &str = "berth.spec-hash";
 
+/// 32 bytes from the kernel's random source: keys that tell rotated secrets, unique names.
+pub(crate) fn random_bytes() -> std::io::Result<[u8; 32]> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Who owns what: one berth instance, and the labels that say so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ownership {
@@ -60,6 +68,19 @@ impl Ownership {
             (LABEL_NAME.to_string(), key.name.to_string()),
             (LABEL_SPEC_HASH.to_string(), spec_hash.to_string()),
         ])
+    }
+
+    /// [`Ownership::labels`] laid over a descriptor's own `labels` (which cannot hold `berth.`
+    /// keys, so none is overwritten).
+    pub fn labels_over(
+        &self,
+        labels: &BTreeMap<String, String>,
+        key: &ObjectRef,
+        spec_hash: &str,
+    ) -> HashMap<String, String> {
+        let mut all: HashMap<String, String> = labels.clone().into_iter().collect();
+        all.extend(self.labels(key, spec_hash));
+        all
     }
 
     /// The label on what the instance keeps for itself (an engine's apply lock, its key), which
@@ -282,15 +303,19 @@ impl Backend {
         match self {
             Backend::Docker(docker) => docker.diagnose(observed, wanted).await,
             Backend::Kube(kube) => {
-                let templates = desired
-                    .templates
+                // The desired parts carry their hashes already: nothing is hashed again.
+                let stagings = desired
+                    .objects
                     .iter()
-                    .filter_map(|(key, template)| match template {
-                        Template::Staging(template) => Some((key.clone(), template.as_ref())),
-                        Template::Challenge(_) | Template::Pipeline(_) => None,
+                    .filter_map(|object| match desired.templates.get(&object.key) {
+                        Some(Template::Staging(template)) => Some((
+                            object.key.clone(),
+                            (template.as_ref(), object.parts.as_slice()),
+                        )),
+                        _ => None,
                     })
                     .collect();
-                kube.diagnose(observed, &templates);
+                kube.diagnose(observed, &stagings);
             }
         }
     }

@@ -588,9 +588,9 @@ impl DockerBackend {
                 }
                 Err(error) if is_status(&error, 404) && !make => return Ok(None),
                 Err(error) if is_status(&error, 404) => {
-                    let key = random_key().map_err(|e| unreachable(e.to_string()))?;
+                    let key = super::random_bytes().map_err(|e| unreachable(e.to_string()))?;
                     let mut labels = self.ownership.instance_labels();
-                    labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(&key));
+                    labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(key));
                     // Two berths may race here: the engine keeps one, and both then read it.
                     match self.create_anchored(&name, labels).await {
                         Ok(_) => {}
@@ -795,8 +795,9 @@ impl DockerBackend {
         part: &Part,
         secrets: &BTreeMap<String, String>,
     ) -> HashMap<String, String> {
-        let mut labels: HashMap<String, String> = template.labels.clone().into_iter().collect();
-        labels.extend(self.ownership.labels(&template.key, &part.hash));
+        let mut labels = self
+            .ownership
+            .labels_over(&template.labels, &template.key, &part.hash);
         labels.insert(LABEL_SLOT.into(), part.id.clone());
         labels.insert(LABEL_SPEC.into(), part.spec.to_string());
         if !secrets.is_empty() {
@@ -1495,13 +1496,6 @@ fn clip(line: &str) -> String {
         Some((at, _)) => format!("{}…", &line[..at]),
         None => line.to_string(),
     }
-}
-
-fn random_key() -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let mut key = vec![0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    Ok(key)
 }
 
 fn label<'a>(container: &'a ContainerSummary, name: &str) -> Option<&'a str> {

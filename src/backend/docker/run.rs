@@ -46,6 +46,33 @@ pub struct RunRequest<'a> {
     pub secrets: BTreeMap<String, String>,
 }
 
+impl<'a> RunRequest<'a> {
+    /// The run of `spec` on the config repo at `root`: its secrets read and its workspace made
+    /// (cloned at `commit`, or the context folder), or why it cannot start.
+    pub fn prepare(
+        pipeline: &'a Name,
+        spec: &'a PipelineSpec,
+        root: &std::path::Path,
+        commit: Option<&str>,
+    ) -> Result<RunRequest<'a>, String> {
+        let mut secrets = BTreeMap::new();
+        for (key, reference) in &spec.secret_env {
+            let value = reference
+                .resolve()
+                .map_err(|why| format!("secret {key}: {why}"))?;
+            secrets.insert(key.clone(), value);
+        }
+        let (workspace, commit) = crate::source::pipeline_workspace(root, spec, commit)?;
+        Ok(RunRequest {
+            pipeline,
+            spec,
+            workspace,
+            commit,
+            secrets,
+        })
+    }
+}
+
 impl DockerBackend {
     /// Carries out one run, feeding its output to `log`; `shown` gets what the log kept as it
     /// comes (masked), for a foreground run.
@@ -80,7 +107,9 @@ impl DockerBackend {
             kind: Kind::Pipeline,
             name: request.pipeline.clone(),
         };
-        let nonce = hex::encode(&super::random_key().unwrap_or_default()[..6]);
+        let nonce = crate::backend::random_bytes()
+            .map(|bytes| hex::encode(&bytes[..6]))
+            .unwrap_or_else(|_| format!("{:x}", std::process::id()));
         let name = format!("berth-{}-run-{}-{nonce}", self.instance(), request.pipeline);
         let mut steps = Vec::new();
         let outcome = self
@@ -407,17 +436,7 @@ impl DockerBackend {
     pub(super) async fn observe_products(
         &self,
     ) -> Result<Vec<ObservedObject>, bollard::errors::Error> {
-        let filters = std::collections::HashMap::from([(
-            "label".to_string(),
-            self.ownership.selector(Kind::Pipeline, None),
-        )]);
-        let images = self
-            .docker
-            .list_images(Some(bollard::query_parameters::ListImagesOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await?;
+        let images = self.products(None).await?;
         let mut newest: BTreeMap<ObjectRef, (i64, ObservedPart)> = BTreeMap::new();
         for image in images {
             let labels = &image.labels;
@@ -475,26 +494,14 @@ impl DockerBackend {
     /// Runs the Pipeline on the config repo at `root` and labels what it produces with the
     /// spec's hash, so the next plan sees it produced.
     pub async fn produce(&self, template: &PipelineTemplate, root: &std::path::Path) -> Outcome {
-        let mut secrets = BTreeMap::new();
-        for (key, reference) in &template.spec.secret_env {
-            match reference.resolve() {
-                Ok(value) => secrets.insert(key.clone(), value),
-                Err(why) => return Outcome::Failed(format!("secret {key}: {why}")),
-            };
-        }
-        let (workspace, commit) =
-            match crate::source::pipeline_workspace(root, &template.spec, None) {
-                Ok(found) => found,
-                Err(why) => return Outcome::Failed(why),
-            };
-        let mut log = RunLog::new(crate::run::DEFAULT_LOG_CAP, secrets.values().cloned());
-        let request = RunRequest {
-            pipeline: &template.key.name,
-            spec: &template.spec,
-            workspace,
-            commit,
-            secrets,
+        let request = match RunRequest::prepare(&template.key.name, &template.spec, root, None) {
+            Ok(request) => request,
+            Err(why) => return Outcome::Failed(why),
         };
+        let mut log = RunLog::new(
+            crate::run::DEFAULT_LOG_CAP,
+            request.secrets.values().cloned(),
+        );
         let report = self
             .run_pipeline_labelled(request, &mut log, &template.hash)
             .await;
@@ -526,25 +533,39 @@ impl DockerBackend {
     /// Removes the Pipeline's produced images but the newest `keep`; an image a container
     /// still uses stays whatever its age (the engine refuses to remove it). Returns how many went.
     async fn collect_products(&self, key: &ObjectRef, keep: usize) -> usize {
+        let Ok(mut images) = self.products(Some(key)).await else {
+            return 0;
+        };
+        images.sort_by_key(|image| std::cmp::Reverse(image.created));
+        self.remove_images(images.iter().skip(keep)).await
+    }
+
+    /// The images this instance's Pipelines (or one of them) produced.
+    async fn products(
+        &self,
+        key: Option<&ObjectRef>,
+    ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
+        let name = key.map(|k| k.name.as_str());
         let filters = std::collections::HashMap::from([(
             "label".to_string(),
-            self.ownership
-                .selector(Kind::Pipeline, Some(key.name.as_str())),
+            self.ownership.selector(Kind::Pipeline, name),
         )]);
-        let Ok(mut images) = self
-            .docker
+        self.docker
             .list_images(Some(bollard::query_parameters::ListImagesOptions {
-                all: false,
                 filters: Some(filters),
                 ..Default::default()
             }))
             .await
-        else {
-            return 0;
-        };
-        images.sort_by_key(|image| std::cmp::Reverse(image.created));
+    }
+
+    /// Removes `images` but those a container still uses (the engine refuses); returns how
+    /// many went.
+    async fn remove_images(
+        &self,
+        images: impl Iterator<Item = &bollard::models::ImageSummary>,
+    ) -> usize {
         let mut removed = 0;
-        for image in images.iter().skip(keep) {
+        for image in images {
             let options = bollard::query_parameters::RemoveImageOptions {
                 force: false,
                 ..Default::default()
@@ -634,38 +655,11 @@ impl DockerBackend {
 
     /// Removes every image the Pipeline produced (when it is removed from the repo, with prune).
     pub async fn remove_products(&self, key: &ObjectRef) -> Outcome {
-        let filters = std::collections::HashMap::from([(
-            "label".to_string(),
-            self.ownership
-                .selector(Kind::Pipeline, Some(key.name.as_str())),
-        )]);
-        let images = match self
-            .docker
-            .list_images(Some(bollard::query_parameters::ListImagesOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-        {
+        let images = match self.products(Some(key)).await {
             Ok(images) => images,
             Err(error) => return self.trouble("cannot list images", error).into(),
         };
-        let mut removed = 0;
-        for image in images {
-            // An image a container still uses stays; the engine refuses to remove it anyway.
-            let options = bollard::query_parameters::RemoveImageOptions {
-                force: false,
-                ..Default::default()
-            };
-            if self
-                .docker
-                .remove_image(&image.id, Some(options), None)
-                .await
-                .is_ok()
-            {
-                removed += 1;
-            }
-        }
+        let removed = self.remove_images(images.iter()).await;
         Outcome::Done(format!("removed {removed} produced image(s)"))
     }
 }

@@ -303,9 +303,7 @@ impl KubeBackend {
         spec_hash: &str,
         extra: &BTreeMap<String, String>,
     ) -> HashMap<String, String> {
-        let mut labels: HashMap<String, String> = extra.clone().into_iter().collect();
-        labels.extend(self.ownership.labels(key, spec_hash));
-        labels
+        self.ownership.labels_over(extra, key, spec_hash)
     }
 
     fn pod_labels(&self, key: &ObjectRef) -> HashMap<String, String> {
@@ -531,23 +529,22 @@ impl KubeBackend {
     pub fn diagnose(
         &self,
         observed: &mut [ObservedObject],
-        templates: &HashMap<ObjectRef, &StagingTemplate>,
+        desired: &HashMap<ObjectRef, (&StagingTemplate, &[Part])>,
     ) {
         let live = self.live.lock().expect("live objects");
         for object in observed.iter_mut() {
-            let Some(template) = templates.get(&object.key) else {
+            let Some((template, parts)) = desired.get(&object.key) else {
                 continue;
             };
             let Ok(manifests) = &template.manifests else {
                 continue;
             };
-            let parts = template.parts(manifests);
             let archived = object.archived_at.is_some();
             for part in object.parts.iter_mut() {
                 let Some(manifest) = manifests.iter().find(|m| m.id() == part.id) else {
                     continue;
                 };
-                if part.hash != template.part_hash(&part.id, &parts) {
+                if part.hash != template.part_hash(&part.id, parts) {
                     continue;
                 }
                 let Some(seen) = live.get(&part.name) else {
@@ -1098,14 +1095,8 @@ fn secret_resource() -> ApiResource {
 
 /// 32 bytes from the kernel's random source, for keys that never leave the process.
 fn random_key() -> [u8; 32] {
-    use std::io::Read as _;
-    let mut key = [0u8; 32];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .is_err()
-    {
+    super::random_bytes().unwrap_or_else(|_| {
         let seed = format!("{:?}{:?}", std::time::SystemTime::now(), std::process::id());
-        key.copy_from_slice(&Sha256::digest(seed.as_bytes()));
-    }
-    key
+        Sha256::digest(seed.as_bytes()).into()
+    })
 }
