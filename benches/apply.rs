@@ -86,6 +86,7 @@ async fn berth_apply(dir: &Path, instance: &str) -> Duration {
         concurrency: CONCURRENCY,
         lock_wait: Duration::from_secs(60),
         policy: Policy::default(),
+        runs: None,
     };
     let desired = reconcile::desired(&loaded);
     let applied = reconcile::apply(desired, &engines, &loaded.root, &options, |_| {})

@@ -255,6 +255,7 @@ fn options() -> ApplyOptions {
             prune: false,
             now: None,
         },
+        runs: None,
     }
 }
 

@@ -19,6 +19,7 @@ use crate::config::{AgentConfig, ConfigError, Secrets};
 use crate::descriptor::{self, LoadOptions};
 use crate::metrics::Metrics;
 use crate::plan::{Health, Policy};
+use crate::queue::workers::{Pipelines, Setup};
 use crate::reconcile::{self, ApplyOptions};
 use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
@@ -50,6 +51,9 @@ pub enum AgentError {
     /// The state folder is in use or unusable.
     #[error(transparent)]
     State(#[from] SourceError),
+    /// The run queue cannot be opened.
+    #[error(transparent)]
+    Runs(#[from] crate::queue::store::StoreError),
     /// The local repo could not be watched.
     #[error("cannot watch {path}: {source}")]
     Watch {
@@ -97,6 +101,9 @@ impl PassOutcome {
 struct Agent {
     config: AgentConfig,
     source: Source,
+    /// Held for writing while the clone's checkout changes: runs read folders of it.
+    checkout: Arc<tokio::sync::RwLock<()>>,
+    pipelines: Pipelines,
     metrics: Metrics,
     shared: Arc<Shared>,
     sender: TriggerSender,
@@ -129,6 +136,17 @@ pub async fn run(
     let _state_lock = source.take_state_folder()?;
     let (sender, mut triggers) = triggers::channel();
     let metrics = Metrics::new();
+    let checkout = Arc::new(tokio::sync::RwLock::new(()));
+    let pipelines = Pipelines::open(Setup {
+        state_dir: &config.state_dir,
+        config: &config.pipelines,
+        ownership: &crate::backend::Ownership::new(&config.instance.to_string()),
+        metrics: &metrics,
+        passes: &sender,
+        source: &source,
+        checkout: &checkout,
+    })?;
+    pipelines.start().await;
     let shared = Arc::new(Shared {
         status: RwLock::new(Arc::new(StatusSet::new(&config.instance.to_string()))),
         readiness: RwLock::new(Readiness::Starting),
@@ -156,6 +174,7 @@ pub async fn run(
                 webhook_secret: secrets.webhook.clone(),
                 api_token: secrets.api_token.clone(),
                 branch: config.repo.branch.clone(),
+                pipelines: Some(pipelines.clone()),
             };
             let limits = crate::server::Limits::new(&config);
             let app = crate::server::router(state, &limits);
@@ -187,6 +206,8 @@ pub async fn run(
     sender.send(Trigger::Startup);
     let mut agent = Agent {
         source,
+        checkout,
+        pipelines,
         status: Arc::new(StatusSet::new(&config.instance.to_string())),
         config,
         metrics,
@@ -251,7 +272,10 @@ impl Agent {
         let names: Vec<&str> = batch.iter().map(Trigger::name).collect();
         let outcome = async {
             tracing::debug!(triggers = ?names, "pass starts");
-            self.run_pass(batch.contains(&Trigger::Recheck)).await
+            let recheck = batch
+                .iter()
+                .any(|t| matches!(t, Trigger::Recheck | Trigger::RunEnded));
+            self.run_pass(recheck).await
         }
         .instrument(span)
         .await;
@@ -390,6 +414,8 @@ impl Agent {
         let source = self.source.clone();
         let at = revision.to_string();
         let applied = self.current.as_ref().map(|c| c.revision.clone());
+        // Runs copying a folder of the checkout finish first, and none starts meanwhile.
+        let _checkout = self.checkout.write().await;
         let loaded = blocking(move || {
             source.checkout(&at)?;
             let loaded = descriptor::load(source.workdir(), &LoadOptions::default())
@@ -417,6 +443,7 @@ impl Agent {
             return Ok(None);
         }
         let desired = reconcile::desired(&loaded);
+        self.pipelines.declare(revision, &desired);
         // Only the translated form is kept: the typed descriptors are not needed between passes.
         Ok(Some(Current {
             revision: revision.to_string(),
@@ -450,6 +477,7 @@ impl Agent {
                 prune: self.config.prune,
                 now: None,
             },
+            runs: Some(Arc::new(self.pipelines.clone())),
         };
         let metrics = self.metrics.clone();
         let on_report = |report: &StepReport| {
@@ -563,6 +591,9 @@ impl Agent {
     /// Commits and pushes the status when it differs from what the remote holds. A failure is
     /// logged and retried on the next pass.
     async fn publish(&mut self) {
+        if let Some(status) = self.status.with_runs(&self.pipelines.history()) {
+            self.status = Arc::new(status);
+        }
         if self
             .published
             .as_ref()

@@ -150,6 +150,40 @@ pub struct AgentConfig {
     /// pod's service account, and with none of those Stagings are skipped.
     #[serde(default)]
     pub kube: Option<KubeConfig>,
+    /// How Pipeline runs are carried out.
+    #[serde(default)]
+    pub pipelines: PipelinesConfig,
+}
+
+/// How the agent carries out Pipeline runs.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelinesConfig {
+    /// Most runs at once, over all pipelines (each pipeline's `concurrency` limits its own).
+    #[serde(default = "default_workers")]
+    #[schemars(range(min = 1, max = 64))]
+    pub workers: u32,
+    /// Largest log kept per run, in bytes; a longer log keeps its head and tail.
+    #[serde(default = "default_log_cap")]
+    #[schemars(range(min = 1024))]
+    pub log_cap: usize,
+}
+
+impl Default for PipelinesConfig {
+    fn default() -> PipelinesConfig {
+        PipelinesConfig {
+            workers: default_workers(),
+            log_cap: default_log_cap(),
+        }
+    }
+}
+
+fn default_workers() -> u32 {
+    2
+}
+
+fn default_log_cap() -> usize {
+    crate::run::DEFAULT_LOG_CAP
 }
 
 /// How to reach the Kubernetes cluster.

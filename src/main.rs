@@ -140,12 +140,63 @@ enum Command {
         #[command(flatten)]
         target: TargetFlags,
     },
+    /// List a running agent's pipeline runs, newest first.
+    ///
+    /// Exit codes: 0 listed, 1 the agent refused or could not be reached.
+    Runs {
+        /// Only this pipeline's runs.
+        pipeline: Option<String>,
+        /// Most runs listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = RunsFormat::Text)]
+        format: RunsFormat,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+    /// Print a run's log from a running agent; with --follow, until the run ends.
+    ///
+    /// Exit codes: 0 printed, 1 no such run, or the agent refused or could not be reached.
+    Logs {
+        /// The run's number (`berth runs` lists them).
+        run: i64,
+        /// Keep printing while the run runs.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
     /// Write the JSON Schemas of the descriptor kinds (generated from berth's own types).
     Schema {
         /// Folder to write the schema files to.
         #[arg(long, default_value = "schema")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentFlags {
+    /// The agent's API, as its `listen` address.
+    #[arg(long, env = "BERTH_AGENT", default_value = "http://127.0.0.1:8700")]
+    agent: String,
+    /// A file holding the agent's API token (its `api.tokenFile`).
+    #[arg(long, env = "BERTH_TOKEN_FILE")]
+    token_file: PathBuf,
+}
+
+impl AgentFlags {
+    fn api(&self) -> Result<berth::client::AgentApi, String> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("cannot read {}: {e}", self.token_file.display()))?;
+        berth::client::AgentApi::new(&self.agent, &token)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RunsFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -257,10 +308,18 @@ fn main() -> ExitCode {
                     prune: target.prune,
                     now: None,
                 },
+                runs: None,
             };
             run_async(apply(&dir, &target, &load.options(), wait, &options))
         }
         Command::Schema { out } => write_schemas(&out),
+        Command::Runs {
+            pipeline,
+            limit,
+            format,
+            agent,
+        } => run_async(list_runs(pipeline, limit, format, agent)),
+        Command::Logs { run, follow, agent } => run_async(print_logs(run, follow, agent)),
         Command::Run {
             dir,
             pipeline,
@@ -630,14 +689,14 @@ async fn run_pipeline(
         eprintln!("berth: no Pipeline {pipeline} in {}", dir.display());
         return ExitCode::from(1);
     };
-    let request =
-        match berth::backend::docker::run::RunRequest::prepare(name, spec, &loaded.root, commit) {
-            Ok(request) => request,
-            Err(why) => {
-                eprintln!("berth: Pipeline/{pipeline}: {why}");
-                return ExitCode::from(1);
-            }
-        };
+    use berth::backend::docker::run::{RunOptions, RunRequest, Runner};
+    let request = match RunRequest::prepare(name, spec, &loaded.root, commit, None) {
+        Ok(request) => request,
+        Err(why) => {
+            eprintln!("berth: Pipeline/{pipeline}: {why}");
+            return ExitCode::from(1);
+        }
+    };
     let ownership = berth::backend::Ownership::new(instance);
     let docker = match berth::backend::docker::DockerBackend::connect(&ownership).await {
         Ok(docker) => docker,
@@ -649,10 +708,19 @@ async fn run_pipeline(
     let mut log = berth::run::RunLog::new(log_cap, request.secrets.values().cloned());
     let mut stdout = std::io::stdout();
     let report = docker
-        .run_pipeline(request, &mut log, |bytes| {
-            let _ = stdout.write_all(bytes);
-            let _ = stdout.flush();
-        })
+        .run_pipeline(
+            request,
+            &mut log,
+            |bytes| {
+                let _ = stdout.write_all(bytes);
+                let _ = stdout.flush();
+            },
+            RunOptions {
+                runner: Runner::Foreground,
+                spec_hash: String::new(),
+                cancel: None,
+            },
+        )
         .await;
     if let Some(path) = log_file
         && let Err(error) = std::fs::write(path, log.contents())
@@ -674,4 +742,99 @@ async fn run_pipeline(
         berth::run::RunResult::Succeeded => ExitCode::SUCCESS,
         _ => ExitCode::from(1),
     }
+}
+
+/// `berth runs`.
+async fn list_runs(
+    pipeline: Option<String>,
+    limit: usize,
+    format: RunsFormat,
+    agent: AgentFlags,
+) -> ExitCode {
+    let api = match agent.api() {
+        Ok(api) => api,
+        Err(why) => return failed(&why),
+    };
+    let mut path = format!("/api/v1/runs?limit={limit}");
+    if let Some(pipeline) = &pipeline {
+        path.push_str(&format!("&pipeline={pipeline}"));
+    }
+    let mut body = Vec::new();
+    if let Err(why) = api.get(&path, |piece| body.extend_from_slice(piece)).await {
+        return failed(&why);
+    }
+    if let RunsFormat::Json = format {
+        out!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let runs: Vec<berth::queue::Run> = match serde_json::from_slice(&body) {
+        Ok(runs) => runs,
+        Err(error) => {
+            return failed(&format!(
+                "the agent's answer is not a list of runs: {error}"
+            ));
+        }
+    };
+    outln!(
+        "{:>6}  {:<11}  {:<20}  {:<8}  {:<12}  {:>8}  RESULT",
+        "RUN",
+        "STATE",
+        "PIPELINE",
+        "CAUSE",
+        "COMMIT",
+        "TOOK"
+    );
+    for run in runs {
+        let commit = run.commit.as_deref().unwrap_or("-");
+        let took = run
+            .duration_ms
+            .map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let result = run
+            .image
+            .clone()
+            .or(run.message.clone())
+            .unwrap_or_default();
+        let result: String = result.chars().take(80).collect();
+        outln!(
+            "{:>6}  {:<11}  {:<20}  {:<8}  {:<12}  {:>8}  {result}",
+            run.id,
+            run.state.as_str(),
+            run.pipeline,
+            run.cause.as_str(),
+            &commit[..commit.len().min(12)],
+            took
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `berth logs`.
+async fn print_logs(run: i64, follow: bool, agent: AgentFlags) -> ExitCode {
+    use std::io::Write as _;
+    let api = match agent.api() {
+        Ok(api) => api,
+        Err(why) => return failed(&why),
+    };
+    let path = format!("/api/v1/runs/{run}/logs?follow={follow}");
+    let mut stdout = std::io::stdout();
+    let answered = api
+        .get(&path, |piece| {
+            if stdout
+                .write_all(piece)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
+                std::process::exit(0);
+            }
+        })
+        .await;
+    match answered {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => failed(&why),
+    }
+}
+
+fn failed(why: &str) -> ExitCode {
+    eprintln!("berth: {why}");
+    ExitCode::from(1)
 }

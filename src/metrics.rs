@@ -31,6 +31,17 @@ struct WebhookLabels {
     result: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    pipeline: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabel {
+    pipeline: String,
+}
+
 /// The agent's metrics. Cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -39,6 +50,9 @@ pub struct Metrics {
     steps: Family<StepLabels, Counter>,
     objects: Family<PhaseLabel, Gauge>,
     webhooks: Family<WebhookLabels, Counter>,
+    runs: Family<RunLabels, Counter>,
+    run_duration: Family<PipelineLabel, Histogram>,
+    queue_depth: Gauge,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -57,6 +71,12 @@ impl Metrics {
         let steps = Family::<StepLabels, Counter>::default();
         let objects = Family::<PhaseLabel, Gauge>::default();
         let webhooks = Family::<WebhookLabels, Counter>::default();
+        let runs = Family::<RunLabels, Counter>::default();
+        // 100 ms to about 55 min.
+        let run_duration = Family::<PipelineLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.1, 2.0, 16))
+        });
+        let queue_depth = Gauge::default();
         let mut registry = Registry::default();
         registry.register(
             "berth_passes",
@@ -83,7 +103,25 @@ impl Metrics {
             "Webhook deliveries, by provider and result",
             webhooks.clone(),
         );
+        registry.register(
+            "berth_pipeline_runs",
+            "Pipeline runs ended, by pipeline and result (succeeded, failed, cancelled, interrupted)",
+            runs.clone(),
+        );
+        registry.register(
+            "berth_pipeline_run_duration_seconds",
+            "How long a pipeline run took, from a worker taking it to its end",
+            run_duration.clone(),
+        );
+        registry.register(
+            "berth_pipeline_queue_depth",
+            "Pipeline runs waiting for a worker",
+            queue_depth.clone(),
+        );
         Metrics {
+            runs,
+            run_duration,
+            queue_depth,
             passes,
             pass_duration,
             steps,
@@ -133,6 +171,27 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Counts a pipeline run that ended, and its duration.
+    pub fn run(&self, pipeline: &str, result: &str, took: Duration) {
+        self.runs
+            .get_or_create(&RunLabels {
+                pipeline: pipeline.into(),
+                result: result.into(),
+            })
+            .inc();
+        self.run_duration
+            .get_or_create(&PipelineLabel {
+                pipeline: pipeline.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets how many runs wait for a worker.
+    pub fn queue_depth(&self, depth: u64) {
+        self.queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// The metrics in Prometheus' text format.

@@ -153,6 +153,15 @@ pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
     }
 }
 
+/// Where a pass sends the Pipelines it must run (their image is missing, or their spec changed)
+/// instead of running them itself: the agent's run queue. `berth apply` has none and runs them in
+/// the pass.
+pub trait RunQueue: Send + Sync + std::fmt::Debug {
+    /// Asks for a run of `pipeline` with the spec `spec_hash`, and says what the step's outcome
+    /// is: waiting while a run is queued or running, failed when the run for this spec failed.
+    fn request(&self, pipeline: &ObjectRef, spec_hash: &str) -> Outcome;
+}
+
 /// How to apply.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -162,6 +171,8 @@ pub struct ApplyOptions {
     pub lock_wait: Duration,
     /// Delete what the repo no longer declares.
     pub policy: Policy,
+    /// The run queue Pipelines go to; without one, they run in the pass.
+    pub runs: Option<std::sync::Arc<dyn RunQueue>>,
 }
 
 /// A pass that applied: its plan, what each step did, and what runs afterwards.
@@ -265,7 +276,23 @@ async fn execute_plan(
         options.concurrency,
         |step| {
             let desired = &planned.desired;
-            async move { engines.apply(&step, desired, root).await }
+            let queued = options.runs.as_ref().and_then(|runs| {
+                let hash = desired.spec_hashes.get(&step.key)?;
+                let held = desired
+                    .objects
+                    .iter()
+                    .any(|o| o.key == step.key && o.hold.is_some());
+                (step.key.kind == descriptor::Kind::Pipeline
+                    && step.action != Action::Delete
+                    && !held)
+                    .then(|| runs.request(&step.key, hash))
+            });
+            async move {
+                match queued {
+                    Some(outcome) => outcome,
+                    None => engines.apply(&step, desired, root).await,
+                }
+            }
         },
         on_report,
     )

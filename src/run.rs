@@ -29,9 +29,13 @@ pub enum RunResult {
     },
     /// The run took longer than its timeout and was killed.
     TimedOut(Duration),
-    /// The run could not be carried out (the image is missing, the engine went away, the build
-    /// failed); what to do is in the message.
+    /// The run was cancelled (by a person, or a newer commit) and killed.
+    Cancelled,
+    /// The run could not be carried out (the image is missing, the build failed); what to do is
+    /// in the message.
     Error(String),
+    /// The engine stopped answering: not the pipeline's fault, so the agent runs it again.
+    EngineGone(String),
 }
 
 impl RunResult {
@@ -41,7 +45,9 @@ impl RunResult {
             RunResult::Succeeded => "succeeded",
             RunResult::Failed { .. } => "failed",
             RunResult::TimedOut(_) => "timed out",
+            RunResult::Cancelled => "cancelled",
             RunResult::Error(_) => "error",
+            RunResult::EngineGone(_) => "engine gone",
         }
     }
 }
@@ -99,10 +105,30 @@ impl RunReport {
                 self.pipeline,
                 limit.as_secs()
             ),
-            RunResult::Error(why) => {
+            RunResult::Cancelled => format!(
+                "Pipeline/{} at {commit}: cancelled after {took}; the container was killed",
+                self.pipeline
+            ),
+            RunResult::Error(why) | RunResult::EngineGone(why) => {
                 format!("Pipeline/{} at {commit}: error: {why}", self.pipeline)
             }
         }
+    }
+}
+
+impl RunReport {
+    /// The summary of a run that did not succeed, with the log's last lines, which say why;
+    /// short enough for status and the API (a step's one huge line does not come with it).
+    pub fn failure(&self, log: &mut RunLog) -> String {
+        let contents = log.contents();
+        let text = String::from_utf8_lossy(&contents);
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        let mut tail: String = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+        if tail.chars().count() > 2000 {
+            let end: String = tail.chars().rev().take(2000).collect();
+            tail = format!("…{}", end.chars().rev().collect::<String>());
+        }
+        format!("{}; last lines: {tail}", self.summary())
     }
 }
 

@@ -12,6 +12,7 @@
 //! body is read. Answers to unauthenticated clients are small enough to fit the socket's buffer, so
 //! a client that never reads cannot hold a connection either.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, RwLock};
@@ -33,6 +34,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::{AgentConfig, Secret};
 use crate::metrics::Metrics;
+use crate::queue::store::Enqueued;
+use crate::queue::workers::{ManualError, Pipelines};
 use crate::status::StatusSet;
 use crate::triggers::{Trigger, TriggerSender};
 use crate::webhook::{self, Delivery, Provider, Refusal, SignatureCheck};
@@ -72,6 +75,8 @@ pub struct ServerState {
     pub api_token: Option<Secret>,
     /// The followed branch; pushes to others are ignored.
     pub branch: String,
+    /// The pipeline runs; pushes to their sources queue runs.
+    pub pipelines: Option<Pipelines>,
 }
 
 /// What the server allows its clients, so that a flood of slow or hostile ones cannot take the
@@ -184,6 +189,11 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/reconcile", post(reconcile))
+        .route("/api/v1/runs", get(runs))
+        .route("/api/v1/runs/{id}", get(run))
+        .route("/api/v1/runs/{id}/logs", get(run_logs))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/api/v1/pipelines/{name}/runs", post(start_run))
         .route("/hooks/{provider}", post(hook))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             answer_within(body_timeout, request, next)
@@ -476,24 +486,187 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             "ignored",
             (StatusCode::OK, format!("ignored: {why}\n")).into_response(),
         ),
-        Ok(Delivery::Push(push)) if push.branch != state.branch => {
-            let message = format!(
-                "ignored: push to {}, berth follows {}\n",
-                push.branch, state.branch
-            );
-            answer("ignored", (StatusCode::OK, message).into_response())
-        }
         Ok(Delivery::Push(push)) => {
-            tracing::info!(provider = name, commit = ?push.commit, pusher = ?push.pusher, "webhook: push");
-            state.triggers.send(Trigger::Webhook {
-                provider: name,
-                commit: push.commit,
-            });
-            answer(
-                "accepted",
-                (StatusCode::ACCEPTED, "pass queued\n").into_response(),
-            )
+            let runs = state
+                .pipelines
+                .as_ref()
+                .map(|p| p.on_push(&push))
+                .unwrap_or_default();
+            let for_config = push.branch == state.branch;
+            if !for_config && runs.is_empty() {
+                let message = format!(
+                    "ignored: push to {}, berth follows {} and no pipeline builds it\n",
+                    push.branch, state.branch
+                );
+                return answer("ignored", (StatusCode::OK, message).into_response());
+            }
+            let mut message = String::new();
+            if for_config {
+                tracing::info!(provider = name, commit = ?push.commit, pusher = ?push.pusher, "webhook: push");
+                state.triggers.send(Trigger::Webhook {
+                    provider: name,
+                    commit: push.commit,
+                });
+                message.push_str("pass queued\n");
+            }
+            for (pipeline, enqueued) in runs {
+                message.push_str(&match enqueued {
+                    Enqueued::Queued { id, .. } => {
+                        format!("run {id} queued for Pipeline/{pipeline}\n")
+                    }
+                    Enqueued::Duplicate(id) => {
+                        format!("Pipeline/{pipeline}: a duplicate of run {id}; not queued\n")
+                    }
+                });
+            }
+            answer("accepted", (StatusCode::ACCEPTED, message).into_response())
         }
+    }
+}
+
+/// The run queue, for a client with the API token: an extractor, so each runs handler starts
+/// authorized.
+struct RunsApi(Pipelines);
+
+impl axum::extract::FromRequestParts<App> for RunsApi {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &App,
+    ) -> Result<RunsApi, Response> {
+        let state = &app.server;
+        authorized(state, &parts.headers).map_err(|refusal| *refusal)?;
+        state.pipelines.clone().map(RunsApi).ok_or_else(|| {
+            (StatusCode::NOT_FOUND, "this agent runs no pipelines\n").into_response()
+        })
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    let body = serde_json::to_string_pretty(value).expect("runs serialize") + "\n";
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn store_failed(error: impl std::fmt::Display) -> Response {
+    tracing::error!(%error, "the run queue failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
+}
+
+fn no_run(id: i64) -> Response {
+    (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response()
+}
+
+/// `GET /api/v1/runs?pipeline=NAME&limit=N`: the newest runs, newest first.
+async fn runs(
+    RunsApi(pipelines): RunsApi,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(50usize)
+        .min(1000);
+    match pipelines
+        .store()
+        .list(query.get("pipeline").map(String::as_str), limit)
+    {
+        Ok(runs) => json(StatusCode::OK, &runs),
+        Err(error) => store_failed(error),
+    }
+}
+
+/// `GET /api/v1/runs/{id}`.
+async fn run(RunsApi(pipelines): RunsApi, Path(id): Path<i64>) -> Response {
+    match pipelines.store().get(id) {
+        Ok(Some(run)) => json(StatusCode::OK, &run),
+        Ok(None) => no_run(id),
+        Err(error) => store_failed(error),
+    }
+}
+
+/// `GET /api/v1/runs/{id}/logs`: the log; while the run runs, followed until it ends (unless
+/// `follow=false`).
+async fn run_logs(
+    RunsApi(pipelines): RunsApi,
+    Path(id): Path<i64>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    match pipelines.store().get(id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return no_run(id),
+        Err(error) => return store_failed(error),
+    }
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    let follow = query.get("follow").is_none_or(|f| f != "false");
+    if follow && let Some((so_far, receiver)) = pipelines.follow(id) {
+        use tokio::sync::broadcast::error::RecvError;
+        let rest = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let piece = match receiver.recv().await {
+                Ok(piece) => piece,
+                Err(RecvError::Lagged(missed)) => format!(
+                    "\n[berth: {missed} pieces of output skipped here: this reader was too slow]\n"
+                )
+                .into_bytes(),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok::<_, std::convert::Infallible>(piece), receiver))
+        });
+        let stream = futures_util::stream::once(async move { Ok(so_far) }).chain(rest);
+        return (text, Body::from_stream(stream)).into_response();
+    }
+    match std::fs::read(pipelines.log_path(id)) {
+        Ok(log) => (text, log).into_response(),
+        // Queued, or ended before it wrote anything.
+        Err(_) => (text, Vec::new()).into_response(),
+    }
+}
+
+/// `POST /api/v1/runs/{id}/cancel`.
+async fn cancel_run(RunsApi(pipelines): RunsApi, Path(id): Path<i64>) -> Response {
+    match pipelines.cancel(id) {
+        Ok(None) => no_run(id),
+        Ok(Some(before)) if before.is_final() => (
+            StatusCode::CONFLICT,
+            format!("run {id} already ended: {}\n", before.as_str()),
+        )
+            .into_response(),
+        Ok(Some(_)) => (StatusCode::ACCEPTED, format!("run {id} cancelled\n")).into_response(),
+        Err(error) => store_failed(error),
+    }
+}
+
+/// `POST /api/v1/pipelines/{name}/runs`, with an optional JSON body `{"commit": "…"}` (a commit,
+/// branch or tag of the source).
+async fn start_run(
+    RunsApi(pipelines): RunsApi,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let commit = match body.iter().all(u8::is_ascii_whitespace) {
+        true => None,
+        false => match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(value) => value
+                .get("commit")
+                .and_then(|c| c.as_str())
+                .map(String::from),
+            Err(error) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not JSON: {error}\n"),
+                )
+                    .into_response();
+            }
+        },
+    };
+    match pipelines.manual(&name, commit) {
+        Ok(id) => json(StatusCode::CREATED, &serde_json::json!({ "id": id })),
+        Err(ManualError::Undeclared(_)) => (
+            StatusCode::NOT_FOUND,
+            format!("no Pipeline {name} in the applied revision\n"),
+        )
+            .into_response(),
+        Err(error) => store_failed(error),
     }
 }
 

@@ -732,6 +732,7 @@ pub fn pipeline_workspace(
     root: &Path,
     spec: &crate::descriptor::PipelineSpec,
     commit: Option<&str>,
+    credentials: Option<&Source>,
 ) -> Result<(Vec<u8>, String), String> {
     let clone;
     let (base, commit) = match &spec.source {
@@ -755,7 +756,13 @@ pub fn pipeline_workspace(
             clone = tempfile::tempdir()
                 .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
             let shown = redact(&source.url);
-            let repo = git2::build::RepoBuilder::new()
+            let mut builder = git2::build::RepoBuilder::new();
+            if let Some(credentials) = credentials {
+                let mut options = git2::FetchOptions::new();
+                options.remote_callbacks(credentials.callbacks());
+                builder.fetch_options(options);
+            }
+            let repo = builder
                 .clone(&source.url, clone.path())
                 .map_err(|e| format!("cannot clone {shown}: {}", e.message()))?;
             let wanted = commit.unwrap_or(&source.reference);

@@ -167,6 +167,9 @@ pub struct ObjectStatus {
     /// Its parts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<PartStatus>,
+    /// A Pipeline's newest runs, newest first (their logs stay with the agent, never in git).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<crate::queue::Run>,
 }
 
 /// How a pass ended.
@@ -387,6 +390,48 @@ impl StatusSet {
         self.agent.phases = phases;
     }
 
+    /// This status with each Pipeline's newest runs from `history`; `None` when they are already
+    /// what it shows.
+    pub fn with_runs(
+        &self,
+        history: &BTreeMap<String, Vec<crate::queue::Run>>,
+    ) -> Option<StatusSet> {
+        let unchanged = history.iter().all(|(name, runs)| {
+            let shown = self
+                .objects
+                .iter()
+                .find(|(key, _)| key.kind == Kind::Pipeline && key.name.as_str() == name)
+                .map_or(&[][..], |(_, status)| status.runs.as_slice());
+            shown == runs.as_slice()
+        });
+        if unchanged {
+            return None;
+        }
+        let mut status = self.clone();
+        for (name, runs) in history {
+            let Ok(parsed) = name.parse() else { continue };
+            let key = ObjectRef {
+                kind: Kind::Pipeline,
+                name: parsed,
+            };
+            let object = status.objects.entry(key).or_insert_with(|| ObjectStatus {
+                kind: Kind::Pipeline,
+                name: name.clone(),
+                phase: None,
+                health: Health::Unknown,
+                revision: None,
+                spec_hash: None,
+                endpoints: Vec::new(),
+                message: String::new(),
+                last_transition: None,
+                parts: Vec::new(),
+                runs: Vec::new(),
+            });
+            object.runs.clone_from(runs);
+        }
+        Some(status)
+    }
+
     /// Whether `other` differs from this status in anything but the time it was written.
     pub fn differs_from(&self, other: &StatusSet) -> bool {
         let mut this = self.agent.clone();
@@ -591,6 +636,12 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
             message,
             last_transition,
             parts,
+            // Runs are the queue's to say; a pass keeps what status showed.
+            runs: previous
+                .objects
+                .get(key)
+                .map(|o| o.runs.clone())
+                .unwrap_or_default(),
         };
         next.objects.insert(key.clone(), status);
     }

@@ -32,6 +32,8 @@ pub enum Trigger {
     /// A check of objects still settling (a rollout, a health check not yet passed): the agent
     /// requeues one instead of holding a pass while it waits.
     Recheck,
+    /// A pipeline run ended: what uses its image rolls to it, and status shows the run.
+    RunEnded,
 }
 
 impl Trigger {
@@ -45,6 +47,7 @@ impl Trigger {
             Trigger::Api => "api",
             Trigger::Retry => "retry",
             Trigger::Recheck => "recheck",
+            Trigger::RunEnded => "run-ended",
         }
     }
 }

@@ -187,7 +187,37 @@ pub struct PushEvent {
     pub commit: Option<String>,
     /// Who pushed, if the payload says.
     pub pusher: Option<String>,
+    /// The repository's clone and web URLs, as the payload gives them: they say which pipelines'
+    /// sources the push was to.
+    pub repository_urls: Vec<String>,
+    /// The provider's id of this delivery (a redelivery keeps it), prefixed with the provider.
+    pub delivery: Option<String>,
 }
+
+/// Where each provider's payload names the repository.
+const REPOSITORY_URLS: [&str; 12] = [
+    "/repository/clone_url",
+    "/repository/ssh_url",
+    "/repository/git_url",
+    "/repository/html_url",
+    "/repository/url",
+    "/repository/git_http_url",
+    "/repository/git_ssh_url",
+    "/project/git_http_url",
+    "/project/git_ssh_url",
+    "/project/web_url",
+    "/repository",
+    "/url",
+];
+
+/// The headers that carry each provider's delivery id.
+const DELIVERY_HEADERS: [&str; 5] = [
+    "x-github-delivery",
+    "x-gitea-delivery",
+    "x-gitlab-event-uuid",
+    "x-delivery",
+    "x-request-id",
+];
 
 /// What a verified delivery asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,10 +270,19 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
         Provider::Gitea => text("/pusher/login").or_else(|| text("/pusher/username")),
         Provider::Generic => text("/pusher").or_else(|| text("/pusher/name")),
     };
+    let mut repository_urls: Vec<String> = REPOSITORY_URLS.iter().filter_map(|p| text(p)).collect();
+    repository_urls.dedup();
+    let delivery = DELIVERY_HEADERS
+        .iter()
+        .find_map(|name| header(name))
+        .filter(|id| !id.is_empty() && id.len() <= 200)
+        .map(|id| format!("{}:{id}", provider.as_str()));
     Ok(Delivery::Push(PushEvent {
         branch: branch.to_string(),
         commit,
         pusher,
+        repository_urls,
+        delivery,
     }))
 }
 
@@ -359,14 +398,17 @@ mod tests {
     #[test]
     fn payloads_of_each_provider_become_one_push_event() {
         let github = br#"{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000",
-            "after":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","repository":{"full_name":"ops/infra"},
+            "after":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","repository":{"full_name":"ops/infra",
+            "clone_url":"https://git.example.org/ops/infra.git","ssh_url":"git@git.example.org:ops/infra.git"},
             "pusher":{"name":"octocat","email":"octocat@github.com"},"deleted":false}"#;
         let gitlab = br#"{"object_kind":"push","ref":"refs/heads/main",
-            "checkout_sha":"da1560886d4f094c3e6c9ef40349f7d38b5d27d7","user_username":"jsmith"}"#;
+            "checkout_sha":"da1560886d4f094c3e6c9ef40349f7d38b5d27d7","user_username":"jsmith",
+            "project":{"git_http_url":"https://git.example.org/ops/infra.git"}}"#;
         let gitea =
             br#"{"ref":"refs/heads/main","after":"bffeb74224043ba2feb48d137756c8a9331c449a",
-            "pusher":{"login":"gitea"}}"#;
-        let generic = br#"{"branch":"main","commit":"abc123","pusher":"deploy-bot"}"#;
+            "pusher":{"login":"gitea"},"repository":{"clone_url":"https://git.example.org/ops/infra.git"}}"#;
+        let generic = br#"{"branch":"main","commit":"abc123","pusher":"deploy-bot",
+            "repository":"git@git.example.org:ops/infra"}"#;
         let cases: [(Provider, &[u8], &str, &str, &str); 4] = [
             (
                 Provider::GitHub,
@@ -392,20 +434,41 @@ mod tests {
             (Provider::Generic, generic, "", "abc123", "deploy-bot"),
         ];
         for (provider, body, event, commit, pusher) in cases {
-            let map = match provider.event_header() {
-                Some(name) => headers(&[(name, event)]),
-                None => headers(&[]),
+            let id = [
+                ("x-github-delivery", "gh-1"),
+                ("x-gitlab-event-uuid", "gl-1"),
+                ("x-gitea-delivery", "gt-1"),
+                ("x-delivery", "gen-1"),
+            ];
+            let mut map = headers(&id);
+            if let Some(name) = provider.event_header() {
+                map.insert(name, event.parse().unwrap());
+            }
+            let Delivery::Push(push) = parse(provider, &map, body).unwrap() else {
+                panic!("{provider:?}: not a push");
             };
-            let delivery = parse(provider, &map, body).unwrap();
             assert_eq!(
-                delivery,
-                Delivery::Push(PushEvent {
-                    branch: "main".into(),
-                    commit: Some(commit.into()),
-                    pusher: Some(pusher.into()),
-                }),
+                (
+                    push.branch.as_str(),
+                    push.commit.as_deref(),
+                    push.pusher.as_deref()
+                ),
+                ("main", Some(commit), Some(pusher)),
                 "{provider:?}"
             );
+            assert!(
+                push.repository_urls
+                    .iter()
+                    .any(|url| crate::queue::same_repository(
+                        url,
+                        "https://git.example.org/ops/infra"
+                    )),
+                "{provider:?}: {:?}",
+                push.repository_urls
+            );
+            // A redelivery keeps its id; it is told apart from other providers' by a prefix.
+            let delivery = push.delivery.expect("a delivery id");
+            assert!(delivery.starts_with(provider.as_str()), "{delivery}");
         }
     }
 

@@ -172,6 +172,18 @@ pub struct Product<'a> {
 }
 
 impl Desired {
+    /// The Pipelines, each with what its runs need.
+    pub fn pipelines(
+        &self,
+    ) -> impl Iterator<Item = (&crate::descriptor::Name, &docker::run::PipelineTemplate)> {
+        self.templates
+            .iter()
+            .filter_map(|(key, template)| match template {
+                Template::Pipeline(template) => Some((&key.name, template.as_ref())),
+                _ => None,
+            })
+    }
+
     /// Makes `key`, which uses a Pipeline's product, run it. False when it cannot take one, so
     /// it keeps waiting.
     pub fn use_product(&mut self, key: &ObjectRef, product: &Product<'_>) -> bool {

@@ -346,6 +346,10 @@ pub struct PipelineSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub concurrency: u32,
+    /// Whether a push of a newer commit to a branch also cancels a run of an older one that is
+    /// already running (queued ones are always superseded).
+    #[serde(default)]
+    pub cancel_running: bool,
     /// The image tag a successful run produces, e.g. `app:{commit}`; `{commit}` is the source commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub produces: Option<String>,

@@ -23,14 +23,14 @@ pub(crate) struct Agent {
     pub(crate) env: Vec<(String, String)>,
     /// A command and its arguments that run the agent (e.g. `prlimit --nofile=40`); none when empty.
     pub(crate) launcher: Vec<String>,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     pub(crate) port: u16,
     config: PathBuf,
 }
 
 impl Agent {
     /// Starts an agent for `instance` following `url`. `extra` is appended to the config file.
-    fn start(instance: &Instance, url: &str, extra: &str) -> Agent {
+    pub(crate) fn start(instance: &Instance, url: &str, extra: &str) -> Agent {
         Agent::start_with(&instance.name, url, "", extra)
     }
 
@@ -151,7 +151,7 @@ impl Agent {
             .map_or(0, |n| n.trim().parse().unwrap())
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -240,7 +240,7 @@ fn send_github(agent: &Agent, body: &str, signature: &str) -> (u16, String) {
     )
 }
 
-fn sign(body: &str) -> String {
+pub(crate) fn sign(body: &str) -> String {
     format!(
         "sha256={}",
         berth::webhook::sign(WEBHOOK_SECRET.as_bytes(), body.as_bytes())

@@ -6,6 +6,7 @@
 //! - `kube`: Stagings against a real single-node Kubernetes cluster (`tests/testbed/kube-up.sh`);
 //! - `pipeline`: `berth run`, a pipeline run in the foreground on the real Docker Engine;
 //! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
+//! - `runs`: the agent's pipeline runs: webhooks, the queue, `kill -9`, `berth runs` and `berth logs`;
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
 //!
@@ -18,6 +19,7 @@ mod gitserver;
 mod hardening;
 mod kube;
 mod pipeline;
+mod runs;
 mod schema_files;
 mod server_limits;
 mod util;

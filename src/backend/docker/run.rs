@@ -33,11 +33,11 @@ const WORKSPACE: &str = "/workspace";
 const LABEL_RUN: &str = "berth.run";
 
 /// One run to carry out.
-pub struct RunRequest<'a> {
+pub struct RunRequest {
     /// The pipeline's name.
-    pub pipeline: &'a Name,
+    pub pipeline: Name,
     /// Its spec.
-    pub spec: &'a PipelineSpec,
+    pub spec: PipelineSpec,
     /// The source's `context` folder as a tar.
     pub workspace: Vec<u8>,
     /// The source commit.
@@ -46,15 +46,17 @@ pub struct RunRequest<'a> {
     pub secrets: BTreeMap<String, String>,
 }
 
-impl<'a> RunRequest<'a> {
+impl RunRequest {
     /// The run of `spec` on the config repo at `root`: its secrets read and its workspace made
-    /// (cloned at `commit`, or the context folder), or why it cannot start.
+    /// (cloned at `commit`, a branch or tag, or the source's `ref`; or the context folder), or why
+    /// it cannot start. `credentials` clones the source as the agent fetches its config repo.
     pub fn prepare(
-        pipeline: &'a Name,
-        spec: &'a PipelineSpec,
+        pipeline: &Name,
+        spec: &PipelineSpec,
         root: &std::path::Path,
         commit: Option<&str>,
-    ) -> Result<RunRequest<'a>, String> {
+        credentials: Option<&crate::source::Source>,
+    ) -> Result<RunRequest, String> {
         let mut secrets = BTreeMap::new();
         for (key, reference) in &spec.secret_env {
             let value = reference
@@ -62,10 +64,11 @@ impl<'a> RunRequest<'a> {
                 .map_err(|why| format!("secret {key}: {why}"))?;
             secrets.insert(key.clone(), value);
         }
-        let (workspace, commit) = crate::source::pipeline_workspace(root, spec, commit)?;
+        let (workspace, commit) =
+            crate::source::pipeline_workspace(root, spec, commit, credentials)?;
         Ok(RunRequest {
-            pipeline,
-            spec,
+            pipeline: pipeline.clone(),
+            spec: spec.clone(),
             workspace,
             commit,
             secrets,
@@ -73,34 +76,77 @@ impl<'a> RunRequest<'a> {
     }
 }
 
+/// Who carries a run out; the engine's objects of a run say so, so that an agent that starts
+/// again can stop the runs its predecessor left, and never a person's foreground run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// `berth run`, in the foreground.
+    Foreground,
+    /// A pass of `berth apply`.
+    Pass,
+    /// The agent's run queue.
+    Agent,
+}
+
+impl Runner {
+    fn label(self) -> &'static str {
+        match self {
+            Runner::Foreground => "foreground",
+            Runner::Pass => "pass",
+            Runner::Agent => "agent",
+        }
+    }
+}
+
+/// How to carry a run out.
+pub struct RunOptions {
+    /// Who runs it.
+    pub runner: Runner,
+    /// The descriptor's spec hash, labelled on what it produces (`""`: not a product a pass
+    /// reconciles to, as for a foreground run).
+    pub spec_hash: String,
+    /// Becomes `true` when the run is to stop (cancelled, or superseded by a newer commit).
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Resolves when `cancel` turns `true`; never without one (or once its sender is gone).
+async fn cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(receiver) = cancel
+        && receiver.wait_for(|c| *c).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// How a step (or the build) ended when it did not finish by itself.
+enum Stopped {
+    TimedOut,
+    Cancelled,
+}
+
+/// Runs `work` until it ends, the `deadline` passes, or the run is cancelled.
+async fn bounded<T>(
+    work: impl Future<Output = T>,
+    deadline: Instant,
+    cancel: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<T, Stopped> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::select! {
+        done = tokio::time::timeout(left, work) => done.map_err(|_| Stopped::TimedOut),
+        () = cancelled(cancel) => Err(Stopped::Cancelled),
+    }
+}
+
 impl DockerBackend {
     /// Carries out one run, feeding its output to `log`; `shown` gets what the log kept as it
-    /// comes (masked), for a foreground run.
+    /// comes (masked): a foreground run prints it, the agent writes it to the run's log file.
     pub async fn run_pipeline(
         &self,
-        request: RunRequest<'_>,
-        log: &mut RunLog,
-        shown: impl FnMut(&[u8]),
-    ) -> RunReport {
-        self.run_with(request, log, shown, "").await
-    }
-
-    /// [`DockerBackend::run_pipeline`] for a pass: the image is labelled with `spec_hash`.
-    async fn run_pipeline_labelled(
-        &self,
-        request: RunRequest<'_>,
-        log: &mut RunLog,
-        spec_hash: &str,
-    ) -> RunReport {
-        self.run_with(request, log, |_| {}, spec_hash).await
-    }
-
-    async fn run_with(
-        &self,
-        request: RunRequest<'_>,
+        request: RunRequest,
         log: &mut RunLog,
         mut shown: impl FnMut(&[u8]),
-        spec_hash: &str,
+        mut options: RunOptions,
     ) -> RunReport {
         let started = Instant::now();
         let key = ObjectRef {
@@ -116,33 +162,19 @@ impl DockerBackend {
             .carry_out(
                 &request,
                 &name,
-                self.ownership.labels(&key, spec_hash),
-                log,
-                &mut shown,
+                self.ownership.labels(&key, &options.spec_hash),
+                (log, &mut shown),
                 &mut steps,
+                &mut options,
             )
             .await;
         // Whatever happened, nothing of the run is left on the engine.
-        let _ = self
-            .docker
-            .remove_container(
-                &name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        let _ = self
-            .docker
-            .remove_volume(&name, Some(RemoveVolumeOptions { force: true }))
-            .await;
+        self.remove_run(&name).await;
         let (result, image) = match outcome {
             Ok(done) => done,
             // The engine's words may quote the run's output (a build's last lines): masked too.
-            Err(Trouble::Failed(why) | Trouble::Transient(why)) => {
-                (RunResult::Error(log.masked(&why)), None)
-            }
+            Err(Trouble::Failed(why)) => (RunResult::Error(log.masked(&why)), None),
+            Err(Trouble::Transient(why)) => (RunResult::EngineGone(log.masked(&why)), None),
         };
         shown(&log.flush());
         RunReport {
@@ -155,16 +187,34 @@ impl DockerBackend {
         }
     }
 
+    /// Removes a run's container and volume.
+    async fn remove_run(&self, name: &str) {
+        let _ = self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        let _ = self
+            .docker
+            .remove_volume(name, Some(RemoveVolumeOptions { force: true }))
+            .await;
+    }
+
     async fn carry_out(
         &self,
-        request: &RunRequest<'_>,
+        request: &RunRequest,
         name: &str,
         labels: std::collections::HashMap<String, String>,
-        log: &mut RunLog,
-        shown: &mut impl FnMut(&[u8]),
+        (log, shown): (&mut RunLog, &mut impl FnMut(&[u8])),
         steps: &mut Vec<StepRun>,
+        options: &mut RunOptions,
     ) -> Attempt<(RunResult, Option<String>)> {
-        let spec = request.spec;
+        let spec = &request.spec;
         self.clear_leftover_runs().await;
         let short = &request.commit[..request.commit.len().min(12)];
         let tag = spec.produces.as_ref().map(|p| p.replace("{commit}", short));
@@ -181,7 +231,7 @@ impl DockerBackend {
             }
         };
         let mut run_labels = labels.clone();
-        run_labels.insert(LABEL_RUN.into(), "true".into());
+        run_labels.insert(LABEL_RUN.into(), options.runner.label().into());
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(name.to_string()),
@@ -241,15 +291,28 @@ impl DockerBackend {
             .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?;
         let limit = spec.timeout.0;
         let deadline = Instant::now() + limit;
+        let stopped = |why: Stopped, log: &mut RunLog, shown: &mut dyn FnMut(&[u8])| match why {
+            Stopped::TimedOut => {
+                shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
+                RunResult::TimedOut(limit)
+            }
+            Stopped::Cancelled => {
+                shown(&log.note("== cancelled: killed"));
+                RunResult::Cancelled
+            }
+        };
         for step in &spec.steps {
             shown(&log.note(&format!("== step {}", step.name)));
             let began = Instant::now();
-            let left = deadline.saturating_duration_since(began);
-            let ran =
-                tokio::time::timeout(left, self.exec_step(name, step, request, log, shown)).await;
+            let ran = bounded(
+                self.exec_step(name, step, request, log, shown),
+                deadline,
+                &mut options.cancel,
+            )
+            .await;
             let exit_code = match ran {
                 Ok(code) => code?,
-                Err(_) => {
+                Err(why) => {
                     let _ = self
                         .docker
                         .kill_container(
@@ -262,8 +325,7 @@ impl DockerBackend {
                         exit_code: None,
                         duration: began.elapsed(),
                     });
-                    shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
-                    return Ok((RunResult::TimedOut(limit), None));
+                    return Ok((stopped(why, log, shown), None));
                 }
             };
             steps.push(StepRun {
@@ -301,7 +363,7 @@ impl DockerBackend {
                 &chunk.map_err(|e| self.trouble("cannot read the workspace back", e))?,
             );
         }
-        let options = BuildImageOptions {
+        let build = BuildImageOptions {
             dockerfile: "Dockerfile".into(),
             t: Some(tag.clone()),
             labels: Some(labels),
@@ -310,15 +372,16 @@ impl DockerBackend {
             ..Default::default()
         };
         // The build counts toward the run's timeout too.
-        let left = deadline.saturating_duration_since(Instant::now());
         let context = format!("the workspace of Pipeline/{}", request.pipeline);
-        match tokio::time::timeout(left, self.build(options, tar, &context)).await {
+        match bounded(
+            self.build(build, tar, &context),
+            deadline,
+            &mut options.cancel,
+        )
+        .await
+        {
             Ok(built) => built?,
-            Err(_) => {
-                let note = format!("== timed out after {}s while building", limit.as_secs());
-                shown(&log.note(&note));
-                return Ok((RunResult::TimedOut(limit), None));
-            }
+            Err(why) => return Ok((stopped(why, log, shown), None)),
         }
         Ok((RunResult::Succeeded, Some(tag)))
     }
@@ -328,7 +391,7 @@ impl DockerBackend {
         &self,
         container: &str,
         step: &crate::descriptor::model::Step,
-        request: &RunRequest<'_>,
+        request: &RunRequest,
         log: &mut RunLog,
         shown: &mut impl FnMut(&[u8]),
     ) -> Attempt<i64> {
@@ -382,11 +445,23 @@ pub struct PipelineTemplate {
     hash: String,
 }
 
+impl PipelineTemplate {
+    /// The pipeline's spec.
+    pub fn spec(&self) -> &PipelineSpec {
+        &self.spec
+    }
+
+    /// The descriptor's spec hash (with no `source`, its folder's digest is part of it).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
 /// The part a producing Pipeline has: its newest image.
 pub const PRODUCT: &str = "image";
 
 /// How many produced images of a Pipeline are kept (besides any a container still uses).
-const KEEP_PRODUCTS: usize = 3;
+pub const KEEP_PRODUCTS: usize = 3;
 
 /// The desired object of a Pipeline that produces an image; one that does not is run by its
 /// triggers only, and is held back with that reason.
@@ -399,7 +474,7 @@ pub fn desired_pipeline(
     let key = descriptor.key();
     let hold = spec.produces.is_none().then(|| {
         Hold::Skip(
-            "produces no image; it runs on its triggers (the agent's run queue is not built yet)"
+            "produces no image: the agent runs it on its triggers (push, schedule, onChange, or by hand)"
                 .into(),
         )
     });
@@ -494,17 +569,21 @@ impl DockerBackend {
     /// Runs the Pipeline on the config repo at `root` and labels what it produces with the
     /// spec's hash, so the next plan sees it produced.
     pub async fn produce(&self, template: &PipelineTemplate, root: &std::path::Path) -> Outcome {
-        let request = match RunRequest::prepare(&template.key.name, &template.spec, root, None) {
-            Ok(request) => request,
-            Err(why) => return Outcome::Failed(why),
-        };
+        let request =
+            match RunRequest::prepare(&template.key.name, &template.spec, root, None, None) {
+                Ok(request) => request,
+                Err(why) => return Outcome::Failed(why),
+            };
         let mut log = RunLog::new(
             crate::run::DEFAULT_LOG_CAP,
             request.secrets.values().cloned(),
         );
-        let report = self
-            .run_pipeline_labelled(request, &mut log, &template.hash)
-            .await;
+        let options = RunOptions {
+            runner: Runner::Pass,
+            spec_hash: template.hash.clone(),
+            cancel: None,
+        };
+        let report = self.run_pipeline(request, &mut log, |_| {}, options).await;
         match report.result {
             RunResult::Succeeded => {
                 let removed = self.collect_products(&template.key, KEEP_PRODUCTS).await;
@@ -514,25 +593,13 @@ impl DockerBackend {
                 }
                 Outcome::Done(done)
             }
-            _ => {
-                // The log's last lines say why.
-                let contents = log.contents();
-                let text = String::from_utf8_lossy(&contents);
-                let tail: Vec<&str> = text.lines().rev().take(5).collect();
-                let mut tail: String = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-                // Status and logs keep this: a step's one huge line must not come with it.
-                if tail.chars().count() > 2000 {
-                    let end: String = tail.chars().rev().take(2000).collect();
-                    tail = format!("…{}", end.chars().rev().collect::<String>());
-                }
-                Outcome::Failed(format!("{}; last lines: {tail}", report.summary()))
-            }
+            _ => Outcome::Failed(report.failure(&mut log)),
         }
     }
 
     /// Removes the Pipeline's produced images but the newest `keep`; an image a container
     /// still uses stays whatever its age (the engine refuses to remove it). Returns how many went.
-    async fn collect_products(&self, key: &ObjectRef, keep: usize) -> usize {
+    pub async fn collect_products(&self, key: &ObjectRef, keep: usize) -> usize {
         let Ok(mut images) = self.products(Some(key)).await else {
             return 0;
         };
@@ -582,29 +649,51 @@ impl DockerBackend {
         removed
     }
 
-    /// Removes what runs killed with berth left: their containers once they have exited (they
-    /// end by themselves after the run's timeout) and their volumes once no container uses
-    /// them. A run still going keeps both: the engine refuses to remove a volume in use.
-    async fn clear_leftover_runs(&self) {
+    /// Stops and removes the runs `runner` left on the engine: an agent that starts again calls
+    /// this for the runs its killed predecessor left going (they are retried from the queue).
+    pub async fn remove_runs_of(&self, runner: Runner) -> usize {
+        let label = format!("{LABEL_RUN}={}", runner.label());
+        let left = self.run_containers(&label, None).await;
+        for container in &left {
+            for name in container.names.iter().flatten() {
+                self.remove_run(name.trim_start_matches('/')).await;
+            }
+        }
+        left.len()
+    }
+
+    /// This instance's run containers with the label `label` (`berth.run`, or `berth.run=agent`),
+    /// in one of `states` when given; none when the engine does not answer.
+    async fn run_containers(
+        &self,
+        label: &str,
+        states: Option<Vec<String>>,
+    ) -> Vec<bollard::models::ContainerSummary> {
         let mut selector = self.ownership.selector(Kind::Pipeline, None);
-        selector.push(format!("{LABEL_RUN}=true"));
-        let filters = std::collections::HashMap::from([
-            ("label".to_string(), selector.clone()),
-            (
-                "status".to_string(),
-                vec!["exited".to_string(), "dead".to_string()],
-            ),
-        ]);
+        selector.push(label.to_string());
+        let mut filters = std::collections::HashMap::from([("label".to_string(), selector)]);
+        if let Some(states) = states {
+            filters.insert("status".to_string(), states);
+        }
         let options = bollard::query_parameters::ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         };
-        let leftovers = self
-            .docker
+        self.docker
             .list_containers(Some(options))
             .await
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Removes what runs killed with berth left: their containers once they have exited (they
+    /// end by themselves after the run's timeout) and their volumes once no container uses
+    /// them. A run still going keeps both: the engine refuses to remove a volume in use.
+    async fn clear_leftover_runs(&self) {
+        let ended = vec!["exited".to_string(), "dead".to_string()];
+        let leftovers = self.run_containers(LABEL_RUN, Some(ended)).await;
+        let mut selector = self.ownership.selector(Kind::Pipeline, None);
+        selector.push(LABEL_RUN.to_string());
         for container in leftovers {
             if let Some(id) = container.id {
                 let _ = self

@@ -1,0 +1,83 @@
+//! The command line's client of a running agent's API, for `berth runs` and `berth logs`: HTTP/1.1
+//! to the agent's `listen` address with the API's bearer token, the answer's body handed over piece
+//! by piece as it arrives, so a followed log shows each line when the run prints it.
+//!
+//! Plain HTTP only, as the agent serves it: an agent on another host is reached through the TLS
+//! proxy in front of it, or an SSH tunnel.
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+/// A running agent's API.
+pub struct AgentApi {
+    authority: String,
+    token: String,
+}
+
+impl AgentApi {
+    /// The agent at `url` (`http://host:port`), with the API token `token`.
+    pub fn new(url: &str, token: &str) -> Result<AgentApi, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!(
+                "{url}: the agent's API is plain http://host:port (use a tunnel or a proxy for TLS)"
+            )
+        })?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!("{url}: give the agent as http://host:port"));
+        }
+        Ok(AgentApi {
+            authority: authority.to_string(),
+            token: token.trim().to_string(),
+        })
+    }
+
+    /// `GET path`: hands each piece of the body to `piece` as it arrives. An answer other than
+    /// 200 is an error, with the agent's reason.
+    pub async fn get(&self, path: &str, mut piece: impl FnMut(&[u8])) -> Result<(), String> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            format!("cannot reach the agent at http://{}: {e}", self.authority)
+        };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("bad request {path}: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut refusal = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the agent's answer broke off: {e}"))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            match status.is_success() {
+                true => piece(data),
+                false if refusal.len() < 4096 => refusal.extend_from_slice(data),
+                false => {}
+            }
+        }
+        match status.is_success() {
+            true => Ok(()),
+            false => Err(format!(
+                "the agent answered {status}: {}",
+                String::from_utf8_lossy(&refusal).trim()
+            )),
+        }
+    }
+}

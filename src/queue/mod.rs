@@ -1,0 +1,573 @@
+//! The pipeline run queue: what a run is (its state, what started it, what it did), and the rules
+//! that decide which runs are admitted, which a newer one supersedes, and which queued run a free
+//! worker takes next. The rules are pure, over the runs the store holds; [`store`] keeps the runs
+//! in SQLite so that none is lost when the agent stops, even by `kill -9`.
+//!
+//! A run goes `queued → running → succeeded | failed | cancelled`; one that was running when the
+//! agent died becomes `interrupted`, and is queued once more (a second attempt) if it was a first.
+
+pub mod store;
+pub mod workers;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker carries it out.
+    Running,
+    /// Every step exited 0, and the image (if any) was built.
+    Succeeded,
+    /// A step failed, it timed out, or it could not be carried out.
+    Failed,
+    /// Cancelled by a person or superseded by a newer commit.
+    Cancelled,
+    /// It was running when the agent stopped.
+    Interrupted,
+}
+
+impl RunState {
+    /// Every state, in order of a run's life.
+    pub const ALL: [RunState; 6] = [
+        RunState::Queued,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Interrupted,
+    ];
+
+    /// The state's name, as the store, the API and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Interrupted => "interrupted",
+        }
+    }
+
+    /// The state named `name`.
+    pub fn from_name(name: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the run is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunState::Queued | RunState::Running)
+    }
+}
+
+/// What queued a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// A webhook announced a push to the pipeline's source repo.
+    Push,
+    /// The pipeline's cron schedule.
+    Schedule,
+    /// The descriptor (or, with no `source`, its folder of the config repo) changed, or the image
+    /// it produces is missing: the pass asks for it.
+    Change,
+    /// A person: `POST /api/v1/pipelines/{name}/runs`.
+    Manual,
+    /// A second attempt of a run the agent's stop interrupted.
+    Retry,
+}
+
+impl Cause {
+    /// Every cause.
+    pub const ALL: [Cause; 5] = [
+        Cause::Push,
+        Cause::Schedule,
+        Cause::Change,
+        Cause::Manual,
+        Cause::Retry,
+    ];
+
+    /// The cause's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Push => "push",
+            Cause::Schedule => "schedule",
+            Cause::Change => "change",
+            Cause::Manual => "manual",
+            Cause::Retry => "retry",
+        }
+    }
+
+    /// The cause named `name`.
+    pub fn from_name(name: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+/// One step as it ran, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    /// The step's name.
+    pub name: String,
+    /// Its exit code; absent when it was killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A run, as the store, the API and `berth runs` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    /// Its number, unique in this agent's state folder.
+    pub id: i64,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Where it is.
+    pub state: RunState,
+    /// What queued it.
+    pub cause: Cause,
+    /// The source commit: known from a push, or once the run cloned its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The branch a push was to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The webhook delivery that queued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+    /// The descriptor's spec hash it was queued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// 1, or 2 for the retry of an interrupted run.
+    pub attempt: u32,
+    /// The interrupted run this one retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<i64>,
+    /// When it was queued (RFC 3339).
+    pub queued_at: String,
+    /// When a worker took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// How long it ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// How it ended, in words (which step failed, what superseded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The image it produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Its steps as they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepRecord>,
+}
+
+/// A run someone asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRun {
+    /// The pipeline.
+    pub pipeline: String,
+    /// What asks.
+    pub cause: Cause,
+    /// The commit to build; the source's `ref` (or the config repo's applied revision) when absent.
+    pub commit: Option<String>,
+    /// The branch a push was to.
+    pub branch: Option<String>,
+    /// The webhook delivery id.
+    pub delivery: Option<String>,
+    /// The descriptor's spec hash.
+    pub spec_hash: Option<String>,
+}
+
+/// Whether a run is taken into the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The same delivery, or a push of the same commit, is already queued, running or done.
+    Duplicate {
+        /// The run that already serves it.
+        of: i64,
+    },
+    /// Queued; these queued runs are superseded by it, and these running ones are to be
+    /// cancelled (`cancelRunning: true`).
+    Admitted {
+        /// Queued runs it supersedes.
+        superseded: Vec<i64>,
+        /// Running runs it supersedes.
+        cancel_running: Vec<i64>,
+    },
+}
+
+/// Decides whether `new` is admitted, given the runs of its pipeline already in the store
+/// (`others`); `cancel_running` is the pipeline's `cancelRunning`.
+///
+/// - A delivery seen before is a duplicate (providers redeliver on timeouts).
+/// - A push of a commit already queued, running or built (succeeded or failed) is a duplicate:
+///   only a person (a manual run) builds the same commit again.
+/// - A push supersedes the queued pushes of older commits to the same branch; a change supersedes
+///   queued changes of another spec. With `cancel_running`, running ones too.
+pub fn admit(new: &NewRun, others: &[Run], cancel_running: bool) -> Admission {
+    if let Some(delivery) = &new.delivery
+        && let Some(seen) = others
+            .iter()
+            .find(|r| r.delivery.as_ref() == Some(delivery))
+    {
+        return Admission::Duplicate { of: seen.id };
+    }
+    if new.cause == Cause::Push
+        && let Some(commit) = &new.commit
+        && let Some(built) = others.iter().find(|r| {
+            r.commit.as_ref() == Some(commit)
+                && !matches!(r.state, RunState::Cancelled | RunState::Interrupted)
+        })
+    {
+        return Admission::Duplicate { of: built.id };
+    }
+    let supersedes = |run: &Run| match new.cause {
+        Cause::Push => {
+            run.cause == Cause::Push && run.branch == new.branch && run.commit != new.commit
+        }
+        Cause::Change => run.cause == Cause::Change && run.spec_hash != new.spec_hash,
+        _ => false,
+    };
+    let mut superseded = Vec::new();
+    let mut running = Vec::new();
+    for run in others.iter().filter(|r| supersedes(r)) {
+        match run.state {
+            RunState::Queued => superseded.push(run.id),
+            RunState::Running if cancel_running => running.push(run.id),
+            _ => {}
+        }
+    }
+    Admission::Admitted {
+        superseded,
+        cancel_running: running,
+    }
+}
+
+/// What a pass does for a Pipeline whose product is missing or stale, given the newest run the
+/// pass asked for with this spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeRun {
+    /// Queue one.
+    Queue,
+    /// One is queued or running: wait for it.
+    Wait(String),
+    /// The run for this spec failed: a failure until the spec or the source changes, or a person
+    /// runs it again. Never retried on its own, so a broken build does not loop.
+    Failed(String),
+}
+
+/// See [`ChangeRun`].
+pub fn change_run(latest: Option<&Run>) -> ChangeRun {
+    let Some(run) = latest else {
+        return ChangeRun::Queue;
+    };
+    match run.state {
+        RunState::Queued => ChangeRun::Wait(format!("run {} is queued", run.id)),
+        RunState::Running => ChangeRun::Wait(format!("run {} is running", run.id)),
+        RunState::Failed => ChangeRun::Failed(format!(
+            "run {} failed: {}; push a fix, or start a run by hand (POST /api/v1/pipelines/{}/runs)",
+            run.id,
+            run.message.as_deref().unwrap_or("no reason recorded"),
+            run.pipeline
+        )),
+        // Its image is gone (removed by hand), or it was cancelled or interrupted for good.
+        RunState::Succeeded | RunState::Cancelled | RunState::Interrupted => ChangeRun::Queue,
+    }
+}
+
+/// The queued run a free worker takes next: the oldest whose pipeline runs fewer than its
+/// `concurrency` at once. `queued` is oldest first, as (id, pipeline).
+pub fn next_to_start<'a>(
+    queued: impl IntoIterator<Item = (i64, &'a str)>,
+    running: &HashMap<String, u32>,
+    concurrency: impl Fn(&str) -> u32,
+) -> Option<i64> {
+    queued
+        .into_iter()
+        .find(|(_, pipeline)| running.get(*pipeline).copied().unwrap_or(0) < concurrency(pipeline))
+        .map(|(id, _)| id)
+}
+
+/// Whether two clone URLs name one repository: `https://host/org/app.git`,
+/// `git@host:org/app`, `ssh://git@host/org/app` and `https://user@host/org/app/` all do.
+/// Schemes, user names, a trailing `.git` or `/` and letter case do not count; a port other than
+/// an SSH one does.
+pub fn same_repository(a: &str, b: &str) -> bool {
+    let (a, b) = (repository_identity(a), repository_identity(b));
+    !a.is_empty() && a == b
+}
+
+fn repository_identity(url: &str) -> String {
+    let url = url.trim();
+    if url.is_empty() {
+        return String::new();
+    }
+    let (ssh, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (scheme.eq_ignore_ascii_case("ssh"), rest.to_string()),
+        // `git@host:org/app`: scp-like SSH.
+        None => match url.split_once(':') {
+            Some((host, path)) if !host.contains('/') => (true, format!("{host}/{path}")),
+            _ => (false, url.to_string()),
+        },
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = match (ssh, host.split_once(':')) {
+        (true, Some((name, _))) => name,
+        _ => host,
+    };
+    let path = path.trim_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    format!("{host}/{path}").to_lowercase()
+}
+
+/// Whether a push to `branch` starts a run of a pipeline whose push trigger lists `branches`
+/// (every branch when the list is empty).
+pub fn branch_matches(branches: &[String], branch: &str) -> bool {
+    branches.is_empty() || branches.iter().any(|b| b == branch)
+}
+
+/// The next time one of `schedules` fires after `after`, and the pipelines that fire then.
+pub fn next_due(
+    schedules: &[(String, crate::descriptor::values::CronExpr)],
+    after: chrono::DateTime<chrono::Utc>,
+) -> Option<(chrono::DateTime<chrono::Utc>, Vec<String>)> {
+    let mut due: Option<(chrono::DateTime<chrono::Utc>, Vec<String>)> = None;
+    for (pipeline, schedule) in schedules {
+        let Ok(next) = schedule.schedule().find_next_occurrence(&after, false) else {
+            continue;
+        };
+        match &mut due {
+            Some((when, names)) if *when == next => names.push(pipeline.clone()),
+            Some((when, _)) if *when < next => {}
+            _ => due = Some((next, vec![pipeline.clone()])),
+        }
+    }
+    due
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A run of `app` with the given id, state and commit, queued by a push to `main`.
+    pub(crate) fn run(id: i64, state: RunState, commit: &str) -> Run {
+        Run {
+            id,
+            pipeline: "app".into(),
+            state,
+            cause: Cause::Push,
+            commit: Some(commit.into()),
+            branch: Some("main".into()),
+            delivery: None,
+            spec_hash: Some("h1".into()),
+            attempt: 1,
+            retry_of: None,
+            queued_at: "2026-12-02T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            message: None,
+            image: None,
+            steps: Vec::new(),
+        }
+    }
+
+    fn push(commit: &str, delivery: Option<&str>) -> NewRun {
+        NewRun {
+            pipeline: "app".into(),
+            cause: Cause::Push,
+            commit: Some(commit.into()),
+            branch: Some("main".into()),
+            delivery: delivery.map(String::from),
+            spec_hash: Some("h1".into()),
+        }
+    }
+
+    #[test]
+    fn a_delivery_seen_before_or_a_commit_built_before_is_a_duplicate() {
+        let mut seen = run(1, RunState::Running, "c1");
+        seen.delivery = Some("d-1".into());
+        assert_eq!(
+            admit(&push("c9", Some("d-1")), &[seen.clone()], false),
+            Admission::Duplicate { of: 1 }
+        );
+        for state in [
+            RunState::Queued,
+            RunState::Running,
+            RunState::Succeeded,
+            RunState::Failed,
+        ] {
+            let built = run(2, state, "c2");
+            assert_eq!(
+                admit(&push("c2", Some("d-2")), &[built], false),
+                Admission::Duplicate { of: 2 },
+                "{state:?}"
+            );
+        }
+        // A cancelled or interrupted run of that commit built nothing: it may be built again.
+        for state in [RunState::Cancelled, RunState::Interrupted] {
+            assert!(matches!(
+                admit(&push("c2", None), &[run(2, state, "c2")], false),
+                Admission::Admitted { .. }
+            ));
+        }
+        // A person may build a commit again.
+        let mut manual = push("c2", None);
+        manual.cause = Cause::Manual;
+        assert!(matches!(
+            admit(&manual, &[run(2, RunState::Succeeded, "c2")], false),
+            Admission::Admitted { .. }
+        ));
+    }
+
+    #[test]
+    fn a_newer_commit_supersedes_queued_runs_of_its_branch_and_running_ones_only_when_asked() {
+        let mut other_branch = run(3, RunState::Queued, "c0");
+        other_branch.branch = Some("feature".into());
+        let others = [
+            run(1, RunState::Queued, "c1"),
+            run(2, RunState::Running, "c1b"),
+            other_branch,
+            run(4, RunState::Succeeded, "c0"),
+        ];
+        assert_eq!(
+            admit(&push("c5", None), &others, false),
+            Admission::Admitted {
+                superseded: vec![1],
+                cancel_running: vec![]
+            }
+        );
+        assert_eq!(
+            admit(&push("c5", None), &others, true),
+            Admission::Admitted {
+                superseded: vec![1],
+                cancel_running: vec![2]
+            }
+        );
+    }
+
+    #[test]
+    fn a_change_supersedes_queued_changes_of_another_spec() {
+        let mut old = run(1, RunState::Queued, "c1");
+        old.cause = Cause::Change;
+        let new = NewRun {
+            cause: Cause::Change,
+            spec_hash: Some("h2".into()),
+            commit: None,
+            ..push("c1", None)
+        };
+        assert_eq!(
+            admit(&new, &[old], false),
+            Admission::Admitted {
+                superseded: vec![1],
+                cancel_running: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_pass_waits_for_a_queued_run_and_never_retries_a_failed_one_by_itself() {
+        assert_eq!(change_run(None), ChangeRun::Queue);
+        assert!(matches!(
+            change_run(Some(&run(1, RunState::Queued, "c"))),
+            ChangeRun::Wait(_)
+        ));
+        let mut failed = run(2, RunState::Failed, "c");
+        failed.message = Some("step test exited 2".into());
+        match change_run(Some(&failed)) {
+            ChangeRun::Failed(why) => assert!(why.contains("step test exited 2"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            change_run(Some(&run(3, RunState::Interrupted, "c"))),
+            ChangeRun::Queue
+        );
+    }
+
+    #[test]
+    fn clone_urls_of_one_repository_match_whatever_their_form() {
+        let forms = [
+            "https://git.example.org/ctf/app.git",
+            "https://git.example.org/ctf/app",
+            "http://ci:token@git.example.org/ctf/app/",
+            "git@git.example.org:ctf/app.git",
+            "ssh://git@git.example.org:22/ctf/app.git",
+            "https://Git.Example.org/CTF/App",
+        ];
+        for a in forms {
+            for b in forms {
+                assert!(same_repository(a, b), "{a} and {b}");
+            }
+        }
+        assert!(!same_repository(
+            forms[0],
+            "https://git.example.org/ctf/app2"
+        ));
+        assert!(!same_repository(
+            forms[0],
+            "https://other.example.org/ctf/app"
+        ));
+        assert!(!same_repository(
+            "http://127.0.0.1:8001/app.git",
+            "http://127.0.0.1:8002/app.git"
+        ));
+        assert!(!same_repository("", ""));
+    }
+
+    #[test]
+    fn the_schedule_fires_each_pipeline_at_its_own_times() {
+        use chrono::TimeZone;
+        let cron = |text: &str| text.parse::<crate::descriptor::values::CronExpr>().unwrap();
+        let schedules = vec![
+            ("nightly".to_string(), cron("0 3 * * *")),
+            ("hourly".to_string(), cron("0 * * * *")),
+            ("also-hourly".to_string(), cron("0 */1 * * *")),
+        ];
+        let clock = chrono::Utc.with_ymd_and_hms(2026, 12, 2, 1, 30, 0).unwrap();
+        let (when, names) = next_due(&schedules, clock).unwrap();
+        assert_eq!(
+            when,
+            chrono::Utc.with_ymd_and_hms(2026, 12, 2, 2, 0, 0).unwrap()
+        );
+        assert_eq!(names, ["hourly", "also-hourly"]);
+        let (when, names) = next_due(&schedules, when + chrono::Duration::minutes(59)).unwrap();
+        assert_eq!(
+            when,
+            chrono::Utc.with_ymd_and_hms(2026, 12, 2, 3, 0, 0).unwrap()
+        );
+        assert_eq!(names, ["nightly", "hourly", "also-hourly"]);
+        // At the very time it fires, the next is the one after.
+        let (after, _) = next_due(&schedules, when).unwrap();
+        assert_eq!(
+            after,
+            chrono::Utc.with_ymd_and_hms(2026, 12, 2, 4, 0, 0).unwrap()
+        );
+        assert_eq!(next_due(&[], clock), None);
+    }
+
+    #[test]
+    fn a_free_worker_takes_the_oldest_run_whose_pipeline_is_under_its_concurrency() {
+        let running = HashMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
+        let concurrency = |p: &str| if p == "b" { 2 } else { 1 };
+        let queued = [(1, "a"), (2, "b"), (3, "c")];
+        assert_eq!(next_to_start(queued, &running, concurrency), Some(2));
+        let full = HashMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
+        assert_eq!(next_to_start(queued, &full, concurrency), Some(3));
+        assert_eq!(next_to_start([(1, "a")], &full, concurrency), None);
+    }
+}

@@ -1,0 +1,404 @@
+//! The agent's pipeline runs end to end: the real `berth agent` with its run queue, pipeline
+//! sources on a real git server (`git daemon` on loopback), signed webhooks, the API and the
+//! `berth runs` / `berth logs` commands, and the real Docker Engine running the steps; `kill -9`
+//! of the agent mid-run.
+
+use std::process::{Command, Stdio};
+
+use crate::agent::{Agent, applied, sign};
+use crate::docker::{Instance, docker, engine, free_port};
+use crate::gitserver::{GitDaemon, Origin};
+
+/// A push event as GitHub sends it for the repository at `url`.
+fn push_to(url: &str, commit: &str) -> String {
+    format!(
+        r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}",
+"repository":{{"id":7,"name":"app","full_name":"ops/app","clone_url":"{url}","default_branch":"main"}},
+"pusher":{{"name":"octocat"}},"head_commit":{{"id":"{commit}"}}}}"#
+    )
+}
+
+/// Sends a signed GitHub push for `url` at `commit` with the delivery id `delivery`.
+fn deliver(agent: &Agent, url: &str, commit: &str, delivery: &str) -> (u16, String) {
+    let body = push_to(url, commit);
+    agent.request(
+        "POST",
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", delivery),
+            ("X-Hub-Signature-256", &sign(&body)),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// The run number in an answer such as `run 3 queued for Pipeline/site`.
+fn queued_run(answer: &str, pipeline: &str) -> i64 {
+    let line = answer
+        .lines()
+        .find(|l| l.ends_with(&format!("queued for Pipeline/{pipeline}")))
+        .unwrap_or_else(|| panic!("no run of {pipeline} queued: {answer}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Run `id` as the API shows it.
+fn run(agent: &Agent, id: i64) -> serde_json::Value {
+    let (code, body) = agent.api("GET", &format!("/api/v1/runs/{id}"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn state(agent: &Agent, id: i64) -> String {
+    run(agent, id)["state"].as_str().unwrap().to_string()
+}
+
+/// `berth` with the agent's address and token file.
+fn berth_at(agent: &Agent, args: &[&str]) -> std::process::Output {
+    let token = agent.dir.path().join("api-token");
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .arg("--agent")
+        .arg(format!("http://127.0.0.1:{}", agent.port))
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .unwrap()
+}
+
+/// A source repo with a page and a Dockerfile that serves it, on `git daemon`.
+fn site_source(page: &str) -> (Origin, GitDaemon) {
+    let origin = Origin::new(&[
+        ("page.txt", page),
+        (
+            "Dockerfile",
+            "FROM busybox:latest\nCOPY www /www\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        ),
+    ]);
+    let daemon = GitDaemon::start(&origin);
+    (origin, daemon)
+}
+
+/// The run containers of `instance` on the engine, running or not.
+fn run_containers(instance: &Instance) -> String {
+    let label = format!("label=berth.instance={}", instance.name);
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &label,
+        "--filter",
+        "label=berth.run",
+    ])
+}
+
+fn fetch(port: u16) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "-m", "3", &format!("http://127.0.0.1:{port}/")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn metric(agent: &Agent, line_start: &str) -> Option<String> {
+    let (_, metrics) = agent.api("GET", "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .map(|v| v.trim().to_string())
+}
+
+#[test]
+fn a_push_to_a_pipelines_source_builds_it_and_the_challenge_rolls_to_the_new_image() {
+    let Some(instance) = engine() else { return };
+    let (source, source_daemon) = site_source("version one\n");
+    let port = free_port();
+    let image = format!("{}-site", instance.name);
+    let config = Origin::new(&[
+        (
+            "pipelines/site.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  source: {{url: \"{url}\", ref: main}}\n  triggers: {{push: {{branches: [main]}}}}\n  image: busybox:latest\n  produces: \"{image}:{{commit}}\"\n  steps:\n    - {{name: render, run: \"mkdir -p www && cat page.txt > www/index.html && echo rendered\"}}\n",
+                url = source_daemon.url()
+            ),
+        ),
+        (
+            "challenges/web.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
+            ),
+        ),
+    ]);
+    let first = config.bare_git(&["rev-parse", "main"]);
+    let config_daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &config_daemon.url(), "");
+
+    // The first pass asks for the image; the run's end brings the challenge up on it.
+    agent.wait_for("the first build served", || fetch(port) == "version one");
+    agent.wait_for("the revision applied", || applied(&config, &first));
+
+    // A push to the source, announced by a signed webhook, queues a run of that commit.
+    let second = source.commit(&[("page.txt", Some("version two\n"))], "Two");
+    let (code, answer) = deliver(&agent, &source_daemon.url(), &second, "delivery-2");
+    assert_eq!(code, 202, "{answer}");
+    let id = queued_run(&answer, "site");
+    // The provider delivers again (a timeout on its side): nothing is built twice.
+    let (code, again) = deliver(&agent, &source_daemon.url(), &second, "delivery-2");
+    assert_eq!(code, 202, "{again}");
+    assert!(
+        again.contains(&format!("a duplicate of run {id}")),
+        "{again}"
+    );
+    agent.wait_for("the second build served", || fetch(port) == "version two");
+
+    let shown = run(&agent, id);
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    assert_eq!(shown["cause"], "push");
+    assert_eq!(shown["commit"], second.as_str());
+    assert_eq!(
+        shown["image"],
+        format!("{image}:{}", &second[..12]).as_str()
+    );
+    assert_eq!(shown["steps"][0]["exitCode"], 0, "{shown}");
+
+    // The command line shows the runs and the log.
+    let listed = berth_at(&agent, &["runs", "site"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with(&id.to_string())
+                && l.contains("succeeded")
+                && l.contains("push")),
+        "{text}"
+    );
+    let logs = berth_at(&agent, &["logs", &id.to_string()]);
+    let log = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.status.success(), "{log}");
+    assert!(log.contains("== step render\nrendered\n"), "{log}");
+    assert!(log.contains(&format!("at {second}")), "{log}");
+    let missing = berth_at(&agent, &["logs", "999999"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no run 999999"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    // Metrics count the runs, and status in git holds the run history (never the log).
+    assert_eq!(
+        metric(
+            &agent,
+            "berth_pipeline_runs_total{pipeline=\"site\",result=\"succeeded\"} "
+        )
+        .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        metric(&agent, "berth_pipeline_queue_depth ").as_deref(),
+        Some("0")
+    );
+    agent.wait_for("the run in status", || {
+        config
+            .show("berth-status:status/pipeline/site.yaml")
+            .is_some_and(|s| {
+                s.contains(&format!("commit: {second}")) && s.contains("state: succeeded")
+            })
+    });
+    let status = config
+        .show("berth-status:status/pipeline/site.yaml")
+        .unwrap();
+    assert!(
+        !status.contains("rendered"),
+        "a log line reached git:\n{status}"
+    );
+    // The push to the config repo's branch name from another repo did not start a pass of its
+    // own beyond the webhook's; the challenge runs the newest image by id.
+    let running = docker(&[
+        "ps",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        "label=berth.name=web",
+        "--format",
+        "{{.Image}}",
+    ]);
+    assert_eq!(running.lines().count(), 1, "{running}");
+}
+
+#[test]
+fn kill_9_during_a_run_then_a_restart_marks_it_interrupted_and_retries_it_once() {
+    let Some(instance) = engine() else { return };
+    let config = Origin::new(&[(
+        "pipelines/slow.yaml",
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: slow}\nspec:\n  context: pipelines\n  image: busybox:latest\n  steps:\n    - {name: wait, run: \"echo started; sleep 4; echo finished\"}\n",
+    )]);
+    let daemon = GitDaemon::start(&config);
+    let mut agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/slow/runs");
+    assert_eq!(code, 201, "{body}");
+    let id: i64 = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    agent.wait_for("the step started", || {
+        let log = std::fs::read_to_string(agent.dir.path().join(format!("state/runs/{id}.log")));
+        log.is_ok_and(|l| l.contains("started"))
+    });
+    agent.kill9();
+    let label = format!("label=berth.instance={}", instance.name);
+    let left = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &label,
+        "--filter",
+        "label=berth.run=agent",
+    ]);
+    assert_eq!(
+        left.lines().count(),
+        1,
+        "the killed agent's run container: {left}"
+    );
+
+    agent.spawn();
+    agent.wait_for("the interrupted run retried and done", || {
+        let (_, body) = agent.api("GET", "/api/v1/runs?pipeline=slow");
+        let runs: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        runs.iter()
+            .any(|r| r["retryOf"] == id && r["state"] == "succeeded")
+    });
+    let old = run(&agent, id);
+    assert_eq!(old["state"], "interrupted", "{old}");
+    let (_, body) = agent.api("GET", "/api/v1/runs?pipeline=slow");
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(runs.len(), 2, "one retry, nothing lost or doubled: {body}");
+    let retry = &runs[0];
+    assert_eq!(
+        (retry["attempt"].as_i64(), retry["cause"].as_str()),
+        (Some(2), Some("retry"))
+    );
+    let log =
+        String::from_utf8_lossy(&berth_at(&agent, &["logs", &id.to_string()]).stdout).into_owned();
+    assert!(log.contains("the agent stopped during this run"), "{log}");
+    // The killed agent's container was removed by the new one, not left to sleep out its time.
+    assert_eq!(run_containers(&instance), "", "run containers left");
+}
+
+#[test]
+fn a_newer_commit_supersedes_queued_runs_and_cancel_running_stops_the_running_one() {
+    let Some(instance) = engine() else { return };
+    let (source, source_daemon) = site_source("one\n");
+    let url = source_daemon.url();
+    let pipeline = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n  source: {{url: \"{url}\"}}\n  triggers: {{push: {{}}}}\n  image: busybox:latest\n{extra}  steps:\n    - {{name: wait, run: \"echo waiting; sleep 60\"}}\n"
+        )
+    };
+    let config = Origin::new(&[
+        ("pipelines/slow.yaml", &pipeline("slow", "")),
+        (
+            "pipelines/eager.yaml",
+            &pipeline("eager", "  cancelRunning: true\n"),
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "pipelines: {workers: 3}\n");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let running = |id: i64| {
+        agent.wait_for(&format!("run {id} running"), || {
+            state(&agent, id) == "running"
+        });
+    };
+
+    let c1 = source.commit(&[("page.txt", Some("c1\n"))], "c1");
+    let (_, answer) = deliver(&agent, &url, &c1, "d1");
+    let (slow1, eager1) = (queued_run(&answer, "slow"), queued_run(&answer, "eager"));
+    running(slow1);
+    running(eager1);
+
+    let c2 = source.commit(&[("page.txt", Some("c2\n"))], "c2");
+    let (_, answer) = deliver(&agent, &url, &c2, "d2");
+    let (slow2, eager2) = (queued_run(&answer, "slow"), queued_run(&answer, "eager"));
+    // `slow` runs one at a time: the newer commit waits. `eager` stops the older one.
+    agent.wait_for("eager's older run cancelled", || {
+        state(&agent, eager1) == "cancelled"
+    });
+    assert!(
+        run(&agent, eager1)["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("superseded by run {eager2}")),
+        "{}",
+        run(&agent, eager1)
+    );
+    running(eager2);
+    assert_eq!(state(&agent, slow2), "queued");
+
+    let c3 = source.commit(&[("page.txt", Some("c3\n"))], "c3");
+    let (_, answer) = deliver(&agent, &url, &c3, "d3");
+    let (slow3, eager3) = (queued_run(&answer, "slow"), queued_run(&answer, "eager"));
+    agent.wait_for("eager's second run cancelled", || {
+        state(&agent, eager2) == "cancelled"
+    });
+    let superseded = run(&agent, slow2);
+    assert_eq!(superseded["state"], "cancelled", "{superseded}");
+    assert!(
+        superseded["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("superseded by run {slow3}")),
+        "{superseded}"
+    );
+    assert_eq!(
+        state(&agent, slow1),
+        "running",
+        "without cancelRunning it runs on"
+    );
+
+    // A person cancels the running one; the newest commit's run takes its place.
+    let (code, body) = agent.api("POST", &format!("/api/v1/runs/{slow1}/cancel"));
+    assert_eq!(code, 202, "{body}");
+    agent.wait_for("slow's run cancelled", || {
+        state(&agent, slow1) == "cancelled"
+    });
+    running(slow3);
+    assert_eq!(run(&agent, slow3)["commit"], c3.as_str());
+    let (code, _) = agent.api("POST", &format!("/api/v1/runs/{slow1}/cancel"));
+    assert_eq!(code, 409, "an ended run cannot be cancelled again");
+
+    // Follow a running run's log from another process, then cancel it: the follower ends.
+    let token = agent.dir.path().join("api-token");
+    let follower = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["logs", &slow3.to_string(), "--follow", "--agent"])
+        .arg(format!("http://127.0.0.1:{}", agent.port))
+        .arg("--token-file")
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    agent.wait_for("the step's first line", || {
+        std::fs::read_to_string(agent.dir.path().join(format!("state/runs/{slow3}.log")))
+            .is_ok_and(|l| l.contains("waiting"))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    running(eager3);
+    for id in [slow3, eager3] {
+        let (code, body) = agent.api("POST", &format!("/api/v1/runs/{id}/cancel"));
+        assert_eq!(code, 202, "{body}");
+    }
+    let followed = follower.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&followed.stdout);
+    assert!(followed.status.success(), "{text}");
+    assert!(text.contains("waiting\n"), "{text}");
+    assert!(text.contains("== cancelled: killed"), "{text}");
+    agent.wait_for("every run ended", || {
+        [slow3, eager3]
+            .iter()
+            .all(|id| state(&agent, *id) == "cancelled")
+    });
+    agent.wait_for("no run container left", || {
+        run_containers(&instance).is_empty()
+    });
+}
