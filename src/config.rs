@@ -90,6 +90,16 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
     ("BERTH_STATE_DIR", "/stateDir", EnvType::Text),
     ("BERTH_KUBECONFIG", "/kube/kubeconfig", EnvType::Text),
     ("BERTH_KUBE_CONTEXT", "/kube/context", EnvType::Text),
+    (
+        "BERTH_PIPELINES_WORKERS",
+        "/pipelines/workers",
+        EnvType::Integer,
+    ),
+    (
+        "BERTH_PIPELINES_LOG_CAP",
+        "/pipelines/logCap",
+        EnvType::Integer,
+    ),
 ];
 
 /// How an environment variable's text becomes a setting.

@@ -41,6 +41,12 @@ pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Viol
                     format!("spec.context: {message} (without spec.source, the steps run in a folder of this repo)"),
                 ));
             }
+            if spec.source.is_none() && spec.triggers.push.is_some() {
+                found.push(violation(
+                    "/spec/triggers/push",
+                    "spec.triggers.push: a push trigger watches spec.source, and this pipeline has none (it builds a folder of this repo); use onChange: true to run it when that folder changes".to_string(),
+                ));
+            }
             if let StepImage::Build(image) = &spec.image {
                 check_build(
                     root,

@@ -67,6 +67,13 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["spec.triggers.schedule", "6 fields, expected 5"],
     ),
     (
+        "push-without-source",
+        "p.yaml",
+        7,
+        11,
+        &["spec.triggers.push", "use onChange: true"],
+    ),
+    (
         "bad-port",
         "c.yaml",
         7,
