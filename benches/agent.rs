@@ -13,11 +13,12 @@
 //! containers would measure the machine, not berth) and 10 running. Needs Docker, `busybox:latest`
 //! (`tests/testbed/busybox-image.sh`) and git. Run: `cargo bench --bench agent`.
 
-use std::io::{BufRead, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/common.rs"]
+mod common;
 
 use berth::config::{AgentConfig, Secrets};
 use berth::source::Source;
@@ -28,96 +29,11 @@ const INSTANCE: &str = "bench-agent";
 const SECRET: &str = "bench-webhook-secret";
 const TOKEN: &str = "bench-api-token";
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@example.org",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 fn challenge(i: usize, env: &str) -> String {
     let state = if i < RUNNING { "running" } else { "stopped" };
     format!(
         "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c-{i:04}}}\nspec:\n  state: {state}\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  env: {{ROUND: \"{env}\"}}\n"
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn remove_containers() {
-    let ids = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=berth.instance={INSTANCE}"),
-        ])
-        .output()
-        .unwrap();
-    let ids = String::from_utf8_lossy(&ids.stdout).into_owned();
-    let ids: Vec<&str> = ids.split_whitespace().collect();
-    for chunk in ids.chunks(200) {
-        Command::new("docker")
-            .args(["rm", "-f"])
-            .args(chunk)
-            .output()
-            .unwrap();
-    }
 }
 
 /// The agent's JSON log, read line by line as it is written.
@@ -142,15 +58,10 @@ impl Log {
 }
 
 fn main() {
-    if !Command::new("docker")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("no Docker Engine answers; this benchmark needs one");
+    if !common::engine_answers() {
         return;
     }
-    remove_containers();
+    common::remove_instance(INSTANCE);
     let work = tempfile::tempdir().unwrap();
     let served = work.path().join("served");
     let source_dir = work.path().join("source");
@@ -162,11 +73,11 @@ fn main() {
         )
         .unwrap();
     }
-    git(work.path(), &["init", "-q", "-b", "main", "source"]);
-    git(&source_dir, &["add", "-A"]);
-    git(&source_dir, &["commit", "-q", "-m", "1,000 challenges"]);
+    common::git(work.path(), &["init", "-q", "-b", "main", "source"]);
+    common::git(&source_dir, &["add", "-A"]);
+    common::git(&source_dir, &["commit", "-q", "-m", "1,000 challenges"]);
     std::fs::create_dir_all(&served).unwrap();
-    git(
+    common::git(
         &served,
         &[
             "clone",
@@ -176,7 +87,7 @@ fn main() {
             "infra.git",
         ],
     );
-    git(
+    common::git(
         &source_dir,
         &[
             "remote",
@@ -186,24 +97,7 @@ fn main() {
         ],
     );
 
-    let exec_path = PathBuf::from(git(work.path(), &["--exec-path"]));
-    let daemon_port = free_port();
-    let mut daemon = Command::new(exec_path.join("git-daemon"))
-        .args([
-            "--reuseaddr",
-            "--export-all",
-            "--enable=receive-pack",
-            "--listen=127.0.0.1",
-        ])
-        .arg(format!("--port={daemon_port}"))
-        .arg(format!("--base-path={}", served.display()))
-        .arg(&served)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while TcpStream::connect(("127.0.0.1", daemon_port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut daemon, daemon_port) = common::git_daemon(&served);
     let url = format!("git://127.0.0.1:{daemon_port}/infra.git");
     println!(
         "repo: {OBJECTS} challenges ({RUNNING} running, the rest stopped), served by git daemon on loopback\n"
@@ -229,23 +123,23 @@ fn main() {
             started.elapsed().as_secs_f64() * 1000.0
         })
         .collect();
-    git(work.path(), &["clone", "-q", &url, "cli-clone"]);
+    common::git(work.path(), &["clone", "-q", &url, "cli-clone"]);
     let cli_clone = work.path().join("cli-clone");
     let cli_fetch: Vec<f64> = (0..20)
         .map(|_| {
             let started = Instant::now();
-            git(&cli_clone, &["fetch", "-q", "origin"]);
+            common::git(&cli_clone, &["fetch", "-q", "origin"]);
             started.elapsed().as_secs_f64() * 1000.0
         })
         .collect();
     println!("fetch, nothing new (median of 20)");
     println!(
         "  berth (git2, + content id) {:>8.1} ms",
-        median(berth_fetch.clone())
+        common::median(berth_fetch.clone())
     );
     println!(
         "  git fetch (CLI)            {:>8.1} ms",
-        median(cli_fetch.clone())
+        common::median(cli_fetch.clone())
     );
 
     // The agent.
@@ -253,7 +147,7 @@ fn main() {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("secret"), SECRET).unwrap();
     std::fs::write(state.join("token"), TOKEN).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let agent_config = state.join("agent.yaml");
     std::fs::write(
         &agent_config,
@@ -292,21 +186,22 @@ fn main() {
     );
 
     std::thread::sleep(Duration::from_secs(3));
-    let idle = rss_kib(pid, "VmRSS:");
-    let idle_anonymous = rss_kib(pid, "RssAnon:");
+    let idle = common::rss_kib(pid, "VmRSS:");
+    let idle_anonymous = common::rss_kib(pid, "RssAnon:");
 
     // No-op passes (drift checking on: fetch, compare, one engine list call).
     let auth = format!("Bearer {TOKEN}");
     let mut noop = Vec::new();
     for _ in 0..15 {
         assert_eq!(
-            http(
+            common::http(
                 port,
                 "POST",
                 "/api/v1/reconcile",
                 &[("Authorization", &auth)],
                 b""
-            ),
+            )
+            .0,
             202
         );
         let done = log.until("pass done");
@@ -329,7 +224,7 @@ fn main() {
         }
         times
     });
-    let (noop, list) = (median(noop), median(list));
+    let (noop, list) = (common::median(noop), common::median(list));
     println!(
         "\nno-op pass, drift check on (median of 15): {noop:.0} ms; engine list call alone {list:.1} ms; berth's part {:.1} ms",
         noop - list
@@ -337,12 +232,12 @@ fn main() {
 
     // One file changes; a signed webhook announces it.
     std::fs::write(source_dir.join("challenges/c-0000.yaml"), challenge(0, "2")).unwrap();
-    git(
+    common::git(
         &source_dir,
         &["commit", "-q", "-am", "Change one challenge"],
     );
-    git(&source_dir, &["push", "-q", "served", "main"]);
-    let commit = git(&source_dir, &["rev-parse", "HEAD"]);
+    common::git(&source_dir, &["push", "-q", "served", "main"]);
+    let commit = common::git(&source_dir, &["rev-parse", "HEAD"]);
     let old = runtime.block_on(running_id("c-0000"));
     let body =
         format!(r#"{{"ref":"refs/heads/main","after":"{commit}","pusher":{{"name":"bench"}}}}"#);
@@ -351,7 +246,7 @@ fn main() {
         berth::webhook::sign(SECRET.as_bytes(), body.as_bytes())
     );
     let sent = Instant::now();
-    let code = http(
+    let code = common::http(
         port,
         "POST",
         "/hooks/github",
@@ -360,7 +255,8 @@ fn main() {
             ("X-Hub-Signature-256", &signature),
         ],
         body.as_bytes(),
-    );
+    )
+    .0;
     assert_eq!(code, 202);
     let replaced = runtime.block_on(async {
         loop {
@@ -378,7 +274,7 @@ fn main() {
         changed["took_ms"]
     );
     let _ = (head, &daemon);
-    let peak = rss_kib(pid, "VmHWM:");
+    let peak = common::rss_kib(pid, "VmHWM:");
     println!(
         "\nagent RSS: idle {:.1} MiB (anonymous memory {:.1} MiB; the rest is the mapped binary), peak {:.1} MiB",
         idle as f64 / 1024.0,
@@ -390,7 +286,7 @@ fn main() {
     let _ = agent.wait();
     let _ = daemon.kill();
     let _ = daemon.wait();
-    remove_containers();
+    common::remove_instance(INSTANCE);
 }
 
 /// The id of the running container of challenge `name`, if one runs.

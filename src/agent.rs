@@ -245,6 +245,7 @@ pub async fn run(
     }
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    agent.pipelines.shutdown().await;
     agent.publish().await;
     if let Some(server) = server {
         let _ = server.await;

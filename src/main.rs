@@ -274,6 +274,7 @@ enum ProblemFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    berth::source::set_network_timeouts();
     match cli.command {
         Command::Validate { dir, format, load } => validate(&dir, format, &load.options()),
         Command::Plan {
@@ -719,6 +720,7 @@ async fn run_pipeline(
                 runner: Runner::Foreground,
                 spec_hash: String::new(),
                 cancel: None,
+                owner: None,
             },
         )
         .await;
@@ -801,7 +803,7 @@ async fn list_runs(
             run.state.as_str(),
             run.pipeline,
             run.cause.as_str(),
-            &commit[..commit.len().min(12)],
+            berth::queue::short(commit),
             took
         );
     }

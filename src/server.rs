@@ -35,7 +35,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::{AgentConfig, Secret};
 use crate::metrics::Metrics;
 use crate::queue::store::Enqueued;
-use crate::queue::workers::{ManualError, Pipelines};
+use crate::queue::workers::{Follow, ManualError, Pipelines};
 use crate::status::StatusSet;
 use crate::triggers::{Trigger, TriggerSender};
 use crate::webhook::{self, Delivery, Provider, Refusal, SignatureCheck};
@@ -517,6 +517,9 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
                     Enqueued::Duplicate(id) => {
                         format!("Pipeline/{pipeline}: a duplicate of run {id}; not queued\n")
                     }
+                    Enqueued::Full => {
+                        format!("Pipeline/{pipeline}: not queued, as many runs wait as it may\n")
+                    }
                 });
             }
             answer("accepted", (StatusCode::ACCEPTED, message).into_response())
@@ -599,27 +602,51 @@ async fn run_logs(
     }
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     let follow = query.get("follow").is_none_or(|f| f != "false");
-    if follow && let Some((so_far, receiver)) = pipelines.follow(id) {
-        use tokio::sync::broadcast::error::RecvError;
-        let rest = futures_util::stream::unfold(receiver, |mut receiver| async move {
-            let piece = match receiver.recv().await {
-                Ok(piece) => piece,
-                Err(RecvError::Lagged(missed)) => format!(
-                    "\n[berth: {missed} pieces of output skipped here: this reader was too slow]\n"
+    if follow {
+        match pipelines.follow(id) {
+            Follow::Running(following) => {
+                return (text, Body::from_stream(follow_stream(following))).into_response();
+            }
+            Follow::Ended => {}
+            Follow::Busy => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "5")],
+                    format!(
+                        "{} clients follow run logs already; retry later, or ask with follow=false\n",
+                        crate::queue::workers::MAX_FOLLOWERS
+                    ),
                 )
-                .into_bytes(),
-                Err(RecvError::Closed) => return None,
-            };
-            Some((Ok::<_, std::convert::Infallible>(piece), receiver))
-        });
-        let stream = futures_util::stream::once(async move { Ok(so_far) }).chain(rest);
-        return (text, Body::from_stream(stream)).into_response();
+                    .into_response();
+            }
+        }
     }
     match std::fs::read(pipelines.log_path(id)) {
         Ok(log) => (text, log).into_response(),
         // Queued, or ended before it wrote anything.
         Err(_) => (text, Vec::new()).into_response(),
     }
+}
+
+/// A followed log as a body: what was written, then each piece as it comes, until the run ends;
+/// the follower's slot is held until then.
+fn follow_stream(
+    following: crate::queue::workers::Following,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::convert::Infallible>> {
+    use tokio::sync::broadcast::error::RecvError;
+    let crate::queue::workers::Following { so_far, rest, slot } = following;
+    let rest = futures_util::stream::unfold((rest, slot), |(mut rest, slot)| async move {
+        let piece = match rest.recv().await {
+            Ok(piece) => piece,
+            Err(RecvError::Lagged(missed)) => format!(
+                "\n[berth: {missed} pieces of output skipped here: this reader was too slow]\n"
+            )
+            .into_bytes(),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(piece), (rest, slot)))
+    });
+    futures_util::stream::once(async move { Ok(so_far) }).chain(rest)
 }
 
 /// `POST /api/v1/runs/{id}/cancel`.
@@ -646,10 +673,17 @@ async fn start_run(
     let commit = match body.iter().all(u8::is_ascii_whitespace) {
         true => None,
         false => match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(value) => value
-                .get("commit")
-                .and_then(|c| c.as_str())
-                .map(String::from),
+            Ok(value) => match value.get("commit") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(commit)) => Some(commit.clone()),
+                Some(_) => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        "commit: give a commit, branch or tag as a string\n",
+                    )
+                        .into_response();
+                }
+            },
             Err(error) => {
                 return (
                     StatusCode::BAD_REQUEST,
@@ -664,6 +698,15 @@ async fn start_run(
         Err(ManualError::Undeclared(_)) => (
             StatusCode::NOT_FOUND,
             format!("no Pipeline {name} in the applied revision\n"),
+        )
+            .into_response(),
+        Err(refusal @ ManualError::BadRevision) => {
+            (StatusCode::BAD_REQUEST, format!("{refusal}\n")).into_response()
+        }
+        Err(refusal @ ManualError::Full(_)) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "60")],
+            format!("{refusal}\n"),
         )
             .into_response(),
         Err(error) => store_failed(error),

@@ -648,11 +648,30 @@ pub fn redact(url: &str) -> String {
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:<secret>@{host}/{path}")
-        }
+        // A token is often given as the user name (`https://ghp_…@host/`): none of it is shown.
+        Some((_, host)) => format!("{scheme}://<secret>@{host}/{path}"),
         None => url.to_string(),
+    }
+}
+
+/// How long libgit2 waits to connect to a git server, and for each read or write after.
+pub const CONNECT_TIMEOUT_MS: i32 = 15_000;
+/// See [`CONNECT_TIMEOUT_MS`]: a server that accepts and never answers is given up after this.
+pub const SERVER_TIMEOUT_MS: i32 = 60_000;
+
+/// Bounds every git network operation of this process (the config repo's fetch and push,
+/// pipeline sources' clones): without it a server that accepts a connection and never answers
+/// holds a fetch, and the agent's loop, for ever. Call once at start, before any git work.
+pub fn set_network_timeouts() {
+    // SAFETY: libgit2's global options are not synchronized; this runs in `main` before any
+    // thread that uses libgit2 exists.
+    #[allow(unsafe_code)]
+    let set = unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS)
+            .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(SERVER_TIMEOUT_MS))
+    };
+    if let Err(error) = set {
+        tracing::warn!(%error, "cannot bound git's network timeouts");
     }
 }
 
@@ -664,7 +683,12 @@ mod tests {
     fn credentials_in_urls_are_redacted() {
         assert_eq!(
             redact("https://bot:s3cret@git.example.org/ops/infra.git"),
-            "https://bot:<secret>@git.example.org/ops/infra.git"
+            "https://<secret>@git.example.org/ops/infra.git"
+        );
+        // A token given as the user name.
+        assert_eq!(
+            redact("http://ghp_TOKENabc123@127.0.0.1:1/x.git"),
+            "http://<secret>@127.0.0.1:1/x.git"
         );
         assert_eq!(redact("git@host:ops/infra.git"), "git@host:ops/infra.git");
         assert_eq!(redact("https://host/x.git"), "https://host/x.git");
@@ -757,7 +781,11 @@ pub fn pipeline_workspace(
                 .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
             let shown = redact(&source.url);
             let mut builder = git2::build::RepoBuilder::new();
-            if let Some(credentials) = credentials {
+            // The config repo's credentials go to its own server only: a descriptor must not be
+            // able to send them anywhere else.
+            if let Some(credentials) =
+                credentials.filter(|c| crate::queue::same_server(&c.url, &source.url))
+            {
                 let mut options = git2::FetchOptions::new();
                 options.remote_callbacks(credentials.callbacks());
                 builder.fetch_options(options);

@@ -192,6 +192,8 @@ pub struct PushEvent {
     pub repository_urls: Vec<String>,
     /// The provider's id of this delivery (a redelivery keeps it), prefixed with the provider.
     pub delivery: Option<String>,
+    /// The push deleted the branch: nothing to build.
+    pub deleted: bool,
 }
 
 /// Where each provider's payload names the repository.
@@ -259,6 +261,8 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
     let Some(branch) = reference.strip_prefix("refs/heads/") else {
         return Ok(Delivery::Ignored(format!("{reference} is not a branch")));
     };
+    let deleted = payload.pointer("/deleted").and_then(Value::as_bool) == Some(true)
+        || text("/after").is_some_and(|after| after.chars().all(|c| c == '0'));
     let commit = match provider {
         Provider::GitLab => text("/checkout_sha").or_else(|| text("/after")),
         _ => text("/after").or_else(|| text("/commit")),
@@ -283,6 +287,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
         pusher,
         repository_urls,
         delivery,
+        deleted,
     }))
 }
 

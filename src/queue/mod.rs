@@ -198,6 +198,9 @@ pub enum Admission {
         /// The run that already serves it.
         of: i64,
     },
+    /// The pipeline already has [`MAX_QUEUED`] runs waiting: refused, so a flood of pushes
+    /// cannot fill the disk or slow every enqueue.
+    Full,
     /// Queued; these queued runs are superseded by it, and these running ones are to be
     /// cancelled (`cancelRunning: true`).
     Admitted {
@@ -208,14 +211,37 @@ pub enum Admission {
     },
 }
 
+/// Most runs of one pipeline waiting for a worker.
+pub const MAX_QUEUED: usize = 50;
+
+/// Whether `text` can name a commit, branch or tag to build: what webhooks and the API pass on
+/// is checked before it reaches git, the store or a log line.
+pub fn valid_revision(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 200
+        && !text.starts_with('-')
+        && !text.contains("..")
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./+@".contains(&b))
+}
+
+/// The first 12 characters of a commit, for messages.
+pub fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
 /// Decides whether `new` is admitted, given the runs of its pipeline already in the store
 /// (`others`); `cancel_running` is the pipeline's `cancelRunning`.
 ///
 /// - A delivery seen before is a duplicate (providers redeliver on timeouts).
 /// - A push of a commit already queued, running or built (succeeded or failed) is a duplicate:
 ///   only a person (a manual run) builds the same commit again.
-/// - A push supersedes the queued pushes of older commits to the same branch; a change supersedes
+/// - A push that names no commit (its branch's tip is built) while one such push of the branch
+///   waits, or a schedule while a scheduled run waits, is a duplicate of the waiting one.
+/// - A push supersedes the queued pushes of other commits to the same branch; a change supersedes
 ///   queued changes of another spec. With `cancel_running`, running ones too.
+/// - At most [`MAX_QUEUED`] runs of a pipeline wait.
 pub fn admit(new: &NewRun, others: &[Run], cancel_running: bool) -> Admission {
     if let Some(delivery) = &new.delivery
         && let Some(seen) = others
@@ -233,13 +259,31 @@ pub fn admit(new: &NewRun, others: &[Run], cancel_running: bool) -> Admission {
     {
         return Admission::Duplicate { of: built.id };
     }
+    let waiting_alike = others.iter().find(|r| {
+        r.state == RunState::Queued
+            && r.cause == new.cause
+            && match new.cause {
+                Cause::Push => new.commit.is_none() && r.commit.is_none() && r.branch == new.branch,
+                Cause::Schedule => true,
+                _ => false,
+            }
+    });
+    if let Some(waiting) = waiting_alike {
+        return Admission::Duplicate { of: waiting.id };
+    }
+    let same_commit = |run: &Run| run.commit.is_some() && run.commit == new.commit;
     let supersedes = |run: &Run| match new.cause {
-        Cause::Push => {
-            run.cause == Cause::Push && run.branch == new.branch && run.commit != new.commit
-        }
+        Cause::Push => run.cause == Cause::Push && run.branch == new.branch && !same_commit(run),
         Cause::Change => run.cause == Cause::Change && run.spec_hash != new.spec_hash,
         _ => false,
     };
+    let queued = others
+        .iter()
+        .filter(|r| r.state == RunState::Queued && !supersedes(r))
+        .count();
+    if queued >= MAX_QUEUED {
+        return Admission::Full;
+    }
     let mut superseded = Vec::new();
     let mut running = Vec::new();
     for run in others.iter().filter(|r| supersedes(r)) {
@@ -306,6 +350,17 @@ pub fn next_to_start<'a>(
 /// an SSH one does.
 pub fn same_repository(a: &str, b: &str) -> bool {
     let (a, b) = (repository_identity(a), repository_identity(b));
+    !a.is_empty() && a == b
+}
+
+/// Whether two clone URLs name one server (host and, but for SSH, port): the config repo's
+/// credentials are offered to a pipeline source on the same server only.
+pub fn same_server(a: &str, b: &str) -> bool {
+    let server = |url: &str| {
+        let identity = repository_identity(url);
+        identity.split('/').next().unwrap_or_default().to_string()
+    };
+    let (a, b) = (server(a), server(b));
     !a.is_empty() && a == b
 }
 
@@ -461,6 +516,74 @@ pub(crate) mod tests {
         );
     }
 
+    /// Hostile findings: scheduled runs piled up behind a long run, one a minute; pushes that
+    /// named no commit were built once each; a flood of pushes to new branches filled the queue.
+    #[test]
+    fn schedules_and_pushes_without_a_commit_wait_once_and_the_queue_is_bounded() {
+        let mut scheduled = run(1, RunState::Queued, "c");
+        scheduled.cause = Cause::Schedule;
+        let tick = NewRun {
+            cause: Cause::Schedule,
+            commit: None,
+            ..push("c", None)
+        };
+        assert_eq!(
+            admit(&tick, &[scheduled], false),
+            Admission::Duplicate { of: 1 }
+        );
+        let mut tip = run(2, RunState::Queued, "c");
+        tip.commit = None;
+        let another_tip = NewRun {
+            commit: None,
+            ..push("c", Some("d-9"))
+        };
+        assert_eq!(
+            admit(&another_tip, &[tip.clone()], false),
+            Admission::Duplicate { of: 2 }
+        );
+        // A push that names its commit supersedes the one that did not.
+        assert_eq!(
+            admit(&push("c7", None), &[tip], false),
+            Admission::Admitted {
+                superseded: vec![2],
+                cancel_running: vec![]
+            }
+        );
+        let many: Vec<Run> = (0..MAX_QUEUED as i64)
+            .map(|i| {
+                let mut r = run(i, RunState::Queued, &format!("c{i}"));
+                r.branch = Some(format!("b{i}"));
+                r
+            })
+            .collect();
+        assert_eq!(admit(&push("new", None), &many, false), Admission::Full);
+    }
+
+    #[test]
+    fn only_plain_revisions_reach_git() {
+        for good in [
+            "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+            "main",
+            "release/1.2",
+            "v1.0+build",
+        ] {
+            assert!(valid_revision(good), "{good}");
+        }
+        for bad in [
+            "",
+            "aéééééé",
+            "-upload-pack=x",
+            "a b",
+            "a..b",
+            &"x".repeat(201),
+            "a\nb",
+        ] {
+            assert!(!valid_revision(bad), "{bad}");
+        }
+        assert_eq!(short("aé"), "aé");
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+    }
+
     #[test]
     fn a_change_supersedes_queued_changes_of_another_spec() {
         let mut old = run(1, RunState::Queued, "c1");
@@ -527,6 +650,13 @@ pub(crate) mod tests {
             "http://127.0.0.1:8002/app.git"
         ));
         assert!(!same_repository("", ""));
+        assert!(same_server(forms[0], "git@git.example.org:other/repo"));
+        assert!(!same_server(forms[0], "https://evil.example.org/ctf/app"));
+        assert!(!same_server(
+            "http://127.0.0.1:8001/app.git",
+            "http://127.0.0.1:8002/app.git"
+        ));
+        assert!(!same_server("file:///srv/a.git", "file:///srv/b.git"));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum Enqueued {
     },
     /// Already served by this run.
     Duplicate(i64),
+    /// Refused: the pipeline has [`super::MAX_QUEUED`] runs waiting.
+    Full,
 }
 
 /// What the agent found when it started: runs interrupted by its stop, and their retries.
@@ -81,7 +83,8 @@ CREATE TABLE IF NOT EXISTS runs (
     duration_ms INTEGER,
     message TEXT,
     image TEXT,
-    steps TEXT NOT NULL DEFAULT '[]'
+    steps TEXT NOT NULL DEFAULT '[]',
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_pipeline ON runs (pipeline, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, id);
@@ -125,6 +128,26 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
         image: row.get(15)?,
         steps: serde_json::from_str(&steps).unwrap_or_default(),
     })
+}
+
+/// Deletes the finished runs (of one pipeline, or of each) beyond the newest [`KEEP_FINISHED`].
+fn forget_old(
+    transaction: &rusqlite::Transaction<'_>,
+    pipeline: Option<&str>,
+) -> rusqlite::Result<Vec<i64>> {
+    let forgotten: Vec<i64> = {
+        let mut query = transaction.prepare(
+            "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY pipeline ORDER BY id DESC) AS newer \
+             FROM runs WHERE state NOT IN ('queued', 'running') AND (?2 IS NULL OR pipeline = ?2)) WHERE newer > ?1",
+        )?;
+        query
+            .query_map(params![KEEP_FINISHED as i64, pipeline], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for id in &forgotten {
+        transaction.execute("DELETE FROM runs WHERE id = ?1", [id])?;
+    }
+    Ok(forgotten)
 }
 
 impl RunStore {
@@ -175,6 +198,7 @@ impl RunStore {
             };
             let (superseded, cancel_running) = match admit(new, &others, cancel_running) {
                 Admission::Duplicate { of } => return Ok(Enqueued::Duplicate(of)),
+                Admission::Full => return Ok(Enqueued::Full),
                 Admission::Admitted {
                     superseded,
                     cancel_running,
@@ -195,7 +219,7 @@ impl RunStore {
             )?;
             let id = transaction.last_insert_rowid();
             let why = match &new.commit {
-                Some(commit) => format!("superseded by run {id} (commit {})", &commit[..commit.len().min(12)]),
+                Some(commit) => format!("superseded by run {id} (commit {})", super::short(commit)),
                 None => format!("superseded by run {id}"),
             };
             for old in &superseded {
@@ -295,8 +319,9 @@ impl RunStore {
         })
     }
 
-    /// Cancels a queued run at once; returns the run's state before (a running run is for its
-    /// worker to stop), or `None` when there is no such run.
+    /// Cancels a queued run at once; a running one is marked so that its worker (or, should the
+    /// agent stop first, the next agent) ends it as cancelled. Returns the run's state before, or
+    /// `None` when there is no such run.
     pub fn cancel(&self, id: i64, why: &str) -> Result<Option<RunState>, StoreError> {
         self.with(|connection| {
             let state: Option<String> = connection
@@ -305,13 +330,32 @@ impl RunStore {
             let Some(state) = state.as_deref().and_then(RunState::from_name) else {
                 return Ok(None);
             };
-            if state == RunState::Queued {
-                connection.execute(
+            match state {
+                RunState::Queued => connection.execute(
                     "UPDATE runs SET state = 'cancelled', finished_at = ?2, message = ?3 WHERE id = ?1 AND state = 'queued'",
                     params![id, now(), why],
-                )?;
-            }
+                )?,
+                RunState::Running => connection.execute(
+                    "UPDATE runs SET cancel_requested = 1 WHERE id = ?1",
+                    [id],
+                )?,
+                _ => 0,
+            };
             Ok(Some(state))
+        })
+    }
+
+    /// Whether someone asked to cancel run `id` while it was running.
+    pub fn cancel_requested(&self, id: i64) -> Result<bool, StoreError> {
+        self.with(|connection| {
+            connection
+                .query_row(
+                    "SELECT cancel_requested FROM runs WHERE id = ?1",
+                    [id],
+                    |row| row.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|flag| flag == Some(1))
         })
     }
 
@@ -339,6 +383,12 @@ impl RunStore {
     pub fn recover(&self) -> Result<Recovered, StoreError> {
         self.with(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // A run someone cancelled is not brought back by a stop.
+            transaction.execute(
+                "UPDATE runs SET state = 'cancelled', finished_at = ?1, message = 'cancelled by a person; the agent stopped before the run ended' \
+                 WHERE state = 'running' AND cancel_requested = 1",
+                [now()],
+            )?;
             let running: Vec<Run> = {
                 let mut query = transaction.prepare(&format!(
                     "SELECT {COLUMNS} FROM runs WHERE state = 'running' ORDER BY id"
@@ -369,21 +419,21 @@ impl RunStore {
                 };
                 recovered.interrupted.push((run.id, retry));
             }
-            let forgotten: Vec<i64> = {
-                let mut query = transaction.prepare(
-                    "SELECT id FROM (SELECT id, state, ROW_NUMBER() OVER (PARTITION BY pipeline ORDER BY id DESC) AS newer \
-                     FROM runs WHERE state NOT IN ('queued', 'running')) WHERE newer > ?1",
-                )?;
-                query
-                    .query_map([KEEP_FINISHED as i64], |row| row.get(0))?
-                    .collect::<rusqlite::Result<_>>()?
-            };
-            for id in &forgotten {
-                transaction.execute("DELETE FROM runs WHERE id = ?1", [id])?;
-            }
-            recovered.forgotten = forgotten;
+            recovered.forgotten = forget_old(&transaction, None)?;
             transaction.commit()?;
             Ok(recovered)
+        })
+    }
+
+    /// Forgets the finished runs of `pipeline` beyond the newest [`KEEP_FINISHED`]; returns
+    /// their ids, whose logs can go too.
+    pub fn forget_old(&self, pipeline: &str) -> Result<Vec<i64>, StoreError> {
+        self.with(|connection| {
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let forgotten = forget_old(&transaction, Some(pipeline))?;
+            transaction.commit()?;
+            Ok(forgotten)
         })
     }
 

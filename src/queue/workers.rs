@@ -35,6 +35,13 @@ use crate::webhook::PushEvent;
 /// How many runs of each pipeline status shows.
 pub const HISTORY: usize = 5;
 
+/// Most clients following run logs at once: each holds a connection, and a follower that never
+/// reads must not take every connection the server allows.
+pub const MAX_FOLLOWERS: usize = 16;
+
+/// Pieces of output a slow follower may fall behind by before it is told some were skipped.
+const FOLLOW_BACKLOG: usize = 64;
+
 /// A Pipeline of the applied revision, as its runs need it.
 #[derive(Debug, Clone)]
 struct Declared {
@@ -112,6 +119,12 @@ struct Inner {
     wake: Notify,
     live: Mutex<HashMap<i64, Live>>,
     docker: tokio::sync::Mutex<Option<DockerBackend>>,
+    /// This agent's mark on its run containers: its host and state folder.
+    owner: String,
+    /// Set when the agent stops: runs still going are left `running` in the store, for the next
+    /// agent to mark interrupted and retry, rather than recorded as failed by their killed steps.
+    stopping: std::sync::atomic::AtomicBool,
+    followers: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Pipelines {
@@ -129,6 +142,12 @@ pub enum ManualError {
     /// No such pipeline in the applied revision.
     #[error("no Pipeline {0} in the applied revision")]
     Undeclared(String),
+    /// The commit is not a plain revision.
+    #[error("commit: not a commit, branch or tag name (letters, digits and -_./+@ only)")]
+    BadRevision,
+    /// The pipeline has as many runs waiting as it may.
+    #[error("Pipeline/{0} already has {max} runs waiting; try again when some have run", max = super::MAX_QUEUED)]
+    Full(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -161,6 +180,16 @@ impl Pipelines {
     pub fn open(setup: Setup<'_>) -> Result<Pipelines, StoreError> {
         let store = RunStore::open(&setup.state_dir.join("runs.db"))?;
         let logs = setup.state_dir.join("runs");
+        let owner = {
+            use sha2::Digest as _;
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let folder = setup
+                .state_dir
+                .canonicalize()
+                .unwrap_or_else(|_| setup.state_dir.to_path_buf());
+            let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), folder.display()));
+            hex::encode(&digest[..8])
+        };
         if let Err(error) = std::fs::create_dir_all(&logs) {
             tracing::warn!(%error, folder = %logs.display(), "cannot make the run log folder; runs will have no log files");
         }
@@ -180,6 +209,9 @@ impl Pipelines {
                 wake: Notify::new(),
                 live: Mutex::default(),
                 docker: tokio::sync::Mutex::new(None),
+                owner,
+                stopping: std::sync::atomic::AtomicBool::new(false),
+                followers: Arc::new(tokio::sync::Semaphore::new(MAX_FOLLOWERS)),
             }),
         })
     }
@@ -220,7 +252,7 @@ impl Pipelines {
             Err(error) => tracing::error!(%error, "cannot recover the run queue"),
         }
         if let Ok(docker) = self.docker().await {
-            let removed = docker.remove_runs_of(Runner::Agent).await;
+            let removed = docker.remove_runs_of(&self.inner.owner).await;
             if removed > 0 {
                 tracing::info!(
                     removed,
@@ -230,6 +262,26 @@ impl Pipelines {
         }
         tokio::spawn(self.clone().dispatch());
         tokio::spawn(self.clone().schedule());
+    }
+
+    /// Stops with the agent: runs still going are killed and left `running` in the store, so the
+    /// next agent marks them interrupted and retries them, as after a `kill -9`.
+    pub async fn shutdown(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let running = self.inner.live.lock().expect("lock").len();
+        if running == 0 {
+            return;
+        }
+        if let Ok(docker) = self.docker().await {
+            let removed = docker.remove_runs_of(&self.inner.owner).await;
+            tracing::info!(
+                runs = running,
+                removed,
+                "stopping: runs in progress were stopped; the next start retries them"
+            );
+        }
     }
 
     /// Takes the Pipelines of a newly applied revision: queued runs of pipelines no longer
@@ -311,6 +363,11 @@ impl Pipelines {
             Enqueued::Duplicate(of) => {
                 tracing::info!(pipeline = new.pipeline, duplicate_of = of, delivery = ?new.delivery, "run not queued: a duplicate")
             }
+            Enqueued::Full => tracing::warn!(
+                pipeline = new.pipeline,
+                cause = new.cause.as_str(),
+                "run not queued: the pipeline has as many runs waiting as it may"
+            ),
         }
         self.inner
             .metrics
@@ -323,6 +380,16 @@ impl Pipelines {
     pub fn on_push(&self, push: &PushEvent) -> Vec<(String, Enqueued)> {
         let declaration = self.declaration();
         let mut queued = Vec::new();
+        // A deleted branch has nothing to build; a commit that is no plain revision is not
+        // passed on to git.
+        if push.deleted
+            || push
+                .commit
+                .as_deref()
+                .is_some_and(|c| !super::valid_revision(c))
+        {
+            return queued;
+        }
         for (name, declared) in &declaration.pipelines {
             let spec = &declared.spec;
             let (Some(source), Some(trigger)) = (&spec.source, &spec.triggers.push) else {
@@ -357,6 +424,9 @@ impl Pipelines {
         let Some(declared) = declaration.pipelines.get(pipeline) else {
             return Err(ManualError::Undeclared(pipeline.to_string()));
         };
+        if commit.as_deref().is_some_and(|c| !super::valid_revision(c)) {
+            return Err(ManualError::BadRevision);
+        }
         let new = NewRun {
             pipeline: pipeline.to_string(),
             cause: Cause::Manual,
@@ -367,6 +437,7 @@ impl Pipelines {
         };
         match self.enqueue(new)? {
             Enqueued::Queued { id, .. } | Enqueued::Duplicate(id) => Ok(id),
+            Enqueued::Full => Err(ManualError::Full(pipeline.to_string())),
         }
     }
 
@@ -391,12 +462,28 @@ impl Pipelines {
     }
 
     /// For a running run: its log so far and what is written from now on, with nothing lost or
-    /// repeated between the two. `None` once it ended (its log file is whole then).
-    pub fn follow(&self, id: i64) -> Option<(Vec<u8>, broadcast::Receiver<Vec<u8>>)> {
-        let log = Arc::clone(&self.inner.live.lock().expect("lock").get(&id)?.log);
+    /// repeated between the two, and a follower's slot to hold while following.
+    pub fn follow(&self, id: i64) -> Follow {
+        let Some(log) = self
+            .inner
+            .live
+            .lock()
+            .expect("lock")
+            .get(&id)
+            .map(|live| Arc::clone(&live.log))
+        else {
+            return Follow::Ended;
+        };
+        let Ok(slot) = Arc::clone(&self.inner.followers).try_acquire_owned() else {
+            return Follow::Busy;
+        };
         let log = log.lock().expect("lock");
         let so_far = std::fs::read(self.log_path(id)).unwrap_or_default();
-        Some((so_far, log.followers.subscribe()))
+        Follow::Running(Following {
+            so_far,
+            rest: log.followers.subscribe(),
+            slot,
+        })
     }
 
     /// The newest runs of each declared pipeline, for status.
@@ -443,7 +530,10 @@ impl Pipelines {
                         .start_next(self.inner.config.workers, concurrency)
                     {
                         Ok(Some(run)) => {
-                            tokio::spawn(self.clone().carry_out(run));
+                            // Known as live before its task starts, so a cancel that comes at
+                            // once reaches it.
+                            let live = self.register(run.id);
+                            tokio::spawn(self.clone().carry_out(run, live));
                         }
                         Ok(None) => break,
                         Err(error) => {
@@ -495,41 +585,66 @@ impl Pipelines {
         }
     }
 
-    /// Carries out a run the store marked running, records how it ended, and asks for a pass.
-    async fn carry_out(self, run: Run) {
-        let started = Instant::now();
+    /// Makes run `id` live: its cancel switch and its log file, opened for appending.
+    fn register(&self, id: i64) -> Registered {
         let (cancel, cancelled) = watch::channel(false);
         let reason = Arc::new(Mutex::new(None));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path(run.id))
-            .map_err(
-                |error| tracing::warn!(%error, run = run.id, "cannot write the run's log file"),
-            )
+            .open(self.log_path(id))
+            .map_err(|error| tracing::warn!(%error, run = id, "cannot write the run's log file"))
             .ok();
         let log = Arc::new(Mutex::new(LiveLog {
             file,
             written: 0,
             cap: self.inner.config.log_cap,
-            followers: broadcast::channel(1024).0,
+            followers: broadcast::channel(FOLLOW_BACKLOG).0,
         }));
         self.inner.live.lock().expect("lock").insert(
-            run.id,
+            id,
             Live {
                 cancel,
                 reason: reason.clone(),
                 log: log.clone(),
             },
         );
+        Registered {
+            cancelled,
+            reason,
+            log,
+        }
+    }
+
+    /// Carries out a run the store marked running, records how it ended, and asks for a pass.
+    async fn carry_out(self, run: Run, live: Registered) {
+        let started = Instant::now();
+        let Registered {
+            cancelled,
+            reason,
+            log,
+        } = live;
         tracing::info!(
             run = run.id,
             pipeline = run.pipeline,
             cause = run.cause.as_str(),
             "run starts"
         );
-        let ended = self.execute(&run, cancelled, &log).await;
+        let ended = match self.inner.store.cancel_requested(run.id) {
+            Ok(true) => {
+                Ended::without_steps(RunState::Cancelled, "cancelled before it started".into())
+            }
+            _ => self.execute(&run, cancelled, &log).await,
+        };
         let took = started.elapsed();
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // The agent stops: the run stays `running` for the next agent to retry.
+            return;
+        }
         let mut message = ended.message;
         if ended.state == RunState::Cancelled
             && let Some(why) = reason.lock().expect("lock").take()
@@ -548,6 +663,14 @@ impl Pipelines {
         }
         // Followers end with the sender.
         self.inner.live.lock().expect("lock").remove(&run.id);
+        match self.inner.store.forget_old(&run.pipeline) {
+            Ok(forgotten) => {
+                for id in forgotten {
+                    let _ = std::fs::remove_file(self.log_path(id));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot forget old runs"),
+        }
         self.inner
             .metrics
             .run(&run.pipeline, ended.state.as_str(), took);
@@ -585,18 +708,40 @@ impl Pipelines {
             Some(_) => run.commit.clone().or_else(|| run.branch.clone()),
             None => None,
         };
+        // The clone counts toward the run's timeout, and a cancel stops the wait for it (a
+        // server that never answers is given up by libgit2 after its own timeout).
+        let deadline = Instant::now() + declared.spec.timeout.0;
+        let mut cancelled = cancelled;
         let prepared = {
-            let _checkout = self.inner.checkout.read().await;
+            // Only a pipeline that builds a folder of the checkout holds it still; a clone of a
+            // source must not hold back the passes.
+            let _checkout = match declared.spec.source {
+                None => Some(self.inner.checkout.read().await),
+                Some(_) => None,
+            };
             let (spec, root, credentials) = (
                 declared.spec.clone(),
                 self.inner.root.clone(),
                 self.inner.credentials.clone(),
             );
-            tokio::task::spawn_blocking(move || {
+            let preparing = tokio::task::spawn_blocking(move || {
                 RunRequest::prepare(&name, &spec, &root, wanted.as_deref(), Some(&credentials))
-            })
-            .await
-            .unwrap_or_else(|panic| Err(format!("preparing the run panicked: {panic}")))
+            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                prepared = preparing => prepared
+                    .unwrap_or_else(|panic| Err(format!("preparing the run panicked: {panic}"))),
+                () = tokio::time::sleep(left) => Err(format!(
+                    "timed out after {}s (its timeout) before its steps: the source did not arrive in time",
+                    declared.spec.timeout.0.as_secs()
+                )),
+                Ok(_) = cancelled.wait_for(|c| *c) => {
+                    return Ended::without_steps(
+                        RunState::Cancelled,
+                        "cancelled while its source was cloned".into(),
+                    );
+                }
+            }
         };
         let request = match prepared {
             Ok(request) => request,
@@ -620,6 +765,7 @@ impl Pipelines {
             runner: Runner::Agent,
             spec_hash: declared.hash.clone(),
             cancel: Some(cancelled),
+            owner: Some(self.inner.owner.clone()),
         };
         let report = docker
             .run_pipeline(
@@ -652,8 +798,9 @@ impl Pipelines {
                 RunState::Failed
             }
         };
+        // The summary only: the message goes to status in git, where a log's lines must not.
         let message = match state {
-            RunState::Failed => report.failure(&mut log),
+            RunState::Failed => format!("{}; its log: berth logs {}", report.summary(), run.id),
             _ => report.summary(),
         };
         if report.image.is_some() {
@@ -675,6 +822,34 @@ impl Pipelines {
             steps,
         }
     }
+}
+
+/// A live run's handles, for its worker.
+struct Registered {
+    cancelled: watch::Receiver<bool>,
+    reason: Arc<Mutex<Option<String>>>,
+    log: Arc<Mutex<LiveLog>>,
+}
+
+/// What following a run's log gives.
+pub enum Follow {
+    /// The run runs: follow it.
+    Running(Following),
+    /// The run ended (or never started): its log file is whole.
+    Ended,
+    /// [`MAX_FOLLOWERS`] follow already.
+    Busy,
+}
+
+/// A follower of a running run's log: what was written before it came, what comes after, and
+/// its slot among [`MAX_FOLLOWERS`], held while it follows.
+pub struct Following {
+    /// The log so far.
+    pub so_far: Vec<u8>,
+    /// Each piece written from now on; ends with the run.
+    pub rest: broadcast::Receiver<Vec<u8>>,
+    /// The follower's slot.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// How a run ended.
@@ -738,6 +913,9 @@ impl RunQueue for Pipelines {
                     Ok(Enqueued::Queued { id, .. } | Enqueued::Duplicate(id)) => {
                         Outcome::Waiting(format!("run {id} is queued to produce its image"))
                     }
+                    Ok(Enqueued::Full) => Outcome::Waiting(format!(
+                        "Pipeline/{name} has as many runs waiting as it may; its image waits for them"
+                    )),
                     Err(error) => Outcome::Transient(error.to_string()),
                 }
             }

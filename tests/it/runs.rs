@@ -3,7 +3,11 @@
 //! `berth runs` / `berth logs` commands, and the real Docker Engine running the steps; `kill -9`
 //! of the agent mid-run.
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::agent::{Agent, applied, sign};
 use crate::docker::{Instance, docker, engine, free_port};
@@ -78,6 +82,19 @@ fn site_source(page: &str) -> (Origin, GitDaemon) {
     ]);
     let daemon = GitDaemon::start(&origin);
     (origin, daemon)
+}
+
+/// The running containers of `instance`'s agents' runs.
+fn running_agent_runs(instance: &Instance) -> String {
+    let label = format!("label=berth.instance={}", instance.name);
+    docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &label,
+        "--filter",
+        "label=berth.run=agent",
+    ])
 }
 
 /// The run containers of `instance` on the engine, running or not.
@@ -247,15 +264,7 @@ fn kill_9_during_a_run_then_a_restart_marks_it_interrupted_and_retries_it_once()
         log.is_ok_and(|l| l.contains("started"))
     });
     agent.kill9();
-    let label = format!("label=berth.instance={}", instance.name);
-    let left = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &label,
-        "--filter",
-        "label=berth.run=agent",
-    ]);
+    let left = running_agent_runs(&instance);
     assert_eq!(
         left.lines().count(),
         1,
@@ -401,4 +410,261 @@ fn a_newer_commit_supersedes_queued_runs_and_cancel_running_stops_the_running_on
     agent.wait_for("no run container left", || {
         run_containers(&instance).is_empty()
     });
+}
+
+/// A pipeline named `name` building the config repo's `ctx` folder (no source).
+fn local_pipeline(name: &str, extra: &str, run: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n  context: ctx\n  image: busybox:latest\n{extra}  steps:\n    - {{name: s1, run: \"{run}\"}}\n"
+    )
+}
+
+/// A pipeline named `name` whose source is `url`.
+fn source_pipeline(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n  source: {{url: \"{url}\", ref: main}}\n  image: busybox:latest\n{extra}  steps:\n    - {{name: s1, run: \"true\"}}\n"
+    )
+}
+
+fn generic_push(agent: &Agent, body: &str, delivery: &str) -> (u16, String) {
+    let signed = crate::agent::sign(body);
+    let hex = signed.trim_start_matches("sha256=");
+    agent.request(
+        "POST",
+        "/hooks/generic",
+        &[
+            ("X-Signature", hex),
+            ("X-Delivery", delivery),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// Hostile finding: a manual run (or a generic/GitHub push) whose `commit` has a multi-byte
+/// character across byte 12 panicked the request in `RunStore::enqueue`
+/// (`&commit[..commit.len().min(12)]`, src/queue/store.rs): the client got a reset connection
+/// and the agent log a panic with a backtrace.
+#[test]
+fn a_commit_with_multibyte_characters_is_answered_without_a_panic() {
+    let Some(instance) = engine() else { return };
+    let source = Origin::new(&[("Dockerfile", "FROM busybox:latest\n")]);
+    let source_daemon = GitDaemon::start(&source);
+    let config = Origin::new(&[
+        ("ctx/f", "x\n"),
+        (
+            "pipelines/app.yaml",
+            &source_pipeline("app", &source_daemon.url(), "  triggers: {push: {}}\n"),
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let body = r#"{"commit": "aéééééé"}"#;
+    let bearer = "Bearer ".to_string()
+        + &std::fs::read_to_string(agent.dir.path().join("api-token")).unwrap();
+    let (code, answer) = agent.request(
+        "POST",
+        "/api/v1/pipelines/app/runs",
+        &[("Authorization", &bearer)],
+        body.as_bytes(),
+    );
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer.contains("not a commit, branch or tag name"),
+        "{answer}"
+    );
+    let push = format!(
+        r#"{{"branch":"main","commit":"aéééééé","repository":"{}"}}"#,
+        source_daemon.url()
+    );
+    let (code, answer) = generic_push(&agent, &push, "utf8-1");
+    assert_eq!(code, 202, "{answer}");
+    assert!(!answer.contains("queued for"), "{answer}");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
+/// Hostile finding: pushes that name no commit (the generic webhook's `commit` is optional)
+/// were neither deduplicated nor superseded (`run.commit != new.commit` is false for None vs
+/// None in `queue::admit`): five deliveries for one branch built the same tip five times.
+#[test]
+fn pushes_without_a_commit_to_one_branch_queue_one_run() {
+    let Some(instance) = engine() else { return };
+    let source = Origin::new(&[("Dockerfile", "FROM busybox:latest\n")]);
+    let source_daemon = GitDaemon::start(&source);
+    let config = Origin::new(&[(
+        "pipelines/app.yaml",
+        &source_pipeline("app", &source_daemon.url(), "  triggers: {push: {}}\n")
+            .replace("run: \"true\"", "run: \"sleep 5\""),
+    )]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let push = format!(
+        r#"{{"branch":"main","repository":"{}"}}"#,
+        source_daemon.url()
+    );
+    for n in 0..5 {
+        let (code, answer) = generic_push(&agent, &push, &format!("no-commit-{n}"));
+        assert_eq!(code, 202, "{answer}");
+    }
+    let (_, body) = agent.api("GET", "/api/v1/runs?pipeline=app");
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let live = runs
+        .iter()
+        .filter(|r| r["state"] == "queued" || r["state"] == "running")
+        .count();
+    assert!(live <= 2, "one running and at most one queued: {body}");
+}
+
+/// Hostile finding: a pipeline's source on another host was cloned with the config repo's
+/// credentials (`pipeline_workspace(.., Some(&credentials))` in src/queue/workers.rs with
+/// `Source::callbacks`, which never looks at the URL): a descriptor naming any HTTP server that
+/// answers 401 received `Authorization: Basic <repo.auth username:password>`.
+#[test]
+fn a_pipeline_source_on_another_host_never_gets_the_config_repos_password() {
+    let Some(instance) = engine() else { return };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let heard = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten().take(10) {
+            let mut stream = stream;
+            let mut buffer = [0u8; 8192];
+            let n = stream.read(&mut buffer).unwrap_or(0);
+            heard
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            let _ = stream.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let config = Origin::new(&[(
+        "pipelines/foreign.yaml",
+        &source_pipeline("foreign", &format!("http://127.0.0.1:{port}/other.git"), ""),
+    )]);
+    let daemon = GitDaemon::start(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("repo-password");
+    std::fs::write(&password, "ConfigRepoPassw0rd").unwrap();
+    let agent = Agent::start_with(
+        &instance.name,
+        &daemon.url(),
+        &format!(
+            "  auth: {{username: bot, passwordFile: {}}}\n",
+            password.display()
+        ),
+        "",
+    );
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/foreign/runs");
+    assert_eq!(code, 201, "{body}");
+    agent.wait_for("the run ended", || agent.log().contains("run ended"));
+    let leaked = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "bot:ConfigRepoPassw0rd",
+    );
+    assert!(
+        !seen.lock().unwrap().contains(&leaked),
+        "the config repo's password went to another host"
+    );
+}
+
+/// Hostile finding: a run clones its source while holding the checkout lock for reading
+/// (src/queue/workers.rs `execute`), with no timeout and no way to cancel. A source whose server
+/// accepts and never answers wedged the agent: the next pass waited for the lock for good (a new
+/// config revision never applied, /readyz still 200), `POST /runs/{id}/cancel` said 202 and
+/// changed nothing, the pipeline's `timeout` did not apply, SIGTERM did not stop the agent, and
+/// after `kill -9` the retry hung again (and the run a person cancelled was retried).
+#[test]
+fn a_source_that_never_answers_blocks_neither_passes_nor_cancel() {
+    let Some(instance) = engine() else { return };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let config = Origin::new(&[
+        ("ctx/f", "x\n"),
+        (
+            "pipelines/hang.yaml",
+            &source_pipeline(
+                "hang",
+                &format!("git://127.0.0.1:{port}/x.git"),
+                "  timeout: 10s\n",
+            ),
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/hang/runs");
+    assert_eq!(code, 201, "{body}");
+    std::thread::sleep(Duration::from_secs(2));
+    let second = config.commit(&[("ctx/g", Some("y\n"))], "two");
+    let (code, _) = agent.api("POST", "/api/v1/reconcile");
+    assert_eq!(code, 202);
+    agent.wait_for("the new revision applied despite the hanging clone", || {
+        crate::agent::applied(&config, &second)
+    });
+    // The pipeline's timeout covers the clone.
+    agent.wait_for("the hanging run timed out", || state(&agent, 1) == "failed");
+    let message = run(&agent, 1)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("timed out after 10s"), "{message}");
+    // A person's cancel stops a clone that hangs, at once.
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/hang/runs");
+    assert_eq!(code, 201, "{body}");
+    agent.wait_for("the second run cloning", || state(&agent, 2) == "running");
+    let (code, _) = agent.api("POST", "/api/v1/runs/2/cancel");
+    assert_eq!(code, 202);
+    // Before its 10 s timeout could end it as failed.
+    agent.wait_for("the cancelled run ended", || {
+        state(&agent, 2) == "cancelled"
+    });
+}
+
+/// Hostile finding: an agent starting on an instance removed every `berth.run=agent` container
+/// of the instance (`remove_runs_of(Runner::Agent)` in `Pipelines::start`), including the live
+/// runs of another agent of that instance with another stateDir; the other agent recorded its
+/// run as `failed ... exit code 137`, a pipeline failure, not retried.
+#[test]
+fn a_second_agent_of_the_instance_leaves_the_first_ones_running_runs_alone() {
+    let Some(instance) = engine() else { return };
+    let config = Origin::new(&[
+        ("ctx/f", "x\n"),
+        (
+            "pipelines/slow.yaml",
+            &local_pipeline("slow", "", "echo started; sleep 20; echo finished"),
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let first = Agent::start(&instance, &daemon.url(), "");
+    first.wait_for("the first pass", || first.log().contains("pass done"));
+    let (code, body) = first.api("POST", "/api/v1/pipelines/slow/runs");
+    assert_eq!(code, 201, "{body}");
+    first.wait_for("the step started", || {
+        std::fs::read_to_string(first.dir.path().join("state/runs/1.log"))
+            .is_ok_and(|l| l.contains("started"))
+    });
+    let second = Agent::start(&instance, &daemon.url(), "");
+    second.wait_for("the second agent's first pass", || {
+        second.log().contains("pass done")
+    });
+    let left = running_agent_runs(&instance);
+    assert_eq!(
+        left.lines().count(),
+        1,
+        "the first agent's run container: {left}"
+    );
+    let (_, body) = first.api("GET", "/api/v1/runs/1");
+    assert!(
+        body.contains("\"running\"") || body.contains("\"succeeded\""),
+        "{body}"
+    );
 }

@@ -29,8 +29,11 @@ use crate::run::{RunLog, RunReport, RunResult, StepRun};
 /// Where the workspace is in the step container.
 const WORKSPACE: &str = "/workspace";
 
-/// Label on a run's container and volume (not on what it produces).
+/// Label on a run's container and volume (not on what it produces): who runs it.
 const LABEL_RUN: &str = "berth.run";
+/// Label on an agent's run containers: which agent (its host and state folder), so an agent
+/// that starts removes only the runs its own killed predecessor left, never another agent's.
+const LABEL_RUN_OWNER: &str = "berth.run-owner";
 
 /// One run to carry out.
 pub struct RunRequest {
@@ -107,6 +110,8 @@ pub struct RunOptions {
     pub spec_hash: String,
     /// Becomes `true` when the run is to stop (cancelled, or superseded by a newer commit).
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// For an agent's runs, which agent (see [`DockerBackend::remove_runs_of`]).
+    pub owner: Option<String>,
 }
 
 /// Resolves when `cancel` turns `true`; never without one (or once its sender is gone).
@@ -232,6 +237,9 @@ impl DockerBackend {
         };
         let mut run_labels = labels.clone();
         run_labels.insert(LABEL_RUN.into(), options.runner.label().into());
+        if let Some(owner) = &options.owner {
+            run_labels.insert(LABEL_RUN_OWNER.into(), owner.clone());
+        }
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(name.to_string()),
@@ -582,6 +590,7 @@ impl DockerBackend {
             runner: Runner::Pass,
             spec_hash: template.hash.clone(),
             cancel: None,
+            owner: None,
         };
         let report = self.run_pipeline(request, &mut log, |_| {}, options).await;
         match report.result {
@@ -649,10 +658,11 @@ impl DockerBackend {
         removed
     }
 
-    /// Stops and removes the runs `runner` left on the engine: an agent that starts again calls
-    /// this for the runs its killed predecessor left going (they are retried from the queue).
-    pub async fn remove_runs_of(&self, runner: Runner) -> usize {
-        let label = format!("{LABEL_RUN}={}", runner.label());
+    /// Stops and removes the runs of the agent `owner` on the engine: an agent that starts again
+    /// calls this for the runs its killed predecessor left going (they are retried from the
+    /// queue), and one that stops for its own.
+    pub async fn remove_runs_of(&self, owner: &str) -> usize {
+        let label = format!("{LABEL_RUN_OWNER}={owner}");
         let left = self.run_containers(&label, None).await;
         for container in &left {
             for name in container.names.iter().flatten() {
@@ -706,11 +716,24 @@ impl DockerBackend {
             ("label".to_string(), selector),
             ("dangling".to_string(), vec!["true".to_string()]),
         ]);
+        // Another run's volume is dangling for a moment too, between its making and its
+        // container's: only volumes older than that are leftovers.
+        let old = |created: &Option<String>| {
+            created
+                .as_deref()
+                .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
+                .is_some_and(|c| chrono::Utc::now().signed_duration_since(c).num_seconds() > 600)
+        };
         let options = bollard::query_parameters::ListVolumesOptions {
             filters: Some(filters),
         };
         if let Ok(listed) = self.docker.list_volumes(Some(options)).await {
-            for volume in listed.volumes.unwrap_or_default() {
+            for volume in listed
+                .volumes
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|v| old(&v.created_at))
+            {
                 let _ = self
                     .docker
                     .remove_volume(&volume.name, None::<RemoveVolumeOptions>)

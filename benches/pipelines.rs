@@ -1,0 +1,322 @@
+//! Pipeline runs through the agent's queue: the real `berth agent` binary, a source repo served by
+//! `git daemon` on loopback, steps on the real Docker Engine. Measured in one run:
+//!
+//! - **webhook → first step**: from a signed push webhook sent to the first line the step printed
+//!   reaching the run's log (so the step's process started), median of 5 pushes; beside it the
+//!   engine's own `docker run --rm busybox true`, the container start the target excludes;
+//! - **20 queued runs** of a small pipeline (clone, one step that hashes the checkout and waits 1 s)
+//!   at 4 workers, against a shell script doing the same `git clone` + `docker run` one after
+//!   another; and each berth run's own duration against the script's per-run floor;
+//! - **agent memory** with 1,000 finished runs in its database (written through berth's own run
+//!   store before the agent starts), idle and while serving all of them through the API.
+//!
+//! Needs Docker, `busybox:latest` (`tests/testbed/busybox-image.sh`) and git.
+//! Run: `cargo bench --bench pipelines`.
+
+#[path = "support/common.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::queue::store::RunStore;
+use berth::queue::{Cause, NewRun, RunState};
+
+const INSTANCE: &str = "bench-pipelines";
+const SECRET: &str = "bench-webhook-secret";
+const TOKEN: &str = "bench-api-token";
+const STEP: &str = "sha256sum * > /tmp/sums && echo step-started && sleep 1";
+const RUNS: usize = 20;
+const WORKERS: usize = 4;
+
+fn pipeline(url: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: small}}\nspec:\n  source: {{url: \"{url}\"}}\n  triggers: {{push: {{}}}}\n  image: busybox:latest\n  concurrency: {WORKERS}\n  steps:\n    - {{name: check, run: \"{STEP}\"}}\n"
+    )
+}
+
+fn api(port: u16, method: &str, path: &str) -> (u16, String) {
+    let auth = format!("Bearer {TOKEN}");
+    common::http(port, method, path, &[("Authorization", &auth)], b"")
+}
+
+fn runs(port: u16) -> Vec<serde_json::Value> {
+    let (_, body) = api(port, "GET", "/api/v1/runs?limit=1000");
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// Waits until `done` holds, polling every `every`; panics after 5 minutes.
+fn until(every: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(every);
+    }
+}
+
+fn main() {
+    if !common::engine_answers() {
+        return;
+    }
+    common::remove_instance(INSTANCE);
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+
+    // The source: a small project.
+    let source = work.path().join("source");
+    std::fs::create_dir_all(source.join("src")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            source.join(format!("src/file{i}.txt")),
+            "x".repeat(4096 * (i + 1)),
+        )
+        .unwrap();
+    }
+    std::fs::write(source.join("README"), "a small project\n").unwrap();
+    common::git(work.path(), &["init", "-q", "-b", "main", "source"]);
+    common::git(&source, &["add", "-A"]);
+    common::git(&source, &["commit", "-q", "-m", "first"]);
+    common::git(
+        &served,
+        &["clone", "-q", "--bare", source.to_str().unwrap(), "app.git"],
+    );
+    common::git(
+        &source,
+        &[
+            "remote",
+            "add",
+            "served",
+            served.join("app.git").to_str().unwrap(),
+        ],
+    );
+
+    // The config repo: one pipeline building that source.
+    let (mut daemon, daemon_port) = common::git_daemon(&served);
+    let app_url = format!("git://127.0.0.1:{daemon_port}/app.git");
+    let config = work.path().join("config");
+    std::fs::create_dir_all(config.join("pipelines")).unwrap();
+    std::fs::write(config.join("pipelines/small.yaml"), pipeline(&app_url)).unwrap();
+    common::git(work.path(), &["init", "-q", "-b", "main", "config"]);
+    common::git(&config, &["add", "-A"]);
+    common::git(&config, &["commit", "-q", "-m", "pipeline"]);
+    common::git(
+        &served,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            config.to_str().unwrap(),
+            "infra.git",
+        ],
+    );
+    let config_url = format!("git://127.0.0.1:{daemon_port}/infra.git");
+
+    // 1,000 finished runs already in the store, as an agent that ran for months would have them.
+    let state = work.path().join("agent");
+    std::fs::create_dir_all(state.join("state")).unwrap();
+    {
+        let store = RunStore::open(&state.join("state/runs.db")).unwrap();
+        for i in 0..1000 {
+            store
+                .enqueue(
+                    &NewRun {
+                        pipeline: "history".into(),
+                        cause: Cause::Manual,
+                        commit: Some(format!("{i:040x}")),
+                        branch: Some("main".into()),
+                        delivery: None,
+                        spec_hash: Some("0123456789abcdef".into()),
+                    },
+                    false,
+                )
+                .unwrap();
+            let run = store.start_next(1, |_| 1).unwrap().unwrap();
+            store
+                .finish(
+                    run.id,
+                    RunState::Succeeded,
+                    "Pipeline/history at 000000000000: succeeded in 12.0s",
+                    Some("history:000000000000"),
+                    &[],
+                    12_000,
+                )
+                .unwrap();
+        }
+    }
+
+    std::fs::write(state.join("secret"), SECRET).unwrap();
+    std::fs::write(state.join("token"), TOKEN).unwrap();
+    let port = common::free_port();
+    let agent_config = state.join("agent.yaml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "instance: {INSTANCE}\nrepo: {{url: \"{config_url}\"}}\nlisten: 127.0.0.1:{port}\nwebhook: {{secretFile: {s}/secret}}\napi: {{tokenFile: {s}/token}}\nstateDir: {s}/state\nschedule: '0 0 1 1 *'\npipelines: {{workers: {WORKERS}}}\n",
+            s = state.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["agent", "--config"])
+        .arg(&agent_config)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    until(Duration::from_millis(50), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && api(port, "GET", "/readyz").0 == 200
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = common::rss_kib(pid, "VmRSS:");
+    let started = Instant::now();
+    let listed = runs(port).len();
+    let listing = started.elapsed();
+    println!("\nagent memory with 1,000 finished runs in its database");
+    println!("  idle RSS                          {:>8} KiB", idle);
+    println!(
+        "  GET /api/v1/runs?limit=1000       {:>8.1} ms ({listed} runs), RSS after {} KiB",
+        listing.as_secs_f64() * 1000.0,
+        common::rss_kib(pid, "VmRSS:")
+    );
+
+    // Webhook received → first step's process started.
+    let log_of = |id: i64| state.join(format!("state/runs/{id}.log"));
+    let mut to_step = Vec::new();
+    let mut queued_to_start = Vec::new();
+    for round in 0..5 {
+        std::fs::write(source.join("README"), format!("round {round}\n")).unwrap();
+        common::git(&source, &["commit", "-qam", "round"]);
+        common::git(&source, &["push", "-q", "served", "main"]);
+        let commit = common::git(&source, &["rev-parse", "HEAD"]);
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","after":"{commit}","repository":{{"clone_url":"{app_url}"}}}}"#
+        );
+        let signature = format!(
+            "sha256={}",
+            berth::webhook::sign(SECRET.as_bytes(), body.as_bytes())
+        );
+        let sent = Instant::now();
+        let (code, answer) = common::http(
+            port,
+            "POST",
+            "/hooks/github",
+            &[
+                ("X-GitHub-Event", "push"),
+                ("X-Hub-Signature-256", &signature),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(code, 202, "{answer}");
+        let id: i64 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no run queued: {answer}"));
+        until(Duration::from_millis(1), || {
+            std::fs::read_to_string(log_of(id)).is_ok_and(|l| l.contains("step-started"))
+        });
+        to_step.push(sent.elapsed().as_secs_f64() * 1000.0);
+        until(Duration::from_millis(20), || {
+            runs(port)
+                .iter()
+                .any(|r| r["id"] == id && r["state"] == "succeeded")
+        });
+        let run = runs(port).into_iter().find(|r| r["id"] == id).unwrap();
+        let at = |field: &str| {
+            chrono::DateTime::parse_from_rfc3339(run[field].as_str().unwrap()).unwrap()
+        };
+        queued_to_start.push((at("startedAt") - at("queuedAt")).num_milliseconds() as f64);
+    }
+    let container_start = common::median(
+        (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                docker(&["run", "--rm", "busybox:latest", "true"]);
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
+    );
+    println!("\nsigned webhook sent → the first step's first line in the run's log (median of 5)");
+    println!(
+        "  berth                             {:>8.1} ms (queued → worker took it: {:.0} ms; includes the clone, the volume, the container and the copy)",
+        common::median(to_step),
+        common::median(queued_to_start)
+    );
+    println!(
+        "  docker run --rm busybox true      {container_start:>8.1} ms (the container start alone)"
+    );
+
+    // 20 queued runs at 4 workers, against a shell script doing the same one after another.
+    let before: Vec<i64> = runs(port).iter().filter_map(|r| r["id"].as_i64()).collect();
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        let (code, body) = api(port, "POST", "/api/v1/pipelines/small/runs");
+        assert_eq!(code, 201, "{body}");
+    }
+    until(Duration::from_millis(50), || {
+        let all = runs(port);
+        let ours: Vec<&serde_json::Value> = all
+            .iter()
+            .filter(|r| !before.contains(&r["id"].as_i64().unwrap()))
+            .collect();
+        assert!(
+            ours.iter().all(|r| r["state"] != "failed"),
+            "a run failed: {ours:?}"
+        );
+        ours.len() == RUNS && ours.iter().all(|r| r["state"] == "succeeded")
+    });
+    let berth_total = started.elapsed().as_secs_f64();
+    let per_run: Vec<f64> = runs(port)
+        .iter()
+        .filter(|r| !before.contains(&r["id"].as_i64().unwrap()))
+        .map(|r| r["durationMs"].as_f64().unwrap())
+        .collect();
+    let script = work.path().join("peer.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\nfor i in $(seq 1 {RUNS}); do\n  rm -rf \"$1/ws\"\n  git clone -q {app_url} \"$1/ws\"\n  docker run --rm -v \"$1/ws:/workspace\" -w /workspace busybox:latest sh -c '{STEP}' >/dev/null\ndone\n"
+        ),
+    )
+    .unwrap();
+    let peer_dir = work.path().join("peer");
+    std::fs::create_dir_all(&peer_dir).unwrap();
+    let started = Instant::now();
+    let peer = Command::new("bash")
+        .arg(&script)
+        .arg(&peer_dir)
+        .status()
+        .unwrap();
+    assert!(peer.success());
+    let peer_total = started.elapsed().as_secs_f64();
+    let floor = peer_total * 1000.0 / RUNS as f64;
+    let mean = per_run.iter().sum::<f64>() / per_run.len() as f64;
+    println!("\n{RUNS} runs of a small pipeline (clone + one step: hash the checkout, wait 1 s)");
+    println!(
+        "  berth, {WORKERS} workers (queued by API)     {berth_total:>8.1} s  ({:.1}× the script)",
+        peer_total / berth_total
+    );
+    println!("  shell script, one after another   {peer_total:>8.1} s");
+    println!(
+        "  one run: berth {mean:.0} ms (mean, {WORKERS} at once on this machine) vs the script's clone + docker run {floor:.0} ms: {:+.0}%",
+        (mean / floor - 1.0) * 100.0
+    );
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    common::remove_instance(INSTANCE);
+}
+
+fn docker(args: &[&str]) {
+    let status = Command::new("docker")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "docker {args:?}");
+}

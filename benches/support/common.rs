@@ -1,0 +1,146 @@
+//! What the benches share: git, a `git daemon` on loopback, one HTTP request, process memory,
+//! medians and clean-up of an instance's containers. Included by each bench with `#[path]`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// git in `dir`, with an identity for commits; its trimmed output.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.org",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A port nothing listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request on a fresh connection: the status code and the body.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (code, body)
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`, `RssAnon:`).
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The median.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Whether a Docker Engine answers; says so when none does.
+pub fn engine_answers() -> bool {
+    let answers = Command::new("docker")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        eprintln!("no Docker Engine answers; this benchmark needs one");
+    }
+    answers
+}
+
+/// Removes every container of berth instance `instance`.
+pub fn remove_instance(instance: &str) {
+    let ids = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=berth.instance={instance}"),
+        ])
+        .output()
+        .unwrap();
+    let ids = String::from_utf8_lossy(&ids.stdout).into_owned();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    for chunk in ids.chunks(200) {
+        Command::new("docker")
+            .args(["rm", "-f"])
+            .args(chunk)
+            .output()
+            .unwrap();
+    }
+}
+
+/// `git daemon` serving the bare repos under `served` on a free loopback port, with push allowed.
+pub fn git_daemon(served: &Path) -> (Child, u16) {
+    let exec_path = PathBuf::from(git(served, &["--exec-path"]));
+    let daemon_port = free_port();
+    let daemon = Command::new(exec_path.join("git-daemon"))
+        .args([
+            "--reuseaddr",
+            "--export-all",
+            "--enable=receive-pack",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={daemon_port}"))
+        .arg(format!("--base-path={}", served.display()))
+        .arg(served)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while TcpStream::connect(("127.0.0.1", daemon_port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (daemon, daemon_port)
+}
