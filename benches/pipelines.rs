@@ -92,7 +92,8 @@ fn main() {
     );
 
     // The config repo: one pipeline building that source.
-    let (mut daemon, daemon_port) = common::git_daemon(&served);
+    let (daemon, daemon_port) = common::git_daemon(&served);
+    let _daemon = common::KilledOnDrop(daemon);
     let app_url = format!("git://127.0.0.1:{daemon_port}/app.git");
     let config = work.path().join("config");
     std::fs::create_dir_all(config.join("pipelines")).unwrap();
@@ -117,11 +118,12 @@ fn main() {
     std::fs::create_dir_all(state.join("state")).unwrap();
     {
         let store = RunStore::open(&state.join("state/runs.db")).unwrap();
+        // Two pipelines: the store keeps the newest 500 finished runs of each.
         for i in 0..1000 {
             store
                 .enqueue(
                     &NewRun {
-                        pipeline: "history".into(),
+                        pipeline: format!("history-{}", i % 2),
                         cause: Cause::Manual,
                         commit: Some(format!("{i:040x}")),
                         branch: Some("main".into()),
@@ -157,7 +159,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_berth"))
+    let agent = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["agent", "--config"])
         .arg(&agent_config)
         .stderr(Stdio::null())
@@ -165,6 +167,7 @@ fn main() {
         .spawn()
         .unwrap();
     let pid = agent.id();
+    let _agent = common::KilledOnDrop(agent);
     until(Duration::from_millis(50), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && api(port, "GET", "/readyz").0 == 200
@@ -211,9 +214,9 @@ fn main() {
         );
         assert_eq!(code, 202, "{answer}");
         let id: i64 = answer
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
+            .lines()
+            .find(|l| l.ends_with("queued for Pipeline/small"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or_else(|| panic!("no run queued: {answer}"));
         until(Duration::from_millis(1), || {
             std::fs::read_to_string(log_of(id)).is_ok_and(|l| l.contains("step-started"))
@@ -305,10 +308,6 @@ fn main() {
         (mean / floor - 1.0) * 100.0
     );
 
-    let _ = agent.kill();
-    let _ = agent.wait();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     common::remove_instance(INSTANCE);
 }
 

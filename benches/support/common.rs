@@ -121,6 +121,16 @@ pub fn remove_instance(instance: &str) {
     }
 }
 
+/// A child process killed when this goes, even when the bench panics.
+pub struct KilledOnDrop(pub Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `git daemon` serving the bare repos under `served` on a free loopback port, with push allowed.
 pub fn git_daemon(served: &Path) -> (Child, u16) {
     let exec_path = PathBuf::from(git(served, &["--exec-path"]));

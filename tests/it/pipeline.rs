@@ -317,3 +317,38 @@ fn a_run_keeps_secrets_the_host_and_foreign_images_out_of_reach() {
         before
     );
 }
+
+#[test]
+fn steps_run_in_an_image_built_from_a_folder_of_the_repo() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "p.yaml",
+        "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: tooled}\nspec:\n  context: src\n  image: {build: {context: tools}}\n  steps:\n    - {name: use-tool, run: \"greet\"}\n",
+    )
+    .write("src/README", "x\n")
+    .write(
+        "tools/Dockerfile",
+        "FROM busybox:latest\nCOPY greet /bin/greet\nRUN chmod +x /bin/greet\n",
+    )
+    .write("tools/greet", "#!/bin/sh\necho hello from the tool image\n");
+    for attempt in ["built", "found by its context's digest"] {
+        let output = instance.berth("run", &repo, &["tooled"]);
+        let text = stdout(&output);
+        assert!(output.status.success(), "{attempt}: {text}");
+        assert!(
+            text.contains("== step use-tool\nhello from the tool image\n"),
+            "{attempt}: {text}"
+        );
+    }
+    let filter = format!("label=berth.instance={}", instance.name);
+    let images = docker(&[
+        "images",
+        "-q",
+        "--filter",
+        &filter,
+        "--filter",
+        "label=berth.step-image=tooled",
+    ]);
+    assert_eq!(images.lines().count(), 1, "built once: {images}");
+}

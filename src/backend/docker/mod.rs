@@ -1114,32 +1114,48 @@ impl DockerBackend {
                     template.key.name,
                     &digest[..digest.len().min(16)]
                 );
-                match self.docker.inspect_image(&tag).await {
-                    Ok(_) => return Ok(tag),
-                    Err(error) if is_status(&error, 404) => {}
-                    Err(error) => {
-                        return Err(self.trouble(&format!("cannot inspect image {tag}"), error));
-                    }
-                }
-                let tar = BuildContext::read(&repo_root.join(&build.context), &build.dockerfile)
-                    .and_then(|c| c.tar())
-                    .map_err(|e| {
-                        Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
-                    })?;
-                let options = BuildImageOptions {
-                    dockerfile: build.dockerfile.clone(),
-                    t: Some(tag.clone()),
-                    buildargs: Some(build.args.clone().into_iter().collect()),
-                    labels: Some(self.ownership.labels(&template.key, template.main_hash())),
-                    rm: true,
-                    forcerm: true,
-                    ..Default::default()
-                };
-                self.build(options, tar, &build.context).await?;
-                Ok(tag)
+                let labels = self.ownership.labels(&template.key, template.main_hash());
+                let context = repo_root.join(&build.context);
+                self.build_unless_present(tag, build, labels, || {
+                    BuildContext::read(&context, &build.dockerfile).and_then(|c| c.tar())
+                })
+                .await
             }
             (None, None) => Err(Trouble::Failed("no image and no build".into())),
         }
+    }
+
+    /// The image `tag`, built from a folder of the repo (`build`, whose context `tar` makes) when
+    /// the engine does not have it yet: the tag names the context's digest, so an image the
+    /// engine has is the one this context builds.
+    async fn build_unless_present(
+        &self,
+        tag: String,
+        build: &crate::descriptor::model::BuildSpec,
+        labels: std::collections::HashMap<String, String>,
+        tar: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Attempt<String> {
+        match self.docker.inspect_image(&tag).await {
+            Ok(_) => return Ok(tag),
+            Err(error) if is_status(&error, 404) => {}
+            Err(error) => {
+                return Err(self.trouble(&format!("cannot inspect image {tag}"), error));
+            }
+        }
+        let tar = tar().map_err(|e| {
+            Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
+        })?;
+        let options = BuildImageOptions {
+            dockerfile: build.dockerfile.clone(),
+            t: Some(tag.clone()),
+            buildargs: Some(build.args.clone().into_iter().collect()),
+            labels: Some(labels),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        self.build(options, tar, &build.context).await?;
+        Ok(tag)
     }
 
     /// The image `name`, pulled only when the engine says it lacks it: any other failure to

@@ -31,6 +31,9 @@ const WORKSPACE: &str = "/workspace";
 
 /// Label on a run's container and volume (not on what it produces): who runs it.
 const LABEL_RUN: &str = "berth.run";
+/// Label on a step image built from the repo: the pipeline it is for.
+const LABEL_STEP_IMAGE: &str = "berth.step-image";
+
 /// Label on an agent's run containers: which agent (its host and state folder), so an agent
 /// that starts removes only the runs its own killed predecessor left, never another agent's.
 const LABEL_RUN_OWNER: &str = "berth.run-owner";
@@ -47,6 +50,8 @@ pub struct RunRequest {
     pub commit: String,
     /// The secret environment, read.
     pub secrets: BTreeMap<String, String>,
+    /// The step image's build context, for `image: {build: …}`: its digest and its tar.
+    pub step_image: Option<(String, Vec<u8>)>,
 }
 
 impl RunRequest {
@@ -69,12 +74,30 @@ impl RunRequest {
         }
         let (workspace, commit) =
             crate::source::pipeline_workspace(root, spec, commit, credentials)?;
+        // A step image built from a folder of the config repo (whatever the source is).
+        let step_image = match &spec.image {
+            StepImage::Name(_) => None,
+            StepImage::Build(image) => {
+                let build = &image.build;
+                let folder = crate::descriptor::repo_folder(root, &build.context)
+                    .map_err(|why| format!("spec.image.build.context: {why}"))?;
+                let context = crate::build_context::BuildContext::read(&folder, &build.dockerfile)
+                    .map_err(|e| {
+                        format!(
+                            "cannot read the step image's context {}: {e}",
+                            build.context
+                        )
+                    })?;
+                Some((context.digest()?, context.tar()?))
+            }
+        };
         Ok(RunRequest {
             pipeline: pipeline.clone(),
             spec: spec.clone(),
             workspace,
             commit,
             secrets,
+            step_image,
         })
     }
 }
@@ -226,12 +249,32 @@ impl DockerBackend {
         if let Some(tag) = &tag {
             self.refuse_foreign_tag(tag).await?;
         }
-        let image = match &spec.image {
-            StepImage::Name(image) => self.named_image(image).await?,
-            StepImage::Build(_) => {
+        let image = match (&spec.image, &request.step_image) {
+            (StepImage::Name(image), _) => self.named_image(image).await?,
+            (StepImage::Build(image), Some((digest, tar))) => {
+                // Not labelled as the pipeline's: it is no product, and product GC must not
+                // count it.
+                let tag = format!(
+                    "berth-{}-{}-steps:{}",
+                    self.instance(),
+                    request.pipeline,
+                    crate::queue::short(digest)
+                );
+                let labels = std::collections::HashMap::from([
+                    (
+                        super::LABEL_INSTANCE.to_string(),
+                        self.instance().to_string(),
+                    ),
+                    (LABEL_STEP_IMAGE.to_string(), request.pipeline.to_string()),
+                ]);
+                shown(&log.note(&format!("== step image {tag}")));
+                let build = &image.build;
+                self.build_unless_present(tag, build, labels, || Ok(tar.clone()))
+                    .await?
+            }
+            (StepImage::Build(_), None) => {
                 return Err(Trouble::Failed(
-                    "step images built from the repo are not run by this berth yet; name an image"
-                        .into(),
+                    "the step image's context was not read".into(),
                 ));
             }
         };
