@@ -175,6 +175,7 @@ pub async fn run(
                 api_token: secrets.api_token.clone(),
                 branch: config.repo.branch.clone(),
                 pipelines: Some(pipelines.clone()),
+                repo_url: config.repo.url.clone(),
             };
             let limits = crate::server::Limits::new(&config);
             let app = crate::server::router(state, &limits);

@@ -77,6 +77,8 @@ pub struct ServerState {
     pub branch: String,
     /// The pipeline runs; pushes to their sources queue runs.
     pub pipelines: Option<Pipelines>,
+    /// The config repo's URL: a push that names another repository is not for it.
+    pub repo_url: String,
 }
 
 /// What the server allows its clients, so that a flood of slow or hostile ones cannot take the
@@ -486,16 +488,37 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             "ignored",
             (StatusCode::OK, format!("ignored: {why}\n")).into_response(),
         ),
+        Ok(Delivery::Push(push))
+            if push
+                .commit
+                .as_deref()
+                .is_some_and(|c| !crate::queue::valid_revision(c)) =>
+        {
+            answer(
+                "bad_request",
+                (
+                    StatusCode::BAD_REQUEST,
+                    "the pushed commit is not a commit id (letters, digits and -_./+@ only)\n",
+                )
+                    .into_response(),
+            )
+        }
         Ok(Delivery::Push(push)) => {
             let runs = state
                 .pipelines
                 .as_ref()
                 .map(|p| p.on_push(&push))
                 .unwrap_or_default();
-            let for_config = push.branch == state.branch;
+            // A payload that names no repository (a generic webhook) is taken as the config repo's.
+            let for_config = push.branch == state.branch
+                && (push.repository_urls.is_empty()
+                    || push
+                        .repository_urls
+                        .iter()
+                        .any(|url| crate::queue::same_repository(url, &state.repo_url)));
             if !for_config && runs.is_empty() {
                 let message = format!(
-                    "ignored: push to {}, berth follows {} and no pipeline builds it\n",
+                    "ignored: push to {}; berth follows {} of its config repo, and no pipeline builds this push\n",
                     push.branch, state.branch
                 );
                 return answer("ignored", (StatusCode::OK, message).into_response());

@@ -603,17 +603,24 @@ impl Loader {
                 .unwrap_or_else(|error| error);
             descriptor.build_digest = Some(digest);
         }
-        // A Pipeline that builds from a folder of this repo runs again when the folder changes.
-        if let Spec::Pipeline(PipelineSpec {
-            source: None,
-            context,
-            ..
-        }) = &descriptor.spec
-        {
-            let digest = BuildContext::read(&self.root.join(context), "Dockerfile")
-                .and_then(|c| c.digest())
-                .unwrap_or_else(|error| error);
-            descriptor.build_digest = Some(digest);
+        // A Pipeline that builds from a folder of this repo runs again when the folder changes,
+        // and so does one whose step image is built from a folder that changed.
+        if let Spec::Pipeline(spec) = &descriptor.spec {
+            let digest = |folder: &str, dockerfile: &str| {
+                BuildContext::read(&self.root.join(folder), dockerfile)
+                    .and_then(|c| c.digest())
+                    .unwrap_or_else(|error| error)
+            };
+            let mut digests = Vec::new();
+            if spec.source.is_none() {
+                digests.push(digest(&spec.context, "Dockerfile"));
+            }
+            if let crate::descriptor::model::StepImage::Build(image) = &spec.image {
+                digests.push(digest(&image.build.context, &image.build.dockerfile));
+            }
+            if !digests.is_empty() {
+                descriptor.build_digest = Some(digests.join("+"));
+            }
         }
         let digest = descriptor.build_digest.as_deref().unwrap_or_default();
         let rendered = match &descriptor.manifests {

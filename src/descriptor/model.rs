@@ -348,7 +348,7 @@ pub struct PipelineSpec {
     pub concurrency: u32,
     /// Whether a push of a newer commit to a branch also cancels a run of an older one that is
     /// already running (queued ones are always superseded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_running: bool,
     /// The image tag a successful run produces, e.g. `app:{commit}`; `{commit}` is the source commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -326,8 +326,14 @@ pub fn change_run(latest: Option<&Run>) -> ChangeRun {
             run.message.as_deref().unwrap_or("no reason recorded"),
             run.pipeline
         )),
-        // Its image is gone (removed by hand), or it was cancelled or interrupted for good.
-        RunState::Succeeded | RunState::Cancelled | RunState::Interrupted => ChangeRun::Queue,
+        RunState::Cancelled => ChangeRun::Failed(format!(
+            "run {} was cancelled ({}); start a run by hand (POST /api/v1/pipelines/{}/runs) or change the spec",
+            run.id,
+            run.message.as_deref().unwrap_or("no reason recorded"),
+            run.pipeline
+        )),
+        // Its image is gone (removed by hand), or the engine or the agent stopped under it.
+        RunState::Succeeded | RunState::Interrupted => ChangeRun::Queue,
     }
 }
 
@@ -620,6 +626,11 @@ pub(crate) mod tests {
             change_run(Some(&run(3, RunState::Interrupted, "c"))),
             ChangeRun::Queue
         );
+        // A person's cancel holds until the spec changes or a person starts a run.
+        assert!(matches!(
+            change_run(Some(&run(4, RunState::Cancelled, "c"))),
+            ChangeRun::Failed(_)
+        ));
     }
 
     #[test]

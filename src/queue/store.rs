@@ -222,6 +222,12 @@ impl RunStore {
                 Some(commit) => format!("superseded by run {id} (commit {})", super::short(commit)),
                 None => format!("superseded by run {id}"),
             };
+            for running in &cancel_running {
+                transaction.execute(
+                    "UPDATE runs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'",
+                    [running],
+                )?;
+            }
             for old in &superseded {
                 transaction.execute(
                     "UPDATE runs SET state = 'cancelled', finished_at = ?2, message = ?3 WHERE id = ?1 AND state = 'queued'",
@@ -284,6 +290,18 @@ impl RunStore {
             )?;
             transaction.commit()?;
             Ok(Some(run))
+        })
+    }
+
+    /// Puts a running run back in the queue: the engine stopped answering under it, which is
+    /// not the pipeline's doing. It keeps its place (its number).
+    pub fn requeue(&self, id: i64) -> Result<(), StoreError> {
+        self.with(|connection| {
+            connection.execute(
+                "UPDATE runs SET state = 'queued', started_at = NULL WHERE id = ?1 AND state = 'running'",
+                [id],
+            )?;
+            Ok(())
         })
     }
 
@@ -473,7 +491,8 @@ impl RunStore {
                 .query_row(
                     &format!(
                         "SELECT {COLUMNS} FROM runs WHERE pipeline = ?1 AND spec_hash = ?2 \
-                         AND cause IN ('change', 'retry') ORDER BY id DESC LIMIT 1"
+                         AND (cause = 'change' OR (cause = 'retry' AND retry_of IN \
+                         (SELECT id FROM runs WHERE cause = 'change'))) ORDER BY id DESC LIMIT 1"
                     ),
                     params![pipeline, spec_hash],
                     read_run,
@@ -543,6 +562,8 @@ mod tests {
             (retry, 2, Some(first))
         );
         assert_eq!(second.commit.as_deref(), Some("c1"));
+        // The retry of a push is no run a pass asked for: it says nothing of the spec's image.
+        assert_eq!(store.latest_change("app", "h").unwrap(), None);
         // Interrupted again: not retried a third time.
         let recovered = store.recover().unwrap();
         assert_eq!(recovered.interrupted, vec![(retry, None)]);

@@ -39,6 +39,9 @@ pub const HISTORY: usize = 5;
 /// reads must not take every connection the server allows.
 pub const MAX_FOLLOWERS: usize = 16;
 
+/// How long no run starts after the engine stopped answering under one.
+const ENGINE_PAUSE: Duration = Duration::from_secs(10);
+
 /// Pieces of output a slow follower may fall behind by before it is told some were skipped.
 const FOLLOW_BACKLOG: usize = 64;
 
@@ -125,6 +128,8 @@ struct Inner {
     /// agent to mark interrupted and retry, rather than recorded as failed by their killed steps.
     stopping: std::sync::atomic::AtomicBool,
     followers: Arc<tokio::sync::Semaphore>,
+    /// Until when no run starts: the engine stopped answering under the last one.
+    paused_until: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Pipelines {
@@ -212,6 +217,7 @@ impl Pipelines {
                 owner,
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 followers: Arc::new(tokio::sync::Semaphore::new(MAX_FOLLOWERS)),
+                paused_until: Mutex::new(None),
             }),
         })
     }
@@ -514,9 +520,22 @@ impl Pipelines {
     /// Starts queued runs while workers are free, whenever something may have freed one.
     async fn dispatch(self) {
         loop {
-            // Nothing runs before a revision is declared: a run needs its pipeline's spec.
+            // Nothing runs before a revision is declared (a run needs its pipeline's spec), once
+            // the agent stops, or while the engine is not answering.
             let declaration = self.declaration();
-            if !declaration.revision.is_empty() {
+            let paused = *self.inner.paused_until.lock().expect("lock");
+            if let Some(until) = paused.filter(|until| *until > Instant::now()) {
+                let wake = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    wake.inner.wake.notify_one();
+                });
+            } else if !declaration.revision.is_empty()
+                && !self
+                    .inner
+                    .stopping
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
                 let concurrency = |pipeline: &str| {
                     declaration
                         .pipelines
@@ -552,6 +571,8 @@ impl Pipelines {
 
     /// Queues the runs the pipelines' `schedule`s ask for, at their times.
     async fn schedule(self) {
+        // The last time fired: a wall clock that steps back must not fire it again.
+        let mut fired: Option<chrono::DateTime<chrono::Utc>> = None;
         loop {
             let schedules: Vec<(String, crate::descriptor::values::CronExpr)> = self
                 .declaration()
@@ -560,7 +581,7 @@ impl Pipelines {
                 .filter_map(|(name, d)| Some((name.clone(), d.spec.triggers.schedule.clone()?)))
                 .collect();
             let now = chrono::Utc::now();
-            let due = super::next_due(&schedules, now);
+            let due = super::next_due(&schedules, fired.map_or(now, |fired| fired.max(now)));
             let wait = due
                 .as_ref()
                 .map_or(Duration::from_secs(86_400), |(when, _)| {
@@ -568,6 +589,7 @@ impl Pipelines {
                 });
             tokio::select! {
                 () = tokio::time::sleep(wait) => {
+                    fired = due.as_ref().map(|(when, _)| *when);
                     for pipeline in due.map(|(_, names)| names).unwrap_or_default() {
                         let hash = self.declaration().pipelines.get(&pipeline).map(|d| d.hash.clone());
                         let _ = self.enqueue(NewRun {
@@ -645,6 +667,24 @@ impl Pipelines {
             // The agent stops: the run stays `running` for the next agent to retry.
             return;
         }
+        if ended.state == RunState::Interrupted {
+            // The engine stopped answering: not the pipeline's doing. The run goes back to the
+            // queue, and none starts for a while.
+            tracing::warn!(run = run.id, why = %ended.message, "the engine is not answering; the run waits in the queue");
+            let _ = self.inner.store.requeue(run.id);
+            append(
+                &self.log_path(run.id),
+                format!(
+                    "\n== the engine stopped answering ({}); the run waits to start again\n",
+                    ended.message
+                )
+                .as_bytes(),
+            );
+            self.inner.live.lock().expect("lock").remove(&run.id);
+            *self.inner.paused_until.lock().expect("lock") = Some(Instant::now() + ENGINE_PAUSE);
+            self.inner.wake.notify_one();
+            return;
+        }
         let mut message = ended.message;
         if ended.state == RunState::Cancelled
             && let Some(why) = reason.lock().expect("lock").take()
@@ -715,9 +755,14 @@ impl Pipelines {
         let prepared = {
             // Only a pipeline that builds a folder of the checkout holds it still; a clone of a
             // source must not hold back the passes.
-            let _checkout = match declared.spec.source {
-                None => Some(self.inner.checkout.read().await),
-                Some(_) => None,
+            let reads_checkout = declared.spec.source.is_none()
+                || matches!(
+                    declared.spec.image,
+                    crate::descriptor::model::StepImage::Build(_)
+                );
+            let _checkout = match reads_checkout {
+                true => Some(self.inner.checkout.read().await),
+                false => None,
             };
             let (spec, root, credentials) = (
                 declared.spec.clone(),
@@ -761,9 +806,19 @@ impl Pipelines {
             now()
         );
         live.lock().expect("lock").write(&log.note(&header));
+        // A push to another branch builds, but its image is not the product consumers roll to:
+        // that comes from the source's `ref`.
+        let of_ref = match (&declared.spec.source, &run.branch) {
+            (Some(source), Some(branch)) => *branch == source.reference,
+            _ => true,
+        };
         let options = RunOptions {
             runner: Runner::Agent,
-            spec_hash: declared.hash.clone(),
+            spec_hash: if of_ref {
+                declared.hash.clone()
+            } else {
+                String::new()
+            },
             cancel: Some(cancelled),
             owner: Some(self.inner.owner.clone()),
         };

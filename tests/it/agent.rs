@@ -342,7 +342,10 @@ fn a_push_and_a_signed_github_webhook_replace_the_container_and_status_lands() {
     );
     assert_eq!(
         (code, text.trim()),
-        (200, "ignored: push to feature, berth follows main")
+        (
+            200,
+            "ignored: push to feature; berth follows main of its config repo, and no pipeline builds this push"
+        )
     );
 
     // The signed webhook: 202 at once, then the container is replaced.

@@ -479,8 +479,8 @@ fn a_commit_with_multibyte_characters_is_answered_without_a_panic() {
         source_daemon.url()
     );
     let (code, answer) = generic_push(&agent, &push, "utf8-1");
-    assert_eq!(code, 202, "{answer}");
-    assert!(!answer.contains("queued for"), "{answer}");
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("not a commit id"), "{answer}");
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
 

@@ -31,6 +31,9 @@ const WORKSPACE: &str = "/workspace";
 
 /// Label on a run's container and volume (not on what it produces): who runs it.
 const LABEL_RUN: &str = "berth.run";
+/// Label on a produced image: when its run made it.
+const LABEL_PRODUCED_AT: &str = "berth.produced-at";
+
 /// Label on a step image built from the repo: the pipeline it is for.
 const LABEL_STEP_IMAGE: &str = "berth.step-image";
 
@@ -243,40 +246,35 @@ impl DockerBackend {
         options: &mut RunOptions,
     ) -> Attempt<(RunResult, Option<String>)> {
         let spec = &request.spec;
+        // Everything from here counts toward the timeout, and a cancel stops it: a pull from a
+        // registry that hangs, a step image's build, the copies in and out.
+        let limit = spec.timeout.0;
+        let deadline = Instant::now() + limit;
+        let stopped = |why: Stopped, log: &mut RunLog, shown: &mut dyn FnMut(&[u8])| match why {
+            Stopped::TimedOut => {
+                shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
+                RunResult::TimedOut(limit)
+            }
+            Stopped::Cancelled => {
+                shown(&log.note("== cancelled: killed"));
+                RunResult::Cancelled
+            }
+        };
         self.clear_leftover_runs().await;
         let short = &request.commit[..request.commit.len().min(12)];
         let tag = spec.produces.as_ref().map(|p| p.replace("{commit}", short));
         if let Some(tag) = &tag {
             self.refuse_foreign_tag(tag).await?;
         }
-        let image = match (&spec.image, &request.step_image) {
-            (StepImage::Name(image), _) => self.named_image(image).await?,
-            (StepImage::Build(image), Some((digest, tar))) => {
-                // Not labelled as the pipeline's: it is no product, and product GC must not
-                // count it.
-                let tag = format!(
-                    "berth-{}-{}-steps:{}",
-                    self.instance(),
-                    request.pipeline,
-                    crate::queue::short(digest)
-                );
-                let labels = std::collections::HashMap::from([
-                    (
-                        super::LABEL_INSTANCE.to_string(),
-                        self.instance().to_string(),
-                    ),
-                    (LABEL_STEP_IMAGE.to_string(), request.pipeline.to_string()),
-                ]);
-                shown(&log.note(&format!("== step image {tag}")));
-                let build = &image.build;
-                self.build_unless_present(tag, build, labels, || Ok(tar.clone()))
-                    .await?
-            }
-            (StepImage::Build(_), None) => {
-                return Err(Trouble::Failed(
-                    "the step image's context was not read".into(),
-                ));
-            }
+        let acquired = bounded(
+            self.step_image(request, log, shown),
+            deadline,
+            &mut options.cancel,
+        )
+        .await;
+        let image = match acquired {
+            Ok(image) => image?,
+            Err(why) => return Ok((stopped(why, log, shown), None)),
         };
         let mut run_labels = labels.clone();
         run_labels.insert(LABEL_RUN.into(), options.runner.label().into());
@@ -329,29 +327,19 @@ impl DockerBackend {
             )
             .await
             .map_err(|e| self.trouble("cannot start the run's container", e))?;
-        self.docker
-            .upload_to_container(
-                name,
-                Some(UploadToContainerOptions {
-                    path: WORKSPACE.into(),
-                    ..Default::default()
-                }),
-                bollard::body_full(request.workspace.clone().into()),
-            )
-            .await
-            .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?;
-        let limit = spec.timeout.0;
-        let deadline = Instant::now() + limit;
-        let stopped = |why: Stopped, log: &mut RunLog, shown: &mut dyn FnMut(&[u8])| match why {
-            Stopped::TimedOut => {
-                shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
-                RunResult::TimedOut(limit)
-            }
-            Stopped::Cancelled => {
-                shown(&log.note("== cancelled: killed"));
-                RunResult::Cancelled
-            }
-        };
+        let upload = self.docker.upload_to_container(
+            name,
+            Some(UploadToContainerOptions {
+                path: WORKSPACE.into(),
+                ..Default::default()
+            }),
+            bollard::body_full(request.workspace.clone().into()),
+        );
+        match bounded(upload, deadline, &mut options.cancel).await {
+            Ok(uploaded) => uploaded
+                .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?,
+            Err(why) => return Ok((stopped(why, log, shown), None)),
+        }
         for step in &spec.steps {
             shown(&log.note(&format!("== step {}", step.name)));
             let began = Instant::now();
@@ -402,18 +390,30 @@ impl DockerBackend {
             return Ok((RunResult::Succeeded, None));
         };
         shown(&log.note(&format!("== building {tag} from the workspace")));
-        let mut tar = Vec::new();
-        let mut download = self.docker.download_from_container(
-            name,
-            Some(DownloadFromContainerOptions {
-                path: format!("{WORKSPACE}/."),
-            }),
-        );
-        while let Some(chunk) = download.next().await {
-            tar.extend_from_slice(
-                &chunk.map_err(|e| self.trouble("cannot read the workspace back", e))?,
+        let download = async {
+            let mut tar = Vec::new();
+            let mut pieces = self.docker.download_from_container(
+                name,
+                Some(DownloadFromContainerOptions {
+                    path: format!("{WORKSPACE}/."),
+                }),
             );
-        }
+            while let Some(piece) = pieces.next().await {
+                tar.extend_from_slice(
+                    &piece.map_err(|e| self.trouble("cannot read the workspace back", e))?,
+                );
+            }
+            Ok::<_, Trouble>(tar)
+        };
+        let tar = match bounded(download, deadline, &mut options.cancel).await {
+            Ok(tar) => tar?,
+            Err(why) => return Ok((stopped(why, log, shown), None)),
+        };
+        // Each run's product is an image of its own, made now, even when every layer comes from
+        // the cache: "the newest product" is then the one this run made (a spec reverted to an
+        // older one would otherwise get back the old image, older than the one it replaces).
+        let mut labels = labels;
+        labels.insert(LABEL_PRODUCED_AT.into(), chrono::Utc::now().to_rfc3339());
         let build = BuildImageOptions {
             dockerfile: "Dockerfile".into(),
             t: Some(tag.clone()),
@@ -435,6 +435,42 @@ impl DockerBackend {
             Err(why) => return Ok((stopped(why, log, shown), None)),
         }
         Ok((RunResult::Succeeded, Some(tag)))
+    }
+
+    /// The image the steps run in: named, or built from a folder of the repo.
+    async fn step_image(
+        &self,
+        request: &RunRequest,
+        log: &mut RunLog,
+        shown: &mut impl FnMut(&[u8]),
+    ) -> Attempt<String> {
+        match (&request.spec.image, &request.step_image) {
+            (StepImage::Name(image), _) => self.named_image(image).await,
+            (StepImage::Build(image), Some((digest, tar))) => {
+                // Not labelled as the pipeline's: it is no product, and product GC must not
+                // count it.
+                let tag = format!(
+                    "berth-{}-{}-steps:{}",
+                    self.instance(),
+                    request.pipeline,
+                    crate::queue::short(digest)
+                );
+                let labels = std::collections::HashMap::from([
+                    (
+                        super::LABEL_INSTANCE.to_string(),
+                        self.instance().to_string(),
+                    ),
+                    (LABEL_STEP_IMAGE.to_string(), request.pipeline.to_string()),
+                ]);
+                shown(&log.note(&format!("== step image {tag}")));
+                let build = &image.build;
+                self.build_unless_present(tag, build, labels, || Ok(tar.clone()))
+                    .await
+            }
+            (StepImage::Build(_), None) => Err(Trouble::Failed(
+                "the step image's context was not read".into(),
+            )),
+        }
     }
 
     /// Runs one step as an exec and returns its exit code.
