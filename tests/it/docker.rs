@@ -640,7 +640,9 @@ fn what_no_engine_here_serves_is_skipped_and_what_uses_a_missing_product_waits()
         "{text}"
     );
     assert!(
-        text.contains("Pipeline/nightly-lint   skip    produces no image; it runs on its triggers"),
+        text.contains(
+            "Pipeline/nightly-lint   skip    produces no image: the agent runs it on its triggers"
+        ),
         "{text}"
     );
     assert!(
