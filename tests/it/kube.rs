@@ -163,6 +163,18 @@ fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 }
 
 /// What the NodePort answers, retried while kube-proxy's rules catch up.
+/// What `port` serves once it serves `expected`, or after 20 s.
+fn served_eventually(port: u16, expected: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let served = fetch(port);
+        if served == expected || started.elapsed() > Duration::from_secs(20) {
+            return served;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn fetch(port: u16) -> String {
     let started = Instant::now();
     loop {
@@ -862,7 +874,9 @@ fn a_staging_takes_the_tag_a_pipeline_produced_and_rolls_to_the_next() {
         "{}",
         said(&second)
     );
-    assert_eq!(fetch(port), "built two");
+    // The rollout is complete when apply returns; kube-proxy may route to the old pod a moment
+    // longer, while it goes.
+    assert_eq!(served_eventually(port, "built two"), "built two");
 }
 
 /// Hostile finding: an object made by hand with a manifest's name was adopted, and deleted with
