@@ -583,7 +583,21 @@ async fn apply(
         .iter()
         .filter(|r| !matches!(r.outcome, Outcome::Done(_)))
         .collect();
-    let summary = applied.planned.plan.summary();
+    // After a pipeline produced, the pass planned again: what it changed in the first round is
+    // unchanged in the second, and counted once, as what it did.
+    let changed: std::collections::HashSet<_> = applied
+        .reports
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Done(_)))
+        .map(|r| &r.step.key)
+        .collect();
+    let unchanged = applied
+        .planned
+        .plan
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::Noop && !s.unhealthy && !changed.contains(&s.key))
+        .count();
     outln!(
         "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed, {} unhealthy",
         done(Action::Create),
@@ -591,7 +605,7 @@ async fn apply(
         done(Action::Delete),
         done(Action::Start),
         done(Action::Stop),
-        summary.unchanged,
+        unchanged,
         failures.len(),
         unhealthy.len(),
     );

@@ -215,6 +215,13 @@ fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
     assert!(first.status.success(), "{text}");
     assert!(text.contains("Pipeline/site  create  done"), "{text}");
     assert!(text.contains("Challenge/web  create  done"), "{text}");
+    // Regression: the pipeline was counted both created and, after the second round, unchanged.
+    assert!(
+        text.contains(
+            "applied: 2 created, 0 updated, 0 deleted, 0 started, 0 stopped, 0 unchanged"
+        ),
+        "{text}"
+    );
     assert_eq!(fetch(), "version one");
     // A change in the pipeline's folder runs it again, and the challenge follows in one apply.
     repo.write("site/page.txt", "version two\n");
