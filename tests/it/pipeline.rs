@@ -358,4 +358,28 @@ fn steps_run_in_an_image_built_from_a_folder_of_the_repo() {
         "label=berth.step-image=tooled",
     ]);
     assert_eq!(images.lines().count(), 1, "built once: {images}");
+    // A changed folder builds a new step image, and the old one goes.
+    repo.write(
+        "tools/greet",
+        "#!/bin/sh\necho hello from the new tool image\n",
+    );
+    let output = instance.berth("run", &repo, &["tooled"]);
+    assert!(
+        stdout(&output).contains("hello from the new tool image"),
+        "{}",
+        stdout(&output)
+    );
+    let images = docker(&[
+        "images",
+        "-q",
+        "--filter",
+        &filter,
+        "--filter",
+        "label=berth.step-image=tooled",
+    ]);
+    assert_eq!(
+        images.lines().count(),
+        1,
+        "the old step image was kept: {images}"
+    );
 }

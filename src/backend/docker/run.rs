@@ -464,13 +464,43 @@ impl DockerBackend {
                 ]);
                 shown(&log.note(&format!("== step image {tag}")));
                 let build = &image.build;
-                self.build_unless_present(tag, build, labels, || Ok(tar.clone()))
-                    .await
+                let built = self
+                    .build_unless_present(tag, build, labels, || Ok(tar.clone()))
+                    .await?;
+                self.remove_older_step_images(&request.pipeline, &built)
+                    .await;
+                Ok(built)
             }
             (StepImage::Build(_), None) => Err(Trouble::Failed(
                 "the step image's context was not read".into(),
             )),
         }
+    }
+
+    /// Removes the pipeline's step images but `current`: those of older contents of its folder.
+    /// One a run still uses stays (the engine refuses to remove it) until a later run.
+    async fn remove_older_step_images(&self, pipeline: &Name, current: &str) {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{}={}", super::LABEL_INSTANCE, self.instance()),
+                format!("{LABEL_STEP_IMAGE}={pipeline}"),
+            ],
+        )]);
+        let Ok(images) = self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+        else {
+            return;
+        };
+        let older = images
+            .iter()
+            .filter(|image| !image.repo_tags.iter().any(|t| t == current));
+        self.remove_images(older).await;
     }
 
     /// Runs one step as an exec and returns its exit code.
