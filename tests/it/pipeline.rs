@@ -348,15 +348,18 @@ fn steps_run_in_an_image_built_from_a_folder_of_the_repo() {
             "{attempt}: {text}"
         );
     }
-    let filter = format!("label=berth.instance={}", instance.name);
-    let images = docker(&[
-        "images",
-        "-q",
-        "--filter",
-        &filter,
-        "--filter",
-        "label=berth.step-image=tooled",
-    ]);
+    let step_images = || {
+        let filter = format!("label=berth.instance={}", instance.name);
+        docker(&[
+            "images",
+            "-q",
+            "--filter",
+            &filter,
+            "--filter",
+            "label=berth.step-image=tooled",
+        ])
+    };
+    let images = step_images();
     assert_eq!(images.lines().count(), 1, "built once: {images}");
     // A changed folder builds a new step image, and the old one goes.
     repo.write(
@@ -369,14 +372,7 @@ fn steps_run_in_an_image_built_from_a_folder_of_the_repo() {
         "{}",
         stdout(&output)
     );
-    let images = docker(&[
-        "images",
-        "-q",
-        "--filter",
-        &filter,
-        "--filter",
-        "label=berth.step-image=tooled",
-    ]);
+    let images = step_images();
     assert_eq!(
         images.lines().count(),
         1,

@@ -668,3 +668,61 @@ fn a_second_agent_of_the_instance_leaves_the_first_ones_running_runs_alone() {
         "{body}"
     );
 }
+
+/// A producing pipeline whose step fails is a Failure that names its log, and is not run again
+/// by the passes that follow (a broken build must not loop); a fix in its folder runs it again.
+#[test]
+fn a_failing_build_is_a_failure_once_and_a_fix_builds_again() {
+    let Some(instance) = engine() else { return };
+    let image = format!("{}-tool", instance.name);
+    let config = Origin::new(&[
+        (
+            "pipelines/tool.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: tool}}\nspec:\n  context: tool\n  image: busybox:latest\n  produces: \"{image}:{{commit}}\"\n  steps:\n    - {{name: test, run: \"sh check.sh\"}}\n"
+            ),
+        ),
+        ("tool/check.sh", "echo checking; exit 4\n"),
+        (
+            "tool/Dockerfile",
+            "FROM busybox:latest\nCOPY check.sh /check.sh\n",
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the failure in status", || {
+        config
+            .show("berth-status:status/pipeline/tool.yaml")
+            .is_some_and(|s| s.contains("phase: Failure"))
+    });
+    let status = config
+        .show("berth-status:status/pipeline/tool.yaml")
+        .unwrap();
+    assert!(
+        status.contains("exit code 4") && status.contains("berth logs 1"),
+        "{status}"
+    );
+    // Passes that follow (each a drift check) do not run it again.
+    let before = agent.log().matches("pass done").count();
+    for _ in 0..3 {
+        let (code, _) = agent.api("POST", "/api/v1/reconcile");
+        assert_eq!(code, 202);
+        let seen = agent.log().matches("pass done").count();
+        agent.wait_for("the pass asked for", || {
+            agent.log().matches("pass done").count() > seen
+        });
+    }
+    assert!(agent.log().matches("pass done").count() >= before + 3);
+    let (_, body) = agent.api("GET", "/api/v1/runs?pipeline=tool");
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(runs.len(), 1, "the broken build ran again: {body}");
+    // A fix to its folder is a new spec: it builds.
+    let fixed = config.commit(&[("tool/check.sh", Some("echo checking; exit 0\n"))], "fix");
+    let (code, _) = agent.api("POST", "/api/v1/reconcile");
+    assert_eq!(code, 202);
+    agent.wait_for("the fixed build", || {
+        config
+            .show("berth-status:status/pipeline/tool.yaml")
+            .is_some_and(|s| s.contains("phase: Running") && s.contains(&fixed[..12]))
+    });
+}
