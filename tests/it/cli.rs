@@ -184,3 +184,52 @@ fn a_reader_that_stops_reading_ends_the_command_quietly() {
     assert!(!said.contains("panicked"), "{said}");
     assert_ne!(output.status.code(), Some(101), "{said}");
 }
+
+/// The agent's systemd unit is valid and hardened: `systemd-analyze verify` is clean and its
+/// offline security review rates it OK (an exposure below 2 of 10). Run against a copy whose
+/// ExecStart is this build of berth.
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let answers = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        assert!(
+            std::env::var("BERTH_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "systemd-analyze is missing; CI needs it (Debian's systemd package)"
+        );
+        eprintln!("SKIPPED: systemd-analyze is missing");
+        return;
+    }
+    let unit = std::fs::read_to_string(crate_root().join("packaging/systemd/berth-agent.service"))
+        .unwrap();
+    let unit = unit.replace("/usr/local/bin/berth", env!("CARGO_BIN_EXE_berth"));
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("berth-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stderr).into_owned()
+        + &String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{said}");
+    assert!(
+        !said.contains("berth-agent.service"),
+        "verify has something to say:\n{said}"
+    );
+    let security = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("berth-agent.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(exposure < 2.0, "exposure {exposure}:\n{text}");
+}
