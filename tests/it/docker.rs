@@ -29,6 +29,11 @@ impl Drop for Instance {
                 vec!["network", "rm"],
             ),
             (vec!["images", "-q", "--filter", &filter], vec!["rmi", "-f"]),
+            // Pipeline runs an agent killed mid-run left (their containers went above).
+            (
+                vec!["volume", "ls", "-q", "--filter", &filter],
+                vec!["volume", "rm", "-f"],
+            ),
         ] {
             let ids = docker(&list);
             let ids: Vec<&str> = ids.split_whitespace().collect();
