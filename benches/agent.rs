@@ -145,18 +145,8 @@ fn main() {
     // The agent.
     let state = work.path().join("agent");
     std::fs::create_dir_all(&state).unwrap();
-    std::fs::write(state.join("secret"), SECRET).unwrap();
-    std::fs::write(state.join("token"), TOKEN).unwrap();
-    let port = common::free_port();
-    let agent_config = state.join("agent.yaml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "instance: {INSTANCE}\nrepo: {{url: \"{url}\"}}\nlisten: 127.0.0.1:{port}\nwebhook: {{secretFile: {s}/secret}}\napi: {{tokenFile: {s}/token}}\nstateDir: {s}/state\nschedule: '0 0 1 1 *'\nwait: 30s\n",
-            s = state.display()
-        ),
-    )
-    .unwrap();
+    let (agent_config, port) =
+        common::agent_config(&state, INSTANCE, &url, (SECRET, TOKEN), "wait: 30s\n");
     let started = Instant::now();
     let mut agent: Child = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["agent", "--log-format", "json", "--config"])

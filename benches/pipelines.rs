@@ -148,18 +148,13 @@ fn main() {
         }
     }
 
-    std::fs::write(state.join("secret"), SECRET).unwrap();
-    std::fs::write(state.join("token"), TOKEN).unwrap();
-    let port = common::free_port();
-    let agent_config = state.join("agent.yaml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "instance: {INSTANCE}\nrepo: {{url: \"{config_url}\"}}\nlisten: 127.0.0.1:{port}\nwebhook: {{secretFile: {s}/secret}}\napi: {{tokenFile: {s}/token}}\nstateDir: {s}/state\nschedule: '0 0 1 1 *'\npipelines: {{workers: {WORKERS}}}\n",
-            s = state.display()
-        ),
-    )
-    .unwrap();
+    let (agent_config, port) = common::agent_config(
+        &state,
+        INSTANCE,
+        &config_url,
+        (SECRET, TOKEN),
+        &format!("pipelines: {{workers: {WORKERS}}}\n"),
+    );
     let agent = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["agent", "--config"])
         .arg(&agent_config)

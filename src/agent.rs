@@ -23,7 +23,7 @@ use crate::queue::workers::{Pipelines, Setup};
 use crate::reconcile::{self, ApplyOptions};
 use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
-use crate::status::{self, PassRecord, PassResult, StatusSet, short_revision};
+use crate::status::{self, PassRecord, PassResult, StatusSet, now, short_revision};
 use crate::triggers::{self, Trigger, TriggerSender};
 
 /// Longest wait between retries after transient failures.
@@ -252,10 +252,6 @@ pub async fn run(
         let _ = server.await;
     }
     Ok(())
-}
-
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Runs blocking git work off the async threads.
@@ -593,7 +589,9 @@ impl Agent {
     /// Commits and pushes the status when it differs from what the remote holds. A failure is
     /// logged and retried on the next pass.
     async fn publish(&mut self) {
-        if let Some(status) = self.status.with_runs(&self.pipelines.history()) {
+        if let Some(history) = self.pipelines.history_if_changed()
+            && let Some(status) = self.status.with_runs(&history)
+        {
             self.status = Arc::new(status);
         }
         if self

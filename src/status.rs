@@ -440,6 +440,11 @@ impl StatusSet {
     }
 }
 
+/// Now, as status and run records write times (RFC 3339, in seconds).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// `status/challenge/web-101.yaml`.
 pub fn object_path(kind: Kind, name: &str) -> String {
     format!(

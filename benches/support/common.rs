@@ -121,6 +121,31 @@ pub fn remove_instance(instance: &str) {
     }
 }
 
+/// Writes an agent's webhook secret, API token and config into `state` (its state folder is
+/// `state/state`), following `url` on a free port, with `extra` settings appended; returns the
+/// config's path and the port.
+pub fn agent_config(
+    state: &Path,
+    instance: &str,
+    url: &str,
+    (secret, token): (&str, &str),
+    extra: &str,
+) -> (PathBuf, u16) {
+    std::fs::write(state.join("secret"), secret).unwrap();
+    std::fs::write(state.join("token"), token).unwrap();
+    let port = free_port();
+    let config = state.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance: {instance}\nrepo: {{url: \"{url}\"}}\nlisten: 127.0.0.1:{port}\nwebhook: {{secretFile: {s}/secret}}\napi: {{tokenFile: {s}/token}}\nstateDir: {s}/state\nschedule: '0 0 1 1 *'\n{extra}",
+            s = state.display()
+        ),
+    )
+    .unwrap();
+    (config, port)
+}
+
 /// A child process killed when this goes, even when the bench panics.
 pub struct KilledOnDrop(pub Child);
 

@@ -130,6 +130,8 @@ struct Inner {
     followers: Arc<tokio::sync::Semaphore>,
     /// Until when no run starts: the engine stopped answering under the last one.
     paused_until: Mutex<Option<Instant>>,
+    /// Whether runs changed since status last read them.
+    history_stale: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Pipelines {
@@ -176,10 +178,6 @@ pub struct Setup<'a> {
     pub checkout: &'a Arc<tokio::sync::RwLock<()>>,
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 impl Pipelines {
     /// Opens the run store in the state folder.
     pub fn open(setup: Setup<'_>) -> Result<Pipelines, StoreError> {
@@ -218,6 +216,7 @@ impl Pipelines {
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 followers: Arc::new(tokio::sync::Semaphore::new(MAX_FOLLOWERS)),
                 paused_until: Mutex::new(None),
+                history_stale: std::sync::atomic::AtomicBool::new(true),
             }),
         })
     }
@@ -305,10 +304,12 @@ impl Pipelines {
             })
             .collect();
         let names: Vec<String> = pipelines.keys().cloned().collect();
-        *self.inner.declared.write().expect("lock") = Arc::new(Declaration {
+        let declaration = Arc::new(Declaration {
             revision: revision.to_string(),
-            pipelines: pipelines.clone(),
+            pipelines,
         });
+        *self.inner.declared.write().expect("lock") = Arc::clone(&declaration);
+        self.runs_changed();
         match self.inner.store.cancel_undeclared(&names) {
             Ok(cancelled) if !cancelled.is_empty() => {
                 tracing::info!(runs = ?cancelled, "cancelled queued runs of pipelines no longer declared")
@@ -317,7 +318,7 @@ impl Pipelines {
             Err(error) => tracing::warn!(%error, "cannot cancel runs of undeclared pipelines"),
         }
         // A producing pipeline's changes are run by the pass that needs its image.
-        for (name, declared) in &pipelines {
+        for (name, declared) in &declaration.pipelines {
             let spec = &declared.spec;
             if !spec.triggers.on_change || spec.produces.is_some() {
                 continue;
@@ -351,6 +352,7 @@ impl Pipelines {
             .pipelines
             .get(&new.pipeline)
             .is_some_and(|d| d.spec.cancel_running);
+        self.runs_changed();
         let enqueued = self.inner.store.enqueue(&new, cancel_running).inspect_err(
             |error| tracing::error!(%error, pipeline = new.pipeline, "cannot queue a run"),
         )?;
@@ -450,6 +452,7 @@ impl Pipelines {
     /// Cancels run `id`: a queued run at once, a running one by killing its container. Returns
     /// its state before, or `None` when there is no such run.
     pub fn cancel(&self, id: i64) -> Result<Option<RunState>, StoreError> {
+        self.runs_changed();
         let before = self.inner.store.cancel(id, "cancelled by a person")?;
         if before == Some(RunState::Running) {
             self.stop(id, "cancelled by a person".into());
@@ -492,17 +495,33 @@ impl Pipelines {
         })
     }
 
-    /// The newest runs of each declared pipeline, for status.
-    pub fn history(&self) -> BTreeMap<String, Vec<Run>> {
+    /// Notes that runs or the declared pipelines changed, so status must show them again.
+    fn runs_changed(&self) {
+        self.inner
+            .history_stale
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The newest runs of each declared pipeline, for status; `None` when nothing changed since
+    /// the last call, so a pass that ran nothing reads nothing.
+    pub fn history_if_changed(&self) -> Option<BTreeMap<String, Vec<Run>>> {
+        if !self
+            .inner
+            .history_stale
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
         let declaration = self.declaration();
-        declaration
+        let history = declaration
             .pipelines
             .keys()
             .filter_map(|name| {
                 let runs = self.inner.store.list(Some(name), HISTORY).ok()?;
                 Some((name.clone(), runs))
             })
-            .collect()
+            .collect();
+        Some(history)
     }
 
     async fn docker(&self) -> Result<DockerBackend, String> {
@@ -549,6 +568,7 @@ impl Pipelines {
                         .start_next(self.inner.config.workers, concurrency)
                     {
                         Ok(Some(run)) => {
+                            self.runs_changed();
                             // Known as live before its task starts, so a cancel that comes at
                             // once reaches it.
                             let live = self.register(run.id);
@@ -659,6 +679,7 @@ impl Pipelines {
             _ => self.execute(&run, cancelled, &log).await,
         };
         let took = started.elapsed();
+        self.runs_changed();
         if self
             .inner
             .stopping
@@ -736,12 +757,16 @@ impl Pipelines {
             Ok(docker) => docker,
             Err(why) => return Ended::without_steps(RunState::Interrupted, why),
         };
-        let name = match run.pipeline.parse() {
-            Ok(name) => name,
+        let key = match run.pipeline.parse() {
+            Ok(name) => ObjectRef {
+                kind: Kind::Pipeline,
+                name,
+            },
             Err(_) => {
                 return Ended::without_steps(RunState::Failed, "not a pipeline name".into());
             }
         };
+        let name = key.name.clone();
         // A retry, or a run queued for a push, builds the commit it names; a pipeline with no
         // source builds the applied revision's folder.
         let wanted = match declared.spec.source {
@@ -803,7 +828,7 @@ impl Pipelines {
             request.commit,
             run.cause.as_str(),
             run.attempt,
-            now()
+            crate::status::now()
         );
         live.lock().expect("lock").write(&log.note(&header));
         // A push to another branch builds, but its image is not the product consumers roll to:
@@ -859,10 +884,6 @@ impl Pipelines {
             _ => report.summary(),
         };
         if report.image.is_some() {
-            let key = ObjectRef {
-                kind: Kind::Pipeline,
-                name: report.pipeline.parse().expect("checked above"),
-            };
             docker.collect_products(&key, KEEP_PRODUCTS).await;
         }
         if state == RunState::Interrupted {
