@@ -364,7 +364,7 @@ fn main() {
     // unsafe code), so it is named through `Access`, as `--kubeconfig` does.
     let access = Access {
         kubeconfig: Some(kubeconfig.clone()),
-        context: None,
+        ..Access::default()
     };
 
     let dir = tempfile::tempdir().unwrap();

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::apply::StepReport;
 use crate::backend::{Desired, Engines};
 use crate::config::{AgentConfig, ConfigError, Secrets};
-use crate::descriptor::{self, LoadOptions};
+use crate::descriptor;
 use crate::metrics::Metrics;
 use crate::plan::{Health, Policy};
 use crate::queue::workers::{Pipelines, Setup};
@@ -62,6 +62,9 @@ pub enum AgentError {
         /// Why.
         source: notify::Error,
     },
+    /// The leader election cannot start.
+    #[error(transparent)]
+    Election(#[from] crate::leader::ElectionError),
 }
 
 /// The revision being applied, loaded and translated; kept between passes so a drift check needs
@@ -146,7 +149,20 @@ pub async fn run(
         source: &source,
         checkout: &checkout,
     })?;
-    pipelines.start().await;
+    // Only the leader runs pipelines: a standby starts them when it takes over.
+    let mut leadership = match &config.leader_election {
+        Some(election) => {
+            let access = crate::config::KubeConfig::access(config.kube.as_ref());
+            crate::leader::Leadership::elect(election, &access).await?
+        }
+        None => crate::leader::Leadership::sole(),
+    };
+    let mut leading = leadership.leads();
+    let mut pipelines_started = false;
+    if leading {
+        pipelines.start().await;
+        pipelines_started = true;
+    }
     let shared = Arc::new(Shared {
         status: RwLock::new(Arc::new(StatusSet::new(&config.instance.to_string()))),
         readiness: RwLock::new(Readiness::Starting),
@@ -226,14 +242,43 @@ pub async fn run(
         recheck_scheduled: Arc::new(AtomicBool::new(false)),
     };
     let mut notified_ready = false;
+    if !leading {
+        agent.stand_by(&leadership);
+        notified_ready = true;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
     loop {
         let batch = tokio::select! {
             batch = triggers.next_batch() => batch,
             () = stopping.notified() => None,
+            () = leadership.changed() => {
+                match (leading, leadership.leads()) {
+                    (false, true) => {
+                        tracing::info!(identity = leadership.identity(), "took the lead; a full pass converges what the last leader left");
+                        *agent.shared.readiness.write().expect("lock") = Readiness::Starting;
+                        if !pipelines_started {
+                            agent.pipelines.start().await;
+                            pipelines_started = true;
+                        }
+                        agent.sender.send(Trigger::Startup);
+                    }
+                    (true, false) => {
+                        tracing::warn!(identity = leadership.identity(), "lost the lead; standing by");
+                        agent.stand_by(&leadership);
+                    }
+                    _ => {}
+                }
+                leading = leadership.leads();
+                continue;
+            }
         };
         let Some(batch) = batch else { break };
         if stop_requested.load(Ordering::SeqCst) {
             break;
+        }
+        if !leading {
+            tracing::debug!(triggers = batch.len(), "standing by: no pass");
+            continue;
         }
         agent.pass(&batch).await;
         if !notified_ready {
@@ -247,7 +292,10 @@ pub async fn run(
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     agent.pipelines.shutdown().await;
-    agent.publish().await;
+    if leadership.leads() {
+        agent.publish().await;
+    }
+    leadership.resign().await;
     if let Some(server) = server {
         let _ = server.await;
     }
@@ -291,6 +339,11 @@ impl Agent {
             triggers = ?names,
             "pass done"
         );
+    }
+
+    fn stand_by(&self, leadership: &crate::leader::Leadership) {
+        *self.shared.readiness.write().expect("lock") =
+            Readiness::Standby(leadership.identity().to_string());
     }
 
     fn degraded(&self, why: String) {
@@ -414,9 +467,10 @@ impl Agent {
         let applied = self.current.as_ref().map(|c| c.revision.clone());
         // Runs copying a folder of the checkout finish first, and none starts meanwhile.
         let _checkout = self.checkout.write().await;
+        let options = self.config.load_options();
         let loaded = blocking(move || {
             source.checkout(&at)?;
-            let loaded = descriptor::load(source.workdir(), &LoadOptions::default())
+            let loaded = descriptor::load(source.workdir(), &options)
                 .map_err(|e| SourceError::Local(e.to_string()))?;
             if let (false, Some(applied)) = (loaded.is_valid(), applied) {
                 source.checkout(&applied)?;

@@ -219,6 +219,8 @@ mod tests {
         Step {
             key: format!("Challenge/{name}").parse().unwrap(),
             action,
+            engine: crate::plan::Engine::Docker,
+            from: None,
             reasons: vec![],
             replacement: None,
             dependencies: dependencies

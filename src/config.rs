@@ -91,6 +91,22 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
     ("BERTH_KUBECONFIG", "/kube/kubeconfig", EnvType::Text),
     ("BERTH_KUBE_CONTEXT", "/kube/context", EnvType::Text),
     (
+        "BERTH_CHALLENGE_NAMESPACE",
+        "/kube/challengeNamespace",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_NODE_PORT_RANGE",
+        "/kube/nodePortRange",
+        EnvType::Text,
+    ),
+    ("BERTH_DEFAULT_TARGET", "/defaultTarget", EnvType::Text),
+    (
+        "BERTH_LEADER_ELECTION_NAMESPACE",
+        "/leaderElection/namespace",
+        EnvType::Text,
+    ),
+    (
         "BERTH_PIPELINES_WORKERS",
         "/pipelines/workers",
         EnvType::Integer,
@@ -160,6 +176,13 @@ pub struct AgentConfig {
     /// pod's service account, and with none of those Stagings are skipped.
     #[serde(default)]
     pub kube: Option<KubeConfig>,
+    /// Leader election among agents following the same repo (replicas of a Deployment): only the
+    /// holder of a Lease applies; none when absent.
+    #[serde(default)]
+    pub leader_election: Option<LeaderElectionConfig>,
+    /// Where a Challenge without a `target` runs: `docker` (the default) or `kubernetes`.
+    #[serde(default)]
+    pub default_target: crate::descriptor::model::Engine,
     /// How Pipeline runs are carried out.
     #[serde(default)]
     pub pipelines: PipelinesConfig,
@@ -196,6 +219,29 @@ fn default_log_cap() -> usize {
     crate::run::DEFAULT_LOG_CAP
 }
 
+/// Which Lease the agents elect their leader with.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaderElectionConfig {
+    /// The namespace of the Lease (the agents' own).
+    pub namespace: Name,
+    /// The Lease's name; `berth-agent` by default.
+    #[serde(default = "default_lease")]
+    pub lease: Name,
+    /// How long a Lease holds without renewal; a standby takes over this long after the leader
+    /// dies. 15s by default.
+    #[serde(default = "default_lease_duration")]
+    pub lease_duration: Duration,
+}
+
+fn default_lease() -> Name {
+    "berth-agent".parse().expect("a valid name")
+}
+
+fn default_lease_duration() -> Duration {
+    Duration(std::time::Duration::from_secs(15))
+}
+
 /// How to reach the Kubernetes cluster.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -206,6 +252,15 @@ pub struct KubeConfig {
     /// The context to use in it; its current context when absent.
     #[serde(default)]
     pub context: Option<String>,
+    /// The namespace Challenges with `target: kubernetes` run in; `berth-challenges` by default.
+    /// berth makes it when it is missing.
+    #[serde(default)]
+    pub challenge_namespace: Option<Name>,
+    /// The cluster's NodePort range (its API server's `--service-node-port-range`), as `FIRST-LAST`;
+    /// `30000-32767` by default. A host port of a Challenge on Kubernetes must be in it.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^[0-9]{1,5}-[0-9]{1,5}$"))]
+    pub node_port_range: Option<String>,
 }
 
 impl KubeConfig {
@@ -215,7 +270,24 @@ impl KubeConfig {
         crate::backend::kube::Access {
             kubeconfig: config.kubeconfig,
             context: config.context,
+            challenge_namespace: config.challenge_namespace.map(|n| n.to_string()),
         }
+    }
+}
+
+/// A NodePort range as `FIRST-LAST`, checked.
+pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let parsed = text.split_once('-').and_then(|(first, last)| {
+        Some((
+            first.trim().parse::<u16>().ok()?,
+            last.trim().parse::<u16>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((first, last)) if first >= 1 && first <= last => Ok(first..=last),
+        _ => Err(format!(
+            "node port range \"{text}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, such as 30000-32767"
+        )),
     }
 }
 
@@ -476,6 +548,14 @@ impl AgentConfig {
                 return Err(ConfigError(format!("{file}: {setting} must be at least 1")));
             }
         }
+        if let Some(range) = self
+            .kube
+            .as_ref()
+            .and_then(|k| k.node_port_range.as_deref())
+        {
+            node_port_range(range)
+                .map_err(|why| ConfigError(format!("{file}: kube.nodePortRange: {why}")))?;
+        }
         for (setting, value) in [
             ("http.headerTimeout", self.http.header_timeout),
             ("http.bodyTimeout", self.http.body_timeout),
@@ -487,6 +567,21 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    /// How the agent loads the repo: where Challenges go, and the cluster's NodePort range.
+    pub fn load_options(&self) -> crate::descriptor::LoadOptions {
+        let node_ports = self
+            .kube
+            .as_ref()
+            .and_then(|k| k.node_port_range.as_deref())
+            .and_then(|range| node_port_range(range).ok())
+            .unwrap_or(crate::descriptor::load::DEFAULT_NODE_PORTS);
+        crate::descriptor::LoadOptions {
+            default_target: self.default_target,
+            node_ports,
+            ..Default::default()
+        }
     }
 
     /// The local folder `repo.url` names, when it names one (a path or `file://`): the agent watches it.

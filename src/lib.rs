@@ -26,6 +26,7 @@ pub mod build_context;
 pub mod client;
 pub mod config;
 pub mod descriptor;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod queue;

@@ -229,11 +229,27 @@ struct LoadFlags {
     /// Largest descriptor file berth reads, in bytes.
     #[arg(long, env = "BERTH_MAX_FILE_SIZE", default_value_t = DEFAULT_MAX_FILE_SIZE)]
     max_file_size: u64,
+    /// Where a Challenge without a `target` runs: docker or kubernetes.
+    #[arg(long, env = "BERTH_DEFAULT_TARGET", default_value = "docker", value_parser = parse_engine)]
+    default_target: berth::plan::Engine,
+    /// The cluster's NodePort range, FIRST-LAST: host ports of Challenges on Kubernetes must be in it.
+    #[arg(long, env = "BERTH_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = berth::config::node_port_range)]
+    node_port_range: std::ops::RangeInclusive<u16>,
+}
+
+fn parse_engine(text: &str) -> Result<berth::plan::Engine, String> {
+    match text {
+        "docker" => Ok(berth::plan::Engine::Docker),
+        "kubernetes" => Ok(berth::plan::Engine::Kubernetes),
+        _ => Err("expected docker or kubernetes".into()),
+    }
 }
 
 impl LoadFlags {
     fn options(&self) -> LoadOptions {
         LoadOptions {
+            default_target: self.default_target,
+            node_ports: self.node_port_range.clone(),
             max_file_size: self.max_file_size,
         }
     }
@@ -247,6 +263,9 @@ struct TargetFlags {
     /// Also delete what this instance owns that the repo no longer declares.
     #[arg(long, env = "BERTH_PRUNE")]
     prune: bool,
+    /// The namespace Challenges on Kubernetes run in.
+    #[arg(long, env = "BERTH_CHALLENGE_NAMESPACE", default_value = "berth-challenges", value_parser = parse_instance)]
+    challenge_namespace: String,
 }
 
 fn parse_instance(text: &str) -> Result<String, String> {
@@ -354,7 +373,11 @@ async fn load_and_connect(
     options: &LoadOptions,
 ) -> Result<(descriptor::Loaded, berth::backend::Engines), ExitCode> {
     let loaded = reconcile::load(dir, options).map_err(unplannable)?;
-    let engines = reconcile::connect(&flags.instance, &Default::default())
+    let access = berth::backend::kube::Access {
+        challenge_namespace: Some(flags.challenge_namespace.clone()),
+        ..Default::default()
+    };
+    let engines = reconcile::connect(&flags.instance, &access)
         .await
         .map_err(|e| unplannable(e.into()))?;
     Ok((loaded, engines))

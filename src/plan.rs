@@ -30,6 +30,8 @@ pub enum TargetState {
     Archived,
 }
 
+pub use crate::descriptor::model::Engine;
+
 /// The words a backend's reasons use for its parts: "container missing", "object missing".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vocabulary {
@@ -84,6 +86,8 @@ pub enum Hold {
 pub struct DesiredObject {
     /// `Kind/name`.
     pub key: ObjectRef,
+    /// The engine it runs on.
+    pub engine: Engine,
     /// What its parts should be doing.
     pub target: TargetState,
     /// Its parts.
@@ -168,6 +172,8 @@ impl ObservedPart {
 pub struct ObservedObject {
     /// `Kind/name`.
     pub key: ObjectRef,
+    /// The engine that runs it. An object moving between engines is observed on both.
+    pub engine: Engine,
     /// Its parts.
     pub parts: Vec<ObservedPart>,
     /// Since when it is archived, when the engine records it.
@@ -256,6 +262,12 @@ pub struct Step {
     pub key: ObjectRef,
     /// What to do.
     pub action: Action,
+    /// The engine the step applies to.
+    pub engine: Engine,
+    /// The engine the object leaves: what runs there is removed once it runs on `engine` (or,
+    /// for a delete, removed there too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Engine>,
     /// Why.
     pub reasons: Vec<String>,
     /// For updates: how parts are replaced.
@@ -305,26 +317,71 @@ pub struct Policy {
 /// fails with the reason before the running container is touched.
 pub const UNREADABLE: &str = "unreadable: ";
 
+/// Observed objects by key. An object seen on two engines (moving between them) is the one on
+/// the engine `desired` names for it; an undeclared one, the first seen.
+pub fn observed_by_key<'a>(
+    desired: &[DesiredObject],
+    observed: &'a [ObservedObject],
+) -> BTreeMap<&'a ObjectRef, &'a ObservedObject> {
+    let engines: BTreeMap<&ObjectRef, Engine> =
+        desired.iter().map(|d| (&d.key, d.engine)).collect();
+    let mut by_key: BTreeMap<&ObjectRef, &ObservedObject> = BTreeMap::new();
+    for object in observed {
+        let wanted = engines.get(&object.key) == Some(&object.engine);
+        match by_key.get(&object.key) {
+            Some(_) if !wanted => {}
+            _ => {
+                by_key.insert(&object.key, object);
+            }
+        }
+    }
+    by_key
+}
+
 /// The pure diff of desired and observed state.
+///
+/// An object declared on one engine and still running on another is *moving*: its step makes it
+/// on the new engine and names the old one in [`Step::from`], whose parts are removed only once
+/// the new ones run (never while the object is held back).
 pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Policy) -> Plan {
-    let observed_by_key: BTreeMap<&ObjectRef, &ObservedObject> =
-        observed.iter().map(|o| (&o.key, o)).collect();
+    let observed_by_key = observed_by_key(desired, observed);
     let mut steps = Vec::new();
     for object in desired {
-        let (action, reasons) = match &object.hold {
+        let elsewhere = observed
+            .iter()
+            .find(|o| o.key == object.key && o.engine != object.engine && !o.parts.is_empty())
+            .map(|o| o.engine);
+        let here = observed_by_key
+            .get(&object.key)
+            .copied()
+            .filter(|o| o.engine == object.engine);
+        let (mut action, mut reasons) = match &object.hold {
             Some(Hold::Skip(reason)) => (Action::Skip, vec![reason.clone()]),
             Some(Hold::Wait(reason)) => (Action::Wait, vec![reason.clone()]),
-            Some(Hold::Fail(reason)) => match observed_by_key.contains_key(&object.key) {
+            Some(Hold::Fail(reason)) => match here.is_some() {
                 true => (Action::Update, vec![reason.clone()]),
                 false => (Action::Create, vec![reason.clone()]),
             },
-            None => compare(
-                object,
-                observed_by_key.get(&object.key).copied(),
-                policy.now,
-            ),
+            None => compare(object, here, policy.now),
         };
-        let replaced = action == Action::Update && object.words.replaces;
+        let from = elsewhere.filter(|_| object.hold.is_none());
+        if let Some(from) = from {
+            let moving = format!("moves from {from} to {}", object.engine);
+            match action {
+                Action::Noop => {
+                    action = Action::Update;
+                    reasons = vec![format!(
+                        "{moving}: runs on {}; what is left on {from} is removed",
+                        object.engine
+                    )];
+                }
+                _ => reasons.insert(
+                    0,
+                    format!("{moving}: made there first, removed from {from} once it runs"),
+                ),
+            }
+        }
+        let replaced = action == Action::Update && object.words.replaces && from.is_none();
         let replacement = replaced.then_some(if object.start_first {
             Replacement::StartFirst
         } else {
@@ -335,6 +392,8 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         steps.push(Step {
             key: object.key.clone(),
             action,
+            engine: object.engine,
+            from,
             reasons,
             replacement,
             dependencies: object.dependencies.clone(),
@@ -342,7 +401,14 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         });
     }
     let declared: BTreeSet<&ObjectRef> = desired.iter().map(|d| &d.key).collect();
+    let mut undeclared: BTreeMap<&ObjectRef, Vec<Engine>> = BTreeMap::new();
     for object in observed.iter().filter(|o| !declared.contains(&o.key)) {
+        undeclared
+            .entry(&object.key)
+            .or_default()
+            .push(object.engine);
+    }
+    for (key, engines) in undeclared {
         let (action, reason) = if policy.prune {
             (Action::Delete, "removed from repo".to_string())
         } else {
@@ -352,8 +418,10 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
             )
         };
         steps.push(Step {
-            key: object.key.clone(),
+            key: key.clone(),
             action,
+            engine: engines[0],
+            from: engines.get(1).copied(),
             reasons: vec![reason],
             replacement: None,
             dependencies: Vec::new(),
@@ -685,6 +753,12 @@ impl Plan {
 
     fn describe(step: &Step) -> String {
         let mut reason = step.reasons.join("; ");
+        if step.engine != Engine::usual_for(step.key.kind) && step.from.is_none() {
+            reason = match reason.is_empty() {
+                true => format!("on {}", step.engine),
+                false => format!("on {}: {reason}", step.engine),
+            };
+        }
         if let Some(replacement) = step.replacement {
             let how = match replacement {
                 Replacement::StartFirst => "replace, start new first",
@@ -800,6 +874,7 @@ mod tests {
     fn targeted(name: &str, target: TargetState, parts: Vec<Part>) -> DesiredObject {
         DesiredObject {
             key: key(name),
+            engine: Engine::Docker,
             target,
             parts,
             dependencies: vec![],
@@ -842,6 +917,7 @@ mod tests {
     fn observed(name: &str, parts: Vec<ObservedPart>) -> ObservedObject {
         ObservedObject {
             key: key(name),
+            engine: Engine::Docker,
             parts,
             archived_at: None,
             expired: None,
@@ -856,6 +932,101 @@ mod tests {
         let plan = diff(&desired, &observed, Policy { prune, now: None });
         assert_eq!(plan.steps.len(), 1, "{plan:?}");
         (plan.steps[0].action, plan.steps[0].reasons.clone())
+    }
+
+    fn on(engine: Engine, mut object: ObservedObject) -> ObservedObject {
+        object.engine = engine;
+        object
+    }
+
+    #[test]
+    fn a_challenge_moving_to_kubernetes_is_made_there_and_then_removed_from_docker() {
+        let mut wanted = desired("web", true, vec![member("Deployment/web", "k1", json!({}))]);
+        wanted.engine = Engine::Kubernetes;
+        let on_docker = observed("web", vec![seen("main-1", "d1", json!({}), true)]);
+        // Not yet on the cluster: one step makes it there and names where it comes from.
+        let plan = diff(
+            std::slice::from_ref(&wanted),
+            std::slice::from_ref(&on_docker),
+            Policy::default(),
+        );
+        assert_eq!(plan.steps.len(), 1, "{plan:?}");
+        let step = &plan.steps[0];
+        assert_eq!(
+            (step.action, step.engine, step.from),
+            (Action::Create, Engine::Kubernetes, Some(Engine::Docker))
+        );
+        assert!(
+            step.reasons[0].starts_with("moves from docker to kubernetes"),
+            "{step:?}"
+        );
+        assert!(
+            plan.render_text()
+                .contains("moves from docker to kubernetes")
+        );
+        // Made on the cluster, but a crash left the containers: the move finishes.
+        let on_cluster = on(
+            Engine::Kubernetes,
+            observed("web", vec![seen("Deployment/web", "k1", json!({}), true)]),
+        );
+        let plan = diff(
+            std::slice::from_ref(&wanted),
+            &[on_docker.clone(), on_cluster.clone()],
+            Policy::default(),
+        );
+        assert_eq!(
+            (plan.steps[0].action, plan.steps[0].from),
+            (Action::Update, Some(Engine::Docker))
+        );
+        assert_eq!(plan.steps[0].replacement, None);
+        // Only on the cluster: nothing to do, and the plan says where it runs.
+        let plan = diff(
+            std::slice::from_ref(&wanted),
+            std::slice::from_ref(&on_cluster),
+            Policy::default(),
+        );
+        assert_eq!(
+            (plan.steps[0].action, plan.steps[0].from),
+            (Action::Noop, None)
+        );
+        assert!(
+            plan.render_text().contains("on kubernetes"),
+            "{}",
+            plan.render_text()
+        );
+        // Held back (its image not produced yet): what runs on Docker is left alone.
+        wanted.hold = Some(Hold::Wait("waits for Pipeline/app".into()));
+        let plan = diff(&[wanted], &[on_docker], Policy::default());
+        assert_eq!(
+            (plan.steps[0].action, plan.steps[0].from),
+            (Action::Wait, None)
+        );
+    }
+
+    #[test]
+    fn an_undeclared_object_on_two_engines_is_one_delete_of_both() {
+        let on_docker = observed("web", vec![seen("main-1", "d1", json!({}), true)]);
+        let on_cluster = on(
+            Engine::Kubernetes,
+            observed("web", vec![seen("Deployment/web", "k1", json!({}), true)]),
+        );
+        let plan = diff(
+            &[],
+            &[on_docker, on_cluster],
+            Policy {
+                prune: true,
+                now: None,
+            },
+        );
+        assert_eq!(plan.steps.len(), 1, "{plan:?}");
+        assert_eq!(
+            (
+                plan.steps[0].action,
+                plan.steps[0].engine,
+                plan.steps[0].from
+            ),
+            (Action::Delete, Engine::Docker, Some(Engine::Kubernetes))
+        );
     }
 
     #[test]

@@ -83,12 +83,8 @@ pub async fn plan(
             {
                 return Err(error.clone());
             }
-            for (kinds, error) in &down {
-                for object in desired
-                    .objects
-                    .iter_mut()
-                    .filter(|o| kinds.contains(&o.key.kind))
-                {
+            for (engine, error) in &down {
+                for object in desired.objects.iter_mut().filter(|o| o.engine == *engine) {
                     if object.hold.is_none() {
                         unreachable.push((object.key.clone(), error.to_string()));
                         object.hold = Some(Hold::Wait(error.to_string()));
@@ -323,8 +319,7 @@ pub fn unhealthy(
     observed: &[ObservedObject],
     progressing: bool,
 ) -> BTreeMap<ObjectRef, String> {
-    let by_key: BTreeMap<&ObjectRef, &ObservedObject> =
-        observed.iter().map(|o| (&o.key, o)).collect();
+    let by_key = plan::observed_by_key(&planned.desired.objects, observed);
     let mut unwell = BTreeMap::new();
     for object in &planned.desired.objects {
         if object.hold.is_some() || object.target != TargetState::Running {
@@ -373,7 +368,7 @@ pub async fn settle(
         let kept = applied
             .observed
             .iter()
-            .filter(|o| down.iter().any(|(kinds, _)| kinds.contains(&o.key.kind)))
+            .filter(|o| down.iter().any(|(engine, _)| *engine == o.engine))
             .cloned();
         let mut observed: Vec<ObservedObject> = observed.into_iter().chain(kept).collect();
         observed.sort_by(|a, b| a.key.cmp(&b.key));

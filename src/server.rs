@@ -49,6 +49,8 @@ pub enum Readiness {
     Ready,
     /// The last pass failed on a transient error (git server or engine down): why.
     Degraded(String),
+    /// Another agent leads (leader election): this one applies nothing until it takes over.
+    Standby(String),
 }
 
 /// What the agent shares with the server: the status as of the last pass, and readiness.
@@ -185,18 +187,24 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         },
     };
     let body_timeout = limits.body_timeout;
+    let changing = Router::new()
+        .route("/api/v1/reconcile", post(reconcile))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/api/v1/pipelines/{name}/runs", post(start_run))
+        .route("/hooks/{provider}", post(hook))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            refused_on_standby,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
-        .route("/api/v1/reconcile", post(reconcile))
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{id}", get(run))
         .route("/api/v1/runs/{id}/logs", get(run_logs))
-        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
-        .route("/api/v1/pipelines/{name}/runs", post(start_run))
-        .route("/hooks/{provider}", post(hook))
+        .merge(changing)
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             answer_within(body_timeout, request, next)
         }))
@@ -310,6 +318,24 @@ async fn readyz(State(state): State<ServerState>) -> Response {
             format!("not ready: {why}\n"),
         )
             .into_response(),
+        Readiness::Standby(identity) => standby(&identity),
+    }
+}
+
+fn standby(identity: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("standby: another agent leads ({identity} waits for the Lease)\n"),
+    )
+        .into_response()
+}
+
+/// A standby changes nothing: webhooks, reconciles and runs go to the leader.
+async fn refused_on_standby(State(app): State<App>, request: Request, next: Next) -> Response {
+    let readiness = app.server.shared.readiness.read().expect("lock").clone();
+    match readiness {
+        Readiness::Standby(identity) => standby(&identity),
+        _ => next.run(request).await,
     }
 }
 

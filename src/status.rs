@@ -14,7 +14,8 @@ use serde_json::Value;
 use crate::apply::{Outcome, StepReport};
 use crate::descriptor::{Kind, ObjectRef, Problem, yaml};
 use crate::plan::{
-    Action, DesiredObject, Health, ObservedObject, ObservedPart, PartState, Plan, TargetState,
+    Action, DesiredObject, Engine, Health, ObservedObject, ObservedPart, PartState, Plan,
+    TargetState,
 };
 
 /// Where an object is in its life, after DM/octopod: pending phases while a step runs, settled
@@ -164,6 +165,9 @@ pub struct ObjectStatus {
     /// When the phase last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<String>,
+    /// The engine it runs on, when it is not its kind's usual one (a Challenge on Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<Engine>,
     /// Its parts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<PartStatus>,
@@ -360,6 +364,7 @@ impl StatusSet {
             .filter(|(_, status)| !status.parts.is_empty())
             .map(|(key, status)| ObservedObject {
                 key: key.clone(),
+                engine: status.engine.unwrap_or(Engine::usual_for(key.kind)),
                 archived_at: None,
                 expired: None,
                 parts: status
@@ -424,6 +429,7 @@ impl StatusSet {
                 endpoints: Vec::new(),
                 message: String::new(),
                 last_transition: None,
+                engine: None,
                 parts: Vec::new(),
                 runs: Vec::new(),
             });
@@ -525,8 +531,7 @@ pub struct PassRecord<'a> {
 pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
     let desired: HashMap<&ObjectRef, &DesiredObject> =
         record.desired.iter().map(|d| (&d.key, d)).collect();
-    let observed: HashMap<&ObjectRef, &ObservedObject> =
-        record.observed.iter().map(|o| (&o.key, o)).collect();
+    let observed = crate::plan::observed_by_key(record.desired, record.observed);
     let reports: HashMap<&ObjectRef, &StepReport> =
         record.reports.iter().map(|r| (&r.step.key, r)).collect();
     let mut next = StatusSet {
@@ -640,6 +645,7 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
             endpoints: endpoints(&parts),
             message,
             last_transition,
+            engine: Some(step.engine).filter(|e| *e != Engine::usual_for(key.kind)),
             parts,
             // Runs are the queue's to say; a pass keeps what status showed.
             runs: previous
@@ -798,7 +804,7 @@ fn object_health(parts: &[PartStatus], phase: Option<Phase>) -> Health {
 fn endpoints(parts: &[PartStatus]) -> Vec<String> {
     let mut endpoints: Vec<String> = parts
         .iter()
-        .filter(|p| p.id.starts_with("main-"))
+        .filter(|p| p.id.starts_with("main-") || p.id.starts_with("Service/"))
         .filter_map(|p| p.spec.get("ports")?.as_array().cloned())
         .flatten()
         .filter_map(|port| {
@@ -906,6 +912,7 @@ mod tests {
     fn desired(name: &str, hash: &str, port: u16) -> DesiredObject {
         DesiredObject {
             key: key(name),
+            engine: Engine::Docker,
             target: TargetState::Running,
             parts: vec![Part {
                 id: "main-1".into(),
@@ -928,6 +935,7 @@ mod tests {
     fn running(object: &DesiredObject) -> ObservedObject {
         ObservedObject {
             key: object.key.clone(),
+            engine: object.engine,
             archived_at: None,
             expired: None,
             parts: object
@@ -1190,6 +1198,8 @@ mod tests {
         let step = Step {
             key: key.clone(),
             action,
+            engine: crate::plan::Engine::Docker,
+            from: None,
             reasons: vec![],
             replacement: None,
             dependencies: vec![],

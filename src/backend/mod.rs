@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::apply::Outcome;
 use crate::descriptor::model::ImageSource;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Hold, ObservedObject, Step, TargetState, Vocabulary};
+use crate::plan::{DesiredObject, Engine, Hold, ObservedObject, Step, TargetState, Vocabulary};
 
 /// Label naming the berth instance that owns an object.
 pub const LABEL_INSTANCE: &str = "berth.instance";
@@ -140,6 +140,7 @@ pub enum EngineError {
 #[derive(Debug, Clone)]
 enum Template {
     Challenge(Box<docker::ChallengeTemplate>),
+    KubeChallenge(Box<kube::challenge::ChallengeTemplate>),
     Pipeline(Box<docker::run::PipelineTemplate>),
     Staging(Box<kube::StagingTemplate>),
 }
@@ -191,6 +192,17 @@ impl Desired {
             return false;
         };
         let (object, template) = match &mut descriptor.spec {
+            Spec::Challenge(_)
+                if matches!(self.templates.get(key), Some(Template::KubeChallenge(_))) =>
+            {
+                // A cluster pulls by name: the tag, with the id to roll pods when it is rebuilt.
+                let Some((_, template)) = kube::challenge::desired_object(&descriptor) else {
+                    return false;
+                };
+                let template = template.with_product(product.tag, product.id);
+                let object = template.desired(descriptor.dependencies());
+                (object, Template::KubeChallenge(Box::new(template)))
+            }
             Spec::Challenge(spec) => {
                 spec.image = Some(ImageSource::Name(product.id.to_string()));
                 let Some((object, template)) = docker::desired_object(&descriptor) else {
@@ -237,7 +249,7 @@ impl Desired {
 pub enum Backend {
     /// Challenges as containers on a Docker Engine.
     Docker(docker::DockerBackend),
-    /// Stagings as namespaces on a Kubernetes cluster.
+    /// Stagings as namespaces on a Kubernetes cluster, and Challenges as Deployments there.
     Kube(kube::KubeBackend),
 }
 
@@ -247,11 +259,21 @@ fn serves(kind: Kind) -> bool {
 }
 
 impl Backend {
-    /// The kinds the backend serves.
-    pub fn kinds(&self) -> &'static [Kind] {
+    /// The engine it drives.
+    pub fn engine(&self) -> Engine {
         match self {
-            Backend::Docker(_) => docker::KINDS,
-            Backend::Kube(_) => kube::KINDS,
+            Backend::Docker(_) => Engine::Docker,
+            Backend::Kube(_) => Engine::Kubernetes,
+        }
+    }
+
+    /// Removes everything of `key` from the engine.
+    async fn remove(&self, key: &ObjectRef) -> Outcome {
+        match (self, key.kind) {
+            (Backend::Docker(docker), Kind::Pipeline) => docker.remove_products(key).await,
+            (Backend::Docker(docker), _) => docker.delete(key).await,
+            (Backend::Kube(kube), Kind::Challenge) => kube.delete_challenge(key).await,
+            (Backend::Kube(kube), _) => kube.delete(key, None).await,
         }
     }
 
@@ -273,15 +295,19 @@ impl Backend {
     ) -> Outcome {
         let delete = step.action == crate::plan::Action::Delete;
         match (self, template) {
-            (Backend::Docker(docker), _) if delete && step.key.kind == Kind::Pipeline => {
-                docker.remove_products(&step.key).await
-            }
-            (Backend::Docker(docker), _) if delete => docker.delete(&step.key).await,
+            (Backend::Docker(_), _) if delete => self.remove(&step.key).await,
             (Backend::Docker(docker), Some(Template::Pipeline(template))) => {
                 docker.produce(template, root).await
             }
             (Backend::Docker(docker), Some(Template::Challenge(template))) => {
                 docker.converge(template, root).await
+            }
+            (Backend::Kube(kube), Some(Template::KubeChallenge(template))) if !delete => {
+                let parts = object.map_or(&[][..], |o| o.parts.as_slice());
+                kube.converge_challenge(template, parts).await
+            }
+            (Backend::Kube(_), _) if delete && step.key.kind == Kind::Challenge => {
+                self.remove(&step.key).await
             }
             (Backend::Kube(kube), template) if delete => {
                 // A declared staging is deleted only when its ttl ran out: it leaves a marker.
@@ -347,8 +373,12 @@ impl Backend {
             }
             Backend::Kube(kube) => {
                 for object in &mut desired.objects {
-                    if let Some(Template::Staging(template)) = desired.templates.get(&object.key) {
-                        kube.seal(template, object);
+                    match desired.templates.get(&object.key) {
+                        Some(Template::Staging(template)) => kube.seal(template, object),
+                        Some(Template::KubeChallenge(template)) => {
+                            kube.seal_challenge(template, object)
+                        }
+                        _ => {}
                     }
                 }
                 Ok(())
@@ -374,6 +404,7 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
         }
         if !serves(descriptor.kind()) {
             desired.objects.push(DesiredObject {
+                engine: Engine::usual_for(key.kind),
                 key,
                 target: TargetState::Running,
                 parts: Vec::new(),
@@ -386,7 +417,10 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
             });
             continue;
         }
-        if let Some((object, template)) = docker::desired_object(descriptor) {
+        if let Some((object, template)) = kube::challenge::desired_object(descriptor) {
+            templates.insert(key, Template::KubeChallenge(Box::new(template)));
+            desired.objects.push(object);
+        } else if let Some((object, template)) = docker::desired_object(descriptor) {
             templates.insert(key, Template::Challenge(Box::new(template)));
             desired.objects.push(object);
         } else if let Some((object, template)) = docker::run::desired_pipeline(descriptor) {
@@ -441,20 +475,21 @@ impl Engines {
         Ok(Engines { backends })
     }
 
-    /// Holds back the objects of kinds no connected engine serves (stagings with no cluster
-    /// configured), with the reason and what to do.
+    /// The backend of `engine`, when this berth drives one.
+    fn backend(&self, engine: Engine) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.engine() == engine)
+    }
+
+    /// Holds back the objects whose engine this berth does not drive (stagings, or challenges
+    /// with `target: kubernetes`, with no cluster configured), with the reason and what to do.
     pub fn hold_unserved(&self, desired: &mut Desired) {
         for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
-            if !self
-                .backends
-                .iter()
-                .any(|b| b.kinds().contains(&object.key.kind))
-            {
+            if self.backend(object.engine).is_none() {
                 object.hold = Some(Hold::Skip(format!(
                     "skipped: no {} is configured (set KUBECONFIG, or kube.kubeconfig in the agent's config)",
-                    match object.key.kind {
-                        Kind::Staging => "Kubernetes cluster",
-                        _ => "engine for this kind",
+                    match object.engine {
+                        Engine::Kubernetes => "Kubernetes cluster",
+                        Engine::Docker => "Docker Engine",
                     }
                 )));
             }
@@ -470,17 +505,18 @@ impl Engines {
         }
     }
 
-    /// What this instance runs on every engine that answers, sorted by object, and the kinds of
-    /// each engine that does not, with why: one engine down holds back only its own kinds.
-    pub async fn observe_available(
-        &self,
-    ) -> (Vec<ObservedObject>, Vec<(&'static [Kind], EngineError)>) {
+    /// What this instance runs on every engine that answers, sorted by object, and each engine
+    /// that does not, with why: one engine down holds back only its own objects.
+    pub async fn observe_available(&self) -> (Vec<ObservedObject>, Vec<(Engine, EngineError)>) {
         let mut observed = Vec::new();
         let mut unreachable = Vec::new();
-        for backend in &self.backends {
-            match backend.observe().await {
+        let seen =
+            futures_util::future::join_all(self.backends.iter().map(|backend| backend.observe()))
+                .await;
+        for (backend, result) in self.backends.iter().zip(seen) {
+            match result {
                 Ok(objects) => observed.extend(objects),
-                Err(error) => unreachable.push((backend.kinds(), error)),
+                Err(error) => unreachable.push((backend.engine(), error)),
             }
         }
         observed.sort_by(|a, b| a.key.cmp(&b.key));
@@ -520,20 +556,34 @@ impl Engines {
         }
     }
 
-    /// Applies one step with the backend of its kind.
+    /// Applies one step with the backend of its engine. A step that moves the object from
+    /// another engine removes it there only once it runs on the new one; a delete removes it from
+    /// both.
     pub async fn apply(&self, step: &Step, desired: &Desired, root: &Path) -> Outcome {
         let template = desired.templates.get(&step.key);
         let object = desired.objects.iter().find(|o| o.key == step.key);
         if let Some(Hold::Fail(why)) = object.and_then(|o| o.hold.as_ref()) {
             return Outcome::Failed(why.clone());
         }
-        match self
-            .backends
-            .iter()
-            .find(|b| b.kinds().contains(&step.key.kind))
-        {
-            Some(backend) => backend.apply(step, object, template, root).await,
-            None => Outcome::Failed(format!("no backend here applies {}", step.key.kind)),
+        let Some(backend) = self.backend(step.engine) else {
+            return Outcome::Failed(format!("no {} engine is configured here", step.engine));
+        };
+        let outcome = backend.apply(step, object, template, root).await;
+        let (Outcome::Done(done), Some(from)) = (&outcome, step.from) else {
+            return outcome;
+        };
+        let Some(old) = self.backend(from) else {
+            return outcome;
+        };
+        match old.remove(&step.key).await {
+            Outcome::Done(removed) => Outcome::Done(format!("{done}; from {from}: {removed}")),
+            Outcome::Transient(why) => Outcome::Transient(format!(
+                "{done}; but {from} did not answer while its copy was removed ({why}); the next pass removes it"
+            )),
+            other => Outcome::Failed(format!(
+                "{done}; but its copy on {from} could not be removed: {}",
+                other.detail()
+            )),
         }
     }
 

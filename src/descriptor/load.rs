@@ -36,17 +36,27 @@ const ELOOP: i32 = 40;
 /// Default largest descriptor file: 4 MiB.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 20;
 
-/// How the loader treats files.
+/// The NodePort range of a Kubernetes API server unless its `--service-node-port-range` says
+/// otherwise.
+pub const DEFAULT_NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// How the loader treats files, and where Challenges go.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Largest file, in bytes, the loader reads; a larger one is a problem.
     pub max_file_size: u64,
+    /// Where a Challenge without a `target` runs (the agent's `defaultTarget`).
+    pub default_target: super::model::Engine,
+    /// The cluster's NodePort range: a host port of a Challenge on Kubernetes must be in it.
+    pub node_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            default_target: super::model::Engine::Docker,
+            node_ports: DEFAULT_NODE_PORTS,
         }
     }
 }
@@ -510,7 +520,13 @@ impl Loader {
         let relative = self.files[file].relative.clone();
         match typed(kind, value, relative, line) {
             Ok(mut descriptor) => {
-                let violations = semantic::check_descriptor(&self.root, &descriptor);
+                // The target is settled here, so everything after sees where a Challenge runs;
+                // Docker, the usual engine, is left unwritten, so its spec hash stays as it was.
+                if let Spec::Challenge(spec) = &mut descriptor.spec {
+                    let target = spec.target.unwrap_or(self.options.default_target);
+                    spec.target = (target != super::model::Engine::Docker).then_some(target);
+                }
+                let violations = semantic::check_descriptor(&self.root, &descriptor, &self.options);
                 if !violations.is_empty() {
                     self.push_violations(file, doc, &identity, violations);
                     return;

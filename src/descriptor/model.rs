@@ -66,6 +66,10 @@ pub struct ChallengeSpec {
     /// `running` (the default) or `stopped`: a stopped challenge keeps its containers.
     #[serde(default)]
     pub state: RunState,
+    /// Where it runs: `docker` (the default, or the agent's `defaultTarget`) or `kubernetes`,
+    /// as a Deployment and a Service in the agent's challenge namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Engine>,
     /// The image to run: a local or pullable image name, or `{fromPipeline: NAME}` for the image a
     /// Pipeline produces. Exactly one of `image` and `build` is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +117,54 @@ pub struct ChallengeSpec {
 
 fn one() -> u32 {
     1
+}
+
+/// The engine an object runs on: a Challenge's `target`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// A Docker Engine: Challenges (by default) and Pipelines.
+    #[default]
+    Docker,
+    /// A Kubernetes cluster: Stagings, and Challenges with `target: kubernetes`.
+    Kubernetes,
+}
+
+impl Engine {
+    /// The engine's name, as plans say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Kubernetes => "kubernetes",
+        }
+    }
+
+    /// Where objects of `kind` run unless their descriptor says otherwise.
+    pub fn usual_for(kind: crate::descriptor::Kind) -> Engine {
+        match kind {
+            crate::descriptor::Kind::Staging => Engine::Kubernetes,
+            _ => Engine::Docker,
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An image by name, or the image a Pipeline produces.

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use super::model::{ChallengeSpec, ImageSource, StagingSpec, StepImage};
+use super::model::{ChallengeSpec, Engine, ImageSource, RestartPolicy, StagingSpec, StepImage};
 use super::schema::Violation;
 use super::{Descriptor, Kind, ObjectRef, Spec};
 
@@ -20,10 +20,19 @@ fn violation(pointer: impl Into<String>, message: impl Into<String>) -> Violatio
 }
 
 /// Checks one typed descriptor against the rules between its own fields and the repo's files.
-pub(super) fn check_descriptor(root: &Path, descriptor: &Descriptor) -> Vec<Violation> {
+pub(super) fn check_descriptor(
+    root: &Path,
+    descriptor: &Descriptor,
+    options: &super::LoadOptions,
+) -> Vec<Violation> {
     let mut found = Vec::new();
     match &descriptor.spec {
-        Spec::Challenge(spec) => check_challenge(root, spec, &mut found),
+        Spec::Challenge(spec) => {
+            check_challenge(root, spec, &mut found);
+            if spec.target == Some(Engine::Kubernetes) {
+                check_on_kubernetes(spec, &options.node_ports, &mut found);
+            }
+        }
         Spec::Pipeline(spec) => {
             if let Some(produces) = &spec.produces
                 && let Err(message) = image_reference(&produces.replace("{commit}", "0"))
@@ -104,6 +113,7 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         ));
     }
     if spec.replicas > 1
+        && spec.target != Some(Engine::Kubernetes)
         && let Some(index) = spec.ports.iter().position(|p| p.host.is_some())
     {
         found.push(violation(
@@ -177,6 +187,58 @@ fn image_reference(text: &str) -> Result<(), String> {
             "is not an image name the engine takes: lower-case letters, digits and . _ - between /"
                 .into(),
         )
+    }
+}
+
+/// What a Challenge on Kubernetes cannot be: each says what to do instead.
+fn check_on_kubernetes(
+    spec: &ChallengeSpec,
+    node_ports: &std::ops::RangeInclusive<u16>,
+    found: &mut Vec<Violation>,
+) {
+    if spec.build.is_some() {
+        found.push(violation(
+            "/spec/build",
+            "spec.build: a cluster cannot build from the repo; build the image with a Pipeline and use image: {fromPipeline: NAME}, or keep this challenge on docker",
+        ));
+    }
+    if matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure) {
+        found.push(violation(
+            "/spec/restart",
+            "spec.restart: a challenge on kubernetes is a Deployment, whose pods always restart; leave restart out, or keep this one-shot on docker",
+        ));
+    }
+    let pids = |resources: &Option<super::model::Resources>| {
+        resources.as_ref().is_some_and(|r| r.pids.is_some())
+    };
+    if pids(&spec.resources) {
+        found.push(violation(
+            "/spec/resources/pids",
+            "spec.resources.pids: Kubernetes sets the process limit per node (the kubelet's --pod-max-pids), not per container; remove it, or keep this challenge on docker",
+        ));
+    }
+    for (index, sidecar) in spec.sidecars.iter().enumerate() {
+        if pids(&sidecar.resources) {
+            found.push(violation(
+                format!("/spec/sidecars/{index}/resources/pids"),
+                format!("spec.sidecars[{index}].resources.pids: Kubernetes sets the process limit per node (the kubelet's --pod-max-pids), not per container; remove it, or keep this challenge on docker"),
+            ));
+        }
+    }
+    for (index, port) in spec.ports.iter().enumerate() {
+        if let Some(host) = port.host
+            && !node_ports.contains(&host.0)
+        {
+            found.push(violation(
+                format!("/spec/ports/{index}/host"),
+                format!(
+                    "spec.ports[{index}].host: {} is outside the cluster's NodePort range {}-{}, so it cannot be published on every node; pick a port in the range, or leave host out and expose the port with a LoadBalancer Service or an Ingress",
+                    host.0,
+                    node_ports.start(),
+                    node_ports.end()
+                ),
+            ));
+        }
     }
 }
 

@@ -923,3 +923,299 @@ fn an_object_made_by_hand_is_never_adopted() {
         "keep|"
     );
 }
+
+/// A challenge on Kubernetes serving a page built from a plain and a secret variable, plus the
+/// page its sidecar serves on localhost.
+fn web_challenge(port: u16, greeting: &str, extra: &str) -> String {
+    let script = "mkdir -p /www && echo \"$GREETING $FLAG\" > /www/index.html && until wget -qO /www/side.html http://127.0.0.1:9090/index.html; do sleep 0.2; done; exec httpd -f -p 8080 -h /www";
+    crate::util::challenge(
+        "web",
+        &format!(
+            "  target: kubernetes\n  command: [sh, -c, '{script}']\n  env: {{GREETING: {greeting}}}\n  secretEnv: {{FLAG: {{env: BERTH_IT_TOKEN}}}}\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  sidecars:\n    - name: side\n      image: busybox:latest\n      command: [sh, -c, 'mkdir -p /s && echo from-the-sidecar > /s/index.html && exec httpd -f -p 9090 -h /s']\n{extra}"
+        ),
+    )
+}
+
+impl Cluster {
+    /// The challenge namespace of this test's instance.
+    fn challenges(&self) -> String {
+        format!("{}-challenges", self.instance.name)
+    }
+
+    /// `berth ARGS REPO` with this instance's challenge namespace and `env`.
+    fn berth_with(&self, args: &[&str], repo: &Path, env: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
+        command
+            .args(args)
+            .arg(repo)
+            .args(["--instance", &self.instance.name])
+            .args(["--challenge-namespace", &self.challenges()])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value")
+            .envs(env.iter().copied());
+        command.output().expect("berth runs")
+    }
+}
+
+fn page(port: u16, path: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "-m", "3", &format!("http://127.0.0.1:{port}/{path}")])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version_stops_and_is_pruned()
+ {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.challenges();
+    let port = node_port(&cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("web.yaml", web_challenge(port, "hello", ""));
+    let apply = |extra: &[&str]| {
+        let mut args = vec!["apply", "--wait", "90s"];
+        args.extend(extra);
+        cluster.berth_with(&args, repo.path(), &[])
+    };
+    let plan = || stdout(&cluster.berth_with(&["plan"], repo.path(), &[]));
+
+    // Create: a Deployment and a NodePort Service in the instance's namespace, which berth
+    // makes; the page comes from the plain and the secret variable, and the sidecar answers
+    // the main container on localhost.
+    let planned = plan();
+    assert!(
+        planned.contains("Challenge/web  create  on kubernetes"),
+        "{planned}"
+    );
+    let created = apply(&[]);
+    assert!(created.status.success(), "{}", said(&created));
+    assert!(
+        !said(&created).contains("s3cr3t"),
+        "a secret value was shown"
+    );
+    assert_eq!(
+        served_eventually(port, "hello s3cr3t-t0ken-value"),
+        "hello s3cr3t-t0ken-value"
+    );
+    assert_eq!(page(port, "side.html"), "from-the-sidecar");
+    assert_eq!(cluster.get(&ns, "service/web", "{.spec.type}"), "NodePort");
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].readinessProbe.tcpSocket.port}"
+        ),
+        "8080"
+    );
+    assert!(!cluster.get(&ns, "secret/web-env", "{.data}").is_empty());
+    let planned = plan();
+    assert!(planned.contains("1 unchanged"), "{planned}");
+
+    // Update: a changed variable is explained, rolled, and served.
+    repo.write("web.yaml", web_challenge(port, "bye", ""));
+    let planned = plan();
+    assert!(planned.contains("env changed: GREETING"), "{planned}");
+    let updated = apply(&[]);
+    assert!(updated.status.success(), "{}", said(&updated));
+    assert_eq!(
+        served_eventually(port, "bye s3cr3t-t0ken-value"),
+        "bye s3cr3t-t0ken-value"
+    );
+
+    // An update that never becomes ready fails, and the old version keeps serving.
+    let broken = web_challenge(port, "bye", "").replace(
+        "  image: busybox:latest\n  target",
+        "  image: busybox:no-such-tag\n  target",
+    );
+    repo.write("web.yaml", broken);
+    let failed = apply(&[]);
+    assert!(!failed.status.success(), "{}", said(&failed));
+    assert!(
+        said(&failed).contains("the old version keeps serving"),
+        "{}",
+        said(&failed)
+    );
+    assert_eq!(page(port, "index.html"), "bye s3cr3t-t0ken-value");
+
+    // Stopped: scaled to zero, kept.
+    repo.write("web.yaml", web_challenge(port, "bye", "  state: stopped\n"));
+    let stopped = apply(&[]);
+    assert!(stopped.status.success(), "{}", said(&stopped));
+    assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
+    eventually("the pods end", Duration::from_secs(60), || {
+        cluster
+            .get(&ns, "pods", "{.items[*].metadata.name}")
+            .is_empty()
+    });
+    repo.write("web.yaml", web_challenge(port, "bye", ""));
+    let started = apply(&[]);
+    assert!(started.status.success(), "{}", said(&started));
+    assert_eq!(
+        served_eventually(port, "bye s3cr3t-t0ken-value"),
+        "bye s3cr3t-t0ken-value"
+    );
+
+    // Removed from the repo: an orphan without --prune, gone with it.
+    std::fs::remove_file(repo.path().join("web.yaml")).unwrap();
+    repo.write(
+        "other.yaml",
+        crate::util::challenge("other", "  target: kubernetes\n"),
+    );
+    assert!(plan().contains("Challenge/web    orphan"), "{}", plan());
+    let pruned = apply(&["--prune"]);
+    assert!(pruned.status.success(), "{}", said(&pruned));
+    for what in ["deployment/web", "service/web", "secret/web-env"] {
+        assert!(!cluster.exists(&ns, what), "{what} is left");
+    }
+}
+
+#[test]
+fn a_challenge_moves_from_docker_to_kubernetes_in_one_step_and_docker_is_emptied_only_once_it_runs()
+{
+    let Some(cluster) = cluster() else { return };
+    let port = node_port(&cluster.instance.name) + 1;
+    let repo = Repo::new();
+    let script = "mkdir -p /www && echo moved > /www/index.html && exec httpd -f -p 8080 -h /www";
+    repo.write(
+        "web.yaml",
+        crate::util::challenge(
+            "web",
+            &format!(
+                "  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n"
+            ),
+        ),
+    );
+    let on_docker = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
+    assert!(on_docker.status.success(), "{}", said(&on_docker));
+    let containers = || {
+        crate::docker::docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=berth.instance={}", cluster.instance.name),
+            "--filter",
+            "label=berth.kind=Challenge",
+        ])
+    };
+    assert!(!containers().is_empty());
+    assert_eq!(page(port, "index.html"), "moved");
+
+    // The agent's defaultTarget sends it to the cluster: one step, made there first.
+    let to_cluster = [("BERTH_DEFAULT_TARGET", "kubernetes")];
+    let planned = stdout(&cluster.berth_with(&["plan"], repo.path(), &to_cluster));
+    assert!(
+        planned.contains("Challenge/web  create  moves from docker to kubernetes: made there first, removed from docker once it runs"),
+        "{planned}"
+    );
+    assert!(
+        planned.contains("1 to create, 0 to update, 0 to delete"),
+        "{planned}"
+    );
+    let json = stdout(&cluster.berth_with(&["plan", "--format", "json"], repo.path(), &to_cluster));
+    assert!(
+        json.contains("\"engine\": \"kubernetes\"") && json.contains("\"from\": \"docker\""),
+        "{json}"
+    );
+    let moved = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &to_cluster);
+    assert!(moved.status.success(), "{}", said(&moved));
+    assert!(said(&moved).contains("ready in"), "{}", said(&moved));
+    assert!(containers().is_empty(), "the Docker containers are left");
+    assert!(cluster.exists(&cluster.challenges(), "deployment/web"));
+    assert_eq!(served_eventually(port, "moved"), "moved");
+    let again = stdout(&cluster.berth_with(&["plan"], repo.path(), &to_cluster));
+    assert!(again.contains("1 unchanged"), "{again}");
+}
+
+#[test]
+fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_applying_twice() {
+    use crate::agent::{Agent, applied};
+    use crate::docker::{free_port, web};
+    use crate::gitserver::{GitDaemon, Origin};
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let lease_namespace = format!("{name}-agents");
+    let made = cluster.kubectl(&["create", "namespace", &lease_namespace]);
+    assert!(made.status.success(), "{}", said(&made));
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        &lease_namespace,
+        &format!("berth.instance={name}"),
+    ]);
+    let origin = Origin::new(&[("web.yaml", &web("web", free_port(), ""))]);
+    let first_revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let lease = Duration::from_secs(6);
+    let extra = format!(
+        "kube: {{kubeconfig: {}}}\nleaderElection: {{namespace: {lease_namespace}, lease: agents, leaseDuration: 6s}}\n",
+        cluster.kubeconfig.display()
+    );
+    let mut agents = [
+        Agent::start(&cluster.instance, &daemon.url(), &extra),
+        Agent::start(&cluster.instance, &daemon.url(), &extra),
+    ];
+    let readyz = |agent: &Agent| agent.request("GET", "/readyz", &[], b"");
+
+    // Exactly one leads and applies; the other says it stands by, and refuses webhooks.
+    eventually(
+        "one agent leads and one stands by",
+        Duration::from_secs(60),
+        || {
+            let answers: Vec<(u16, String)> = agents.iter().map(readyz).collect();
+            let ready = answers.iter().filter(|(code, _)| *code == 200).count();
+            let standing_by = answers
+                .iter()
+                .filter(|(code, body)| *code == 503 && body.contains("standby"))
+                .count();
+            ready == 1 && standing_by == 1
+        },
+    );
+    let leader = usize::from(readyz(&agents[0]).0 != 200);
+    let standby = 1 - leader;
+    assert!(applied(&origin, &first_revision));
+    let running = cluster.instance.containers("web");
+    assert_eq!(running.len(), 1, "{running:?}");
+    let (code, answer) = agents[standby].api("POST", "/api/v1/reconcile");
+    assert_eq!(code, 503, "{answer}");
+    assert!(answer.contains("standby"), "{answer}");
+    let holder = cluster.get(&lease_namespace, "lease/agents", "{.spec.holderIdentity}");
+    assert!(
+        holder.ends_with(&format!("-{}", agents[leader].pid())),
+        "the Lease names the leader: {holder}"
+    );
+
+    // kill -9 the leader: the standby takes the Lease once it runs out, runs a full pass, and
+    // finds nothing to change (the container is the same one).
+    agents[leader].kill9();
+    let killed = Instant::now();
+    eventually(
+        "the standby takes over",
+        lease + Duration::from_secs(20),
+        || readyz(&agents[standby]).0 == 200,
+    );
+    eprintln!(
+        "failover: ready {:.1}s after kill -9",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(cluster.instance.containers("web"), running, "applied twice");
+    assert!(
+        agents[standby].log().contains("took the lead"),
+        "{}",
+        agents[standby].log()
+    );
+
+    // The new leader follows the repo from here.
+    let next = origin.commit(
+        &[(
+            "web.yaml",
+            Some(&web("web", free_port(), "  env: {MODE: two}\n")),
+        )],
+        "a change after the failover",
+    );
+    let (code, _) = agents[standby].api("POST", "/api/v1/reconcile");
+    assert_eq!(code, 202);
+    agents[standby].wait_for("the change applied by the new leader", || {
+        applied(&origin, &next)
+    });
+}

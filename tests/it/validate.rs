@@ -67,6 +67,23 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["spec.triggers.schedule", "6 fields, expected 5"],
     ),
     (
+        "kube-challenge-port-outside-node-range",
+        "c.yaml",
+        7,
+        33,
+        &[
+            "spec.ports[0].host: 8080 is outside the cluster's NodePort range 30000-32767",
+            "use a LoadBalancer Service or an Ingress",
+        ],
+    ),
+    (
+        "kube-challenge-one-shot",
+        "c.yaml",
+        7,
+        12,
+        &["spec.restart: a challenge on kubernetes is a Deployment"],
+    ),
+    (
         "push-without-source",
         "p.yaml",
         7,
@@ -342,6 +359,7 @@ fn a_file_over_the_size_limit_is_one_problem() {
         &fixture("invalid/file-too-large"),
         &LoadOptions {
             max_file_size: 2048,
+            ..LoadOptions::default()
         },
     );
     assert_eq!(problems.len(), 1, "{problems:#?}");

@@ -177,6 +177,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     };
     let object = DesiredObject {
         key,
+        engine: crate::plan::Engine::Docker,
         target: match spec.state {
             RunState::Running => TargetState::Running,
             RunState::Stopped => TargetState::Stopped,
@@ -430,6 +431,7 @@ impl DockerBackend {
             .into_iter()
             .map(|(key, parts)| ObservedObject {
                 key,
+                engine: crate::plan::Engine::Docker,
                 parts,
                 archived_at: None,
                 expired: None,
@@ -451,7 +453,11 @@ impl DockerBackend {
     pub async fn diagnose(&self, observed: &mut [ObservedObject], wanted: &HashSet<&ObjectRef>) {
         let suspects: Vec<&mut ObservedPart> = observed
             .iter_mut()
-            .filter(|o| o.key.kind == Kind::Challenge && wanted.contains(&o.key))
+            .filter(|o| {
+                o.key.kind == Kind::Challenge
+                    && o.engine == crate::plan::Engine::Docker
+                    && wanted.contains(&o.key)
+            })
             .flat_map(|o| o.parts.iter_mut())
             .filter(|p| matches!(p.health, Health::Degraded | Health::Progressing))
             .collect();

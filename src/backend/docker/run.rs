@@ -597,6 +597,7 @@ pub fn desired_pipeline(
     });
     let object = DesiredObject {
         key: key.clone(),
+        engine: crate::plan::Engine::Docker,
         target: TargetState::Running,
         parts: vec![Part {
             id: PRODUCT.into(),
@@ -676,6 +677,7 @@ impl DockerBackend {
             .into_iter()
             .map(|(key, (_, part))| ObservedObject {
                 key,
+                engine: crate::plan::Engine::Docker,
                 parts: vec![part],
                 archived_at: None,
                 expired: None,

@@ -17,6 +17,8 @@
 //! Discovery runs once (`Discovery::run`, which 1.20 servers answer) and again only when a kind
 //! is not found. No request sends `fieldValidation`, which 1.20 does not know.
 
+pub mod challenge;
+mod deploy;
 pub mod health;
 pub mod objects;
 
@@ -43,8 +45,11 @@ use crate::plan::{
     Vocabulary,
 };
 
-/// The kinds this backend serves.
-pub const KINDS: &[Kind] = &[Kind::Staging];
+/// The kinds this backend serves: Stagings, and Challenges with `target: kubernetes`.
+pub const KINDS: &[Kind] = &[Kind::Staging, Kind::Challenge];
+
+/// The namespace of Challenges on Kubernetes unless the agent's config names another.
+pub const DEFAULT_CHALLENGE_NAMESPACE: &str = "berth-challenges";
 
 /// The field manager of every apply.
 const FIELD_MANAGER: &str = "berth";
@@ -73,6 +78,9 @@ pub struct Access {
     pub kubeconfig: Option<PathBuf>,
     /// A context in it.
     pub context: Option<String>,
+    /// The namespace Challenges on Kubernetes run in ([`DEFAULT_CHALLENGE_NAMESPACE`] when
+    /// `None`).
+    pub challenge_namespace: Option<String>,
 }
 
 impl Access {
@@ -125,6 +133,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Staging
         .map(|why| crate::plan::Hold::Fail(why.clone()));
     let object = DesiredObject {
         key,
+        engine: crate::plan::Engine::Kubernetes,
         target,
         parts,
         dependencies: descriptor.dependencies(),
@@ -186,12 +195,44 @@ fn hash(values: &[&Value]) -> String {
     hex::encode(&hasher.finalize()[..16])
 }
 
+/// A client of the cluster `access` names, and the cluster's address.
+pub async fn client(access: &Access) -> Result<(Client, String), EngineError> {
+    let options = kube::config::KubeConfigOptions {
+        context: access.context.clone(),
+        ..Default::default()
+    };
+    let where_ = access
+        .kubeconfig
+        .as_ref()
+        .map_or("the kubeconfig".to_string(), |p| p.display().to_string());
+    let mut config = match &access.kubeconfig {
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| unreachable(&where_, e))?;
+            Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| unreachable(&where_, e))?
+        }
+        None if access.context.is_some() => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| unreachable(&where_, e))?,
+        None => Config::infer().await.map_err(|e| unreachable(&where_, e))?,
+    };
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(30));
+    let cluster = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|e| unreachable(&cluster, e))?;
+    Ok((client, cluster))
+}
+
 /// The Kubernetes backend: one API server.
 #[derive(Clone)]
 pub struct KubeBackend {
     client: Client,
     cluster: String,
     ownership: Ownership,
+    /// Where Challenges run.
+    challenge_namespace: String,
     discovery: Arc<tokio::sync::Mutex<Option<Arc<Discovery>>>>,
     /// The objects the last observation saw, by `namespace/Kind/name`: hand edits are found in them.
     live: Arc<Mutex<HashMap<String, Value>>>,
@@ -227,41 +268,29 @@ impl KubeBackend {
         if !access.configured() {
             return Ok(None);
         }
-        let options = kube::config::KubeConfigOptions {
-            context: access.context.clone(),
-            ..Default::default()
-        };
-        let where_ = access
-            .kubeconfig
-            .as_ref()
-            .map_or("the kubeconfig".to_string(), |p| p.display().to_string());
-        let config = match &access.kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| unreachable(&where_, e))?;
-                Config::from_custom_kubeconfig(file, &options)
-                    .await
-                    .map_err(|e| unreachable(&where_, e))?
-            }
-            None if access.context.is_some() => Config::from_kubeconfig(&options)
-                .await
-                .map_err(|e| unreachable(&where_, e))?,
-            None => Config::infer().await.map_err(|e| unreachable(&where_, e))?,
-        };
-        let mut config = config;
-        config.connect_timeout = Some(Duration::from_secs(5));
-        config.read_timeout = Some(Duration::from_secs(30));
-        let cluster = config.cluster_url.to_string();
-        let client = Client::try_from(config).map_err(|e| unreachable(&cluster, e))?;
+        let (client, cluster) = client(access).await?;
         Ok(Some(KubeBackend {
             client,
             cluster,
             ownership: ownership.clone(),
+            challenge_namespace: access
+                .challenge_namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CHALLENGE_NAMESPACE.to_string()),
             discovery: Arc::default(),
             live: Arc::default(),
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
         }))
+    }
+
+    /// A step's outcome: done, failed for a reason, or transient when the server did not answer.
+    fn outcome(&self, result: Result<String, Trouble>) -> Outcome {
+        match result {
+            Ok(done) => Outcome::Done(done),
+            Err(Trouble::Failed(why)) => Outcome::Failed(why),
+            Err(Trouble::Gone(why)) => Outcome::Transient(self.gone(why).to_string()),
+        }
     }
 
     fn gone(&self, error: impl std::fmt::Display) -> EngineError {
@@ -312,8 +341,21 @@ impl KubeBackend {
         labels
     }
 
-    /// Every staging this instance runs, with the health of each object.
+    /// Every staging and challenge this instance runs here, with the health of each object.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        let ((mut objects, mut live), (challenges, challenge_objects)) =
+            tokio::try_join!(self.observe_stagings(), self.observe_challenges())?;
+        objects.extend(challenges);
+        live.extend(challenge_objects);
+        *self.live.lock().expect("live objects") = live;
+        Ok(objects)
+    }
+
+    /// Every staging this instance runs, with the health of each object; and the objects as
+    /// read, by `namespace/Kind/name`.
+    async fn observe_stagings(
+        &self,
+    ) -> Result<(Vec<ObservedObject>, HashMap<String, Value>), EngineError> {
         let namespaces: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &namespace_resource());
         let params = ListParams::default().labels(&self.selector(None));
@@ -394,6 +436,7 @@ impl KubeBackend {
                     kind: Kind::Staging,
                     name: key_name,
                 },
+                engine: crate::plan::Engine::Kubernetes,
                 parts: Vec::new(),
                 archived_at,
                 expired: time(ANNOTATION_EXPIRED_AT),
@@ -401,8 +444,7 @@ impl KubeBackend {
             object.parts.push(part);
         }
         if stagings.is_empty() {
-            *self.live.lock().expect("live objects") = live;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), live));
         }
         // Pods, for the reasons a workload does not come up.
         let pods: Api<DynamicObject> = Api::all_with(self.client.clone(), &pod_resource());
@@ -475,8 +517,7 @@ impl KubeBackend {
                 live.insert(format!("{ns}/{kind}/{name}"), value);
             }
         }
-        *self.live.lock().expect("live objects") = live;
-        Ok(stagings.into_values().collect())
+        Ok((stagings.into_values().collect(), live))
     }
 
     fn digest(&self, name: &str, value: &[u8]) -> String {
@@ -580,11 +621,7 @@ impl KubeBackend {
         parts: &[Part],
         target: TargetState,
     ) -> Outcome {
-        match self.try_converge(key, template, parts, target).await {
-            Ok(done) => Outcome::Done(done),
-            Err(Trouble::Failed(why)) => Outcome::Failed(why),
-            Err(Trouble::Gone(why)) => Outcome::Transient(self.gone(why).to_string()),
-        }
+        self.outcome(self.try_converge(key, template, parts, target).await)
     }
 
     async fn try_converge(
@@ -968,11 +1005,7 @@ impl KubeBackend {
         key: &ObjectRef,
         expired: Option<(&StagingTemplate, &[Part])>,
     ) -> Outcome {
-        match self.try_delete(key, expired).await {
-            Ok(done) => Outcome::Done(done),
-            Err(Trouble::Failed(why)) => Outcome::Failed(why),
-            Err(Trouble::Gone(why)) => Outcome::Transient(self.gone(why).to_string()),
-        }
+        self.outcome(self.try_delete(key, expired).await)
     }
 
     async fn try_delete(

@@ -1,0 +1,539 @@
+//! Challenges on Kubernetes, as berth applies them. Pure: no API server.
+//!
+//! A Challenge with `target: kubernetes` is a Deployment and, when it has ports, a Service of the
+//! same name in the agent's challenge namespace; `secretEnv` goes through a Secret `NAME-env`.
+//! The translation keeps what the Challenge means on Docker:
+//! - the main container and each sidecar are containers of one pod, so sidecars are reachable on
+//!   `localhost`, as on the challenge's own Docker network they are by name;
+//! - a published host port is a NodePort (validation keeps it in the cluster's range), a port
+//!   without one is reachable in the cluster only;
+//! - the health check is a readiness probe, so a Service sends traffic only to ready pods;
+//! - `state: stopped` scales the Deployment to 0, keeping it;
+//! - an update rolls one new pod at a time and takes an old one away only once a new one is ready
+//!   (`maxUnavailable: 0`), so an update that never becomes ready leaves the old version serving;
+//! - `$` in env values, command and entrypoint is doubled: Kubernetes expands `$(NAME)` there,
+//!   Docker does not.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::{OBJECT, hash};
+use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, Ownership};
+use crate::descriptor::model::{
+    ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState,
+};
+use crate::descriptor::values::SecretRef;
+use crate::descriptor::{Descriptor, ObjectRef, Spec};
+use crate::plan::{DesiredObject, Part, TargetState};
+
+/// Pod annotation: the id of the image a Pipeline produced, so a rebuilt tag rolls the pods.
+const ANNOTATION_IMAGE_ID: &str = "berth.image-id";
+
+/// What applying one Challenge on Kubernetes needs beyond its plan.
+#[derive(Debug, Clone)]
+pub struct ChallengeTemplate {
+    /// `Challenge/name`.
+    pub key: ObjectRef,
+    spec: ChallengeSpec,
+    labels: BTreeMap<String, String>,
+    /// The image's id when a Pipeline produced it (the tag may be built again).
+    image_id: Option<String>,
+}
+
+/// The desired object and template of a Challenge that runs on Kubernetes; `None` for every
+/// other descriptor.
+pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, ChallengeTemplate)> {
+    let Spec::Challenge(spec) = &descriptor.spec else {
+        return None;
+    };
+    if spec.target != Some(Engine::Kubernetes) {
+        return None;
+    }
+    let template = ChallengeTemplate {
+        key: descriptor.key(),
+        spec: spec.clone(),
+        labels: descriptor.metadata.labels.clone(),
+        image_id: None,
+    };
+    Some((template.desired(descriptor.dependencies()), template))
+}
+
+impl ChallengeTemplate {
+    /// This template running the image a Pipeline produced: `tag` in the pod, `id` to roll it
+    /// when the tag is built again.
+    pub fn with_product(mut self, tag: &str, id: &str) -> ChallengeTemplate {
+        self.spec.image = Some(ImageSource::Name(tag.to_string()));
+        self.image_id = Some(id.to_string());
+        self
+    }
+
+    /// The plan's view of it.
+    pub fn desired(&self, dependencies: Vec<ObjectRef>) -> DesiredObject {
+        DesiredObject {
+            key: self.key.clone(),
+            engine: Engine::Kubernetes,
+            target: match self.spec.state {
+                RunState::Running => TargetState::Running,
+                RunState::Stopped => TargetState::Stopped,
+            },
+            parts: self.parts(),
+            dependencies,
+            start_first: true,
+            hold: None,
+            words: OBJECT,
+            ttl: None,
+            ready_timeout: None,
+        }
+    }
+
+    /// The descriptor's own labels, copied onto everything made for it.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// Whether it should run (rather than be scaled to zero).
+    pub fn running(&self) -> bool {
+        self.spec.state == RunState::Running
+    }
+
+    fn name(&self) -> &str {
+        self.key.name.as_str()
+    }
+
+    /// The Secret holding the `secretEnv` values, when there are any.
+    pub fn secret_name(&self) -> Option<String> {
+        (!self.secrets().is_empty()).then(|| format!("{}-env", self.name()))
+    }
+
+    /// Every secret reference, by its key in the Secret: `main.NAME`, `SIDECAR.NAME`.
+    pub fn secrets(&self) -> BTreeMap<String, &SecretRef> {
+        let mut all: BTreeMap<String, &SecretRef> = self
+            .spec
+            .secret_env
+            .iter()
+            .map(|(name, reference)| (format!("main.{name}"), reference))
+            .collect();
+        for sidecar in &self.spec.sidecars {
+            for (name, reference) in &sidecar.secret_env {
+                all.insert(format!("{}.{name}", sidecar.name), reference);
+            }
+        }
+        all
+    }
+
+    /// The parts: the Deployment, the Service when there are ports, the Secret when there are
+    /// secrets. Each hash covers the object as applied, but for replicas (`stopped` scales the
+    /// same Deployment) and ownership labels.
+    pub fn parts(&self) -> Vec<Part> {
+        let labels = json!(self.labels);
+        let mut summary = serde_json::to_value(&self.spec).expect("specs serialize");
+        if let Some(fields) = summary.as_object_mut() {
+            for not_shown in ["state", "target", "info"] {
+                fields.remove(not_shown);
+            }
+            if let Some(id) = &self.image_id {
+                fields.insert("imageId".into(), id.clone().into());
+            }
+        }
+        let mut parts = vec![Part {
+            id: format!("Deployment/{}", self.name()),
+            hash: hash(&[&self.deployment(&HashMap::new(), "", true), &labels]),
+            spec: Arc::new(summary),
+            secrets: None,
+            one_shot: false,
+        }];
+        if let Some(service) = self.service(&HashMap::new(), "") {
+            parts.push(Part {
+                id: format!("Service/{}", self.name()),
+                hash: hash(&[&service, &labels]),
+                spec: Arc::new(json!({ "ports": self.spec.ports })),
+                secrets: None,
+                one_shot: false,
+            });
+        }
+        if let Some(secret) = self.secret_name() {
+            let keys: Vec<String> = self.secrets().into_keys().collect();
+            parts.push(Part {
+                id: format!("Secret/{secret}"),
+                hash: hash(&[&json!(keys), &labels]),
+                spec: Arc::new(json!({})),
+                secrets: None,
+                one_shot: false,
+            });
+        }
+        parts
+    }
+
+    /// The labels on the pods, which the Deployment and the Service select by.
+    pub fn pod_labels(&self, ownership: &Ownership) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_INSTANCE.to_string(), ownership.instance().to_string()),
+            (LABEL_KIND.to_string(), self.key.kind.to_string()),
+            (LABEL_NAME.to_string(), self.name().to_string()),
+        ])
+    }
+
+    /// The Deployment in `namespace` with `labels`; at zero replicas when stopped, unless
+    /// `as_running` (what its hash is of).
+    pub fn deployment(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        as_running: bool,
+    ) -> Value {
+        let pod_labels: BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(key, _)| [LABEL_INSTANCE, LABEL_KIND, LABEL_NAME].contains(&key.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let replicas = match (self.spec.state, as_running) {
+            (RunState::Stopped, false) => 0,
+            _ => self.spec.replicas,
+        };
+        let secret = self.secret_name();
+        let mut containers = vec![container(
+            "main",
+            self.spec.image.as_ref().map_or("", |image| match image {
+                ImageSource::Name(name) => name.as_str(),
+                ImageSource::FromPipeline(_) => "",
+            }),
+            &self.spec.entrypoint,
+            &self.spec.command,
+            env(&self.spec.env, self.spec.secret_env.keys(), "main", &secret),
+            &self.spec.resources,
+        )];
+        if let Some(fields) = containers[0].as_object_mut() {
+            let ports: Vec<Value> = self
+                .spec
+                .ports
+                .iter()
+                .map(|p| json!({"containerPort": p.container.0, "protocol": protocol(p.protocol)}))
+                .collect();
+            if !ports.is_empty() {
+                fields.insert("ports".into(), ports.into());
+            }
+            if let Some(check) = &self.spec.healthcheck {
+                fields.insert("readinessProbe".into(), probe(check));
+            }
+        }
+        for sidecar in &self.spec.sidecars {
+            containers.push(container(
+                sidecar.name.as_str(),
+                &sidecar.image,
+                &sidecar.entrypoint,
+                &sidecar.command,
+                env(
+                    &sidecar.env,
+                    sidecar.secret_env.keys(),
+                    sidecar.name.as_str(),
+                    &secret,
+                ),
+                &sidecar.resources,
+            ));
+        }
+        let mut pod_metadata = json!({ "labels": pod_labels });
+        if let Some(id) = &self.image_id {
+            pod_metadata["annotations"] = json!({ ANNOTATION_IMAGE_ID: id });
+        }
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(self.name(), namespace, labels),
+            "spec": {
+                "replicas": replicas,
+                "selector": { "matchLabels": pod_labels },
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 },
+                },
+                "template": {
+                    "metadata": pod_metadata,
+                    "spec": {
+                        "containers": containers,
+                        "enableServiceLinks": false,
+                        "automountServiceAccountToken": false,
+                    },
+                },
+            },
+        })
+    }
+
+    /// The Service, when the challenge has ports: a NodePort when any is published on the host.
+    pub fn service(&self, labels: &HashMap<String, String>, namespace: &str) -> Option<Value> {
+        if self.spec.ports.is_empty() {
+            return None;
+        }
+        let published = self.spec.ports.iter().any(|p| p.host.is_some());
+        let ports: Vec<Value> = self
+            .spec
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(index, port)| {
+                let mut entry = json!({
+                    "name": format!("port-{index}"),
+                    "port": port.container.0,
+                    "targetPort": port.container.0,
+                    "protocol": protocol(port.protocol),
+                });
+                if let Some(host) = port.host {
+                    entry["nodePort"] = host.0.into();
+                }
+                entry
+            })
+            .collect();
+        let selector: BTreeMap<&String, &String> = labels
+            .iter()
+            .filter(|(key, _)| [LABEL_INSTANCE, LABEL_KIND, LABEL_NAME].contains(&key.as_str()))
+            .collect();
+        Some(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(self.name(), namespace, labels),
+            "spec": {
+                "type": if published { "NodePort" } else { "ClusterIP" },
+                "selector": selector,
+                "ports": ports,
+            },
+        }))
+    }
+
+    /// The Secret with `values` (by key, already resolved), when there are secrets.
+    pub fn secret(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Option<Value> {
+        use base64::Engine as _;
+        let name = self.secret_name()?;
+        let data: serde_json::Map<String, Value> = values
+            .iter()
+            .map(|(key, value)| {
+                (
+                    key.clone(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(value)
+                        .into(),
+                )
+            })
+            .collect();
+        Some(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(&name, namespace, labels),
+            "type": "Opaque",
+            "data": data,
+        }))
+    }
+}
+
+fn metadata(name: &str, namespace: &str, labels: &HashMap<String, String>) -> Value {
+    let labels: BTreeMap<&String, &String> = labels.iter().collect();
+    let mut metadata = json!({ "name": name, "labels": labels });
+    if !namespace.is_empty() {
+        metadata["namespace"] = namespace.into();
+    }
+    metadata
+}
+
+/// `text` as Kubernetes passes it on literally: it expands `$(NAME)` and reads `$$` as `$`.
+fn literal(text: &str) -> String {
+    text.replace('$', "$$")
+}
+
+fn container(
+    name: &str,
+    image: &str,
+    entrypoint: &Option<Vec<String>>,
+    command: &Option<Vec<String>>,
+    env: Vec<Value>,
+    resources: &Option<Resources>,
+) -> Value {
+    let mut container = json!({
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+    });
+    let words = |list: &Vec<String>| -> Vec<String> { list.iter().map(|w| literal(w)).collect() };
+    // Docker's entrypoint is Kubernetes' command; Docker's command is its args.
+    if let Some(entrypoint) = entrypoint {
+        container["command"] = json!(words(entrypoint));
+    }
+    if let Some(command) = command {
+        container["args"] = json!(words(command));
+    }
+    if !env.is_empty() {
+        container["env"] = env.into();
+    }
+    if let Some(resources) = resources {
+        let mut limits = serde_json::Map::new();
+        if let Some(cpus) = resources.cpus {
+            limits.insert(
+                "cpu".into(),
+                format!("{}m", (cpus * 1000.0).round() as u64).into(),
+            );
+        }
+        if let Some(memory) = &resources.memory {
+            limits.insert("memory".into(), memory.bytes.to_string().into());
+        }
+        if !limits.is_empty() {
+            container["resources"] = json!({ "limits": limits });
+        }
+    }
+    container
+}
+
+fn env<'a>(
+    plain: &BTreeMap<String, String>,
+    secret_names: impl Iterator<Item = &'a String>,
+    container: &str,
+    secret: &Option<String>,
+) -> Vec<Value> {
+    let mut env: Vec<Value> = plain
+        .iter()
+        .map(|(name, value)| json!({"name": name, "value": literal(value)}))
+        .collect();
+    for name in secret_names {
+        env.push(json!({
+            "name": name,
+            "valueFrom": { "secretKeyRef": {
+                "name": secret.as_deref().unwrap_or_default(),
+                "key": format!("{container}.{name}"),
+            }},
+        }));
+    }
+    env
+}
+
+fn protocol(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+/// The health check as a readiness probe: the kubelet checks from outside the container, so the
+/// image needs no `nc` or `wget`.
+fn probe(check: &HealthCheck) -> Value {
+    let seconds = |d: &crate::descriptor::values::Duration| d.0.as_secs().max(1);
+    let mut probe = json!({
+        "periodSeconds": seconds(&check.interval),
+        "timeoutSeconds": seconds(&check.timeout),
+        "failureThreshold": check.retries,
+    });
+    if let Some(port) = check.tcp {
+        probe["tcpSocket"] = json!({ "port": port.0 });
+    } else if let Some(http) = &check.http {
+        probe["httpGet"] = json!({ "port": http.port.0, "path": http.path });
+    }
+    probe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(yaml_spec: Value) -> ChallengeTemplate {
+        let mut spec = json!({"image": "web:1", "target": "kubernetes"});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(yaml_spec.as_object().unwrap().clone());
+        ChallengeTemplate {
+            key: "Challenge/web".parse().unwrap(),
+            spec: serde_json::from_value(spec).unwrap(),
+            labels: BTreeMap::new(),
+            image_id: None,
+        }
+    }
+
+    fn labels() -> HashMap<String, String> {
+        Ownership::new("ctf").labels(&"Challenge/web".parse().unwrap(), "h")
+    }
+
+    #[test]
+    fn a_challenge_becomes_a_deployment_whose_sidecars_share_the_pod() {
+        let t = template(json!({
+            "replicas": 2,
+            "command": ["serve", "$(NOT_A_VAR)"],
+            "env": {"MODE": "a$b"},
+            "secretEnv": {"FLAG": {"file": "/f"}},
+            "ports": [{"container": 8080, "host": 30080}],
+            "healthcheck": {"http": {"port": 8080, "path": "/ready"}, "interval": "500ms"},
+            "resources": {"cpus": 0.5, "memory": "64Mi"},
+            "sidecars": [{"name": "db", "image": "redis:7", "secretEnv": {"PASS": {"env": "P"}}}],
+        }));
+        let deployment = t.deployment(&labels(), "ns", false);
+        assert_eq!(deployment["spec"]["replicas"], 2);
+        assert_eq!(
+            deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+            0
+        );
+        let containers = deployment["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        assert_eq!(containers.len(), 2, "the sidecar is a container of the pod");
+        let main = &containers[0];
+        assert_eq!(main["args"], json!(["serve", "$$(NOT_A_VAR)"]));
+        assert_eq!(main["env"][0], json!({"name": "MODE", "value": "a$$b"}));
+        assert_eq!(
+            main["env"][1]["valueFrom"]["secretKeyRef"],
+            json!({"name": "web-env", "key": "main.FLAG"})
+        );
+        assert_eq!(
+            main["readinessProbe"],
+            json!({"httpGet": {"port": 8080, "path": "/ready"}, "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 3})
+        );
+        assert_eq!(
+            main["resources"]["limits"],
+            json!({"cpu": "500m", "memory": "67108864"})
+        );
+        assert_eq!(
+            containers[1]["env"][0]["valueFrom"]["secretKeyRef"]["key"],
+            "db.PASS"
+        );
+        let selector = &deployment["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector.as_object().unwrap().len(), 3, "{selector}");
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["labels"],
+            *selector
+        );
+        let service = t.service(&labels(), "ns").unwrap();
+        assert_eq!(service["spec"]["type"], "NodePort");
+        assert_eq!(service["spec"]["ports"][0]["nodePort"], 30080);
+        assert_eq!(service["spec"]["ports"][0]["protocol"], "TCP");
+        let ids: Vec<String> = t.parts().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["Deployment/web", "Service/web", "Secret/web-env"]);
+    }
+
+    #[test]
+    fn stopping_scales_to_zero_without_changing_the_hash() {
+        let running = template(json!({}));
+        let stopped = template(json!({"state": "stopped"}));
+        assert_eq!(
+            stopped.deployment(&labels(), "ns", false)["spec"]["replicas"],
+            0
+        );
+        assert_eq!(running.parts()[0].hash, stopped.parts()[0].hash);
+        let other_image = template(json!({"image": "web:2"}));
+        assert_ne!(running.parts()[0].hash, other_image.parts()[0].hash);
+    }
+
+    #[test]
+    fn without_ports_there_is_no_service_and_unpublished_ports_stay_in_the_cluster() {
+        assert!(template(json!({})).service(&labels(), "ns").is_none());
+        let inside = template(json!({"ports": [{"container": 6379, "protocol": "udp"}]}));
+        let service = inside.service(&labels(), "ns").unwrap();
+        assert_eq!(service["spec"]["type"], "ClusterIP");
+        assert_eq!(service["spec"]["ports"][0]["protocol"], "UDP");
+    }
+
+    #[test]
+    fn a_rebuilt_product_rolls_the_pods() {
+        let first = template(json!({})).with_product("app:v1", "sha256:a");
+        let again = template(json!({})).with_product("app:v1", "sha256:b");
+        assert_ne!(first.parts()[0].hash, again.parts()[0].hash);
+    }
+}

@@ -1,0 +1,460 @@
+//! Challenges on the cluster: observing, applying and removing the Deployments, Services and
+//! Secrets that [`super::challenge`] shapes, in the agent's challenge namespace.
+//!
+//! Observing is four lists for every challenge at once (Deployments, Services, Secrets and pods,
+//! by the instance's labels). Applying checks everything first (secret values readable, no
+//! object of the same name that berth did not make, and, for an existing challenge, a server-side
+//! dry run), then applies the Secret, the Deployment and the Service, removes the parts the
+//! challenge no longer has, and waits until the rollout is ready: an object moving here from
+//! Docker is removed there only after that.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch};
+use serde_json::{Value, json};
+
+use super::challenge::ChallengeTemplate;
+use super::{
+    KubeBackend, Trouble, applied_by_berth, apply_params, health, namespace_resource, pod_resource,
+    secret_resource,
+};
+use crate::apply::Outcome;
+use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH};
+use crate::descriptor::{Kind, ObjectRef};
+use crate::plan::{
+    DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState, UNREADABLE,
+};
+
+/// Annotation on a challenge's Deployment and Service: the spec berth applied, as the plan shows
+/// it, so a change is explained field by field.
+const ANNOTATION_SPEC: &str = "berth.spec";
+/// How long an apply waits for a challenge's rollout to be ready.
+const ROLLOUT_WAIT: Duration = Duration::from_secs(180);
+/// The kinds a challenge is made of, in the order they are applied.
+const CHALLENGE_KINDS: [&str; 3] = ["Secret", "Deployment", "Service"];
+
+fn deployment_resource() -> kube::discovery::ApiResource {
+    kube::discovery::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
+}
+
+fn service_resource() -> kube::discovery::ApiResource {
+    kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
+}
+
+fn resource_of(kind: &str) -> kube::discovery::ApiResource {
+    match kind {
+        "Secret" => secret_resource(),
+        "Deployment" => deployment_resource(),
+        _ => service_resource(),
+    }
+}
+
+impl KubeBackend {
+    fn challenge_api(&self, kind: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.challenge_namespace,
+            &resource_of(kind),
+        )
+    }
+
+    fn challenge_selector(&self, name: Option<&str>) -> String {
+        self.ownership.selector(Kind::Challenge, name).join(",")
+    }
+
+    /// Every challenge this instance runs on the cluster, with the health of each part; and the
+    /// objects as read, by `namespace/Kind/name`.
+    pub(super) async fn observe_challenges(
+        &self,
+    ) -> Result<(Vec<ObservedObject>, HashMap<String, Value>), EngineError> {
+        let params = ListParams::default().labels(&self.challenge_selector(None));
+        let pods: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.challenge_namespace,
+            &pod_resource(),
+        );
+        let (deployments, services, secrets) = (
+            self.challenge_api("Deployment"),
+            self.challenge_api("Service"),
+            self.challenge_api("Secret"),
+        );
+        let (deployments, services, secrets, pods) = tokio::try_join!(
+            deployments.list(&params),
+            services.list(&params),
+            secrets.list(&params),
+            pods.list(&params),
+        )
+        .map_err(|e| self.gone(e))?;
+        let pods: Vec<Value> = pods
+            .items
+            .iter()
+            .map(|p| serde_json::to_value(p).unwrap_or_default())
+            .collect();
+        let mut challenges: BTreeMap<String, ObservedObject> = BTreeMap::new();
+        let mut live = HashMap::new();
+        let listed = [
+            ("Deployment", deployments.items),
+            ("Service", services.items),
+            ("Secret", secrets.items),
+        ];
+        for (kind, items) in listed {
+            for item in items {
+                let labels = item.metadata.labels.clone().unwrap_or_default();
+                let (Some(name), Some(owner)) =
+                    (item.metadata.name.clone(), labels.get(LABEL_NAME))
+                else {
+                    continue;
+                };
+                let Ok(challenge) = owner.parse() else {
+                    continue;
+                };
+                if !applied_by_berth(&item.metadata) {
+                    continue;
+                }
+                let value = serde_json::to_value(&item).unwrap_or_default();
+                let spec = item
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_SPEC))
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .unwrap_or_else(|| json!({}));
+                let (state, health, detail) = match kind {
+                    "Deployment" => {
+                        let mine: Vec<&Value> = pods
+                            .iter()
+                            .filter(|p| {
+                                p.pointer(&format!("/metadata/labels/{LABEL_NAME}"))
+                                    .and_then(Value::as_str)
+                                    == Some(owner)
+                            })
+                            .collect();
+                        let condition = health::of(kind, &value, &mine);
+                        let stopped =
+                            value.pointer("/spec/replicas").and_then(Value::as_i64) == Some(0);
+                        let state = if stopped {
+                            PartState::Stopped
+                        } else {
+                            PartState::Running
+                        };
+                        (state, condition.health, condition.detail)
+                    }
+                    _ => (PartState::Running, Health::Healthy, None),
+                };
+                let secrets = (kind == "Secret").then(|| self.live_digests(&value));
+                let ns = &self.challenge_namespace;
+                challenges
+                    .entry(owner.clone())
+                    .or_insert_with(|| ObservedObject {
+                        key: ObjectRef {
+                            kind: Kind::Challenge,
+                            name: challenge,
+                        },
+                        engine: Engine::Kubernetes,
+                        parts: Vec::new(),
+                        archived_at: None,
+                        expired: None,
+                    })
+                    .parts
+                    .push(ObservedPart {
+                        name: format!("{ns}/{kind}/{name}"),
+                        id: format!("{kind}/{name}"),
+                        hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+                        spec,
+                        secrets,
+                        state,
+                        health,
+                        detail,
+                    });
+                live.insert(format!("{ns}/{kind}/{name}"), value);
+            }
+        }
+        Ok((challenges.into_values().collect(), live))
+    }
+
+    /// Records the digests of the challenge's secret values on its Secret part, so a rotated
+    /// secret shows as a change (and an unreadable one as an update that fails with the reason).
+    pub fn seal_challenge(&self, template: &ChallengeTemplate, object: &mut DesiredObject) {
+        let Some(secret) = template.secret_name() else {
+            return;
+        };
+        let id = format!("Secret/{secret}");
+        if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
+            part.secrets = Some(
+                template
+                    .secrets()
+                    .into_iter()
+                    .map(|(key, reference)| {
+                        let digest = match reference.resolve() {
+                            Ok(value) => self.digest(&key, value.as_bytes()),
+                            Err(why) => format!("{UNREADABLE}secret {key}: {why}"),
+                        };
+                        (key, digest)
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Makes the challenge what `template` says, and waits until it is ready.
+    pub async fn converge_challenge(
+        &self,
+        template: &ChallengeTemplate,
+        parts: &[Part],
+    ) -> Outcome {
+        self.outcome(self.try_converge_challenge(template, parts).await)
+    }
+
+    async fn try_converge_challenge(
+        &self,
+        template: &ChallengeTemplate,
+        parts: &[Part],
+    ) -> Result<String, Trouble> {
+        let key = &template.key;
+        let ns = self.challenge_namespace.clone();
+        // Secret values are read before anything changes: an unreadable one fails the challenge.
+        let mut values = BTreeMap::new();
+        for (name, reference) in template.secrets() {
+            values.insert(name, reference.resolve().map_err(Trouble::Failed)?);
+        }
+        let hash_of = |id: &str| {
+            parts
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| (p.hash.clone(), p.spec.to_string()))
+                .unwrap_or_default()
+        };
+        let labeled = |id: &str| {
+            let (hash, _) = hash_of(id);
+            self.ownership.labels_over(template.labels(), key, &hash)
+        };
+        let name = key.name.as_str();
+        let mut objects: Vec<(&str, String, Value)> = Vec::new();
+        if let Some(secret_name) = template.secret_name() {
+            let labels = labeled(&format!("Secret/{secret_name}"));
+            if let Some(secret) = template.secret(&labels, &ns, &values) {
+                objects.push(("Secret", secret_name, secret));
+            }
+        }
+        let deployment_id = format!("Deployment/{name}");
+        let mut deployment = template.deployment(&labeled(&deployment_id), &ns, false);
+        deployment["metadata"]["annotations"] =
+            json!({ ANNOTATION_SPEC: hash_of(&deployment_id).1 });
+        objects.push(("Deployment", name.to_string(), deployment));
+        let service_id = format!("Service/{name}");
+        if let Some(mut service) = template.service(&labeled(&service_id), &ns) {
+            service["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&service_id).1 });
+            objects.push(("Service", name.to_string(), service));
+        }
+        // What the last observation saw of this challenge here.
+        let seen: Vec<(String, Value)> = {
+            let live = self.live.lock().expect("live objects");
+            let prefixes: Vec<String> = CHALLENGE_KINDS
+                .iter()
+                .map(|kind| format!("{ns}/{kind}/"))
+                .collect();
+            live.iter()
+                .filter(|(id, _)| prefixes.iter().any(|p| id.starts_with(p.as_str())))
+                .filter(|(_, v)| {
+                    v.pointer(&format!("/metadata/labels/{LABEL_NAME}"))
+                        .and_then(Value::as_str)
+                        == Some(name)
+                })
+                .map(|(id, v)| (id.clone(), v.clone()))
+                .collect()
+        };
+        let exists = |kind: &str, object: &str| {
+            seen.iter()
+                .any(|(id, _)| id == &format!("{}/{kind}/{object}", self.challenge_namespace))
+        };
+        if !self.taken.lock().expect("namespace names").contains(&ns) {
+            self.make_challenge_namespace(&ns).await?;
+        }
+        // An object of the same name that berth did not make here is never taken over.
+        for (kind, object, _) in objects.iter().filter(|(k, o, _)| !exists(k, o)) {
+            if let Some(found) = self
+                .challenge_api(kind)
+                .get_opt(object)
+                .await
+                .map_err(Trouble::from)?
+            {
+                let labels = found.metadata.labels.clone().unwrap_or_default();
+                let ours = applied_by_berth(&found.metadata)
+                    && labels.get(LABEL_INSTANCE).map(String::as_str)
+                        == Some(self.ownership.instance())
+                    && labels.get(LABEL_NAME).map(String::as_str) == Some(name);
+                if !ours {
+                    return Err(Trouble::Failed(format!(
+                        "{kind}/{object} exists in namespace {ns} and was not made by berth for {key}; delete it, or rename the challenge"
+                    )));
+                }
+            }
+        }
+        // An existing challenge is checked by a dry run first: what the server refuses fails it
+        // before anything changes, and the running version stays.
+        let updating = exists("Deployment", name);
+        let passes: &[bool] = if updating { &[true, false] } else { &[false] };
+        for &dry_run in passes {
+            let mut params = apply_params();
+            params.dry_run = dry_run;
+            for (kind, object, value) in &objects {
+                self.challenge_api(kind)
+                    .patch(object, &params, &Patch::Apply(value))
+                    .await
+                    .map_err(|e| Trouble::object(kind, object, e))?;
+            }
+        }
+        // Parts the challenge no longer has (its ports, its secrets) go.
+        let mut removed = Vec::new();
+        for (id, value) in &seen {
+            let mut pieces = id.splitn(3, '/').skip(1);
+            let (Some(kind), Some(object)) = (pieces.next(), pieces.next()) else {
+                continue;
+            };
+            if objects.iter().any(|(k, o, _)| k == &kind && o == object)
+                || !CHALLENGE_KINDS.contains(&kind)
+                || value.pointer("/metadata/deletionTimestamp").is_some()
+            {
+                continue;
+            }
+            match self
+                .challenge_api(kind)
+                .delete(object, &DeleteParams::background())
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                result => {
+                    result.map_err(|e| Trouble::object(kind, object, e))?;
+                }
+            }
+            removed.push(format!("{kind}/{object}"));
+        }
+        let mut done = format!(
+            "applied {} in namespace {ns}",
+            objects
+                .iter()
+                .map(|(kind, object, _)| format!("{kind}/{object}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !removed.is_empty() {
+            done.push_str(&format!(", removed {}", removed.join(", ")));
+        }
+        if template.running() {
+            let ready = self.wait_ready(name).await?;
+            done.push_str(&format!("; ready in {:.1}s", ready.as_secs_f64()));
+        } else {
+            done.push_str("; scaled to 0");
+        }
+        Ok(done)
+    }
+
+    /// Makes the challenge namespace, labelled as this instance's.
+    async fn make_challenge_namespace(&self, ns: &str) -> Result<(), Trouble> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &namespace_resource());
+        if api.get_opt(ns).await.map_err(Trouble::from)?.is_some() {
+            return Ok(());
+        }
+        let namespace = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": ns, "labels": self.ownership.instance_labels() },
+        });
+        api.patch(ns, &apply_params(), &Patch::Apply(&namespace))
+            .await
+            .map_err(|e| Trouble::object("Namespace", ns, e))?;
+        self.taken
+            .lock()
+            .expect("namespace names")
+            .insert(ns.to_string());
+        Ok(())
+    }
+
+    /// Waits until the challenge's Deployment has rolled out and its pods are ready. A pod that
+    /// cannot start (a crash loop, an image that is not there) fails it at once, with the reason;
+    /// the old pods keep serving either way.
+    async fn wait_ready(&self, name: &str) -> Result<Duration, Trouble> {
+        let started = Instant::now();
+        let pods: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.challenge_namespace,
+            &pod_resource(),
+        );
+        let params = ListParams::default().labels(&self.challenge_selector(Some(name)));
+        loop {
+            let deployment = self
+                .challenge_api("Deployment")
+                .get(name)
+                .await
+                .map_err(Trouble::from)?;
+            let listed = pods.list(&params).await.map_err(Trouble::from)?;
+            let values: Vec<Value> = listed
+                .items
+                .iter()
+                .map(|p| serde_json::to_value(p).unwrap_or_default())
+                .collect();
+            let value = serde_json::to_value(&deployment).unwrap_or_default();
+            let condition = health::of("Deployment", &value, &values.iter().collect::<Vec<_>>());
+            let waited = started.elapsed();
+            match condition.health {
+                Health::Healthy => return Ok(waited),
+                Health::Degraded => {
+                    return Err(Trouble::Failed(format!(
+                        "the new version does not become ready: {}; the old version keeps serving",
+                        condition.detail.unwrap_or_default()
+                    )));
+                }
+                _ if waited > ROLLOUT_WAIT => {
+                    return Err(Trouble::Failed(format!(
+                        "not ready after {}s: {}; the old version keeps serving",
+                        waited.as_secs(),
+                        condition.detail.unwrap_or_default()
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Removes the challenge's objects from the cluster.
+    pub async fn delete_challenge(&self, key: &ObjectRef) -> Outcome {
+        let params =
+            ListParams::default().labels(&self.challenge_selector(Some(key.name.as_str())));
+        let mut deleted = Vec::new();
+        for kind in CHALLENGE_KINDS.iter().rev() {
+            let api = self.challenge_api(kind);
+            let listed = match api.list(&params).await {
+                Ok(listed) => listed,
+                Err(error) => return Outcome::Transient(self.gone(error).to_string()),
+            };
+            for item in listed.items {
+                let Some(name) = item.metadata.name.clone() else {
+                    continue;
+                };
+                if !applied_by_berth(&item.metadata) {
+                    continue;
+                }
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => deleted.push(format!("{kind}/{name}")),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(kube::Error::Api(status)) => {
+                        return Outcome::Failed(format!(
+                            "{kind}/{name}: the API server refused: {}",
+                            status.message
+                        ));
+                    }
+                    Err(error) => return Outcome::Transient(self.gone(error).to_string()),
+                }
+            }
+        }
+        Outcome::Done(match deleted.is_empty() {
+            true => "already gone from the cluster".into(),
+            false => format!(
+                "deleted {} in namespace {}",
+                deleted.join(", "),
+                self.challenge_namespace
+            ),
+        })
+    }
+}

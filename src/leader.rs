@@ -1,0 +1,130 @@
+//! Leader election: of several agents following one repo (the replicas of a Deployment), one
+//! leads and applies; the others stand by.
+//!
+//! The leader holds a `coordination.k8s.io/v1` Lease in the agent's namespace, renewed well
+//! before it runs out (through `kube-lease-manager`). A standby answers `/readyz` with 503
+//! `standby`, so a Service sends webhooks to the leader only, and refuses what would change
+//! anything (a webhook, a reconcile, a run). When the leader stops, it gives the Lease up; when it
+//! dies (`kill -9`, a lost node), a standby takes the Lease once it expires and runs a full pass,
+//! which converges whatever the old leader left half done.
+//!
+//! Without `leaderElection` in the config there is no Lease, and the agent always leads.
+
+use std::time::Duration;
+
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use tokio::sync::watch;
+
+use crate::backend::kube::Access;
+use crate::config::LeaderElectionConfig;
+
+/// Whether this agent leads, kept current.
+pub struct Leadership {
+    /// `None` when there is no election: always the leader.
+    state: Option<watch::Receiver<bool>>,
+    task: Option<tokio::task::JoinHandle<kube_lease_manager::Result<LeaseManager>>>,
+    /// Whether there is an election at all.
+    elected: bool,
+    identity: String,
+}
+
+/// Why the election could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("leader election in namespace {namespace} cannot start: {reason}")]
+pub struct ElectionError {
+    namespace: String,
+    reason: String,
+}
+
+impl Leadership {
+    /// No election: this agent always leads.
+    pub fn sole() -> Leadership {
+        Leadership {
+            state: None,
+            task: None,
+            elected: false,
+            identity: identity(),
+        }
+    }
+
+    /// Joins the election `config` describes, on the cluster `access` names.
+    pub async fn elect(
+        config: &LeaderElectionConfig,
+        access: &Access,
+    ) -> Result<Leadership, ElectionError> {
+        let namespace = config.namespace.to_string();
+        let failed = |reason: String| ElectionError {
+            namespace: namespace.clone(),
+            reason,
+        };
+        let (client, _) = crate::backend::kube::client(access)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let identity = identity();
+        let seconds = config.lease_duration.0.as_secs().max(3);
+        let manager = LeaseManagerBuilder::new(client, config.lease.to_string())
+            .with_namespace(namespace.clone())
+            .with_identity(identity.clone())
+            .with_field_manager(format!("berth-{identity}"))
+            .with_duration(seconds)
+            // Renewed when a third of the Lease is left: a slow API server is not a lost lead.
+            .with_grace((seconds / 3).max(1))
+            .build()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let (state, task) = manager.watch().await;
+        tracing::info!(%identity, lease = %config.lease, %namespace, "joined the leader election");
+        Ok(Leadership {
+            state: Some(state),
+            task: Some(task),
+            elected: true,
+            identity,
+        })
+    }
+
+    /// Whether this agent leads now.
+    pub fn leads(&self) -> bool {
+        match &self.state {
+            Some(state) => *state.borrow(),
+            None => !self.elected,
+        }
+    }
+
+    /// This agent's name in the election: the host (a pod's name) and the process.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Resolves when leadership changes; never without an election.
+    pub async fn changed(&mut self) {
+        match self.state.as_mut() {
+            Some(state) => {
+                if state.changed().await.is_err() {
+                    // The election ended (its task failed for good): stand by rather than lead
+                    // blind.
+                    tracing::error!("the leader election stopped; standing by");
+                    self.state = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Gives the Lease up, so a standby takes over at once instead of after the Lease runs out.
+    pub async fn resign(mut self) {
+        self.state.take();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+fn identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
