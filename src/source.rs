@@ -362,6 +362,11 @@ impl Source {
             match self.push(&repo, commit) {
                 Ok(()) => {
                     repo.reference(&tracking, commit, true, "berth: status pushed")?;
+                    // Each status commit adds a pack: months of passes would leave thousands,
+                    // and every object lookup reads each pack's index.
+                    if let Err(error) = repack_if_piled_up(&repo) {
+                        tracing::warn!(%error, "could not repack the clone; it keeps working, only slower");
+                    }
                     return Ok(Published::Pushed {
                         commit: commit.to_string(),
                         retries,
@@ -414,6 +419,68 @@ impl Source {
             (Err(error), _) => Err(PushError::Failed(error)),
         }
     }
+}
+
+/// Packs the clone holds before they are written again as one.
+pub const MAX_PACKS: usize = 32;
+
+/// Writes every object reachable from the clone's refs and HEAD as one pack, then removes the
+/// packs and loose objects it had, when more than [`MAX_PACKS`] packs have piled up. Returns
+/// whether it repacked.
+///
+/// The new pack is complete before anything is removed, so a crash at any point leaves a clone
+/// with every object (at worst twice).
+pub fn repack_if_piled_up(repo: &Repository) -> Result<bool, git2::Error> {
+    let objects = repo.path().join("objects");
+    let packs = objects.join("pack");
+    let listed = |extension: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&packs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == extension))
+            .collect()
+    };
+    let old_packs = listed("pack");
+    if old_packs.len() <= MAX_PACKS {
+        return Ok(false);
+    }
+    let old_indexes = listed("idx");
+    let loose: Vec<std::path::PathBuf> = std::fs::read_dir(&objects)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 2 && n.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .collect();
+    let mut walk = repo.revwalk()?;
+    walk.push_glob("*")?;
+    if repo.head().is_ok() {
+        walk.push_head()?;
+    }
+    let mut builder = repo.packbuilder()?;
+    builder.insert_walk(&mut walk)?;
+    builder.write(&packs, 0o444)?;
+    let Some(kept) = builder.name().map(|name| format!("pack-{name}")) else {
+        return Err(git2::Error::from_str("the new pack has no name"));
+    };
+    for path in old_packs.iter().chain(&old_indexes) {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        if stem != kept {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    for folder in loose {
+        let _ = std::fs::remove_dir_all(folder);
+    }
+    repo.odb()?.refresh()?;
+    tracing::info!(packs = old_packs.len(), "repacked the clone into one pack");
+    Ok(true)
 }
 
 enum PushError {

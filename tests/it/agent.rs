@@ -1006,3 +1006,59 @@ fn a_checkout_that_cannot_be_written_is_broken_not_retried_and_what_runs_stays()
     agent.wait_for("the fix applied", || applied(&origin, &second));
     assert_ne!(container_ids(&instance, "web"), running);
 }
+
+#[test]
+fn five_hundred_status_commits_leave_a_clone_of_few_packs_that_git_finds_whole() {
+    use berth::config::{AgentConfig, Secrets};
+    use berth::source::{MAX_PACKS, Source};
+    let origin = Origin::new(&[("README.md", "a config repo\n")]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance: months\nrepo: {{url: {}, branch: main}}\nstateDir: {}/state\n",
+            origin.bare().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let config = AgentConfig::load(Some(&config)).unwrap();
+    let source = Source::new(&config, &Secrets::read(&config).unwrap());
+    source.fetch().unwrap();
+    // Months of passes, each changing what status says.
+    for pass in 0..500 {
+        let files = std::collections::BTreeMap::from([(
+            "status/challenge/web.yaml".to_string(),
+            format!("pass: {pass}\n"),
+        )]);
+        source
+            .publish_status(&files, &format!("status of pass {pass}"))
+            .unwrap();
+    }
+    let clone = dir.path().join("state/repo");
+    let packs = std::fs::read_dir(clone.join(".git/objects/pack"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .count();
+    assert!(packs <= MAX_PACKS + 1, "{packs} packs after 500 passes");
+    let fsck = Command::new("git")
+        .args(["fsck", "--full", "--no-dangling"])
+        .current_dir(&clone)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    assert_eq!(
+        git(&clone, &["show", "refs/remotes/origin/berth-status:status/challenge/web.yaml"]),
+        "pass: 499"
+    );
+    assert_eq!(
+        origin.bare_git(&["rev-list", "--count", "berth-status"]),
+        "500"
+    );
+}
