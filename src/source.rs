@@ -470,7 +470,10 @@ pub fn repack_if_piled_up(repo: &Repository) -> Result<bool, git2::Error> {
         return Err(git2::Error::from_str("the new pack has no name"));
     };
     for path in old_packs.iter().chain(&old_indexes) {
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
         if stem != kept {
             let _ = std::fs::remove_file(path);
         }

@@ -1054,7 +1054,13 @@ fn five_hundred_status_commits_leave_a_clone_of_few_packs_that_git_finds_whole()
         String::from_utf8_lossy(&fsck.stderr)
     );
     assert_eq!(
-        git(&clone, &["show", "refs/remotes/origin/berth-status:status/challenge/web.yaml"]),
+        git(
+            &clone,
+            &[
+                "show",
+                "refs/remotes/origin/berth-status:status/challenge/web.yaml"
+            ]
+        ),
         "pass: 499"
     );
     assert_eq!(

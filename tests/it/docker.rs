@@ -735,3 +735,52 @@ fn only_challenges_with_sidecars_get_a_network_of_their_own() {
         "the main container reaches its sidecar by name: {logs:?}"
     );
 }
+
+#[test]
+fn a_challenge_built_again_and_again_keeps_only_its_newest_images_and_the_running_one() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "gc.yaml",
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: gc}\nspec:\n  build: {context: gc}\n  command: [sleep, \"3600\"]\n",
+    );
+    let images = || {
+        docker(&[
+            "images",
+            "-q",
+            "--filter",
+            &format!("label=berth.instance={}", instance.name),
+            "--filter",
+            "label=berth.name=gc",
+        ])
+        .lines()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    for version in 1..=6 {
+        repo.write(
+            "gc/Dockerfile",
+            format!("FROM busybox:latest\nRUN echo {version} > /version\n"),
+        );
+        let applied = instance.apply(&repo, &[]);
+        assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
+    }
+    let kept = images();
+    assert!(
+        kept.len() <= 3,
+        "six builds left {} images: {kept:?}",
+        kept.len()
+    );
+    let running = docker(&[
+        "inspect",
+        "--format",
+        "{{.Image}}",
+        &instance.containers("gc")["main-1"].0,
+    ]);
+    assert!(
+        kept.iter().any(|id| running.contains(id.as_str())),
+        "the running image {running} was removed: {kept:?}"
+    );
+    let version = docker(&["run", "--rm", &running, "cat", "/version"]);
+    assert_eq!(version, "6");
+}

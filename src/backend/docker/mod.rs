@@ -819,7 +819,19 @@ impl DockerBackend {
     /// replacing changed ones the way `start_first` allows, and removing what is left over.
     pub async fn converge(&self, template: &ChallengeTemplate, repo_root: &Path) -> Outcome {
         match self.try_converge(template, repo_root).await {
-            Ok(done) => Outcome::Done(done),
+            Ok(mut done) => {
+                // Each change of a build context makes an image: keep the newest few (a quick
+                // way back) and the one running, so months of changes do not fill the disk.
+                if template.spec.build.is_some() {
+                    let removed = self
+                        .collect_products(&template.key, run::KEEP_PRODUCTS)
+                        .await;
+                    if removed > 0 {
+                        done.push_str(&format!("; {removed} older build(s) removed"));
+                    }
+                }
+                Outcome::Done(done)
+            }
             Err(trouble) => trouble.into(),
         }
     }

@@ -717,10 +717,11 @@ impl DockerBackend {
         }
     }
 
-    /// Removes the Pipeline's produced images but the newest `keep`; an image a container
-    /// still uses stays whatever its age (the engine refuses to remove it). Returns how many went.
+    /// Removes the images berth made for `key` (a Pipeline's products, a Challenge's builds)
+    /// but the newest `keep`; an image a container still uses stays whatever its age (the engine
+    /// refuses to remove it). Returns how many went.
     pub async fn collect_products(&self, key: &ObjectRef, keep: usize) -> usize {
-        let Ok(mut images) = self.products(Some(key)).await else {
+        let Ok(mut images) = self.images_of(key.kind, Some(key)).await else {
             return 0;
         };
         images.sort_by_key(|image| std::cmp::Reverse(image.created));
@@ -732,10 +733,19 @@ impl DockerBackend {
         &self,
         key: Option<&ObjectRef>,
     ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
+        self.images_of(Kind::Pipeline, key).await
+    }
+
+    /// The images this instance made for objects of `kind` (or one of them).
+    async fn images_of(
+        &self,
+        kind: Kind,
+        key: Option<&ObjectRef>,
+    ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
         let name = key.map(|k| k.name.as_str());
         let filters = std::collections::HashMap::from([(
             "label".to_string(),
-            self.ownership.selector(Kind::Pipeline, name),
+            self.ownership.selector(kind, name),
         )]);
         self.docker
             .list_images(Some(bollard::query_parameters::ListImagesOptions {
