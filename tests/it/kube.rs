@@ -1043,11 +1043,18 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
     let stopped = apply(&[]);
     assert!(stopped.status.success(), "{}", said(&stopped));
     assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
-    eventually("the pods end", Duration::from_secs(60), || {
-        cluster
-            .get(&ns, "pods", "{.items[*].metadata.name}")
-            .is_empty()
-    });
+    let started = Instant::now();
+    while !cluster
+        .get(&ns, "pods", "{.items[*].metadata.name}")
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the pods do not end: {}",
+            said(&cluster.kubectl(&["get", "pods", "-n", &ns, "-o", "wide"]))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     repo.write("web.yaml", web_challenge(port, "bye", ""));
     let started = apply(&[]);
     assert!(started.status.success(), "{}", said(&started));
@@ -1060,7 +1067,10 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
     std::fs::remove_file(repo.path().join("web.yaml")).unwrap();
     repo.write(
         "other.yaml",
-        crate::util::challenge("other", "  target: kubernetes\n"),
+        crate::util::challenge(
+            "other",
+            "  target: kubernetes\n  command: [sleep, \"3600\"]\n",
+        ),
     );
     assert!(plan().contains("Challenge/web    orphan"), "{}", plan());
     let pruned = apply(&["--prune"]);

@@ -252,6 +252,8 @@ impl ChallengeTemplate {
                     "metadata": pod_metadata,
                     "spec": {
                         "containers": containers,
+                        // Docker's own stop timeout: a stop or an update takes as long as there.
+                        "terminationGracePeriodSeconds": 10,
                         "enableServiceLinks": false,
                         "automountServiceAccountToken": false,
                     },

@@ -342,7 +342,7 @@ impl KubeBackend {
             done.push_str(&format!(", removed {}", removed.join(", ")));
         }
         if template.running() {
-            let ready = self.wait_ready(name).await?;
+            let ready = self.wait_ready(name, updating).await?;
             done.push_str(&format!("; ready in {:.1}s", ready.as_secs_f64()));
         } else {
             done.push_str("; scaled to 0");
@@ -374,7 +374,11 @@ impl KubeBackend {
     /// Waits until the challenge's Deployment has rolled out and its pods are ready. A pod that
     /// cannot start (a crash loop, an image that is not there) fails it at once, with the reason;
     /// the old pods keep serving either way.
-    async fn wait_ready(&self, name: &str) -> Result<Duration, Trouble> {
+    async fn wait_ready(&self, name: &str, updating: bool) -> Result<Duration, Trouble> {
+        let kept = match updating {
+            true => "; the old version keeps serving",
+            false => "",
+        };
         let started = Instant::now();
         let pods: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
@@ -401,13 +405,13 @@ impl KubeBackend {
                 Health::Healthy => return Ok(waited),
                 Health::Degraded => {
                     return Err(Trouble::Failed(format!(
-                        "the new version does not become ready: {}; the old version keeps serving",
+                        "the new version does not become ready: {}{kept}",
                         condition.detail.unwrap_or_default()
                     )));
                 }
                 _ if waited > ROLLOUT_WAIT => {
                     return Err(Trouble::Failed(format!(
-                        "not ready after {}s: {}; the old version keeps serving",
+                        "not ready after {}s: {}{kept}",
                         waited.as_secs(),
                         condition.detail.unwrap_or_default()
                     )));
