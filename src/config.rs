@@ -716,6 +716,29 @@ mod tests {
     }
 
     #[test]
+    fn where_challenges_go_and_the_leader_election_come_from_the_file_or_the_environment() {
+        let text =
+            "repo: {url: /r}\ndefaultTarget: kubernetes\nkube: {nodePortRange: 20000-20100}\n";
+        let config = parse(text, &[]).unwrap();
+        let options = config.load_options();
+        assert_eq!(options.default_target, crate::plan::Engine::Kubernetes);
+        assert_eq!(options.node_ports, 20000..=20100);
+        assert!(config.leader_election.is_none());
+        let elected = parse(
+            "repo: {url: /r}\n",
+            &[("BERTH_LEADER_ELECTION_NAMESPACE", "berth")],
+        )
+        .unwrap();
+        let election = elected.leader_election.unwrap();
+        assert_eq!(
+            (election.namespace.as_str(), election.lease.as_str()),
+            ("berth", "berth-agent")
+        );
+        let error = parse("repo: {url: /r}\nkube: {nodePortRange: 9-1}\n", &[]).unwrap_err();
+        assert!(error.to_string().contains("kube.nodePortRange"), "{error}");
+    }
+
+    #[test]
     fn the_documented_example_parses_with_its_defaults() {
         let config = parse(
             "instance: ctf\nrepo:\n  url: https://git.example.org/ops/infra.git\n  auth: {tokenFile: /etc/berth/git-token}\nlisten: 127.0.0.1:8700\n",

@@ -31,6 +31,18 @@ pub(super) fn check_descriptor(
             check_challenge(root, spec, &mut found);
             if spec.target == Some(Engine::Kubernetes) {
                 check_on_kubernetes(spec, &options.node_ports, &mut found);
+                if !spec.ports.is_empty()
+                    && descriptor
+                        .metadata
+                        .name
+                        .as_str()
+                        .starts_with(|c: char| c.is_ascii_digit())
+                {
+                    found.push(violation(
+                        "/metadata/name",
+                        "metadata.name: on kubernetes a challenge with ports gets a Service of its name, and a Service's name must start with a letter; rename it",
+                    ));
+                }
             }
         }
         Spec::Pipeline(spec) => {
@@ -224,6 +236,12 @@ fn check_on_kubernetes(
                 format!("spec.sidecars[{index}].resources.pids: Kubernetes sets the process limit per node (the kubelet's --pod-max-pids), not per container; remove it, or keep this challenge on docker"),
             ));
         }
+    }
+    if let Some(index) = spec.sidecars.iter().position(|s| s.name.as_str() == "main") {
+        found.push(violation(
+            format!("/spec/sidecars/{index}/name"),
+            format!("spec.sidecars[{index}].name: on kubernetes the challenge's own container is named main; name the sidecar otherwise"),
+        ));
     }
     for (index, port) in spec.ports.iter().enumerate() {
         if let Some(host) = port.host
