@@ -21,6 +21,11 @@
 //! `bench-kubectl-*` namespace (and any of instance `bench`) before and after, and waits until
 //! they are gone.
 //!
+//! Then 100 Challenges with `target: kubernetes` (a Deployment and a ClusterIP Service each, in
+//! namespace `bench-challenges`, stopped so that no pod runs): berth's initial apply, its no-op
+//! pass (median of 3) and the same split, beside one `kubectl get` of the Deployments, Services
+//! and Secrets a no-op pass must read, the floor of any tool that compares.
+//!
 //! Needs root (for kube-up.sh), a Docker Engine and `kubectl`. Run: `cargo bench --bench stagings`.
 
 use std::path::{Path, PathBuf};
@@ -35,6 +40,7 @@ use berth::plan::Policy;
 use berth::reconcile::{self, ApplyOptions, Observer};
 
 const STAGINGS: usize = 50;
+const CHALLENGES: usize = 100;
 const CONCURRENCY: usize = 8;
 const INSTANCE: &str = "bench";
 const TAG: &str = "latest";
@@ -287,6 +293,26 @@ async fn berth_apply(dir: &Path, access: &Access) -> (Duration, Vec<Duration>) {
     (elapsed, applied.reports.iter().map(|r| r.elapsed).collect())
 }
 
+/// One `berth apply` pass of the challenges in `dir`: its time and how many steps changed something.
+async fn challenges_apply(dir: &Path, access: &Access) -> (Duration, usize) {
+    let start = Instant::now();
+    let loaded = reconcile::load(dir, &LoadOptions::default()).unwrap();
+    let engines = reconcile::connect(INSTANCE, access).await.unwrap();
+    let desired = reconcile::desired(&loaded);
+    let applied = reconcile::apply(desired, &engines, &loaded.root, &options(), |_| {})
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    let failed: Vec<_> = applied
+        .reports
+        .iter()
+        .filter(|r| !matches!(r.outcome, Outcome::Done(_)))
+        .map(|r| format!("{}: {:?}", r.step.key, r.outcome))
+        .collect();
+    assert!(failed.is_empty(), "berth apply failed: {failed:#?}");
+    (elapsed, applied.reports.len())
+}
+
 /// The no-op pass split, on engines already connected (discovery done): load + desired, the whole
 /// `reconcile::plan`, and then the stages of `plan` run one by one as it runs them, so that the
 /// list calls (`Engines::observe`) and the rest, berth's own part, are timed within one pass.
@@ -433,6 +459,63 @@ fn main() {
     let part = |i: usize| median(splits.iter().map(|s| s[i]).collect());
     let (load, plan, observe, own) = (part(0), part(1), part(2), part(3));
 
+    // 100 Challenges on Kubernetes.
+    let challenges_dir = tempfile::tempdir().unwrap();
+    for i in 0..CHALLENGES {
+        std::fs::write(
+            challenges_dir.path().join(format!("c-{i}.yaml")),
+            format!(
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c-{i}}}\nspec:\n  target: kubernetes\n  state: stopped\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\"]\n  env: {{CHALLENGE: c-{i}}}\n  ports: [{{container: 8080}}]\n  healthcheck: {{tcp: 8080}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let challenge_access = Access {
+        challenge_namespace: Some("bench-challenges".into()),
+        ..access.clone()
+    };
+    let (challenges_initial, created) =
+        runtime.block_on(challenges_apply(challenges_dir.path(), &challenge_access));
+    assert_eq!(
+        created, CHALLENGES,
+        "the initial pass creates every challenge"
+    );
+    let challenge_noops: Vec<Duration> = (0..NOOP_RUNS)
+        .map(|_| {
+            let (elapsed, changed) =
+                runtime.block_on(challenges_apply(challenges_dir.path(), &challenge_access));
+            assert_eq!(changed, 0, "a no-op pass applies nothing");
+            elapsed
+        })
+        .collect();
+    let challenge_engines = runtime
+        .block_on(reconcile::connect(INSTANCE, &challenge_access))
+        .unwrap();
+    runtime.block_on(berth_split(challenges_dir.path(), &challenge_engines));
+    let challenge_splits: Vec<[Duration; 4]> = (0..NOOP_RUNS)
+        .map(|_| runtime.block_on(berth_split(challenges_dir.path(), &challenge_engines)))
+        .collect();
+    let challenge_part = |i: usize| median(challenge_splits.iter().map(|s| s[i]).collect());
+    let kubectl_reads = median(
+        (0..NOOP_RUNS)
+            .map(|_| {
+                run(kubectl(
+                    &kubeconfig,
+                    &[
+                        "get",
+                        "deployments,services,secrets",
+                        "-n",
+                        "bench-challenges",
+                        "-l",
+                        "berth.instance=bench",
+                        "-o",
+                        "json",
+                    ],
+                ))
+            })
+            .collect(),
+    );
+
     let cleaned = delete_namespaces(&kubeconfig);
 
     eprintln!(
@@ -472,6 +555,16 @@ fn main() {
         ms(observe),
         ms(own),
         ms(load)
+    );
+    println!(
+        "\n{CHALLENGES} challenges on kubernetes (Deployment + Service, stopped)\n  berth apply: initial {:.0}ms, no-op {:.1}ms (connect and discovery included)\n  berth no-op, engines connected: plan {:.1}ms; list calls {:.1}ms + berth's own {:.1}ms; load {:.1}ms\n  kubectl get deployments,services,secrets -o json (the reads alone): {:.1}ms",
+        ms(challenges_initial),
+        ms(median(challenge_noops)),
+        ms(challenge_part(1)),
+        ms(challenge_part(2)),
+        ms(challenge_part(3)),
+        ms(challenge_part(0)),
+        ms(kubectl_reads)
     );
     println!(
         "  (no-op: median of {NOOP_RUNS}; split on connected engines; namespaces deleted in {:.1}s; bench took {:.1}s)",

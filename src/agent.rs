@@ -280,6 +280,15 @@ pub async fn run(
             tracing::debug!(triggers = batch.len(), "standing by: no pass");
             continue;
         }
+        if !leadership.confirm().await {
+            tracing::warn!(
+                identity = leadership.identity(),
+                "the Lease does not confirm the lead; no pass"
+            );
+            agent.stand_by(&leadership);
+            agent.schedule_retry();
+            continue;
+        }
         agent.pass(&batch).await;
         if !notified_ready {
             notified_ready = true;
@@ -292,7 +301,7 @@ pub async fn run(
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     agent.pipelines.shutdown().await;
-    if leadership.leads() {
+    if leadership.confirm().await {
         agent.publish().await;
     }
     leadership.resign().await;

@@ -26,6 +26,8 @@ pub struct Leadership {
     /// Whether there is an election at all.
     elected: bool,
     identity: String,
+    /// Where the Lease is read to confirm the lead: the client, its namespace and name.
+    lease: Option<(kube::Client, String, String)>,
 }
 
 /// Why the election could not start.
@@ -44,6 +46,7 @@ impl Leadership {
             task: None,
             elected: false,
             identity: identity(),
+            lease: None,
         }
     }
 
@@ -62,7 +65,7 @@ impl Leadership {
             .map_err(|e| failed(e.to_string()))?;
         let identity = identity();
         let seconds = config.lease_duration.0.as_secs().max(3);
-        let manager = LeaseManagerBuilder::new(client, config.lease.to_string())
+        let manager = LeaseManagerBuilder::new(client.clone(), config.lease.to_string())
             .with_namespace(namespace.clone())
             .with_identity(identity.clone())
             .with_field_manager(format!("berth-{identity}"))
@@ -79,6 +82,7 @@ impl Leadership {
             task: Some(task),
             elected: true,
             identity,
+            lease: Some((client, namespace, config.lease.to_string())),
         })
     }
 
@@ -88,6 +92,43 @@ impl Leadership {
             Some(state) => *state.borrow(),
             None => !self.elected,
         }
+    }
+
+    /// Whether this agent leads, read from the Lease itself: it names this agent and was renewed
+    /// within its duration. A leader cut off from the API server cannot renew, and a standby may
+    /// take the Lease once it runs out; the election alone would not tell the old leader, so each
+    /// pass asks, and a Lease that cannot be read is not a lead.
+    pub async fn confirm(&self) -> bool {
+        if !self.leads() {
+            return false;
+        }
+        let Some((client, namespace, name)) = &self.lease else {
+            return true;
+        };
+        let resource =
+            kube::discovery::ApiResource::erase::<k8s_openapi::api::coordination::v1::Lease>(&());
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(client.clone(), namespace, &resource);
+        let lease = match tokio::time::timeout(Duration::from_secs(5), api.get(name)).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot read the Lease; standing by for this pass");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!("the Lease did not answer within 5s; standing by for this pass");
+                return false;
+            }
+        };
+        let spec = &lease.data["spec"];
+        let holder = spec["holderIdentity"].as_str();
+        let renewed = spec["renewTime"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let seconds = spec["leaseDurationSeconds"].as_i64().unwrap_or(0);
+        let current =
+            renewed.is_some_and(|at| at + chrono::Duration::seconds(seconds) > chrono::Utc::now());
+        holder == Some(self.identity.as_str()) && current
     }
 
     /// This agent's name in the election: the host (a pod's name) and the process.

@@ -264,8 +264,8 @@ pub struct Step {
     pub action: Action,
     /// The engine the step applies to.
     pub engine: Engine,
-    /// The engine the object leaves: what runs there is removed once it runs on `engine` (or,
-    /// for a delete, removed there too).
+    /// The engine the object leaves: what runs there is removed once it runs on `engine` (first,
+    /// when the object's host ports are needed on `engine`; for a delete, removed there too).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<Engine>,
     /// Why.
@@ -375,9 +375,15 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
                         object.engine
                     )];
                 }
-                _ => reasons.insert(
+                _ if object.start_first => reasons.insert(
                     0,
                     format!("{moving}: made there first, removed from {from} once it runs"),
+                ),
+                _ => reasons.insert(
+                    0,
+                    format!(
+                        "{moving}: removed from {from} first (its host ports are needed here), then made here"
+                    ),
                 ),
             }
         }

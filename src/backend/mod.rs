@@ -568,13 +568,23 @@ impl Engines {
         let Some(backend) = self.backend(step.engine) else {
             return Outcome::Failed(format!("no {} engine is configured here", step.engine));
         };
+        let old = step.from.and_then(|from| self.backend(from));
+        // Host ports cannot be held by both engines: such a move removes the old copy first.
+        let stop_first = object.is_some_and(|o| !o.start_first);
+        let mut removed_first = None;
+        if let (Some(old), true) = (old, stop_first) {
+            match old.remove(&step.key).await {
+                Outcome::Done(removed) => removed_first = Some(removed),
+                other => return other,
+            }
+        }
         let outcome = backend.apply(step, object, template, root).await;
-        let (Outcome::Done(done), Some(from)) = (&outcome, step.from) else {
+        let (Outcome::Done(done), Some(from), Some(old)) = (&outcome, step.from, old) else {
             return outcome;
         };
-        let Some(old) = self.backend(from) else {
-            return outcome;
-        };
+        if let Some(removed) = removed_first {
+            return Outcome::Done(format!("from {from}: {removed}; then {done}"));
+        }
         match old.remove(&step.key).await {
             Outcome::Done(removed) => Outcome::Done(format!("{done}; from {from}: {removed}")),
             Outcome::Transient(why) => Outcome::Transient(format!(

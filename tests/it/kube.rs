@@ -949,7 +949,7 @@ impl Cluster {
             .args(args)
             .arg(repo)
             .args(["--instance", &self.instance.name])
-            .args(["--challenge-namespace", &self.challenges()])
+            .env("BERTH_CHALLENGE_NAMESPACE", self.challenges())
             .env("KUBECONFIG", &self.kubeconfig)
             .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value")
             .envs(env.iter().copied());
@@ -1106,6 +1106,9 @@ fn a_challenge_moves_from_docker_to_kubernetes_in_one_step_and_docker_is_emptied
             &format!("label=berth.instance={}", cluster.instance.name),
             "--filter",
             "label=berth.kind=Challenge",
+            // berth's own containers, not the pods' (a kubelet on this engine copies pod labels).
+            "--filter",
+            "label=berth.slot",
         ])
     };
     assert!(!containers().is_empty());
@@ -1131,10 +1134,81 @@ fn a_challenge_moves_from_docker_to_kubernetes_in_one_step_and_docker_is_emptied
     assert!(moved.status.success(), "{}", said(&moved));
     assert!(said(&moved).contains("ready in"), "{}", said(&moved));
     assert!(containers().is_empty(), "the Docker containers are left");
+    assert_eq!(
+        cluster.get(
+            &cluster.challenges(),
+            "pods",
+            "{.items[*].status.containerStatuses[*].restartCount}"
+        ),
+        "0",
+        "removing the Docker copy touched the pod (a kubelet on this engine labels its containers as the pod)"
+    );
     assert!(cluster.exists(&cluster.challenges(), "deployment/web"));
     assert_eq!(served_eventually(port, "moved"), "moved");
     let again = stdout(&cluster.berth_with(&["plan"], repo.path(), &to_cluster));
     assert!(again.contains("1 unchanged"), "{again}");
+
+    // And back: the NodePort holds the host port, so the cluster's copy goes first.
+    let planned = stdout(&cluster.berth_with(&["plan"], repo.path(), &[]));
+    assert!(
+        planned.contains("moves from kubernetes to docker: removed from kubernetes first"),
+        "{planned}"
+    );
+    let back = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
+    assert!(back.status.success(), "{}", said(&back));
+    assert!(!containers().is_empty());
+    assert!(!cluster.exists(&cluster.challenges(), "deployment/web"));
+    assert_eq!(served_eventually(port, "moved"), "moved");
+}
+
+#[test]
+fn a_challenge_follows_its_namespace_and_never_touches_a_stagings_objects_beside_it() {
+    let Some(cluster) = cluster() else { return };
+    let name = &cluster.instance.name;
+    let port = node_port(name) + 2;
+    let shared = cluster.challenges();
+    let repo = Repo::new();
+    // A staging that owns the namespace the challenges go to, with objects named like the
+    // challenge's.
+    repo.write("site.yaml", staging("web", &shared, "  tag: latest\n  manifests: site\n"))
+        .write(
+            "site/extra.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web-extra}\ndata: {a: b}\n",
+        );
+    let staged = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
+    assert!(staged.status.success(), "{}", said(&staged));
+    let script = "mkdir -p /www && echo here > /www/index.html && exec httpd -f -p 8080 -h /www";
+    repo.write(
+        "web.yaml",
+        crate::util::challenge(
+            "web",
+            &format!("  target: kubernetes\n  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n"),
+        ),
+    );
+    let applied = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
+    assert!(applied.status.success(), "{}", said(&applied));
+    assert_eq!(served_eventually(port, "here"), "here");
+    assert!(
+        cluster.exists(&shared, "configmap/web-extra"),
+        "the challenge removed a staging's object: {}",
+        said(&applied)
+    );
+
+    // The challenge namespace changes: the copy moves, freeing its NodePort for the new one.
+    let moved_to = format!("{name}-elsewhere");
+    let moved = cluster.berth_with(
+        &["apply", "--wait", "60s"],
+        repo.path(),
+        &[("BERTH_CHALLENGE_NAMESPACE", moved_to.as_str())],
+    );
+    assert!(moved.status.success(), "{}", said(&moved));
+    assert!(cluster.exists(&moved_to, "deployment/web"));
+    assert!(
+        !cluster.exists(&shared, "deployment/web"),
+        "the old copy is left"
+    );
+    assert!(cluster.exists(&shared, "configmap/web-extra"));
+    assert_eq!(served_eventually(port, "here"), "here");
 }
 
 #[test]

@@ -193,6 +193,9 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     Some((object, template))
 }
 
+/// The label a kubelet on a Docker Engine puts on the containers of its pods.
+const KUBELET_POD_LABEL: &str = "io.kubernetes.pod.name";
+
 /// What went wrong with one engine call: the engine gone (transient), or this object (failed).
 enum Trouble {
     Transient(String),
@@ -402,7 +405,15 @@ impl DockerBackend {
             )])),
             ..Default::default()
         };
-        self.docker.list_containers(Some(options)).await
+        let mut containers = self.docker.list_containers(Some(options)).await?;
+        // A kubelet on this engine (dockershim) copies a pod's labels onto its containers: a
+        // Challenge on Kubernetes is the cluster's, never one of these.
+        containers.retain(|c| {
+            c.labels
+                .as_ref()
+                .is_none_or(|labels| !labels.contains_key(KUBELET_POD_LABEL))
+        });
+        Ok(containers)
     }
 
     /// What this instance runs: one list call, grouped by challenge.

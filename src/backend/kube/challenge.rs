@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{OBJECT, hash};
-use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, Ownership};
+use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
     ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState,
 };
@@ -164,15 +164,6 @@ impl ChallengeTemplate {
             });
         }
         parts
-    }
-
-    /// The labels on the pods, which the Deployment and the Service select by.
-    pub fn pod_labels(&self, ownership: &Ownership) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (LABEL_INSTANCE.to_string(), ownership.instance().to_string()),
-            (LABEL_KIND.to_string(), self.key.kind.to_string()),
-            (LABEL_NAME.to_string(), self.name().to_string()),
-        ])
     }
 
     /// The Deployment in `namespace` with `labels`; at zero replicas when stopped, unless
@@ -437,6 +428,7 @@ fn probe(check: &HealthCheck) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Ownership;
 
     fn template(yaml_spec: Value) -> ChallengeTemplate {
         let mut spec = json!({"image": "web:1", "target": "kubernetes"});

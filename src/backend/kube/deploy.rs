@@ -20,7 +20,7 @@ use super::{
     secret_resource,
 };
 use crate::apply::Outcome;
-use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_NAME, LABEL_SPEC_HASH};
+use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{
     DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState, UNREADABLE,
@@ -59,6 +59,12 @@ impl KubeBackend {
         )
     }
 
+    /// `kind` in every namespace: a challenge's copies outside the configured namespace (it was
+    /// changed) are found, moved and pruned too.
+    fn all_api(&self, kind: &str) -> Api<DynamicObject> {
+        Api::all_with(self.client.clone(), &resource_of(kind))
+    }
+
     fn challenge_selector(&self, name: Option<&str>) -> String {
         self.ownership.selector(Kind::Challenge, name).join(",")
     }
@@ -69,15 +75,11 @@ impl KubeBackend {
         &self,
     ) -> Result<(Vec<ObservedObject>, HashMap<String, Value>), EngineError> {
         let params = ListParams::default().labels(&self.challenge_selector(None));
-        let pods: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            &self.challenge_namespace,
-            &pod_resource(),
-        );
+        let pods: Api<DynamicObject> = Api::all_with(self.client.clone(), &pod_resource());
         let (deployments, services, secrets) = (
-            self.challenge_api("Deployment"),
-            self.challenge_api("Service"),
-            self.challenge_api("Secret"),
+            self.all_api("Deployment"),
+            self.all_api("Service"),
+            self.all_api("Secret"),
         );
         let (deployments, services, secrets, pods) = tokio::try_join!(
             deployments.list(&params),
@@ -128,6 +130,8 @@ impl KubeBackend {
                                 p.pointer(&format!("/metadata/labels/{LABEL_NAME}"))
                                     .and_then(Value::as_str)
                                     == Some(owner)
+                                    && p.pointer("/metadata/namespace")
+                                        == value.pointer("/metadata/namespace")
                             })
                             .collect();
                         let condition = health::of(kind, &value, &mine);
@@ -143,7 +147,12 @@ impl KubeBackend {
                     _ => (PartState::Running, Health::Healthy, None),
                 };
                 let secrets = (kind == "Secret").then(|| self.live_digests(&value));
-                let ns = &self.challenge_namespace;
+                let ns = item.metadata.namespace.clone().unwrap_or_default();
+                // A copy outside the configured namespace is a part the plan removes.
+                let id = match ns == self.challenge_namespace {
+                    true => format!("{kind}/{name}"),
+                    false => format!("{kind}/{name} in namespace {ns}"),
+                };
                 challenges
                     .entry(owner.clone())
                     .or_insert_with(|| ObservedObject {
@@ -159,7 +168,7 @@ impl KubeBackend {
                     .parts
                     .push(ObservedPart {
                         name: format!("{ns}/{kind}/{name}"),
-                        id: format!("{kind}/{name}"),
+                        id,
                         hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
                         spec,
                         secrets,
@@ -247,19 +256,26 @@ impl KubeBackend {
             service["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&service_id).1 });
             objects.push(("Service", name.to_string(), service));
         }
-        // What the last observation saw of this challenge here.
+        // What the last observation saw of this challenge, in any namespace: only what berth
+        // applied for this instance's Challenge of this name (a Staging's objects in the same
+        // namespace are never this challenge's).
         let seen: Vec<(String, Value)> = {
             let live = self.live.lock().expect("live objects");
-            let prefixes: Vec<String> = CHALLENGE_KINDS
-                .iter()
-                .map(|kind| format!("{ns}/{kind}/"))
-                .collect();
+            let label = |v: &Value, key: &str| {
+                v.pointer(&format!("/metadata/labels/{}", key.replace('/', "~1")))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
             live.iter()
-                .filter(|(id, _)| prefixes.iter().any(|p| id.starts_with(p.as_str())))
+                .filter(|(id, _)| {
+                    CHALLENGE_KINDS
+                        .iter()
+                        .any(|kind| id.split('/').nth(1) == Some(kind))
+                })
                 .filter(|(_, v)| {
-                    v.pointer(&format!("/metadata/labels/{LABEL_NAME}"))
-                        .and_then(Value::as_str)
-                        == Some(name)
+                    label(v, LABEL_NAME).as_deref() == Some(name)
+                        && label(v, LABEL_KIND).as_deref() == Some(Kind::Challenge.as_str())
+                        && label(v, LABEL_INSTANCE).as_deref() == Some(self.ownership.instance())
                 })
                 .map(|(id, v)| (id.clone(), v.clone()))
                 .collect()
@@ -291,11 +307,19 @@ impl KubeBackend {
                 }
             }
         }
-        // An existing challenge is checked by a dry run first: what the server refuses fails it
-        // before anything changes, and the running version stays.
+        // A copy in another namespace (the configured one changed) goes first: its NodePorts
+        // are needed here.
+        let mut removed = Vec::new();
+        for (id, _) in seen
+            .iter()
+            .filter(|(id, _)| !id.starts_with(&format!("{ns}/")))
+        {
+            removed.push(self.remove_live_object(id).await?);
+        }
+        // Everything is checked by a dry run first: what the server refuses fails the challenge
+        // before anything changes, so nothing is left half made and a running version stays.
         let updating = exists("Deployment", name);
-        let passes: &[bool] = if updating { &[true, false] } else { &[false] };
-        for &dry_run in passes {
+        for dry_run in [true, false] {
             let mut params = apply_params();
             params.dry_run = dry_run;
             for (kind, object, value) in &objects {
@@ -306,29 +330,20 @@ impl KubeBackend {
             }
         }
         // Parts the challenge no longer has (its ports, its secrets) go.
-        let mut removed = Vec::new();
-        for (id, value) in &seen {
+        for (id, value) in seen
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{ns}/")))
+        {
             let mut pieces = id.splitn(3, '/').skip(1);
             let (Some(kind), Some(object)) = (pieces.next(), pieces.next()) else {
                 continue;
             };
             if objects.iter().any(|(k, o, _)| k == &kind && o == object)
-                || !CHALLENGE_KINDS.contains(&kind)
                 || value.pointer("/metadata/deletionTimestamp").is_some()
             {
                 continue;
             }
-            match self
-                .challenge_api(kind)
-                .delete(object, &DeleteParams::background())
-                .await
-            {
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                result => {
-                    result.map_err(|e| Trouble::object(kind, object, e))?;
-                }
-            }
-            removed.push(format!("{kind}/{object}"));
+            removed.push(self.remove_live_object(id).await?);
         }
         let mut done = format!(
             "applied {} in namespace {ns}",
@@ -348,6 +363,43 @@ impl KubeBackend {
             done.push_str("; scaled to 0");
         }
         Ok(done)
+    }
+
+    /// Deletes the object the last observation saw as `namespace/Kind/name`, only if it is still
+    /// that object (its uid), and says which.
+    async fn remove_live_object(&self, id: &str) -> Result<String, Trouble> {
+        let mut pieces = id.splitn(3, '/');
+        let (Some(ns), Some(kind), Some(object)) = (pieces.next(), pieces.next(), pieces.next())
+        else {
+            return Ok(String::new());
+        };
+        let uid = self
+            .live
+            .lock()
+            .expect("live objects")
+            .get(id)
+            .and_then(|v| {
+                v.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            });
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &resource_of(kind));
+        let mut params = DeleteParams::background();
+        params.preconditions = uid.map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        });
+        match api.delete(object, &params).await {
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+            result => {
+                result.map_err(|e| Trouble::object(kind, object, e))?;
+            }
+        }
+        Ok(match ns == self.challenge_namespace {
+            true => format!("{kind}/{object}"),
+            false => format!("{kind}/{object} in namespace {ns}"),
+        })
     }
 
     /// Makes the challenge namespace, labelled as this instance's.
@@ -427,8 +479,7 @@ impl KubeBackend {
             ListParams::default().labels(&self.challenge_selector(Some(key.name.as_str())));
         let mut deleted = Vec::new();
         for kind in CHALLENGE_KINDS.iter().rev() {
-            let api = self.challenge_api(kind);
-            let listed = match api.list(&params).await {
+            let listed = match self.all_api(kind).list(&params).await {
                 Ok(listed) => listed,
                 Err(error) => return Outcome::Transient(self.gone(error).to_string()),
             };
@@ -439,6 +490,9 @@ impl KubeBackend {
                 if !applied_by_berth(&item.metadata) {
                     continue;
                 }
+                let ns = item.metadata.namespace.clone().unwrap_or_default();
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &ns, &resource_of(kind));
                 match api.delete(&name, &DeleteParams::background()).await {
                     Ok(_) => deleted.push(format!("{kind}/{name}")),
                     Err(kube::Error::Api(status)) if status.code == 404 => {}
