@@ -59,10 +59,14 @@ impl KubeBackend {
         )
     }
 
-    /// `kind` in every namespace: a challenge's copies outside the configured namespace (it was
-    /// changed) are found, moved and pruned too.
+    /// Where challenges' objects of `kind` are looked for: every namespace, so that copies
+    /// outside the configured one (it was changed) are found, moved and pruned; but Secrets only
+    /// in the configured one, so berth needs no right to read Secrets anywhere else.
     fn all_api(&self, kind: &str) -> Api<DynamicObject> {
-        Api::all_with(self.client.clone(), &resource_of(kind))
+        match kind {
+            "Secret" => self.challenge_api(kind),
+            _ => Api::all_with(self.client.clone(), &resource_of(kind)),
+        }
     }
 
     fn challenge_selector(&self, name: Option<&str>) -> String {
