@@ -18,7 +18,7 @@ use crate::hardening::EngineProxy;
 use crate::util::{Repo, crate_root, stdout};
 
 /// The cluster, for one test at a time.
-struct Cluster {
+pub(crate) struct Cluster {
     kubeconfig: PathBuf,
     instance: Instance,
     _serial: MutexGuard<'static, ()>,
@@ -72,7 +72,7 @@ fn kubeconfig() -> Option<PathBuf> {
 }
 
 /// The cluster and a berth instance of this test's own; `None` (after a loud message) without.
-fn cluster() -> Option<Cluster> {
+pub(crate) fn cluster() -> Option<Cluster> {
     static SERIAL: Mutex<()> = Mutex::new(());
     let instance = engine()?;
     let kubeconfig = kubeconfig()?;
@@ -87,7 +87,7 @@ fn cluster() -> Option<Cluster> {
 }
 
 impl Cluster {
-    fn kubectl(&self, args: &[&str]) -> Output {
+    pub(crate) fn kubectl(&self, args: &[&str]) -> Output {
         Command::new("kubectl")
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
