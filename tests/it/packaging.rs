@@ -422,6 +422,28 @@ fn kubernetes_manifests_apply_and_grant_least_privilege() {
         assert!(rendered.contains(kind), "the render lacks {kind}");
     }
     assert!(!rendered.contains("- '*'") && !rendered.contains("- \"*\""));
+    for setting in [
+        "replicas: 2",
+        "imagePullPolicy: IfNotPresent",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "drop:\n            - ALL",
+        "path: /readyz",
+        "path: /healthz",
+        "secretName: berth-tokens",
+        "port: 8700",
+    ] {
+        assert!(rendered.contains(setting), "the render lacks {setting:?}");
+    }
+    assert!(
+        !rendered.contains("docker.sock"),
+        "the Docker socket is mounted"
+    );
+    assert!(
+        !rendered.contains("kind: Secret\n"),
+        "the manifests make a Secret"
+    );
     // A namespace an earlier run deleted may still be going.
     let started = Instant::now();
     for namespace in ["berth", "berth-challenges"] {
