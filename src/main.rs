@@ -28,7 +28,7 @@ use berth::apply::{Outcome, StepReport};
 use berth::descriptor::{self, LoadOptions, load::DEFAULT_MAX_FILE_SIZE};
 use berth::plan::{Action, Policy};
 use berth::reconcile::{self, ApplyOptions, Observer, PassError};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// berth makes running infrastructure match a git repository of YAML descriptors.
 #[derive(Parser)]
@@ -172,6 +172,21 @@ enum Command {
         /// Folder to write the schema files to.
         #[arg(long, default_value = "schema")]
         out: PathBuf,
+    },
+    /// Print a shell completion script for berth to stdout.
+    ///
+    /// For example `berth completions bash > /usr/share/bash-completion/completions/berth`.
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print berth's man page (roff) to stdout, or write it and a page per subcommand to a folder.
+    ///
+    /// `berth man --out /usr/share/man/man1` writes berth.1, berth-validate.1 and the others.
+    Man {
+        /// Folder to write every page to, instead of printing berth.1.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -333,6 +348,13 @@ fn main() -> ExitCode {
             run_async(apply(&dir, &target, &load.options(), wait, &options))
         }
         Command::Schema { out } => write_schemas(&out),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "berth", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => man_pages(out.as_deref()),
         Command::Runs {
             pipeline,
             limit,
@@ -355,6 +377,29 @@ fn main() -> ExitCode {
             log_cap,
             &target.instance,
         )),
+    }
+}
+
+/// The man page on stdout, or every page (one per subcommand too) written to `out`.
+fn man_pages(out: Option<&std::path::Path>) -> ExitCode {
+    let written = match out {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+            .map_err(|e| format!("cannot write the man pages to {}: {e}", dir.display())),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map(|()| out!("{}", String::from_utf8_lossy(&page)))
+                .map_err(|e| format!("cannot render the man page: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("berth: {error}");
+            ExitCode::from(2)
+        }
     }
 }
 

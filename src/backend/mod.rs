@@ -440,6 +440,9 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
 #[derive(Clone)]
 pub struct Engines {
     backends: Vec<Backend>,
+    /// Engines that did not answer when connecting (the Docker Engine of a pod without its
+    /// socket): their objects are held back as if the engine went away, the rest go on.
+    absent: Vec<(Engine, EngineError)>,
 }
 
 /// How long a pass waits for another berth's lock before giving up.
@@ -467,12 +470,20 @@ impl Engines {
         ownership: &Ownership,
         access: &kube::Access,
     ) -> Result<Engines, EngineError> {
-        let docker = docker::DockerBackend::connect(ownership).await?;
-        let mut backends = vec![Backend::Docker(docker)];
-        if let Some(cluster) = kube::KubeBackend::connect(ownership, access).await? {
+        let docker = docker::DockerBackend::connect(ownership).await;
+        let cluster = kube::KubeBackend::connect(ownership, access).await?;
+        let mut backends = Vec::new();
+        let mut absent = Vec::new();
+        match docker {
+            Ok(docker) => backends.push(Backend::Docker(docker)),
+            // With a cluster, a missing Docker Engine holds back only what runs on Docker.
+            Err(error) if cluster.is_some() => absent.push((Engine::Docker, error)),
+            Err(error) => return Err(error),
+        }
+        if let Some(cluster) = cluster {
             backends.push(Backend::Kube(cluster));
         }
-        Ok(Engines { backends })
+        Ok(Engines { backends, absent })
     }
 
     /// The backend of `engine`, when this berth drives one.
@@ -484,7 +495,11 @@ impl Engines {
     /// with `target: kubernetes`, with no cluster configured), with the reason and what to do.
     pub fn hold_unserved(&self, desired: &mut Desired) {
         for object in desired.objects.iter_mut().filter(|o| o.hold.is_none()) {
-            if self.backend(object.engine).is_none() {
+            let absent = self
+                .absent
+                .iter()
+                .any(|(engine, _)| *engine == object.engine);
+            if self.backend(object.engine).is_none() && !absent {
                 object.hold = Some(Hold::Skip(format!(
                     "skipped: no {} is configured (set KUBECONFIG, or kube.kubeconfig in the agent's config)",
                     match object.engine {
@@ -509,7 +524,7 @@ impl Engines {
     /// that does not, with why: one engine down holds back only its own objects.
     pub async fn observe_available(&self) -> (Vec<ObservedObject>, Vec<(Engine, EngineError)>) {
         let mut observed = Vec::new();
-        let mut unreachable = Vec::new();
+        let mut unreachable = self.absent.clone();
         let seen =
             futures_util::future::join_all(self.backends.iter().map(|backend| backend.observe()))
                 .await;
@@ -523,9 +538,9 @@ impl Engines {
         (observed, unreachable)
     }
 
-    /// How many engines this berth drives.
+    /// How many engines this berth drives (or would, had they answered).
     pub fn len(&self) -> usize {
-        self.backends.len()
+        self.backends.len() + self.absent.len()
     }
 
     /// Whether it drives none (never: the Docker Engine is always one).

@@ -18,7 +18,7 @@ use crate::hardening::EngineProxy;
 use crate::util::{Repo, crate_root, stdout};
 
 /// The cluster, for one test at a time.
-struct Cluster {
+pub(crate) struct Cluster {
     kubeconfig: PathBuf,
     instance: Instance,
     _serial: MutexGuard<'static, ()>,
@@ -72,7 +72,7 @@ fn kubeconfig() -> Option<PathBuf> {
 }
 
 /// The cluster and a berth instance of this test's own; `None` (after a loud message) without.
-fn cluster() -> Option<Cluster> {
+pub(crate) fn cluster() -> Option<Cluster> {
     static SERIAL: Mutex<()> = Mutex::new(());
     let instance = engine()?;
     let kubeconfig = kubeconfig()?;
@@ -87,7 +87,7 @@ fn cluster() -> Option<Cluster> {
 }
 
 impl Cluster {
-    fn kubectl(&self, args: &[&str]) -> Output {
+    pub(crate) fn kubectl(&self, args: &[&str]) -> Output {
         Command::new("kubectl")
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
@@ -1170,11 +1170,14 @@ fn a_challenge_follows_its_namespace_and_never_touches_a_stagings_objects_beside
     let repo = Repo::new();
     // A staging that owns the namespace the challenges go to, with objects named like the
     // challenge's.
-    repo.write("site.yaml", staging("web", &shared, "  tag: latest\n  manifests: site\n"))
-        .write(
-            "site/extra.yaml",
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web-extra}\ndata: {a: b}\n",
-        );
+    repo.write(
+        "site.yaml",
+        staging("web", &shared, "  tag: latest\n  manifests: site\n"),
+    )
+    .write(
+        "site/extra.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web-extra}\ndata: {a: b}\n",
+    );
     let staged = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
     assert!(staged.status.success(), "{}", said(&staged));
     let script = "mkdir -p /www && echo here > /www/index.html && exec httpd -f -p 8080 -h /www";
@@ -1302,4 +1305,34 @@ fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_a
     agents[standby].wait_for("the change applied by the new leader", || {
         applied(&origin, &next)
     });
+}
+
+#[test]
+fn without_a_docker_engine_challenges_on_kubernetes_still_apply() {
+    let Some(cluster) = cluster() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "cluster.yaml",
+        crate::util::challenge("up", "  target: kubernetes\n  state: stopped\n"),
+    )
+    .write("host.yaml", crate::util::challenge("host", ""));
+    // A pod without the Docker socket.
+    let applied = cluster.berth_with(
+        &["apply"],
+        repo.path(),
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    let text = said(&applied);
+    assert!(
+        text.contains("Challenge/up") && text.contains("scaled to 0"),
+        "{text}"
+    );
+    assert!(
+        cluster.exists(&cluster.challenges(), "deployment/up"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Challenge/host") && text.contains("not answering"),
+        "{text}"
+    );
 }

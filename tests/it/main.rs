@@ -7,6 +7,8 @@
 //! - `pipeline`: `berth run`, a pipeline run in the foreground on the real Docker Engine;
 //! - `agent`: `berth agent` following real git servers (`gitserver`) and applying to the engine;
 //! - `runs`: the agent's pipeline runs: webhooks, the queue, `kill -9`, `berth runs` and `berth logs`;
+//! - `packaging`: the container image, the Kubernetes manifests and their RBAC, completions and
+//!   the man page;
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
 //!
@@ -18,6 +20,7 @@ mod docker;
 mod gitserver;
 mod hardening;
 mod kube;
+mod packaging;
 mod pipeline;
 mod runs;
 mod schema_files;
