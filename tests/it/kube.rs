@@ -379,6 +379,11 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
     });
     assert_eq!(cluster.get(&ns, "pvc/data", "{.status.phase}"), "Bound");
     assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
+    let planned = plan();
+    assert!(
+        planned.contains("1 unchanged"),
+        "stopped is settled: {planned}"
+    );
     assert_eq!(
         cluster.get(
             &ns,

@@ -183,6 +183,18 @@ impl KubeBackend {
                 live.insert(format!("{ns}/{kind}/{name}"), value);
             }
         }
+        // A Service or Secret has no state of its own: it is stopped with its Deployment.
+        for challenge in challenges.values_mut() {
+            let stopped = challenge
+                .parts
+                .iter()
+                .any(|p| p.id.starts_with("Deployment/") && p.state == PartState::Stopped);
+            if stopped {
+                for part in &mut challenge.parts {
+                    part.state = PartState::Stopped;
+                }
+            }
+        }
         Ok((challenges.into_values().collect(), live))
     }
 
