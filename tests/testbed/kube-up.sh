@@ -70,7 +70,14 @@ alive() { # component
     # whenever head closed the pipe before tr was done (a busy machine), and set -e then ended
     # the script with no word said.
     IFS= read -r -d '' bin <"/proc/$pid/cmdline" || true
-    [ "$(basename -- "$bin")" = "$1" ]
+    case "$(basename -- "$bin")" in
+        "$1") return 0 ;;
+        # Just started: still the shell (or setsid) that is about to become the component. On a
+        # busy machine the first probe came before the exec, and a live API server was taken
+        # for one that had exited, with an empty log.
+        bash | sh | setsid) return 0 ;;
+        *) return 1 ;;
+    esac
 }
 
 # Not curl's own user agent: the API server pretty-prints JSON for it, and pretty-printing a map
