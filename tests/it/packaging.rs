@@ -485,10 +485,24 @@ fn kubernetes_manifests_apply_and_grant_least_privilege() {
         &overlay,
         "kustomization.yaml",
         &format!(
-            "resources: [{}]\npatches:\n  - path: repo.yaml\n",
+            "resources: [{}]\npatches:\n  - path: repo.yaml\nconfigMapGenerator:\n  - {{name: berth-agent, namespace: berth, behavior: replace, files: [agent.yaml]}}\n",
             relative(&overlay, &root.join("packaging/kubernetes"))
         ),
     );
+    // Without the API server in reach, an agent that elects a leader cannot start (and the
+    // kubelet restarts it): the overlay's config is the base's without the election.
+    let base_config =
+        std::fs::read_to_string(root.join("packaging/kubernetes/agent.yaml")).expect("agent.yaml");
+    let without_election: String = base_config
+        .lines()
+        .filter(|line| !line.starts_with("leaderElection:"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_ne!(
+        without_election, base_config,
+        "the base config elects a leader"
+    );
+    file(&overlay, "agent.yaml", &without_election);
     file(
         &overlay,
         "repo.yaml",

@@ -73,7 +73,7 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         33,
         &[
             "spec.ports[0].host: 8080 is outside the cluster's NodePort range 30000-32767",
-            "use a LoadBalancer Service or an Ingress",
+            "expose the port with a LoadBalancer Service or an Ingress",
         ],
     ),
     (
