@@ -174,11 +174,7 @@ impl ChallengeTemplate {
         namespace: &str,
         as_running: bool,
     ) -> Value {
-        let pod_labels: BTreeMap<String, String> = labels
-            .iter()
-            .filter(|(key, _)| [LABEL_INSTANCE, LABEL_KIND, LABEL_NAME].contains(&key.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let pod_labels = selector(labels);
         let replicas = match (self.spec.state, as_running) {
             (RunState::Stopped, false) => 0,
             _ => self.spec.replicas,
@@ -277,10 +273,7 @@ impl ChallengeTemplate {
                 entry
             })
             .collect();
-        let selector: BTreeMap<&String, &String> = labels
-            .iter()
-            .filter(|(key, _)| [LABEL_INSTANCE, LABEL_KIND, LABEL_NAME].contains(&key.as_str()))
-            .collect();
+        let selector = selector(labels);
         Some(json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -321,6 +314,15 @@ impl ChallengeTemplate {
             "data": data,
         }))
     }
+}
+
+/// The ownership labels without the spec hash: what the pods carry, and what the Deployment and
+/// the Service select them by.
+fn selector(labels: &HashMap<String, String>) -> BTreeMap<&String, &String> {
+    labels
+        .iter()
+        .filter(|(key, _)| [LABEL_INSTANCE, LABEL_KIND, LABEL_NAME].contains(&key.as_str()))
+        .collect()
 }
 
 fn metadata(name: &str, namespace: &str, labels: &HashMap<String, String>) -> Value {

@@ -22,9 +22,7 @@ use super::{
 use crate::apply::Outcome;
 use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::{Kind, ObjectRef};
-use crate::plan::{
-    DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState, UNREADABLE,
-};
+use crate::plan::{DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState};
 
 /// Annotation on a challenge's Deployment and Service: the spec berth applied, as the plan shows
 /// it, so a change is explained field by field.
@@ -206,19 +204,7 @@ impl KubeBackend {
         };
         let id = format!("Secret/{secret}");
         if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
-            part.secrets = Some(
-                template
-                    .secrets()
-                    .into_iter()
-                    .map(|(key, reference)| {
-                        let digest = match reference.resolve() {
-                            Ok(value) => self.digest(&key, value.as_bytes()),
-                            Err(why) => format!("{UNREADABLE}secret {key}: {why}"),
-                        };
-                        (key, digest)
-                    })
-                    .collect(),
-            );
+            part.secrets = Some(self.sealed(template.secrets().into_iter()));
         }
     }
 

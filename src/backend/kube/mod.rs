@@ -549,20 +549,25 @@ impl KubeBackend {
     pub fn seal(&self, template: &StagingTemplate, object: &mut DesiredObject) {
         let id = format!("Secret/{SECRET_NAME}");
         if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
-            part.secrets = Some(
-                template
-                    .secrets
-                    .iter()
-                    .map(|(name, reference)| {
-                        let digest = match reference.resolve() {
-                            Ok(value) => self.digest(name, value.as_bytes()),
-                            Err(why) => format!("{UNREADABLE}secret {name}: {why}"),
-                        };
-                        (name.clone(), digest)
-                    })
-                    .collect(),
-            );
+            part.secrets = Some(self.sealed(template.secrets.iter().map(|(n, r)| (n.clone(), r))));
         }
+    }
+
+    /// The keyed digest of each secret value, by its key; an unreadable one has [`UNREADABLE`]
+    /// and the reason instead, so the plan shows it as a change that fails before anything moves.
+    fn sealed<'a>(
+        &self,
+        secrets: impl Iterator<Item = (String, &'a SecretRef)>,
+    ) -> BTreeMap<String, String> {
+        secrets
+            .map(|(key, reference)| {
+                let digest = match reference.resolve() {
+                    Ok(value) => self.digest(&key, value.as_bytes()),
+                    Err(why) => format!("{UNREADABLE}secret {key}: {why}"),
+                };
+                (key, digest)
+            })
+            .collect()
     }
 
     /// Marks each object someone edited by hand (a field berth applies has another value), so
