@@ -457,7 +457,7 @@ impl DockerBackend {
                 );
                 let labels = std::collections::HashMap::from([
                     (
-                        super::LABEL_INSTANCE.to_string(),
+                        crate::backend::LABEL_INSTANCE.to_string(),
                         self.instance().to_string(),
                     ),
                     (LABEL_STEP_IMAGE.to_string(), request.pipeline.to_string()),
@@ -483,7 +483,7 @@ impl DockerBackend {
         let filters = std::collections::HashMap::from([(
             "label".to_string(),
             vec![
-                format!("{}={}", super::LABEL_INSTANCE, self.instance()),
+                format!("{}={}", crate::backend::LABEL_INSTANCE, self.instance()),
                 format!("{LABEL_STEP_IMAGE}={pipeline}"),
             ],
         )]);
@@ -633,7 +633,7 @@ impl DockerBackend {
         let mut newest: BTreeMap<ObjectRef, (i64, ObservedPart)> = BTreeMap::new();
         for image in images {
             let labels = &image.labels;
-            let Some(Ok(name)) = labels.get(super::LABEL_NAME).map(|n| n.parse()) else {
+            let Some(Ok(name)) = labels.get(crate::backend::LABEL_NAME).map(|n| n.parse()) else {
                 continue;
             };
             let Some(tag) = image.repo_tags.iter().find(|t| !t.contains("<none>")) else {
@@ -642,7 +642,7 @@ impl DockerBackend {
             // A foreground `berth run` labels its image with no spec hash: it is not the
             // product a pass reconciles to.
             if labels
-                .get(super::LABEL_SPEC_HASH)
+                .get(crate::backend::LABEL_SPEC_HASH)
                 .is_none_or(String::is_empty)
             {
                 continue;
@@ -651,7 +651,7 @@ impl DockerBackend {
                 name: tag.clone(),
                 id: PRODUCT.into(),
                 hash: labels
-                    .get(super::LABEL_SPEC_HASH)
+                    .get(crate::backend::LABEL_SPEC_HASH)
                     .cloned()
                     .unwrap_or_default(),
                 // Consumers run the image by its id: a tag can be built again (a run of the same
@@ -869,7 +869,9 @@ impl DockerBackend {
         match self.docker.inspect_image(tag).await {
             Ok(image) => {
                 let labels = image.config.and_then(|c| c.labels).unwrap_or_default();
-                let ours = labels.get(super::LABEL_INSTANCE).map(String::as_str)
+                let ours = labels
+                    .get(crate::backend::LABEL_INSTANCE)
+                    .map(String::as_str)
                     == Some(self.instance())
                     && labels.get(crate::backend::LABEL_KIND).map(String::as_str)
                         == Some(Kind::Pipeline.as_str());

@@ -1,0 +1,387 @@
+//! Making one challenge match its template: image and network first (everything that can fail is
+//! prepared before a running container is touched), then each slot's container, replaced the way
+//! the template allows; an update whose new container does not stay up is rolled back, so a failed
+//! update leaves the old version running. And deleting all a challenge has.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bollard::models::{ContainerCreateBody, ContainerSummary};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListImagesOptions, RemoveImageOptions,
+    StopContainerOptions,
+};
+use serde_json::json;
+
+use super::lock::secret_digest;
+use super::observe::{container_name_of, container_state, label};
+use super::template::{ChallengeTemplate, short_hash};
+use super::{
+    Attempt, DockerBackend, LABEL_SECRETS, LABEL_SLOT, Trouble, is_status, remove_container, run,
+};
+use crate::apply::Outcome;
+use crate::backend::LABEL_SPEC_HASH;
+use crate::descriptor::model::RunState;
+use crate::descriptor::values::SecretRef;
+use crate::descriptor::{Kind, ObjectRef};
+use crate::plan::PartState;
+
+impl DockerBackend {
+    /// Makes the challenge match its template: image, network, then each slot's container,
+    /// replacing changed ones the way `start_first` allows, and removing what is left over.
+    pub async fn converge(&self, template: &ChallengeTemplate, repo_root: &Path) -> Outcome {
+        match self.try_converge(template, repo_root).await {
+            Ok(mut done) => {
+                // Each change of a build context makes an image: keep the newest few (a quick
+                // way back) and the one running, so months of changes do not fill the disk.
+                if template.spec.build.is_some() {
+                    let removed = self
+                        .collect_products(&template.key, run::KEEP_PRODUCTS)
+                        .await;
+                    if removed > 0 {
+                        done.push_str(&format!("; {removed} older build(s) removed"));
+                    }
+                }
+                Outcome::Done(done)
+            }
+            Err(trouble) => trouble.into(),
+        }
+    }
+
+    async fn try_converge(
+        &self,
+        template: &ChallengeTemplate,
+        repo_root: &Path,
+    ) -> Attempt<String> {
+        // Everything that can fail is prepared before any container is touched.
+        let image = self.ensure_image(template, repo_root).await?;
+        // A challenge gets a network of its own only when it has sidecars to reach by name: the
+        // engine's default address pools hold about 30 networks, and a CTF runs more challenges.
+        let network = match template.spec.sidecars.is_empty() {
+            true => None,
+            false => Some(self.ensure_network(&template.key).await?),
+        };
+        let key = match template
+            .parts
+            .iter()
+            .any(|p| !template.secrets_of(&p.id).is_empty())
+        {
+            true => self
+                .digest_key(true)
+                .await
+                .map_err(|e| Trouble::Transient(e.to_string()))?
+                .unwrap_or_default(),
+            false => Vec::new(),
+        };
+        let run = template.spec.state == RunState::Running;
+        let existing = self
+            .containers(Some(template.key.name.as_str()))
+            .await
+            .map_err(|e| self.trouble("cannot list containers", e))?;
+        let mut by_slot: BTreeMap<String, Vec<&ContainerSummary>> = BTreeMap::new();
+        for container in &existing {
+            let slot = label(container, LABEL_SLOT).unwrap_or_default().to_string();
+            by_slot.entry(slot).or_default().push(container);
+        }
+        let mut done = Vec::new();
+        for part in &template.parts {
+            let secrets = template.secrets_of(&part.id);
+            let env_values = resolve_secrets(secrets).map_err(Trouble::Failed)?;
+            let digests: BTreeMap<String, String> = env_values
+                .iter()
+                .map(|(name, value)| (name.clone(), secret_digest(&key, name, value)))
+                .collect();
+            let present = by_slot.remove(&part.id).unwrap_or_default();
+            let wanted_digests = (!digests.is_empty())
+                .then(|| serde_json::to_string(&digests).expect("digests serialize"));
+            let (current, old): (Vec<&ContainerSummary>, Vec<&ContainerSummary>) =
+                present.into_iter().partition(|c| {
+                    label(c, LABEL_SPEC_HASH) == Some(part.hash.as_str())
+                        && label(c, LABEL_SECRETS) == wanted_digests.as_deref()
+                });
+            if let Some(container) = current.first() {
+                for stale in current[1..].iter().chain(&old) {
+                    self.remove(stale).await?;
+                }
+                let name = container_name_of(container);
+                // An exited one-shot is `Completed`, not `Stopped`: it is done, not started again.
+                match (run, container_state(container)) {
+                    (true, PartState::Stopped) => {
+                        self.start(&name).await?;
+                        done.push(format!("started {}", part.id));
+                    }
+                    (false, PartState::Running) => {
+                        self.stop(&name).await?;
+                        done.push(format!("stopped {}", part.id));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let config = match part.id.strip_prefix("sidecar-") {
+                None => self.main_config(
+                    template,
+                    part,
+                    &image,
+                    network.as_deref(),
+                    &env_values,
+                    &digests,
+                ),
+                Some(name) => {
+                    let sidecar = template
+                        .spec
+                        .sidecars
+                        .iter()
+                        .find(|s| s.name.as_str() == name)
+                        .expect("slot from spec");
+                    let network = network
+                        .as_deref()
+                        .expect("challenges with sidecars have a network");
+                    self.sidecar_config(template, part, sidecar, network, &env_values, &digests)
+                }
+            };
+            let version = match digests.is_empty() {
+                true => part.hash.clone(),
+                false => short_hash(&json!([part.hash, digests])),
+            };
+            let name = self.container_name(&template.key, part, &version);
+            // Created, not started: a create that fails (a value the engine rejects) has touched
+            // nothing that runs.
+            self.create(&name, config).await?;
+            self.replace(&name, &old, run, template.start_first(), part.one_shot)
+                .await?;
+            done.push(match (old.is_empty(), run) {
+                (true, true) => format!("created {}", part.id),
+                (true, false) => format!("created {} (stopped)", part.id),
+                (false, _) => format!("replaced {}", part.id),
+            });
+        }
+        for (slot, leftovers) in by_slot {
+            for container in leftovers {
+                self.remove(container).await?;
+            }
+            done.push(format!("removed {slot}"));
+        }
+        Ok(done.join(", "))
+    }
+
+    /// Puts the created container `new` in place of `old`. Start-first starts the new one, then
+    /// removes the old. Stop-first (host ports) stops the old first. Either way, when there is an
+    /// old version, the new one must start and stay up for a moment ([`Self::stays_up`]) before
+    /// the old one is removed; if it does not, it is removed and the old one keeps (or is started
+    /// again to keep) running, so a failed update leaves the old version running.
+    async fn replace(
+        &self,
+        new: &str,
+        old: &[&ContainerSummary],
+        run: bool,
+        start_first: bool,
+        one_shot: bool,
+    ) -> Attempt<()> {
+        if !run {
+            for stale in old {
+                self.remove(stale).await?;
+            }
+            return Ok(());
+        }
+        let was_running: Vec<String> = old
+            .iter()
+            .filter(|c| container_state(c) == PartState::Running)
+            .map(|c| container_name_of(c))
+            .collect();
+        let mut stopped: Vec<&String> = Vec::new();
+        if !start_first {
+            for name in &was_running {
+                if let Err(trouble) = self.stop(name).await {
+                    // Put back what this update stopped before it could not go on.
+                    self.roll_back(new, &stopped).await;
+                    return Err(trouble);
+                }
+                stopped.push(name);
+            }
+        }
+        let started = match self.start(new).await {
+            // A one-shot is meant to exit; there is nothing to watch.
+            Ok(()) if old.is_empty() || one_shot => Ok(()),
+            Ok(()) => self.stays_up(new).await,
+            Err(trouble) => Err(trouble),
+        };
+        match started {
+            Ok(()) => {
+                for stale in old {
+                    self.remove(stale).await?;
+                }
+                Ok(())
+            }
+            Err(trouble) => {
+                let restarted = self.roll_back(new, &stopped).await;
+                let why = match trouble {
+                    Trouble::Failed(why) | Trouble::Transient(why) => why,
+                };
+                let note = match (old.is_empty(), restarted) {
+                    (true, _) => "",
+                    (false, true) => "; the old container keeps running",
+                    (false, false) => "; the old container could not be restarted",
+                };
+                Err(Trouble::Failed(format!("{why}{note}")))
+            }
+        }
+    }
+
+    /// Removes the new container of a failed update and starts the old ones it stopped; whether
+    /// they all started.
+    async fn roll_back(&self, new: &str, stopped: &[&String]) -> bool {
+        let _ = remove_container(&self.docker, new).await;
+        let mut all = true;
+        for name in stopped {
+            all &= self.start(name).await.is_ok();
+        }
+        all
+    }
+
+    /// Whether a replacement that has just started keeps running for a few seconds: one that
+    /// exits at once (a bad command, a missing file, a crash on start) must not take the old
+    /// version's place. Bounded, so it never holds a pass for long.
+    async fn stays_up(&self, name: &str) -> Attempt<()> {
+        const WATCH: Duration = Duration::from_secs(3);
+        let started = Instant::now();
+        while started.elapsed() < WATCH {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let inspected = self
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| self.trouble(&format!("cannot inspect {name}"), e))?;
+            let restarts = inspected.restart_count.unwrap_or(0);
+            let running = inspected
+                .state
+                .as_ref()
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if !running || restarts > 0 {
+                let why = self
+                    .explain(name)
+                    .await
+                    .map_or_else(|| "it stopped".to_string(), |(detail, _)| detail);
+                return Err(Trouble::Failed(format!(
+                    "the new container {name} did not stay up: {why}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything this instance made for the challenge: containers, network, built images.
+    pub async fn delete(&self, key: &ObjectRef) -> Outcome {
+        match self.try_delete(key).await {
+            Ok(done) => Outcome::Done(done),
+            Err(trouble) => trouble.into(),
+        }
+    }
+
+    async fn try_delete(&self, key: &ObjectRef) -> Attempt<String> {
+        let existing = self
+            .containers(Some(key.name.as_str()))
+            .await
+            .map_err(|e| self.trouble("cannot list containers", e))?;
+        for container in &existing {
+            self.remove(container).await?;
+        }
+        for network in self.networks(key).await? {
+            let id = network.id.unwrap_or_default();
+            match self.docker.remove_network(&id).await {
+                Err(error) if !is_status(&error, 404) => {
+                    return Err(self.trouble(
+                        &format!("cannot remove network {}", self.network_name(key)),
+                        error,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let filters = HashMap::from([(
+            "label".to_string(),
+            self.ownership
+                .selector(Kind::Challenge, Some(key.name.as_str())),
+        )]);
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| self.trouble("cannot list images", e))?;
+        for image in images {
+            let options = RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            };
+            let _ = self
+                .docker
+                .remove_image(&image.id, Some(options), None)
+                .await;
+        }
+        Ok(format!("removed {} container(s)", existing.len()))
+    }
+
+    async fn create(&self, name: &str, config: ContainerCreateBody) -> Attempt<()> {
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        match self.docker.create_container(Some(options), config).await {
+            Ok(_) => Ok(()),
+            // Made by an interrupted pass, with these very labels (the name holds the hash).
+            Err(error) if is_status(&error, 409) => Ok(()),
+            Err(error) => Err(self.trouble(&format!("cannot create {name}"), error)),
+        }
+    }
+
+    async fn start(&self, name: &str) -> Attempt<()> {
+        self.docker
+            .start_container(
+                name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| self.trouble(&format!("cannot start {name}"), e))
+    }
+
+    async fn stop(&self, name: &str) -> Attempt<()> {
+        let options = StopContainerOptions {
+            t: Some(10),
+            ..Default::default()
+        };
+        match self.docker.stop_container(name, Some(options)).await {
+            // 304: already stopped.
+            Err(error) if !is_status(&error, 304) => {
+                Err(self.trouble(&format!("cannot stop {name}"), error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn remove(&self, container: &ContainerSummary) -> Attempt<()> {
+        let name = container_name_of(container);
+        remove_container(&self.docker, &name)
+            .await
+            .map_err(|e| self.trouble(&format!("cannot remove {name}"), e))
+    }
+}
+
+/// Reads each secret's value; the error names the secret and its reference, never a value.
+fn resolve_secrets(
+    secrets: &BTreeMap<String, SecretRef>,
+) -> Result<BTreeMap<String, String>, String> {
+    secrets
+        .iter()
+        .map(|(name, reference)| {
+            reference
+                .resolve()
+                .map(|value| (name.clone(), value))
+                .map_err(|e| format!("secret {name}: {e}"))
+        })
+        .collect()
+}

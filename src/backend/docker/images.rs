@@ -1,0 +1,162 @@
+//! Images: named ones (pulled only when the engine lacks them), and ones built from a folder of the
+//! repo, tagged by the folder's digest so that an image the engine has is the one the folder builds.
+
+use std::path::Path;
+
+use bollard::query_parameters::{BuildImageOptions, CreateImageOptions};
+use futures_util::StreamExt;
+
+use super::template::ChallengeTemplate;
+use super::{Attempt, DockerBackend, Trouble, engine_gone, engine_message, is_status};
+use crate::build_context::BuildContext;
+use crate::descriptor::model::ImageSource;
+
+impl DockerBackend {
+    pub(super) async fn ensure_image(
+        &self,
+        template: &ChallengeTemplate,
+        repo_root: &Path,
+    ) -> Attempt<String> {
+        match (&template.spec.image, &template.spec.build) {
+            (Some(ImageSource::Name(name)), _) => self.named_image(name).await,
+            (Some(ImageSource::FromPipeline(from)), _) => Err(Trouble::Failed(format!(
+                "the image comes from Pipeline/{}, which has not produced one",
+                from.from_pipeline
+            ))),
+            (None, Some(build)) => {
+                let digest = template.build_digest.clone().unwrap_or_default();
+                let tag = format!(
+                    "berth-{}-{}:{}",
+                    self.instance(),
+                    template.key.name,
+                    &digest[..digest.len().min(16)]
+                );
+                let labels = self.ownership.labels(&template.key, template.main_hash());
+                let context = repo_root.join(&build.context);
+                self.build_unless_present(tag, build, labels, || {
+                    BuildContext::read(&context, &build.dockerfile).and_then(|c| c.tar())
+                })
+                .await
+            }
+            (None, None) => Err(Trouble::Failed("no image and no build".into())),
+        }
+    }
+
+    /// The image `tag`, built from a folder of the repo (`build`, whose context `tar` makes) when
+    /// the engine does not have it yet: the tag names the context's digest, so an image the
+    /// engine has is the one this context builds.
+    pub(super) async fn build_unless_present(
+        &self,
+        tag: String,
+        build: &crate::descriptor::model::BuildSpec,
+        labels: std::collections::HashMap<String, String>,
+        tar: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Attempt<String> {
+        match self.docker.inspect_image(&tag).await {
+            Ok(_) => return Ok(tag),
+            Err(error) if is_status(&error, 404) => {}
+            Err(error) => {
+                return Err(self.trouble(&format!("cannot inspect image {tag}"), error));
+            }
+        }
+        let tar = tar().map_err(|e| {
+            Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
+        })?;
+        let options = BuildImageOptions {
+            dockerfile: build.dockerfile.clone(),
+            t: Some(tag.clone()),
+            buildargs: Some(build.args.clone().into_iter().collect()),
+            labels: Some(labels),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        self.build(options, tar, &build.context).await?;
+        Ok(tag)
+    }
+
+    /// The image `name`, pulled only when the engine says it lacks it: any other failure to
+    /// inspect is reported, never papered over with a registry pull.
+    pub(super) async fn named_image(&self, name: &str) -> Attempt<String> {
+        match self.docker.inspect_image(name).await {
+            Ok(_) => return Ok(name.to_string()),
+            Err(error) if is_status(&error, 404) => {}
+            Err(error) => {
+                return Err(self.trouble(&format!("cannot inspect image {name}"), error));
+            }
+        }
+        let options = CreateImageOptions {
+            from_image: Some(name.to_string()),
+            ..Default::default()
+        };
+        let mut pull = self.docker.create_image(Some(options), None, None);
+        while let Some(progress) = pull.next().await {
+            progress.map_err(|e| {
+                self.trouble(
+                    &format!("cannot pull image {name} (it is not on the engine)"),
+                    e,
+                )
+            })?;
+        }
+        Ok(name.to_string())
+    }
+
+    /// Builds an image from the context `tar` (named `context` in errors, with the build's last
+    /// lines).
+    pub(super) async fn build(
+        &self,
+        options: BuildImageOptions,
+        tar: Vec<u8>,
+        context: &str,
+    ) -> Attempt<()> {
+        let mut output =
+            self.docker
+                .build_image(options, None, Some(bollard::body_full(tar.into())));
+        let mut log: Vec<String> = Vec::new();
+        while let Some(item) = output.next().await {
+            let info = match item {
+                Ok(info) => info,
+                Err(error) if engine_gone(&error) => {
+                    return Err(self.trouble("build interrupted", error));
+                }
+                Err(error) => {
+                    return Err(Trouble::Failed(build_failed(
+                        context,
+                        &engine_message(&error),
+                        &log,
+                    )));
+                }
+            };
+            if let Some(detail) = info.error_detail {
+                return Err(Trouble::Failed(build_failed(
+                    context,
+                    &detail.message.unwrap_or_default(),
+                    &log,
+                )));
+            }
+            if let Some(line) = info.stream {
+                log.push(line);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build_failed(context: &str, reason: &str, log: &[String]) -> String {
+    let tail: Vec<&str> = log
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!(
+        "build of {context} failed: {reason}{}",
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(" (after: {})", tail.join(" | "))
+        }
+    )
+}

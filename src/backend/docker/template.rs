@@ -1,0 +1,309 @@
+//! A Challenge as container templates: what each slot (`main-1`, `sidecar-db`) runs, with which
+//! labels, limits, walls and health check. Pure: no engine, no file system; build digests come
+//! from the loader and secret values from the caller.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, NetworkingConfig, PortBinding,
+    RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
+use crate::descriptor::model::{ChallengeSpec, RestartPolicy, RunState, Sidecar};
+use crate::descriptor::values::SecretRef;
+use crate::descriptor::{Descriptor, ObjectRef, Spec};
+use crate::plan::{DesiredObject, Part, TargetState, Vocabulary};
+
+/// One challenge, as containers.
+#[derive(Debug, Clone)]
+pub struct ChallengeTemplate {
+    /// `Challenge/name`.
+    pub key: ObjectRef,
+    /// The spec.
+    pub spec: ChallengeSpec,
+    /// Labels from the descriptor, copied onto everything made for it.
+    pub labels: BTreeMap<String, String>,
+    /// Digest of the build context, for built images.
+    pub build_digest: Option<String>,
+    /// The slots, with their hashes and specs.
+    pub parts: Vec<Part>,
+}
+
+impl ChallengeTemplate {
+    pub(super) fn main_hash(&self) -> &str {
+        &self.parts[0].hash
+    }
+
+    /// Whether new containers may start before old ones stop: only when nothing is published on
+    /// a host port, which two containers cannot hold at once.
+    pub fn start_first(&self) -> bool {
+        self.spec.ports.iter().all(|p| p.host.is_none())
+    }
+
+    /// The secret references of a slot.
+    pub(super) fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
+        match slot.strip_prefix("sidecar-") {
+            None => &self.spec.secret_env,
+            Some(name) => self
+                .spec
+                .sidecars
+                .iter()
+                .find(|s| s.name.as_str() == name)
+                .map_or(&self.spec.secret_env, |s| &s.secret_env),
+        }
+    }
+}
+
+pub(super) fn short_hash(value: &Value) -> String {
+    let digest = Sha256::digest(serde_json::to_vec(value).expect("json serializes"));
+    hex::encode(&digest[..8])
+}
+
+/// Translates a Challenge into its desired object and the template to build it. Pure: no engine,
+/// no file system (build digests come from the loader). `None` for other kinds.
+pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, ChallengeTemplate)> {
+    let Spec::Challenge(spec) = &descriptor.spec else {
+        return None;
+    };
+    let key = descriptor.key();
+    let build_digest = descriptor.build_digest.clone();
+    let mut main = serde_json::to_value(spec).expect("specs serialize");
+    let main_object = main.as_object_mut().expect("spec is an object");
+    for not_applied in ["state", "sidecars", "info"] {
+        main_object.remove(not_applied);
+    }
+    if let Some(digest) = &build_digest {
+        main_object.insert("buildDigest".into(), Value::String(digest.clone()));
+    }
+    if !spec.sidecars.is_empty() {
+        // Which network the main container joins is part of its template.
+        main_object.insert("network".into(), Value::String("own".into()));
+    }
+    if !descriptor.metadata.labels.is_empty() {
+        main_object.insert("labels".into(), json!(descriptor.metadata.labels));
+    }
+    let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
+    if one_shot {
+        // The engine cannot tell a one-shot berth stopped from one that finished, so a one-shot's
+        // state is part of its template: switching it makes a new container (run, or only made),
+        // never a restart of an exited one.
+        main_object.insert("state".into(), json!(spec.state));
+    }
+    let main_hash = short_hash(&main);
+    let main = std::sync::Arc::new(main);
+    let mut parts: Vec<Part> = (1..=spec.replicas)
+        .map(|replica| Part {
+            id: format!("main-{replica}"),
+            hash: main_hash.clone(),
+            spec: main.clone(),
+            secrets: None,
+            one_shot,
+        })
+        .collect();
+    for sidecar in &spec.sidecars {
+        let mut sidecar_spec = serde_json::to_value(sidecar).expect("sidecars serialize");
+        if !descriptor.metadata.labels.is_empty() {
+            sidecar_spec["labels"] = json!(descriptor.metadata.labels);
+        }
+        parts.push(Part {
+            id: format!("sidecar-{}", sidecar.name),
+            hash: short_hash(&sidecar_spec),
+            spec: sidecar_spec.into(),
+            secrets: None,
+            one_shot: false,
+        });
+    }
+    let template = ChallengeTemplate {
+        key: key.clone(),
+        spec: spec.clone(),
+        labels: descriptor.metadata.labels.clone(),
+        build_digest,
+        parts: parts.clone(),
+    };
+    let object = DesiredObject {
+        key,
+        engine: crate::plan::Engine::Docker,
+        target: match spec.state {
+            RunState::Running => TargetState::Running,
+            RunState::Stopped => TargetState::Stopped,
+        },
+        parts,
+        dependencies: descriptor.dependencies(),
+        start_first: template.start_first(),
+        hold: None,
+        words: Vocabulary::CONTAINER,
+        ttl: None,
+        ready_timeout: None,
+    };
+    Some((object, template))
+}
+
+impl DockerBackend {
+    pub(super) fn container_name(&self, key: &ObjectRef, part: &Part, version: &str) -> String {
+        format!(
+            "berth-{}-{}-{}-{version}",
+            self.instance(),
+            key.name,
+            part.id
+        )
+    }
+
+    pub(super) fn network_name(&self, key: &ObjectRef) -> String {
+        format!("berth-{}-{}", self.instance(), key.name)
+    }
+
+    fn labels(
+        &self,
+        template: &ChallengeTemplate,
+        part: &Part,
+        secrets: &BTreeMap<String, String>,
+    ) -> HashMap<String, String> {
+        let mut labels = self
+            .ownership
+            .labels_over(&template.labels, &template.key, &part.hash);
+        labels.insert(LABEL_SLOT.into(), part.id.clone());
+        labels.insert(LABEL_SPEC.into(), part.spec.to_string());
+        if !secrets.is_empty() {
+            labels.insert(
+                LABEL_SECRETS.into(),
+                serde_json::to_string(secrets).expect("digests serialize"),
+            );
+        }
+        labels
+    }
+
+    pub(super) fn main_config(
+        &self,
+        template: &ChallengeTemplate,
+        part: &Part,
+        image: &str,
+        network: Option<&str>,
+        secrets: &BTreeMap<String, String>,
+        digests: &BTreeMap<String, String>,
+    ) -> ContainerCreateBody {
+        let spec = &template.spec;
+        let exposed: Vec<String> = spec
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.container, p.protocol.as_str()))
+            .collect();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for port in &spec.ports {
+            if let Some(host) = port.host {
+                bindings
+                    .entry(format!("{}/{}", port.container, port.protocol.as_str()))
+                    .or_default()
+                    .get_or_insert_default()
+                    .push(PortBinding {
+                        host_ip: None,
+                        host_port: Some(host.to_string()),
+                    });
+            }
+        }
+        let healthcheck = spec.healthcheck.as_ref().map(|check| {
+            let probe = match (&check.tcp, &check.http) {
+                (Some(port), _) => {
+                    format!("nc -w 1 127.0.0.1 {port} </dev/null >/dev/null 2>&1 || exit 1")
+                }
+                (None, Some(http)) => format!(
+                    "wget -q -O /dev/null http://127.0.0.1:{}{} || exit 1",
+                    http.port, http.path
+                ),
+                (None, None) => "true".into(),
+            };
+            HealthConfig {
+                test: Some(vec!["CMD-SHELL".into(), probe]),
+                interval: Some(check.interval.0.as_nanos() as i64),
+                timeout: Some(check.timeout.0.as_nanos() as i64),
+                retries: Some(i64::from(check.retries)),
+                // Check early and often while starting, so `apply --wait` sees health quickly.
+                start_period: Some(check.interval.0.as_nanos() as i64),
+                start_interval: None,
+            }
+        });
+        let mut host_config = resource_limits(spec.resources.as_ref());
+        host_config.port_bindings = Some(bindings);
+        host_config.network_mode = Some(network.unwrap_or("bridge").to_string());
+        host_config.restart_policy = Some(restart_policy(spec.restart));
+        ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: spec.command.clone(),
+            entrypoint: spec.entrypoint.clone(),
+            env: Some(environment(&spec.env, secrets)),
+            labels: Some(self.labels(template, part, digests)),
+            exposed_ports: Some(exposed),
+            healthcheck,
+            host_config: Some(host_config),
+            networking_config: network
+                .map(|network| network_aliases(network, template.key.name.as_str())),
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn sidecar_config(
+        &self,
+        template: &ChallengeTemplate,
+        part: &Part,
+        sidecar: &Sidecar,
+        network: &str,
+        secrets: &BTreeMap<String, String>,
+        digests: &BTreeMap<String, String>,
+    ) -> ContainerCreateBody {
+        let mut host_config = resource_limits(sidecar.resources.as_ref());
+        host_config.network_mode = Some(network.to_string());
+        host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
+        ContainerCreateBody {
+            image: Some(sidecar.image.clone()),
+            cmd: sidecar.command.clone(),
+            entrypoint: sidecar.entrypoint.clone(),
+            env: Some(environment(&sidecar.env, secrets)),
+            labels: Some(self.labels(template, part, digests)),
+            host_config: Some(host_config),
+            networking_config: Some(network_aliases(network, sidecar.name.as_str())),
+            ..Default::default()
+        }
+    }
+}
+
+fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {
+    env.iter()
+        .chain(secrets)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+fn resource_limits(resources: Option<&crate::descriptor::model::Resources>) -> HostConfig {
+    let mut config = HostConfig::default();
+    if let Some(resources) = resources {
+        config.nano_cpus = resources.cpus.map(|cpus| (cpus * 1e9) as i64);
+        config.memory = resources.memory.map(|m| m.bytes as i64);
+        config.pids_limit = resources.pids;
+    }
+    config
+}
+
+fn restart_policy(policy: RestartPolicy) -> DockerRestart {
+    let name = match policy {
+        RestartPolicy::No => RestartPolicyNameEnum::NO,
+        RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
+        RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+        RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+    };
+    DockerRestart {
+        name: Some(name),
+        maximum_retry_count: None,
+    }
+}
+
+fn network_aliases(network: &str, alias: &str) -> NetworkingConfig {
+    let endpoint = EndpointSettings {
+        aliases: Some(vec![alias.to_string()]),
+        ..Default::default()
+    };
+    NetworkingConfig {
+        endpoints_config: Some(HashMap::from([(network.to_string(), endpoint)])),
+    }
+}
