@@ -101,6 +101,7 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         EnvType::Text,
     ),
     ("BERTH_DEFAULT_TARGET", "/defaultTarget", EnvType::Text),
+    ("BERTH_ALLOW_PRIVILEGED", "/allowPrivileged", EnvType::Bool),
     (
         "BERTH_LEADER_ELECTION_NAMESPACE",
         "/leaderElection/namespace",
@@ -186,6 +187,13 @@ pub struct AgentConfig {
     /// How Pipeline runs are carried out.
     #[serde(default)]
     pub pipelines: PipelinesConfig,
+    /// Limits for containers whose descriptor leaves them out (never unlimited: what is not set
+    /// here takes the built-in value).
+    #[serde(default)]
+    pub defaults: crate::descriptor::security::Defaults,
+    /// Accept Challenges with `security.privileged: true`; refused at validation otherwise.
+    #[serde(default)]
+    pub allow_privileged: bool,
 }
 
 /// How the agent carries out Pipeline runs.
@@ -580,6 +588,10 @@ impl AgentConfig {
         crate::descriptor::LoadOptions {
             default_target: self.default_target,
             node_ports,
+            walls: crate::descriptor::security::Walls {
+                defaults: self.defaults.clone().completed(),
+                allow_privileged: self.allow_privileged,
+            },
             ..Default::default()
         }
     }

@@ -250,6 +250,9 @@ struct LoadFlags {
     /// The cluster's NodePort range, FIRST-LAST: host ports of Challenges on Kubernetes must be in it.
     #[arg(long, env = "BERTH_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = berth::config::node_port_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
+    /// Accept Challenges with `security.privileged: true` (refused otherwise).
+    #[arg(long, env = "BERTH_ALLOW_PRIVILEGED")]
+    allow_privileged: bool,
 }
 
 fn parse_engine(text: &str) -> Result<berth::plan::Engine, String> {
@@ -266,6 +269,10 @@ impl LoadFlags {
             default_target: self.default_target,
             node_ports: self.node_port_range.clone(),
             max_file_size: self.max_file_size,
+            walls: berth::descriptor::security::Walls {
+                allow_privileged: self.allow_privileged,
+                ..Default::default()
+            },
         }
     }
 }

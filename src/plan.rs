@@ -364,6 +364,13 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
             },
             None => compare(object, here, policy.now),
         };
+        if matches!(action, Action::Create | Action::Update)
+            && let Some(privileged) = privileged_parts(object)
+        {
+            reasons.push(format!(
+                "runs privileged: {privileged} (allowed by the agent's allowPrivileged)"
+            ));
+        }
         let from = elsewhere.filter(|_| object.hold.is_none());
         if let Some(from) = from {
             let moving = format!("moves from {from} to {}", object.engine);
@@ -436,6 +443,19 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
     }
     steps.sort_by(|a, b| a.key.cmp(&b.key));
     Plan { steps }
+}
+
+/// The parts of `object` that ask to run privileged, named, if any: a wall opened on purpose is
+/// always shown in the plan.
+fn privileged_parts(object: &DesiredObject) -> Option<String> {
+    let mut names: Vec<&str> = object
+        .parts
+        .iter()
+        .filter(|part| part.spec.pointer("/security/privileged") == Some(&Value::Bool(true)))
+        .map(|part| part.id.as_str())
+        .collect();
+    names.dedup_by(|a, b| a.starts_with("main-") && b.starts_with("main-"));
+    (!names.is_empty()).then(|| names.join(", "))
 }
 
 fn compare(
@@ -591,7 +611,16 @@ fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
             continue;
         }
         let detail = match key.as_str() {
-            "image" | "replicas" | "restart" => format!(": {}→{}", short(before), short(after)),
+            "image" | "replicas" | "restart" | "walls" => {
+                format!(": {}→{}", short(before), short(after))
+            }
+            "network" => {
+                let egress = |v: Option<&Value>| match v.and_then(|v| v.get("egress")) {
+                    Some(Value::Bool(false)) => "egress off",
+                    _ => "egress on",
+                };
+                format!(": {}→{}", egress(before), egress(after))
+            }
             "ports" => format!(": {}→{}", ports(before), ports(after)),
             "edited" => {
                 reasons.push(format!(

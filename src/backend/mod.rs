@@ -118,6 +118,9 @@ pub enum EngineError {
         /// What the user can do.
         hint: &'static str,
     },
+    /// A setting for the engine is wrong: nothing is tried until it is fixed.
+    #[error("{0}")]
+    Misconfigured(String),
     /// Another berth is applying to the same engine for the same instance.
     #[error(
         "another berth ({holder}, since {since}) is applying instance {instance} on this engine; waited {waited}s. If that berth is gone, remove its lock: docker rm -f {lock}"

@@ -49,6 +49,8 @@ pub struct LoadOptions {
     pub default_target: super::model::Engine,
     /// The cluster's NodePort range: a host port of a Challenge on Kubernetes must be in it.
     pub node_ports: std::ops::RangeInclusive<u16>,
+    /// The agent's limits for what descriptors leave out, and whether privileged is allowed.
+    pub walls: super::security::Walls,
 }
 
 impl Default for LoadOptions {
@@ -57,6 +59,7 @@ impl Default for LoadOptions {
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             default_target: super::model::Engine::Docker,
             node_ports: DEFAULT_NODE_PORTS,
+            walls: Default::default(),
         }
     }
 }
@@ -530,6 +533,14 @@ impl Loader {
                 if !violations.is_empty() {
                     self.push_violations(file, doc, &identity, violations);
                     return;
+                }
+                // Limits nobody wrote come from the agent's defaults, here, so they are part of
+                // the spec hash: a change of defaults is a change the plan shows.
+                let defaults = &self.options.walls.defaults;
+                match &mut descriptor.spec {
+                    Spec::Challenge(spec) => super::security::settle_challenge(spec, defaults),
+                    Spec::Pipeline(spec) => super::security::settle_pipeline(spec, defaults),
+                    Spec::Staging(_) => {}
                 }
                 if !self.render(&mut descriptor, &identity) {
                     return;

@@ -2,6 +2,7 @@
 //! a folder of them into a checked, typed desired state.
 //!
 //! - [`model`]: the typed kinds (the source of the JSON Schemas);
+//! - [`security`]: the walls a descriptor declares, and the defaults it gets;
 //! - [`values`]: durations, sizes, names, ports, cron expressions, secret references;
 //! - [`yaml`]: YAML to JSON with positions and hostile-input limits;
 //! - [`schema`]: generated schemas and validation messages;
@@ -13,6 +14,7 @@ pub mod load;
 pub mod manifests;
 pub mod model;
 pub mod schema;
+pub mod security;
 mod semantic;
 
 pub(crate) use semantic::repo_folder;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
+use super::security::{NetworkSpec, Security};
 use super::values::{
     CronExpr, Duration, MEMORY_LIMIT_FORMAT, NONZERO_DURATION_FORMAT, Name, ObjectRef, Port,
     SecretRef, Size, VARIABLE_NAME_PATTERN,
@@ -110,6 +111,17 @@ pub struct ChallengeSpec {
     /// Extra containers on the challenge's own network, such as a database.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sidecars: Vec<Sidecar>,
+    /// What the main container's processes may do beyond the usual: capabilities, read-only
+    /// root, user, tmpfs, ulimits, privileged.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub security: Security,
+    /// Whether the containers may connect out; they never reach other challenges or the agent.
+    #[serde(default, skip_serializing_if = "NetworkSpec::is_default")]
+    pub network: NetworkSpec,
+    /// Run an init as PID 1 that passes signals on and reaps zombies (a challenge that forks per
+    /// connection, or a server that ignores SIGTERM, stops at once); `true` by default.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub init: bool,
     /// Free-form information (category, points, author…): shown in status and the API, never applied.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub info: serde_json::Map<String, serde_json::Value>,
@@ -117,6 +129,18 @@ pub struct ChallengeSpec {
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// The engine an object runs on: a Challenge's `target`.
@@ -272,6 +296,17 @@ pub struct Resources {
     pub pids: Option<i64>,
 }
 
+impl Resources {
+    /// No limit written.
+    pub fn empty() -> Resources {
+        Resources {
+            cpus: None,
+            memory: None,
+            pids: None,
+        }
+    }
+}
+
 /// A health check run inside the container by Docker. Exactly one of `tcp` and `http`.
 /// The image needs `/bin/sh` and `nc` (tcp) or `wget` (http), as busybox has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -362,6 +397,9 @@ pub struct Sidecar {
     /// Limits for the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// What the sidecar's processes may do beyond the usual.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub security: Security,
 }
 
 /// A Pipeline: a build that clones a source repo at a commit, runs steps in a container, keeps
@@ -405,6 +443,13 @@ pub struct PipelineSpec {
     /// The image tag a successful run produces, e.g. `app:{commit}`; `{commit}` is the source commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub produces: Option<String>,
+    /// Limits on the step container (and the `produces` build); the agent's `defaults.step`
+    /// fill in what is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// Whether steps may connect out; they never reach challenges, other runs or the agent.
+    #[serde(default, skip_serializing_if = "NetworkSpec::is_default")]
+    pub network: NetworkSpec,
 }
 
 fn thirty_minutes() -> Duration {

@@ -29,6 +29,7 @@ pub(super) fn check_descriptor(
     match &descriptor.spec {
         Spec::Challenge(spec) => {
             check_challenge(root, spec, &mut found);
+            check_walls(spec, &options.walls, &mut found);
             if spec.target == Some(Engine::Kubernetes) {
                 check_on_kubernetes(spec, &options.node_ports, &mut found);
                 if !spec.ports.is_empty()
@@ -60,6 +61,12 @@ pub(super) fn check_descriptor(
                 found.push(violation(
                     "/spec/context",
                     format!("spec.context: {message} (without spec.source, the steps run in a folder of this repo)"),
+                ));
+            }
+            if !spec.network.allow_connect_to.is_empty() {
+                found.push(violation(
+                    "/spec/network/allowConnectTo",
+                    "spec.network.allowConnectTo: a pipeline's steps reach no challenge; test against a copy started in the steps instead",
                 ));
             }
             if spec.source.is_none() && spec.triggers.push.is_some() {
@@ -95,6 +102,62 @@ pub(super) fn check_descriptor(
         }
     }
     found
+}
+
+/// The walls a descriptor cannot open alone: privileged needs the agent's consent; and what an
+/// engine cannot give as asked is refused here rather than half applied.
+fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut Vec<Violation>) {
+    let containers = std::iter::once((
+        "/spec/security".to_string(),
+        "spec.security".to_string(),
+        &spec.security,
+    ))
+    .chain(spec.sidecars.iter().enumerate().map(|(index, sidecar)| {
+        (
+            format!("/spec/sidecars/{index}/security"),
+            format!("spec.sidecars[{index}].security"),
+            &sidecar.security,
+        )
+    }));
+    let on_kubernetes = spec.target == Some(Engine::Kubernetes);
+    for (pointer, path, security) in containers {
+        if security.privileged && !walls.allow_privileged {
+            found.push(violation(
+                format!("{pointer}/privileged"),
+                format!("{path}.privileged: a privileged container can take over the host, so it needs the agent's consent: set allowPrivileged: true in the agent's config (--allow-privileged for the CLI), or add only the capabilities it needs with capabilities.add"),
+            ));
+        }
+        if on_kubernetes && (security.ulimits.nofile.is_some() || security.ulimits.nproc.is_some())
+        {
+            found.push(violation(
+                format!("{pointer}/ulimits"),
+                format!("{path}.ulimits: a pod cannot set ulimits (the node's container runtime does); remove them, or keep this challenge on docker"),
+            ));
+        }
+    }
+    for (index, target) in spec.network.allow_connect_to.iter().enumerate() {
+        let pointer = format!("/spec/network/allowConnectTo/{index}");
+        if target.kind != Kind::Challenge {
+            found.push(violation(
+                pointer,
+                format!("spec.network.allowConnectTo[{index}]: {target} is not a Challenge; only challenges can be connected to"),
+            ));
+        } else if !on_kubernetes {
+            found.push(violation(
+                pointer,
+                format!("spec.network.allowConnectTo[{index}]: on docker, challenges never reach each other; put the containers that must talk in one challenge, as sidecars, or run both with target: kubernetes"),
+            ));
+        }
+    }
+    if !spec.network.egress
+        && !on_kubernetes
+        && let Some(index) = spec.ports.iter().position(|p| p.host.is_some())
+    {
+        found.push(violation(
+            format!("/spec/ports/{index}/host"),
+            "spec.ports: on docker, a challenge with network.egress: false is on an internal network, whose ports the engine does not publish; drop the host port, keep egress, or run it with target: kubernetes, where egress is closed by a NetworkPolicy".to_string(),
+        ));
+    }
 }
 
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {

@@ -693,7 +693,7 @@ fn an_unreachable_engine_is_a_clear_error() {
 /// Regression: one network per challenge exhausted the engine's default address pools after about
 /// 30 challenges ("could not find an available, non-overlapping IPv4 address pool").
 #[test]
-fn only_challenges_with_sidecars_get_a_network_of_their_own() {
+fn forty_lone_challenges_share_one_walled_network_and_one_with_sidecars_has_its_own() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     for i in 0..40 {
@@ -709,14 +709,14 @@ fn only_challenges_with_sidecars_get_a_network_of_their_own() {
         "--filter",
         &format!("label=berth.instance={}", instance.name),
     ]);
-    assert_eq!(networks, format!("berth-{}-side", instance.name));
-    let labels = docker(&[
-        "network",
-        "inspect",
-        "--format",
-        "{{json .Labels}}",
-        &networks,
-    ]);
+    let mut networks: Vec<&str> = networks.lines().collect();
+    networks.sort();
+    let own = format!("berth-{}-side-walled", instance.name);
+    assert_eq!(
+        networks,
+        [format!("berth-{}-challenges", instance.name), own.clone()]
+    );
+    let labels = docker(&["network", "inspect", "--format", "{{json .Labels}}", &own]);
     for label in [
         "berth.instance",
         "berth.kind",

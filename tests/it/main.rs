@@ -12,6 +12,8 @@
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
 //!
+//! - `walls`: what a player in a challenge or an outsider's pipeline step can reach and do.
+//!
 //! Helpers shared by every module live in `util`.
 
 mod agent;
@@ -27,3 +29,4 @@ mod schema_files;
 mod server_limits;
 mod util;
 mod validate;
+mod walls;

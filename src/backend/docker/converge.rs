@@ -15,6 +15,7 @@ use bollard::query_parameters::{
 use serde_json::json;
 
 use super::lock::secret_digest;
+use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
 use super::template::{ChallengeTemplate, short_hash};
 use super::{
@@ -55,13 +56,8 @@ impl DockerBackend {
         repo_root: &Path,
     ) -> Attempt<String> {
         // Everything that can fail is prepared before any container is touched.
-        let image = self.ensure_image(template, repo_root).await?;
-        // A challenge gets a network of its own only when it has sidecars to reach by name: the
-        // engine's default address pools hold about 30 networks, and a CTF runs more challenges.
-        let network = match template.spec.sidecars.is_empty() {
-            true => None,
-            false => Some(self.ensure_network(&template.key).await?),
-        };
+        let network = self.ensure_wall(&template.wall()).await?;
+        let image = self.ensure_image(template, repo_root, &network).await?;
         let key = match template
             .parts
             .iter()
@@ -120,14 +116,7 @@ impl DockerBackend {
                 continue;
             }
             let config = match part.id.strip_prefix("sidecar-") {
-                None => self.main_config(
-                    template,
-                    part,
-                    &image,
-                    network.as_deref(),
-                    &env_values,
-                    &digests,
-                ),
+                None => self.main_config(template, part, &image, &network, &env_values, &digests),
                 Some(name) => {
                     let sidecar = template
                         .spec
@@ -135,10 +124,7 @@ impl DockerBackend {
                         .iter()
                         .find(|s| s.name.as_str() == name)
                         .expect("slot from spec");
-                    let network = network
-                        .as_deref()
-                        .expect("challenges with sidecars have a network");
-                    self.sidecar_config(template, part, sidecar, network, &env_values, &digests)
+                    self.sidecar_config(template, part, sidecar, &network, &env_values, &digests)
                 }
             };
             let version = match digests.is_empty() {
@@ -162,6 +148,12 @@ impl DockerBackend {
                 self.remove(container).await?;
             }
             done.push(format!("removed {slot}"));
+        }
+        // A network of the challenge's own that it has moved off (its walls, its egress or its
+        // sidecars changed) is empty now.
+        let own = matches!(template.wall(), Wall::Own { .. }).then_some(network.as_str());
+        if self.remove_networks_of(&template.key, own).await > 0 {
+            done.push("removed its old network".into());
         }
         Ok(done.join(", "))
     }
@@ -288,12 +280,12 @@ impl DockerBackend {
         for container in &existing {
             self.remove(container).await?;
         }
-        for network in self.networks(key).await? {
+        for network in self.networks_of(key).await? {
             let id = network.id.unwrap_or_default();
             match self.docker.remove_network(&id).await {
                 Err(error) if !is_status(&error, 404) => {
                     return Err(self.trouble(
-                        &format!("cannot remove network {}", self.network_name(key)),
+                        &format!("cannot remove network {}", network.name.unwrap_or_default()),
                         error,
                     ));
                 }

@@ -9,13 +9,37 @@ use futures_util::StreamExt;
 use super::template::ChallengeTemplate;
 use super::{Attempt, DockerBackend, Trouble, engine_gone, engine_message, is_status};
 use crate::build_context::BuildContext;
-use crate::descriptor::model::ImageSource;
+use crate::descriptor::model::{ImageSource, Resources};
+
+/// Puts a build's `RUN` containers behind the same walls as what runs: on `network` (never the
+/// default bridge) and within `resources`' memory and CPU (the build API has no process limit).
+pub(super) fn confine_build(
+    options: &mut BuildImageOptions,
+    network: &str,
+    resources: Option<&Resources>,
+) {
+    options.networkmode = Some(network.to_string());
+    if let Some(resources) = resources {
+        if let Some(memory) = resources.memory {
+            // The API takes a 32-bit number of bytes.
+            let bytes = i32::try_from(memory.bytes).unwrap_or(i32::MAX);
+            options.memory = Some(bytes);
+            options.memswap = Some(bytes);
+        }
+        if let Some(cpus) = resources.cpus {
+            const PERIOD: i32 = 100_000;
+            options.cpuperiod = Some(PERIOD);
+            options.cpuquota = Some(((cpus * f64::from(PERIOD)) as i32).max(1_000));
+        }
+    }
+}
 
 impl DockerBackend {
     pub(super) async fn ensure_image(
         &self,
         template: &ChallengeTemplate,
         repo_root: &Path,
+        network: &str,
     ) -> Attempt<String> {
         match (&template.spec.image, &template.spec.build) {
             (Some(ImageSource::Name(name)), _) => self.named_image(name).await,
@@ -33,7 +57,8 @@ impl DockerBackend {
                 );
                 let labels = self.ownership.labels(&template.key, template.main_hash());
                 let context = repo_root.join(&build.context);
-                self.build_unless_present(tag, build, labels, || {
+                let confined = (network, template.spec.resources.as_ref());
+                self.build_unless_present(tag, build, labels, confined, || {
                     BuildContext::read(&context, &build.dockerfile).and_then(|c| c.tar())
                 })
                 .await
@@ -50,6 +75,7 @@ impl DockerBackend {
         tag: String,
         build: &crate::descriptor::model::BuildSpec,
         labels: std::collections::HashMap<String, String>,
+        (network, resources): (&str, Option<&Resources>),
         tar: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Attempt<String> {
         match self.docker.inspect_image(&tag).await {
@@ -62,7 +88,7 @@ impl DockerBackend {
         let tar = tar().map_err(|e| {
             Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
         })?;
-        let options = BuildImageOptions {
+        let mut options = BuildImageOptions {
             dockerfile: build.dockerfile.clone(),
             t: Some(tag.clone()),
             buildargs: Some(build.args.clone().into_iter().collect()),
@@ -71,6 +97,7 @@ impl DockerBackend {
             forcerm: true,
             ..Default::default()
         };
+        confine_build(&mut options, network, resources);
         self.build(options, tar, &build.context).await?;
         Ok(tag)
     }

@@ -16,9 +16,13 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
+use super::images::confine_build;
+use super::network::Wall;
+use super::template::contained;
 use super::{Attempt, DockerBackend, Trouble};
 use crate::apply::Outcome;
 use crate::descriptor::model::{PipelineSpec, StepImage};
+use crate::descriptor::security::Security;
 use crate::descriptor::{Kind, Name, ObjectRef};
 use crate::plan::{
     DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
@@ -276,6 +280,13 @@ impl DockerBackend {
             Ok(image) => image?,
             Err(why) => return Ok((stopped(why, log, shown), None)),
         };
+        // Steps may be an outsider's code: they run on the steps network, where they reach no
+        // challenge, no other run and not the agent, within the step limits.
+        let network = self
+            .ensure_wall(&Wall::Steps {
+                egress: spec.network.egress,
+            })
+            .await?;
         let mut run_labels = labels.clone();
         run_labels.insert(LABEL_RUN.into(), options.runner.label().into());
         if let Some(owner) = &options.owner {
@@ -301,7 +312,8 @@ impl DockerBackend {
             labels: Some(run_labels.clone()),
             host_config: Some(HostConfig {
                 binds: Some(vec![format!("{name}:{WORKSPACE}")]),
-                ..Default::default()
+                network_mode: Some(network.clone()),
+                ..contained(spec.resources.as_ref(), &Security::default(), true)
             }),
             ..Default::default()
         };
@@ -414,7 +426,7 @@ impl DockerBackend {
         // older one would otherwise get back the old image, older than the one it replaces).
         let mut labels = labels;
         labels.insert(LABEL_PRODUCED_AT.into(), chrono::Utc::now().to_rfc3339());
-        let build = BuildImageOptions {
+        let mut build = BuildImageOptions {
             dockerfile: "Dockerfile".into(),
             t: Some(tag.clone()),
             labels: Some(labels),
@@ -422,6 +434,8 @@ impl DockerBackend {
             forcerm: true,
             ..Default::default()
         };
+        // The workspace's Dockerfile is the source's code too: same walls as the steps.
+        confine_build(&mut build, &network, spec.resources.as_ref());
         // The build counts toward the run's timeout too.
         let context = format!("the workspace of Pipeline/{}", request.pipeline);
         match bounded(
@@ -464,8 +478,12 @@ impl DockerBackend {
                 ]);
                 shown(&log.note(&format!("== step image {tag}")));
                 let build = &image.build;
+                // The step image comes from the config repo, which is reviewed; it builds on the
+                // steps network all the same, never on the default bridge.
+                let network = self.ensure_wall(&Wall::Steps { egress: true }).await?;
+                let confined = (network.as_str(), request.spec.resources.as_ref());
                 let built = self
-                    .build_unless_present(tag, build, labels, || Ok(tar.clone()))
+                    .build_unless_present(tag, build, labels, confined, || Ok(tar.clone()))
                     .await?;
                 self.remove_older_step_images(&request.pipeline, &built)
                     .await;

@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, NetworkingConfig, PortBinding,
-    RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+    ResourcesUlimits, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
-use crate::descriptor::model::{ChallengeSpec, RestartPolicy, RunState, Sidecar};
+use crate::descriptor::model::{ChallengeSpec, Resources, RestartPolicy, RunState, Sidecar};
+use crate::descriptor::security::Security;
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Part, TargetState, Vocabulary};
@@ -43,6 +45,12 @@ impl ChallengeTemplate {
         self.spec.ports.iter().all(|p| p.host.is_none())
     }
 
+    /// The network its containers join: its own when it has replicas or sidecars to reach, else
+    /// the instance's shared one, where containers reach nobody.
+    pub fn wall(&self) -> Wall {
+        wall_of(&self.key, &self.spec)
+    }
+
     /// The secret references of a slot.
     pub(super) fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
         match slot.strip_prefix("sidecar-") {
@@ -54,6 +62,20 @@ impl ChallengeTemplate {
                 .find(|s| s.name.as_str() == name)
                 .map_or(&self.spec.secret_env, |s| &s.secret_env),
         }
+    }
+}
+
+fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {
+    let egress = spec.network.egress;
+    // Replicas and sidecars reach each other by name on a network of their own; a lone
+    // container needs none, and shares one where it reaches nobody.
+    match spec.sidecars.is_empty() && spec.replicas == 1 {
+        true => Wall::Challenges { egress },
+        false => Wall::Own {
+            key: key.clone(),
+            egress,
+            containers: spec.replicas as usize + spec.sidecars.len(),
+        },
     }
 }
 
@@ -78,10 +100,10 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     if let Some(digest) = &build_digest {
         main_object.insert("buildDigest".into(), Value::String(digest.clone()));
     }
-    if !spec.sidecars.is_empty() {
-        // Which network the main container joins is part of its template.
-        main_object.insert("network".into(), Value::String("own".into()));
-    }
+    // Which network the containers join is part of their templates: a container made before
+    // the walls, or on another wall, is replaced onto this one.
+    let walls = Value::String(wall_of(&key, spec).describe());
+    main_object.insert("walls".into(), walls.clone());
     if !descriptor.metadata.labels.is_empty() {
         main_object.insert("labels".into(), json!(descriptor.metadata.labels));
     }
@@ -108,6 +130,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         if !descriptor.metadata.labels.is_empty() {
             sidecar_spec["labels"] = json!(descriptor.metadata.labels);
         }
+        sidecar_spec["walls"] = walls.clone();
         parts.push(Part {
             id: format!("sidecar-{}", sidecar.name),
             hash: short_hash(&sidecar_spec),
@@ -151,10 +174,6 @@ impl DockerBackend {
         )
     }
 
-    pub(super) fn network_name(&self, key: &ObjectRef) -> String {
-        format!("berth-{}-{}", self.instance(), key.name)
-    }
-
     fn labels(
         &self,
         template: &ChallengeTemplate,
@@ -180,7 +199,7 @@ impl DockerBackend {
         template: &ChallengeTemplate,
         part: &Part,
         image: &str,
-        network: Option<&str>,
+        network: &str,
         secrets: &BTreeMap<String, String>,
         digests: &BTreeMap<String, String>,
     ) -> ContainerCreateBody {
@@ -224,10 +243,11 @@ impl DockerBackend {
                 start_interval: None,
             }
         });
-        let mut host_config = resource_limits(spec.resources.as_ref());
+        let mut host_config = contained(spec.resources.as_ref(), &spec.security, spec.init);
         host_config.port_bindings = Some(bindings);
-        host_config.network_mode = Some(network.unwrap_or("bridge").to_string());
+        host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(spec.restart));
+        let own = matches!(template.wall(), Wall::Own { .. });
         ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: spec.command.clone(),
@@ -237,8 +257,10 @@ impl DockerBackend {
             exposed_ports: Some(exposed),
             healthcheck,
             host_config: Some(host_config),
-            networking_config: network
-                .map(|network| network_aliases(network, template.key.name.as_str())),
+            user: spec.security.user.map(|user| user.to_string()),
+            // On its own network the challenge is reached by its name; on the shared one nobody
+            // reaches it at all.
+            networking_config: own.then(|| network_aliases(network, template.key.name.as_str())),
             ..Default::default()
         }
     }
@@ -252,7 +274,7 @@ impl DockerBackend {
         secrets: &BTreeMap<String, String>,
         digests: &BTreeMap<String, String>,
     ) -> ContainerCreateBody {
-        let mut host_config = resource_limits(sidecar.resources.as_ref());
+        let mut host_config = contained(sidecar.resources.as_ref(), &sidecar.security, true);
         host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
@@ -261,6 +283,7 @@ impl DockerBackend {
             entrypoint: sidecar.entrypoint.clone(),
             env: Some(environment(&sidecar.env, secrets)),
             labels: Some(self.labels(template, part, digests)),
+            user: sidecar.security.user.map(|user| user.to_string()),
             host_config: Some(host_config),
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
@@ -275,13 +298,57 @@ fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String
         .collect()
 }
 
-fn resource_limits(resources: Option<&crate::descriptor::model::Resources>) -> HostConfig {
+/// The walls of one container, whoever runs in it: its limits, `no-new-privileges`, `NET_RAW`
+/// dropped (unless added back), and what its `security` asks for. Every container berth makes
+/// (challenges, sidecars, pipeline steps) starts from this.
+pub(super) fn contained(
+    resources: Option<&Resources>,
+    security: &Security,
+    init: bool,
+) -> HostConfig {
     let mut config = HostConfig::default();
     if let Some(resources) = resources {
         config.nano_cpus = resources.cpus.map(|cpus| (cpus * 1e9) as i64);
         config.memory = resources.memory.map(|m| m.bytes as i64);
+        // Swap is no way around the memory limit.
+        config.memory_swap = config.memory;
         config.pids_limit = resources.pids;
     }
+    config.security_opt = Some(vec!["no-new-privileges".into()]);
+    config.cap_drop = Some(security.capabilities.dropped());
+    let added = security.capabilities.added();
+    config.cap_add = (!added.is_empty()).then_some(added);
+    config.readonly_rootfs = Some(security.read_only_root_filesystem);
+    config.privileged = Some(security.privileged);
+    config.init = Some(init);
+    if !security.tmpfs.is_empty() {
+        config.tmpfs = Some(
+            security
+                .tmpfs
+                .iter()
+                .map(|mount| {
+                    (
+                        mount.path.clone(),
+                        format!("rw,nosuid,nodev,size={}", mount.size.bytes),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let ulimits: Vec<ResourcesUlimits> = [
+        ("nofile", security.ulimits.nofile),
+        ("nproc", security.ulimits.nproc),
+    ]
+    .into_iter()
+    .filter_map(|(name, limit)| {
+        limit.map(|limit| ResourcesUlimits {
+            name: Some(name.into()),
+            soft: Some(i64::from(limit)),
+            hard: Some(i64::from(limit)),
+        })
+    })
+    .collect();
+    config.ulimits = (!ulimits.is_empty()).then_some(ulimits);
     config
 }
 

@@ -12,7 +12,14 @@
 //! - an update rolls one new pod at a time and takes an old one away only once a new one is ready
 //!   (`maxUnavailable: 0`), so an update that never becomes ready leaves the old version serving;
 //! - `$` in env values, command and entrypoint is doubled: Kubernetes expands `$(NAME)` there,
-//!   Docker does not.
+//!   Docker does not;
+//! - the walls: every container runs without privilege escalation and without `NET_RAW`, with
+//!   what its `security` adds (capabilities, read-only root, user, tmpfs as memory-backed
+//!   `emptyDir`s); and a NetworkPolicy lets in only the challenge's own ports and lets out only
+//!   to the internet, never to cluster-internal ranges (other pods, Services, the API server),
+//!   except DNS and the challenges named in `network.allowConnectTo`, as kCTF does. With
+//!   `network.egress: false` nothing goes out at all. Enforcing the policy is the network
+//!   plugin's job (Calico, Cilium, …).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,9 +31,20 @@ use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
     ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState,
 };
+use crate::descriptor::security::Security;
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Part, TargetState};
+
+/// Address ranges a challenge's pods never connect to (unless named in `allowConnectTo`): the
+/// private and link-local ranges where clusters keep pods, Services, nodes and the API server.
+pub const CLUSTER_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+];
 
 /// Pod annotation: the id of the image a Pipeline produced, so a rebuilt tag rolls the pods.
 const ANNOTATION_IMAGE_ID: &str = "berth.image-id";
@@ -144,6 +162,13 @@ impl ChallengeTemplate {
             secrets: None,
             one_shot: false,
         }];
+        parts.push(Part {
+            id: format!("NetworkPolicy/{}", self.name()),
+            hash: hash(&[&self.network_policy(&HashMap::new(), ""), &labels]),
+            spec: Arc::new(json!({ "network": self.spec.network, "ports": self.spec.ports })),
+            secrets: None,
+            one_shot: false,
+        });
         if let Some(service) = self.service(&HashMap::new(), "") {
             parts.push(Part {
                 id: format!("Service/{}", self.name()),
@@ -190,6 +215,7 @@ impl ChallengeTemplate {
             &self.spec.command,
             env(&self.spec.env, self.spec.secret_env.keys(), "main", &secret),
             &self.spec.resources,
+            &self.spec.security,
         )];
         if let Some(fields) = containers[0].as_object_mut() {
             let ports: Vec<Value> = self
@@ -218,8 +244,25 @@ impl ChallengeTemplate {
                     &secret,
                 ),
                 &sidecar.resources,
+                &sidecar.security,
             ));
         }
+        let volumes: Vec<Value> = std::iter::once(("main", &self.spec.security))
+            .chain(
+                self.spec
+                    .sidecars
+                    .iter()
+                    .map(|s| (s.name.as_str(), &s.security)),
+            )
+            .flat_map(|(container, security)| {
+                security.tmpfs.iter().enumerate().map(move |(index, mount)| {
+                    json!({
+                        "name": tmpfs_volume(container, index),
+                        "emptyDir": { "medium": "Memory", "sizeLimit": mount.size.bytes.to_string() },
+                    })
+                })
+            })
+            .collect();
         let mut pod_metadata = json!({ "labels": pod_labels });
         if let Some(id) = &self.image_id {
             pod_metadata["annotations"] = json!({ ANNOTATION_IMAGE_ID: id });
@@ -239,12 +282,64 @@ impl ChallengeTemplate {
                     "metadata": pod_metadata,
                     "spec": {
                         "containers": containers,
+                        "volumes": volumes,
                         // Docker's own stop timeout: a stop or an update takes as long as there.
                         "terminationGracePeriodSeconds": 10,
                         "enableServiceLinks": false,
                         "automountServiceAccountToken": false,
                     },
                 },
+            },
+        })
+    }
+
+    /// The challenge's NetworkPolicy: in, only to its own ports (from anywhere: players come
+    /// through the NodePort); out, to the internet but no cluster-internal range, DNS, and the
+    /// challenges it names in `allowConnectTo`; with `egress: false`, nothing out at all.
+    pub fn network_policy(&self, labels: &HashMap<String, String>, namespace: &str) -> Value {
+        let ingress: Vec<Value> = match self.spec.ports.is_empty() {
+            true => Vec::new(),
+            false => vec![json!({
+                "ports": self
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| json!({"port": p.container.0, "protocol": protocol(p.protocol)}))
+                    .collect::<Vec<_>>(),
+            })],
+        };
+        let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_default();
+        let mut egress: Vec<Value> = self
+            .spec
+            .network
+            .allow_connect_to
+            .iter()
+            .map(|target| {
+                json!({ "to": [{ "podSelector": { "matchLabels": {
+                    LABEL_INSTANCE: instance,
+                    LABEL_KIND: "Challenge",
+                    LABEL_NAME: target.name.as_str(),
+                }}}]})
+            })
+            .collect();
+        if self.spec.network.egress {
+            egress.push(
+                json!({ "to": [{ "ipBlock": { "cidr": "0.0.0.0/0", "except": CLUSTER_RANGES } }] }),
+            );
+            egress.push(json!({
+                "to": [{ "namespaceSelector": {}, "podSelector": { "matchLabels": { "k8s-app": "kube-dns" } } }],
+                "ports": [{ "port": 53, "protocol": "UDP" }, { "port": 53, "protocol": "TCP" }],
+            }));
+        }
+        json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": metadata(self.name(), namespace, labels),
+            "spec": {
+                "podSelector": { "matchLabels": selector(labels) },
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress,
+                "egress": egress,
             },
         })
     }
@@ -339,6 +434,34 @@ fn literal(text: &str) -> String {
     text.replace('$', "$$")
 }
 
+fn tmpfs_volume(container: &str, index: usize) -> String {
+    format!("tmpfs-{container}-{index}")
+}
+
+/// A container's `securityContext`: no privilege escalation and no `NET_RAW` unless asked for,
+/// and what its `security` declares.
+fn security_context(security: &Security) -> Value {
+    let mut context = json!({
+        "capabilities": {
+            "drop": security.capabilities.dropped(),
+            "add": security.capabilities.added(),
+        },
+        "readOnlyRootFilesystem": security.read_only_root_filesystem,
+        "privileged": security.privileged,
+    });
+    // The API server refuses privileged with allowPrivilegeEscalation: false.
+    if !security.privileged {
+        context["allowPrivilegeEscalation"] = false.into();
+    }
+    if let Some(user) = security.user {
+        context["runAsUser"] = user.uid.into();
+        if let Some(gid) = user.gid {
+            context["runAsGroup"] = gid.into();
+        }
+    }
+    context
+}
+
 fn container(
     name: &str,
     image: &str,
@@ -346,12 +469,23 @@ fn container(
     command: &Option<Vec<String>>,
     env: Vec<Value>,
     resources: &Option<Resources>,
+    security: &Security,
 ) -> Value {
     let mut container = json!({
         "name": name,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
+        "securityContext": security_context(security),
     });
+    if !security.tmpfs.is_empty() {
+        container["volumeMounts"] = security
+            .tmpfs
+            .iter()
+            .enumerate()
+            .map(|(index, mount)| json!({"name": tmpfs_volume(name, index), "mountPath": mount.path}))
+            .collect::<Vec<_>>()
+            .into();
+    }
     let words = |list: &Vec<String>| -> Vec<String> { list.iter().map(|w| literal(w)).collect() };
     // Docker's entrypoint is Kubernetes' command; Docker's command is its args.
     if let Some(entrypoint) = entrypoint {

@@ -1,10 +1,12 @@
-//! Challenges on the cluster: observing, applying and removing the Deployments, Services and
-//! Secrets that [`super::challenge`] shapes, in the agent's challenge namespace.
+//! Challenges on the cluster: observing, applying and removing the Deployments, Services,
+//! Secrets and NetworkPolicies that [`super::challenge`] shapes, in the agent's challenge
+//! namespace.
 //!
-//! Observing is four lists for every challenge at once (Deployments, Services, Secrets and pods,
-//! by the instance's labels). Applying checks everything first (secret values readable, no
-//! object of the same name that berth did not make, and, for an existing challenge, a server-side
-//! dry run), then applies the Secret, the Deployment and the Service, removes the parts the
+//! Observing is five lists for every challenge at once (those four kinds and pods, by the
+//! instance's labels). Applying checks everything first (secret values readable, no object of
+//! the same name that berth did not make, and, for an existing challenge, a server-side dry run),
+//! then applies the Secret, the NetworkPolicy (before any pod), the Deployment and the Service,
+//! removes the parts the
 //! challenge no longer has, and waits until the rollout is ready: an object moving here from
 //! Docker is removed there only after that.
 
@@ -30,7 +32,7 @@ const ANNOTATION_SPEC: &str = "berth.spec";
 /// How long an apply waits for a challenge's rollout to be ready.
 const ROLLOUT_WAIT: Duration = Duration::from_secs(180);
 /// The kinds a challenge is made of, in the order they are applied.
-const CHALLENGE_KINDS: [&str; 3] = ["Secret", "Deployment", "Service"];
+const CHALLENGE_KINDS: [&str; 4] = ["Secret", "NetworkPolicy", "Deployment", "Service"];
 
 fn deployment_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
@@ -40,9 +42,14 @@ fn service_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
 }
 
+fn network_policy_resource() -> kube::discovery::ApiResource {
+    kube::discovery::ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&())
+}
+
 fn resource_of(kind: &str) -> kube::discovery::ApiResource {
     match kind {
         "Secret" => secret_resource(),
+        "NetworkPolicy" => network_policy_resource(),
         "Deployment" => deployment_resource(),
         _ => service_resource(),
     }
@@ -58,11 +65,12 @@ impl KubeBackend {
     }
 
     /// Where challenges' objects of `kind` are looked for: every namespace, so that copies
-    /// outside the configured one (it was changed) are found, moved and pruned; but Secrets only
-    /// in the configured one, so berth needs no right to read Secrets anywhere else.
+    /// outside the configured one (it was changed) are found, moved and pruned; but Secrets and
+    /// NetworkPolicies only in the configured one, so berth needs no rights on them anywhere
+    /// else.
     fn all_api(&self, kind: &str) -> Api<DynamicObject> {
         match kind {
-            "Secret" => self.challenge_api(kind),
+            "Secret" | "NetworkPolicy" => self.challenge_api(kind),
             _ => Api::all_with(self.client.clone(), &resource_of(kind)),
         }
     }
@@ -78,15 +86,17 @@ impl KubeBackend {
     ) -> Result<(Vec<ObservedObject>, HashMap<String, Value>), EngineError> {
         let params = ListParams::default().labels(&self.challenge_selector(None));
         let pods: Api<DynamicObject> = Api::all_with(self.client.clone(), &pod_resource());
-        let (deployments, services, secrets) = (
+        let (deployments, services, secrets, policies) = (
             self.all_api("Deployment"),
             self.all_api("Service"),
             self.all_api("Secret"),
+            self.all_api("NetworkPolicy"),
         );
-        let (deployments, services, secrets, pods) = tokio::try_join!(
+        let (deployments, services, secrets, policies, pods) = tokio::try_join!(
             deployments.list(&params),
             services.list(&params),
             secrets.list(&params),
+            policies.list(&params),
             pods.list(&params),
         )
         .map_err(|e| self.gone(e))?;
@@ -101,6 +111,7 @@ impl KubeBackend {
             ("Deployment", deployments.items),
             ("Service", services.items),
             ("Secret", secrets.items),
+            ("NetworkPolicy", policies.items),
         ];
         for (kind, items) in listed {
             for item in items {
@@ -248,6 +259,11 @@ impl KubeBackend {
                 objects.push(("Secret", secret_name, secret));
             }
         }
+        let policy_id = format!("NetworkPolicy/{name}");
+        let mut policy = template.network_policy(&labeled(&policy_id), &ns);
+        policy["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&policy_id).1 });
+        // Before the pods: they never run a moment without their walls.
+        objects.push(("NetworkPolicy", name.to_string(), policy));
         let deployment_id = format!("Deployment/{name}");
         let mut deployment = template.deployment(&labeled(&deployment_id), &ns, false);
         deployment["metadata"]["annotations"] =
