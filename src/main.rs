@@ -810,6 +810,7 @@ async fn run_pipeline(
                 spec_hash: String::new(),
                 cancel: None,
                 owner: None,
+                branch: None,
             },
         )
         .await;

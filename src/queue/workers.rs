@@ -846,6 +846,7 @@ impl Pipelines {
             },
             cancel: Some(cancelled),
             owner: Some(self.inner.owner.clone()),
+            branch: (!of_ref).then(|| run.branch.clone()).flatten(),
         };
         let report = docker
             .run_pipeline(

@@ -1341,3 +1341,95 @@ fn without_a_docker_engine_challenges_on_kubernetes_still_apply() {
         "{text}"
     );
 }
+
+/// Issue 18: a challenge on the cluster is walled by a NetworkPolicy (in: its own ports only;
+/// out: the internet but no cluster range, DNS, and the challenges it names; nothing with
+/// `egress: false`) and runs with the security context it declared, with escalation off and
+/// NET_RAW dropped. This test bed's network plugin does not enforce NetworkPolicy, so the
+/// objects are checked as applied; the pod must still run and serve under its context.
+#[test]
+fn a_challenge_on_kubernetes_is_walled_by_a_network_policy_and_runs_in_its_security_context() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.challenges();
+    let port = node_port(&cluster.instance.name);
+    let repo = Repo::new();
+    repo.write(
+        "web.yaml",
+        crate::util::challenge(
+            "web",
+            &format!("  target: kubernetes\n  command: [sh, -c, 'echo walled > /www/index.html && exec httpd -f -p 8080 -h /www']\n  ports: [{{container: 8080, host: {port}}}]\n  security:\n    capabilities: {{add: [SYS_ADMIN]}}\n    readOnlyRootFilesystem: true\n    user: \"1000:1000\"\n    tmpfs: [{{path: /www, size: 1Mi}}]\n  network:\n    allowConnectTo: [Challenge/db]\n"),
+        ),
+    )
+    .write(
+        "offline.yaml",
+        crate::util::challenge(
+            "offline",
+            "  target: kubernetes\n  command: [sleep, \"3600\"]\n  network: {egress: false}\n",
+        ),
+    );
+    let applied = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &[]);
+    assert!(applied.status.success(), "{}", said(&applied));
+    assert_eq!(served_eventually(port, "walled"), "walled");
+
+    let policy = |name: &str, path: &str| cluster.get(&ns, &format!("networkpolicy/{name}"), path);
+    assert_eq!(
+        policy("web", "{.spec.policyTypes}"),
+        "[\"Ingress\",\"Egress\"]"
+    );
+    assert_eq!(policy("web", "{.spec.ingress[0].ports[0].port}"), "8080");
+    assert_eq!(
+        policy("web", "{.spec.podSelector.matchLabels.berth\\.name}"),
+        "web"
+    );
+    let egress = policy("web", "{.spec.egress}");
+    for expected in [
+        "\"cidr\":\"0.0.0.0/0\"",
+        "\"10.0.0.0/8\"",
+        "\"172.16.0.0/12\"",
+        "\"berth.name\":\"db\"",
+        "\"k8s-app\":\"kube-dns\"",
+    ] {
+        assert!(
+            egress.contains(expected),
+            "{expected} missing from {egress}"
+        );
+    }
+    assert_eq!(
+        policy("offline", "{.spec.egress}"),
+        "",
+        "egress: false lets nothing out"
+    );
+    assert_eq!(
+        policy("offline", "{.spec.policyTypes}"),
+        "[\"Ingress\",\"Egress\"]"
+    );
+
+    let context = |field: &str| {
+        cluster.get(
+            &ns,
+            "deployment/web",
+            &format!("{{.spec.template.spec.containers[0].securityContext.{field}}}"),
+        )
+    };
+    assert_eq!(context("allowPrivilegeEscalation"), "false");
+    assert_eq!(context("capabilities.drop"), "[\"NET_RAW\"]");
+    assert_eq!(context("capabilities.add"), "[\"SYS_ADMIN\"]");
+    assert_eq!(context("readOnlyRootFilesystem"), "true");
+    assert_eq!(context("runAsUser"), "1000");
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/web",
+            "{.spec.template.spec.volumes[0].emptyDir.medium}"
+        ),
+        "Memory"
+    );
+    let planned = stdout(&cluster.berth_with(&["plan"], repo.path(), &[]));
+    assert!(planned.contains("2 unchanged"), "{planned}");
+
+    // Removed with prune: the policy goes with the challenge.
+    std::fs::remove_file(repo.path().join("web.yaml")).unwrap();
+    let pruned = cluster.berth_with(&["apply", "--prune"], repo.path(), &[]);
+    assert!(pruned.status.success(), "{}", said(&pruned));
+    assert!(!cluster.exists(&ns, "networkpolicy/web"));
+}

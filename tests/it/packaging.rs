@@ -346,8 +346,16 @@ const GRANTED: Rights = &[
     ("create", "secrets", Some("berth-challenges")),
     ("get", "secrets", Some("berth-challenges")),
     ("delete", "secrets", Some("berth-challenges")),
-    ("patch", "networkpolicies.networking.k8s.io", Some("berth-challenges")),
-    ("list", "networkpolicies.networking.k8s.io", Some("berth-challenges")),
+    (
+        "patch",
+        "networkpolicies.networking.k8s.io",
+        Some("berth-challenges"),
+    ),
+    (
+        "list",
+        "networkpolicies.networking.k8s.io",
+        Some("berth-challenges"),
+    ),
     ("watch", "pods", Some("berth-challenges")),
     // What RBAC cannot narrow to namespaces made at run time: it reaches kube-system too, which
     // is why packaging/README.md asks for admission control there.

@@ -15,8 +15,13 @@ use crate::gitserver::{GitDaemon, Origin};
 
 /// A push event as GitHub sends it for the repository at `url`.
 fn push_to(url: &str, commit: &str) -> String {
+    push_of_branch(url, "main", commit)
+}
+
+/// A push event as GitHub sends it for `branch` of the repository at `url`.
+fn push_of_branch(url: &str, branch: &str, commit: &str) -> String {
     format!(
-        r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}",
+        r#"{{"ref":"refs/heads/{branch}","before":"0000000000000000000000000000000000000000","after":"{commit}",
 "repository":{{"id":7,"name":"app","full_name":"ops/app","clone_url":"{url}","default_branch":"main"}},
 "pusher":{{"name":"octocat"}},"head_commit":{{"id":"{commit}"}}}}"#
     )
@@ -24,7 +29,10 @@ fn push_to(url: &str, commit: &str) -> String {
 
 /// Sends a signed GitHub push for `url` at `commit` with the delivery id `delivery`.
 fn deliver(agent: &Agent, url: &str, commit: &str, delivery: &str) -> (u16, String) {
-    let body = push_to(url, commit);
+    deliver_body(agent, push_to(url, commit), delivery)
+}
+
+fn deliver_body(agent: &Agent, body: String, delivery: &str) -> (u16, String) {
     agent.request(
         "POST",
         "/hooks/github",
@@ -725,4 +733,72 @@ fn a_failing_build_is_a_failure_once_and_a_fix_builds_again() {
             .show("berth-status:status/pipeline/tool.yaml")
             .is_some_and(|s| s.contains("phase: Running") && s.contains(&fixed[..12]))
     });
+}
+
+/// Issue 18: a signed push of an unreviewed branch built and moved `app:latest`, which anything
+/// using the tag by name then ran. A branch's build now gets a tag of its own, the product tag
+/// stays on the build of `ref`, and consumers keep running that.
+#[test]
+fn a_push_of_another_branch_builds_under_its_own_tag_and_never_moves_the_product() {
+    let Some(instance) = engine() else { return };
+    let (source, source_daemon) = site_source("version one\n");
+    let port = free_port();
+    let image = format!("{}-site", instance.name);
+    let config = Origin::new(&[
+        (
+            "pipelines/site.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  source: {{url: \"{url}\", ref: main}}\n  triggers: {{push: {{}}}}\n  image: busybox:latest\n  produces: \"{image}:latest\"\n  steps:\n    - {{name: render, run: \"mkdir -p www && cat page.txt > www/index.html\"}}\n",
+                url = source_daemon.url()
+            ),
+        ),
+        (
+            "challenges/web.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
+            ),
+        ),
+    ]);
+    let first = config.bare_git(&["rev-parse", "main"]);
+    let config_daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &config_daemon.url(), "");
+    agent.wait_for("the first build served", || fetch(port) == "version one");
+    agent.wait_for("the revision applied", || applied(&config, &first));
+    let product = || {
+        docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            &format!("{image}:latest"),
+        ])
+    };
+    let before = product();
+    assert!(before.starts_with("sha256:"), "{before}");
+
+    // An outsider's branch: its commit is on `evil` only.
+    let main_tip = source.bare_git(&["rev-parse", "main"]);
+    let evil = source.commit(&[("page.txt", Some("owned\n"))], "Evil");
+    source.bare_git(&["update-ref", "refs/heads/evil", &evil]);
+    source.bare_git(&["update-ref", "refs/heads/main", &main_tip]);
+    let (code, answer) = deliver_body(
+        &agent,
+        push_of_branch(&source_daemon.url(), "evil", &evil),
+        "delivery-evil",
+    );
+    assert_eq!(code, 202, "{answer}");
+    let id = queued_run(&answer, "site");
+    agent.wait_for("the branch's run ended", || {
+        !matches!(state(&agent, id).as_str(), "queued" | "running")
+    });
+    let shown = run(&agent, id);
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    let branch_tag = format!("{image}:branch-evil-{}", &evil[..12]);
+    assert_eq!(shown["image"], branch_tag.as_str(), "{shown}");
+    let built = docker(&["image", "inspect", "--format", "{{.Id}}", &branch_tag]);
+    assert!(built.starts_with("sha256:") && built != before, "{built}");
+    assert_eq!(product(), before, "the branch's build moved {image}:latest");
+    // The passes the run's end wakes do not roll the challenge to it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fetch(port), "version one");
 }

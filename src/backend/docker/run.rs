@@ -142,6 +142,36 @@ pub struct RunOptions {
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
     /// For an agent's runs, which agent (see [`DockerBackend::remove_runs_of`]).
     pub owner: Option<String>,
+    /// The branch it builds, when that is not the source's `ref`: unreviewed code, whose image
+    /// gets a tag of its own ([`branch_tag`]) and is never a product consumers roll to.
+    pub branch: Option<String>,
+}
+
+/// Label on an image built from a branch other than the source's `ref`: the branch.
+const LABEL_BRANCH: &str = "berth.branch";
+
+/// The tag of a build of `branch` (not the source's `ref`) for a pipeline that `produces`
+/// `produced`: the same repository, tagged `branch-NAME-COMMIT`. The tag the pipeline produces
+/// from its `ref` (`app:latest`, `app:{commit}`) is never moved by such a build. Pure.
+pub fn branch_tag(produced: &str, branch: &str, short_commit: &str) -> String {
+    // A tag follows the last ':' after the last '/' (a registry may have a port).
+    let repository = match produced.rfind(':') {
+        Some(at) if !produced[at..].contains('/') => &produced[..at],
+        _ => produced,
+    };
+    let mut slug: String = branch
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .take(64)
+        .collect();
+    while slug.starts_with(['.', '-']) {
+        slug.remove(0);
+    }
+    format!("{repository}:branch-{slug}-{short_commit}")
 }
 
 /// Resolves when `cancel` turns `true`; never without one (or once its sender is gone).
@@ -266,7 +296,10 @@ impl DockerBackend {
         };
         self.clear_leftover_runs().await;
         let short = &request.commit[..request.commit.len().min(12)];
-        let tag = spec.produces.as_ref().map(|p| p.replace("{commit}", short));
+        let tag = spec.produces.as_ref().map(|p| match &options.branch {
+            Some(branch) => branch_tag(p, branch, short),
+            None => p.replace("{commit}", short),
+        });
         if let Some(tag) = &tag {
             self.refuse_foreign_tag(tag).await?;
         }
@@ -426,6 +459,10 @@ impl DockerBackend {
         // older one would otherwise get back the old image, older than the one it replaces).
         let mut labels = labels;
         labels.insert(LABEL_PRODUCED_AT.into(), chrono::Utc::now().to_rfc3339());
+        if let Some(branch) = &options.branch {
+            labels.insert(LABEL_BRANCH.into(), branch.clone());
+            labels.insert(crate::backend::LABEL_SPEC_HASH.into(), String::new());
+        }
         let mut build = BuildImageOptions {
             dockerfile: "Dockerfile".into(),
             t: Some(tag.clone()),
@@ -657,11 +694,12 @@ impl DockerBackend {
             let Some(tag) = image.repo_tags.iter().find(|t| !t.contains("<none>")) else {
                 continue;
             };
-            // A foreground `berth run` labels its image with no spec hash: it is not the
-            // product a pass reconciles to.
+            // A foreground `berth run` labels its image with no spec hash, and a branch's build
+            // is no product at all: neither is what a pass reconciles to.
             if labels
                 .get(crate::backend::LABEL_SPEC_HASH)
                 .is_none_or(String::is_empty)
+                || labels.contains_key(LABEL_BRANCH)
             {
                 continue;
             }
@@ -720,6 +758,7 @@ impl DockerBackend {
             spec_hash: template.hash.clone(),
             cancel: None,
             owner: None,
+            branch: None,
         };
         let report = self.run_pipeline(request, &mut log, |_| {}, options).await;
         match report.result {
@@ -743,7 +782,13 @@ impl DockerBackend {
             return 0;
         };
         images.sort_by_key(|image| std::cmp::Reverse(image.created));
-        self.remove_images(images.iter().skip(keep)).await
+        // Builds of branches are kept and collected apart: however many a flood of pushes makes,
+        // they never push the current product of `ref` out of the newest few.
+        let (branches, products): (Vec<_>, Vec<_>) = images
+            .into_iter()
+            .partition(|image| image.labels.contains_key(LABEL_BRANCH));
+        self.remove_images(products.iter().skip(keep)).await
+            + self.remove_images(branches.iter().skip(keep)).await
     }
 
     /// The images this instance's Pipelines (or one of them) produced.
@@ -914,5 +959,28 @@ impl DockerBackend {
         };
         let removed = self.remove_images(images.iter()).await;
         Outcome::Done(format!("removed {removed} produced image(s)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::branch_tag;
+
+    /// A branch's build never moves the tag the source's `ref` produces.
+    #[test]
+    fn a_branch_build_gets_a_tag_of_its_own_in_the_same_repository() {
+        assert_eq!(
+            branch_tag("app:latest", "evil", "0123abcd"),
+            "app:branch-evil-0123abcd"
+        );
+        assert_eq!(
+            branch_tag("app:{commit}", "feat/x", "0123"),
+            "app:branch-feat-x-0123"
+        );
+        assert_eq!(
+            branch_tag("registry:5000/team/app", "Main\n", "01"),
+            "registry:5000/team/app:branch-main--01"
+        );
+        assert_eq!(branch_tag("app", "-.x", "01"), "app:branch-x-01");
     }
 }
