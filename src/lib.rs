@@ -17,7 +17,8 @@
 //!
 //! `berth apply` runs one pass over a folder. The [`agent`] runs passes for ever: it follows a git
 //! repo ([`source`]), wakes on [`triggers`] (cron, [`webhook`]s through the [`server`], file
-//! changes, the API), and reports through [`metrics`] and the status it commits.
+//! changes, the API), and reports through [`metrics`] and the status it commits. Text from
+//! outside is printed through [`printable`], so a terminal never obeys it.
 
 pub mod agent;
 pub mod apply;
@@ -29,6 +30,7 @@ pub mod descriptor;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod printable;
 pub mod queue;
 pub mod reconcile;
 pub mod run;

@@ -27,6 +27,7 @@ use std::process::ExitCode;
 use berth::apply::{Outcome, StepReport};
 use berth::descriptor::{self, LoadOptions, load::DEFAULT_MAX_FILE_SIZE};
 use berth::plan::{Action, Policy};
+use berth::printable;
 use berth::reconcile::{self, ApplyOptions, Observer, PassError};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -544,9 +545,13 @@ fn plan_against_status(
 fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal; and a logged value from outside (a file name, an
+    // engine's message) can never move the cursor or forge a line.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(colours)
+        .with_writer(EscapedStderr { colours });
     match log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -633,7 +638,7 @@ async fn apply(
             "{:<width$}  {:<7} {verdict}: {} ({:.1}s)",
             report.step.key.to_string(),
             report.step.action.as_str(),
-            report.outcome.detail(),
+            printable::field(report.outcome.detail()),
             report.elapsed.as_secs_f64()
         );
     };
@@ -691,13 +696,21 @@ async fn apply(
         .iter()
         .filter(|s| matches!(s.action, Action::Orphan | Action::Skip | Action::Wait))
     {
-        outln!("{}: {}", step.key, step.reasons.join("; "));
+        outln!(
+            "{}: {}",
+            step.key,
+            printable::field(&step.reasons.join("; "))
+        );
     }
     for failure in &failures {
-        outln!("failed: {}: {}", failure.step.key, failure.outcome.detail());
+        outln!(
+            "failed: {}: {}",
+            failure.step.key,
+            printable::field(failure.outcome.detail())
+        );
     }
     for (key, why) in &unhealthy {
-        outln!("unhealthy: {key}: {why}");
+        outln!("unhealthy: {key}: {}", printable::field(why));
     }
     if failures.is_empty() && unhealthy.is_empty() {
         ExitCode::SUCCESS
@@ -886,7 +899,7 @@ async fn list_runs(
             .clone()
             .or(run.message.clone())
             .unwrap_or_default();
-        let result: String = result.chars().take(80).collect();
+        let result: String = printable::field(&result).chars().take(80).collect();
         outln!(
             "{:>6}  {:<11}  {:<20}  {:<8}  {:<12}  {:>8}  {result}",
             run.id,
@@ -909,10 +922,13 @@ async fn print_logs(run: i64, follow: bool, agent: AgentFlags) -> ExitCode {
     };
     let path = format!("/api/v1/runs/{run}/logs?follow={follow}");
     let mut stdout = std::io::stdout();
+    // Kept escaped by the agent; escaped again here for a log an older one kept.
+    let mut stream = printable::TextStream::default();
     let answered = api
         .get(&path, |piece| {
+            let shown = stream.push(piece);
             if stdout
-                .write_all(piece)
+                .write_all(shown.as_bytes())
                 .and_then(|()| stdout.flush())
                 .is_err()
             {
@@ -923,6 +939,45 @@ async fn print_logs(run: i64, follow: bool, agent: AgentFlags) -> ExitCode {
     match answered {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => failed(&why),
+    }
+}
+
+/// Standard error for the text log, one event at a time, escaped by [`printable::log_line`].
+struct EscapedStderr {
+    colours: bool,
+}
+
+/// One event of the text log, written to standard error whole when the formatter is done.
+struct EscapedEvent {
+    line: Vec<u8>,
+    colours: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for EscapedStderr {
+    type Writer = EscapedEvent;
+    fn make_writer(&'a self) -> EscapedEvent {
+        EscapedEvent {
+            line: Vec::new(),
+            colours: self.colours,
+        }
+    }
+}
+
+impl std::io::Write for EscapedEvent {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EscapedEvent {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        let text = String::from_utf8_lossy(&self.line);
+        let _ = std::io::stderr().write_all(printable::log_line(&text, self.colours).as_bytes());
     }
 }
 

@@ -819,6 +819,7 @@ impl Plan {
         let mut out = String::new();
         for step in &self.steps {
             let reason = Self::describe(step);
+            let reason = crate::printable::field(&reason);
             let line = format!(
                 "{:<width$}  {:<7} {reason}",
                 step.key.to_string(),

@@ -230,7 +230,9 @@ impl RunLog {
                 text = text.replace(secret.as_str(), MASK);
             }
         }
-        text.into_bytes()
+        // Kept and shown escaped: whoever reads the log (a terminal, the console) never obeys
+        // what a step printed.
+        crate::printable::text(&text).into_owned().into_bytes()
     }
 
     fn store(&mut self, bytes: &[u8]) {

@@ -844,14 +844,19 @@ pub fn render_table(status: &StatusSet) -> String {
             .as_deref()
             .map_or(String::new(), |t| format!(" (updated {t})")),
     );
+    // Messages and file names come from outside (engines, logs, the repo): one field each.
+    let field = crate::printable::field;
     if !agent.message.is_empty() {
-        let _ = writeln!(out, "{}", agent.message);
+        let _ = writeln!(out, "{}", field(&agent.message));
     }
     for problem in &agent.problems {
         let _ = writeln!(
             out,
             "{}:{}:{}: {}",
-            problem.file, problem.line, problem.column, problem.message
+            field(&problem.file),
+            problem.line,
+            problem.column,
+            field(&problem.message)
         );
     }
     let rows: Vec<[String; 6]> = status
@@ -866,8 +871,8 @@ pub fn render_table(status: &StatusSet) -> String {
                     .as_deref()
                     .map_or("-", short_revision)
                     .to_string(),
-                s.endpoints.join(","),
-                s.message.clone(),
+                field(&s.endpoints.join(",")).into_owned(),
+                field(&s.message).into_owned(),
             ]
         })
         .collect();

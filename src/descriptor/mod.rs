@@ -224,12 +224,14 @@ pub struct Problem {
 impl fmt::Display for Problem {
     /// `FILE:LINE:COLUMN: KIND/NAME: MESSAGE`, the form editors and CI annotations understand.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        // A file name is the repo author's; it may hold a newline, which must not start a line.
+        let file = crate::printable::field(&self.file);
+        write!(f, "{file}:{}:{}: ", self.line, self.column)?;
         match (&self.kind, &self.name) {
             (Some(kind), Some(name)) => write!(f, "{kind}/{name}: ")?,
             (Some(kind), None) => write!(f, "{kind}: ")?,
             _ => {}
         }
-        f.write_str(&self.message)
+        f.write_str(&crate::printable::field(&self.message))
     }
 }

@@ -379,3 +379,31 @@ fn steps_run_in_an_image_built_from_a_folder_of_the_repo() {
         "the old step image was kept: {images}"
     );
 }
+
+/// Issue 18: `berth run` printed a step's escape sequences raw, so the viewer's terminal obeyed
+/// them (OSC 52 writes the clipboard, CSI clears the screen). They are shown escaped now, in the
+/// foreground and in the kept log alike.
+#[test]
+fn a_steps_escape_sequences_are_shown_escaped_never_obeyed() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write(
+        "noisy.yaml",
+        pipeline(
+            "noisy",
+            "  context: .\n",
+            "    - {name: paint, run: \"printf '\\\\033]52;c;ZXZpbA==\\\\007\\\\033[2Jcleared\\\\r\\\\n\\\\342\\\\200\\\\256rtl\\\\n'\"}\n",
+        ),
+    );
+    let output = instance.berth("run", &repo, &["noisy"]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        !output.stdout.contains(&0x1b) && !output.stdout.contains(&b'\r'),
+        "a control character reached the terminal: {text:?}"
+    );
+    assert!(
+        text.contains("\\x1b]52;c;ZXZpbA==\\x07\\x1b[2Jcleared\\r\n\\u{202e}rtl"),
+        "{text}"
+    );
+}

@@ -348,3 +348,24 @@ fn a_challenge_without_egress_is_on_an_internal_network_of_its_own_kind() {
     assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
     assert_eq!(network_of("offline"), online);
 }
+
+/// Issue 18: a newline in a file name forged a line in what `berth validate` printed.
+#[test]
+fn a_newline_in_a_file_name_cannot_forge_a_line() {
+    let repo = Repo::new();
+    repo.write(
+        "bad\nok.yaml: Challenge/x: looks fine.yaml",
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: x}\nspec: {}\n",
+    );
+    let output = berth(&["validate", repo.path().to_str().unwrap()]);
+    let said = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.lines().all(|l| !l.starts_with("ok.yaml")),
+        "a forged line: {said}"
+    );
+    assert!(
+        said.contains("bad\\nok.yaml: Challenge/x: looks fine.yaml:"),
+        "{said}"
+    );
+}

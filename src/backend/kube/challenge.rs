@@ -635,7 +635,15 @@ mod tests {
         assert_eq!(service["spec"]["ports"][0]["nodePort"], 30080);
         assert_eq!(service["spec"]["ports"][0]["protocol"], "TCP");
         let ids: Vec<String> = t.parts().into_iter().map(|p| p.id).collect();
-        assert_eq!(ids, ["Deployment/web", "Service/web", "Secret/web-env"]);
+        assert_eq!(
+            ids,
+            [
+                "Deployment/web",
+                "NetworkPolicy/web",
+                "Service/web",
+                "Secret/web-env"
+            ]
+        );
     }
 
     #[test]
