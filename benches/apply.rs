@@ -1,10 +1,14 @@
 //! Applying N challenges: berth against `docker-compose up -d` and the raw Docker API floor, side
-//! by side on the same engine, for N = 10 and N = 50 (each a busybox `httpd` on its own host port).
+//! by side on the same engine, for N = 10, 30 and 50 (each a busybox `httpd` on its own host port).
 //!
 //! - berth: load + observe + plan + apply in process (`--wait 0s`, concurrency 8), as `berth apply` runs;
 //! - docker-compose: `docker-compose up -d` on an equivalent compose file, run as a command;
-//! - raw floor: the same containers berth makes (create, then start), through the API at
-//!   concurrency 8, with nothing else.
+//! - raw floor: the same walled containers berth makes (a network with inter-container traffic
+//!   off, then create and start each with no-new-privileges, NET_RAW dropped, an init and the
+//!   default limits), through the API at concurrency 8, with nothing else.
+//!
+//! With `BERTH_BENCH_LARGE=1` it also applies 1,000 challenges, 200 of them with a sidecar, and
+//! reports the time and the process's peak memory.
 //!
 //! Each is timed from an empty engine state (initial) and right after (no-op). Needs a Docker Engine
 //! and `busybox:latest` (`tests/testbed/busybox-image.sh`). Run: `cargo bench --bench apply`.
@@ -18,7 +22,7 @@ use berth::descriptor::LoadOptions;
 use berth::plan::Policy;
 use berth::reconcile::{self, ApplyOptions};
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
 use bollard::query_parameters::CreateContainerOptions;
 use futures_util::StreamExt;
 
@@ -105,6 +109,19 @@ async fn berth_apply(dir: &Path, instance: &str) -> Duration {
 
 async fn raw_floor(docker: &Docker, ports: &[u16], label: &str) -> Duration {
     let start = Instant::now();
+    let network = "raw-bench-walled";
+    docker
+        .create_network(NetworkCreateRequest {
+            name: network.into(),
+            labels: Some(HashMap::from([(label.to_string(), "1".to_string())])),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "false".to_string(),
+            )])),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let jobs = ports.iter().enumerate().map(|(i, port)| {
         let docker = docker.clone();
         let labels = HashMap::from([(label.to_string(), "1".to_string())]);
@@ -130,6 +147,14 @@ async fn raw_floor(docker: &Docker, ports: &[u16], label: &str) -> Duration {
                 exposed_ports: Some(vec!["8080/tcp".into()]),
                 host_config: Some(HostConfig {
                     port_bindings: Some(bindings),
+                    network_mode: Some(network.into()),
+                    security_opt: Some(vec!["no-new-privileges".into()]),
+                    cap_drop: Some(vec!["NET_RAW".into()]),
+                    init: Some(true),
+                    nano_cpus: Some(1_000_000_000),
+                    memory: Some(512 << 20),
+                    memory_swap: Some(512 << 20),
+                    pids_limit: Some(512),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -196,7 +221,7 @@ fn main() {
         "{:<34} {:>10} {:>10}",
         "apply N busybox httpd challenges", "initial", "no-op"
     );
-    for n in [10usize, 50] {
+    for n in [10usize, 30, 50] {
         let ports = free_ports(n);
         let dir = tempfile::tempdir().unwrap();
         write_repo(dir.path(), &ports);
@@ -248,4 +273,48 @@ fn main() {
             ms(compose_noop) / ms(berth_noop)
         );
     }
+    if std::env::var("BERTH_BENCH_LARGE").as_deref() == Ok("1") {
+        large(&runtime);
+    }
+}
+
+/// 1,000 challenges on one engine, 200 with a sidecar (their own networks): the walls at a CTF's
+/// scale, with the daemon's configuration unchanged.
+fn large(runtime: &tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..1000 {
+        let sidecar = match i % 5 {
+            0 => {
+                "  sidecars: [{name: db, image: \"busybox:latest\", command: [sleep, \"86400\"]}]\n"
+            }
+            _ => "",
+        };
+        std::fs::write(
+            dir.path().join(format!("c{i}.yaml")),
+            format!("apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c{i}}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"86400\"]\n{sidecar}"),
+        )
+        .unwrap();
+    }
+    let instance = "benchlarge";
+    let label = format!("label=berth.instance={instance}");
+    remove_labelled(&label);
+    let initial = runtime.block_on(berth_apply(dir.path(), instance));
+    let noop = runtime.block_on(berth_apply(dir.path(), instance));
+    let networks = docker_cli(&["network", "ls", "-q", "--filter", &label])
+        .lines()
+        .count();
+    remove_labelled(&label);
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    println!("1,000 challenges, 200 with a sidecar ({networks} networks)");
+    println!(
+        "  initial {:.1}s, no-op {:.0}ms; bench process peak {}",
+        initial.as_secs_f64(),
+        ms(noop),
+        peak.trim_start_matches("VmHWM:").trim()
+    );
 }

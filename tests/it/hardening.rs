@@ -33,7 +33,7 @@ fn networks_named(instance: &Instance, challenge: &str) -> usize {
 /// applies used to; the CLI checks for duplicates, the engine's API does not unless asked.
 /// Returns its id.
 fn duplicate_network(instance: &Instance, challenge: &str) -> String {
-    let name = format!("berth-{}-{challenge}", instance.name);
+    let name = format!("berth-{}-{challenge}-walled", instance.name);
     let request = format!(
         r#"{{"Name":"{name}","CheckDuplicate":false,"Labels":{{"berth.instance":"{}","berth.kind":"Challenge","berth.name":"{challenge}"}}}}"#,
         instance.name
@@ -217,7 +217,8 @@ fn regression_8_3_a_failed_stop_first_update_leaves_the_old_version_running() {
     let (old_id, _) = instance.containers("web")["main-1"].clone();
     assert!(serves(port));
 
-    // The engine creates this container but cannot start it.
+    // The engine creates this container, but its command cannot run: without an init the engine
+    // cannot start it; with one (the default), the init starts and exits at once.
     repo.write(
         "web.yaml",
         web("web", port, "").replace("command: [httpd,", "command: [/no/such/binary,"),
@@ -225,7 +226,10 @@ fn regression_8_3_a_failed_stop_first_update_leaves_the_old_version_running() {
     let output = instance.apply(&repo, &[]);
     assert_eq!(output.status.code(), Some(1));
     let said = stdout(&output);
-    assert!(said.contains("cannot start"), "{said}");
+    assert!(
+        said.contains("did not stay up: exited with code 127") && said.contains("/no/such/binary"),
+        "{said}"
+    );
     assert!(said.contains("the old container keeps running"), "{said}");
     let containers = instance.containers("web");
     assert_eq!(containers.len(), 1, "the failed new container is removed");

@@ -509,7 +509,20 @@ fn container(
             limits.insert("memory".into(), memory.bytes.to_string().into());
         }
         if !limits.is_empty() {
-            container["resources"] = json!({ "limits": limits });
+            // Requests are a tenth of the limits: a node schedules by requests, and limits taken
+            // as requests (Kubernetes' default) would let a 2-CPU node hold one challenge of two
+            // containers and no rolling update of it. Challenges idle most of the time.
+            let mut requests = serde_json::Map::new();
+            if let Some(cpus) = resources.cpus {
+                requests.insert(
+                    "cpu".into(),
+                    format!("{}m", (cpus * 100.0).round().max(1.0) as u64).into(),
+                );
+            }
+            if let Some(memory) = &resources.memory {
+                requests.insert("memory".into(), (memory.bytes / 10).to_string().into());
+            }
+            container["resources"] = json!({ "limits": limits, "requests": requests });
         }
     }
     container
