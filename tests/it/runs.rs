@@ -92,6 +92,25 @@ fn site_source(page: &str) -> (Origin, GitDaemon) {
     (origin, daemon)
 }
 
+/// A config repo with the pipeline `site` (built from `source` on pushes matching `push`,
+/// producing `produces`) and the challenge `web` running its image on `port`.
+fn site_config(source: &str, push: &str, produces: &str, port: u16) -> Origin {
+    Origin::new(&[
+        (
+            "pipelines/site.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  source: {{url: \"{source}\", ref: main}}\n  triggers: {{push: {push}}}\n  image: busybox:latest\n  produces: \"{produces}\"\n  steps:\n    - {{name: render, run: \"mkdir -p www && cat page.txt > www/index.html && echo rendered\"}}\n"
+            ),
+        ),
+        (
+            "challenges/web.yaml",
+            &format!(
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
+            ),
+        ),
+    ])
+}
+
 /// The running containers of `instance`'s agents' runs.
 fn running_agent_runs(instance: &Instance) -> String {
     let label = format!("label=berth.instance={}", instance.name);
@@ -140,21 +159,12 @@ fn a_push_to_a_pipelines_source_builds_it_and_the_challenge_rolls_to_the_new_ima
     let (source, source_daemon) = site_source("version one\n");
     let port = free_port();
     let image = format!("{}-site", instance.name);
-    let config = Origin::new(&[
-        (
-            "pipelines/site.yaml",
-            &format!(
-                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  source: {{url: \"{url}\", ref: main}}\n  triggers: {{push: {{branches: [main]}}}}\n  image: busybox:latest\n  produces: \"{image}:{{commit}}\"\n  steps:\n    - {{name: render, run: \"mkdir -p www && cat page.txt > www/index.html && echo rendered\"}}\n",
-                url = source_daemon.url()
-            ),
-        ),
-        (
-            "challenges/web.yaml",
-            &format!(
-                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
-            ),
-        ),
-    ]);
+    let config = site_config(
+        &source_daemon.url(),
+        "{branches: [main]}",
+        &format!("{image}:{{commit}}"),
+        port,
+    );
     let first = config.bare_git(&["rev-parse", "main"]);
     let config_daemon = GitDaemon::start(&config);
     let agent = Agent::start(&instance, &config_daemon.url(), "");
@@ -744,21 +754,7 @@ fn a_push_of_another_branch_builds_under_its_own_tag_and_never_moves_the_product
     let (source, source_daemon) = site_source("version one\n");
     let port = free_port();
     let image = format!("{}-site", instance.name);
-    let config = Origin::new(&[
-        (
-            "pipelines/site.yaml",
-            &format!(
-                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: site}}\nspec:\n  source: {{url: \"{url}\", ref: main}}\n  triggers: {{push: {{}}}}\n  image: busybox:latest\n  produces: \"{image}:latest\"\n  steps:\n    - {{name: render, run: \"mkdir -p www && cat page.txt > www/index.html\"}}\n",
-                url = source_daemon.url()
-            ),
-        ),
-        (
-            "challenges/web.yaml",
-            &format!(
-                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
-            ),
-        ),
-    ]);
+    let config = site_config(&source_daemon.url(), "{}", &format!("{image}:latest"), port);
     let first = config.bare_git(&["rev-parse", "main"]);
     let config_daemon = GitDaemon::start(&config);
     let agent = Agent::start(&instance, &config_daemon.url(), "");

@@ -73,6 +73,16 @@ fn probe(addresses: &[String], ports: &[u16]) -> String {
     )
 }
 
+/// The capability bounding set a process printed (`grep CapBnd /proc/self/status`): bit 13 is
+/// NET_RAW, bit 21 SYS_ADMIN, bit 0 CHOWN.
+fn bounding_set(printed: &str) -> u64 {
+    printed
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:\t"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no CapBnd in {printed}"))
+}
+
 /// Serves `/www` on 8080 and a "flag" on 9000 that is never published.
 const TWO_PORTS: &str = "  command: [sh, -c, \"mkdir -p /secret && echo flag > /secret/index.html && httpd -p 9000 -h /secret && exec httpd -f -p 8080 -h /www\"]\n";
 
@@ -217,11 +227,7 @@ fn a_pipeline_step_and_the_image_it_builds_reach_no_challenge_and_run_within_lim
     assert!(log.contains("== building"), "the build ran: {log}");
     // no-new-privileges, NET_RAW (bit 13) gone, and the step defaults: 1,024 processes, 2 GiB.
     assert!(log.contains("NoNewPrivs:\t1"), "{log}");
-    let bounding = log
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:\t"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .expect("CapBnd in the log");
+    let bounding = bounding_set(&log);
     assert_eq!(
         bounding & (1 << 13),
         0,
@@ -252,11 +258,7 @@ fn what_a_challenge_declares_in_security_and_the_limits_it_left_out_hold_inside_
     assert!(!seen.contains("root-writable"), "{seen}");
     assert!(seen.contains("scratch-writable"), "{seen}");
     assert!(seen.contains("NoNewPrivs:\t1"), "{seen}");
-    let bounding = seen
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:\t"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .expect("CapBnd");
+    let bounding = bounding_set(&seen);
     assert_ne!(bounding & (1 << 21), 0, "SYS_ADMIN was added: {bounding:x}");
     assert_eq!(bounding & (1 << 13), 0, "NET_RAW is dropped: {bounding:x}");
     assert_eq!(bounding & 1, 0, "CHOWN is dropped: {bounding:x}");
