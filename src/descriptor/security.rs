@@ -17,7 +17,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ChallengeSpec, Engine, PipelineSpec, Resources};
-use super::values::Size;
+use super::values::{Size, text_value};
 
 /// The Linux capabilities a container can be given or denied, as Docker and Kubernetes name
 /// them (without `CAP_`). `ALL` stands for every one (useful in `drop`).
@@ -101,19 +101,7 @@ impl fmt::Display for Capability {
     }
 }
 
-impl Serialize for Capability {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Capability {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+text_value!(Capability);
 
 impl JsonSchema for Capability {
     fn schema_name() -> Cow<'static, str> {
@@ -172,19 +160,7 @@ impl fmt::Display for User {
     }
 }
 
-impl Serialize for User {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for User {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+text_value!(User);
 
 impl JsonSchema for User {
     fn schema_name() -> Cow<'static, str> {
