@@ -123,7 +123,7 @@ pub enum EngineError {
     Misconfigured(String),
     /// Another berth is applying to the same engine for the same instance.
     #[error(
-        "another berth ({holder}, since {since}) is applying instance {instance} on this engine; waited {waited}s. If that berth is gone, remove its lock: docker rm -f {lock}"
+        "waiting for the apply lock held by another berth ({holder}, since {since}) applying instance {instance} on this engine; gave up after {waited}s, to try again. If that berth is gone, remove its lock: docker rm -f {lock}"
     )]
     Locked {
         /// The instance.
@@ -366,10 +366,19 @@ impl Backend {
     async fn seal(&self, desired: &mut Desired) -> Result<(), EngineError> {
         match self {
             Backend::Docker(docker) => {
+                // One read of the key for the whole plan.
+                let needs_key = desired
+                    .templates
+                    .values()
+                    .any(|template| matches!(template, Template::Challenge(t) if t.has_secrets()));
+                let key = match needs_key {
+                    true => docker.digest_key(false).await?,
+                    false => None,
+                };
                 for object in &mut desired.objects {
                     if let Some(Template::Challenge(template)) = desired.templates.get(&object.key)
                     {
-                        docker.seal(template, object).await?;
+                        docker::DockerBackend::seal(template, object, key.as_deref());
                     }
                 }
                 Ok(())

@@ -1,6 +1,8 @@
-//! The instance's apply lock and its secret-digest key, both kept in the engine as containers that
-//! never run (a container name is the one thing the engine creates exclusively), so berths on
-//! other hosts driving the same engine see them. A lock left by a process that died is taken over.
+//! The instance's apply lock and its secret-digest key, kept in the engine so berths on other hosts
+//! driving the same engine see them. The lock is a container that never runs (a container name is
+//! the one thing the engine creates exclusively); a lock left by a process that died is taken
+//! over. The key is a label of a named volume, which `docker container prune` leaves alone, and
+//! is read from the engine on every plan, so every berth digests with the one key there is.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,7 +27,7 @@ const LABEL_LOCK_HOLDER: &str = "berth.lock-holder";
 const LABEL_LOCK_PROCESS: &str = "berth.lock-process";
 /// Label on the lock container with when it was taken.
 const LABEL_LOCK_SINCE: &str = "berth.lock-since";
-/// Label on the key container holding the instance's secret-digest key.
+/// Label on the key volume (and, before it, the key container) holding the secret-digest key.
 const LABEL_DIGEST_KEY: &str = "berth.digest-key";
 /// A tiny image (one file, never run) that lock and key containers are made from: a container
 /// name is the one thing the engine creates exclusively.
@@ -127,55 +129,63 @@ fn holder_is_dead(process: Option<&str>) -> bool {
 }
 
 impl DockerBackend {
-    /// The instance's secret-digest key, made once and kept in the engine (a label of a container
-    /// that never runs), so every berth driving this engine for the instance digests alike. Anyone
-    /// who can read it can already read the containers' environment, where the secrets are. With
+    /// The instance's secret-digest key, made once and kept in the engine as a label of the
+    /// volume `berth-INSTANCE-key`, so every berth driving this engine for the instance digests
+    /// alike. It is read from the engine each time, never kept: a key removed and made again is
+    /// the new one for every berth at once, so they never replace containers in turn. Anyone who
+    /// can read it can already read the containers' environment, where the secrets are. With
     /// `make` unset (planning), a missing key is `None`: a plan writes nothing. A key can go
-    /// missing after containers carry digests made with it (`docker container prune`); [`seal`]
-    /// then marks their digests unknown, so they are replaced rather than called unchanged.
+    /// missing after containers carry digests made with it (`docker volume rm`); [`seal`] then
+    /// marks their digests unknown, so they are replaced once rather than called unchanged.
     ///
     /// [`seal`]: DockerBackend::seal
-    pub(super) async fn digest_key(&self, make: bool) -> Result<Option<Vec<u8>>, EngineError> {
-        if let Some(key) = self.digest_key.get() {
-            return Ok(Some(key.clone()));
-        }
+    pub(crate) async fn digest_key(&self, make: bool) -> Result<Option<Vec<u8>>, EngineError> {
         let name = format!("berth-{}-key", self.instance());
+        let read = |labels: Option<&HashMap<String, String>>| {
+            labels
+                .and_then(|l| l.get(LABEL_DIGEST_KEY))
+                .and_then(|k| hex::decode(k).ok())
+                .filter(|key| key.len() >= 16)
+        };
         loop {
-            match self
-                .docker
-                .inspect_container(&name, None::<InspectContainerOptions>)
-                .await
-            {
-                Ok(container) => {
-                    let key = container
-                        .config
-                        .and_then(|c| c.labels)
-                        .and_then(|l| l.get(LABEL_DIGEST_KEY).cloned())
-                        .and_then(|k| hex::decode(k).ok());
-                    match key {
-                        Some(key) if key.len() >= 16 => {
-                            let _ = self.digest_key.set(key.clone());
-                            return Ok(Some(key));
-                        }
-                        // Not a key berth made: replace it.
-                        _ if make => remove_container(&self.docker, &name)
-                            .await
-                            .map_err(|e| unreachable(e.to_string()))?,
-                        _ => return Ok(None),
-                    }
+            match self.docker.inspect_volume(&name).await {
+                Ok(volume) => {
+                    return match read(Some(&volume.labels)) {
+                        Some(key) => Ok(Some(key)),
+                        None => Err(EngineError::Misconfigured(format!(
+                            "the volume {name} is not berth's digest key (no {LABEL_DIGEST_KEY} label); it was not made by berth: remove or rename it"
+                        ))),
+                    };
                 }
-                Err(error) if is_status(&error, 404) && !make => return Ok(None),
                 Err(error) if is_status(&error, 404) => {
-                    let key =
-                        crate::backend::random_bytes().map_err(|e| unreachable(e.to_string()))?;
+                    // A key kept the old way (a never-run container) carries over, so an upgrade
+                    // replaces nothing.
+                    let kept = self
+                        .docker
+                        .inspect_container(&name, None::<InspectContainerOptions>)
+                        .await
+                        .ok()
+                        .and_then(|c| read(c.config.and_then(|c| c.labels).as_ref()));
+                    let key = match (kept, make) {
+                        (Some(key), false) => return Ok(Some(key)),
+                        (None, false) => return Ok(None),
+                        (Some(key), true) => key,
+                        (None, true) => crate::backend::random_bytes()
+                            .map_err(|e| unreachable(e.to_string()))?
+                            .to_vec(),
+                    };
                     let mut labels = self.ownership.instance_labels();
                     labels.insert(LABEL_DIGEST_KEY.to_string(), hex::encode(key));
-                    // Two berths may race here: the engine keeps one, and both then read it.
-                    match self.create_anchored(&name, labels).await {
-                        Ok(_) => {}
-                        Err(error) if is_status(&error, 409) => {}
-                        Err(error) => return Err(unreachable(engine_message(&error))),
-                    }
+                    // Two berths may race here: the engine keeps the first volume of a name and
+                    // answers the second with it, and both then read the one kept.
+                    self.docker
+                        .create_volume(bollard::models::VolumeCreateRequest {
+                            name: Some(name.clone()),
+                            labels: Some(labels),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| unreachable(engine_message(&e)))?;
                 }
                 Err(error) => return Err(unreachable(engine_message(&error))),
             }
@@ -184,22 +194,15 @@ impl DockerBackend {
 
     /// Records on `object`'s parts the keyed digests of their secret values. A secret that cannot
     /// be read leaves the digests unknown; applying then fails with the reason.
-    pub async fn seal(
-        &self,
-        template: &ChallengeTemplate,
-        object: &mut DesiredObject,
-    ) -> Result<(), EngineError> {
-        let needs_key = object
-            .parts
-            .iter()
-            .any(|p| !template.secrets_of(&p.id).is_empty());
-        let key = match needs_key {
-            true => self.digest_key(false).await?,
-            false => Some(Vec::new()),
-        };
+    /// `key` is the instance's key as [`DockerBackend::digest_key`] read it for this plan.
+    pub fn seal(template: &ChallengeTemplate, object: &mut DesiredObject, key: Option<&[u8]>) {
         for part in &mut object.parts {
             let secrets = template.secrets_of(&part.id);
-            part.secrets = match &key {
+            if secrets.is_empty() {
+                part.secrets = Some(Default::default());
+                continue;
+            }
+            part.secrets = match key {
                 // A secret that cannot be read (its file removed, its variable unset) must not
                 // pass as unchanged: its digest says why, so the plan shows an update that fails
                 // with the reason and leaves the running container as it is.
@@ -215,8 +218,7 @@ impl DockerBackend {
                         })
                         .collect(),
                 ),
-                // The key is gone (`docker container prune` removes never-run containers), so no
-                // digest can be checked: unknown ones differ from any a container carries, and
+                // The key is gone (its volume removed by hand), so no digest can be checked: unknown ones differ from any a container carries, and
                 // the part is replaced with the current values rather than called unchanged.
                 None => Some(
                     secrets
@@ -226,7 +228,6 @@ impl DockerBackend {
                 ),
             };
         }
-        Ok(())
     }
 
     /// Makes a container that never runs from the anchor image: the engine creates a container

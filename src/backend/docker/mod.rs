@@ -120,7 +120,6 @@ async fn remove_container(docker: &Docker, name: &str) -> Result<(), DockerError
 pub struct DockerBackend {
     docker: Docker,
     ownership: Ownership,
-    digest_key: std::sync::Arc<std::sync::OnceLock<Vec<u8>>>,
     /// Where the subnets of berth's networks come from (`BERTH_SUBNET_POOL`).
     subnet_pool: network::SubnetPool,
     /// Held while this process makes a network, so the steps of a pass make each one once.
@@ -139,7 +138,6 @@ impl DockerBackend {
         Ok(DockerBackend {
             docker,
             ownership: ownership.clone(),
-            digest_key: Default::default(),
             subnet_pool: network::SubnetPool::from_env().map_err(EngineError::Misconfigured)?,
             making_networks: Default::default(),
         })

@@ -51,6 +51,12 @@ impl ChallengeTemplate {
         wall_of(&self.key, &self.spec)
     }
 
+    /// Whether any of its containers takes a secret.
+    pub fn has_secrets(&self) -> bool {
+        !self.spec.secret_env.is_empty()
+            || self.spec.sidecars.iter().any(|s| !s.secret_env.is_empty())
+    }
+
     /// The secret references of a slot.
     pub(super) fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
         match slot.strip_prefix("sidecar-") {
