@@ -257,10 +257,7 @@ fn options() -> ApplyOptions {
     ApplyOptions {
         concurrency: CONCURRENCY,
         lock_wait: Duration::from_secs(30),
-        policy: Policy {
-            prune: false,
-            now: None,
-        },
+        policy: Policy::default(),
         runs: None,
     }
 }

@@ -3,9 +3,13 @@
 //! then commits the status to the repo.
 //!
 //! Passes never overlap: one loop takes a batch of triggers, runs one pass, and takes the next
-//! batch. An invalid revision applies nothing (the last good one keeps running); a transient error
-//! (git server or engine down) marks the agent not ready and retries with backoff; a status push
-//! that fails is retried on the next pass, so no status is lost.
+//! batch, no sooner than `minInterval` after the last unless a webhook announces a new commit.
+//! A pass returns how it ended and what comes next ([`PassEnd`]); one place ([`Agent::finish`])
+//! then writes status, readiness and metrics, and schedules the next pass: a retry with backoff
+//! (a git server or engine down, a damaged clone set aside), a recheck of objects still settling,
+//! or nothing until a trigger. An invalid revision applies nothing (the last good one keeps
+//! running), and status says it was rejected for as long as it is the branch's tip. Pushing status
+//! is apart from passes: a push that fails is retried on its own backoff and never re-runs a pass.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -23,16 +27,19 @@ use crate::queue::workers::{Pipelines, Setup};
 use crate::reconcile::{self, ApplyOptions};
 use crate::server::{Readiness, ServerState, Shared};
 use crate::source::{Published, Source, SourceError};
-use crate::status::{self, PassRecord, PassResult, StatusSet, now, short_revision};
+use crate::status::{self, PassRecord, PassResult, ProblemStatus, StatusSet, now, short_revision};
 use crate::triggers::{self, Trigger, TriggerSender};
 
-/// Longest wait between retries after transient failures.
+/// Longest wait between retries after transient failures, and between status push attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Longest wait for another berth's apply lock before the pass counts as transient and is retried:
 /// short, so the agent's loop (and its webhooks) are never held for long.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait between checks of objects still settling.
 const MAX_RECHECK: Duration = Duration::from_secs(30);
+/// How long a pass in progress may go on after SIGTERM before the agent stops without it (what
+/// it was doing is left as `kill -9` would leave it, which every pass recovers from).
+const STOP_GRACE: Duration = Duration::from_secs(7);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,13 @@ struct Current {
     desired: Desired,
 }
 
+/// The followed branch's tip when it was rejected: status says so after every pass until the tip
+/// moves, whatever the passes over the running revision find.
+struct Rejection {
+    revision: String,
+    problems: Vec<ProblemStatus>,
+}
+
 /// How a pass ended, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PassOutcome {
@@ -101,6 +115,86 @@ impl PassOutcome {
     }
 }
 
+/// What runs the next pass when no trigger comes from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextPass {
+    /// A retry after the backoff, which doubles (up to a minute) while passes keep ending so.
+    Retry,
+    /// A check of objects still settling, after this delay.
+    Recheck(Duration),
+    /// Whatever was scheduled before this pass (a pass that looked at nothing new).
+    AsScheduled,
+    /// Nothing: the next trigger.
+    Trigger,
+}
+
+/// How a pass ended and what comes next: all a pass returns. The status it produced is in
+/// [`Agent::status`].
+struct PassEnd {
+    outcome: PassOutcome,
+    /// Why the agent cannot do its job now; `None` when it can.
+    unready: Option<String>,
+    next: NextPass,
+}
+
+impl PassEnd {
+    fn ready(outcome: PassOutcome, next: NextPass) -> PassEnd {
+        PassEnd {
+            outcome,
+            unready: None,
+            next,
+        }
+    }
+
+    fn retry(outcome: PassOutcome, why: String) -> PassEnd {
+        PassEnd {
+            outcome,
+            unready: Some(why),
+            next: NextPass::Retry,
+        }
+    }
+}
+
+/// A timer that sends one trigger; scheduling another replaces it.
+#[derive(Default)]
+struct Timer(Option<tokio::task::JoinHandle<()>>);
+
+impl Timer {
+    fn set(&mut self, delay: Duration, sender: &TriggerSender, trigger: Trigger) {
+        self.cancel();
+        let sender = sender.clone();
+        self.0 = Some(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            sender.send(trigger);
+        }));
+    }
+
+    fn cancel(&mut self) {
+        if let Some(timer) = self.0.take() {
+            timer.abort();
+        }
+    }
+}
+
+/// A delay that doubles on each use, from one second up to [`MAX_BACKOFF`].
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_secs(1))
+    }
+
+    fn next(&mut self) -> Duration {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.0 = Duration::from_secs(1);
+    }
+}
+
 struct Agent {
     config: AgentConfig,
     source: Source,
@@ -112,24 +206,35 @@ struct Agent {
     sender: TriggerSender,
     engines: Option<Engines>,
     current: Option<Current>,
+    /// The followed branch's tip, when it was rejected.
+    rejection: Option<Rejection>,
+    /// The followed branch's tip as last fetched.
+    tip: Option<String>,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
+    /// Why the clone was set aside, until a pass over a fresh one succeeds.
+    healing: Option<String>,
     /// Status as of the last pass; shared with the server and `published`, never copied.
     status: Arc<StatusSet>,
     /// Status as on the remote; `None` until read (or when there is none).
     published: Option<Arc<StatusSet>>,
     status_read: bool,
-    backoff: Duration,
-    retry_scheduled: Arc<AtomicBool>,
+    /// When the last pass ended.
+    last_pass: Option<Instant>,
+    /// The next pass without an outside trigger (a retry or a recheck): one at a time.
+    next_pass: Timer,
+    retry_backoff: Backoff,
     /// Delay before the next check of settling objects; grows while they keep settling.
     recheck: Duration,
     /// When objects started settling; rechecks stop after the config's `wait`.
     settling_since: Option<Instant>,
-    recheck_scheduled: Arc<AtomicBool>,
+    /// The next attempt to push status that failed to push.
+    next_push: Timer,
+    push_backoff: Backoff,
 }
 
-/// Runs the agent until `shutdown` resolves: then finishes the pass in progress, pushes status and
-/// returns.
+/// Runs the agent until `shutdown` resolves: then finishes the pass in progress (for at most a few
+/// seconds), pushes status and returns.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -166,6 +271,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         status: RwLock::new(Arc::new(StatusSet::new(&config.instance.to_string()))),
         readiness: RwLock::new(Readiness::Starting),
+        status_push: RwLock::new(None),
     });
     let stopping = Arc::new(tokio::sync::Notify::new());
     let stop_requested = Arc::new(AtomicBool::new(false));
@@ -192,6 +298,7 @@ pub async fn run(
                 branch: config.repo.branch.clone(),
                 pipelines: Some(pipelines.clone()),
                 repo_url: config.repo.url.clone(),
+                deliveries: Default::default(),
             };
             let limits = crate::server::Limits::new(&config);
             let app = crate::server::router(state, &limits);
@@ -232,14 +339,19 @@ pub async fn run(
         sender,
         engines: None,
         current: None,
+        rejection: None,
+        tip: None,
         last_content: None,
+        healing: None,
         published: None,
         status_read: false,
-        backoff: Duration::from_secs(1),
-        retry_scheduled: Arc::new(AtomicBool::new(false)),
+        last_pass: None,
+        next_pass: Timer::default(),
+        retry_backoff: Backoff::new(),
         recheck: Duration::from_secs(1),
         settling_since: None,
-        recheck_scheduled: Arc::new(AtomicBool::new(false)),
+        next_push: Timer::default(),
+        push_backoff: Backoff::new(),
     };
     let mut notified_ready = false;
     if !leading {
@@ -247,10 +359,20 @@ pub async fn run(
         notified_ready = true;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
+    let stop = || {
+        let stopping = stopping.clone();
+        let stop_requested = stop_requested.clone();
+        async move {
+            if !stop_requested.load(Ordering::SeqCst) {
+                stopping.notified().await;
+            }
+        }
+    };
+    let mut abandoned = false;
     loop {
         let batch = tokio::select! {
             batch = triggers.next_batch() => batch,
-            () = stopping.notified() => None,
+            () = stop() => None,
             () = leadership.changed() => {
                 match (leading, leadership.leads()) {
                     (false, true) => {
@@ -272,7 +394,7 @@ pub async fn run(
                 continue;
             }
         };
-        let Some(batch) = batch else { break };
+        let Some(mut batch) = batch else { break };
         if stop_requested.load(Ordering::SeqCst) {
             break;
         }
@@ -280,16 +402,47 @@ pub async fn run(
             tracing::debug!(triggers = batch.len(), "standing by: no pass");
             continue;
         }
+        if batch.iter().all(|t| *t == Trigger::PushStatus) {
+            agent.publish().await;
+            continue;
+        }
+        if let Some(wait) = agent.too_soon(&batch) {
+            tracing::debug!(
+                wait_ms = wait.as_millis() as u64,
+                "passes are at least minInterval apart"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop() => break,
+            }
+            batch.extend(triggers.waiting());
+        }
         if !leadership.confirm().await {
             tracing::warn!(
                 identity = leadership.identity(),
                 "the Lease does not confirm the lead; no pass"
             );
             agent.stand_by(&leadership);
-            agent.schedule_retry();
+            let delay = agent.retry_backoff.next();
+            agent.next_pass.set(delay, &agent.sender, Trigger::Retry);
             continue;
         }
-        agent.pass(&batch).await;
+        let finished = {
+            let pass = agent.pass(&batch);
+            tokio::pin!(pass);
+            tokio::select! {
+                () = &mut pass => true,
+                () = async { stop().await; tokio::time::sleep(STOP_GRACE).await } => false,
+            }
+        };
+        if !finished {
+            tracing::warn!(
+                grace_s = STOP_GRACE.as_secs(),
+                "stopping before the pass in progress ended; the next start converges what it left"
+            );
+            abandoned = true;
+            break;
+        }
         if !notified_ready {
             notified_ready = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -300,8 +453,11 @@ pub async fn run(
     }
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    agent.next_pass.cancel();
+    agent.next_push.cancel();
     agent.pipelines.shutdown().await;
-    if leadership.confirm().await {
+    // An abandoned pass may still hold git's one blocking thread: status waits for the next start.
+    if !abandoned && leadership.confirm().await {
         agent.publish().await;
     }
     leadership.resign().await;
@@ -320,12 +476,21 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|panic| Err(SourceError::Local(format!("git task panicked: {panic}"))))
 }
 
+/// Where a git operation failed: a fetch may fail through the server's fault; a checkout or a
+/// load fails only through the clone's or the disk's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GitStage {
+    Fetch,
+    Checkout,
+}
+
 impl Agent {
     async fn pass(&mut self, batch: &[Trigger]) {
         let started = Instant::now();
         let span = tracing::info_span!("pass", revision = tracing::field::Empty);
         let names: Vec<&str> = batch.iter().map(Trigger::name).collect();
-        let outcome = async {
+        let before = Arc::clone(&self.status);
+        let end = async {
             tracing::debug!(triggers = ?names, "pass starts");
             let recheck = batch
                 .iter()
@@ -334,20 +499,78 @@ impl Agent {
         }
         .instrument(span)
         .await;
-        let took = started.elapsed();
-        self.metrics.pass(outcome.as_str(), took);
+        self.finish(end, &before, started.elapsed(), &names).await;
+    }
+
+    /// The one place a pass ends: status (a rejected tip stays rejected), readiness, metrics, the
+    /// status push and the next pass.
+    async fn finish(
+        &mut self,
+        end: PassEnd,
+        before: &StatusSet,
+        took: Duration,
+        triggers: &[&str],
+    ) {
+        if let Some(rejection) = &self.rejection {
+            self.status = Arc::new(status::still_rejected(
+                (*self.status).clone(),
+                before,
+                &rejection.revision,
+                &rejection.problems,
+                &now(),
+            ));
+        }
+        self.metrics.pass(end.outcome.as_str(), took);
         self.metrics.objects(&self.status.agent.phases);
         *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
-        match outcome {
-            PassOutcome::Transient => self.schedule_retry(),
-            _ => self.backoff = Duration::from_secs(1),
+        *self.shared.readiness.write().expect("lock") = match &end.unready {
+            Some(why) => Readiness::Degraded(why.clone()),
+            None => Readiness::Ready,
+        };
+        if end.unready.is_none()
+            && let Some(why) = self.healing.take()
+        {
+            tracing::info!(%why, "recovered: the clone made afresh works");
         }
+        match end.next {
+            NextPass::Retry => {
+                let delay = self.retry_backoff.next();
+                tracing::info!(retry_in_s = delay.as_secs(), "will retry");
+                self.next_pass.set(delay, &self.sender, Trigger::Retry);
+            }
+            NextPass::Recheck(delay) => {
+                self.retry_backoff.reset();
+                self.next_pass.set(delay, &self.sender, Trigger::Recheck);
+            }
+            NextPass::AsScheduled => {}
+            NextPass::Trigger => {
+                self.retry_backoff.reset();
+                self.next_pass.cancel();
+            }
+        }
+        self.last_pass = Some(Instant::now());
         tracing::info!(
-            result = outcome.as_str(),
+            result = end.outcome.as_str(),
             took_ms = took.as_millis() as u64,
-            triggers = ?names,
+            triggers = ?triggers,
             "pass done"
         );
+        self.publish().await;
+    }
+
+    /// How long `batch` must wait to keep passes `minInterval` apart; `None` when it may run now:
+    /// the first pass, or a webhook announcing a commit that is not the tip last fetched.
+    fn too_soon(&self, batch: &[Trigger]) -> Option<Duration> {
+        let since = self.last_pass?.elapsed();
+        let wait = self.config.min_interval.0.checked_sub(since)?;
+        let new_commit = batch.iter().any(|trigger| match trigger {
+            Trigger::Webhook {
+                commit: Some(commit),
+                ..
+            } => self.tip.as_deref() != Some(commit.as_str()),
+            _ => false,
+        });
+        (!new_commit).then_some(wait)
     }
 
     fn stand_by(&self, leadership: &crate::leader::Leadership) {
@@ -355,43 +578,14 @@ impl Agent {
             Readiness::Standby(leadership.identity().to_string());
     }
 
-    fn degraded(&self, why: String) {
-        *self.shared.readiness.write().expect("lock") = Readiness::Degraded(why);
-    }
-
-    fn schedule_retry(&mut self) {
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        if self.retry_scheduled.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let (sender, flag) = (self.sender.clone(), self.retry_scheduled.clone());
-        tracing::info!(retry_in_s = delay.as_secs(), "will retry");
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            flag.store(false, Ordering::SeqCst);
-            sender.send(Trigger::Retry);
-        });
-    }
-
-    async fn run_pass(&mut self, recheck: bool) -> PassOutcome {
+    async fn run_pass(&mut self, recheck: bool) -> PassEnd {
         let source = self.source.clone();
         let revision = match blocking(move || source.fetch()).await {
             Ok(revision) => revision,
-            Err(error @ SourceError::NoBranch { .. }) => {
-                // Deleted on the server: what runs keeps running, and everyone is told.
-                tracing::error!(%error, "the followed branch is gone; what runs is left as it is");
-                self.transient(error.to_string());
-                self.publish().await;
-                return PassOutcome::Transient;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "fetch failed; the running state is left as it is");
-                self.degraded(error.to_string());
-                return PassOutcome::Transient;
-            }
+            Err(error) => return self.git_failed(GitStage::Fetch, error).await,
         };
         tracing::Span::current().record("revision", short_revision(&revision));
+        self.tip = Some(revision.clone());
         if !self.status_read {
             self.read_status().await;
         }
@@ -399,50 +593,90 @@ impl Agent {
         let at = revision.clone();
         let content = match blocking(move || source.content_id(&at)).await {
             Ok(content) => content,
-            Err(error) => {
-                self.degraded(error.to_string());
-                return PassOutcome::Transient;
-            }
+            Err(error) => return self.git_failed(GitStage::Fetch, error).await,
         };
         let moved = self.last_content.as_deref() != Some(content.as_str());
         if !moved && (!(self.config.drift_check || recheck) || self.current.is_none()) {
-            self.ready();
-            self.publish().await;
-            return PassOutcome::Unchanged;
+            return PassEnd::ready(PassOutcome::Unchanged, NextPass::AsScheduled);
         }
         if moved {
             match self.load(&revision).await {
-                Ok(Some(current)) => self.current = Some(current),
+                Ok(Some(current)) => {
+                    self.current = Some(current);
+                    self.rejection = None;
+                }
                 Ok(None) => {
                     self.last_content = Some(content);
-                    self.ready();
-                    self.publish().await;
-                    return PassOutcome::Rejected;
+                    return PassEnd::ready(PassOutcome::Rejected, NextPass::AsScheduled);
                 }
-                Err(error) => {
-                    // Not a network error: a retry cannot fix a disk or a corrupt clone.
-                    let why = format!(
-                        "the checkout in {} cannot be read ({error}); nothing was applied. Check the disk, or stop the agent and remove that folder to clone afresh",
-                        self.source.workdir().display()
-                    );
-                    tracing::error!(%why, "checkout unreadable; not retrying until the next trigger");
-                    self.unapplied(PassResult::Broken, why);
-                    self.publish().await;
-                    return PassOutcome::Broken;
-                }
+                Err(error) => return self.git_failed(GitStage::Checkout, error).await,
             }
         }
-        let outcome = self.apply_current(moved).await;
-        if outcome != PassOutcome::Transient {
+        let end = self.apply_current(moved).await;
+        if end.outcome != PassOutcome::Transient {
             self.last_content = Some(content);
-            self.ready();
         }
-        self.publish().await;
-        outcome
+        end
     }
 
-    fn ready(&self) {
-        *self.shared.readiness.write().expect("lock") = Readiness::Ready;
+    /// A git operation failed. The clone is checked first: a damaged one is set aside and cloned
+    /// afresh on a retry. With a whole clone, a fetch failed through the server's fault (or the
+    /// network's), which is retried with backoff and leaves status alone; a checkout failed
+    /// through the disk's or the folder's, which a retry cannot fix, so the next pass waits for a
+    /// trigger.
+    async fn git_failed(&mut self, stage: GitStage, error: SourceError) -> PassEnd {
+        let why = error.to_string();
+        match error {
+            SourceError::NoBranch { .. } => {
+                // Deleted on the server: what runs keeps running, and everyone is told.
+                tracing::error!(%why, "the followed branch is gone; what runs is left as it is");
+                self.unapplied(PassResult::Transient, &why);
+                return PassEnd::retry(PassOutcome::Transient, why);
+            }
+            SourceError::Push { .. } => return PassEnd::retry(PassOutcome::Transient, why),
+            // A fetch fails on a damaged clone too (its own objects, or a pack whose bases are in
+            // them), in words much like a server's: the clone is checked whatever git said.
+            SourceError::Unreachable { .. } | SourceError::Local(_) => {}
+        }
+        let source = self.source.clone();
+        let checkout = Arc::clone(&self.checkout);
+        let _checkout = checkout.write().await;
+        let damaged = blocking(move || Ok(source.check_clone().err())).await;
+        if let Ok(Some(damage)) = damaged {
+            let source = self.source.clone();
+            let why = match blocking(move || source.set_aside()).await {
+                Ok(aside) => format!(
+                    "the clone in {} is damaged ({damage}; {why}); it was moved to {} and is cloned afresh",
+                    self.source.workdir().display(),
+                    aside.display()
+                ),
+                Err(error) => format!(
+                    "the clone in {} is damaged ({damage}) and cannot be moved aside: {error}",
+                    self.source.workdir().display()
+                ),
+            };
+            tracing::error!(%why, "damaged clone");
+            // The fresh clone must be checked out again, whatever its content.
+            self.last_content = None;
+            self.healing = Some(why.clone());
+            self.unapplied(PassResult::Broken, &why);
+            return PassEnd::retry(PassOutcome::Broken, why);
+        }
+        if stage == GitStage::Fetch {
+            tracing::warn!(%why, "the git server cannot be used; the running state is left as it is");
+            return PassEnd::retry(PassOutcome::Transient, why);
+        }
+        let why = format!(
+            "the checkout in {} cannot be written or read ({why}); nothing was applied. Check the disk, or stop the agent and remove that folder to clone afresh",
+            self.source.workdir().display()
+        );
+        tracing::error!(%why, "checkout unusable; not retrying until the next trigger");
+        self.unapplied(PassResult::Broken, &why);
+        PassEnd {
+            outcome: PassOutcome::Broken,
+            unready: Some(why),
+            next: NextPass::Trigger,
+        }
     }
 
     /// Reads the status the remote holds, so a restarted agent continues it.
@@ -467,9 +701,9 @@ impl Agent {
         }
     }
 
-    /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status;
-    /// the checkout is then put back at the applied revision, so drift correction and retries
-    /// build from what is applied, never from the rejected revision.
+    /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status
+    /// and [`Agent::rejection`]; the checkout is then put back at the applied revision, so drift
+    /// correction and retries build from what is applied, never from the rejected revision.
     async fn load(&mut self, revision: &str) -> Result<Option<Current>, SourceError> {
         let source = self.source.clone();
         let at = revision.to_string();
@@ -495,12 +729,18 @@ impl Agent {
                 problems = loaded.problems.len(),
                 "revision rejected; nothing applied, the last good revision keeps running"
             );
+            let problems: Vec<ProblemStatus> =
+                loaded.problems.iter().map(ProblemStatus::from).collect();
             self.status = Arc::new(status::after_rejection(
                 &self.status,
                 revision,
-                &loaded.problems,
+                &problems,
                 &now(),
             ));
+            self.rejection = Some(Rejection {
+                revision: revision.to_string(),
+                problems,
+            });
             return Ok(None);
         }
         let desired = reconcile::desired(&loaded);
@@ -525,10 +765,10 @@ impl Agent {
         Ok(engines)
     }
 
-    async fn apply_current(&mut self, moved: bool) -> PassOutcome {
+    async fn apply_current(&mut self, moved: bool) -> PassEnd {
         let engines = match self.engines().await {
             Ok(engines) => engines,
-            Err(why) => return self.transient(why),
+            Err(why) => return self.engine_failed(why),
         };
         let current = self.current.as_ref().expect("a loaded revision");
         let options = ApplyOptions {
@@ -536,6 +776,7 @@ impl Agent {
             lock_wait: LOCK_WAIT,
             policy: Policy {
                 prune: self.config.prune,
+                allow_empty: self.config.prune_allow_empty,
                 now: None,
             },
             runs: Some(Arc::new(self.pipelines.clone())),
@@ -557,11 +798,11 @@ impl Agent {
         .await;
         let applied = match applied {
             Ok(applied) => applied,
-            Err(error) => {
-                self.engines = None;
-                return self.transient(error.to_string());
-            }
+            Err(error) => return self.engine_failed(error.to_string()),
         };
+        if let Some(held) = &applied.planned.plan.held {
+            tracing::warn!(%held, "deletes held");
+        }
         // A drift check that found no drift wrote nothing; status may still change (health).
         let drift_only = !applied.planned.plan.has_changes() && !moved;
         let current = self.current.as_ref().expect("a loaded revision");
@@ -580,22 +821,21 @@ impl Agent {
         if let Some(why) = applied.transient() {
             // The engine went away mid-pass: nothing is marked failed; the pass is retried.
             self.engines = None;
-            tracing::warn!(%why, "engine unavailable mid-pass; will retry");
-            self.degraded(why.to_string());
-            return PassOutcome::Transient;
+            tracing::warn!(%why, "an engine stopped answering mid-pass; will retry");
+            return PassEnd::retry(PassOutcome::Transient, why.to_string());
         }
-        self.schedule_recheck_if_settling();
-        match self.status.agent.result {
+        let outcome = match self.status.agent.result {
             _ if drift_only => PassOutcome::Unchanged,
             Some(PassResult::Failed) => PassOutcome::Failed,
             _ => PassOutcome::Applied,
-        }
+        };
+        PassEnd::ready(outcome, self.recheck_if_settling())
     }
 
     /// Objects still starting (a health check not yet passed) are checked again soon, with a
     /// growing delay, instead of holding the pass until they settle; for at most `wait`, after
     /// which the schedule, webhooks and drift checks take over.
-    fn schedule_recheck_if_settling(&mut self) {
+    fn recheck_if_settling(&mut self) -> NextPass {
         let settling: Vec<String> = self
             .status
             .objects
@@ -606,34 +846,29 @@ impl Agent {
         if settling.is_empty() {
             self.recheck = Duration::from_secs(1);
             self.settling_since = None;
-            return;
+            return NextPass::Trigger;
         }
         let since = *self.settling_since.get_or_insert_with(Instant::now);
         if since.elapsed() > self.config.wait.0 {
             tracing::warn!(objects = ?settling, wait_s = self.config.wait.0.as_secs(), "still not healthy; no more rechecks until the next pass");
-            return;
+            return NextPass::Trigger;
         }
         let delay = self.recheck;
         self.recheck = (self.recheck * 2).min(MAX_RECHECK);
-        if self.recheck_scheduled.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let (sender, flag) = (self.sender.clone(), self.recheck_scheduled.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            flag.store(false, Ordering::SeqCst);
-            sender.send(Trigger::Recheck);
-        });
+        NextPass::Recheck(delay)
     }
 
-    fn transient(&mut self, why: String) -> PassOutcome {
-        tracing::warn!(%why, "engine unavailable; will retry");
-        self.unapplied(PassResult::Transient, why);
-        PassOutcome::Transient
+    /// An engine could not be used (down, or its lock held by another berth): nothing is applied
+    /// and the pass is retried.
+    fn engine_failed(&mut self, why: String) -> PassEnd {
+        self.engines = None;
+        tracing::warn!(%why, "nothing applied; will retry");
+        self.unapplied(PassResult::Transient, &why);
+        PassEnd::retry(PassOutcome::Transient, why)
     }
 
-    /// Records a pass that applied nothing for a reason outside the repo, and says so in `/readyz`.
-    fn unapplied(&mut self, result: PassResult, why: String) {
+    /// Records a pass that applied nothing for a reason outside the repo.
+    fn unapplied(&mut self, result: PassResult, why: &str) {
         let revision = self
             .current
             .as_ref()
@@ -643,19 +878,25 @@ impl Agent {
             &self.status,
             &revision,
             result,
-            &why,
+            why,
             &now(),
         ));
-        self.degraded(why);
     }
 
     /// Commits and pushes the status when it differs from what the remote holds. A failure is
-    /// logged and retried on the next pass.
+    /// shown (`/api/v1/status`, the `berth_status_pushes_total` metric, the log) and retried on
+    /// its own backoff, without a pass.
     async fn publish(&mut self) {
+        if !self.status_read {
+            // Until the remote's status is read, there is nothing to add to it (and an empty
+            // status laid over it would remove its files).
+            return;
+        }
         if let Some(history) = self.pipelines.history_if_changed()
             && let Some(status) = self.status.with_runs(&history)
         {
             self.status = Arc::new(status);
+            *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
         }
         if self
             .published
@@ -672,11 +913,7 @@ impl Agent {
             .as_deref()
             .map_or("-", short_revision)
             .to_string();
-        let result = self
-            .status
-            .agent
-            .result
-            .map_or("none".to_string(), |r| format!("{r:?}").to_lowercase());
+        let result = self.status.agent.result.map_or("none", PassResult::as_str);
         let message = format!("berth: status of {revision} ({result})\n");
         let source = self.source.clone();
         let started = Instant::now();
@@ -699,12 +936,27 @@ impl Agent {
                     ),
                     Published::Unchanged => tracing::debug!("status already on the remote"),
                 }
+                self.metrics.status_push("pushed");
                 self.published = Some(Arc::clone(&self.status));
+                self.push_backoff.reset();
+                self.next_push.cancel();
+                if self
+                    .shared
+                    .status_push
+                    .write()
+                    .expect("lock")
+                    .take()
+                    .is_some()
+                {
+                    tracing::info!("status pushed again after failures");
+                }
             }
             Err(error) => {
-                tracing::warn!(%error, "status not pushed; will retry on the next pass");
-                self.degraded(error.to_string());
-                self.schedule_retry();
+                let delay = self.push_backoff.next();
+                tracing::warn!(%error, retry_in_s = delay.as_secs(), "status not pushed; applying goes on, the push is retried");
+                self.metrics.status_push("failed");
+                *self.shared.status_push.write().expect("lock") = Some(error.to_string());
+                self.next_push.set(delay, &self.sender, Trigger::PushStatus);
             }
         }
     }

@@ -238,7 +238,7 @@ mod tests {
         outcome_of: impl Fn(&str) -> Outcome,
         delay_of: impl Fn(&str) -> u64,
     ) -> (Vec<String>, Vec<(String, Outcome)>) {
-        let plan = Plan { steps };
+        let plan = Plan { steps, held: None };
         let order = Arc::new(Mutex::new(Vec::new()));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -84,6 +84,8 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
     ("BERTH_API_TOKEN_FILE", "/api/tokenFile", EnvType::Text),
     ("BERTH_STATUS_BRANCH", "/statusBranch", EnvType::Text),
     ("BERTH_PRUNE", "/prune", EnvType::Bool),
+    ("BERTH_PRUNE_ALLOW_EMPTY", "/pruneAllowEmpty", EnvType::Bool),
+    ("BERTH_MIN_INTERVAL", "/minInterval", EnvType::Text),
     ("BERTH_DRIFT_CHECK", "/driftCheck", EnvType::Bool),
     ("BERTH_CONCURRENCY", "/concurrency", EnvType::Integer),
     ("BERTH_WAIT", "/wait", EnvType::Text),
@@ -160,6 +162,14 @@ pub struct AgentConfig {
     /// Delete what the repo no longer declares.
     #[serde(default)]
     pub prune: bool,
+    /// Let a prune delete every object the instance owns; without it, a revision that would is
+    /// held (nothing deleted) and status says why.
+    #[serde(default)]
+    pub prune_allow_empty: bool,
+    /// Shortest time between two passes, unless a webhook announces a commit not seen yet:
+    /// triggers arriving sooner wait and are served by one pass.
+    #[serde(default = "default_min_interval")]
+    pub min_interval: Duration,
     /// Compare with the engine on every trigger, even when the revision did not move.
     #[serde(default = "default_true")]
     pub drift_check: bool,
@@ -394,6 +404,9 @@ fn default_true() -> bool {
 fn default_concurrency() -> usize {
     8
 }
+fn default_min_interval() -> Duration {
+    "1s".parse().expect("valid duration")
+}
 fn default_wait() -> Duration {
     "60s".parse().expect("valid duration")
 }
@@ -520,11 +533,32 @@ impl AgentConfig {
             };
             ConfigError(format!("{place}: {setting}{}", error.inner()))
         })?;
-        config.check(file)?;
+        config.check(file, &from_env)?;
         Ok(config)
     }
 
-    fn check(&self, file: &str) -> Result<(), ConfigError> {
+    /// Checks what the types cannot; `from_env` names the settings the environment gave, so an
+    /// error names the variable, not the file.
+    fn check(&self, file: &str, from_env: &[(&str, &str)]) -> Result<(), ConfigError> {
+        let place = |pointer: &str| {
+            from_env
+                .iter()
+                .find(|(p, _)| *p == pointer)
+                .map_or(file.to_string(), |(_, var)| format!("{var} (environment)"))
+        };
+        let branches = [
+            ("/repo/branch", "repo.branch", &self.repo.branch),
+            ("/statusBranch", "statusBranch", &self.status_branch),
+        ];
+        for (pointer, setting, branch) in branches {
+            let written_on_followed = pointer == "/statusBranch" && branch.is_empty();
+            if !written_on_followed && !is_branch_name(branch) {
+                return Err(ConfigError(format!(
+                    "{}: {setting}: {branch:?} is not a branch name git accepts: a name such as main or berth-status, without refs/, `..`, spaces or any of ~^:?*[\\",
+                    place(pointer)
+                )));
+            }
+        }
         if let Some(auth) = &self.repo.auth {
             let given = [
                 auth.token_file.is_some(),
@@ -605,6 +639,14 @@ impl AgentConfig {
         let is_url = url.contains("://") || scp_like(url);
         (!is_url).then(|| PathBuf::from(url))
     }
+}
+
+/// Whether git accepts `name` as a branch (`refs/heads/NAME` is a valid reference name), given
+/// short: not `refs/…`, not an option.
+fn is_branch_name(name: &str) -> bool {
+    !name.starts_with("refs/")
+        && !name.starts_with('-')
+        && git2::Reference::is_valid_name(&format!("refs/heads/{name}"))
 }
 
 /// `git@host:path`: a host before the first colon, no slash before it.
@@ -876,6 +918,40 @@ mod tests {
             let error = parse(&format!("repo: {{url: /x}}\n{text}\n"), &[]).unwrap_err();
             assert!(error.0.contains(setting), "{}", error.0);
         }
+    }
+
+    #[test]
+    fn branch_names_follow_gits_rules_and_errors_name_the_variable() {
+        let base = "repo: {url: /srv/infra}\n";
+        for (var, bad) in [
+            ("BERTH_STATUS_BRANCH", "..bad..ref"),
+            ("BERTH_REPO_BRANCH", "refs/heads/../../x"),
+            ("BERTH_REPO_BRANCH", "main branch"),
+            ("BERTH_STATUS_BRANCH", "-delete"),
+            ("BERTH_STATUS_BRANCH", "status.lock"),
+        ] {
+            let error = parse(base, &[(var, bad)]).unwrap_err();
+            assert!(
+                error.0.starts_with(&format!("{var} (environment): ")),
+                "{}",
+                error.0
+            );
+            assert!(error.0.contains("not a branch name"), "{}", error.0);
+        }
+        let error = parse("repo: {url: /srv/infra, branch: \"a..b\"}\n", &[]).unwrap_err();
+        assert!(
+            error.0.starts_with("agent.yaml: repo.branch"),
+            "{}",
+            error.0
+        );
+        // Names people use are taken, and "" still means status on the followed branch.
+        for good in ["main", "release/2026", "feature-x", "v1.2"] {
+            assert!(
+                parse(base, &[("BERTH_REPO_BRANCH", good)]).is_ok(),
+                "{good}"
+            );
+        }
+        assert!(parse(base, &[("BERTH_STATUS_BRANCH", "")]).is_ok());
     }
 
     #[test]

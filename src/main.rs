@@ -286,6 +286,10 @@ struct TargetFlags {
     /// Also delete what this instance owns that the repo no longer declares.
     #[arg(long, env = "BERTH_PRUNE")]
     prune: bool,
+    /// Let a prune delete every object this instance owns (held otherwise: one commit that
+    /// removed every descriptor is more often a mistake than a wish).
+    #[arg(long, env = "BERTH_PRUNE_ALLOW_EMPTY", requires = "prune")]
+    allow_empty: bool,
     /// The namespace Challenges on Kubernetes run in.
     #[arg(long, env = "BERTH_CHALLENGE_NAMESPACE", default_value = "berth-challenges", value_parser = parse_instance)]
     challenge_namespace: String,
@@ -349,6 +353,7 @@ fn main() -> ExitCode {
                 lock_wait,
                 policy: Policy {
                     prune: target.prune,
+                    allow_empty: target.allow_empty,
                     now: None,
                 },
                 runs: None,
@@ -532,6 +537,7 @@ fn plan_against_status(
     let desired = reconcile::desired(&loaded);
     let policy = Policy {
         prune: flags.prune,
+        allow_empty: flags.allow_empty,
         now: None,
     };
     run_async(async {
@@ -570,7 +576,7 @@ fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
         .max_blocking_threads(1)
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let shutdown = async {
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -587,7 +593,11 @@ fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    // A git operation the agent stopped waiting for (a server that drips bytes) must not hold
+    // the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 async fn plan(
@@ -603,6 +613,7 @@ async fn plan(
     let desired = reconcile::desired(&loaded);
     let policy = Policy {
         prune: flags.prune,
+        allow_empty: flags.allow_empty,
         now: None,
     };
     match reconcile::plan(desired, Observer::Engines(&engines), policy).await {
@@ -689,6 +700,9 @@ async fn apply(
         failures.len(),
         unhealthy.len(),
     );
+    if let Some(held) = &applied.planned.plan.held {
+        outln!("deletes held: {held}");
+    }
     for step in applied
         .planned
         .plan

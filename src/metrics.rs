@@ -53,6 +53,7 @@ pub struct Metrics {
     runs: Family<RunLabels, Counter>,
     run_duration: Family<PipelineLabel, Histogram>,
     queue_depth: Gauge,
+    status_pushes: Family<ResultLabel, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -77,6 +78,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.1, 2.0, 16))
         });
         let queue_depth = Gauge::default();
+        let status_pushes = Family::<ResultLabel, Counter>::default();
         let mut registry = Registry::default();
         registry.register(
             "berth_passes",
@@ -118,7 +120,13 @@ impl Metrics {
             "Pipeline runs waiting for a worker",
             queue_depth.clone(),
         );
+        registry.register(
+            "berth_status_pushes",
+            "Attempts to push status to the config repo, by result (pushed, failed)",
+            status_pushes.clone(),
+        );
         Metrics {
+            status_pushes,
             runs,
             run_duration,
             queue_depth,
@@ -129,6 +137,15 @@ impl Metrics {
             webhooks,
             registry: std::sync::Arc::new(registry),
         }
+    }
+
+    /// Counts an attempt to push status.
+    pub fn status_push(&self, result: &str) {
+        self.status_pushes
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a pass and its duration.

@@ -300,6 +300,10 @@ fn all_as_string<S: serde::Serializer>(
 pub struct Plan {
     /// One step per object, desired or observed.
     pub steps: Vec<Step>,
+    /// Why the deletes this revision asks for are held, when they are: it would delete every
+    /// object the instance owns (see [`Policy::allow_empty`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// Policy the planner follows.
@@ -307,6 +311,9 @@ pub struct Plan {
 pub struct Policy {
     /// Delete what berth owns that the repo no longer declares.
     pub prune: bool,
+    /// Let a prune delete every object the instance owns. Without it such a revision (one commit
+    /// that removed the whole `challenges/` folder) deletes nothing, and the plan says why.
+    pub allow_empty: bool,
     /// The time ttls are measured against; none expire without it.
     pub now: Option<DateTime<Utc>>,
 }
@@ -421,8 +428,27 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
             .or_default()
             .push(object.engine);
     }
+    // Deleting everything the instance owns is far more often a mistake (a folder removed, a
+    // branch reset) than a wish, so it is held unless asked for.
+    let owned: BTreeSet<&ObjectRef> = observed
+        .iter()
+        .filter(|o| !o.parts.is_empty())
+        .map(|o| &o.key)
+        .collect();
+    let held = (policy.prune
+        && !policy.allow_empty
+        && !owned.is_empty()
+        && owned.iter().all(|key| !declared.contains(key)))
+    .then(|| {
+        format!(
+            "this revision would delete all {} objects the instance owns, so nothing is deleted; set pruneAllowEmpty: true in the agent config (berth apply --allow-empty) if that is meant",
+            owned.len()
+        )
+    });
     for (key, engines) in undeclared {
-        let (action, reason) = if policy.prune {
+        let (action, reason) = if let Some(held) = &held {
+            (Action::Orphan, format!("removed from repo; kept: {held}"))
+        } else if policy.prune {
             (Action::Delete, "removed from repo".to_string())
         } else {
             (
@@ -442,7 +468,7 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         });
     }
     steps.sort_by(|a, b| a.key.cmp(&b.key));
-    Plan { steps }
+    Plan { steps, held }
 }
 
 /// The parts of `object` that ask to run privileged, named, if any: a wall opened on purpose is
@@ -827,6 +853,9 @@ impl Plan {
             );
             writeln!(out, "{}", line.trim_end()).expect("write to string");
         }
+        if let Some(held) = &self.held {
+            writeln!(out, "deletes held: {held}").expect("write to string");
+        }
         writeln!(out, "{}", self.summary_line()).expect("write to string");
         out
     }
@@ -846,13 +875,16 @@ impl Plan {
             )
             .expect("write to string");
         }
+        if let Some(held) = &self.held {
+            writeln!(out, "\n**Deletes held:** {}", markdown_text(held)).expect("write to string");
+        }
         writeln!(out, "\n**{}**", self.summary_line()).expect("write to string");
         out
     }
 
     /// The plan and its summary as JSON.
     pub fn render_json(&self) -> String {
-        let document = serde_json::json!({ "steps": self.steps, "summary": self.summary() });
+        let document = serde_json::json!({ "steps": self.steps, "held": self.held, "summary": self.summary() });
         serde_json::to_string_pretty(&document).expect("plans serialize")
     }
 }
@@ -965,7 +997,16 @@ mod tests {
         observed: Vec<ObservedObject>,
         prune: bool,
     ) -> (Action, Vec<String>) {
-        let plan = diff(&desired, &observed, Policy { prune, now: None });
+        let plan = diff(
+            &desired,
+            &observed,
+            Policy {
+                prune,
+                // Single objects: the guard against deleting everything has its own test.
+                allow_empty: true,
+                now: None,
+            },
+        );
         assert_eq!(plan.steps.len(), 1, "{plan:?}");
         (plan.steps[0].action, plan.steps[0].reasons.clone())
     }
@@ -1051,6 +1092,7 @@ mod tests {
             &[on_docker, on_cluster],
             Policy {
                 prune: true,
+                allow_empty: true,
                 now: None,
             },
         );
@@ -1063,6 +1105,48 @@ mod tests {
             ),
             (Action::Delete, Engine::Docker, Some(Engine::Kubernetes))
         );
+    }
+
+    #[test]
+    fn a_prune_that_would_delete_everything_owned_is_held_unless_allowed() {
+        let owned = || {
+            vec![
+                observed("web", vec![seen("main-1", "d1", json!({}), true)]),
+                observed("pwn", vec![seen("main-1", "d2", json!({}), true)]),
+            ]
+        };
+        let prune = Policy {
+            prune: true,
+            ..Policy::default()
+        };
+        // One commit removed every descriptor: nothing is deleted, and the plan says why.
+        let plan = diff(&[], &owned(), prune);
+        assert!(plan.steps.iter().all(|s| s.action == Action::Orphan));
+        assert!(!plan.has_changes());
+        let held = plan.held.clone().expect("held");
+        assert!(held.contains("all 2 objects") && held.contains("pruneAllowEmpty"));
+        assert!(
+            plan.render_text().contains("deletes held: "),
+            "{}",
+            plan.render_text()
+        );
+        assert!(plan.steps[0].reasons[0].contains("kept"));
+        // Asked for: they go.
+        let allowed = Policy {
+            allow_empty: true,
+            ..prune
+        };
+        let plan = diff(&[], &owned(), allowed);
+        assert!(plan.steps.iter().all(|s| s.action == Action::Delete));
+        assert_eq!(plan.held, None);
+        // Something still declared: an ordinary prune of the rest.
+        let web = desired("web", true, vec![member("main-1", "d1", json!({}))]);
+        let plan = diff(&[web], &owned(), prune);
+        assert_eq!(plan.held, None);
+        assert_eq!(plan.summary().delete, 1);
+        // Without prune nothing would be deleted anyway: no note.
+        let plan = diff(&[], &owned(), Policy::default());
+        assert_eq!(plan.held, None);
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Shared {
     pub status: RwLock<Arc<StatusSet>>,
     /// Readiness.
     pub readiness: RwLock<Readiness>,
+    /// Why the last attempt to push status failed, while it keeps failing.
+    pub status_push: RwLock<Option<String>>,
 }
 
 /// Everything handlers need.
@@ -81,6 +83,8 @@ pub struct ServerState {
     pub pipelines: Option<Pipelines>,
     /// The config repo's URL: a push that names another repository is not for it.
     pub repo_url: String,
+    /// Delivery ids of the webhooks taken lately: a redelivery queues nothing again.
+    pub deliveries: Arc<std::sync::Mutex<webhook::RecentDeliveries>>,
 }
 
 /// What the server allows its clients, so that a flood of slow or hostile ones cannot take the
@@ -397,15 +401,23 @@ async fn status(State(state): State<ServerState>, headers: HeaderMap) -> Respons
         return *refusal;
     }
     let status = Arc::clone(&state.shared.status.read().expect("lock"));
-    let body = status_json(&status);
+    let mut body = status_value(&status);
+    if let Some(why) = state.shared.status_push.read().expect("lock").clone() {
+        // The status above is what runs; only the copy in the config repo lags behind.
+        body["statusPush"] = serde_json::json!({ "failing": true, "error": why });
+    }
+    let body = serde_json::to_string_pretty(&body).expect("status serializes") + "\n";
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Status as the API and `berth status --format json` show it.
 pub fn status_json(status: &StatusSet) -> String {
+    serde_json::to_string_pretty(&status_value(status)).expect("status serializes") + "\n"
+}
+
+fn status_value(status: &StatusSet) -> serde_json::Value {
     let objects: Vec<_> = status.objects.values().collect();
-    let value = serde_json::json!({ "agent": status.agent, "objects": objects });
-    serde_json::to_string_pretty(&value).expect("status serializes") + "\n"
+    serde_json::json!({ "agent": status.agent, "objects": objects })
 }
 
 async fn reconcile(State(state): State<ServerState>, headers: HeaderMap) -> Response {
@@ -525,6 +537,21 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
                 (
                     StatusCode::BAD_REQUEST,
                     "the pushed commit is not a commit id (letters, digits and -_./+@ only)\n",
+                )
+                    .into_response(),
+            )
+        }
+        Ok(Delivery::Push(push))
+            if push
+                .delivery
+                .as_deref()
+                .is_some_and(|id| !state.deliveries.lock().expect("lock").first_time(id)) =>
+        {
+            answer(
+                "duplicate",
+                (
+                    StatusCode::OK,
+                    "duplicate: this delivery was taken before; nothing queued\n",
                 )
                     .into_response(),
             )

@@ -25,6 +25,9 @@ const REMOTE: &str = "origin";
 /// How often a rejected status push is rebased and retried.
 const PUSH_ATTEMPTS: usize = 5;
 
+/// Longest a fetch may take from its first byte to its last.
+const FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Why the repo could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -43,6 +46,14 @@ pub enum SourceError {
         url: String,
         /// The branch.
         branch: String,
+    },
+    /// The status commit could not be pushed (the fetch may well work: read-only credentials).
+    #[error("cannot push status to {url}: {reason}")]
+    Push {
+        /// The repo URL.
+        url: String,
+        /// What git said (never with credentials).
+        reason: String,
     },
     /// Something local went wrong (disk, a corrupt clone).
     #[error("git: {0}")]
@@ -76,6 +87,9 @@ pub struct Source {
     ssh_key: Option<PathBuf>,
     known_hosts: Option<PathBuf>,
     instance: String,
+    /// The repository itself when `repo.url` is a local path: status goes straight into its
+    /// branch, since git cannot push to a working tree's repository.
+    local: Option<PathBuf>,
 }
 
 /// What publishing status did.
@@ -120,6 +134,7 @@ impl Source {
             ssh_key: auth.ssh_key_file,
             known_hosts: auth.known_hosts_file,
             instance: config.instance.to_string(),
+            local: config.local_repo(),
         }
     }
 
@@ -176,6 +191,7 @@ impl Source {
     }
 
     /// Opens the clone, making it when missing. Making it needs no network: the first fetch fills it.
+    /// A clone that is there but cannot be opened is an error, never made again over itself.
     fn open(&self) -> Result<Repository, SourceError> {
         match Repository::open(&self.dir) {
             Ok(repo) => {
@@ -184,6 +200,11 @@ impl Source {
                 }
                 Ok(repo)
             }
+            Err(error) if self.dir.join(".git").exists() => Err(SourceError::Local(format!(
+                "the clone in {} cannot be opened: {}",
+                self.dir.display(),
+                error.message()
+            ))),
             Err(_) => {
                 std::fs::create_dir_all(&self.dir).map_err(|e| {
                     SourceError::Local(format!("cannot create {}: {e}", self.dir.display()))
@@ -250,18 +271,88 @@ impl Source {
         callbacks
     }
 
+    /// A failed network operation: the server's fault or the network's ([`SourceError::Unreachable`]),
+    /// or, when git failed on its own objects or refs, the clone's ([`SourceError::Local`]).
     fn unreachable(&self, error: &git2::Error) -> SourceError {
-        SourceError::Unreachable {
-            url: redact(&self.url),
-            reason: error.message().to_string(),
+        use git2::ErrorClass as Class;
+        match error.class() {
+            Class::Reference
+            | Class::Zlib
+            | Class::Repository
+            | Class::Config
+            | Class::Odb
+            | Class::Index
+            | Class::Object
+            | Class::Tree
+            | Class::FetchHead
+            | Class::Filesystem
+            | Class::Sha1 => SourceError::Local(error.message().to_string()),
+            _ => SourceError::Unreachable {
+                url: redact(&self.url),
+                reason: error.message().to_string(),
+            },
         }
+    }
+
+    /// Whether the clone is whole: it opens, and the followed branch's last fetched commit and
+    /// every object of its tree can be read. `Err(why)` when not. A clone not made yet is whole.
+    pub fn check_clone(&self) -> Result<(), String> {
+        if !self.dir.join(".git").exists() {
+            return Ok(());
+        }
+        let repo = Repository::open(&self.dir).map_err(|e| e.message().to_string())?;
+        repo.find_remote(REMOTE)
+            .map_err(|e| format!("no remote {REMOTE}: {}", e.message()))?;
+        let Ok(tip) = repo.find_reference(&tracking_ref(&self.branch)) else {
+            return Ok(());
+        };
+        let tree = tip
+            .peel_to_commit()
+            .and_then(|commit| commit.tree())
+            .map_err(|e| e.message().to_string())?;
+        let odb = repo.odb().map_err(|e| e.message().to_string())?;
+        let mut broken = None;
+        tree.walk(git2::TreeWalkMode::PreOrder, |_, entry| {
+            match odb.read_header(entry.id()) {
+                Ok(_) => git2::TreeWalkResult::Ok,
+                Err(error) => {
+                    broken = Some(format!("{}: {}", entry.id(), error.message()));
+                    git2::TreeWalkResult::Abort
+                }
+            }
+        })
+        .map_err(|e| broken.clone().unwrap_or_else(|| e.message().to_string()))?;
+        broken.map_or(Ok(()), Err)
+    }
+
+    /// Moves a damaged clone aside, to `repo.damaged` beside it (replacing an older one, kept for
+    /// a post-mortem), so the next fetch clones afresh. Returns where it went.
+    pub fn set_aside(&self) -> Result<PathBuf, SourceError> {
+        let aside = self.dir.with_extension("damaged");
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(|e| {
+                SourceError::Local(format!("cannot remove {}: {e}", aside.display()))
+            })?;
+        }
+        std::fs::rename(&self.dir, &aside).map_err(|e| {
+            SourceError::Local(format!("cannot move {} aside: {e}", self.dir.display()))
+        })?;
+        Ok(aside)
     }
 
     /// Fetches the followed branch and returns its tip. The status branch is fetched only when
     /// status is read and when a push of it is rejected: the agent is its main writer.
     pub fn fetch(&self) -> Result<String, SourceError> {
         let repo = self.open()?;
-        self.fetch_refspecs(&repo, &[tracking_refspec(&self.branch)])?;
+        let advertised = self.fetch_refspecs(&repo, &[tracking_refspec(&self.branch)])?;
+        if advertised == 0 {
+            // An empty answer (`0000`) is a server with nothing to say: an empty repository, or
+            // one in trouble. It is not the branch being deleted.
+            return Err(SourceError::Unreachable {
+                url: redact(&self.url),
+                reason: "the server advertised no branches at all (an empty repository, or a server fault)".into(),
+            });
+        }
         let tip = repo
             .find_reference(&tracking_ref(&self.branch))
             .map_err(|_| SourceError::NoBranch {
@@ -271,19 +362,35 @@ impl Source {
         Ok(tip.peel_to_commit()?.id().to_string())
     }
 
-    fn fetch_refspecs(&self, repo: &Repository, refspecs: &[String]) -> Result<(), SourceError> {
+    /// Fetches `refspecs`; returns how many refs the server advertised.
+    fn fetch_refspecs(&self, repo: &Repository, refspecs: &[String]) -> Result<usize, SourceError> {
         let mut remote = repo.find_remote(REMOTE)?;
+        let mut callbacks = self.callbacks();
+        // A server that drips bytes never trips the network timeout: the transfer has a deadline.
+        let deadline = std::time::Instant::now() + FETCH_DEADLINE;
+        callbacks.transfer_progress(move |_| std::time::Instant::now() < deadline);
+        callbacks.sideband_progress(move |_| std::time::Instant::now() < deadline);
         let mut options = FetchOptions::new();
         options
-            .remote_callbacks(self.callbacks())
+            .remote_callbacks(callbacks)
             .download_tags(AutotagOption::None)
             // A branch deleted on the server must stop resolving here too, or passes would go on
             // reporting "unchanged" from a tracking ref that no longer means anything.
             .prune(git2::FetchPrune::On);
         // A branch missing on the server (a status branch not made yet) is not an error.
-        remote
-            .fetch(refspecs, Some(&mut options), None)
-            .map_err(|e| self.unreachable(&e))
+        remote.fetch(refspecs, Some(&mut options), None).map_err(
+            |e| match std::time::Instant::now() >= deadline {
+                true => SourceError::Unreachable {
+                    url: redact(&self.url),
+                    reason: format!(
+                        "the fetch took longer than {}s and was stopped",
+                        FETCH_DEADLINE.as_secs()
+                    ),
+                },
+                false => self.unreachable(&e),
+            },
+        )?;
+        Ok(remote.list().map_or(0, <[_]>::len))
     }
 
     /// Checks `revision` out into the working tree, exactly: changed files rewritten, removed ones
@@ -380,12 +487,17 @@ impl Source {
                     self.fetch_refspecs(&repo, &[tracking_refspec(&self.status.branch)])?;
                 }
                 Err(PushError::Rejected(why)) => {
-                    return Err(SourceError::Unreachable {
+                    return Err(SourceError::Push {
                         url: redact(&self.url),
-                        reason: format!("status push rejected {PUSH_ATTEMPTS} times: {why}"),
+                        reason: format!("rejected {PUSH_ATTEMPTS} times: {why}"),
                     });
                 }
-                Err(PushError::Failed(error)) => return Err(self.unreachable(&error)),
+                Err(PushError::Failed(error)) => {
+                    return Err(SourceError::Push {
+                        url: redact(&self.url),
+                        reason: error.message().to_string(),
+                    });
+                }
             }
         }
     }
@@ -396,6 +508,9 @@ impl Source {
         let local = format!("refs/berth/push/{branch}");
         repo.reference(&local, commit, true, "berth: status to push")
             .map_err(PushError::Failed)?;
+        if let Some(path) = &self.local {
+            return self.update_local_branch(path, &local, commit);
+        }
         let mut remote = repo.find_remote(REMOTE).map_err(PushError::Failed)?;
         let rejection = std::cell::RefCell::new(None);
         let mut callbacks = self.callbacks();
@@ -417,6 +532,59 @@ impl Source {
                 Err(PushError::Rejected(error.message().to_string()))
             }
             (Err(error), _) => Err(PushError::Failed(error)),
+        }
+    }
+}
+
+impl Source {
+    /// Status into a local repository: its objects fetched from the clone, then its branch moved
+    /// from the commit the status was built on to `commit`, only if it still points there (as a
+    /// push would). A branch checked out in that repository's working tree is never moved.
+    fn update_local_branch(&self, path: &Path, from: &str, commit: Oid) -> Result<(), PushError> {
+        let target = Repository::open(path).map_err(PushError::Failed)?;
+        let branch = format!("refs/heads/{}", self.status.branch);
+        if !target.is_bare()
+            && target
+                .head()
+                .ok()
+                .and_then(|head| head.name().map(String::from))
+                .as_deref()
+                == Some(branch.as_str())
+        {
+            return Err(PushError::Failed(git2::Error::from_str(&format!(
+                "{branch} is checked out in {}; berth does not move a checked-out branch under its working tree: set statusBranch to a branch of its own",
+                path.display()
+            ))));
+        }
+        let incoming = format!("refs/berth/incoming/{}", self.status.branch);
+        let mut remote = target
+            .remote_anonymous(&self.dir.to_string_lossy())
+            .map_err(PushError::Failed)?;
+        remote
+            .fetch(&[format!("+{from}:{incoming}")], None, None)
+            .map_err(PushError::Failed)?;
+        let _ = target
+            .find_reference(&incoming)
+            .and_then(|mut r| r.delete());
+        let parent = target
+            .find_commit(commit)
+            .map_err(PushError::Failed)?
+            .parent_ids()
+            .next();
+        let moved = match (parent, target.find_reference(&branch).ok()) {
+            (Some(parent), Some(_)) => {
+                target.reference_matching(&branch, commit, true, parent, "berth: status")
+            }
+            (None, None) => target.reference(&branch, commit, false, "berth: status"),
+            // The branch appeared, went away or moved since the status was built on it.
+            _ => return Err(PushError::Rejected(format!("{branch} moved"))),
+        };
+        match moved {
+            Ok(_) => Ok(()),
+            Err(error) if is_rejection(&error) || error.code() == git2::ErrorCode::Exists => {
+                Err(PushError::Rejected(error.message().to_string()))
+            }
+            Err(error) => Err(PushError::Failed(error)),
         }
     }
 }

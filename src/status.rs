@@ -665,7 +665,8 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
         .iter()
         .any(|r| matches!(r.outcome, Outcome::Failed(_) | Outcome::Skipped(_)));
     next.agent.last_attempted_revision = Some(record.revision.to_string());
-    next.agent.message = String::new();
+    // Deletes held back are the one thing a pass that applied everything has to say.
+    next.agent.message = record.plan.held.clone().unwrap_or_default();
     next.agent.result = Some(match (transient, failed) {
         (Some(report), _) => {
             next.agent.message = report.outcome.detail().to_string();
@@ -700,23 +701,50 @@ fn unwell_parts(observed: Option<&ObservedObject>, health: Health) -> Option<Str
 pub fn after_rejection(
     previous: &StatusSet,
     revision: &str,
-    problems: &[Problem],
+    problems: &[ProblemStatus],
     now: &str,
 ) -> StatusSet {
-    let mut next = previous.clone();
-    next.agent.last_attempted_revision = Some(revision.to_string());
-    next.agent.result = Some(PassResult::Rejected);
-    next.agent.message = format!(
-        "revision {} has {} problem(s); nothing was applied and revision {} keeps running",
+    still_rejected(previous.clone(), previous, revision, problems, now)
+}
+
+/// `after`, the status at the end of a pass over the running revision, as it reads while the
+/// followed branch's tip is still `revision`, which was rejected: a pass over what runs never
+/// makes a rejection disappear. What that pass found, when not well, is added to the message.
+/// Stamped against `before`, the status the pass started from.
+pub fn still_rejected(
+    mut after: StatusSet,
+    before: &StatusSet,
+    revision: &str,
+    problems: &[ProblemStatus],
+    now: &str,
+) -> StatusSet {
+    let agent = &mut after.agent;
+    let running = agent
+        .last_applied_revision
+        .as_deref()
+        .map_or("(none)", short_revision)
+        .to_string();
+    let mut message = format!(
+        "revision {} rejected ({} problem(s)); nothing of it was applied and revision {running} keeps running",
         short_revision(revision),
         problems.len(),
-        next.agent
-            .last_applied_revision
-            .as_deref()
-            .map_or("(none)", short_revision)
     );
-    next.agent.problems = problems.iter().map(ProblemStatus::from).collect();
-    stamp(next, previous, now)
+    match agent.result {
+        Some(PassResult::Failed) => message.push_str(&format!(
+            "; the last pass over {running} failed for some objects"
+        )),
+        Some(PassResult::Transient | PassResult::Broken) if !agent.message.is_empty() => message
+            .push_str(&format!(
+                "; the last pass over {running}: {}",
+                agent.message
+            )),
+        _ => {}
+    }
+    agent.last_attempted_revision = Some(revision.to_string());
+    agent.result = Some(PassResult::Rejected);
+    agent.message = message;
+    agent.problems = problems.to_vec();
+    stamp(after, before, now)
 }
 
 /// The status after a pass that applied nothing for a reason outside the repo: an engine or git
@@ -1123,7 +1151,7 @@ mod tests {
             path: "/spec/ports".into(),
             message: "spec.ports[0].host: \"abc\" is not an integer".into(),
         };
-        let rejected = after_rejection(&applied, "rev3", &[problem], "t2");
+        let rejected = after_rejection(&applied, "rev3", &[ProblemStatus::from(&problem)], "t2");
         assert_eq!(rejected.objects, applied.objects);
         assert_eq!(
             rejected.agent.last_applied_revision.as_deref(),
@@ -1138,6 +1166,30 @@ mod tests {
             rejected.agent.problems[0].message,
             "Challenge/web: spec.ports[0].host: \"abc\" is not an integer"
         );
+        assert!(
+            rejected
+                .agent
+                .message
+                .starts_with("revision rev3 rejected (1 problem(s))")
+        );
+
+        // A later pass over what runs (a drift check, a recheck) keeps saying so, and, finding
+        // nothing new, changes nothing, not even the time.
+        let web = desired("web", "h1", 10101);
+        let again = pass(
+            &rejected,
+            std::slice::from_ref(&web),
+            &[running(&web)],
+            false,
+            "t3",
+        );
+        assert_eq!(
+            again.agent.result,
+            Some(PassResult::Applied),
+            "the pass alone"
+        );
+        let kept = still_rejected(again, &rejected, "rev3", &rejected.agent.problems, "t3");
+        assert_eq!(kept, rejected);
     }
 
     #[test]
@@ -1227,7 +1279,10 @@ mod tests {
                 object
             })
             .collect();
-        let plan = Plan { steps: vec![step] };
+        let plan = Plan {
+            steps: vec![step],
+            held: None,
+        };
         after_pass(
             previous,
             &PassRecord {

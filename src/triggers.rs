@@ -34,6 +34,8 @@ pub enum Trigger {
     Recheck,
     /// A pipeline run ended: what uses its image rolls to it, and status shows the run.
     RunEnded,
+    /// Another attempt to push status that failed to push: no pass, only the push.
+    PushStatus,
 }
 
 impl Trigger {
@@ -48,6 +50,7 @@ impl Trigger {
             Trigger::Retry => "retry",
             Trigger::Recheck => "recheck",
             Trigger::RunEnded => "run-ended",
+            Trigger::PushStatus => "push-status",
         }
     }
 }
@@ -82,6 +85,11 @@ impl Triggers {
             batch.push(more);
         }
         Some(batch)
+    }
+
+    /// Every trigger waiting now, without waiting for one.
+    pub fn waiting(&mut self) -> Vec<Trigger> {
+        std::iter::from_fn(|| self.0.try_recv().ok()).collect()
     }
 }
 

@@ -212,6 +212,34 @@ const REPOSITORY_URLS: [&str; 12] = [
     "/url",
 ];
 
+/// The delivery ids of the last [`RecentDeliveries::CAPACITY`] deliveries taken: providers
+/// redeliver on timeouts, and an attacker who captured one signed delivery may replay it.
+#[derive(Debug, Default)]
+pub struct RecentDeliveries {
+    order: std::collections::VecDeque<String>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl RecentDeliveries {
+    /// How many ids are remembered; the oldest is forgotten first.
+    pub const CAPACITY: usize = 4096;
+
+    /// Records `id`; `false` when it was recorded before.
+    pub fn first_time(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == Self::CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        self.order.push_back(id.to_string());
+        self.seen.insert(id.to_string());
+        true
+    }
+}
+
 /// The headers that carry each provider's delivery id.
 const DELIVERY_HEADERS: [&str; 5] = [
     "x-github-delivery",
@@ -293,6 +321,21 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_delivery_id_is_taken_once_and_the_oldest_are_forgotten_first() {
+        let mut recent = super::RecentDeliveries::default();
+        assert!(recent.first_time("github:a"));
+        assert!(!recent.first_time("github:a"));
+        for n in 0..super::RecentDeliveries::CAPACITY {
+            assert!(recent.first_time(&format!("github:{n}")));
+        }
+        assert!(
+            recent.first_time("github:a"),
+            "forgotten after CAPACITY others"
+        );
+        assert!(!recent.first_time("github:4095"));
+    }
+
     use super::*;
 
     const SECRET: &[u8] = b"It's a Secret to Everybody";

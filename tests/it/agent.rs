@@ -136,15 +136,30 @@ impl Agent {
         self.request(method, path, &[("Authorization", &bearer)], b"")
     }
 
-    fn reconcile(&self) {
+    pub(crate) fn reconcile(&self) {
         let (code, _) = self.api("POST", "/api/v1/reconcile");
         assert_eq!(code, 202);
     }
 
     /// `berth_passes_total` for one result.
-    fn passes(&self, result: &str) -> u64 {
+    pub(crate) fn passes(&self, result: &str) -> u64 {
+        self.counter(&format!("berth_passes_total{{result=\"{result}\"}}"))
+    }
+
+    /// Passes ended so far, whatever their result.
+    pub(crate) fn passes_total(&self) -> u64 {
         let (_, metrics) = self.api("GET", "/metrics");
-        let prefix = format!("berth_passes_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("berth_passes_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// A counter of `/metrics`, by its whole name and labels (`berth_x_total{result="y"}`).
+    pub(crate) fn counter(&self, series: &str) -> u64 {
+        let (_, metrics) = self.api("GET", "/metrics");
+        let prefix = format!("{series} ");
         metrics
             .lines()
             .find_map(|line| line.strip_prefix(&prefix))
@@ -158,7 +173,7 @@ impl Agent {
         }
     }
 
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -215,7 +230,7 @@ pub(crate) fn status_code(answer: &str) -> u16 {
 }
 
 /// A push event as GitHub sends it (trimmed to the fields a receiver reads, same shape).
-fn github_push(commit: &str, branch: &str) -> String {
+pub(crate) fn github_push(commit: &str, branch: &str) -> String {
     format!(
         r#"{{"ref":"refs/heads/{branch}","before":"0000000000000000000000000000000000000000","after":"{commit}",
 "repository":{{"id":1296269,"name":"infra","full_name":"ops/infra","private":true,"default_branch":"main"}},
@@ -226,13 +241,17 @@ fn github_push(commit: &str, branch: &str) -> String {
     )
 }
 
+/// Sends a GitHub push with a delivery id of its own, as GitHub gives each delivery.
 fn send_github(agent: &Agent, body: &str, signature: &str) -> (u16, String) {
+    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let sent = SENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let delivery = format!("72d3162e-cc78-11e3-81ab-{sent:012}");
     agent.request(
         "POST",
         "/hooks/github",
         &[
             ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            ("X-GitHub-Delivery", &delivery),
             ("X-Hub-Signature-256", signature),
             ("Content-Type", "application/json"),
         ],
@@ -248,7 +267,7 @@ pub(crate) fn sign(body: &str) -> String {
 }
 
 /// A repo with one web challenge on `port`, served by `git daemon`, and its first revision.
-fn served_web(port: u16) -> (Origin, GitDaemon, String) {
+pub(crate) fn served_web(port: u16) -> (Origin, GitDaemon, String) {
     let origin = Origin::new(&[("challenges/web.yaml", &web("web", port, ""))]);
     let first = origin.bare_git(&["rev-parse", "main"]);
     let daemon = GitDaemon::start(&origin);
@@ -270,7 +289,7 @@ pub(crate) fn applied(origin: &Origin, revision: &str) -> bool {
         .is_some_and(|s| s.contains(&format!("lastAppliedRevision: {revision}")))
 }
 
-fn container_ids(instance: &Instance, name: &str) -> Vec<String> {
+pub(crate) fn container_ids(instance: &Instance, name: &str) -> Vec<String> {
     instance
         .containers(name)
         .values()
@@ -992,7 +1011,7 @@ fn a_checkout_that_cannot_be_written_is_broken_not_retried_and_what_runs_stays()
             .is_some_and(|s| s.contains("result: broken"))
     });
     let status = origin.show("berth-status:status/agent.yaml").unwrap();
-    assert!(status.contains("cannot be read"), "{status}");
+    assert!(status.contains("cannot be written or read"), "{status}");
     assert!(status.contains("clone afresh"), "{status}");
     let (code, body) = agent.request("GET", "/readyz", &[], b"");
     assert_eq!(code, 503, "{body}");

@@ -12,6 +12,8 @@
 //! - `schema_files`: the committed `schema/` matches the Rust types;
 //! - `server_limits`: the agent's HTTP server against floods and clients that stall.
 //!
+//! - `healing`: the agent's status stays true (rejections, refused pushes, held prunes) and it
+//!   heals itself (a damaged clone), rate-limits passes and takes a webhook delivery once.
 //! - `walls`: what a player in a challenge or an outsider's pipeline step can reach and do.
 //!
 //! Helpers shared by every module live in `util`.
@@ -21,6 +23,7 @@ mod cli;
 mod docker;
 mod gitserver;
 mod hardening;
+mod healing;
 mod kube;
 mod packaging;
 mod pipeline;

@@ -180,6 +180,10 @@ fn a_push_to_a_pipelines_source_builds_it_and_the_challenge_rolls_to_the_new_ima
     let id = queued_run(&answer, "site");
     // The provider delivers again (a timeout on its side): nothing is built twice.
     let (code, again) = deliver(&agent, &source_daemon.url(), &second, "delivery-2");
+    assert_eq!(code, 200, "{again}");
+    assert!(again.starts_with("duplicate"), "{again}");
+    // Another delivery of the same commit: its run is the one queued.
+    let (code, again) = deliver(&agent, &source_daemon.url(), &second, "delivery-2b");
     assert_eq!(code, 202, "{again}");
     assert!(
         again.contains(&format!("a duplicate of run {id}")),
