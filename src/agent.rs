@@ -210,6 +210,9 @@ struct Agent {
     rejection: Option<Rejection>,
     /// The followed branch's tip as last fetched.
     tip: Option<String>,
+    /// Whether the last pass ran early for a webhook's commit and did not find it at the tip: a
+    /// sender of made-up commits gets no more early passes until an ordinary one ran.
+    false_announcement: bool,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
     /// Why the clone was set aside, until a pass over a fresh one succeeds.
@@ -341,6 +344,7 @@ pub async fn run(
         current: None,
         rejection: None,
         tip: None,
+        false_announcement: false,
         last_content: None,
         healing: None,
         published: None,
@@ -406,7 +410,8 @@ pub async fn run(
             agent.publish().await;
             continue;
         }
-        if let Some(wait) = agent.too_soon(&batch) {
+        let announced = agent.announced(&batch);
+        if let Some(wait) = agent.too_soon(announced.is_some()) {
             tracing::debug!(
                 wait_ms = wait.as_millis() as u64,
                 "passes are at least minInterval apart"
@@ -428,7 +433,7 @@ pub async fn run(
             continue;
         }
         let finished = {
-            let pass = agent.pass(&batch);
+            let pass = agent.pass(&batch, announced);
             tokio::pin!(pass);
             tokio::select! {
                 () = &mut pass => true,
@@ -485,7 +490,8 @@ enum GitStage {
 }
 
 impl Agent {
-    async fn pass(&mut self, batch: &[Trigger]) {
+    /// `announced`: the new commit a webhook announced, for which this pass runs early.
+    async fn pass(&mut self, batch: &[Trigger], announced: Option<String>) {
         let started = Instant::now();
         let span = tracing::info_span!("pass", revision = tracing::field::Empty);
         let names: Vec<&str> = batch.iter().map(Trigger::name).collect();
@@ -499,6 +505,8 @@ impl Agent {
         }
         .instrument(span)
         .await;
+        self.false_announcement =
+            announced.is_some_and(|commit| self.tip.as_ref() != Some(&commit));
         self.finish(end, &before, started.elapsed(), &names).await;
     }
 
@@ -558,18 +566,26 @@ impl Agent {
         self.publish().await;
     }
 
-    /// How long `batch` must wait to keep passes `minInterval` apart; `None` when it may run now:
-    /// the first pass, or a webhook announcing a commit that is not the tip last fetched.
-    fn too_soon(&self, batch: &[Trigger]) -> Option<Duration> {
-        let since = self.last_pass?.elapsed();
-        let wait = self.config.min_interval.0.checked_sub(since)?;
-        let new_commit = batch.iter().any(|trigger| match trigger {
+    /// A commit a webhook in `batch` announced that is not the tip last fetched, unless the last
+    /// early pass found its announcement false.
+    fn announced(&self, batch: &[Trigger]) -> Option<String> {
+        if self.false_announcement {
+            return None;
+        }
+        batch.iter().find_map(|trigger| match trigger {
             Trigger::Webhook {
                 commit: Some(commit),
                 ..
-            } => self.tip.as_deref() != Some(commit.as_str()),
-            _ => false,
-        });
+            } if self.tip.as_ref() != Some(commit) => Some(commit.clone()),
+            _ => None,
+        })
+    }
+
+    /// How long the next pass must wait to keep passes `minInterval` apart; `None` when it may
+    /// run now: the first pass, or one for a new commit a webhook announced.
+    fn too_soon(&self, new_commit: bool) -> Option<Duration> {
+        let since = self.last_pass?.elapsed();
+        let wait = self.config.min_interval.0.checked_sub(since)?;
         (!new_commit).then_some(wait)
     }
 

@@ -303,8 +303,12 @@ impl Source {
         let repo = Repository::open(&self.dir).map_err(|e| e.message().to_string())?;
         repo.find_remote(REMOTE)
             .map_err(|e| format!("no remote {REMOTE}: {}", e.message()))?;
-        let Ok(tip) = repo.find_reference(&tracking_ref(&self.branch)) else {
-            return Ok(());
+        repo.index()
+            .map_err(|e| format!("the index: {}", e.message()))?;
+        let tip = match repo.find_reference(&tracking_ref(&self.branch)) {
+            Ok(tip) => tip,
+            Err(error) if error.code() == git2::ErrorCode::NotFound => return Ok(()),
+            Err(error) => return Err(format!("the branch's ref: {}", error.message())),
         };
         let tree = tip
             .peel_to_commit()

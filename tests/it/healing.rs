@@ -417,3 +417,49 @@ fn after_the_digest_key_is_removed_the_cli_and_the_agent_agree_on_one_new_key() 
     let env = docker(&["inspect", "--format", "{{json .Config.Env}}", &running()]);
     assert!(env.contains("FLAG=flag{one-key}"), "{env}");
 }
+
+/// A git server that accepts a connection and then sends one byte a second, for ever: never
+/// silent long enough for a network timeout.
+fn dripping_git_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                // A pkt-line of 4095 bytes announced, then its bytes one by one.
+                let _ = std::io::Write::write_all(&mut stream, b"0fff");
+                while std::io::Write::write_all(&mut stream, b"a").is_ok() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn sigterm_ends_the_agent_within_ten_seconds_while_a_git_server_drips_bytes() {
+    let Some(instance) = engine() else { return };
+    let port = dripping_git_server();
+    let mut agent = Agent::start(&instance, &format!("git://127.0.0.1:{port}/infra.git"), "");
+    // The first pass is fetching by now, and would be for as long as the server drips.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.passes_total(), 0, "{}", agent.log());
+    let asked = Instant::now();
+    let status = agent.terminate();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM took {took:?}: {}",
+        agent.log()
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(
+        agent
+            .log()
+            .contains("stopping before the pass in progress ended"),
+        "{}",
+        agent.log()
+    );
+}
