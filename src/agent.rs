@@ -261,7 +261,8 @@ pub async fn run(
     let mut leadership = match &config.leader_election {
         Some(election) => {
             let access = crate::config::KubeConfig::access(config.kube.as_ref());
-            crate::leader::Leadership::elect(election, &access).await?
+            crate::leader::Leadership::elect(election, &access, &config.instance.to_string())
+                .await?
         }
         None => crate::leader::Leadership::sole(),
     };

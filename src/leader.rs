@@ -50,10 +50,13 @@ impl Leadership {
         }
     }
 
-    /// Joins the election `config` describes, on the cluster `access` names.
+    /// Joins the election `config` describes, on the cluster `access` names, for agents of
+    /// `instance`. A Lease an agent of another instance holds is refused at once: sharing it, this
+    /// agent would stand by for ever, applying nothing.
     pub async fn elect(
         config: &LeaderElectionConfig,
         access: &Access,
+        instance: &str,
     ) -> Result<Leadership, ElectionError> {
         let namespace = config.namespace.to_string();
         let failed = |reason: String| ElectionError {
@@ -63,7 +66,22 @@ impl Leadership {
         let (client, _) = crate::backend::kube::client(access)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let identity = identity();
+        let identity = format!("{instance}{INSTANCE_END}{}", identity());
+        let resource =
+            kube::discovery::ApiResource::erase::<k8s_openapi::api::coordination::v1::Lease>(&());
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(client.clone(), &namespace, &resource);
+        if let Ok(Some(lease)) = api.get_opt(config.lease.as_str()).await
+            && let Some(holder) = lease.data["spec"]["holderIdentity"].as_str()
+            && let Some((other, _)) = holder.split_once(INSTANCE_END)
+            && other != instance
+            && held(&lease.data["spec"])
+        {
+            return Err(failed(format!(
+                "the Lease {} is held by an agent of instance {other:?}, and this agent is of instance {instance:?}: agents sharing a Lease must be of one instance; give this one its own leaderElection.lease",
+                config.lease
+            )));
+        }
         let seconds = config.lease_duration.0.as_secs().max(3);
         let manager = LeaseManagerBuilder::new(client.clone(), config.lease.to_string())
             .with_namespace(namespace.clone())
@@ -121,14 +139,7 @@ impl Leadership {
             }
         };
         let spec = &lease.data["spec"];
-        let holder = spec["holderIdentity"].as_str();
-        let renewed = spec["renewTime"]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-        let seconds = spec["leaseDurationSeconds"].as_i64().unwrap_or(0);
-        let current =
-            renewed.is_some_and(|at| at + chrono::Duration::seconds(seconds) > chrono::Utc::now());
-        holder == Some(self.identity.as_str()) && current
+        spec["holderIdentity"].as_str() == Some(self.identity.as_str()) && held(spec)
     }
 
     /// This agent's name in the election: the host (a pod's name) and the process.
@@ -159,6 +170,18 @@ impl Leadership {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
     }
+}
+
+/// Ends the instance at the start of an identity in the election (`INSTANCE/HOST-PID`).
+const INSTANCE_END: char = '/';
+
+/// Whether a Lease's spec was renewed within its duration.
+fn held(spec: &serde_json::Value) -> bool {
+    let renewed = spec["renewTime"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    let seconds = spec["leaseDurationSeconds"].as_i64().unwrap_or(0);
+    renewed.is_some_and(|at| at + chrono::Duration::seconds(seconds) > chrono::Utc::now())
 }
 
 fn identity() -> String {

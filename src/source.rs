@@ -886,7 +886,14 @@ fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
 /// `url` without any password or token written into it (`https://user:secret@host/…`).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // scp-like `user:password@host:path`: a password before the host is hidden; a plain
+        // `git@host:path` has none.
+        return match url.split_once('@') {
+            Some((user, host)) if user.contains(':') && !user.contains('/') => {
+                format!("<secret>@{host}")
+            }
+            _ => url.to_string(),
+        };
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     match authority.rsplit_once('@') {
@@ -933,6 +940,10 @@ mod tests {
             "http://<secret>@127.0.0.1:1/x.git"
         );
         assert_eq!(redact("git@host:ops/infra.git"), "git@host:ops/infra.git");
+        assert_eq!(
+            redact("bot:s3cret@git.example.org:ops/infra.git"),
+            "<secret>@git.example.org:ops/infra.git"
+        );
         assert_eq!(redact("https://host/x.git"), "https://host/x.git");
     }
 }

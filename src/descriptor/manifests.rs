@@ -300,12 +300,148 @@ pub fn render_text(
         at,
         message,
     };
-    match substitute(text, variables) {
-        Ok(text) => documents(file, &text, target),
+    let substituted = substitute(text, |_, name| lookup(name, variables).map(str::to_string));
+    match substituted {
+        Ok((substituted, occurrences)) => {
+            if let Err((at, message)) = shape_kept(text, &substituted, &occurrences) {
+                return (Vec::new(), vec![problem(at, message)]);
+            }
+            documents(file, &substituted, target)
+        }
         Err(found) => (
             Vec::new(),
             found.into_iter().map(|(at, m)| problem(at, m)).collect(),
         ),
+    }
+}
+
+/// A text with its variables replaced, and where each one stood.
+type Substituted = (String, Vec<Occurrence>);
+
+/// One `${…}` replaced in a text.
+#[derive(Debug, Clone)]
+struct Occurrence {
+    at: Position,
+    name: String,
+}
+
+/// Checks that substituting changed no manifest's shape: with each variable replaced by a marker
+/// (plain letters, one scalar wherever they stand) the text must parse into the same documents,
+/// mappings and sequences as `substituted` does, each variable standing for one scalar. A value
+/// with a line break, `: `, `- `, `{`, `,` or a quote that would add a key, an item or a whole
+/// document (a RoleBinding, a privileged Pod) is refused at the variable that carried it.
+fn shape_kept(
+    text: &str,
+    substituted: &str,
+    occurrences: &[Occurrence],
+) -> Result<(), (Position, String)> {
+    if occurrences.is_empty() {
+        return Ok(());
+    }
+    let mut marker = String::from("berthvalue");
+    while text.contains(&marker) {
+        marker.push('x');
+    }
+    let Ok((marked, _)) = substitute(text, |index, _| Ok(format!("{marker}{index}q"))) else {
+        return Ok(());
+    };
+    let template = yaml::parse(&marked, false);
+    if template.fatal.is_some() {
+        // The text itself is not YAML: parsing the substituted text reports it.
+        return Ok(());
+    }
+    let actual = yaml::parse(substituted, false);
+    let blame = |index: Option<usize>| {
+        let occurrence = index
+            .and_then(|i| occurrences.get(i))
+            .unwrap_or(&occurrences[0]);
+        let whose = match index {
+            Some(_) => format!("the value of ${{{}}}", occurrence.name),
+            None => "a value substituted here".to_string(),
+        };
+        (
+            occurrence.at,
+            format!(
+                "{whose} changes the manifest's shape (a line break, or YAML syntax such as `: `, `- `, `{{`, `,`, `#` or a quote); a value stands for one scalar, so change the value"
+            ),
+        )
+    };
+    if actual.fatal.is_some() || actual.documents.len() != template.documents.len() {
+        return Err(blame(None));
+    }
+    for (template, actual) in template.documents.iter().zip(&actual.documents) {
+        same_shape(&template.value, &actual.value, &marker)
+            .map_err(|index| blame(index.or_else(|| first_marked(&template.value, &marker))))?;
+    }
+    Ok(())
+}
+
+/// The first variable (by index) whose marker is in `value`, keys included.
+fn first_marked(value: &Value, marker: &str) -> Option<usize> {
+    match value {
+        Value::String(text) => marked(text, marker),
+        Value::Array(items) => items.iter().find_map(|v| first_marked(v, marker)),
+        Value::Object(map) => map
+            .iter()
+            .find_map(|(k, v)| marked(k, marker).or_else(|| first_marked(v, marker))),
+        _ => None,
+    }
+}
+
+/// The variable (by index) whose marker is first in `text`, if any.
+fn marked(text: &str, marker: &str) -> Option<usize> {
+    let at = text.find(marker)? + marker.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// `Ok` when `actual` is `template` with each marked scalar replaced by one scalar; otherwise the
+/// variable to blame, when one can be named.
+fn same_shape(template: &Value, actual: &Value, marker: &str) -> Result<(), Option<usize>> {
+    match (template, actual) {
+        (Value::String(text), actual) if text.contains(marker) => match actual {
+            Value::Array(_) | Value::Object(_) => Err(marked(text, marker)),
+            _ => Ok(()),
+        },
+        (Value::Array(template), Value::Array(actual)) if template.len() == actual.len() => {
+            for (t, a) in template.iter().zip(actual) {
+                same_shape(t, a, marker)?;
+            }
+            Ok(())
+        }
+        (Value::Object(template), Value::Object(actual)) if template.len() == actual.len() => {
+            let mut marked_keys = Vec::new();
+            for (key, value) in template {
+                if key.contains(marker) {
+                    marked_keys.push((key, value));
+                    continue;
+                }
+                let Some(found) = actual.get(key) else {
+                    return Err(None);
+                };
+                same_shape(value, found, marker)?;
+            }
+            // A variable in a key: the keys it became must hold scalars where the template's
+            // held scalars (their order may differ, so only kinds are compared).
+            let kind = |v: &Value| matches!(v, Value::Array(_) | Value::Object(_));
+            let mut expected: Vec<bool> = marked_keys.iter().map(|(_, v)| kind(v)).collect();
+            let mut found: Vec<bool> = actual
+                .iter()
+                .filter(|(key, _)| !template.contains_key(*key))
+                .map(|(_, v)| kind(v))
+                .collect();
+            expected.sort_unstable();
+            found.sort_unstable();
+            match expected == found {
+                true => Ok(()),
+                false => Err(marked_keys.first().and_then(|(k, _)| marked(k, marker))),
+            }
+        }
+        (template, actual) if template == actual => Ok(()),
+        _ => Err(None),
     }
 }
 
@@ -450,20 +586,14 @@ fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, 
     }
 }
 
-/// Two documents naming the same object.
+/// Two documents naming the same object: the same kind and name, whatever the API group. A kind
+/// served under two groups (an Ingress in `extensions/v1beta1` and in `networking.k8s.io/v1`) is
+/// one object to the server, so two documents of it would overwrite each other on every pass.
 fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
-    let mut seen: HashMap<(String, &str, &str), &Manifest> = HashMap::new();
+    let mut seen: HashMap<(&str, &str), &Manifest> = HashMap::new();
     let mut problems = Vec::new();
     for manifest in manifests {
-        let group = manifest
-            .api_version
-            .rsplit_once('/')
-            .map_or("", |(group, _)| group);
-        let key = (
-            group.to_string(),
-            manifest.kind.as_str(),
-            manifest.name.as_str(),
-        );
+        let key = (manifest.kind.as_str(), manifest.name.as_str());
         if let Some(first) = seen.insert(key, manifest) {
             problems.push(ManifestProblem {
                 file: manifest.file.clone(),
@@ -483,14 +613,18 @@ fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
     problems
 }
 
-/// Replaces `${tag}` and `${overrides.KEY}`; every variable that cannot be replaced is a problem
-/// at its line and column.
-fn substitute(text: &str, variables: &Variables<'_>) -> Result<String, Vec<(Position, String)>> {
+/// Replaces each `${NAME}` with what `value` gives for it (called with the occurrence's index and
+/// the name); every variable that cannot be replaced is a problem at its line and column.
+fn substitute(
+    text: &str,
+    value: impl Fn(usize, &str) -> Result<String, String>,
+) -> Result<Substituted, Vec<(Position, String)>> {
     if !text.contains("${") {
-        return Ok(text.to_string());
+        return Ok((text.to_string(), Vec::new()));
     }
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
+    let mut occurrences = Vec::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let mut rest = line;
         let mut column = 1;
@@ -520,17 +654,21 @@ fn substitute(text: &str, variables: &Variables<'_>) -> Result<String, Vec<(Posi
                 continue;
             };
             let name = &rest[at + 2..at + end];
-            match lookup(name, variables) {
-                Ok(value) => out.push_str(value),
+            match value(occurrences.len(), name) {
+                Ok(value) => out.push_str(&value),
                 Err(message) => problems.push((position, message)),
             }
+            occurrences.push(Occurrence {
+                at: position,
+                name: name.to_string(),
+            });
             column += rest[at..at + end + 1].chars().count();
             rest = &rest[at + end + 1..];
         }
         out.push_str(rest);
     }
     if problems.is_empty() {
-        Ok(out)
+        Ok((out, occurrences))
     } else {
         Err(problems)
     }
@@ -592,6 +730,62 @@ mod tests {
     }
 
     #[test]
+    fn a_substituted_value_is_one_scalar_and_never_adds_keys_items_or_documents() {
+        let with = |key: &'static str, value: &'static str| Variables {
+            tag: Some("v2"),
+            overrides: BTreeMap::from([(key, value)]),
+            secrets: BTreeSet::new(),
+        };
+        let config = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  note: ${overrides.NOTE}\n  quoted: \"a-${overrides.NOTE}\"\n  flow: {x: ${overrides.NOTE}}\n  list: [${overrides.NOTE}]\n";
+        let attacks = [
+            // A whole document: a RoleBinding to cluster-admin.
+            "x\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: own}\nroleRef: {kind: ClusterRole, name: cluster-admin, apiGroup: rbac.authorization.k8s.io}",
+            // A key beside the variable's.
+            "x\n  injected: yes",
+            // Flow syntax: a key or an item of its own.
+            "x, y: z",
+            "x]\n  evil: [1",
+            // A mapping or a sequence where a scalar stood.
+            "{a: 1}",
+            "[1, 2]",
+        ];
+        for attack in attacks {
+            let (manifests, problems) =
+                render_text("m.yaml", config, TARGET, &with("NOTE", attack));
+            assert!(manifests.is_empty(), "{attack:?}: {manifests:?}");
+            assert_eq!(problems.len(), 1, "{attack:?}: {problems:?}");
+            assert_eq!(problems[0].at.line, 5, "{attack:?}: {problems:?}");
+            assert!(
+                problems[0].message.contains("changes the manifest's shape"),
+                "{attack:?}: {problems:?}"
+            );
+        }
+        // What a value may be: any one scalar, with colons, dashes, quotes and numbers.
+        for fine in [
+            "https://shop.example:8443/x",
+            "a-b_c.d",
+            "2",
+            "true",
+            "it's",
+            "50%",
+        ] {
+            let (manifests, problems) = render_text("m.yaml", config, TARGET, &with("NOTE", fine));
+            assert!(problems.is_empty(), "{fine:?}: {problems:?}");
+            assert_eq!(manifests.len(), 1);
+        }
+        // A tag from a Pipeline is substituted the same way.
+        let image =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  image: shop:${tag}\n";
+        let variables = Variables {
+            tag: Some("v1\n  extra: key"),
+            ..Variables::default()
+        };
+        let (_, problems) = render_text("m.yaml", image, TARGET, &variables);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("${tag}"), "{problems:?}");
+    }
+
+    #[test]
     fn an_undefined_variable_is_placed_at_its_line_and_column() {
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: x-${overrides.NOPE}\n  b: ${overrides.DB_PASSWORD}\n  c: ${home}\n";
         let (_, problems) = render_text("m.yaml", text, TARGET, &vars());
@@ -648,5 +842,19 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].file, "m/b.yml");
         assert!(problems[0].message.contains("also defined at m/a.yaml:1"));
+
+        // The same Ingress under two API groups is one object to the server.
+        let ingress = |group: &str| {
+            format!("apiVersion: {group}\nkind: Ingress\nmetadata: {{name: shop}}\nspec: {{}}\n")
+        };
+        std::fs::write(folder.join("a.yaml"), ingress("extensions/v1beta1")).unwrap();
+        std::fs::write(folder.join("b.yml"), ingress("networking.k8s.io/v1")).unwrap();
+        let problems = render_folder(dir.path(), "m", TARGET, &vars()).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .contains("Ingress/shop is also defined at m/a.yaml:1")
+        );
     }
 }

@@ -47,6 +47,28 @@ pub(super) fn check_descriptor(
             }
         }
         Spec::Pipeline(spec) => {
+            let mut steps = HashMap::new();
+            for (index, step) in spec.steps.iter().enumerate() {
+                if let Some(first) = steps.insert(step.name.as_str(), index) {
+                    found.push(violation(
+                        format!("/spec/steps/{index}/name"),
+                        format!("spec.steps[{index}].name: \"{}\" is also the name of spec.steps[{first}]; logs and status tell steps apart by name", step.name),
+                    ));
+                }
+            }
+            if let StepImage::Name(image) = &spec.image
+                && let Err(why) = image_within_limits(image)
+            {
+                found.push(violation("/spec/image", format!("spec.image: {why}")));
+            }
+            if let Some(source) = &spec.source
+                && let Err(why) = clone_url(&source.url)
+            {
+                found.push(violation(
+                    "/spec/source/url",
+                    format!("spec.source.url: {why}"),
+                ));
+            }
             if let Some(produces) = &spec.produces
                 && let Err(message) = image_reference(&produces.replace("{commit}", "0"))
             {
@@ -161,6 +183,19 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
 }
 
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    if let Some(ImageSource::Name(image)) = &spec.image
+        && let Err(why) = image_within_limits(image)
+    {
+        found.push(violation("/spec/image", format!("spec.image: {why}")));
+    }
+    for (index, sidecar) in spec.sidecars.iter().enumerate() {
+        if let Err(why) = image_within_limits(&sidecar.image) {
+            found.push(violation(
+                format!("/spec/sidecars/{index}/image"),
+                format!("spec.sidecars[{index}].image: {why}"),
+            ));
+        }
+    }
     match (&spec.image, &spec.build) {
         (None, None) => found.push(violation(
             "/spec",
@@ -218,6 +253,111 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     }
 }
 
+/// Whether an image reference is within the engine's lengths: a name of at most 255 characters
+/// and a tag of at most 128 (refused here, not when a run or an apply reaches the engine).
+fn image_within_limits(text: &str) -> Result<(), String> {
+    let without_digest = text.split_once('@').map_or(text, |(name, _)| name);
+    let (name, tag) = match without_digest.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
+        _ => (without_digest, None),
+    };
+    if name.len() > 255 {
+        return Err(format!(
+            "the image name is {} characters long; the engine takes at most 255",
+            name.len()
+        ));
+    }
+    match tag {
+        Some(tag) => image_tag(tag).map_err(|why| format!("the tag {why}")),
+        None => Ok(()),
+    }
+}
+
+/// Whether `url` is a clone URL: `https://`, `http://`, `ssh://` or `git://` with a host, `file://`
+/// with a path, or scp-like `[user@]host:path`; checked here, so a typo is a problem at its place
+/// and never a name looked up on the network.
+pub(crate) fn clone_url(url: &str) -> Result<(), String> {
+    let refused = || {
+        format!(
+            "\"{}\" is not a clone URL: use https://HOST/PATH, ssh://HOST/PATH, git://HOST/PATH, file:///PATH or USER@HOST:PATH",
+            crate::printable::field(&crate::source::redact(url))
+        )
+    };
+    if url.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(refused());
+    }
+    let host_ok = |host: &str| {
+        let (host, port) = match host.strip_prefix('[') {
+            // An IPv6 address: `[::1]:8080`.
+            Some(rest) => match rest.split_once(']') {
+                Some((address, port)) => {
+                    if address.parse::<std::net::Ipv6Addr>().is_err() {
+                        return false;
+                    }
+                    ("ipv6", port.strip_prefix(':'))
+                }
+                None => return false,
+            },
+            None => match host.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (host, None),
+            },
+        };
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        name_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+    };
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            match scheme.to_ascii_lowercase().as_str() {
+                "file" if authority.is_empty() && !path.is_empty() => Ok(()),
+                "https" | "http" | "ssh" | "git" if host_ok(host) && !path.is_empty() => Ok(()),
+                _ => Err(refused()),
+            }
+        }
+        None => {
+            // scp-like: the host ends at the first colon after the user.
+            let (user_and_host, path) = url.split_once(':').ok_or_else(refused)?;
+            let host = user_and_host
+                .rsplit_once('@')
+                .map_or(user_and_host, |(_, h)| h);
+            match !user_and_host.contains('/') && host_ok(host) && !path.is_empty() {
+                true => Ok(()),
+                false => Err(refused()),
+            }
+        }
+    }
+}
+
+/// Whether `tag` is an image tag the engine takes: letters, digits, `_ . -`, at most 128, not
+/// starting with `.` or `-`.
+fn image_tag(tag: &str) -> Result<(), String> {
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 128
+        && !tag.starts_with(['.', '-'])
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    match tag_ok {
+        true => Ok(()),
+        false => Err(format!(
+            "\"{}\": letters, digits, _ . and - only, at most 128",
+            crate::printable::field(tag)
+        )),
+    }
+}
+
 /// Whether `text` is an image name the engine takes: lower-case path components, an optional
 /// host with a port, and a tag (`registry:5000/team/app:v1`).
 fn image_reference(text: &str) -> Result<(), String> {
@@ -228,17 +368,7 @@ fn image_reference(text: &str) -> Result<(), String> {
     let Some(tag) = tag else {
         return Err("has no tag; write NAME:TAG, e.g. app:{commit}".into());
     };
-    let tag_ok = !tag.is_empty()
-        && tag.len() <= 128
-        && !tag.starts_with(['.', '-'])
-        && tag
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !tag_ok {
-        return Err(format!(
-            "has the tag \"{tag}\": letters, digits, _ . and - only, at most 128"
-        ));
-    }
+    image_tag(tag).map_err(|why| format!("has the tag {why}"))?;
     let component_ok = |c: &str| {
         !c.is_empty()
             && c.chars().all(|ch| {
@@ -324,6 +454,28 @@ fn check_on_kubernetes(
 }
 
 fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
+    // Values are substituted into manifests and charts: each stands for one scalar on one line.
+    if let super::model::TagSource::Tag(tag) = &spec.tag
+        && let Err(why) = image_tag(tag)
+    {
+        found.push(violation("/spec/tag", format!("spec.tag: {why}")));
+    }
+    let sections = [
+        ("app", &spec.overrides.app),
+        ("staging", &spec.overrides.staging),
+    ];
+    for (section, values) in sections {
+        for (key, value) in values {
+            if value.chars().any(char::is_control) || value.contains(['\u{2028}', '\u{2029}']) {
+                found.push(violation(
+                    format!("/spec/overrides/{section}/{}", super::yaml::escaped(key)),
+                    format!(
+                        "spec.overrides.{section}.{key}: a value is one line without control characters: it stands for one scalar in the manifests"
+                    ),
+                ));
+            }
+        }
+    }
     match (&spec.manifests, &spec.chart) {
         (None, None) => found.push(violation(
             "/spec",

@@ -359,15 +359,44 @@ pub fn same_repository(a: &str, b: &str) -> bool {
     !a.is_empty() && a == b
 }
 
-/// Whether two clone URLs name one server (host and, but for SSH, port): the config repo's
-/// credentials are offered to a pipeline source on the same server only.
+/// Whether two clone URLs name one server: the same scheme, host and port (a scheme's usual port
+/// when none is written). The config repo's credentials are offered to a pipeline source on the
+/// same server only: never over `http://` when given for `https://`, never to another port.
 pub fn same_server(a: &str, b: &str) -> bool {
-    let server = |url: &str| {
-        let identity = repository_identity(url);
-        identity.split('/').next().unwrap_or_default().to_string()
+    matches!((server_of(a), server_of(b)), (Some(a), Some(b)) if a == b)
+}
+
+/// A clone URL's scheme, host (lower case) and port; `None` for local paths and `file://`.
+fn server_of(url: &str) -> Option<(String, String, u16)> {
+    let url = url.trim();
+    let (scheme, authority) = match url.split_once("://") {
+        Some((scheme, rest)) => (
+            scheme.to_ascii_lowercase(),
+            rest.split('/').next().unwrap_or_default(),
+        ),
+        // `git@host:org/app`: scp-like SSH.
+        None => match url.split_once(':') {
+            Some((host, _)) if !host.contains('/') && !host.is_empty() => ("ssh".into(), host),
+            _ => return None,
+        },
     };
-    let (a, b) = (server(a), server(b));
-    !a.is_empty() && a == b
+    let usual = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        "ssh" => 22,
+        "git" => 9418,
+        _ => return None,
+    };
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let (host, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(':') && !port.contains(']') => {
+            (name, port.parse().ok()?)
+        }
+        _ => (host, usual),
+    };
+    (!host.is_empty()).then(|| (scheme, host.to_ascii_lowercase(), port))
 }
 
 fn repository_identity(url: &str) -> String {
@@ -661,7 +690,21 @@ pub(crate) mod tests {
             "http://127.0.0.1:8002/app.git"
         ));
         assert!(!same_repository("", ""));
-        assert!(same_server(forms[0], "git@git.example.org:other/repo"));
+        assert!(same_server(
+            forms[0],
+            "https://git.example.org:443/other/repo"
+        ));
+        assert!(same_server(
+            "ssh://git@git.example.org/a",
+            "git@git.example.org:other/repo"
+        ));
+        // The same host over another scheme or port is another server: no credentials.
+        assert!(!same_server(forms[0], "http://git.example.org/ctf/app"));
+        assert!(!same_server(forms[0], "git@git.example.org:other/repo"));
+        assert!(!same_server(
+            forms[0],
+            "https://git.example.org:8443/ctf/app"
+        ));
         assert!(!same_server(forms[0], "https://evil.example.org/ctf/app"));
         assert!(!same_server(
             "http://127.0.0.1:8001/app.git",

@@ -63,6 +63,9 @@ pub struct Recovered {
 pub struct RunStore {
     connection: Arc<Mutex<Connection>>,
     path: String,
+    /// Made at random with the store (empty for a store older than this): run ids restart with a
+    /// new store, so its run logs go to a folder of this name and never mix with an old one's.
+    id: String,
 }
 
 const SCHEMA: &str = "
@@ -88,6 +91,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_pipeline ON runs (pipeline, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, id);
+CREATE TABLE IF NOT EXISTS store (id TEXT NOT NULL);
 ";
 
 const COLUMNS: &str = "id, pipeline, state, cause, commit_id, branch, delivery, spec_hash, attempt, \
@@ -164,11 +168,47 @@ impl RunStore {
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
             )
             .map_err(failed)?;
+        // A store that had runs before stores had ids keeps its logs where they were.
+        let had_runs: i64 = connection
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'runs'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(failed)?;
         connection.execute_batch(SCHEMA).map_err(failed)?;
+        let id: Option<String> = connection
+            .query_row("SELECT id FROM store", [], |row| row.get(0))
+            .optional()
+            .map_err(failed)?;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let id = match had_runs > 0 {
+                    true => String::new(),
+                    false => crate::backend::random_bytes()
+                        .map(|bytes| hex::encode(&bytes[..6]))
+                        .map_err(|e| failed(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?,
+                };
+                connection
+                    .execute("INSERT INTO store (id) VALUES (?1)", [&id])
+                    .map_err(failed)?;
+                id
+            }
+        };
         Ok(RunStore {
             connection: Arc::new(Mutex::new(connection)),
             path: shown,
+            id,
         })
+    }
+
+    /// The folder of this store's run logs under `root`: never one another store wrote to.
+    pub fn logs_folder(&self, root: &Path) -> std::path::PathBuf {
+        match self.id.is_empty() {
+            true => root.to_path_buf(),
+            false => root.join(&self.id),
+        }
     }
 
     fn with<T>(
@@ -516,6 +556,27 @@ impl RunStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_empty_store_file_starts_afresh_with_a_log_folder_of_its_own() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("runs.db");
+        let first = super::RunStore::open(&path).unwrap();
+        let logs = folder.path().join("runs");
+        let first_logs = first.logs_folder(&logs);
+        assert_ne!(first_logs, logs);
+        drop(first);
+        // Reopened: the same folder.
+        assert_eq!(super::RunStore::open(&path).unwrap().logs_folder(&logs), first_logs);
+        // Truncated to nothing (a full disk, a careless restore): run ids start again at 1, so
+        // the logs go elsewhere.
+        for leftover in ["runs.db-wal", "runs.db-shm"] {
+            let _ = std::fs::remove_file(folder.path().join(leftover));
+        }
+        std::fs::write(&path, b"").unwrap();
+        let again = super::RunStore::open(&path).unwrap();
+        assert_ne!(again.logs_folder(&logs), first_logs);
+    }
+
     use super::*;
 
     fn push(commit: &str, delivery: &str) -> NewRun {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast, watch};
 
 use super::store::{Enqueued, RunStore, StoreError};
 use super::{Cause, ChangeRun, NewRun, Run, RunState, StepRecord, branch_matches, change_run};
@@ -73,6 +73,23 @@ struct LiveLog {
     written: usize,
     cap: usize,
     followers: broadcast::Sender<Vec<u8>>,
+    /// The slots of this run's followers: freed when the run ends, whether or not a follower
+    /// reads on (one that stopped reading would otherwise hold its slot until it disconnects).
+    slots: Vec<std::sync::Weak<Mutex<Option<OwnedSemaphorePermit>>>>,
+}
+
+impl LiveLog {
+    /// Frees the slots of every follower, at the run's end.
+    fn release_followers(&mut self) {
+        for slot in self.slots.drain(..).filter_map(|slot| slot.upgrade()) {
+            slot.lock().expect("lock").take();
+        }
+    }
+}
+
+/// A follower's slot among [`MAX_FOLLOWERS`]: freed when the follower goes, or when its run ends.
+pub struct FollowerSlot {
+    _held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
 }
 
 impl LiveLog {
@@ -182,7 +199,7 @@ impl Pipelines {
     /// Opens the run store in the state folder.
     pub fn open(setup: Setup<'_>) -> Result<Pipelines, StoreError> {
         let store = RunStore::open(&setup.state_dir.join("runs.db"))?;
-        let logs = setup.state_dir.join("runs");
+        let logs = store.logs_folder(&setup.state_dir.join("runs"));
         let owner = {
             use sha2::Digest as _;
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -486,12 +503,15 @@ impl Pipelines {
         let Ok(slot) = Arc::clone(&self.inner.followers).try_acquire_owned() else {
             return Follow::Busy;
         };
-        let log = log.lock().expect("lock");
+        let mut log = log.lock().expect("lock");
         let so_far = std::fs::read(self.log_path(id)).unwrap_or_default();
+        let slot = Arc::new(Mutex::new(Some(slot)));
+        log.slots.retain(|slot| slot.strong_count() > 0);
+        log.slots.push(Arc::downgrade(&slot));
         Follow::Running(Following {
             so_far,
             rest: log.followers.subscribe(),
-            slot,
+            slot: FollowerSlot { _held: slot },
         })
     }
 
@@ -627,6 +647,13 @@ impl Pipelines {
         }
     }
 
+    /// Run `id` is no longer live: its followers' slots are freed, and they end with its log.
+    fn retire(&self, id: i64) {
+        if let Some(live) = self.inner.live.lock().expect("lock").remove(&id) {
+            live.log.lock().expect("lock").release_followers();
+        }
+    }
+
     /// Makes run `id` live: its cancel switch and its log file, opened for appending.
     fn register(&self, id: i64) -> Registered {
         let (cancel, cancelled) = watch::channel(false);
@@ -642,6 +669,7 @@ impl Pipelines {
             written: 0,
             cap: self.inner.config.log_cap,
             followers: broadcast::channel(FOLLOW_BACKLOG).0,
+            slots: Vec::new(),
         }));
         self.inner.live.lock().expect("lock").insert(
             id,
@@ -701,7 +729,7 @@ impl Pipelines {
                 )
                 .as_bytes(),
             );
-            self.inner.live.lock().expect("lock").remove(&run.id);
+            self.retire(run.id);
             *self.inner.paused_until.lock().expect("lock") = Some(Instant::now() + ENGINE_PAUSE);
             self.inner.wake.notify_one();
             return;
@@ -723,7 +751,7 @@ impl Pipelines {
             tracing::error!(%error, run = run.id, "cannot record how the run ended");
         }
         // Followers end with the sender.
-        self.inner.live.lock().expect("lock").remove(&run.id);
+        self.retire(run.id);
         match self.inner.store.forget_old(&run.pipeline) {
             Ok(forgotten) => {
                 for id in forgotten {
@@ -926,7 +954,7 @@ pub struct Following {
     /// Each piece written from now on; ends with the run.
     pub rest: broadcast::Receiver<Vec<u8>>,
     /// The follower's slot.
-    pub slot: tokio::sync::OwnedSemaphorePermit,
+    pub slot: FollowerSlot,
 }
 
 /// How a run ended.

@@ -99,6 +99,11 @@ impl Agent {
         });
     }
 
+    /// The agent's config file.
+    pub(crate) fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     /// The agent's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

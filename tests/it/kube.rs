@@ -406,7 +406,12 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
         cluster.exists(&ns, "deployment/web"),
         "without prune nothing is deleted"
     );
-    let cleaned = cluster.apply(repo.path(), &["--prune"]);
+    // It is all this instance owns: a prune alone holds it (issue 19, item 7), and says so.
+    let held = cluster.apply(repo.path(), &["--prune"]);
+    assert!(held.status.success(), "{}", said(&held));
+    assert!(said(&held).contains("deletes held: "), "{}", said(&held));
+    assert!(cluster.exists(&ns, "deployment/web"), "held, nothing deleted");
+    let cleaned = cluster.apply(repo.path(), &["--prune", "--allow-empty"]);
     assert!(cleaned.status.success(), "{}", said(&cleaned));
     assert!(
         !cluster.kubectl(&["get", "namespace", &ns]).status.success(),
@@ -457,6 +462,98 @@ fn an_archived_staging_past_its_ttl_is_cleaned_up_and_not_made_again() {
         cluster.get(&ns, "configmap/extra", "{.data.greeting}"),
         "hi"
     );
+}
+
+/// Issue 19, item 16: the server's dry run covers a staging made now too: an object the server
+/// refuses fails the staging before any other object of it is made.
+#[test]
+fn a_new_staging_with_an_object_the_server_refuses_makes_none_of_its_objects() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-refused", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write(
+        "shop.yaml",
+        staging("shop", &ns, "  tag: x\n  manifests: shop\n"),
+    )
+    .write(
+        "shop/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {level: info}\n",
+    )
+    .write(
+        "shop/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: -1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: busybox:latest}]}\n",
+    );
+    let output = cluster.apply(repo.path(), &[]);
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("a dry run found it"), "{text}");
+    assert!(text.contains("replicas"), "{text}");
+    assert!(
+        !cluster.exists(&ns, "configmap/settings"),
+        "an object was made before the refusal: {text}"
+    );
+}
+
+/// Issue 19, item 20: a staging whose namespace a finalizer holds fails its cleanup with the
+/// server's reason, soon, while the rest of the apply goes on; once the finalizer is gone, the
+/// next apply finishes the cleanup.
+#[test]
+fn a_staging_held_by_a_finalizer_fails_its_cleanup_and_holds_nothing_else() {
+    let Some(cluster) = cluster() else { return };
+    let name = &cluster.instance.name;
+    let (stuck, other) = (format!("{name}-stuck"), format!("{name}-other"));
+    let repo = Repo::new();
+    repo.write(
+        "stuck.yaml",
+        staging("stuck", &stuck, "  tag: x\n  manifests: stuck\n"),
+    )
+    .write(
+        "stuck/held.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\ndata: {a: b}\n",
+    );
+    let made = cluster.apply(repo.path(), &[]);
+    assert!(made.status.success(), "{}", said(&made));
+
+    std::fs::remove_file(repo.path().join("stuck.yaml")).unwrap();
+    repo.write(
+        "other.yaml",
+        staging("other", &other, "  tag: x\n  manifests: other\n"),
+    )
+    .write(
+        "other/c.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+    );
+    let started = Instant::now();
+    let output = cluster.apply(repo.path(), &["--prune", "--allow-empty"]);
+    let took = started.elapsed();
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains(&format!("namespace {stuck} cannot be deleted")), "{text}");
+    assert!(text.contains("example.com/hold"), "{text}");
+    assert!(cluster.exists(&other, "configmap/c"), "{text}");
+    assert!(
+        took < Duration::from_secs(120),
+        "the stuck cleanup held the apply for {took:?}"
+    );
+
+    let released = cluster.kubectl(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        &stuck,
+        "--type=merge",
+        "-p",
+        "{\"metadata\":{\"finalizers\":null}}",
+    ]);
+    assert!(released.status.success(), "{}", said(&released));
+    let output = cluster.apply(repo.path(), &["--prune", "--allow-empty"]);
+    assert!(output.status.success(), "{}", said(&output));
+    let started = Instant::now();
+    while cluster.exists(&stuck, "configmap/held") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the cleanup never finished");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
@@ -727,7 +824,7 @@ fn the_agent_follows_a_repo_of_stagings_and_commits_their_phases() {
     ]);
     let first = origin.bare_git(&["rev-parse", "main"]);
     let config = format!(
-        "prune: true\nkube: {{kubeconfig: {}}}\n",
+        "prune: true\npruneAllowEmpty: true\nkube: {{kubeconfig: {}}}\n",
         cluster.kubeconfig.display()
     );
     // The agent follows the bare repo by path, so a commit is a trigger.
@@ -1023,6 +1120,25 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
         "bye s3cr3t-t0ken-value"
     );
 
+    // A rotated secret reaches the running containers (environment from a Secret is read only
+    // when a container starts, so the pods roll), and back.
+    let rotated = [("BERTH_IT_TOKEN", "r0tated-t0ken-value")];
+    let planned = stdout(&cluster.berth_with(&["plan"], repo.path(), &rotated));
+    assert!(planned.contains("Challenge/web  update"), "{planned}");
+    let updated = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &rotated);
+    assert!(updated.status.success(), "{}", said(&updated));
+    assert!(!said(&updated).contains("r0tated"), "a secret value was shown");
+    assert_eq!(
+        served_eventually(port, "bye r0tated-t0ken-value"),
+        "bye r0tated-t0ken-value"
+    );
+    let updated = apply(&[]);
+    assert!(updated.status.success(), "{}", said(&updated));
+    assert_eq!(
+        served_eventually(port, "bye s3cr3t-t0ken-value"),
+        "bye s3cr3t-t0ken-value"
+    );
+
     // An update that never becomes ready fails, and the old version keeps serving.
     let broken = web_challenge(port, "bye", "").replace(
         "  image: busybox:latest\n  target",
@@ -1078,7 +1194,8 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
         ),
     );
     assert!(plan().contains("Challenge/web    orphan"), "{}", plan());
-    let pruned = apply(&["--prune"]);
+    // The one object this instance owned goes: a prune of everything is asked for by name.
+    let pruned = apply(&["--prune", "--allow-empty"]);
     assert!(pruned.status.success(), "{}", said(&pruned));
     for what in ["deployment/web", "service/web", "secret/web-env"] {
         assert!(!cluster.exists(&ns, what), "{what} is left");
@@ -1310,6 +1427,22 @@ fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_a
     agents[standby].wait_for("the change applied by the new leader", || {
         applied(&origin, &next)
     });
+
+    // An agent of another instance joining the same Lease would stand by for ever: it is refused
+    // at start, and says why.
+    let intruder = Agent::configure("intruder", &daemon.url(), "", &extra);
+    let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["agent", "--config"])
+        .arg(intruder.config_path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", said(&output));
+    assert!(
+        said(&output).contains(&format!("held by an agent of instance \"{name}\"")),
+        "{}",
+        said(&output)
+    );
 }
 
 #[test]

@@ -150,6 +150,37 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         ],
     ),
     (
+        // Issue 19, item 15: a value that would add a key (or a document) is refused at the
+        // variable that carried it.
+        "manifest-value-changes-shape",
+        "m/settings.yaml",
+        6,
+        18,
+        &["the value of ${overrides.GREETING} changes the manifest's shape"],
+    ),
+    (
+        "duplicate-step-name",
+        "build.yaml",
+        10,
+        13,
+        &["spec.steps[2].name: \"test\" is also the name of spec.steps[0]"],
+    ),
+    (
+        // Refused here rather than looked up on the network at run time.
+        "malformed-source-url",
+        "build.yaml",
+        6,
+        10,
+        &["spec.source.url: ", "is not a clone URL"],
+    ),
+    (
+        "image-name-too-long",
+        "web.yaml",
+        5,
+        10,
+        &["spec.image: the image name is", "at most 255"],
+    ),
+    (
         "manifest-undefined-variable",
         "m/c.yaml",
         6,

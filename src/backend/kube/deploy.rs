@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch};
 use serde_json::{Value, json};
 
 use super::challenge::ChallengeTemplate;
@@ -29,9 +29,17 @@ use crate::plan::{DesiredObject, Engine, Health, ObservedObject, ObservedPart, P
 /// Annotation on a challenge's Deployment and Service: the spec berth applied, as the plan shows
 /// it, so a change is explained field by field.
 const ANNOTATION_SPEC: &str = "berth.spec";
+/// On a challenge's pods: the `resourceVersion` of its Secret `NAME-env` when they were made, so
+/// a rotated secret rolls them (it reveals nothing of the values).
+const ANNOTATION_SECRET_VERSION: &str = "berth.secret-version";
 /// How long an apply waits for a challenge's rollout to be ready.
 const ROLLOUT_WAIT: Duration = Duration::from_secs(180);
 /// The kinds a challenge is made of, in the order they are applied.
+/// The revision the Deployment controller gives a Deployment and its ReplicaSets.
+const ANNOTATION_REVISION: &str = "deployment.kubernetes.io/revision";
+/// The label the Deployment controller puts on a ReplicaSet's pods.
+const LABEL_POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
 const CHALLENGE_KINDS: [&str; 4] = ["Secret", "NetworkPolicy", "Deployment", "Service"];
 
 fn deployment_resource() -> kube::discovery::ApiResource {
@@ -340,11 +348,25 @@ impl KubeBackend {
         for dry_run in [true, false] {
             let mut params = apply_params();
             params.dry_run = dry_run;
+            // Environment from a Secret is read when a container starts: the pods carry the
+            // Secret's version, so a rotated value rolls them (the Secret goes first).
+            let mut secret_version = None;
             for (kind, object, value) in &objects {
-                self.challenge_api(kind)
-                    .patch(object, &params, &Patch::Apply(value))
+                let mut value = value.clone();
+                if *kind == "Deployment"
+                    && let Some(version) = &secret_version
+                {
+                    value["spec"]["template"]["metadata"]["annotations"][ANNOTATION_SECRET_VERSION] =
+                        json!(version);
+                }
+                let applied = self
+                    .challenge_api(kind)
+                    .patch(object, &params, &Patch::Apply(&value))
                     .await
                     .map_err(|e| Trouble::object(kind, object, e))?;
+                if *kind == "Secret" {
+                    secret_version = applied.metadata.resource_version;
+                }
             }
         }
         // Parts the challenge no longer has (its ports, its secrets) go.
@@ -455,6 +477,11 @@ impl KubeBackend {
             &self.challenge_namespace,
             &pod_resource(),
         );
+        let replica_sets: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.challenge_namespace,
+            &ApiResource::erase::<k8s_openapi::api::apps::v1::ReplicaSet>(&()),
+        );
         let params = ListParams::default().labels(&self.challenge_selector(Some(name)));
         loop {
             let deployment = self
@@ -462,10 +489,42 @@ impl KubeBackend {
                 .get(name)
                 .await
                 .map_err(Trouble::from)?;
+            // Only the pods of this revision count: an old one failing to pull its image must
+            // not fail the fix that replaces it.
+            let revision = deployment
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_REVISION).cloned());
+            let current = replica_sets
+                .list(&params)
+                .await
+                .map_err(Trouble::from)?
+                .items
+                .into_iter()
+                .find(|set| {
+                    revision.is_some()
+                        && set
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(ANNOTATION_REVISION))
+                            == revision.as_ref()
+                })
+                .and_then(|set| set.metadata.labels?.get(LABEL_POD_TEMPLATE_HASH).cloned());
             let listed = pods.list(&params).await.map_err(Trouble::from)?;
             let values: Vec<Value> = listed
                 .items
                 .iter()
+                .filter(|pod| {
+                    current.is_some()
+                        && pod
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(LABEL_POD_TEMPLATE_HASH))
+                            == current.as_ref()
+                })
                 .map(|p| serde_json::to_value(p).unwrap_or_default())
                 .collect();
             let value = serde_json::to_value(&deployment).unwrap_or_default();

@@ -61,6 +61,8 @@ const ANNOTATION_ARCHIVED_AT: &str = "berth.archived-at";
 const ANNOTATION_EXPIRED_AT: &str = "berth.expired-at";
 /// How long cleanup waits for a namespace to go.
 const CLEANUP_WAIT: Duration = Duration::from_secs(300);
+/// How long a namespace may say that only finalizers hold it before its cleanup is called failed.
+const FINALIZER_GRACE: Duration = Duration::from_secs(10);
 /// Objects applied at once within one staging.
 const APPLY_CONCURRENCY: usize = 8;
 
@@ -690,7 +692,7 @@ impl KubeBackend {
             None if !taken => None,
             None => namespaces.get_opt(ns).await.map_err(Trouble::from)?,
         };
-        // A staging made now has nothing to check beforehand, nor anything to prune.
+        // A staging made now has nothing to prune.
         let fresh = existing.is_none();
         let mut recorded: Option<(BTreeSet<String>, Option<String>)> = None;
         let mut inventory: BTreeSet<String> = BTreeSet::new();
@@ -788,9 +790,10 @@ impl KubeBackend {
         // quantity it cannot read, an immutable field changed) fails the staging before any
         // object changes, so a bad change never leaves it half applied.
         let mut refused = Vec::new();
-        // An object new to an existing staging may already be there, made by hand: applying
-        // would adopt it, and a later prune would delete what berth never made.
-        if !fresh {
+        // An object new to the staging may already be there, made by hand (even in a namespace
+        // just made, by someone quick): applying would adopt it, and a later prune would delete
+        // what berth never made.
+        {
             let new_objects: Vec<String> = {
                 let live = self.live.lock().expect("live objects");
                 manifests
@@ -815,8 +818,10 @@ impl KubeBackend {
                 }
             }
         }
+        // The dry run covers a new staging too: a refused object must not come after others
+        // were made.
         let waves = [None, Some(true), Some(false)];
-        for wave in waves.into_iter().skip(usize::from(fresh)) {
+        for wave in waves {
             let dry_run = wave.is_none();
             let mut params = apply_params();
             params.dry_run = dry_run;
@@ -1035,16 +1040,27 @@ impl KubeBackend {
             }
             let started = Instant::now();
             loop {
-                match api.get_opt(&ns).await.map_err(Trouble::from)? {
-                    None => break,
-                    Some(_) if started.elapsed() > CLEANUP_WAIT => {
-                        return Err(Trouble::Failed(format!(
-                            "namespace {ns} is still being deleted after {}s; see kubectl describe namespace {ns} for what holds it",
-                            CLEANUP_WAIT.as_secs()
-                        )));
-                    }
-                    Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                let Some(found) = api.get_opt(&ns).await.map_err(Trouble::from)? else {
+                    break;
+                };
+                // Held by finalizers nothing will remove: the staging's cleanup fails with the
+                // server's reason, and is tried again on later passes, rather than holding this
+                // pass (and every other object in it) for minutes.
+                let waited = started.elapsed();
+                if waited > FINALIZER_GRACE
+                    && let Some(why) = held_by_finalizers(&found)
+                {
+                    return Err(Trouble::Failed(format!(
+                        "namespace {ns} cannot be deleted: {why}; remove those finalizers (or what should remove them) and the next pass finishes the cleanup"
+                    )));
                 }
+                if waited > CLEANUP_WAIT {
+                    return Err(Trouble::Failed(format!(
+                        "namespace {ns} is still being deleted after {}s; see kubectl describe namespace {ns} for what holds it",
+                        CLEANUP_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             deleted.push(ns);
         }
@@ -1070,6 +1086,16 @@ impl KubeBackend {
             false => format!("namespace {} deleted", deleted.join(", ")),
         })
     }
+}
+
+/// What the namespace controller says holds a namespace being deleted, when it is finalizers
+/// (`NamespaceFinalizersRemaining`): the objects' finalizers and how many objects carry them.
+fn held_by_finalizers(namespace: &DynamicObject) -> Option<String> {
+    namespace.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "NamespaceFinalizersRemaining" && c["status"] == "True")
+        .map(|c| c["message"].as_str().unwrap_or("finalizers remain").to_string())
 }
 
 /// Why a step could not finish.

@@ -115,10 +115,13 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
     // Lists leave out each item's apiVersion and kind; the object was found by them anyway.
     let mut applied = applied.clone();
     let secret = applied["kind"] == "Secret";
+    if secret && let Some(edit) = secret_data_edited(&applied, live) {
+        return Some(edit);
+    }
     if let Some(fields) = applied.as_object_mut() {
         fields.remove("apiVersion");
         fields.remove("kind");
-        // A Secret's values are never compared, so never shown: and `stringData` is not even
+        // A Secret's values were compared above, by key, never shown; and `stringData` is not
         // kept by the server, which folds it into `data`.
         if secret {
             fields.remove("data");
@@ -126,6 +129,39 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
         }
     }
     differ(&applied, live, &mut path)
+}
+
+/// Which key of a Secret's values someone changed or removed, naming the key and never a value:
+/// `data` (base64) and `stringData` (plain) as applied, against the live `data`.
+fn secret_data_edited(applied: &Value, live: &Value) -> Option<String> {
+    use base64::Engine as _;
+    let decode = |text: &str| {
+        let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .ok()
+    };
+    let mut wanted: Vec<(&String, Option<Vec<u8>>)> = Vec::new();
+    if let Some(data) = applied.get("data").and_then(Value::as_object) {
+        wanted.extend(data.iter().map(|(k, v)| (k, v.as_str().and_then(decode))));
+    }
+    if let Some(data) = applied.get("stringData").and_then(Value::as_object) {
+        wanted.extend(
+            data.iter()
+                .map(|(k, v)| (k, v.as_str().map(|v| v.as_bytes().to_vec()))),
+        );
+    }
+    let live = live.get("data").and_then(Value::as_object);
+    for (key, value) in wanted {
+        match live.and_then(|data| data.get(key)).and_then(Value::as_str) {
+            None => return Some(format!("data.{key} was removed")),
+            Some(there) if decode(there) != value => {
+                return Some(format!("data.{key} was changed (values are not shown)"));
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 fn differ(applied: &Value, live: &Value, path: &mut String) -> Option<String> {
@@ -367,8 +403,17 @@ mod tests {
         let applied = shaped(&secret, "stg", &HashMap::new(), &HashMap::new(), false);
         let mut live = applied.clone();
         live.as_object_mut().unwrap().remove("stringData");
-        live["data"] = json!({"pw": "c3RvbGVu"});
+        // As the server keeps it: the same value, in `data`.
+        live["data"] = json!({"pw": "aHVudGVyMg=="});
         assert_eq!(edited(&applied, &live), None);
+        // Changed by hand (issue 19, item 17): shown as a change of that key, values never.
+        live["data"] = json!({"pw": "c3RvbGVu"});
+        let edit = edited(&applied, &live).unwrap();
+        assert_eq!(edit, "data.pw was changed (values are not shown)");
+        assert!(!edit.contains("hunter2") && !edit.contains("c3RvbGVu"));
+        live["data"] = json!({});
+        assert_eq!(edited(&applied, &live).as_deref(), Some("data.pw was removed"));
+        live["data"] = json!({"pw": "aHVudGVyMg=="});
         live["type"] = json!("kubernetes.io/tls");
         let edit = edited(&applied, &live).unwrap();
         assert_eq!(edit, "type is kubernetes.io/tls, berth applies Opaque");
