@@ -188,7 +188,9 @@ impl RunStore {
                     true => String::new(),
                     false => crate::backend::random_bytes()
                         .map(|bytes| hex::encode(&bytes[..6]))
-                        .map_err(|e| failed(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?,
+                        .map_err(|e| {
+                            failed(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                        })?,
                 };
                 connection
                     .execute("INSERT INTO store (id) VALUES (?1)", [&id])
@@ -566,7 +568,10 @@ mod tests {
         assert_ne!(first_logs, logs);
         drop(first);
         // Reopened: the same folder.
-        assert_eq!(super::RunStore::open(&path).unwrap().logs_folder(&logs), first_logs);
+        assert_eq!(
+            super::RunStore::open(&path).unwrap().logs_folder(&logs),
+            first_logs
+        );
         // Truncated to nothing (a full disk, a careless restore): run ids start again at 1, so
         // the logs go elsewhere.
         for leftover in ["runs.db-wal", "runs.db-shm"] {
