@@ -410,7 +410,10 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
     let held = cluster.apply(repo.path(), &["--prune"]);
     assert!(held.status.success(), "{}", said(&held));
     assert!(said(&held).contains("deletes held: "), "{}", said(&held));
-    assert!(cluster.exists(&ns, "deployment/web"), "held, nothing deleted");
+    assert!(
+        cluster.exists(&ns, "deployment/web"),
+        "held, nothing deleted"
+    );
     let cleaned = cluster.apply(repo.path(), &["--prune", "--allow-empty"]);
     assert!(cleaned.status.success(), "{}", said(&cleaned));
     assert!(
@@ -515,6 +518,7 @@ fn a_staging_held_by_a_finalizer_fails_its_cleanup_and_holds_nothing_else() {
     assert!(made.status.success(), "{}", said(&made));
 
     std::fs::remove_file(repo.path().join("stuck.yaml")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("stuck")).unwrap();
     repo.write(
         "other.yaml",
         staging("other", &other, "  tag: x\n  manifests: other\n"),
@@ -528,7 +532,10 @@ fn a_staging_held_by_a_finalizer_fails_its_cleanup_and_holds_nothing_else() {
     let took = started.elapsed();
     let text = said(&output);
     assert!(!output.status.success(), "{text}");
-    assert!(text.contains(&format!("namespace {stuck} cannot be deleted")), "{text}");
+    assert!(
+        text.contains(&format!("namespace {stuck} cannot be deleted")),
+        "{text}"
+    );
     assert!(text.contains("example.com/hold"), "{text}");
     assert!(cluster.exists(&other, "configmap/c"), "{text}");
     assert!(
@@ -551,7 +558,10 @@ fn a_staging_held_by_a_finalizer_fails_its_cleanup_and_holds_nothing_else() {
     assert!(output.status.success(), "{}", said(&output));
     let started = Instant::now();
     while cluster.exists(&stuck, "configmap/held") {
-        assert!(started.elapsed() < Duration::from_secs(60), "the cleanup never finished");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the cleanup never finished"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -1127,7 +1137,10 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
     assert!(planned.contains("Challenge/web  update"), "{planned}");
     let updated = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &rotated);
     assert!(updated.status.success(), "{}", said(&updated));
-    assert!(!said(&updated).contains("r0tated"), "a secret value was shown");
+    assert!(
+        !said(&updated).contains("r0tated"),
+        "a secret value was shown"
+    );
     assert_eq!(
         served_eventually(port, "bye r0tated-t0ken-value"),
         "bye r0tated-t0ken-value"

@@ -28,6 +28,9 @@ use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::PartState;
 
+/// Longest wait for a host port a socket outside the engine still holds.
+const HOST_PORT_WAIT: Duration = Duration::from_secs(15);
+
 impl DockerBackend {
     /// Makes the challenge match its template: image, network, then each slot's container,
     /// replacing changed ones the way `start_first` allows, and removing what is left over.
@@ -331,14 +334,30 @@ impl DockerBackend {
         }
     }
 
+    /// Starts `name`. A host port still held by a socket outside the engine (kube-proxy frees a
+    /// NodePort's only on its next sync after the Service went, when a challenge moves back from
+    /// the cluster) is waited for, for a few seconds, before the start fails.
     async fn start(&self, name: &str) -> Attempt<()> {
-        self.docker
-            .start_container(
-                name,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(|e| self.trouble(&format!("cannot start {name}"), e))
+        let started = Instant::now();
+        loop {
+            match self
+                .docker
+                .start_container(
+                    name,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(error)
+                    if error.to_string().contains("address already in use")
+                        && started.elapsed() < HOST_PORT_WAIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(error) => return Err(self.trouble(&format!("cannot start {name}"), error)),
+            }
+        }
     }
 
     async fn stop(&self, name: &str) -> Attempt<()> {

@@ -356,8 +356,8 @@ impl KubeBackend {
                 if *kind == "Deployment"
                     && let Some(version) = &secret_version
                 {
-                    value["spec"]["template"]["metadata"]["annotations"][ANNOTATION_SECRET_VERSION] =
-                        json!(version);
+                    value["spec"]["template"]["metadata"]["annotations"]
+                        [ANNOTATION_SECRET_VERSION] = json!(version);
                 }
                 let applied = self
                     .challenge_api(kind)

@@ -61,8 +61,9 @@ const ANNOTATION_ARCHIVED_AT: &str = "berth.archived-at";
 const ANNOTATION_EXPIRED_AT: &str = "berth.expired-at";
 /// How long cleanup waits for a namespace to go.
 const CLEANUP_WAIT: Duration = Duration::from_secs(300);
-/// How long a namespace may say that only finalizers hold it before its cleanup is called failed.
-const FINALIZER_GRACE: Duration = Duration::from_secs(10);
+/// How long a namespace may say that finalizers no built-in controller removes hold it before its
+/// cleanup is called failed (and tried again on the next pass).
+const FINALIZER_GRACE: Duration = Duration::from_secs(20);
 /// Objects applied at once within one staging.
 const APPLY_CONCURRENCY: usize = 8;
 
@@ -1089,13 +1090,23 @@ impl KubeBackend {
 }
 
 /// What the namespace controller says holds a namespace being deleted, when it is finalizers
-/// (`NamespaceFinalizersRemaining`): the objects' finalizers and how many objects carry them.
+/// that no built-in controller removes (`NamespaceFinalizersRemaining`, naming a finalizer not of
+/// `kubernetes.io/`, such as an operator's that is not running): the finalizers and how many
+/// objects carry them. Built-in ones (`kubernetes.io/pvc-protection`, waiting for pods to end)
+/// go by themselves.
 fn held_by_finalizers(namespace: &DynamicObject) -> Option<String> {
-    namespace.data["status"]["conditions"]
+    let message = namespace.data["status"]["conditions"]
         .as_array()?
         .iter()
-        .find(|c| c["type"] == "NamespaceFinalizersRemaining" && c["status"] == "True")
-        .map(|c| c["message"].as_str().unwrap_or("finalizers remain").to_string())
+        .find(|c| c["type"] == "NamespaceFinalizersRemaining" && c["status"] == "True")?["message"]
+        .as_str()?;
+    // "Some content in the namespace has finalizers remaining: NAME in N resource instances, …"
+    let listed = message.split_once(": ").map_or(message, |(_, list)| list);
+    let foreign = listed
+        .split(", ")
+        .filter_map(|item| item.split(" in ").next())
+        .any(|finalizer| !finalizer.starts_with("kubernetes.io/") && finalizer != "kubernetes");
+    foreign.then(|| message.to_string())
 }
 
 /// Why a step could not finish.

@@ -412,7 +412,10 @@ mod tests {
         assert_eq!(edit, "data.pw was changed (values are not shown)");
         assert!(!edit.contains("hunter2") && !edit.contains("c3RvbGVu"));
         live["data"] = json!({});
-        assert_eq!(edited(&applied, &live).as_deref(), Some("data.pw was removed"));
+        assert_eq!(
+            edited(&applied, &live).as_deref(),
+            Some("data.pw was removed")
+        );
         live["data"] = json!({"pw": "aHVudGVyMg=="});
         live["type"] = json!("kubernetes.io/tls");
         let edit = edited(&applied, &live).unwrap();
