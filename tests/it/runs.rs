@@ -282,7 +282,7 @@ fn kill_9_during_a_run_then_a_restart_marks_it_interrupted_and_retries_it_once()
         .as_i64()
         .unwrap();
     agent.wait_for("the step started", || {
-        let log = std::fs::read_to_string(agent.dir.path().join(format!("state/runs/{id}.log")));
+        let log = std::fs::read_to_string(run_log(&agent, id));
         log.is_ok_and(|l| l.contains("started"))
     });
     agent.kill9();
@@ -410,8 +410,7 @@ fn a_newer_commit_supersedes_queued_runs_and_cancel_running_stops_the_running_on
         .spawn()
         .unwrap();
     agent.wait_for("the step's first line", || {
-        std::fs::read_to_string(agent.dir.path().join(format!("state/runs/{slow3}.log")))
-            .is_ok_and(|l| l.contains("waiting"))
+        std::fs::read_to_string(run_log(&agent, slow3)).is_ok_and(|l| l.contains("waiting"))
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     running(eager3);
@@ -432,6 +431,19 @@ fn a_newer_commit_supersedes_queued_runs_and_cancel_running_stops_the_running_on
     agent.wait_for("no run container left", || {
         run_containers(&instance).is_empty()
     });
+}
+
+/// Where the agent keeps run `id`'s log: `state/runs/STORE/ID.log`, in the one folder of its
+/// run store.
+fn run_log(agent: &Agent, id: i64) -> std::path::PathBuf {
+    let runs = agent.dir.path().join("state/runs");
+    std::fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join(format!("{id}.log")))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| runs.join(format!("{id}.log")))
 }
 
 /// A pipeline named `name` building the config repo's `ctx` folder (no source).
@@ -671,8 +683,7 @@ fn a_second_agent_of_the_instance_leaves_the_first_ones_running_runs_alone() {
     let (code, body) = first.api("POST", "/api/v1/pipelines/slow/runs");
     assert_eq!(code, 201, "{body}");
     first.wait_for("the step started", || {
-        std::fs::read_to_string(first.dir.path().join("state/runs/1.log"))
-            .is_ok_and(|l| l.contains("started"))
+        std::fs::read_to_string(run_log(&first, 1)).is_ok_and(|l| l.contains("started"))
     });
     let second = Agent::start(&instance, &daemon.url(), "");
     second.wait_for("the second agent's first pass", || {
@@ -801,4 +812,60 @@ fn a_push_of_another_branch_builds_under_its_own_tag_and_never_moves_the_product
     // The passes the run's end wakes do not roll the challenge to it.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(fetch(port), "version one");
+}
+
+/// Issue 19, item 12: followers that stop reading hold their slots only while their run runs;
+/// once it ends, the next follower is served, not told the slots are taken.
+#[test]
+fn followers_that_do_not_read_give_their_slots_back_when_the_run_ends() {
+    let Some(instance) = engine() else { return };
+    // Output enough to fill a reader's socket buffers many times over, for a few seconds.
+    let config = Origin::new(&[
+        ("ctx/f", "x\n"),
+        (
+            "pipelines/loud.yaml",
+            &local_pipeline(
+                "loud",
+                "",
+                "for i in 1 2 3 4 5 6; do head -c 4000000 /dev/zero | tr '\\\\0' a; sleep 1; done; echo done",
+            ),
+        ),
+    ]);
+    let daemon = GitDaemon::start(&config);
+    let agent = Agent::start(&instance, &daemon.url(), "pipelines: {logCap: 1048576}\n");
+    agent.wait_for("the first pass", || agent.log().contains("pass done"));
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/loud/runs");
+    assert_eq!(code, 201, "{body}");
+    agent.wait_for("the run running", || state(&agent, 1) == "running");
+    let request = format!(
+        "GET /api/v1/runs/1/logs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        crate::agent::API_TOKEN
+    );
+    // Sixteen followers, as many as there are slots, none of which reads.
+    let silent: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, busy) = agent.api("GET", "/api/v1/runs/1/logs");
+    assert_eq!(code, 503, "all slots taken while it runs: {busy}");
+    agent.wait_for("the run ended", || state(&agent, 1) == "succeeded");
+    let (code, log) = agent.api("GET", "/api/v1/runs/1/logs");
+    assert_eq!(code, 200, "{log}");
+    assert!(log.contains("done"), "the whole log, from the file");
+    // A new run, followed: a slot is free although the silent ones are still connected.
+    let (code, body) = agent.api("POST", "/api/v1/pipelines/loud/runs");
+    assert_eq!(code, 201, "{body}");
+    agent.wait_for("the second run running", || state(&agent, 2) == "running");
+    let mut follower = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    follower
+        .write_all(request.replace("runs/1/", "runs/2/").as_bytes())
+        .unwrap();
+    let mut head = [0u8; 12];
+    follower.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    drop(silent);
 }
