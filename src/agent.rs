@@ -305,6 +305,19 @@ pub async fn run(
                 deliveries: Default::default(),
             };
             let limits = crate::server::Limits::new(&config);
+            if let Some(address) = config.http.health_listen {
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|source| AgentError::Listen { address, source })?;
+                let stopping = stopping.clone();
+                tracing::info!(%address, "health probes listening");
+                tokio::spawn(crate::server::serve(
+                    listener,
+                    crate::server::health_router(state.clone()),
+                    crate::server::HEALTH_LIMITS,
+                    async move { stopping.notified().await },
+                ));
+            }
             let app = crate::server::router(state, &limits);
             let stopping = stopping.clone();
             tracing::info!(%address, max_connections = limits.max_connections, "listening");

@@ -81,6 +81,11 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         "/http/bodyTimeout",
         EnvType::Text,
     ),
+    (
+        "BERTH_HTTP_HEALTH_LISTEN",
+        "/http/healthListen",
+        EnvType::Text,
+    ),
     ("BERTH_API_TOKEN_FILE", "/api/tokenFile", EnvType::Text),
     ("BERTH_STATUS_BRANCH", "/statusBranch", EnvType::Text),
     ("BERTH_PRUNE", "/prune", EnvType::Bool),
@@ -369,6 +374,10 @@ pub struct HttpConfig {
     /// Longest time to receive a request's body and answer it; slower clients get 408.
     #[serde(default = "default_http_timeout")]
     pub body_timeout: Duration,
+    /// A second address serving only `/healthz` and `/readyz`, with slots of its own and a
+    /// one-second timeout: probes answered there within a second whatever floods `listen`.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
@@ -377,6 +386,7 @@ impl Default for HttpConfig {
             max_connections: default_max_connections(),
             header_timeout: default_http_timeout(),
             body_timeout: default_http_timeout(),
+            health_listen: None,
         }
     }
 }

@@ -181,6 +181,24 @@ struct HookLimits {
     max_body: usize,
 }
 
+/// The health listener's limits: a few slots, and one second for a probe to ask and be answered.
+pub const HEALTH_LIMITS: Limits = Limits {
+    max_connections: 16,
+    header_timeout: Duration::from_secs(1),
+    body_timeout: Duration::from_secs(1),
+    max_body: 0,
+    max_concurrent_hooks: 1,
+};
+
+/// Only `/healthz` and `/readyz`, for [`crate::config::HttpConfig::health_listen`]: a listener
+/// of their own, so a flood of clients on the main one never makes a kubelet restart the agent.
+pub fn health_router(state: ServerState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 /// The routes, with every request held to `limits`.
 pub fn router(state: ServerState, limits: &Limits) -> Router {
     let app = App {

@@ -195,7 +195,7 @@ impl Drop for Agent {
 }
 
 /// One HTTP/1.1 request over a fresh connection.
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,

@@ -3,15 +3,16 @@
 //! half a request, and called with the bearer scheme written as users write it.
 //!
 //! The agent follows a git server that does not exist: every pass fails, and only the HTTP server
-//! matters. No test asserts a time; waits are bounded, and a connection the server still holds
-//! after a minute counts as held for ever.
+//! matters. Waits are bounded, and a connection the server still holds after a minute counts as
+//! held for ever. One test asserts a time: a kubelet's probe gives up after one second, so a
+//! health probe's answer must come within it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::agent::{API_TOKEN, Agent, status_code};
+use crate::agent::{API_TOKEN, Agent, http, status_code};
 
 /// No git server listens here.
 const NOWHERE: &str = "git://127.0.0.1:9/nothing.git";
@@ -391,4 +392,42 @@ fn issue8_item12_open_connections_stay_under_half_the_file_limit() {
     let log = agent.log();
     assert!(log.contains("max_connections=32"), "{log}");
     assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// Issue 19, item 9: with a thousand clients holding `listen` by sending half a request (every
+/// slot taken, the rest queued in the kernel), probes on `http.healthListen` are still answered
+/// within a second, as a kubelet's probe needs.
+#[test]
+fn probes_on_the_health_listener_are_answered_within_a_second_under_a_flood() {
+    const CLIENTS: usize = 1000;
+    let health = crate::docker::free_port();
+    let agent = agent(
+        "probes",
+        &format!("http: {{healthListen: 127.0.0.1:{health}}}\n"),
+        &[],
+    );
+    let flood: Vec<TcpStream> = (0..CLIENTS)
+        .filter_map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", agent.port)).ok()?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").ok()?;
+            Some(stream)
+        })
+        .collect();
+    assert!(flood.len() > 500, "only {} clients connected", flood.len());
+    for _ in 0..5 {
+        let asked = std::time::Instant::now();
+        let (code, body) = http(health, "GET", "/healthz", &[], b"");
+        let took = asked.elapsed();
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+        assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
+        // Ready or not (this agent's git server does not exist), it answers at once.
+        let asked = std::time::Instant::now();
+        let (code, body) = http(health, "GET", "/readyz", &[], b"");
+        assert_eq!(code, 503, "{body}");
+        assert!(asked.elapsed() < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Nothing else is served there.
+    assert_eq!(http(health, "GET", "/api/v1/status", &[], b"").0, 404);
+    drop(flood);
 }
