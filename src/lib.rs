@@ -39,3 +39,4 @@ pub mod source;
 pub mod status;
 pub mod triggers;
 pub mod webhook;
+pub mod write_deadline;

@@ -39,6 +39,7 @@ use crate::queue::workers::{Follow, ManualError, Pipelines};
 use crate::status::StatusSet;
 use crate::triggers::{Trigger, TriggerSender};
 use crate::webhook::{self, Delivery, Provider, Refusal, SignatureCheck};
+use crate::write_deadline::WriteDeadline;
 
 /// Whether the agent can do its job, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,8 +273,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = http.serve_connection(
+            // A client that stops reading a response (a followed log, a large one) is cut off
+            // once a write has waited a body timeout.
+            TokioIo::new(WriteDeadline::new(stream, limits.body_timeout)),
+            TowerToHyperService::new(app.clone()),
+        );
         let mut closing_seen = closing_seen.clone();
         tokio::spawn(async move {
             let _slot = slot;
