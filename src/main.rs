@@ -86,7 +86,8 @@ enum Command {
         target: TargetFlags,
         #[command(flatten)]
         load: LoadFlags,
-        /// Longest time to wait for new containers to become healthy (0s: do not wait).
+        /// Longest time to wait for new containers, and a challenge's rollout on Kubernetes, to
+        /// become healthy (0s: do not wait).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         wait: std::time::Duration,
         /// Most steps applied at once.
@@ -629,10 +630,12 @@ async fn apply(
     wait: std::time::Duration,
     apply_options: &ApplyOptions,
 ) -> ExitCode {
-    let (loaded, engines) = match load_and_connect(dir, flags, options).await {
+    let (loaded, mut engines) = match load_and_connect(dir, flags, options).await {
         Ok(ready) => ready,
         Err(code) => return code,
     };
+    // A challenge on Kubernetes is waited for as long as a container on Docker.
+    engines.set_rollout_wait(wait);
     let desired = reconcile::desired(&loaded);
     let width = desired
         .objects

@@ -356,9 +356,24 @@ pub async fn settle(
 ) -> BTreeMap<ObjectRef, String> {
     let began = Instant::now();
     let deadline = began + limit;
+    // An object's own `readyTimeout` (a Staging's) ends its wait sooner.
+    let ready_timeouts: BTreeMap<ObjectRef, Duration> = applied
+        .planned
+        .desired
+        .objects
+        .iter()
+        .filter_map(|d| Some((d.key.clone(), d.ready_timeout?)))
+        .collect();
+    let past_own_timeout = |key: &ObjectRef| {
+        ready_timeouts
+            .get(key)
+            .is_some_and(|t| began.elapsed() >= *t)
+    };
     loop {
         let pending = unhealthy(&applied.planned, &applied.observed, true);
-        let progressing = pending.values().any(|why| why.contains("Progressing"));
+        let progressing = pending
+            .iter()
+            .any(|(key, why)| why.contains("Progressing") && !past_own_timeout(key));
         if !progressing || Instant::now() >= deadline {
             break;
         }
@@ -383,10 +398,13 @@ pub async fn settle(
         if let (Outcome::Done(_), true, Some(why)) =
             (&report.outcome, started, unwell.remove(&report.step.key))
         {
-            report.outcome = Outcome::Failed(format!(
-                "not healthy after {}s: {why}",
-                began.elapsed().as_secs()
-            ));
+            report.outcome = Outcome::Failed(match ready_timeouts.get(&report.step.key) {
+                Some(timeout) if past_own_timeout(&report.step.key) => format!(
+                    "not ready within its readyTimeout of {}s: {why}",
+                    timeout.as_secs()
+                ),
+                _ => format!("not healthy after {}s: {why}", began.elapsed().as_secs()),
+            });
         }
     }
     unwell

@@ -476,6 +476,16 @@ impl EngineLock {
 }
 
 impl Engines {
+    /// Waits at most `wait` for a Kubernetes challenge's rollout when applying it (see
+    /// [`kube::KubeBackend::set_rollout_wait`]).
+    pub fn set_rollout_wait(&mut self, wait: Duration) {
+        for backend in &mut self.backends {
+            if let Backend::Kube(kube) = backend {
+                kube.set_rollout_wait(wait);
+            }
+        }
+    }
+
     /// Connects to every engine this berth drives: the Docker Engine, and the Kubernetes cluster
     /// `access` names when one is configured.
     pub async fn connect(

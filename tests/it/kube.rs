@@ -566,6 +566,53 @@ fn a_staging_held_by_a_finalizer_fails_its_cleanup_and_holds_nothing_else() {
     }
 }
 
+/// Issue 19, item 19: `berth apply --wait` bounds a Kubernetes challenge's rollout as it bounds a
+/// container's health on Docker, and a Staging's `readyTimeout` ends the apply's wait for it.
+#[test]
+fn apply_waits_as_long_as_wait_says_and_a_staging_no_longer_than_its_ready_timeout() {
+    let Some(cluster) = cluster() else { return };
+    let repo = Repo::new();
+    // Never ready: its readiness probe asks a port nothing listens on.
+    repo.write(
+        "never.yaml",
+        crate::util::challenge(
+            "never",
+            "  target: kubernetes\n  command: [sleep, \"3600\"]\n  healthcheck: {tcp: 9999, interval: 1s}\n",
+        ),
+    );
+    let started = Instant::now();
+    let output = cluster.berth_with(&["apply", "--wait", "5s"], repo.path(), &[]);
+    let took = started.elapsed();
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("not ready after"), "{text}");
+    assert!(took < Duration::from_secs(60), "--wait 5s waited {took:?}");
+
+    let ns = format!("{}-slow", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write(
+        "slow.yaml",
+        staging("slow", &ns, "  tag: x\n  manifests: slow\n  readyTimeout: 5s\n"),
+    )
+    .write(
+        "slow/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n        - name: web\n          image: busybox:latest\n          imagePullPolicy: Never\n          command: [sleep, \"3600\"]\n          readinessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1}\n",
+    );
+    let started = Instant::now();
+    let output = cluster.apply(repo.path(), &[]);
+    let took = started.elapsed();
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("not ready within its readyTimeout of 5s"),
+        "{text}"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "readyTimeout 5s waited {took:?}"
+    );
+}
+
 #[test]
 fn an_unknown_kind_or_a_chart_without_helm_fails_only_its_own_staging() {
     let Some(cluster) = cluster() else { return };

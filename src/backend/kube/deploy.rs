@@ -32,8 +32,8 @@ const ANNOTATION_SPEC: &str = "berth.spec";
 /// On a challenge's pods: the `resourceVersion` of its Secret `NAME-env` when they were made, so
 /// a rotated secret rolls them (it reveals nothing of the values).
 const ANNOTATION_SECRET_VERSION: &str = "berth.secret-version";
-/// How long an apply waits for a challenge's rollout to be ready.
-const ROLLOUT_WAIT: Duration = Duration::from_secs(180);
+/// How long an apply waits for a challenge's rollout to be ready, unless told otherwise.
+pub(super) const ROLLOUT_WAIT: Duration = Duration::from_secs(180);
 /// The kinds a challenge is made of, in the order they are applied.
 /// The revision the Deployment controller gives a Deployment and its ReplicaSets.
 const ANNOTATION_REVISION: &str = "deployment.kubernetes.io/revision";
@@ -396,7 +396,9 @@ impl KubeBackend {
         if !removed.is_empty() {
             done.push_str(&format!(", removed {}", removed.join(", ")));
         }
-        if template.running() {
+        if template.running() && self.rollout_wait.is_zero() {
+            done.push_str("; its rollout was not waited for (--wait 0s)");
+        } else if template.running() {
             let ready = self.wait_ready(name, updating).await?;
             done.push_str(&format!("; ready in {:.1}s", ready.as_secs_f64()));
         } else {
@@ -538,7 +540,7 @@ impl KubeBackend {
                         condition.detail.unwrap_or_default()
                     )));
                 }
-                _ if waited > ROLLOUT_WAIT => {
+                _ if waited > self.rollout_wait => {
                     return Err(Trouble::Failed(format!(
                         "not ready after {}s: {}{kept}",
                         waited.as_secs(),

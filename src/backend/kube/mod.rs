@@ -243,6 +243,8 @@ pub struct KubeBackend {
     taken: Arc<Mutex<HashSet<String>>>,
     /// Key of the in-memory digests that tell a rotated secret; never stored.
     digest_key: Arc<[u8; 32]>,
+    /// How long an apply waits for a challenge's rollout to be ready; zero: not at all.
+    rollout_wait: Duration,
 }
 
 impl std::fmt::Debug for KubeBackend {
@@ -284,7 +286,14 @@ impl KubeBackend {
             live: Arc::default(),
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
+            rollout_wait: deploy::ROLLOUT_WAIT,
         }))
+    }
+
+    /// Waits at most `wait` for each challenge's rollout (`berth apply --wait`); zero does not
+    /// wait, and the apply then says the rollout was not waited for.
+    pub fn set_rollout_wait(&mut self, wait: Duration) {
+        self.rollout_wait = wait;
     }
 
     /// A step's outcome: done, failed for a reason, or transient when the server did not answer.
