@@ -40,6 +40,8 @@ const MAX_RECHECK: Duration = Duration::from_secs(30);
 /// How long a pass in progress may go on after SIGTERM before the agent stops without it (what
 /// it was doing is left as `kill -9` would leave it, which every pass recovers from).
 const STOP_GRACE: Duration = Duration::from_secs(7);
+/// How long the status push at a stop may take, after the pass: the stop stays within 10 s.
+const LAST_PUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +226,10 @@ struct Agent {
     status_read: bool,
     /// When the last pass ended.
     last_pass: Option<Instant>,
+    /// The revision whose deletes were held (it would have deleted everything), and why.
+    held_deletes: Option<(String, String)>,
+    /// When the last pass that ran early for a webhook's new commit started.
+    last_early_pass: Option<Instant>,
     /// The next pass without an outside trigger (a retry or a recheck): one at a time.
     next_pass: Timer,
     retry_backoff: Backoff,
@@ -364,6 +370,8 @@ pub async fn run(
         published: None,
         status_read: false,
         last_pass: None,
+        last_early_pass: None,
+        held_deletes: None,
         next_pass: Timer::default(),
         retry_backoff: Backoff::new(),
         recheck: Duration::from_secs(1),
@@ -421,7 +429,14 @@ pub async fn run(
             continue;
         }
         if batch.iter().all(|t| *t == Trigger::PushStatus) {
-            agent.publish().await;
+            let pushed = tokio::select! {
+                () = agent.publish() => true,
+                () = async { stop().await; tokio::time::sleep(STOP_GRACE).await } => false,
+            };
+            if !pushed {
+                abandoned = true;
+                break;
+            }
             continue;
         }
         let announced = agent.announced(&batch);
@@ -476,8 +491,12 @@ pub async fn run(
     agent.next_push.cancel();
     agent.pipelines.shutdown().await;
     // An abandoned pass may still hold git's one blocking thread: status waits for the next start.
-    if !abandoned && leadership.confirm().await {
-        agent.publish().await;
+    // Bounded like a pass: a git server that stalls the push does not hold the stop.
+    if !abandoned
+        && leadership.confirm().await
+        && tokio::time::timeout(LAST_PUSH_WAIT, agent.publish()).await.is_err()
+    {
+        tracing::warn!("the last status push did not end in time; the next start pushes it");
     }
     leadership.resign().await;
     if let Some(server) = server {
@@ -512,15 +531,32 @@ impl Agent {
         let before = Arc::clone(&self.status);
         let end = async {
             tracing::debug!(triggers = ?names, "pass starts");
-            let recheck = batch
-                .iter()
-                .any(|t| matches!(t, Trigger::Recheck | Trigger::RunEnded));
+            // A retry re-runs what failed, which may have been a recheck or a run's roll: it
+            // looks at the engines even without drift checks.
+            let recheck = batch.iter().any(|t| {
+                matches!(t, Trigger::Recheck | Trigger::RunEnded | Trigger::Retry)
+            });
             self.run_pass(recheck).await
         }
         .instrument(span)
         .await;
-        self.false_announcement =
-            announced.is_some_and(|commit| self.tip.as_ref() != Some(&commit));
+        // An early pass whose commit was not at the tip was a false announcement: no more early
+        // passes until a webhook's commit is found there.
+        let announced_found = batch.iter().any(|t| match t {
+            Trigger::Webhook {
+                commit: Some(commit),
+                ..
+            } => self.tip.as_ref() == Some(commit),
+            _ => false,
+        });
+        if announced_found {
+            self.false_announcement = false;
+        } else if announced.is_some() {
+            self.false_announcement = true;
+        }
+        if announced.is_some() {
+            self.last_early_pass = Some(Instant::now());
+        }
         self.finish(end, &before, started.elapsed(), &names).await;
     }
 
@@ -580,10 +616,14 @@ impl Agent {
         self.publish().await;
     }
 
-    /// A commit a webhook in `batch` announced that is not the tip last fetched, unless the last
-    /// early pass found its announcement false.
+    /// A commit a webhook in `batch` announced that is not the tip last fetched: its pass may run
+    /// early, at most once per `minInterval`, and not while the last early pass found its
+    /// announcement false.
     fn announced(&self, batch: &[Trigger]) -> Option<String> {
-        if self.false_announcement {
+        let early_lately = self
+            .last_early_pass
+            .is_some_and(|at| at.elapsed() < self.config.min_interval.0);
+        if self.false_announcement || early_lately {
             return None;
         }
         batch.iter().find_map(|trigger| match trigger {
@@ -637,6 +677,7 @@ impl Agent {
                 }
                 Ok(None) => {
                     self.last_content = Some(content);
+                    self.keep_running_after_restart().await;
                     return PassEnd::ready(PassOutcome::Rejected, NextPass::AsScheduled);
                 }
                 Err(error) => return self.git_failed(GitStage::Checkout, error).await,
@@ -658,7 +699,9 @@ impl Agent {
         let why = error.to_string();
         match error {
             SourceError::NoBranch { .. } => {
-                // Deleted on the server: what runs keeps running, and everyone is told.
+                // Deleted on the server: what runs keeps running, and everyone is told. When it
+                // comes back, even at the same commit, it is loaded again.
+                self.last_content = None;
                 tracing::error!(%why, "the followed branch is gone; what runs is left as it is");
                 self.unapplied(PassResult::Transient, &why);
                 return PassEnd::retry(PassOutcome::Transient, why);
@@ -707,6 +750,34 @@ impl Agent {
             unready: Some(why),
             next: NextPass::Trigger,
         }
+    }
+
+    /// After a restart (or a takeover) at a rejected tip, nothing is loaded yet: the revision
+    /// status says was applied last is loaded, so what runs is still checked for drift and
+    /// rechecked, as it would be had the agent not restarted.
+    async fn keep_running_after_restart(&mut self) {
+        let Some(applied) = self
+            .status
+            .agent
+            .last_applied_revision
+            .clone()
+            .filter(|_| self.current.is_none())
+        else {
+            return;
+        };
+        let rejection = self.rejection.take();
+        let status = Arc::clone(&self.status);
+        match self.load(&applied).await {
+            Ok(Some(current)) => {
+                tracing::info!(revision = short_revision(&applied), "the tip is rejected; the last applied revision is kept converged");
+                self.current = Some(current);
+            }
+            Ok(None) => tracing::warn!(revision = short_revision(&applied), "the last applied revision does not load either"),
+            Err(error) => tracing::warn!(%error, revision = short_revision(&applied), "the last applied revision cannot be checked out"),
+        }
+        // Loading it never changes what status says about the tip.
+        self.rejection = rejection;
+        self.status = status;
     }
 
     /// Reads the status the remote holds, so a restarted agent continues it.
@@ -807,6 +878,11 @@ impl Agent {
             policy: Policy {
                 prune: self.config.prune,
                 allow_empty: self.config.prune_allow_empty,
+                held: self
+                    .held_deletes
+                    .as_ref()
+                    .filter(|(revision, _)| *revision == current.revision)
+                    .map(|(_, why)| why.clone()),
                 now: None,
             },
             runs: Some(Arc::new(self.pipelines.clone())),
@@ -830,7 +906,16 @@ impl Agent {
             Ok(applied) => applied,
             Err(error) => return self.engine_failed(error.to_string()),
         };
-        if let Some(held) = &applied.planned.plan.held {
+        // Held for as long as this revision is the one applied: once objects it declares are
+        // made, a later pass would no longer see it delete everything, and must not prune then.
+        let current = self.current.as_ref().expect("a loaded revision");
+        self.held_deletes = applied
+            .planned
+            .plan
+            .held
+            .clone()
+            .map(|why| (current.revision.clone(), why));
+        if let Some((_, held)) = &self.held_deletes {
             tracing::warn!(%held, "deletes held");
         }
         // A drift check that found no drift wrote nothing; status may still change (health).

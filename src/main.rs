@@ -355,6 +355,7 @@ fn main() -> ExitCode {
                 policy: Policy {
                     prune: target.prune,
                     allow_empty: target.allow_empty,
+                    held: None,
                     now: None,
                 },
                 runs: None,
@@ -539,6 +540,7 @@ fn plan_against_status(
     let policy = Policy {
         prune: flags.prune,
         allow_empty: flags.allow_empty,
+        held: None,
         now: None,
     };
     run_async(async {
@@ -615,6 +617,7 @@ async fn plan(
     let policy = Policy {
         prune: flags.prune,
         allow_empty: flags.allow_empty,
+        held: None,
         now: None,
     };
     match reconcile::plan(desired, Observer::Engines(&engines), policy).await {

@@ -314,6 +314,9 @@ pub struct Policy {
     /// Let a prune delete every object the instance owns. Without it such a revision (one commit
     /// that removed the whole `challenges/` folder) deletes nothing, and the plan says why.
     pub allow_empty: bool,
+    /// Deletes already held for the revision being planned, and why: they stay held while it is
+    /// the one applied, even once objects it declares exist (the agent remembers it).
+    pub held: Option<String>,
     /// The time ttls are measured against; none expire without it.
     pub now: Option<DateTime<Utc>>,
 }
@@ -444,7 +447,8 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
             "this revision would delete all {} objects the instance owns, so nothing is deleted; set pruneAllowEmpty: true in the agent config (berth apply --allow-empty) if that is meant",
             owned.len()
         )
-    });
+    })
+    .or_else(|| policy.held.clone().filter(|_| policy.prune && !policy.allow_empty));
     for (key, engines) in undeclared {
         let (action, reason) = if let Some(held) = &held {
             (Action::Orphan, format!("removed from repo; kept: {held}"))
@@ -1004,6 +1008,7 @@ mod tests {
                 prune,
                 // Single objects: the guard against deleting everything has its own test.
                 allow_empty: true,
+                held: None,
                 now: None,
             },
         );
@@ -1093,6 +1098,7 @@ mod tests {
             Policy {
                 prune: true,
                 allow_empty: true,
+                held: None,
                 now: None,
             },
         );
@@ -1147,6 +1153,17 @@ mod tests {
         // Without prune nothing would be deleted anyway: no note.
         let plan = diff(&[], &owned(), Policy::default());
         assert_eq!(plan.held, None);
+        // Held for this revision before (its new object made since): still held.
+        let new = desired("new", true, vec![member("main-1", "n1", json!({}))]);
+        let mut with_new = owned();
+        with_new.push(observed("new", vec![seen("main-1", "n1", json!({}), true)]));
+        let remembered = Policy {
+            held: Some("held before".into()),
+            ..prune
+        };
+        let plan = diff(std::slice::from_ref(&new), &with_new, remembered);
+        assert_eq!(plan.summary().delete, 0, "{plan:?}");
+        assert_eq!(plan.held.as_deref(), Some("held before"));
     }
 
     #[test]

@@ -568,7 +568,7 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             if push
                 .delivery
                 .as_deref()
-                .is_some_and(|id| !state.deliveries.lock().expect("lock").first_time(id)) =>
+                .is_some_and(|id| state.deliveries.lock().expect("lock").seen(id)) =>
         {
             answer(
                 "duplicate",
@@ -598,6 +598,15 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
                     push.branch, state.branch
                 );
                 return answer("ignored", (StatusCode::OK, message).into_response());
+            }
+            // Taken: a redelivery of it queues nothing again. (One that queued nothing, its runs
+            // refused as the queue was full, may come again.)
+            let taken = for_config
+                || runs
+                    .iter()
+                    .any(|(_, enqueued)| matches!(enqueued, Enqueued::Queued { .. }));
+            if let (true, Some(id)) = (taken, push.delivery.as_deref()) {
+                state.deliveries.lock().expect("lock").record(id);
             }
             let mut message = String::new();
             if for_config {

@@ -317,6 +317,10 @@ impl Source {
         let odb = repo.odb().map_err(|e| e.message().to_string())?;
         let mut broken = None;
         tree.walk(git2::TreeWalkMode::PreOrder, |_, entry| {
+            // A submodule's commit lives in another repository, never in this clone.
+            if entry.kind() == Some(ObjectType::Commit) {
+                return git2::TreeWalkResult::Ok;
+            }
             match odb.read_header(entry.id()) {
                 Ok(_) => git2::TreeWalkResult::Ok,
                 Err(error) => {

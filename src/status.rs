@@ -719,6 +719,12 @@ pub fn still_rejected(
     now: &str,
 ) -> StatusSet {
     let agent = &mut after.agent;
+    if agent.result == Some(PassResult::Rejected)
+        && agent.last_attempted_revision.as_deref() == Some(revision)
+    {
+        // Nothing new from a pass over what runs: what status says stays as it is.
+        return stamp(after, before, now);
+    }
     let running = agent
         .last_applied_revision
         .as_deref()
@@ -774,7 +780,11 @@ fn stamp(mut next: StatusSet, previous: &StatusSet, now: &str) -> StatusSet {
 
 /// The first 12 characters of a commit id.
 pub fn short_revision(revision: &str) -> &str {
-    &revision[..revision.len().min(12)]
+    // By characters: a revision read from a status file someone edited may not be hex.
+    match revision.char_indices().nth(12) {
+        Some((end, _)) => &revision[..end],
+        None => revision,
+    }
 }
 
 fn part_statuses(parts: &[ObservedPart]) -> Vec<PartStatus> {
@@ -1136,6 +1146,13 @@ mod tests {
             "{:?}",
             plan.steps[0].reasons
         );
+    }
+
+    #[test]
+    fn a_revision_is_shortened_by_characters_never_inside_one() {
+        assert_eq!(short_revision("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_revision("abc"), "abc");
+        assert_eq!(short_revision("elevenchars\u{e9}tail"), "elevenchars\u{e9}");
     }
 
     #[test]

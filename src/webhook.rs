@@ -213,7 +213,8 @@ const REPOSITORY_URLS: [&str; 12] = [
 ];
 
 /// The delivery ids of the last [`RecentDeliveries::CAPACITY`] deliveries taken: providers
-/// redeliver on timeouts, and an attacker who captured one signed delivery may replay it.
+/// redeliver on timeouts, with the same id. (The id is not signed: a replay of a captured
+/// delivery under a new id is a new delivery, and what bounds it is the agent's `minInterval`.)
 #[derive(Debug, Default)]
 pub struct RecentDeliveries {
     order: std::collections::VecDeque<String>,
@@ -223,6 +224,16 @@ pub struct RecentDeliveries {
 impl RecentDeliveries {
     /// How many ids are remembered; the oldest is forgotten first.
     pub const CAPACITY: usize = 4096;
+
+    /// Whether `id` was recorded.
+    pub fn seen(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    /// Records `id`, forgetting the oldest when full.
+    pub fn record(&mut self, id: &str) {
+        self.first_time(id);
+    }
 
     /// Records `id`; `false` when it was recorded before.
     pub fn first_time(&mut self, id: &str) -> bool {

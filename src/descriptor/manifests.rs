@@ -318,18 +318,20 @@ pub fn render_text(
 /// A text with its variables replaced, and where each one stood.
 type Substituted = (String, Vec<Occurrence>);
 
-/// One `${…}` replaced in a text.
+/// One `${…}` replaced in a text, and what it was replaced with.
 #[derive(Debug, Clone)]
 struct Occurrence {
     at: Position,
     name: String,
+    value: String,
 }
 
 /// Checks that substituting changed no manifest's shape: with each variable replaced by a marker
 /// (plain letters, one scalar wherever they stand) the text must parse into the same documents,
-/// mappings and sequences as `substituted` does, each variable standing for one scalar. A value
-/// with a line break, `: `, `- `, `{`, `,` or a quote that would add a key, an item or a whole
-/// document (a RoleBinding, a privileged Pod) is refused at the variable that carried it.
+/// mappings and sequences as `substituted` does, each variable standing for one scalar (or, in a
+/// key, for the key its value makes). A value with a line break, `: `, `- `, `{`, `,` or a quote
+/// that would add a key, an item or a whole document (a RoleBinding, a privileged Pod) is refused
+/// at the variable that carried it.
 fn shape_kept(
     text: &str,
     substituted: &str,
@@ -342,15 +344,13 @@ fn shape_kept(
     while text.contains(&marker) {
         marker.push('x');
     }
-    let Ok((marked, _)) = substitute(text, |index, _| Ok(format!("{marker}{index}q"))) else {
+    let markers = Markers {
+        marker: &marker,
+        occurrences,
+    };
+    let Ok((marked, _)) = substitute(text, |index, _| Ok(markers.of(index))) else {
         return Ok(());
     };
-    let template = yaml::parse(&marked, false);
-    if template.fatal.is_some() {
-        // The text itself is not YAML: parsing the substituted text reports it.
-        return Ok(());
-    }
-    let actual = yaml::parse(substituted, false);
     let blame = |index: Option<usize>| {
         let occurrence = index
             .and_then(|i| occurrences.get(i))
@@ -366,251 +366,98 @@ fn shape_kept(
             ),
         )
     };
-    if actual.fatal.is_some() || actual.documents.len() != template.documents.len() {
+    let template = yaml::parse(&marked, false);
+    let actual = yaml::parse(substituted, false);
+    match (template.fatal.is_some(), actual.fatal.is_some()) {
+        // The text itself is not YAML: parsing the substituted text reports it.
+        (true, true) => return Ok(()),
+        // Only a value made it YAML (`key: |${X}`): its shape is the value's, never allowed.
+        (true, false) => return Err(blame(None)),
+        (false, true) => return Err(blame(None)),
+        (false, false) => {}
+    }
+    if actual.documents.len() != template.documents.len() {
         return Err(blame(None));
     }
     for (template, actual) in template.documents.iter().zip(&actual.documents) {
-        same_shape(&template.value, &actual.value, &marker)
-            .map_err(|index| blame(index.or_else(|| first_marked(&template.value, &marker))))?;
+        markers
+            .same_shape(&template.value, &actual.value)
+            .map_err(|index| blame(index.or_else(|| markers.first_in(&template.value))))?;
     }
     Ok(())
 }
 
-/// The first variable (by index) whose marker is in `value`, keys included.
-fn first_marked(value: &Value, marker: &str) -> Option<usize> {
-    match value {
-        Value::String(text) => marked(text, marker),
-        Value::Array(items) => items.iter().find_map(|v| first_marked(v, marker)),
-        Value::Object(map) => map
-            .iter()
-            .find_map(|(k, v)| marked(k, marker).or_else(|| first_marked(v, marker))),
-        _ => None,
+/// The markers that stand for the variables of one text while its shape is checked.
+struct Markers<'a> {
+    marker: &'a str,
+    occurrences: &'a [Occurrence],
+}
+
+impl Markers<'_> {
+    /// The marker of the variable at `index`: letters, digits, then `q`, so it ends clearly.
+    fn of(&self, index: usize) -> String {
+        format!("{}{index}q", self.marker)
     }
-}
 
-/// The variable (by index) whose marker is first in `text`, if any.
-fn marked(text: &str, marker: &str) -> Option<usize> {
-    let at = text.find(marker)? + marker.len();
-    let digits: String = text[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
+    /// The index of the first marker in `text`.
+    fn first(&self, text: &str) -> Option<usize> {
+        let at = text.find(self.marker)? + self.marker.len();
+        let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
 
-/// `Ok` when `actual` is `template` with each marked scalar replaced by one scalar; otherwise the
-/// variable to blame, when one can be named.
-fn same_shape(template: &Value, actual: &Value, marker: &str) -> Result<(), Option<usize>> {
-    match (template, actual) {
-        (Value::String(text), actual) if text.contains(marker) => match actual {
-            Value::Array(_) | Value::Object(_) => Err(marked(text, marker)),
-            _ => Ok(()),
-        },
-        (Value::Array(template), Value::Array(actual)) if template.len() == actual.len() => {
-            for (t, a) in template.iter().zip(actual) {
-                same_shape(t, a, marker)?;
-            }
-            Ok(())
+    /// `text` with each marker replaced by its variable's value.
+    fn expand(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (index, occurrence) in self.occurrences.iter().enumerate().rev() {
+            out = out.replace(&self.of(index), &occurrence.value);
         }
-        (Value::Object(template), Value::Object(actual)) if template.len() == actual.len() => {
-            let mut marked_keys = Vec::new();
-            for (key, value) in template {
-                if key.contains(marker) {
-                    marked_keys.push((key, value));
-                    continue;
+        out
+    }
+
+    /// The first variable (by index) whose marker is in `value`, keys included.
+    fn first_in(&self, value: &Value) -> Option<usize> {
+        match value {
+            Value::String(text) => self.first(text),
+            Value::Array(items) => items.iter().find_map(|v| self.first_in(v)),
+            Value::Object(map) => map
+                .iter()
+                .find_map(|(k, v)| self.first(k).or_else(|| self.first_in(v))),
+            _ => None,
+        }
+    }
+
+    /// `Ok` when `actual` is `template` with each marked scalar replaced by one scalar and each
+    /// marked key by the key its value makes; otherwise the variable to blame, when known.
+    fn same_shape(&self, template: &Value, actual: &Value) -> Result<(), Option<usize>> {
+        match (template, actual) {
+            (Value::String(text), actual) if text.contains(self.marker) => match actual {
+                Value::Array(_) | Value::Object(_) => Err(self.first(text)),
+                _ => Ok(()),
+            },
+            (Value::Array(template), Value::Array(actual)) if template.len() == actual.len() => {
+                for (t, a) in template.iter().zip(actual) {
+                    self.same_shape(t, a)?;
                 }
-                let Some(found) = actual.get(key) else {
-                    return Err(None);
-                };
-                same_shape(value, found, marker)?;
+                Ok(())
             }
-            // A variable in a key: the keys it became must hold scalars where the template's
-            // held scalars (their order may differ, so only kinds are compared).
-            let kind = |v: &Value| matches!(v, Value::Array(_) | Value::Object(_));
-            let mut expected: Vec<bool> = marked_keys.iter().map(|(_, v)| kind(v)).collect();
-            let mut found: Vec<bool> = actual
-                .iter()
-                .filter(|(key, _)| !template.contains_key(*key))
-                .map(|(_, v)| kind(v))
-                .collect();
-            expected.sort_unstable();
-            found.sort_unstable();
-            match expected == found {
-                true => Ok(()),
-                false => Err(marked_keys.first().and_then(|(k, _)| marked(k, marker))),
+            (Value::Object(template), Value::Object(actual)) if template.len() == actual.len() => {
+                for (key, value) in template {
+                    let (wanted, blamed) = match key.contains(self.marker) {
+                        true => (self.expand(key), self.first(key)),
+                        false => (key.clone(), None),
+                    };
+                    let Some(found) = actual.get(&wanted) else {
+                        return Err(blamed.or_else(|| self.first_in(value)));
+                    };
+                    self.same_shape(value, found)?;
+                }
+                Ok(())
             }
-        }
-        (template, actual) if template == actual => Ok(()),
-        _ => Err(None),
-    }
-}
-
-/// Checks the documents of `text`, named `file`, as they are.
-fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<ManifestProblem>) {
-    let problem = |at: Position, message: String| ManifestProblem {
-        file: file.to_string(),
-        at,
-        message,
-    };
-    let stream = yaml::parse(text, true);
-    let mut manifests = Vec::new();
-    let mut problems: Vec<ManifestProblem> = Vec::new();
-    if let Some(fatal) = stream.fatal {
-        problems.push(problem(fatal.at, fatal.message));
-    }
-    for document in stream.documents {
-        problems.extend(
-            document
-                .problems
-                .iter()
-                .map(|p| problem(p.at, p.message.clone())),
-        );
-        if document.value.is_null() {
-            continue;
-        }
-        let at = |pointer: &str| {
-            document
-                .positions
-                .get(pointer)
-                .map_or(document.start, |p| p.value)
-        };
-        match check(document.value, target.namespace) {
-            Ok((api_version, kind, name, object)) => manifests.push(Manifest {
-                file: file.to_string(),
-                line: document.start.line,
-                api_version,
-                kind,
-                name,
-                object,
-            }),
-            Err(found) => problems.extend(
-                found
-                    .into_iter()
-                    .map(|(pointer, message)| problem(at(pointer), message)),
-            ),
+            (template, actual) if template == actual => Ok(()),
+            _ => Err(None),
         }
     }
-    (manifests, problems)
-}
-
-type Identity = (String, String, String, Value);
-
-/// Checks one document: its identity, namespace and scope. Problems come with the JSON pointer
-/// of the node they are about.
-fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, String)>> {
-    if !object.is_object() {
-        return Err(vec![(
-            "",
-            "a manifest must be a mapping with apiVersion, kind and metadata.name".into(),
-        )]);
-    }
-    let text = |pointer: &str| {
-        object
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    let mut found = Vec::new();
-    let api_version = text("/apiVersion");
-    let kind = text("/kind");
-    let name = text("/metadata/name");
-    if api_version.is_none() {
-        found.push((
-            "",
-            "the object has no apiVersion; add one, e.g. apiVersion: apps/v1".into(),
-        ));
-    }
-    if kind.is_none() {
-        found.push((
-            "",
-            "the object has no kind; add one, e.g. kind: Deployment".into(),
-        ));
-    }
-    if name.is_none() {
-        found.push((
-            "/metadata",
-            "the object has no metadata.name; every object needs a name".into(),
-        ));
-    }
-    if let Some(kind) = &kind {
-        if CLUSTER_SCOPED.contains(&kind.as_str()) {
-            found.push((
-                "/kind",
-                format!(
-                    "{kind} is cluster-scoped, and a staging holds only objects of its own namespace (berth makes the namespace itself); remove it"
-                ),
-            ));
-        } else if kind.ends_with("List") {
-            found.push((
-                "/kind",
-                format!("{kind}: write each object as a document of its own (separated by ---)"),
-            ));
-        }
-    }
-    if let Some(theirs) = object.pointer("/metadata/namespace")
-        && theirs.as_str() != Some(namespace)
-    {
-        found.push((
-            "/metadata/namespace",
-            format!(
-                "the object is in namespace {}, but the staging's namespace is {namespace}; remove metadata.namespace (berth sets it)",
-                theirs.as_str().map_or_else(|| theirs.to_string(), str::to_string)
-            ),
-        ));
-    }
-    if kind.as_deref() == Some("Secret") && name.as_deref() == Some(SECRET_NAME) {
-        found.push((
-            "/metadata/name",
-            format!(
-                "{SECRET_NAME} is the Secret berth makes from spec.overrides.secret; name this one otherwise"
-            ),
-        ));
-    }
-    if let Some(labels) = object
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object)
-    {
-        for key in labels.keys().filter(|k| k.starts_with("berth.")) {
-            found.push((
-                "/metadata/labels",
-                format!("label {key}: labels starting with \"berth.\" are berth's own; choose another key"),
-            ));
-        }
-    }
-    match (api_version, kind, name) {
-        (Some(api_version), Some(kind), Some(name)) if found.is_empty() => {
-            Ok((api_version, kind, name, object))
-        }
-        _ => Err(found),
-    }
-}
-
-/// Two documents naming the same object: the same kind and name, whatever the API group. A kind
-/// served under two groups (an Ingress in `extensions/v1beta1` and in `networking.k8s.io/v1`) is
-/// one object to the server, so two documents of it would overwrite each other on every pass.
-fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
-    let mut seen: HashMap<(&str, &str), &Manifest> = HashMap::new();
-    let mut problems = Vec::new();
-    for manifest in manifests {
-        let key = (manifest.kind.as_str(), manifest.name.as_str());
-        if let Some(first) = seen.insert(key, manifest) {
-            problems.push(ManifestProblem {
-                file: manifest.file.clone(),
-                at: Position {
-                    line: manifest.line,
-                    column: 1,
-                },
-                message: format!(
-                    "{} is also defined at {}:{}; keep one",
-                    manifest.id(),
-                    first.file,
-                    first.line
-                ),
-            });
-        }
-    }
-    problems
 }
 
 /// Replaces each `${NAME}` with what `value` gives for it (called with the occurrence's index and
@@ -654,13 +501,18 @@ fn substitute(
                 continue;
             };
             let name = &rest[at + 2..at + end];
-            match value(occurrences.len(), name) {
-                Ok(value) => out.push_str(&value),
-                Err(message) => problems.push((position, message)),
-            }
+            let replaced = match value(occurrences.len(), name) {
+                Ok(value) => value,
+                Err(message) => {
+                    problems.push((position, message));
+                    String::new()
+                }
+            };
+            out.push_str(&replaced);
             occurrences.push(Occurrence {
                 at: position,
                 name: name.to_string(),
+                value: replaced,
             });
             column += rest[at..at + end + 1].chars().count();
             rest = &rest[at + end + 1..];
@@ -773,6 +625,29 @@ mod tests {
             assert!(problems.is_empty(), "{fine:?}: {problems:?}");
             assert_eq!(manifests.len(), 1);
         }
+        // A variable in a key: the key its value makes, and what is under it, are checked too.
+        let keyed = |key: &'static str, mode: &'static str| Variables {
+            tag: Some("v2"),
+            overrides: BTreeMap::from([("K", key), ("M", mode)]),
+            secrets: BTreeSet::new(),
+        };
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  app-${overrides.K}: {mode: ${overrides.M}}\n";
+        let (manifests, problems) = render_text("m.yaml", text, TARGET, &keyed("web", "ro"));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            manifests[0].object.pointer("/data/app-web/mode"),
+            Some(&Value::from("ro"))
+        );
+        let (_, problems) =
+            render_text("m.yaml", text, TARGET, &keyed("web", "ro, privileged: true"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("${overrides.M}"), "{problems:?}");
+        let (_, problems) = render_text("m.yaml", text, TARGET, &keyed("web: {x: 1}, b", "ro"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        // A text that is YAML only with the value in it is refused, never let through.
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  note: |${overrides.NOTE}\n    text\n";
+        let (_, problems) = render_text("m.yaml", text, TARGET, &with("NOTE", ""));
+        assert_eq!(problems.len(), 1, "{problems:?}");
         // A tag from a Pipeline is substituted the same way.
         let image =
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  image: shop:${tag}\n";

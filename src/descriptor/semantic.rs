@@ -756,6 +756,42 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
 fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
     let mut claimed: BTreeMap<(u16, &'static str), (usize, usize)> = BTreeMap::new();
     let mut found = Vec::new();
+    // NodePorts a staging's Services ask for: a challenge on the cluster publishes its host port
+    // as a NodePort, and the API server gives each port to one Service.
+    let mut node_ports: BTreeMap<(u16, String), String> = BTreeMap::new();
+    for descriptor in descriptors {
+        let (Spec::Staging(_), Some(Ok(manifests))) = (&descriptor.spec, &descriptor.manifests)
+        else {
+            continue;
+        };
+        for manifest in manifests.iter().filter(|m| m.kind == "Service") {
+            for port in manifest.object["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let Some(node_port) = port["nodePort"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                let protocol = port["protocol"]
+                    .as_str()
+                    .unwrap_or("TCP")
+                    .to_ascii_lowercase();
+                node_ports.entry((node_port, protocol)).or_insert_with(|| {
+                    format!(
+                        "Service/{} of {} ({}:{})",
+                        manifest.name,
+                        descriptor.key(),
+                        manifest.file,
+                        manifest.line
+                    )
+                });
+            }
+        }
+    }
     for (index, descriptor) in descriptors.iter().enumerate() {
         let Spec::Challenge(spec) = &descriptor.spec else {
             continue;
@@ -763,6 +799,20 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
         for (position, port) in spec.ports.iter().enumerate() {
             let Some(host) = port.host else { continue };
             let key = (host.0, port.protocol.as_str());
+            if spec.target == Some(Engine::Kubernetes)
+                && let Some(service) = node_ports.get(&(host.0, key.1.to_string()))
+            {
+                found.push(RepoProblem {
+                    at: index,
+                    pointer: format!("/spec/ports/{position}/host"),
+                    message: format!(
+                        "spec.ports[{position}].host: on kubernetes host port {}/{} is a NodePort, and {service} asks for it too; choose another",
+                        host.0, key.1
+                    ),
+                    also: None,
+                });
+                continue;
+            }
             match claimed.get(&key) {
                 Some(&(other, other_position)) => found.push(RepoProblem {
                     at: index,

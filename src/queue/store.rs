@@ -192,10 +192,16 @@ impl RunStore {
                             failed(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
                         })?,
                 };
+                // Two processes opening a new store at once keep one id: the first written.
                 connection
-                    .execute("INSERT INTO store (id) VALUES (?1)", [&id])
+                    .execute(
+                        "INSERT INTO store (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM store)",
+                        [&id],
+                    )
                     .map_err(failed)?;
-                id
+                connection
+                    .query_row("SELECT id FROM store", [], |row| row.get(0))
+                    .map_err(failed)?
             }
         };
         Ok(RunStore {

@@ -467,22 +467,28 @@ fn an_archived_staging_past_its_ttl_is_cleaned_up_and_not_made_again() {
     );
 }
 
+/// A repo with one staging `shop` in `ns` whose manifests hold a ConfigMap `settings`.
+fn shop_with_settings(ns: &str) -> Repo {
+    let repo = Repo::new();
+    repo.write(
+        "shop.yaml",
+        staging("shop", ns, "  tag: x\n  manifests: shop\n"),
+    )
+    .write(
+        "shop/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {level: info}\n",
+    );
+    repo
+}
+
 /// Issue 19, item 16: the server's dry run covers a staging made now too: an object the server
 /// refuses fails the staging before any other object of it is made.
 #[test]
 fn a_new_staging_with_an_object_the_server_refuses_makes_none_of_its_objects() {
     let Some(cluster) = cluster() else { return };
     let ns = format!("{}-refused", cluster.instance.name);
-    let repo = Repo::new();
+    let repo = shop_with_settings(&ns);
     repo.write(
-        "shop.yaml",
-        staging("shop", &ns, "  tag: x\n  manifests: shop\n"),
-    )
-    .write(
-        "shop/settings.yaml",
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {level: info}\n",
-    )
-    .write(
         "shop/web.yaml",
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: -1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: busybox:latest}]}\n",
     );
@@ -611,6 +617,76 @@ fn apply_waits_as_long_as_wait_says_and_a_staging_no_longer_than_its_ready_timeo
         took < Duration::from_secs(60),
         "readyTimeout 5s waited {took:?}"
     );
+}
+
+/// Issue 19, item 22: the namespace's `berth.inventory` annotation (the kinds berth applied
+/// there) deleted or garbled by hand is rebuilt from what carries berth's labels, so a kind the
+/// manifests drop later is still pruned, never leaked.
+#[test]
+fn a_lost_inventory_is_rebuilt_and_a_dropped_kind_is_still_pruned() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-inventory", cluster.instance.name);
+    let repo = shop_with_settings(&ns);
+    repo.write(
+        "shop/svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: shop}\nspec:\n  selector: {app: shop}\n  ports: [{port: 80}]\n",
+    );
+    let made = cluster.apply(repo.path(), &[]);
+    assert!(made.status.success(), "{}", said(&made));
+    assert!(cluster.exists(&ns, "service/shop"));
+    for garbling in ["berth.inventory-", "berth.inventory=not an inventory"] {
+        let edited = cluster.kubectl(&["annotate", "--overwrite", "namespace", &ns, garbling]);
+        assert!(edited.status.success(), "{}", said(&edited));
+    }
+    std::fs::remove_file(repo.path().join("shop/svc.yaml")).unwrap();
+    let pruned = cluster.apply(repo.path(), &["--prune"]);
+    assert!(pruned.status.success(), "{}", said(&pruned));
+    assert!(!cluster.exists(&ns, "service/shop"), "{}", said(&pruned));
+    assert!(cluster.exists(&ns, "configmap/settings"));
+    let inventory = cluster.get(
+        &ns,
+        &format!("namespace/{ns}"),
+        "{.metadata.annotations.berth\\.inventory}",
+    );
+    assert!(
+        inventory.contains("v1/ConfigMap"),
+        "written back: {inventory}"
+    );
+}
+
+/// Issue 19, item 22: a staging whose namespace someone else made is refused by the plan as it
+/// is by the apply (the plan said `create`), and the namespace is left alone.
+#[test]
+fn the_plan_says_a_namespace_made_by_someone_else_is_refused() {
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let ns = format!("{name}-foreign");
+    let made = cluster.kubectl(&["create", "namespace", &ns]);
+    assert!(made.status.success(), "{}", said(&made));
+    // Labelled for the test's cleanup only; not as a staging of this instance.
+    cluster.kubectl(&["label", "namespace", &ns, &format!("berth.instance={name}")]);
+    let repo = Repo::new();
+    repo.write(
+        "shop.yaml",
+        staging("shop", &ns, "  tag: x\n  manifests: shop\n"),
+    )
+    .write(
+        "shop/c.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+    );
+    let planned = cluster.plan(repo.path());
+    assert!(
+        planned.contains(&format!("namespace {ns} exists and was not made by berth")),
+        "{planned}"
+    );
+    let output = cluster.apply(repo.path(), &[]);
+    assert!(!output.status.success(), "{}", said(&output));
+    assert!(
+        said(&output).contains("was not made by berth"),
+        "{}",
+        said(&output)
+    );
+    assert!(!cluster.exists(&ns, "configmap/c"));
 }
 
 #[test]

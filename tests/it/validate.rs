@@ -181,6 +181,13 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         &["spec.image: the image name is", "at most 255"],
     ),
     (
+        "node-port-clash",
+        "web.yaml",
+        9,
+        31,
+        &["is a NodePort, and Service/shop of Staging/shop (shop/svc.yaml:1) asks for it too"],
+    ),
+    (
         "manifest-undefined-variable",
         "m/c.yaml",
         6,

@@ -41,8 +41,8 @@ use crate::descriptor::manifests::{Manifest, Rendered, SECRET_NAME};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
-    DesiredObject, Health, ObservedObject, ObservedPart, Part, PartState, TargetState, UNREADABLE,
-    Vocabulary,
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
+    UNREADABLE, Vocabulary,
 };
 
 /// The kinds this backend serves: Stagings, and Challenges with `target: kubernetes`.
@@ -388,6 +388,7 @@ impl KubeBackend {
         let mut stagings: BTreeMap<String, ObservedObject> = BTreeMap::new();
         let mut staging_of: HashMap<String, String> = HashMap::new();
         let mut kinds: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut rebuild_inventory = false;
         let mut live = HashMap::new();
         for namespace in listed.items {
             let value = serde_json::to_value(&namespace).unwrap_or_default();
@@ -404,15 +405,11 @@ impl KubeBackend {
                 continue;
             };
             let annotations = namespace.metadata.annotations.clone().unwrap_or_default();
-            for line in annotations
-                .get(ANNOTATION_INVENTORY)
-                .map(String::as_str)
-                .unwrap_or("")
-                .lines()
-            {
-                if let Some((api_version, kind)) = line.rsplit_once('/') {
-                    kinds.insert((api_version.to_string(), kind.to_string()));
-                }
+            match inventory_of(&annotations) {
+                Some(listed) => kinds.extend(listed),
+                // Deleted or garbled by hand: every kind is looked at, so objects of a kind the
+                // manifests dropped are still found (and pruned), never leaked.
+                None => rebuild_inventory = true,
             }
             let time = |key: &str| {
                 annotations
@@ -458,6 +455,21 @@ impl KubeBackend {
         if stagings.is_empty() {
             return Ok((Vec::new(), live));
         }
+        // Kinds looked at only to rebuild an inventory may fail to list (an aggregated API
+        // that is down): their objects are then not seen, which never deletes anything.
+        let trusted = kinds.clone();
+        if rebuild_inventory {
+            let discovery = self.discovery(false).await.map_err(|e| self.gone(e))?;
+            for group in discovery.groups() {
+                for (resource, caps) in group.recommended_resources() {
+                    if caps.scope == Scope::Namespaced
+                        && caps.supports_operation(kube::discovery::verbs::LIST)
+                    {
+                        kinds.insert((resource.api_version.clone(), resource.kind.clone()));
+                    }
+                }
+            }
+        }
         // Pods, for the reasons a workload does not come up.
         let pods: Api<DynamicObject> = Api::all_with(self.client.clone(), &pod_resource());
         let pods = pods.list(&params).await.map_err(|e| self.gone(e))?;
@@ -476,18 +488,30 @@ impl KubeBackend {
                     Ok(Some((resource, _))) => resource,
                     // A kind the server no longer serves cannot be read: its objects are not
                     // observed, so nothing is ever pruned because of it.
-                    Ok(None) => return Ok((kind, Vec::new())),
-                    Err(error) => return Err(error),
+                    Ok(None) => return Ok((api_version, kind, Vec::new())),
+                    Err(error) => return Err((api_version, kind, error)),
                 };
                 let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-                api.list(&params).await.map(|list| (kind, list.items))
+                match api.list(&params).await {
+                    Ok(list) => Ok((api_version, kind, list.items)),
+                    Err(error) => Err((api_version, kind, error)),
+                }
             }
         }))
         .buffer_unordered(APPLY_CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
         for listed in lists {
-            let (kind, items) = listed.map_err(|e| self.gone(e))?;
+            let (api_version, kind, items) = match listed {
+                Ok(listed) => listed,
+                Err((api_version, kind, error))
+                    if !trusted.contains(&(api_version.clone(), kind.clone())) =>
+                {
+                    tracing::debug!(%error, %api_version, %kind, "not listed while rebuilding an inventory");
+                    continue;
+                }
+                Err((_, _, error)) => return Err(self.gone(error)),
+            };
             for item in items {
                 let ns = item.metadata.namespace.clone().unwrap_or_default();
                 let Some(staging) = staging_of.get(&ns).and_then(|name| stagings.get_mut(name))
@@ -503,7 +527,10 @@ impl KubeBackend {
                 {
                     continue;
                 }
-                let value = serde_json::to_value(&item).unwrap_or_default();
+                let mut value = serde_json::to_value(&item).unwrap_or_default();
+                // Lists leave out each item's type: kept, so what was seen can be named.
+                value["apiVersion"] = json!(api_version);
+                value["kind"] = json!(kind);
                 let pods: Vec<&Value> = pods_by_namespace
                     .get(&ns)
                     .map(|p| p.iter().collect())
@@ -559,6 +586,21 @@ impl KubeBackend {
     /// Records the digests of the staging's secret values on its Secret part, so a rotated
     /// secret shows as a change (and an unreadable one as an update that fails with the reason).
     pub fn seal(&self, template: &StagingTemplate, object: &mut DesiredObject) {
+        // A namespace someone else made is never taken over: the plan says so now, not only the
+        // apply.
+        let ns = template.namespace.as_str();
+        if object.hold.is_none()
+            && self.taken.lock().expect("namespace names").contains(ns)
+            && !self
+                .namespaces_of(&object.key)
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(ns))
+        {
+            object.hold = Some(Hold::Fail(format!(
+                "namespace {ns} exists and was not made by berth for {}; berth manages only namespaces it makes: choose another spec.namespace",
+                object.key
+            )));
+        }
         let id = format!("Secret/{SECRET_NAME}");
         if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
             part.secrets = Some(self.sealed(template.secrets.iter().map(|(n, r)| (n.clone(), r))));
@@ -722,14 +764,30 @@ impl KubeBackend {
                 )));
             }
             let annotations = existing.metadata.annotations.clone().unwrap_or_default();
-            inventory.extend(
-                annotations
-                    .get(ANNOTATION_INVENTORY)
-                    .map(String::as_str)
-                    .unwrap_or("")
-                    .lines()
-                    .map(str::to_string),
-            );
+            match inventory_of(&annotations) {
+                Some(kinds) => inventory.extend(
+                    kinds
+                        .into_iter()
+                        .map(|(api_version, kind)| format!("{api_version}/{kind}")),
+                ),
+                // Gone or garbled: rebuilt from what the observation found labelled as this
+                // staging's in its namespace (it looked at every kind), and written back below.
+                None => {
+                    let live = self.live.lock().expect("live objects");
+                    inventory.extend(
+                        live.iter()
+                            .filter(|(id, _)| id.starts_with(&format!("{ns}/")))
+                            .filter(|(id, _)| !id.contains("/Namespace/"))
+                            .filter_map(|(_, v)| {
+                                Some(format!(
+                                    "{}/{}",
+                                    v["apiVersion"].as_str()?,
+                                    v["kind"].as_str()?
+                                ))
+                            }),
+                    );
+                }
+            }
             archived_at = annotations.get(ANNOTATION_ARCHIVED_AT).cloned();
             recorded = Some((inventory.clone(), archived_at.clone()));
         }
@@ -1096,6 +1154,22 @@ impl KubeBackend {
             false => format!("namespace {} deleted", deleted.join(", ")),
         })
     }
+}
+
+/// The kinds a staging's namespace says berth applied there (`apiVersion/Kind` lines); `None`
+/// when the annotation is gone or garbled, and so cannot be trusted to name them all.
+fn inventory_of(annotations: &BTreeMap<String, String>) -> Option<BTreeSet<(String, String)>> {
+    annotations
+        .get(ANNOTATION_INVENTORY)?
+        .lines()
+        .map(|line| {
+            let (api_version, kind) = line.rsplit_once('/')?;
+            let kind_ok = kind.starts_with(|c: char| c.is_ascii_uppercase())
+                && kind.chars().all(|c| c.is_ascii_alphanumeric());
+            (kind_ok && !api_version.is_empty())
+                .then(|| (api_version.to_string(), kind.to_string()))
+        })
+        .collect()
 }
 
 /// What the namespace controller says holds a namespace being deleted, when it is finalizers

@@ -25,6 +25,34 @@ const POD_TEMPLATES: &[&str] = &[
     "ReplicaSet",
 ];
 
+/// Ports written without `protocol` get the server's default, `TCP`, as upstream manifests
+/// leave it out: server-side apply on older API servers refuses a port list whose merge key is
+/// missing ("associative list with keys has an element that omits key field protocol").
+fn default_port_protocols(object: &mut Value, kind: &str) {
+    fn tcp_unless_written(ports: Option<&mut Value>) {
+        for port in ports
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            port.entry("protocol").or_insert_with(|| "TCP".into());
+        }
+    }
+    let pod = match kind {
+        "Service" => return tcp_unless_written(object.pointer_mut("/spec/ports")),
+        "Pod" => object.pointer_mut("/spec"),
+        _ if POD_TEMPLATES.contains(&kind) => object.pointer_mut("/spec/template/spec"),
+        _ => None,
+    };
+    let Some(pod) = pod else { return };
+    for containers in ["containers", "initContainers"] {
+        for container in pod[containers].as_array_mut().into_iter().flatten() {
+            tcp_unless_written(container.get_mut("ports"));
+        }
+    }
+}
+
 /// `manifest` as berth applies it in `namespace`, with `labels`; archived workloads at zero.
 pub fn shaped(
     manifest: &Manifest,
@@ -51,6 +79,7 @@ pub fn shaped(
             own.insert(key.clone(), value.clone().into());
         }
     }
+    default_port_protocols(&mut object, kind);
     if archived && WORKLOADS.contains(&kind) {
         let replicas = manifest
             .object
@@ -390,6 +419,23 @@ mod tests {
         assert_eq!(
             edited(&applied, &changed).as_deref(),
             Some("spec.resources.cpu is 600m, berth applies 0.5")
+        );
+    }
+
+    #[test]
+    fn ports_without_a_protocol_get_tcp_as_the_server_would() {
+        let service = manifest(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}, {"port": 53, "protocol": "UDP"}]}}));
+        let applied = shaped(&service, "stg", &HashMap::new(), &HashMap::new(), false);
+        assert_eq!(applied["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(applied["spec"]["ports"][1]["protocol"], "UDP");
+        let deployment = manifest(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers":
+            [{"name": "web", "image": "x", "ports": [{"containerPort": 8080}]}]}}}}));
+        let applied = shaped(&deployment, "stg", &HashMap::new(), &HashMap::new(), false);
+        assert_eq!(
+            applied["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"],
+            "TCP"
         );
     }
 
