@@ -314,7 +314,7 @@ async fn berth_split(dir: &Path, engines: &Engines) -> [Duration; 4] {
     let policy = options().policy;
     let copy = desired.clone();
     let start = Instant::now();
-    let planned = reconcile::plan(copy, Observer::Engines(engines), policy)
+    let planned = reconcile::plan(copy, Observer::Engines(engines), policy.clone())
         .await
         .unwrap();
     let plan = start.elapsed();

@@ -494,7 +494,9 @@ pub async fn run(
     // Bounded like a pass: a git server that stalls the push does not hold the stop.
     if !abandoned
         && leadership.confirm().await
-        && tokio::time::timeout(LAST_PUSH_WAIT, agent.publish()).await.is_err()
+        && tokio::time::timeout(LAST_PUSH_WAIT, agent.publish())
+            .await
+            .is_err()
     {
         tracing::warn!("the last status push did not end in time; the next start pushes it");
     }
@@ -533,9 +535,9 @@ impl Agent {
             tracing::debug!(triggers = ?names, "pass starts");
             // A retry re-runs what failed, which may have been a recheck or a run's roll: it
             // looks at the engines even without drift checks.
-            let recheck = batch.iter().any(|t| {
-                matches!(t, Trigger::Recheck | Trigger::RunEnded | Trigger::Retry)
-            });
+            let recheck = batch
+                .iter()
+                .any(|t| matches!(t, Trigger::Recheck | Trigger::RunEnded | Trigger::Retry));
             self.run_pass(recheck).await
         }
         .instrument(span)
@@ -769,11 +771,19 @@ impl Agent {
         let status = Arc::clone(&self.status);
         match self.load(&applied).await {
             Ok(Some(current)) => {
-                tracing::info!(revision = short_revision(&applied), "the tip is rejected; the last applied revision is kept converged");
+                tracing::info!(
+                    revision = short_revision(&applied),
+                    "the tip is rejected; the last applied revision is kept converged"
+                );
                 self.current = Some(current);
             }
-            Ok(None) => tracing::warn!(revision = short_revision(&applied), "the last applied revision does not load either"),
-            Err(error) => tracing::warn!(%error, revision = short_revision(&applied), "the last applied revision cannot be checked out"),
+            Ok(None) => tracing::warn!(
+                revision = short_revision(&applied),
+                "the last applied revision does not load either"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, revision = short_revision(&applied), "the last applied revision cannot be checked out")
+            }
         }
         // Loading it never changes what status says about the tip.
         self.rejection = rejection;

@@ -307,7 +307,7 @@ pub struct Plan {
 }
 
 /// Policy the planner follows.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Delete what berth owns that the repo no longer declares.
     pub prune: bool,
@@ -1126,7 +1126,7 @@ mod tests {
             ..Policy::default()
         };
         // One commit removed every descriptor: nothing is deleted, and the plan says why.
-        let plan = diff(&[], &owned(), prune);
+        let plan = diff(&[], &owned(), prune.clone());
         assert!(plan.steps.iter().all(|s| s.action == Action::Orphan));
         assert!(!plan.has_changes());
         let held = plan.held.clone().expect("held");
@@ -1140,14 +1140,14 @@ mod tests {
         // Asked for: they go.
         let allowed = Policy {
             allow_empty: true,
-            ..prune
+            ..prune.clone()
         };
         let plan = diff(&[], &owned(), allowed);
         assert!(plan.steps.iter().all(|s| s.action == Action::Delete));
         assert_eq!(plan.held, None);
         // Something still declared: an ordinary prune of the rest.
         let web = desired("web", true, vec![member("main-1", "d1", json!({}))]);
-        let plan = diff(&[web], &owned(), prune);
+        let plan = diff(&[web], &owned(), prune.clone());
         assert_eq!(plan.held, None);
         assert_eq!(plan.summary().delete, 1);
         // Without prune nothing would be deleted anyway: no note.

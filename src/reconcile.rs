@@ -214,7 +214,12 @@ pub async fn apply(
     options: &ApplyOptions,
     on_report: impl FnMut(&StepReport),
 ) -> Result<Applied, EngineError> {
-    let unlocked = plan(desired.clone(), Observer::Engines(engines), options.policy).await?;
+    let unlocked = plan(
+        desired.clone(),
+        Observer::Engines(engines),
+        options.policy.clone(),
+    )
+    .await?;
     if !unlocked.plan.has_changes() {
         return Ok(Applied::nothing_to_do(unlocked));
     }
@@ -231,7 +236,12 @@ async fn apply_locked(
     options: &ApplyOptions,
     mut on_report: impl FnMut(&StepReport),
 ) -> Result<Applied, EngineError> {
-    let mut planned = plan(desired.clone(), Observer::Engines(engines), options.policy).await?;
+    let mut planned = plan(
+        desired.clone(),
+        Observer::Engines(engines),
+        options.policy.clone(),
+    )
+    .await?;
     if !planned.plan.has_changes() {
         return Ok(Applied::nothing_to_do(planned));
     }
@@ -244,7 +254,7 @@ async fn apply_locked(
             && matches!(r.outcome, Outcome::Done(_))
     });
     if produced {
-        let again = plan(desired, Observer::Engines(engines), options.policy).await?;
+        let again = plan(desired, Observer::Engines(engines), options.policy.clone()).await?;
         if again.plan.has_changes() {
             reports.extend(execute_plan(&again, engines, root, options, &mut on_report).await);
         }

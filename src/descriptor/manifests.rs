@@ -402,7 +402,10 @@ impl Markers<'_> {
     /// The index of the first marker in `text`.
     fn first(&self, text: &str) -> Option<usize> {
         let at = text.find(self.marker)? + self.marker.len();
-        let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = text[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         digits.parse().ok()
     }
 
@@ -455,9 +458,178 @@ impl Markers<'_> {
                 Ok(())
             }
             (template, actual) if template == actual => Ok(()),
-            _ => Err(None),
+            // Keys or items added or gone: the variable inside this node is to blame.
+            (template, _) => Err(self.first_in(template)),
         }
     }
+}
+
+/// Checks the documents of `text`, named `file`, as they are.
+fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<ManifestProblem>) {
+    let problem = |at: Position, message: String| ManifestProblem {
+        file: file.to_string(),
+        at,
+        message,
+    };
+    let stream = yaml::parse(text, true);
+    let mut manifests = Vec::new();
+    let mut problems: Vec<ManifestProblem> = Vec::new();
+    if let Some(fatal) = stream.fatal {
+        problems.push(problem(fatal.at, fatal.message));
+    }
+    for document in stream.documents {
+        problems.extend(
+            document
+                .problems
+                .iter()
+                .map(|p| problem(p.at, p.message.clone())),
+        );
+        if document.value.is_null() {
+            continue;
+        }
+        let at = |pointer: &str| {
+            document
+                .positions
+                .get(pointer)
+                .map_or(document.start, |p| p.value)
+        };
+        match check(document.value, target.namespace) {
+            Ok((api_version, kind, name, object)) => manifests.push(Manifest {
+                file: file.to_string(),
+                line: document.start.line,
+                api_version,
+                kind,
+                name,
+                object,
+            }),
+            Err(found) => problems.extend(
+                found
+                    .into_iter()
+                    .map(|(pointer, message)| problem(at(pointer), message)),
+            ),
+        }
+    }
+    (manifests, problems)
+}
+
+type Identity = (String, String, String, Value);
+
+/// Checks one document: its identity, namespace and scope. Problems come with the JSON pointer
+/// of the node they are about.
+fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, String)>> {
+    if !object.is_object() {
+        return Err(vec![(
+            "",
+            "a manifest must be a mapping with apiVersion, kind and metadata.name".into(),
+        )]);
+    }
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let mut found = Vec::new();
+    let api_version = text("/apiVersion");
+    let kind = text("/kind");
+    let name = text("/metadata/name");
+    if api_version.is_none() {
+        found.push((
+            "",
+            "the object has no apiVersion; add one, e.g. apiVersion: apps/v1".into(),
+        ));
+    }
+    if kind.is_none() {
+        found.push((
+            "",
+            "the object has no kind; add one, e.g. kind: Deployment".into(),
+        ));
+    }
+    if name.is_none() {
+        found.push((
+            "/metadata",
+            "the object has no metadata.name; every object needs a name".into(),
+        ));
+    }
+    if let Some(kind) = &kind {
+        if CLUSTER_SCOPED.contains(&kind.as_str()) {
+            found.push((
+                "/kind",
+                format!(
+                    "{kind} is cluster-scoped, and a staging holds only objects of its own namespace (berth makes the namespace itself); remove it"
+                ),
+            ));
+        } else if kind.ends_with("List") {
+            found.push((
+                "/kind",
+                format!("{kind}: write each object as a document of its own (separated by ---)"),
+            ));
+        }
+    }
+    if let Some(theirs) = object.pointer("/metadata/namespace")
+        && theirs.as_str() != Some(namespace)
+    {
+        found.push((
+            "/metadata/namespace",
+            format!(
+                "the object is in namespace {}, but the staging's namespace is {namespace}; remove metadata.namespace (berth sets it)",
+                theirs.as_str().map_or_else(|| theirs.to_string(), str::to_string)
+            ),
+        ));
+    }
+    if kind.as_deref() == Some("Secret") && name.as_deref() == Some(SECRET_NAME) {
+        found.push((
+            "/metadata/name",
+            format!(
+                "{SECRET_NAME} is the Secret berth makes from spec.overrides.secret; name this one otherwise"
+            ),
+        ));
+    }
+    if let Some(labels) = object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+    {
+        for key in labels.keys().filter(|k| k.starts_with("berth.")) {
+            found.push((
+                "/metadata/labels",
+                format!("label {key}: labels starting with \"berth.\" are berth's own; choose another key"),
+            ));
+        }
+    }
+    match (api_version, kind, name) {
+        (Some(api_version), Some(kind), Some(name)) if found.is_empty() => {
+            Ok((api_version, kind, name, object))
+        }
+        _ => Err(found),
+    }
+}
+
+/// Two documents naming the same object: the same kind and name, whatever the API group. A kind
+/// served under two groups (an Ingress in `extensions/v1beta1` and in `networking.k8s.io/v1`) is
+/// one object to the server, so two documents of it would overwrite each other on every pass.
+fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
+    let mut seen: HashMap<(&str, &str), &Manifest> = HashMap::new();
+    let mut problems = Vec::new();
+    for manifest in manifests {
+        let key = (manifest.kind.as_str(), manifest.name.as_str());
+        if let Some(first) = seen.insert(key, manifest) {
+            problems.push(ManifestProblem {
+                file: manifest.file.clone(),
+                at: Position {
+                    line: manifest.line,
+                    column: 1,
+                },
+                message: format!(
+                    "{} is also defined at {}:{}; keep one",
+                    manifest.id(),
+                    first.file,
+                    first.line
+                ),
+            });
+        }
+    }
+    problems
 }
 
 /// Replaces each `${NAME}` with what `value` gives for it (called with the occurrence's index and
@@ -638,10 +810,17 @@ mod tests {
             manifests[0].object.pointer("/data/app-web/mode"),
             Some(&Value::from("ro"))
         );
-        let (_, problems) =
-            render_text("m.yaml", text, TARGET, &keyed("web", "ro, privileged: true"));
+        let (_, problems) = render_text(
+            "m.yaml",
+            text,
+            TARGET,
+            &keyed("web", "ro, privileged: true"),
+        );
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].message.contains("${overrides.M}"), "{problems:?}");
+        assert!(
+            problems[0].message.contains("${overrides.M}"),
+            "{problems:?}"
+        );
         let (_, problems) = render_text("m.yaml", text, TARGET, &keyed("web: {x: 1}, b", "ro"));
         assert_eq!(problems.len(), 1, "{problems:?}");
         // A text that is YAML only with the value in it is refused, never let through.
