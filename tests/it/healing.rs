@@ -82,6 +82,15 @@ fn a_rejected_tip_stays_rejected_across_reconciles_drift_passes_and_a_restart() 
     });
     one_more_pass(&agent);
     still_rejected(&agent, "after a restart");
+    // What runs is still kept converged after the restart.
+    for id in container_ids(&instance, "web") {
+        docker(&["rm", "-f", &id]);
+    }
+    agent.wait_for("the container made again after the restart", || {
+        one_more_pass(&agent);
+        !container_ids(&instance, "web").is_empty()
+    });
+    still_rejected(&agent, "after a drift pass after the restart");
 
     let fixed = origin.commit(
         &[(
@@ -302,6 +311,33 @@ fn a_revision_that_would_prune_everything_is_held_and_says_why() {
     assert!(object.contains("kept"), "{object}");
     assert_eq!(container_ids(&instance, "web"), running, "nothing deleted");
     assert!(agent.log().contains("deletes held"), "{}", agent.log());
+
+    // One commit that replaced every challenge with a new one: the new one is made, and the
+    // hold lasts through the passes after it, though the new one now counts as owned.
+    let replaced = origin.commit(
+        &[(
+            "challenges/fresh.yaml",
+            Some(&crate::util::challenge(
+                "fresh",
+                "  command: [sleep, \"3600\"]\n",
+            )),
+        )],
+        "Replace every challenge",
+    );
+    agent.reconcile();
+    agent.wait_for("the new challenge made", || {
+        applied(&origin, &replaced) && !container_ids(&instance, "fresh").is_empty()
+    });
+    for _ in 0..3 {
+        one_more_pass(&agent);
+    }
+    assert_eq!(
+        container_ids(&instance, "web"),
+        running,
+        "deleted on a later pass"
+    );
+    let text = origin.show("berth-status:status/agent.yaml").unwrap();
+    assert!(text.contains("would delete all 1 objects"), "{text}");
 }
 
 #[test]
