@@ -758,15 +758,30 @@ impl Agent {
     /// status says was applied last is loaded, so what runs is still checked for drift and
     /// rechecked, as it would be had the agent not restarted.
     async fn keep_running_after_restart(&mut self) {
-        let Some(applied) = self
-            .status
-            .agent
-            .last_applied_revision
-            .clone()
-            .filter(|_| self.current.is_none())
-        else {
+        let (Some(applied), Some(tip)) = (
+            self.status
+                .agent
+                .last_applied_revision
+                .clone()
+                .filter(|_| self.current.is_none()),
+            self.tip.clone(),
+        ) else {
             return;
         };
+        // Status can be written by anyone who can push to its branch: only a revision of the
+        // followed branch's history is taken from it.
+        let source = self.source.clone();
+        let (at, of) = (applied.clone(), tip);
+        if !blocking(move || source.is_ancestor_or_tip(&at, &of))
+            .await
+            .unwrap_or(false)
+        {
+            tracing::warn!(
+                revision = short_revision(&applied),
+                "the last applied revision in status is not of the followed branch's history; nothing is loaded"
+            );
+            return;
+        }
         let rejection = self.rejection.take();
         let status = Arc::clone(&self.status);
         match self.load(&applied).await {
@@ -882,6 +897,18 @@ impl Agent {
             Err(why) => return self.engine_failed(why),
         };
         let current = self.current.as_ref().expect("a loaded revision");
+        // A hold recorded in status for the revision applied (by this agent before a restart, or
+        // by the leader before a takeover) still holds.
+        if self.held_deletes.is_none()
+            && self.status.agent.last_applied_revision.as_deref() == Some(current.revision.as_str())
+            && self
+                .status
+                .agent
+                .message
+                .starts_with(crate::plan::HELD_DELETES)
+        {
+            self.held_deletes = Some((current.revision.clone(), self.status.agent.message.clone()));
+        }
         let options = ApplyOptions {
             concurrency: self.config.concurrency,
             lock_wait: LOCK_WAIT,

@@ -306,6 +306,10 @@ pub struct Plan {
     pub held: Option<String>,
 }
 
+/// How [`Plan::held`] starts: status keeps it, and an agent that restarts reads it back from
+/// there, so a hold outlives the process.
+pub const HELD_DELETES: &str = "this revision would delete all";
+
 /// Policy the planner follows.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -444,7 +448,7 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         && owned.iter().all(|key| !declared.contains(key)))
     .then(|| {
         format!(
-            "this revision would delete all {} objects the instance owns, so nothing is deleted; set pruneAllowEmpty: true in the agent config (berth apply --allow-empty) if that is meant",
+            "{HELD_DELETES} {} objects the instance owns, so nothing is deleted; set pruneAllowEmpty: true in the agent config (berth apply --allow-empty) if that is meant",
             owned.len()
         )
     })

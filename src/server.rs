@@ -568,7 +568,7 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             if push
                 .delivery
                 .as_deref()
-                .is_some_and(|id| state.deliveries.lock().expect("lock").seen(id)) =>
+                .is_some_and(|id| !state.deliveries.lock().expect("lock").first_time(id)) =>
         {
             answer(
                 "duplicate",
@@ -605,8 +605,10 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
                 || runs
                     .iter()
                     .any(|(_, enqueued)| matches!(enqueued, Enqueued::Queued { .. }));
-            if let (true, Some(id)) = (taken, push.delivery.as_deref()) {
-                state.deliveries.lock().expect("lock").record(id);
+            // Recorded when checked (so two copies arriving at once are one), and forgotten again
+            // when nothing was taken.
+            if let (false, Some(id)) = (taken, push.delivery.as_deref()) {
+                state.deliveries.lock().expect("lock").forget(id);
             }
             let mut message = String::new();
             if for_config {

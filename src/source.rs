@@ -333,6 +333,13 @@ impl Source {
         broken.map_or(Ok(()), Err)
     }
 
+    /// Whether `revision` is `tip` or one of its ancestors in the clone.
+    pub fn is_ancestor_or_tip(&self, revision: &str, tip: &str) -> Result<bool, SourceError> {
+        let repo = self.open()?;
+        let (revision, tip) = (Oid::from_str(revision)?, Oid::from_str(tip)?);
+        Ok(revision == tip || repo.graph_descendant_of(tip, revision)?)
+    }
+
     /// Moves a damaged clone aside, to `repo.damaged` beside it (replacing an older one, kept for
     /// a post-mortem), so the next fetch clones afresh. Returns where it went.
     pub fn set_aside(&self) -> Result<PathBuf, SourceError> {
@@ -892,9 +899,11 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // scp-like `user:password@host:path`: a password before the host is hidden; a plain
         // `git@host:path` has none.
-        return match url.split_once('@') {
-            Some((user, host)) if user.contains(':') && !user.contains('/') => {
-                format!("<secret>@{host}")
+        // The host starts after the last `@` before the path's colon.
+        let (before_path, _) = url.split_once(":/").unwrap_or((url, ""));
+        return match url[..before_path.len()].rfind('@') {
+            Some(at) if url[..at].contains(':') && !url[..at].contains('/') => {
+                format!("<secret>@{}", &url[at + 1..])
             }
             _ => url.to_string(),
         };
@@ -946,6 +955,10 @@ mod tests {
         assert_eq!(redact("git@host:ops/infra.git"), "git@host:ops/infra.git");
         assert_eq!(
             redact("bot:s3cret@git.example.org:ops/infra.git"),
+            "<secret>@git.example.org:ops/infra.git"
+        );
+        assert_eq!(
+            redact("bot:p@ss@git.example.org:ops/infra.git"),
             "<secret>@git.example.org:ops/infra.git"
         );
         assert_eq!(redact("https://host/x.git"), "https://host/x.git");

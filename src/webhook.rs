@@ -225,14 +225,11 @@ impl RecentDeliveries {
     /// How many ids are remembered; the oldest is forgotten first.
     pub const CAPACITY: usize = 4096;
 
-    /// Whether `id` was recorded.
-    pub fn seen(&self, id: &str) -> bool {
-        self.seen.contains(id)
-    }
-
-    /// Records `id`, forgetting the oldest when full.
-    pub fn record(&mut self, id: &str) {
-        self.first_time(id);
+    /// Forgets `id`: what it delivered was not taken, so it may come again.
+    pub fn forget(&mut self, id: &str) {
+        if self.seen.remove(id) {
+            self.order.retain(|kept| kept != id);
+        }
     }
 
     /// Records `id`; `false` when it was recorded before.
@@ -345,6 +342,8 @@ mod tests {
             "forgotten after CAPACITY others"
         );
         assert!(!recent.first_time("github:4095"));
+        recent.forget("github:4095");
+        assert!(recent.first_time("github:4095"), "forgotten, taken again");
     }
 
     use super::*;

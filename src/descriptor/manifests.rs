@@ -387,6 +387,18 @@ fn shape_kept(
     Ok(())
 }
 
+/// `text` as YAML reads a number: decimal, or `0x`/`0o` integers.
+fn parsed_number(text: &str) -> Option<f64> {
+    let text = text.trim().replace('_', "");
+    if let Some(hex) = text.strip_prefix("0x") {
+        return i64::from_str_radix(hex, 16).ok().map(|n| n as f64);
+    }
+    if let Some(octal) = text.strip_prefix("0o") {
+        return i64::from_str_radix(octal, 8).ok().map(|n| n as f64);
+    }
+    text.parse().ok()
+}
+
 /// The markers that stand for the variables of one text while its shape is checked.
 struct Markers<'a> {
     marker: &'a str,
@@ -409,12 +421,31 @@ impl Markers<'_> {
         digits.parse().ok()
     }
 
-    /// `text` with each marker replaced by its variable's value.
+    /// `text` with each marker replaced by its variable's value, in one pass over `text`.
     fn expand(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for (index, occurrence) in self.occurrences.iter().enumerate().rev() {
-            out = out.replace(&self.of(index), &occurrence.value);
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(self.marker) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + self.marker.len()..];
+            let digits = after.chars().take_while(char::is_ascii_digit).count();
+            let value = after[..digits]
+                .parse::<usize>()
+                .ok()
+                .filter(|_| after[digits..].starts_with('q'))
+                .and_then(|index| self.occurrences.get(index));
+            match value {
+                Some(occurrence) => {
+                    out.push_str(&occurrence.value);
+                    rest = &after[digits + 1..];
+                }
+                None => {
+                    out.push_str(self.marker);
+                    rest = after;
+                }
+            }
         }
+        out.push_str(rest);
         out
     }
 
@@ -434,10 +465,28 @@ impl Markers<'_> {
     /// marked key by the key its value makes; otherwise the variable to blame, when known.
     fn same_shape(&self, template: &Value, actual: &Value) -> Result<(), Option<usize>> {
         match (template, actual) {
-            (Value::String(text), actual) if text.contains(self.marker) => match actual {
-                Value::Array(_) | Value::Object(_) => Err(self.first(text)),
-                _ => Ok(()),
-            },
+            // One scalar, and the very one the values make: a value that closes a quote and
+            // writes a key of its own (a merge key `<<` overriding another) makes another.
+            (Value::String(text), actual) if text.contains(self.marker) => {
+                let expanded = self.expand(text);
+                let same = match actual {
+                    Value::String(actual) => *actual == expanded,
+                    // `1.10` reads as the number 1.1, `0x1F` as 31: compared as numbers.
+                    Value::Number(number) => {
+                        number.to_string() == expanded
+                            || parsed_number(&expanded)
+                                .zip(number.as_f64())
+                                .is_some_and(|(a, b)| a == b)
+                    }
+                    Value::Bool(flag) => expanded.eq_ignore_ascii_case(&flag.to_string()),
+                    Value::Null => matches!(expanded.as_str(), "" | "~" | "null" | "Null" | "NULL"),
+                    Value::Array(_) | Value::Object(_) => false,
+                };
+                match same {
+                    true => Ok(()),
+                    false => Err(self.first(text)),
+                }
+            }
             (Value::Array(template), Value::Array(actual)) if template.len() == actual.len() => {
                 for (t, a) in template.iter().zip(actual) {
                     self.same_shape(t, a)?;
@@ -607,7 +656,9 @@ fn check(object: Value, namespace: &str) -> Result<Identity, Vec<(&'static str, 
 
 /// Two documents naming the same object: the same kind and name, whatever the API group. A kind
 /// served under two groups (an Ingress in `extensions/v1beta1` and in `networking.k8s.io/v1`) is
-/// one object to the server, so two documents of it would overwrite each other on every pass.
+/// one object to the server, so two documents of it would overwrite each other on every pass; and
+/// berth tells a staging's objects apart by kind and name, so two kinds of one name from different
+/// groups (an Istio `Gateway` and a Gateway API one) are refused too, rather than confused.
 fn duplicates(manifests: &[Manifest]) -> Vec<ManifestProblem> {
     let mut seen: HashMap<(&str, &str), &Manifest> = HashMap::new();
     let mut problems = Vec::new();
@@ -823,6 +874,22 @@ mod tests {
         );
         let (_, problems) = render_text("m.yaml", text, TARGET, &keyed("web: {x: 1}, b", "ro"));
         assert_eq!(problems.len(), 1, "{problems:?}");
+        // A value that closes its quote and writes a merge key over another key: the key count
+        // stays, but the scalar is not the one the value makes.
+        let quoted = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: \"${overrides.NOTE}\", image: \"app:${tag}\"}\n";
+        let (_, problems) = render_text(
+            "m.yaml",
+            quoted,
+            TARGET,
+            &with("NOTE", "\", <<: {image: evil}} #"),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (manifests, problems) = render_text("m.yaml", quoted, TARGET, &with("NOTE", "fine"));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            manifests[0].object.pointer("/data/image"),
+            Some(&Value::from("app:v2"))
+        );
         // A text that is YAML only with the value in it is refused, never let through.
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  note: |${overrides.NOTE}\n    text\n";
         let (_, problems) = render_text("m.yaml", text, TARGET, &with("NOTE", ""));

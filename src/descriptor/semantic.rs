@@ -253,6 +253,19 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     }
 }
 
+/// Whether `text` is an image digest, `ALGORITHM:HEX` (`sha256:` and 64 hex digits), as a tag
+/// that pins an image is written (`image: app@${tag}`).
+fn is_digest(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(algorithm, hex)| {
+        !algorithm.is_empty()
+            && algorithm.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '.' | '_' | '-')
+            })
+            && hex.len() >= 32
+            && hex.chars().all(|c| c.is_ascii_hexdigit())
+    })
+}
+
 /// Whether an image reference is within the engine's lengths: a name of at most 255 characters
 /// and a tag of at most 128 (refused here, not when a run or an apply reaches the engine).
 fn image_within_limits(text: &str) -> Result<(), String> {
@@ -303,6 +316,9 @@ pub(crate) fn clone_url(url: &str) -> Result<(), String> {
                 None => (host, None),
             },
         };
+        // A fully qualified name may end with a dot; an internationalised one has letters of
+        // any script.
+        let host = host.strip_suffix('.').unwrap_or(host);
         let name_ok = !host.is_empty()
             && host.len() <= 253
             && host.split('.').all(|label| {
@@ -312,7 +328,7 @@ pub(crate) fn clone_url(url: &str) -> Result<(), String> {
                     && !label.ends_with('-')
                     && label
                         .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                        .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
             });
         name_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
     };
@@ -320,19 +336,36 @@ pub(crate) fn clone_url(url: &str) -> Result<(), String> {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
             let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let local = authority.is_empty() || authority.eq_ignore_ascii_case("localhost");
             match scheme.to_ascii_lowercase().as_str() {
-                "file" if authority.is_empty() && !path.is_empty() => Ok(()),
-                "https" | "http" | "ssh" | "git" if host_ok(host) && !path.is_empty() => Ok(()),
+                "file" if local && !path.is_empty() => Ok(()),
+                "https" | "http" | "ssh" | "git" | "git+ssh" | "ssh+git"
+                    if host_ok(host) && !path.is_empty() =>
+                {
+                    Ok(())
+                }
                 _ => Err(refused()),
             }
         }
         None => {
-            // scp-like: the host ends at the first colon after the user.
-            let (user_and_host, path) = url.split_once(':').ok_or_else(refused)?;
-            let host = user_and_host
-                .rsplit_once('@')
-                .map_or(user_and_host, |(_, h)| h);
-            match !user_and_host.contains('/') && host_ok(host) && !path.is_empty() {
+            // scp-like, `[user@]host:path`: the host ends at the first colon after the user (or
+            // after the `]` of an IPv6 address in brackets).
+            let (user, rest) = match url.split_once('@') {
+                Some((user, rest)) if !user.contains('/') => (Some(user), rest),
+                _ => (None, url),
+            };
+            let (host, path) = match rest.strip_prefix('[') {
+                Some(bracketed) => {
+                    let (address, path) = bracketed.split_once("]:").ok_or_else(refused)?;
+                    (format!("[{address}]"), path)
+                }
+                None => {
+                    let (host, path) = rest.split_once(':').ok_or_else(refused)?;
+                    (host.to_string(), path)
+                }
+            };
+            let user_ok = user.is_none_or(|u| !u.is_empty());
+            match user_ok && !host.contains('/') && host_ok(&host) && !path.is_empty() {
                 true => Ok(()),
                 false => Err(refused()),
             }
@@ -456,6 +489,7 @@ fn check_on_kubernetes(
 fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
     // Values are substituted into manifests and charts: each stands for one scalar on one line.
     if let super::model::TagSource::Tag(tag) = &spec.tag
+        && !is_digest(tag)
         && let Err(why) = image_tag(tag)
     {
         found.push(violation("/spec/tag", format!("spec.tag: {why}")));
@@ -758,7 +792,8 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
     let mut found = Vec::new();
     // NodePorts a staging's Services ask for: a challenge on the cluster publishes its host port
     // as a NodePort, and the API server gives each port to one Service.
-    let mut node_ports: BTreeMap<(u16, String), String> = BTreeMap::new();
+    // By number alone: the API server gives a node port to one Service whatever its protocol.
+    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
     for descriptor in descriptors {
         let (Spec::Staging(_), Some(Ok(manifests))) = (&descriptor.spec, &descriptor.manifests)
         else {
@@ -776,11 +811,7 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
                 else {
                     continue;
                 };
-                let protocol = port["protocol"]
-                    .as_str()
-                    .unwrap_or("TCP")
-                    .to_ascii_lowercase();
-                node_ports.entry((node_port, protocol)).or_insert_with(|| {
+                node_ports.entry(node_port).or_insert_with(|| {
                     format!(
                         "Service/{} of {} ({}:{})",
                         manifest.name,
@@ -800,7 +831,7 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
             let Some(host) = port.host else { continue };
             let key = (host.0, port.protocol.as_str());
             if spec.target == Some(Engine::Kubernetes)
-                && let Some(service) = node_ports.get(&(host.0, key.1.to_string()))
+                && let Some(service) = node_ports.get(&host.0)
             {
                 found.push(RepoProblem {
                     at: index,
@@ -832,4 +863,48 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clone_urls_people_write_are_taken_and_typos_are_not() {
+        for url in [
+            "https://git.example.org/ctf/app.git",
+            "https://bot@git.example.org/ctf/app",
+            "http://127.0.0.1:8080/x.git",
+            "ssh://git@git.example.org:2222/ctf/app.git",
+            "git+ssh://git@git.example.org/ctf/app.git",
+            "git://127.0.0.1:9418/infra.git",
+            "git@github.com:org/repo.git",
+            "bot:secret@git.example.org:org/repo.git",
+            "git@[::1]:r.git",
+            "https://[::1]:8443/r.git",
+            "file:///srv/x.git",
+            "file://localhost/srv/x.git",
+            "https://git.example.org./ctf/app",
+            "https://g\u{ee}t.exemple.fr/ctf/app",
+        ] {
+            assert!(super::clone_url(url).is_ok(), "{url}");
+        }
+        for url in [
+            "https://git.example.org ctf/app.git",
+            "https:///ctf/app",
+            "ftp://git.example.org/x",
+            "file://other-host/srv/x",
+            "git.example.org",
+            "https://-bad.example.org/x",
+            "https://git.example.org:99999/x",
+            "",
+        ] {
+            assert!(super::clone_url(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_digest_is_a_tag_a_staging_may_pin() {
+        assert!(super::is_digest(&format!("sha256:{}", "a".repeat(64))));
+        assert!(!super::is_digest("v1.2"));
+        assert!(!super::is_digest("sha256:xyz"));
+    }
 }

@@ -168,6 +168,11 @@ impl RunStore {
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
             )
             .map_err(failed)?;
+        // The tables and the id are made in one transaction: two processes opening a new store
+        // at once, or a crash between the two, never leave a store without its id.
+        connection
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(failed)?;
         // A store that had runs before stores had ids keeps its logs where they were.
         let had_runs: i64 = connection
             .query_row(
@@ -204,6 +209,7 @@ impl RunStore {
                     .map_err(failed)?
             }
         };
+        connection.execute_batch("COMMIT").map_err(failed)?;
         Ok(RunStore {
             connection: Arc::new(Mutex::new(connection)),
             path: shown,

@@ -405,12 +405,19 @@ impl KubeBackend {
                 continue;
             };
             let annotations = namespace.metadata.annotations.clone().unwrap_or_default();
-            match inventory_of(&annotations) {
-                Some(listed) => kinds.extend(listed),
+            let inventory_lost = match inventory_of(&annotations) {
+                Some(listed) => {
+                    kinds.extend(listed);
+                    false
+                }
                 // Deleted or garbled by hand: every kind is looked at, so objects of a kind the
-                // manifests dropped are still found (and pruned), never leaked.
-                None => rebuild_inventory = true,
-            }
+                // manifests dropped are still found (and pruned), never leaked; and the plan
+                // writes it back, so the next passes need not look at every kind again.
+                None => {
+                    rebuild_inventory = true;
+                    true
+                }
+            };
             let time = |key: &str| {
                 annotations
                     .get(key)
@@ -424,11 +431,19 @@ impl KubeBackend {
                 PartState::Running
             };
             let terminating = namespace.metadata.deletion_timestamp.is_some();
+            let hash = labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default();
+            let (hash, spec) = match inventory_lost {
+                true => (
+                    format!("edited:{hash}"),
+                    json!({"edited": "the berth.inventory annotation was removed or garbled by hand"}),
+                ),
+                false => (hash, json!({})),
+            };
             let part = ObservedPart {
                 name: ns.clone(),
                 id: format!("Namespace/{ns}"),
-                hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
-                spec: json!({}),
+                hash,
+                spec,
                 secrets: None,
                 state,
                 health: if terminating {
@@ -1185,10 +1200,19 @@ fn held_by_finalizers(namespace: &DynamicObject) -> Option<String> {
         .as_str()?;
     // "Some content in the namespace has finalizers remaining: NAME in N resource instances, …"
     let listed = message.split_once(": ").map_or(message, |(_, list)| list);
+    // Kubernetes' own (`kubernetes.io/…`, `service.kubernetes.io/…`, `foregroundDeletion`)
+    // are removed by its controllers as the objects go.
+    let built_in = |finalizer: &str| {
+        let domain = finalizer.split('/').next().unwrap_or(finalizer);
+        domain == "kubernetes.io"
+            || domain.ends_with(".kubernetes.io")
+            || domain.ends_with(".k8s.io")
+            || matches!(finalizer, "kubernetes" | "foregroundDeletion" | "orphan")
+    };
     let foreign = listed
         .split(", ")
         .filter_map(|item| item.split(" in ").next())
-        .any(|finalizer| !finalizer.starts_with("kubernetes.io/") && finalizer != "kubernetes");
+        .any(|finalizer| !built_in(finalizer));
     foreign.then(|| message.to_string())
 }
 

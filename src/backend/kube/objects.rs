@@ -42,12 +42,17 @@ fn default_port_protocols(object: &mut Value, kind: &str) {
     let pod = match kind {
         "Service" => return tcp_unless_written(object.pointer_mut("/spec/ports")),
         "Pod" => object.pointer_mut("/spec"),
+        "CronJob" => object.pointer_mut("/spec/jobTemplate/spec/template/spec"),
         _ if POD_TEMPLATES.contains(&kind) => object.pointer_mut("/spec/template/spec"),
         _ => None,
     };
-    let Some(pod) = pod else { return };
+    // Read, never indexed into: a pod spec of the wrong shape is left for the server to refuse.
+    let Some(pod) = pod.and_then(Value::as_object_mut) else {
+        return;
+    };
     for containers in ["containers", "initContainers"] {
-        for container in pod[containers].as_array_mut().into_iter().flatten() {
+        let listed = pod.get_mut(containers).and_then(Value::as_array_mut);
+        for container in listed.into_iter().flatten() {
             tcp_unless_written(container.get_mut("ports"));
         }
     }
@@ -437,6 +442,17 @@ mod tests {
             applied["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"],
             "TCP"
         );
+        assert_eq!(
+            applied["spec"]["template"]["spec"].get("initContainers"),
+            None
+        );
+        // A pod spec of the wrong shape is left as written, for the server to refuse.
+        for broken in [json!([]), json!("x"), json!({"containers": "x"})] {
+            let pod = manifest(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p"}, "spec": broken.clone()}));
+            let applied = shaped(&pod, "stg", &HashMap::new(), &HashMap::new(), false);
+            assert_eq!(applied["spec"], broken);
+        }
     }
 
     /// Hostile finding: a Secret's edited value was printed in the plan.
