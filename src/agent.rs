@@ -394,6 +394,14 @@ pub async fn run(
             }
         }
     };
+    // Resolves STOP_GRACE after a stop was asked for: what is still running then is left.
+    let past_grace = || {
+        let stopped = stop();
+        async move {
+            stopped.await;
+            tokio::time::sleep(STOP_GRACE).await;
+        }
+    };
     let mut abandoned = false;
     loop {
         let batch = tokio::select! {
@@ -431,7 +439,7 @@ pub async fn run(
         if batch.iter().all(|t| *t == Trigger::PushStatus) {
             let pushed = tokio::select! {
                 () = agent.publish() => true,
-                () = async { stop().await; tokio::time::sleep(STOP_GRACE).await } => false,
+                () = past_grace() => false,
             };
             if !pushed {
                 abandoned = true;
@@ -466,7 +474,7 @@ pub async fn run(
             tokio::pin!(pass);
             tokio::select! {
                 () = &mut pass => true,
-                () = async { stop().await; tokio::time::sleep(STOP_GRACE).await } => false,
+                () = past_grace() => false,
             }
         };
         if !finished {

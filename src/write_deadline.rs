@@ -29,6 +29,21 @@ impl<S> WriteDeadline<S> {
         }
     }
 
+    /// The inner write's `poll`, bounded: progress disarms the deadline, waiting arms it.
+    fn bounded<T>(
+        &mut self,
+        context: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Pending => self.waited(context),
+            done => {
+                self.waiting = None;
+                done
+            }
+        }
+    }
+
     /// `Pending` from the inner write: arms the deadline, and fails once it has passed.
     fn waited<T>(&mut self, context: &mut Context<'_>) -> Poll<io::Result<T>> {
         let deadline = self.deadline;
@@ -62,23 +77,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
         context: &mut Context<'_>,
         bytes: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(context, bytes) {
-            Poll::Pending => self.waited(context),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_write(context, bytes);
+        self.bounded(context, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(context) {
-            Poll::Pending => self.waited(context),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_flush(context);
+        self.bounded(context, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -90,13 +95,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
         context: &mut Context<'_>,
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(context, buffers) {
-            Poll::Pending => self.waited(context),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(context, buffers);
+        self.bounded(context, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

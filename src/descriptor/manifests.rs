@@ -414,11 +414,17 @@ impl Markers<'_> {
     /// The index of the first marker in `text`.
     fn first(&self, text: &str) -> Option<usize> {
         let at = text.find(self.marker)? + self.marker.len();
-        let digits: String = text[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
+        self.index_at(&text[at..]).map(|(index, _)| index)
+    }
+
+    /// The index that `after` (the text after a marker) starts with, and how long it is with
+    /// its closing `q`.
+    fn index_at(&self, after: &str) -> Option<(usize, usize)> {
+        let digits = after.chars().take_while(char::is_ascii_digit).count();
+        let index = after[..digits].parse().ok()?;
+        after[digits..]
+            .starts_with('q')
+            .then_some((index, digits + 1))
     }
 
     /// `text` with each marker replaced by its variable's value, in one pass over `text`.
@@ -428,16 +434,13 @@ impl Markers<'_> {
         while let Some(at) = rest.find(self.marker) {
             out.push_str(&rest[..at]);
             let after = &rest[at + self.marker.len()..];
-            let digits = after.chars().take_while(char::is_ascii_digit).count();
-            let value = after[..digits]
-                .parse::<usize>()
-                .ok()
-                .filter(|_| after[digits..].starts_with('q'))
-                .and_then(|index| self.occurrences.get(index));
+            let value = self
+                .index_at(after)
+                .and_then(|(index, length)| Some((self.occurrences.get(index)?, length)));
             match value {
-                Some(occurrence) => {
+                Some((occurrence, length)) => {
                     out.push_str(&occurrence.value);
-                    rest = &after[digits + 1..];
+                    rest = &after[length..];
                 }
                 None => {
                     out.push_str(self.marker);

@@ -47,15 +47,12 @@ pub(super) fn check_descriptor(
             }
         }
         Spec::Pipeline(spec) => {
-            let mut steps = HashMap::new();
-            for (index, step) in spec.steps.iter().enumerate() {
-                if let Some(first) = steps.insert(step.name.as_str(), index) {
-                    found.push(violation(
-                        format!("/spec/steps/{index}/name"),
-                        format!("spec.steps[{index}].name: \"{}\" is also the name of spec.steps[{first}]; logs and status tell steps apart by name", step.name),
-                    ));
-                }
-            }
+            repeated_names(
+                spec.steps.iter().map(|step| step.name.as_str()),
+                "steps",
+                "; logs and status tell steps apart by name",
+                &mut found,
+            );
             if let StepImage::Name(image) = &spec.image
                 && let Err(why) = image_within_limits(image)
             {
@@ -242,12 +239,28 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
             ));
         }
     }
-    let mut sidecars = HashMap::new();
-    for (index, sidecar) in spec.sidecars.iter().enumerate() {
-        if let Some(first) = sidecars.insert(sidecar.name.as_str(), index) {
+    repeated_names(
+        spec.sidecars.iter().map(|sidecar| sidecar.name.as_str()),
+        "sidecars",
+        "",
+        found,
+    );
+}
+
+/// A name given twice in the list `spec.FIELD` is a problem at the second, saying where the first
+/// is, then `why` it matters.
+fn repeated_names<'a>(
+    names: impl Iterator<Item = &'a str>,
+    field: &str,
+    why: &str,
+    found: &mut Vec<Violation>,
+) {
+    let mut seen = HashMap::new();
+    for (index, name) in names.enumerate() {
+        if let Some(first) = seen.insert(name, index) {
             found.push(violation(
-                format!("/spec/sidecars/{index}/name"),
-                format!("spec.sidecars[{index}].name: \"{}\" is also the name of spec.sidecars[{first}]", sidecar.name),
+                format!("/spec/{field}/{index}/name"),
+                format!("spec.{field}[{index}].name: \"{name}\" is also the name of spec.{field}[{first}]{why}"),
             ));
         }
     }
@@ -269,11 +282,7 @@ fn is_digest(text: &str) -> bool {
 /// Whether an image reference is within the engine's lengths: a name of at most 255 characters
 /// and a tag of at most 128 (refused here, not when a run or an apply reaches the engine).
 fn image_within_limits(text: &str) -> Result<(), String> {
-    let without_digest = text.split_once('@').map_or(text, |(name, _)| name);
-    let (name, tag) = match without_digest.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
-        _ => (without_digest, None),
-    };
+    let (name, tag) = name_and_tag(text.split_once('@').map_or(text, |(name, _)| name));
     if name.len() > 255 {
         return Err(format!(
             "the image name is {} characters long; the engine takes at most 255",
@@ -391,13 +400,19 @@ fn image_tag(tag: &str) -> Result<(), String> {
     }
 }
 
+/// An image reference's name and tag: the tag follows the last colon, unless a `/` comes after
+/// it (then the colon is a registry's port).
+fn name_and_tag(text: &str) -> (&str, Option<&str>) {
+    match text.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
+        _ => (text, None),
+    }
+}
+
 /// Whether `text` is an image name the engine takes: lower-case path components, an optional
 /// host with a port, and a tag (`registry:5000/team/app:v1`).
 fn image_reference(text: &str) -> Result<(), String> {
-    let (name, tag) = match text.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
-        _ => (text, None),
-    };
+    let (name, tag) = name_and_tag(text);
     let Some(tag) = tag else {
         return Err("has no tag; write NAME:TAG, e.g. app:{commit}".into());
     };

@@ -250,13 +250,27 @@ pub(crate) fn github_push(commit: &str, branch: &str) -> String {
 fn send_github(agent: &Agent, body: &str, signature: &str) -> (u16, String) {
     static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let sent = SENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let delivery = format!("72d3162e-cc78-11e3-81ab-{sent:012}");
+    send_github_delivery(
+        agent,
+        body,
+        signature,
+        &format!("72d3162e-cc78-11e3-81ab-{sent:012}"),
+    )
+}
+
+/// Sends a GitHub push with the delivery id `delivery` (a redelivery keeps its id).
+pub(crate) fn send_github_delivery(
+    agent: &Agent,
+    body: &str,
+    signature: &str,
+    delivery: &str,
+) -> (u16, String) {
     agent.request(
         "POST",
         "/hooks/github",
         &[
             ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", &delivery),
+            ("X-GitHub-Delivery", delivery),
             ("X-Hub-Signature-256", signature),
             ("Content-Type", "application/json"),
         ],

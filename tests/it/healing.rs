@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::agent::{Agent, applied, container_ids, github_push, served_web, sign};
+use crate::agent::{
+    Agent, applied, container_ids, github_push, send_github_delivery, served_web, sign,
+};
 use crate::docker::{docker, engine, free_port, web};
 use crate::gitserver::{GitDaemon, Origin, git};
 
@@ -65,13 +67,16 @@ fn a_rejected_tip_stays_rejected_across_reconciles_drift_passes_and_a_restart() 
 
     // A drift pass that has work to do: the container removed by hand is made again from the
     // applied revision, and status still says the tip was rejected.
-    for id in container_ids(&instance, "web") {
-        docker(&["rm", "-f", &id]);
-    }
-    agent.wait_for("the container made again", || {
-        one_more_pass(&agent);
-        !container_ids(&instance, "web").is_empty()
-    });
+    let made_again_after_removal = |agent: &Agent, when: &str| {
+        for id in container_ids(&instance, "web") {
+            docker(&["rm", "-f", &id]);
+        }
+        agent.wait_for(&format!("the container made again {when}"), || {
+            one_more_pass(agent);
+            !container_ids(&instance, "web").is_empty()
+        });
+    };
+    made_again_after_removal(&agent, "");
     still_rejected(&agent, "after a drift pass");
 
     // A restart reads the tip again and keeps saying so.
@@ -83,13 +88,7 @@ fn a_rejected_tip_stays_rejected_across_reconciles_drift_passes_and_a_restart() 
     one_more_pass(&agent);
     still_rejected(&agent, "after a restart");
     // What runs is still kept converged after the restart.
-    for id in container_ids(&instance, "web") {
-        docker(&["rm", "-f", &id]);
-    }
-    agent.wait_for("the container made again after the restart", || {
-        one_more_pass(&agent);
-        !container_ids(&instance, "web").is_empty()
-    });
+    made_again_after_removal(&agent, "after the restart");
     still_rejected(&agent, "after a drift pass after the restart");
 
     let fixed = origin.commit(
@@ -373,16 +372,11 @@ fn passes_are_min_interval_apart_and_a_webhook_delivery_is_taken_once() {
     let body = github_push(&second, "main");
     let signature = sign(&body);
     let deliver = || {
-        agent.request(
-            "POST",
-            "/hooks/github",
-            &[
-                ("X-GitHub-Event", "push"),
-                ("X-GitHub-Delivery", "5f1c0e2a-d6a1-11ed-9d8b-0242ac120002"),
-                ("X-Hub-Signature-256", &signature),
-                ("Content-Type", "application/json"),
-            ],
-            body.as_bytes(),
+        send_github_delivery(
+            &agent,
+            &body,
+            &signature,
+            "5f1c0e2a-d6a1-11ed-9d8b-0242ac120002",
         )
     };
     let (code, text) = deliver();
