@@ -8,7 +8,11 @@
 //!   at 4 workers, against a shell script doing the same `git clone` + `docker run` one after
 //!   another; and each berth run's own duration against the script's per-run floor;
 //! - **agent memory** with 1,000 finished runs in its database (written through berth's own run
-//!   store before the agent starts), idle and while serving all of them through the API.
+//!   store before the agent starts), idle and while serving all of them through the API;
+//! - **a 500 MB file in the source** (`BERTH_BENCH_LARGE_FILE_MB` to change it): `berth run`
+//!   clones it over `git daemon`, checks it out and copies the workspace into the run's volume,
+//!   against the git CLI's `clone` plus `docker cp` of the same folder; berth's peak resident and
+//!   anonymous memory, sampled from `/proc` every 20 ms.
 //!
 //! Needs Docker, `busybox:latest` (`tests/testbed/busybox-image.sh`) and git.
 //! Run: `cargo bench --bench pipelines`.
@@ -312,6 +316,108 @@ fn main() {
     );
 
     common::remove_instance(INSTANCE);
+    large_source(&served, daemon_port, work.path());
+    common::remove_instance(INSTANCE);
+}
+
+/// A source with one large file, run with `berth run` and with the git CLI and `docker cp`.
+fn large_source(served: &std::path::Path, daemon_port: u16, work: &std::path::Path) {
+    let megabytes: usize = std::env::var("BERTH_BENCH_LARGE_FILE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let source = work.join("large");
+    std::fs::create_dir_all(&source).unwrap();
+    // Incompressible, as a real asset or archive is.
+    let mut file = std::fs::File::create(source.join("asset.bin")).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..megabytes {
+        for chunk in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+        std::io::Write::write_all(&mut file, &block).unwrap();
+    }
+    drop(file);
+    common::git(work, &["init", "-q", "-b", "main", "large"]);
+    common::git(&source, &["add", "-A"]);
+    common::git(&source, &["commit", "-q", "-m", "large"]);
+    common::git(
+        served,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            source.to_str().unwrap(),
+            "large.git",
+        ],
+    );
+    let url = format!("git://127.0.0.1:{daemon_port}/large.git");
+    let config = work.join("large-config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("large.yaml"),
+        format!("apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: large}}\nspec:\n  source: {{url: \"{url}\"}}\n  image: busybox:latest\n  steps:\n    - {{name: size, run: \"ls -l asset.bin\"}}\n"),
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "run",
+            config.to_str().unwrap(),
+            "large",
+            "--instance",
+            INSTANCE,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut peak_resident, mut peak_anonymous) = (0, 0);
+    while child.try_wait().unwrap().is_none() {
+        peak_resident = peak_resident.max(common::rss_kib(child.id(), "VmHWM:"));
+        peak_anonymous = peak_anonymous.max(common::rss_kib(child.id(), "RssAnon:"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let berth_seconds = started.elapsed().as_secs_f64();
+
+    // The peer: the git CLI's clone, then the folder copied into a container's volume.
+    let started = Instant::now();
+    let clone = work.join("large-clone");
+    common::git(work, &["clone", "-q", &url, clone.to_str().unwrap()]);
+    docker(&["volume", "create", "berth-bench-large"]);
+    docker(&[
+        "create",
+        "--name",
+        "berth-bench-large",
+        "-v",
+        "berth-bench-large:/workspace",
+        "busybox:latest",
+        "true",
+    ]);
+    docker(&[
+        "cp",
+        &format!("{}/.", clone.display()),
+        "berth-bench-large:/workspace",
+    ]);
+    let peer_seconds = started.elapsed().as_secs_f64();
+    let _ = Command::new("docker")
+        .args(["rm", "-f", "berth-bench-large"])
+        .output();
+    let _ = Command::new("docker")
+        .args(["volume", "rm", "berth-bench-large"])
+        .output();
+
+    println!("\na source with one {megabytes} MB file: clone, checkout, workspace into the volume");
+    println!(
+        "  berth run                      {berth_seconds:>8.1} s  peak resident {:>5} MiB, peak anonymous {:>4} MiB",
+        peak_resident / 1024,
+        peak_anonymous / 1024
+    );
+    println!("  git clone + docker cp          {peer_seconds:>8.1} s");
 }
 
 fn docker(args: &[&str]) {

@@ -892,9 +892,10 @@ impl Agent {
             return Ok(engines.clone());
         }
         let access = crate::config::KubeConfig::access(self.config.kube.as_ref());
-        let engines = reconcile::connect(&self.config.instance.to_string(), &access)
+        let mut engines = reconcile::connect(&self.config.instance.to_string(), &access)
             .await
             .map_err(|e| e.to_string())?;
+        engines.set_workspace_limit(self.config.pipelines.workspace_limit);
         self.engines = Some(engines.clone());
         Ok(engines)
     }

@@ -4,7 +4,12 @@
 //! The digest is what makes builds content-addressed: the image is tagged by it, so an unchanged
 //! context never rebuilds, and it is part of the challenge's spec hash, so a changed file is an update.
 //! The tar is deterministic (sorted, zero times and owners) so the same context gives the same bytes.
+//!
+//! Memory is bounded by design, not by the context: files are hashed and archived a buffer at a
+//! time, and [`BuildContext::into_stream`] hands the engine the tar as it is written, through a
+//! channel of a few chunks, so a context of gigabytes costs the agent about a megabyte.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -14,7 +19,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     Dir,
-    File { executable: bool },
+    File { executable: bool, size: u64 },
     Symlink(PathBuf),
 }
 
@@ -39,6 +44,17 @@ impl BuildContext {
         })
     }
 
+    /// The bytes of its files together (what the tar carries, besides headers).
+    pub fn size(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|(_, entry)| match entry {
+                Entry::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Paths in the context, relative to its root.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(path, _)| path.as_str())
@@ -52,12 +68,15 @@ impl BuildContext {
             hasher.update([0]);
             match entry {
                 Entry::Dir => hasher.update(b"d"),
-                Entry::File { executable } => {
+                Entry::File { executable, size } => {
                     hasher.update(if *executable { b"x" } else { b"f" });
-                    let content = std::fs::read(self.root.join(path))
+                    hasher.update(size.to_le_bytes());
+                    let mut content = self.open(path, *size)?;
+                    std::io::copy(&mut content, &mut HashWriter(&mut hasher))
                         .map_err(|e| format!("cannot read {path}: {e}"))?;
-                    hasher.update((content.len() as u64).to_le_bytes());
-                    hasher.update(&content);
+                    if content.limit() != 0 {
+                        return Err(format!("{path} changed while it was read"));
+                    }
                 }
                 Entry::Symlink(target) => {
                     hasher.update(b"l");
@@ -71,7 +90,12 @@ impl BuildContext {
 
     /// The context as an uncompressed tar, as the engine's build endpoint takes it.
     pub fn tar(&self) -> Result<Vec<u8>, String> {
-        let mut builder = tar::Builder::new(Vec::new());
+        self.write_tar(Vec::new())
+    }
+
+    /// Writes the context as an uncompressed tar into `out`, a buffer at a time.
+    pub fn write_tar<W: Write>(&self, out: W) -> Result<W, String> {
+        let mut builder = tar::Builder::new(out);
         for (path, entry) in &self.entries {
             let mut header = tar::Header::new_gnu();
             header.set_mtime(0);
@@ -84,13 +108,17 @@ impl BuildContext {
                     header.set_size(0);
                     builder.append_data(&mut header, path, std::io::empty())
                 }
-                Entry::File { executable } => {
-                    let content = std::fs::read(self.root.join(path))
-                        .map_err(|e| format!("cannot read {path}: {e}"))?;
+                Entry::File { executable, size } => {
+                    let mut content = self.open(path, *size)?;
                     header.set_entry_type(tar::EntryType::Regular);
                     header.set_mode(if *executable { 0o755 } else { 0o644 });
-                    header.set_size(content.len() as u64);
-                    builder.append_data(&mut header, path, content.as_slice())
+                    header.set_size(*size);
+                    let appended = builder.append_data(&mut header, path, &mut content);
+                    if appended.is_ok() && content.limit() != 0 {
+                        // A shorter file would shift every later entry of the archive.
+                        return Err(format!("{path} changed while it was read"));
+                    }
+                    appended
                 }
                 Entry::Symlink(target) => {
                     header.set_entry_type(tar::EntryType::Symlink);
@@ -104,6 +132,102 @@ impl BuildContext {
         builder
             .into_inner()
             .map_err(|e| format!("cannot finish the build context: {e}"))
+    }
+
+    /// The tar as a stream of chunks, written on a blocking thread as the reader takes them:
+    /// at most [`STREAM_CHUNKS`] chunks of [`STREAM_CHUNK`] bytes are in memory at once. `keep`
+    /// lives as long as the writing (the clone the context is in). A failure to read ends the
+    /// stream with an error, so the engine never gets a tar cut short as if it were whole.
+    pub fn into_stream<K: Send + 'static>(
+        self,
+        keep: K,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        tokio::task::spawn_blocking(move || {
+            let _keep = keep;
+            let mut out = ChunkWriter {
+                sender,
+                chunk: Vec::with_capacity(STREAM_CHUNK),
+            };
+            let written = self.write_tar(&mut out).and_then(|out| {
+                out.send_chunk()
+                    .map_err(|e| format!("cannot hand the context on: {e}"))
+            });
+            if let Err(why) = written {
+                let _ = out.sender.blocking_send(Err(std::io::Error::other(why)));
+            }
+        });
+        received(receiver)
+    }
+
+    /// Opens a file of the context, to be read up to the `size` it had when listed.
+    fn open(&self, path: &str, size: u64) -> Result<std::io::Take<std::fs::File>, String> {
+        std::fs::File::open(self.root.join(path))
+            .map(|file| file.take(size))
+            .map_err(|e| format!("cannot read {path}: {e}"))
+    }
+}
+
+/// What comes through `receiver`, as a stream that ends when every sender is gone.
+pub fn received<T: Send + 'static>(
+    receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let item = receiver.recv().await?;
+        Some((item, receiver))
+    })
+}
+
+/// Bytes of one chunk of a streamed context.
+const STREAM_CHUNK: usize = 256 * 1024;
+/// Chunks of a streamed context that wait for the reader at most.
+const STREAM_CHUNKS: usize = 4;
+
+/// Hands what is written on, a chunk at a time, through a bounded channel: writing waits while
+/// the reader is behind, and fails once the reader is gone.
+struct ChunkWriter {
+    sender: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    chunk: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send_chunk(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(STREAM_CHUNK));
+        self.sender
+            .blocking_send(Ok(bytes::Bytes::from(full)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader is gone"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let taken = buf.len().min(STREAM_CHUNK - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..taken]);
+        if self.chunk.len() == STREAM_CHUNK {
+            self.send_chunk()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Feeds what is written into a hash.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -171,12 +295,12 @@ fn collect(
             entries.push((relative, Entry::Dir));
             collect(root, &path, ignore, dockerfile, entries)?;
         } else if file_type.is_file() {
-            let executable = executable(
-                &item
-                    .metadata()
-                    .map_err(|e| format!("cannot stat {relative}: {e}"))?,
-            );
-            entries.push((relative, Entry::File { executable }));
+            let metadata = item
+                .metadata()
+                .map_err(|e| format!("cannot stat {relative}: {e}"))?;
+            let executable = executable(&metadata);
+            let size = metadata.len();
+            entries.push((relative, Entry::File { executable, size }));
         }
     }
     Ok(())

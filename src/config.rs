@@ -124,6 +124,11 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         "/pipelines/logCap",
         EnvType::Integer,
     ),
+    (
+        "BERTH_PIPELINES_WORKSPACE_LIMIT",
+        "/pipelines/workspaceLimit",
+        EnvType::Text,
+    ),
 ];
 
 /// How an environment variable's text becomes a setting.
@@ -223,6 +228,11 @@ pub struct PipelinesConfig {
     #[serde(default = "default_log_cap")]
     #[schemars(range(min = 1024))]
     pub log_cap: usize,
+    /// The most a run may write to disk: its workspace (the source as copied in, and what the
+    /// steps add) and its container's own layer; `4Gi` by default. A source over it never
+    /// starts; steps that write past it are stopped and the run fails, saying so.
+    #[serde(default = "default_workspace_limit")]
+    pub workspace_limit: crate::descriptor::values::Size,
 }
 
 impl Default for PipelinesConfig {
@@ -230,12 +240,19 @@ impl Default for PipelinesConfig {
         PipelinesConfig {
             workers: default_workers(),
             log_cap: default_log_cap(),
+            workspace_limit: default_workspace_limit(),
         }
     }
 }
 
 fn default_workers() -> u32 {
     2
+}
+
+fn default_workspace_limit() -> crate::descriptor::values::Size {
+    crate::descriptor::values::Size {
+        bytes: crate::backend::docker::run::DEFAULT_WORKSPACE_LIMIT,
+    }
 }
 
 fn default_log_cap() -> usize {

@@ -18,7 +18,9 @@
 //! `berth apply` runs one pass over a folder. The [`agent`] runs passes for ever: it follows a git
 //! repo ([`source`]), wakes on [`triggers`] (cron, [`webhook`]s through the [`server`], file
 //! changes, the API), and reports through [`metrics`] and the status it commits. Text from
-//! outside is printed through [`printable`], so a terminal never obeys it.
+//! outside is printed through [`printable`], so a terminal never obeys it. Checkouts stream
+//! their large files ([`large_files`]) and build contexts stream to the engine
+//! ([`build_context`]), so the agent's memory does not follow the size of what it carries.
 
 pub mod agent;
 pub mod apply;
@@ -27,6 +29,7 @@ pub mod build_context;
 pub mod client;
 pub mod config;
 pub mod descriptor;
+pub mod large_files;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

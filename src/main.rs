@@ -294,6 +294,9 @@ struct TargetFlags {
     /// The namespace Challenges on Kubernetes run in.
     #[arg(long, env = "BERTH_CHALLENGE_NAMESPACE", default_value = "berth-challenges", value_parser = parse_instance)]
     challenge_namespace: String,
+    /// The most a pipeline run may write to disk (its workspace and its container's own layer).
+    #[arg(long, env = "BERTH_PIPELINES_WORKSPACE_LIMIT", default_value = "4Gi")]
+    workspace_limit: berth::descriptor::values::Size,
 }
 
 fn parse_instance(text: &str) -> Result<String, String> {
@@ -390,7 +393,7 @@ fn main() -> ExitCode {
             commit.as_deref(),
             log_file.as_deref(),
             log_cap,
-            &target.instance,
+            &target,
         )),
     }
 }
@@ -437,9 +440,10 @@ async fn load_and_connect(
         challenge_namespace: Some(flags.challenge_namespace.clone()),
         ..Default::default()
     };
-    let engines = reconcile::connect(&flags.instance, &access)
+    let mut engines = reconcile::connect(&flags.instance, &access)
         .await
         .map_err(|e| unplannable(e.into()))?;
+    engines.set_workspace_limit(flags.workspace_limit);
     Ok((loaded, engines))
 }
 
@@ -795,7 +799,7 @@ async fn run_pipeline(
     commit: Option<&str>,
     log_file: Option<&std::path::Path>,
     log_cap: usize,
-    instance: &str,
+    flags: &TargetFlags,
 ) -> ExitCode {
     use std::io::Write as _;
     let loaded = match reconcile::load(dir, &LoadOptions::default()) {
@@ -820,14 +824,15 @@ async fn run_pipeline(
             return ExitCode::from(1);
         }
     };
-    let ownership = berth::backend::Ownership::new(instance);
-    let docker = match berth::backend::docker::DockerBackend::connect(&ownership).await {
+    let ownership = berth::backend::Ownership::new(&flags.instance);
+    let mut docker = match berth::backend::docker::DockerBackend::connect(&ownership).await {
         Ok(docker) => docker,
         Err(error) => {
             eprintln!("berth: {error}");
             return ExitCode::from(1);
         }
     };
+    docker.set_workspace_limit(flags.workspace_limit);
     let mut log = berth::run::RunLog::new(log_cap, request.secrets.values().cloned());
     let mut stdout = std::io::stdout();
     let report = docker

@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use git2::build::{CheckoutBuilder, TreeUpdateBuilder};
+use git2::build::TreeUpdateBuilder;
 use git2::{
     AutotagOption, Cred, CredentialType, FetchOptions, FileMode, ObjectType, Oid, PushOptions,
     RemoteCallbacks, Repository, Signature,
@@ -413,9 +413,7 @@ impl Source {
     pub fn checkout(&self, revision: &str) -> Result<(), SourceError> {
         let repo = self.open()?;
         let commit = repo.find_commit(Oid::from_str(revision)?)?;
-        let mut options = CheckoutBuilder::new();
-        options.force().remove_untracked(true);
-        repo.checkout_tree(commit.as_object(), Some(&mut options))?;
+        crate::large_files::checkout(&repo, &commit.tree()?)?;
         repo.set_head_detached(commit.id())?;
         Ok(())
     }
@@ -921,6 +919,11 @@ pub const CONNECT_TIMEOUT_MS: i32 = 15_000;
 /// See [`CONNECT_TIMEOUT_MS`]: a server that accepts and never answers is given up after this.
 pub const SERVER_TIMEOUT_MS: i32 = 60_000;
 
+/// Bytes of a pack file libgit2 maps at once (1 GiB by default on 64-bit).
+const MWINDOW_SIZE: usize = 8 << 20;
+/// Bytes of pack files libgit2 keeps mapped in all (8 GiB by default on 64-bit).
+const MWINDOW_MAPPED_LIMIT: usize = 32 << 20;
+
 /// Bounds every git network operation of this process (the config repo's fetch and push,
 /// pipeline sources' clones): without it a server that accepts a connection and never answers
 /// holds a fetch, and the agent's loop, for ever. Call once at start, before any git work.
@@ -931,6 +934,8 @@ pub fn set_network_timeouts() {
     let set = unsafe {
         git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS)
             .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(SERVER_TIMEOUT_MS))
+            .and_then(|()| git2::opts::set_mwindow_size(MWINDOW_SIZE))
+            .and_then(|()| git2::opts::set_mwindow_mapped_limit(MWINDOW_MAPPED_LIMIT))
     };
     if let Err(error) = set {
         tracing::warn!(%error, "cannot bound git's network timeouts");
@@ -1016,7 +1021,24 @@ pub fn committed_status(
     read_status_files(&repo, &tracking_ref(branch), folder)
 }
 
-/// The workspace of a pipeline run, as a tar of its `context` folder, and the commit it is at.
+/// The workspace of a pipeline run: the files of its `context` folder, and the clone they are
+/// in (removed once the workspace, and every stream of it, is gone).
+pub struct Workspace {
+    /// The files.
+    pub context: crate::build_context::BuildContext,
+    clone: Option<std::sync::Arc<tempfile::TempDir>>,
+}
+
+impl Workspace {
+    /// The workspace as a tar, streamed as it is read (see [`crate::build_context::BuildContext::into_stream`]).
+    pub fn stream(
+        &self,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        self.context.clone().into_stream(self.clone.clone())
+    }
+}
+
+/// The workspace of a pipeline run (its `context` folder), and the commit it is at.
 ///
 /// Without `source`, the config repo at `root` is the source (its commit is `HEAD` of the git
 /// repository holding it, or `local` for a plain folder). With one, the source is cloned into a
@@ -1027,8 +1049,8 @@ pub fn pipeline_workspace(
     spec: &crate::descriptor::PipelineSpec,
     commit: Option<&str>,
     credentials: Option<&Source>,
-) -> Result<(Vec<u8>, String), String> {
-    let clone;
+) -> Result<(Workspace, String), String> {
+    let mut clone = None;
     let (base, commit) = match &spec.source {
         None if commit.is_some() => {
             return Err(
@@ -1047,21 +1069,33 @@ pub fn pipeline_workspace(
             (root.to_path_buf(), commit)
         }
         Some(source) => {
-            clone = tempfile::tempdir()
+            let folder = tempfile::tempdir()
                 .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
+            let folder = clone.insert(folder);
             let shown = redact(&source.url);
-            let mut builder = git2::build::RepoBuilder::new();
+            // A fetch into a new repository, not a clone: a clone checks out its default branch
+            // with libgit2, which reads every file whole (see `large_files`).
+            let repo = Repository::init(folder.path())
+                .map_err(|e| format!("cannot make a folder to clone into: {}", e.message()))?;
+            let mut options = git2::FetchOptions::new();
             // The config repo's credentials go to its own server only: a descriptor must not be
             // able to send them anywhere else.
             if let Some(credentials) =
                 credentials.filter(|c| crate::queue::same_server(&c.url, &source.url))
             {
-                let mut options = git2::FetchOptions::new();
                 options.remote_callbacks(credentials.callbacks());
-                builder.fetch_options(options);
             }
-            let repo = builder
-                .clone(&source.url, clone.path())
+            repo.remote("origin", &source.url)
+                .and_then(|mut remote| {
+                    remote.fetch(
+                        &[
+                            "+refs/heads/*:refs/remotes/origin/*",
+                            "+refs/tags/*:refs/tags/*",
+                        ],
+                        Some(&mut options),
+                        None,
+                    )
+                })
                 .map_err(|e| format!("cannot clone {shown}: {}", e.message()))?;
             let wanted = commit.unwrap_or(&source.reference);
             let object = repo
@@ -1071,18 +1105,24 @@ pub fn pipeline_workspace(
             let found = object
                 .peel_to_commit()
                 .map_err(|e| format!("{wanted} in {shown} is not a commit: {}", e.message()))?;
-            repo.checkout_tree(found.as_object(), Some(CheckoutBuilder::new().force()))
+            let tree = found
+                .tree()
+                .map_err(|e| format!("cannot read {wanted} of {shown}: {}", e.message()))?;
+            crate::large_files::checkout(&repo, &tree)
                 .map_err(|e| format!("cannot check out {wanted} of {shown}: {}", e.message()))?;
-            let _ = std::fs::remove_dir_all(clone.path().join(".git"));
-            (clone.path().to_path_buf(), found.id().to_string())
+            let _ = std::fs::remove_dir_all(folder.path().join(".git"));
+            (folder.path().to_path_buf(), found.id().to_string())
         }
     };
     // The same rule as for a folder of the config repo: no way out of the clone.
     let base = base.canonicalize().unwrap_or(base);
     let folder = crate::descriptor::repo_folder(&base, &spec.context)
         .map_err(|why| format!("spec.context: {why}"))?;
-    let tar = crate::build_context::BuildContext::read(&folder, "Dockerfile")
-        .and_then(|context| context.tar())
+    let context = crate::build_context::BuildContext::read(&folder, "Dockerfile")
         .map_err(|e| format!("cannot read the context {}: {e}", spec.context))?;
-    Ok((tar, commit))
+    let workspace = Workspace {
+        context,
+        clone: clone.map(std::sync::Arc::new),
+    };
+    Ok((workspace, commit))
 }

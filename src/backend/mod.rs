@@ -486,6 +486,16 @@ impl Engines {
         }
     }
 
+    /// Bounds what a pipeline run may write to disk (see
+    /// [`docker::DockerBackend::set_workspace_limit`]).
+    pub fn set_workspace_limit(&mut self, limit: crate::descriptor::values::Size) {
+        for backend in &mut self.backends {
+            if let Backend::Docker(docker) = backend {
+                docker.set_workspace_limit(limit);
+            }
+        }
+    }
+
     /// Connects to every engine this berth drives: the Docker Engine, and the Kubernetes cluster
     /// `access` names when one is configured.
     pub async fn connect(

@@ -273,6 +273,28 @@ impl fmt::Display for Size {
 }
 text_value!(Size);
 
+impl Size {
+    /// `bytes` as people read a measured size: `5.2 GiB`, `300 MiB`, `12 KiB`, `80 B`. Pure.
+    pub fn approximate(bytes: u64) -> String {
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if bytes >= size {
+                let amount = bytes as f64 / size as f64;
+                return if amount < 10.0 {
+                    format!("{:.1} {unit}", (amount * 10.0).floor() / 10.0)
+                } else {
+                    format!("{} {unit}", amount.floor())
+                };
+            }
+        }
+        format!("{bytes} B")
+    }
+}
+
 impl JsonSchema for Size {
     fn schema_name() -> Cow<'static, str> {
         "Size".into()

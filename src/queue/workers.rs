@@ -549,9 +549,10 @@ impl Pipelines {
         if let Some(docker) = docker.as_ref() {
             return Ok(docker.clone());
         }
-        let connected = DockerBackend::connect(&self.inner.ownership)
+        let mut connected = DockerBackend::connect(&self.inner.ownership)
             .await
             .map_err(|e| e.to_string())?;
+        connected.set_workspace_limit(self.inner.config.workspace_limit);
         *docker = Some(connected.clone());
         Ok(connected)
     }

@@ -407,3 +407,72 @@ fn a_steps_escape_sequences_are_shown_escaped_never_obeyed() {
         "{text}"
     );
 }
+
+/// `pipelines.workspaceLimit` bounds what a run writes to disk, however it writes it: a source
+/// over the limit never starts; a step that fills the workspace volume, or its container's own
+/// layer, fast and ends, or slowly and keeps going, fails the run with the limit named.
+#[test]
+fn a_run_that_writes_past_the_workspace_limit_fails_saying_so() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    repo.write("src/big.bin", vec![7u8; 3 << 20])
+        .write("work/readme.txt", "small\n")
+        .write(
+            "large.yaml",
+            pipeline(
+                "large",
+                "  context: src\n",
+                "    - {name: never, run: \"echo SHOULD-NOT-RUN\"}\n",
+            ),
+        )
+        .write(
+            "volume.yaml",
+            pipeline(
+                "volume",
+                "  context: work\n",
+                "    - {name: fill, run: \"dd if=/dev/zero of=filler bs=1048576 count=24\"}\n    - {name: never, run: \"echo SHOULD-NOT-RUN\"}\n",
+            ),
+        )
+        .write(
+            "layer.yaml",
+            pipeline(
+                "layer",
+                "  context: work\n",
+                "    - {name: fill, run: \"dd if=/dev/zero of=/filler bs=1048576 count=24\"}\n",
+            ),
+        )
+        .write(
+            "slow.yaml",
+            pipeline(
+                "slow",
+                "  context: work\n  timeout: 90s\n",
+                "    - {name: fill, run: \"dd if=/dev/zero of=filler bs=1048576 count=24; echo written; sleep 80\"}\n",
+            ),
+        );
+    let limit = ["--workspace-limit", "2Mi"];
+    let output = instance.berth("run", &repo, &[&["large"][..], &limit].concat());
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("holds 3.0 MiB, over pipelines.workspaceLimit (2.0 MiB)"),
+        "{text}"
+    );
+    assert!(!text.contains("SHOULD-NOT-RUN"), "{text}");
+    for pipeline in ["volume", "layer", "slow"] {
+        let output = instance.berth("run", &repo, &[&[pipeline][..], &limit].concat());
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(1), "{pipeline}: {text}");
+        assert!(
+            text.contains("to disk, over pipelines.workspaceLimit (2.0 MiB): killed"),
+            "{pipeline}: {text}"
+        );
+        assert!(
+            !text.contains("SHOULD-NOT-RUN") && !text.contains("timed out"),
+            "{pipeline}: {text}"
+        );
+    }
+    // Nothing of the runs is left: no container (the meters too), no volume.
+    let filter = format!("label=berth.instance={}", instance.name);
+    assert_eq!(docker(&["ps", "-aq", "--filter", &filter]), "");
+    assert_eq!(docker(&["volume", "ls", "-q", "--filter", &filter]), "");
+}

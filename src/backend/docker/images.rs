@@ -59,7 +59,7 @@ impl DockerBackend {
                 let context = repo_root.join(&build.context);
                 let confined = (network, template.spec.resources.as_ref());
                 self.build_unless_present(tag, build, labels, confined, || {
-                    BuildContext::read(&context, &build.dockerfile).and_then(|c| c.tar())
+                    BuildContext::read(&context, &build.dockerfile)
                 })
                 .await
             }
@@ -67,7 +67,7 @@ impl DockerBackend {
         }
     }
 
-    /// The image `tag`, built from a folder of the repo (`build`, whose context `tar` makes) when
+    /// The image `tag`, built from a folder of the repo (`build`, whose context `read` lists) when
     /// the engine does not have it yet: the tag names the context's digest, so an image the
     /// engine has is the one this context builds.
     pub(super) async fn build_unless_present(
@@ -76,7 +76,7 @@ impl DockerBackend {
         build: &crate::descriptor::model::BuildSpec,
         labels: std::collections::HashMap<String, String>,
         (network, resources): (&str, Option<&Resources>),
-        tar: impl FnOnce() -> Result<Vec<u8>, String>,
+        read: impl FnOnce() -> Result<BuildContext, String>,
     ) -> Attempt<String> {
         match self.docker.inspect_image(&tag).await {
             Ok(_) => return Ok(tag),
@@ -85,7 +85,7 @@ impl DockerBackend {
                 return Err(self.trouble(&format!("cannot inspect image {tag}"), error));
             }
         }
-        let tar = tar().map_err(|e| {
+        let context = read().map_err(|e| {
             Trouble::Failed(format!("cannot read build context {}: {e}", build.context))
         })?;
         let mut options = BuildImageOptions {
@@ -98,7 +98,8 @@ impl DockerBackend {
             ..Default::default()
         };
         confine_build(&mut options, network, resources);
-        self.build(options, tar, &build.context).await?;
+        self.build(options, context.into_stream(()), &build.context)
+            .await?;
         Ok(tag)
     }
 
@@ -128,17 +129,16 @@ impl DockerBackend {
         Ok(name.to_string())
     }
 
-    /// Builds an image from the context `tar` (named `context` in errors, with the build's last
-    /// lines).
+    /// Builds an image from the context `tar`, streamed as it comes (named `context` in errors,
+    /// with the build's last lines).
     pub(super) async fn build(
         &self,
         options: BuildImageOptions,
-        tar: Vec<u8>,
+        tar: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
         context: &str,
     ) -> Attempt<()> {
-        let mut output =
-            self.docker
-                .build_image(options, None, Some(bollard::body_full(tar.into())));
+        let tar = bollard::body_try_stream(tar);
+        let mut output = self.docker.build_image(options, None, Some(tar));
         let mut log: Vec<String> = Vec::new();
         while let Some(item) = output.next().await {
             let info = match item {

@@ -124,6 +124,8 @@ pub struct DockerBackend {
     subnet_pool: network::SubnetPool,
     /// Held while this process makes a network, so the steps of a pass make each one once.
     making_networks: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The most a pipeline run may write to disk, in bytes (`pipelines.workspaceLimit`).
+    workspace_limit: u64,
 }
 
 impl DockerBackend {
@@ -140,7 +142,14 @@ impl DockerBackend {
             ownership: ownership.clone(),
             subnet_pool: network::SubnetPool::from_env().map_err(EngineError::Misconfigured)?,
             making_networks: Default::default(),
+            workspace_limit: run::DEFAULT_WORKSPACE_LIMIT,
         })
+    }
+
+    /// Bounds what a pipeline run may write to disk (its workspace and its container's own
+    /// layer) to `limit`.
+    pub fn set_workspace_limit(&mut self, limit: crate::descriptor::values::Size) {
+        self.workspace_limit = limit.bytes;
     }
 
     fn instance(&self) -> &str {

@@ -4,6 +4,13 @@
 //! whose exit code and duration are recorded, the container killed at the timeout, and, when the
 //! run succeeds and `produces` is set, the image built from the workspace and tagged with the
 //! ownership labels. The volume and the container are removed however the run ends.
+//!
+//! The workspace streams both ways, into the volume and from it into the build, a few chunks at a
+//! time: the agent's memory does not follow its size. Its size is bounded
+//! (`pipelines.workspaceLimit`): a source over the limit never starts, and while the steps run a
+//! meter measures what they wrote (the volume, from a container of the untouched step image that
+//! the steps cannot reach, and the step container's own layer, from the engine) and stops the run
+//! past the limit.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -19,10 +26,11 @@ use futures_util::StreamExt;
 use super::images::confine_build;
 use super::network::Wall;
 use super::template::contained;
-use super::{Attempt, DockerBackend, Trouble};
+use super::{Attempt, DockerBackend, Trouble, engine_message};
 use crate::apply::Outcome;
 use crate::descriptor::model::{PipelineSpec, StepImage};
 use crate::descriptor::security::Security;
+use crate::descriptor::values::Size;
 use crate::descriptor::{Kind, Name, ObjectRef};
 use crate::plan::{
     DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
@@ -51,14 +59,14 @@ pub struct RunRequest {
     pub pipeline: Name,
     /// Its spec.
     pub spec: PipelineSpec,
-    /// The source's `context` folder as a tar.
-    pub workspace: Vec<u8>,
+    /// The source's `context` folder, streamed into the run's volume.
+    pub workspace: crate::source::Workspace,
     /// The source commit.
     pub commit: String,
     /// The secret environment, read.
     pub secrets: BTreeMap<String, String>,
-    /// The step image's build context, for `image: {build: …}`: its digest and its tar.
-    pub step_image: Option<(String, Vec<u8>)>,
+    /// The step image's build context, for `image: {build: …}`: its digest and its files.
+    pub step_image: Option<(String, crate::build_context::BuildContext)>,
 }
 
 impl RunRequest {
@@ -95,7 +103,7 @@ impl RunRequest {
                             build.context
                         )
                     })?;
-                Some((context.digest()?, context.tar()?))
+                Some((context.digest()?, context))
             }
         };
         Ok(RunRequest {
@@ -188,7 +196,15 @@ async fn cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
 enum Stopped {
     TimedOut,
     Cancelled,
+    /// The steps wrote more than the workspace limit: how much was measured.
+    Overfilled(u64),
 }
+
+/// How often the meter measures what the steps wrote.
+const METER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The largest workspace, when the agent's settings name none: 4 GiB.
+pub const DEFAULT_WORKSPACE_LIMIT: u64 = 4 << 30;
 
 /// Runs `work` until it ends, the `deadline` passes, or the run is cancelled.
 async fn bounded<T>(
@@ -252,18 +268,20 @@ impl DockerBackend {
         }
     }
 
-    /// Removes a run's container and volume.
+    /// Removes a run's containers (the steps' and the meter's) and its volume.
     async fn remove_run(&self, name: &str) {
-        let _ = self
-            .docker
-            .remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
+        for container in [name.to_string(), meter_name(name)] {
+            let _ = self
+                .docker
+                .remove_container(
+                    &container,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        }
         let _ = self
             .docker
             .remove_volume(name, Some(RemoveVolumeOptions { force: true }))
@@ -284,6 +302,7 @@ impl DockerBackend {
         // registry that hangs, a step image's build, the copies in and out.
         let limit = spec.timeout.0;
         let deadline = Instant::now() + limit;
+        let workspace_limit = self.workspace_limit;
         let stopped = |why: Stopped, log: &mut RunLog, shown: &mut dyn FnMut(&[u8])| match why {
             Stopped::TimedOut => {
                 shown(&log.note(&format!("== timed out after {}s: killed", limit.as_secs())));
@@ -293,8 +312,29 @@ impl DockerBackend {
                 shown(&log.note("== cancelled: killed"));
                 RunResult::Cancelled
             }
+            Stopped::Overfilled(written) => {
+                let why = format!(
+                    "the steps wrote {} to disk, over pipelines.workspaceLimit ({}): killed",
+                    Size::approximate(written),
+                    Size::approximate(workspace_limit)
+                );
+                shown(&log.note(&format!("== {why}")));
+                RunResult::Error(why)
+            }
         };
         self.clear_leftover_runs().await;
+        let source_size = request.workspace.context.size();
+        if source_size > self.workspace_limit {
+            let why = format!(
+                "the workspace (the source's {} folder) holds {}, over pipelines.workspaceLimit ({}); \
+                 leave files out with a .dockerignore, or raise the limit",
+                spec.context,
+                Size::approximate(source_size),
+                Size::approximate(self.workspace_limit)
+            );
+            shown(&log.note(&format!("== {why}")));
+            return Ok((RunResult::Error(why), None));
+        }
         let short = &request.commit[..request.commit.len().min(12)];
         let tag = spec.produces.as_ref().map(|p| match &options.branch {
             Some(branch) => branch_tag(p, branch, short),
@@ -378,22 +418,28 @@ impl DockerBackend {
                 path: WORKSPACE.into(),
                 ..Default::default()
             }),
-            bollard::body_full(request.workspace.clone().into()),
+            bollard::body_try_stream(request.workspace.stream()),
         );
         match bounded(upload, deadline, &mut options.cancel).await {
             Ok(uploaded) => uploaded
                 .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?,
             Err(why) => return Ok((stopped(why, log, shown), None)),
         }
+        let meter = self
+            .start_meter(name, &image, &run_labels, log, shown)
+            .await;
+        let mut overfilled = std::pin::pin!(self.overfilled(name, meter.as_deref()));
         for step in &spec.steps {
             shown(&log.note(&format!("== step {}", step.name)));
             let began = Instant::now();
-            let ran = bounded(
-                self.exec_step(name, step, request, log, shown),
-                deadline,
-                &mut options.cancel,
-            )
-            .await;
+            let ran = tokio::select! {
+                ran = bounded(
+                    self.exec_step(name, step, request, log, shown),
+                    deadline,
+                    &mut options.cancel,
+                ) => ran,
+                written = &mut overfilled => Err(Stopped::Overfilled(written)),
+            };
             let exit_code = match ran {
                 Ok(code) => code?,
                 Err(why) => {
@@ -430,30 +476,17 @@ impl DockerBackend {
                     None,
                 ));
             }
+            // A step that wrote fast and ended between two measures is caught here.
+            let written = self.written(name, meter.as_deref()).await;
+            if written > self.workspace_limit {
+                return Ok((stopped(Stopped::Overfilled(written), log, shown), None));
+            }
         }
         let Some(tag) = tag else {
             return Ok((RunResult::Succeeded, None));
         };
         shown(&log.note(&format!("== building {tag} from the workspace")));
-        let download = async {
-            let mut tar = Vec::new();
-            let mut pieces = self.docker.download_from_container(
-                name,
-                Some(DownloadFromContainerOptions {
-                    path: format!("{WORKSPACE}/."),
-                }),
-            );
-            while let Some(piece) = pieces.next().await {
-                tar.extend_from_slice(
-                    &piece.map_err(|e| self.trouble("cannot read the workspace back", e))?,
-                );
-            }
-            Ok::<_, Trouble>(tar)
-        };
-        let tar = match bounded(download, deadline, &mut options.cancel).await {
-            Ok(tar) => tar?,
-            Err(why) => return Ok((stopped(why, log, shown), None)),
-        };
+        let tar = self.read_back(name);
         // Each run's product is an image of its own, made now, even when every layer comes from
         // the cache: "the newest product" is then the one this run made (a spec reverted to an
         // older one would otherwise get back the old image, older than the one it replaces).
@@ -497,7 +530,7 @@ impl DockerBackend {
     ) -> Attempt<String> {
         match (&request.spec.image, &request.step_image) {
             (StepImage::Name(image), _) => self.named_image(image).await,
-            (StepImage::Build(image), Some((digest, tar))) => {
+            (StepImage::Build(image), Some((digest, context))) => {
                 // Not labelled as the pipeline's: it is no product, and product GC must not
                 // count it.
                 let tag = format!(
@@ -520,7 +553,7 @@ impl DockerBackend {
                 let network = self.ensure_wall(&Wall::Steps { egress: true }).await?;
                 let confined = (network.as_str(), request.spec.resources.as_ref());
                 let built = self
-                    .build_unless_present(tag, build, labels, confined, || Ok(tar.clone()))
+                    .build_unless_present(tag, build, labels, confined, || Ok(context.clone()))
                     .await?;
                 self.remove_older_step_images(&request.pipeline, &built)
                     .await;
@@ -605,7 +638,165 @@ impl DockerBackend {
             })?;
         Ok(inspected.exit_code.unwrap_or(-1))
     }
+
+    /// Starts the run's meter: a container of the step image as the engine holds it (what the
+    /// steps change is in their own container, never in this one), with the workspace read-only
+    /// and no network, for [`DockerBackend::written`] to run `du` in. `None`, said in the log,
+    /// when it cannot start: the container's own layer is still measured.
+    async fn start_meter(
+        &self,
+        run: &str,
+        image: &str,
+        labels: &std::collections::HashMap<String, String>,
+        log: &mut RunLog,
+        shown: &mut impl FnMut(&[u8]),
+    ) -> Option<String> {
+        let name = meter_name(run);
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: Some(vec!["sleep".into(), "86400".into()]),
+            labels: Some(labels.clone()),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{run}:{WORKSPACE}:ro")]),
+                network_mode: Some("none".into()),
+                ..contained(Some(&METER_RESOURCES), &Security::default(), true)
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let started = async {
+            self.docker.create_container(Some(options), body).await?;
+            self.docker
+                .start_container(
+                    &name,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+        };
+        match started.await {
+            Ok(()) => Some(name),
+            Err(error) => {
+                shown(&log.note(&format!(
+                    "== the workspace volume cannot be measured ({}): only the container's own layer counts toward pipelines.workspaceLimit",
+                    engine_message(&error)
+                )));
+                None
+            }
+        }
+    }
+
+    /// Resolves once the run `run` has written more than the workspace limit, with what it
+    /// wrote; never otherwise. Measures every [`METER_EVERY`].
+    async fn overfilled(&self, run: &str, meter: Option<&str>) -> u64 {
+        loop {
+            tokio::time::sleep(METER_EVERY).await;
+            let written = self.written(run, meter).await;
+            if written > self.workspace_limit {
+                return written;
+            }
+        }
+    }
+
+    /// What the run `run` wrote to disk, in bytes: its workspace volume, as `du` in the meter
+    /// sees it, and its container's own layer, as the engine counts it. What cannot be measured
+    /// counts as nothing (the next measure tries again).
+    async fn written(&self, run: &str, meter: Option<&str>) -> u64 {
+        let layer = self
+            .docker
+            .inspect_container(
+                run,
+                Some(bollard::query_parameters::InspectContainerOptions { size: true }),
+            )
+            .await
+            .ok()
+            .and_then(|inspected| inspected.size_rw)
+            .and_then(|size| u64::try_from(size).ok())
+            .unwrap_or(0);
+        let volume = match meter {
+            Some(meter) => self.disk_usage(meter).await.unwrap_or(0),
+            None => 0,
+        };
+        layer.saturating_add(volume)
+    }
+
+    /// The bytes under the workspace as `du -sk` in the container `meter` counts them.
+    async fn disk_usage(&self, meter: &str) -> Option<u64> {
+        let exec = self
+            .docker
+            .create_exec(
+                meter,
+                CreateExecOptions::<String> {
+                    cmd: Some(vec!["du".into(), "-sk".into(), WORKSPACE.into()]),
+                    attach_stdout: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .ok()?;
+        let StartExecResults::Attached { mut output, .. } =
+            self.docker.start_exec(&exec.id, None).await.ok()?
+        else {
+            return None;
+        };
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = output.next().await {
+            text.extend_from_slice(&chunk.into_bytes());
+            if text.len() > 4096 {
+                break;
+            }
+        }
+        let kib: u64 = String::from_utf8_lossy(&text)
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kib.saturating_mul(1024))
+    }
+
+    /// The run's workspace as a tar, read back from its container as the reader takes it (a
+    /// few chunks at a time), for the build of its product.
+    fn read_back(
+        &self,
+        run: &str,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let docker = self.docker.clone();
+        let run = run.to_string();
+        tokio::spawn(async move {
+            let mut pieces = docker.download_from_container(
+                &run,
+                Some(DownloadFromContainerOptions {
+                    path: format!("{WORKSPACE}/."),
+                }),
+            );
+            while let Some(piece) = pieces.next().await {
+                let piece = piece.map_err(|e| {
+                    std::io::Error::other(format!("cannot read the workspace back: {e}"))
+                });
+                let failed = piece.is_err();
+                if sender.send(piece).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        crate::build_context::received(receiver)
+    }
 }
+
+/// The meter's container of the run `run`.
+fn meter_name(run: &str) -> String {
+    format!("{run}-meter")
+}
+
+/// What a meter may take: it only sleeps and runs `du`.
+const METER_RESOURCES: crate::descriptor::model::Resources = crate::descriptor::model::Resources {
+    cpus: Some(0.25),
+    memory: Some(Size { bytes: 64 << 20 }),
+    pids: Some(32),
+};
 
 /// What applying a Pipeline needs: it is reconciled to *an image produced from this spec and
 /// this source*, so a Pipeline whose product is missing (or whose spec or context changed) runs,
