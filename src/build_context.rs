@@ -147,13 +147,16 @@ impl BuildContext {
             let _keep = keep;
             let mut out = ChunkWriter {
                 sender,
+                held: None,
                 chunk: Vec::with_capacity(STREAM_CHUNK),
             };
             let written = self.write_tar(&mut out).and_then(|out| {
-                out.send_chunk()
+                out.finish()
                     .map_err(|e| format!("cannot hand the context on: {e}"))
             });
             if let Err(why) = written {
+                // What was held back is never sent: after a failure the tar writer still ends
+                // the archive, and the engine must not see a clean end of a partial one.
                 let _ = out.sender.blocking_send(Err(std::io::Error::other(why)));
             }
         });
@@ -180,25 +183,36 @@ pub fn received<T: Send + 'static>(
 
 /// Bytes of one chunk of a streamed context.
 const STREAM_CHUNK: usize = 256 * 1024;
-/// Chunks of a streamed context that wait for the reader at most.
+/// Chunks of a streamed context that wait for the reader at most (one more is held back).
 const STREAM_CHUNKS: usize = 4;
 
 /// Hands what is written on, a chunk at a time, through a bounded channel: writing waits while
-/// the reader is behind, and fails once the reader is gone.
+/// the reader is behind, and fails once the reader is gone. The last full chunk is held back
+/// until the next one fills or the writing ends well, so nothing written after a failure (the
+/// end-of-archive blocks a tar writer adds when it is dropped) ever goes out.
 struct ChunkWriter {
     sender: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    held: Option<Vec<u8>>,
     chunk: Vec<u8>,
 }
 
 impl ChunkWriter {
-    fn send_chunk(&mut self) -> std::io::Result<()> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
-        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(STREAM_CHUNK));
+    fn send(&self, bytes: Vec<u8>) -> std::io::Result<()> {
         self.sender
-            .blocking_send(Ok(bytes::Bytes::from(full)))
+            .blocking_send(Ok(bytes::Bytes::from(bytes)))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader is gone"))
+    }
+
+    /// Sends what is held and what is written: the writing ended well.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if let Some(held) = self.held.take() {
+            self.send(held)?;
+        }
+        let last = std::mem::take(&mut self.chunk);
+        if !last.is_empty() {
+            self.send(last)?;
+        }
+        Ok(())
     }
 }
 
@@ -207,7 +221,10 @@ impl Write for ChunkWriter {
         let taken = buf.len().min(STREAM_CHUNK - self.chunk.len());
         self.chunk.extend_from_slice(&buf[..taken]);
         if self.chunk.len() == STREAM_CHUNK {
-            self.send_chunk()?;
+            let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(STREAM_CHUNK));
+            if let Some(held) = self.held.replace(full) {
+                self.send(held)?;
+            }
         }
         Ok(taken)
     }

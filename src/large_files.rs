@@ -32,6 +32,19 @@ struct LargeBlob {
 /// ones deleted, stray ones cleaned), with its large blobs streamed. `HEAD` is left at a stand-in
 /// commit when a blob was streamed: the caller points it where it belongs.
 pub fn checkout(repo: &Repository, tree: &Tree) -> Result<(), git2::Error> {
+    let before = repo.head().ok().and_then(|head| head.target());
+    let checked_out = checkout_streamed(repo, tree);
+    // A failure after `HEAD` moved to the stand-in puts it back: nothing may take the stand-in
+    // for a revision.
+    if checked_out.is_err()
+        && let Some(before) = before
+    {
+        let _ = repo.set_head_detached(before);
+    }
+    checked_out
+}
+
+fn checkout_streamed(repo: &Repository, tree: &Tree) -> Result<(), git2::Error> {
     let workdir = repo
         .workdir()
         .ok_or_else(|| git2::Error::from_str("the repository has no working tree"))?
@@ -205,11 +218,19 @@ fn inside(workdir: &Path, relative: &str) -> Option<PathBuf> {
     let mut path = workdir.to_path_buf();
     for component in Path::new(relative).components() {
         match component {
-            Component::Normal(name) if !name.eq_ignore_ascii_case(".git") => path.push(name),
+            Component::Normal(name) if !is_git_folder(&name.to_string_lossy()) => path.push(name),
             _ => return None,
         }
     }
     Some(path)
+}
+
+/// Whether some file system may take `name` for `.git`: any case, trailing dots or spaces, and
+/// the short name `git~1`, as git's own path checks refuse them. Pure.
+fn is_git_folder(name: &str) -> bool {
+    name.trim_end_matches(['.', ' '])
+        .eq_ignore_ascii_case(".git")
+        || name.eq_ignore_ascii_case("git~1")
 }
 
 /// Writes blob `id` to `path`, streamed, and checks it against its id. Whatever stands in the
@@ -235,8 +256,10 @@ fn write_streamed(
             None => return Ok(false),
         },
     };
-    // Unchanged since the last checkout: nothing to write.
+    let mode = if executable { 0o755 } else { 0o644 };
+    // Unchanged since the last checkout: nothing to write but its mode.
     if Oid::hash_file(ObjectType::Blob, path).ok() == Some(id) {
+        set_mode(path, mode).map_err(|e| io("set the mode of", e))?;
         return Ok(true);
     }
     let _ = std::fs::remove_file(path);
@@ -245,14 +268,16 @@ fn write_streamed(
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if executable { 0o755 } else { 0o644 });
+        options.mode(mode);
     }
-    #[cfg(not(unix))]
-    let _ = executable;
     let mut file = options.open(path).map_err(|e| io("write", e))?;
-    std::io::copy(&mut content, &mut file).map_err(|e| io("write", e))?;
-    file.flush().map_err(|e| io("write", e))?;
+    let copied = std::io::copy(&mut content, &mut file).and_then(|_| file.flush());
     drop(file);
+    if let Err(error) = copied {
+        // No half-written file is left to pass for the whole one.
+        let _ = std::fs::remove_file(path);
+        return Err(io("write", error));
+    }
     if Oid::hash_file(ObjectType::Blob, path)? != id {
         let _ = std::fs::remove_file(path);
         return Err(git2::Error::from_str(&format!(
@@ -261,6 +286,17 @@ fn write_streamed(
         )));
     }
     Ok(true)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &Path, _: u32) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Makes every folder between `workdir` and `path` a real folder (a symlink or file in the way
@@ -298,17 +334,19 @@ fn packed(repo: &Repository, id: Oid) -> Result<Option<Box<dyn Read>>, git2::Err
         if index.extension().is_none_or(|e| e != "idx") {
             continue;
         }
-        let Some(offset) = pack_offset(&index, id).map_err(|e| damaged(&index, e))? else {
-            continue;
-        };
         let pack = index.with_extension("pack");
-        return packed_blob(&pack, offset).map_err(|e| damaged(&pack, e));
+        // An index whose pack is gone (a crash between their writes or removals) is not one
+        // libgit2 reads either; whatever this reader cannot read is left to libgit2.
+        if !pack.is_file() {
+            continue;
+        }
+        match pack_offset(&index, id) {
+            Ok(Some(offset)) => return Ok(packed_blob(&pack, offset).unwrap_or(None)),
+            Ok(None) => continue,
+            Err(_) => return Ok(None),
+        }
     }
     Ok(None)
-}
-
-fn damaged(path: &Path, error: std::io::Error) -> git2::Error {
-    git2::Error::from_str(&format!("cannot read {}: {error}", path.display()))
 }
 
 /// Where object `id` starts in the pack that the version-2 index `index` describes, if it is in
@@ -569,5 +607,12 @@ mod tests {
         assert_eq!(inside(root, "/etc/passwd"), None);
         assert_eq!(inside(root, ".GIT/config"), None);
         assert_eq!(inside(root, "a/.git/hooks/x"), None);
+        assert_eq!(inside(root, ".git./config"), None);
+        assert_eq!(inside(root, ".Git  /config"), None);
+        assert_eq!(inside(root, "GIT~1/config"), None);
+        assert_eq!(
+            inside(root, ".github/workflows/ci.yml"),
+            Some(PathBuf::from("/clone/.github/workflows/ci.yml"))
+        );
     }
 }

@@ -806,18 +806,19 @@ impl Pipelines {
         // server that never answers is given up by libgit2 after its own timeout).
         let deadline = Instant::now() + declared.spec.timeout.0;
         let mut cancelled = cancelled;
+        // Only a pipeline that builds a folder of the checkout holds it still, until its files
+        // are in the engine (the run lets go of it then); a clone of a source must not hold back
+        // the passes.
+        let reads_checkout = declared.spec.source.is_none()
+            || matches!(
+                declared.spec.image,
+                crate::descriptor::model::StepImage::Build(_)
+            );
+        let checkout = match reads_checkout {
+            true => Some(self.inner.checkout.clone().read_owned().await),
+            false => None,
+        };
         let prepared = {
-            // Only a pipeline that builds a folder of the checkout holds it still; a clone of a
-            // source must not hold back the passes.
-            let reads_checkout = declared.spec.source.is_none()
-                || matches!(
-                    declared.spec.image,
-                    crate::descriptor::model::StepImage::Build(_)
-                );
-            let _checkout = match reads_checkout {
-                true => Some(self.inner.checkout.read().await),
-                false => None,
-            };
             let (spec, root, credentials) = (
                 declared.spec.clone(),
                 self.inner.root.clone(),
@@ -843,7 +844,7 @@ impl Pipelines {
             }
         };
         let request = match prepared {
-            Ok(request) => request,
+            Ok(request) => request.holding(checkout),
             Err(why) => return Ended::without_steps(RunState::Failed, why),
         };
         if let Err(error) = self.inner.store.set_commit(run.id, &request.commit) {

@@ -441,6 +441,11 @@ fn a_run_that_writes_past_the_workspace_limit_fails_saying_so() {
                 "    - {name: fill, run: \"dd if=/dev/zero of=/filler bs=1048576 count=24\"}\n",
             ),
         )
+        .write("stepimg/Dockerfile", "FROM busybox:latest\nVOLUME /data\n")
+        .write(
+            "declared.yaml",
+            "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: declared}\nspec:\n  image: {build: {context: stepimg}}\n  context: work\n  steps:\n    - {name: fill, run: \"dd if=/dev/zero of=/data/filler bs=1048576 count=24\"}\n",
+        )
         .write(
             "slow.yaml",
             pipeline(
@@ -458,7 +463,8 @@ fn a_run_that_writes_past_the_workspace_limit_fails_saying_so() {
         "{text}"
     );
     assert!(!text.contains("SHOULD-NOT-RUN"), "{text}");
-    for pipeline in ["volume", "layer", "slow"] {
+    // The workspace, the container's own layer, a `VOLUME` its image declares; fast or slow.
+    for pipeline in ["volume", "layer", "declared", "slow"] {
         let output = instance.berth("run", &repo, &[&[pipeline][..], &limit].concat());
         let text = stdout(&output);
         assert_eq!(output.status.code(), Some(1), "{pipeline}: {text}");

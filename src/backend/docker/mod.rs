@@ -8,7 +8,8 @@
 //! - [`observe`]: what this instance runs (one list call, by label) and why a container is unwell;
 //! - [`converge`]: making one challenge match its template (replace, roll back, delete);
 //! - [`images`]: images named, pulled and built;
-//! - [`run`]: pipeline runs and the images they produce.
+//! - [`run`]: pipeline runs and the images they produce;
+//! - [`meter`]: what a run wrote to disk, against its workspace limit.
 //!
 //! This file holds the connection and how engine errors are classed. The backend never touches a
 //! container, network or image without the `berth.instance` label of its own instance, and every
@@ -18,6 +19,7 @@
 mod converge;
 mod images;
 mod lock;
+mod meter;
 pub mod network;
 mod observe;
 pub mod run;

@@ -24,9 +24,10 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::images::confine_build;
+use super::meter::{Overrun, meter_name};
 use super::network::Wall;
 use super::template::contained;
-use super::{Attempt, DockerBackend, Trouble, engine_message};
+use super::{Attempt, DockerBackend, Trouble};
 use crate::apply::Outcome;
 use crate::descriptor::model::{PipelineSpec, StepImage};
 use crate::descriptor::security::Security;
@@ -45,6 +46,9 @@ const WORKSPACE: &str = "/workspace";
 const LABEL_RUN: &str = "berth.run";
 /// Label on a produced image: when its run made it.
 const LABEL_PRODUCED_AT: &str = "berth.produced-at";
+
+/// Label on a run's disk meter: the run it measures.
+const LABEL_METER: &str = "berth.run-meter";
 
 /// Label on a step image built from the repo: the pipeline it is for.
 const LABEL_STEP_IMAGE: &str = "berth.step-image";
@@ -67,6 +71,10 @@ pub struct RunRequest {
     pub secrets: BTreeMap<String, String>,
     /// The step image's build context, for `image: {build: …}`: its digest and its files.
     pub step_image: Option<(String, crate::build_context::BuildContext)>,
+    /// Held while the files of a folder of the config repo's checkout are read (the workspace,
+    /// the step image's context), so no pass checks out another revision under them; let go
+    /// once they are in the engine.
+    checkout: std::sync::Mutex<Option<tokio::sync::OwnedRwLockReadGuard<()>>>,
 }
 
 impl RunRequest {
@@ -113,7 +121,20 @@ impl RunRequest {
             commit,
             secrets,
             step_image,
+            checkout: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The request, holding `checkout` (the agent's lock on its checkout) until its files are
+    /// in the engine.
+    pub fn holding(self, checkout: Option<tokio::sync::OwnedRwLockReadGuard<()>>) -> RunRequest {
+        *self.checkout.lock().expect("checkout guard") = checkout;
+        self
+    }
+
+    /// Lets go of the checkout: the files are in the engine.
+    fn release_checkout(&self) {
+        self.checkout.lock().expect("checkout guard").take();
     }
 }
 
@@ -196,12 +217,9 @@ async fn cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
 enum Stopped {
     TimedOut,
     Cancelled,
-    /// The steps wrote more than the workspace limit: how much was measured.
-    Overfilled(u64),
+    /// The steps wrote more than the workspace limit, or can no longer be measured.
+    Overrun(Overrun),
 }
-
-/// How often the meter measures what the steps wrote.
-const METER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The largest workspace, when the agent's settings name none: 4 GiB.
 pub const DEFAULT_WORKSPACE_LIMIT: u64 = 4 << 30;
@@ -270,13 +288,16 @@ impl DockerBackend {
 
     /// Removes a run's containers (the steps' and the meter's) and its volume.
     async fn remove_run(&self, name: &str) {
-        for container in [name.to_string(), meter_name(name)] {
+        // The meter first: it holds the run's volumes. Anonymous volumes (an image's `VOLUME`)
+        // go with their container.
+        for container in [meter_name(name), name.to_string()] {
             let _ = self
                 .docker
                 .remove_container(
                     &container,
                     Some(RemoveContainerOptions {
                         force: true,
+                        v: true,
                         ..Default::default()
                     }),
                 )
@@ -312,12 +333,17 @@ impl DockerBackend {
                 shown(&log.note("== cancelled: killed"));
                 RunResult::Cancelled
             }
-            Stopped::Overfilled(written) => {
-                let why = format!(
-                    "the steps wrote {} to disk, over pipelines.workspaceLimit ({}): killed",
-                    Size::approximate(written),
-                    Size::approximate(workspace_limit)
-                );
+            Stopped::Overrun(overrun) => {
+                let why = match overrun {
+                    Overrun::Wrote(written) => format!(
+                        "the steps wrote {} to disk, over pipelines.workspaceLimit ({}): killed",
+                        Size::approximate(written),
+                        Size::approximate(workspace_limit)
+                    ),
+                    Overrun::Unmeasurable(reason) => format!(
+                        "what the steps wrote to disk can no longer be measured ({reason}), so pipelines.workspaceLimit cannot hold: killed"
+                    ),
+                };
                 shown(&log.note(&format!("== {why}")));
                 RunResult::Error(why)
             }
@@ -420,15 +446,26 @@ impl DockerBackend {
             }),
             bollard::body_try_stream(request.workspace.stream()),
         );
-        match bounded(upload, deadline, &mut options.cancel).await {
+        let uploaded = bounded(upload, deadline, &mut options.cancel).await;
+        request.release_checkout();
+        match uploaded {
             Ok(uploaded) => uploaded
                 .map_err(|e| self.trouble("cannot copy the workspace into the run's volume", e))?,
             Err(why) => return Ok((stopped(why, log, shown), None)),
         }
-        let meter = self
-            .start_meter(name, &image, &run_labels, log, shown)
+        // The meter is no run: it carries the instance's labels and the run it measures, so an
+        // agent that starts again clears it with its run, and nothing counts it as one.
+        let mut meter_labels = labels.clone();
+        meter_labels.insert(LABEL_METER.into(), name.to_string());
+        let (meter, unmeasured) = self
+            .start_meter(name, &image, &meter_labels, spec.timeout.0.as_secs() + 60)
             .await;
-        let mut overfilled = std::pin::pin!(self.overfilled(name, meter.as_deref()));
+        if let Some(why) = unmeasured {
+            shown(&log.note(&format!(
+                "== the run's volumes cannot be measured ({why}): only the container's own layer counts toward pipelines.workspaceLimit"
+            )));
+        }
+        let mut overrun = std::pin::pin!(self.overrun(&meter));
         for step in &spec.steps {
             shown(&log.note(&format!("== step {}", step.name)));
             let began = Instant::now();
@@ -438,7 +475,7 @@ impl DockerBackend {
                     deadline,
                     &mut options.cancel,
                 ) => ran,
-                written = &mut overfilled => Err(Stopped::Overfilled(written)),
+                overrun = &mut overrun => Err(Stopped::Overrun(overrun)),
             };
             let exit_code = match ran {
                 Ok(code) => code?,
@@ -476,17 +513,22 @@ impl DockerBackend {
                     None,
                 ));
             }
-            // A step that wrote fast and ended between two measures is caught here.
-            let written = self.written(name, meter.as_deref()).await;
-            if written > self.workspace_limit {
-                return Ok((stopped(Stopped::Overfilled(written), log, shown), None));
+            // A step that wrote fast and ended between two measures is caught here (a measure
+            // that fails here is left to the meter's own count of failures).
+            match bounded(self.measure(&meter), deadline, &mut options.cancel).await {
+                Ok(Ok(written)) if written > self.workspace_limit => {
+                    let overrun = Stopped::Overrun(Overrun::Wrote(written));
+                    return Ok((stopped(overrun, log, shown), None));
+                }
+                Ok(_) => {}
+                Err(why) => return Ok((stopped(why, log, shown), None)),
             }
         }
         let Some(tag) = tag else {
             return Ok((RunResult::Succeeded, None));
         };
         shown(&log.note(&format!("== building {tag} from the workspace")));
-        let tar = self.read_back(name);
+        let tar = self.read_back(name, self.workspace_limit);
         // Each run's product is an image of its own, made now, even when every layer comes from
         // the cache: "the newest product" is then the one this run made (a spec reverted to an
         // older one would otherwise get back the old image, older than the one it replaces).
@@ -639,128 +681,13 @@ impl DockerBackend {
         Ok(inspected.exit_code.unwrap_or(-1))
     }
 
-    /// Starts the run's meter: a container of the step image as the engine holds it (what the
-    /// steps change is in their own container, never in this one), with the workspace read-only
-    /// and no network, for [`DockerBackend::written`] to run `du` in. `None`, said in the log,
-    /// when it cannot start: the container's own layer is still measured.
-    async fn start_meter(
-        &self,
-        run: &str,
-        image: &str,
-        labels: &std::collections::HashMap<String, String>,
-        log: &mut RunLog,
-        shown: &mut impl FnMut(&[u8]),
-    ) -> Option<String> {
-        let name = meter_name(run);
-        let body = ContainerCreateBody {
-            image: Some(image.to_string()),
-            cmd: Some(vec!["sleep".into(), "86400".into()]),
-            labels: Some(labels.clone()),
-            host_config: Some(HostConfig {
-                binds: Some(vec![format!("{run}:{WORKSPACE}:ro")]),
-                network_mode: Some("none".into()),
-                ..contained(Some(&METER_RESOURCES), &Security::default(), true)
-            }),
-            ..Default::default()
-        };
-        let options = CreateContainerOptions {
-            name: Some(name.clone()),
-            ..Default::default()
-        };
-        let started = async {
-            self.docker.create_container(Some(options), body).await?;
-            self.docker
-                .start_container(
-                    &name,
-                    None::<bollard::query_parameters::StartContainerOptions>,
-                )
-                .await
-        };
-        match started.await {
-            Ok(()) => Some(name),
-            Err(error) => {
-                shown(&log.note(&format!(
-                    "== the workspace volume cannot be measured ({}): only the container's own layer counts toward pipelines.workspaceLimit",
-                    engine_message(&error)
-                )));
-                None
-            }
-        }
-    }
-
-    /// Resolves once the run `run` has written more than the workspace limit, with what it
-    /// wrote; never otherwise. Measures every [`METER_EVERY`].
-    async fn overfilled(&self, run: &str, meter: Option<&str>) -> u64 {
-        loop {
-            tokio::time::sleep(METER_EVERY).await;
-            let written = self.written(run, meter).await;
-            if written > self.workspace_limit {
-                return written;
-            }
-        }
-    }
-
-    /// What the run `run` wrote to disk, in bytes: its workspace volume, as `du` in the meter
-    /// sees it, and its container's own layer, as the engine counts it. What cannot be measured
-    /// counts as nothing (the next measure tries again).
-    async fn written(&self, run: &str, meter: Option<&str>) -> u64 {
-        let layer = self
-            .docker
-            .inspect_container(
-                run,
-                Some(bollard::query_parameters::InspectContainerOptions { size: true }),
-            )
-            .await
-            .ok()
-            .and_then(|inspected| inspected.size_rw)
-            .and_then(|size| u64::try_from(size).ok())
-            .unwrap_or(0);
-        let volume = match meter {
-            Some(meter) => self.disk_usage(meter).await.unwrap_or(0),
-            None => 0,
-        };
-        layer.saturating_add(volume)
-    }
-
-    /// The bytes under the workspace as `du -sk` in the container `meter` counts them.
-    async fn disk_usage(&self, meter: &str) -> Option<u64> {
-        let exec = self
-            .docker
-            .create_exec(
-                meter,
-                CreateExecOptions::<String> {
-                    cmd: Some(vec!["du".into(), "-sk".into(), WORKSPACE.into()]),
-                    attach_stdout: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await
-            .ok()?;
-        let StartExecResults::Attached { mut output, .. } =
-            self.docker.start_exec(&exec.id, None).await.ok()?
-        else {
-            return None;
-        };
-        let mut text = Vec::new();
-        while let Some(Ok(chunk)) = output.next().await {
-            text.extend_from_slice(&chunk.into_bytes());
-            if text.len() > 4096 {
-                break;
-            }
-        }
-        let kib: u64 = String::from_utf8_lossy(&text)
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(kib.saturating_mul(1024))
-    }
-
     /// The run's workspace as a tar, read back from its container as the reader takes it (a
-    /// few chunks at a time), for the build of its product.
+    /// few chunks at a time), for the build of its product; cut off with an error past `limit`
+    /// bytes, since a sparse file (which `du` counts as the little it holds) is read back whole.
     fn read_back(
         &self,
         run: &str,
+        limit: u64,
     ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let docker = self.docker.clone();
@@ -772,10 +699,20 @@ impl DockerBackend {
                     path: format!("{WORKSPACE}/."),
                 }),
             );
+            let mut read: u64 = 0;
             while let Some(piece) = pieces.next().await {
-                let piece = piece.map_err(|e| {
-                    std::io::Error::other(format!("cannot read the workspace back: {e}"))
-                });
+                let piece = piece
+                    .map_err(|e| std::io::Error::other(format!("cannot read the workspace back: {e}")))
+                    .and_then(|piece| {
+                        read += piece.len() as u64;
+                        match read > limit {
+                            true => Err(std::io::Error::other(format!(
+                                "the workspace reads back as more than pipelines.workspaceLimit ({}); a sparse file counts whole here",
+                                Size::approximate(limit)
+                            ))),
+                            false => Ok(piece),
+                        }
+                    });
                 let failed = piece.is_err();
                 if sender.send(piece).await.is_err() || failed {
                     break;
@@ -785,18 +722,6 @@ impl DockerBackend {
         crate::build_context::received(receiver)
     }
 }
-
-/// The meter's container of the run `run`.
-fn meter_name(run: &str) -> String {
-    format!("{run}-meter")
-}
-
-/// What a meter may take: it only sleeps and runs `du`.
-const METER_RESOURCES: crate::descriptor::model::Resources = crate::descriptor::model::Resources {
-    cpus: Some(0.25),
-    memory: Some(Size { bytes: 64 << 20 }),
-    pids: Some(32),
-};
 
 /// What applying a Pipeline needs: it is reconciled to *an image produced from this spec and
 /// this source*, so a Pipeline whose product is missing (or whose spec or context changed) runs,
@@ -1041,6 +966,7 @@ impl DockerBackend {
         let left = self.run_containers(&label, None).await;
         for container in &left {
             for name in container.names.iter().flatten() {
+                // Its meter goes with it.
                 self.remove_run(name.trim_start_matches('/')).await;
             }
         }
@@ -1076,7 +1002,8 @@ impl DockerBackend {
     /// them. A run still going keeps both: the engine refuses to remove a volume in use.
     async fn clear_leftover_runs(&self) {
         let ended = vec!["exited".to_string(), "dead".to_string()];
-        let leftovers = self.run_containers(LABEL_RUN, Some(ended)).await;
+        let mut leftovers = self.run_containers(LABEL_RUN, Some(ended.clone())).await;
+        leftovers.extend(self.run_containers(LABEL_METER, Some(ended)).await);
         let mut selector = self.ownership.selector(Kind::Pipeline, None);
         selector.push(LABEL_RUN.to_string());
         for container in leftovers {
