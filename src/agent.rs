@@ -717,6 +717,17 @@ impl Agent {
                 return PassEnd::retry(PassOutcome::Transient, why);
             }
             SourceError::Push { .. } => return PassEnd::retry(PassOutcome::Transient, why),
+            // A host key not known, or credentials refused: what runs keeps running, status and
+            // readiness say what to fix, and no retry hammers the server meanwhile.
+            SourceError::Refused { .. } => {
+                tracing::error!(%why, "the git server refused us; not retrying until the next trigger");
+                self.unapplied(PassResult::Broken, &why);
+                return PassEnd {
+                    outcome: PassOutcome::Broken,
+                    unready: Some(why),
+                    next: NextPass::Trigger,
+                };
+            }
             // A fetch fails on a damaged clone too (its own objects, or a pack whose bases are in
             // them), in words much like a server's: the clone is checked whatever git said.
             SourceError::Unreachable { .. } | SourceError::Local(_) => {}

@@ -479,11 +479,22 @@ fn status_location(repo: &str, flags: &StatusBranchFlags) -> berth::source::Stat
     }
 }
 
+/// The agent's way into the config repo at `url`, from the `BERTH_REPO_*` environment.
+fn repo_credentials(url: &str) -> Result<berth::source::Source, berth::config::ConfigError> {
+    let config = berth::config::AgentConfig::from_text("(environment)", "", |var| match var {
+        "BERTH_REPO_URL" => Some(url.to_string()),
+        _ => std::env::var(var).ok(),
+    })?;
+    let secrets = berth::config::Secrets::read(&config)?;
+    Ok(berth::source::Source::new(&config, &secrets))
+}
+
 /// Reads committed status, printing why when there is none.
 fn read_status(
     location: &berth::source::StatusLocation,
+    credentials: Option<&berth::source::Source>,
 ) -> Result<berth::status::StatusSet, ExitCode> {
-    let files = berth::source::committed_status(location).map_err(|error| {
+    let files = berth::source::committed_status(location, credentials).map_err(|error| {
         eprintln!("berth: {error}");
         ExitCode::from(1)
     })?;
@@ -507,7 +518,20 @@ fn read_status(
 }
 
 fn status(flags: &StatusFlags, format: ProblemFormat) -> ExitCode {
-    let status = match read_status(&status_location(&flags.repo, &flags.branches)) {
+    // A URL is fetched with the agent's own credentials (`BERTH_REPO_SSH_KEY_FILE`,
+    // `BERTH_REPO_KNOWN_HOSTS_FILE`, `BERTH_REPO_TOKEN_FILE`, …), as the agent fetches it.
+    let credentials = match std::path::Path::new(&flags.repo).exists() {
+        true => None,
+        false => match repo_credentials(&flags.repo) {
+            Ok(source) => Some(source),
+            Err(error) => {
+                eprintln!("berth: {error}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let location = status_location(&flags.repo, &flags.branches);
+    let status = match read_status(&location, credentials.as_ref()) {
         Ok(status) => status,
         Err(code) => return code,
     };
@@ -529,7 +553,7 @@ fn plan_against_status(
         Ok(loaded) => loaded,
         Err(error) => return unplannable(error),
     };
-    let status = match read_status(&status_location(&dir.display().to_string(), branches)) {
+    let status = match read_status(&status_location(&dir.display().to_string(), branches), None) {
         Ok(status) => status,
         Err(code) => return code,
     };
@@ -753,14 +777,23 @@ fn validate(dir: &std::path::Path, format: ProblemFormat, options: &LoadOptions)
     };
     match format {
         ProblemFormat::Json => {
+            // Standard output stays the array of problems; what was skipped goes beside it.
+            for warning in &loaded.warnings {
+                eprintln!("{warning}");
+            }
             outln!(
                 "{}",
                 serde_json::to_string_pretty(&loaded.problems).expect("problems serialize")
             );
         }
-        ProblemFormat::Text if loaded.is_valid() => outln!("{}", loaded.summary()),
+        ProblemFormat::Text if loaded.is_valid() => {
+            for warning in &loaded.warnings {
+                outln!("{warning}");
+            }
+            outln!("{}", loaded.summary());
+        }
         ProblemFormat::Text => {
-            for problem in &loaded.problems {
+            for problem in loaded.warnings.iter().chain(&loaded.problems) {
                 outln!("{problem}");
             }
             let n = loaded.problems.len();

@@ -656,6 +656,8 @@ fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
                 format!(": {}→{}", egress(before), egress(after))
             }
             "ports" => format!(": {}→{}", ports(before), ports(after)),
+            // Said once, below, whether or not it changed.
+            "recreate" => continue,
             "edited" => {
                 reasons.push(format!(
                     "{prefix}edited outside berth ({}); a forced apply takes it back",
@@ -663,7 +665,7 @@ fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
                 ));
                 continue;
             }
-            "env" | "secretEnv" => {
+            "env" | "secretEnv" | "data" => {
                 let names = changed_keys(before, after);
                 if names.is_empty() {
                     String::new()
@@ -677,6 +679,11 @@ fn explain(id: &str, old: &Value, new: &Value) -> Vec<String> {
     }
     if reasons.is_empty() {
         reasons.push(format!("{prefix}template changed"));
+    }
+    if new_fields.get("recreate") == Some(&Value::Bool(true)) {
+        reasons.push(format!(
+            "{prefix}deleted and made again (berth.io/recreate)"
+        ));
     }
     reasons
 }
@@ -1605,5 +1612,22 @@ mod tests {
         assert_eq!(json["summary"]["create"], 1);
         assert_eq!(json["steps"][0]["key"], "Challenge/new");
         assert!(plan.has_changes());
+    }
+
+    /// Every field that changed is a reason, not only the first; values of env never shown.
+    #[test]
+    fn every_changed_field_is_a_reason() {
+        let old =
+            json!({"replicas": 1, "env": {"LEVEL": "info", "PORT": "80"}, "data": {"a": "1"}});
+        let new =
+            json!({"replicas": 3, "env": {"LEVEL": "debug", "PORT": "80"}, "data": {"a": "2"}});
+        assert_eq!(
+            explain("Deployment/web", &old, &new),
+            vec![
+                "Deployment/web: data changed: a",
+                "Deployment/web: env changed: LEVEL",
+                "Deployment/web: replicas changed: 1→3",
+            ]
+        );
     }
 }

@@ -37,6 +37,9 @@ pub enum PassError {
 /// Stage 1, load: the repo at `dir`, or why it cannot be planned (unreadable, or every problem).
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, PassError> {
     let loaded = descriptor::load(dir, options)?;
+    for warning in &loaded.warnings {
+        tracing::warn!(file = %warning.file, line = warning.line, "{}", crate::printable::field(&warning.message));
+    }
     if loaded.is_valid() {
         Ok(loaded)
     } else {
@@ -379,11 +382,18 @@ pub async fn settle(
             .get(key)
             .is_some_and(|t| began.elapsed() >= *t)
     };
+    // A step that failed (refused at its dry run, say) changed nothing worth waiting for.
+    let failed: std::collections::BTreeSet<ObjectRef> = applied
+        .reports
+        .iter()
+        .filter(|report| matches!(report.outcome, Outcome::Failed(_)))
+        .map(|report| report.step.key.clone())
+        .collect();
     loop {
         let pending = unhealthy(&applied.planned, &applied.observed, true);
-        let progressing = pending
-            .iter()
-            .any(|(key, why)| why.contains("Progressing") && !past_own_timeout(key));
+        let progressing = pending.iter().any(|(key, why)| {
+            why.contains("Progressing") && !past_own_timeout(key) && !failed.contains(key)
+        });
         if !progressing || Instant::now() >= deadline {
             break;
         }

@@ -58,6 +58,15 @@ pub enum SourceError {
     /// Something local went wrong (disk, a corrupt clone).
     #[error("git: {0}")]
     Local(String),
+    /// The server is not the one known (its SSH host key), or it refused berth's credentials:
+    /// a setting to fix, which no retry fixes.
+    #[error("cannot fetch {url}: {reason}")]
+    Refused {
+        /// The repo URL.
+        url: String,
+        /// Which, and what to do.
+        reason: String,
+    },
 }
 
 impl From<git2::Error> for SourceError {
@@ -222,9 +231,16 @@ impl Source {
         callbacks.credentials(move |_url, username_from_url, allowed| {
             attempts += 1;
             if attempts > 3 {
-                return Err(git2::Error::from_str(
-                    "the server refused the credentials (check repo.auth)",
-                ));
+                // A user name is no secret: saying which one was refused is what helps.
+                let user = self.username.as_deref().or(username_from_url).unwrap_or("git");
+                let why = match &self.ssh_key {
+                    Some(key) => format!(
+                        "the server refused the SSH key {} for user {user}; authorize its public key there, or fix repo.auth",
+                        key.display()
+                    ),
+                    None => format!("the server refused the credentials of user {user}; check repo.auth"),
+                };
+                return Err(git2::Error::from_str(&why));
             }
             if allowed.contains(CredentialType::SSH_KEY)
                 && let Some(key) = &self.ssh_key
@@ -275,6 +291,12 @@ impl Source {
     /// or, when git failed on its own objects or refs, the clone's ([`SourceError::Local`]).
     fn unreachable(&self, error: &git2::Error) -> SourceError {
         use git2::ErrorClass as Class;
+        if let Some(reason) = self.refusal(error) {
+            return SourceError::Refused {
+                url: redact(&self.url),
+                reason,
+            };
+        }
         match error.class() {
             Class::Reference
             | Class::Zlib
@@ -292,6 +314,46 @@ impl Source {
                 reason: error.message().to_string(),
             },
         }
+    }
+
+    /// What to say when `error` is the server's host key unknown, or berth's credentials
+    /// refused: settings to fix, not a network to wait for.
+    fn refusal(&self, error: &git2::Error) -> Option<String> {
+        let message = error.message();
+        let host_key = message.contains("hostkey") || message.contains("host key");
+        if host_key {
+            return Some(match &self.known_hosts {
+                Some(file) => format!(
+                    "the server's SSH host key is not in {} (repo.auth.knownHostsFile); add the server's key there once you have checked it",
+                    file.display()
+                ),
+                None => "the server's SSH host key is not known; set repo.auth.knownHostsFile (BERTH_REPO_KNOWN_HOSTS_FILE) to a known_hosts file that lists it".to_string(),
+            });
+        }
+        if message.contains("refused the SSH key")
+            || message.contains("refused the credentials")
+            || message.contains("asks for credentials")
+        {
+            return Some(message.to_string());
+        }
+        // libssh2's words for a key the server did not take.
+        if message.contains("rejected authentication") || message.contains("authenticat") {
+            let user = self
+                .username
+                .clone()
+                .or_else(|| login_user(&self.url))
+                .unwrap_or_else(|| "git".into());
+            return Some(match &self.ssh_key {
+                Some(key) => format!(
+                    "the server refused the SSH key {} for user {user}; authorize its public key there, or fix repo.auth",
+                    key.display()
+                ),
+                None => format!(
+                    "the server refused user {user}; set repo.auth (a key, a token or a password)"
+                ),
+            });
+        }
+        None
     }
 
     /// Whether the clone is whole: it opens, and the followed branch's last fetched commit and
@@ -892,6 +954,17 @@ fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
         })
 }
 
+/// The login name an `ssh://user@host/…` or scp-like `user@host:…` URL gives, if any. Pure.
+fn login_user(url: &str) -> Option<String> {
+    let authority = match url.split_once("://") {
+        Some((_, rest)) => rest.split('/').next()?,
+        None => url.split(':').next()?,
+    };
+    let (user, _) = authority.rsplit_once('@')?;
+    let user = user.split(':').next()?;
+    (!user.is_empty()).then(|| user.to_string())
+}
+
 /// `url` without any password or token written into it (`https://user:secret@host/…`).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -908,6 +981,16 @@ pub fn redact(url: &str) -> String {
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     match authority.rsplit_once('@') {
+        // Over ssh the user is a login name, no secret (`ssh://git@host/`), and saying which
+        // one was refused is what helps; a password after it is hidden.
+        Some((user, host))
+            if scheme.eq_ignore_ascii_case("ssh") || scheme.eq_ignore_ascii_case("git+ssh") =>
+        {
+            match user.split_once(':') {
+                Some((name, _)) => format!("{scheme}://{name}:<secret>@{host}/{path}"),
+                None => url.to_string(),
+            }
+        }
         // A token is often given as the user name (`https://ghp_…@host/`): none of it is shown.
         Some((_, host)) => format!("{scheme}://<secret>@{host}/{path}"),
         None => url.to_string(),
@@ -945,6 +1028,23 @@ pub fn set_network_timeouts() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Over ssh the user is a login name, shown; a password after it is not.
+    #[test]
+    fn an_ssh_user_is_shown_and_its_password_is_not() {
+        assert_eq!(
+            redact("ssh://git@host:2222/ops/infra.git"),
+            "ssh://git@host:2222/ops/infra.git"
+        );
+        assert_eq!(
+            redact("ssh://git:hunter2@host/ops/infra.git"),
+            "ssh://git:<secret>@host/ops/infra.git"
+        );
+        assert_eq!(
+            redact("https://ghp_token@host/x.git"),
+            "https://<secret>@host/x.git"
+        );
+    }
 
     #[test]
     fn credentials_in_urls_are_redacted() {
@@ -986,6 +1086,7 @@ pub struct StatusLocation {
 /// tree (`status/agent.yaml`, …).
 pub fn committed_status(
     location: &StatusLocation,
+    credentials: Option<&Source>,
 ) -> Result<BTreeMap<String, String>, SourceError> {
     let (branch, folder) = match location.status_branch.as_str() {
         "" => (location.branch.as_str(), ".berth"),
@@ -1012,11 +1113,25 @@ pub fn committed_status(
         .map_err(|e| SourceError::Local(format!("cannot make a temporary folder: {e}")))?;
     let repo = Repository::init_bare(temporary.path())?;
     let mut remote = repo.remote_anonymous(&location.repo)?;
+    // The agent's credentials (`BERTH_REPO_*`: a key, known hosts, a token) go to the config
+    // repo's own server only.
+    let mut options = git2::FetchOptions::new();
+    if let Some(credentials) =
+        credentials.filter(|c| crate::queue::same_server(&c.url, &location.repo))
+    {
+        options.remote_callbacks(credentials.callbacks());
+    }
     remote
-        .fetch(&[tracking_refspec(branch)], None, None)
-        .map_err(|e| SourceError::Unreachable {
-            url: redact(&location.repo),
-            reason: e.message().to_string(),
+        .fetch(&[tracking_refspec(branch)], Some(&mut options), None)
+        .map_err(|e| match credentials.map(|c| c.unreachable(&e)) {
+            Some(SourceError::Refused { reason, .. }) => SourceError::Refused {
+                url: redact(&location.repo),
+                reason,
+            },
+            _ => SourceError::Unreachable {
+                url: redact(&location.repo),
+                reason: e.message().to_string(),
+            },
         })?;
     read_status_files(&repo, &tracking_ref(branch), folder)
 }
@@ -1089,6 +1204,7 @@ pub fn pipeline_workspace(
                 .and_then(|mut remote| {
                     remote.fetch(
                         &[
+                            "+HEAD:refs/remotes/origin/HEAD",
                             "+refs/heads/*:refs/remotes/origin/*",
                             "+refs/tags/*:refs/tags/*",
                         ],

@@ -3,9 +3,10 @@
 //! Every backend does the same five things: says which [`Kind`]s it serves, turns descriptors into
 //! [`DesiredObject`]s (pure), observes what this berth instance owns, applies one step, and tells
 //! the health of what it runs. [`Backend`] is that interface, as an enum over the backends (simpler
-//! than trait objects with async methods); today it has [`docker`] for Challenges. [`Engines`] is
-//! the registry a pass uses: it routes each descriptor and step by kind, and owns the "no backend
-//! yet" case. The ownership labels every backend puts on what it makes are built here, once
+//! than trait objects with async methods): [`docker`] runs Challenges and Pipelines on the Docker
+//! Engine, [`kube`] runs Stagings and Challenges with `target: kubernetes` on a cluster.
+//! [`Engines`] is the registry a pass uses: it routes each descriptor and step by kind and engine,
+//! and holds back what an absent engine would run. The ownership labels every backend puts on what it makes are built here, once
 //! ([`Ownership`]).
 //!
 //! Nothing outside this module names an engine's types: the rest of berth sees [`DesiredObject`],
@@ -219,7 +220,7 @@ impl Desired {
                 else {
                     return false;
                 };
-                spec.tag = crate::descriptor::model::TagSource::Tag(tag.to_string());
+                spec.tag = Some(crate::descriptor::model::TagSource::Tag(tag.to_string()));
                 let limit = crate::descriptor::load::DEFAULT_MAX_FILE_SIZE;
                 descriptor.manifests = Some(
                     match crate::descriptor::manifests::render(root, spec, limit) {

@@ -11,6 +11,12 @@
 //! at the folder's path. A descriptor the loader skipped would look deleted, and pruning would
 //! remove what it describes.
 //!
+//! What is plainly not berth's never rejects a revision: a document whose `apiVersion` is not
+//! berth's and whose `kind` is none of berth's (a Kubernetes object left outside any staging's
+//! folder), and the files of a Helm chart folder (one with `Chart.yaml`) that no staging uses, are
+//! skipped with a warning at their place. Removing the last staging of a folder must not stop every
+//! other change. A document that names berth's API, or one of its kinds, is never skipped.
+//!
 //! Positions are found lazily: files are parsed once without them, and only a file that has a problem
 //! is parsed again to place it. So a clean repo of thousands of files keeps no position tables and no
 //! parsed trees alive, only the typed descriptors.
@@ -19,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use ignore::gitignore::Gitignore;
 use serde_json::Value;
 
 use super::manifests;
@@ -89,6 +95,10 @@ pub struct Loaded {
     pub descriptors: Vec<Descriptor>,
     /// Every problem, sorted by file, line and column. The repo is valid when this is empty.
     pub problems: Vec<Problem>,
+    /// What was skipped because it is plainly not berth's (a Kubernetes object outside any
+    /// staging's folder, a Helm chart no staging uses): said, never a reason to refuse the
+    /// revision. A document that names berth's API is never among these.
+    pub warnings: Vec<Problem>,
 }
 
 impl Loaded {
@@ -130,7 +140,7 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
         return Err(LoadError::NotAFolder(dir.to_path_buf()));
     }
     let mut loader = Loader::new(root, options.clone());
-    let berthignore = berthignore(&loader.root);
+    let berthignore = manifests::berthignore(&loader.root);
     let mut visited = HashSet::from([loader.root.clone()]);
     let root = loader.root.clone();
     loader.walk(&root, &berthignore, &mut visited)?;
@@ -141,16 +151,6 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
     loader.report_manifest_problems();
     loader.check_repo();
     Ok(loader.finish())
-}
-
-fn berthignore(root: &Path) -> Gitignore {
-    let mut builder = GitignoreBuilder::new(root);
-    let path = root.join(".berthignore");
-    if path.is_file() {
-        // A broken pattern is skipped; the rest still apply.
-        let _ = builder.add(path);
-    }
-    builder.build().unwrap_or_else(|_| Gitignore::empty())
 }
 
 /// Where a problem stands, before positions are known.
@@ -230,6 +230,14 @@ struct Loader {
     /// Problems in a staging's manifests: reported after asset files are set aside, since they
     /// are in those files.
     manifest_problems: Vec<Pending>,
+    /// What is skipped as plainly not berth's, placed as problems are.
+    warnings: Vec<Pending>,
+    /// Files descriptors use as input (a chart's `valuesFiles`), relative to the root: not
+    /// descriptors.
+    asset_files: HashSet<String>,
+    /// Folders holding a `Chart.yaml` (relative to the root): Helm charts, whose templates are
+    /// not descriptors whether or not a staging uses them.
+    chart_folders: Vec<String>,
 }
 
 impl Loader {
@@ -243,6 +251,9 @@ impl Loader {
             declared: HashSet::new(),
             asset_folders: HashMap::new(),
             manifest_problems: Vec::new(),
+            warnings: Vec::new(),
+            asset_files: HashSet::new(),
+            chart_folders: Vec::new(),
         }
     }
 
@@ -355,6 +366,9 @@ impl Loader {
                 }
                 if let Ok(canonical) = path.canonicalize() {
                     visited.insert(canonical);
+                }
+                if path.join("Chart.yaml").is_file() {
+                    self.chart_folders.push(relative.clone());
                 }
                 self.walk(&path, ignore, visited)?;
             } else if file_type.is_file()
@@ -499,18 +513,19 @@ impl Loader {
                 .get("kind")
                 .and_then(Value::as_str)
                 .unwrap_or("object");
-            self.push_violations(
+            self.warnings.push(Pending {
                 file,
-                doc,
-                &identity,
-                vec![Violation {
+                place: Place::Node {
+                    doc,
                     pointer: "/apiVersion".into(),
                     at_key: false,
-                    message: format!(
-                        "not a berth descriptor ({what} of apiVersion {version}); if it is a Kubernetes manifest, name its folder in a Staging's spec.manifests, or list the file in .berthignore"
-                    ),
-                }],
-            );
+                },
+                identity: identity.clone(),
+                message: format!(
+                    "skipped: not a berth descriptor ({what} of apiVersion {version}); if it is a Kubernetes manifest, name its folder in a Staging's spec.manifests, or list the file in .berthignore"
+                ),
+                also: None,
+            });
             return;
         }
         let violations = schema::check(kind, &value);
@@ -540,7 +555,25 @@ impl Loader {
                 match &mut descriptor.spec {
                     Spec::Challenge(spec) => super::security::settle_challenge(spec, defaults),
                     Spec::Pipeline(spec) => super::security::settle_pipeline(spec, defaults),
-                    Spec::Staging(_) => {}
+                    Spec::Staging(spec) => {
+                        if let (Some(chart), Some(_)) = (&spec.chart, &spec.tag)
+                            && !manifests::chart_reads_tag(&self.root, chart, spec)
+                        {
+                            self.warnings.push(Pending {
+                                file,
+                                place: Place::Node {
+                                    doc,
+                                    pointer: "/spec/tag".into(),
+                                    at_key: false,
+                                },
+                                identity: identity.clone(),
+                                message: format!(
+                                    "spec.tag reaches no part of chart {chart}: no template reads .Values.tag and no string of spec.values holds ${{tag}}, so changing it changes nothing; pass it where the chart reads its image tag, e.g. values: {{image: {{tag: \"${{tag}}\"}}}}"
+                                ),
+                                also: None,
+                            });
+                        }
+                    }
                 }
                 if !self.render(&mut descriptor, &identity) {
                     return;
@@ -667,6 +700,22 @@ impl Loader {
     }
 
     fn note_asset_folders(&mut self, file: usize, doc: usize, value: &Value) {
+        // A chart's values files are its input, not descriptors.
+        for written in value
+            .pointer("/spec/valuesFiles")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if let Ok(canonical) = self.root.join(written).canonicalize()
+                && canonical.starts_with(&self.root)
+                && canonical.is_file()
+            {
+                let relative = self.relative(&canonical);
+                self.asset_files.insert(relative);
+            }
+        }
         for pointer in [
             "/spec/build/context",
             "/spec/manifests",
@@ -697,6 +746,7 @@ impl Loader {
     /// descriptors), except those that hold descriptors: those stay, and each folder that holds
     /// one is a problem at its path.
     fn set_asset_files_aside(&mut self) {
+        self.set_unused_charts_aside();
         if self.asset_folders.is_empty() {
             return;
         }
@@ -729,16 +779,71 @@ impl Loader {
                     .map(|used| self.overlap_problem(used, overlap))
             })
             .collect();
-        self.pending.retain(|p| !aside.contains(&p.file));
-        self.candidates.retain(|c| !aside.contains(&c.file));
-        // What was counted against an asset file while it was read as a descriptor is gone with
-        // it; its count must go too, or the problems found in it as a manifest would be dropped
-        // as over the limit (and a staging with a broken manifest would vanish, and be pruned).
-        for file in &aside {
-            self.files[*file].problems = 0;
-        }
+        self.set_aside(&aside);
         for problem in problems {
             self.report(problem);
+        }
+    }
+
+    /// Forgets what was read from the files `aside` as descriptors: they are assets. What was
+    /// counted against one while it was read so is gone with it; its count must go too, or the
+    /// problems found in it as a manifest would be dropped as over the limit (and a staging with
+    /// a broken manifest would vanish, and be pruned).
+    fn set_aside(&mut self, aside: &HashSet<usize>) {
+        self.pending.retain(|p| !aside.contains(&p.file));
+        self.warnings.retain(|p| !aside.contains(&p.file));
+        self.candidates.retain(|c| !aside.contains(&c.file));
+        for file in aside {
+            self.files[*file].problems = 0;
+        }
+    }
+
+    /// Sets aside the files of Helm charts that no staging uses (their templates are Go
+    /// templates, their `values.yaml` no descriptor), with one warning per chart. A file in one
+    /// that holds a berth descriptor stays a descriptor.
+    fn set_unused_charts_aside(&mut self) {
+        let values_files: HashSet<usize> = (0..self.files.len())
+            .filter(|&i| {
+                !self.files[i].holds_descriptor
+                    && self.asset_files.contains(&self.files[i].relative)
+            })
+            .collect();
+        self.set_aside(&values_files);
+        let unused: Vec<String> = self
+            .chart_folders
+            .iter()
+            .filter(|folder| !self.asset_folders.contains_key(folder.as_str()))
+            .cloned()
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        let inside = |relative: &str| {
+            unused.iter().any(|folder| {
+                relative
+                    .strip_prefix(folder.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+        };
+        let aside: HashSet<usize> = (0..self.files.len())
+            .filter(|&index| {
+                !self.files[index].holds_descriptor && inside(&self.files[index].relative)
+            })
+            .collect();
+        self.set_aside(&aside);
+        for folder in unused {
+            let relative = format!("{folder}/Chart.yaml");
+            let path = self.root.join(&relative);
+            self.files.push(SourceFile::new(relative, path, false));
+            self.warnings.push(Pending {
+                file: self.files.len() - 1,
+                place: Place::At(Position { line: 1, column: 1 }),
+                identity: None,
+                message: format!(
+                    "skipped: {folder} is a Helm chart that no Staging uses (name it in a Staging's spec.chart to deploy it)"
+                ),
+                also: None,
+            });
         }
     }
 
@@ -822,7 +927,7 @@ impl Loader {
         // Parse again only the files that have something to place, recording the positions of
         // only the nodes to place: by file, by document.
         let mut needed: BTreeMap<usize, BTreeMap<usize, Wanted>> = BTreeMap::new();
-        for pending in &self.pending {
+        for pending in self.pending.iter().chain(&self.warnings) {
             for (file, place) in std::iter::once((pending.file, &pending.place))
                 .chain(pending.also.iter().map(|(f, p)| (*f, p)))
             {
@@ -861,38 +966,41 @@ impl Loader {
                 }
             }
         };
-        let mut problems: Vec<Problem> = self
-            .pending
-            .iter()
-            .map(|pending| {
-                let (at, path) = place(pending.file, &pending.place);
-                let mut message = pending.message.clone();
-                if let Some((file, other)) = &pending.also {
-                    let (other_at, _) = place(*file, other);
-                    message.push_str(&format!(
-                        " at {}:{}:{}",
-                        self.files[*file].relative, other_at.line, other_at.column
-                    ));
-                }
-                let (kind, name) = pending
-                    .identity
-                    .clone()
-                    .map_or((None, None), |(k, n)| (Some(k), n));
-                Problem {
-                    file: self.files[pending.file].relative.clone(),
-                    line: at.line,
-                    column: at.column,
-                    kind,
-                    name,
-                    path,
-                    message,
-                }
-            })
-            .collect();
-        problems.sort_by(|a, b| {
-            (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
-        });
-        problems.dedup();
+        let to_problem = |pending: &Pending| {
+            let (at, path) = place(pending.file, &pending.place);
+            let mut message = pending.message.clone();
+            if let Some((file, other)) = &pending.also {
+                let (other_at, _) = place(*file, other);
+                message.push_str(&format!(
+                    " at {}:{}:{}",
+                    self.files[*file].relative, other_at.line, other_at.column
+                ));
+            }
+            let (kind, name) = pending
+                .identity
+                .clone()
+                .map_or((None, None), |(k, n)| (Some(k), n));
+            Problem {
+                file: self.files[pending.file].relative.clone(),
+                line: at.line,
+                column: at.column,
+                kind,
+                name,
+                path,
+                message,
+            }
+        };
+        let sorted = |pending: &[Pending]| {
+            let mut problems: Vec<Problem> = pending.iter().map(to_problem).collect();
+            problems.sort_by(|a, b| {
+                (&a.file, a.line, a.column, &a.message)
+                    .cmp(&(&b.file, b.line, b.column, &b.message))
+            });
+            problems.dedup();
+            problems
+        };
+        let problems = sorted(&self.pending);
+        let warnings = sorted(&self.warnings);
         let mut descriptors: Vec<Descriptor> =
             self.candidates.into_iter().map(|c| c.descriptor).collect();
         descriptors.sort_by_key(|d| d.key());
@@ -900,6 +1008,7 @@ impl Loader {
             root: self.root,
             descriptors,
             problems,
+            warnings,
         }
     }
 }

@@ -65,6 +65,75 @@ pub struct Manifest {
     pub name: String,
     /// The whole object, variables substituted.
     pub object: Value,
+    /// When it is a Helm hook to run around the apply, which phase.
+    pub hook: Option<Hook>,
+}
+
+/// The phase of a Helm hook (`helm.sh/hook`) berth runs, as Argo CD maps hooks to sync phases:
+/// `pre-install`/`pre-upgrade` before the other objects, `post-install`/`post-upgrade` after
+/// them. A hook is made anew at each apply of its staging, and its Jobs are waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// Before the other objects.
+    Before,
+    /// After them.
+    After,
+}
+
+/// The annotation Helm marks its hooks with.
+pub const HOOK_ANNOTATION: &str = "helm.sh/hook";
+/// The annotation that says when Helm deletes a hook.
+pub const HOOK_DELETE_POLICY: &str = "helm.sh/hook-delete-policy";
+
+/// What an object of the manifests is to the staging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An ordinary object: applied, observed, pruned.
+    Object,
+    /// A hook run around the apply.
+    Hook(Hook),
+    /// A hook berth leaves out: `test` (a chart's tests, which only `helm test` runs) and those
+    /// of delete and rollback.
+    LeftOut,
+}
+
+impl Role {
+    /// What `object` is, by its `helm.sh/hook` annotation. Pure.
+    pub fn of(object: &Value) -> Role {
+        let Some(events) = object
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(HOOK_ANNOTATION))
+            .and_then(Value::as_str)
+        else {
+            return Role::Object;
+        };
+        let events: Vec<&str> = events.split(',').map(str::trim).collect();
+        let any = |names: [&str; 2]| events.iter().any(|e| names.contains(e));
+        if any(["pre-install", "pre-upgrade"]) {
+            Role::Hook(Hook::Before)
+        } else if any(["post-install", "post-upgrade"]) {
+            Role::Hook(Hook::After)
+        } else {
+            Role::LeftOut
+        }
+    }
+
+    fn hook(self) -> Option<Hook> {
+        match self {
+            Role::Hook(hook) => Some(hook),
+            _ => None,
+        }
+    }
+}
+
+impl Hook {
+    /// `pre-install`-like or `post-install`-like, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Before => "pre-install",
+            Hook::After => "post-install",
+        }
+    }
 }
 
 impl Manifest {
@@ -91,12 +160,133 @@ pub struct ManifestProblem {
 /// The values a staging's manifests may use.
 #[derive(Debug, Clone, Default)]
 pub struct Variables<'a> {
-    /// `${tag}`; `None` while it comes from a Pipeline that has produced nothing yet.
-    pub tag: Option<&'a str>,
+    /// `${tag}`.
+    pub tag: Tag<'a>,
     /// `${overrides.KEY}`.
     pub overrides: BTreeMap<&'a str, &'a str>,
     /// Keys of `overrides.secret`: named only to say how to use them instead.
     pub secrets: BTreeSet<&'a str>,
+}
+
+impl<'a> Variables<'a> {
+    /// The variables `spec` gives its manifests.
+    pub fn of(spec: &'a StagingSpec) -> Variables<'a> {
+        let mut overrides: BTreeMap<&str, &str> = BTreeMap::new();
+        for (key, value) in spec.overrides.app.iter().chain(&spec.overrides.staging) {
+            overrides.insert(key, value);
+        }
+        Variables {
+            tag: match &spec.tag {
+                None => Tag::Unset,
+                Some(TagSource::Tag(tag)) => Tag::Set(tag),
+                Some(TagSource::FromPipeline(_)) => Tag::Pending,
+            },
+            overrides,
+            secrets: spec.overrides.secret.keys().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A chart's `values` with every variable substituted in its strings, or the first variable that
+/// cannot be (with the JSON pointer of its string). Pure.
+pub fn substituted_values(
+    values: &serde_json::Map<String, Value>,
+    variables: &Variables<'_>,
+) -> Result<serde_json::Map<String, Value>, (String, String)> {
+    fn walk(
+        value: &Value,
+        pointer: &str,
+        variables: &Variables<'_>,
+    ) -> Result<Value, (String, String)> {
+        Ok(match value {
+            Value::String(text) => {
+                let substituted =
+                    substitute(text, |_, name| lookup(name, variables).map(str::to_string));
+                match substituted {
+                    Ok((text, _)) => Value::String(text),
+                    Err(problems) => {
+                        let message = problems
+                            .into_iter()
+                            .next()
+                            .map(|(_, m)| m)
+                            .unwrap_or_default();
+                        return Err((pointer.to_string(), message));
+                    }
+                }
+            }
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(index, item)| walk(item, &format!("{pointer}/{index}"), variables))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(key, item)| {
+                        let pointer =
+                            format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                        Ok((key.clone(), walk(item, &pointer, variables)?))
+                    })
+                    .collect::<Result<_, (String, String)>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+    match walk(&Value::Object(values.clone()), "/spec/values", variables)? {
+        Value::Object(map) => Ok(map),
+        _ => unreachable!("an object stays an object"),
+    }
+}
+
+/// Whether a chart staging's `tag` reaches the chart: some template reads `.Values.tag`, or a
+/// string of `values` holds `${tag}`. A chart that reads `image.tag` would not see it otherwise.
+pub fn chart_reads_tag(root: &Path, chart: &str, spec: &StagingSpec) -> bool {
+    let in_values = spec
+        .values
+        .as_ref()
+        .is_some_and(|values| Value::Object(values.clone()).to_string().contains("${tag}"));
+    in_values || templates_read(&root.join(chart).join("templates"), ".Values.tag")
+}
+
+/// Whether a file under `folder` holds `needle`.
+fn templates_read(folder: &Path, needle: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => templates_read(&path, needle),
+            Ok(kind) if kind.is_file() => {
+                std::fs::read_to_string(&path).is_ok_and(|t| t.contains(needle))
+            }
+            _ => false,
+        }
+    })
+}
+
+/// A staging's `${tag}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tag<'a> {
+    /// The staging sets none: reading `${tag}` is a problem.
+    #[default]
+    Unset,
+    /// It comes from a Pipeline that has produced nothing yet: the staging waits for it.
+    Pending,
+    /// This tag.
+    Set(&'a str),
+}
+
+impl<'a> Tag<'a> {
+    /// The tag, or `pending` while a Pipeline has produced none (the staging waits meanwhile).
+    fn or_pending(self) -> Option<&'a str> {
+        match self {
+            Tag::Unset => None,
+            Tag::Pending => Some("pending"),
+            Tag::Set(tag) => Some(tag),
+        }
+    }
 }
 
 /// Where a staging's manifests go.
@@ -115,18 +305,7 @@ pub fn render(
     spec: &StagingSpec,
     max_file_size: u64,
 ) -> Result<Rendered, Vec<ManifestProblem>> {
-    let mut overrides: BTreeMap<&str, &str> = BTreeMap::new();
-    for (key, value) in spec.overrides.app.iter().chain(&spec.overrides.staging) {
-        overrides.insert(key, value);
-    }
-    let variables = Variables {
-        tag: match &spec.tag {
-            TagSource::Tag(tag) => Some(tag),
-            TagSource::FromPipeline(_) => None,
-        },
-        overrides,
-        secrets: spec.overrides.secret.keys().map(String::as_str).collect(),
-    };
+    let variables = Variables::of(spec);
     let target = Target {
         namespace: spec.namespace.as_str(),
         max_file_size,
@@ -135,29 +314,59 @@ pub fn render(
         (Some(folder), _) => {
             render_folder(root, folder, target, &variables).map(|m| Ok(Arc::new(m)))
         }
-        (None, Some(chart)) => Ok(render_chart(root, chart, target, &variables)),
+        (None, Some(chart)) => Ok(render_chart(root, chart, spec, target, &variables)),
         (None, None) => Ok(Ok(Arc::new(Vec::new()))),
     }
 }
 
-/// Runs `helm template` on `chart` and checks its output.
+/// Runs `helm template` on `chart` and checks its output. Values go in as helm merges them, each
+/// over the ones before: berth's own (`tag`, `overrides`), `valuesFiles` in order, `values`.
 fn render_chart(
     root: &Path,
     chart: &str,
+    spec: &StagingSpec,
     target: Target<'_>,
     variables: &Variables<'_>,
 ) -> Rendered {
-    let values = serde_json::json!({
-        "tag": variables.tag.unwrap_or("pending"),
+    let written = |values: &Value| -> Result<tempfile::NamedTempFile, String> {
+        let mut file = tempfile::NamedTempFile::new()
+            .map_err(|error| format!("cannot write the chart's values: {error}"))?;
+        std::io::Write::write_all(&mut file, values.to_string().as_bytes())
+            .map_err(|error| format!("cannot write the chart's values: {error}"))?;
+        Ok(file)
+    };
+    let own = written(&serde_json::json!({
+        "tag": variables.tag.or_pending(),
         "overrides": variables.overrides,
-    });
-    let mut file = tempfile::NamedTempFile::new()
-        .map_err(|error| format!("cannot write the chart's values: {error}"))?;
-    std::io::Write::write_all(&mut file, values.to_string().as_bytes())
-        .map_err(|error| format!("cannot write the chart's values: {error}"))?;
-    let output = std::process::Command::new("helm")
-        .args(["template", "berth", chart, "--namespace", target.namespace, "--values"])
-        .arg(file.path())
+    }))?;
+    let values = match &spec.values {
+        Some(values) => {
+            let values = substituted_values(values, variables).map_err(|(pointer, message)| {
+                format!("{}: {message}", super::schema::dotted(&pointer))
+            })?;
+            Some(written(&Value::Object(values))?)
+        }
+        None => None,
+    };
+    let mut command = std::process::Command::new("helm");
+    command
+        .args([
+            "template",
+            "berth",
+            chart,
+            "--namespace",
+            target.namespace,
+            "--values",
+        ])
+        .arg(own.path());
+    for file in &spec.values_files {
+        // Checked at validate to be a file inside the repo.
+        command.arg("--values").arg(root.join(file));
+    }
+    if let Some(values) = &values {
+        command.arg("--values").arg(values.path());
+    }
+    let output = command
         .current_dir(root)
         .stdin(std::process::Stdio::null())
         .output()
@@ -209,7 +418,8 @@ pub fn render_folder(
     let mut files = Vec::new();
     let base = root.join(folder);
     let mut problems = Vec::new();
-    collect(&base, &mut files).map_err(|error| {
+    let ignored = [berthignore(root), berthignore(&base)];
+    collect(&base, &ignored, &mut files).map_err(|error| {
         vec![ManifestProblem {
             file: folder.to_string(),
             at: Position { line: 1, column: 1 },
@@ -266,7 +476,26 @@ pub fn render_folder(
     }
 }
 
-fn collect(folder: &Path, files: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+/// The patterns of `FOLDER/.berthignore`, relative to `folder` (none when it has no such file).
+pub(super) fn berthignore(folder: &Path) -> ignore::gitignore::Gitignore {
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(folder);
+    let path = folder.join(".berthignore");
+    if path.is_file() {
+        // A broken pattern is skipped; the rest still apply.
+        let _ = builder.add(path);
+    }
+    builder
+        .build()
+        .unwrap_or_else(|_| ignore::gitignore::Gitignore::empty())
+}
+
+/// The manifest files under `folder`, but those that a `.berthignore` (the repo's, or the
+/// folder's own) leaves out: an upstream example's `all-in-one/` that repeats its other files.
+fn collect(
+    folder: &Path,
+    ignored: &[ignore::gitignore::Gitignore],
+    files: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<()> {
     for entry in std::fs::read_dir(folder)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -275,8 +504,17 @@ fn collect(folder: &Path, files: &mut Vec<std::path::PathBuf>) -> std::io::Resul
             continue;
         }
         let kind = entry.file_type()?;
+        let path = entry.path();
+        if ignored.iter().any(|patterns| {
+            path.starts_with(patterns.path())
+                && patterns
+                    .matched_path_or_any_parents(&path, kind.is_dir())
+                    .is_ignore()
+        }) {
+            continue;
+        }
         if kind.is_dir() {
-            collect(&entry.path(), files)?;
+            collect(&path, ignored, files)?;
         } else if kind.is_file()
             && [".yaml", ".yml", ".json"]
                 .iter()
@@ -546,14 +784,20 @@ fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<
                 .map_or(document.start, |p| p.value)
         };
         match check(document.value, target.namespace) {
-            Ok((api_version, kind, name, object)) => manifests.push(Manifest {
-                file: file.to_string(),
-                line: document.start.line,
-                api_version,
-                kind,
-                name,
-                object,
-            }),
+            Ok((api_version, kind, name, object)) => match Role::of(&object) {
+                // A chart's tests, and what helm runs only on delete or rollback, are not part
+                // of what the staging runs.
+                Role::LeftOut => {}
+                role => manifests.push(Manifest {
+                    file: file.to_string(),
+                    line: document.start.line,
+                    api_version,
+                    kind,
+                    name,
+                    object,
+                    hook: role.hook(),
+                }),
+            },
             Err(found) => problems.extend(
                 found
                     .into_iter()
@@ -756,7 +1000,9 @@ fn lookup<'v>(name: &str, variables: &Variables<'v>) -> Result<&'v str, String> 
     if name == "tag" {
         // A tag from a Pipeline is not known until it has produced an image; the staging waits
         // until then, so what stands in for it is never applied.
-        return Ok(variables.tag.unwrap_or("pending"));
+        return variables.tag.or_pending().ok_or_else(|| {
+            "${tag} is read here, but the Staging sets no spec.tag; add one (a tag, or {fromPipeline: NAME}), or write $${ for a literal ${".to_string()
+        });
     }
     if let Some(key) = name.strip_prefix("overrides.") {
         if let Some(value) = variables.overrides.get(key) {
@@ -782,7 +1028,7 @@ mod tests {
 
     fn vars() -> Variables<'static> {
         Variables {
-            tag: Some("v2"),
+            tag: Tag::Set("v2"),
             overrides: BTreeMap::from([("LOG_LEVEL", "debug"), ("REPLICAS", "2")]),
             secrets: BTreeSet::from(["DB_PASSWORD"]),
         }
@@ -810,7 +1056,7 @@ mod tests {
     #[test]
     fn a_substituted_value_is_one_scalar_and_never_adds_keys_items_or_documents() {
         let with = |key: &'static str, value: &'static str| Variables {
-            tag: Some("v2"),
+            tag: Tag::Set("v2"),
             overrides: BTreeMap::from([(key, value)]),
             secrets: BTreeSet::new(),
         };
@@ -853,7 +1099,7 @@ mod tests {
         }
         // A variable in a key: the key its value makes, and what is under it, are checked too.
         let keyed = |key: &'static str, mode: &'static str| Variables {
-            tag: Some("v2"),
+            tag: Tag::Set("v2"),
             overrides: BTreeMap::from([("K", key), ("M", mode)]),
             secrets: BTreeSet::new(),
         };
@@ -901,7 +1147,7 @@ mod tests {
         let image =
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  image: shop:${tag}\n";
         let variables = Variables {
-            tag: Some("v1\n  extra: key"),
+            tag: Tag::Set("v1\n  extra: key"),
             ..Variables::default()
         };
         let (_, problems) = render_text("m.yaml", image, TARGET, &variables);

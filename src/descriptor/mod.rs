@@ -6,7 +6,9 @@
 //! - [`values`]: durations, sizes, names, ports, cron expressions, secret references;
 //! - [`yaml`]: YAML to JSON with positions and hostile-input limits;
 //! - [`schema`]: generated schemas and validation messages;
-//! - [`load`]: walking a folder, every problem at once with file, line and column.
+//! - [`load`]: walking a folder, every problem at once with file, line and column (and what was
+//!   skipped as plainly not berth's, as warnings);
+//! - [`manifests`]: a Staging's manifests or chart, rendered, with its Helm hooks told apart.
 //!
 //! Nothing here talks to an engine.
 
@@ -173,7 +175,7 @@ impl Descriptor {
                 name: from.from_pipeline.clone(),
             }),
             Spec::Staging(StagingSpec {
-                tag: model::TagSource::FromPipeline(from),
+                tag: Some(model::TagSource::FromPipeline(from)),
                 ..
             }) => Some(ObjectRef {
                 kind: Kind::Pipeline,

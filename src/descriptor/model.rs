@@ -122,6 +122,11 @@ pub struct ChallengeSpec {
     /// connection, or a server that ignores SIGTERM, stops at once); `true` by default.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub init: bool,
+    /// How long a stop (or a stop-first update) waits for the containers to exit after SIGTERM
+    /// before they are killed: 10s by default, as Docker's; `terminationGracePeriodSeconds` on
+    /// Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<Duration>,
     /// Free-form information (category, points, author…): shown in status and the API, never applied.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub info: serde_json::Map<String, serde_json::Value>,
@@ -553,7 +558,9 @@ pub struct StagingSpec {
     pub namespace: Name,
     /// The image tag to deploy, substituted for `${tag}` in the manifests (the chart's `tag`
     /// value), or `{fromPipeline: NAME}` for the tag of the image that Pipeline produced last.
-    pub tag: TagSource,
+    /// Needed only when a manifest reads `${tag}` (validation says where one does without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<TagSource>,
     /// A folder of Kubernetes YAML in this repo, with `${tag}` and `${overrides.KEY}` substituted.
     /// Exactly one of `manifests` and `chart` is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -561,6 +568,15 @@ pub struct StagingSpec {
     /// A Helm chart folder in this repo, rendered with `helm template` where helm is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chart: Option<String>,
+    /// Values for the chart, merged over its `values.yaml` and `valuesFiles` as `helm template
+    /// --values` merges them, with `${tag}` and `${overrides.KEY}` substituted in their strings:
+    /// `{image: {tag: "${tag}"}, replicaCount: 2}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Files of chart values in this repo (paths from the repo's root), merged in order over the
+    /// chart's `values.yaml`, before `values`, as `helm template -f` does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values_files: Vec<String>,
     /// Values substituted into the manifests.
     #[serde(default)]
     pub overrides: Overrides,

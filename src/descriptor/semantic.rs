@@ -503,7 +503,7 @@ fn check_on_kubernetes(
 
 fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
     // Values are substituted into manifests and charts: each stands for one scalar on one line.
-    if let super::model::TagSource::Tag(tag) = &spec.tag
+    if let Some(super::model::TagSource::Tag(tag)) = &spec.tag
         && !is_digest(tag)
         && let Err(why) = image_tag(tag)
     {
@@ -548,6 +548,46 @@ fn check_staging(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
             }
         }
     }
+    check_chart_values(root, spec, found);
+}
+
+/// `values` and `valuesFiles` go to a chart: each file is one of the repo, and every variable in
+/// `values` is one the staging defines.
+fn check_chart_values(root: &Path, spec: &StagingSpec, found: &mut Vec<Violation>) {
+    if spec.chart.is_none() {
+        for (pointer, set) in [
+            ("/spec/values", spec.values.is_some()),
+            ("/spec/valuesFiles", !spec.values_files.is_empty()),
+        ] {
+            if set {
+                found.push(violation(
+                    pointer,
+                    format!(
+                        "{}: values are for a chart (spec.chart); a manifests folder reads ${{tag}} and ${{overrides.KEY}}",
+                        super::schema::dotted(pointer)
+                    ),
+                ));
+            }
+        }
+        return;
+    }
+    for (index, file) in spec.values_files.iter().enumerate() {
+        if let Err(message) = repo_file(root, file) {
+            found.push(violation(
+                format!("/spec/valuesFiles/{index}"),
+                format!("spec.valuesFiles[{index}]: {message}"),
+            ));
+        }
+    }
+    if let Some(values) = &spec.values {
+        let variables = super::manifests::Variables::of(spec);
+        if let Err((pointer, message)) = super::manifests::substituted_values(values, &variables) {
+            found.push(violation(
+                pointer.clone(),
+                format!("{}: {message}", super::schema::dotted(&pointer)),
+            ));
+        }
+    }
 }
 
 fn check_build(
@@ -578,13 +618,31 @@ fn check_build(
 
 /// Resolves a folder named in a descriptor; it must exist and stay inside the repo, symlinks included.
 pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, String> {
-    let path = Path::new(folder);
-    if folder.is_empty() {
-        return Err("the path is empty; name a folder of the repo".into());
+    let canonical = repo_entry(root, folder, "folder")?;
+    if !canonical.is_dir() {
+        return Err(format!("\"{folder}\" is not a folder"));
+    }
+    Ok(canonical)
+}
+
+/// A file of the repo, as [`repo_folder`] finds a folder.
+pub(crate) fn repo_file(root: &Path, file: &str) -> Result<std::path::PathBuf, String> {
+    let canonical = repo_entry(root, file, "file")?;
+    if !canonical.is_file() {
+        return Err(format!("\"{file}\" is not a file"));
+    }
+    Ok(canonical)
+}
+
+/// The canonical path of `written`, a `noun` (folder or file) that must stay inside the repo.
+fn repo_entry(root: &Path, written: &str, noun: &str) -> Result<std::path::PathBuf, String> {
+    let path = Path::new(written);
+    if written.is_empty() {
+        return Err(format!("the path is empty; name a {noun} of the repo"));
     }
     if path.is_absolute() {
         return Err(format!(
-            "\"{folder}\" is an absolute path; write it relative to the repo's root"
+            "\"{written}\" is an absolute path; write it relative to the repo's root"
         ));
     }
     if path
@@ -592,7 +650,7 @@ pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBu
         .any(|c| matches!(c, std::path::Component::ParentDir))
     {
         return Err(format!(
-            "\"{folder}\" leaves the repo through \"..\"; paths must stay inside the repo"
+            "\"{written}\" leaves the repo through \"..\"; paths must stay inside the repo"
         ));
     }
     let canonical = root
@@ -600,17 +658,14 @@ pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBu
         .canonicalize()
         .map_err(|error| match error.kind() {
             std::io::ErrorKind::NotFound => {
-                format!("folder \"{folder}\" does not exist in the repo")
+                format!("{noun} \"{written}\" does not exist in the repo")
             }
-            _ => format!("cannot resolve \"{folder}\": {error}"),
+            _ => format!("cannot resolve \"{written}\": {error}"),
         })?;
     if !canonical.starts_with(root) {
         return Err(format!(
-            "\"{folder}\" is a symlink that points outside the repo"
+            "\"{written}\" is a symlink that points outside the repo"
         ));
-    }
-    if !canonical.is_dir() {
-        return Err(format!("\"{folder}\" is not a folder"));
     }
     Ok(canonical)
 }

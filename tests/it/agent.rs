@@ -1106,3 +1106,73 @@ fn five_hundred_status_commits_leave_a_clone_of_few_packs_that_git_finds_whole()
         "500"
     );
 }
+
+/// `berth status --repo ssh://…` fetches with the agent's own key and known_hosts
+/// (`BERTH_REPO_SSH_KEY_FILE`, `BERTH_REPO_KNOWN_HOSTS_FILE`), against a real sshd; without a
+/// known host it says that the host key is the trouble.
+#[test]
+fn status_over_ssh_takes_the_agents_key_and_known_hosts() {
+    let Some(ssh) = crate::gitserver::GitSsh::start() else {
+        return;
+    };
+    let origin = Origin::new(&[(
+        "web.yaml",
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: web}\nspec: {image: busybox:latest}\n",
+    )]);
+    let url = ssh.url(&origin.bare());
+    let status = |env: &[(&str, &std::path::Path)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
+        command.args(["status", "--repo", &url]);
+        for (var, value) in env {
+            command.env(var, value);
+        }
+        command.output().unwrap()
+    };
+    let key = ssh.key();
+    let known = ssh.known_hosts();
+    let output = status(&[
+        ("BERTH_REPO_SSH_KEY_FILE", &key),
+        ("BERTH_REPO_KNOWN_HOSTS_FILE", &known),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr).to_string();
+    // The fetch got through: the repo simply has no status branch yet.
+    assert!(
+        said.contains("no status found in branch berth-status"),
+        "{said}"
+    );
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let output = status(&[
+        ("BERTH_REPO_SSH_KEY_FILE", &key),
+        ("BERTH_REPO_KNOWN_HOSTS_FILE", empty.path()),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success());
+    assert!(
+        said.contains("the server's SSH host key is not in")
+            && said.contains("repo.auth.knownHostsFile"),
+        "{said}"
+    );
+    // The login name is no secret: the URL shows it.
+    assert!(said.contains(&url), "{said}");
+    // A key the server does not know: refused, and the user it was refused for is named.
+    let stranger = tempfile::tempdir().unwrap();
+    let other = stranger.path().join("other_key");
+    assert!(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = status(&[
+        ("BERTH_REPO_SSH_KEY_FILE", &other),
+        ("BERTH_REPO_KNOWN_HOSTS_FILE", &known),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success());
+    assert!(
+        said.contains("refused the SSH key") && said.contains("for user"),
+        "{said}"
+    );
+}

@@ -784,3 +784,49 @@ fn a_challenge_built_again_and_again_keeps_only_its_newest_images_and_the_runnin
     let version = docker(&["run", "--rm", &running, "cat", "/version"]);
     assert_eq!(version, "6");
 }
+
+/// Busybox `httpd` as PID 1 ignores SIGTERM, as `socat` and `xinetd` do: without an init a stop
+/// waits out its whole timeout and kills it. With the init (the default) the challenge gets the
+/// SIGTERM and ends at once; `stopTimeout` bounds the wait for one that still ignores it.
+#[test]
+fn a_challenge_stops_on_sigterm_through_its_init_and_stop_timeout_bounds_the_rest() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let (term, bare) = (free_port(), free_port());
+    repo.write("term.yaml", web("term", term, "")).write(
+        "bare.yaml",
+        web("bare", bare, "  init: false\n  stopTimeout: 1s\n"),
+    );
+    let output = instance.apply(&repo, &[]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let inspect = |challenge: &str, format: &str| {
+        let (id, _) = instance
+            .containers(challenge)
+            .into_values()
+            .next()
+            .expect("a container");
+        docker(&["inspect", "--format", format, &id])
+    };
+    assert_eq!(
+        inspect("term", "{{.HostConfig.Init}} {{.Config.StopTimeout}}"),
+        "true 10"
+    );
+    assert_eq!(
+        inspect("bare", "{{.HostConfig.Init}} {{.Config.StopTimeout}}"),
+        "false 1"
+    );
+    repo.write("term.yaml", web("term", term, "  state: stopped\n"))
+        .write(
+            "bare.yaml",
+            web(
+                "bare",
+                bare,
+                "  init: false\n  stopTimeout: 1s\n  state: stopped\n",
+            ),
+        );
+    let output = instance.apply(&repo, &[]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    // 143 is 128 + SIGTERM: it ended on the signal; 137 is 128 + SIGKILL: it was killed.
+    assert_eq!(inspect("term", "{{.State.ExitCode}}"), "143");
+    assert_eq!(inspect("bare", "{{.State.ExitCode}}"), "137");
+}

@@ -278,3 +278,97 @@ impl Drop for GitHttp {
         let _ = self.child.wait();
     }
 }
+
+/// OpenSSH's `sshd` on loopback serving the origin over `ssh://`, with a host key and a client
+/// key of its own: the test's user logs in with the key only.
+pub struct GitSsh {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl GitSsh {
+    /// Starts sshd; `None` (after a loud message) when it is missing, as for lighttpd.
+    pub fn start() -> Option<GitSsh> {
+        if !Path::new("/usr/sbin/sshd").exists() {
+            assert!(
+                std::env::var("BERTH_REQUIRE_GIT_HTTP").as_deref() != Ok("1"),
+                "BERTH_REQUIRE_GIT_HTTP=1 but sshd is not installed (apt-get install openssh-server)"
+            );
+            eprintln!(
+                "\n*** SKIPPED: sshd is not installed; set BERTH_REQUIRE_GIT_HTTP=1 to make this a failure ***\n"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for key in ["host_key", "user_key"] {
+            let made = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.path().join(key))
+                .status()
+                .unwrap();
+            assert!(made.success(), "ssh-keygen");
+        }
+        std::fs::copy(
+            dir.path().join("user_key.pub"),
+            dir.path().join("authorized_keys"),
+        )
+        .unwrap();
+        // sshd's privilege separation needs this folder.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = free_port();
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("sshd.log")).unwrap())
+            .spawn()
+            .expect("sshd starts");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sshd did not listen: {}",
+                std::fs::read_to_string(dir.path().join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(GitSsh { child, dir, port })
+    }
+
+    /// The `ssh://` URL of the repo at `path`, for the user the tests run as.
+    pub fn url(&self, path: &Path) -> String {
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        format!("ssh://{user}@127.0.0.1:{}{}", self.port, path.display())
+    }
+
+    /// The client's private key.
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("user_key")
+    }
+
+    /// A known_hosts file that holds the server's host key.
+    pub fn known_hosts(&self) -> PathBuf {
+        let path = self.dir.path().join("known_hosts");
+        let key = std::fs::read_to_string(self.dir.path().join("host_key.pub")).unwrap();
+        std::fs::write(&path, format!("[127.0.0.1]:{} {key}", self.port)).unwrap();
+        path
+    }
+}
+
+impl Drop for GitSsh {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -141,6 +141,12 @@ impl Cluster {
         self.berth(&args, repo, None, None)
     }
 
+    /// Prunes everything the test's instance made, with an empty repo.
+    fn remove_everything(&self) {
+        let cleaned = self.apply(Repo::new().path(), &["--prune", "--allow-empty"]);
+        assert!(cleaned.status.success(), "{}", said(&cleaned));
+    }
+
     fn plan(&self, repo: &Path) -> String {
         stdout(&self.berth(&["plan"], repo, None, None))
     }
@@ -800,9 +806,248 @@ fn a_chart_is_rendered_by_helm_and_applied_by_berth() {
     repo.write("chart/values.yaml", "greeting: changed\n");
     let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
     assert!(
-        plan.contains("ConfigMap/berth-settings: template changed"),
+        plan.contains("ConfigMap/berth-settings: data changed: greeting"),
         "{plan}"
     );
+}
+
+/// A helm stand-in on PATH (a Python program over Helm's own template engine as a library: no
+/// helm binary can be downloaded here), and the PATH that finds it.
+fn helm_on_path() -> (tempfile::TempDir, String) {
+    let bin = tempfile::tempdir().unwrap();
+    let shim = Command::new("bash")
+        .arg(crate_root().join("tests/testbed/helm-shim.sh"))
+        .arg(bin.path())
+        .output()
+        .expect("bash runs");
+    assert!(shim.status.success(), "the helm stand-in: {}", said(&shim));
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    (bin, path)
+}
+
+/// A chart as charts are written: it reads `image.tag`, `replicaCount` and `ui.message` from its
+/// own values, has a `pre-install,pre-upgrade` Job (a migration) and a `test` Pod whose image
+/// does not exist, and a `kubeVersion`. The Staging's `values` (with `${tag}` and an override)
+/// win over `valuesFiles`, which win over `values.yaml`; the migration runs before the rest, the
+/// test pod is never applied or blamed, the plan settles, and a new tag rolls the Deployment.
+#[test]
+fn a_chart_as_written_reads_its_values_runs_its_hooks_and_leaves_its_tests_out() {
+    let Some(cluster) = cluster() else { return };
+    let (_bin, path) = helm_on_path();
+    let name = format!("{}-shop", cluster.instance.name);
+    let ns = name.clone();
+    let repo = Repo::new();
+    let descriptor = |tag: &str| {
+        staging(
+            "shop",
+            &ns,
+            &format!(
+                "  tag: \"{tag}\"\n  chart: charts/shop\n  valuesFiles: [values/staging.yaml]\n  values:\n    replicaCount: 2\n    image: {{tag: \"${{tag}}\"}}\n    ui: {{message: \"${{overrides.MESSAGE}}\"}}\n  overrides: {{app: {{MESSAGE: hello from berth}}}}\n"
+            ),
+        )
+    };
+    repo.write("shop.yaml", descriptor("latest"))
+        .write("values/staging.yaml", "ui:\n  message: from the values file\n  color: teal\n")
+        .write(
+            "charts/shop/Chart.yaml",
+            "apiVersion: v2\nname: shop\nversion: 1.4.0\nappVersion: \"2.1\"\nkubeVersion: \">=1.19.0-0\"\n",
+        )
+        .write(
+            "charts/shop/values.yaml",
+            "replicaCount: 1\nimage:\n  repository: busybox\n  tag: \"\"\n  pullPolicy: IfNotPresent\nui:\n  message: from values.yaml\n  color: grey\n",
+        )
+        .write(
+            "charts/shop/templates/_helpers.tpl",
+            "{{- define \"shop.fullname\" -}}{{ .Release.Name }}-{{ .Chart.Name }}{{- end -}}\n{{- define \"shop.labels\" -}}\napp.kubernetes.io/name: {{ .Chart.Name }}\napp.kubernetes.io/instance: {{ .Release.Name }}\n{{- end -}}\n",
+        )
+        .write(
+            "charts/shop/templates/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ include \"shop.fullname\" . }}\n  labels:\n    {{- include \"shop.labels\" . | nindent 4 }}\nspec:\n  replicas: {{ .Values.replicaCount }}\n  selector:\n    matchLabels:\n      {{- include \"shop.labels\" . | nindent 6 }}\n  template:\n    metadata:\n      labels:\n        {{- include \"shop.labels\" . | nindent 8 }}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - name: shop\n          image: \"{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}\"\n          imagePullPolicy: {{ .Values.image.pullPolicy }}\n          command: [sh, -c, \"sleep 3600\"]\n          env:\n            - name: MESSAGE\n              value: {{ .Values.ui.message | quote }}\n",
+        )
+        .write(
+            "charts/shop/templates/configmap.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-ui\ndata:\n  message: {{ .Values.ui.message | quote }}\n  color: {{ .Values.ui.color | quote }}\n",
+        )
+        .write(
+            "charts/shop/templates/migrate.yaml",
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-migrate\n  annotations:\n    \"helm.sh/hook\": pre-install,pre-upgrade\n    \"helm.sh/hook-weight\": \"-5\"\n    \"helm.sh/hook-delete-policy\": before-hook-creation\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - name: migrate\n          image: \"{{ .Values.image.repository }}:{{ .Values.image.tag }}\"\n          imagePullPolicy: IfNotPresent\n          command: [sh, -c, \"echo migrated\"]\n",
+        )
+        .write(
+            "charts/shop/templates/tests/test-connection.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-test-connection\n  labels:\n    {{- include \"shop.labels\" . | nindent 4 }}\n  annotations:\n    \"helm.sh/hook\": test\nspec:\n  restartPolicy: Never\n  containers:\n    - name: wget\n      image: busybox:no-such-tag\n      command: [wget, \"{{ include \"shop.fullname\" . }}:80\"]\n",
+        );
+    let apply =
+        |repo: &Repo| cluster.berth(&["apply", "--wait", "90s"], repo.path(), None, Some(&path));
+    let output = apply(&repo);
+    let text = said(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("ran pre-install hook Job/berth-shop-migrate"),
+        "{text}"
+    );
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/berth-shop",
+            "{.spec.replicas} {.spec.template.spec.containers[0].image}"
+        ),
+        "2 busybox:latest"
+    );
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "configmap/berth-shop-ui",
+            "{.data.message} {.data.color}"
+        ),
+        "hello from berth teal"
+    );
+    assert_eq!(
+        cluster.get(&ns, "job/berth-shop-migrate", "{.status.succeeded}"),
+        "1"
+    );
+    assert!(
+        !cluster.exists(&ns, "pod/berth-shop-test-connection"),
+        "the chart's test pod was applied"
+    );
+    let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
+    assert!(
+        plan.contains("1 unchanged"),
+        "the plan does not settle:\n{plan}"
+    );
+
+    // A new tag reaches the chart through values: the plan says so, and the apply rolls it,
+    // running the migration again first.
+    let tag = format!("{name}-v2");
+    crate::docker::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
+    repo.write("shop.yaml", descriptor(&tag));
+    let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
+    assert!(
+        plan.contains(&format!("image changed: busybox:latest→busybox:{tag}")),
+        "{plan}"
+    );
+    let output = apply(&repo);
+    let text = said(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("ran pre-install hook Job/berth-shop-migrate"),
+        "{text}"
+    );
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/berth-shop",
+            "{.spec.template.spec.containers[0].image}"
+        ),
+        format!("busybox:{tag}")
+    );
+    cluster.remove_everything();
+}
+
+/// An object of a version the server does not serve is refused in the plan, naming the versions
+/// it does serve: 1.20 has PodDisruptionBudget in policy/v1beta1 only.
+#[test]
+fn an_unserved_version_is_refused_in_the_plan_with_the_versions_served() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-pdb", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("s.yaml", staging("pdb", &ns, "  manifests: m\n"))
+        .write(
+            "m/pdb.yaml",
+            "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: web}\nspec:\n  minAvailable: 1\n  selector: {matchLabels: {app: web}}\n",
+        );
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("m/pdb.yaml:1: the API server does not serve PodDisruptionBudget in policy/v1; it serves PodDisruptionBudget in policy/v1beta1: write apiVersion: policy/v1beta1"),
+        "{plan}"
+    );
+    assert!(!cluster.exists(&ns, "poddisruptionbudget/web"));
+}
+
+/// A Job's template cannot change in place: the apply says which field and what to do, and with
+/// `berth.io/recreate: "true"` the plan says the Job is made again, and the apply does so.
+#[test]
+fn a_changed_job_template_names_the_field_and_is_made_again_when_asked() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-job", cluster.instance.name);
+    let repo = Repo::new();
+    let job = |word: &str, annotations: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\n{annotations}spec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - {{name: m, image: busybox:latest, imagePullPolicy: IfNotPresent, command: [echo, {word}]}}\n"
+        )
+    };
+    repo.write("s.yaml", staging("job", &ns, "  manifests: m\n"))
+        .write("m/job.yaml", job("first", ""));
+    let output = cluster.apply(repo.path(), &[]);
+    assert!(output.status.success(), "{}", said(&output));
+    repo.write("m/job.yaml", job("second", ""));
+    let output = cluster.apply(repo.path(), &[]);
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("Job/once: the API server refused: spec.template cannot change in place (the field is immutable); add the annotation berth.io/recreate: \"true\""),
+        "{text}"
+    );
+    repo.write(
+        "m/job.yaml",
+        job("second", "  annotations: {berth.io/recreate: \"true\"}\n"),
+    );
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("Job/once: deleted and made again (berth.io/recreate)"),
+        "{plan}"
+    );
+    let output = cluster.apply(repo.path(), &[]);
+    assert!(output.status.success(), "{}", said(&output));
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "job/once",
+            "{.spec.template.spec.containers[0].command[1]}"
+        ),
+        "second"
+    );
+    cluster.remove_everything();
+}
+
+/// A failing `pre-install` hook stops the staging before anything else of it is applied, and
+/// says which Job failed and why.
+#[test]
+fn a_failing_pre_install_hook_applies_nothing_after_it_and_says_why() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-hookfail", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("s.yaml", staging("hookfail", &ns, "  manifests: m\n"))
+        .write(
+            "m/job.yaml",
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: migrate\n  annotations: {\"helm.sh/hook\": pre-install}\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - {name: m, image: busybox:latest, imagePullPolicy: IfNotPresent, command: [sh, -c, \"echo the schema is locked; exit 4\"]}\n",
+        )
+        .write(
+            "m/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after}\ndata: {a: b}\n",
+        );
+    let output = cluster.apply(repo.path(), &[]);
+    let text = said(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("pre-install hook Job/migrate failed"),
+        "{text}"
+    );
+    // Its last log lines follow where the cluster serves logs; this test cluster's API server
+    // never dials the kubelet (tests/testbed/kube-up.sh), so here the exit code is what is said.
+    assert!(
+        text.contains("(pod migrate-") && text.contains(": exit code 4"),
+        "the failed pod's exit code is not said: {text}"
+    );
+    assert!(text.contains("nothing after it was applied"), "{text}");
+    assert!(
+        !cluster.exists(&ns, "configmap/after"),
+        "an object was applied after a failed pre-install hook"
+    );
+    cluster.remove_everything();
 }
 
 #[test]

@@ -899,3 +899,189 @@ fn a_file_of_too_many_nodes_is_one_problem_at_the_node_past_the_limit() {
         )]
     );
 }
+
+fn staging_doc(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Staging\nmetadata: {{name: {name}}}\nspec:\n  namespace: {name}\n{extra}"
+    )
+}
+
+/// Removing the last staging of a folder must not stop every other change: a Kubernetes object
+/// outside any staging's folder and a Helm chart no staging uses are skipped with a warning at
+/// their place. A document that names berth's API, or one of its kinds, is never skipped.
+#[test]
+fn what_is_plainly_not_berths_is_a_warning_and_a_berth_typo_stays_a_problem() {
+    let repo = Repo::new();
+    repo.write("web.yaml", challenge("web", ""))
+        .write(
+            "guestbook/frontend.yaml",
+            "# kept from upstream\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: frontend}\nspec: {replicas: 1}\n",
+        )
+        .write("charts/podinfo/Chart.yaml", "apiVersion: v2\nname: podinfo\nversion: 6.0.0\n")
+        .write("charts/podinfo/values.yaml", "replicaCount: 1\nimage: {tag: \"\"}\n")
+        .write(
+            "charts/podinfo/templates/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}\nspec:\n  replicas: {{ .Values.replicaCount }}\n",
+        );
+    let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+    assert!(loaded.is_valid(), "{:?}", loaded.problems);
+    assert_eq!(loaded.descriptors.len(), 1);
+    let warnings: Vec<(String, usize, usize)> = loaded
+        .warnings
+        .iter()
+        .map(|w| (w.file.clone(), w.line, w.column))
+        .collect();
+    assert_eq!(
+        warnings,
+        vec![
+            ("charts/podinfo/Chart.yaml".to_string(), 1, 1),
+            ("guestbook/frontend.yaml".to_string(), 2, 13),
+        ]
+    );
+    assert!(
+        loaded.warnings[0]
+            .message
+            .contains("Helm chart that no Staging uses")
+    );
+    assert!(
+        loaded.warnings[1]
+            .message
+            .contains("not a berth descriptor (Deployment of apiVersion apps/v1)")
+    );
+    // `berth validate` says both and exits 0.
+    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let text = crate::util::stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "guestbook/frontend.yaml:2:13: Deployment/frontend: skipped: not a berth descriptor"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1 descriptor valid"), "{text}");
+
+    // A typo in a berth kind, or berth's kind under another apiVersion, is never skipped.
+    repo.write(
+        "typo.yaml",
+        "apiVersion: berth/v1\nkind: Challange\nmetadata: {name: typo}\nspec: {}\n",
+    )
+    .write(
+        "other.yaml",
+        "apiVersion: v1\nkind: Challenge\nmetadata: {name: other}\nspec: {image: x}\n",
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let files: Vec<&str> = problems.iter().map(|p| p.file.as_str()).collect();
+    assert!(
+        files.contains(&"typo.yaml") && files.contains(&"other.yaml"),
+        "{problems:?}"
+    );
+}
+
+/// `tag` is needed only where a manifest reads `${tag}`: without one, reading it is a problem
+/// at the variable's place. `.berthignore` holds inside a manifests folder too.
+#[test]
+fn a_staging_needs_a_tag_only_where_its_manifests_read_one() {
+    let repo = Repo::new();
+    repo.write(
+        "guestbook.yaml",
+        staging_doc("guestbook", "  manifests: guestbook\n"),
+    )
+    .write(
+        "guestbook/redis.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: redis}\nspec:\n  ports: [{port: 6379}]\n",
+    )
+    .write(
+        "guestbook/all-in-one/guestbook-all-in-one.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: redis}\nspec:\n  ports: [{port: 6379}]\n",
+    )
+    .write("guestbook/.berthignore", "all-in-one/\n");
+    let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+    assert!(loaded.is_valid(), "{:?}", loaded.problems);
+    repo.write("shop.yaml", staging_doc("shop", "  manifests: shop\n"))
+        .write(
+            "shop/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  image: \"shop:${tag}\"\n",
+        );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert_eq!(
+        places(&problems),
+        vec![(
+            "shop/cm.yaml".to_string(),
+            5,
+            16,
+            "${tag} is read here, but the Staging sets no spec.tag; add one (a tag, or {fromPipeline: NAME}), or write $${ for a literal ${".to_string()
+        )]
+    );
+}
+
+/// A chart staging's `values` and `valuesFiles` are checked where they are written; a `tag`
+/// that reaches no part of the chart is a warning.
+#[test]
+fn chart_values_are_checked_at_their_place_and_an_unread_tag_is_a_warning() {
+    let repo = Repo::new();
+    repo.write("chart/Chart.yaml", "apiVersion: v2\nname: demo\nversion: 0.1.0\n")
+        .write("chart/templates/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {image: {{ .Values.image.tag | quote }}}\n")
+        .write(
+            "demo.yaml",
+            staging_doc(
+                "demo",
+                "  tag: v1\n  chart: chart\n  valuesFiles: [values/missing.yaml]\n  values:\n    image: {tag: \"${overrides.NOPE}\"}\n",
+            ),
+        )
+        .write(
+            "plain.yaml",
+            staging_doc("plain", "  manifests: plain\n  values: {a: b}\n"),
+        )
+        .write("plain/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\n");
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let found: Vec<(String, usize, usize)> = problems
+        .iter()
+        .map(|p| (p.file.clone(), p.line, p.column))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("demo.yaml".to_string(), 8, 17),
+            ("demo.yaml".to_string(), 10, 18),
+            ("plain.yaml".to_string(), 7, 11),
+        ],
+        "{problems:?}"
+    );
+    assert!(
+        problems[0]
+            .message
+            .contains("file \"values/missing.yaml\" does not exist"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1]
+            .message
+            .contains("${overrides.NOPE} is not defined"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[2].message.contains("values are for a chart"),
+        "{problems:?}"
+    );
+    // Fixed, the tag that no template and no value reads is a warning at spec.tag.
+    repo.write(
+        "demo.yaml",
+        staging_doc(
+            "demo",
+            "  tag: v1\n  chart: chart\n  values:\n    image: {tag: stable}\n",
+        ),
+    )
+    .write("plain.yaml", staging_doc("plain", "  manifests: plain\n"));
+    let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+    assert!(loaded.is_valid(), "{:?}", loaded.problems);
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert_eq!(
+        (loaded.warnings[0].file.as_str(), loaded.warnings[0].line),
+        ("demo.yaml", 6)
+    );
+    assert!(
+        loaded.warnings[0]
+            .message
+            .contains("spec.tag reaches no part of chart chart")
+    );
+}

@@ -361,8 +361,9 @@ impl DockerBackend {
     }
 
     async fn stop(&self, name: &str) -> Attempt<()> {
+        // The container's own stop timeout (the challenge's `stopTimeout`, set when it was made).
         let options = StopContainerOptions {
-            t: Some(10),
+            t: None,
             ..Default::default()
         };
         match self.docker.stop_container(name, Some(options)).await {

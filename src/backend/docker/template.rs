@@ -264,6 +264,7 @@ impl DockerBackend {
             healthcheck,
             host_config: Some(host_config),
             user: spec.security.user.map(|user| user.to_string()),
+            stop_timeout: Some(stop_seconds(spec)),
             // On its own network the challenge is reached by its name; on the shared one nobody
             // reaches it at all.
             networking_config: own.then(|| network_aliases(network, template.key.name.as_str())),
@@ -290,11 +291,20 @@ impl DockerBackend {
             env: Some(environment(&sidecar.env, secrets)),
             labels: Some(self.labels(template, part, digests)),
             user: sidecar.security.user.map(|user| user.to_string()),
+            stop_timeout: Some(stop_seconds(&template.spec)),
             host_config: Some(host_config),
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
         }
     }
+}
+
+/// Seconds a stop waits after SIGTERM before it kills: the challenge's `stopTimeout`, else
+/// Docker's 10. Pure.
+pub(super) fn stop_seconds(spec: &ChallengeSpec) -> i64 {
+    spec.stop_timeout.map_or(10, |timeout| {
+        i64::try_from(timeout.0.as_secs()).unwrap_or(i64::MAX)
+    })
 }
 
 fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {

@@ -283,8 +283,8 @@ impl ChallengeTemplate {
                     "spec": {
                         "containers": containers,
                         "volumes": volumes,
-                        // Docker's own stop timeout: a stop or an update takes as long as there.
-                        "terminationGracePeriodSeconds": 10,
+                        // As on Docker: `stopTimeout`, else Docker's own 10 seconds.
+                        "terminationGracePeriodSeconds": self.spec.stop_timeout.map_or(10, |t| t.0.as_secs()),
                         "enableServiceLinks": false,
                         "automountServiceAccountToken": false,
                     },

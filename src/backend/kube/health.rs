@@ -65,11 +65,11 @@ fn int(object: &Value, pointer: &str) -> Option<i64> {
 }
 
 /// The condition of `object` of `kind`; `pods` are the pods of its staging (matched to the
-/// workload by its selector).
+/// workload by its selector, and counted only when the workload owns them).
 pub fn of(kind: &str, object: &Value, pods: &[&Value]) -> Condition {
     match kind {
         "Deployment" | "StatefulSet" => workload(kind, object, pods),
-        "Job" => job(object),
+        "Job" => job(object, pods),
         "PersistentVolumeClaim" => match object.pointer("/status/phase").and_then(Value::as_str) {
             Some("Bound") => Condition::healthy(PartState::Running),
             Some("Lost") => Condition::degraded(PartState::Running, "its volume is lost".into()),
@@ -140,13 +140,13 @@ fn workload(kind: &str, object: &Value, pods: &[&Value]) -> Condition {
     let Some(waiting) = waiting else {
         return Condition::healthy(state);
     };
-    match stuck_pod(object, pods) {
+    match stuck_pod(kind, object, pods) {
         Some(reason) => Condition::degraded(state, reason),
         None => Condition::progressing(state, waiting),
     }
 }
 
-fn job(object: &Value) -> Condition {
+fn job(object: &Value, pods: &[&Value]) -> Condition {
     let conditions = object
         .pointer("/status/conditions")
         .and_then(Value::as_array)
@@ -167,14 +167,41 @@ fn job(object: &Value) -> Condition {
             .unwrap_or("the job failed");
         return Condition::degraded(PartState::Completed, message.to_string());
     }
-    Condition::progressing(PartState::Running, "the job is running".into())
+    // A pod that cannot start never finishes the job: say which and why, not "running".
+    match stuck_pod("Job", object, pods) {
+        Some(reason) => Condition::degraded(PartState::Running, reason),
+        None => Condition::progressing(PartState::Running, "the job is running".into()),
+    }
+}
+
+/// Whether `pod` belongs to the workload `name` of `kind` by its owner references, not by its
+/// labels alone: a chart's test pod or a hand-made pod may carry the same labels. A Deployment
+/// owns its pods through the ReplicaSet named after it and the pods' template hash.
+fn owned_by(kind: &str, name: &str, pod: &Value) -> bool {
+    let owners = pod
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array);
+    owners.into_iter().flatten().any(|owner| {
+        let (owner_kind, owner_name) = (owner["kind"].as_str(), owner["name"].as_str());
+        match kind {
+            "Deployment" => {
+                let hash = pod
+                    .pointer("/metadata/labels/pod-template-hash")
+                    .and_then(Value::as_str);
+                owner_kind == Some("ReplicaSet")
+                    && hash.is_some_and(|hash| owner_name == Some(&format!("{name}-{hash}")))
+            }
+            _ => owner_kind == Some(kind) && owner_name == Some(name),
+        }
+    })
 }
 
 /// The first pod of the workload that will not come up by waiting, and why.
-fn stuck_pod(workload: &Value, pods: &[&Value]) -> Option<String> {
+fn stuck_pod(kind: &str, workload: &Value, pods: &[&Value]) -> Option<String> {
     let selector = workload
         .pointer("/spec/selector/matchLabels")
         .and_then(Value::as_object)?;
+    let name = workload.pointer("/metadata/name").and_then(Value::as_str)?;
     let mine = |pod: &&&Value| {
         // A pod on its way out says nothing about the workload any more.
         if pod.pointer("/metadata/deletionTimestamp").is_some() {
@@ -182,6 +209,7 @@ fn stuck_pod(workload: &Value, pods: &[&Value]) -> Option<String> {
         }
         let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
         labels.is_some_and(|labels| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            && owned_by(kind, name, pod)
     };
     for pod in pods.iter().filter(mine) {
         let name = pod
@@ -232,7 +260,7 @@ mod tests {
 
     fn deployment(status: Value) -> Value {
         json!({
-            "metadata": {"generation": 2},
+            "metadata": {"name": "shop", "generation": 2},
             "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "shop"}}},
             "status": status,
         })
@@ -265,14 +293,18 @@ mod tests {
             json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1}),
         );
         let pod = json!({
-            "metadata": {"name": "shop-1", "labels": {"app": "shop"}},
+            "metadata": {"name": "shop-1", "labels": {"app": "shop", "pod-template-hash": "5d9f"},
+                "ownerReferences": [{"kind": "ReplicaSet", "name": "shop-5d9f", "controller": true}]},
             "status": {"containerStatuses": [{"name": "shop", "restartCount": 4,
                 "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
                 "lastState": {"terminated": {"exitCode": 3}}}]}
         });
         let other = json!({"metadata": {"name": "db-1", "labels": {"app": "db"}},
             "status": {"containerStatuses": [{"name": "db", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
-        let condition = of("Deployment", &rolling, &[&other, &pod]);
+        // A chart's test pod with the workload's labels, but no owner: never blamed.
+        let test_pod = json!({"metadata": {"name": "shop-test", "labels": {"app": "shop"}},
+            "status": {"containerStatuses": [{"name": "t", "state": {"waiting": {"reason": "ErrImagePull"}}}]}});
+        let condition = of("Deployment", &rolling, &[&other, &test_pod, &pod]);
         assert_eq!(condition.health, Health::Degraded);
         assert_eq!(
             condition.detail.as_deref(),
@@ -302,6 +334,19 @@ mod tests {
         );
         let failed = json!({"status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}});
         assert_eq!(of("Job", &failed, &[]).health, Health::Degraded);
+        // A job whose pod cannot get its image says so, rather than "running".
+        let running = json!({"metadata": {"name": "migrate"},
+            "spec": {"selector": {"matchLabels": {"controller-uid": "u1"}}}, "status": {"active": 1}});
+        let pod = json!({"metadata": {"name": "migrate-x1", "labels": {"controller-uid": "u1"},
+                "ownerReferences": [{"kind": "Job", "name": "migrate", "controller": true}]},
+            "status": {"containerStatuses": [{"name": "m", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}});
+        let stuck = of("Job", &running, &[&pod]);
+        assert_eq!(stuck.health, Health::Degraded);
+        assert_eq!(
+            stuck.detail.as_deref(),
+            Some("pod migrate-x1: container m ImagePullBackOff (no such image)")
+        );
+        assert_eq!(of("Job", &running, &[]).health, Health::Progressing);
         let pending = json!({"status": {"phase": "Pending"}});
         assert_eq!(
             of("PersistentVolumeClaim", &pending, &[]).health,

@@ -1,4 +1,5 @@
-//! Stagings on Kubernetes: the only module that talks to an API server (through kube).
+//! Stagings on Kubernetes, and the backend's shared client (Challenges on Kubernetes are shaped in
+//! `challenge` and applied in `deploy`; the Lease of leader election is `crate::leader`'s).
 //!
 //! A staging is a namespace berth makes, and the objects of its manifests in it, each applied by
 //! server-side apply with field manager `berth` and forced, so a hand edit is taken back. Every
@@ -14,12 +15,17 @@
 //! bare namespace is left as a tombstone, so it is not made again while the repo still says
 //! `archived`.
 //!
+//! Helm hooks in the manifests run around the apply (`hooks`): `pre-install`/`pre-upgrade` ones
+//! before the other objects, `post-…` ones after, each made anew and its Jobs waited for; test
+//! hooks and those of delete and rollback are left out when the manifests are read.
+//!
 //! Discovery runs once (`Discovery::run`, which 1.20 servers answer) and again only when a kind
 //! is not found. No request sends `fieldValidation`, which 1.20 does not know.
 
 pub mod challenge;
 mod deploy;
 pub mod health;
+mod hooks;
 pub mod objects;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -37,7 +43,7 @@ use sha2::{Digest, Sha256};
 
 use super::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
-use crate::descriptor::manifests::{Manifest, Rendered, SECRET_NAME};
+use crate::descriptor::manifests::{Hook, Manifest, Rendered, SECRET_NAME};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
@@ -66,6 +72,10 @@ const CLEANUP_WAIT: Duration = Duration::from_secs(300);
 const FINALIZER_GRACE: Duration = Duration::from_secs(20);
 /// Objects applied at once within one staging.
 const APPLY_CONCURRENCY: usize = 8;
+
+/// Label on a staging's Helm hook objects (`pre-install`, `post-install`): made anew at each apply, never
+/// observed as parts of the staging.
+const LABEL_HOOK: &str = "berth.hook";
 
 /// What plans call the parts of a staging.
 pub const OBJECT: Vocabulary = Vocabulary {
@@ -168,7 +178,8 @@ impl StagingTemplate {
                 one_shot: false,
             });
         }
-        for manifest in manifests {
+        // Hooks come and go at each apply: part of the spec hash, never of what is observed.
+        for manifest in manifests.iter().filter(|m| m.hook.is_none()) {
             parts.push(Part {
                 id: manifest.id(),
                 hash: hash(&[&manifest.object, &json!(self.labels)]),
@@ -355,6 +366,8 @@ impl KubeBackend {
 
     /// Every staging and challenge this instance runs here, with the health of each object.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
+        // The kinds the server serves, known before the plan: an unserved one is refused there.
+        self.discovery(false).await.map_err(|e| self.gone(e))?;
         let ((mut objects, mut live), (challenges, challenge_objects)) =
             tokio::try_join!(self.observe_stagings(), self.observe_challenges())?;
         objects.extend(challenges);
@@ -539,6 +552,7 @@ impl KubeBackend {
                 let labels = item.metadata.labels.clone().unwrap_or_default();
                 if labels.get(LABEL_NAME).map(String::as_str) != Some(staging.key.name.as_str())
                     || !applied_by_berth(&item.metadata)
+                    || labels.contains_key(LABEL_HOOK)
                 {
                     continue;
                 }
@@ -615,6 +629,24 @@ impl KubeBackend {
                 "namespace {ns} exists and was not made by berth for {}; berth manages only namespaces it makes: choose another spec.namespace",
                 object.key
             )));
+        }
+        // A kind or version the server does not serve is refused in the plan, with the versions
+        // it does serve, rather than at the apply.
+        if object.hold.is_none()
+            && let Ok(manifests) = &template.manifests
+            && let Ok(cached) = self.discovery.try_lock()
+            && let Some(discovery) = cached.as_ref()
+            && let Some(unserved) = manifests.iter().find(|m| {
+                let (group, version) = m
+                    .api_version
+                    .rsplit_once('/')
+                    .unwrap_or(("", &m.api_version));
+                discovery
+                    .resolve_gvk(&kube::api::GroupVersionKind::gvk(group, version, &m.kind))
+                    .is_none()
+            })
+        {
+            object.hold = Some(Hold::Fail(unserved_message(discovery, unserved)));
         }
         let id = format!("Secret/{SECRET_NAME}");
         if let Some(part) = object.parts.iter_mut().find(|p| p.id == id) {
@@ -729,18 +761,18 @@ impl KubeBackend {
                     )));
                 }
                 None => {
-                    return Err(Trouble::Failed(format!(
-                        "{}:{}: the API server does not serve kind {} in {}; install its CustomResourceDefinition first, or fix apiVersion and kind",
-                        manifest.file, manifest.line, manifest.kind, manifest.api_version
-                    )));
+                    let discovery = self.discovery(false).await.map_err(Trouble::from)?;
+                    return Err(Trouble::Failed(unserved_message(&discovery, manifest)));
                 }
             }
         }
         // Secret values are read before anything changes: an unreadable one fails the staging.
         let mut secret_data = serde_json::Map::new();
+        let mut secret_values = Vec::new();
         for (name, reference) in &template.secrets {
             use base64::Engine as _;
             let value = reference.resolve().map_err(Trouble::Failed)?;
+            secret_values.push(value.clone());
             secret_data.insert(
                 name.clone(),
                 base64::engine::general_purpose::STANDARD
@@ -873,6 +905,29 @@ impl KubeBackend {
         // quantity it cannot read, an immutable field changed) fails the staging before any
         // object changes, so a bad change never leaves it half applied.
         let mut refused = Vec::new();
+        // Hooks of the last apply, and objects marked `berth.io/recreate` that changed, are made
+        // anew rather than changed (a Job's template cannot change), so no dry run can try them.
+        let mut remade = std::collections::HashSet::new();
+        let recreated: Vec<(&Manifest, &ApiResource)> = {
+            let live = self.live.lock().expect("live objects");
+            manifests
+                .iter()
+                .zip(&resources)
+                .filter(|(m, _)| m.hook.is_none() && objects::recreated(&m.object))
+                .filter(|(m, _)| {
+                    live.get(&format!("{ns}/{}/{}", m.kind, m.name))
+                        .is_some_and(|seen| {
+                            seen.pointer(&format!(
+                                "/metadata/labels/{}",
+                                LABEL_SPEC_HASH.replace('/', "~1")
+                            ))
+                            .and_then(Value::as_str)
+                                != Some(template.part_hash(&m.id(), parts).as_str())
+                        })
+                })
+                .collect()
+        };
+        remade.extend(recreated.iter().map(|(m, _)| m.id()));
         // An object new to the staging may already be there, made by hand (even in a namespace
         // just made, by someone quick): applying would adopt it, and a later prune would delete
         // what berth never made.
@@ -891,18 +946,45 @@ impl KubeBackend {
                 }
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(self.client.clone(), ns, resource);
-                if let Some(found) = api.get_opt(&manifest.name).await.map_err(Trouble::from)?
-                    && !applied_by_berth(&found.metadata)
-                {
-                    refused.push(format!(
-                        "{} exists in namespace {ns} and was not made by berth; delete it or rename the manifest's object",
-                        manifest.id()
-                    ));
+                match api.get_opt(&manifest.name).await.map_err(Trouble::from)? {
+                    Some(found) if !applied_by_berth(&found.metadata) => {
+                        refused.push(format!(
+                            "{} exists in namespace {ns} and was not made by berth; delete it or rename the manifest's object",
+                            manifest.id()
+                        ));
+                    }
+                    Some(_) if manifest.hook.is_some() => {
+                        remade.insert(manifest.id());
+                    }
+                    _ => {}
                 }
             }
         }
         // The dry run covers a new staging too: a refused object must not come after others
         // were made.
+        let shaped = |manifest: &Manifest| {
+            let mut labels = self.labels(
+                key,
+                &template.part_hash(&manifest.id(), parts),
+                &template.labels,
+            );
+            if let Some(hook) = manifest.hook {
+                labels.insert(LABEL_HOOK.into(), hook.as_str().into());
+            }
+            objects::shaped(manifest, ns, &labels, &pod_labels, archived)
+        };
+        // Hooks run around a running staging's apply; archiving runs none.
+        let hooks: Vec<hooks::HookObject> = manifests
+            .iter()
+            .zip(&resources)
+            .filter(|(m, _)| m.hook.is_some() && !archived)
+            .map(|(manifest, resource)| hooks::HookObject {
+                manifest,
+                resource,
+                object: shaped(manifest),
+            })
+            .collect();
+        let mut hooks_ran = Vec::new();
         let waves = [None, Some(true), Some(false)];
         for wave in waves {
             let dry_run = wave.is_none();
@@ -912,14 +994,12 @@ impl KubeBackend {
                 manifests
                     .iter()
                     .zip(&resources)
-                    .filter(|(m, _)| wave.is_none_or(|first_wave| first(m) == first_wave))
+                    .filter(|(m, _)| match wave {
+                        None => !remade.contains(&m.id()) && (m.hook.is_none() || !archived),
+                        Some(first_wave) => m.hook.is_none() && first(m) == first_wave,
+                    })
                     .map(|(manifest, resource)| {
-                        let labels = self.labels(
-                            key,
-                            &template.part_hash(&manifest.id(), parts),
-                            &template.labels,
-                        );
-                        let object = objects::shaped(manifest, ns, &labels, &pod_labels, archived);
+                        let object = shaped(manifest);
                         let api: Api<DynamicObject> =
                             Api::namespaced_with(self.client.clone(), ns, resource);
                         let params = &params;
@@ -952,7 +1032,26 @@ impl KubeBackend {
                     refused.join("; ")
                 )));
             }
+            if dry_run {
+                hooks_ran.extend(
+                    self.run_hooks(
+                        Hook::Before,
+                        ns,
+                        &hooks,
+                        (self.rollout_wait, &secret_values),
+                    )
+                    .await?,
+                );
+                // What is made again goes first; the waves below make it.
+                for (manifest, resource) in &recreated {
+                    self.delete_and_wait(ns, manifest, resource).await?;
+                }
+            }
         }
+        hooks_ran.extend(
+            self.run_hooks(Hook::After, ns, &hooks, (self.rollout_wait, &secret_values))
+                .await?,
+        );
         // Prune: what berth labelled in this namespace, of every kind it ever applied here, that
         // the manifests no longer hold.
         let keep: BTreeSet<(String, String)> = manifests
@@ -1022,7 +1121,13 @@ impl KubeBackend {
                 pruned.push(format!("Namespace/{name}"));
             }
         }
-        let mut done = format!("applied {} objects in namespace {ns}", manifests.len());
+        let mut done = format!(
+            "applied {} objects in namespace {ns}",
+            manifests.iter().filter(|m| m.hook.is_none()).count()
+        );
+        if !hooks_ran.is_empty() {
+            done.push_str(&format!(", ran {}", hooks_ran.join(", ")));
+        }
         if archived {
             done.push_str(", workloads scaled to zero");
         }
@@ -1227,8 +1332,12 @@ enum Trouble {
 impl From<kube::Error> for Trouble {
     fn from(error: kube::Error) -> Trouble {
         match error {
+            kube::Error::Api(status) if status.message.contains("field is immutable") => {
+                // The refusal quotes the whole object, cut where it would say which field.
+                Trouble::Failed(immutable(&status.message))
+            }
             kube::Error::Api(status) => {
-                // Some refusals quote a whole object (an immutable pod template): keep the gist.
+                // Some refusals quote a whole object: keep the gist.
                 let mut message: String = status.message.chars().take(400).collect();
                 if status.message.chars().count() > 400 {
                     message.push('…');
@@ -1246,6 +1355,64 @@ impl Trouble {
             Trouble::Failed(why) => Trouble::Failed(format!("{kind}/{name}: {why}")),
             gone => gone,
         }
+    }
+}
+
+/// What to say of an API server's "field is immutable" refusal: which fields, and the way
+/// forward. Pure.
+fn immutable(message: &str) -> String {
+    // `Job.batch "migrate" is invalid: spec.template: Invalid value: core.PodTemplateSpec{…}:
+    // field is immutable`, one `FIELD: Invalid value: …` per field, joined by ", ".
+    let details = message
+        .split_once(" is invalid: ")
+        .map_or(message, |(_, d)| d);
+    let fields: Vec<&str> = details
+        .split(": Invalid value: ")
+        .zip(details.split(": Invalid value: ").skip(1))
+        .filter(|(_, rest)| rest.contains("field is immutable"))
+        .filter_map(|(before, _)| before.rsplit(", ").next())
+        .map(|field| field.trim().trim_start_matches('['))
+        .filter(|field| !field.is_empty() && field.len() < 120)
+        .collect();
+    let fields = match fields.is_empty() {
+        true => "a field".to_string(),
+        false => fields.join(", "),
+    };
+    format!(
+        "the API server refused: {fields} cannot change in place (the field is immutable); add the annotation {}: \"true\" to the manifest to delete the object and make it again",
+        objects::RECREATE_ANNOTATION
+    )
+}
+
+/// Why `manifest` cannot be applied to a server that does not serve its kind in its version:
+/// the versions it serves that kind in, when it serves it in any (a `policy/v1`
+/// PodDisruptionBudget on a server that has only `policy/v1beta1`), or that a
+/// CustomResourceDefinition is missing.
+fn unserved_message(discovery: &Discovery, manifest: &Manifest) -> String {
+    let served: BTreeSet<String> = discovery
+        .groups()
+        .flat_map(|group| {
+            group
+                .versions()
+                .flat_map(|version| group.versioned_resources(version))
+                .filter(|(resource, _)| resource.kind == manifest.kind)
+                .map(|(resource, _)| resource.api_version)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (file, line, kind) = (&manifest.file, manifest.line, &manifest.kind);
+    let api_version = &manifest.api_version;
+    if served.is_empty() {
+        format!(
+            "{file}:{line}: the API server does not serve kind {kind} in {api_version}; install its CustomResourceDefinition first, or fix apiVersion and kind"
+        )
+    } else {
+        let served: Vec<String> = served.into_iter().collect();
+        format!(
+            "{file}:{line}: the API server does not serve {kind} in {api_version}; it serves {kind} in {}: write apiVersion: {}",
+            served.join(", "),
+            served[0]
+        )
     }
 }
 
@@ -1281,4 +1448,34 @@ fn random_key() -> [u8; 32] {
         let seed = format!("{:?}{:?}", std::time::SystemTime::now(), std::process::id());
         Sha256::digest(seed.as_bytes()).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal of an immutable change names the fields, even past the quoted object, and the
+    /// way forward.
+    #[test]
+    fn an_immutable_field_is_named_with_the_way_forward() {
+        let quoted = "x".repeat(2000);
+        let one = format!(
+            "Job.batch \"migrate\" is invalid: spec.template: Invalid value: core.PodTemplateSpec{{{quoted}, Labels:map[]}}: field is immutable"
+        );
+        let said = immutable(&one);
+        assert!(
+            said.starts_with("the API server refused: spec.template cannot change in place"),
+            "{said}"
+        );
+        assert!(said.contains("berth.io/recreate: \"true\""), "{said}");
+        assert!(said.len() < 300, "{said}");
+        let two = format!(
+            "Deployment.apps \"web\" is invalid: [spec.selector: Invalid value: v1.LabelSelector{{{quoted}}}: field is immutable, spec.template.metadata.labels: Invalid value: map[string]string{{\"app\":\"x\"}}: `selector` does not match template `labels`]"
+        );
+        assert!(
+            immutable(&two).contains("spec.selector cannot change"),
+            "{}",
+            immutable(&two)
+        );
+    }
 }

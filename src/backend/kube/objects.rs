@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::health::ANNOTATION_ARCHIVED_REPLICAS;
 use crate::descriptor::manifests::Manifest;
@@ -129,6 +130,39 @@ pub fn summary(object: &Value) -> Value {
     if !images.is_empty() {
         summary.insert("image".into(), images.join(", ").into());
     }
+    // Each variable by name (the plan names those that changed, never their values).
+    let env: Map<String, Value> = containers
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
+        .filter_map(|variable| {
+            let name = variable["name"].as_str()?;
+            let value = variable.get("value").or(variable.get("valueFrom"))?;
+            Some((name.to_string(), value.clone()))
+        })
+        .collect();
+    if !env.is_empty() {
+        summary.insert("env".into(), env.into());
+    }
+    // A ConfigMap's keys, each with a digest of its value: a change says which keys. (Never a
+    // Secret's: an unkeyed digest of a short secret can be guessed.)
+    let secret = object["kind"] == "Secret";
+    let data: Map<String, Value> = ["data", "binaryData"]
+        .iter()
+        .filter(|_| !secret)
+        .filter_map(|field| object.get(*field).and_then(Value::as_object))
+        .flatten()
+        .map(|(key, value)| {
+            let digest = Sha256::digest(value.to_string().as_bytes());
+            (key.clone(), hex::encode(&digest[..8]).into())
+        })
+        .collect();
+    if !data.is_empty() {
+        summary.insert("data".into(), data.into());
+    }
+    if recreated(object) {
+        summary.insert("recreate".into(), true.into());
+    }
     let archived = object
         .pointer(&format!(
             "/metadata/annotations/{ANNOTATION_ARCHIVED_REPLICAS}"
@@ -141,6 +175,19 @@ pub fn summary(object: &Value) -> Value {
         summary.insert("replicas".into(), replicas.into());
     }
     Value::Object(summary)
+}
+
+/// The annotation that asks berth to delete an object and make it again when it changes, for
+/// fields the API server will not change in place (a Job's template, a Service's clusterIP).
+pub const RECREATE_ANNOTATION: &str = "berth.io/recreate";
+
+/// Whether `object` asks to be made again rather than changed. Pure.
+pub fn recreated(object: &Value) -> bool {
+    object
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(RECREATE_ANNOTATION))
+        .and_then(Value::as_str)
+        == Some("true")
 }
 
 /// The first field berth applies whose live value differs: `spec.replicas is 3, berth applies 1`.
@@ -331,6 +378,36 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The plan names every field that changed: replicas and env together, a ConfigMap's keys;
+    /// a Secret's values never reach the summary, not even as digests.
+    #[test]
+    fn a_summary_holds_every_field_the_plan_names() {
+        let deployment = |replicas: i64, level: &str| {
+            summary(
+                &json!({"kind": "Deployment", "spec": {"replicas": replicas, "template": {"spec": {"containers": [
+                    {"name": "web", "image": "shop:1", "env": [{"name": "LEVEL", "value": level}, {"name": "PORT", "value": "80"}]}
+                ]}}}}),
+            )
+        };
+        let (before, after) = (deployment(1, "info"), deployment(3, "debug"));
+        assert_eq!(before["env"]["LEVEL"], "info");
+        assert_ne!(before["env"], after["env"]);
+        assert_ne!(before["replicas"], after["replicas"]);
+        let config = |greeting: &str| {
+            summary(&json!({"kind": "ConfigMap", "data": {"greeting": greeting, "other": "x"}}))
+        };
+        assert_ne!(
+            config("hello")["data"]["greeting"],
+            config("changed")["data"]["greeting"]
+        );
+        assert_eq!(
+            config("hello")["data"]["other"],
+            config("changed")["data"]["other"]
+        );
+        let secret = summary(&json!({"kind": "Secret", "data": {"TOKEN": "c2VjcmV0"}}));
+        assert!(secret.get("data").is_none(), "{secret}");
+    }
+
     fn manifest(object: Value) -> Manifest {
         Manifest {
             file: "m.yaml".into(),
@@ -339,6 +416,7 @@ mod tests {
             kind: object["kind"].as_str().unwrap().into(),
             name: object["metadata"]["name"].as_str().unwrap().into(),
             object,
+            hook: None,
         }
     }
 
@@ -377,7 +455,7 @@ mod tests {
         );
         assert_eq!(
             summary(&archived),
-            json!({"image": "shop:v1", "replicas": 2})
+            json!({"image": "shop:v1", "env": {"A": ""}, "replicas": 2})
         );
     }
 
