@@ -479,8 +479,21 @@ fn status_location(repo: &str, flags: &StatusBranchFlags) -> berth::source::Stat
     }
 }
 
-/// The agent's way into the config repo at `url`, from the `BERTH_REPO_*` environment.
-fn repo_credentials(url: &str) -> Result<berth::source::Source, berth::config::ConfigError> {
+/// The agent's way into the config repo at `url`, from the `BERTH_REPO_*` environment. When that
+/// environment names the agent's repo (`BERTH_REPO_URL`), its credentials go only to that
+/// repo's server, never to another URL typed on the command line.
+fn repo_credentials(
+    url: &str,
+) -> Result<Option<berth::source::Source>, berth::config::ConfigError> {
+    if let Ok(agents) = std::env::var("BERTH_REPO_URL")
+        && !berth::queue::same_server(&agents, url)
+    {
+        return Ok(None);
+    }
+    repo_source(url).map(Some)
+}
+
+fn repo_source(url: &str) -> Result<berth::source::Source, berth::config::ConfigError> {
     let config = berth::config::AgentConfig::from_text("(environment)", "", |var| match var {
         "BERTH_REPO_URL" => Some(url.to_string()),
         _ => std::env::var(var).ok(),
@@ -523,7 +536,7 @@ fn status(flags: &StatusFlags, format: ProblemFormat) -> ExitCode {
     let credentials = match std::path::Path::new(&flags.repo).exists() {
         true => None,
         false => match repo_credentials(&flags.repo) {
-            Ok(source) => Some(source),
+            Ok(source) => source,
             Err(error) => {
                 eprintln!("berth: {error}");
                 return ExitCode::from(2);

@@ -231,14 +231,18 @@ impl Source {
         callbacks.credentials(move |_url, username_from_url, allowed| {
             attempts += 1;
             if attempts > 3 {
-                // A user name is no secret: saying which one was refused is what helps.
-                let user = self.username.as_deref().or(username_from_url).unwrap_or("git");
+                // An ssh login name is no secret: saying which one was refused is what helps. Over
+                // https the name in a URL may be a token, so only a configured one is named.
                 let why = match &self.ssh_key {
                     Some(key) => format!(
-                        "the server refused the SSH key {} for user {user}; authorize its public key there, or fix repo.auth",
-                        key.display()
+                        "the server refused the SSH key {} for user {}; authorize its public key there, or fix repo.auth",
+                        key.display(),
+                        self.username.as_deref().or(username_from_url).unwrap_or("git")
                     ),
-                    None => format!("the server refused the credentials of user {user}; check repo.auth"),
+                    None => match &self.username {
+                        Some(user) => format!("the server refused the credentials of user {user}; check repo.auth"),
+                        None => "the server refused the credentials; check repo.auth".to_string(),
+                    },
                 };
                 return Err(git2::Error::from_str(&why));
             }
@@ -954,10 +958,16 @@ fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
         })
 }
 
-/// The login name an `ssh://user@host/…` or scp-like `user@host:…` URL gives, if any. Pure.
+/// The login name an `ssh://user@host/…` or scp-like `user@host:…` URL gives, if any; never the
+/// user part of another scheme's URL, which may be a token. Pure.
 fn login_user(url: &str) -> Option<String> {
     let authority = match url.split_once("://") {
-        Some((_, rest)) => rest.split('/').next()?,
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("ssh") || scheme.eq_ignore_ascii_case("git+ssh") =>
+        {
+            rest.split('/').next()?
+        }
+        Some(_) => return None,
         None => url.split(':').next()?,
     };
     let (user, _) = authority.rsplit_once('@')?;

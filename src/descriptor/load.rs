@@ -185,6 +185,8 @@ struct SourceFile {
     holds_descriptor: bool,
     /// Problems reported in it so far.
     problems: usize,
+    /// Whether it could not be read (too large, not UTF-8): what it holds is unknown.
+    unread: bool,
 }
 
 impl SourceFile {
@@ -196,6 +198,7 @@ impl SourceFile {
             readable,
             holds_descriptor: false,
             problems: 0,
+            unread: false,
         }
     }
 }
@@ -436,6 +439,9 @@ impl Loader {
         let text = match self.read_text(&path) {
             Ok(text) => text,
             Err((at, message)) => {
+                // Nothing in it could be seen: it may hold a descriptor, so no warning path may
+                // set it aside.
+                self.files[file].unread = true;
                 self.report(Pending {
                     file,
                     place: Place::At(at),
@@ -505,7 +511,7 @@ impl Loader {
         }
         if kind.is_none()
             && let Some(Value::String(version)) = value.get("apiVersion")
-            && !is_berth_api(version)
+            && !may_be_berths(version, value.get("kind"))
         {
             // A Kubernetes object outside any staging's folder (its staging removed, or a file
             // of another tool): one problem that says what to do, not one per schema rule.
@@ -804,8 +810,8 @@ impl Loader {
     fn set_unused_charts_aside(&mut self) {
         let values_files: HashSet<usize> = (0..self.files.len())
             .filter(|&i| {
-                !self.files[i].holds_descriptor
-                    && self.asset_files.contains(&self.files[i].relative)
+                let file = &self.files[i];
+                !file.holds_descriptor && !file.unread && self.asset_files.contains(&file.relative)
             })
             .collect();
         self.set_aside(&values_files);
@@ -827,7 +833,8 @@ impl Loader {
         };
         let aside: HashSet<usize> = (0..self.files.len())
             .filter(|&index| {
-                !self.files[index].holds_descriptor && inside(&self.files[index].relative)
+                let file = &self.files[index];
+                !file.holds_descriptor && !file.unread && inside(&file.relative)
             })
             .collect();
         self.set_aside(&aside);
@@ -1032,6 +1039,19 @@ fn looks_like_descriptor(value: &Value) -> bool {
             .and_then(Value::as_str)
             .is_some_and(|kind| kind.parse::<Kind>().is_ok()),
     }
+}
+
+/// Whether a document may have been meant as berth's, however mistyped: an `apiVersion` that
+/// names berth in any case or form (`Berth/v1`, `berth`), or a `kind` that is berth's in any case
+/// (`challenge`). Such a document is never skipped as another tool's: it is checked, and its
+/// mistake is a problem. Pure.
+fn may_be_berths(version: &str, kind: Option<&Value>) -> bool {
+    version.to_ascii_lowercase().contains("berth")
+        || kind.and_then(Value::as_str).is_some_and(|kind| {
+            Kind::ALL
+                .iter()
+                .any(|k| k.as_str().eq_ignore_ascii_case(kind.trim()))
+        })
 }
 
 /// Whether an `apiVersion` is berth's, at any version (`berth/v1`, `berth/v2`…).

@@ -65,13 +65,12 @@ pub struct Manifest {
     pub name: String,
     /// The whole object, variables substituted.
     pub object: Value,
-    /// When it is a Helm hook to run around the apply, which phase.
-    pub hook: Option<Hook>,
+    /// When it is a Helm hook to run around the apply: when, and on which applies.
+    pub hook: Option<HookRun>,
 }
 
 /// The phase of a Helm hook (`helm.sh/hook`) berth runs, as Argo CD maps hooks to sync phases:
-/// `pre-install`/`pre-upgrade` before the other objects, `post-install`/`post-upgrade` after
-/// them. A hook is made anew at each apply of its staging, and its Jobs are waited for.
+/// `pre-…` hooks before the other objects, `post-…` hooks after them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     /// Before the other objects.
@@ -80,58 +79,111 @@ pub enum Hook {
     After,
 }
 
+/// A hook's run: its phase, the applies it runs on (`install`: the staging is made; `upgrade`:
+/// it is changed), and its `helm.sh/hook-weight` (hooks of a phase run lightest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookRun {
+    /// Before or after the other objects.
+    pub phase: Hook,
+    /// Runs when the staging is made.
+    pub on_install: bool,
+    /// Runs when the staging is changed.
+    pub on_upgrade: bool,
+    /// Its weight.
+    pub weight: i64,
+}
+
 /// The annotation Helm marks its hooks with.
 pub const HOOK_ANNOTATION: &str = "helm.sh/hook";
 /// The annotation that says when Helm deletes a hook.
 pub const HOOK_DELETE_POLICY: &str = "helm.sh/hook-delete-policy";
+/// The annotation that orders hooks of one phase.
+pub const HOOK_WEIGHT: &str = "helm.sh/hook-weight";
+
+/// Hook events berth leaves out: a chart's tests (only `helm test` runs them), and those of
+/// delete and rollback, which berth never does the way Helm does.
+const LEFT_OUT_EVENTS: &[&str] = &[
+    "test",
+    "test-success",
+    "test-failure",
+    "pre-delete",
+    "post-delete",
+    "pre-rollback",
+    "post-rollback",
+];
 
 /// What an object of the manifests is to the staging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// An ordinary object: applied, observed, pruned.
     Object,
     /// A hook run around the apply.
-    Hook(Hook),
-    /// A hook berth leaves out: `test` (a chart's tests, which only `helm test` runs) and those
-    /// of delete and rollback.
+    Hook(HookRun),
+    /// A hook berth leaves out (see [`LEFT_OUT_EVENTS`]).
     LeftOut,
+    /// A `helm.sh/hook` event Helm does not know (a typo): a problem, never a silent skip.
+    Unknown(String),
 }
 
 impl Role {
     /// What `object` is, by its `helm.sh/hook` annotation. Pure.
     pub fn of(object: &Value) -> Role {
-        let Some(events) = object
-            .pointer("/metadata/annotations")
+        let annotations = object.pointer("/metadata/annotations");
+        let Some(events) = annotations
             .and_then(|a| a.get(HOOK_ANNOTATION))
             .and_then(Value::as_str)
         else {
             return Role::Object;
         };
         let events: Vec<&str> = events.split(',').map(str::trim).collect();
-        let any = |names: [&str; 2]| events.iter().any(|e| names.contains(e));
-        if any(["pre-install", "pre-upgrade"]) {
-            Role::Hook(Hook::Before)
-        } else if any(["post-install", "post-upgrade"]) {
-            Role::Hook(Hook::After)
-        } else {
-            Role::LeftOut
+        let known = ["pre-install", "post-install", "pre-upgrade", "post-upgrade"];
+        if let Some(unknown) = events
+            .iter()
+            .find(|e| !known.contains(e) && !LEFT_OUT_EVENTS.contains(e))
+        {
+            return Role::Unknown(unknown.to_string());
         }
+        let has = |event: &str| events.contains(&event);
+        let phase = if has("pre-install") || has("pre-upgrade") {
+            Hook::Before
+        } else if has("post-install") || has("post-upgrade") {
+            Hook::After
+        } else {
+            return Role::LeftOut;
+        };
+        let (install, upgrade) = match phase {
+            Hook::Before => ("pre-install", "pre-upgrade"),
+            Hook::After => ("post-install", "post-upgrade"),
+        };
+        let weight = annotations
+            .and_then(|a| a.get(HOOK_WEIGHT))
+            .and_then(|w| match w {
+                Value::String(text) => text.trim().parse().ok(),
+                other => other.as_i64(),
+            })
+            .unwrap_or(0);
+        Role::Hook(HookRun {
+            phase,
+            on_install: has(install),
+            on_upgrade: has(upgrade),
+            weight,
+        })
     }
 
-    fn hook(self) -> Option<Hook> {
+    fn hook(&self) -> Option<HookRun> {
         match self {
-            Role::Hook(hook) => Some(hook),
+            Role::Hook(hook) => Some(*hook),
             _ => None,
         }
     }
 }
 
 impl Hook {
-    /// `pre-install`-like or `post-install`-like, for messages.
+    /// `pre` or `post`, for messages and labels.
     pub fn as_str(self) -> &'static str {
         match self {
-            Hook::Before => "pre-install",
-            Hook::After => "post-install",
+            Hook::Before => "pre",
+            Hook::After => "post",
         }
     }
 }
@@ -788,6 +840,12 @@ fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<
                 // A chart's tests, and what helm runs only on delete or rollback, are not part
                 // of what the staging runs.
                 Role::LeftOut => {}
+                Role::Unknown(event) => problems.push(problem(
+                    at("/metadata/annotations"),
+                    format!(
+                        "{HOOK_ANNOTATION}: \"{event}\" is no event Helm knows; write pre-install, post-install, pre-upgrade, post-upgrade, or test, pre-delete, post-delete, pre-rollback, post-rollback (which berth leaves out)"
+                    ),
+                )),
                 role => manifests.push(Manifest {
                     file: file.to_string(),
                     line: document.start.line,

@@ -180,6 +180,19 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
 }
 
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    // A stop waits this long through the engine's API, whose own requests end at 120s; and a
+    // part of a second would round down to no wait at all.
+    if let Some(timeout) = spec.stop_timeout
+        && !(1..=100).contains(&timeout.0.as_secs())
+    {
+        found.push(violation(
+            "/spec/stopTimeout",
+            format!(
+                "spec.stopTimeout: {}s is out of range; write 1s to 100s",
+                timeout.0.as_secs_f64()
+            ),
+        ));
+    }
     if let Some(ImageSource::Name(image)) = &spec.image
         && let Err(why) = image_within_limits(image)
     {

@@ -877,6 +877,10 @@ fn a_chart_as_written_reads_its_values_runs_its_hooks_and_leaves_its_tests_out()
             "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-migrate\n  annotations:\n    \"helm.sh/hook\": pre-install,pre-upgrade\n    \"helm.sh/hook-weight\": \"-5\"\n    \"helm.sh/hook-delete-policy\": before-hook-creation\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - name: migrate\n          image: \"{{ .Values.image.repository }}:{{ .Values.image.tag }}\"\n          imagePullPolicy: IfNotPresent\n          command: [sh, -c, \"echo migrated\"]\n",
         )
         .write(
+            "charts/shop/templates/once.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-once\n  annotations:\n    \"helm.sh/hook\": pre-install\ndata:\n  made: once\n",
+        )
+        .write(
             "charts/shop/templates/tests/test-connection.yaml",
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ include \"shop.fullname\" . }}-test-connection\n  labels:\n    {{- include \"shop.labels\" . | nindent 4 }}\n  annotations:\n    \"helm.sh/hook\": test\nspec:\n  restartPolicy: Never\n  containers:\n    - name: wget\n      image: busybox:no-such-tag\n      command: [wget, \"{{ include \"shop.fullname\" . }}:80\"]\n",
         );
@@ -918,6 +922,11 @@ fn a_chart_as_written_reads_its_values_runs_its_hooks_and_leaves_its_tests_out()
         plan.contains("1 unchanged"),
         "the plan does not settle:\n{plan}"
     );
+    let once = cluster.get(&ns, "configmap/berth-shop-once", "{.metadata.uid}");
+    assert!(
+        !once.is_empty(),
+        "the pre-install hook ConfigMap was not made"
+    );
 
     // A new tag reaches the chart through values: the plan says so, and the apply rolls it,
     // running the migration again first.
@@ -933,8 +942,13 @@ fn a_chart_as_written_reads_its_values_runs_its_hooks_and_leaves_its_tests_out()
     let text = said(&output);
     assert!(output.status.success(), "{text}");
     assert!(
-        text.contains("ran pre-install hook Job/berth-shop-migrate"),
+        text.contains("ran pre-upgrade hook Job/berth-shop-migrate"),
         "{text}"
+    );
+    // An install-only hook is not made again on an upgrade.
+    assert_eq!(
+        cluster.get(&ns, "configmap/berth-shop-once", "{.metadata.uid}"),
+        once
     );
     assert_eq!(
         cluster.get(
@@ -1010,6 +1024,43 @@ fn a_changed_job_template_names_the_field_and_is_made_again_when_asked() {
         ),
         "second"
     );
+    cluster.remove_everything();
+}
+
+/// Server-side apply leaves what another manager added: `kubectl set env FOO=bar` on a staging's
+/// Deployment is shown by the plan and taken out by the apply, and then the plan settles.
+#[test]
+fn an_env_variable_added_by_hand_is_shown_and_taken_back() {
+    let Some(cluster) = cluster() else { return };
+    let ns = format!("{}-setenv", cluster.instance.name);
+    let repo = Repo::new();
+    repo.write("s.yaml", staging("setenv", &ns, "  manifests: m\n"))
+        .write(
+            "m/web.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - name: web\n          image: busybox:latest\n          imagePullPolicy: IfNotPresent\n          command: [sleep, \"3600\"]\n          env: [{name: LEVEL, value: info}]\n",
+        );
+    let output = cluster.apply(repo.path(), &[]);
+    assert!(output.status.success(), "{}", said(&output));
+    let set = cluster.kubectl(&["set", "env", "-n", &ns, "deployment/web", "FOO=bar"]);
+    assert!(set.status.success(), "{}", said(&set));
+    let plan = cluster.plan(repo.path());
+    assert!(
+        plan.contains("spec.template.spec.containers[web].env FOO was added outside berth"),
+        "{plan}"
+    );
+    let output = cluster.apply(repo.path(), &[]);
+    let text = said(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("took back Deployment/web"), "{text}");
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].env[*].name}"
+        ),
+        "LEVEL"
+    );
+    assert!(cluster.plan(repo.path()).contains("1 unchanged"));
     cluster.remove_everything();
 }
 

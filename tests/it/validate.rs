@@ -968,13 +968,28 @@ fn what_is_plainly_not_berths_is_a_warning_and_a_berth_typo_stays_a_problem() {
     .write(
         "other.yaml",
         "apiVersion: v1\nkind: Challenge\nmetadata: {name: other}\nspec: {image: x}\n",
-    );
+    )
+    .write(
+        "cased.yaml",
+        "apiVersion: Berth/v1\nkind: challenge\nmetadata: {name: cased}\nspec: {image: x}\n",
+    )
+    .write(
+        "bare.yaml",
+        "apiVersion: apps/v1\nkind: staging\nmetadata: {name: bare}\nspec: {}\n",
+    )
+    // Unreadable, in an unused chart: what it holds is unknown, so it is not set aside.
+    .write("charts/podinfo/odd.yaml", vec![0xffu8; 16]);
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let files: Vec<&str> = problems.iter().map(|p| p.file.as_str()).collect();
-    assert!(
-        files.contains(&"typo.yaml") && files.contains(&"other.yaml"),
-        "{problems:?}"
-    );
+    for file in [
+        "typo.yaml",
+        "other.yaml",
+        "cased.yaml",
+        "bare.yaml",
+        "charts/podinfo/odd.yaml",
+    ] {
+        assert!(files.contains(&file), "{file} was skipped: {problems:?}");
+    }
 }
 
 /// `tag` is needed only where a manifest reads `${tag}`: without one, reading it is a problem
@@ -1083,5 +1098,57 @@ fn chart_values_are_checked_at_their_place_and_an_unread_tag_is_a_warning() {
         loaded.warnings[0]
             .message
             .contains("spec.tag reaches no part of chart chart")
+    );
+}
+
+/// A stop waits through the engine's API, whose requests end at 120s; a part of a second would
+/// be no wait at all.
+#[test]
+fn a_stop_timeout_is_a_second_to_a_hundred() {
+    let repo = Repo::new();
+    repo.write("long.yaml", challenge("long", "  stopTimeout: 5m\n"))
+        .write("short.yaml", challenge("short", "  stopTimeout: 500ms\n"))
+        .write("fine.yaml", challenge("fine", "  stopTimeout: 30s\n"));
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.message.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (
+                "long.yaml",
+                "spec.stopTimeout: 300s is out of range; write 1s to 100s"
+            ),
+            (
+                "short.yaml",
+                "spec.stopTimeout: 0.5s is out of range; write 1s to 100s"
+            ),
+        ]
+    );
+}
+
+/// A `helm.sh/hook` event Helm does not know is a problem at the annotations, never a skip: the
+/// object it is on would be pruned without a word.
+#[test]
+fn an_unknown_hook_event_is_a_problem_at_its_annotations() {
+    let repo = Repo::new();
+    repo.write("s.yaml", staging_doc("hooks", "  manifests: m\n"))
+        .write(
+            "m/job.yaml",
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: migrate\n  annotations:\n    helm.sh/hook: pre-instal\nspec: {}\n",
+        );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].file.as_str(), problems[0].line),
+        ("m/job.yaml", 6)
+    );
+    assert!(
+        problems[0]
+            .message
+            .contains("\"pre-instal\" is no event Helm knows"),
+        "{problems:?}"
     );
 }

@@ -1,10 +1,12 @@
 //! A staging's Helm hooks (`helm.sh/hook: pre-install,pre-upgrade` and `post-…`), run as Helm
-//! and Argo CD run them around an apply: each hook object made anew (Helm's default
-//! `before-hook-creation`: the one of the last apply is deleted first), then its Jobs waited for
-//! until they complete, a failed one failing the staging with its pod's reason before anything
-//! after it is applied, and deleted once done when its `hook-delete-policy` says
-//! `hook-succeeded`. Hooks are not parts of the staging: they come and go, so the plan never
-//! counts them as drift; they are part of its spec hash, so a changed hook is a change.
+//! and Argo CD run them around an apply: `*-install` hooks when the staging is made, `*-upgrade`
+//! hooks when it is changed, lightest `helm.sh/hook-weight` first; each hook object made anew
+//! (Helm's default `before-hook-creation`: the one of the last apply is deleted first), then its
+//! Jobs waited for until they complete, a failed one failing the staging with its pod's reason
+//! before anything after it is applied, and deleted once done when its `hook-delete-policy` says
+//! `hook-succeeded` (a Job its own `ttlSecondsAfterFinished` removed counts as done). Hooks are
+//! not parts of the staging: they come and go, so the plan never counts them as drift; a digest
+//! of them is part of the namespace's hash, so a changed hook is a change.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,9 @@ use crate::plan::Health;
 const GONE_WAIT: Duration = Duration::from_secs(60);
 /// How often a hook's Job is looked at.
 const POLL: Duration = Duration::from_millis(500);
+/// The least a hook's Job is waited for, whatever the apply's own wait (`--wait 0s` still runs
+/// a migration to its end).
+const HOOK_WAIT: Duration = Duration::from_secs(300);
 
 /// One hook to run: its manifest, its resource, and the object to apply.
 pub(super) struct HookObject<'a> {
@@ -29,18 +34,44 @@ pub(super) struct HookObject<'a> {
 }
 
 impl KubeBackend {
-    /// Runs the hooks of `phase` in namespace `ns`, each made anew, and waits at most `wait`
-    /// for each Job among them to complete. Says what ran. A failed Job's log lines are shown
-    /// with the staging's `secrets` masked.
+    /// Runs the hooks of `phase` in namespace `ns` that run on this apply (`fresh`: the staging
+    /// is made now), lightest first, each made anew, and waits for each Job among them to
+    /// complete. Says what ran. A failed Job's log lines are shown with the staging's `secrets`
+    /// masked.
     pub(super) async fn run_hooks(
         &self,
-        phase: Hook,
+        (phase, fresh): (Hook, bool),
         ns: &str,
         hooks: &[HookObject<'_>],
         (wait, secrets): (Duration, &[String]),
     ) -> Result<Vec<String>, Trouble> {
+        let wait = wait.max(HOOK_WAIT);
+        let event = format!(
+            "{}-{}",
+            phase.as_str(),
+            if fresh { "install" } else { "upgrade" }
+        );
+        let mut due: Vec<&HookObject> = hooks
+            .iter()
+            .filter(|h| {
+                h.manifest.hook.is_some_and(|run| {
+                    run.phase == phase
+                        && if fresh {
+                            run.on_install
+                        } else {
+                            run.on_upgrade
+                        }
+                })
+            })
+            .collect();
+        due.sort_by_key(|h| {
+            (
+                h.manifest.hook.map_or(0, |run| run.weight),
+                h.manifest.name.clone(),
+            )
+        });
         let mut ran = Vec::new();
-        for hook in hooks.iter().filter(|h| h.manifest.hook == Some(phase)) {
+        for hook in due {
             let name = hook.manifest.name.as_str();
             let kind = hook.manifest.kind.as_str();
             let api: Api<DynamicObject> =
@@ -51,15 +82,17 @@ impl KubeBackend {
                 .await
                 .map_err(|e| Trouble::object(kind, name, e))?;
             if kind == "Job" {
-                self.wait_for_job(&api, (ns, name), phase, (wait, secrets))
+                self.wait_for_job(&api, (ns, name), &event, (wait, secrets))
                     .await?;
                 if deleted_when_done(&hook.object) {
-                    api.delete(name, &DeleteParams::background())
-                        .await
-                        .map_err(|e| Trouble::object(kind, name, e))?;
+                    match api.delete(name, &DeleteParams::background()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(status)) if status.code == 404 => {}
+                        Err(e) => return Err(Trouble::object(kind, name, e)),
+                    }
                 }
             }
-            ran.push(format!("{} hook {kind}/{name}", phase.as_str()));
+            ran.push(format!("{event} hook {kind}/{name}"));
         }
         Ok(ran)
     }
@@ -110,14 +143,17 @@ impl KubeBackend {
         &self,
         api: &Api<DynamicObject>,
         (ns, name): (&str, &str),
-        phase: Hook,
+        event: &str,
         (wait, secrets): (Duration, &[String]),
     ) -> Result<(), Trouble> {
         let pods: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), ns, &pod_resource());
         let started = Instant::now();
         loop {
-            let job = api.get(name).await.map_err(Trouble::from)?;
+            // Gone already: its own `ttlSecondsAfterFinished` removed it once it was done.
+            let Some(job) = api.get_opt(name).await.map_err(Trouble::from)? else {
+                return Ok(());
+            };
             let job = serde_json::to_value(&job).unwrap_or_default();
             let listed = pods
                 .list(&ListParams::default().labels(&format!("job-name={name}")))
@@ -134,15 +170,13 @@ impl KubeBackend {
                 Health::Degraded => {
                     let said = self.last_words(ns, &listed, secrets).await;
                     return Err(Trouble::Failed(format!(
-                        "{} hook Job/{name} failed: {}{said}; nothing after it was applied",
-                        phase.as_str(),
+                        "{event} hook Job/{name} failed: {}{said}; nothing after it was applied",
                         condition.detail.unwrap_or_default()
                     )));
                 }
                 _ if started.elapsed() > wait => {
                     return Err(Trouble::Failed(format!(
-                        "{} hook Job/{name} did not complete within {}s ({}); nothing after it was applied",
-                        phase.as_str(),
+                        "{event} hook Job/{name} did not complete within {}s ({}); nothing after it was applied",
                         wait.as_secs(),
                         condition.detail.unwrap_or_default()
                     )));
@@ -182,9 +216,12 @@ impl KubeBackend {
         };
         let lines = match logs.logs(&pod, &params).await {
             Ok(text) if !text.trim().is_empty() => {
+                // Longest first: a secret that begins another never leaves the other's tail.
+                let mut secrets: Vec<&String> =
+                    secrets.iter().filter(|secret| !secret.is_empty()).collect();
+                secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
                 let masked = secrets
-                    .iter()
-                    .filter(|secret| !secret.is_empty())
+                    .into_iter()
                     .fold(text, |text, secret| text.replace(secret.as_str(), "***"));
                 let lines: Vec<String> = masked
                     .lines()

@@ -73,6 +73,9 @@ const FINALIZER_GRACE: Duration = Duration::from_secs(20);
 /// Objects applied at once within one staging.
 const APPLY_CONCURRENCY: usize = 8;
 
+/// How often the plan looks again at the kinds the server serves.
+const REDISCOVERY: Duration = Duration::from_secs(60);
+
 /// Label on a staging's Helm hook objects (`pre-install`, `post-install`): made anew at each apply, never
 /// observed as parts of the staging.
 const LABEL_HOOK: &str = "berth.hook";
@@ -161,9 +164,20 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Staging
 
 impl StagingTemplate {
     fn parts(&self, manifests: &[Manifest]) -> Vec<Part> {
+        // Hooks are no parts of their own (they come and go): a change to one is a change of
+        // the namespace, so it is applied, and run.
+        let hooks: Vec<&Value> = manifests
+            .iter()
+            .filter(|m| m.hook.is_some())
+            .map(|m| &m.object)
+            .collect();
+        let namespace_hash = match hooks.is_empty() {
+            true => hash(&[&json!(self.labels)]),
+            false => hash(&[&json!(self.labels), &json!(hooks)]),
+        };
         let mut parts = vec![Part {
             id: format!("Namespace/{}", self.namespace),
-            hash: hash(&[&json!(self.labels)]),
+            hash: namespace_hash,
             spec: Arc::new(json!({})),
             secrets: None,
             one_shot: false,
@@ -248,6 +262,8 @@ pub struct KubeBackend {
     /// Where Challenges run.
     challenge_namespace: String,
     discovery: Arc<tokio::sync::Mutex<Option<Arc<Discovery>>>>,
+    /// When the plan's look at the served kinds last ran (see [`KubeBackend::observe`]).
+    discovered_at: Arc<Mutex<Option<Instant>>>,
     /// The objects the last observation saw, by `namespace/Kind/name`: hand edits are found in them.
     live: Arc<Mutex<HashMap<String, Value>>>,
     /// Every namespace the last observation saw, berth's or not.
@@ -294,6 +310,7 @@ impl KubeBackend {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_CHALLENGE_NAMESPACE.to_string()),
             discovery: Arc::default(),
+            discovered_at: Arc::default(),
             live: Arc::default(),
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
@@ -367,7 +384,20 @@ impl KubeBackend {
     /// Every staging and challenge this instance runs here, with the health of each object.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
         // The kinds the server serves, known before the plan: an unserved one is refused there.
-        self.discovery(false).await.map_err(|e| self.gone(e))?;
+        // Looked at again at most once a rediscovery interval, so a CustomResourceDefinition
+        // installed since is seen; and only as well as the server answers: an aggregated API
+        // that is down must not stop the observing of everything else.
+        let due = self
+            .discovered_at
+            .lock()
+            .expect("discovery time")
+            .is_none_or(|at| at.elapsed() >= REDISCOVERY);
+        if due {
+            match self.discovery(true).await {
+                Ok(_) => *self.discovered_at.lock().expect("discovery time") = Some(Instant::now()),
+                Err(error) => tracing::debug!(%error, "the served kinds could not be listed"),
+            }
+        }
         let ((mut objects, mut live), (challenges, challenge_objects)) =
             tokio::try_join!(self.observe_stagings(), self.observe_challenges())?;
         objects.extend(challenges);
@@ -969,7 +999,7 @@ impl KubeBackend {
                 &template.labels,
             );
             if let Some(hook) = manifest.hook {
-                labels.insert(LABEL_HOOK.into(), hook.as_str().into());
+                labels.insert(LABEL_HOOK.into(), hook.phase.as_str().into());
             }
             objects::shaped(manifest, ns, &labels, &pod_labels, archived)
         };
@@ -1035,7 +1065,7 @@ impl KubeBackend {
             if dry_run {
                 hooks_ran.extend(
                     self.run_hooks(
-                        Hook::Before,
+                        (Hook::Before, fresh),
                         ns,
                         &hooks,
                         (self.rollout_wait, &secret_values),
@@ -1048,9 +1078,27 @@ impl KubeBackend {
                 }
             }
         }
+        // What someone added to a list berth owns (`kubectl set env FOO=bar`) is taken out:
+        // server-side apply leaves another manager's items where they are.
+        let mut taken_back = Vec::new();
+        for (manifest, resource) in manifests
+            .iter()
+            .zip(&resources)
+            .filter(|(m, _)| m.hook.is_none())
+        {
+            taken_back.extend(
+                self.take_back_added(ns, &shaped(manifest), manifest, resource)
+                    .await?,
+            );
+        }
         hooks_ran.extend(
-            self.run_hooks(Hook::After, ns, &hooks, (self.rollout_wait, &secret_values))
-                .await?,
+            self.run_hooks(
+                (Hook::After, fresh),
+                ns,
+                &hooks,
+                (self.rollout_wait, &secret_values),
+            )
+            .await?,
         );
         // Prune: what berth labelled in this namespace, of every kind it ever applied here, that
         // the manifests no longer hold.
@@ -1128,6 +1176,9 @@ impl KubeBackend {
         if !hooks_ran.is_empty() {
             done.push_str(&format!(", ran {}", hooks_ran.join(", ")));
         }
+        if !taken_back.is_empty() {
+            done.push_str(&format!(", took back {}", taken_back.join(", ")));
+        }
         if archived {
             done.push_str(", workloads scaled to zero");
         }
@@ -1135,6 +1186,54 @@ impl KubeBackend {
             done.push_str(&format!(", pruned {}", pruned.join(", ")));
         }
         Ok(done)
+    }
+
+    /// Removes from the live object of `manifest` the items someone added to the lists berth
+    /// owns whole (see [`objects::added`]), as one update with the version read, so nothing
+    /// changed meanwhile is lost. Says what went.
+    async fn take_back_added(
+        &self,
+        ns: &str,
+        applied: &Value,
+        manifest: &Manifest,
+        resource: &ApiResource,
+    ) -> Result<Vec<String>, Trouble> {
+        let seen_added = {
+            let live = self.live.lock().expect("live objects");
+            live.get(&format!("{ns}/{}/{}", manifest.kind, manifest.name))
+                .is_some_and(|seen| !objects::added(applied, seen).is_empty())
+        };
+        if !seen_added {
+            return Ok(Vec::new());
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, resource);
+        let Some(fresh) = api.get_opt(&manifest.name).await.map_err(Trouble::from)? else {
+            return Ok(Vec::new());
+        };
+        let mut value = serde_json::to_value(&fresh).unwrap_or_default();
+        let extras = objects::added(applied, &value);
+        for extra in &extras {
+            let (parent, index) = extra.pointer.rsplit_once('/').unwrap_or(("", ""));
+            if let (Some(Value::Array(items)), Ok(index)) =
+                (value.pointer_mut(parent), index.parse::<usize>())
+                && index < items.len()
+            {
+                items.remove(index);
+            }
+        }
+        // The server keeps the fields' managers as they are when none are sent.
+        if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.remove("managedFields");
+        }
+        let object: DynamicObject = serde_json::from_value(value)
+            .map_err(|e| Trouble::Failed(format!("{}: cannot read it back: {e}", manifest.id())))?;
+        api.replace(&manifest.name, &kube::api::PostParams::default(), &object)
+            .await
+            .map_err(|e| Trouble::object(&manifest.kind, &manifest.name, e))?;
+        Ok(extras
+            .into_iter()
+            .map(|extra| format!("{}: {}", manifest.id(), extra.shown))
+            .collect())
     }
 
     async fn apply_namespace(

@@ -209,7 +209,113 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
             fields.remove("stringData");
         }
     }
-    differ(&applied, live, &mut path)
+    differ(&applied, live, &mut path).or_else(|| {
+        added(&applied, live)
+            .into_iter()
+            .next()
+            .map(|extra| format!("{} was added outside berth", extra.shown))
+    })
+}
+
+/// An item someone added to a list berth applies whole: a container's `env`, a pod's
+/// `containers` and `initContainers`. Server-side apply leaves what another manager set, so
+/// these stay unless berth takes them out (as `kubectl set env` would leave `FOO` for ever).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// Where it is in the live object (a JSON pointer, for a patch that removes it).
+    pub pointer: String,
+    /// Its name, for a `test` before the removal.
+    pub name: String,
+    /// `spec.template.spec.containers[web].env FOO`, for people.
+    pub shown: String,
+}
+
+/// The lists whose items berth owns whole, by their key.
+const OWNED_LISTS: &[&str] = &["env", "containers", "initContainers"];
+
+/// Items of the lists berth owns whole that the live object has and `applied` does not, last
+/// first (so removing them in order keeps the earlier pointers right). Pure.
+pub fn added(applied: &Value, live: &Value) -> Vec<Added> {
+    let mut found = Vec::new();
+    walk_added(
+        applied,
+        live,
+        &mut String::new(),
+        &mut String::new(),
+        &mut found,
+    );
+    found.reverse();
+    found
+}
+
+fn walk_added(
+    applied: &Value,
+    live: &Value,
+    pointer: &mut String,
+    shown: &mut String,
+    found: &mut Vec<Added>,
+) {
+    let name = |item: &Value| item.get("name").and_then(Value::as_str).map(str::to_string);
+    match (applied, live) {
+        (Value::Object(want), Value::Object(have)) => {
+            for (key, value) in want {
+                let Some(there) = have.get(key) else { continue };
+                let (pointer_len, shown_len) = (pointer.len(), shown.len());
+                pointer.push('/');
+                pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                if !shown.is_empty() {
+                    shown.push('.');
+                }
+                shown.push_str(key);
+                if let (true, Value::Array(want), Value::Array(have)) =
+                    (OWNED_LISTS.contains(&key.as_str()), value, there)
+                    && want.iter().all(|item| name(item).is_some())
+                {
+                    for (index, item) in have.iter().enumerate() {
+                        let Some(item_name) = name(item) else {
+                            continue;
+                        };
+                        if !want
+                            .iter()
+                            .any(|w| name(w).as_deref() == Some(item_name.as_str()))
+                        {
+                            found.push(Added {
+                                pointer: format!("{pointer}/{index}"),
+                                name: item_name.clone(),
+                                shown: format!("{shown} {item_name}"),
+                            });
+                        }
+                    }
+                }
+                walk_added(value, there, pointer, shown, found);
+                pointer.truncate(pointer_len);
+                shown.truncate(shown_len);
+            }
+        }
+        (Value::Array(want), Value::Array(have)) => {
+            let by_name = want.iter().all(|item| name(item).is_some());
+            for (index, value) in want.iter().enumerate() {
+                let there = match by_name {
+                    true => have
+                        .iter()
+                        .position(|item| name(item) == name(value))
+                        .map(|at| (at, &have[at])),
+                    false => have.get(index).map(|item| (index, item)),
+                };
+                let Some((at, there)) = there else { continue };
+                let (pointer_len, shown_len) = (pointer.len(), shown.len());
+                pointer.push_str(&format!("/{at}"));
+                match name(value) {
+                    Some(item) => shown.push_str(&format!("[{item}]")),
+                    None => shown.push_str(&format!("[{index}]")),
+                }
+                walk_added(value, there, pointer, shown, found);
+                pointer.truncate(pointer_len);
+                shown.truncate(shown_len);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Which key of a Secret's values someone changed or removed, naming the key and never a value:
@@ -381,6 +487,33 @@ mod tests {
     /// The plan names every field that changed: replicas and env together, a ConfigMap's keys;
     /// a Secret's values never reach the summary, not even as digests.
     #[test]
+    fn an_env_variable_added_outside_berth_is_found_with_where_to_remove_it() {
+        let applied = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "web", "image": "shop:1", "env": [{"name": "LEVEL", "value": "info"}]}
+        ]}}}});
+        let live = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "proxy", "image": "envoy"},
+            {"name": "web", "image": "shop:1", "env": [{"name": "FOO", "value": "bar"}, {"name": "LEVEL", "value": "info"}, {"name": "BAZ", "value": "1"}]}
+        ]}}}});
+        let found = added(&applied, &live);
+        let pointers: Vec<&str> = found.iter().map(|a| a.pointer.as_str()).collect();
+        assert_eq!(
+            pointers,
+            vec![
+                "/spec/template/spec/containers/1/env/2",
+                "/spec/template/spec/containers/1/env/0",
+                "/spec/template/spec/containers/0",
+            ]
+        );
+        assert_eq!(found[1].shown, "spec.template.spec.containers[web].env FOO");
+        assert_eq!(
+            edited(&applied, &live).as_deref(),
+            Some("spec.template.spec.containers[web].env BAZ was added outside berth")
+        );
+        assert!(added(&applied, &applied).is_empty());
+    }
+
+    #[test]
     fn a_summary_holds_every_field_the_plan_names() {
         let deployment = |replicas: i64, level: &str| {
             summary(
@@ -491,12 +624,20 @@ mod tests {
     /// Hostile finding: quantities the server rewrites, and an item inserted ahead of berth's,
     /// made every plan an update that never settled.
     #[test]
-    fn quantities_in_the_servers_form_and_items_inserted_by_others_are_not_edits() {
+    fn quantities_in_the_servers_form_are_not_edits_and_an_inserted_item_shifts_nothing() {
         let applied = json!({"spec": {"resources": {"cpu": 0.5, "memory": "1024Mi", "other": "1000m"},
             "env": [{"name": "A", "value": "1"}]}});
         let live = json!({"spec": {"resources": {"cpu": "500m", "memory": "1Gi", "other": "1"},
-            "env": [{"name": "INSERTED", "value": "x"}, {"name": "A", "value": "1"}]}});
+            "env": [{"name": "A", "value": "1"}]}});
         assert_eq!(edited(&applied, &live), None);
+        // An item inserted before berth's is matched by name: it is the insertion that is said,
+        // not a change of berth's item (issue 20: what others add to berth's lists is drift).
+        let inserted = json!({"spec": {"resources": {"cpu": "500m", "memory": "1Gi", "other": "1"},
+            "env": [{"name": "INSERTED", "value": "x"}, {"name": "A", "value": "1"}]}});
+        assert_eq!(
+            edited(&applied, &inserted).as_deref(),
+            Some("spec.env INSERTED was added outside berth")
+        );
         let changed = json!({"spec": {"resources": {"cpu": "600m", "memory": "1Gi", "other": "1"},
             "env": [{"name": "A", "value": "1"}]}});
         assert_eq!(
