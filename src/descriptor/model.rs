@@ -92,6 +92,11 @@ pub struct ChallengeSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "variables::<SecretRef>", extend("writeOnly" = true))]
     pub secret_env: BTreeMap<String, SecretRef>,
+    /// Secrets as files in the main container (a flag at `/flag.txt`), read on the agent's host
+    /// and written into each container as it is made, never into an image layer; owned by the
+    /// container's `security.user`, mode `0400` unless set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_files: Vec<SecretFile>,
     /// Ports the container listens on, and where they are published on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
@@ -590,6 +595,40 @@ pub struct StagingSpec {
     #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
     pub ready_timeout: Option<Duration>,
 }
+
+/// A secret written as a file into a challenge's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretFile {
+    /// Where, an absolute path: `/flag.txt`, `/home/ctf/flag`.
+    pub path: String,
+    /// The secret: `{file: PATH}` or `{env: VAR}` on the agent's host.
+    #[schemars(extend("writeOnly" = true))]
+    pub secret: SecretRef,
+    /// Its mode, in octal: `"0400"` (the default) to `"0777"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^0?[0-7]{3}$"))]
+    pub mode: Option<String>,
+}
+
+impl SecretFile {
+    /// The key its value and digest go under beside the secret environment's names
+    /// (`file:/flag.txt`): no variable name holds a `:`.
+    pub fn key(&self) -> String {
+        format!("{FILE_KEY_PREFIX}{}", self.path)
+    }
+
+    /// Its mode as a number (0o400 unless set).
+    pub fn mode_bits(&self) -> u32 {
+        self.mode
+            .as_deref()
+            .and_then(|mode| u32::from_str_radix(mode, 8).ok())
+            .unwrap_or(0o400)
+    }
+}
+
+/// What starts the key of a secret file among a container's secrets.
+pub const FILE_KEY_PREFIX: &str = "file:";
 
 /// A Staging's image tag: written out, or the one a Pipeline produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -180,6 +180,45 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
 }
 
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    let mut seen_paths = std::collections::HashSet::new();
+    for (index, file) in spec.secret_files.iter().enumerate() {
+        let path = Path::new(&file.path);
+        let plain = path.is_absolute()
+            && file.path != "/"
+            && !file.path.ends_with('/')
+            && path.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+        if !plain {
+            found.push(violation(
+                format!("/spec/secretFiles/{index}/path"),
+                format!(
+                    "spec.secretFiles[{index}].path: \"{}\" is not a file's absolute path; write one such as /flag.txt",
+                    file.path
+                ),
+            ));
+        } else if !seen_paths.insert(file.path.as_str()) {
+            found.push(violation(
+                format!("/spec/secretFiles/{index}/path"),
+                format!(
+                    "spec.secretFiles[{index}].path: {} is given twice",
+                    file.path
+                ),
+            ));
+        }
+    }
+    if !spec.secret_files.is_empty()
+        && spec.security.read_only_root_filesystem
+        && spec.target != Some(super::model::Engine::Kubernetes)
+    {
+        found.push(violation(
+            "/spec/secretFiles",
+            "spec.secretFiles: on Docker a secret file is copied into the container before it starts, which a read-only root file system refuses; drop readOnlyRootFilesystem, or run the challenge with target: kubernetes (a Secret volume)",
+        ));
+    }
     // A stop waits this long through the engine's API, whose own requests end at 120s; and a
     // part of a second would round down to no wait at all.
     if let Some(timeout) = spec.stop_timeout

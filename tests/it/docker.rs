@@ -830,3 +830,75 @@ fn a_challenge_stops_on_sigterm_through_its_init_and_stop_timeout_bounds_the_res
     assert_eq!(inspect("term", "{{.State.ExitCode}}"), "143");
     assert_eq!(inspect("bare", "{{.State.ExitCode}}"), "137");
 }
+
+/// A flag as a file, as CTF challenges read it: written into the container before it starts
+/// (never into an image, an environment or a label), owned by the challenge's user with its
+/// mode; a new flag replaces the container, and no plan or inspect shows the value.
+#[test]
+fn a_flag_file_is_written_into_the_container_for_its_user_and_a_new_flag_replaces_it() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag = secrets.path().join("flag");
+    std::fs::write(&flag, "flag{first-file}").unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "jail.yaml",
+        crate::util::challenge(
+            "jail",
+            &format!(
+                "  command: [sleep, \"3600\"]\n  security: {{user: \"1000:1000\"}}\n  secretFiles:\n    - {{path: /home/ctf/flag.txt, secret: {{file: {}}}}}\n",
+                flag.display()
+            ),
+        ),
+    );
+    let output = instance.apply(&repo, &[]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let id = || {
+        instance
+            .containers("jail")
+            .into_values()
+            .next()
+            .expect("a container")
+            .0
+    };
+    let first = id();
+    assert_eq!(
+        docker(&["exec", &first, "cat", "/home/ctf/flag.txt"]),
+        "flag{first-file}"
+    );
+    assert_eq!(
+        docker(&[
+            "exec",
+            &first,
+            "stat",
+            "-c",
+            "%a %u %g",
+            "/home/ctf/flag.txt"
+        ]),
+        "400 1000 1000"
+    );
+    let inspected = docker(&["inspect", &first]);
+    assert!(
+        !inspected.contains("first-file"),
+        "the flag is in the container's config"
+    );
+
+    std::fs::write(&flag, "flag{second-file}").unwrap();
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(
+        plan.contains("Challenge/jail") && plan.contains("update"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("second-file") && !plan.contains("first-file"),
+        "{plan}"
+    );
+    let output = instance.apply(&repo, &[]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let second = id();
+    assert_ne!(second, first, "a new flag makes a new container");
+    assert_eq!(
+        docker(&["exec", &second, "cat", "/home/ctf/flag.txt"]),
+        "flag{second-file}"
+    );
+}

@@ -1998,3 +1998,36 @@ fn a_challenge_on_kubernetes_is_walled_by_a_network_policy_and_runs_in_its_secur
     assert!(pruned.status.success(), "{}", said(&pruned));
     assert!(!cluster.exists(&ns, "networkpolicy/web"));
 }
+
+/// A flag file on Kubernetes: a key of the challenge's Secret, mounted at its path, which the
+/// challenge's own (non-root) user reads and serves.
+#[test]
+fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
+    let Some(cluster) = cluster() else { return };
+    let port = node_port(&format!("{}-flagfile", cluster.instance.name));
+    let repo = Repo::new();
+    let script = "mkdir -p /tmp/www && cp /home/ctf/flag.txt /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    repo.write(
+        "flagged.yaml",
+        crate::util::challenge(
+            "flagged",
+            &format!(
+                "  target: kubernetes\n  command: [sh, -c, '{script}']\n  security: {{user: \"1000:1000\"}}\n  secretFiles: [{{path: /home/ctf/flag.txt, secret: {{env: BERTH_IT_TOKEN}}}}]\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n"
+            ),
+        ),
+    );
+    let applied = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &[]);
+    let text = said(&applied);
+    assert!(applied.status.success(), "{text}");
+    assert!(!text.contains("s3cr3t"), "a secret value was shown: {text}");
+    assert_eq!(
+        served_eventually(port, "s3cr3t-t0ken-value"),
+        "s3cr3t-t0ken-value"
+    );
+    let pruned = cluster.berth_with(
+        &["apply", "--prune", "--allow-empty"],
+        Repo::new().path(),
+        &[],
+    );
+    assert!(pruned.status.success(), "{}", said(&pruned));
+}

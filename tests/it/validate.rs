@@ -1152,3 +1152,51 @@ fn an_unknown_hook_event_is_a_problem_at_its_annotations() {
         "{problems:?}"
     );
 }
+
+/// A secret file's path is a file's absolute path, given once; on Docker, where it is copied in
+/// before the start, a read-only root cannot take it.
+#[test]
+fn secret_files_are_absolute_single_and_need_a_writable_root_on_docker() {
+    let repo = Repo::new();
+    repo.write(
+        "paths.yaml",
+        challenge(
+            "paths",
+            "  secretFiles:\n    - {path: flag.txt, secret: {env: F}}\n    - {path: /flag.txt, secret: {env: F}}\n    - {path: /flag.txt, secret: {env: F}}\n    - {path: /a/../etc/passwd, secret: {env: F}}\n",
+        ),
+    )
+    .write(
+        "sealed.yaml",
+        challenge(
+            "sealed",
+            "  security: {readOnlyRootFilesystem: true}\n  secretFiles: [{path: /flag.txt, secret: {env: F}}]\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let found: Vec<(&str, usize, &str)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 4, "{found:#?}");
+    assert!(
+        found[0]
+            .2
+            .contains("\"flag.txt\" is not a file's absolute path"),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].2.contains("/flag.txt is given twice"),
+        "{found:#?}"
+    );
+    assert!(
+        found[2]
+            .2
+            .contains("\"/a/../etc/passwd\" is not a file's absolute path"),
+        "{found:#?}"
+    );
+    assert_eq!(found[3].0, "sealed.yaml");
+    assert!(
+        found[3].2.contains("a read-only root file system refuses"),
+        "{found:#?}"
+    );
+}

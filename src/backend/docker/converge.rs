@@ -86,7 +86,7 @@ impl DockerBackend {
         let mut done = Vec::new();
         for part in &template.parts {
             let secrets = template.secrets_of(&part.id);
-            let env_values = resolve_secrets(secrets).map_err(Trouble::Failed)?;
+            let env_values = resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let digests: BTreeMap<String, String> = env_values
                 .iter()
                 .map(|(name, value)| (name.clone(), secret_digest(&key, name, value)))
@@ -138,6 +138,10 @@ impl DockerBackend {
             // Created, not started: a create that fails (a value the engine rejects) has touched
             // nothing that runs.
             self.create(&name, config).await?;
+            if !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty() {
+                self.write_secret_files(&name, template, &env_values)
+                    .await?;
+            }
             self.replace(&name, &old, run, template.start_first(), part.one_shot)
                 .await?;
             done.push(match (old.is_empty(), run) {
@@ -319,6 +323,28 @@ impl DockerBackend {
                 .await;
         }
         Ok(format!("removed {} container(s)", existing.len()))
+    }
+
+    /// Copies the challenge's secret files into the container `name`, made and not yet started:
+    /// into its own layer, never an image's.
+    async fn write_secret_files(
+        &self,
+        name: &str,
+        template: &ChallengeTemplate,
+        values: &BTreeMap<String, String>,
+    ) -> Attempt<()> {
+        let tar = template.secret_files_tar(values).map_err(Trouble::Failed)?;
+        self.docker
+            .upload_to_container(
+                name,
+                Some(bollard::query_parameters::UploadToContainerOptions {
+                    path: "/".into(),
+                    ..Default::default()
+                }),
+                bollard::body_full(tar.into()),
+            )
+            .await
+            .map_err(|e| self.trouble(&format!("cannot write the secret files into {name}"), e))
     }
 
     async fn create(&self, name: &str, config: ContainerCreateBody) -> Attempt<()> {

@@ -13,7 +13,9 @@ use sha2::{Digest, Sha256};
 
 use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
-use crate::descriptor::model::{ChallengeSpec, Resources, RestartPolicy, RunState, Sidecar};
+use crate::descriptor::model::{
+    ChallengeSpec, FILE_KEY_PREFIX, Resources, RestartPolicy, RunState, Sidecar,
+};
 use crate::descriptor::security::Security;
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, ObjectRef, Spec};
@@ -54,20 +56,65 @@ impl ChallengeTemplate {
     /// Whether any of its containers takes a secret.
     pub fn has_secrets(&self) -> bool {
         !self.spec.secret_env.is_empty()
+            || !self.spec.secret_files.is_empty()
             || self.spec.sidecars.iter().any(|s| !s.secret_env.is_empty())
     }
 
-    /// The secret references of a slot.
-    pub(super) fn secrets_of(&self, slot: &str) -> &BTreeMap<String, SecretRef> {
+    /// The secret references of a slot: its secret environment by name, and (the main
+    /// container's) secret files by [`SecretFile::key`], so a rotated file replaces the container
+    /// as a rotated variable does.
+    pub(super) fn secrets_of(&self, slot: &str) -> BTreeMap<String, SecretRef> {
         match slot.strip_prefix("sidecar-") {
-            None => &self.spec.secret_env,
+            None => {
+                let mut secrets = self.spec.secret_env.clone();
+                for file in &self.spec.secret_files {
+                    secrets.insert(file.key(), file.secret.clone());
+                }
+                secrets
+            }
             Some(name) => self
                 .spec
                 .sidecars
                 .iter()
                 .find(|s| s.name.as_str() == name)
-                .map_or(&self.spec.secret_env, |s| &s.secret_env),
+                .map_or_else(|| self.spec.secret_env.clone(), |s| s.secret_env.clone()),
         }
+    }
+
+    /// The main container's secret files as a tar to copy into it before it starts: each at its
+    /// path with its mode, owned by the container's user. `values` are the slot's resolved
+    /// secrets. Pure.
+    pub(super) fn secret_files_tar(
+        &self,
+        values: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>, String> {
+        let (uid, gid) = match self.spec.security.user {
+            Some(user) => (u64::from(user.uid), u64::from(user.gid.unwrap_or(user.uid))),
+            None => (0, 0),
+        };
+        let mut builder = tar::Builder::new(Vec::new());
+        for file in &self.spec.secret_files {
+            let value = values
+                .get(&file.key())
+                .ok_or_else(|| format!("secret file {} was not read", file.path))?;
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(file.mode_bits());
+            header.set_uid(uid);
+            header.set_gid(gid);
+            header.set_mtime(0);
+            header.set_size(value.len() as u64);
+            builder
+                .append_data(
+                    &mut header,
+                    file.path.trim_start_matches('/'),
+                    value.as_bytes(),
+                )
+                .map_err(|e| format!("cannot pack secret file {}: {e}", file.path))?;
+        }
+        builder
+            .into_inner()
+            .map_err(|e| format!("cannot pack the secret files: {e}"))
     }
 }
 
@@ -309,7 +356,11 @@ pub(super) fn stop_seconds(spec: &ChallengeSpec) -> i64 {
 
 fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {
     env.iter()
-        .chain(secrets)
+        .chain(
+            secrets
+                .iter()
+                .filter(|(name, _)| !name.starts_with(FILE_KEY_PREFIX)),
+        )
         .map(|(k, v)| format!("{k}={v}"))
         .collect()
 }

@@ -138,6 +138,9 @@ impl ChallengeTemplate {
                 all.insert(format!("{}.{name}", sidecar.name), reference);
             }
         }
+        for (index, file) in self.spec.secret_files.iter().enumerate() {
+            all.insert(secret_file_key(index), &file.secret);
+        }
         all
     }
 
@@ -230,6 +233,22 @@ impl ChallengeTemplate {
             if let Some(check) = &self.spec.healthcheck {
                 fields.insert("readinessProbe".into(), probe(check));
             }
+            // Each secret file is one key of the Secret, mounted at its path alone.
+            if !self.spec.secret_files.is_empty() {
+                let mounts = fields
+                    .entry("volumeMounts")
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Some(mounts) = mounts.as_array_mut() {
+                    for (index, file) in self.spec.secret_files.iter().enumerate() {
+                        mounts.push(json!({
+                            "name": SECRET_FILES_VOLUME,
+                            "mountPath": file.path,
+                            "subPath": format!("file-{index}"),
+                            "readOnly": true,
+                        }));
+                    }
+                }
+            }
         }
         for sidecar in &self.spec.sidecars {
             containers.push(container(
@@ -263,11 +282,41 @@ impl ChallengeTemplate {
                 })
             })
             .collect();
+        let mut volumes = volumes;
+        let mut pod_security = json!({});
+        if let (false, Some(secret)) = (self.spec.secret_files.is_empty(), &secret) {
+            // A user of the container's own reads its files through their group, as Kubernetes
+            // gives a Secret's files to the pod's fsGroup.
+            let group_read = match self.spec.security.user {
+                Some(user) => {
+                    pod_security["fsGroup"] = json!(user.gid.unwrap_or(user.uid));
+                    0o040
+                }
+                None => 0,
+            };
+            let items: Vec<Value> = self
+                .spec
+                .secret_files
+                .iter()
+                .enumerate()
+                .map(|(index, file)| {
+                    json!({
+                        "key": secret_file_key(index),
+                        "path": format!("file-{index}"),
+                        "mode": file.mode_bits() | group_read,
+                    })
+                })
+                .collect();
+            volumes.push(json!({
+                "name": SECRET_FILES_VOLUME,
+                "secret": { "secretName": secret, "items": items },
+            }));
+        }
         let mut pod_metadata = json!({ "labels": pod_labels });
         if let Some(id) = &self.image_id {
             pod_metadata["annotations"] = json!({ ANNOTATION_IMAGE_ID: id });
         }
-        json!({
+        let mut deployment = json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": metadata(self.name(), namespace, labels),
@@ -290,7 +339,15 @@ impl ChallengeTemplate {
                     },
                 },
             },
-        })
+        });
+        // Only when there is something to say: a field more on every pod would roll them all.
+        if pod_security
+            .as_object()
+            .is_some_and(|fields| !fields.is_empty())
+        {
+            deployment["spec"]["template"]["spec"]["securityContext"] = pod_security;
+        }
+        deployment
     }
 
     /// The challenge's NetworkPolicy: in, only to its own ports (from anywhere: players come
@@ -436,6 +493,14 @@ fn literal(text: &str) -> String {
 
 fn tmpfs_volume(container: &str, index: usize) -> String {
     format!("tmpfs-{container}-{index}")
+}
+
+/// The volume of a challenge's secret files.
+const SECRET_FILES_VOLUME: &str = "berth-secret-files";
+
+/// The key of the challenge's secret file `index` in its Secret.
+fn secret_file_key(index: usize) -> String {
+    format!("main.file-{index}")
 }
 
 /// A container's `securityContext`: no privilege escalation and no `NET_RAW` unless asked for,
@@ -594,6 +659,36 @@ mod tests {
 
     fn labels() -> HashMap<String, String> {
         Ownership::new("ctf").labels(&"Challenge/web".parse().unwrap(), "h")
+    }
+
+    /// A flag file on Kubernetes: one key of the challenge's Secret, mounted at its path alone,
+    /// readable by the challenge's user through the pod's fsGroup; without secret files the
+    /// pod has no securityContext of its own (nothing rolls for them).
+    #[test]
+    fn a_secret_file_is_a_key_of_the_secret_mounted_at_its_path() {
+        let t = template(json!({
+            "security": {"user": "1000:1000"},
+            "secretFiles": [{"path": "/home/ctf/flag.txt", "secret": {"file": "/f"}, "mode": "0400"}],
+        }));
+        assert!(t.secrets().contains_key("main.file-0"));
+        let deployment = t.deployment(&labels(), "ns", false);
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"], json!({"fsGroup": 1000}));
+        assert_eq!(
+            pod["volumes"][0],
+            json!({"name": "berth-secret-files", "secret": {"secretName": "web-env",
+                "items": [{"key": "main.file-0", "path": "file-0", "mode": 0o440}]}})
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"][0],
+            json!({"name": "berth-secret-files", "mountPath": "/home/ctf/flag.txt", "subPath": "file-0", "readOnly": true})
+        );
+        let plain = template(json!({}));
+        assert!(
+            plain.deployment(&labels(), "ns", false)["spec"]["template"]["spec"]
+                .get("securityContext")
+                .is_none()
+        );
     }
 
     #[test]
