@@ -180,34 +180,52 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
 }
 
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
-    let mut seen_paths = std::collections::HashSet::new();
+    // Paths as the file system takes them (`//flag` and `/./flag` are `/flag`): each once, none
+    // inside another, none under a tmpfs (mounted over the file at the start, on Docker).
+    let mut seen: Vec<std::path::PathBuf> = Vec::new();
     for (index, file) in spec.secret_files.iter().enumerate() {
         let path = Path::new(&file.path);
         let plain = path.is_absolute()
-            && file.path != "/"
+            && file.path.len() <= 4096
             && !file.path.ends_with('/')
             && path.components().all(|c| {
                 matches!(
                     c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                    std::path::Component::RootDir
+                        | std::path::Component::CurDir
+                        | std::path::Component::Normal(_)
                 )
             });
-        if !plain {
-            found.push(violation(
-                format!("/spec/secretFiles/{index}/path"),
-                format!(
-                    "spec.secretFiles[{index}].path: \"{}\" is not a file's absolute path; write one such as /flag.txt",
-                    file.path
-                ),
-            ));
-        } else if !seen_paths.insert(file.path.as_str()) {
-            found.push(violation(
-                format!("/spec/secretFiles/{index}/path"),
-                format!(
-                    "spec.secretFiles[{index}].path: {} is given twice",
-                    file.path
-                ),
-            ));
+        let normal: std::path::PathBuf = path.components().collect();
+        let at = format!("/spec/secretFiles/{index}/path");
+        let said =
+            |why: String| violation(at.clone(), format!("spec.secretFiles[{index}].path: {why}"));
+        if !plain || normal == Path::new("/") {
+            found.push(said(format!(
+                "\"{}\" is not a file's absolute path; write one such as /flag.txt",
+                file.path
+            )));
+        } else if let Some(other) = seen
+            .iter()
+            .find(|other| normal.starts_with(other) || other.starts_with(&normal))
+        {
+            found.push(said(format!(
+                "{} and {} are the same file, or one is inside the other",
+                file.path,
+                other.display()
+            )));
+        } else if let Some(mount) = spec
+            .security
+            .tmpfs
+            .iter()
+            .find(|mount| normal.starts_with(Path::new(&mount.path)))
+        {
+            found.push(said(format!(
+                "{} is under the tmpfs at {}, which would hide it; put it elsewhere",
+                file.path, mount.path
+            )));
+        } else {
+            seen.push(normal);
         }
     }
     if !spec.secret_files.is_empty()

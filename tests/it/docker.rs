@@ -875,7 +875,27 @@ fn a_flag_file_is_written_into_the_container_for_its_user_and_a_new_flag_replace
             "%a %u %g",
             "/home/ctf/flag.txt"
         ]),
-        "400 1000 1000"
+        "440 0 1000"
+    );
+    // Root's, readable by the challenge user's group: a player with its shell reads the flag and
+    // cannot change it for the others.
+    let tamper = Command::new("docker")
+        .args([
+            "exec",
+            &first,
+            "sh",
+            "-c",
+            "echo fake > /home/ctf/flag.txt || rm -f /home/ctf/flag.txt",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !tamper.status.success(),
+        "the challenge user changed its flag"
+    );
+    assert_eq!(
+        docker(&["exec", &first, "cat", "/home/ctf/flag.txt"]),
+        "flag{first-file}"
     );
     let inspected = docker(&["inspect", &first]);
     assert!(

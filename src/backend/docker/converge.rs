@@ -107,6 +107,12 @@ impl DockerBackend {
                 // An exited one-shot is `Completed`, not `Stopped`: it is done, not started again.
                 match (run, container_state(container)) {
                     (true, PartState::Stopped) => {
+                        // Written again before a start: a container an interrupted pass made
+                        // may lack them (the copy overwrites what is there).
+                        if takes_files(template, part) {
+                            self.write_secret_files(&name, template, &env_values)
+                                .await?;
+                        }
                         self.start(&name).await?;
                         done.push(format!("started {}", part.id));
                     }
@@ -138,9 +144,12 @@ impl DockerBackend {
             // Created, not started: a create that fails (a value the engine rejects) has touched
             // nothing that runs.
             self.create(&name, config).await?;
-            if !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty() {
-                self.write_secret_files(&name, template, &env_values)
-                    .await?;
+            if takes_files(template, part) {
+                // A container made without its files must never pass for a finished one.
+                if let Err(trouble) = self.write_secret_files(&name, template, &env_values).await {
+                    let _ = remove_container(&self.docker, &name).await;
+                    return Err(trouble);
+                }
             }
             self.replace(&name, &old, run, template.start_first(), part.one_shot)
                 .await?;
@@ -339,6 +348,8 @@ impl DockerBackend {
                 name,
                 Some(bollard::query_parameters::UploadToContainerOptions {
                     path: "/".into(),
+                    // A path that names a folder of the image is refused, never emptied.
+                    no_overwrite_dir_non_dir: Some("true".into()),
                     ..Default::default()
                 }),
                 bollard::body_full(tar.into()),
@@ -410,6 +421,11 @@ impl DockerBackend {
 }
 
 /// Reads each secret's value; the error names the secret and its reference, never a value.
+/// Whether the part's container takes the challenge's secret files (the main one does).
+fn takes_files(template: &ChallengeTemplate, part: &crate::plan::Part) -> bool {
+    !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty()
+}
+
 fn resolve_secrets(
     secrets: &BTreeMap<String, SecretRef>,
 ) -> Result<BTreeMap<String, String>, String> {

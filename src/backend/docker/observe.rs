@@ -213,6 +213,26 @@ fn secret_values(config: Option<&bollard::models::ContainerConfig>) -> Vec<Strin
         .filter(|(name, value)| names.contains_key(*name) && !value.is_empty())
         .map(|(_, value)| value.to_string())
         .collect();
+    // Its secret files are in no environment: their references are in the spec it was made
+    // from, and read again here, so a challenge that prints its flag file never shows it.
+    let files = config
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_SPEC))
+        .and_then(|spec| serde_json::from_str::<Value>(spec).ok())
+        .and_then(|spec| spec.get("secretFiles").cloned());
+    for file in files.iter().filter_map(Value::as_array).flatten() {
+        if let Some(value) = file
+            .get("secret")
+            .and_then(|s| {
+                serde_json::from_value::<crate::descriptor::values::SecretRef>(s.clone()).ok()
+            })
+            .and_then(|reference| reference.resolve().ok())
+            .filter(|value| !value.is_empty())
+        {
+            values.push(value);
+        }
+    }
     values.sort_by_key(|v| std::cmp::Reverse(v.len()));
     values
 }

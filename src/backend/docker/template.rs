@@ -81,15 +81,24 @@ impl ChallengeTemplate {
         }
     }
 
+    /// The group the challenge's secret files are readable by: its user's group (or its uid as a
+    /// group), when it runs as a user of its own and has secret files.
+    pub(super) fn flag_group(&self) -> Option<u32> {
+        let user = self.spec.security.user?;
+        (!self.spec.secret_files.is_empty()).then(|| user.gid.unwrap_or(user.uid))
+    }
+
     /// The main container's secret files as a tar to copy into it before it starts: each at its
-    /// path with its mode, owned by the container's user. `values` are the slot's resolved
-    /// secrets. Pure.
+    /// path, owned by root and, when the challenge runs as a user of its own, readable by that
+    /// user's group (the container gets the group), as Kubernetes gives a Secret's files: a
+    /// player with the challenge's shell reads the flag, and can neither change nor remove it
+    /// for the others. `values` are the slot's resolved secrets. Pure.
     pub(super) fn secret_files_tar(
         &self,
         values: &BTreeMap<String, String>,
     ) -> Result<Vec<u8>, String> {
-        let (uid, gid) = match self.spec.security.user {
-            Some(user) => (u64::from(user.uid), u64::from(user.gid.unwrap_or(user.uid))),
+        let (gid, group_read) = match self.flag_group() {
+            Some(gid) => (u64::from(gid), 0o040),
             None => (0, 0),
         };
         let mut builder = tar::Builder::new(Vec::new());
@@ -99,8 +108,8 @@ impl ChallengeTemplate {
                 .ok_or_else(|| format!("secret file {} was not read", file.path))?;
             let mut header = tar::Header::new_gnu();
             header.set_entry_type(tar::EntryType::Regular);
-            header.set_mode(file.mode_bits());
-            header.set_uid(uid);
+            header.set_mode(file.mode_bits() | group_read);
+            header.set_uid(0);
             header.set_gid(gid);
             header.set_mtime(0);
             header.set_size(value.len() as u64);
@@ -297,6 +306,10 @@ impl DockerBackend {
             }
         });
         let mut host_config = contained(spec.resources.as_ref(), &spec.security, spec.init);
+        // The group its secret files are readable by, whatever groups the image gives the user.
+        if let Some(gid) = template.flag_group() {
+            host_config.group_add = Some(vec![gid.to_string()]);
+        }
         host_config.port_bindings = Some(bindings);
         host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(spec.restart));

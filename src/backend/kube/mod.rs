@@ -1198,6 +1198,11 @@ impl KubeBackend {
         manifest: &Manifest,
         resource: &ApiResource,
     ) -> Result<Vec<String>, Trouble> {
+        // Workloads only: a bare Pod or a Job cannot change its containers, and custom resources
+        // are their operators' to fill.
+        if !objects::is_workload(&manifest.kind) {
+            return Ok(Vec::new());
+        }
         let seen_added = {
             let live = self.live.lock().expect("live objects");
             live.get(&format!("{ns}/{}/{}", manifest.kind, manifest.name))
@@ -1212,6 +1217,10 @@ impl KubeBackend {
         };
         let mut value = serde_json::to_value(&fresh).unwrap_or_default();
         let extras = objects::added(applied, &value);
+        // Berth's own apply may have taken out what it dropped: nothing is left to do.
+        if extras.is_empty() {
+            return Ok(Vec::new());
+        }
         for extra in &extras {
             let (parent, index) = extra.pointer.rsplit_once('/').unwrap_or(("", ""));
             if let (Some(Value::Array(items)), Ok(index)) =
@@ -1227,13 +1236,22 @@ impl KubeBackend {
         }
         let object: DynamicObject = serde_json::from_value(value)
             .map_err(|e| Trouble::Failed(format!("{}: cannot read it back: {e}", manifest.id())))?;
-        api.replace(&manifest.name, &kube::api::PostParams::default(), &object)
-            .await
-            .map_err(|e| Trouble::object(&manifest.kind, &manifest.name, e))?;
-        Ok(extras
+        // Refused (the object changed since it was read, a webhook's rule): what berth applied
+        // stands, and what is left is said in the log, not failed on; the next plan shows it.
+        let shown: Vec<String> = extras
             .into_iter()
             .map(|extra| format!("{}: {}", manifest.id(), extra.shown))
-            .collect())
+            .collect();
+        match api
+            .replace(&manifest.name, &kube::api::PostParams::default(), &object)
+            .await
+        {
+            Ok(_) => Ok(shown),
+            Err(error) => {
+                tracing::warn!(%error, object = %manifest.id(), "what was added outside berth could not be taken out");
+                Ok(Vec::new())
+            }
+        }
     }
 
     async fn apply_namespace(

@@ -196,6 +196,7 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
     // Lists leave out each item's apiVersion and kind; the object was found by them anyway.
     let mut applied = applied.clone();
     let secret = applied["kind"] == "Secret";
+    let workload = applied["kind"].as_str().is_some_and(is_workload);
     if secret && let Some(edit) = secret_data_edited(&applied, live) {
         return Some(edit);
     }
@@ -212,7 +213,7 @@ pub fn edited(applied: &Value, live: &Value) -> Option<String> {
     differ(&applied, live, &mut path).or_else(|| {
         added(&applied, live)
             .into_iter()
-            .next()
+            .find(|_| workload)
             .map(|extra| format!("{} was added outside berth", extra.shown))
     })
 }
@@ -228,6 +229,16 @@ pub struct Added {
     pub name: String,
     /// `spec.template.spec.containers[web].env FOO`, for people.
     pub shown: String,
+}
+
+/// Whether objects of `kind` are workloads whose pod template berth owns whole (what others add
+/// to its lists is taken back): not a bare Pod or a Job, which cannot change their containers,
+/// nor a custom resource, which its operator fills. Pure.
+pub fn is_workload(kind: &str) -> bool {
+    matches!(
+        kind,
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "CronJob"
+    )
 }
 
 /// The lists whose items berth owns whole, by their key.
@@ -488,7 +499,7 @@ mod tests {
     /// a Secret's values never reach the summary, not even as digests.
     #[test]
     fn an_env_variable_added_outside_berth_is_found_with_where_to_remove_it() {
-        let applied = json!({"spec": {"template": {"spec": {"containers": [
+        let applied = json!({"kind": "Deployment", "spec": {"template": {"spec": {"containers": [
             {"name": "web", "image": "shop:1", "env": [{"name": "LEVEL", "value": "info"}]}
         ]}}}});
         let live = json!({"spec": {"template": {"spec": {"containers": [
@@ -511,6 +522,10 @@ mod tests {
             Some("spec.template.spec.containers[web].env BAZ was added outside berth")
         );
         assert!(added(&applied, &applied).is_empty());
+        // A Job cannot change its containers: what others added to one is not berth's to fight.
+        let mut job = applied.clone();
+        job["kind"] = json!("Job");
+        assert_eq!(edited(&job, &live), None);
     }
 
     #[test]
@@ -625,7 +640,7 @@ mod tests {
     /// made every plan an update that never settled.
     #[test]
     fn quantities_in_the_servers_form_are_not_edits_and_an_inserted_item_shifts_nothing() {
-        let applied = json!({"spec": {"resources": {"cpu": 0.5, "memory": "1024Mi", "other": "1000m"},
+        let applied = json!({"kind": "Deployment", "spec": {"resources": {"cpu": 0.5, "memory": "1024Mi", "other": "1000m"},
             "env": [{"name": "A", "value": "1"}]}});
         let live = json!({"spec": {"resources": {"cpu": "500m", "memory": "1Gi", "other": "1"},
             "env": [{"name": "A", "value": "1"}]}});
