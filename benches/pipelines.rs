@@ -186,7 +186,16 @@ fn main() {
     );
 
     // Webhook received → first step's process started.
-    let log_of = |id: i64| state.join(format!("state/runs/{id}.log"));
+    // Each run store keeps its logs in a folder named by its id: `runs/STORE/ID.log`.
+    let log_of = |id: i64| {
+        std::fs::read_dir(state.join("state/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path().join(format!("{id}.log")))
+            .find(|path| path.exists())
+            .unwrap_or_default()
+    };
     let mut to_step = Vec::new();
     let mut queued_to_start = Vec::new();
     let mut alone = Vec::new();
