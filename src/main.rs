@@ -736,8 +736,14 @@ async fn apply(
         .iter()
         .filter(|s| s.action == Action::Noop && !s.unhealthy && !changed.contains(&s.key))
         .count();
+    // Archives and restores (of stagings) are counted when there are any.
+    let staged: String = [(Action::Archive, "archived"), (Action::Restore, "restored")]
+        .into_iter()
+        .filter(|(action, _)| done(*action) > 0)
+        .map(|(action, word)| format!(", {} {word}", done(action)))
+        .collect();
     outln!(
-        "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged; {} failed, {} unhealthy",
+        "applied: {} created, {} updated, {} deleted, {} started, {} stopped, {} unchanged{staged}; {} failed, {} unhealthy",
         done(Action::Create),
         done(Action::Update),
         done(Action::Delete),

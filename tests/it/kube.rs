@@ -378,6 +378,12 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
     repo.write("shop.yaml", descriptor(&tag, "archived"));
     let archived = cluster.apply(repo.path(), &[]);
     assert!(archived.status.success(), "{}", said(&archived));
+    // The summary counts it (issue 20, item 9).
+    assert!(
+        said(&archived).contains(" unchanged, 1 archived; "),
+        "{}",
+        said(&archived)
+    );
     eventually("the pods terminate", Duration::from_secs(90), || {
         cluster
             .get(&ns, "pods", "{.items[*].metadata.name}")
@@ -400,6 +406,11 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
     assert!(cluster.plan(repo.path()).contains("restore"));
     let restored = cluster.apply(repo.path(), &[]);
     assert!(restored.status.success(), "{}", said(&restored));
+    assert!(
+        said(&restored).contains(" unchanged, 1 restored; "),
+        "{}",
+        said(&restored)
+    );
     assert_eq!(fetch(port), "kept across archive");
 
     // Cleanup: removed from the repo (its manifests too, or berth would ask what they are), with
