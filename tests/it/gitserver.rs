@@ -348,7 +348,14 @@ impl GitSsh {
 
     /// The `ssh://` URL of the repo at `path`, for the user the tests run as.
     pub fn url(&self, path: &Path) -> String {
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        // The account the tests run as (`USER` may be unset, or not this account, under CI).
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "root".into());
         format!("ssh://{user}@127.0.0.1:{}{}", self.port, path.display())
     }
 
