@@ -24,6 +24,22 @@ use crate::descriptor::model::ImageSource;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Engine, Hold, ObservedObject, Step, TargetState, Vocabulary};
 
+/// `text` with every secret value, and each line of one of several lines, shown as `<secret>`:
+/// what a container or a pod says (logs, health output) before it is shown anywhere. Longest
+/// first, so a secret that begins another never leaves the other's tail. Pure.
+pub(crate) fn masked(text: &str, secrets: &[String]) -> String {
+    let mut pieces: Vec<&str> = secrets
+        .iter()
+        .flat_map(|value| std::iter::once(value.as_str()).chain(value.lines()))
+        .map(str::trim)
+        .filter(|piece| !piece.is_empty())
+        .collect();
+    pieces.sort_by_key(|piece| std::cmp::Reverse(piece.len()));
+    pieces.into_iter().fold(text.to_string(), |text, piece| {
+        text.replace(piece, "<secret>")
+    })
+}
+
 /// Label naming the berth instance that owns an object.
 pub const LABEL_INSTANCE: &str = "berth.instance";
 /// Label naming the owning descriptor's kind.

@@ -596,6 +596,20 @@ pub struct StagingSpec {
     pub ready_timeout: Option<Duration>,
 }
 
+impl ChallengeSpec {
+    /// Seconds a stop waits after SIGTERM before it kills: `stopTimeout`, else Docker's own 10.
+    pub fn stop_seconds(&self) -> u64 {
+        self.stop_timeout.map_or(10, |timeout| timeout.0.as_secs())
+    }
+
+    /// The group the secret files are readable by: the challenge user's group (or its uid as a
+    /// group), when it runs as a user of its own and has secret files.
+    pub fn secret_files_group(&self) -> Option<u32> {
+        let user = self.security.user?;
+        (!self.secret_files.is_empty()).then(|| user.gid.unwrap_or(user.uid))
+    }
+}
+
 /// A secret written as a file into a challenge's container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

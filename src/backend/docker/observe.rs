@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::{DockerBackend, EngineError, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC, unreachable};
+use crate::backend::masked;
 use crate::backend::{LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
@@ -193,8 +194,8 @@ impl DockerBackend {
     }
 }
 
-/// The values of a container's secret variables (named by its secret-digest label), longest
-/// first, to be masked wherever the container's own words are shown (logs, health output).
+/// The values of a container's secret variables (named by its secret-digest label) and files, to
+/// be masked wherever the container's own words are shown (logs, health output).
 fn secret_values(config: Option<&bollard::models::ContainerConfig>) -> Vec<String> {
     let Some(config) = config else {
         return Vec::new();
@@ -233,23 +234,7 @@ fn secret_values(config: Option<&bollard::models::ContainerConfig>) -> Vec<Strin
             values.push(value);
         }
     }
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
     values
-}
-
-/// `text` with every secret value (and each of its lines, for values of several lines) shown as
-/// `<secret>`.
-fn masked(text: &str, secrets: &[String]) -> String {
-    let mut text = text.to_string();
-    for value in secrets {
-        for piece in std::iter::once(value.as_str()).chain(value.lines()) {
-            let piece = piece.trim();
-            if !piece.is_empty() {
-                text = text.replace(piece, "<secret>");
-            }
-        }
-    }
-    text
 }
 
 fn clip(line: &str) -> String {

@@ -81,13 +81,6 @@ impl ChallengeTemplate {
         }
     }
 
-    /// The group the challenge's secret files are readable by: its user's group (or its uid as a
-    /// group), when it runs as a user of its own and has secret files.
-    pub(super) fn flag_group(&self) -> Option<u32> {
-        let user = self.spec.security.user?;
-        (!self.spec.secret_files.is_empty()).then(|| user.gid.unwrap_or(user.uid))
-    }
-
     /// The main container's secret files as a tar to copy into it before it starts: each at its
     /// path, owned by root and, when the challenge runs as a user of its own, readable by that
     /// user's group (the container gets the group), as Kubernetes gives a Secret's files: a
@@ -97,7 +90,7 @@ impl ChallengeTemplate {
         &self,
         values: &BTreeMap<String, String>,
     ) -> Result<Vec<u8>, String> {
-        let (gid, group_read) = match self.flag_group() {
+        let (gid, group_read) = match self.spec.secret_files_group() {
             Some(gid) => (u64::from(gid), 0o040),
             None => (0, 0),
         };
@@ -307,7 +300,7 @@ impl DockerBackend {
         });
         let mut host_config = contained(spec.resources.as_ref(), &spec.security, spec.init);
         // The group its secret files are readable by, whatever groups the image gives the user.
-        if let Some(gid) = template.flag_group() {
+        if let Some(gid) = template.spec.secret_files_group() {
             host_config.group_add = Some(vec![gid.to_string()]);
         }
         host_config.port_bindings = Some(bindings);
@@ -324,7 +317,7 @@ impl DockerBackend {
             healthcheck,
             host_config: Some(host_config),
             user: spec.security.user.map(|user| user.to_string()),
-            stop_timeout: Some(stop_seconds(spec)),
+            stop_timeout: Some(i64::try_from(spec.stop_seconds()).unwrap_or(i64::MAX)),
             // On its own network the challenge is reached by its name; on the shared one nobody
             // reaches it at all.
             networking_config: own.then(|| network_aliases(network, template.key.name.as_str())),
@@ -351,20 +344,12 @@ impl DockerBackend {
             env: Some(environment(&sidecar.env, secrets)),
             labels: Some(self.labels(template, part, digests)),
             user: sidecar.security.user.map(|user| user.to_string()),
-            stop_timeout: Some(stop_seconds(&template.spec)),
+            stop_timeout: Some(i64::try_from(template.spec.stop_seconds()).unwrap_or(i64::MAX)),
             host_config: Some(host_config),
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
         }
     }
-}
-
-/// Seconds a stop waits after SIGTERM before it kills: the challenge's `stopTimeout`, else
-/// Docker's 10. Pure.
-pub(super) fn stop_seconds(spec: &ChallengeSpec) -> i64 {
-    spec.stop_timeout.map_or(10, |timeout| {
-        i64::try_from(timeout.0.as_secs()).unwrap_or(i64::MAX)
-    })
 }
 
 fn environment(env: &BTreeMap<String, String>, secrets: &BTreeMap<String, String>) -> Vec<String> {

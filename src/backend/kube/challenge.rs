@@ -287,9 +287,9 @@ impl ChallengeTemplate {
         if let (false, Some(secret)) = (self.spec.secret_files.is_empty(), &secret) {
             // A user of the container's own reads its files through their group, as Kubernetes
             // gives a Secret's files to the pod's fsGroup.
-            let group_read = match self.spec.security.user {
-                Some(user) => {
-                    pod_security["fsGroup"] = json!(user.gid.unwrap_or(user.uid));
+            let group_read = match self.spec.secret_files_group() {
+                Some(group) => {
+                    pod_security["fsGroup"] = json!(group);
                     0o040
                 }
                 None => 0,
@@ -333,7 +333,7 @@ impl ChallengeTemplate {
                         "containers": containers,
                         "volumes": volumes,
                         // As on Docker: `stopTimeout`, else Docker's own 10 seconds.
-                        "terminationGracePeriodSeconds": self.spec.stop_timeout.map_or(10, |t| t.0.as_secs()),
+                        "terminationGracePeriodSeconds": self.spec.stop_seconds(),
                         "enableServiceLinks": false,
                         "automountServiceAccountToken": false,
                     },

@@ -216,14 +216,7 @@ impl KubeBackend {
         };
         let lines = match logs.logs(&pod, &params).await {
             Ok(text) if !text.trim().is_empty() => {
-                // Longest first: a secret that begins another never leaves the other's tail.
-                let mut secrets: Vec<&String> =
-                    secrets.iter().filter(|secret| !secret.is_empty()).collect();
-                secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
-                let masked = secrets
-                    .into_iter()
-                    .fold(text, |text, secret| text.replace(secret.as_str(), "***"));
-                let lines: Vec<String> = masked
+                let lines: Vec<String> = crate::backend::masked(&text, secrets)
                     .lines()
                     .map(|line| crate::printable::field(line).into_owned())
                     .collect();
