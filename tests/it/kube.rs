@@ -1825,7 +1825,10 @@ fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_a
     );
     let leader = usize::from(readyz(&agents[0]).0 != 200);
     let standby = 1 - leader;
-    assert!(applied(&origin, &first_revision));
+    // Readiness follows the pass; the status commit is pushed just after it.
+    agents[leader].wait_for("the leader's status pushed", || {
+        applied(&origin, &first_revision)
+    });
     let running = cluster.instance.containers("web");
     assert_eq!(running.len(), 1, "{running:?}");
     let (code, answer) = agents[standby].api("POST", "/api/v1/reconcile");
