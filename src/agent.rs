@@ -21,6 +21,7 @@ use crate::apply::StepReport;
 use crate::backend::{Desired, Engines};
 use crate::config::{AgentConfig, ConfigError, Secrets};
 use crate::descriptor;
+use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::plan::{Health, Policy};
 use crate::queue::workers::{Pipelines, Setup};
@@ -74,6 +75,9 @@ pub enum AgentError {
     /// The leader election cannot start.
     #[error(transparent)]
     Election(#[from] crate::leader::ElectionError),
+    /// The instance records or the flag key cannot be opened.
+    #[error("instances: {0}")]
+    Instances(String),
 }
 
 /// The revision being applied, loaded and translated; kept between passes so a drift check needs
@@ -203,6 +207,8 @@ struct Agent {
     /// Held for writing while the clone's checkout changes: runs read folders of it.
     checkout: Arc<tokio::sync::RwLock<()>>,
     pipelines: Pipelines,
+    /// Per-team instances of instanced Challenges.
+    instances: Instances,
     metrics: Metrics,
     shared: Arc<Shared>,
     sender: TriggerSender,
@@ -263,7 +269,10 @@ pub async fn run(
         source: &source,
         checkout: &checkout,
     })?;
-    // Only the leader runs pipelines: a standby starts them when it takes over.
+    let instances = Instances::open(&config.state_dir, &config.instances, &metrics)
+        .map_err(AgentError::Instances)?;
+    // Only the leader runs pipelines and tends instances: a standby starts them when it takes
+    // over.
     let mut leadership = match &config.leader_election {
         Some(election) => {
             let access = crate::config::KubeConfig::access(config.kube.as_ref());
@@ -276,6 +285,7 @@ pub async fn run(
     let mut pipelines_started = false;
     if leading {
         pipelines.start().await;
+        tokio::spawn(instances.clone().run());
         pipelines_started = true;
     }
     let shared = Arc::new(Shared {
@@ -307,6 +317,7 @@ pub async fn run(
                 api_token: secrets.api_token.clone(),
                 branch: config.repo.branch.clone(),
                 pipelines: Some(pipelines.clone()),
+                instances: Some(instances.clone()),
                 repo_url: config.repo.url.clone(),
                 deliveries: Default::default(),
             };
@@ -355,6 +366,7 @@ pub async fn run(
         source,
         checkout,
         pipelines,
+        instances,
         status: Arc::new(StatusSet::new(&config.instance.to_string())),
         config,
         metrics,
@@ -414,6 +426,7 @@ pub async fn run(
                         *agent.shared.readiness.write().expect("lock") = Readiness::Starting;
                         if !pipelines_started {
                             agent.pipelines.start().await;
+                            tokio::spawn(agent.instances.clone().run());
                             pipelines_started = true;
                         }
                         agent.sender.send(Trigger::Startup);
@@ -963,6 +976,8 @@ impl Agent {
             Ok(applied) => applied,
             Err(error) => return self.engine_failed(error.to_string()),
         };
+        self.instances
+            .declare(applied.planned.desired.instanced(), engines.docker());
         // Held for as long as this revision is the one applied: once objects it declares are
         // made, a later pass would no longer see it delete everything, and must not prune then.
         let current = self.current.as_ref().expect("a loaded revision");

@@ -129,6 +129,17 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         "/pipelines/workspaceLimit",
         EnvType::Text,
     ),
+    (
+        "BERTH_INSTANCES_HOST_PORTS",
+        "/instances/hostPorts",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_INSTANCES_FLAG_KEY_FILE",
+        "/instances/flagKeyFile",
+        EnvType::Text,
+    ),
+    ("BERTH_INSTANCES_HOST", "/instances/host", EnvType::Text),
 ];
 
 /// How an environment variable's text becomes a setting.
@@ -207,6 +218,9 @@ pub struct AgentConfig {
     /// How Pipeline runs are carried out.
     #[serde(default)]
     pub pipelines: PipelinesConfig,
+    /// Where per-team instances of instanced Challenges are published, and the key of their flags.
+    #[serde(default)]
+    pub instances: InstancesConfig,
     /// Limits for containers whose descriptor leaves them out (never unlimited: what is not set
     /// here takes the built-in value).
     #[serde(default)]
@@ -242,6 +256,39 @@ impl Default for PipelinesConfig {
             log_cap: default_log_cap(),
             workspace_limit: default_workspace_limit(),
         }
+    }
+}
+
+/// Per-team instances: where they are published and the key of their flags.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstancesConfig {
+    /// The host ports instances are published on, as `FIRST-LAST`; `20000-29999` by default,
+    /// below the range Linux takes outgoing ports from (`net.ipv4.ip_local_port_range`, from
+    /// 32768), where a port may be taken the moment an instance needs it.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^[0-9]{1,5}-[0-9]{1,5}$"))]
+    pub host_ports: Option<String>,
+    /// A file holding the key flags are derived from; `instance-flags.key` in the state folder,
+    /// made at random on first use, unless set. Agents under leader election need the same one.
+    #[serde(default)]
+    pub flag_key_file: Option<PathBuf>,
+    /// The host name teams connect to, as the API's endpoints give it; this machine's host name
+    /// unless set.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// The host ports instances are published on unless told otherwise.
+pub const DEFAULT_INSTANCE_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
+
+impl InstancesConfig {
+    /// The host ports instances are published on.
+    pub fn host_ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.host_ports
+            .as_deref()
+            .and_then(|range| node_port_range(range).ok())
+            .unwrap_or(DEFAULT_INSTANCE_PORTS)
     }
 }
 
@@ -315,7 +362,7 @@ impl KubeConfig {
     }
 }
 
-/// A NodePort range as `FIRST-LAST`, checked.
+/// A port range as `FIRST-LAST` (a cluster's NodePorts, instances' host ports), checked.
 pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let parsed = text.split_once('-').and_then(|(first, last)| {
         Some((
@@ -326,7 +373,7 @@ pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, Stri
     match parsed {
         Some((first, last)) if first >= 1 && first <= last => Ok(first..=last),
         _ => Err(format!(
-            "node port range \"{text}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, such as 30000-32767"
+            "port range \"{text}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, such as 30000-32767"
         )),
     }
 }
@@ -624,6 +671,10 @@ impl AgentConfig {
         {
             node_port_range(range)
                 .map_err(|why| ConfigError(format!("{file}: kube.nodePortRange: {why}")))?;
+        }
+        if let Some(range) = &self.instances.host_ports {
+            node_port_range(range)
+                .map_err(|why| ConfigError(format!("{file}: instances.hostPorts: {why}")))?;
         }
         for (setting, value) in [
             ("http.headerTimeout", self.http.header_timeout),

@@ -42,6 +42,23 @@ struct PipelineLabel {
     pipeline: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChallengeResult {
+    challenge: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChallengeState {
+    challenge: String,
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpawnKind {
+    pooled: String,
+}
+
 /// The agent's metrics. Cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -54,6 +71,10 @@ pub struct Metrics {
     run_duration: Family<PipelineLabel, Histogram>,
     queue_depth: Gauge,
     status_pushes: Family<ResultLabel, Counter>,
+    instances: Family<ChallengeState, Gauge>,
+    spawns: Family<ChallengeResult, Counter>,
+    kills: Family<ChallengeResult, Counter>,
+    spawn_latency: Family<SpawnKind, Histogram>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -79,7 +100,34 @@ impl Metrics {
         });
         let queue_depth = Gauge::default();
         let status_pushes = Family::<ResultLabel, Counter>::default();
+        let instances = Family::<ChallengeState, Gauge>::default();
+        let spawns = Family::<ChallengeResult, Counter>::default();
+        let kills = Family::<ChallengeResult, Counter>::default();
+        // 1 ms to about 65 s.
+        let spawn_latency = Family::<SpawnKind, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
         let mut registry = Registry::default();
+        registry.register(
+            "berth_instances",
+            "Per-team instances, by challenge and state (live, pooled)",
+            instances.clone(),
+        );
+        registry.register(
+            "berth_instance_spawns",
+            "Spawn requests, by challenge and result (created, claimed, team_limit, full, failed)",
+            spawns.clone(),
+        );
+        registry.register(
+            "berth_instance_kills",
+            "Instances removed, by challenge and cause (killed, expired, removed, failed)",
+            kills.clone(),
+        );
+        registry.register(
+            "berth_instance_spawn_seconds",
+            "From a spawn request to its answer, by whether a pooled instance was claimed",
+            spawn_latency.clone(),
+        );
         registry.register(
             "berth_passes",
             "Reconcile passes, by result (applied, failed, rejected, transient, unchanged)",
@@ -126,6 +174,10 @@ impl Metrics {
             status_pushes.clone(),
         );
         Metrics {
+            instances,
+            spawns,
+            kills,
+            spawn_latency,
             status_pushes,
             runs,
             run_duration,
@@ -137,6 +189,48 @@ impl Metrics {
             webhooks,
             registry: std::sync::Arc::new(registry),
         }
+    }
+
+    /// Sets the live and pooled instance gauges, by challenge.
+    pub fn instances(&self, counts: &std::collections::BTreeMap<String, (usize, usize)>) {
+        self.instances.clear();
+        for (challenge, (live, pooled)) in counts {
+            for (state, count) in [("live", live), ("pooled", pooled)] {
+                self.instances
+                    .get_or_create(&ChallengeState {
+                        challenge: challenge.clone(),
+                        state: state.into(),
+                    })
+                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Counts a spawn request; `took` for those answered with an instance.
+    pub fn spawn(&self, challenge: &str, result: &str, took: Option<(Duration, bool)>) {
+        self.spawns
+            .get_or_create(&ChallengeResult {
+                challenge: challenge.into(),
+                result: result.into(),
+            })
+            .inc();
+        if let Some((took, pooled)) = took {
+            self.spawn_latency
+                .get_or_create(&SpawnKind {
+                    pooled: pooled.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// Counts an instance removed, and why.
+    pub fn kill(&self, challenge: &str, cause: &str) {
+        self.kills
+            .get_or_create(&ChallengeResult {
+                challenge: challenge.into(),
+                result: cause.into(),
+            })
+            .inc();
     }
 
     /// Counts an attempt to push status.

@@ -32,6 +32,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+mod instances;
+
 use crate::config::{AgentConfig, Secret};
 use crate::metrics::Metrics;
 use crate::queue::store::Enqueued;
@@ -82,6 +84,8 @@ pub struct ServerState {
     pub branch: String,
     /// The pipeline runs; pushes to their sources queue runs.
     pub pipelines: Option<Pipelines>,
+    /// Per-team instances.
+    pub instances: Option<crate::instances::Instances>,
     /// The config repo's URL: a push that names another repository is not for it.
     pub repo_url: String,
     /// Delivery ids of the webhooks taken lately: a redelivery queues nothing again.
@@ -215,6 +219,21 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/pipelines/{name}/runs", post(start_run))
         .route("/hooks/{provider}", post(hook))
+        // Only the leader serves instances, reads included: its store holds them.
+        .route(
+            "/api/v1/challenges/{name}/instances",
+            post(instances::spawn),
+        )
+        .route(
+            "/api/v1/challenges/{name}/flags/check",
+            post(instances::check_flag),
+        )
+        .route("/api/v1/instances", get(instances::list))
+        .route(
+            "/api/v1/instances/{id}",
+            get(instances::get).delete(instances::kill),
+        )
+        .route("/api/v1/instances/{id}/renew", post(instances::renew))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             refused_on_standby,

@@ -205,6 +205,17 @@ impl Desired {
             })
     }
 
+    /// The instanced Challenges on Docker, as the revision (resolved) declares them.
+    pub fn instanced(&self) -> Vec<docker::ChallengeTemplate> {
+        self.templates
+            .values()
+            .filter_map(|template| match template {
+                Template::Challenge(t) if t.spec.instanced.is_some() => Some(t.as_ref().clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Makes `key`, which uses a Pipeline's product, run it. False when it cannot take one, so
     /// it keeps waiting.
     pub fn use_product(&mut self, key: &ObjectRef, product: &Product<'_>) -> bool {
@@ -493,6 +504,14 @@ impl EngineLock {
 }
 
 impl Engines {
+    /// The Docker Engine's backend, when this berth has one.
+    pub fn docker(&self) -> Option<docker::DockerBackend> {
+        self.backends.iter().find_map(|backend| match backend {
+            Backend::Docker(docker) => Some(docker.clone()),
+            Backend::Kube(_) => None,
+        })
+    }
+
     /// Waits at most `wait` for a Kubernetes challenge's rollout when applying it (see
     /// [`kube::KubeBackend::set_rollout_wait`]).
     pub fn set_rollout_wait(&mut self, wait: Duration) {

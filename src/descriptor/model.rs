@@ -135,6 +135,89 @@ pub struct ChallengeSpec {
     /// Free-form information (category, points, author…): shown in status and the API, never applied.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub info: serde_json::Map<String, serde_json::Value>,
+    /// A copy per team instead of one for all: spawned, renewed and killed through the agent's
+    /// API, each with its own host ports, its own flag, and a time to live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instanced: Option<Instanced>,
+}
+
+/// How a challenge's per-team copies (instances) live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Instanced {
+    /// How long an instance lives after its spawn or its last renewal: `30m`.
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
+    pub ttl: Duration,
+    /// The longest an instance lives, renewals included; four times `ttl` unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
+    pub max_lifetime: Option<Duration>,
+    /// Live instances a team may have at once.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 10))]
+    pub per_team: u32,
+    /// Live instances of this challenge at once, all teams together.
+    #[serde(default = "default_max_instances")]
+    #[schemars(range(min = 1, max = 5000))]
+    pub max: u32,
+    /// Instances kept started and ready for the next teams, which get one at once. Needs the flag
+    /// in a file: a pooled instance takes its team's flag when claimed, without a restart.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 50))]
+    pub pool: u32,
+    /// A flag per team, given to each instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<InstanceFlag>,
+    /// What a changed spec does to live instances: `keep` them as they are until they expire
+    /// (the default; new spawns get the new version), or `replace` them.
+    #[serde(default)]
+    pub on_update: OnUpdate,
+}
+
+fn default_max_instances() -> u32 {
+    100
+}
+
+impl Instanced {
+    /// The longest an instance lives, renewals included.
+    pub fn max_lifetime(&self) -> std::time::Duration {
+        self.max_lifetime
+            .map_or(self.ttl.0.saturating_mul(4), |limit| limit.0)
+    }
+}
+
+/// Where an instance finds its team's flag, and what it looks like.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InstanceFlag {
+    /// An environment variable of the main container: `FLAG`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub env: Option<String>,
+    /// A file in the main container, written before it starts (or when a pooled instance is
+    /// claimed), owned by root and readable by the challenge's user: `/flag.txt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The flag, with `%s` where the team's part goes: `flag{heap_%s}`. The part is 32 hex digits
+    /// of an HMAC-SHA-256, under the agent's flag key, of the challenge and the team.
+    #[serde(default = "default_flag_format")]
+    #[schemars(length(min = 2, max = 200))]
+    pub format: String,
+}
+
+fn default_flag_format() -> String {
+    "flag{%s}".into()
+}
+
+/// What a changed spec does to live instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnUpdate {
+    /// They run on as they are until they expire; new spawns get the new version.
+    #[default]
+    Keep,
+    /// They are replaced by the new version, keeping their team, ports, flag and expiry.
+    Replace,
 }
 
 fn one() -> u32 {
@@ -602,11 +685,16 @@ impl ChallengeSpec {
         self.stop_timeout.map_or(10, |timeout| timeout.0.as_secs())
     }
 
-    /// The group the secret files are readable by: the challenge user's group (or its uid as a
-    /// group), when it runs as a user of its own and has secret files.
+    /// The group the secret files (and an instance's flag file) are readable by: the challenge
+    /// user's group (or its uid as a group), when it runs as a user of its own and has such files.
     pub fn secret_files_group(&self) -> Option<u32> {
         let user = self.security.user?;
-        (!self.secret_files.is_empty()).then(|| user.gid.unwrap_or(user.uid))
+        let flag_file = self
+            .instanced
+            .as_ref()
+            .and_then(|i| i.flag.as_ref())
+            .is_some_and(|f| f.file.is_some());
+        (!self.secret_files.is_empty() || flag_file).then(|| user.gid.unwrap_or(user.uid))
     }
 }
 

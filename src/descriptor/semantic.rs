@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use super::model::{ChallengeSpec, Engine, ImageSource, RestartPolicy, StagingSpec, StepImage};
+use super::model::{
+    ChallengeSpec, Engine, ImageSource, Instanced, RestartPolicy, StagingSpec, StepImage,
+};
 use super::schema::Violation;
 use super::{Descriptor, Kind, ObjectRef, Spec};
 
@@ -179,32 +181,135 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
     }
 }
 
+/// An instanced challenge: one copy per team, each published on ports of the agent's own range.
+fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<Violation>) {
+    if spec.target == Some(Engine::Kubernetes) {
+        found.push(instanced_problem(
+            "",
+            "spec.instanced: instances run on docker only so far; set target: docker".into(),
+        ));
+    }
+    if spec.replicas > 1 {
+        found.push(instanced_problem("", format!("spec.instanced: each instance is one container, and {} replicas would be one per team each; set replicas: 1", spec.replicas)));
+    }
+    if !spec.sidecars.is_empty() {
+        found.push(instanced_problem("", "spec.instanced: instances with sidecars are not supported yet; run the sidecar's service in the challenge's image, or drop instanced".into()));
+    }
+    if spec.ports.is_empty() {
+        found.push(instanced_problem(
+            "",
+            "spec.instanced: a team reaches its instance through its ports; add one to spec.ports"
+                .into(),
+        ));
+    }
+    if let Some(index) = spec.ports.iter().position(|p| p.host.is_some()) {
+        found.push(violation(
+            format!("/spec/ports/{index}/host"),
+            format!("spec.ports[{index}].host: each instance gets host ports of its own from the agent's instances.hostPorts; remove the host port"),
+        ));
+    }
+    if !spec.network.egress {
+        found.push(violation(
+            "/spec/network/egress",
+            "spec.network.egress: instances are published on host ports, which the engine does not do from an internal network; keep egress".to_string(),
+        ));
+    }
+    if instanced.max_lifetime() < instanced.ttl.0 {
+        found.push(instanced_problem(
+            "/maxLifetime",
+            "spec.instanced.maxLifetime: shorter than ttl, so no instance would live its ttl; make it at least ttl".into(),
+        ));
+    }
+    if let Some(flag) = &instanced.flag {
+        if flag.env.is_some() == flag.file.is_some() {
+            found.push(instanced_problem(
+                "/flag",
+                "spec.instanced.flag: set exactly one of env and file".into(),
+            ));
+        }
+        if flag.format.matches("%s").count() != 1 {
+            found.push(instanced_problem(
+                "/flag/format",
+                format!("spec.instanced.flag.format: \"{}\" needs exactly one %s, where the team's part goes", flag.format),
+            ));
+        }
+        if let Some(file) = &flag.file {
+            let path = Path::new(file);
+            let normal: std::path::PathBuf = path.components().collect();
+            if let Err(why) = plain_file_path(file) {
+                found.push(instanced_problem(
+                    "/flag/file",
+                    format!("spec.instanced.flag.file: {why}"),
+                ));
+            } else if spec.secret_files.iter().any(|s| {
+                Path::new(&s.path)
+                    .components()
+                    .collect::<std::path::PathBuf>()
+                    == normal
+            }) {
+                found.push(instanced_problem(
+                    "/flag/file",
+                    format!("spec.instanced.flag.file: {file} is also a secret file; use one or the other"),
+                ));
+            }
+        }
+        if flag.file.is_some() && spec.security.read_only_root_filesystem {
+            found.push(instanced_problem(
+                "/flag/file",
+                "spec.instanced.flag.file: the flag is copied into the container, which a read-only root file system refuses; drop readOnlyRootFilesystem, or give the flag as env".into(),
+            ));
+        }
+        if flag.env.is_some() && instanced.pool > 0 {
+            found.push(instanced_problem(
+                "/pool",
+                "spec.instanced.pool: a pooled instance is started before a team claims it, and a started container's environment cannot change; give the flag as a file (flag: {file: /flag.txt}), or drop pool".into(),
+            ));
+        }
+    }
+}
+
+/// A problem at `at` under `/spec/instanced`.
+fn instanced_problem(at: &str, message: String) -> Violation {
+    violation(format!("/spec/instanced{at}"), message)
+}
+
+/// Why `path` is not a file's plain absolute path, if it is not.
+fn plain_file_path(path: &str) -> Result<(), String> {
+    let parsed = Path::new(path);
+    let plain = parsed.is_absolute()
+        && path.len() <= 4096
+        && !path.ends_with('/')
+        && parsed.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir
+                    | std::path::Component::CurDir
+                    | std::path::Component::Normal(_)
+            )
+        });
+    let normal: std::path::PathBuf = parsed.components().collect();
+    match plain && normal != Path::new("/") {
+        true => Ok(()),
+        false => Err(format!(
+            "\"{path}\" is not a file's absolute path; write one such as /flag.txt"
+        )),
+    }
+}
+
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    if let Some(instanced) = &spec.instanced {
+        check_instanced(spec, instanced, found);
+    }
     // Paths as the file system takes them (`//flag` and `/./flag` are `/flag`): each once, none
     // inside another, none under a tmpfs (mounted over the file at the start, on Docker).
     let mut seen: Vec<std::path::PathBuf> = Vec::new();
     for (index, file) in spec.secret_files.iter().enumerate() {
-        let path = Path::new(&file.path);
-        let plain = path.is_absolute()
-            && file.path.len() <= 4096
-            && !file.path.ends_with('/')
-            && path.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir
-                        | std::path::Component::CurDir
-                        | std::path::Component::Normal(_)
-                )
-            });
-        let normal: std::path::PathBuf = path.components().collect();
+        let normal: std::path::PathBuf = Path::new(&file.path).components().collect();
         let at = format!("/spec/secretFiles/{index}/path");
         let said =
             |why: String| violation(at.clone(), format!("spec.secretFiles[{index}].path: {why}"));
-        if !plain || normal == Path::new("/") {
-            found.push(said(format!(
-                "\"{}\" is not a file's absolute path; write one such as /flag.txt",
-                file.path
-            )));
+        if let Err(why) = plain_file_path(&file.path) {
+            found.push(said(why));
         } else if let Some(other) = seen
             .iter()
             .find(|other| normal.starts_with(other) || other.starts_with(&normal))

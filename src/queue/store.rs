@@ -12,9 +12,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use crate::database::Database;
 
 use super::{Admission, Cause, NewRun, Run, RunState, StepRecord, admit, next_to_start};
 
@@ -23,12 +24,7 @@ use super::{Admission, Cause, NewRun, Run, RunState, StepRecord, admit, next_to_
 pub const KEEP_FINISHED: usize = 500;
 
 /// Why the store failed.
-#[derive(Debug, thiserror::Error)]
-#[error("the run queue {path}: {source}")]
-pub struct StoreError {
-    path: String,
-    source: rusqlite::Error,
-}
+pub type StoreError = crate::database::DatabaseError;
 
 /// What [`RunStore::enqueue`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +57,7 @@ pub struct Recovered {
 /// The runs of one agent.
 #[derive(Debug, Clone)]
 pub struct RunStore {
-    connection: Arc<Mutex<Connection>>,
-    path: String,
+    database: Database,
     /// Made at random with the store (empty for a store older than this): run ids restart with a
     /// new store, so its run logs go to a folder of this name and never mix with an old one's.
     id: String,
@@ -157,64 +152,41 @@ fn forget_old(
 impl RunStore {
     /// Opens (or makes) the store at `path`.
     pub fn open(path: &Path) -> Result<RunStore, StoreError> {
-        let shown = path.display().to_string();
-        let failed = |source| StoreError {
-            path: shown.clone(),
-            source,
-        };
-        let connection = Connection::open(path).map_err(failed)?;
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
-            )
-            .map_err(failed)?;
-        // The tables and the id are made in one transaction: two processes opening a new store
-        // at once, or a crash between the two, never leave a store without its id.
-        connection
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(failed)?;
-        // A store that had runs before stores had ids keeps its logs where they were.
-        let had_runs: i64 = connection
-            .query_row(
+        let (database, id) = Database::open(path, "the run queue", |connection| {
+            // The tables and the id are made in one transaction: two processes opening a new
+            // store at once, or a crash between the two, never leave a store without its id.
+            connection.execute_batch("BEGIN IMMEDIATE")?;
+            // A store that had runs before stores had ids keeps its logs where they were.
+            let had_runs: i64 = connection.query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'runs'",
                 [],
                 |row| row.get(0),
-            )
-            .map_err(failed)?;
-        connection.execute_batch(SCHEMA).map_err(failed)?;
-        let id: Option<String> = connection
-            .query_row("SELECT id FROM store", [], |row| row.get(0))
-            .optional()
-            .map_err(failed)?;
-        let id = match id {
-            Some(id) => id,
-            None => {
-                let id = match had_runs > 0 {
-                    true => String::new(),
-                    false => crate::backend::random_bytes()
-                        .map(|bytes| hex::encode(&bytes[..6]))
-                        .map_err(|e| {
-                            failed(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-                        })?,
-                };
-                // Two processes opening a new store at once keep one id: the first written.
-                connection
-                    .execute(
+            )?;
+            connection.execute_batch(SCHEMA)?;
+            let id: Option<String> = connection
+                .query_row("SELECT id FROM store", [], |row| row.get(0))
+                .optional()?;
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let id = match had_runs > 0 {
+                        true => String::new(),
+                        false => crate::backend::random_bytes()
+                            .map(|bytes| hex::encode(&bytes[..6]))
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+                    };
+                    // Two processes opening a new store at once keep one id: the first written.
+                    connection.execute(
                         "INSERT INTO store (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM store)",
                         [&id],
-                    )
-                    .map_err(failed)?;
-                connection
-                    .query_row("SELECT id FROM store", [], |row| row.get(0))
-                    .map_err(failed)?
-            }
-        };
-        connection.execute_batch("COMMIT").map_err(failed)?;
-        Ok(RunStore {
-            connection: Arc::new(Mutex::new(connection)),
-            path: shown,
-            id,
-        })
+                    )?;
+                    connection.query_row("SELECT id FROM store", [], |row| row.get(0))?
+                }
+            };
+            connection.execute_batch("COMMIT")?;
+            Ok(id)
+        })?;
+        Ok(RunStore { database, id })
     }
 
     /// The folder of this store's run logs under `root`: never one another store wrote to.
@@ -229,11 +201,7 @@ impl RunStore {
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        work(&mut connection).map_err(|source| StoreError {
-            path: self.path.clone(),
-            source,
-        })
+        self.database.with(work)
     }
 
     /// Admits `new` by the queue's rules ([`admit`]), in one transaction: either the run is

@@ -202,6 +202,18 @@ pub(crate) fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (code, _, body) = http_with_head(port, method, path, headers, body);
+    (code, body)
+}
+
+/// [`http`], with the answer's head (status line and headers) too.
+pub(crate) fn http_with_head(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -218,11 +230,11 @@ pub(crate) fn http(
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).into_owned();
     let code = status_code(&response);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(h, b)| (h.to_string(), b.to_string()))
         .unwrap_or_default();
-    (code, body)
+    (code, head, body)
 }
 
 /// The status code of an HTTP answer; 0 when there is none.

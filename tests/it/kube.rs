@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::docker::{Instance, engine};
 use crate::hardening::EngineProxy;
-use crate::util::{Repo, crate_root, stdout};
+use crate::util::{Repo, crate_root, eventually, stdout};
 
 /// The cluster, for one test at a time.
 pub(crate) struct Cluster {
@@ -158,14 +158,6 @@ fn said(output: &Output) -> String {
         stdout(output),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// What the NodePort answers, retried while kube-proxy's rules catch up.

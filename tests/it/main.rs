@@ -14,6 +14,7 @@
 //!
 //! - `healing`: the agent's status stays true (rejections, refused pushes, held prunes) and it
 //!   heals itself (a damaged clone), rate-limits passes and takes a webhook delivery once.
+//! - `instances`: per-team instances through the agent's API, on the real Docker Engine.
 //! - `walls`: what a player in a challenge or an outsider's pipeline step can reach and do.
 //!
 //! Helpers shared by every module live in `util`.
@@ -24,6 +25,7 @@ mod docker;
 mod gitserver;
 mod hardening;
 mod healing;
+mod instances;
 mod kube;
 mod packaging;
 mod pipeline;

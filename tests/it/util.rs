@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The crate's root folder.
 pub fn crate_root() -> PathBuf {
@@ -66,4 +67,13 @@ pub fn challenge(name: &str, extra_spec: &str) -> String {
     format!(
         "apiVersion: berth/v1\nkind: Challenge\nmetadata:\n  name: {name}\nspec:\n  image: busybox:latest\n{extra_spec}"
     )
+}
+
+/// Polls `check` until it holds; fails, saying `what`, when `limit` passes first.
+pub(crate) fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -1210,3 +1210,70 @@ fn secret_files_are_absolute_single_and_need_a_writable_root_on_docker() {
         assert!(message.contains(words), "{message} lacks {words}");
     }
 }
+
+#[test]
+fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_way_to_its_flag() {
+    let repo = Repo::new();
+    repo.write(
+        "fine.yaml",
+        challenge(
+            "fine",
+            "  ports: [{container: 1337}]\n  instanced: {ttl: 30m, pool: 2, flag: {file: /flag.txt, format: \"flag{%s}\"}}\n",
+        ),
+    )
+    .write(
+        "shape.yaml",
+        challenge(
+            "shape",
+            "  target: kubernetes\n  replicas: 2\n  ports: [{container: 1337, host: 31337}]\n  instanced:\n    ttl: 30m\n    maxLifetime: 10m\n",
+        ),
+    )
+    .write(
+        "flags.yaml",
+        challenge(
+            "flags",
+            "  ports: [{container: 1337}]\n  instanced:\n    ttl: 1m\n    pool: 1\n    flag: {env: FLAG, format: \"flag{%s_%s}\"}\n",
+        ),
+    )
+    .write(
+        "portless.yaml",
+        challenge(
+            "portless",
+            "  network: {egress: false}\n  instanced:\n    ttl: 1m\n    flag: {env: FLAG, file: flag.txt}\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let found: Vec<(&str, usize, &str)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
+        .collect();
+    let expected = [
+        (
+            "flags.yaml",
+            10,
+            "a started container's environment cannot change",
+        ),
+        ("flags.yaml", 11, "needs exactly one %s"),
+        ("portless.yaml", 7, "keep egress"),
+        (
+            "portless.yaml",
+            9,
+            "a team reaches its instance through its ports",
+        ),
+        ("portless.yaml", 10, "set exactly one of env and file"),
+        (
+            "portless.yaml",
+            10,
+            "\"flag.txt\" is not a file's absolute path",
+        ),
+        ("shape.yaml", 9, "from the agent's instances.hostPorts"),
+        ("shape.yaml", 11, "2 replicas would be one per team each"),
+        ("shape.yaml", 11, "instances run on docker only so far"),
+        ("shape.yaml", 12, "maxLifetime: shorter than ttl"),
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for (found, (file, line, words)) in found.iter().zip(expected) {
+        assert_eq!((found.0, found.1), (file, line), "{found:?} is not {words}");
+        assert!(found.2.contains(words), "{} lacks {words}", found.2);
+    }
+}

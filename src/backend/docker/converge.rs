@@ -35,7 +35,11 @@ impl DockerBackend {
     /// Makes the challenge match its template: image, network, then each slot's container,
     /// replacing changed ones the way `start_first` allows, and removing what is left over.
     pub async fn converge(&self, template: &ChallengeTemplate, repo_root: &Path) -> Outcome {
-        match self.try_converge(template, repo_root).await {
+        let converged = match template.spec.instanced {
+            Some(_) => self.prepare_instances(template, repo_root).await,
+            None => self.try_converge(template, repo_root).await,
+        };
+        match converged {
             Ok(mut done) => {
                 // Each change of a build context makes an image: keep the newest few (a quick
                 // way back) and the one running, so months of changes do not fill the disk.
@@ -336,13 +340,19 @@ impl DockerBackend {
 
     /// Copies the challenge's secret files into the container `name`, made and not yet started:
     /// into its own layer, never an image's.
-    async fn write_secret_files(
+    pub(super) async fn write_secret_files(
         &self,
         name: &str,
         template: &ChallengeTemplate,
         values: &BTreeMap<String, String>,
     ) -> Attempt<()> {
         let tar = template.secret_files_tar(values).map_err(Trouble::Failed)?;
+        self.upload_files(name, tar, "the secret files").await
+    }
+
+    /// Copies the files of `tar` (paths from the root) into the container `name`; `what` names
+    /// them in an error.
+    pub(super) async fn upload_files(&self, name: &str, tar: Vec<u8>, what: &str) -> Attempt<()> {
         self.docker
             .upload_to_container(
                 name,
@@ -355,10 +365,10 @@ impl DockerBackend {
                 bollard::body_full(tar.into()),
             )
             .await
-            .map_err(|e| self.trouble(&format!("cannot write the secret files into {name}"), e))
+            .map_err(|e| self.trouble(&format!("cannot write {what} into {name}"), e))
     }
 
-    async fn create(&self, name: &str, config: ContainerCreateBody) -> Attempt<()> {
+    pub(super) async fn create(&self, name: &str, config: ContainerCreateBody) -> Attempt<()> {
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
@@ -374,7 +384,7 @@ impl DockerBackend {
     /// Starts `name`. A host port still held by a socket outside the engine (kube-proxy frees a
     /// NodePort's only on its next sync after the Service went, when a challenge moves back from
     /// the cluster) is waited for, for a few seconds, before the start fails.
-    async fn start(&self, name: &str) -> Attempt<()> {
+    pub(super) async fn start(&self, name: &str) -> Attempt<()> {
         let started = Instant::now();
         loop {
             match self
@@ -397,7 +407,7 @@ impl DockerBackend {
         }
     }
 
-    async fn stop(&self, name: &str) -> Attempt<()> {
+    pub(super) async fn stop(&self, name: &str) -> Attempt<()> {
         // The container's own stop timeout (the challenge's `stopTimeout`, set when it was made).
         let options = StopContainerOptions {
             t: None,
@@ -420,13 +430,13 @@ impl DockerBackend {
     }
 }
 
-/// Reads each secret's value; the error names the secret and its reference, never a value.
 /// Whether the part's container takes the challenge's secret files (the main one does).
 fn takes_files(template: &ChallengeTemplate, part: &crate::plan::Part) -> bool {
     !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty()
 }
 
-fn resolve_secrets(
+/// Reads each secret's value; the error names the secret and its reference, never a value.
+pub(super) fn resolve_secrets(
     secrets: &BTreeMap<String, SecretRef>,
 ) -> Result<BTreeMap<String, String>, String> {
     secrets

@@ -35,26 +35,38 @@ pub(super) fn confine_build(
 }
 
 impl DockerBackend {
+    /// The image `template` runs: the one it names (a Pipeline's product once resolved), or the
+    /// tag its build gets. Pure.
+    pub(super) fn image_of(&self, template: &ChallengeTemplate) -> Attempt<String> {
+        match (&template.spec.image, &template.spec.build) {
+            (Some(ImageSource::Name(name)), _) => Ok(name.clone()),
+            (Some(ImageSource::FromPipeline(from)), _) => Err(Trouble::Failed(format!(
+                "the image comes from Pipeline/{}, which has not produced one",
+                from.from_pipeline
+            ))),
+            (None, Some(_)) => {
+                let digest = template.build_digest.clone().unwrap_or_default();
+                Ok(format!(
+                    "berth-{}-{}:{}",
+                    self.instance(),
+                    template.key.name,
+                    &digest[..digest.len().min(16)]
+                ))
+            }
+            (None, None) => Err(Trouble::Failed("no image and no build".into())),
+        }
+    }
+
     pub(super) async fn ensure_image(
         &self,
         template: &ChallengeTemplate,
         repo_root: &Path,
         network: &str,
     ) -> Attempt<String> {
+        let tag = self.image_of(template)?;
         match (&template.spec.image, &template.spec.build) {
             (Some(ImageSource::Name(name)), _) => self.named_image(name).await,
-            (Some(ImageSource::FromPipeline(from)), _) => Err(Trouble::Failed(format!(
-                "the image comes from Pipeline/{}, which has not produced one",
-                from.from_pipeline
-            ))),
             (None, Some(build)) => {
-                let digest = template.build_digest.clone().unwrap_or_default();
-                let tag = format!(
-                    "berth-{}-{}:{}",
-                    self.instance(),
-                    template.key.name,
-                    &digest[..digest.len().min(16)]
-                );
                 let labels = self.ownership.labels(&template.key, template.main_hash());
                 let context = repo_root.join(&build.context);
                 let confined = (network, template.spec.resources.as_ref());
@@ -63,7 +75,7 @@ impl DockerBackend {
                 })
                 .await
             }
-            (None, None) => Err(Trouble::Failed("no image and no build".into())),
+            _ => Ok(tag),
         }
     }
 

@@ -18,6 +18,7 @@
 
 mod converge;
 mod images;
+pub mod instances;
 mod lock;
 mod meter;
 pub mod network;

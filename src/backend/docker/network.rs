@@ -30,8 +30,8 @@ use super::{Attempt, DockerBackend, Trouble, is_status, remove_container};
 use crate::backend::{LABEL_INSTANCE, LABEL_NAME};
 use crate::descriptor::{Kind, ObjectRef};
 
-/// Label on a network saying which wall it is (`challenges`, `steps`, `own`).
-const LABEL_WALL: &str = "berth.wall";
+/// Label on a network saying which wall it is (`challenges`, `steps`, `own`, `instances`).
+pub(super) const LABEL_WALL: &str = "berth.wall";
 
 /// The pool berth takes subnets from unless told otherwise (`BERTH_SUBNET_POOL`).
 pub const DEFAULT_SUBNET_POOL: &str = "10.213.0.0/16";
@@ -184,14 +184,30 @@ pub enum Wall {
         /// How many containers it holds at most (replicas and sidecars).
         containers: usize,
     },
+    /// The network of one version of an instanced challenge, for its per-team instances, which
+    /// reach nobody on it.
+    Instances {
+        /// The challenge.
+        key: ObjectRef,
+        /// The version's template hash.
+        version: String,
+        /// Whether it has a route out.
+        egress: bool,
+        /// How many containers it holds at most (`max` and `pool`).
+        containers: usize,
+    },
 }
 
 impl Wall {
+    /// The label of an instanced challenge's networks.
+    pub const INSTANCES: &str = "instances";
+
     fn egress(&self) -> bool {
         match self {
-            Wall::Challenges { egress } | Wall::Steps { egress } | Wall::Own { egress, .. } => {
-                *egress
-            }
+            Wall::Challenges { egress }
+            | Wall::Steps { egress }
+            | Wall::Own { egress, .. }
+            | Wall::Instances { egress, .. } => *egress,
         }
     }
 
@@ -202,6 +218,11 @@ impl Wall {
             Wall::Challenges { .. } => format!("berth-{instance}-challenges{offline}"),
             Wall::Steps { .. } => format!("berth-{instance}-steps{offline}"),
             Wall::Own { key, .. } => format!("berth-{instance}-{}-walled{offline}", key.name),
+            Wall::Instances { key, version, .. } => format!(
+                "berth-{instance}-{}-instances-{}{offline}",
+                key.name,
+                &version[..version.len().min(12)]
+            ),
         }
     }
 
@@ -218,6 +239,7 @@ impl Wall {
             Wall::Challenges { .. } => "challenges",
             Wall::Steps { .. } => "steps",
             Wall::Own { .. } => "own",
+            Wall::Instances { .. } => Wall::INSTANCES,
         }
     }
 
@@ -231,7 +253,9 @@ impl Wall {
             // Room for a CTF's worth of challenges, replicas and updates.
             Wall::Challenges { .. } => 20,
             Wall::Steps { .. } => 22,
-            Wall::Own { containers, .. } => prefix_for(*containers),
+            Wall::Own { containers, .. } | Wall::Instances { containers, .. } => {
+                prefix_for(*containers)
+            }
         }
     }
 }
@@ -296,9 +320,22 @@ impl DockerBackend {
     /// name (two berths racing); the oldest is kept, and the others are removed along with the
     /// containers of this challenge on them, which this pass then makes again on the kept one.
     pub(super) async fn ensure_wall(&self, wall: &Wall) -> Attempt<String> {
+        let labels = match wall {
+            Wall::Own { key, .. } | Wall::Instances { key, .. } => self.ownership.labels(key, ""),
+            _ => self.ownership.instance_labels(),
+        };
+        self.ensure_wall_labelled(wall, labels).await
+    }
+
+    /// [`Self::ensure_wall`], the network made with `labels` (and its wall's).
+    pub(super) async fn ensure_wall_labelled(
+        &self,
+        wall: &Wall,
+        labels: HashMap<String, String>,
+    ) -> Attempt<String> {
         let name = wall.name(self.instance());
         let key = match wall {
-            Wall::Own { key, .. } => Some(key),
+            Wall::Own { key, .. } | Wall::Instances { key, .. } => Some(key),
             _ => None,
         };
         let mut networks = self.networks_named(&name, key).await?;
@@ -307,7 +344,7 @@ impl DockerBackend {
             // makes it, the others then find it.
             let _making = self.making_networks.lock().await;
             if self.networks_named(&name, key).await?.is_empty() {
-                self.create_wall(wall, &name).await?;
+                self.create_wall(wall, &name, labels).await?;
             }
             return Ok(name);
         }
@@ -318,11 +355,12 @@ impl DockerBackend {
         Ok(name)
     }
 
-    async fn create_wall(&self, wall: &Wall, name: &str) -> Attempt<()> {
-        let mut labels = match wall {
-            Wall::Own { key, .. } => self.ownership.labels(key, ""),
-            _ => self.ownership.instance_labels(),
-        };
+    async fn create_wall(
+        &self,
+        wall: &Wall,
+        name: &str,
+        mut labels: HashMap<String, String>,
+    ) -> Attempt<()> {
         labels.insert(LABEL_WALL.to_string(), wall.label().to_string());
         let options = HashMap::from([
             (

@@ -51,6 +51,10 @@ impl DockerBackend {
             .map_err(|e| unreachable(e.to_string()))?;
         let mut objects: BTreeMap<ObjectRef, Vec<ObservedPart>> = BTreeMap::new();
         for container in &containers {
+            // Per-team instances are the instance manager's, not a pass's.
+            if label(container, super::instances::LABEL_INSTANCE_ID).is_some() {
+                continue;
+            }
             let Some(part) = observed_part(container) else {
                 continue;
             };
@@ -75,6 +79,11 @@ impl DockerBackend {
                 expired: None,
             })
             .collect();
+        observed.extend(
+            self.observe_instanced()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?,
+        );
         observed.extend(
             self.observe_products()
                 .await

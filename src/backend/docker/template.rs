@@ -37,7 +37,8 @@ pub struct ChallengeTemplate {
 }
 
 impl ChallengeTemplate {
-    pub(super) fn main_hash(&self) -> &str {
+    /// The main container's template hash: the challenge's version.
+    pub fn main_hash(&self) -> &str {
         &self.parts[0].hash
     }
 
@@ -94,30 +95,62 @@ impl ChallengeTemplate {
             Some(gid) => (u64::from(gid), 0o040),
             None => (0, 0),
         };
-        let mut builder = tar::Builder::new(Vec::new());
-        for file in &self.spec.secret_files {
-            let value = values
-                .get(&file.key())
-                .ok_or_else(|| format!("secret file {} was not read", file.path))?;
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_mode(file.mode_bits() | group_read);
-            header.set_uid(0);
-            header.set_gid(gid);
-            header.set_mtime(0);
-            header.set_size(value.len() as u64);
-            builder
-                .append_data(
-                    &mut header,
-                    file.path.trim_start_matches('/'),
+        let files = self
+            .spec
+            .secret_files
+            .iter()
+            .map(|file| {
+                let value = values
+                    .get(&file.key())
+                    .ok_or_else(|| format!("secret file {} was not read", file.path))?;
+                Ok((
+                    file.path.as_str(),
+                    file.mode_bits() | group_read,
                     value.as_bytes(),
-                )
-                .map_err(|e| format!("cannot pack secret file {}: {e}", file.path))?;
-        }
-        builder
-            .into_inner()
-            .map_err(|e| format!("cannot pack the secret files: {e}"))
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        root_owned_tar(&files, gid)
     }
+
+    /// The team's flag as a tar to copy into an instance's container: at the challenge's
+    /// `instanced.flag.file`, owned by root and readable by the challenge user's group only, as
+    /// a secret file is. `None` when the flag is not a file.
+    pub(super) fn flag_file_tar(&self, flag: &str) -> Option<Result<Vec<u8>, String>> {
+        let path = self
+            .spec
+            .instanced
+            .as_ref()?
+            .flag
+            .as_ref()?
+            .file
+            .as_deref()?;
+        let (gid, mode) = match self.spec.secret_files_group() {
+            Some(gid) => (u64::from(gid), 0o440),
+            None => (0, 0o400),
+        };
+        Some(root_owned_tar(&[(path, mode, flag.as_bytes())], gid))
+    }
+}
+
+/// Files as a tar of regular files owned by root and group `gid`: (absolute path, mode, bytes).
+fn root_owned_tar(files: &[(&str, u32, &[u8])], gid: u64) -> Result<Vec<u8>, String> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, mode, bytes) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(*mode);
+        header.set_uid(0);
+        header.set_gid(gid);
+        header.set_mtime(0);
+        header.set_size(bytes.len() as u64);
+        builder
+            .append_data(&mut header, path.trim_start_matches('/'), *bytes)
+            .map_err(|e| format!("cannot pack {path}: {e}"))?;
+    }
+    builder
+        .into_inner()
+        .map_err(|e| format!("cannot pack the files: {e}"))
 }
 
 fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {
@@ -149,8 +182,14 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     let build_digest = descriptor.build_digest.clone();
     let mut main = serde_json::to_value(spec).expect("specs serialize");
     let main_object = main.as_object_mut().expect("spec is an object");
-    for not_applied in ["state", "sidecars", "info"] {
+    for not_applied in ["state", "sidecars", "info", "instanced"] {
         main_object.remove(not_applied);
+    }
+    if let Some(instanced) = &spec.instanced {
+        // How the flag reaches an instance is part of its container; its ttl and limits are not
+        // (a longer ttl replaces no instance). A stopped challenge's version is another one.
+        main_object.insert("flag".into(), json!(instanced.flag));
+        main_object.insert("state".into(), json!(spec.state));
     }
     if let Some(digest) = &build_digest {
         main_object.insert("buildDigest".into(), Value::String(digest.clone()));
@@ -171,6 +210,18 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     }
     let main_hash = short_hash(&main);
     let main = std::sync::Arc::new(main);
+    if spec.instanced.is_some() {
+        // One part, the version ready for spawns: the pass makes its network and image, and
+        // the instances themselves are made through the agent's API.
+        let parts = vec![Part {
+            id: super::instances::INSTANCES_PART.into(),
+            hash: main_hash,
+            spec: main,
+            secrets: None,
+            one_shot: false,
+        }];
+        return Some(challenge_object(descriptor, key, spec, build_digest, parts));
+    }
     let mut parts: Vec<Part> = (1..=spec.replicas)
         .map(|replica| Part {
             id: format!("main-{replica}"),
@@ -194,6 +245,16 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
             one_shot: false,
         });
     }
+    Some(challenge_object(descriptor, key, spec, build_digest, parts))
+}
+
+fn challenge_object(
+    descriptor: &Descriptor,
+    key: ObjectRef,
+    spec: &ChallengeSpec,
+    build_digest: Option<String>,
+    parts: Vec<Part>,
+) -> (DesiredObject, ChallengeTemplate) {
     let template = ChallengeTemplate {
         key: key.clone(),
         spec: spec.clone(),
@@ -216,7 +277,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         ttl: None,
         ready_timeout: None,
     };
-    Some((object, template))
+    (object, template)
 }
 
 impl DockerBackend {

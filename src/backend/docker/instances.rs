@@ -1,0 +1,380 @@
+//! Per-team instances on the Docker Engine: the containers a challenge's `instanced` asks for, one
+//! per team, each on host ports of its own.
+//!
+//! A pass prepares an instanced challenge and makes no container: it makes the network of the
+//! challenge's current version (inter-container traffic off, so an instance reaches neither
+//! another team's nor another challenge), builds or pulls its image, and stops there. That
+//! network, labelled with the version's hash and state, is what the pass observes of the
+//! challenge, so a plan says when a version changes and is quiet otherwise. The containers are
+//! made, given their flags and removed by [`crate::instances`], through the calls here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use bollard::models::{ContainerSummary, Network, PortBinding};
+use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
+
+use super::network::Wall;
+use super::observe::{container_name_of, container_state, label};
+use super::template::ChallengeTemplate;
+use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, remove_container};
+use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
+use crate::descriptor::model::RunState;
+use crate::descriptor::{Kind, ObjectRef};
+use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
+
+/// Label naming the instance a container is (its id in the agent's store).
+pub const LABEL_INSTANCE_ID: &str = "berth.team-instance";
+/// The slot of every instance container, and the part a pass observes of an instanced challenge.
+pub const INSTANCE_SLOT: &str = "instance";
+/// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
+pub const INSTANCES_PART: &str = "instances";
+/// Label on an instanced challenge's network: whether its version runs (`running`) or is stopped.
+const LABEL_STATE: &str = "berth.state";
+
+/// Why an instance call failed: the engine did not answer, or it refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InstanceTrouble {
+    /// The engine did not answer; worth another try later.
+    #[error("{0}")]
+    EngineGone(String),
+    /// The engine answered no, or the challenge cannot have instances as it is.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<Trouble> for InstanceTrouble {
+    fn from(trouble: Trouble) -> InstanceTrouble {
+        match trouble {
+            Trouble::Transient(why) => InstanceTrouble::EngineGone(why),
+            Trouble::Failed(why) => InstanceTrouble::Refused(why),
+        }
+    }
+}
+
+/// One instance container as the engine holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceContainer {
+    /// The instance's id.
+    pub id: String,
+    /// The challenge.
+    pub challenge: String,
+    /// The container's name.
+    pub container: String,
+    /// The version (template hash) it runs.
+    pub version: String,
+    /// Whether it runs.
+    pub running: bool,
+}
+
+/// What a new instance container is made with.
+#[derive(Debug, Clone, Copy)]
+pub struct NewInstance<'a> {
+    /// The instance's id.
+    pub id: &'a str,
+    /// One host port for each of the challenge's `ports`, in their order.
+    pub host_ports: &'a [u16],
+    /// The team's flag, given as the challenge's `instanced.flag` says; none for a pooled one.
+    pub flag: Option<&'a str>,
+}
+
+/// The network of an instanced challenge's version: its instances reach nobody on it.
+pub fn instances_wall(template: &ChallengeTemplate) -> Wall {
+    let instanced = template.spec.instanced.as_ref();
+    Wall::Instances {
+        key: template.key.clone(),
+        version: template.main_hash().to_string(),
+        egress: template.spec.network.egress,
+        containers: instanced.map_or(1, |i| (i.max + i.pool) as usize),
+    }
+}
+
+impl DockerBackend {
+    /// A pass's step for an instanced challenge: its version's network and image made, whatever
+    /// ran of it as a single challenge removed, networks of older versions that no instance uses
+    /// any more removed. A stopped challenge's instances are removed too.
+    pub(super) async fn prepare_instances(
+        &self,
+        template: &ChallengeTemplate,
+        repo_root: &Path,
+    ) -> Attempt<String> {
+        let wall = instances_wall(template);
+        let network = self.ensure_instances_network(template, &wall).await?;
+        let image = self.ensure_image(template, repo_root, &network).await?;
+        let stopped = template.spec.state == RunState::Stopped;
+        let existing = self
+            .containers(Some(template.key.name.as_str()))
+            .await
+            .map_err(|e| self.trouble("cannot list containers", e))?;
+        let mut removed = 0;
+        for container in &existing {
+            // What ran of it before it was instanced, and, once it is stopped, its instances.
+            if stopped || label(container, LABEL_INSTANCE_ID).is_none() {
+                remove_container(&self.docker, &container_name_of(container))
+                    .await
+                    .map_err(|e| self.trouble("cannot remove a container", e))?;
+                removed += 1;
+            }
+        }
+        self.remove_networks_of(&template.key, Some(&network)).await;
+        let mut done = match stopped {
+            true => "stopped: no spawns".to_string(),
+            false => format!("ready for instances of {image}"),
+        };
+        if removed > 0 {
+            done.push_str(&format!("; {removed} container(s) removed"));
+        }
+        Ok(done)
+    }
+
+    async fn ensure_instances_network(
+        &self,
+        template: &ChallengeTemplate,
+        wall: &Wall,
+    ) -> Attempt<String> {
+        let mut labels =
+            self.ownership
+                .labels_over(&template.labels, &template.key, template.main_hash());
+        labels.insert(
+            LABEL_STATE.into(),
+            match template.spec.state {
+                RunState::Running => "running",
+                RunState::Stopped => "stopped",
+            }
+            .into(),
+        );
+        labels.insert(LABEL_SPEC.into(), template.parts[0].spec.to_string());
+        self.ensure_wall_labelled(wall, labels).await
+    }
+
+    /// The instanced challenges this berth has prepared: per challenge, the newest version's
+    /// network as its one part.
+    pub(super) async fn observe_instanced(
+        &self,
+    ) -> Result<Vec<ObservedObject>, bollard::errors::Error> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_INSTANCE}={}", self.instance()),
+                format!("{LABEL_KIND}={}", Kind::Challenge),
+                format!("{}={}", super::network::LABEL_WALL, Wall::INSTANCES),
+            ],
+        );
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await?;
+        let mut newest: BTreeMap<String, &Network> = BTreeMap::new();
+        for network in &networks {
+            let Some(name) = network.labels.as_ref().and_then(|l| l.get(LABEL_NAME)) else {
+                continue;
+            };
+            let newer = newest
+                .get(name)
+                .is_none_or(|seen| (&seen.created, &seen.id) < (&network.created, &network.id));
+            if newer {
+                newest.insert(name.clone(), network);
+            }
+        }
+        Ok(newest
+            .into_iter()
+            .filter_map(|(name, network)| {
+                let labels = network.labels.as_ref()?;
+                let state = match labels.get(LABEL_STATE).map(String::as_str) {
+                    Some("stopped") => PartState::Stopped,
+                    _ => PartState::Running,
+                };
+                Some(ObservedObject {
+                    key: ObjectRef {
+                        kind: Kind::Challenge,
+                        name: name.parse().ok()?,
+                    },
+                    engine: crate::plan::Engine::Docker,
+                    parts: vec![ObservedPart {
+                        name: network.name.clone().unwrap_or_default(),
+                        id: INSTANCES_PART.into(),
+                        hash: labels.get(LABEL_SPEC_HASH)?.clone(),
+                        spec: labels
+                            .get(LABEL_SPEC)
+                            .and_then(|s| serde_json::from_str(s).ok())
+                            .unwrap_or_default(),
+                        secrets: None,
+                        state,
+                        health: Health::Healthy,
+                        detail: None,
+                    }],
+                    archived_at: None,
+                    expired: None,
+                })
+            })
+            .collect())
+    }
+
+    /// The image an instance of `template` runs, as its pass prepared it.
+    pub fn instance_image(&self, template: &ChallengeTemplate) -> Result<String, InstanceTrouble> {
+        self.image_of(template).map_err(InstanceTrouble::from)
+    }
+
+    /// Makes and starts an instance of `template`: on its version's network, its ports published
+    /// on `new.host_ports`, with the challenge's secrets and the team's flag. A container that
+    /// does not start is removed again.
+    pub async fn start_instance(
+        &self,
+        template: &ChallengeTemplate,
+        new: NewInstance<'_>,
+    ) -> Result<String, InstanceTrouble> {
+        let name = self.instance_container_name(template, new.id);
+        match self.try_start_instance(template, new, &name).await {
+            Ok(()) => Ok(name),
+            Err(trouble) => {
+                let _ = remove_container(&self.docker, &name).await;
+                Err(trouble.into())
+            }
+        }
+    }
+
+    /// The name of instance `id`'s container at the template's version.
+    pub fn instance_container_name(&self, template: &ChallengeTemplate, id: &str) -> String {
+        format!(
+            "berth-{}-{}-{id}-{}",
+            self.instance(),
+            template.key.name,
+            &template.main_hash()[..8.min(template.main_hash().len())]
+        )
+    }
+
+    async fn try_start_instance(
+        &self,
+        template: &ChallengeTemplate,
+        new: NewInstance<'_>,
+        name: &str,
+    ) -> Attempt<()> {
+        let image = self.image_of(template)?;
+        let network = instances_wall(template).name(self.instance());
+        let secrets = template.secrets_of(INSTANCES_PART);
+        let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+        let part = &template.parts[0];
+        let mut config =
+            self.main_config(template, part, &image, &network, &values, &BTreeMap::new());
+        let labels = config.labels.get_or_insert_default();
+        labels.insert(LABEL_SLOT.into(), INSTANCE_SLOT.into());
+        labels.insert(LABEL_INSTANCE_ID.into(), new.id.into());
+        let variable = template
+            .spec
+            .instanced
+            .as_ref()
+            .and_then(|i| i.flag.as_ref())
+            .and_then(|f| f.env.as_ref());
+        if let (Some(variable), Some(value)) = (variable, new.flag) {
+            config
+                .env
+                .get_or_insert_default()
+                .push(format!("{variable}={value}"));
+        }
+        let host = config.host_config.get_or_insert_default();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for (port, host_port) in template.spec.ports.iter().zip(new.host_ports) {
+            bindings.insert(
+                format!("{}/{}", port.container, port.protocol.as_str()),
+                Some(vec![PortBinding {
+                    host_ip: None,
+                    host_port: Some(host_port.to_string()),
+                }]),
+            );
+        }
+        host.port_bindings = Some(bindings);
+        self.create(name, config).await?;
+        if !template.spec.secret_files.is_empty() {
+            self.write_secret_files(name, template, &values).await?;
+        }
+        if let Some(value) = new.flag {
+            self.write_flag_file(name, template, value).await?;
+        }
+        self.start(name).await
+    }
+
+    /// Gives a pooled instance, as it is claimed, its team's flag (when the challenge takes it as
+    /// a file; a flag in the environment is refused for pools by validation).
+    pub async fn give_flag(
+        &self,
+        container: &str,
+        template: &ChallengeTemplate,
+        flag: &str,
+    ) -> Result<(), InstanceTrouble> {
+        self.write_flag_file(container, template, flag)
+            .await
+            .map_err(InstanceTrouble::from)
+    }
+
+    /// Writes the team's flag into the instance's container when the challenge takes it as a
+    /// file: before a start, or into a pooled one as it is claimed. Nothing for a flag in the
+    /// environment.
+    async fn write_flag_file(
+        &self,
+        container: &str,
+        template: &ChallengeTemplate,
+        flag: &str,
+    ) -> Attempt<()> {
+        match template.flag_file_tar(flag) {
+            None => Ok(()),
+            Some(tar) => {
+                let tar = tar.map_err(Trouble::Failed)?;
+                self.upload_files(container, tar, "the flag").await
+            }
+        }
+    }
+
+    /// Removes an instance's container (gone already is fine).
+    pub async fn remove_instance(&self, container: &str) -> Result<(), InstanceTrouble> {
+        remove_container(&self.docker, container)
+            .await
+            .map_err(|e| {
+                self.trouble(&format!("cannot remove {container}"), e)
+                    .into()
+            })
+    }
+
+    /// Every instance container this berth has, of every challenge.
+    pub async fn instance_containers(&self) -> Result<Vec<InstanceContainer>, InstanceTrouble> {
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![
+                    format!("{LABEL_INSTANCE}={}", self.instance()),
+                    format!("{LABEL_SLOT}={INSTANCE_SLOT}"),
+                ],
+            )])),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| InstanceTrouble::from(self.trouble("cannot list containers", e)))?;
+        Ok(containers.iter().filter_map(instance_container).collect())
+    }
+
+    /// Stops a container by name, for a replacement on its ports.
+    pub async fn stop_instance(&self, container: &str) -> Result<(), InstanceTrouble> {
+        self.stop(container).await.map_err(InstanceTrouble::from)
+    }
+
+    /// Starts a container by name again (a replacement that failed).
+    pub async fn restart_instance(&self, container: &str) -> Result<(), InstanceTrouble> {
+        self.start(container).await.map_err(InstanceTrouble::from)
+    }
+}
+
+fn instance_container(container: &ContainerSummary) -> Option<InstanceContainer> {
+    Some(InstanceContainer {
+        id: label(container, LABEL_INSTANCE_ID)?.to_string(),
+        challenge: label(container, LABEL_NAME)?.to_string(),
+        container: container_name_of(container),
+        version: label(container, LABEL_SPEC_HASH)?.to_string(),
+        running: container_state(container) == PartState::Running,
+    })
+}

@@ -1,0 +1,607 @@
+//! Per-team instances on the real Docker Engine, driven the way a CTF platform's backend drives
+//! them: the agent's API with its token, teams spawning, renewing and killing, flags checked,
+//! the agent killed with `kill -9` and started again, and specs changed under live instances.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::agent::{API_TOKEN, Agent, applied, http_with_head};
+use crate::docker::{Instance, docker, engine};
+use crate::gitserver::{GitDaemon, Origin};
+use crate::util::eventually;
+
+/// A range of host ports of its own for each test's agent, below the kernel's outgoing ports.
+fn host_ports() -> (u16, u16) {
+    static NEXT: AtomicU16 = AtomicU16::new(21000);
+    let first = NEXT.fetch_add(100, Ordering::SeqCst);
+    (first, first + 99)
+}
+
+/// An agent following `origin`, its instances on a range of their own, published on 127.0.0.1.
+fn agent(instance: &Instance, daemon: &GitDaemon) -> Agent {
+    let (first, last) = host_ports();
+    Agent::start(
+        instance,
+        &daemon.url(),
+        &format!("prune: true\ninstances: {{hostPorts: {first}-{last}, host: 127.0.0.1}}\n"),
+    )
+}
+
+/// An instanced challenge: busybox's httpd serving `/` (the flag from `$FLAG` as its index, or
+/// the file system root when the flag is a file).
+fn instanced(name: &str, instanced: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /www 2>/dev/null; echo \"$FLAG\" > /www/index.html 2>/dev/null; exec httpd -f -p 8080 -h /']\n  ports: [{{container: 8080}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  instanced:\n{instanced}{extra}"
+    )
+}
+
+/// One API call with the token: the status code, the `Retry-After` header, and the JSON body.
+fn call(agent: &Agent, method: &str, path: &str, body: &str) -> (u16, Option<String>, Value) {
+    let bearer = format!("Bearer {API_TOKEN}");
+    let (code, head, body) = http_with_head(
+        agent.port,
+        method,
+        path,
+        &[("Authorization", &bearer)],
+        body.as_bytes(),
+    );
+    let retry_after = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("retry-after")
+            .then(|| value.trim().to_string())
+    });
+    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+    (code, retry_after, json)
+}
+
+fn spawn(agent: &Agent, challenge: &str, team: &str) -> (u16, Value) {
+    let (code, _, json) = call(
+        agent,
+        "POST",
+        &format!("/api/v1/challenges/{challenge}/instances"),
+        &format!(r#"{{"team": "{team}"}}"#),
+    );
+    (code, json)
+}
+
+fn port_of(instance: &Value) -> u16 {
+    instance["endpoints"][0]["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no endpoint: {instance}")) as u16
+}
+
+/// `GET path` on a host port, as a team connects: the body, or `None` when nothing answers.
+fn fetch(port: u16, path: &str) -> Option<String> {
+    let (code, body) = crate::agent::http(port, "GET", path, &[], b"");
+    (code == 200).then(|| body.trim().to_string())
+}
+
+fn fetched_eventually(port: u16, path: &str) -> String {
+    let mut answer = None;
+    eventually(
+        &format!("port {port} answers {path}"),
+        Duration::from_secs(20),
+        || {
+            answer = fetch(port, path);
+            answer.is_some()
+        },
+    );
+    answer.unwrap()
+}
+
+/// The instance containers running for `challenge`, by name.
+fn containers(instance: &Instance, challenge: &str) -> BTreeSet<String> {
+    docker(&[
+        "ps",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        &format!("label=berth.name={challenge}"),
+        "--filter",
+        "label=berth.slot=instance",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn container_of(instance: &Instance, id: &str) -> String {
+    docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        &format!("label=berth.team-instance={id}"),
+    ])
+}
+
+fn check_flag(agent: &Agent, challenge: &str, team: &str, flag: &str) -> Value {
+    let (code, _, json) = call(
+        agent,
+        "POST",
+        &format!("/api/v1/challenges/{challenge}/flags/check"),
+        &serde_json::json!({ "team": team, "flag": flag }).to_string(),
+    );
+    assert_eq!(code, 200, "{json}");
+    json
+}
+
+#[test]
+fn two_teams_get_their_own_ports_and_flags_reach_only_their_own_and_are_held_to_the_limits() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[
+        (
+            "heap.yaml",
+            &instanced(
+                "heap",
+                "    ttl: 5m\n    maxLifetime: 6m\n    max: 2\n    flag: {env: FLAG, format: \"flag{heap_%s}\"}\n",
+                "",
+            ),
+        ),
+        (
+            "plain.yaml",
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: plain}\nspec:\n  image: busybox:latest\n  command: [sleep, \"600\"]\n",
+        ),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+
+    let (code, red) = spawn(&agent, "heap", "red team");
+    assert_eq!(code, 201, "{red}");
+    let (code, blue) = spawn(&agent, "heap", "blue");
+    assert_eq!(code, 201, "{blue}");
+    assert_eq!(red["team"], "red team");
+    assert_eq!(red["state"], "live");
+    assert_ne!(port_of(&red), port_of(&blue), "two instances on one port");
+    assert_eq!(red["endpoints"][0]["host"], "127.0.0.1");
+    assert_eq!(red["endpoints"][0]["protocol"], "tcp");
+
+    // Each answers on its own port with its own team's flag.
+    let red_flag = fetched_eventually(port_of(&red), "/www/index.html");
+    let blue_flag = fetched_eventually(port_of(&blue), "/www/index.html");
+    assert!(red_flag.starts_with("flag{heap_"), "{red_flag}");
+    assert_ne!(red_flag, blue_flag);
+
+    // A shell in red's instance reaches nothing of blue's, on any address.
+    let red_container = container_of(&instance, red["id"].as_str().unwrap());
+    let blue_container = container_of(&instance, blue["id"].as_str().unwrap());
+    let blue_address = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &blue_container,
+    ]);
+    let reach = docker(&[
+        "exec",
+        &red_container,
+        "sh",
+        "-c",
+        &format!(
+            "printf 'GET /www/index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {blue_address} 8080; echo rc=$?"
+        ),
+    ]);
+    assert!(
+        !reach.contains(&blue_flag) && reach.contains("rc=1"),
+        "red reached blue's instance: {reach}"
+    );
+
+    // Flags: the team's own is correct; another team's is caught as shared, and says whose.
+    assert_eq!(
+        check_flag(&agent, "heap", "red team", &red_flag),
+        serde_json::json!({ "correct": true })
+    );
+    assert_eq!(
+        check_flag(&agent, "heap", "blue", &red_flag),
+        serde_json::json!({ "correct": false, "sharedFrom": "red team" })
+    );
+    assert_eq!(
+        check_flag(&agent, "heap", "blue", "flag{heap_guess}"),
+        serde_json::json!({ "correct": false })
+    );
+
+    // Limits: one live instance per team (409, with the one it has), two for the challenge
+    // (503 with Retry-After), and 404 for what is not instanced.
+    let (code, again) = spawn(&agent, "heap", "red team");
+    assert_eq!(code, 409, "{again}");
+    assert_eq!(again["instances"][0]["id"], red["id"]);
+    let (code, retry_after, full) = call(
+        &agent,
+        "POST",
+        "/api/v1/challenges/heap/instances",
+        r#"{"team": "green"}"#,
+    );
+    assert_eq!(code, 503, "{full}");
+    assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok()));
+    for challenge in ["plain", "nothing"] {
+        let (code, answer) = spawn(&agent, challenge, "red team");
+        assert_eq!(code, 404, "{challenge}: {answer}");
+    }
+    let (code, bad) = spawn(&agent, "heap", "line\nbreak");
+    assert_eq!(code, 400, "{bad}");
+    let (code, _, bad) = call(&agent, "POST", "/api/v1/challenges/heap/instances", "{}");
+    assert_eq!(code, 400, "{bad}");
+
+    // Without the token, nothing.
+    let (code, _) = agent.request(
+        "POST",
+        "/api/v1/challenges/heap/instances",
+        &[],
+        br#"{"team": "x"}"#,
+    );
+    assert_eq!(code, 401);
+
+    // Renewal moves the expiry on, never past renewableUntil.
+    let id = red["id"].as_str().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, _, renewed) = call(&agent, "POST", &format!("/api/v1/instances/{id}/renew"), "");
+    assert_eq!(code, 200, "{renewed}");
+    let expiry = |v: &Value, field: &str| {
+        chrono::DateTime::parse_from_rfc3339(v[field].as_str().unwrap()).unwrap()
+    };
+    assert!(expiry(&renewed, "expiresAt") > expiry(&red, "expiresAt"));
+    assert!(expiry(&renewed, "expiresAt") <= expiry(&renewed, "renewableUntil"));
+
+    // Lists by team and challenge; one by id.
+    let (code, _, listed) = call(&agent, "GET", "/api/v1/instances?team=blue", "");
+    assert_eq!(code, 200);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], blue["id"]);
+    let (code, _, one) = call(&agent, "GET", &format!("/api/v1/instances/{id}"), "");
+    assert_eq!((code, &one["team"]), (200, &Value::from("red team")));
+
+    // A kill removes it at once, and frees the team's place.
+    let (code, _, _) = call(&agent, "DELETE", &format!("/api/v1/instances/{id}"), "");
+    assert_eq!(code, 204);
+    assert!(
+        container_of(&instance, id).is_empty(),
+        "its container stays"
+    );
+    let (code, _, _) = call(&agent, "GET", &format!("/api/v1/instances/{id}"), "");
+    assert_eq!(code, 404);
+    let (code, again) = spawn(&agent, "heap", "red team");
+    assert_eq!(code, 201, "{again}");
+    // The same team gets the same flag in a new instance.
+    assert_eq!(
+        fetched_eventually(port_of(&again), "/www/index.html"),
+        red_flag
+    );
+
+    // Neither status nor metrics name a team or hold a flag.
+    let (_, status) = agent.api("GET", "/api/v1/status");
+    let (_, metrics) = agent.api("GET", "/metrics");
+    for said in [&status, &metrics] {
+        assert!(!said.contains("red team") && !said.contains("blue\""));
+        assert!(!said.contains(&red_flag) && !said.contains(&blue_flag));
+    }
+    assert!(
+        metrics.contains("berth_instance_spawns_total{challenge=\"heap\",result=\"created\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("berth_instance_spawns_total{challenge=\"heap\",result=\"team_limit\"} 1")
+    );
+}
+
+#[test]
+fn instances_go_on_time_and_a_pooled_one_is_claimed_with_its_teams_flag_and_refilled() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[
+        (
+            "short.yaml",
+            &instanced("short", "    ttl: 3s\n    flag: {env: FLAG}\n", ""),
+        ),
+        (
+            "warm.yaml",
+            &instanced(
+                "warm",
+                "    ttl: 5m\n    pool: 1\n    flag: {file: /flag.txt, format: \"CTF{%s}\"}\n",
+                "  security: {user: \"1000:1000\"}\n",
+            ),
+        ),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+
+    // Reaped within 10 s of its expiry: here within the reaper's second.
+    let (code, short) = spawn(&agent, "short", "t1");
+    assert_eq!(code, 201, "{short}");
+    let id = short["id"].as_str().unwrap().to_string();
+    let expires = chrono::DateTime::parse_from_rfc3339(short["expiresAt"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    eventually("the instance is reaped", Duration::from_secs(20), || {
+        container_of(&instance, &id).is_empty()
+    });
+    let late = chrono::Utc::now() - expires;
+    assert!(
+        late < chrono::Duration::seconds(10),
+        "reaped {late} after its expiry"
+    );
+    let (code, _, _) = call(&agent, "GET", &format!("/api/v1/instances/{id}"), "");
+    assert_eq!(code, 404);
+
+    // The pool holds one started instance with no flag yet.
+    eventually("the pool is filled", Duration::from_secs(30), || {
+        containers(&instance, "warm").len() == 1
+    });
+    let (_, _, listed) = call(&agent, "GET", "/api/v1/instances?challenge=warm", "");
+    assert_eq!(listed[0]["state"], "pooled", "{listed}");
+    assert!(listed[0]["team"].is_null());
+    let pooled_port = port_of(&listed[0]);
+    assert_eq!(
+        fetch(pooled_port, "/flag.txt"),
+        None,
+        "a pooled instance has a flag"
+    );
+
+    // A claim takes it, and its team's flag is there, readable by the challenge's user only
+    // through its group, and not writable by it.
+    let (code, claimed) = spawn(&agent, "warm", "t1");
+    assert_eq!(code, 201, "{claimed}");
+    assert_eq!(claimed["id"], listed[0]["id"]);
+    assert_eq!(port_of(&claimed), pooled_port);
+    let flag = fetched_eventually(pooled_port, "/flag.txt");
+    assert!(flag.starts_with("CTF{") && flag.len() == 37, "{flag}");
+    assert_eq!(check_flag(&agent, "warm", "t1", &flag)["correct"], true);
+    let container = container_of(&instance, claimed["id"].as_str().unwrap());
+    let mode = docker(&["exec", &container, "stat", "-c", "%a %u %g", "/flag.txt"]);
+    assert_eq!(mode, "440 0 1000");
+    let write = docker(&[
+        "exec",
+        &container,
+        "sh",
+        "-c",
+        "echo x > /flag.txt 2>/dev/null; echo rc=$?",
+    ]);
+    assert!(
+        write.ends_with("rc=1") || write.ends_with("rc=2"),
+        "{write}"
+    );
+
+    // And the pool is refilled behind it.
+    eventually("the pool is refilled", Duration::from_secs(30), || {
+        containers(&instance, "warm").len() == 2
+    });
+    let (_, metrics) = agent.api("GET", "/metrics");
+    assert!(
+        metrics.contains("berth_instance_spawns_total{challenge=\"warm\",result=\"claimed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("berth_instance_kills_total{challenge=\"short\",result=\"expired\"} 1")
+    );
+}
+
+#[test]
+fn kill_9_with_20_live_instances_keeps_them_all_respawns_a_lost_one_and_reaps_them_on_time() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[(
+        "many.yaml",
+        &instanced(
+            "many",
+            "    ttl: 40s\n    max: 30\n    flag: {env: FLAG}\n",
+            "",
+        ),
+    )]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let mut agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let spawned: Vec<Value> = (0..20)
+        .map(|team| {
+            let (code, json) = spawn(&agent, "many", &format!("team-{team}"));
+            assert_eq!(code, 201, "{json}");
+            json
+        })
+        .collect();
+    let ports: BTreeSet<u16> = spawned.iter().map(port_of).collect();
+    assert_eq!(ports.len(), 20, "ports shared");
+    let before = containers(&instance, "many");
+    assert_eq!(before.len(), 20);
+
+    agent.kill9();
+    // While the agent is down: one instance's container is removed by hand, and a container
+    // that looks like an instance but has no record appears.
+    let lost = spawned[3]["id"].as_str().unwrap();
+    docker(&["rm", "-f", &container_of(&instance, lost)]);
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &format!("berth-{}-many-stray", instance.name),
+        "--label",
+        &format!("berth.instance={}", instance.name),
+        "--label",
+        "berth.kind=Challenge",
+        "--label",
+        "berth.name=many",
+        "--label",
+        "berth.slot=instance",
+        "--label",
+        "berth.team-instance=0000000000000000",
+        "--label",
+        "berth.spec-hash=0",
+        "busybox:latest",
+        "sleep",
+        "600",
+    ]);
+    agent.spawn();
+
+    eventually(
+        "the stray is removed and the lost one respawned",
+        Duration::from_secs(30),
+        || containers(&instance, "many").len() == 20 && !container_of(&instance, lost).is_empty(),
+    );
+    let (_, _, listed) = call(&agent, "GET", "/api/v1/instances?challenge=many", "");
+    let ids: BTreeSet<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    let spawned_ids: BTreeSet<&str> = spawned.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids, spawned_ids,
+        "instances lost or made up across the restart"
+    );
+    // The respawned one is back on its port, with its team's flag.
+    let lost_port = port_of(&spawned[3]);
+    let flag = fetched_eventually(lost_port, "/www/index.html");
+    assert_eq!(check_flag(&agent, "many", "team-3", &flag)["correct"], true);
+    assert!(agent.log().contains("respawning it"), "{}", agent.log());
+
+    // Each goes within 10 s of its expiry.
+    let last_expiry = spawned
+        .iter()
+        .map(|i| {
+            chrono::DateTime::parse_from_rfc3339(i["expiresAt"].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        })
+        .max()
+        .unwrap();
+    let wait = (last_expiry - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    eventually("all are reaped", wait + Duration::from_secs(10), || {
+        containers(&instance, "many").is_empty()
+    });
+}
+
+#[test]
+fn a_changed_spec_keeps_or_replaces_live_instances_and_removing_it_removes_them() {
+    let Some(instance) = engine() else { return };
+    let keep = |mode: &str| {
+        instanced(
+            "keeper",
+            "    ttl: 5m\n    flag: {env: FLAG}\n",
+            &format!("  env: {{MODE: {mode}}}\n"),
+        )
+    };
+    let replace = |mode: &str| {
+        instanced(
+            "roller",
+            "    ttl: 5m\n    onUpdate: replace\n    flag: {env: FLAG}\n",
+            &format!("  env: {{MODE: {mode}}}\n"),
+        )
+    };
+    let origin = Origin::new(&[
+        ("keeper.yaml", &keep("one")),
+        ("roller.yaml", &replace("one")),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_, kept) = spawn(&agent, "keeper", "t1");
+    let (_, rolled) = spawn(&agent, "roller", "t1");
+    let rolled_flag = fetched_eventually(port_of(&rolled), "/www/index.html");
+    let kept_container = container_of(&instance, kept["id"].as_str().unwrap());
+    let rolled_container = container_of(&instance, rolled["id"].as_str().unwrap());
+
+    let changed = origin.commit(
+        &[
+            ("keeper.yaml", Some(&keep("two"))),
+            ("roller.yaml", Some(&replace("two"))),
+        ],
+        "a new version of both",
+    );
+    agent.reconcile();
+    agent.wait_for("the change applied", || applied(&origin, &changed));
+
+    // keep: the live one runs on as it was; a new spawn gets the new version.
+    assert_eq!(
+        container_of(&instance, kept["id"].as_str().unwrap()),
+        kept_container
+    );
+    let (_, newer) = spawn(&agent, "keeper", "t2");
+    assert_ne!(newer["version"], kept["version"]);
+    // replace: the live one is replaced by the new version, on its port, with its flag.
+    eventually(
+        "the live instance is replaced",
+        Duration::from_secs(30),
+        || {
+            let now = container_of(&instance, rolled["id"].as_str().unwrap());
+            !now.is_empty() && now != rolled_container
+        },
+    );
+    let (_, _, now) = call(
+        &agent,
+        "GET",
+        &format!("/api/v1/instances/{}", rolled["id"].as_str().unwrap()),
+        "",
+    );
+    assert_ne!(now["version"], rolled["version"]);
+    assert_eq!(now["expiresAt"], rolled["expiresAt"]);
+    assert_eq!(
+        fetched_eventually(port_of(&rolled), "/www/index.html"),
+        rolled_flag
+    );
+    let mode = docker(&[
+        "exec",
+        &container_of(&instance, rolled["id"].as_str().unwrap()),
+        "sh",
+        "-c",
+        "echo $MODE",
+    ]);
+    assert_eq!(mode, "two");
+
+    // Removed from the repo (prune on): its instances go, records too.
+    let removed = origin.commit(&[("keeper.yaml", None)], "keeper is retired");
+    agent.reconcile();
+    agent.wait_for("the removal applied", || applied(&origin, &removed));
+    eventually(
+        "keeper's instances are gone",
+        Duration::from_secs(20),
+        || {
+            containers(&instance, "keeper").is_empty()
+                && call(&agent, "GET", "/api/v1/instances?challenge=keeper", "").2
+                    == serde_json::json!([])
+        },
+    );
+    assert_eq!(containers(&instance, "roller").len(), 1);
+    let (code, _) = spawn(&agent, "keeper", "t3");
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn a_stopped_instanced_challenge_takes_no_spawns_and_its_instances_go() {
+    let Some(instance) = engine() else { return };
+    let running = instanced("gate", "    ttl: 5m\n", "");
+    let origin = Origin::new(&[("gate.yaml", &running)]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (code, live) = spawn(&agent, "gate", "t1");
+    assert_eq!(code, 201, "{live}");
+    let stopped = origin.commit(
+        &[(
+            "gate.yaml",
+            Some(&running.replace("spec:\n", "spec:\n  state: stopped\n")),
+        )],
+        "gate closes",
+    );
+    agent.reconcile();
+    agent.wait_for("the stop applied", || applied(&origin, &stopped));
+    let (code, refused) = spawn(&agent, "gate", "t2");
+    assert_eq!(code, 409, "{refused}");
+    assert!(containers(&instance, "gate").is_empty());
+    let status = origin
+        .show("berth-status:status/challenge/gate.yaml")
+        .unwrap();
+    assert!(status.contains("phase: Stopped"), "{status}");
+    eventually("its records go", Duration::from_secs(10), || {
+        call(&agent, "GET", "/api/v1/instances?challenge=gate", "").2 == serde_json::json!([])
+    });
+}
