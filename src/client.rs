@@ -1,11 +1,12 @@
-//! The command line's client of a running agent's API, for `berth runs` and `berth logs`: HTTP/1.1
+//! The command line's client of a running agent's API, for `berth runs`, `berth logs` and
+//! `berth instances`: HTTP/1.1
 //! to the agent's `listen` address with the API's bearer token, the answer's body handed over piece
 //! by piece as it arrives, so a followed log shows each line when the run prints it.
 //!
 //! Plain HTTP only, as the agent serves it: an agent on another host is reached through the TLS
 //! proxy in front of it, or an SSH tunnel.
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
@@ -34,8 +35,19 @@ impl AgentApi {
     }
 
     /// `GET path`: hands each piece of the body to `piece` as it arrives. An answer other than
-    /// 200 is an error, with the agent's reason.
-    pub async fn get(&self, path: &str, mut piece: impl FnMut(&[u8])) -> Result<(), String> {
+    /// a success is an error, with the agent's reason.
+    pub async fn get(&self, path: &str, piece: impl FnMut(&[u8])) -> Result<(), String> {
+        self.send(hyper::Method::GET, path, Vec::new(), piece).await
+    }
+
+    /// `method path` with `body`, as [`AgentApi::get`] does.
+    pub async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Vec<u8>,
+        mut piece: impl FnMut(&[u8]),
+    ) -> Result<(), String> {
         let unreachable = |e: &dyn std::fmt::Display| {
             format!("cannot reach the agent at http://{}: {e}", self.authority)
         };
@@ -46,13 +58,15 @@ impl AgentApi {
             .await
             .map_err(|e| unreachable(&e))?;
         tokio::spawn(connection);
-        let request = hyper::Request::get(path)
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, &self.authority)
             .header(
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", self.token),
             )
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("bad request {path}: {e}"))?;
         let response = sender
             .send_request(request)
@@ -80,4 +94,16 @@ impl AgentApi {
             )),
         }
     }
+}
+
+/// `text` as one part of a URL's query: every byte but the unreserved ones percent-encoded.
+pub fn query_value(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }

@@ -169,6 +169,24 @@ enum Command {
         #[command(flatten)]
         agent: AgentFlags,
     },
+    /// List a running agent's per-team instances, or spawn, renew or kill one.
+    ///
+    /// Exit codes: 0 done, 1 the agent refused (the reason is printed) or could not be reached.
+    #[command(args_conflicts_with_subcommands = true)]
+    Instances {
+        #[command(subcommand)]
+        action: Option<InstancesAction>,
+        /// Only this challenge's instances.
+        challenge: Option<String>,
+        /// Only this team's instances.
+        #[arg(long)]
+        team: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = RunsFormat::Text)]
+        format: RunsFormat,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
     /// Write the JSON Schemas of the descriptor kinds (generated from berth's own types).
     Schema {
         /// Folder to write the schema files to.
@@ -192,20 +210,53 @@ enum Command {
     },
 }
 
+/// What `berth instances` does besides listing.
+#[derive(Subcommand)]
+enum InstancesAction {
+    /// Spawn a team's instance of an instanced challenge, and print where it answers.
+    Spawn {
+        /// The challenge.
+        challenge: String,
+        /// The team, as the CTF platform names it.
+        #[arg(long)]
+        team: String,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+    /// Give an instance another ttl from now, up to its maxLifetime.
+    Renew {
+        /// The instance's id.
+        id: String,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+    /// Remove an instance now.
+    Kill {
+        /// The instance's id.
+        id: String,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+}
+
 #[derive(clap::Args)]
 struct AgentFlags {
     /// The agent's API, as its `listen` address.
     #[arg(long, env = "BERTH_AGENT", default_value = "http://127.0.0.1:8700")]
     agent: String,
-    /// A file holding the agent's API token (its `api.tokenFile`).
+    /// A file holding the agent's API token (its `api.tokenFile`); required.
     #[arg(long, env = "BERTH_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
 }
 
 impl AgentFlags {
     fn api(&self) -> Result<berth::client::AgentApi, String> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|e| format!("cannot read {}: {e}", self.token_file.display()))?;
+        let file = self
+            .token_file
+            .as_ref()
+            .ok_or("give the agent's API token as a file, with --token-file or BERTH_TOKEN_FILE")?;
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         berth::client::AgentApi::new(&self.agent, &token)
     }
 }
@@ -380,6 +431,13 @@ fn main() -> ExitCode {
             agent,
         } => run_async(list_runs(pipeline, limit, format, agent)),
         Command::Logs { run, follow, agent } => run_async(print_logs(run, follow, agent)),
+        Command::Instances {
+            action,
+            challenge,
+            team,
+            format,
+            agent,
+        } => run_async(instances(action, challenge, team, format, agent)),
         Command::Run {
             dir,
             pipeline,
@@ -985,6 +1043,117 @@ async fn list_runs(
             run.cause.as_str(),
             berth::queue::short(commit),
             took
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `berth instances`: the list, or what a subcommand asks, as the agent answers it.
+async fn instances(
+    action: Option<InstancesAction>,
+    challenge: Option<String>,
+    team: Option<String>,
+    format: RunsFormat,
+    agent: AgentFlags,
+) -> ExitCode {
+    use berth::client::query_value;
+    use hyper::Method;
+    let (method, path, body, agent) = match action {
+        None => {
+            let mut query = Vec::new();
+            if let Some(challenge) = &challenge {
+                query.push(format!("challenge={}", query_value(challenge)));
+            }
+            if let Some(team) = &team {
+                query.push(format!("team={}", query_value(team)));
+            }
+            let path = format!("/api/v1/instances?{}", query.join("&"));
+            (Method::GET, path, Vec::new(), agent)
+        }
+        Some(InstancesAction::Spawn {
+            challenge,
+            team,
+            agent,
+        }) => (
+            Method::POST,
+            format!("/api/v1/challenges/{}/instances", query_value(&challenge)),
+            serde_json::json!({ "team": team }).to_string().into_bytes(),
+            agent,
+        ),
+        Some(InstancesAction::Renew { id, agent }) => (
+            Method::POST,
+            format!("/api/v1/instances/{}/renew", query_value(&id)),
+            Vec::new(),
+            agent,
+        ),
+        Some(InstancesAction::Kill { id, agent }) => (
+            Method::DELETE,
+            format!("/api/v1/instances/{}", query_value(&id)),
+            Vec::new(),
+            agent,
+        ),
+    };
+    let api = match agent.api() {
+        Ok(api) => api,
+        Err(why) => return failed(&why),
+    };
+    let mut answer = Vec::new();
+    let listing = method == Method::GET;
+    let killing = method == Method::DELETE;
+    if let Err(why) = api
+        .send(method, &path, body, |piece| answer.extend_from_slice(piece))
+        .await
+    {
+        return failed(&why);
+    }
+    if let RunsFormat::Json = format {
+        out!("{}", String::from_utf8_lossy(&answer));
+        return ExitCode::SUCCESS;
+    }
+    if killing {
+        outln!("removed");
+        return ExitCode::SUCCESS;
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+    let instances = match answer {
+        serde_json::Value::Array(instances) => instances,
+        one => vec![one],
+    };
+    if listing {
+        outln!(
+            "{:<16}  {:<20}  {:<20}  {:<8}  {:<25}  EXPIRES",
+            "ID",
+            "CHALLENGE",
+            "TEAM",
+            "STATE",
+            "ENDPOINTS"
+        );
+    }
+    for instance in instances {
+        let text = |field: &str| printable::field(instance[field].as_str().unwrap_or("-"));
+        let endpoints: Vec<String> = instance["endpoints"]
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .map(|e| {
+                        format!(
+                            "{}:{}/{}",
+                            printable::field(e["host"].as_str().unwrap_or("")),
+                            e["port"],
+                            e["protocol"].as_str().unwrap_or("tcp")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        outln!(
+            "{:<16}  {:<20}  {:<20}  {:<8}  {:<25}  {}",
+            text("id"),
+            text("challenge"),
+            text("team"),
+            text("state"),
+            endpoints.join(","),
+            text("expiresAt")
         );
     }
     ExitCode::SUCCESS

@@ -288,6 +288,42 @@ fn two_teams_get_their_own_ports_and_flags_reach_only_their_own_and_are_held_to_
     assert!(
         metrics.contains("berth_instance_spawns_total{challenge=\"heap\",result=\"team_limit\"} 1")
     );
+
+    // The command line: a list, a refusal with the agent's reason, and a kill.
+    let berth = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("instances")
+            .args(args)
+            .arg("--agent")
+            .arg(format!("http://127.0.0.1:{}", agent.port))
+            .arg("--token-file")
+            .arg(agent.dir.path().join("api-token"))
+            .output()
+            .unwrap()
+    };
+    let listed = berth(&["heap"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{table}");
+    assert!(
+        table.contains("red team") && table.contains("blue"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("127.0.0.1:{}/tcp", port_of(&blue))),
+        "{table}"
+    );
+    let refused = berth(&["spawn", "heap", "--team", "green"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("503"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let killed = berth(&["kill", blue["id"].as_str().unwrap()]);
+    assert!(killed.status.success(), "{killed:?}");
+    let spawned = berth(&["spawn", "heap", "--team", "green"]);
+    assert!(spawned.status.success(), "{spawned:?}");
+    assert!(String::from_utf8_lossy(&spawned.stdout).contains("green"));
 }
 
 #[test]
