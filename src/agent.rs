@@ -1085,6 +1085,12 @@ impl Agent {
             self.status = Arc::new(status);
             *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
         }
+        if let Ok(counts) = self.instances.counts()
+            && let Some(status) = self.status.with_instances(&counts)
+        {
+            self.status = Arc::new(status);
+            *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
+        }
         if self
             .published
             .as_ref()

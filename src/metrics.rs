@@ -192,16 +192,19 @@ impl Metrics {
     }
 
     /// Sets the live and pooled instance gauges, by challenge.
-    pub fn instances(&self, counts: &std::collections::BTreeMap<String, (usize, usize)>) {
+    pub fn instances(
+        &self,
+        counts: &std::collections::BTreeMap<String, crate::status::InstanceCounts>,
+    ) {
         self.instances.clear();
-        for (challenge, (live, pooled)) in counts {
-            for (state, count) in [("live", live), ("pooled", pooled)] {
+        for (challenge, counted) in counts {
+            for (state, count) in [("live", counted.live), ("pooled", counted.pooled)] {
                 self.instances
                     .get_or_create(&ChallengeState {
                         challenge: challenge.clone(),
                         state: state.into(),
                     })
-                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
     }

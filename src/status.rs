@@ -174,6 +174,18 @@ pub struct ObjectStatus {
     /// A Pipeline's newest runs, newest first (their logs stay with the agent, never in git).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<crate::queue::Run>,
+    /// An instanced Challenge's per-team instances, counted (never named by team).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceCounts>,
+}
+
+/// How many instances an instanced Challenge has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceCounts {
+    /// Teams' instances.
+    pub live: usize,
+    /// Started and ready for the next teams.
+    pub pooled: usize,
 }
 
 /// How a pass ended.
@@ -432,8 +444,31 @@ impl StatusSet {
                 engine: None,
                 parts: Vec::new(),
                 runs: Vec::new(),
+                instances: None,
             });
             object.runs.clone_from(runs);
+        }
+        Some(status)
+    }
+
+    /// This status with the instance counts of instanced Challenges (by name); `None` when
+    /// they are what it shows. Counts of challenges status has no object for are left out.
+    pub fn with_instances(&self, counts: &BTreeMap<String, InstanceCounts>) -> Option<StatusSet> {
+        let shown = |key: &ObjectRef| {
+            (key.kind == Kind::Challenge)
+                .then(|| counts.get(key.name.as_str()).copied())
+                .flatten()
+        };
+        if self
+            .objects
+            .iter()
+            .all(|(key, o)| o.instances == shown(key))
+        {
+            return None;
+        }
+        let mut status = self.clone();
+        for (key, object) in &mut status.objects {
+            object.instances = shown(key);
         }
         Some(status)
     }
@@ -647,12 +682,14 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
             last_transition,
             engine: Some(step.engine).filter(|e| *e != Engine::usual_for(key.kind)),
             parts,
-            // Runs are the queue's to say; a pass keeps what status showed.
+            // Runs and instances are the queue's and the instance manager's to say; a pass keeps
+            // what status showed.
             runs: previous
                 .objects
                 .get(key)
                 .map(|o| o.runs.clone())
                 .unwrap_or_default(),
+            instances: previous.objects.get(key).and_then(|o| o.instances),
         };
         next.objects.insert(key.clone(), status);
     }

@@ -21,6 +21,7 @@ use crate::backend::docker::instances::{InstanceTrouble, NewInstance};
 use crate::backend::docker::{ChallengeTemplate, DockerBackend};
 use crate::descriptor::model::{Instanced, OnUpdate, RunState};
 use crate::metrics::Metrics;
+use crate::status::InstanceCounts;
 
 /// How often expiries are looked for: an instance goes within this (and a removal) of its time.
 const REAP_EVERY: Duration = Duration::from_secs(1);
@@ -551,14 +552,22 @@ impl Instances {
         })
     }
 
-    /// Live and pooled instances, by challenge.
-    pub fn counts(&self) -> Result<BTreeMap<String, (usize, usize)>, InstanceError> {
-        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    /// Live and pooled instances, by challenge: every instanced challenge of the revision last
+    /// applied, and any other that still has instances.
+    pub fn counts(&self) -> Result<BTreeMap<String, InstanceCounts>, InstanceError> {
+        let mut counts: BTreeMap<String, InstanceCounts> = self
+            .templates()
+            .map(|t| {
+                t.keys()
+                    .map(|name| (name.clone(), InstanceCounts::default()))
+                    .collect()
+            })
+            .unwrap_or_default();
         for instance in self.inner.store.list(None, None)? {
             let entry = counts.entry(instance.challenge).or_default();
             match instance.state {
-                InstanceState::Pooled => entry.1 += 1,
-                _ => entry.0 += 1,
+                InstanceState::Pooled => entry.pooled += 1,
+                _ => entry.live += 1,
             }
         }
         Ok(counts)

@@ -274,6 +274,21 @@ fn two_teams_get_their_own_ports_and_flags_reach_only_their_own_and_are_held_to_
         red_flag
     );
 
+    // Status counts them as of the last pass, and never names a team.
+    agent.reconcile();
+    let mut committed = String::new();
+    eventually(
+        "status counts the instances",
+        Duration::from_secs(20),
+        || {
+            committed = origin
+                .show("berth-status:status/challenge/heap.yaml")
+                .unwrap_or_default();
+            committed.contains("instances:\n  live: 2\n  pooled: 0")
+        },
+    );
+    assert!(!committed.contains("red team") && !committed.contains(&red_flag));
+
     // Neither status nor metrics name a team or hold a flag.
     let (_, status) = agent.api("GET", "/api/v1/status");
     let (_, metrics) = agent.api("GET", "/metrics");
