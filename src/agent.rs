@@ -283,9 +283,10 @@ pub async fn run(
     };
     let mut leading = leadership.leads();
     let mut pipelines_started = false;
+    instances.set_leading(leading);
+    tokio::spawn(instances.clone().run());
     if leading {
         pipelines.start().await;
-        tokio::spawn(instances.clone().run());
         pipelines_started = true;
     }
     let shared = Arc::new(Shared {
@@ -426,13 +427,14 @@ pub async fn run(
                         *agent.shared.readiness.write().expect("lock") = Readiness::Starting;
                         if !pipelines_started {
                             agent.pipelines.start().await;
-                            tokio::spawn(agent.instances.clone().run());
                             pipelines_started = true;
                         }
+                        agent.instances.set_leading(true);
                         agent.sender.send(Trigger::Startup);
                     }
                     (true, false) => {
                         tracing::warn!(identity = leadership.identity(), "lost the lead; standing by");
+                        agent.instances.set_leading(false);
                         agent.stand_by(&leadership);
                     }
                     _ => {}
@@ -976,8 +978,18 @@ impl Agent {
             Ok(applied) => applied,
             Err(error) => return self.engine_failed(error.to_string()),
         };
+        // A version whose pass made its network (after its image) is ready for spawns.
+        let ready = |template: &crate::backend::docker::ChallengeTemplate| {
+            applied.observed.iter().any(|object| {
+                object.key == template.key
+                    && object
+                        .parts
+                        .iter()
+                        .any(|part| part.hash == template.main_hash())
+            })
+        };
         self.instances
-            .declare(applied.planned.desired.instanced(), engines.docker());
+            .declare(applied.planned.desired.instanced(), ready, engines.docker());
         // Held for as long as this revision is the one applied: once objects it declares are
         // made, a later pass would no longer see it delete everything, and must not prune then.
         let current = self.current.as_ref().expect("a loaded revision");

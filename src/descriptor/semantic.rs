@@ -241,6 +241,16 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
                     "/flag/file",
                     format!("spec.instanced.flag.file: {why}"),
                 ));
+            } else if let Some(mount) = spec
+                .security
+                .tmpfs
+                .iter()
+                .find(|mount| normal.starts_with(Path::new(&mount.path)))
+            {
+                found.push(instanced_problem(
+                    "/flag/file",
+                    format!("spec.instanced.flag.file: {file} is under the tmpfs at {}, which would hide it; put it elsewhere", mount.path),
+                ));
             } else if spec.secret_files.iter().any(|s| {
                 Path::new(&s.path)
                     .components()

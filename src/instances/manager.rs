@@ -1,35 +1,31 @@
-//! The instance manager: what the API asks of instances (spawn, renew, kill, check a flag), and
-//! the background work that keeps the engine and the records in step (reap on time, refill warm
-//! pools, replace old versions, remove what has no record and respawn what lost its container).
+//! The instance manager: what the API asks of instances (spawn, renew, kill, check a flag). Its
+//! background work is in [`super::upkeep`].
 //!
 //! A record is written before its container is made and removed before its container is, so the
-//! background work never takes a spawn or a kill in progress for a lost container.
+//! background work never takes a spawn or a kill in progress for a lost container; and a spawn
+//! runs to its end in a task of its own, so a client that goes away leaves no half-made instance.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, Semaphore};
 
-use super::store::{Admission, Admitted, InstanceStore, StoreError};
+use super::store::{Admission, Admitted, InstanceStore, Still, StoreError};
 use super::{FlagKey, Instance, InstanceState, Team, renewed_expiry};
 use crate::backend::docker::instances::{InstanceTrouble, NewInstance};
 use crate::backend::docker::{ChallengeTemplate, DockerBackend};
-use crate::descriptor::model::{Instanced, OnUpdate, RunState};
+use crate::descriptor::model::{Instanced, RunState};
 use crate::metrics::Metrics;
 use crate::status::InstanceCounts;
 
-/// How often expiries are looked for: an instance goes within this (and a removal) of its time.
-const REAP_EVERY: Duration = Duration::from_secs(1);
 /// Most containers made at once for spawns; more wait their turn.
 const SPAWNS_AT_ONCE: usize = 8;
-/// Most pooled instances made, or live ones replaced, per challenge in one round of background
-/// work, so reaping is never late behind a long refill.
-const BACKGROUND_BATCH: usize = 4;
 /// Seconds a client is told to wait when a challenge is full.
 pub const RETRY_AFTER_FULL: u64 = 30;
 
@@ -69,7 +65,8 @@ pub enum InstanceError {
     /// The challenge gives no flag per team.
     #[error("{0} has no per-team flag (instanced.flag)")]
     NoFlag(String),
-    /// Instances cannot be served yet: no pass has connected to the Docker Engine.
+    /// Instances cannot be served yet: no pass has connected to the Docker Engine, or the
+    /// challenge's image is not ready.
     #[error("instances are not served yet: {0}; retry later")]
     NotReady(String),
     /// The engine failed or refused.
@@ -134,7 +131,7 @@ type Templates = Arc<BTreeMap<String, Arc<ChallengeTemplate>>>;
 /// The instance manager. Cloning shares it.
 #[derive(Clone)]
 pub struct Instances {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Instances {
@@ -146,25 +143,35 @@ impl std::fmt::Debug for Instances {
     }
 }
 
-struct Inner {
-    store: InstanceStore,
+pub(super) struct Inner {
+    pub(super) store: InstanceStore,
     key: FlagKey,
-    range: RangeInclusive<u16>,
+    pub(super) range: RangeInclusive<u16>,
     host: String,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// The engine, once a pass has connected to it.
     docker: RwLock<Option<DockerBackend>>,
-    /// The instanced challenges of the revision last applied, by name; `None` before the first.
+    /// The instanced challenges of the revision last applied, by name, whose version is ready
+    /// (or the version before, while a new one is not); `None` before the first.
     templates: RwLock<Option<Templates>>,
+    /// Instanced challenges whose first version is not ready (its image failed): spawns wait.
+    unready: RwLock<BTreeSet<String>>,
+    /// Every version declared since the agent started, by its hash: instances of older versions
+    /// still run, and their flags and lifetimes follow the version they run.
+    versions: Mutex<HashMap<String, Arc<ChallengeTemplate>>>,
+    /// When this process started (ms): a `starting` record older than that was interrupted.
+    pub(super) started_ms: i64,
+    /// Whether this agent leads: only a leader does background work.
+    pub(super) leading: AtomicBool,
     /// Wakes the background work early (a claim to refill, a new revision).
-    work: Notify,
+    pub(super) work: Notify,
     spawning: Semaphore,
     /// Replacements that failed, by instance and version: not tried again for that version.
-    failed_rolls: std::sync::Mutex<HashSet<(String, String)>>,
+    pub(super) failed_rolls: Mutex<HashSet<(String, String)>>,
 }
 
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -178,13 +185,13 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn new_id() -> Result<String, InstanceError> {
+pub(super) fn new_id() -> Result<String, InstanceError> {
     crate::backend::random_bytes()
         .map(|bytes| hex::encode(&bytes[..8]))
         .map_err(|e| InstanceError::Engine(format!("cannot make an id: {e}")))
 }
 
-fn engine(trouble: InstanceTrouble) -> InstanceError {
+pub(super) fn engine(trouble: InstanceTrouble) -> InstanceError {
     InstanceError::Engine(trouble.to_string())
 }
 
@@ -264,6 +271,10 @@ impl Instances {
                 metrics: metrics.clone(),
                 docker: RwLock::new(None),
                 templates: RwLock::new(None),
+                unready: RwLock::new(BTreeSet::new()),
+                versions: Mutex::new(HashMap::new()),
+                started_ms: now_ms(),
+                leading: AtomicBool::new(false),
                 work: Notify::new(),
                 spawning: Semaphore::new(SPAWNS_AT_ONCE),
                 failed_rolls: Default::default(),
@@ -272,21 +283,61 @@ impl Instances {
     }
 
     /// After a pass: the engine, and the instanced challenges of the revision it applied
-    /// (resolved: a Pipeline's product named). The background work then brings the instances in
-    /// line with them.
-    pub fn declare(&self, templates: Vec<ChallengeTemplate>, docker: Option<DockerBackend>) {
-        let templates: BTreeMap<String, Arc<ChallengeTemplate>> = templates
-            .into_iter()
-            .map(|t| (t.key.name.to_string(), Arc::new(t)))
-            .collect();
-        *self.inner.templates.write().expect("lock") = Some(Arc::new(templates));
+    /// (resolved: a Pipeline's product named). A version is taken only when `ready` says its
+    /// pass made it (its image and network); until then the version before goes on serving. The
+    /// background work then brings the instances in line.
+    pub fn declare(
+        &self,
+        templates: Vec<ChallengeTemplate>,
+        ready: impl Fn(&ChallengeTemplate) -> bool,
+        docker: Option<DockerBackend>,
+    ) {
+        let before = self.templates().unwrap_or_default();
+        let mut taken = BTreeMap::new();
+        let mut unready = BTreeSet::new();
+        for template in templates {
+            let name = template.key.name.to_string();
+            if ready(&template) {
+                let template = Arc::new(template);
+                self.inner
+                    .versions
+                    .lock()
+                    .expect("lock")
+                    .insert(template.main_hash().to_string(), Arc::clone(&template));
+                taken.insert(name, template);
+            } else if let Some(previous) = before.get(&name) {
+                tracing::warn!(challenge = %name, "its new version is not ready; spawns get the version before");
+                taken.insert(name, Arc::clone(previous));
+            } else {
+                unready.insert(name);
+            }
+        }
+        *self.inner.templates.write().expect("lock") = Some(Arc::new(taken));
+        *self.inner.unready.write().expect("lock") = unready;
         if let Some(docker) = docker {
             *self.inner.docker.write().expect("lock") = Some(docker);
         }
         self.inner.work.notify_one();
     }
 
-    fn docker(&self) -> Result<DockerBackend, InstanceError> {
+    /// Starts (or pauses) the background work: only the leader tends instances.
+    pub fn set_leading(&self, leading: bool) {
+        self.inner.leading.store(leading, Ordering::SeqCst);
+        self.inner.work.notify_one();
+    }
+
+    /// The template of the version `instance` runs: its own when known, else the current one.
+    pub(super) fn version_of(&self, instance: &Instance) -> Option<Arc<ChallengeTemplate>> {
+        self.inner
+            .versions
+            .lock()
+            .expect("lock")
+            .get(&instance.version)
+            .cloned()
+            .or_else(|| self.templates()?.get(&instance.challenge).cloned())
+    }
+
+    pub(super) fn docker(&self) -> Result<DockerBackend, InstanceError> {
         self.inner
             .docker
             .read()
@@ -295,7 +346,7 @@ impl Instances {
             .ok_or_else(|| InstanceError::NotReady("no pass has reached the Docker Engine".into()))
     }
 
-    fn templates(&self) -> Option<Templates> {
+    pub(super) fn templates(&self) -> Option<Templates> {
         self.inner.templates.read().expect("lock").clone()
     }
 
@@ -304,6 +355,11 @@ impl Instances {
         let templates = self.templates().ok_or_else(|| {
             InstanceError::NotReady("the agent has not applied a revision yet".into())
         })?;
+        if self.inner.unready.read().expect("lock").contains(challenge) {
+            return Err(InstanceError::NotReady(format!(
+                "the image of {challenge} is not ready (see its status)"
+            )));
+        }
         let template = templates
             .get(challenge)
             .cloned()
@@ -314,7 +370,7 @@ impl Instances {
         }
     }
 
-    fn flag(&self, template: &ChallengeTemplate, team: &Team) -> Option<String> {
+    pub(super) fn flag(&self, template: &ChallengeTemplate, team: &Team) -> Option<String> {
         let flag = instanced(template).flag.as_ref()?;
         Some(
             self.inner
@@ -355,8 +411,22 @@ impl Instances {
         }
     }
 
-    /// A team's instance of `challenge`: a pooled one claimed, or a new one started.
+    /// A team's instance of `challenge`: a pooled one claimed, or a new one started. The work
+    /// runs in a task of its own: a client that goes away mid-spawn leaves a whole instance
+    /// (listed for its team), never half of one.
     pub async fn spawn(&self, challenge: &str, team: &str) -> Result<InstanceView, InstanceError> {
+        let this = self.clone();
+        let (challenge, team) = (challenge.to_string(), team.to_string());
+        tokio::spawn(async move { this.spawn_here(&challenge, &team).await })
+            .await
+            .unwrap_or_else(|error| {
+                Err(InstanceError::Engine(format!(
+                    "the spawn broke off: {error}"
+                )))
+            })
+    }
+
+    async fn spawn_here(&self, challenge: &str, team: &str) -> Result<InstanceView, InstanceError> {
         let started = Instant::now();
         let result = self.try_spawn(challenge, team).await;
         let metrics = &self.inner.metrics;
@@ -370,7 +440,12 @@ impl Instances {
             Err(InstanceError::Full { .. } | InstanceError::NoPorts) => {
                 metrics.spawn(challenge, "full", None)
             }
-            Err(InstanceError::NotInstanced(_) | InstanceError::BadTeam(_)) => {}
+            // A name from the URL that is no challenge's gets no series of its own.
+            Err(
+                InstanceError::NotInstanced(_)
+                | InstanceError::BadTeam(_)
+                | InstanceError::NotReady(_),
+            ) => {}
             Err(_) => metrics.spawn(challenge, "failed", None),
         }
         result.map(|(view, _)| view)
@@ -418,7 +493,7 @@ impl Instances {
                     && let Err(trouble) =
                         docker.give_flag(&instance.container, &template, flag).await
                 {
-                    self.remove(&instance, "failed").await;
+                    self.remove(&instance, Still::Any, "failed").await;
                     return Err(engine(trouble));
                 }
                 tracing::info!(instance = %instance.id, %challenge, "pooled instance claimed");
@@ -435,7 +510,11 @@ impl Instances {
                     self.inner.store.remove(&instance.id)?;
                     return Err(engine(trouble));
                 }
-                self.inner.store.mark_live(&instance.id)?;
+                if !self.inner.store.mark_live(&instance.id)? {
+                    // Killed (or reaped) while it started: its container goes too.
+                    let _ = docker.remove_instance(&instance.container).await;
+                    return Err(InstanceError::NotFound(instance.id));
+                }
                 tracing::info!(instance = %instance.id, %challenge, ports = ?instance.host_ports, "instance started");
                 let live = Instance {
                     state: InstanceState::Live,
@@ -470,20 +549,27 @@ impl Instances {
             .ok_or_else(|| InstanceError::NotFound(id.to_string()))
     }
 
-    /// Gives an instance another `ttl` from now, up to its `maxLifetime`.
+    /// Gives an instance another `ttl` from now, up to its `maxLifetime`: the settings of the
+    /// version it runs. Not once it expired, nor while its challenge is stopped.
     pub fn renew(&self, id: &str) -> Result<InstanceView, InstanceError> {
+        let now = now_ms();
         let mut instance = self
             .inner
             .store
             .get(id)?
-            .filter(|i| i.team.is_some())
+            .filter(|i| i.team.is_some() && i.expires_at.is_some_and(|at| at > now))
             .ok_or_else(|| InstanceError::NotFound(id.to_string()))?;
-        let template = self
+        if let Some(current) = self
             .templates()
             .and_then(|t| t.get(&instance.challenge).cloned())
+            && current.spec.state == RunState::Stopped
+        {
+            return Err(InstanceError::Stopped(instance.challenge));
+        }
+        let template = self
+            .version_of(&instance)
             .ok_or_else(|| InstanceError::NotInstanced(instance.challenge.clone()))?;
         let settings = instanced(&template);
-        let now = now_ms();
         let (Some(expires_at), Some(deadline)) = (
             instance.expires_at,
             instance.deadline(millis(settings.max_lifetime())),
@@ -504,11 +590,13 @@ impl Instances {
             .store
             .get(id)?
             .ok_or_else(|| InstanceError::NotFound(id.to_string()))?;
-        self.remove(&instance, "killed").await;
+        self.remove(&instance, Still::Any, "killed").await;
         Ok(())
     }
 
     /// Whether `flag` is `team`'s flag for `challenge`; when it is another team's, which one.
+    /// Every flag format of the challenge's versions since the agent started counts, so an
+    /// instance still on an older version (`onUpdate: keep`) gives a correct flag.
     pub fn check_flag(
         &self,
         challenge: &str,
@@ -516,23 +604,32 @@ impl Instances {
         flag: &str,
     ) -> Result<FlagCheck, InstanceError> {
         let team = Team::new(team).map_err(InstanceError::BadTeam)?;
-        let template = self
-            .templates()
-            .and_then(|t| t.get(challenge).cloned())
-            .ok_or_else(|| InstanceError::NotInstanced(challenge.to_string()))?;
-        let format = &instanced(&template)
-            .flag
-            .as_ref()
-            .ok_or_else(|| InstanceError::NoFlag(challenge.to_string()))?
-            .format;
+        let formats: BTreeSet<String> = self
+            .inner
+            .versions
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|t| t.key.name.as_str() == challenge)
+            .filter_map(|t| Some(instanced(t).flag.as_ref()?.format.clone()))
+            .collect();
+        if formats.is_empty() {
+            let known = self.templates().is_some_and(|t| t.contains_key(challenge));
+            return Err(match known {
+                true => InstanceError::NoFlag(challenge.to_string()),
+                false => InstanceError::NotInstanced(challenge.to_string()),
+            });
+        }
         let matches = |other: &Team| {
-            bool::from(
-                self.inner
-                    .key
-                    .flag(challenge, other, format)
-                    .as_bytes()
-                    .ct_eq(flag.as_bytes()),
-            )
+            formats.iter().any(|format| {
+                bool::from(
+                    self.inner
+                        .key
+                        .flag(challenge, other, format)
+                        .as_bytes()
+                        .ct_eq(flag.as_bytes()),
+                )
+            })
         };
         if matches(&team) {
             return Ok(FlagCheck {
@@ -573,10 +670,10 @@ impl Instances {
         Ok(counts)
     }
 
-    /// Removes `instance`: its record first (so the background work never takes it for a lost
-    /// container), then its container.
-    async fn remove(&self, instance: &Instance, cause: &str) {
-        match self.inner.store.remove(&instance.id) {
+    /// Removes `instance` when it is still as `still` says: its record first (so the background
+    /// work never takes it for a lost container), then its container.
+    pub(super) async fn remove(&self, instance: &Instance, still: Still, cause: &str) {
+        match self.inner.store.remove_if(&instance.id, still) {
             Ok(true) => {}
             Ok(false) => return,
             Err(error) => {
@@ -593,255 +690,10 @@ impl Instances {
         }
         tracing::info!(instance = %instance.id, challenge = %instance.challenge, cause, "instance removed");
     }
-
-    /// The background work, for as long as the agent runs: expiries every second; and after each
-    /// pass and claim, the engine brought in line with the records, pools refilled and old
-    /// versions replaced.
-    pub async fn run(self) {
-        let mut first = true;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(REAP_EVERY) => {}
-                () = self.inner.work.notified() => {}
-            }
-            let (Ok(docker), Some(templates)) = (self.docker(), self.templates()) else {
-                continue;
-            };
-            self.reap().await;
-            if let Err(error) = self.sync(&docker, &templates, first).await {
-                tracing::warn!(%error, "cannot bring instances in line with their records");
-                continue;
-            }
-            first = false;
-            let mut more = false;
-            for template in templates.values() {
-                more |= self.fill_pool(&docker, template).await;
-                more |= self.roll(&docker, template).await;
-            }
-            if more {
-                self.inner.work.notify_one();
-            }
-            if let Ok(counts) = self.counts() {
-                self.inner.metrics.instances(&counts);
-            }
-        }
-    }
-
-    async fn reap(&self) {
-        let expired = match self.inner.store.expired(now_ms()) {
-            Ok(expired) => expired,
-            Err(error) => {
-                tracing::error!(%error, "cannot read expiries");
-                return;
-            }
-        };
-        for instance in expired {
-            self.remove(&instance, "expired").await;
-        }
-    }
-
-    /// The engine in line with the records: containers without a record removed; records
-    /// without a container respawned when their challenge still takes instances, else dropped.
-    /// At the agent's start, spawns its stop interrupted are settled too.
-    async fn sync(
-        &self,
-        docker: &DockerBackend,
-        templates: &BTreeMap<String, Arc<ChallengeTemplate>>,
-        at_start: bool,
-    ) -> Result<(), InstanceError> {
-        // Containers first: a spawn's record is written before its container is made.
-        let containers = docker.instance_containers().await.map_err(engine)?;
-        let records = self.inner.store.list(None, None)?;
-        let mut by_id: HashMap<&str, _> = containers.iter().map(|c| (c.id.as_str(), c)).collect();
-        for record in &records {
-            let container = by_id.remove(record.id.as_str());
-            let template = templates
-                .get(&record.challenge)
-                .filter(|t| t.spec.state == RunState::Running);
-            match (container, template, record.state) {
-                (Some(_), _, InstanceState::Starting) if at_start => {
-                    self.inner.store.mark_live(&record.id)?;
-                }
-                (Some(_), None, InstanceState::Pooled) => self.remove(record, "removed").await,
-                (Some(_), _, _) => {}
-                // A spawn in progress.
-                (None, _, InstanceState::Starting) if !at_start => {}
-                (None, Some(template), InstanceState::Live) => {
-                    tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone; respawning it");
-                    self.respawn(docker, template, record).await;
-                }
-                (None, _, _) => {
-                    tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone, and its challenge takes no instances now; its record is dropped");
-                    self.remove(record, "removed").await;
-                }
-            }
-        }
-        for stray in by_id.values() {
-            tracing::warn!(container = %stray.container, "an instance container without a record; removing it");
-            if let Err(error) = docker.remove_instance(&stray.container).await {
-                tracing::warn!(%error, container = %stray.container, "cannot remove it");
-            }
-        }
-        Ok(())
-    }
-
-    async fn respawn(
-        &self,
-        docker: &DockerBackend,
-        template: &ChallengeTemplate,
-        record: &Instance,
-    ) {
-        let flag = record
-            .team
-            .as_ref()
-            .and_then(|team| self.flag(template, team));
-        let new = NewInstance {
-            id: &record.id,
-            host_ports: &record.host_ports,
-            flag: flag.as_deref(),
-        };
-        match docker.start_instance(template, new).await {
-            Ok(container) => {
-                if let Err(error) =
-                    self.inner
-                        .store
-                        .replaced(&record.id, template.main_hash(), &container)
-                {
-                    tracing::error!(%error, "cannot record a respawn");
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, instance = %record.id, "cannot respawn it; its record is dropped");
-                self.remove(record, "failed").await;
-            }
-        }
-    }
-
-    /// Pooled instances of older versions removed, and the pool topped up (a few at a time);
-    /// whether more is left to do.
-    async fn fill_pool(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
-        let settings = instanced(template);
-        let challenge = template.key.name.as_str();
-        let Ok(records) = self.inner.store.list(Some(challenge), None) else {
-            return false;
-        };
-        let pooled: Vec<&Instance> = records
-            .iter()
-            .filter(|i| i.state == InstanceState::Pooled)
-            .collect();
-        let running = template.spec.state == RunState::Running;
-        let mut current = 0;
-        for instance in pooled {
-            if running && instance.version == template.main_hash() {
-                current += 1;
-            } else {
-                self.remove(instance, "removed").await;
-            }
-        }
-        let wanted = if running { settings.pool as usize } else { 0 };
-        let missing = wanted.saturating_sub(current);
-        for _ in 0..missing.min(BACKGROUND_BATCH) {
-            let Ok(id) = new_id() else { return false };
-            let container = docker.instance_container_name(template, &id);
-            let record = match self.inner.store.add_pooled(
-                &id,
-                challenge,
-                template.main_hash(),
-                &container,
-                template.spec.ports.len(),
-                &self.inner.range,
-                now_ms(),
-            ) {
-                Ok(Some(record)) => record,
-                Ok(None) => {
-                    tracing::warn!(%challenge, "no free host ports left for its pool");
-                    return false;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot record a pooled instance");
-                    return false;
-                }
-            };
-            let new = NewInstance {
-                id: &record.id,
-                host_ports: &record.host_ports,
-                flag: None,
-            };
-            if let Err(error) = docker.start_instance(template, new).await {
-                tracing::warn!(%error, %challenge, "cannot start a pooled instance");
-                let _ = self.inner.store.remove(&record.id);
-                return false;
-            }
-        }
-        missing > BACKGROUND_BATCH
-    }
-
-    /// With `onUpdate: replace`, live instances of older versions replaced by the current one
-    /// (a few at a time), keeping their id, team, ports, flag and expiry; a replacement that does
-    /// not start leaves the old container running. Whether more is left to do.
-    async fn roll(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
-        if instanced(template).on_update != OnUpdate::Replace
-            || template.spec.state != RunState::Running
-        {
-            return false;
-        }
-        let version = template.main_hash();
-        let Ok(records) = self
-            .inner
-            .store
-            .list(Some(template.key.name.as_str()), None)
-        else {
-            return false;
-        };
-        let stale: Vec<&Instance> = {
-            let failed = self.inner.failed_rolls.lock().expect("lock");
-            records
-                .iter()
-                .filter(|i| i.state == InstanceState::Live && i.version != version)
-                .filter(|i| !failed.contains(&(i.id.clone(), version.to_string())))
-                .collect()
-        };
-        for instance in stale.iter().take(BACKGROUND_BATCH) {
-            // The new container takes the old one's host ports: the old one stops first.
-            if let Err(error) = docker.stop_instance(&instance.container).await {
-                tracing::warn!(%error, instance = %instance.id, "cannot stop it for its replacement");
-                continue;
-            }
-            let flag = instance
-                .team
-                .as_ref()
-                .and_then(|team| self.flag(template, team));
-            let new = NewInstance {
-                id: &instance.id,
-                host_ports: &instance.host_ports,
-                flag: flag.as_deref(),
-            };
-            match docker.start_instance(template, new).await {
-                Ok(container) => {
-                    if let Err(error) = self.inner.store.replaced(&instance.id, version, &container)
-                    {
-                        tracing::error!(%error, "cannot record a replacement");
-                    }
-                    let _ = docker.remove_instance(&instance.container).await;
-                    tracing::info!(instance = %instance.id, %version, "instance replaced by the new version");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, instance = %instance.id, "its replacement did not start; the old version keeps running");
-                    let _ = docker.restart_instance(&instance.container).await;
-                    self.inner
-                        .failed_rolls
-                        .lock()
-                        .expect("lock")
-                        .insert((instance.id.clone(), version.to_string()));
-                }
-            }
-        }
-        stale.len() > BACKGROUND_BATCH
-    }
 }
 
 /// The `instanced` of a template the manager holds (only instanced ones are declared).
-fn instanced(template: &ChallengeTemplate) -> &Instanced {
+pub(super) fn instanced(template: &ChallengeTemplate) -> &Instanced {
     template
         .spec
         .instanced

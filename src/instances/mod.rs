@@ -6,14 +6,16 @@
 //! - this file: what an instance is, and the pure decisions (a team's flag, host ports, expiry);
 //! - [`store`]: the records, in the agent's state folder (`instances.db`), so that instances
 //!   outlive a restart or a `kill -9` of the agent;
-//! - [`manager`]: spawns, claims from the warm pool, renewals and kills, and the background work
-//!   (reaping, refilling pools, replacing old versions, making the engine match the records).
+//! - [`manager`]: spawns, claims from the warm pool, renewals, kills and flag checks;
+//! - `upkeep`: the background work (reaping, refilling pools, replacing old versions, making the
+//!   engine match the records).
 //!
 //! The containers themselves are made by [`crate::backend::docker::instances`]. A team's name is
 //! kept only in the store: never in a label, a log line, status or a metric.
 
 pub mod manager;
 pub mod store;
+mod upkeep;
 
 use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
@@ -38,8 +40,10 @@ impl Team {
         if name.is_empty() || name.len() > MAX_TEAM {
             return Err(format!("a team is 1 to {MAX_TEAM} bytes"));
         }
-        if name.chars().any(char::is_control) {
-            return Err("a team's name holds no control characters".into());
+        if name.chars().any(|c| c.is_control() || invisible(c)) {
+            return Err(
+                "a team's name holds no control, invisible or direction-changing characters".into(),
+            );
         }
         Ok(Team(name.to_string()))
     }
@@ -48,6 +52,13 @@ impl Team {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Whether `c` changes how text around it shows without showing itself (zero-width characters,
+/// direction marks and overrides, the byte order mark), which would let one team's name pass for
+/// another's where it is shown.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
 }
 
 /// Where an instance is in its life.
@@ -122,17 +133,17 @@ pub fn renewed_expiry(now: i64, ttl_ms: i64, expires_at: i64, deadline: i64) -> 
     (renewed > expires_at).then_some(renewed)
 }
 
-/// Host ports free in `range` for `count` ports, taken after `cursor` (wrapping), so a port freed
-/// a moment ago is the last taken again. `None` when fewer are free.
+/// Host ports free in `range` for `count` ports, taken from `start` on (wrapping). `None` when
+/// fewer are free.
 pub fn free_ports(
     range: &RangeInclusive<u16>,
     used: &BTreeSet<u16>,
-    cursor: u16,
+    start: u16,
     count: usize,
 ) -> Option<Vec<u16>> {
     let (first, last) = (*range.start(), *range.end());
-    let start = if (first..=last).contains(&cursor) && cursor < last {
-        cursor + 1
+    let start = if (first..=last).contains(&start) {
+        start
     } else {
         first
     };
@@ -208,15 +219,17 @@ mod tests {
         assert!(Team::new("").is_err());
         assert!(Team::new(&"a".repeat(MAX_TEAM + 1)).is_err());
         assert!(Team::new("a\nb").is_err());
+        assert!(Team::new("admin\u{202E}nimda").is_err());
+        assert!(Team::new("t\u{200B}42").is_err());
         assert!(Team::new("Équipe 7 🚩").is_ok());
     }
 
     #[test]
-    fn ports_are_taken_after_the_cursor_and_wrap() {
+    fn ports_are_taken_from_the_start_and_wrap() {
         let range = 100..=104;
         let used = BTreeSet::from([101, 103]);
-        assert_eq!(free_ports(&range, &used, 100, 2), Some(vec![102, 104]));
-        assert_eq!(free_ports(&range, &used, 104, 2), Some(vec![100, 102]));
+        assert_eq!(free_ports(&range, &used, 101, 2), Some(vec![102, 104]));
+        assert_eq!(free_ports(&range, &used, 104, 2), Some(vec![104, 100]));
         assert_eq!(free_ports(&range, &used, 0, 1), Some(vec![100]));
         assert_eq!(free_ports(&range, &used, 100, 4), None);
     }

@@ -34,7 +34,6 @@ CREATE INDEX IF NOT EXISTS instances_by_challenge ON instances (challenge, team)
 CREATE INDEX IF NOT EXISTS instances_by_expiry ON instances (expires_at);
 CREATE TABLE IF NOT EXISTS ports (port INTEGER PRIMARY KEY, instance TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS teams (challenge TEXT NOT NULL, team TEXT NOT NULL, PRIMARY KEY (challenge, team));
-CREATE TABLE IF NOT EXISTS cursor (port INTEGER NOT NULL);
 ";
 
 const COLUMNS: &str =
@@ -65,6 +64,17 @@ fn read(row: &Row<'_>) -> rusqlite::Result<Instance> {
         claimed_at: row.get(8)?,
         expires_at: row.get(9)?,
     })
+}
+
+/// What a record must still be for [`InstanceStore::remove_if`] to remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Still {
+    /// Whatever it is.
+    Any,
+    /// Pooled, not claimed meanwhile.
+    Pooled,
+    /// Expired at this time, not renewed meanwhile.
+    Expired(i64),
 }
 
 /// What [`InstanceStore::admit`] decided for a spawn.
@@ -241,14 +251,14 @@ impl InstanceStore {
         })
     }
 
-    /// Marks a starting instance live.
-    pub fn mark_live(&self, id: &str) -> Result<(), StoreError> {
+    /// Marks a starting instance live; false when it is gone (killed while it started).
+    pub fn mark_live(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|connection| {
-            connection.execute(
+            let changed = connection.execute(
                 "UPDATE instances SET state = 'live' WHERE id = ?1 AND state = 'starting'",
                 [id],
             )?;
-            Ok(())
+            Ok(changed > 0)
         })
     }
 
@@ -276,11 +286,29 @@ impl InstanceStore {
 
     /// Removes an instance's record and frees its host ports; whether there was one.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        self.remove_if(id, Still::Any)
+    }
+
+    /// Removes an instance's record when it is still as the caller saw it (still expired at
+    /// `now`, still pooled): a renewal or a claim that came in between keeps it.
+    pub fn remove_if(&self, id: &str, still: Still) -> Result<bool, StoreError> {
         self.with(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let removed = transaction.execute("DELETE FROM instances WHERE id = ?1", [id])?;
-            transaction.execute("DELETE FROM ports WHERE instance = ?1", [id])?;
+            let removed = match still {
+                Still::Any => transaction.execute("DELETE FROM instances WHERE id = ?1", [id])?,
+                Still::Pooled => transaction.execute(
+                    "DELETE FROM instances WHERE id = ?1 AND state = 'pooled'",
+                    [id],
+                )?,
+                Still::Expired(now) => transaction.execute(
+                    "DELETE FROM instances WHERE id = ?1 AND expires_at IS NOT NULL AND expires_at <= ?2",
+                    params![id, now],
+                )?,
+            };
+            if removed > 0 {
+                transaction.execute("DELETE FROM ports WHERE instance = ?1", [id])?;
+            }
             transaction.commit()?;
             Ok(removed > 0)
         })
@@ -364,7 +392,8 @@ fn insert(connection: &Connection, instance: &Instance) -> rusqlite::Result<()> 
     Ok(())
 }
 
-/// Holds `count` free host ports of `range` for `instance`, after the last ones taken.
+/// Holds `count` free host ports of `range` for `instance`, taken from a place in the range
+/// picked at random, so a team cannot tell another team's ports from its own.
 fn take_ports(
     connection: &Connection,
     range: &RangeInclusive<u16>,
@@ -377,11 +406,12 @@ fn take_ports(
             .query_map([], |row| row.get::<_, u16>(0))?
             .collect::<rusqlite::Result<_>>()?
     };
-    let cursor: u16 = connection
-        .query_row("SELECT port FROM cursor", [], |row| row.get(0))
-        .optional()?
-        .unwrap_or(0);
-    let Some(ports) = free_ports(range, &used, cursor, count) else {
+    let random = crate::backend::random_bytes()
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let span = u32::from(range.end() - range.start()) + 1;
+    let offset = u32::from(u16::from_le_bytes([random[0], random[1]])) % span;
+    let start = u16::try_from(u32::from(*range.start()) + offset).unwrap_or(*range.start());
+    let Some(ports) = free_ports(range, &used, start, count) else {
         return Ok(None);
     };
     for port in &ports {
@@ -390,11 +420,6 @@ fn take_ports(
             params![port, instance],
         )?;
     }
-    connection.execute("DELETE FROM cursor", [])?;
-    connection.execute(
-        "INSERT INTO cursor (port) VALUES (?1)",
-        [ports.last().copied().unwrap_or(cursor)],
-    )?;
     Ok(Some(ports))
 }
 
@@ -443,12 +468,17 @@ mod tests {
             store.admit(&admission(&c, "i4", 0)).unwrap(),
             Admitted::Full
         );
-        // A kill frees the team's place and the port, which the next spawn takes.
+        // A kill frees the team's place and the port (the range has two), which the next
+        // spawn takes.
         assert!(store.remove("i1").unwrap());
         let Admitted::New(third) = store.admit(&admission(&c, "i5", 0)).unwrap() else {
             panic!("a new instance");
         };
         assert_eq!(third.host_ports, first.host_ports);
+        // Only what is still as it was seen is removed.
+        assert!(!store.remove_if("i5", Still::Expired(999)).unwrap());
+        assert!(!store.remove_if("i5", Still::Pooled).unwrap());
+        assert!(store.remove_if("i5", Still::Expired(1_000)).unwrap());
         assert_eq!(store.teams("heap").unwrap(), vec![a, b, c]);
     }
 

@@ -71,8 +71,12 @@ fn refused(error: InstanceError) -> Response {
         }
         InstanceError::Engine(_) => failure(StatusCode::BAD_GATEWAY, message),
         InstanceError::Store(error) => {
+            // Where the store is, and SQLite's words, are for the operator's log only.
             tracing::error!(%error, "the instance store failed");
-            failure(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the agent's instance store failed; its log says why".into(),
+            )
         }
     }
 }

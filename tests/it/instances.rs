@@ -465,6 +465,8 @@ fn kill_9_with_20_live_instances_keeps_them_all_respawns_a_lost_one_and_reaps_th
     // that looks like an instance but has no record appears.
     let lost = spawned[3]["id"].as_str().unwrap();
     docker(&["rm", "-f", &container_of(&instance, lost)]);
+    let halted = spawned[5]["id"].as_str().unwrap();
+    docker(&["stop", "-t", "1", &container_of(&instance, halted)]);
     docker(&[
         "run",
         "-d",
@@ -510,6 +512,8 @@ fn kill_9_with_20_live_instances_keeps_them_all_respawns_a_lost_one_and_reaps_th
     let flag = fetched_eventually(lost_port, "/www/index.html");
     assert_eq!(check_flag(&agent, "many", "team-3", &flag)["correct"], true);
     assert!(agent.log().contains("respawning it"), "{}", agent.log());
+    // The one stopped by hand runs again, on its port.
+    fetched_eventually(port_of(&spawned[5]), "/www/index.html");
 
     // Each goes within 10 s of its expiry.
     let last_expiry = spawned
@@ -535,7 +539,7 @@ fn a_changed_spec_keeps_or_replaces_live_instances_and_removing_it_removes_them(
     let keep = |mode: &str| {
         instanced(
             "keeper",
-            "    ttl: 5m\n    flag: {env: FLAG}\n",
+            &format!("    ttl: 5m\n    flag: {{env: FLAG, format: \"{mode}{{%s}}\"}}\n"),
             &format!("  env: {{MODE: {mode}}}\n"),
         )
     };
@@ -577,6 +581,15 @@ fn a_changed_spec_keeps_or_replaces_live_instances_and_removing_it_removes_them(
     );
     let (_, newer) = spawn(&agent, "keeper", "t2");
     assert_ne!(newer["version"], kept["version"]);
+    // Its flags changed format; the old instance's flag, in the old one, is still its team's.
+    let old_flag = fetched_eventually(port_of(&kept), "/www/index.html");
+    assert!(old_flag.starts_with("one{"), "{old_flag}");
+    assert_eq!(
+        check_flag(&agent, "keeper", "t1", &old_flag)["correct"],
+        true
+    );
+    let new_flag = fetched_eventually(port_of(&newer), "/www/index.html");
+    assert!(new_flag.starts_with("two{"), "{new_flag}");
     // replace: the live one is replaced by the new version, on its port, with its flag.
     eventually(
         "the live instance is replaced",
@@ -655,4 +668,80 @@ fn a_stopped_instanced_challenge_takes_no_spawns_and_its_instances_go() {
     eventually("its records go", Duration::from_secs(10), || {
         call(&agent, "GET", "/api/v1/instances?challenge=gate", "").2 == serde_json::json!([])
     });
+}
+
+#[test]
+fn a_version_whose_image_fails_takes_no_spawns_and_the_one_before_goes_on_serving() {
+    let Some(instance) = engine() else { return };
+    let built = |run: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: forge}}\nspec:\n  build: {{context: forge}}\n  ports: [{{container: 8080}}]\n  instanced: {{ttl: 5m, flag: {{env: FLAG}}}}\n  env: {{RUN: \"{run}\"}}\n"
+        )
+    };
+    let origin = Origin::new(&[
+        ("forge.yaml", &built("one")),
+        (
+            "forge/Dockerfile",
+            "FROM busybox:latest\nRUN false\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\"]\n",
+        ),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || {
+        applied(&origin, &revision)
+            || origin
+                .show("berth-status:status/challenge/forge.yaml")
+                .is_some()
+    });
+    // Its image does not build: no spawn, and status says why.
+    eventually("status shows the failure", Duration::from_secs(60), || {
+        origin
+            .show("berth-status:status/challenge/forge.yaml")
+            .is_some_and(|s| s.contains("phase: Failure"))
+    });
+    let (code, refused) = spawn(&agent, "forge", "t1");
+    assert_eq!(code, 503, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("not ready"),
+        "{refused}"
+    );
+
+    // Fixed: it serves.
+    let fixed = origin.commit(
+        &[(
+            "forge/Dockerfile",
+            Some("FROM busybox:latest\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\"]\n"),
+        )],
+        "the build works",
+    );
+    agent.reconcile();
+    agent.wait_for("the fix applied", || applied(&origin, &fixed));
+    let (code, live) = spawn(&agent, "forge", "t1");
+    assert_eq!(code, 201, "{live}");
+
+    // Broken again: the plan's failure is shown, and spawns get the version that works.
+    let broken = origin.commit(
+        &[(
+            "forge/Dockerfile",
+            Some("FROM busybox:latest\nRUN exit 3\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\"]\n"),
+        )],
+        "a build that fails",
+    );
+    agent.reconcile();
+    eventually(
+        "status shows the new failure",
+        Duration::from_secs(60),
+        || {
+            origin
+                .show("berth-status:status/challenge/forge.yaml")
+                .is_some_and(|s| s.contains("phase: Failure"))
+                && origin
+                    .show("berth-status:status/agent.yaml")
+                    .is_some_and(|s| s.contains(&format!("lastAttemptedRevision: {broken}")))
+        },
+    );
+    let (code, second) = spawn(&agent, "forge", "t2");
+    assert_eq!(code, 201, "{second}");
+    assert_eq!(second["version"], live["version"]);
 }

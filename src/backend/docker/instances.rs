@@ -80,13 +80,19 @@ pub struct NewInstance<'a> {
 
 /// The network of an instanced challenge's version: its instances reach nobody on it.
 pub fn instances_wall(template: &ChallengeTemplate) -> Wall {
-    let instanced = template.spec.instanced.as_ref();
     Wall::Instances {
         key: template.key.clone(),
         version: template.main_hash().to_string(),
         egress: template.spec.network.egress,
-        containers: instanced.map_or(1, |i| (i.max + i.pool) as usize),
+        containers: capacity(&template.spec),
     }
+}
+
+/// How many containers an instanced challenge's network holds at most: `max` and `pool`.
+pub(super) fn capacity(spec: &crate::descriptor::model::ChallengeSpec) -> usize {
+    spec.instanced
+        .as_ref()
+        .map_or(1, |i| (i.max + i.pool) as usize)
 }
 
 impl DockerBackend {
@@ -98,9 +104,16 @@ impl DockerBackend {
         template: &ChallengeTemplate,
         repo_root: &Path,
     ) -> Attempt<String> {
+        // The image first, built behind the shared challenge wall: the version's network is what
+        // a pass observes of it, so it is made only once the version can run.
+        let builds_on = self
+            .ensure_wall(&Wall::Challenges {
+                egress: template.spec.network.egress,
+            })
+            .await?;
+        let image = self.ensure_image(template, repo_root, &builds_on).await?;
         let wall = instances_wall(template);
         let network = self.ensure_instances_network(template, &wall).await?;
-        let image = self.ensure_image(template, repo_root, &network).await?;
         let stopped = template.spec.state == RunState::Stopped;
         let existing = self
             .containers(Some(template.key.name.as_str()))

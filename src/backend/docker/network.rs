@@ -226,11 +226,17 @@ impl Wall {
         }
     }
 
-    /// Which wall, as templates record it: `challenges`, `own-offline`.
+    /// Which wall, as templates record it: `challenges`, `own-offline`; an instanced
+    /// challenge's with its size (`instances/23`), so a `max` that needs a larger network makes
+    /// a new version.
     pub fn describe(&self) -> String {
+        let wall = match self {
+            Wall::Instances { .. } => format!("{}/{}", self.label(), self.prefix()),
+            _ => self.label().to_string(),
+        };
         match self.egress() {
-            true => self.label().to_string(),
-            false => format!("{}-offline", self.label()),
+            true => wall,
+            false => format!("{wall}-offline"),
         }
     }
 

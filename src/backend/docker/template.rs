@@ -155,6 +155,15 @@ fn root_owned_tar(files: &[(&str, u32, &[u8])], gid: u64) -> Result<Vec<u8>, Str
 
 fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {
     let egress = spec.network.egress;
+    if spec.instanced.is_some() {
+        // Its version is not known yet (this is part of it); only its size and egress count.
+        return Wall::Instances {
+            key: key.clone(),
+            version: String::new(),
+            egress,
+            containers: super::instances::capacity(spec),
+        };
+    }
     // Replicas and sidecars reach each other by name on a network of their own; a lone
     // container needs none, and shares one where it reaches nobody.
     match spec.sidecars.is_empty() && spec.replicas == 1 {

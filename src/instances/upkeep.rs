@@ -1,0 +1,333 @@
+//! The instance manager's background work, done by the leader only: expired instances reaped
+//! every second (in a task of their own, several at once, so a refill never makes them late); and
+//! after each pass and claim, the engine brought in line with the records, warm pools refilled
+//! and live instances of older versions replaced.
+//!
+//! Every removal checks that the record is still as it was seen (still expired, still pooled), so
+//! a renewal or a claim that comes in between wins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::manager::{InstanceError, Instances, engine, instanced, new_id, now_ms};
+use super::store::Still;
+use super::{Instance, InstanceState};
+use crate::backend::docker::instances::NewInstance;
+use crate::backend::docker::{ChallengeTemplate, DockerBackend};
+use crate::descriptor::model::{OnUpdate, RunState};
+
+/// How often expiries are looked for: an instance goes within about this of its time.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// How often the engine is brought in line with the records without a pass or a claim.
+const TEND_EVERY: Duration = Duration::from_secs(5);
+/// Most pooled instances made, or live ones replaced, per challenge in one round, so a new
+/// revision's work comes in turns.
+const BATCH: usize = 4;
+/// Most containers removed at once when many expire together.
+const REMOVALS_AT_ONCE: usize = 8;
+
+impl Instances {
+    /// The background work, for as long as the agent runs; it idles while the agent stands by.
+    pub async fn run(self) {
+        tokio::spawn(self.clone().reap_for_ever());
+        let mut first = true;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(TEND_EVERY) => {}
+                () = self.inner.work.notified() => {}
+            }
+            if !self.inner.leading.load(Ordering::SeqCst) {
+                continue;
+            }
+            let (Ok(docker), Some(templates)) = (self.docker(), self.templates()) else {
+                continue;
+            };
+            if let Err(error) = self.sync(&docker, &templates, first).await {
+                tracing::warn!(%error, "cannot bring instances in line with their records");
+                continue;
+            }
+            first = false;
+            let mut more = false;
+            for template in templates.values() {
+                more |= self.fill_pool(&docker, template).await;
+                more |= self.roll(&docker, template).await;
+            }
+            if more {
+                self.inner.work.notify_one();
+            }
+            self.count();
+        }
+    }
+
+    fn count(&self) {
+        if let Ok(counts) = self.counts() {
+            self.inner.metrics.instances(&counts);
+        }
+    }
+
+    async fn reap_for_ever(self) {
+        loop {
+            tokio::time::sleep(REAP_EVERY).await;
+            if self.inner.leading.load(Ordering::SeqCst) && self.docker().is_ok() {
+                self.reap().await;
+            }
+        }
+    }
+
+    async fn reap(&self) {
+        let now = now_ms();
+        let expired = match self.inner.store.expired(now) {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::error!(%error, "cannot read expiries");
+                return;
+            }
+        };
+        if expired.is_empty() {
+            return;
+        }
+        futures_util::stream::iter(&expired)
+            .for_each_concurrent(REMOVALS_AT_ONCE, |instance| {
+                self.remove(instance, Still::Expired(now), "expired")
+            })
+            .await;
+        self.count();
+    }
+
+    /// The engine in line with the records:
+    /// - a container without a record is removed;
+    /// - a record whose container is gone is started again on its ports (with its flag) when its
+    ///   challenge still takes instances, else dropped;
+    /// - a container that does not run is started (made but not started when the agent was
+    ///   killed, or a replacement that failed);
+    /// - a stopped challenge keeps nothing; a removed one keeps its teams' instances until they
+    ///   expire, and no pool.
+    ///
+    /// At the agent's start, spawns and claims its stop interrupted are finished or dropped.
+    async fn sync(
+        &self,
+        docker: &DockerBackend,
+        templates: &BTreeMap<String, Arc<ChallengeTemplate>>,
+        at_start: bool,
+    ) -> Result<(), InstanceError> {
+        // Containers first: a spawn's record is written before its container is made.
+        let containers = docker.instance_containers().await.map_err(engine)?;
+        let records = self.inner.store.list(None, None)?;
+        let mut by_id: HashMap<&str, _> = containers.iter().map(|c| (c.id.as_str(), c)).collect();
+        for record in &records {
+            let container = by_id.remove(record.id.as_str());
+            let current = templates.get(&record.challenge);
+            let stopped = current.is_some_and(|t| t.spec.state == RunState::Stopped);
+            let interrupted = record.state == InstanceState::Starting
+                && record.created_at < self.inner.started_ms;
+            if stopped {
+                self.remove(record, Still::Any, "removed").await;
+                continue;
+            }
+            match (container, current, record.state) {
+                // A spawn in progress in this process.
+                (_, _, InstanceState::Starting) if !interrupted => {}
+                (Some(_), None, InstanceState::Pooled) => {
+                    self.remove(record, Still::Pooled, "removed").await;
+                }
+                (Some(found), _, state) => {
+                    let template = self.version_of(record);
+                    if !found.running {
+                        tracing::warn!(instance = %record.id, "an instance's container is not running; starting it");
+                        if let Err(error) = docker.restart_instance(&found.container).await {
+                            tracing::warn!(%error, instance = %record.id, "cannot start it; it is removed");
+                            self.remove(record, Still::Any, "failed").await;
+                            continue;
+                        }
+                    }
+                    if at_start
+                        && let (Some(template), Some(team)) = (template, &record.team)
+                        && let Some(flag) = self.flag(&template, team)
+                    {
+                        // A claim the stop interrupted may have left it without its flag.
+                        if let Err(error) =
+                            docker.give_flag(&found.container, &template, &flag).await
+                        {
+                            tracing::warn!(%error, instance = %record.id, "cannot write its flag again");
+                        }
+                    }
+                    if state == InstanceState::Starting {
+                        self.inner.store.mark_live(&record.id)?;
+                    }
+                }
+                (None, Some(template), InstanceState::Live) => {
+                    tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone; respawning it");
+                    self.respawn(docker, template, record).await;
+                }
+                (None, _, _) => {
+                    tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone, and it is not started again; its record is dropped");
+                    self.remove(record, Still::Any, "removed").await;
+                }
+            }
+        }
+        for stray in by_id.values() {
+            tracing::warn!(container = %stray.container, "an instance container without a record; removing it");
+            if let Err(error) = docker.remove_instance(&stray.container).await {
+                tracing::warn!(%error, container = %stray.container, "cannot remove it");
+            }
+        }
+        Ok(())
+    }
+
+    async fn respawn(
+        &self,
+        docker: &DockerBackend,
+        template: &ChallengeTemplate,
+        record: &Instance,
+    ) {
+        let flag = record
+            .team
+            .as_ref()
+            .and_then(|team| self.flag(template, team));
+        let new = NewInstance {
+            id: &record.id,
+            host_ports: &record.host_ports,
+            flag: flag.as_deref(),
+        };
+        match docker.start_instance(template, new).await {
+            Ok(container) => {
+                if let Err(error) =
+                    self.inner
+                        .store
+                        .replaced(&record.id, template.main_hash(), &container)
+                {
+                    tracing::error!(%error, "cannot record a respawn");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, instance = %record.id, "cannot respawn it; its record is dropped");
+                self.remove(record, Still::Any, "failed").await;
+            }
+        }
+    }
+
+    /// Pooled instances of older versions removed, and the pool topped up (a few at a time);
+    /// whether more is left to do.
+    async fn fill_pool(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
+        let settings = instanced(template);
+        let challenge = template.key.name.as_str();
+        let Ok(records) = self.inner.store.list(Some(challenge), None) else {
+            return false;
+        };
+        let running = template.spec.state == RunState::Running;
+        let mut current = 0;
+        for instance in records.iter().filter(|i| i.state == InstanceState::Pooled) {
+            if running && instance.version == template.main_hash() {
+                current += 1;
+            } else {
+                self.remove(instance, Still::Pooled, "removed").await;
+            }
+        }
+        let wanted = if running { settings.pool as usize } else { 0 };
+        let missing = wanted.saturating_sub(current);
+        for _ in 0..missing.min(BATCH) {
+            let Ok(id) = new_id() else { return false };
+            let container = docker.instance_container_name(template, &id);
+            let record = match self.inner.store.add_pooled(
+                &id,
+                challenge,
+                template.main_hash(),
+                &container,
+                template.spec.ports.len(),
+                &self.inner.range,
+                now_ms(),
+            ) {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    tracing::warn!(%challenge, "no free host ports left for its pool");
+                    return false;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot record a pooled instance");
+                    return false;
+                }
+            };
+            let new = NewInstance {
+                id: &record.id,
+                host_ports: &record.host_ports,
+                flag: None,
+            };
+            if let Err(error) = docker.start_instance(template, new).await {
+                tracing::warn!(%error, %challenge, "cannot start a pooled instance");
+                let _ = self.inner.store.remove_if(&record.id, Still::Pooled);
+                return false;
+            }
+        }
+        missing > BATCH
+    }
+
+    /// With `onUpdate: replace`, live instances of older versions replaced by the current one
+    /// (a few at a time), keeping their id, team, ports, flag and expiry; a replacement that does
+    /// not start leaves the old container running. Whether more is left to do.
+    async fn roll(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
+        if instanced(template).on_update != OnUpdate::Replace
+            || template.spec.state != RunState::Running
+        {
+            return false;
+        }
+        let version = template.main_hash();
+        let Ok(records) = self
+            .inner
+            .store
+            .list(Some(template.key.name.as_str()), None)
+        else {
+            return false;
+        };
+        let stale: Vec<&Instance> = {
+            let failed = self.inner.failed_rolls.lock().expect("lock");
+            records
+                .iter()
+                .filter(|i| i.state == InstanceState::Live && i.version != version)
+                .filter(|i| !failed.contains(&(i.id.clone(), version.to_string())))
+                .collect()
+        };
+        for instance in stale.iter().take(BATCH) {
+            // The new container takes the old one's host ports: the old one stops first.
+            if let Err(error) = docker.stop_instance(&instance.container).await {
+                tracing::warn!(%error, instance = %instance.id, "cannot stop it for its replacement");
+                continue;
+            }
+            let flag = instance
+                .team
+                .as_ref()
+                .and_then(|team| self.flag(template, team));
+            let new = NewInstance {
+                id: &instance.id,
+                host_ports: &instance.host_ports,
+                flag: flag.as_deref(),
+            };
+            match docker.start_instance(template, new).await {
+                Ok(container) => {
+                    if let Err(error) = self.inner.store.replaced(&instance.id, version, &container)
+                    {
+                        tracing::error!(%error, "cannot record a replacement");
+                    }
+                    let _ = docker.remove_instance(&instance.container).await;
+                    tracing::info!(instance = %instance.id, %version, "instance replaced by the new version");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, instance = %instance.id, "its replacement did not start; the old version keeps running");
+                    if let Err(error) = docker.restart_instance(&instance.container).await {
+                        // Found not running by the next round, and started or removed then.
+                        tracing::warn!(%error, instance = %instance.id, "cannot start the old version again");
+                    }
+                    self.inner
+                        .failed_rolls
+                        .lock()
+                        .expect("lock")
+                        .insert((instance.id.clone(), version.to_string()));
+                }
+            }
+        }
+        stale.len() > BATCH
+    }
+}
