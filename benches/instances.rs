@@ -240,7 +240,14 @@ fn main() {
     });
     let all_answered = started.elapsed();
     let created = spawned.iter().filter(|(code, _)| *code == 201).count();
-    let ports: BTreeSet<u16> = spawned.iter().map(|(_, i)| endpoint(i)).collect();
+    for (code, answer) in spawned.iter().filter(|(code, _)| *code != 201).take(3) {
+        println!("  refused: {code} {answer}");
+    }
+    let ports: BTreeSet<u16> = spawned
+        .iter()
+        .filter(|(code, _)| *code == 201)
+        .map(|(_, i)| endpoint(i))
+        .collect();
     for port in &ports {
         until_answers(*port);
     }

@@ -171,6 +171,8 @@ fn connection_cap(asked: usize, file_limit: u64) -> usize {
 struct App {
     server: ServerState,
     hooks: HookLimits,
+    /// Longest time to receive a request's body (`http.bodyTimeout`).
+    body_timeout: Duration,
 }
 
 impl FromRef<App> for ServerState {
@@ -212,6 +214,7 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_hooks)),
             max_body: limits.max_body,
         },
+        body_timeout: limits.body_timeout,
     };
     let body_timeout = limits.body_timeout;
     let changing = Router::new()
@@ -220,10 +223,6 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         .route("/api/v1/pipelines/{name}/runs", post(start_run))
         .route("/hooks/{provider}", post(hook))
         // Only the leader serves instances, reads included: its store holds them.
-        .route(
-            "/api/v1/challenges/{name}/instances",
-            post(instances::spawn),
-        )
         .route(
             "/api/v1/challenges/{name}/flags/check",
             post(instances::check_flag),
@@ -238,6 +237,18 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
             app.clone(),
             refused_on_standby,
         ));
+    // A spawn may wait its turn for the engine longer than a body timeout: its body is held to
+    // the timeout as it is read, and the answer comes when the instance runs.
+    let spawning: Router = Router::new()
+        .route(
+            "/api/v1/challenges/{name}/instances",
+            post(instances::spawn),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            refused_on_standby,
+        ))
+        .with_state(app.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -251,6 +262,7 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
             answer_within(body_timeout, request, next)
         }))
         .with_state(app)
+        .merge(spawning)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, holding clients to `limits`; then stops

@@ -487,8 +487,6 @@ impl Instances {
             }),
             Admitted::NoPorts => Err(InstanceError::NoPorts),
             Admitted::Claimed(instance) => {
-                // Refilled in the background.
-                self.inner.work.notify_one();
                 if let Some(flag) = &flag
                     && let Err(trouble) =
                         docker.give_flag(&instance.container, &template, flag).await
@@ -496,6 +494,8 @@ impl Instances {
                     self.remove(&instance, Still::Any, "failed").await;
                     return Err(engine(trouble));
                 }
+                // Refilled in the background, once the claim no longer waits on the engine.
+                self.inner.work.notify_one();
                 tracing::info!(instance = %instance.id, %challenge, "pooled instance claimed");
                 Ok((self.view(&instance), true))
             }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -104,12 +104,34 @@ struct FlagRequest {
     flag: String,
 }
 
-/// `POST /api/v1/challenges/{name}/instances` with `{"team": "…"}`: 201 and the instance.
+/// Largest body a spawn or a flag check takes.
+const MAX_BODY: usize = 16 * 1024;
+
+/// `POST /api/v1/challenges/{name}/instances` with `{"team": "…"}`: 201 and the instance. The
+/// body must arrive within `http.bodyTimeout`; the answer comes when the instance runs, however
+/// long it waits its turn.
 pub(super) async fn spawn(
+    State(app): State<App>,
     InstancesApi(instances): InstancesApi,
     Path(challenge): Path<String>,
-    bytes: axum::body::Bytes,
+    request: axum::extract::Request,
 ) -> Response {
+    let read = axum::body::to_bytes(request.into_body(), MAX_BODY);
+    let bytes = match tokio::time::timeout(app.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {MAX_BODY} bytes, or broke off"),
+            );
+        }
+        Err(_) => {
+            return failure(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time".into(),
+            );
+        }
+    };
     let request: SpawnRequest = match body(&bytes) {
         Ok(request) => request,
         Err(answer) => return *answer,
