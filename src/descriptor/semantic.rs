@@ -192,9 +192,6 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
     if spec.replicas > 1 {
         found.push(instanced_problem("", format!("spec.instanced: each instance is one container, and {} replicas would be one per team each; set replicas: 1", spec.replicas)));
     }
-    if !spec.sidecars.is_empty() {
-        found.push(instanced_problem("", "spec.instanced: instances with sidecars are not supported yet; run the sidecar's service in the challenge's image, or drop instanced".into()));
-    }
     if spec.ports.is_empty() {
         found.push(instanced_problem(
             "",

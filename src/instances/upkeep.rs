@@ -169,6 +169,9 @@ impl Instances {
                 }
             }
         }
+        if let Err(error) = docker.remove_orphan_sidecars().await {
+            tracing::warn!(%error, "cannot look for sidecars of removed instances");
+        }
         for stray in by_id.values() {
             tracing::warn!(container = %stray.container, "an instance container without a record; removing it");
             if let Err(error) = docker.remove_instance(&stray.container).await {

@@ -745,3 +745,80 @@ fn a_version_whose_image_fails_takes_no_spawns_and_the_one_before_goes_on_servin
     assert_eq!(code, 201, "{second}");
     assert_eq!(second["version"], live["version"]);
 }
+
+#[test]
+fn an_instance_with_a_sidecar_gets_its_own_and_reaches_no_other_teams() {
+    let Some(instance) = engine() else { return };
+    let challenge = "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: shop}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /www; until printf \"GET /token HTTP/1.0\\r\\n\\r\\n\" | nc db 9000 > /www/db.txt && grep -q token /www/db.txt; do sleep 0.2; done; exec httpd -f -p 8080 -h /']\n  ports: [{container: 8080}]\n  instanced: {ttl: 5m}\n  sidecars:\n    - name: db\n      image: busybox:latest\n      command: [sh, -c, 'mkdir -p /srv; echo token-$HOSTNAME > /srv/token; exec httpd -f -p 9000 -h /srv']\n";
+    let origin = Origin::new(&[("shop.yaml", challenge)]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (code, first) = spawn(&agent, "shop", "t1");
+    assert_eq!(code, 201, "{first}");
+    let (code, second) = spawn(&agent, "shop", "t2");
+    assert_eq!(code, 201, "{second}");
+
+    // Each main container reached its own database by name.
+    let first_token = fetched_eventually(port_of(&first), "/www/db.txt");
+    let second_token = fetched_eventually(port_of(&second), "/www/db.txt");
+    assert!(first_token.contains("token-"), "{first_token}");
+    assert_ne!(first_token, second_token, "two instances share a database");
+
+    // Team 1's main container reaches no container of team 2's, its database included.
+    let second_db = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        &format!(
+            "label=berth.team-instance={}",
+            second["id"].as_str().unwrap()
+        ),
+        "--filter",
+        "label=berth.slot=instance-sidecar",
+    ]);
+    let address = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &second_db,
+    ]);
+    let first_main = container_of(&instance, first["id"].as_str().unwrap());
+    let first_main = first_main.lines().find(|id| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"berth.slot\"}}",
+            id,
+        ]) == "instance"
+    });
+    let reach = docker(&[
+        "exec",
+        first_main.unwrap(),
+        "sh",
+        "-c",
+        &format!("printf 'GET /token HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {address} 9000; echo rc=$?"),
+    ]);
+    assert!(
+        reach.contains("rc=1") && !reach.contains("token-"),
+        "{reach}"
+    );
+
+    // A kill takes the database and the instance's network along.
+    let id = first["id"].as_str().unwrap();
+    let (code, _, _) = call(&agent, "DELETE", &format!("/api/v1/instances/{id}"), "");
+    assert_eq!(code, 204);
+    assert!(container_of(&instance, id).is_empty(), "its sidecar stays");
+    let networks = docker(&[
+        "network",
+        "ls",
+        "--format",
+        "{{.Name}}",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+    ]);
+    assert!(!networks.contains(id), "its network stays: {networks}");
+}

@@ -17,7 +17,7 @@ use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
 use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
 use super::template::ChallengeTemplate;
-use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, remove_container};
+use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, is_status, remove_container};
 use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::model::RunState;
 use crate::descriptor::{Kind, ObjectRef};
@@ -25,8 +25,12 @@ use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
 
 /// Label naming the instance a container is (its id in the agent's store).
 pub const LABEL_INSTANCE_ID: &str = "berth.team-instance";
-/// The slot of every instance container, and the part a pass observes of an instanced challenge.
+/// The slot of every instance's main container.
 pub const INSTANCE_SLOT: &str = "instance";
+/// The slot of an instance's sidecars.
+const SIDECAR_SLOT: &str = "instance-sidecar";
+/// Label on an instance's sidecar naming its main container, which it lives and goes with.
+const LABEL_INSTANCE_MAIN: &str = "berth.instance-main";
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
 /// Label on an instanced challenge's network: whether its version runs (`running`) or is stopped.
@@ -243,7 +247,7 @@ impl DockerBackend {
         match self.try_start_instance(template, new, &name).await {
             Ok(()) => Ok(name),
             Err(trouble) => {
-                let _ = remove_container(&self.docker, &name).await;
+                let _ = self.remove_instance(&name).await;
                 Err(trouble.into())
             }
         }
@@ -266,17 +270,48 @@ impl DockerBackend {
         name: &str,
     ) -> Attempt<()> {
         let image = self.image_of(template)?;
-        let network = instances_wall(template).name(self.instance());
+        let spec = &template.spec;
+        // With sidecars, the instance has a network of its own, where its containers reach each
+        // other by name; alone, it joins its version's network, where it reaches nobody.
+        let (network, aliases) = match spec.sidecars.is_empty() {
+            true => (instances_wall(template).name(self.instance()), None),
+            false => {
+                let wall = Wall::Instance {
+                    key: template.key.clone(),
+                    container: name.to_string(),
+                    egress: spec.network.egress,
+                    containers: 1 + spec.sidecars.len(),
+                };
+                let network = self.ensure_wall(&wall).await?;
+                let aliases =
+                    super::template::network_aliases(&network, template.key.name.as_str());
+                (network, Some(aliases))
+            }
+        };
+        let part = &template.parts[0];
+        for sidecar in &spec.sidecars {
+            let secrets = template.secrets_of(&format!("sidecar-{}", sidecar.name));
+            let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+            let mut config =
+                self.sidecar_config(template, part, sidecar, &network, &values, &BTreeMap::new());
+            let labels = config.labels.get_or_insert_default();
+            labels.insert(LABEL_SLOT.into(), SIDECAR_SLOT.into());
+            labels.insert(LABEL_INSTANCE_ID.into(), new.id.into());
+            labels.insert(LABEL_INSTANCE_MAIN.into(), name.into());
+            let sidecar_name = format!("{name}-{}", sidecar.name);
+            self.create(&sidecar_name, config).await?;
+            // Sidecars first, as the main container may need its database at once.
+            self.start(&sidecar_name).await?;
+        }
         let secrets = template.secrets_of(INSTANCES_PART);
         let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
-        let part = &template.parts[0];
         let mut config =
             self.main_config(template, part, &image, &network, &values, &BTreeMap::new());
+        config.networking_config = aliases;
         let labels = config.labels.get_or_insert_default();
         labels.insert(LABEL_SLOT.into(), INSTANCE_SLOT.into());
         labels.insert(LABEL_INSTANCE_ID.into(), new.id.into());
-        let variable = template
-            .spec
+        let variable = spec
             .instanced
             .as_ref()
             .and_then(|i| i.flag.as_ref())
@@ -289,7 +324,7 @@ impl DockerBackend {
         }
         let host = config.host_config.get_or_insert_default();
         let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
-        for (port, host_port) in template.spec.ports.iter().zip(new.host_ports) {
+        for (port, host_port) in spec.ports.iter().zip(new.host_ports) {
             bindings.insert(
                 format!("{}/{}", port.container, port.protocol.as_str()),
                 Some(vec![PortBinding {
@@ -300,7 +335,7 @@ impl DockerBackend {
         }
         host.port_bindings = Some(bindings);
         self.create(name, config).await?;
-        if !template.spec.secret_files.is_empty() {
+        if !spec.secret_files.is_empty() {
             self.write_secret_files(name, template, &values).await?;
         }
         if let Some(value) = new.flag {
@@ -340,34 +375,88 @@ impl DockerBackend {
         }
     }
 
-    /// Removes an instance's container (gone already is fine).
+    /// Removes an instance's main container, its sidecars and its own network (gone already is
+    /// fine).
     pub async fn remove_instance(&self, container: &str) -> Result<(), InstanceTrouble> {
+        let sidecars = self
+            .labelled(&format!("{LABEL_INSTANCE_MAIN}={container}"))
+            .await?;
+        for sidecar in &sidecars {
+            let name = container_name_of(sidecar);
+            remove_container(&self.docker, &name).await.map_err(|e| {
+                InstanceTrouble::from(self.trouble(&format!("cannot remove {name}"), e))
+            })?;
+        }
         remove_container(&self.docker, container)
             .await
             .map_err(|e| {
-                self.trouble(&format!("cannot remove {container}"), e)
-                    .into()
-            })
+                InstanceTrouble::from(self.trouble(&format!("cannot remove {container}"), e))
+            })?;
+        if !sidecars.is_empty() {
+            for offline in ["", "-offline"] {
+                match self
+                    .docker
+                    .remove_network(&format!("{container}{offline}"))
+                    .await
+                {
+                    Err(error) if !is_status(&error, 404) => {
+                        return Err(self
+                            .trouble(&format!("cannot remove the network of {container}"), error)
+                            .into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Every instance container this berth has, of every challenge.
-    pub async fn instance_containers(&self) -> Result<Vec<InstanceContainer>, InstanceTrouble> {
+    /// This berth's containers with the label `selector` (`key=value`).
+    async fn labelled(&self, selector: &str) -> Result<Vec<ContainerSummary>, InstanceTrouble> {
         let options = ListContainersOptions {
             all: true,
             filters: Some(HashMap::from([(
                 "label".to_string(),
                 vec![
                     format!("{LABEL_INSTANCE}={}", self.instance()),
-                    format!("{LABEL_SLOT}={INSTANCE_SLOT}"),
+                    selector.to_string(),
                 ],
             )])),
             ..Default::default()
         };
-        let containers = self
-            .docker
+        self.docker
             .list_containers(Some(options))
             .await
-            .map_err(|e| InstanceTrouble::from(self.trouble("cannot list containers", e)))?;
+            .map_err(|e| InstanceTrouble::from(self.trouble("cannot list containers", e)))
+    }
+
+    /// Removes sidecars whose instance's main container is gone (an agent killed mid-removal);
+    /// how many.
+    pub async fn remove_orphan_sidecars(&self) -> Result<usize, InstanceTrouble> {
+        let sidecars = self
+            .labelled(&format!("{LABEL_SLOT}={SIDECAR_SLOT}"))
+            .await?;
+        let mains: std::collections::HashSet<String> = self
+            .labelled(&format!("{LABEL_SLOT}={INSTANCE_SLOT}"))
+            .await?
+            .iter()
+            .map(container_name_of)
+            .collect();
+        let mut removed = 0;
+        for sidecar in &sidecars {
+            if label(sidecar, LABEL_INSTANCE_MAIN).is_some_and(|main| !mains.contains(main)) {
+                let _ = remove_container(&self.docker, &container_name_of(sidecar)).await;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every instance's main container this berth has, of every challenge.
+    pub async fn instance_containers(&self) -> Result<Vec<InstanceContainer>, InstanceTrouble> {
+        let containers = self
+            .labelled(&format!("{LABEL_SLOT}={INSTANCE_SLOT}"))
+            .await?;
         Ok(containers.iter().filter_map(instance_container).collect())
     }
 

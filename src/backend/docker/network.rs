@@ -184,6 +184,18 @@ pub enum Wall {
         /// How many containers it holds at most (replicas and sidecars).
         containers: usize,
     },
+    /// The network of one instance (one version of it) with sidecars: its containers reach each
+    /// other by name, and nothing else is on it.
+    Instance {
+        /// The challenge.
+        key: ObjectRef,
+        /// The instance's main container, whose name the network takes.
+        container: String,
+        /// Whether it has a route out.
+        egress: bool,
+        /// How many containers it holds (the main one and the sidecars).
+        containers: usize,
+    },
     /// The network of one version of an instanced challenge, for its per-team instances, which
     /// reach nobody on it.
     Instances {
@@ -207,6 +219,7 @@ impl Wall {
             Wall::Challenges { egress }
             | Wall::Steps { egress }
             | Wall::Own { egress, .. }
+            | Wall::Instance { egress, .. }
             | Wall::Instances { egress, .. } => *egress,
         }
     }
@@ -218,6 +231,7 @@ impl Wall {
             Wall::Challenges { .. } => format!("berth-{instance}-challenges{offline}"),
             Wall::Steps { .. } => format!("berth-{instance}-steps{offline}"),
             Wall::Own { key, .. } => format!("berth-{instance}-{}-walled{offline}", key.name),
+            Wall::Instance { container, .. } => format!("{container}{offline}"),
             Wall::Instances { key, version, .. } => format!(
                 "berth-{instance}-{}-instances-{}{offline}",
                 key.name,
@@ -245,13 +259,15 @@ impl Wall {
             Wall::Challenges { .. } => "challenges",
             Wall::Steps { .. } => "steps",
             Wall::Own { .. } => "own",
+            Wall::Instance { .. } => "instance",
             Wall::Instances { .. } => Wall::INSTANCES,
         }
     }
 
-    /// Whether containers on it reach each other: only on a challenge's own network.
+    /// Whether containers on it reach each other: only on a challenge's (or an instance's) own
+    /// network.
     fn inter_container(&self) -> bool {
-        matches!(self, Wall::Own { .. })
+        matches!(self, Wall::Own { .. } | Wall::Instance { .. })
     }
 
     fn prefix(&self) -> u8 {
@@ -259,9 +275,9 @@ impl Wall {
             // Room for a CTF's worth of challenges, replicas and updates.
             Wall::Challenges { .. } => 20,
             Wall::Steps { .. } => 22,
-            Wall::Own { containers, .. } | Wall::Instances { containers, .. } => {
-                prefix_for(*containers)
-            }
+            Wall::Own { containers, .. }
+            | Wall::Instance { containers, .. }
+            | Wall::Instances { containers, .. } => prefix_for(*containers),
         }
     }
 }
@@ -327,7 +343,9 @@ impl DockerBackend {
     /// containers of this challenge on them, which this pass then makes again on the kept one.
     pub(super) async fn ensure_wall(&self, wall: &Wall) -> Attempt<String> {
         let labels = match wall {
-            Wall::Own { key, .. } | Wall::Instances { key, .. } => self.ownership.labels(key, ""),
+            Wall::Own { key, .. } | Wall::Instance { key, .. } | Wall::Instances { key, .. } => {
+                self.ownership.labels(key, "")
+            }
             _ => self.ownership.instance_labels(),
         };
         self.ensure_wall_labelled(wall, labels).await
@@ -341,7 +359,9 @@ impl DockerBackend {
     ) -> Attempt<String> {
         let name = wall.name(self.instance());
         let key = match wall {
-            Wall::Own { key, .. } | Wall::Instances { key, .. } => Some(key),
+            Wall::Own { key, .. } | Wall::Instance { key, .. } | Wall::Instances { key, .. } => {
+                Some(key)
+            }
             _ => None,
         };
         let mut networks = self.networks_named(&name, key).await?;

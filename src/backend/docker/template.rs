@@ -500,7 +500,7 @@ fn restart_policy(policy: RestartPolicy) -> DockerRestart {
     }
 }
 
-fn network_aliases(network: &str, alias: &str) -> NetworkingConfig {
+pub(super) fn network_aliases(network: &str, alias: &str) -> NetworkingConfig {
     let endpoint = EndpointSettings {
         aliases: Some(vec![alias.to_string()]),
         ..Default::default()
