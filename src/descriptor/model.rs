@@ -97,6 +97,11 @@ pub struct ChallengeSpec {
     /// container's `security.user`, mode `0400` unless set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_files: Vec<SecretFile>,
+    /// Named volumes mounted into the main container: what is written there outlives updates
+    /// and restarts, and goes only with the challenge (removed with prune). Sidecars mount them
+    /// by the same name (a database's data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
     /// Ports the container listens on, and where they are published on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
@@ -490,6 +495,10 @@ pub struct Sidecar {
     /// Limits for the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Named volumes mounted into the sidecar; a name the main container mounts too is the same
+    /// volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
     /// What the sidecar's processes may do beyond the usual.
     #[serde(default, skip_serializing_if = "is_default")]
     pub security: Security,
@@ -696,6 +705,19 @@ impl ChallengeSpec {
             .is_some_and(|f| f.file.is_some());
         (!self.secret_files.is_empty() || flag_file).then(|| user.gid.unwrap_or(user.uid))
     }
+}
+
+/// A named volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeMount {
+    /// The volume's name, one per challenge: `data`.
+    pub name: Name,
+    /// Where it is mounted, an absolute path: `/var/lib/mysql`.
+    pub path: String,
+    /// Mount it read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// A secret written as a file into a challenge's container.

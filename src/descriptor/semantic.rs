@@ -303,10 +303,68 @@ fn plain_file_path(path: &str) -> Result<(), String> {
     }
 }
 
+/// A challenge's volumes: plain absolute paths, one volume per path in each container, not
+/// under a tmpfs or on a secret file; and Docker only so far.
+fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    let containers = std::iter::once((
+        "/spec/volumes".to_string(),
+        "spec.volumes".to_string(),
+        &spec.volumes,
+        &spec.security,
+    ))
+    .chain(spec.sidecars.iter().enumerate().map(|(index, sidecar)| {
+        (
+            format!("/spec/sidecars/{index}/volumes"),
+            format!("spec.sidecars[{index}].volumes"),
+            &sidecar.volumes,
+            &sidecar.security,
+        )
+    }));
+    for (pointer, shown, volumes, security) in containers {
+        if !volumes.is_empty() && spec.target == Some(Engine::Kubernetes) {
+            found.push(violation(
+                pointer.clone(),
+                format!("{shown}: named volumes run on docker only so far; on Kubernetes, keep data in a Staging with a PersistentVolumeClaim"),
+            ));
+        }
+        let mut seen: Vec<std::path::PathBuf> = Vec::new();
+        for (index, volume) in volumes.iter().enumerate() {
+            let at = format!("{pointer}/{index}/path");
+            let said = |why: String| violation(at.clone(), format!("{shown}[{index}].path: {why}"));
+            let normal: std::path::PathBuf = Path::new(&volume.path).components().collect();
+            if let Err(why) = plain_file_path(&volume.path) {
+                found.push(said(
+                    why.replace("a file's absolute path", "a folder's absolute path")
+                        .replace("/flag.txt", "/data"),
+                ));
+            } else if let Some(other) = seen
+                .iter()
+                .find(|other| normal.starts_with(other) || other.starts_with(&normal))
+            {
+                found.push(said(format!(
+                    "{} and {} are the same folder, or one is inside the other",
+                    volume.path,
+                    other.display()
+                )));
+            } else if let Some(mount) = security.tmpfs.iter().find(|m| {
+                normal.starts_with(Path::new(&m.path)) || Path::new(&m.path).starts_with(&normal)
+            }) {
+                found.push(said(format!(
+                    "{} and the tmpfs at {} would hide one another",
+                    volume.path, mount.path
+                )));
+            } else {
+                seen.push(normal);
+            }
+        }
+    }
+}
+
 fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
     if let Some(instanced) = &spec.instanced {
         check_instanced(spec, instanced, found);
     }
+    check_volumes(spec, found);
     // Paths as the file system takes them (`//flag` and `/./flag` are `/flag`): each once, none
     // inside another, none under a tmpfs (mounted over the file at the start, on Docker).
     let mut seen: Vec<std::path::PathBuf> = Vec::new();

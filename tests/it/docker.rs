@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::util::{Repo, crate_root, stdout};
+use crate::util::{Repo, crate_root, eventually, stdout};
 
 /// A berth instance of its own for one test, cleaned up on drop.
 pub struct Instance {
@@ -920,5 +920,63 @@ fn a_flag_file_is_written_into_the_container_for_its_user_and_a_new_flag_replace
     assert_eq!(
         docker(&["exec", &second, "cat", "/home/ctf/flag.txt"]),
         "flag{second-file}"
+    );
+}
+
+#[test]
+fn a_named_volume_keeps_its_data_across_updates_is_shared_with_a_sidecar_by_name_and_goes_with_prune()
+ {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let store = |mode: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: store}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'echo {mode} >> /data/log; exec sleep 3600']\n  volumes: [{{name: data, path: /data}}]\n  sidecars:\n    - name: reader\n      image: busybox:latest\n      command: [sleep, \"3600\"]\n      volumes: [{{name: data, path: /shared, readOnly: true}}]\n"
+        )
+    };
+    repo.write("store.yaml", store("one")).write(
+        "other.yaml",
+        crate::util::challenge("other", "  command: [sleep, \"3600\"]\n"),
+    );
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let main = instance.containers("store")["main-1"].0.clone();
+    eventually("the first start wrote", Duration::from_secs(20), || {
+        docker(&["exec", &main, "cat", "/data/log"]) == "one"
+    });
+
+    // An update replaces the container; what it wrote is still there.
+    repo.write("store.yaml", store("two"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let main = instance.containers("store")["main-1"].0.clone();
+    eventually("the second start wrote", Duration::from_secs(20), || {
+        docker(&["exec", &main, "cat", "/data/log"]) == "one\ntwo"
+    });
+    // The sidecar sees it, and cannot write it.
+    let reader = instance.containers("store")["sidecar-reader"].0.clone();
+    assert_eq!(docker(&["exec", &reader, "cat", "/shared/log"]), "one\ntwo");
+    let write = docker(&[
+        "exec",
+        &reader,
+        "sh",
+        "-c",
+        "echo x >> /shared/log 2>/dev/null; echo rc=$?",
+    ]);
+    assert!(
+        write.ends_with("rc=1") || write.ends_with("rc=2"),
+        "{write}"
+    );
+
+    // Removed with prune: the volume goes too.
+    let volume = format!("berth-{}-store-data", instance.name);
+    assert_eq!(
+        docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]),
+        volume
+    );
+    std::fs::remove_file(repo.path().join("store.yaml")).unwrap();
+    assert_eq!(instance.apply(&repo, &["--prune"]).status.code(), Some(0));
+    assert!(instance.containers("store").is_empty());
+    assert_eq!(
+        docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]),
+        "",
+        "the volume is left"
     );
 }

@@ -1277,3 +1277,46 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
         assert!(found.2.contains(words), "{} lacks {words}", found.2);
     }
 }
+
+#[test]
+fn volumes_are_folders_of_their_own_on_docker() {
+    let repo = Repo::new();
+    repo.write(
+        "paths.yaml",
+        challenge(
+            "paths",
+            "  volumes:\n    - {name: data, path: data}\n    - {name: logs, path: /var/log}\n    - {name: more, path: /var/log/app}\n  security: {tmpfs: [{path: /tmp, size: 1Mi}]}\n  sidecars:\n    - name: db\n      image: busybox:latest\n      volumes: [{name: data, path: /tmp/db}]\n      security: {tmpfs: [{path: /tmp, size: 1Mi}]}\n",
+        ),
+    )
+    .write(
+        "cluster.yaml",
+        challenge(
+            "cluster",
+            "  target: kubernetes\n  volumes: [{name: data, path: /data}]\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let found: Vec<(&str, usize, &str)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
+        .collect();
+    let expected = [
+        ("cluster.yaml", 8, "named volumes run on docker only so far"),
+        ("paths.yaml", 8, "\"data\" is not a folder's absolute path"),
+        (
+            "paths.yaml",
+            10,
+            "/var/log/app and /var/log are the same folder, or one is inside the other",
+        ),
+        (
+            "paths.yaml",
+            15,
+            "/tmp/db and the tmpfs at /tmp would hide one another",
+        ),
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for (found, (file, line, words)) in found.iter().zip(expected) {
+        assert_eq!((found.0, found.1), (file, line), "{found:?} is not {words}");
+        assert!(found.2.contains(words), "{} lacks {words}", found.2);
+    }
+}

@@ -65,6 +65,7 @@ impl DockerBackend {
         // Everything that can fail is prepared before any container is touched.
         let network = self.ensure_wall(&template.wall()).await?;
         let image = self.ensure_image(template, repo_root, &network).await?;
+        self.ensure_volumes(template).await?;
         let key = match template
             .parts
             .iter()
@@ -300,6 +301,7 @@ impl DockerBackend {
         for container in &existing {
             self.remove(container).await?;
         }
+        self.remove_volumes_of(key).await?;
         for network in self.networks_of(key).await? {
             let id = network.id.unwrap_or_default();
             match self.docker.remove_network(&id).await {
@@ -336,6 +338,64 @@ impl DockerBackend {
                 .await;
         }
         Ok(format!("removed {} container(s)", existing.len()))
+    }
+
+    /// Makes the challenge's named volumes that are missing, labelled as its own.
+    async fn ensure_volumes(&self, template: &ChallengeTemplate) -> Attempt<()> {
+        let names: std::collections::BTreeSet<&str> = template
+            .spec
+            .volumes
+            .iter()
+            .chain(template.spec.sidecars.iter().flat_map(|s| &s.volumes))
+            .map(|v| v.name.as_str())
+            .collect();
+        for name in names {
+            let request = bollard::models::VolumeCreateRequest {
+                name: Some(self.volume_name(&template.key, name)),
+                labels: Some(self.ownership.labels(&template.key, "")),
+                ..Default::default()
+            };
+            // Creating a volume that exists leaves it (and what is in it) as it is.
+            self.docker
+                .create_volume(request)
+                .await
+                .map_err(|e| self.trouble(&format!("cannot create volume {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the challenge's named volumes (once its containers are gone).
+    async fn remove_volumes_of(&self, key: &ObjectRef) -> Attempt<()> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            self.ownership
+                .selector(Kind::Challenge, Some(key.name.as_str())),
+        )]);
+        let volumes = self
+            .docker
+            .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| self.trouble("cannot list volumes", e))?;
+        for volume in volumes.volumes.unwrap_or_default() {
+            match self
+                .docker
+                .remove_volume(
+                    &volume.name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+            {
+                Err(error) if !is_status(&error, 404) => {
+                    return Err(
+                        self.trouble(&format!("cannot remove volume {}", volume.name), error)
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Copies the challenge's secret files into the container `name`, made and not yet started:

@@ -294,6 +294,7 @@ impl DockerBackend {
             let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let mut config =
                 self.sidecar_config(template, part, sidecar, &network, &values, &BTreeMap::new());
+            anonymous_volumes(&mut config);
             let labels = config.labels.get_or_insert_default();
             labels.insert(LABEL_SLOT.into(), SIDECAR_SLOT.into());
             labels.insert(LABEL_INSTANCE_ID.into(), new.id.into());
@@ -308,6 +309,7 @@ impl DockerBackend {
         let mut config =
             self.main_config(template, part, &image, &network, &values, &BTreeMap::new());
         config.networking_config = aliases;
+        anonymous_volumes(&mut config);
         let labels = config.labels.get_or_insert_default();
         labels.insert(LABEL_SLOT.into(), INSTANCE_SLOT.into());
         labels.insert(LABEL_INSTANCE_ID.into(), new.id.into());
@@ -479,4 +481,18 @@ fn instance_container(container: &ContainerSummary) -> Option<InstanceContainer>
         version: label(container, LABEL_SPEC_HASH)?.to_string(),
         running: container_state(container) == PartState::Running,
     })
+}
+
+/// An instance's volumes are its own: anonymous, made with its containers and removed with them,
+/// never a challenge's named volume that another team's instance would share.
+fn anonymous_volumes(config: &mut bollard::models::ContainerCreateBody) {
+    let mounts = config
+        .host_config
+        .as_mut()
+        .and_then(|host| host.mounts.as_mut())
+        .into_iter()
+        .flatten();
+    for mount in mounts {
+        mount.source = None;
+    }
 }

@@ -376,6 +376,7 @@ impl DockerBackend {
         host_config.port_bindings = Some(bindings);
         host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(spec.restart));
+        host_config.mounts = self.volume_mounts(&template.key, &spec.volumes);
         let own = matches!(template.wall(), Wall::Own { .. });
         ContainerCreateBody {
             image: Some(image.to_string()),
@@ -406,6 +407,7 @@ impl DockerBackend {
     ) -> ContainerCreateBody {
         let mut host_config = contained(sidecar.resources.as_ref(), &sidecar.security, true);
         host_config.network_mode = Some(network.to_string());
+        host_config.mounts = self.volume_mounts(&template.key, &sidecar.volumes);
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
             image: Some(sidecar.image.clone()),
@@ -419,6 +421,33 @@ impl DockerBackend {
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
         }
+    }
+}
+
+impl DockerBackend {
+    /// The engine's name for the challenge `key`'s volume `name`.
+    pub(super) fn volume_name(&self, key: &ObjectRef, name: &str) -> String {
+        format!("berth-{}-{}-{name}", self.instance(), key.name)
+    }
+
+    /// `volumes` as mounts of the challenge `key`'s named volumes.
+    fn volume_mounts(
+        &self,
+        key: &ObjectRef,
+        volumes: &[crate::descriptor::model::VolumeMount],
+    ) -> Option<Vec<bollard::models::Mount>> {
+        (!volumes.is_empty()).then(|| {
+            volumes
+                .iter()
+                .map(|volume| bollard::models::Mount {
+                    target: Some(volume.path.clone()),
+                    source: Some(self.volume_name(key, volume.name.as_str())),
+                    typ: Some(bollard::models::MountType::VOLUME),
+                    read_only: Some(volume.read_only),
+                    ..Default::default()
+                })
+                .collect()
+        })
     }
 }
 
