@@ -91,16 +91,33 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Box<Response>> 
     })
 }
 
+/// A team as platforms send it: a name, or a number (CTFd's team ids are).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TeamField {
+    Name(String),
+    Number(i64),
+}
+
+impl TeamField {
+    fn text(&self) -> String {
+        match self {
+            TeamField::Name(name) => name.clone(),
+            TeamField::Number(number) => number.to_string(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SpawnRequest {
-    team: String,
+    team: TeamField,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FlagRequest {
-    team: String,
+    team: TeamField,
     flag: String,
 }
 
@@ -136,7 +153,7 @@ pub(super) async fn spawn(
         Ok(request) => request,
         Err(answer) => return *answer,
     };
-    match instances.spawn(&challenge, &request.team).await {
+    match instances.spawn(&challenge, &request.team.text()).await {
         Ok(view) => json(StatusCode::CREATED, &view),
         Err(error) => refused(error),
     }
@@ -196,7 +213,7 @@ pub(super) async fn check_flag(
         Ok(request) => request,
         Err(answer) => return *answer,
     };
-    match instances.check_flag(&challenge, &request.team, &request.flag) {
+    match instances.check_flag(&challenge, &request.team.text(), &request.flag) {
         Ok(check) => json(StatusCode::OK, &check),
         Err(error) => refused(error),
     }

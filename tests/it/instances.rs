@@ -224,6 +224,18 @@ fn two_teams_get_their_own_ports_and_flags_reach_only_their_own_and_are_held_to_
         let (code, answer) = spawn(&agent, challenge, "red team");
         assert_eq!(code, 404, "{challenge}: {answer}");
     }
+    // A platform that numbers its teams sends a number: it is that team.
+    let (code, _, numbered) = call(
+        &agent,
+        "POST",
+        "/api/v1/challenges/heap/instances",
+        r#"{"team": 17}"#,
+    );
+    assert_eq!(code, 503, "{numbered}");
+    assert_eq!(
+        check_flag(&agent, "heap", "17", &red_flag),
+        serde_json::json!({ "correct": false, "sharedFrom": "red team" })
+    );
     let (code, bad) = spawn(&agent, "heap", "line\nbreak");
     assert_eq!(code, 400, "{bad}");
     let (code, _, bad) = call(&agent, "POST", "/api/v1/challenges/heap/instances", "{}");
