@@ -375,7 +375,22 @@ enum ProblemFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    berth::source::set_network_timeouts();
+    // libgit2's first use starts OpenSSL and reads the system's certificates, a good part of a
+    // short command's time: only commands that may fetch or clone pay for it.
+    let may_use_git = matches!(
+        cli.command,
+        Command::Agent { .. }
+            | Command::Status { .. }
+            | Command::Apply { .. }
+            | Command::Run { .. }
+            | Command::Plan {
+                against_status: true,
+                ..
+            }
+    );
+    if may_use_git {
+        berth::source::set_network_timeouts();
+    }
     match cli.command {
         Command::Validate { dir, format, load } => validate(&dir, format, &load.options()),
         Command::Plan {
