@@ -376,12 +376,12 @@ enum ProblemFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // libgit2's first use starts OpenSSL and reads the system's certificates, a good part of a
-    // short command's time: only commands that may fetch or clone pay for it.
+    // short command's time: only commands that may fetch or clone pay for it (`apply` only when
+    // the repo has pipelines, once it is loaded).
     let may_use_git = matches!(
         cli.command,
         Command::Agent { .. }
             | Command::Status { .. }
-            | Command::Apply { .. }
             | Command::Run { .. }
             | Command::Plan {
                 against_status: true,
@@ -754,6 +754,10 @@ async fn apply(
     // A challenge on Kubernetes is waited for as long as a container on Docker.
     engines.set_rollout_wait(wait);
     let desired = reconcile::desired(&loaded);
+    // Only pipelines clone (see `main`); nothing has used libgit2 yet.
+    if desired.pipelines().next().is_some() {
+        berth::source::set_network_timeouts();
+    }
     let width = desired
         .objects
         .iter()

@@ -1019,10 +1019,10 @@ const MWINDOW_MAPPED_LIMIT: usize = 32 << 20;
 
 /// Bounds every git network operation of this process (the config repo's fetch and push,
 /// pipeline sources' clones): without it a server that accepts a connection and never answers
-/// holds a fetch, and the agent's loop, for ever. Call once at start, before any git work.
+/// holds a fetch, and the agent's loop, for ever. Call once, before any git work.
 pub fn set_network_timeouts() {
     // SAFETY: libgit2's global options are not synchronized; this runs in `main` before any
-    // thread that uses libgit2 exists.
+    // use of libgit2, so no thread is in it.
     #[allow(unsafe_code)]
     let set = unsafe {
         git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS)
