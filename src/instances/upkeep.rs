@@ -144,15 +144,19 @@ impl Instances {
                             continue;
                         }
                     }
-                    if at_start
-                        && let (Some(template), Some(team)) = (template, &record.team)
+                    if let (Some(template), Some(team)) = (template, &record.team)
                         && let Some(flag) = self.flag(&template, team)
                     {
-                        // A claim the stop interrupted may have left it without its flag.
-                        if let Err(error) =
-                            docker.give_flag(&found.container, &template, &flag).await
-                        {
-                            tracing::warn!(%error, instance = %record.id, "cannot write its flag again");
+                        if at_start {
+                            // A claim the stop interrupted may have left it without its flag.
+                            if let Err(error) =
+                                docker.give_flag(&found.container, &template, &flag).await
+                            {
+                                tracing::warn!(%error, instance = %record.id, "cannot write its flag again");
+                            }
+                        } else {
+                            // A restart empties a pooled one's flag volume.
+                            docker.keep_flag(&found.container, &template, &flag).await;
                         }
                     }
                     if state == InstanceState::Starting {

@@ -417,8 +417,22 @@ fn instances_go_on_time_and_a_pooled_one_is_claimed_with_its_teams_flag_and_refi
     assert!(flag.starts_with("CTF{") && flag.len() == 37, "{flag}");
     assert_eq!(check_flag(&agent, "warm", "t1", &flag)["correct"], true);
     let container = container_of(&instance, claimed["id"].as_str().unwrap());
-    let mode = docker(&["exec", &container, "stat", "-c", "%a %u %g", "/flag.txt"]);
+    let mode = docker(&[
+        "exec",
+        &container,
+        "stat",
+        "-L",
+        "-c",
+        "%a %u %g",
+        "/flag.txt",
+    ]);
     assert_eq!(mode, "440 0 1000");
+    // It is not in the container's own layer: a link into a memory-backed volume of its own,
+    // mounted read-only.
+    assert_eq!(
+        docker(&["exec", &container, "readlink", "/flag.txt"]),
+        "/run/berth-flag/flag"
+    );
     let write = docker(&[
         "exec",
         &container,
@@ -430,6 +444,10 @@ fn instances_go_on_time_and_a_pooled_one_is_claimed_with_its_teams_flag_and_refi
         write.ends_with("rc=1") || write.ends_with("rc=2"),
         "{write}"
     );
+
+    // A restart of its container empties that volume; the flag is written again.
+    docker(&["restart", "-t", "1", &container]);
+    assert_eq!(fetched_eventually(pooled_port, "/flag.txt"), flag);
 
     // And the pool is refilled behind it.
     eventually("the pool is refilled", Duration::from_secs(30), || {

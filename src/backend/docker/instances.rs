@@ -33,6 +33,10 @@ const SIDECAR_SLOT: &str = "instance-sidecar";
 const LABEL_INSTANCE_MAIN: &str = "berth.instance-main";
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
+/// Where a pooled instance's flag volume is mounted: the flag file is a link into it.
+const FLAG_MOUNT: &str = "/run/berth-flag";
+/// The flag's file in that volume.
+const FLAG_IN_VOLUME: &str = "flag";
 /// Label on an instanced challenge's network: whether its version runs (`running`) or is stopped.
 const LABEL_STATE: &str = "berth.state";
 
@@ -336,7 +340,31 @@ impl DockerBackend {
             );
         }
         host.port_bindings = Some(bindings);
+        // A pooled instance's flag file is a link into a memory-backed volume of its own, mounted
+        // read-only: a claim writes the flag there straight from the engine's host, without a
+        // round through the engine's archive API (tens of milliseconds).
+        let flag_path = template.flag_file();
+        let pooled_flag = match (new.flag, flag_path) {
+            (None, Some(_)) => Some(self.make_flag_volume(template, name).await?),
+            _ => None,
+        };
+        if let Some(volume) = &pooled_flag {
+            host.mounts
+                .get_or_insert_default()
+                .push(bollard::models::Mount {
+                    target: Some(FLAG_MOUNT.into()),
+                    source: Some(volume.clone()),
+                    typ: Some(bollard::models::MountType::VOLUME),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+        }
         self.create(name, config).await?;
+        if let (Some(_), Some(path)) = (&pooled_flag, flag_path) {
+            let link = super::template::link_tar(path, &format!("{FLAG_MOUNT}/{FLAG_IN_VOLUME}"))
+                .map_err(Trouble::Failed)?;
+            self.upload_files(name, link, "the flag's link").await?;
+        }
         if !spec.secret_files.is_empty() {
             self.write_secret_files(name, template, &values).await?;
         }
@@ -354,9 +382,93 @@ impl DockerBackend {
         template: &ChallengeTemplate,
         flag: &str,
     ) -> Result<(), InstanceTrouble> {
+        if let Some(written) = self
+            .write_flag_locally(container, template, flag, true)
+            .await
+        {
+            return written.map_err(|e| {
+                InstanceTrouble::Refused(format!("cannot write the flag of {container}: {e}"))
+            });
+        }
         self.write_flag_file(container, template, flag)
             .await
             .map_err(InstanceTrouble::from)
+    }
+
+    /// Writes the flag again where a restart of the instance's container emptied its flag
+    /// volume (memory-backed, so it starts empty with the container); nothing when the flag is
+    /// there or was not given through a volume.
+    pub async fn keep_flag(&self, container: &str, template: &ChallengeTemplate, flag: &str) {
+        if let Some(Err(error)) = self
+            .write_flag_locally(container, template, flag, false)
+            .await
+        {
+            tracing::warn!(%error, %container, "cannot write its flag again");
+        }
+    }
+
+    /// The flag written into the pooled instance `container`'s flag volume from this host, when
+    /// the volume is mounted here (the engine's host); `None` when it is not, and the flag must
+    /// go through the engine. With `always` false, only when the file is missing.
+    async fn write_flag_locally(
+        &self,
+        container: &str,
+        template: &ChallengeTemplate,
+        flag: &str,
+        always: bool,
+    ) -> Option<std::io::Result<()>> {
+        template.flag_file()?;
+        let root = self.local_volumes().await?;
+        let folder = root.join(flag_volume_name(container)).join("_data");
+        if !mounted_tmpfs(&folder) {
+            return None;
+        }
+        let file = folder.join(FLAG_IN_VOLUME);
+        if !always && file.exists() {
+            return Some(Ok(()));
+        }
+        let (gid, mode) = match template.spec.secret_files_group() {
+            Some(gid) => (gid, 0o440),
+            None => (0, 0o400),
+        };
+        Some(write_flag(&file, flag, gid, mode))
+    }
+
+    /// Where the engine keeps its volumes, when this process sees that folder.
+    async fn local_volumes(&self) -> Option<&std::path::Path> {
+        self.local_volumes
+            .get_or_init(|| async {
+                let info = self.docker.info().await.ok()?;
+                let volumes = std::path::PathBuf::from(info.docker_root_dir?).join("volumes");
+                volumes.is_dir().then_some(volumes)
+            })
+            .await
+            .as_deref()
+    }
+
+    /// Makes the memory-backed volume a pooled instance's flag goes into.
+    async fn make_flag_volume(
+        &self,
+        template: &ChallengeTemplate,
+        container: &str,
+    ) -> Attempt<String> {
+        let name = flag_volume_name(container);
+        let request = bollard::models::VolumeCreateRequest {
+            name: Some(name.clone()),
+            driver: Some("local".into()),
+            driver_opts: Some(HashMap::from([
+                ("type".to_string(), "tmpfs".to_string()),
+                ("device".to_string(), "tmpfs".to_string()),
+                ("o".to_string(), "size=64k,mode=0755".to_string()),
+            ])),
+            labels: Some(self.ownership.labels(&template.key, "")),
+            ..Default::default()
+        };
+        self.docker
+            .create_volume(request)
+            .await
+            .map_err(|e| self.trouble("cannot create the flag's volume", e))?;
+        Ok(name)
     }
 
     /// Writes the team's flag into the instance's container when the challenge takes it as a
@@ -394,6 +506,24 @@ impl DockerBackend {
             .map_err(|e| {
                 InstanceTrouble::from(self.trouble(&format!("cannot remove {container}"), e))
             })?;
+        match self
+            .docker
+            .remove_volume(
+                &flag_volume_name(container),
+                None::<bollard::query_parameters::RemoveVolumeOptions>,
+            )
+            .await
+        {
+            Err(error) if !is_status(&error, 404) => {
+                return Err(self
+                    .trouble(
+                        &format!("cannot remove the flag volume of {container}"),
+                        error,
+                    )
+                    .into());
+            }
+            _ => {}
+        }
         if !sidecars.is_empty() {
             for offline in ["", "-offline"] {
                 match self
@@ -495,4 +625,42 @@ fn anonymous_volumes(config: &mut bollard::models::ContainerCreateBody) {
     for mount in mounts {
         mount.source = None;
     }
+}
+
+/// The flag volume of a pooled instance's container.
+fn flag_volume_name(container: &str) -> String {
+    format!("{container}-flag")
+}
+
+/// Whether `folder` is a tmpfs mount point in this process's view (`/proc/self/mountinfo`): the
+/// engine's mount of a flag volume, not the folder beneath it.
+fn mounted_tmpfs(folder: &std::path::Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = folder.to_string_lossy();
+    mounts.lines().any(|line| {
+        let mut fields = line.split(' ');
+        let point = fields.nth(4);
+        let kind = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next());
+        point == Some(wanted.as_ref()) && kind == Some("tmpfs")
+    })
+}
+
+/// Writes `flag` to `file`, owned by root and group `gid`, with `mode`.
+fn write_flag(file: &std::path::Path, flag: &str, gid: u32, mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut opened = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(file)?;
+    opened.write_all(flag.as_bytes())?;
+    std::os::unix::fs::fchown(&opened, Some(0), Some(gid))?;
+    opened.set_permissions(std::fs::Permissions::from_mode(mode))
 }

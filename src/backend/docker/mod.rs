@@ -129,6 +129,9 @@ pub struct DockerBackend {
     making_networks: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The most a pipeline run may write to disk, in bytes (`pipelines.workspaceLimit`).
     workspace_limit: u64,
+    /// Where the engine keeps its volumes, when this process sees them (the engine's host): a
+    /// pooled instance's flag is then written there as it is claimed. Read once.
+    local_volumes: std::sync::Arc<tokio::sync::OnceCell<Option<std::path::PathBuf>>>,
 }
 
 impl DockerBackend {
@@ -145,6 +148,7 @@ impl DockerBackend {
             ownership: ownership.clone(),
             subnet_pool: network::SubnetPool::from_env().map_err(EngineError::Misconfigured)?,
             making_networks: Default::default(),
+            local_volumes: Default::default(),
             workspace_limit: run::DEFAULT_WORKSPACE_LIMIT,
         })
     }

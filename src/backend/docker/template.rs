@@ -113,24 +113,40 @@ impl ChallengeTemplate {
         root_owned_tar(&files, gid)
     }
 
+    /// Where an instance of it finds its team's flag as a file, when it does.
+    pub(super) fn flag_file(&self) -> Option<&str> {
+        self.spec.instanced.as_ref()?.flag.as_ref()?.file.as_deref()
+    }
+
     /// The team's flag as a tar to copy into an instance's container: at the challenge's
     /// `instanced.flag.file`, owned by root and readable by the challenge user's group only, as
     /// a secret file is. `None` when the flag is not a file.
     pub(super) fn flag_file_tar(&self, flag: &str) -> Option<Result<Vec<u8>, String>> {
-        let path = self
-            .spec
-            .instanced
-            .as_ref()?
-            .flag
-            .as_ref()?
-            .file
-            .as_deref()?;
+        let path = self.flag_file()?;
         let (gid, mode) = match self.spec.secret_files_group() {
             Some(gid) => (u64::from(gid), 0o440),
             None => (0, 0o400),
         };
         Some(root_owned_tar(&[(path, mode, flag.as_bytes())], gid))
     }
+}
+
+/// A tar of one symbolic link at `path` (absolute) to `target`, owned by root.
+pub(super) fn link_tar(path: &str, target: &str) -> Result<Vec<u8>, String> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_mode(0o777);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(0);
+    builder
+        .append_link(&mut header, path.trim_start_matches('/'), target)
+        .map_err(|e| format!("cannot pack the link {path}: {e}"))?;
+    builder
+        .into_inner()
+        .map_err(|e| format!("cannot pack the link {path}: {e}"))
 }
 
 /// Files as a tar of regular files owned by root and group `gid`: (absolute path, mode, bytes).
