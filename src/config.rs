@@ -279,16 +279,13 @@ pub struct InstancesConfig {
     pub host: Option<String>,
 }
 
-/// The host ports instances are published on unless told otherwise.
-pub const DEFAULT_INSTANCE_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
-
 impl InstancesConfig {
     /// The host ports instances are published on.
     pub fn host_ports(&self) -> std::ops::RangeInclusive<u16> {
         self.host_ports
             .as_deref()
             .and_then(|range| node_port_range(range).ok())
-            .unwrap_or(DEFAULT_INSTANCE_PORTS)
+            .unwrap_or(crate::descriptor::load::DEFAULT_INSTANCE_PORTS)
     }
 }
 
@@ -700,6 +697,7 @@ impl AgentConfig {
         crate::descriptor::LoadOptions {
             default_target: self.default_target,
             node_ports,
+            instance_ports: self.instances.host_ports(),
             walls: crate::descriptor::security::Walls {
                 defaults: self.defaults.clone().completed(),
                 allow_privileged: self.allow_privileged,

@@ -321,6 +321,7 @@ impl LoadFlags {
         LoadOptions {
             default_target: self.default_target,
             node_ports: self.node_port_range.clone(),
+            instance_ports: berth::descriptor::load::DEFAULT_INSTANCE_PORTS,
             max_file_size: self.max_file_size,
             walls: berth::descriptor::security::Walls {
                 allow_privileged: self.allow_privileged,

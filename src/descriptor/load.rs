@@ -42,6 +42,11 @@ const ELOOP: i32 = 40;
 /// Default largest descriptor file: 4 MiB.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 20;
 
+/// The host ports per-team instances take unless the agent says otherwise: below the range
+/// Linux takes outgoing ports from (`net.ipv4.ip_local_port_range`, from 32768), where a port may
+/// be taken the moment an instance needs it.
+pub const DEFAULT_INSTANCE_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
+
 /// The NodePort range of a Kubernetes API server unless its `--service-node-port-range` says
 /// otherwise.
 pub const DEFAULT_NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
@@ -55,6 +60,9 @@ pub struct LoadOptions {
     pub default_target: super::model::Engine,
     /// The cluster's NodePort range: a host port of a Challenge on Kubernetes must be in it.
     pub node_ports: std::ops::RangeInclusive<u16>,
+    /// The host ports per-team instances take (the agent's `instances.hostPorts`): a Challenge
+    /// on Docker publishes none of them.
+    pub instance_ports: std::ops::RangeInclusive<u16>,
     /// The agent's limits for what descriptors leave out, and whether privileged is allowed.
     pub walls: super::security::Walls,
 }
@@ -65,6 +73,7 @@ impl Default for LoadOptions {
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             default_target: super::model::Engine::Docker,
             node_ports: DEFAULT_NODE_PORTS,
+            instance_ports: DEFAULT_INSTANCE_PORTS,
             walls: Default::default(),
         }
     }

@@ -32,6 +32,22 @@ pub(super) fn check_descriptor(
         Spec::Challenge(spec) => {
             check_challenge(root, spec, &mut found);
             check_walls(spec, &options.walls, &mut found);
+            if spec.target != Some(Engine::Kubernetes)
+                && let Some(index) = spec.ports.iter().position(|p| {
+                    p.host
+                        .is_some_and(|host| options.instance_ports.contains(&host.0))
+                })
+            {
+                found.push(violation(
+                    format!("/spec/ports/{index}/host"),
+                    format!(
+                        "spec.ports[{index}].host: {} is in the range per-team instances take (the agent's instances.hostPorts, {}-{}); pick another port, or move the range",
+                        spec.ports[index].host.map_or(0, |h| h.0),
+                        options.instance_ports.start(),
+                        options.instance_ports.end()
+                    ),
+                ));
+            }
             if spec.target == Some(Engine::Kubernetes) {
                 check_on_kubernetes(spec, &options.node_ports, &mut found);
                 if !spec.ports.is_empty()

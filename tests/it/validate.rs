@@ -1320,3 +1320,35 @@ fn volumes_are_folders_of_their_own_on_docker() {
         assert!(found.2.contains(words), "{} lacks {words}", found.2);
     }
 }
+
+#[test]
+fn a_fixed_host_port_in_the_instances_range_is_refused_on_docker_only() {
+    let repo = Repo::new();
+    repo.write(
+        "fixed.yaml",
+        challenge("fixed", "  ports: [{container: 80, host: 20500}]\n"),
+    )
+    .write(
+        "outside.yaml",
+        challenge("outside", "  ports: [{container: 80, host: 19999}]\n"),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(
+        (problems[0].file.as_str(), problems[0].line),
+        ("fixed.yaml", 7)
+    );
+    assert!(
+        problems[0]
+            .message
+            .contains("20500 is in the range per-team instances take"),
+        "{}",
+        problems[0].message
+    );
+    // An agent that gives instances another range takes 20500.
+    let moved = LoadOptions {
+        instance_ports: 40000..=40999,
+        ..LoadOptions::default()
+    };
+    assert!(problems_of(repo.path(), &moved).is_empty());
+}
