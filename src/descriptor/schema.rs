@@ -784,7 +784,7 @@ mod tests {
             found,
             vec![
                 "/spec/healthcheck/interval spec.healthcheck.interval: \"99999999999d\" is too long; the longest duration is 106751d".to_string(),
-                "/spec/prots spec: unknown field \"prots\", expected one of: state, target, image, build, command, entrypoint, env, secretEnv, secretFiles, ports, resources, healthcheck, restart, replicas, sidecars, security, network, init, stopTimeout, info, instanced".to_string(),
+                "/spec/prots spec: unknown field \"prots\", expected one of: state, target, image, build, command, entrypoint, env, secretEnv, secretFiles, volumes, ports, resources, healthcheck, restart, replicas, sidecars, security, network, init, stopTimeout, info, instanced".to_string(),
                 "/spec/resources/memory spec.resources.memory: \"1k\" is below the smallest memory limit the engine accepts; write at least 6Mi".to_string(),
             ]
         );
