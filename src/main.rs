@@ -855,7 +855,7 @@ async fn apply(
         );
     }
     for (key, why) in &unhealthy {
-        outln!("unhealthy: {key}: {}", printable::field(why));
+        outln!("unhealthy: {key}: {}", printable::field(&why.why));
     }
     if failures.is_empty() && unhealthy.is_empty() {
         ExitCode::SUCCESS

@@ -331,7 +331,7 @@ pub fn unhealthy(
     planned: &Planned,
     observed: &[ObservedObject],
     progressing: bool,
-) -> BTreeMap<ObjectRef, String> {
+) -> BTreeMap<ObjectRef, Unwell> {
     let by_key = plan::observed_by_key(&planned.desired.objects, observed);
     let mut unwell = BTreeMap::new();
     for object in &planned.desired.objects {
@@ -339,10 +339,16 @@ pub fn unhealthy(
             continue;
         }
         let Some(seen) = by_key.get(&object.key) else {
-            unwell.insert(object.key.clone(), "no containers".into());
+            unwell.insert(
+                object.key.clone(),
+                Unwell {
+                    why: "no containers".into(),
+                    starting: false,
+                },
+            );
             continue;
         };
-        let parts: Vec<String> = seen
+        let parts: Vec<&ObservedPart> = seen
             .parts
             .iter()
             .filter(|p| match p.health {
@@ -350,13 +356,34 @@ pub fn unhealthy(
                 Health::Progressing => progressing,
                 _ => true,
             })
-            .map(ObservedPart::condition)
             .collect();
         if !parts.is_empty() {
-            unwell.insert(object.key.clone(), parts.join(", "));
+            let why: Vec<String> = parts.iter().map(|p| p.condition()).collect();
+            unwell.insert(
+                object.key.clone(),
+                Unwell {
+                    why: why.join(", "),
+                    starting: parts.iter().any(|p| p.health == Health::Progressing),
+                },
+            );
         }
     }
     unwell
+}
+
+/// Why an object meant to run is not healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unwell {
+    /// Each unwell part's condition: `main-1 is Degraded: exited with code 1`.
+    pub why: String,
+    /// Whether a part of it is still starting (Progressing), so worth waiting for.
+    pub starting: bool,
+}
+
+impl std::fmt::Display for Unwell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// For a foreground apply: waits up to `limit` for the objects meant to run to be healthy, then
@@ -366,7 +393,7 @@ pub async fn settle(
     applied: &mut Applied,
     engines: &Engines,
     limit: Duration,
-) -> BTreeMap<ObjectRef, String> {
+) -> BTreeMap<ObjectRef, Unwell> {
     let began = Instant::now();
     let deadline = began + limit;
     // An object's own `readyTimeout` (a Staging's) ends its wait sooner.
@@ -391,8 +418,8 @@ pub async fn settle(
         .collect();
     loop {
         let pending = unhealthy(&applied.planned, &applied.observed, true);
-        let progressing = pending.iter().any(|(key, why)| {
-            why.contains("Progressing") && !past_own_timeout(key) && !failed.contains(key)
+        let progressing = pending.iter().any(|(key, unwell)| {
+            unwell.starting && !past_own_timeout(key) && !failed.contains(key)
         });
         if !progressing || Instant::now() >= deadline {
             break;

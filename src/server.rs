@@ -645,7 +645,6 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             if for_config {
                 tracing::info!(provider = name, commit = ?push.commit, pusher = ?push.pusher, "webhook: push");
                 state.triggers.send(Trigger::Webhook {
-                    provider: name,
                     commit: push.commit,
                 });
                 message.push_str("pass queued\n");

@@ -16,10 +16,9 @@ pub enum Trigger {
     Startup,
     /// The cron schedule fired.
     Schedule,
-    /// A verified webhook announced a push to the followed branch.
+    /// A verified webhook announced a push to the followed branch (the server logs which
+    /// provider's).
     Webhook {
-        /// The provider (`github`, …).
-        provider: &'static str,
         /// The commit it announced, if it said.
         commit: Option<String>,
     },
@@ -167,10 +166,7 @@ mod tests {
         // A pass runs; meanwhile three triggers arrive.
         sender.send(Trigger::Schedule);
         sender.send(Trigger::Api);
-        sender.send(Trigger::Webhook {
-            provider: "github",
-            commit: None,
-        });
+        sender.send(Trigger::Webhook { commit: None });
         let batch = triggers.next_batch().await.unwrap();
         assert_eq!(batch.len(), 3, "one follow-up pass serves them all");
     }
