@@ -275,7 +275,7 @@ pub async fn run(
     // over.
     let mut leadership = match &config.leader_election {
         Some(election) => {
-            let access = crate::config::KubeConfig::access(config.kube.as_ref());
+            let access = crate::backend::kube::Access::of(config.kube.as_ref());
             crate::leader::Leadership::elect(election, &access, &config.instance.to_string())
                 .await?
         }
@@ -917,7 +917,7 @@ impl Agent {
         if let Some(engines) = &self.engines {
             return Ok(engines.clone());
         }
-        let access = crate::config::KubeConfig::access(self.config.kube.as_ref());
+        let access = crate::backend::kube::Access::of(self.config.kube.as_ref());
         let mut engines = reconcile::connect(&self.config.instance.to_string(), &access)
             .await
             .map_err(|e| e.to_string())?;

@@ -289,13 +289,16 @@ impl InstancesConfig {
     }
 }
 
+/// The largest workspace of a pipeline run, when the agent's settings name none: 4 GiB.
+pub const DEFAULT_WORKSPACE_LIMIT: u64 = 4 << 30;
+
 fn default_workers() -> u32 {
     2
 }
 
 fn default_workspace_limit() -> crate::descriptor::values::Size {
     crate::descriptor::values::Size {
-        bytes: crate::backend::docker::run::DEFAULT_WORKSPACE_LIMIT,
+        bytes: DEFAULT_WORKSPACE_LIMIT,
     }
 }
 
@@ -345,18 +348,6 @@ pub struct KubeConfig {
     #[serde(default)]
     #[schemars(regex(pattern = r"^[0-9]{1,5}-[0-9]{1,5}$"))]
     pub node_port_range: Option<String>,
-}
-
-impl KubeConfig {
-    /// The access the Kubernetes backend uses.
-    pub fn access(config: Option<&KubeConfig>) -> crate::backend::kube::Access {
-        let config = config.cloned().unwrap_or_default();
-        crate::backend::kube::Access {
-            kubeconfig: config.kubeconfig,
-            context: config.context,
-            challenge_namespace: config.challenge_namespace.map(|n| n.to_string()),
-        }
-    }
 }
 
 /// A port range as `FIRST-LAST` (a cluster's NodePorts, instances' host ports), checked.

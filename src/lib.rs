@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod database;
 pub mod descriptor;
+pub mod git_url;
 pub mod instances;
 pub mod large_files;
 pub mod leader;

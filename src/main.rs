@@ -560,7 +560,7 @@ fn repo_credentials(
     url: &str,
 ) -> Result<Option<berth::source::Source>, berth::config::ConfigError> {
     if let Ok(agents) = std::env::var("BERTH_REPO_URL")
-        && !berth::queue::same_server(&agents, url)
+        && !berth::git_url::same_server(&agents, url)
     {
         return Ok(None);
     }
@@ -1061,7 +1061,7 @@ async fn list_runs(
             run.state.as_str(),
             run.pipeline,
             run.cause.as_str(),
-            berth::queue::short(commit),
+            berth::git_url::short(commit),
             took
         );
     }

@@ -584,7 +584,7 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
             if push
                 .commit
                 .as_deref()
-                .is_some_and(|c| !crate::queue::valid_revision(c)) =>
+                .is_some_and(|c| !crate::git_url::valid_revision(c)) =>
         {
             answer(
                 "bad_request",
@@ -622,7 +622,7 @@ async fn hook(State(app): State<App>, Path(provider): Path<String>, request: Req
                     || push
                         .repository_urls
                         .iter()
-                        .any(|url| crate::queue::same_repository(url, &state.repo_url)));
+                        .any(|url| crate::git_url::same_repository(url, &state.repo_url)));
             if !for_config && runs.is_empty() {
                 let message = format!(
                     "ignored: push to {}; berth follows {} of its config repo, and no pipeline builds this push\n",

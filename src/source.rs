@@ -297,7 +297,7 @@ impl Source {
         use git2::ErrorClass as Class;
         if let Some(reason) = self.refusal(error) {
             return SourceError::Refused {
-                url: redact(&self.url),
+                url: crate::git_url::redact(&self.url),
                 reason,
             };
         }
@@ -314,7 +314,7 @@ impl Source {
             | Class::Filesystem
             | Class::Sha1 => SourceError::Local(error.message().to_string()),
             _ => SourceError::Unreachable {
-                url: redact(&self.url),
+                url: crate::git_url::redact(&self.url),
                 reason: error.message().to_string(),
             },
         }
@@ -345,7 +345,7 @@ impl Source {
             let user = self
                 .username
                 .clone()
-                .or_else(|| login_user(&self.url))
+                .or_else(|| crate::git_url::login_user(&self.url))
                 .unwrap_or_else(|| "git".into());
             return Some(match &self.ssh_key {
                 Some(key) => format!(
@@ -430,14 +430,14 @@ impl Source {
             // An empty answer (`0000`) is a server with nothing to say: an empty repository, or
             // one in trouble. It is not the branch being deleted.
             return Err(SourceError::Unreachable {
-                url: redact(&self.url),
+                url: crate::git_url::redact(&self.url),
                 reason: "the server advertised no branches at all (an empty repository, or a server fault)".into(),
             });
         }
         let tip = repo
             .find_reference(&tracking_ref(&self.branch))
             .map_err(|_| SourceError::NoBranch {
-                url: redact(&self.url),
+                url: crate::git_url::redact(&self.url),
                 branch: self.branch.clone(),
             })?;
         Ok(tip.peel_to_commit()?.id().to_string())
@@ -462,7 +462,7 @@ impl Source {
         remote.fetch(refspecs, Some(&mut options), None).map_err(
             |e| match std::time::Instant::now() >= deadline {
                 true => SourceError::Unreachable {
-                    url: redact(&self.url),
+                    url: crate::git_url::redact(&self.url),
                     reason: format!(
                         "the fetch took longer than {}s and was stopped",
                         FETCH_DEADLINE.as_secs()
@@ -567,13 +567,13 @@ impl Source {
                 }
                 Err(PushError::Rejected(why)) => {
                     return Err(SourceError::Push {
-                        url: redact(&self.url),
+                        url: crate::git_url::redact(&self.url),
                         reason: format!("rejected {PUSH_ATTEMPTS} times: {why}"),
                     });
                 }
                 Err(PushError::Failed(error)) => {
                     return Err(SourceError::Push {
-                        url: redact(&self.url),
+                        url: crate::git_url::redact(&self.url),
                         reason: error.message().to_string(),
                     });
                 }
@@ -958,55 +958,6 @@ fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
         })
 }
 
-/// The login name an `ssh://user@host/…` or scp-like `user@host:…` URL gives, if any; never the
-/// user part of another scheme's URL, which may be a token. Pure.
-fn login_user(url: &str) -> Option<String> {
-    let authority = match url.split_once("://") {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("ssh") || scheme.eq_ignore_ascii_case("git+ssh") =>
-        {
-            rest.split('/').next()?
-        }
-        Some(_) => return None,
-        None => url.split(':').next()?,
-    };
-    let (user, _) = authority.rsplit_once('@')?;
-    let user = user.split(':').next()?;
-    (!user.is_empty()).then(|| user.to_string())
-}
-
-/// `url` without any password or token written into it (`https://user:secret@host/…`).
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // scp-like `user:password@host:path`: a password before the host is hidden; a plain
-        // `git@host:path` has none.
-        // The host starts after the last `@` before the path's colon.
-        let (before_path, _) = url.split_once(":/").unwrap_or((url, ""));
-        return match url[..before_path.len()].rfind('@') {
-            Some(at) if url[..at].contains(':') && !url[..at].contains('/') => {
-                format!("<secret>@{}", &url[at + 1..])
-            }
-            _ => url.to_string(),
-        };
-    };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    match authority.rsplit_once('@') {
-        // Over ssh the user is a login name, no secret (`ssh://git@host/`), and saying which
-        // one was refused is what helps; a password after it is hidden.
-        Some((user, host))
-            if scheme.eq_ignore_ascii_case("ssh") || scheme.eq_ignore_ascii_case("git+ssh") =>
-        {
-            match user.split_once(':') {
-                Some((name, _)) => format!("{scheme}://{name}:<secret>@{host}/{path}"),
-                None => url.to_string(),
-            }
-        }
-        // A token is often given as the user name (`https://ghp_…@host/`): none of it is shown.
-        Some((_, host)) => format!("{scheme}://<secret>@{host}/{path}"),
-        None => url.to_string(),
-    }
-}
-
 /// How long libgit2 waits to connect to a git server, and for each read or write after.
 pub const CONNECT_TIMEOUT_MS: i32 = 15_000;
 /// See [`CONNECT_TIMEOUT_MS`]: a server that accepts and never answers is given up after this.
@@ -1032,51 +983,6 @@ pub fn set_network_timeouts() {
     };
     if let Err(error) = set {
         tracing::warn!(%error, "cannot bound git's network timeouts");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Over ssh the user is a login name, shown; a password after it is not.
-    #[test]
-    fn an_ssh_user_is_shown_and_its_password_is_not() {
-        assert_eq!(
-            redact("ssh://git@host:2222/ops/infra.git"),
-            "ssh://git@host:2222/ops/infra.git"
-        );
-        assert_eq!(
-            redact("ssh://git:hunter2@host/ops/infra.git"),
-            "ssh://git:<secret>@host/ops/infra.git"
-        );
-        assert_eq!(
-            redact("https://ghp_token@host/x.git"),
-            "https://<secret>@host/x.git"
-        );
-    }
-
-    #[test]
-    fn credentials_in_urls_are_redacted() {
-        assert_eq!(
-            redact("https://bot:s3cret@git.example.org/ops/infra.git"),
-            "https://<secret>@git.example.org/ops/infra.git"
-        );
-        // A token given as the user name.
-        assert_eq!(
-            redact("http://ghp_TOKENabc123@127.0.0.1:1/x.git"),
-            "http://<secret>@127.0.0.1:1/x.git"
-        );
-        assert_eq!(redact("git@host:ops/infra.git"), "git@host:ops/infra.git");
-        assert_eq!(
-            redact("bot:s3cret@git.example.org:ops/infra.git"),
-            "<secret>@git.example.org:ops/infra.git"
-        );
-        assert_eq!(
-            redact("bot:p@ss@git.example.org:ops/infra.git"),
-            "<secret>@git.example.org:ops/infra.git"
-        );
-        assert_eq!(redact("https://host/x.git"), "https://host/x.git");
     }
 }
 
@@ -1127,7 +1033,7 @@ pub fn committed_status(
     // repo's own server only.
     let mut options = git2::FetchOptions::new();
     if let Some(credentials) =
-        credentials.filter(|c| crate::queue::same_server(&c.url, &location.repo))
+        credentials.filter(|c| crate::git_url::same_server(&c.url, &location.repo))
     {
         options.remote_callbacks(credentials.callbacks());
     }
@@ -1135,11 +1041,11 @@ pub fn committed_status(
         .fetch(&[tracking_refspec(branch)], Some(&mut options), None)
         .map_err(|e| match credentials.map(|c| c.unreachable(&e)) {
             Some(SourceError::Refused { reason, .. }) => SourceError::Refused {
-                url: redact(&location.repo),
+                url: crate::git_url::redact(&location.repo),
                 reason,
             },
             _ => SourceError::Unreachable {
-                url: redact(&location.repo),
+                url: crate::git_url::redact(&location.repo),
                 reason: e.message().to_string(),
             },
         })?;
@@ -1197,7 +1103,7 @@ pub fn pipeline_workspace(
             let folder = tempfile::tempdir()
                 .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
             let folder = clone.insert(folder);
-            let shown = redact(&source.url);
+            let shown = crate::git_url::redact(&source.url);
             // A fetch into a new repository, not a clone: a clone checks out its default branch
             // with libgit2, which reads every file whole (see `large_files`).
             let repo = Repository::init(folder.path())
@@ -1206,7 +1112,7 @@ pub fn pipeline_workspace(
             // The config repo's credentials go to its own server only: a descriptor must not be
             // able to send them anywhere else.
             if let Some(credentials) =
-                credentials.filter(|c| crate::queue::same_server(&c.url, &source.url))
+                credentials.filter(|c| crate::git_url::same_server(&c.url, &source.url))
             {
                 options.remote_callbacks(credentials.callbacks());
             }

@@ -517,7 +517,7 @@ mod tests {
             assert!(
                 push.repository_urls
                     .iter()
-                    .any(|url| crate::queue::same_repository(
+                    .any(|url| crate::git_url::same_repository(
                         url,
                         "https://git.example.org/ops/infra"
                     )),

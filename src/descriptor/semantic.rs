@@ -558,7 +558,7 @@ pub(crate) fn clone_url(url: &str) -> Result<(), String> {
     let refused = || {
         format!(
             "\"{}\" is not a clone URL: use https://HOST/PATH, ssh://HOST/PATH, git://HOST/PATH, file:///PATH or USER@HOST:PATH",
-            crate::printable::field(&crate::source::redact(url))
+            crate::printable::field(&crate::git_url::redact(url))
         )
     };
     if url.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {

@@ -214,23 +214,6 @@ pub enum Admission {
 /// Most runs of one pipeline waiting for a worker.
 pub const MAX_QUEUED: usize = 50;
 
-/// Whether `text` can name a commit, branch or tag to build: what webhooks and the API pass on
-/// is checked before it reaches git, the store or a log line.
-pub fn valid_revision(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 200
-        && !text.starts_with('-')
-        && !text.contains("..")
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./+@".contains(&b))
-}
-
-/// The first 12 characters of a commit, for messages.
-pub fn short(commit: &str) -> &str {
-    commit.get(..12).unwrap_or(commit)
-}
-
 /// Decides whether `new` is admitted, given the runs of its pipeline already in the store
 /// (`others`); `cancel_running` is the pipeline's `cancelRunning`.
 ///
@@ -348,81 +331,6 @@ pub fn next_to_start<'a>(
         .into_iter()
         .find(|(_, pipeline)| running.get(*pipeline).copied().unwrap_or(0) < concurrency(pipeline))
         .map(|(id, _)| id)
-}
-
-/// Whether two clone URLs name one repository: `https://host/org/app.git`,
-/// `git@host:org/app`, `ssh://git@host/org/app` and `https://user@host/org/app/` all do.
-/// Schemes, user names, a trailing `.git` or `/` and letter case do not count; a port other than
-/// an SSH one does.
-pub fn same_repository(a: &str, b: &str) -> bool {
-    let (a, b) = (repository_identity(a), repository_identity(b));
-    !a.is_empty() && a == b
-}
-
-/// Whether two clone URLs name one server: the same scheme, host and port (a scheme's usual port
-/// when none is written). The config repo's credentials are offered to a pipeline source on the
-/// same server only: never over `http://` when given for `https://`, never to another port.
-pub fn same_server(a: &str, b: &str) -> bool {
-    matches!((server_of(a), server_of(b)), (Some(a), Some(b)) if a == b)
-}
-
-/// A clone URL's scheme, host (lower case) and port; `None` for local paths and `file://`.
-fn server_of(url: &str) -> Option<(String, String, u16)> {
-    let url = url.trim();
-    let (scheme, authority) = match url.split_once("://") {
-        Some((scheme, rest)) => (
-            scheme.to_ascii_lowercase(),
-            rest.split('/').next().unwrap_or_default(),
-        ),
-        // `git@host:org/app`: scp-like SSH.
-        None => match url.split_once(':') {
-            Some((host, _)) if !host.contains('/') && !host.is_empty() => ("ssh".into(), host),
-            _ => return None,
-        },
-    };
-    let usual = match scheme.as_str() {
-        "https" => 443,
-        "http" => 80,
-        "ssh" => 22,
-        "git" => 9418,
-        _ => return None,
-    };
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let (host, port) = match host.rsplit_once(':') {
-        Some((name, port)) if !name.ends_with(':') && !port.contains(']') => {
-            (name, port.parse().ok()?)
-        }
-        _ => (host, usual),
-    };
-    (!host.is_empty()).then(|| (scheme, host.to_ascii_lowercase(), port))
-}
-
-fn repository_identity(url: &str) -> String {
-    let url = url.trim();
-    if url.is_empty() {
-        return String::new();
-    }
-    let (ssh, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme.eq_ignore_ascii_case("ssh"), rest.to_string()),
-        // `git@host:org/app`: scp-like SSH.
-        None => match url.split_once(':') {
-            Some((host, path)) if !host.contains('/') => (true, format!("{host}/{path}")),
-            _ => (false, url.to_string()),
-        },
-    };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let host = match (ssh, host.split_once(':')) {
-        (true, Some((name, _))) => name,
-        _ => host,
-    };
-    let path = path.trim_matches('/');
-    let path = path.strip_suffix(".git").unwrap_or(path);
-    format!("{host}/{path}").to_lowercase()
 }
 
 /// Whether a push to `branch` starts a run of a pipeline whose push trigger lists `branches`
@@ -595,31 +503,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_plain_revisions_reach_git() {
-        for good in [
-            "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
-            "main",
-            "release/1.2",
-            "v1.0+build",
-        ] {
-            assert!(valid_revision(good), "{good}");
-        }
-        for bad in [
-            "",
-            "aéééééé",
-            "-upload-pack=x",
-            "a b",
-            "a..b",
-            &"x".repeat(201),
-            "a\nb",
-        ] {
-            assert!(!valid_revision(bad), "{bad}");
-        }
-        assert_eq!(short("aé"), "aé");
-        assert_eq!(short("0123456789abcdef"), "0123456789ab");
-    }
-
-    #[test]
     fn a_change_supersedes_queued_changes_of_another_spec() {
         let mut old = run(1, RunState::Queued, "c1");
         old.cause = Cause::Change;
@@ -660,57 +543,6 @@ pub(crate) mod tests {
             change_run(Some(&run(4, RunState::Cancelled, "c"))),
             ChangeRun::Failed(_)
         ));
-    }
-
-    #[test]
-    fn clone_urls_of_one_repository_match_whatever_their_form() {
-        let forms = [
-            "https://git.example.org/ctf/app.git",
-            "https://git.example.org/ctf/app",
-            "http://ci:token@git.example.org/ctf/app/",
-            "git@git.example.org:ctf/app.git",
-            "ssh://git@git.example.org:22/ctf/app.git",
-            "https://Git.Example.org/CTF/App",
-        ];
-        for a in forms {
-            for b in forms {
-                assert!(same_repository(a, b), "{a} and {b}");
-            }
-        }
-        assert!(!same_repository(
-            forms[0],
-            "https://git.example.org/ctf/app2"
-        ));
-        assert!(!same_repository(
-            forms[0],
-            "https://other.example.org/ctf/app"
-        ));
-        assert!(!same_repository(
-            "http://127.0.0.1:8001/app.git",
-            "http://127.0.0.1:8002/app.git"
-        ));
-        assert!(!same_repository("", ""));
-        assert!(same_server(
-            forms[0],
-            "https://git.example.org:443/other/repo"
-        ));
-        assert!(same_server(
-            "ssh://git@git.example.org/a",
-            "git@git.example.org:other/repo"
-        ));
-        // The same host over another scheme or port is another server: no credentials.
-        assert!(!same_server(forms[0], "http://git.example.org/ctf/app"));
-        assert!(!same_server(forms[0], "git@git.example.org:other/repo"));
-        assert!(!same_server(
-            forms[0],
-            "https://git.example.org:8443/ctf/app"
-        ));
-        assert!(!same_server(forms[0], "https://evil.example.org/ctf/app"));
-        assert!(!same_server(
-            "http://127.0.0.1:8001/app.git",
-            "http://127.0.0.1:8002/app.git"
-        ));
-        assert!(!same_server("file:///srv/a.git", "file:///srv/b.git"));
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl RunStore {
             )?;
             let id = transaction.last_insert_rowid();
             let why = match &new.commit {
-                Some(commit) => format!("superseded by run {id} (commit {})", super::short(commit)),
+                Some(commit) => format!("superseded by run {id} (commit {})", crate::git_url::short(commit)),
                 None => format!("superseded by run {id}"),
             };
             for running in &cancel_running {

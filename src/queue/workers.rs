@@ -411,7 +411,7 @@ impl Pipelines {
             || push
                 .commit
                 .as_deref()
-                .is_some_and(|c| !super::valid_revision(c))
+                .is_some_and(|c| !crate::git_url::valid_revision(c))
         {
             return queued;
         }
@@ -423,7 +423,7 @@ impl Pipelines {
             let ours = push
                 .repository_urls
                 .iter()
-                .any(|url| super::same_repository(url, &source.url));
+                .any(|url| crate::git_url::same_repository(url, &source.url));
             if !ours || !branch_matches(&trigger.branches, &push.branch) {
                 continue;
             }
@@ -449,7 +449,10 @@ impl Pipelines {
         let Some(declared) = declaration.pipelines.get(pipeline) else {
             return Err(ManualError::Undeclared(pipeline.to_string()));
         };
-        if commit.as_deref().is_some_and(|c| !super::valid_revision(c)) {
+        if commit
+            .as_deref()
+            .is_some_and(|c| !crate::git_url::valid_revision(c))
+        {
             return Err(ManualError::BadRevision);
         }
         let new = NewRun {

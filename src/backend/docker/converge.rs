@@ -24,7 +24,6 @@ use super::{
 use crate::apply::Outcome;
 use crate::backend::LABEL_SPEC_HASH;
 use crate::descriptor::model::RunState;
-use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::PartState;
 
@@ -91,7 +90,7 @@ impl DockerBackend {
         let mut done = Vec::new();
         for part in &template.parts {
             let secrets = template.secrets_of(&part.id);
-            let env_values = resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+            let env_values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let digests: BTreeMap<String, String> = env_values
                 .iter()
                 .map(|(name, value)| (name.clone(), secret_digest(&key, name, value)))
@@ -493,19 +492,4 @@ impl DockerBackend {
 /// Whether the part's container takes the challenge's secret files (the main one does).
 fn takes_files(template: &ChallengeTemplate, part: &crate::plan::Part) -> bool {
     !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty()
-}
-
-/// Reads each secret's value; the error names the secret and its reference, never a value.
-pub(super) fn resolve_secrets(
-    secrets: &BTreeMap<String, SecretRef>,
-) -> Result<BTreeMap<String, String>, String> {
-    secrets
-        .iter()
-        .map(|(name, reference)| {
-            reference
-                .resolve()
-                .map(|value| (name.clone(), value))
-                .map_err(|e| format!("secret {name}: {e}"))
-        })
-        .collect()
 }

@@ -16,23 +16,22 @@ use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
 
 use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
-use super::template::ChallengeTemplate;
-use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, is_status, remove_container};
+use super::template::{ChallengeTemplate, INSTANCES_PART};
+use super::{
+    Attempt, DockerBackend, LABEL_INSTANCE_ID, LABEL_SLOT, LABEL_SPEC, Trouble, is_status,
+    remove_container,
+};
 use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::model::RunState;
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
 
-/// Label naming the instance a container is (its id in the agent's store).
-pub const LABEL_INSTANCE_ID: &str = "berth.team-instance";
 /// The slot of every instance's main container.
 pub const INSTANCE_SLOT: &str = "instance";
 /// The slot of an instance's sidecars.
 const SIDECAR_SLOT: &str = "instance-sidecar";
 /// Label on an instance's sidecar naming its main container, which it lives and goes with.
 const LABEL_INSTANCE_MAIN: &str = "berth.instance-main";
-/// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
-pub const INSTANCES_PART: &str = "instances";
 /// Where a pooled instance's flag volume is mounted: the flag file is a link into it.
 const FLAG_MOUNT: &str = "/run/berth-flag";
 /// The flag's file in that volume.
@@ -92,15 +91,8 @@ pub fn instances_wall(template: &ChallengeTemplate) -> Wall {
         key: template.key.clone(),
         version: template.main_hash().to_string(),
         egress: template.spec.network.egress,
-        containers: capacity(&template.spec),
+        containers: super::template::capacity(&template.spec),
     }
-}
-
-/// How many containers an instanced challenge's network holds at most: `max` and `pool`.
-pub(super) fn capacity(spec: &crate::descriptor::model::ChallengeSpec) -> usize {
-    spec.instanced
-        .as_ref()
-        .map_or(1, |i| (i.max + i.pool) as usize)
 }
 
 impl DockerBackend {
@@ -295,7 +287,7 @@ impl DockerBackend {
         let part = &template.parts[0];
         for sidecar in &spec.sidecars {
             let secrets = template.secrets_of(&format!("sidecar-{}", sidecar.name));
-            let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+            let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let mut config =
                 self.sidecar_config(template, part, sidecar, &network, &values, &BTreeMap::new());
             anonymous_volumes(&mut config);
@@ -309,7 +301,7 @@ impl DockerBackend {
             self.start(&sidecar_name).await?;
         }
         let secrets = template.secrets_of(INSTANCES_PART);
-        let values = super::converge::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+        let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
         let mut config =
             self.main_config(template, part, &image, &network, &values, &BTreeMap::new());
         config.networking_config = aliases;

@@ -221,9 +221,6 @@ enum Stopped {
     Overrun(Overrun),
 }
 
-/// The largest workspace, when the agent's settings name none: 4 GiB.
-pub const DEFAULT_WORKSPACE_LIMIT: u64 = 4 << 30;
-
 /// Runs `work` until it ends, the `deadline` passes, or the run is cancelled.
 async fn bounded<T>(
     work: impl Future<Output = T>,
@@ -579,7 +576,7 @@ impl DockerBackend {
                     "berth-{}-{}-steps:{}",
                     self.instance(),
                     request.pipeline,
-                    crate::queue::short(digest)
+                    crate::git_url::short(digest)
                 );
                 let labels = std::collections::HashMap::from([
                     (

@@ -21,6 +21,9 @@ use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Part, TargetState, Vocabulary};
 
+/// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
+pub const INSTANCES_PART: &str = "instances";
+
 /// One challenge, as containers.
 #[derive(Debug, Clone)]
 pub struct ChallengeTemplate {
@@ -177,7 +180,7 @@ fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {
             key: key.clone(),
             version: String::new(),
             egress,
-            containers: super::instances::capacity(spec),
+            containers: capacity(spec),
         };
     }
     // Replicas and sidecars reach each other by name on a network of their own; a lone
@@ -190,6 +193,13 @@ fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {
             containers: spec.replicas as usize + spec.sidecars.len(),
         },
     }
+}
+
+/// How many containers an instanced challenge's network holds at most: `max` and `pool`.
+pub(super) fn capacity(spec: &ChallengeSpec) -> usize {
+    spec.instanced
+        .as_ref()
+        .map_or(1, |i| (i.max + i.pool) as usize)
 }
 
 pub(super) fn short_hash(value: &Value) -> String {
@@ -239,7 +249,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         // One part, the version ready for spawns: the pass makes its network and image, and
         // the instances themselves are made through the agent's API.
         let parts = vec![Part {
-            id: super::instances::INSTANCES_PART.into(),
+            id: INSTANCES_PART.into(),
             hash: main_hash,
             spec: main,
             secrets: None,

@@ -100,6 +100,16 @@ pub struct Access {
 }
 
 impl Access {
+    /// The access the agent's `kube` settings give (the usual places when there are none).
+    pub fn of(config: Option<&crate::config::KubeConfig>) -> Access {
+        let config = config.cloned().unwrap_or_default();
+        Access {
+            kubeconfig: config.kubeconfig,
+            context: config.context,
+            challenge_namespace: config.challenge_namespace.map(|n| n.to_string()),
+        }
+    }
+
     /// Whether any cluster is configured at all; without one, stagings are skipped with the
     /// reason rather than failing every pass.
     fn configured(&self) -> bool {
