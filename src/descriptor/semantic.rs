@@ -296,6 +296,20 @@ fn instanced_problem(at: &str, message: String) -> Violation {
     violation(format!("/spec/instanced{at}"), message)
 }
 
+/// The paths of the files berth writes into the main container: secret files and a flag file.
+fn secret_paths(spec: &ChallengeSpec) -> Vec<&str> {
+    let flag = spec
+        .instanced
+        .as_ref()
+        .and_then(|i| i.flag.as_ref())
+        .and_then(|f| f.file.as_deref());
+    spec.secret_files
+        .iter()
+        .map(|s| s.path.as_str())
+        .chain(flag)
+        .collect()
+}
+
 /// Why `path` is not a file's plain absolute path, if it is not.
 fn plain_file_path(path: &str) -> Result<(), String> {
     let parsed = Path::new(path);
@@ -322,6 +336,27 @@ fn plain_file_path(path: &str) -> Result<(), String> {
 /// A challenge's volumes: plain absolute paths, one volume per path in each container, not
 /// under a tmpfs or on a secret file; and Docker only so far.
 fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    // A pooled instance's flag is put in a volume at /run/berth-flag.
+    let pooled_flag = spec
+        .instanced
+        .as_ref()
+        .is_some_and(|i| i.pool > 0 && i.flag.as_ref().is_some_and(|f| f.file.is_some()));
+    if spec.instanced.is_some() {
+        // An instance's volumes are its own, one per container: a name two containers mount
+        // would be two volumes, not one.
+        let mut mounted_by_main: std::collections::BTreeSet<&str> =
+            spec.volumes.iter().map(|v| v.name.as_str()).collect();
+        for (index, sidecar) in spec.sidecars.iter().enumerate() {
+            for (at, volume) in sidecar.volumes.iter().enumerate() {
+                if !mounted_by_main.insert(volume.name.as_str()) {
+                    found.push(violation(
+                        format!("/spec/sidecars/{index}/volumes/{at}/name"),
+                        format!("spec.sidecars[{index}].volumes[{at}].name: an instance's volumes are its containers' own, so {} cannot be shared; give each container its own", volume.name.as_str()),
+                    ));
+                }
+            }
+        }
+    }
     let containers = std::iter::once((
         "/spec/volumes".to_string(),
         "spec.volumes".to_string(),
@@ -368,6 +403,29 @@ fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
                 found.push(said(format!(
                     "{} and the tmpfs at {} would hide one another",
                     volume.path, mount.path
+                )));
+            } else if pooled_flag
+                && (normal.starts_with("/run/berth-flag")
+                    || Path::new("/run/berth-flag").starts_with(&normal))
+            {
+                found.push(said(format!(
+                    "{} holds /run/berth-flag, where berth puts a pooled instance's flag; put it elsewhere",
+                    volume.path
+                )));
+            } else if let Some(secret) = pointer
+                .eq("/spec/volumes")
+                .then(|| {
+                    secret_paths(spec).into_iter().find(|file| {
+                        Path::new(file)
+                            .components()
+                            .collect::<std::path::PathBuf>()
+                            .starts_with(&normal)
+                    })
+                })
+                .flatten()
+            {
+                found.push(said(format!(
+                    "{secret} is inside it: a secret written there would outlive its container, and the volume would hide the image's copy; put the volume elsewhere"
                 )));
             } else {
                 seen.push(normal);

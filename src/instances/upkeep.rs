@@ -173,8 +173,25 @@ impl Instances {
                 }
             }
         }
-        if let Err(error) = docker.remove_orphan_sidecars().await {
-            tracing::warn!(%error, "cannot look for sidecars of removed instances");
+        // Sidecars first, then the records: a sidecar's record is written before it is made, so
+        // one seen here without a record is left from a removal, not a spawn in progress.
+        match docker.sidecar_owners().await {
+            Ok(owners) => {
+                let recorded: std::collections::HashSet<String> = self
+                    .inner
+                    .store
+                    .list(None, None)?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect();
+                for (id, main) in owners {
+                    if !recorded.contains(&id) {
+                        tracing::warn!(container = %main, "what is left of an instance without a record; removing it");
+                        let _ = docker.remove_instance(&main).await;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot look for sidecars of removed instances"),
         }
         for stray in by_id.values() {
             tracing::warn!(container = %stray.container, "an instance container without a record; removing it");

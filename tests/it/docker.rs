@@ -966,7 +966,7 @@ fn a_named_volume_keeps_its_data_across_updates_is_shared_with_a_sidecar_by_name
     );
 
     // Removed with prune: the volume goes too.
-    let volume = format!("berth-{}-store-data", instance.name);
+    let volume = format!("berth-{}_store_data", instance.name);
     assert_eq!(
         docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]),
         volume

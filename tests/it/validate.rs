@@ -1294,6 +1294,20 @@ fn volumes_are_folders_of_their_own_on_docker() {
             "cluster",
             "  target: kubernetes\n  volumes: [{name: data, path: /data}]\n",
         ),
+    )
+    .write(
+        "secret.yaml",
+        challenge(
+            "secret",
+            "  secretFiles: [{path: /srv/flag, secret: {env: F}}]\n  volumes: [{name: srv, path: /srv}, {name: run, path: /run}]\n",
+        ),
+    )
+    .write(
+        "teams.yaml",
+        challenge(
+            "teams",
+            "  ports: [{container: 80}]\n  instanced: {ttl: 1m, pool: 1, flag: {file: /flag}}\n  volumes: [{name: data, path: /data}, {name: run, path: /run}]\n  sidecars: [{name: db, image: busybox, volumes: [{name: data, path: /var/lib/db}]}]\n",
+        ),
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let found: Vec<(&str, usize, &str)> = problems
@@ -1313,6 +1327,9 @@ fn volumes_are_folders_of_their_own_on_docker() {
             15,
             "/tmp/db and the tmpfs at /tmp would hide one another",
         ),
+        ("secret.yaml", 8, "/srv/flag is inside it"),
+        ("teams.yaml", 9, "/run holds /run/berth-flag"),
+        ("teams.yaml", 10, "so data cannot be shared"),
     ];
     assert_eq!(found.len(), expected.len(), "{found:#?}");
     for (found, (file, line, words)) in found.iter().zip(expected) {

@@ -416,7 +416,10 @@ impl DockerBackend {
             return None;
         }
         let file = folder.join(FLAG_IN_VOLUME);
-        if !always && file.exists() {
+        // What is there is looked at, never followed: a container that could write its volume
+        // (a challenge given SYS_ADMIN may remount it) must not steer a write of the agent's.
+        let in_place = std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_file());
+        if !always && in_place {
             return Some(Ok(()));
         }
         let (gid, mode) = match template.spec.secret_files_group() {
@@ -431,8 +434,15 @@ impl DockerBackend {
         self.local_volumes
             .get_or_init(|| async {
                 let info = self.docker.info().await.ok()?;
+                // With user namespaces remapped, root and the group here are not theirs in the
+                // container: the engine writes the flag instead.
+                let remapped = info
+                    .security_options
+                    .iter()
+                    .flatten()
+                    .any(|option| option.contains("name=userns"));
                 let volumes = std::path::PathBuf::from(info.docker_root_dir?).join("volumes");
-                volumes.is_dir().then_some(volumes)
+                (!remapped && volumes.is_dir()).then_some(volumes)
             })
             .await
             .as_deref()
@@ -516,20 +526,20 @@ impl DockerBackend {
             }
             _ => {}
         }
-        if !sidecars.is_empty() {
-            for offline in ["", "-offline"] {
-                match self
-                    .docker
-                    .remove_network(&format!("{container}{offline}"))
-                    .await
-                {
-                    Err(error) if !is_status(&error, 404) => {
-                        return Err(self
-                            .trouble(&format!("cannot remove the network of {container}"), error)
-                            .into());
-                    }
-                    _ => {}
+        // Its own network, when it had sidecars (tried either way: an earlier removal may have
+        // taken the sidecars and not the network).
+        for offline in ["", "-offline"] {
+            match self
+                .docker
+                .remove_network(&format!("{container}{offline}"))
+                .await
+            {
+                Err(error) if !is_status(&error, 404) => {
+                    return Err(self
+                        .trouble(&format!("cannot remove the network of {container}"), error)
+                        .into());
                 }
+                _ => {}
             }
         }
         Ok(())
@@ -554,26 +564,22 @@ impl DockerBackend {
             .map_err(|e| InstanceTrouble::from(self.trouble("cannot list containers", e)))
     }
 
-    /// Removes sidecars whose instance's main container is gone (an agent killed mid-removal);
-    /// how many.
-    pub async fn remove_orphan_sidecars(&self) -> Result<usize, InstanceTrouble> {
+    /// The instances that have sidecars, as (instance id, main container): to find what is left
+    /// of instances with no record (an agent killed mid-removal).
+    pub async fn sidecar_owners(&self) -> Result<Vec<(String, String)>, InstanceTrouble> {
         let sidecars = self
             .labelled(&format!("{LABEL_SLOT}={SIDECAR_SLOT}"))
             .await?;
-        let mains: std::collections::HashSet<String> = self
-            .labelled(&format!("{LABEL_SLOT}={INSTANCE_SLOT}"))
-            .await?
+        let owners: std::collections::BTreeSet<(String, String)> = sidecars
             .iter()
-            .map(container_name_of)
+            .filter_map(|s| {
+                Some((
+                    label(s, LABEL_INSTANCE_ID)?.to_string(),
+                    label(s, LABEL_INSTANCE_MAIN)?.to_string(),
+                ))
+            })
             .collect();
-        let mut removed = 0;
-        for sidecar in &sidecars {
-            if label(sidecar, LABEL_INSTANCE_MAIN).is_some_and(|main| !mains.contains(main)) {
-                let _ = remove_container(&self.docker, &container_name_of(sidecar)).await;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        Ok(owners.into_iter().collect())
     }
 
     /// Every instance's main container this berth has, of every challenge.
@@ -643,16 +649,27 @@ fn mounted_tmpfs(folder: &std::path::Path) -> bool {
 }
 
 /// Writes `flag` to `file`, owned by root and group `gid`, with `mode`.
+/// Writes `flag` to `file`, owned by root and group `gid`, with `mode`: into a new file of a
+/// random name beside it (created exclusively, so nothing there is followed or reused), then
+/// renamed over `file` (which replaces a link or a pipe found there, never writes through it).
 fn write_flag(file: &std::path::Path, flag: &str, gid: u32, mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut opened = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(file)?;
-    opened.write_all(flag.as_bytes())?;
-    std::os::unix::fs::fchown(&opened, Some(0), Some(gid))?;
-    opened.set_permissions(std::fs::Permissions::from_mode(mode))
+    let random = crate::backend::random_bytes()?;
+    let temporary = file.with_file_name(format!(".flag-{}", hex::encode(&random[..8])));
+    let written = (|| {
+        let mut opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temporary)?;
+        opened.write_all(flag.as_bytes())?;
+        std::os::unix::fs::fchown(&opened, Some(0), Some(gid))?;
+        opened.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&temporary, file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }

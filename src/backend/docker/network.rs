@@ -519,7 +519,14 @@ impl DockerBackend {
         };
         let mut removed = 0;
         for network in networks {
-            if network.name.as_deref() == keep {
+            // An instance's own network is its instance's to remove, even while it is empty (a
+            // spawn has just made it, or the instance's containers are stopped).
+            let per_instance = network
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_WALL))
+                .is_some_and(|wall| wall == "instance");
+            if network.name.as_deref() == keep || per_instance {
                 continue;
             }
             let id = network.id.unwrap_or_default();

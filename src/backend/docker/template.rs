@@ -451,9 +451,10 @@ impl DockerBackend {
 }
 
 impl DockerBackend {
-    /// The engine's name for the challenge `key`'s volume `name`.
+    /// The engine's name for the challenge `key`'s volume `name`. The parts are names, which
+    /// hold no `_`, so two challenges' volumes never share one (`a-b` and `c`, `a` and `b-c`).
     pub(super) fn volume_name(&self, key: &ObjectRef, name: &str) -> String {
-        format!("berth-{}-{}-{name}", self.instance(), key.name)
+        format!("berth-{}_{}_{name}", self.instance(), key.name)
     }
 
     /// `volumes` as mounts of the challenge `key`'s named volumes.
