@@ -980,3 +980,32 @@ fn a_named_volume_keeps_its_data_across_updates_is_shared_with_a_sidecar_by_name
         "the volume is left"
     );
 }
+
+/// Volume names join instance, challenge and volume with a character names never hold.
+#[test]
+fn volumes_of_two_challenges_never_share_a_name() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let keeper = |name: &str, volume: &str| {
+        crate::util::challenge(
+            name,
+            &format!(
+                "  command: [sh, -c, 'echo {name} > /data/owner; exec sleep 3600']\n  volumes: [{{name: {volume}, path: /data}}]\n"
+            ),
+        )
+    };
+    repo.write("one.yaml", keeper("a-b", "c"))
+        .write("two.yaml", keeper("a", "b-c"));
+    assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
+    let owner = |challenge: &str| {
+        let main = instance.containers(challenge)["main-1"].0.clone();
+        let mut seen = String::new();
+        eventually("the owner is written", Duration::from_secs(20), || {
+            seen = docker(&["exec", &main, "cat", "/data/owner"]);
+            !seen.is_empty()
+        });
+        seen
+    };
+    assert_eq!(owner("a-b"), "a-b");
+    assert_eq!(owner("a"), "a", "two challenges share a volume");
+}

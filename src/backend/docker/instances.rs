@@ -673,3 +673,39 @@ fn write_flag(file: &std::path::Path, flag: &str, gid: u32, mode: u32) -> std::i
     }
     written
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a container may have put at the flag's place (a link to a host file, a pipe) is
+    /// replaced, never written through or waited on.
+    #[test]
+    fn a_flag_is_written_beside_what_is_there_and_renamed_over_it() {
+        let folder = tempfile::tempdir().unwrap();
+        let target = folder.path().join("host-file");
+        std::fs::write(&target, "keep me").unwrap();
+        let flag = folder.path().join("flag");
+        std::os::unix::fs::symlink(&target, &flag).unwrap();
+        // The agent writes flags as root, owned by root: so does this test, or it says why not.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            eprintln!("*** SKIPPED: writing a file owned by root needs root ***");
+            return;
+        }
+        write_flag(&flag, "flag{x}", 0, 0o440).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+        let written = std::fs::symlink_metadata(&flag).unwrap();
+        assert!(written.file_type().is_file());
+        assert_eq!(std::fs::read_to_string(&flag).unwrap(), "flag{x}");
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((written.uid(), written.mode() & 0o777), (0, 0o440));
+        }
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 2);
+    }
+}
