@@ -106,6 +106,17 @@ fn remove_everything() {
     for network in networks.split_whitespace() {
         docker(&["network", "rm", network]);
     }
+    // Pooled instances' flag volumes, named, outlive their containers' `docker rm -f`.
+    let volumes = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=berth.instance={INSTANCE}"),
+    ]);
+    for volume in volumes.split_whitespace() {
+        docker(&["volume", "rm", "-f", volume]);
+    }
 }
 
 fn main() {
