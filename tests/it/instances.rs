@@ -466,11 +466,13 @@ fn instances_go_on_time_and_a_pooled_one_is_claimed_with_its_teams_flag_and_refi
 #[test]
 fn kill_9_with_20_live_instances_keeps_them_all_respawns_a_lost_one_and_reaps_them_on_time() {
     let Some(instance) = engine() else { return };
+    // A ttl long enough that a loaded machine spawns all 20 and restarts the agent before any
+    // expires, short enough to watch them go.
     let origin = Origin::new(&[(
         "many.yaml",
         &instanced(
             "many",
-            "    ttl: 40s\n    max: 30\n    flag: {env: FLAG}\n",
+            "    ttl: 90s\n    max: 30\n    flag: {env: FLAG}\n",
             "",
         ),
     )]);
