@@ -163,15 +163,7 @@ fn main() {
         ("unused-webhook-secret", TOKEN),
         &format!("instances: {{hostPorts: {FIRST_PORT}-{last_port}, host: 127.0.0.1}}\n"),
     );
-    let agent = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["agent", "--config"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = agent.id();
-    let _agent = common::KilledOnDrop(agent);
+    let (_agent, pid) = common::start_agent(&config);
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
         || spawn(port, "fresh", "probe").0 != 201

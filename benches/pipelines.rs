@@ -159,15 +159,7 @@ fn main() {
         (SECRET, TOKEN),
         &format!("pipelines: {{workers: {WORKERS}}}\n"),
     );
-    let agent = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["agent", "--config"])
-        .arg(&agent_config)
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = agent.id();
-    let _agent = common::KilledOnDrop(agent);
+    let (_agent, pid) = common::start_agent(&agent_config);
     until(Duration::from_millis(50), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && api(port, "GET", "/readyz").0 == 200

@@ -96,14 +96,15 @@ impl AgentApi {
     }
 }
 
-/// `text` as one part of a URL's query: every byte but the unreserved ones percent-encoded.
+/// Every byte of a URL's part but the unreserved ones (RFC 3986, section 2.3).
+const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// `text` as one part of a URL's path or query: every byte but the unreserved ones
+/// percent-encoded.
 pub fn query_value(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (byte as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
 }

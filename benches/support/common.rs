@@ -146,6 +146,19 @@ pub fn agent_config(
     (config, port)
 }
 
+/// `berth agent` on `config`, its output thrown away, killed when the guard goes; and its pid.
+pub fn start_agent(config: &Path) -> (KilledOnDrop, u32) {
+    let agent = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["agent", "--config"])
+        .arg(config)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    (KilledOnDrop(agent), pid)
+}
+
 /// A child process killed when this goes, even when the bench panics.
 pub struct KilledOnDrop(pub Child);
 

@@ -249,7 +249,7 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
         if let Some(file) = &flag.file {
             let path = Path::new(file);
             let normal: std::path::PathBuf = path.components().collect();
-            if let Err(why) = plain_file_path(file) {
+            if let Err(why) = plain_path(file, PathOf::File) {
                 found.push(instanced_problem(
                     "/flag/file",
                     format!("spec.instanced.flag.file: {why}"),
@@ -310,8 +310,17 @@ fn secret_paths(spec: &ChallengeSpec) -> Vec<&str> {
         .collect()
 }
 
-/// Why `path` is not a file's plain absolute path, if it is not.
-fn plain_file_path(path: &str) -> Result<(), String> {
+/// What a plain absolute path names, for the message when it is not one.
+#[derive(Clone, Copy)]
+enum PathOf {
+    /// A file, such as `/flag.txt`.
+    File,
+    /// A folder, such as `/data`.
+    Folder,
+}
+
+/// Why `path` is not a plain absolute path of `what`, if it is not.
+fn plain_path(path: &str, what: PathOf) -> Result<(), String> {
     let parsed = Path::new(path);
     let plain = parsed.is_absolute()
         && path.len() <= 4096
@@ -325,10 +334,14 @@ fn plain_file_path(path: &str) -> Result<(), String> {
             )
         });
     let normal: std::path::PathBuf = parsed.components().collect();
+    let (noun, example) = match what {
+        PathOf::File => ("file", "/flag.txt"),
+        PathOf::Folder => ("folder", "/data"),
+    };
     match plain && normal != Path::new("/") {
         true => Ok(()),
         false => Err(format!(
-            "\"{path}\" is not a file's absolute path; write one such as /flag.txt"
+            "\"{path}\" is not a {noun}'s absolute path; write one such as {example}"
         )),
     }
 }
@@ -383,11 +396,8 @@ fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
             let at = format!("{pointer}/{index}/path");
             let said = |why: String| violation(at.clone(), format!("{shown}[{index}].path: {why}"));
             let normal: std::path::PathBuf = Path::new(&volume.path).components().collect();
-            if let Err(why) = plain_file_path(&volume.path) {
-                found.push(said(
-                    why.replace("a file's absolute path", "a folder's absolute path")
-                        .replace("/flag.txt", "/data"),
-                ));
+            if let Err(why) = plain_path(&volume.path, PathOf::Folder) {
+                found.push(said(why));
             } else if let Some(other) = seen
                 .iter()
                 .find(|other| normal.starts_with(other) || other.starts_with(&normal))
@@ -447,7 +457,7 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         let at = format!("/spec/secretFiles/{index}/path");
         let said =
             |why: String| violation(at.clone(), format!("spec.secretFiles[{index}].path: {why}"));
-        if let Err(why) = plain_file_path(&file.path) {
+        if let Err(why) = plain_path(&file.path, PathOf::File) {
             found.push(said(why));
         } else if let Some(other) = seen
             .iter()

@@ -120,6 +120,12 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Whether it was taken from the warm pool (claimed after it was made), and so got its flag
+    /// after it started rather than before.
+    pub fn from_pool(&self) -> bool {
+        self.claimed_at.is_some_and(|at| at != self.created_at)
+    }
+
     /// When renewals stop: its claim plus the challenge's `maxLifetime`.
     pub fn deadline(&self, max_lifetime_ms: i64) -> Option<i64> {
         self.claimed_at.map(|at| at.saturating_add(max_lifetime_ms))

@@ -144,7 +144,10 @@ impl Instances {
                             continue;
                         }
                     }
-                    if let (Some(template), Some(team)) = (template, &record.team)
+                    // Only a claimed pooled instance got its flag while it ran; a spawned one has
+                    // it in its own layer from before its start.
+                    if record.from_pool()
+                        && let (Some(template), Some(team)) = (template, &record.team)
                         && let Some(flag) = self.flag(&template, team)
                     {
                         if at_start {

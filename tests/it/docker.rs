@@ -208,6 +208,18 @@ impl Instance {
         output
     }
 
+    /// The names of this instance's networks, one a line.
+    pub fn network_names(&self) -> String {
+        docker(&[
+            "network",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            &format!("label=berth.instance={}", self.name),
+        ])
+    }
+
     /// `slot name → (id, running)` of this instance's containers for one challenge.
     pub fn containers(&self, challenge: &str) -> BTreeMap<String, (String, bool)> {
         let listed = docker(&[
@@ -701,14 +713,7 @@ fn forty_lone_challenges_share_one_walled_network_and_one_with_sidecars_has_its_
     }
     repo.write("side.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: side}\nspec:\n  image: busybox:latest\n  command: [sh, -c, \"sleep 1; wget -q -O - http://store:8000/ && sleep 3600\"]\n  sidecars:\n    - {name: store, image: \"busybox:latest\", command: [httpd, -f, -p, \"8000\", -h, /www]}\n");
     assert_eq!(instance.apply(&repo, &[]).status.code(), Some(0));
-    let networks = docker(&[
-        "network",
-        "ls",
-        "--format",
-        "{{.Name}}",
-        "--filter",
-        &format!("label=berth.instance={}", instance.name),
-    ]);
+    let networks = instance.network_names();
     let mut networks: Vec<&str> = networks.lines().collect();
     networks.sort();
     let own = format!("berth-{}-side-walled", instance.name);
@@ -953,17 +958,7 @@ fn a_named_volume_keeps_its_data_across_updates_is_shared_with_a_sidecar_by_name
     // The sidecar sees it, and cannot write it.
     let reader = instance.containers("store")["sidecar-reader"].0.clone();
     assert_eq!(docker(&["exec", &reader, "cat", "/shared/log"]), "one\ntwo");
-    let write = docker(&[
-        "exec",
-        &reader,
-        "sh",
-        "-c",
-        "echo x >> /shared/log 2>/dev/null; echo rc=$?",
-    ]);
-    assert!(
-        write.ends_with("rc=1") || write.ends_with("rc=2"),
-        "{write}"
-    );
+    assert!(write_refused(&reader, "/shared/log"));
 
     // Removed with prune: the volume goes too.
     let volume = format!("berth-{}_store_data", instance.name);
@@ -1008,4 +1003,21 @@ fn volumes_of_two_challenges_never_share_a_name() {
     };
     assert_eq!(owner("a-b"), "a-b");
     assert_eq!(owner("a"), "a", "two challenges share a volume");
+}
+
+/// Whether appending to `path` in the container fails (a read-only mount, a file the process may
+/// not write); what the shell said is printed when it did not.
+pub fn write_refused(container: &str, path: &str) -> bool {
+    let said = docker(&[
+        "exec",
+        container,
+        "sh",
+        "-c",
+        &format!("echo x >> {path} 2>/dev/null; echo rc=$?"),
+    ]);
+    let refused = said.ends_with("rc=1") || said.ends_with("rc=2");
+    if !refused {
+        eprintln!("writing {path} in {container}: {said}");
+    }
+    refused
 }

@@ -1243,10 +1243,6 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
         ),
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
-    let found: Vec<(&str, usize, &str)> = problems
-        .iter()
-        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
-        .collect();
     let expected = [
         (
             "flags.yaml",
@@ -1271,11 +1267,7 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
         ("shape.yaml", 11, "instances run on docker only so far"),
         ("shape.yaml", 12, "maxLifetime: shorter than ttl"),
     ];
-    assert_eq!(found.len(), expected.len(), "{found:#?}");
-    for (found, (file, line, words)) in found.iter().zip(expected) {
-        assert_eq!((found.0, found.1), (file, line), "{found:?} is not {words}");
-        assert!(found.2.contains(words), "{} lacks {words}", found.2);
-    }
+    problems_are(&problems, &expected);
 }
 
 #[test]
@@ -1310,10 +1302,6 @@ fn volumes_are_folders_of_their_own_on_docker() {
         ),
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
-    let found: Vec<(&str, usize, &str)> = problems
-        .iter()
-        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
-        .collect();
     let expected = [
         ("cluster.yaml", 8, "named volumes run on docker only so far"),
         ("paths.yaml", 8, "\"data\" is not a folder's absolute path"),
@@ -1331,11 +1319,7 @@ fn volumes_are_folders_of_their_own_on_docker() {
         ("teams.yaml", 9, "/run holds /run/berth-flag"),
         ("teams.yaml", 10, "so data cannot be shared"),
     ];
-    assert_eq!(found.len(), expected.len(), "{found:#?}");
-    for (found, (file, line, words)) in found.iter().zip(expected) {
-        assert_eq!((found.0, found.1), (file, line), "{found:?} is not {words}");
-        assert!(found.2.contains(words), "{} lacks {words}", found.2);
-    }
+    problems_are(&problems, &expected);
 }
 
 #[test]
@@ -1368,4 +1352,21 @@ fn a_fixed_host_port_in_the_instances_range_is_refused_on_docker_only() {
         ..LoadOptions::default()
     };
     assert!(problems_of(repo.path(), &moved).is_empty());
+}
+
+/// `problems` are `expected`, in order: each at its file and line, its message holding the words.
+fn problems_are(problems: &[berth::descriptor::Problem], expected: &[(&str, usize, &str)]) {
+    let found: Vec<(&str, usize, &str)> = problems
+        .iter()
+        .map(|p| (p.file.as_str(), p.line, p.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for (found, (file, line, words)) in found.iter().zip(expected) {
+        assert_eq!(
+            (found.0, found.1),
+            (*file, *line),
+            "{found:?} is not {words}"
+        );
+        assert!(found.2.contains(words), "{} lacks {words}", found.2);
+    }
 }

@@ -412,15 +412,16 @@ impl DockerBackend {
         template.flag_file()?;
         let root = self.local_volumes().await?;
         let folder = root.join(flag_volume_name(container)).join("_data");
-        if !mounted_tmpfs(&folder) {
-            return None;
-        }
         let file = folder.join(FLAG_IN_VOLUME);
         // What is there is looked at, never followed: a container that could write its volume
         // (a challenge given SYS_ADMIN may remount it) must not steer a write of the agent's.
+        // A flag in place needs no look at the mount table (the agent writes only into mounts).
         let in_place = std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_file());
         if !always && in_place {
             return Some(Ok(()));
+        }
+        if !mounted_tmpfs(&folder) {
+            return None;
         }
         let (gid, mode) = match template.spec.secret_files_group() {
             Some(gid) => (gid, 0o440),

@@ -45,10 +45,18 @@ impl DockerBackend {
 
     /// What this instance runs: one list call, grouped by challenge.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
-        let containers = self
-            .containers(None)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        // Three list calls (containers, instanced challenges' networks, products), asked at once.
+        let (containers, instanced, products) = tokio::join!(
+            self.containers(None),
+            self.observe_instanced(),
+            self.observe_products()
+        );
+        let gone = |e: bollard::errors::Error| unreachable(e.to_string());
+        let (containers, instanced, products) = (
+            containers.map_err(gone)?,
+            instanced.map_err(gone)?,
+            products.map_err(gone)?,
+        );
         let mut objects: BTreeMap<ObjectRef, Vec<ObservedPart>> = BTreeMap::new();
         for container in &containers {
             // Per-team instances are the instance manager's, not a pass's.
@@ -79,16 +87,8 @@ impl DockerBackend {
                 expired: None,
             })
             .collect();
-        observed.extend(
-            self.observe_instanced()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?,
-        );
-        observed.extend(
-            self.observe_products()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?,
-        );
+        observed.extend(instanced);
+        observed.extend(products);
         Ok(observed)
     }
 
