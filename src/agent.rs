@@ -979,17 +979,20 @@ impl Agent {
             Err(error) => return self.engine_failed(error.to_string()),
         };
         // A version whose pass made its network (after its image) is ready for spawns.
-        let ready = |template: &crate::backend::docker::ChallengeTemplate| {
+        let ready = |template: &crate::backend::instances::InstanceTemplate| {
             applied.observed.iter().any(|object| {
-                object.key == template.key
+                object.key == *template.key()
                     && object
                         .parts
                         .iter()
-                        .any(|part| part.hash == template.main_hash())
+                        .any(|part| part.hash == template.version())
             })
         };
-        self.instances
-            .declare(applied.planned.desired.instanced(), ready, engines.docker());
+        self.instances.declare(
+            applied.planned.desired.instanced(),
+            ready,
+            engines.instance_engines(),
+        );
         // Held for as long as this revision is the one applied: once objects it declares are
         // made, a later pass would no longer see it delete everything, and must not prune then.
         let current = self.current.as_ref().expect("a loaded revision");

@@ -13,6 +13,7 @@
 //! [`ObservedObject`], [`Outcome`] and [`EngineError`].
 
 pub mod docker;
+pub mod instances;
 pub mod kube;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -48,6 +49,8 @@ pub const LABEL_KIND: &str = "berth.kind";
 pub const LABEL_NAME: &str = "berth.name";
 /// Label with the hash of the object's (or part's) template.
 pub const LABEL_SPEC_HASH: &str = "berth.spec-hash";
+/// Label naming the per-team instance an object is made for (its id in the agent's store).
+pub const LABEL_INSTANCE_ID: &str = "berth.team-instance";
 
 /// 32 bytes from the kernel's random source: keys that tell rotated secrets, unique names.
 pub(crate) fn random_bytes() -> std::io::Result<[u8; 32]> {
@@ -205,12 +208,17 @@ impl Desired {
             })
     }
 
-    /// The instanced Challenges on Docker, as the revision (resolved) declares them.
-    pub fn instanced(&self) -> Vec<docker::ChallengeTemplate> {
+    /// The instanced Challenges, as the revision (resolved) declares them.
+    pub fn instanced(&self) -> Vec<instances::InstanceTemplate> {
         self.templates
             .values()
             .filter_map(|template| match template {
-                Template::Challenge(t) if t.spec.instanced.is_some() => Some(t.as_ref().clone()),
+                Template::Challenge(t) if t.spec.instanced.is_some() => {
+                    Some(instances::InstanceTemplate::Docker(t.as_ref().clone()))
+                }
+                Template::KubeChallenge(t) if t.instanced() => {
+                    Some(instances::InstanceTemplate::kubernetes(t.as_ref().clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -510,6 +518,15 @@ impl Engines {
             Backend::Docker(docker) => Some(docker.clone()),
             Backend::Kube(_) => None,
         })
+    }
+
+    /// The engines per-team instances are made on.
+    pub fn instance_engines(&self) -> instances::InstanceEngines {
+        let kube = self.backends.iter().find_map(|backend| match backend {
+            Backend::Kube(kube) => Some(kube.clone()),
+            Backend::Docker(_) => None,
+        });
+        instances::InstanceEngines::new(self.docker(), kube)
     }
 
     /// Waits at most `wait` for a Kubernetes challenge's rollout when applying it (see

@@ -197,14 +197,10 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
     }
 }
 
-/// An instanced challenge: one copy per team, each published on ports of the agent's own range.
+/// An instanced challenge: one copy per team, each published on ports of its own (host ports of
+/// the agent's range on Docker, NodePorts on Kubernetes).
 fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<Violation>) {
-    if spec.target == Some(Engine::Kubernetes) {
-        found.push(instanced_problem(
-            "",
-            "spec.instanced: instances run on docker only so far; set target: docker".into(),
-        ));
-    }
+    let on_kubernetes = spec.target == Some(Engine::Kubernetes);
     if spec.replicas > 1 {
         found.push(instanced_problem("", format!("spec.instanced: each instance is one container, and {} replicas would be one per team each; set replicas: 1", spec.replicas)));
     }
@@ -218,10 +214,10 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
     if let Some(index) = spec.ports.iter().position(|p| p.host.is_some()) {
         found.push(violation(
             format!("/spec/ports/{index}/host"),
-            format!("spec.ports[{index}].host: each instance gets host ports of its own from the agent's instances.hostPorts; remove the host port"),
+            format!("spec.ports[{index}].host: each instance gets ports of its own (from the agent's instances.hostPorts on docker, NodePorts on kubernetes); remove the host port"),
         ));
     }
-    if !spec.network.egress {
+    if !spec.network.egress && !on_kubernetes {
         found.push(violation(
             "/spec/network/egress",
             "spec.network.egress: instances are published on host ports, which the engine does not do from an internal network; keep egress".to_string(),
@@ -276,13 +272,19 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
                 ));
             }
         }
-        if flag.file.is_some() && spec.security.read_only_root_filesystem {
+        // On Kubernetes the flag is a Secret mounted at its file, which a read-only root takes.
+        if flag.file.is_some() && spec.security.read_only_root_filesystem && !on_kubernetes {
             found.push(instanced_problem(
                 "/flag/file",
                 "spec.instanced.flag.file: the flag is copied into the container, which a read-only root file system refuses; drop readOnlyRootFilesystem, or give the flag as env".into(),
             ));
         }
-        if flag.env.is_some() && instanced.pool > 0 {
+        if on_kubernetes && instanced.pool > 0 {
+            found.push(instanced_problem(
+                "/pool",
+                "spec.instanced.pool: on kubernetes a pod's flag is fixed when it starts, and a pooled one starts before a team claims it; drop pool, or the flag".into(),
+            ));
+        } else if flag.env.is_some() && instanced.pool > 0 {
             found.push(instanced_problem(
                 "/pool",
                 "spec.instanced.pool: a pooled instance is started before a team claims it, and a started container's environment cannot change; give the flag as a file (flag: {file: /flag.txt}), or drop pool".into(),
@@ -1073,6 +1075,7 @@ pub(super) fn check_repo(
             }
         }
     }
+    found.extend(connections_to_instances(descriptors));
     found.extend(cycles(descriptors, &first));
     found.extend(host_port_clashes(descriptors));
     found.extend(shared_namespaces(descriptors));
@@ -1100,6 +1103,35 @@ fn shared_namespaces(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
             });
         } else {
             first.insert(spec.namespace.as_str(), index);
+        }
+    }
+    found
+}
+
+/// `allowConnectTo` naming an instanced challenge: its instances are each a team's own, and no
+/// other challenge reaches them.
+fn connections_to_instances(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
+    let instanced: HashSet<String> = descriptors
+        .iter()
+        .filter_map(|d| match &d.spec {
+            Spec::Challenge(spec) if spec.instanced.is_some() => Some(d.metadata.name.to_string()),
+            _ => None,
+        })
+        .collect();
+    let mut found = Vec::new();
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        let Spec::Challenge(spec) = &descriptor.spec else {
+            continue;
+        };
+        for (position, target) in spec.network.allow_connect_to.iter().enumerate() {
+            if target.kind == Kind::Challenge && instanced.contains(target.name.as_str()) {
+                found.push(RepoProblem {
+                    at: index,
+                    pointer: format!("/spec/network/allowConnectTo/{position}"),
+                    message: format!("spec.network.allowConnectTo[{position}]: {target} is instanced: each of its instances is one team's, and no other challenge reaches them; remove it"),
+                    also: None,
+                });
+            }
         }
     }
     found

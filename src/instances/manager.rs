@@ -18,9 +18,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::store::{Admission, Admitted, InstanceStore, Still, StoreError};
 use super::{FlagKey, Instance, InstanceState, Team, renewed_expiry};
-use crate::backend::docker::instances::{InstanceTrouble, NewInstance};
-use crate::backend::docker::{ChallengeTemplate, DockerBackend};
-use crate::descriptor::model::{Instanced, RunState};
+use crate::backend::instances::{InstanceEngines, InstanceTemplate, InstanceTrouble, NewInstance};
+use crate::descriptor::model::RunState;
 use crate::metrics::Metrics;
 use crate::status::InstanceCounts;
 
@@ -65,8 +64,8 @@ pub enum InstanceError {
     /// The challenge gives no flag per team.
     #[error("{0} has no per-team flag (instanced.flag)")]
     NoFlag(String),
-    /// Instances cannot be served yet: no pass has connected to the Docker Engine, or the
-    /// challenge's image is not ready.
+    /// Instances cannot be served yet: no pass has connected to the engine, or the challenge's
+    /// image is not ready.
     #[error("instances are not served yet: {0}; retry later")]
     NotReady(String),
     /// The engine failed or refused.
@@ -126,7 +125,7 @@ pub struct FlagCheck {
 }
 
 /// The instanced challenges of one revision, by name.
-type Templates = Arc<BTreeMap<String, Arc<ChallengeTemplate>>>;
+type Templates = Arc<BTreeMap<String, Arc<InstanceTemplate>>>;
 
 /// The instance manager. Cloning shares it.
 #[derive(Clone)]
@@ -149,8 +148,8 @@ pub(super) struct Inner {
     pub(super) range: RangeInclusive<u16>,
     host: String,
     pub(super) metrics: Metrics,
-    /// The engine, once a pass has connected to it.
-    docker: RwLock<Option<DockerBackend>>,
+    /// The engines, once a pass has connected to them.
+    engines: RwLock<InstanceEngines>,
     /// The instanced challenges of the revision last applied, by name, whose version is ready
     /// (or the version before, while a new one is not); `None` before the first.
     templates: RwLock<Option<Templates>>,
@@ -158,7 +157,7 @@ pub(super) struct Inner {
     unready: RwLock<BTreeSet<String>>,
     /// Every version declared since the agent started, by its hash: instances of older versions
     /// still run, and their flags and lifetimes follow the version they run.
-    versions: Mutex<HashMap<String, Arc<ChallengeTemplate>>>,
+    versions: Mutex<HashMap<String, Arc<InstanceTemplate>>>,
     /// When this process started (ms): a `starting` record older than that was interrupted.
     pub(super) started_ms: i64,
     /// Whether this agent leads: only a leader does background work.
@@ -269,7 +268,7 @@ impl Instances {
                 range: config.host_ports(),
                 host: config.host.clone().unwrap_or_else(host_name),
                 metrics: metrics.clone(),
-                docker: RwLock::new(None),
+                engines: RwLock::new(InstanceEngines::default()),
                 templates: RwLock::new(None),
                 unready: RwLock::new(BTreeSet::new()),
                 versions: Mutex::new(HashMap::new()),
@@ -288,22 +287,22 @@ impl Instances {
     /// background work then brings the instances in line.
     pub fn declare(
         &self,
-        templates: Vec<ChallengeTemplate>,
-        ready: impl Fn(&ChallengeTemplate) -> bool,
-        docker: Option<DockerBackend>,
+        templates: Vec<InstanceTemplate>,
+        ready: impl Fn(&InstanceTemplate) -> bool,
+        engines: InstanceEngines,
     ) {
         let before = self.templates().unwrap_or_default();
         let mut taken = BTreeMap::new();
         let mut unready = BTreeSet::new();
         for template in templates {
-            let name = template.key.name.to_string();
+            let name = template.key().name.to_string();
             if ready(&template) {
                 let template = Arc::new(template);
                 self.inner
                     .versions
                     .lock()
                     .expect("lock")
-                    .insert(template.main_hash().to_string(), Arc::clone(&template));
+                    .insert(template.version().to_string(), Arc::clone(&template));
                 taken.insert(name, template);
             } else if let Some(previous) = before.get(&name) {
                 tracing::warn!(challenge = %name, "its new version is not ready; spawns get the version before");
@@ -314,8 +313,9 @@ impl Instances {
         }
         *self.inner.templates.write().expect("lock") = Some(Arc::new(taken));
         *self.inner.unready.write().expect("lock") = unready;
-        if let Some(docker) = docker {
-            *self.inner.docker.write().expect("lock") = Some(docker);
+        {
+            let mut known = self.inner.engines.write().expect("lock");
+            *known = known.updated(engines);
         }
         self.inner.work.notify_one();
     }
@@ -327,7 +327,7 @@ impl Instances {
     }
 
     /// The template of the version `instance` runs: its own when known, else the current one.
-    pub(super) fn version_of(&self, instance: &Instance) -> Option<Arc<ChallengeTemplate>> {
+    pub(super) fn version_of(&self, instance: &Instance) -> Option<Arc<InstanceTemplate>> {
         self.inner
             .versions
             .lock()
@@ -337,13 +337,14 @@ impl Instances {
             .or_else(|| self.templates()?.get(&instance.challenge).cloned())
     }
 
-    pub(super) fn docker(&self) -> Result<DockerBackend, InstanceError> {
-        self.inner
-            .docker
-            .read()
-            .expect("lock")
-            .clone()
-            .ok_or_else(|| InstanceError::NotReady("no pass has reached the Docker Engine".into()))
+    pub(super) fn engines(&self) -> Result<InstanceEngines, InstanceError> {
+        let engines = self.inner.engines.read().expect("lock").clone();
+        match engines.any() {
+            true => Ok(engines),
+            false => Err(InstanceError::NotReady(
+                "no pass has reached an engine".into(),
+            )),
+        }
     }
 
     pub(super) fn templates(&self) -> Option<Templates> {
@@ -351,7 +352,7 @@ impl Instances {
     }
 
     /// The template of an instanced challenge that takes spawns.
-    fn template(&self, challenge: &str) -> Result<Arc<ChallengeTemplate>, InstanceError> {
+    fn template(&self, challenge: &str) -> Result<Arc<InstanceTemplate>, InstanceError> {
         let templates = self.templates().ok_or_else(|| {
             InstanceError::NotReady("the agent has not applied a revision yet".into())
         })?;
@@ -364,18 +365,18 @@ impl Instances {
             .get(challenge)
             .cloned()
             .ok_or_else(|| InstanceError::NotInstanced(challenge.to_string()))?;
-        match template.spec.state {
+        match template.spec().state {
             RunState::Running => Ok(template),
             RunState::Stopped => Err(InstanceError::Stopped(challenge.to_string())),
         }
     }
 
-    pub(super) fn flag(&self, template: &ChallengeTemplate, team: &Team) -> Option<String> {
-        let flag = instanced(template).flag.as_ref()?;
+    pub(super) fn flag(&self, template: &InstanceTemplate, team: &Team) -> Option<String> {
+        let flag = template.instanced().flag.as_ref()?;
         Some(
             self.inner
                 .key
-                .flag(template.key.name.as_str(), team, &flag.format),
+                .flag(template.key().name.as_str(), team, &flag.format),
         )
     }
 
@@ -384,9 +385,9 @@ impl Instances {
         let templates = self.templates();
         let template = templates.as_ref().and_then(|t| t.get(&instance.challenge));
         let protocols: Vec<&'static str> = template
-            .map(|t| t.spec.ports.iter().map(|p| p.protocol.as_str()).collect())
+            .map(|t| t.spec().ports.iter().map(|p| p.protocol.as_str()).collect())
             .unwrap_or_default();
-        let max_lifetime = template.map(|t| millis(instanced(t).max_lifetime()));
+        let max_lifetime = template.map(|t| millis(t.instanced().max_lifetime()));
         InstanceView {
             id: instance.id.clone(),
             challenge: instance.challenge.clone(),
@@ -458,23 +459,25 @@ impl Instances {
     ) -> Result<(InstanceView, bool), InstanceError> {
         let team = Team::new(team).map_err(InstanceError::BadTeam)?;
         let template = self.template(challenge)?;
-        let docker = self.docker()?;
-        docker.instance_image(&template).map_err(engine)?;
-        let settings = instanced(&template);
+        let engines = self.engines()?;
+        engines.ready(&template).map_err(engine)?;
+        let settings = template.instanced();
+        let ttl_ms = millis(settings.ttl.0);
         let id = new_id()?;
-        let container = docker.instance_container_name(&template, &id);
+        let container = engines.container_name(&template, &id).map_err(engine)?;
         let admitted = self.inner.store.admit(&Admission {
             challenge,
             team: &team,
-            version: template.main_hash(),
+            version: template.version(),
+            engine: template.engine(),
             per_team: settings.per_team,
             max: settings.max,
-            ports: template.spec.ports.len(),
+            ports: template.host_ports_held(),
             range: self.inner.range.clone(),
             id: &id,
             container: &container,
             now: now_ms(),
-            ttl_ms: millis(settings.ttl.0),
+            ttl_ms,
         })?;
         let flag = self.flag(&template, &team);
         match admitted {
@@ -488,8 +491,9 @@ impl Instances {
             Admitted::NoPorts => Err(InstanceError::NoPorts),
             Admitted::Claimed(instance) => {
                 if let Some(flag) = &flag
-                    && let Err(trouble) =
-                        docker.give_flag(&instance.container, &template, flag).await
+                    && let Err(trouble) = engines
+                        .give_flag(&template, &instance.container, flag)
+                        .await
                 {
                     self.remove(&instance, Still::Any, "failed").await;
                     return Err(engine(trouble));
@@ -506,18 +510,28 @@ impl Instances {
                     host_ports: &instance.host_ports,
                     flag: flag.as_deref(),
                 };
-                if let Err(trouble) = docker.start_instance(&template, new).await {
-                    self.inner.store.remove(&instance.id)?;
-                    return Err(engine(trouble));
-                }
-                if !self.inner.store.mark_live(&instance.id)? {
+                let started = match engines.start(&template, new).await {
+                    Ok(started) => started,
+                    Err(trouble) => {
+                        self.inner.store.remove(&instance.id)?;
+                        return Err(engine(trouble));
+                    }
+                };
+                let expires_at = now_ms().saturating_add(ttl_ms);
+                if !self.inner.store.mark_started(
+                    &instance.id,
+                    &started.host_ports,
+                    Some(expires_at),
+                )? {
                     // Killed (or reaped) while it started: its container goes too.
-                    let _ = docker.remove_instance(&instance.container).await;
+                    let _ = engines.remove(&instance.objects()).await;
                     return Err(InstanceError::NotFound(instance.id));
                 }
-                tracing::info!(instance = %instance.id, %challenge, ports = ?instance.host_ports, "instance started");
+                tracing::info!(instance = %instance.id, %challenge, ports = ?started.host_ports, "instance started");
                 let live = Instance {
                     state: InstanceState::Live,
+                    host_ports: started.host_ports,
+                    expires_at: Some(expires_at),
                     ..instance
                 };
                 Ok((self.view(&live), false))
@@ -562,14 +576,14 @@ impl Instances {
         if let Some(current) = self
             .templates()
             .and_then(|t| t.get(&instance.challenge).cloned())
-            && current.spec.state == RunState::Stopped
+            && current.spec().state == RunState::Stopped
         {
             return Err(InstanceError::Stopped(instance.challenge));
         }
         let template = self
             .version_of(&instance)
             .ok_or_else(|| InstanceError::NotInstanced(instance.challenge.clone()))?;
-        let settings = instanced(&template);
+        let settings = template.instanced();
         let (Some(expires_at), Some(deadline)) = (
             instance.expires_at,
             instance.deadline(millis(settings.max_lifetime())),
@@ -610,8 +624,8 @@ impl Instances {
             .lock()
             .expect("lock")
             .values()
-            .filter(|t| t.key.name.as_str() == challenge)
-            .filter_map(|t| Some(instanced(t).flag.as_ref()?.format.clone()))
+            .filter(|t| t.key().name.as_str() == challenge)
+            .filter_map(|t| Some(t.instanced().flag.as_ref()?.format.clone()))
             .collect();
         if formats.is_empty() {
             let known = self.templates().is_some_and(|t| t.contains_key(challenge));
@@ -662,9 +676,11 @@ impl Instances {
             .unwrap_or_default();
         for instance in self.inner.store.list(None, None)? {
             let entry = counts.entry(instance.challenge).or_default();
-            match instance.state {
-                InstanceState::Pooled => entry.pooled += 1,
-                _ => entry.live += 1,
+            // A team's counts as live from its spawn; one for the pool only once it runs.
+            match (&instance.team, instance.state) {
+                (Some(_), _) => entry.live += 1,
+                (None, InstanceState::Pooled) => entry.pooled += 1,
+                (None, _) => {}
             }
         }
         Ok(counts)
@@ -682,21 +698,12 @@ impl Instances {
             }
         }
         self.inner.metrics.kill(&instance.challenge, cause);
-        if let Ok(docker) = self.docker()
-            && let Err(error) = docker.remove_instance(&instance.container).await
+        if let Ok(engines) = self.engines()
+            && let Err(error) = engines.remove(&instance.objects()).await
         {
             // Found without a record by the next round of background work, and removed then.
             tracing::warn!(%error, instance = %instance.id, "cannot remove an instance's container");
         }
         tracing::info!(instance = %instance.id, challenge = %instance.challenge, cause, "instance removed");
     }
-}
-
-/// The `instanced` of a template the manager holds (only instanced ones are declared).
-pub(super) fn instanced(template: &ChallengeTemplate) -> &Instanced {
-    template
-        .spec
-        .instanced
-        .as_ref()
-        .expect("only instanced challenges are declared")
 }

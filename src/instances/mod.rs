@@ -10,7 +10,8 @@
 //! - `upkeep`: the background work (reaping, refilling pools, replacing old versions, making the
 //!   engine match the records).
 //!
-//! The containers themselves are made by [`crate::backend::docker::instances`]. A team's name is
+//! The containers themselves are made through [`crate::backend::instances`], on the Docker Engine
+//! or the cluster the challenge runs on. A team's name is
 //! kept only in the store: never in a label, a log line, status or a metric.
 
 pub mod manager;
@@ -23,6 +24,9 @@ use std::ops::RangeInclusive;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
+
+use crate::backend::instances::InstanceObjects;
+use crate::descriptor::model::Engine;
 
 pub use manager::{InstanceError, Instances};
 
@@ -117,6 +121,8 @@ pub struct Instance {
     pub claimed_at: Option<i64>,
     /// When it goes, unless renewed; none while pooled.
     pub expires_at: Option<i64>,
+    /// The engine it runs on.
+    pub engine: Engine,
 }
 
 impl Instance {
@@ -124,6 +130,16 @@ impl Instance {
     /// after it started rather than before.
     pub fn from_pool(&self) -> bool {
         self.claimed_at.is_some_and(|at| at != self.created_at)
+    }
+
+    /// What an engine holds of it.
+    pub fn objects(&self) -> InstanceObjects {
+        InstanceObjects {
+            engine: self.engine,
+            id: self.id.clone(),
+            challenge: self.challenge.clone(),
+            container: self.container.clone(),
+        }
     }
 
     /// When renewals stop: its claim plus the challenge's `maxLifetime`.

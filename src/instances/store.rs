@@ -12,7 +12,9 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Instance, InstanceState, Team, free_ports};
+use crate::backend::instances::Started;
 use crate::database::Database;
+use crate::descriptor::model::Engine;
 
 /// Why the store failed.
 pub type StoreError = crate::database::DatabaseError;
@@ -28,7 +30,8 @@ CREATE TABLE IF NOT EXISTS instances (
     state TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     claimed_at INTEGER,
-    expires_at INTEGER
+    expires_at INTEGER,
+    engine TEXT NOT NULL DEFAULT 'docker'
 );
 CREATE INDEX IF NOT EXISTS instances_by_challenge ON instances (challenge, team);
 CREATE INDEX IF NOT EXISTS instances_by_expiry ON instances (expires_at);
@@ -36,13 +39,34 @@ CREATE TABLE IF NOT EXISTS ports (port INTEGER PRIMARY KEY, instance TEXT NOT NU
 CREATE TABLE IF NOT EXISTS teams (challenge TEXT NOT NULL, team TEXT NOT NULL, PRIMARY KEY (challenge, team));
 ";
 
-const COLUMNS: &str =
-    "id, challenge, team, version, container, ports, state, created_at, claimed_at, expires_at";
+const COLUMNS: &str = "id, challenge, team, version, container, ports, state, created_at, claimed_at, expires_at, engine";
+
+/// Stores made before instances ran on Kubernetes have no `engine` column: theirs are Docker's.
+fn add_engine_column(connection: &Connection) -> rusqlite::Result<()> {
+    let has: i64 = connection.query_row(
+        "SELECT count(*) FROM pragma_table_info('instances') WHERE name = 'engine'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has == 0 {
+        connection.execute_batch(
+            "ALTER TABLE instances ADD COLUMN engine TEXT NOT NULL DEFAULT 'docker'",
+        )?;
+    }
+    Ok(())
+}
+
+fn engine_named(name: &str) -> Option<Engine> {
+    [Engine::Docker, Engine::Kubernetes]
+        .into_iter()
+        .find(|engine| engine.as_str() == name)
+}
 
 fn read(row: &Row<'_>) -> rusqlite::Result<Instance> {
     let team: Option<String> = row.get(2)?;
     let ports: String = row.get(5)?;
     let state: String = row.get(6)?;
+    let engine: String = row.get(10)?;
     let broken = |i: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
             i,
@@ -63,6 +87,7 @@ fn read(row: &Row<'_>) -> rusqlite::Result<Instance> {
         created_at: row.get(7)?,
         claimed_at: row.get(8)?,
         expires_at: row.get(9)?,
+        engine: engine_named(&engine).ok_or_else(|| broken(10, "engine"))?,
     })
 }
 
@@ -101,11 +126,13 @@ pub struct Admission<'a> {
     pub team: &'a Team,
     /// The version new instances run; a pooled one is claimed only at this version.
     pub version: &'a str,
+    /// The engine new instances run on.
+    pub engine: Engine,
     /// Live instances a team may have.
     pub per_team: u32,
     /// Live instances of the challenge, all teams.
     pub max: u32,
-    /// How many host ports an instance takes.
+    /// How many host ports of `range` an instance holds.
     pub ports: usize,
     /// The host ports instances take.
     pub range: RangeInclusive<u16>,
@@ -119,6 +146,23 @@ pub struct Admission<'a> {
     pub ttl_ms: i64,
 }
 
+/// A record for the pool, before its instance is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Pooled<'a> {
+    /// Its id.
+    pub id: &'a str,
+    /// The challenge.
+    pub challenge: &'a str,
+    /// The version it runs.
+    pub version: &'a str,
+    /// Its main container's name.
+    pub container: &'a str,
+    /// The engine it runs on.
+    pub engine: Engine,
+    /// How many host ports of the range it holds.
+    pub ports: usize,
+}
+
 /// The instance records of one agent.
 #[derive(Debug, Clone)]
 pub struct InstanceStore {
@@ -129,7 +173,8 @@ impl InstanceStore {
     /// Opens (or makes) the store at `path`.
     pub fn open(path: &Path) -> Result<InstanceStore, StoreError> {
         let (database, ()) = Database::open(path, "the instance store", |connection| {
-            connection.execute_batch(SCHEMA)
+            connection.execute_batch(SCHEMA)?;
+            add_engine_column(connection)
         })?;
         Ok(InstanceStore { database })
     }
@@ -208,6 +253,7 @@ impl InstanceStore {
                 created_at: admission.now,
                 claimed_at: Some(admission.now),
                 expires_at: Some(expires_at),
+                engine: admission.engine,
             };
             insert(&transaction, &instance)?;
             transaction.commit()?;
@@ -215,18 +261,22 @@ impl InstanceStore {
         })
     }
 
-    /// A new pooled record with its host ports held, unless none are left.
-    #[allow(clippy::too_many_arguments)]
+    /// A new record for the pool, `starting` (no spawn claims it before it runs), with its host
+    /// ports held; none when no ports are left.
     pub fn add_pooled(
         &self,
-        id: &str,
-        challenge: &str,
-        version: &str,
-        container: &str,
-        ports: usize,
+        pooled: &Pooled<'_>,
         range: &RangeInclusive<u16>,
         now: i64,
     ) -> Result<Option<Instance>, StoreError> {
+        let Pooled {
+            id,
+            challenge,
+            version,
+            container,
+            engine,
+            ports,
+        } = *pooled;
         self.with(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -240,10 +290,11 @@ impl InstanceStore {
                 version: version.to_string(),
                 container: container.to_string(),
                 host_ports,
-                state: InstanceState::Pooled,
+                state: InstanceState::Starting,
                 created_at: now,
                 claimed_at: None,
                 expires_at: None,
+                engine,
             };
             insert(&transaction, &instance)?;
             transaction.commit()?;
@@ -251,23 +302,39 @@ impl InstanceStore {
         })
     }
 
-    /// Marks a starting instance live; false when it is gone (killed while it started).
-    pub fn mark_live(&self, id: &str) -> Result<bool, StoreError> {
+    /// Marks a starting instance as running on `host_ports`: live when it is a team's (until
+    /// `expires_at`, when given: a team's time runs from when its instance runs), else pooled
+    /// (claimable from now on). False when it is gone (killed while it started).
+    pub fn mark_started(
+        &self,
+        id: &str,
+        host_ports: &[u16],
+        expires_at: Option<i64>,
+    ) -> Result<bool, StoreError> {
         self.with(|connection| {
             let changed = connection.execute(
-                "UPDATE instances SET state = 'live' WHERE id = ?1 AND state = 'starting'",
-                [id],
+                "UPDATE instances SET state = CASE WHEN team IS NULL THEN 'pooled' ELSE 'live' END, ports = ?2, expires_at = COALESCE(?3, expires_at) WHERE id = ?1 AND state = 'starting'",
+                params![
+                    id,
+                    serde_json::to_string(host_ports).expect("ports serialize"),
+                    expires_at
+                ],
             )?;
             Ok(changed > 0)
         })
     }
 
-    /// Records that an instance now runs `version` in `container`.
-    pub fn replaced(&self, id: &str, version: &str, container: &str) -> Result<(), StoreError> {
+    /// Records that an instance now runs `version` as `started` (its container and ports).
+    pub fn replaced(&self, id: &str, version: &str, started: &Started) -> Result<(), StoreError> {
         self.with(|connection| {
             connection.execute(
-                "UPDATE instances SET version = ?2, container = ?3 WHERE id = ?1",
-                params![id, version, container],
+                "UPDATE instances SET version = ?2, container = ?3, ports = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    version,
+                    started.container,
+                    serde_json::to_string(&started.host_ports).expect("ports serialize")
+                ],
             )?;
             Ok(())
         })
@@ -343,11 +410,12 @@ impl InstanceStore {
         })
     }
 
-    /// Instances whose time was up at `now`.
+    /// Instances whose time was up at `now`; not one still starting, whose time runs from its
+    /// start.
     pub fn expired(&self, now: i64) -> Result<Vec<Instance>, StoreError> {
         self.with(|connection| {
             let mut query = connection.prepare(&format!(
-                "SELECT {COLUMNS} FROM instances WHERE expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at"
+                "SELECT {COLUMNS} FROM instances WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND state != 'starting' ORDER BY expires_at"
             ))?;
             query
                 .query_map([now], read)?
@@ -374,7 +442,7 @@ impl InstanceStore {
 fn insert(connection: &Connection, instance: &Instance) -> rusqlite::Result<()> {
     connection.execute(
         &format!(
-            "INSERT INTO instances ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            "INSERT INTO instances ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ),
         params![
             instance.id,
@@ -387,6 +455,7 @@ fn insert(connection: &Connection, instance: &Instance) -> rusqlite::Result<()> 
             instance.created_at,
             instance.claimed_at,
             instance.expires_at,
+            instance.engine.as_str(),
         ],
     )?;
     Ok(())
@@ -432,6 +501,7 @@ mod tests {
             challenge: "heap",
             team,
             version: "v1",
+            engine: Engine::Docker,
             per_team: 1,
             max: 2,
             ports: 1,
@@ -456,6 +526,11 @@ mod tests {
             panic!("a new instance");
         };
         assert_eq!(first.expires_at, Some(1_000));
+        // Its time runs from its start: not reaped while it starts, and given its ttl then.
+        assert!(store.expired(5_000).unwrap().is_empty());
+        assert!(store.mark_started("i1", &first.host_ports, Some(6_000)).unwrap());
+        assert!(store.expired(5_000).unwrap().is_empty());
+        assert_eq!(store.expired(6_000).unwrap().len(), 1);
         assert!(matches!(
             store.admit(&admission(&a, "i2", 0)).unwrap(),
             Admitted::TeamAtLimit(mine) if mine.len() == 1
@@ -488,14 +563,40 @@ mod tests {
         let path = folder.path().join("instances.db");
         let store = InstanceStore::open(&path).unwrap();
         let range = 40000..=40009;
-        store
-            .add_pooled("old", "heap", "v0", "old", 1, &range, 0)
+        let pooled = |id, version| Pooled {
+            id,
+            challenge: "heap",
+            version,
+            container: id,
+            engine: Engine::Docker,
+            ports: 1,
+        };
+        let old = store
+            .add_pooled(&pooled("old", "v0"), &range, 0)
             .unwrap()
             .unwrap();
-        store
-            .add_pooled("p1", "heap", "v1", "p1", 1, &range, 0)
+        let starting = store
+            .add_pooled(&pooled("p1", "v1"), &range, 0)
             .unwrap()
             .unwrap();
+        // Not claimed while it starts: the team gets a new instance of its own.
+        let early = Team::new("early").unwrap();
+        assert!(matches!(
+            store
+                .admit(&Admission {
+                    range: range.clone(),
+                    ..admission(&early, "e", 1)
+                })
+                .unwrap(),
+            Admitted::New(_)
+        ));
+        assert!(store.remove("e").unwrap());
+        assert!(store.mark_started("old", &old.host_ports, None).unwrap());
+        assert!(
+            store
+                .mark_started("p1", &starting.host_ports, None)
+                .unwrap()
+        );
         let team = Team::new("t").unwrap();
         let Admitted::Claimed(claimed) = store.admit(&admission(&team, "n", 5)).unwrap() else {
             panic!("a claim");

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::manager::{InstanceError, Instances, engine, instanced, new_id, now_ms};
-use super::store::Still;
+use super::manager::{InstanceError, Instances, engine, new_id, now_ms};
+use super::store::{Pooled, Still};
 use super::{Instance, InstanceState};
-use crate::backend::docker::instances::NewInstance;
-use crate::backend::docker::{ChallengeTemplate, DockerBackend};
+use crate::backend::instances::{
+    InstanceEngines, InstanceObjects, InstanceTemplate, InstanceTrouble, NewInstance,
+};
 use crate::descriptor::model::{OnUpdate, RunState};
 
 /// How often expiries are looked for: an instance goes within about this of its time.
@@ -43,18 +44,18 @@ impl Instances {
             if !self.inner.leading.load(Ordering::SeqCst) {
                 continue;
             }
-            let (Ok(docker), Some(templates)) = (self.docker(), self.templates()) else {
+            let (Ok(engines), Some(templates)) = (self.engines(), self.templates()) else {
                 continue;
             };
-            if let Err(error) = self.sync(&docker, &templates, first).await {
+            if let Err(error) = self.sync(&engines, &templates, first).await {
                 tracing::warn!(%error, "cannot bring instances in line with their records");
                 continue;
             }
             first = false;
             let mut more = false;
             for template in templates.values() {
-                more |= self.fill_pool(&docker, template).await;
-                more |= self.roll(&docker, template).await;
+                more |= self.fill_pool(&engines, template).await;
+                more |= self.roll(&engines, template).await;
             }
             if more {
                 self.inner.work.notify_one();
@@ -72,7 +73,7 @@ impl Instances {
     async fn reap_for_ever(self) {
         loop {
             tokio::time::sleep(REAP_EVERY).await;
-            if self.inner.leading.load(Ordering::SeqCst) && self.docker().is_ok() {
+            if self.inner.leading.load(Ordering::SeqCst) && self.engines().is_ok() {
                 self.reap().await;
             }
         }
@@ -110,18 +111,41 @@ impl Instances {
     /// At the agent's start, spawns and claims its stop interrupted are finished or dropped.
     async fn sync(
         &self,
-        docker: &DockerBackend,
-        templates: &BTreeMap<String, Arc<ChallengeTemplate>>,
+        engines: &InstanceEngines,
+        templates: &BTreeMap<String, Arc<InstanceTemplate>>,
         at_start: bool,
     ) -> Result<(), InstanceError> {
         // Containers first: a spawn's record is written before its container is made.
-        let containers = docker.instance_containers().await.map_err(engine)?;
+        let (listed, containers) = engines.containers().await.map_err(engine)?;
         let records = self.inner.store.list(None, None)?;
-        let mut by_id: HashMap<&str, _> = containers.iter().map(|c| (c.id.as_str(), c)).collect();
+        let recorded: HashMap<&str, &Instance> =
+            records.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut by_id = HashMap::new();
+        for (engine, found) in &containers {
+            match recorded.get(found.id.as_str()) {
+                // What an instance ran before its replacement and was not removed then goes now.
+                Some(record)
+                    if record.state != InstanceState::Starting
+                        && record.engine == *engine
+                        && record.container != found.container =>
+                {
+                    tracing::warn!(instance = %record.id, container = %found.container, "an instance's container from before its replacement; removing it");
+                    let _ = engines.retire(*engine, &found.container).await;
+                }
+                _ => {
+                    by_id.insert(found.id.as_str(), (*engine, found));
+                }
+            }
+        }
         for record in &records {
+            // An engine this agent could not list says nothing of its instances.
+            if !listed.contains(&record.engine) {
+                by_id.remove(record.id.as_str());
+                continue;
+            }
             let container = by_id.remove(record.id.as_str());
             let current = templates.get(&record.challenge);
-            let stopped = current.is_some_and(|t| t.spec.state == RunState::Stopped);
+            let stopped = current.is_some_and(|t| t.spec().state == RunState::Stopped);
             let interrupted = record.state == InstanceState::Starting
                 && record.created_at < self.inner.started_ms;
             if stopped {
@@ -134,11 +158,11 @@ impl Instances {
                 (Some(_), None, InstanceState::Pooled) => {
                     self.remove(record, Still::Pooled, "removed").await;
                 }
-                (Some(found), _, state) => {
+                (Some((_, found)), _, state) => {
                     let template = self.version_of(record);
                     if !found.running {
                         tracing::warn!(instance = %record.id, "an instance's container is not running; starting it");
-                        if let Err(error) = docker.restart_instance(&found.container).await {
+                        if let Err(error) = engines.restart(record.engine, &found.container).await {
                             tracing::warn!(%error, instance = %record.id, "cannot start it; it is removed");
                             self.remove(record, Still::Any, "failed").await;
                             continue;
@@ -147,28 +171,42 @@ impl Instances {
                     // Only a claimed pooled instance got its flag while it ran; a spawned one has
                     // it in its own layer from before its start.
                     if record.from_pool()
-                        && let (Some(template), Some(team)) = (template, &record.team)
-                        && let Some(flag) = self.flag(&template, team)
+                        && let (Some(template), Some(team)) = (&template, &record.team)
+                        && let Some(flag) = self.flag(template, team)
                     {
                         if at_start {
                             // A claim the stop interrupted may have left it without its flag.
                             if let Err(error) =
-                                docker.give_flag(&found.container, &template, &flag).await
+                                engines.give_flag(template, &found.container, &flag).await
                             {
                                 tracing::warn!(%error, instance = %record.id, "cannot write its flag again");
                             }
                         } else {
                             // A restart empties a pooled one's flag volume.
-                            docker.keep_flag(&found.container, &template, &flag).await;
+                            engines.keep_flag(template, &found.container, &flag).await;
                         }
                     }
                     if state == InstanceState::Starting {
-                        self.inner.store.mark_live(&record.id)?;
+                        // A pod's NodePorts are recorded once its Service has them: one the stop
+                        // interrupted before that is not known to answer anywhere.
+                        let unknown = record.host_ports.is_empty()
+                            && template
+                                .as_ref()
+                                .is_some_and(|t| !t.spec().ports.is_empty());
+                        if unknown {
+                            self.remove(record, Still::Any, "failed").await;
+                        } else {
+                            self.inner
+                                .store
+                                .mark_started(&record.id, &record.host_ports, None)?;
+                        }
                     }
                 }
-                (None, Some(template), InstanceState::Live) => {
+                (None, Some(template), InstanceState::Live)
+                    if template.engine() == record.engine =>
+                {
                     tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone; respawning it");
-                    self.respawn(docker, template, record).await;
+                    self.respawn(engines, template, record).await;
                 }
                 (None, _, _) => {
                     tracing::warn!(instance = %record.id, challenge = %record.challenge, "an instance's container is gone, and it is not started again; its record is dropped");
@@ -178,8 +216,8 @@ impl Instances {
         }
         // Sidecars first, then the records: a sidecar's record is written before it is made, so
         // one seen here without a record is left from a removal, not a spawn in progress.
-        match docker.sidecar_owners().await {
-            Ok(owners) => {
+        match engines.leftovers().await {
+            Ok(leftovers) => {
                 let recorded: std::collections::HashSet<String> = self
                     .inner
                     .store
@@ -187,18 +225,24 @@ impl Instances {
                     .into_iter()
                     .map(|r| r.id)
                     .collect();
-                for (id, main) in owners {
-                    if !recorded.contains(&id) {
-                        tracing::warn!(container = %main, "what is left of an instance without a record; removing it");
-                        let _ = docker.remove_instance(&main).await;
+                for leftover in leftovers {
+                    if !recorded.contains(&leftover.id) {
+                        tracing::warn!(container = %leftover.container, "what is left of an instance without a record; removing it");
+                        let _ = engines.remove(&leftover).await;
                     }
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot look for sidecars of removed instances"),
+            Err(error) => tracing::warn!(%error, "cannot look for what removed instances left"),
         }
-        for stray in by_id.values() {
+        for (engine, stray) in by_id.values() {
             tracing::warn!(container = %stray.container, "an instance container without a record; removing it");
-            if let Err(error) = docker.remove_instance(&stray.container).await {
+            let objects = InstanceObjects {
+                engine: *engine,
+                id: stray.id.clone(),
+                challenge: stray.challenge.clone(),
+                container: stray.container.clone(),
+            };
+            if let Err(error) = engines.remove(&objects).await {
                 tracing::warn!(%error, container = %stray.container, "cannot remove it");
             }
         }
@@ -207,8 +251,8 @@ impl Instances {
 
     async fn respawn(
         &self,
-        docker: &DockerBackend,
-        template: &ChallengeTemplate,
+        engines: &InstanceEngines,
+        template: &InstanceTemplate,
         record: &Instance,
     ) {
         let flag = record
@@ -220,15 +264,19 @@ impl Instances {
             host_ports: &record.host_ports,
             flag: flag.as_deref(),
         };
-        match docker.start_instance(template, new).await {
-            Ok(container) => {
+        match engines.start(template, new).await {
+            Ok(started) => {
                 if let Err(error) =
                     self.inner
                         .store
-                        .replaced(&record.id, template.main_hash(), &container)
+                        .replaced(&record.id, template.version(), &started)
                 {
                     tracing::error!(%error, "cannot record a respawn");
                 }
+            }
+            // Tried again next round: an engine away for a moment loses no team its instance.
+            Err(error @ InstanceTrouble::EngineGone(_)) => {
+                tracing::warn!(%error, instance = %record.id, "cannot respawn it now; trying again later");
             }
             Err(error) => {
                 tracing::warn!(%error, instance = %record.id, "cannot respawn it; its record is dropped");
@@ -239,16 +287,17 @@ impl Instances {
 
     /// Pooled instances of older versions removed, and the pool topped up (a few at a time);
     /// whether more is left to do.
-    async fn fill_pool(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
-        let settings = instanced(template);
-        let challenge = template.key.name.as_str();
+    async fn fill_pool(&self, engines: &InstanceEngines, template: &InstanceTemplate) -> bool {
+        let settings = template.instanced();
+        let challenge = template.key().name.as_str();
         let Ok(records) = self.inner.store.list(Some(challenge), None) else {
             return false;
         };
-        let running = template.spec.state == RunState::Running;
+        let running = template.spec().state == RunState::Running;
         let mut current = 0;
-        for instance in records.iter().filter(|i| i.state == InstanceState::Pooled) {
-            if running && instance.version == template.main_hash() {
+        // A pool's instance has no team: pooled, or still starting.
+        for instance in records.iter().filter(|i| i.team.is_none()) {
+            if running && instance.version == template.version() {
                 current += 1;
             } else {
                 self.remove(instance, Still::Pooled, "removed").await;
@@ -258,16 +307,22 @@ impl Instances {
         let missing = wanted.saturating_sub(current);
         for _ in 0..missing.min(BATCH) {
             let Ok(id) = new_id() else { return false };
-            let container = docker.instance_container_name(template, &id);
-            let record = match self.inner.store.add_pooled(
-                &id,
+            let Ok(container) = engines.container_name(template, &id) else {
+                return false;
+            };
+            let pooled = Pooled {
+                id: &id,
                 challenge,
-                template.main_hash(),
-                &container,
-                template.spec.ports.len(),
-                &self.inner.range,
-                now_ms(),
-            ) {
+                version: template.version(),
+                container: &container,
+                engine: template.engine(),
+                ports: template.host_ports_held(),
+            };
+            let record = match self
+                .inner
+                .store
+                .add_pooled(&pooled, &self.inner.range, now_ms())
+            {
                 Ok(Some(record)) => record,
                 Ok(None) => {
                     tracing::warn!(%challenge, "no free host ports left for its pool");
@@ -283,10 +338,25 @@ impl Instances {
                 host_ports: &record.host_ports,
                 flag: None,
             };
-            if let Err(error) = docker.start_instance(template, new).await {
-                tracing::warn!(%error, %challenge, "cannot start a pooled instance");
-                let _ = self.inner.store.remove_if(&record.id, Still::Pooled);
-                return false;
+            match engines.start(template, new).await {
+                Ok(started) => {
+                    match self
+                        .inner
+                        .store
+                        .mark_started(&record.id, &started.host_ports, None)
+                    {
+                        Ok(true) => {}
+                        // Removed while it started (its challenge was stopped): it goes too.
+                        _ => {
+                            let _ = engines.remove(&record.objects()).await;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, %challenge, "cannot start a pooled instance");
+                    let _ = self.inner.store.remove(&record.id);
+                    return false;
+                }
             }
         }
         missing > BATCH
@@ -295,17 +365,17 @@ impl Instances {
     /// With `onUpdate: replace`, live instances of older versions replaced by the current one
     /// (a few at a time), keeping their id, team, ports, flag and expiry; a replacement that does
     /// not start leaves the old container running. Whether more is left to do.
-    async fn roll(&self, docker: &DockerBackend, template: &ChallengeTemplate) -> bool {
-        if instanced(template).on_update != OnUpdate::Replace
-            || template.spec.state != RunState::Running
+    async fn roll(&self, engines: &InstanceEngines, template: &InstanceTemplate) -> bool {
+        if template.instanced().on_update != OnUpdate::Replace
+            || template.spec().state != RunState::Running
         {
             return false;
         }
-        let version = template.main_hash();
+        let version = template.version();
         let Ok(records) = self
             .inner
             .store
-            .list(Some(template.key.name.as_str()), None)
+            .list(Some(template.key().name.as_str()), None)
         else {
             return false;
         };
@@ -314,15 +384,20 @@ impl Instances {
             records
                 .iter()
                 .filter(|i| i.state == InstanceState::Live && i.version != version)
+                .filter(|i| i.engine == template.engine())
                 .filter(|i| !failed.contains(&(i.id.clone(), version.to_string())))
                 .collect()
         };
         for instance in stale.iter().take(BATCH) {
-            // The new container takes the old one's host ports: the old one stops first.
-            if let Err(error) = docker.stop_instance(&instance.container).await {
-                tracing::warn!(%error, instance = %instance.id, "cannot stop it for its replacement");
-                continue;
-            }
+            // On Docker the new container takes the old one's host ports: the old one stops
+            // first. On Kubernetes the instance's Service moves to the new pod once it is ready.
+            let stopped = match engines.make_way(instance.engine, &instance.container).await {
+                Ok(stopped) => stopped,
+                Err(error) => {
+                    tracing::warn!(%error, instance = %instance.id, "cannot stop it for its replacement");
+                    continue;
+                }
+            };
             let flag = instance
                 .team
                 .as_ref()
@@ -332,18 +407,20 @@ impl Instances {
                 host_ports: &instance.host_ports,
                 flag: flag.as_deref(),
             };
-            match docker.start_instance(template, new).await {
-                Ok(container) => {
-                    if let Err(error) = self.inner.store.replaced(&instance.id, version, &container)
-                    {
+            match engines.start(template, new).await {
+                Ok(started) => {
+                    if let Err(error) = self.inner.store.replaced(&instance.id, version, &started) {
                         tracing::error!(%error, "cannot record a replacement");
                     }
-                    let _ = docker.remove_instance(&instance.container).await;
+                    let _ = engines.retire(instance.engine, &instance.container).await;
                     tracing::info!(instance = %instance.id, %version, "instance replaced by the new version");
                 }
                 Err(error) => {
                     tracing::warn!(%error, instance = %instance.id, "its replacement did not start; the old version keeps running");
-                    if let Err(error) = docker.restart_instance(&instance.container).await {
+                    if stopped
+                        && let Err(error) =
+                            engines.restart(instance.engine, &instance.container).await
+                    {
                         // Found not running by the next round, and started or removed then.
                         tracing::warn!(%error, instance = %instance.id, "cannot start the old version again");
                     }

@@ -1,6 +1,7 @@
-//! Per-team instances on the real Docker Engine, driven the way a CTF platform's backend drives
-//! them: the agent's API with its token, teams spawning, renewing and killing, flags checked,
-//! the agent killed with `kill -9` and started again, and specs changed under live instances.
+//! Per-team instances on the real Docker Engine and the test cluster, driven the way a CTF
+//! platform's backend drives them: the agent's API with its token, teams spawning, renewing and
+//! killing, flags checked, the agent killed with `kill -9` and started again, and specs changed
+//! under live instances.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -73,10 +74,21 @@ fn port_of(instance: &Value) -> u16 {
         .unwrap_or_else(|| panic!("no endpoint: {instance}")) as u16
 }
 
-/// `GET path` on a host port, as a team connects: the body, or `None` when nothing answers.
+/// `GET path` on a host port, as a team connects: the body, or `None` when nothing answers
+/// within 3 s. A NodePort the cluster's proxy has not yet routed is held by a socket that takes
+/// the connection and never answers, so the read has a deadline.
 fn fetch(port: u16, path: &str) -> Option<String> {
-    let (code, body) = crate::agent::http(port, "GET", path, &[], b"");
-    (code == 200).then(|| body.trim().to_string())
+    use std::io::{Read, Write};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(3)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    (crate::agent::status_code(head) == 200).then(|| body.trim().to_string())
 }
 
 fn fetched_eventually(port: u16, path: &str) -> String {
@@ -836,4 +848,246 @@ fn an_instance_with_a_sidecar_gets_its_own_and_reaches_no_other_teams() {
     assert!(container_of(&instance, id).is_empty(), "its sidecar stays");
     let networks = instance.network_names();
     assert!(!networks.contains(id), "its network stays: {networks}");
+}
+
+/// `kubectl get KIND -l SELECTOR -o jsonpath=…` in the test's challenge namespace, trimmed.
+fn labelled(cluster: &crate::kube::Cluster, kind: &str, selector: &str, jsonpath: &str) -> String {
+    let output = cluster.kubectl(&[
+        "get",
+        "-n",
+        &cluster.challenges(),
+        kind,
+        "-l",
+        selector,
+        "-o",
+        &format!("jsonpath={jsonpath}"),
+    ]);
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// The pods of `challenge`'s instances on the cluster, by name, but those on their way out.
+fn pods(cluster: &crate::kube::Cluster, challenge: &str) -> BTreeSet<String> {
+    let selector = format!(
+        "berth.instance={},berth.name={challenge},berth.team-instance",
+        cluster.instance.name
+    );
+    let names = labelled(
+        cluster,
+        "pods",
+        &selector,
+        "{range .items[*]}{.metadata.deletionTimestamp}|{.metadata.name} {end}",
+    );
+    names
+        .split_whitespace()
+        .filter_map(|pod| pod.strip_prefix('|'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// On the cluster each team's instance is a pod of its own behind a NodePort of its own, with
+/// its team's flag; the challenge's NetworkPolicy selects every one of them (the test cluster has
+/// no network plugin that enforces it: that it keeps teams apart is the plugin's part, and the
+/// policy's shape is checked by the unit tests). Limits, renewals, a pool without flags, a
+/// replacement on the same port, kills, expiry and removal work as on Docker.
+#[test]
+fn on_kubernetes_each_team_gets_a_pod_behind_a_node_port_of_its_own_replaced_on_its_port_and_removed()
+ {
+    let Some(cluster) = crate::kube::cluster() else {
+        return;
+    };
+    let ns = cluster.challenges();
+    let heap = |mode: &str| {
+        instanced(
+            "heap",
+            "    ttl: 5m\n    onUpdate: replace\n    flag: {env: FLAG, format: \"k8s{%s}\"}\n",
+            &format!("  target: kubernetes\n  env: {{MODE: {mode}}}\n"),
+        )
+    };
+    let origin = Origin::new(&[
+        ("heap.yaml", &heap("one")),
+        (
+            "warm.yaml",
+            &instanced(
+                "warm",
+                "    ttl: 5m\n    pool: 1\n",
+                "  target: kubernetes\n",
+            ),
+        ),
+        (
+            "short.yaml",
+            &instanced(
+                "short",
+                "    ttl: 3s\n    flag: {env: FLAG}\n",
+                "  target: kubernetes\n",
+            ),
+        ),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(
+        &cluster.instance,
+        &daemon.url(),
+        &format!(
+            "prune: true\nkube: {{kubeconfig: {}, challengeNamespace: {ns}}}\ninstances: {{host: 127.0.0.1}}\n",
+            cluster.kubeconfig.display()
+        ),
+    );
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    // The pass made the walls and no workload of its own.
+    assert_eq!(
+        cluster.get(
+            &ns,
+            "networkpolicy/heap",
+            "{.spec.podSelector.matchLabels.berth\\.name}"
+        ),
+        "heap"
+    );
+    assert!(
+        cluster
+            .get(&ns, "deployment/heap", "{.metadata.name}")
+            .is_empty()
+    );
+
+    // Two teams: a pod and a NodePort each, each answering with its own team's flag.
+    let (code, first) = spawn(&agent, "heap", "t1");
+    assert_eq!(code, 201, "{first}");
+    let (code, second) = spawn(&agent, "heap", "t2");
+    assert_eq!(code, 201, "{second}");
+    let (one, two) = (port_of(&first), port_of(&second));
+    assert_ne!(one, two);
+    assert!((30000..=32767).contains(&one), "{first}");
+    let flag_one = fetched_eventually(one, "/www/index.html");
+    let flag_two = fetched_eventually(two, "/www/index.html");
+    assert!(
+        flag_one.starts_with("k8s{") && flag_one != flag_two,
+        "{flag_one} {flag_two}"
+    );
+    assert_eq!(check_flag(&agent, "heap", "t1", &flag_one)["correct"], true);
+    let shared = check_flag(&agent, "heap", "t1", &flag_two);
+    assert_eq!(shared["sharedFrom"], "t2", "{shared}");
+    let id = first["id"].as_str().unwrap();
+    let pod = labelled(
+        &cluster,
+        "pods",
+        &format!("berth.team-instance={id}"),
+        "{.items[0].metadata.name}",
+    );
+    assert!(pod.starts_with(&format!("inst-heap-{id}-")), "{pod}");
+    assert_eq!(pods(&cluster, "heap").len(), 2);
+    // The team's name is the store's alone, never the cluster's.
+    let everything = String::from_utf8_lossy(
+        &cluster
+            .kubectl(&[
+                "get",
+                "-n",
+                &ns,
+                "pods,services,networkpolicies",
+                "-o",
+                "yaml",
+            ])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        !everything.contains("t1\n") && !everything.contains(": t1"),
+        "a team's name is on the cluster"
+    );
+    // Nor is a flag in a pod's spec: it comes from the instance's own Secret.
+    assert!(!everything.contains(&flag_one), "a flag is in a pod's spec");
+    // Each instance has its own policy besides the challenge's, and its pod is no Challenge's:
+    // a shared Service or another challenge's allowConnectTo never selects it.
+    assert_eq!(
+        cluster.get(
+            &ns,
+            &format!("networkpolicy/inst-heap-{id}"),
+            "{.spec.podSelector.matchLabels.berth\\.team-instance}"
+        ),
+        id
+    );
+    assert_eq!(
+        cluster.get(
+            &ns,
+            &format!("pod/{pod}"),
+            "{.metadata.labels.berth\\.kind}"
+        ),
+        "ChallengeInstance"
+    );
+
+    // Limits and renewals as on Docker.
+    let (code, _) = spawn(&agent, "heap", "t1");
+    assert_eq!(code, 409);
+    let (code, _, renewed) = call(&agent, "POST", &format!("/api/v1/instances/{id}/renew"), "");
+    assert_eq!(code, 200, "{renewed}");
+    assert!(renewed["expiresAt"].as_str() >= first["expiresAt"].as_str());
+
+    // The pool holds a started pod, claimed at once with its NodePort.
+    let mut pooled = Value::Null;
+    eventually("the pool is filled", Duration::from_secs(60), || {
+        pooled = call(&agent, "GET", "/api/v1/instances?challenge=warm", "").2;
+        pooled[0]["state"] == "pooled"
+    });
+    let (code, claimed) = spawn(&agent, "warm", "t1");
+    assert_eq!(code, 201, "{claimed}");
+    assert_eq!(claimed["id"], pooled[0]["id"]);
+    assert_eq!(port_of(&claimed), port_of(&pooled[0]));
+    assert_eq!(fetched_eventually(port_of(&claimed), "/www/index.html"), "");
+
+    // Expiry: the pod goes within the reaper's round.
+    let (code, short) = spawn(&agent, "short", "t1");
+    assert_eq!(code, 201, "{short}");
+    eventually("the short one is reaped", Duration::from_secs(20), || {
+        pods(&cluster, "short").is_empty()
+    });
+
+    // A new version with onUpdate: replace: a new pod on the same NodePort, with the same flag.
+    let changed = origin.commit(&[("heap.yaml", Some(&heap("two")))], "heap two");
+    agent.reconcile();
+    agent.wait_for("the change applied", || applied(&origin, &changed));
+    eventually("the instance is replaced", Duration::from_secs(90), || {
+        let now = call(&agent, "GET", &format!("/api/v1/instances/{id}"), "").2;
+        now["version"] != first["version"] && pods(&cluster, "heap").len() == 2
+    });
+    assert_eq!(fetched_eventually(one, "/www/index.html"), flag_one);
+    let replaced = labelled(
+        &cluster,
+        "pods",
+        &format!("berth.team-instance={id}"),
+        "{range .items[*]}{.metadata.deletionTimestamp}|{.spec.containers[0].env[?(@.name==\"MODE\")].value} {end}",
+    );
+    let running: Vec<&str> = replaced
+        .split_whitespace()
+        .filter_map(|pod| pod.strip_prefix('|'))
+        .collect();
+    assert_eq!(running, ["two"], "{replaced}");
+
+    // A kill takes the pod and its Service.
+    let second_id = second["id"].as_str().unwrap();
+    let (code, _, _) = call(
+        &agent,
+        "DELETE",
+        &format!("/api/v1/instances/{second_id}"),
+        "",
+    );
+    assert_eq!(code, 204);
+    eventually("the killed one is gone", Duration::from_secs(30), || {
+        pods(&cluster, "heap").len() == 1
+            && labelled(
+                &cluster,
+                "services",
+                &format!("berth.team-instance={second_id}"),
+                "{.items[*].metadata.name}",
+            )
+            .is_empty()
+    });
+
+    // Removed from the repo (prune on): its instances go with it.
+    let removed = origin.commit(&[("heap.yaml", None)], "heap is retired");
+    agent.reconcile();
+    agent.wait_for("the removal applied", || applied(&origin, &removed));
+    eventually("heap's instances are gone", Duration::from_secs(30), || {
+        pods(&cluster, "heap").is_empty()
+            && call(&agent, "GET", "/api/v1/instances?challenge=heap", "").2
+                == serde_json::json!([])
+    });
+    assert_eq!(spawn(&agent, "heap", "t3").0, 404);
 }

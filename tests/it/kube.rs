@@ -19,8 +19,8 @@ use crate::util::{Repo, crate_root, eventually, stdout};
 
 /// The cluster, for one test at a time.
 pub(crate) struct Cluster {
-    kubeconfig: PathBuf,
-    instance: Instance,
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) instance: Instance,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -96,7 +96,7 @@ impl Cluster {
     }
 
     /// `kubectl get … -o jsonpath=…`, trimmed; empty when the object is missing.
-    fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
+    pub(crate) fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
         let output = self.kubectl(&[
             "get",
             "-n",
@@ -1467,7 +1467,7 @@ fn web_challenge(port: u16, greeting: &str, extra: &str) -> String {
 
 impl Cluster {
     /// The challenge namespace of this test's instance.
-    fn challenges(&self) -> String {
+    pub(crate) fn challenges(&self) -> String {
         format!("{}-challenges", self.instance.name)
     }
 

@@ -1212,7 +1212,7 @@ fn secret_files_are_absolute_single_and_need_a_writable_root_on_docker() {
 }
 
 #[test]
-fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_way_to_its_flag() {
+fn an_instanced_challenge_is_one_container_or_pod_on_ports_of_its_own_with_one_way_to_its_flag() {
     let repo = Repo::new();
     repo.write(
         "fine.yaml",
@@ -1236,6 +1236,27 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
         ),
     )
     .write(
+        "cluster.yaml",
+        challenge(
+            "cluster",
+            "  target: kubernetes\n  network: {egress: false}\n  security: {readOnlyRootFilesystem: true}\n  ports: [{container: 1337}]\n  instanced:\n    ttl: 1m\n    pool: 1\n    flag: {file: /flag.txt}\n",
+        ),
+    )
+    .write(
+        "link.yaml",
+        challenge(
+            "link",
+            "  target: kubernetes\n  network: {allowConnectTo: [Challenge/solo]}\n",
+        ),
+    )
+    .write(
+        "solo.yaml",
+        challenge(
+            "solo",
+            "  target: kubernetes\n  ports: [{container: 1337}]\n  instanced: {ttl: 1m}\n",
+        ),
+    )
+    .write(
         "portless.yaml",
         challenge(
             "portless",
@@ -1243,13 +1264,17 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
         ),
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
+    // On Kubernetes, a closed egress and a read-only root are fine (a NetworkPolicy closes it,
+    // the flag is a mounted Secret); a pool is not, as a pod's flag cannot come later.
     let expected = [
+        ("cluster.yaml", 13, "a pod's flag is fixed when it starts"),
         (
             "flags.yaml",
             10,
             "a started container's environment cannot change",
         ),
         ("flags.yaml", 11, "needs exactly one %s"),
+        ("link.yaml", 8, "Challenge/solo is instanced"),
         ("portless.yaml", 7, "keep egress"),
         (
             "portless.yaml",
@@ -1262,9 +1287,8 @@ fn an_instanced_challenge_is_one_docker_container_on_ports_of_its_own_with_one_w
             10,
             "\"flag.txt\" is not a file's absolute path",
         ),
-        ("shape.yaml", 9, "from the agent's instances.hostPorts"),
+        ("shape.yaml", 9, "NodePorts on kubernetes"),
         ("shape.yaml", 11, "2 replicas would be one per team each"),
-        ("shape.yaml", 11, "instances run on docker only so far"),
         ("shape.yaml", 12, "maxLifetime: shorter than ttl"),
     ];
     problems_are(&problems, &expected);

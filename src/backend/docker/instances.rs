@@ -17,11 +17,9 @@ use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
 use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
 use super::template::{ChallengeTemplate, INSTANCES_PART};
-use super::{
-    Attempt, DockerBackend, LABEL_INSTANCE_ID, LABEL_SLOT, LABEL_SPEC, Trouble, is_status,
-    remove_container,
-};
-use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
+use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, is_status, remove_container};
+use crate::backend::instances::{InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance};
+use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::model::RunState;
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
@@ -39,17 +37,6 @@ const FLAG_IN_VOLUME: &str = "flag";
 /// Label on an instanced challenge's network: whether its version runs (`running`) or is stopped.
 const LABEL_STATE: &str = "berth.state";
 
-/// Why an instance call failed: the engine did not answer, or it refused.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum InstanceTrouble {
-    /// The engine did not answer; worth another try later.
-    #[error("{0}")]
-    EngineGone(String),
-    /// The engine answered no, or the challenge cannot have instances as it is.
-    #[error("{0}")]
-    Refused(String),
-}
-
 impl From<Trouble> for InstanceTrouble {
     fn from(trouble: Trouble) -> InstanceTrouble {
         match trouble {
@@ -57,32 +44,6 @@ impl From<Trouble> for InstanceTrouble {
             Trouble::Failed(why) => InstanceTrouble::Refused(why),
         }
     }
-}
-
-/// One instance container as the engine holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstanceContainer {
-    /// The instance's id.
-    pub id: String,
-    /// The challenge.
-    pub challenge: String,
-    /// The container's name.
-    pub container: String,
-    /// The version (template hash) it runs.
-    pub version: String,
-    /// Whether it runs.
-    pub running: bool,
-}
-
-/// What a new instance container is made with.
-#[derive(Debug, Clone, Copy)]
-pub struct NewInstance<'a> {
-    /// The instance's id.
-    pub id: &'a str,
-    /// One host port for each of the challenge's `ports`, in their order.
-    pub host_ports: &'a [u16],
-    /// The team's flag, given as the challenge's `instanced.flag` says; none for a pooled one.
-    pub flag: Option<&'a str>,
 }
 
 /// The network of an instanced challenge's version: its instances reach nobody on it.
@@ -565,19 +526,21 @@ impl DockerBackend {
             .map_err(|e| InstanceTrouble::from(self.trouble("cannot list containers", e)))
     }
 
-    /// The instances that have sidecars, as (instance id, main container): to find what is left
-    /// of instances with no record (an agent killed mid-removal).
-    pub async fn sidecar_owners(&self) -> Result<Vec<(String, String)>, InstanceTrouble> {
+    /// The instances that have sidecars: to find what is left of instances with no record (an
+    /// agent killed mid-removal).
+    pub async fn sidecar_owners(&self) -> Result<Vec<InstanceObjects>, InstanceTrouble> {
         let sidecars = self
             .labelled(&format!("{LABEL_SLOT}={SIDECAR_SLOT}"))
             .await?;
-        let owners: std::collections::BTreeSet<(String, String)> = sidecars
+        let owners: std::collections::BTreeSet<InstanceObjects> = sidecars
             .iter()
             .filter_map(|s| {
-                Some((
-                    label(s, LABEL_INSTANCE_ID)?.to_string(),
-                    label(s, LABEL_INSTANCE_MAIN)?.to_string(),
-                ))
+                Some(InstanceObjects {
+                    engine: crate::plan::Engine::Docker,
+                    id: label(s, LABEL_INSTANCE_ID)?.to_string(),
+                    challenge: label(s, LABEL_NAME)?.to_string(),
+                    container: label(s, LABEL_INSTANCE_MAIN)?.to_string(),
+                })
             })
             .collect();
         Ok(owners.into_iter().collect())

@@ -47,8 +47,6 @@ pub const KINDS: &[Kind] = &[Kind::Challenge, Kind::Pipeline];
 pub const LABEL_SLOT: &str = "berth.slot";
 /// Label with the container's template as JSON (secrets only as references).
 pub const LABEL_SPEC: &str = "berth.spec";
-/// Label naming the per-team instance a container is (its id in the agent's store).
-pub const LABEL_INSTANCE_ID: &str = "berth.team-instance";
 /// Label with keyed digests of the container's secret values, by name (see [`secret_digest`]).
 pub const LABEL_SECRETS: &str = "berth.secret-digests";
 /// What went wrong with one engine call: the engine gone (transient), or this object (failed).

@@ -60,7 +60,7 @@ impl DockerBackend {
         let mut objects: BTreeMap<ObjectRef, Vec<ObservedPart>> = BTreeMap::new();
         for container in &containers {
             // Per-team instances are the instance manager's, not a pass's.
-            if label(container, super::LABEL_INSTANCE_ID).is_some() {
+            if label(container, crate::backend::LABEL_INSTANCE_ID).is_some() {
                 continue;
             }
             let Some(part) = observed_part(container) else {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{OBJECT, hash};
-use crate::backend::{LABEL_INSTANCE, LABEL_KIND, LABEL_NAME};
+use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
     ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState,
 };
@@ -111,6 +111,16 @@ impl ChallengeTemplate {
         &self.labels
     }
 
+    /// The challenge's spec.
+    pub fn spec(&self) -> &ChallengeSpec {
+        &self.spec
+    }
+
+    /// Whether teams get instances of it rather than one shared Deployment.
+    pub fn instanced(&self) -> bool {
+        self.spec.instanced.is_some()
+    }
+
     /// Whether it should run (rather than be scaled to zero).
     pub fn running(&self) -> bool {
         self.spec.state == RunState::Running
@@ -144,11 +154,8 @@ impl ChallengeTemplate {
         all
     }
 
-    /// The parts: the Deployment, the Service when there are ports, the Secret when there are
-    /// secrets. Each hash covers the object as applied, but for replicas (`stopped` scales the
-    /// same Deployment) and ownership labels.
-    pub fn parts(&self) -> Vec<Part> {
-        let labels = json!(self.labels);
+    /// The spec as a plan shows it.
+    fn summary(&self) -> Value {
         let mut summary = serde_json::to_value(&self.spec).expect("specs serialize");
         if let Some(fields) = summary.as_object_mut() {
             for not_shown in ["state", "target", "info"] {
@@ -158,21 +165,58 @@ impl ChallengeTemplate {
                 fields.insert("imageId".into(), id.clone().into());
             }
         }
-        let mut parts = vec![Part {
-            id: format!("Deployment/{}", self.name()),
-            hash: hash(&[&self.deployment(&HashMap::new(), "", true), &labels]),
-            spec: Arc::new(summary),
-            secrets: None,
-            one_shot: false,
-        }];
-        parts.push(Part {
-            id: format!("NetworkPolicy/{}", self.name()),
-            hash: hash(&[&self.network_policy(&HashMap::new(), ""), &labels]),
-            spec: Arc::new(json!({ "network": self.spec.network, "ports": self.spec.ports })),
-            secrets: None,
-            one_shot: false,
-        });
-        if let Some(service) = self.service(&HashMap::new(), "") {
+        summary
+    }
+
+    /// The version of an instanced challenge: a hash of its instances' pod, its NetworkPolicy,
+    /// its labels and how a team's flag is given. Its pass records it on the NetworkPolicy, and
+    /// each instance's pod carries it.
+    pub fn version(&self) -> String {
+        let flag = self.spec.instanced.as_ref().map(|i| json!(i.flag));
+        hash(&[
+            &self.deployment(&HashMap::new(), "", true)["spec"]["template"],
+            &self.network_policy(&HashMap::new(), ""),
+            &json!(self.labels),
+            &flag.unwrap_or_default(),
+        ])
+    }
+
+    /// The parts: the Deployment, the Service when there are ports, the Secret when there are
+    /// secrets. Each hash covers the object as applied, but for replicas (`stopped` scales the
+    /// same Deployment) and ownership labels. An instanced challenge has no Deployment or
+    /// Service of its own: its NetworkPolicy (which walls in every instance) carries its version.
+    pub fn parts(&self) -> Vec<Part> {
+        let labels = json!(self.labels);
+        let summary = self.summary();
+        let mut parts = Vec::new();
+        if self.instanced() {
+            parts.push(Part {
+                id: format!("NetworkPolicy/{}", self.name()),
+                hash: self.version(),
+                spec: Arc::new(summary),
+                secrets: None,
+                one_shot: false,
+            });
+        } else {
+            parts.push(Part {
+                id: format!("Deployment/{}", self.name()),
+                hash: hash(&[&self.deployment(&HashMap::new(), "", true), &labels]),
+                spec: Arc::new(summary),
+                secrets: None,
+                one_shot: false,
+            });
+            parts.push(Part {
+                id: format!("NetworkPolicy/{}", self.name()),
+                hash: hash(&[&self.network_policy(&HashMap::new(), ""), &labels]),
+                spec: Arc::new(json!({ "network": self.spec.network, "ports": self.spec.ports })),
+                secrets: None,
+                one_shot: false,
+            });
+        }
+        if let Some(service) = self
+            .service(&HashMap::new(), "")
+            .filter(|_| !self.instanced())
+        {
             parts.push(Part {
                 id: format!("Service/{}", self.name()),
                 hash: hash(&[&service, &labels]),
@@ -352,7 +396,8 @@ impl ChallengeTemplate {
 
     /// The challenge's NetworkPolicy: in, only to its own ports (from anywhere: players come
     /// through the NodePort); out, to the internet but no cluster-internal range, DNS, and the
-    /// challenges it names in `allowConnectTo`; with `egress: false`, nothing out at all.
+    /// challenges it names in `allowConnectTo`; with `egress: false`, nothing out at all. An
+    /// instanced challenge's selects its teams' pods (labelled [`INSTANCE_KIND`]).
     pub fn network_policy(&self, labels: &HashMap<String, String>, namespace: &str) -> Value {
         let ingress: Vec<Value> = match self.spec.ports.is_empty() {
             true => Vec::new(),
@@ -388,12 +433,16 @@ impl ChallengeTemplate {
                 "ports": [{ "port": 53, "protocol": "UDP" }, { "port": 53, "protocol": "TCP" }],
             }));
         }
+        let mut pods = json!(selector(labels));
+        if self.instanced() {
+            pods[LABEL_KIND] = INSTANCE_KIND.into();
+        }
         json!({
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
             "metadata": metadata(self.name(), namespace, labels),
             "spec": {
-                "podSelector": { "matchLabels": selector(labels) },
+                "podSelector": { "matchLabels": pods },
                 "policyTypes": ["Ingress", "Egress"],
                 "ingress": ingress,
                 "egress": egress,
@@ -401,14 +450,10 @@ impl ChallengeTemplate {
         })
     }
 
-    /// The Service, when the challenge has ports: a NodePort when any is published on the host.
-    pub fn service(&self, labels: &HashMap<String, String>, namespace: &str) -> Option<Value> {
-        if self.spec.ports.is_empty() {
-            return None;
-        }
-        let published = self.spec.ports.iter().any(|p| p.host.is_some());
-        let ports: Vec<Value> = self
-            .spec
+    /// A Service's ports, one for each of the challenge's, named `port-N`, on the NodePort
+    /// `node_port(N)` gives, if any.
+    fn service_ports(&self, node_port: impl Fn(usize) -> Option<u16>) -> Vec<Value> {
+        self.spec
             .ports
             .iter()
             .enumerate()
@@ -419,12 +464,21 @@ impl ChallengeTemplate {
                     "targetPort": port.container.0,
                     "protocol": protocol(port.protocol),
                 });
-                if let Some(host) = port.host {
-                    entry["nodePort"] = host.0.into();
+                if let Some(node_port) = node_port(index) {
+                    entry["nodePort"] = node_port.into();
                 }
                 entry
             })
-            .collect();
+            .collect()
+    }
+
+    /// The Service, when the challenge has ports: a NodePort when any is published on the host.
+    pub fn service(&self, labels: &HashMap<String, String>, namespace: &str) -> Option<Value> {
+        if self.spec.ports.is_empty() {
+            return None;
+        }
+        let published = self.spec.ports.iter().any(|p| p.host.is_some());
+        let ports = self.service_ports(|index| self.spec.ports[index].host.map(|host| host.0));
         let selector = selector(labels);
         Some(json!({
             "apiVersion": "v1",
@@ -464,6 +518,139 @@ impl ChallengeTemplate {
             "metadata": metadata(&name, namespace, labels),
             "type": "Opaque",
             "data": data,
+        }))
+    }
+}
+
+/// The `berth.kind` label of everything made for a team's instance: neither the challenge's
+/// shared Service (were it made shared again) nor another challenge's `allowConnectTo` selects
+/// those pods, which are labelled `Challenge`.
+pub const INSTANCE_KIND: &str = "ChallengeInstance";
+/// The volume of an instance's flag file.
+const FLAG_VOLUME: &str = "berth-flag";
+/// The key of the flag in an instance's flag Secret.
+const FLAG_KEY: &str = "flag";
+
+impl ChallengeTemplate {
+    /// An instance's pod `name`: the challenge's pod with `labels` (ownership as
+    /// [`INSTANCE_KIND`], the instance's id and version), and, when it has its team's flag, the
+    /// key of the Secret `flag_secret` in its environment or at its file (mounted there alone
+    /// and read-only). The flag itself is never in the pod's spec.
+    pub fn instance_pod(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        name: &str,
+        flag_secret: Option<&str>,
+    ) -> Value {
+        let deployment = self.deployment(labels, namespace, true);
+        let template = &deployment["spec"]["template"];
+        let mut spec = template["spec"].clone();
+        spec["restartPolicy"] = "Always".into();
+        let given = self.spec.instanced.as_ref().and_then(|i| i.flag.as_ref());
+        if let (Some(given), Some(flag_secret)) = (given, flag_secret) {
+            let main = &mut spec["containers"][0];
+            if let Some(variable) = &given.env {
+                let env = main["env"].as_array().cloned().unwrap_or_default();
+                let from = json!({"secretKeyRef": {"name": flag_secret, "key": FLAG_KEY}});
+                main["env"] = env
+                    .into_iter()
+                    .chain([json!({"name": variable, "valueFrom": from})])
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            if let Some(file) = &given.file {
+                let mounts = main["volumeMounts"].as_array().cloned().unwrap_or_default();
+                main["volumeMounts"] = mounts
+                    .into_iter()
+                    .chain([json!({"name": FLAG_VOLUME, "mountPath": file, "subPath": FLAG_KEY, "readOnly": true})])
+                    .collect::<Vec<_>>()
+                    .into();
+                // Readable by the challenge's user through its group, as a secret file is.
+                let mode = match self.spec.secret_files_group() {
+                    Some(group) => {
+                        spec["securityContext"]["fsGroup"] = json!(group);
+                        0o440
+                    }
+                    None => 0o400,
+                };
+                let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+                spec["volumes"] = volumes
+                    .into_iter()
+                    .chain([json!({
+                        "name": FLAG_VOLUME,
+                        "secret": { "secretName": flag_secret, "items": [{"key": FLAG_KEY, "path": FLAG_KEY, "mode": mode}] },
+                    })])
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+        }
+        let mut pod_metadata = metadata(name, namespace, labels);
+        if let Some(annotations) = template["metadata"].get("annotations") {
+            pod_metadata["annotations"] = annotations.clone();
+        }
+        json!({ "apiVersion": "v1", "kind": "Pod", "metadata": pod_metadata, "spec": spec })
+    }
+
+    /// An instance's NodePort Service `name`, sending to the pods of instance `id` only: on
+    /// `node_ports` when given (an instance made again keeps its ports), else on the ports the
+    /// cluster gives.
+    pub fn instance_service(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        name: &str,
+        id: &str,
+        node_ports: &[u16],
+    ) -> Value {
+        let ports = self.service_ports(|index| node_ports.get(index).copied());
+        let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_default();
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(name, namespace, labels),
+            "spec": {
+                "type": "NodePort",
+                "selector": { LABEL_INSTANCE: instance, LABEL_INSTANCE_ID: id },
+                "ports": ports,
+            },
+        })
+    }
+
+    /// An instance's own NetworkPolicy `name`: the challenge's, for the pods of instance `id`
+    /// alone. Policies add up, so an instance of an older version (`onUpdate: keep`) keeps its
+    /// own ports open when the challenge's policy moved on to a new version's.
+    pub fn instance_policy(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        name: &str,
+        id: &str,
+    ) -> Value {
+        let mut policy = self.network_policy(labels, namespace);
+        policy["metadata"]["name"] = name.into();
+        let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_default();
+        policy["spec"]["podSelector"]["matchLabels"] =
+            json!({ LABEL_INSTANCE: instance, LABEL_INSTANCE_ID: id });
+        policy
+    }
+
+    /// An instance's Secret `name` holding the team's flag, when the challenge gives one.
+    pub fn flag_secret(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        name: &str,
+        flag: &str,
+    ) -> Option<Value> {
+        use base64::Engine as _;
+        self.spec.instanced.as_ref()?.flag.as_ref()?;
+        Some(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(name, namespace, labels),
+            "type": "Opaque",
+            "data": { FLAG_KEY: base64::engine::general_purpose::STANDARD.encode(flag) },
         }))
     }
 }
@@ -774,6 +961,89 @@ mod tests {
         let service = inside.service(&labels(), "ns").unwrap();
         assert_eq!(service["spec"]["type"], "ClusterIP");
         assert_eq!(service["spec"]["ports"][0]["protocol"], "UDP");
+    }
+
+    /// An instanced challenge has no Deployment or Service: its policy carries the version, and
+    /// each team's pod carries its id and its flag, which its own Service selects it by.
+    #[test]
+    fn an_instance_is_a_pod_with_its_teams_flag_behind_a_node_port_of_its_own() {
+        let env = template(json!({
+            "ports": [{"container": 1337}],
+            "instanced": {"ttl": "10m", "flag": {"env": "FLAG", "format": "f{%s}"}},
+        }));
+        let ids: Vec<String> = env.parts().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["NetworkPolicy/web"]);
+        assert_eq!(env.parts()[0].hash, env.version());
+        let mut labels = labels();
+        labels.insert(LABEL_INSTANCE_ID.into(), "abc".into());
+        labels.insert(LABEL_KIND.into(), INSTANCE_KIND.into());
+        let pod = env.instance_pod(&labels, "ns", "inst-web-abc-1", Some("s"));
+        assert_eq!(pod["kind"], "Pod");
+        assert_eq!(pod["metadata"]["labels"][LABEL_INSTANCE_ID], "abc");
+        assert_eq!(
+            pod["spec"]["containers"][0]["env"],
+            json!([{"name": "FLAG", "valueFrom": {"secretKeyRef": {"name": "s", "key": "flag"}}}])
+        );
+        // The challenge's policy and the instance's own select the pod; a shared challenge's
+        // Service of the same name would not.
+        let selects = |policy: &Value| {
+            let selected = policy["spec"]["podSelector"]["matchLabels"]
+                .as_object()
+                .unwrap();
+            selected
+                .iter()
+                .all(|(k, v)| pod["metadata"]["labels"][k] == *v)
+        };
+        assert!(selects(&env.network_policy(&labels, "ns")));
+        assert!(selects(&env.instance_policy(
+            &labels,
+            "ns",
+            "inst-web-abc",
+            "abc"
+        )));
+        let shared = template(json!({"ports": [{"container": 1337}]}));
+        let service = shared.service(&super::tests::labels(), "ns").unwrap();
+        let service_selects = service["spec"]["selector"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod["metadata"]["labels"][k] == *v);
+        assert!(
+            !service_selects,
+            "a shared Service would send players to a team's pod"
+        );
+        let service = env.instance_service(&labels, "ns", "inst-web-abc", "abc", &[]);
+        assert_eq!(service["spec"]["type"], "NodePort");
+        assert_eq!(service["spec"]["selector"][LABEL_INSTANCE_ID], "abc");
+        assert!(service["spec"]["ports"][0].get("nodePort").is_none());
+        let again = env.instance_service(&labels, "ns", "inst-web-abc", "abc", &[31999]);
+        assert_eq!(again["spec"]["ports"][0]["nodePort"], 31999);
+        assert!(env.flag_secret(&labels, "ns", "s", "f{x}").is_some());
+        assert!(shared.flag_secret(&labels, "ns", "s", "f{x}").is_none());
+
+        let file = template(json!({
+            "ports": [{"container": 1337}],
+            "security": {"user": "1000:1000", "readOnlyRootFilesystem": true},
+            "instanced": {"ttl": "10m", "flag": {"file": "/flag.txt"}},
+        }));
+        assert_ne!(file.version(), env.version());
+        let pod = file.instance_pod(&labels, "ns", "p", Some("inst-web-abc-flag"));
+        assert_eq!(
+            pod["spec"]["containers"][0]["volumeMounts"],
+            json!([{"name": "berth-flag", "mountPath": "/flag.txt", "subPath": "flag", "readOnly": true}])
+        );
+        assert_eq!(pod["spec"]["securityContext"], json!({"fsGroup": 1000}));
+        assert_eq!(
+            pod["spec"]["volumes"],
+            json!([{"name": "berth-flag", "secret": {"secretName": "inst-web-abc-flag", "items": [{"key": "flag", "path": "flag", "mode": 0o440}]}}])
+        );
+        let secret = file
+            .flag_secret(&labels, "ns", "inst-web-abc-flag", "f{x}")
+            .unwrap();
+        assert_eq!(secret["data"]["flag"], "Znt4fQ==");
+        // A pooled pod has no flag at all.
+        let pooled = file.instance_pod(&labels, "ns", "p", None);
+        assert_eq!(pooled["spec"]["volumes"], json!([]));
     }
 
     #[test]

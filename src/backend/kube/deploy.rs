@@ -22,7 +22,9 @@ use super::{
     secret_resource,
 };
 use crate::apply::Outcome;
-use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
+use crate::backend::{
+    EngineError, LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH,
+};
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState};
 
@@ -40,17 +42,23 @@ const ANNOTATION_REVISION: &str = "deployment.kubernetes.io/revision";
 /// The label the Deployment controller puts on a ReplicaSet's pods.
 const LABEL_POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
+/// Label on an instanced challenge's NetworkPolicy: whether it takes spawns (`running`) or is
+/// stopped.
+const LABEL_STATE: &str = "berth.state";
+const RUNNING: &str = "running";
+const STOPPED: &str = "stopped";
+
 const CHALLENGE_KINDS: [&str; 4] = ["Secret", "NetworkPolicy", "Deployment", "Service"];
 
 fn deployment_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
 }
 
-fn service_resource() -> kube::discovery::ApiResource {
+pub(super) fn service_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
 }
 
-fn network_policy_resource() -> kube::discovery::ApiResource {
+pub(super) fn network_policy_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&())
 }
 
@@ -132,7 +140,8 @@ impl KubeBackend {
                 let Ok(challenge) = owner.parse() else {
                     continue;
                 };
-                if !applied_by_berth(&item.metadata) {
+                // A team's instance is the instance manager's, not a part of its challenge.
+                if !applied_by_berth(&item.metadata) || labels.contains_key(LABEL_INSTANCE_ID) {
                     continue;
                 }
                 let value = serde_json::to_value(&item).unwrap_or_default();
@@ -164,6 +173,12 @@ impl KubeBackend {
                             PartState::Running
                         };
                         (state, condition.health, condition.detail)
+                    }
+                    // An instanced challenge's policy says whether it takes spawns.
+                    "NetworkPolicy"
+                        if labels.get(LABEL_STATE).map(String::as_str) == Some(STOPPED) =>
+                    {
+                        (PartState::Stopped, Health::Healthy, None)
                     }
                     _ => (PartState::Running, Health::Healthy, None),
                 };
@@ -200,12 +215,13 @@ impl KubeBackend {
                 live.insert(format!("{ns}/{kind}/{name}"), value);
             }
         }
-        // A Service or Secret has no state of its own: it is stopped with its Deployment.
+        // A Service or Secret has no state of its own: it is stopped with its Deployment (or,
+        // for an instanced challenge, its NetworkPolicy).
         for challenge in challenges.values_mut() {
             let stopped = challenge
                 .parts
                 .iter()
-                .any(|p| p.id.starts_with("Deployment/") && p.state == PartState::Stopped);
+                .any(|p| p.state == PartState::Stopped);
             if stopped {
                 for part in &mut challenge.parts {
                     part.state = PartState::Stopped;
@@ -268,19 +284,28 @@ impl KubeBackend {
             }
         }
         let policy_id = format!("NetworkPolicy/{name}");
-        let mut policy = template.network_policy(&labeled(&policy_id), &ns);
+        let mut policy_labels = labeled(&policy_id);
+        if template.instanced() {
+            let state = if template.running() { RUNNING } else { STOPPED };
+            policy_labels.insert(LABEL_STATE.into(), state.into());
+        }
+        let mut policy = template.network_policy(&policy_labels, &ns);
         policy["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&policy_id).1 });
         // Before the pods: they never run a moment without their walls.
         objects.push(("NetworkPolicy", name.to_string(), policy));
-        let deployment_id = format!("Deployment/{name}");
-        let mut deployment = template.deployment(&labeled(&deployment_id), &ns, false);
-        deployment["metadata"]["annotations"] =
-            json!({ ANNOTATION_SPEC: hash_of(&deployment_id).1 });
-        objects.push(("Deployment", name.to_string(), deployment));
-        let service_id = format!("Service/{name}");
-        if let Some(mut service) = template.service(&labeled(&service_id), &ns) {
-            service["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&service_id).1 });
-            objects.push(("Service", name.to_string(), service));
+        // An instanced challenge's pods are its teams' instances, made by the instance manager.
+        if !template.instanced() {
+            let deployment_id = format!("Deployment/{name}");
+            let mut deployment = template.deployment(&labeled(&deployment_id), &ns, false);
+            deployment["metadata"]["annotations"] =
+                json!({ ANNOTATION_SPEC: hash_of(&deployment_id).1 });
+            objects.push(("Deployment", name.to_string(), deployment));
+            let service_id = format!("Service/{name}");
+            if let Some(mut service) = template.service(&labeled(&service_id), &ns) {
+                service["metadata"]["annotations"] =
+                    json!({ ANNOTATION_SPEC: hash_of(&service_id).1 });
+                objects.push(("Service", name.to_string(), service));
+            }
         }
         // What the last observation saw of this challenge, in any namespace: only what berth
         // applied for this instance's Challenge of this name (a Staging's objects in the same
@@ -396,7 +421,12 @@ impl KubeBackend {
         if !removed.is_empty() {
             done.push_str(&format!(", removed {}", removed.join(", ")));
         }
-        if template.running() && self.rollout_wait.is_zero() {
+        if template.instanced() {
+            done.push_str(match template.running() {
+                true => "; ready for instances",
+                false => "; stopped: no spawns, and its instances go",
+            });
+        } else if template.running() && self.rollout_wait.is_zero() {
             done.push_str("; its rollout was not waited for (--wait 0s)");
         } else if template.running() {
             let ready = self.wait_ready(name, updating).await?;
@@ -557,6 +587,12 @@ impl KubeBackend {
         let params =
             ListParams::default().labels(&self.challenge_selector(Some(key.name.as_str())));
         let mut deleted = Vec::new();
+        // Its teams' instances first: none runs a moment without the challenge's policy.
+        match self.remove_instances_of(key.name.as_str()).await {
+            Ok(0) => {}
+            Ok(removed) => deleted.push(format!("{removed} team instance(s)")),
+            Err(error) => return Outcome::Transient(error.to_string()),
+        }
         for kind in CHALLENGE_KINDS.iter().rev() {
             let listed = match self.all_api(kind).list(&params).await {
                 Ok(listed) => listed,

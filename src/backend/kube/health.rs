@@ -211,46 +211,76 @@ fn stuck_pod(kind: &str, workload: &Value, pods: &[&Value]) -> Option<String> {
         labels.is_some_and(|labels| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
             && owned_by(kind, name, pod)
     };
-    for pod in pods.iter().filter(mine) {
-        let name = pod
-            .pointer("/metadata/name")
+    pods.iter().filter(mine).find_map(|pod| stuck(pod))
+}
+
+/// Why `pod` will not come up by waiting, when one of its containers says so.
+fn stuck(pod: &Value) -> Option<String> {
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let statuses = pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array);
+    for status in statuses.into_iter().flatten() {
+        let container = status["name"].as_str().unwrap_or("?");
+        let Some(reason) = status
+            .pointer("/state/waiting/reason")
             .and_then(Value::as_str)
-            .unwrap_or("?");
-        let statuses = pod
-            .pointer("/status/containerStatuses")
-            .and_then(Value::as_array);
-        for status in statuses.into_iter().flatten() {
-            let container = status["name"].as_str().unwrap_or("?");
-            let Some(reason) = status
-                .pointer("/state/waiting/reason")
-                .and_then(Value::as_str)
-            else {
-                continue;
-            };
-            if !STUCK.contains(&reason) {
-                continue;
-            }
-            let mut detail = format!("pod {name}: container {container} {reason}");
-            if let Some(code) = status
-                .pointer("/lastState/terminated/exitCode")
-                .and_then(Value::as_i64)
-            {
-                detail.push_str(&format!(", last exit code {code}"));
-            }
-            if let Some(restarts) = status["restartCount"].as_i64().filter(|n| *n > 0) {
-                detail.push_str(&format!(", restarted {restarts} times"));
-            }
-            if let Some(message) = status
-                .pointer("/state/waiting/message")
-                .and_then(Value::as_str)
-            {
-                let message: String = message.chars().take(200).collect();
-                detail.push_str(&format!(" ({message})"));
-            }
-            return Some(detail);
+        else {
+            continue;
+        };
+        if !STUCK.contains(&reason) {
+            continue;
         }
+        let mut detail = format!("pod {name}: container {container} {reason}");
+        if let Some(code) = status
+            .pointer("/lastState/terminated/exitCode")
+            .and_then(Value::as_i64)
+        {
+            detail.push_str(&format!(", last exit code {code}"));
+        }
+        if let Some(restarts) = status["restartCount"].as_i64().filter(|n| *n > 0) {
+            detail.push_str(&format!(", restarted {restarts} times"));
+        }
+        if let Some(message) = status
+            .pointer("/state/waiting/message")
+            .and_then(Value::as_str)
+        {
+            let message: String = message.chars().take(200).collect();
+            detail.push_str(&format!(" ({message})"));
+        }
+        return Some(detail);
     }
     None
+}
+
+/// The condition of one pod of its own (a per-team instance): healthy once ready, degraded when
+/// it will not come up by waiting or has ended, else progressing.
+pub fn pod(pod: &Value) -> Condition {
+    if let Some(reason) = stuck(pod) {
+        return Condition::degraded(PartState::Running, reason);
+    }
+    let phase = pod
+        .pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("Pending");
+    if matches!(phase, "Failed" | "Succeeded") {
+        return Condition::degraded(PartState::Running, format!("the pod ended ({phase})"));
+    }
+    let ready = pod
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    match ready {
+        true => Condition::healthy(PartState::Running),
+        false => {
+            Condition::progressing(PartState::Running, format!("the pod is {phase}, not ready"))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod challenge;
 mod deploy;
 pub mod health;
 mod hooks;
+pub mod instances;
 pub mod objects;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
