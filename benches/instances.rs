@@ -11,8 +11,14 @@
 //!   answered, no host port twice, the time until every instance answers, and the agent's peak
 //!   resident memory (`VmHWM`); beside it 300 `docker run -d -p` with 8 at a time.
 //!
-//! Needs Docker and `busybox:latest` (`tests/testbed/busybox-image.sh`).
-//! Run: `cargo bench --bench instances`.
+//! - **on the cluster**, 100 teams at once (`BERTH_BENCH_KUBE_TEAMS`) on a challenge with
+//!   `target: kubernetes`: all answered, no NodePort twice, the time until every pod answers on its
+//!   NodePort, the agent's peak memory; beside it ONE `kubectl apply` of the same 100 pods and
+//!   NodePort Services, and the same wait. The test cluster (`tests/testbed/kube-up.sh`) is started
+//!   when it is not up; `BERTH_BENCH_KUBE=0` skips this part.
+//!
+//! Needs Docker and `busybox:latest` (`tests/testbed/busybox-image.sh`), and root and `kubectl`
+//! for the cluster. Run: `cargo bench --bench instances`.
 
 #[path = "support/common.rs"]
 mod common;
@@ -70,6 +76,49 @@ fn until_answers(port: u16) {
         }
         assert!(Instant::now() < deadline, "port {port} never answered");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `teams` spawns of challenge `fresh` sent together, and every endpoint waited for.
+struct Crowd {
+    /// How many were created (201).
+    created: usize,
+    /// Their endpoints' ports, each once.
+    ports: BTreeSet<u16>,
+    /// Until the API answered them all.
+    answered: Duration,
+    /// Until every endpoint answered.
+    serving: Duration,
+}
+
+impl Crowd {
+    fn spawn(port: u16, teams: usize) -> Crowd {
+        let started = Instant::now();
+        let spawned: Vec<(u16, serde_json::Value)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..teams)
+                .map(|team| scope.spawn(move || spawn(port, "fresh", &format!("crowd-{team}"))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let answered = started.elapsed();
+        for (code, answer) in spawned.iter().filter(|(code, _)| *code != 201).take(3) {
+            println!("  refused: {code} {answer}");
+        }
+        let created: Vec<&serde_json::Value> = spawned
+            .iter()
+            .filter(|(code, _)| *code == 201)
+            .map(|(_, instance)| instance)
+            .collect();
+        let ports: BTreeSet<u16> = created.iter().map(|i| endpoint(i)).collect();
+        for port in &ports {
+            until_answers(*port);
+        }
+        Crowd {
+            created: created.len(),
+            ports,
+            answered,
+            serving: started.elapsed(),
+        }
     }
 }
 
@@ -234,27 +283,9 @@ fn main() {
     );
 
     // Many teams at once.
-    let started = Instant::now();
-    let spawned: Vec<(u16, serde_json::Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..teams)
-            .map(|team| scope.spawn(move || spawn(port, "fresh", &format!("crowd-{team}"))))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let all_answered = started.elapsed();
-    let created = spawned.iter().filter(|(code, _)| *code == 201).count();
-    for (code, answer) in spawned.iter().filter(|(code, _)| *code != 201).take(3) {
-        println!("  refused: {code} {answer}");
-    }
-    let ports: BTreeSet<u16> = spawned
-        .iter()
-        .filter(|(code, _)| *code == 201)
-        .map(|(_, i)| endpoint(i))
-        .collect();
-    for port in &ports {
-        until_answers(*port);
-    }
-    let all_serving = started.elapsed();
+    let crowd = Crowd::spawn(port, teams);
+    let (created, ports, all_answered, all_serving) =
+        (crowd.created, crowd.ports, crowd.answered, crowd.serving);
     let peak = common::rss_kib(pid, "VmHWM:");
     let now = common::rss_kib(pid, "VmRSS:");
     println!("\n{teams} teams spawning at once");
@@ -290,4 +321,128 @@ fn main() {
     );
     drop(_agent);
     remove_everything();
+    if std::env::var("BERTH_BENCH_KUBE").as_deref() != Ok("0") {
+        on_the_cluster();
+    }
+}
+
+const KUBE_INSTANCE: &str = "bench-kube-instances";
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let output = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Deletes the bench's namespaces on the cluster and waits until they are gone.
+fn remove_from_cluster(kubeconfig: &std::path::Path) {
+    for ns in [
+        format!("{KUBE_INSTANCE}-challenges"),
+        format!("{KUBE_INSTANCE}-kubectl"),
+    ] {
+        kubectl(
+            kubeconfig,
+            &[
+                "delete",
+                "namespace",
+                &ns,
+                "--ignore-not-found",
+                "--wait=true",
+            ],
+        );
+    }
+}
+
+/// 100 teams at once on the cluster, beside one `kubectl apply` of the same pods and Services.
+fn on_the_cluster() {
+    let teams: usize = std::env::var("BERTH_BENCH_KUBE_TEAMS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    let kubeconfig = common::test_cluster();
+    remove_from_cluster(&kubeconfig);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let mut text = challenge(
+        "fresh",
+        &format!(
+            "    ttl: 30m\n    max: {}\n    flag: {{env: FLAG}}\n",
+            teams + 5
+        ),
+    );
+    text.push_str("  target: kubernetes\n  healthcheck: {tcp: 8080, interval: 1s}\n");
+    std::fs::write(repo.join("fresh.yaml"), text).unwrap();
+    common::git(work.path(), &["init", "-q", "-b", "main", "repo"]);
+    common::git(&repo, &["add", "-A"]);
+    common::git(&repo, &["commit", "-q", "-m", "an instanced challenge"]);
+    let state = work.path().join("agent");
+    std::fs::create_dir_all(&state).unwrap();
+    let (config, port) = common::agent_config(
+        &state,
+        KUBE_INSTANCE,
+        repo.to_str().unwrap(),
+        ("unused-webhook-secret", TOKEN),
+        &format!(
+            "kube: {{kubeconfig: {}, challengeNamespace: {KUBE_INSTANCE}-challenges}}\ninstances: {{host: 127.0.0.1}}\n",
+            kubeconfig.display()
+        ),
+    );
+    let (agent, pid) = common::start_agent(&config);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        || spawn(port, "fresh", "probe").0 != 201
+    {
+        assert!(Instant::now() < deadline, "the agent never took a spawn");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let crowd = Crowd::spawn(port, teams);
+    let (created, ports, all_answered, all_serving) =
+        (crowd.created, crowd.ports, crowd.answered, crowd.serving);
+    let peak = common::rss_kib(pid, "VmHWM:");
+    println!("\n{teams} teams spawning at once on the cluster");
+    println!(
+        "  berth: {created} created ({} distinct NodePorts), all answered by the API {:>6.1} s, all endpoints answering {:>6.1} s",
+        ports.len(),
+        all_answered.as_secs_f64(),
+        all_serving.as_secs_f64()
+    );
+    println!("  agent peak RSS {peak} KiB");
+    drop(agent);
+    remove_from_cluster(&kubeconfig);
+
+    // The same pods and NodePort Services by hand, in one apply.
+    let ns = format!("{KUBE_INSTANCE}-kubectl");
+    let mut manifests = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
+    for team in 0..teams {
+        manifests.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: team-{team}, namespace: {ns}, labels: {{team: t{team}}}}}\nspec:\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n    - name: main\n      image: busybox:latest\n      imagePullPolicy: IfNotPresent\n      command: [sh, -c, '{SERVE}']\n      env: [{{name: FLAG, value: 'flag{{peer}}'}}]\n      readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: team-{team}, namespace: {ns}}}\nspec:\n  type: NodePort\n  selector: {{team: t{team}}}\n  ports: [{{port: 8080, targetPort: 8080}}]\n"
+        ));
+    }
+    let file = work.path().join("by-hand.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    let started = Instant::now();
+    kubectl(&kubeconfig, &["apply", "-f", file.to_str().unwrap()]);
+    let ports = kubectl(
+        &kubeconfig,
+        &[
+            "get",
+            "services",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.items[*].spec.ports[0].nodePort}",
+        ],
+    );
+    for port in ports.split_whitespace() {
+        until_answers(port.parse().unwrap());
+    }
+    println!(
+        "  one kubectl apply of {teams} pods and NodePort Services: all endpoints answering {:>6.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    remove_from_cluster(&kubeconfig);
 }

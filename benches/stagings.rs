@@ -28,7 +28,10 @@
 //!
 //! Needs root (for kube-up.sh), a Docker Engine and `kubectl`. Run: `cargo bench --bench stagings`.
 
-use std::path::{Path, PathBuf};
+#[path = "support/common.rs"]
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -358,22 +361,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let bench_start = Instant::now();
-    let up = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/testbed/kube-up.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "kube-up.sh failed");
-    let kubeconfig = PathBuf::from(
-        String::from_utf8_lossy(&up.stdout)
-            .lines()
-            .last()
-            .expect("kube-up.sh prints the kubeconfig path last")
-            .trim(),
-    );
+    let kubeconfig = common::test_cluster();
     // berth reads the same kubeconfig KUBECONFIG names for kubectl: the process's own environment
     // cannot be changed here (`std::env::set_var` is unsafe in edition 2024, and the crate forbids
     // unsafe code), so it is named through `Access`, as `--kubeconfig` does.

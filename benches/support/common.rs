@@ -192,3 +192,23 @@ pub fn git_daemon(served: &Path) -> (Child, u16) {
     }
     (daemon, daemon_port)
 }
+
+/// The test cluster (`tests/testbed/kube-up.sh`, started when it is not up): its kubeconfig.
+pub fn test_cluster() -> PathBuf {
+    let up = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/testbed/kube-up.sh"
+        ))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "kube-up.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&up.stdout)
+            .lines()
+            .last()
+            .expect("kube-up.sh prints the kubeconfig path last")
+            .trim(),
+    )
+}
