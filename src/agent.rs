@@ -11,8 +11,8 @@
 //! running), and status says it was rejected for as long as it is the branch's tip. Pushing status
 //! is apart from passes: a push that fails is retried on its own backoff and never re-runs a pass.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
@@ -289,11 +289,9 @@ pub async fn run(
         pipelines.start().await;
         pipelines_started = true;
     }
-    let shared = Arc::new(Shared {
-        status: RwLock::new(Arc::new(StatusSet::new(&config.instance.to_string()))),
-        readiness: RwLock::new(Readiness::Starting),
-        status_push: RwLock::new(None),
-    });
+    let shared = Arc::new(Shared::new(Arc::new(StatusSet::new(
+        &config.instance.to_string(),
+    ))));
     let stopping = Arc::new(tokio::sync::Notify::new());
     let stop_requested = Arc::new(AtomicBool::new(false));
     {
@@ -321,6 +319,15 @@ pub async fn run(
                 instances: Some(instances.clone()),
                 repo_url: config.repo.url.clone(),
                 deliveries: Default::default(),
+                console: crate::console::Console::new(
+                    crate::console::Tokens {
+                        operator: secrets.api_token.clone(),
+                        viewer: secrets.viewer_token.clone(),
+                    },
+                    config.http.secure_cookies,
+                    &config.instance.to_string(),
+                    config.repo.web_url.as_deref(),
+                ),
             };
             let limits = crate::server::Limits::new(&config);
             if let Some(address) = config.http.health_listen {
@@ -605,7 +612,7 @@ impl Agent {
         }
         self.metrics.pass(end.outcome.as_str(), took);
         self.metrics.objects(&self.status.agent.phases);
-        *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
+        self.shared.publish(Arc::clone(&self.status));
         *self.shared.readiness.write().expect("lock") = match &end.unready {
             Some(why) => Readiness::Degraded(why.clone()),
             None => Readiness::Ready,
@@ -1098,13 +1105,13 @@ impl Agent {
             && let Some(status) = self.status.with_runs(&history)
         {
             self.status = Arc::new(status);
-            *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
+            self.shared.publish(Arc::clone(&self.status));
         }
         if let Ok(counts) = self.instances.counts()
             && let Some(status) = self.status.with_instances(&counts)
         {
             self.status = Arc::new(status);
-            *self.shared.status.write().expect("lock") = Arc::clone(&self.status);
+            self.shared.publish(Arc::clone(&self.status));
         }
         if self
             .published

@@ -28,6 +28,7 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
     ("BERTH_INSTANCE", "/instance", EnvType::Text),
     ("BERTH_REPO_URL", "/repo/url", EnvType::Text),
     ("BERTH_REPO_BRANCH", "/repo/branch", EnvType::Text),
+    ("BERTH_REPO_WEB_URL", "/repo/webUrl", EnvType::Text),
     ("BERTH_REPO_USERNAME", "/repo/auth/username", EnvType::Text),
     (
         "BERTH_REPO_TOKEN_FILE",
@@ -87,6 +88,16 @@ pub const ENVIRONMENT: &[(&str, &str, EnvType)] = &[
         EnvType::Text,
     ),
     ("BERTH_API_TOKEN_FILE", "/api/tokenFile", EnvType::Text),
+    (
+        "BERTH_API_VIEWER_TOKEN_FILE",
+        "/api/viewerTokenFile",
+        EnvType::Text,
+    ),
+    (
+        "BERTH_HTTP_SECURE_COOKIES",
+        "/http/secureCookies",
+        EnvType::Bool,
+    ),
     ("BERTH_STATUS_BRANCH", "/statusBranch", EnvType::Text),
     ("BERTH_PRUNE", "/prune", EnvType::Bool),
     ("BERTH_PRUNE_ALLOW_EMPTY", "/pruneAllowEmpty", EnvType::Bool),
@@ -378,6 +389,10 @@ pub struct RepoConfig {
     /// Credentials, by reference to files.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// The repo's web view (`https://git.example.org/ops/ctf`): the console links a problem to
+    /// `WEBURL/blob/REVISION/FILE#LLINE` there.
+    #[serde(default)]
+    pub web_url: Option<String>,
 }
 
 /// Credentials for the repo: a token, a user and password, or an SSH key; each read from a file.
@@ -430,6 +445,10 @@ pub struct HttpConfig {
     /// one-second timeout: probes answered there within a second whatever floods `listen`.
     #[serde(default)]
     pub health_listen: Option<SocketAddr>,
+    /// Marks the console's cookies `Secure`: set it when the agent is served through TLS (a
+    /// proxy in front of it), so a browser never sends them in the clear.
+    #[serde(default)]
+    pub secure_cookies: bool,
 }
 
 impl Default for HttpConfig {
@@ -439,6 +458,7 @@ impl Default for HttpConfig {
             header_timeout: default_http_timeout(),
             body_timeout: default_http_timeout(),
             health_listen: None,
+            secure_cookies: false,
         }
     }
 }
@@ -449,6 +469,9 @@ impl Default for HttpConfig {
 pub struct ApiConfig {
     /// File holding the bearer token.
     pub token_file: PathBuf,
+    /// File holding the viewer token: the web console, read only.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
 }
 
 fn default_instance() -> Name {
@@ -760,6 +783,11 @@ fn to_pointer(path: &serde_path_to_error::Path) -> String {
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret held in memory.
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     /// The value, for the one place that needs it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -796,6 +824,8 @@ pub struct Secrets {
     pub webhook: Option<Secret>,
     /// The API bearer token.
     pub api_token: Option<Secret>,
+    /// The console's read-only token.
+    pub viewer_token: Option<Secret>,
 }
 
 impl Secrets {
@@ -815,10 +845,19 @@ impl Secrets {
             Some(api) => Some(Secret::read(&api.token_file, "API token")?),
             None => None,
         };
+        let viewer_token = match config
+            .api
+            .as_ref()
+            .and_then(|a| a.viewer_token_file.as_ref())
+        {
+            Some(path) => Some(Secret::read(path, "viewer token")?),
+            None => None,
+        };
         Ok(Secrets {
             repo_password,
             webhook,
             api_token,
+            viewer_token,
         })
     }
 }

@@ -17,7 +17,8 @@
 //!
 //! `berth apply` runs one pass over a folder. The [`agent`] runs passes for ever: it follows a git
 //! repo ([`source`]), wakes on [`triggers`] (cron, [`webhook`]s through the [`server`], file
-//! changes, the API), and reports through [`metrics`] and the status it commits. Text from
+//! changes, the API), and reports through [`metrics`], the status it commits, and a web
+//! [`console`] on its server. Text from
 //! outside is printed through [`printable`], so a terminal never obeys it. Checkouts stream
 //! their large files ([`large_files`]) and build contexts stream to the engine
 //! ([`build_context`]), so the agent's memory does not follow the size of what it carries.
@@ -28,6 +29,7 @@ pub mod backend;
 pub mod build_context;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod database;
 pub mod descriptor;
 pub mod git_url;

@@ -122,6 +122,28 @@ pub enum Health {
     Unknown,
 }
 
+impl Health {
+    /// Every health, best first.
+    pub const ALL: [Health; 5] = [
+        Health::Healthy,
+        Health::Progressing,
+        Health::Degraded,
+        Health::Missing,
+        Health::Unknown,
+    ];
+
+    /// The health's name, as status files write it: `Healthy`, `Degraded`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "Healthy",
+            Health::Progressing => "Progressing",
+            Health::Degraded => "Degraded",
+            Health::Missing => "Missing",
+            Health::Unknown => "Unknown",
+        }
+    }
+}
+
 /// What a part is doing, as observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +156,18 @@ pub enum PartState {
     Archived,
     /// A one-shot that ran and exited; see its health for how.
     Completed,
+}
+
+impl PartState {
+    /// The state's name, as status files write it: `running`, `stopped`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartState::Running => "running",
+            PartState::Stopped => "stopped",
+            PartState::Archived => "archived",
+            PartState::Completed => "completed",
+        }
+    }
 }
 
 /// One part berth owns, as the engine reports it.

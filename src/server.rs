@@ -65,6 +65,26 @@ pub struct Shared {
     pub readiness: RwLock<Readiness>,
     /// Why the last attempt to push status failed, while it keeps failing.
     pub status_push: RwLock<Option<String>>,
+    /// Counts published statuses: the console's pages follow it.
+    pub passes: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// What the agent shares before its first pass: `status`, starting.
+    pub fn new(status: Arc<StatusSet>) -> Shared {
+        Shared {
+            status: RwLock::new(status),
+            readiness: RwLock::new(Readiness::Starting),
+            status_push: RwLock::new(None),
+            passes: watch::Sender::new(0),
+        }
+    }
+
+    /// Publishes the status as of a pass, and tells whoever follows.
+    pub fn publish(&self, status: Arc<StatusSet>) {
+        *self.status.write().expect("lock") = status;
+        self.passes.send_modify(|count| *count += 1);
+    }
 }
 
 /// Everything handlers need.
@@ -90,6 +110,8 @@ pub struct ServerState {
     pub repo_url: String,
     /// Delivery ids of the webhooks taken lately: a redelivery queues nothing again.
     pub deliveries: Arc<std::sync::Mutex<webhook::RecentDeliveries>>,
+    /// The web console's sessions and settings.
+    pub console: crate::console::Console,
 }
 
 /// What the server allows its clients, so that a flood of slow or hostile ones cannot take the
@@ -261,8 +283,9 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             answer_within(body_timeout, request, next)
         }))
-        .with_state(app)
+        .with_state(app.clone())
         .merge(spawning)
+        .merge(crate::console::router(app.server))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, holding clients to `limits`; then stops
@@ -735,13 +758,18 @@ async fn run_logs(
     Path(id): Path<i64>,
     axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
 ) -> Response {
+    let follow = query.get("follow").is_none_or(|f| f != "false");
+    run_log(&pipelines, id, follow)
+}
+
+/// Run `id`'s log as text: followed as it is written while the run goes on, when `follow`.
+pub(crate) fn run_log(pipelines: &Pipelines, id: i64, follow: bool) -> Response {
     match pipelines.store().get(id) {
         Ok(Some(_)) => {}
         Ok(None) => return no_run(id),
         Err(error) => return store_failed(error),
     }
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    let follow = query.get("follow").is_none_or(|f| f != "false");
     if follow {
         match pipelines.follow(id) {
             Follow::Running(following) => {

@@ -56,6 +56,21 @@ impl Phase {
         Phase::CleanupFailed,
     ];
 
+    /// The phase's name, as status files write it: `Running`, `CreatePending`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::CreatePending => "CreatePending",
+            Phase::UpdatePending => "UpdatePending",
+            Phase::DeletePending => "DeletePending",
+            Phase::ArchivePending => "ArchivePending",
+            Phase::Running => "Running",
+            Phase::Stopped => "Stopped",
+            Phase::Archived => "Archived",
+            Phase::Failure => "Failure",
+            Phase::CleanupFailed => "CleanupFailed",
+        }
+    }
+
     /// Whether the phase lasts between passes (as opposed to while a step runs).
     pub fn is_settled(self) -> bool {
         !matches!(

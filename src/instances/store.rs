@@ -528,7 +528,11 @@ mod tests {
         assert_eq!(first.expires_at, Some(1_000));
         // Its time runs from its start: not reaped while it starts, and given its ttl then.
         assert!(store.expired(5_000).unwrap().is_empty());
-        assert!(store.mark_started("i1", &first.host_ports, Some(6_000)).unwrap());
+        assert!(
+            store
+                .mark_started("i1", &first.host_ports, Some(6_000))
+                .unwrap()
+        );
         assert!(store.expired(5_000).unwrap().is_empty());
         assert_eq!(store.expired(6_000).unwrap().len(), 1);
         assert!(matches!(

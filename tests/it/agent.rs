@@ -15,6 +15,8 @@ use crate::util::stdout;
 
 pub(crate) const WEBHOOK_SECRET: &str = "whsec-3b8e1f0a";
 pub(crate) const API_TOKEN: &str = "api-token-71c2d9";
+/// The console's read-only token of every test agent.
+pub(crate) const VIEWER_TOKEN: &str = "viewer-token-5e0a41";
 
 /// A running `berth agent`, killed on drop.
 pub(crate) struct Agent {
@@ -52,9 +54,10 @@ impl Agent {
         )
         .unwrap();
         std::fs::write(dir.path().join("api-token"), API_TOKEN).unwrap();
+        std::fs::write(dir.path().join("viewer-token"), VIEWER_TOKEN).unwrap();
         let config = dir.path().join("agent.yaml");
         let text = format!(
-            "instance: {instance}\nrepo:\n  url: {url}\n  branch: main\n{repo_extra}listen: 127.0.0.1:{port}\nwebhook: {{secretFile: {dir}/webhook-secret, maxBody: 4096}}\napi: {{tokenFile: {dir}/api-token}}\nstateDir: {dir}/state\nwait: 20s\n# Passes come from webhooks and API calls in these tests, not the clock.\nschedule: '0 0 1 1 *'\n{extra}",
+            "instance: {instance}\nrepo:\n  url: {url}\n  branch: main\n{repo_extra}listen: 127.0.0.1:{port}\nwebhook: {{secretFile: {dir}/webhook-secret, maxBody: 4096}}\napi: {{tokenFile: {dir}/api-token, viewerTokenFile: {dir}/viewer-token}}\nstateDir: {dir}/state\nwait: 20s\n# Passes come from webhooks and API calls in these tests, not the clock.\nschedule: '0 0 1 1 *'\n{extra}",
             dir = dir.path().display(),
         );
         std::fs::write(&config, text).unwrap();

@@ -16,11 +16,13 @@
 //!   heals itself (a damaged clone), rate-limits passes and takes a webhook delivery once.
 //! - `instances`: per-team instances through the agent's API, on the real Docker Engine.
 //! - `walls`: what a player in a challenge or an outsider's pipeline step can reach and do.
+//! - `console`: the web console in a real headless browser (chromium through chromedriver).
 //!
 //! Helpers shared by every module live in `util`.
 
 mod agent;
 mod cli;
+mod console;
 mod docker;
 mod gitserver;
 mod hardening;

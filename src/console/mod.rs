@@ -1,0 +1,842 @@
+//! The web console, served by the agent on `listen`: the overview of the last pass and every
+//! object, an object's page, pipeline runs with their logs followed live, and per-team instances;
+//! pages follow the agent's events (`/console/events`) and show a pass's result without a reload.
+//!
+//! Its rooms:
+//! - this file: the routes, the pages' handlers and the headers every answer carries;
+//! - [`session`]: logging in with a token, sessions, CSRF tokens, cookies;
+//! - [`views`]: what a page shows, worked out from status (pure).
+//!
+//! Pages are rendered on the server from templates (`templates/console/`, askama, which escapes
+//! every value); every page reads with JavaScript off, and the little script there is
+//! (`assets/console.js`) only swaps a page's main part when an event comes and follows a running
+//! log. Assets are compiled in; nothing is fetched from elsewhere. The API token logs in as an
+//! operator, the viewer token (`api.viewerTokenFile`) as a viewer, whose every POST is refused and
+//! who is shown no buttons. Every form carries the session's CSRF token, and every answer a
+//! Content-Security-Policy of `default-src 'self'` with no inline script or style.
+
+mod session;
+pub mod views;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use futures_util::Stream;
+
+pub use session::Tokens;
+use session::{
+    LOGIN_COOKIE, SESSION_COOKIE, SESSION_LIFETIME, Session, Sessions, cookie, csrf_matches,
+    random_token, set_cookie,
+};
+use views::{Filters, ObjectRow};
+
+use crate::descriptor::Kind;
+use crate::plan::Health;
+use crate::server::{Readiness, ServerState};
+use crate::status::{Phase, short_revision};
+
+/// What the console needs beyond the server's state.
+#[derive(Debug, Clone)]
+pub struct Console {
+    tokens: Tokens,
+    sessions: Sessions,
+    secure_cookies: bool,
+    instance: String,
+    web_url: Option<String>,
+}
+
+impl Console {
+    /// The console of an agent of `instance`, logged in to with `tokens`; its cookies `Secure`
+    /// when `secure_cookies`; problems linked into `web_url` when it is an http(s) address.
+    pub fn new(
+        tokens: Tokens,
+        secure_cookies: bool,
+        instance: &str,
+        web_url: Option<&str>,
+    ) -> Console {
+        let web_url = web_url
+            .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
+            .map(|url| url.trim_end_matches('/').to_string());
+        Console {
+            tokens,
+            sessions: Sessions::default(),
+            secure_cookies,
+            instance: instance.to_string(),
+            web_url,
+        }
+    }
+}
+
+/// The console's routes.
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/objects/{kind}/{name}", get(object))
+        .route("/runs", get(runs))
+        .route("/runs/{id}", get(run))
+        .route("/runs/{id}/log", get(run_log))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/pipelines/{name}/run", post(start_run))
+        .route("/instances", get(instances))
+        .route("/instances/{id}/renew", post(renew_instance))
+        .route("/instances/{id}/kill", post(kill_instance))
+        .route("/console/events", get(events))
+        .route("/console/console.css", get(stylesheet))
+        .route("/console/console.js", get(script))
+        .layer(axum::middleware::map_response(guarded))
+        .with_state(state)
+}
+
+/// Headers on every answer of the console: no script or style but its own files, no framing, no
+/// sniffing, no referrer to elsewhere, no caching of what a session sees.
+async fn guarded(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    let set = [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "same-origin"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    for (name, value) in set {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// What every page's frame shows.
+struct Layout {
+    instance: String,
+    signed_in: bool,
+    role: &'static str,
+    csrf: String,
+}
+
+impl Layout {
+    fn of(state: &ServerState, session: Option<&Session>) -> Layout {
+        Layout {
+            instance: state.console.instance.clone(),
+            signed_in: session.is_some(),
+            role: session.map_or("", |s| s.role.as_str()),
+            csrf: session.map(|s| s.csrf.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+fn page(template: &impl Template, code: StatusCode) -> Response {
+    match template.render() {
+        Ok(html) => (code, Html(html)).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "a console page did not render");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page did not render\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/message.html")]
+struct MessagePage {
+    layout: Layout,
+    heading: String,
+    text: String,
+    back: String,
+}
+
+fn message(
+    state: &ServerState,
+    session: Option<&Session>,
+    code: StatusCode,
+    heading: &str,
+    text: String,
+    back: &str,
+) -> Response {
+    let body = MessagePage {
+        layout: Layout::of(state, session),
+        heading: heading.to_string(),
+        text,
+        back: back.to_string(),
+    };
+    page(&body, code)
+}
+
+/// The session the request's cookie names, if it is live.
+fn session_of(state: &ServerState, headers: &HeaderMap) -> Option<(String, Session)> {
+    let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
+    let id = cookie(cookies, SESSION_COOKIE)?;
+    let session = state.console.sessions.get(id)?;
+    Some((id.to_string(), session))
+}
+
+/// A page's session, or the login page to go to.
+#[allow(clippy::result_large_err)]
+fn viewer(state: &ServerState, headers: &HeaderMap) -> Result<Session, Response> {
+    session_of(state, headers)
+        .map(|(_, session)| session)
+        .ok_or_else(|| Redirect::to("/login").into_response())
+}
+
+/// A page's session, taken from its cookie; without one, the page sends to the login form.
+struct SignedIn(Session);
+
+impl axum::extract::FromRequestParts<ServerState> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ServerState,
+    ) -> Result<SignedIn, Response> {
+        viewer(state, &parts.headers).map(SignedIn)
+    }
+}
+
+/// An action's session: logged in, the form's CSRF token its own, allowed to act, and this agent
+/// the leader (a standby's engines and records are not the ones in use).
+#[allow(clippy::result_large_err)]
+fn operator(
+    state: &ServerState,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<Session, Response> {
+    let session = viewer(state, headers)?;
+    let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
+    if !csrf_matches(&session, sent) {
+        return Err(message(
+            state,
+            Some(&session),
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "The form's CSRF token is not this session's; reload the page and try again.".into(),
+            "/",
+        ));
+    }
+    if !session.role.may_act() {
+        return Err(message(
+            state,
+            Some(&session),
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "A viewer reads only; log in with the API token to act.".into(),
+            "/",
+        ));
+    }
+    if let Readiness::Standby(why) = &*state.shared.readiness.read().expect("lock") {
+        return Err(message(
+            state,
+            Some(&session),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Standing by",
+            format!("This agent stands by ({why}); act on the leader's console."),
+            "/",
+        ));
+    }
+    Ok(session)
+}
+
+#[derive(Template)]
+#[template(path = "console/login.html")]
+struct LoginPage {
+    layout: Layout,
+    csrf: String,
+    error: Option<String>,
+}
+
+/// The login form, with a CSRF token in a cookie of its own (no session exists yet).
+fn login_form(state: &ServerState, error: Option<String>) -> Response {
+    let csrf = random_token();
+    let code = match error {
+        Some(_) => StatusCode::UNAUTHORIZED,
+        None => StatusCode::OK,
+    };
+    let mut response = page(
+        &LoginPage {
+            layout: Layout::of(state, None),
+            csrf: csrf.clone(),
+            error,
+        },
+        code,
+    );
+    let set = set_cookie(
+        LOGIN_COOKIE,
+        &csrf,
+        Duration::from_secs(3600),
+        state.console.secure_cookies,
+    );
+    if let Ok(value) = HeaderValue::from_str(&set) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+async fn login_page(State(state): State<ServerState>) -> Response {
+    login_form(&state, None)
+}
+
+async fn login(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let expected = headers
+        .get(header::COOKIE)
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| cookie(c, LOGIN_COOKIE))
+        .unwrap_or_default();
+    let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
+    let fresh = !sent.is_empty()
+        && bool::from(subtle::ConstantTimeEq::ct_eq(
+            sent.as_bytes(),
+            expected.as_bytes(),
+        ));
+    if !fresh {
+        return login_form(&state, Some("The form expired; log in again.".into()));
+    }
+    let token = form.get("token").map(String::as_str).unwrap_or_default();
+    let Some(role) = state.console.tokens.role_of(token) else {
+        tracing::warn!("a console login with a wrong token");
+        return login_form(&state, Some("That token logs nobody in.".into()));
+    };
+    let Some((id, _)) = state.console.sessions.open(role) else {
+        return login_form(&state, Some("No session can be made now.".into()));
+    };
+    tracing::info!(role = role.as_str(), "a console login");
+    let secure = state.console.secure_cookies;
+    let mut response = Redirect::to("/").into_response();
+    for set in [
+        set_cookie(SESSION_COOKIE, &id, SESSION_LIFETIME, secure),
+        set_cookie(LOGIN_COOKIE, "", Duration::ZERO, secure),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&set) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+    response
+}
+
+async fn logout(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some((id, session)) = session_of(&state, &headers)
+        && csrf_matches(
+            &session,
+            form.get("csrf").map(String::as_str).unwrap_or_default(),
+        )
+    {
+        state.console.sessions.close(&id);
+    }
+    let mut response = Redirect::to("/login").into_response();
+    let set = set_cookie(
+        SESSION_COOKIE,
+        "",
+        Duration::ZERO,
+        state.console.secure_cookies,
+    );
+    if let Ok(value) = HeaderValue::from_str(&set) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// A problem as the overview lists it: where, linked into the repo's web view when there is one.
+struct ProblemRow {
+    place: String,
+    link: Option<String>,
+    message: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/overview.html")]
+struct OverviewPage {
+    layout: Layout,
+    pass_result: &'static str,
+    pass_tone: &'static str,
+    pass_revision: String,
+    applied_revision: String,
+    pass_when: String,
+    pass_message: String,
+    problems: Vec<ProblemRow>,
+    rows: Vec<ObjectRow>,
+    total: usize,
+    kinds: Vec<(&'static str, bool)>,
+    phases: Vec<(&'static str, bool)>,
+    healths: Vec<(&'static str, bool)>,
+    query: String,
+}
+
+async fn overview(
+    State(state): State<ServerState>,
+    SignedIn(session): SignedIn,
+    Query(filters): Query<Filters>,
+) -> Response {
+    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let agent = &status.agent;
+    let short = |revision: &Option<String>| {
+        revision
+            .as_deref()
+            .map(|r| short_revision(r).to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let problems = agent
+        .problems
+        .iter()
+        .map(|problem| ProblemRow {
+            place: format!("{}:{}:{}", problem.file, problem.line, problem.column),
+            link: match (&state.console.web_url, &agent.last_attempted_revision) {
+                (Some(web), Some(revision)) => Some(format!(
+                    "{web}/blob/{revision}/{}#L{}",
+                    problem.file, problem.line
+                )),
+                _ => None,
+            },
+            message: problem.message.clone(),
+        })
+        .collect();
+    let (pass_result, pass_tone) = match agent.result {
+        Some(result) => (
+            result.as_str(),
+            match result {
+                crate::status::PassResult::Applied => "good",
+                crate::status::PassResult::Transient => "busy",
+                _ => "bad",
+            },
+        ),
+        None => ("no pass yet", "none"),
+    };
+    let body = OverviewPage {
+        layout: Layout::of(&state, Some(&session)),
+        pass_result,
+        pass_tone,
+        pass_revision: short(&agent.last_attempted_revision),
+        applied_revision: short(&agent.last_applied_revision),
+        pass_when: agent.updated.clone().unwrap_or_default(),
+        pass_message: agent.message.clone(),
+        problems,
+        rows: views::rows(&status, &filters),
+        total: status.objects.len(),
+        kinds: views::choices(views::KINDS.into_iter(), &filters.kind),
+        phases: views::choices(Phase::ALL.into_iter().map(Phase::as_str), &filters.phase),
+        healths: views::choices(Health::ALL.into_iter().map(Health::as_str), &filters.health),
+        query: filters.q.clone(),
+    };
+    page(&body, StatusCode::OK)
+}
+
+/// A pipeline run as the console lists it.
+struct RunRow {
+    id: i64,
+    pipeline: String,
+    state: &'static str,
+    tone: &'static str,
+    cause: &'static str,
+    commit: String,
+    queued: String,
+    took: String,
+    image: String,
+    message: String,
+    over: bool,
+}
+
+impl RunRow {
+    fn of(run: &crate::queue::Run) -> RunRow {
+        use crate::queue::RunState;
+        RunRow {
+            id: run.id,
+            pipeline: run.pipeline.clone(),
+            state: run.state.as_str(),
+            tone: match run.state {
+                RunState::Succeeded => "good",
+                RunState::Queued | RunState::Running => "busy",
+                RunState::Cancelled => "none",
+                RunState::Failed | RunState::Interrupted => "bad",
+            },
+            cause: run.cause.as_str(),
+            commit: run
+                .commit
+                .as_deref()
+                .map(|c| short_revision(c).to_string())
+                .unwrap_or_default(),
+            queued: run.queued_at.clone(),
+            took: run
+                .duration_ms
+                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_default(),
+            image: run.image.clone().unwrap_or_default(),
+            message: run.message.clone().unwrap_or_default(),
+            over: run.state.is_final(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/object.html")]
+struct ObjectPage {
+    layout: Layout,
+    row: ObjectRow,
+    message: String,
+    /// Each part: its id, state, health and the health's tone.
+    parts: Vec<(String, &'static str, &'static str, &'static str)>,
+    is_pipeline: bool,
+    may_act: bool,
+    runs: Vec<RunRow>,
+}
+
+async fn object(
+    State(state): State<ServerState>,
+    SignedIn(session): SignedIn,
+    Path((kind, name)): Path<(String, String)>,
+) -> Response {
+    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let found = status
+        .objects
+        .values()
+        .find(|o| o.kind.as_str() == kind && o.name == name);
+    let Some(found) = found else {
+        return message(
+            &state,
+            Some(&session),
+            StatusCode::NOT_FOUND,
+            "Not found",
+            format!("No object {kind}/{name} in the last pass's status."),
+            "/",
+        );
+    };
+    let is_pipeline = found.kind == Kind::Pipeline;
+    let runs = match (&state.pipelines, is_pipeline) {
+        (Some(pipelines), true) => pipelines
+            .store()
+            .list(Some(&found.name), 20)
+            .unwrap_or_default()
+            .iter()
+            .map(RunRow::of)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let body = ObjectPage {
+        layout: Layout::of(&state, Some(&session)),
+        row: ObjectRow::of(found),
+        message: found.message.clone(),
+        parts: found
+            .parts
+            .iter()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    p.state.as_str(),
+                    p.health.as_str(),
+                    views::tone(p.health, None),
+                )
+            })
+            .collect(),
+        is_pipeline,
+        may_act: session.role.may_act(),
+        runs,
+    };
+    page(&body, StatusCode::OK)
+}
+
+#[derive(Template)]
+#[template(path = "console/runs.html")]
+struct RunsPage {
+    layout: Layout,
+    runs: Vec<RunRow>,
+}
+
+async fn runs(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+    let runs = state
+        .pipelines
+        .as_ref()
+        .and_then(|p| p.store().list(None, 100).ok())
+        .unwrap_or_default();
+    let body = RunsPage {
+        layout: Layout::of(&state, Some(&session)),
+        runs: runs.iter().map(RunRow::of).collect(),
+    };
+    page(&body, StatusCode::OK)
+}
+
+#[derive(Template)]
+#[template(path = "console/run.html")]
+struct RunPage {
+    layout: Layout,
+    run: RunRow,
+    steps: Vec<String>,
+    log: String,
+    may_act: bool,
+}
+
+async fn run(
+    State(state): State<ServerState>,
+    SignedIn(session): SignedIn,
+    Path(id): Path<i64>,
+) -> Response {
+    let found = state
+        .pipelines
+        .as_ref()
+        .and_then(|p| p.store().get(id).ok().flatten().map(|run| (p, run)));
+    let Some((pipelines, found)) = found else {
+        return message(
+            &state,
+            Some(&session),
+            StatusCode::NOT_FOUND,
+            "Not found",
+            format!("No run #{id}."),
+            "/runs",
+        );
+    };
+    let log = std::fs::read(pipelines.log_path(id))
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let body = RunPage {
+        layout: Layout::of(&state, Some(&session)),
+        steps: found.steps.iter().map(views::step_line).collect(),
+        run: RunRow::of(&found),
+        log,
+        may_act: session.role.may_act(),
+    };
+    page(&body, StatusCode::OK)
+}
+
+async fn run_log(
+    State(state): State<ServerState>,
+    _: SignedIn,
+    Path(id): Path<i64>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(pipelines) = &state.pipelines else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let follow = query.get("follow").is_some_and(|f| f == "true");
+    crate::server::run_log(pipelines, id, follow)
+}
+
+async fn start_run(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let session = match operator(&state, &headers, &form) {
+        Ok(session) => session,
+        Err(refused) => return refused,
+    };
+    let Some(pipelines) = &state.pipelines else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let started = pipelines.manual(&name, None);
+    if let Ok(id) = &started {
+        tracing::info!(pipeline = %name, run = id, "a run asked for from the console");
+    }
+    let back = views::object_href(Kind::Pipeline, &name);
+    acted(
+        &state,
+        &session,
+        started.map(|id| format!("/runs/{id}")),
+        "Not run",
+        &back,
+    )
+}
+
+/// Where an action leads: to `done`'s page, or a page saying why it was not done.
+fn acted(
+    state: &ServerState,
+    session: &Session,
+    done: Result<String, impl std::fmt::Display>,
+    failed: &str,
+    back: &str,
+) -> Response {
+    match done {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(error) => message(
+            state,
+            Some(session),
+            StatusCode::CONFLICT,
+            failed,
+            error.to_string(),
+            back,
+        ),
+    }
+}
+
+async fn cancel_run(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let session = match operator(&state, &headers, &form) {
+        Ok(session) => session,
+        Err(refused) => return refused,
+    };
+    let Some(pipelines) = &state.pipelines else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let page = format!("/runs/{id}");
+    let cancelled = pipelines.cancel(id).map(|_| page.clone());
+    acted(&state, &session, cancelled, "Not cancelled", &page)
+}
+
+/// An instance as the console lists it.
+struct InstanceRow {
+    id: String,
+    challenge: String,
+    team: String,
+    state: String,
+    endpoints: Vec<String>,
+    expires: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/instances.html")]
+struct InstancesPage {
+    layout: Layout,
+    instances: Vec<InstanceRow>,
+    unavailable: Option<String>,
+    may_act: bool,
+}
+
+async fn instances(
+    State(state): State<ServerState>,
+    SignedIn(session): SignedIn,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let challenge = query.get("challenge").map(String::as_str);
+    let (listed, unavailable) = match &state.instances {
+        Some(instances) => match instances.list(challenge, None) {
+            Ok(listed) => (listed, None),
+            Err(error) => (Vec::new(), Some(error.to_string())),
+        },
+        None => (Vec::new(), Some("This agent serves no instances.".into())),
+    };
+    let rows = listed
+        .into_iter()
+        .map(|view| InstanceRow {
+            id: view.id,
+            challenge: view.challenge,
+            team: view
+                .team
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_else(|| "(pool)".into()),
+            state: serde_json::to_value(view.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            endpoints: view
+                .endpoints
+                .iter()
+                .map(|e| format!("{}:{}/{}", e.host, e.port, e.protocol))
+                .collect(),
+            expires: view.expires_at.unwrap_or_default(),
+        })
+        .collect();
+    let body = InstancesPage {
+        layout: Layout::of(&state, Some(&session)),
+        instances: rows,
+        unavailable,
+        may_act: session.role.may_act(),
+    };
+    page(&body, StatusCode::OK)
+}
+
+async fn renew_instance(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let session = match operator(&state, &headers, &form) {
+        Ok(session) => session,
+        Err(refused) => return refused,
+    };
+    let Some(instances) = &state.instances else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let renewed = instances.renew(&id).map(|_| "/instances".to_string());
+    acted(&state, &session, renewed, "Not renewed", "/instances")
+}
+
+async fn kill_instance(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let session = match operator(&state, &headers, &form) {
+        Ok(session) => session,
+        Err(refused) => return refused,
+    };
+    let Some(instances) = &state.instances else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let killed = instances.kill(&id).await.map(|()| "/instances".to_string());
+    acted(&state, &session, killed, "Not killed", "/instances")
+}
+
+/// Server-sent events: `pass` with the revision and result, as each pass's status is published.
+async fn events(State(state): State<ServerState>, _: SignedIn) -> Response {
+    let passes = state.shared.passes.subscribe();
+    let shared = Arc::clone(&state.shared);
+    let stream = pass_events(passes, shared);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+fn pass_events(
+    passes: tokio::sync::watch::Receiver<u64>,
+    shared: Arc<crate::server::Shared>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::unfold((passes, shared), |(mut passes, shared)| async move {
+        passes.changed().await.ok()?;
+        let data = {
+            let status = shared.status.read().expect("lock");
+            let revision = status
+                .agent
+                .last_attempted_revision
+                .as_deref()
+                .map(short_revision)
+                .unwrap_or("-")
+                .to_string();
+            let result = status.agent.result.map_or("none", |r| r.as_str());
+            format!("{revision} {result}")
+        };
+        Some((
+            Ok(Event::default().event("pass").data(data)),
+            (passes, shared),
+        ))
+    })
+}
+
+async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../assets/console.css"),
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../assets/console.js"),
+    )
+        .into_response()
+}

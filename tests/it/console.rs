@@ -1,0 +1,356 @@
+//! The web console in a real browser: Debian's headless `chromium`, driven through
+//! `chromedriver` (WebDriver) by fantoccini, against the real agent following a git daemon and
+//! applying to the real Docker Engine. Screenshots of each page go to
+//! `target/console-screenshots/` for people to look at.
+//!
+//! Without `chromium` and `chromedriver` these tests skip loudly, unless `BERTH_REQUIRE_BROWSER=1`
+//! (set by `.ci/run`, which installs them), which makes them fail instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+
+use crate::agent::{API_TOKEN, Agent, VIEWER_TOKEN, applied, http_with_head};
+use crate::docker::{engine, free_port};
+use crate::gitserver::{GitDaemon, Origin};
+use crate::util::{challenge, crate_root};
+
+/// `chromedriver` on a port of its own, stopped when this goes.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// chromedriver, when it and chromium are installed; else `None`, after a loud message (or a
+/// failure under `BERTH_REQUIRE_BROWSER=1`).
+fn driver() -> Option<Driver> {
+    let installed = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    if !installed {
+        assert!(
+            std::env::var("BERTH_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "BERTH_REQUIRE_BROWSER=1 but chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        );
+        eprintln!(
+            "\n*** SKIPPED: no chromium and chromedriver; install Debian's chromium and chromium-driver, or set BERTH_REQUIRE_BROWSER=1 to make this a failure ***\n"
+        );
+        return None;
+    }
+    let port = free_port();
+    let child = Command::new("/usr/bin/chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "chromedriver never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(Driver { child, port })
+}
+
+/// A headless browser session of `driver`.
+async fn browser(driver: &Driver) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"],
+        }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a browser session")
+}
+
+fn screenshots() -> PathBuf {
+    let folder = crate_root().join("target/console-screenshots");
+    std::fs::create_dir_all(&folder).unwrap();
+    folder
+}
+
+async fn screenshot(browser: &Client, name: &str) {
+    let png = browser.screenshot().await.expect("a screenshot");
+    std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+}
+
+/// Logs in with `token` through the login form.
+async fn log_in(browser: &Client, base: &str, token: &str) {
+    browser.goto(&format!("{base}/")).await.unwrap();
+    let url = browser.current_url().await.unwrap();
+    assert!(url.path() == "/login", "not sent to log in: {url}");
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("form.login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Waits until `check` holds of the page's text, without reloading it.
+async fn until_page(browser: &Client, what: &str, limit: Duration, check: impl Fn(&str) -> bool) {
+    let started = Instant::now();
+    loop {
+        let text = browser
+            .find(Locator::Css("main"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap_or_default();
+        if check(&text) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not within {limit:?}; the page says:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everything_and_a_viewer_only_reads()
+ {
+    let Some(instance) = engine() else { return };
+    let Some(driver) = driver() else { return };
+    let origin = Origin::new(&[
+        (
+            "web.yaml",
+            &challenge(
+                "web",
+                "  command: [sh, -c, 'exec sleep 3600']\n  info: {description: \"<script>window.berthInfo=1</script>\"}\n",
+            ),
+        ),
+        (
+            "pipelines/ticks.yaml",
+            "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: ticks}\nspec:\n  context: pipelines\n  image: busybox:latest\n  steps:\n    - {name: tick, run: \"echo '<script>window.berthLog=1</script>'; for i in 1 2 3 4 5 6; do echo tick-$i; sleep 1; done\"}\n",
+        ),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = Agent::start(&instance, &daemon.url(), "");
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let base = format!("http://127.0.0.1:{}", agent.port);
+
+    // Without a session every page sends to the login form; its answers carry the walls.
+    let (code, head, _) = http_with_head(agent.port, "GET", "/", &[], b"");
+    assert_eq!(code, 303, "{head}");
+    let (code, head, body) = http_with_head(agent.port, "GET", "/login", &[], b"");
+    assert_eq!(code, 200);
+    let head = head.to_ascii_lowercase();
+    for wanted in [
+        "content-security-policy: default-src 'self'; frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+        "referrer-policy: same-origin",
+        "set-cookie: berth_login=",
+        "httponly; samesite=strict",
+    ] {
+        assert!(head.contains(wanted), "{wanted} missing: {head}");
+    }
+    assert!(!body.contains("<script>"), "an inline script: {body}");
+    // A login without the form's token is refused, even with the right API token.
+    let (code, _, _) = http_with_head(
+        agent.port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        format!("token={API_TOKEN}").as_bytes(),
+    );
+    assert_eq!(code, 401);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let browser = browser(&driver).await;
+        browser.goto(&format!("{base}/login")).await.unwrap();
+        screenshot(&browser, "login").await;
+        log_in(&browser, &base, API_TOKEN).await;
+        until_page(&browser, "the object listed", Duration::from_secs(10), |text| {
+            text.contains("web") && text.contains("Running") && text.contains("applied")
+        })
+        .await;
+        screenshot(&browser, "overview").await;
+
+        // A push shows with no reload, within 2 s of its pass.
+        browser
+            .execute("window.berthNotReloaded = true;", vec![])
+            .await
+            .unwrap();
+        let second = origin.commit(
+            &[(
+                "second.yaml",
+                Some(&challenge("second", "  command: [sh, -c, 'exec sleep 3600']\n")),
+            )],
+            "a second challenge",
+        );
+        agent.reconcile();
+        agent.wait_for("the second pass", || applied(&origin, &second));
+        until_page(&browser, "the new object shown live", Duration::from_secs(2), |text| {
+            text.contains("second")
+        })
+        .await;
+        let kept = browser
+            .execute("return window.berthNotReloaded === true;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(kept, serde_json::json!(true), "the page was reloaded");
+
+        // A rejected revision's problems are shown at their place, as text: markup in them
+        // neither renders nor runs.
+        let payload = "<img src=x onerror=\"window.berthXss=1\">";
+        let bad = origin.commit(
+            &[(
+                "bad.yaml",
+                Some(&format!(
+                    "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: '{payload}'}}\nspec: {{image: busybox:latest}}\n"
+                )),
+            )],
+            "<script>window.berthCommit=1</script> a bad name",
+        );
+        agent.reconcile();
+        agent.wait_for("the bad revision rejected", || {
+            let (_, status) = agent.api("GET", "/api/v1/status");
+            status.contains(&bad) && status.contains("\"rejected\"")
+        });
+        until_page(&browser, "the problem shown", Duration::from_secs(10), |text| {
+            text.contains("bad.yaml:3:") && text.contains("<img src=x")
+        })
+        .await;
+        let injected = browser
+            .execute(
+                "return [document.querySelectorAll('main img, main script').length, window.berthXss === undefined, window.berthInfo === undefined, window.berthCommit === undefined];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(injected, serde_json::json!([0, true, true, true]));
+        screenshot(&browser, "rejected").await;
+
+        // An object's page.
+        browser
+            .goto(&format!("{base}/objects/Challenge/web"))
+            .await
+            .unwrap();
+        until_page(&browser, "the object's page", Duration::from_secs(5), |text| {
+            text.contains("Challenge/web") && text.contains("Parts")
+        })
+        .await;
+        screenshot(&browser, "object").await;
+        browser.goto(&format!("{base}/instances")).await.unwrap();
+        screenshot(&browser, "instances").await;
+
+        // A pipeline run asked for with its button, and its log followed as it is written, with
+        // no reload; markup in the log is text.
+        browser
+            .goto(&format!("{base}/objects/Pipeline/ticks"))
+            .await
+            .unwrap();
+        browser
+            .find(Locator::Css("form.action button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until_page(&browser, "the run's page", Duration::from_secs(10), |text| {
+            text.contains("Run #") && text.contains("tick-1")
+        })
+        .await;
+        assert!(
+            browser.current_url().await.unwrap().path().starts_with("/runs/"),
+            "not on the run's page"
+        );
+        browser
+            .execute("window.berthNotReloaded = true;", vec![])
+            .await
+            .unwrap();
+        until_page(&browser, "the log followed", Duration::from_secs(20), |text| {
+            text.contains("tick-4")
+        })
+        .await;
+        screenshot(&browser, "run").await;
+        until_page(&browser, "the run ended", Duration::from_secs(20), |text| {
+            text.contains("tick-6") && text.contains("succeeded")
+        })
+        .await;
+        let page = browser
+            .execute(
+                "return [window.berthNotReloaded === true, window.berthLog === undefined, document.querySelectorAll('main script').length];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(page, serde_json::json!([true, true, 0]));
+        browser.goto(&format!("{base}/runs")).await.unwrap();
+        screenshot(&browser, "runs").await;
+
+        // A viewer reads, has no buttons but logging out, and every action is refused.
+        browser
+            .find(Locator::Css("form.logout button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        log_in(&browser, &base, VIEWER_TOKEN).await;
+        until_page(&browser, "the viewer's overview", Duration::from_secs(5), |text| {
+            text.contains("second")
+        })
+        .await;
+        let role = browser
+            .find(Locator::Css(".role"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(role, "signed in as viewer");
+        browser
+            .goto(&format!("{base}/objects/Challenge/web"))
+            .await
+            .unwrap();
+        let buttons = browser.find_all(Locator::Css("main button")).await.unwrap();
+        assert!(buttons.is_empty(), "a viewer is shown buttons");
+        let refused = browser
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const csrf = document.querySelector('form.logout input[name=csrf]').value;
+                 fetch('/instances/0123456789abcdef/kill', {method: 'POST', credentials: 'same-origin',
+                   headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: 'csrf=' + csrf})
+                   .then(r => done(r.status));",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(refused, serde_json::json!(403));
+        screenshot(&browser, "viewer").await;
+        browser.close().await.unwrap();
+    });
+}
