@@ -15,7 +15,7 @@
 //!   `target: kubernetes`: all answered, no NodePort twice, the time until every pod answers on its
 //!   NodePort, the agent's peak memory; beside it ONE `kubectl apply` of the same 100 pods and
 //!   NodePort Services, and the same wait. The test cluster (`tests/testbed/kube-up.sh`) is started
-//!   when it is not up; `BERTH_BENCH_KUBE=0` skips this part.
+//!   when it is not up; `BERTH_BENCH_KUBE=0` skips this part, `BERTH_BENCH_DOCKER=0` the rest.
 //!
 //! Needs Docker and `busybox:latest` (`tests/testbed/busybox-image.sh`), and root and `kubectl`
 //! for the cluster. Run: `cargo bench --bench instances`.
@@ -170,6 +170,10 @@ fn remove_everything() {
 
 fn main() {
     if !common::engine_answers() {
+        return;
+    }
+    if std::env::var("BERTH_BENCH_DOCKER").as_deref() == Ok("0") {
+        on_the_cluster();
         return;
     }
     let teams: usize = std::env::var("BERTH_BENCH_TEAMS")

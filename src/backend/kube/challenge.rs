@@ -526,6 +526,25 @@ impl ChallengeTemplate {
 /// shared Service (were it made shared again) nor another challenge's `allowConnectTo` selects
 /// those pods, which are labelled `Challenge`.
 pub const INSTANCE_KIND: &str = "ChallengeInstance";
+/// A team's instance idles nearly all the time: its containers request a hundredth of their CPU
+/// limit (at least 1m) rather than a challenge's tenth, so a node schedules a hundred instances
+/// per CPU instead of ten. The limits stay as declared.
+fn idle_cpu_requests(pod: &mut Value) {
+    let Some(containers) = pod["containers"].as_array_mut() else {
+        return;
+    };
+    for container in containers {
+        let limit = container
+            .pointer("/resources/limits/cpu")
+            .and_then(Value::as_str)
+            .and_then(|cpu| cpu.strip_suffix('m'))
+            .and_then(|millis| millis.parse::<u64>().ok());
+        if let Some(limit) = limit {
+            container["resources"]["requests"]["cpu"] = format!("{}m", (limit / 100).max(1)).into();
+        }
+    }
+}
+
 /// The volume of an instance's flag file.
 const FLAG_VOLUME: &str = "berth-flag";
 /// The key of the flag in an instance's flag Secret.
@@ -547,6 +566,7 @@ impl ChallengeTemplate {
         let template = &deployment["spec"]["template"];
         let mut spec = template["spec"].clone();
         spec["restartPolicy"] = "Always".into();
+        idle_cpu_requests(&mut spec);
         let given = self.spec.instanced.as_ref().and_then(|i| i.flag.as_ref());
         if let (Some(given), Some(flag_secret)) = (given, flag_secret) {
             let main = &mut spec["containers"][0];
@@ -1044,6 +1064,18 @@ mod tests {
         // A pooled pod has no flag at all.
         let pooled = file.instance_pod(&labels, "ns", "p", None);
         assert_eq!(pooled["spec"]["volumes"], json!([]));
+
+        // An instance requests a hundredth of its CPU limit: a node holds many idle ones.
+        let limited = template(json!({
+            "ports": [{"container": 1337}],
+            "resources": {"cpus": 0.5, "memory": "64Mi"},
+            "instanced": {"ttl": "10m"},
+        }));
+        let pod = limited.instance_pod(&labels, "ns", "p", None);
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"],
+            json!({"limits": {"cpu": "500m", "memory": "67108864"}, "requests": {"cpu": "5m", "memory": "6710886"}})
+        );
     }
 
     #[test]
