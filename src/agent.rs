@@ -303,6 +303,8 @@ pub async fn run(
             stopping.notify_one();
         });
     }
+    // Changes of desired state from the console: committed by this loop, between passes.
+    let (changes_sender, mut changes) = tokio::sync::mpsc::channel(CHANGES_WAITING);
     let server = match config.listen {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -327,7 +329,8 @@ pub async fn run(
                     config.http.secure_cookies,
                     &config.instance.to_string(),
                     config.repo.web_url.as_deref(),
-                ),
+                )
+                .with_changes(changes_sender.clone()),
             };
             let limits = crate::server::Limits::new(&config);
             if let Some(address) = config.http.health_listen {
@@ -425,6 +428,10 @@ pub async fn run(
     let mut abandoned = false;
     loop {
         let batch = tokio::select! {
+            Some(change) = changes.recv() => {
+                agent.commit_change(change, leading).await;
+                continue;
+            }
             batch = triggers.next_batch() => batch,
             () = stop() => None,
             () = leadership.changed() => {
@@ -537,6 +544,9 @@ pub async fn run(
     Ok(())
 }
 
+/// Most console changes waiting for the agent; more are refused with "busy".
+const CHANGES_WAITING: usize = 8;
+
 /// Runs blocking git work off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
@@ -555,6 +565,47 @@ enum GitStage {
 }
 
 impl Agent {
+    /// Commits a console's change of a descriptor's state to the followed branch and answers the
+    /// console; a pass follows when it landed there. A standby commits nothing.
+    async fn commit_change(&mut self, change: crate::console::StateChange, leading: bool) {
+        let crate::console::StateChange {
+            key,
+            state,
+            requested_by,
+            reply,
+        } = change;
+        if !leading {
+            let _ = reply.send(Err("this agent stands by; use the leader's console".into()));
+            return;
+        }
+        let source = self.source.clone();
+        let side_branch = format!(
+            "berth/console/{}-{}-{}",
+            key.kind.as_str().to_ascii_lowercase(),
+            key.name,
+            chrono::Utc::now().format("%Y%m%d%H%M%S")
+        );
+        let (committing, to) = (key.clone(), side_branch.clone());
+        let committed =
+            blocking(move || source.commit_state(&committing, state, &requested_by, &to)).await;
+        match &committed {
+            Ok(crate::source::Committed::Pushed { commit, .. }) => {
+                tracing::info!(object = %key, state = state.as_str(), %commit, "the console's change committed; a pass applies it");
+                self.sender.send(Trigger::Api);
+            }
+            Ok(crate::source::Committed::ToSideBranch {
+                commit, refused, ..
+            }) => {
+                tracing::warn!(object = %key, %commit, branch = %side_branch, %refused, "the followed branch refused the console's change; it is on a branch of its own");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(object = %key, %error, "the console's change was not committed")
+            }
+        }
+        let _ = reply.send(committed.map_err(|e| e.to_string()));
+    }
+
     /// `announced`: the new commit a webhook announced, for which this pass runs early.
     async fn pass(&mut self, batch: &[Trigger], announced: Option<String>) {
         let started = Instant::now();

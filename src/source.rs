@@ -545,7 +545,7 @@ impl Source {
             let parents: Vec<&git2::Commit> = base.iter().collect();
             let commit = repo.commit(None, &signature, &signature, message, &tree, &parents)?;
             let stored = building.elapsed();
-            match self.push(&repo, commit) {
+            match self.push(&repo, commit, &self.status.branch) {
                 Ok(()) => {
                     repo.reference(&tracking, commit, true, "berth: status pushed")?;
                     // Each status commit adds a pack: months of passes would leave thousands,
@@ -581,14 +581,108 @@ impl Source {
         }
     }
 
-    fn push(&self, repo: &Repository, commit: Oid) -> Result<(), PushError> {
-        let branch = &self.status.branch;
+    /// Commits `state` for the descriptor `key` on the followed branch, changing only its
+    /// `state:` line (see [`crate::descriptor::edit`]), authored by the agent with a
+    /// `Requested-by:` trailer naming `requested_by`, and pushes it. A push the branch refuses
+    /// (a protected branch) goes to `side_branch` instead, for a pull request; one refused
+    /// because the branch moved is made again on its new tip.
+    pub fn commit_state(
+        &self,
+        key: &crate::descriptor::ObjectRef,
+        state: crate::descriptor::edit::WantedState,
+        requested_by: &str,
+        side_branch: &str,
+    ) -> Result<Committed, SourceError> {
+        let repo = self.open()?;
+        let signature = Signature::now("berth", &format!("berth@{}", self.instance))?;
+        let message = format!(
+            "{key}: {} (from the console)\n\nRequested-by: {requested_by}\n",
+            state.as_str()
+        );
+        for _ in 0..PUSH_ATTEMPTS {
+            self.fetch_refspecs(&repo, &[tracking_refspec(&self.branch)])?;
+            let tip = repo
+                .find_reference(&tracking_ref(&self.branch))?
+                .peel_to_commit()?;
+            let tree = tip.tree()?;
+            let Some((file, text)) = declaring_file(&repo, &tree, key)? else {
+                return Ok(Committed::Refused(format!(
+                    "no file on {} declares {key}",
+                    self.branch
+                )));
+            };
+            let changed = match crate::descriptor::edit::set_state(&text, key, state) {
+                Ok(changed) => changed,
+                Err(why) => return Ok(Committed::Refused(format!("{file}: {why}"))),
+            };
+            if changed == text {
+                return Ok(Committed::Unchanged);
+            }
+            let blob = repo.blob(changed.as_bytes())?;
+            let mut update = TreeUpdateBuilder::new();
+            update.upsert(file.as_str(), blob, FileMode::Blob);
+            let new_tree = repo.find_tree(update.create_updated(&repo, &tree)?)?;
+            let commit = repo.commit(None, &signature, &signature, &message, &new_tree, &[&tip])?;
+            match self.push(&repo, commit, &self.branch) {
+                Ok(()) => {
+                    return Ok(Committed::Pushed {
+                        commit: commit.to_string(),
+                        branch: self.branch.clone(),
+                        file,
+                    });
+                }
+                Err(PushError::Rejected(why)) => {
+                    self.fetch_refspecs(&repo, &[tracking_refspec(&self.branch)])?;
+                    let moved = repo
+                        .find_reference(&tracking_ref(&self.branch))?
+                        .peel_to_commit()?
+                        .id()
+                        != tip.id();
+                    if moved {
+                        continue;
+                    }
+                    return match self.push(&repo, commit, side_branch) {
+                        Ok(()) => Ok(Committed::ToSideBranch {
+                            commit: commit.to_string(),
+                            branch: side_branch.to_string(),
+                            refused: why,
+                            file,
+                        }),
+                        Err(PushError::Rejected(again)) => Err(SourceError::Push {
+                            url: crate::git_url::redact(&self.url),
+                            reason: format!("{why}; and to {side_branch}: {again}"),
+                        }),
+                        Err(PushError::Failed(error)) => Err(SourceError::Push {
+                            url: crate::git_url::redact(&self.url),
+                            reason: error.message().to_string(),
+                        }),
+                    };
+                }
+                Err(PushError::Failed(error)) => {
+                    return Err(SourceError::Push {
+                        url: crate::git_url::redact(&self.url),
+                        reason: error.message().to_string(),
+                    });
+                }
+            }
+        }
+        Err(SourceError::Push {
+            url: crate::git_url::redact(&self.url),
+            reason: format!(
+                "{} moved {PUSH_ATTEMPTS} times while the change was pushed",
+                self.branch
+            ),
+        })
+    }
+
+    /// Pushes `commit` to `branch` of the remote (or moves it in a local repository).
+    fn push(&self, repo: &Repository, commit: Oid, branch: &str) -> Result<(), PushError> {
         // Push the commit through a private ref, so no local branch is ever checked out or moved.
         let local = format!("refs/berth/push/{branch}");
-        repo.reference(&local, commit, true, "berth: status to push")
+        repo.reference(&local, commit, true, "berth: a commit to push")
             .map_err(PushError::Failed)?;
         if let Some(path) = &self.local {
-            return self.update_local_branch(path, &local, commit);
+            return self.update_local_branch(path, &local, commit, branch);
         }
         let mut remote = repo.find_remote(REMOTE).map_err(PushError::Failed)?;
         let rejection = std::cell::RefCell::new(None);
@@ -619,9 +713,15 @@ impl Source {
     /// Status into a local repository: its objects fetched from the clone, then its branch moved
     /// from the commit the status was built on to `commit`, only if it still points there (as a
     /// push would). A branch checked out in that repository's working tree is never moved.
-    fn update_local_branch(&self, path: &Path, from: &str, commit: Oid) -> Result<(), PushError> {
+    fn update_local_branch(
+        &self,
+        path: &Path,
+        from: &str,
+        commit: Oid,
+        branch: &str,
+    ) -> Result<(), PushError> {
         let target = Repository::open(path).map_err(PushError::Failed)?;
-        let branch = format!("refs/heads/{}", self.status.branch);
+        let branch = format!("refs/heads/{branch}");
         if !target.is_bare()
             && target
                 .head()
@@ -635,7 +735,7 @@ impl Source {
                 path.display()
             ))));
         }
-        let incoming = format!("refs/berth/incoming/{}", self.status.branch);
+        let incoming = "refs/berth/incoming/commit";
         let mut remote = target
             .remote_anonymous(&self.dir.to_string_lossy())
             .map_err(PushError::Failed)?;
@@ -643,7 +743,7 @@ impl Source {
             .fetch(&[format!("+{from}:{incoming}")], None, None)
             .map_err(PushError::Failed)?;
         let _ = target
-            .find_reference(&incoming)
+            .find_reference(incoming)
             .and_then(|mut r| r.delete());
         let parent = target
             .find_commit(commit)
@@ -666,6 +766,90 @@ impl Source {
             Err(error) => Err(PushError::Failed(error)),
         }
     }
+}
+
+/// What a console change to a descriptor's state did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// A commit was pushed to the followed branch: the next pass applies it.
+    Pushed {
+        /// The commit.
+        commit: String,
+        /// The followed branch.
+        branch: String,
+        /// The descriptor's file.
+        file: String,
+    },
+    /// The followed branch refused the push (a protected branch): the commit went to a branch
+    /// of its own, for a pull request.
+    ToSideBranch {
+        /// The commit.
+        commit: String,
+        /// The branch it went to.
+        branch: String,
+        /// What the followed branch's server said.
+        refused: String,
+        /// The descriptor's file.
+        file: String,
+    },
+    /// The descriptor already says so.
+    Unchanged,
+    /// It cannot be changed that way: why.
+    Refused(String),
+}
+
+/// Largest descriptor file the console changes.
+const MAX_EDITED_FILE: usize = 1024 * 1024;
+
+/// The YAML file of `tree` that declares `key`, with its text: the first, in path order, whose
+/// text names it and whose documents declare it (`.berth`, status, is not looked in).
+fn declaring_file(
+    repo: &Repository,
+    tree: &git2::Tree<'_>,
+    key: &crate::descriptor::ObjectRef,
+) -> Result<Option<(String, String)>, SourceError> {
+    let mut found = None;
+    let name = key.name.as_str();
+    tree.walk(git2::TreeWalkMode::PreOrder, |folder, entry| {
+        if folder.starts_with(".berth") || entry.name() == Some(".berth") {
+            return git2::TreeWalkResult::Skip;
+        }
+        let Some(file) = entry.name() else {
+            return git2::TreeWalkResult::Ok;
+        };
+        if entry.kind() != Some(ObjectType::Blob)
+            || !(file.ends_with(".yaml") || file.ends_with(".yml"))
+        {
+            return git2::TreeWalkResult::Ok;
+        }
+        let Ok(blob) = repo.find_blob(entry.id()) else {
+            return git2::TreeWalkResult::Ok;
+        };
+        if blob.size() > MAX_EDITED_FILE {
+            return git2::TreeWalkResult::Ok;
+        }
+        let Ok(text) = std::str::from_utf8(blob.content()) else {
+            return git2::TreeWalkResult::Ok;
+        };
+        if !text.contains(name) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let declared = crate::descriptor::yaml::parse(text, false)
+            .documents
+            .iter()
+            .any(|d| d.value["kind"] == key.kind.as_str() && d.value["metadata"]["name"] == name);
+        if declared {
+            found = Some((format!("{folder}{file}"), text.to_string()));
+            return git2::TreeWalkResult::Abort;
+        }
+        git2::TreeWalkResult::Ok
+    })
+    .or_else(|e| match found.is_some() {
+        // Abort is how the walk stops at the first match.
+        true => Ok(()),
+        false => Err(e),
+    })?;
+    Ok(found)
 }
 
 /// Packs the clone holds before they are written again as one.

@@ -40,8 +40,10 @@ use session::{
 use views::{Filters, ObjectRow};
 
 use crate::descriptor::Kind;
+use crate::descriptor::edit::WantedState;
 use crate::plan::Health;
 use crate::server::{Readiness, ServerState};
+use crate::source::Committed;
 use crate::status::{Phase, short_revision};
 
 /// What the console needs beyond the server's state.
@@ -52,7 +54,25 @@ pub struct Console {
     secure_cookies: bool,
     instance: String,
     web_url: Option<String>,
+    /// Where changes of desired state go: the agent commits them, between passes.
+    changes: Option<tokio::sync::mpsc::Sender<StateChange>>,
 }
+
+/// A change of one descriptor's state asked for in the console, for the agent to commit.
+#[derive(Debug)]
+pub struct StateChange {
+    /// The descriptor.
+    pub key: crate::descriptor::ObjectRef,
+    /// The state it is to have.
+    pub state: WantedState,
+    /// Who asked, for the commit's `Requested-by:` trailer.
+    pub requested_by: String,
+    /// Where the agent answers.
+    pub reply: tokio::sync::oneshot::Sender<Result<Committed, String>>,
+}
+
+/// How long a change waits for the agent (a pass in progress ends first).
+const CHANGE_WAIT: Duration = Duration::from_secs(120);
 
 impl Console {
     /// The console of an agent of `instance`, logged in to with `tokens`; its cookies `Secure`
@@ -72,7 +92,14 @@ impl Console {
             secure_cookies,
             instance: instance.to_string(),
             web_url,
+            changes: None,
         }
+    }
+
+    /// This console, sending changes of desired state to `changes`.
+    pub fn with_changes(mut self, changes: tokio::sync::mpsc::Sender<StateChange>) -> Console {
+        self.changes = Some(changes);
+        self
     }
 }
 
@@ -83,6 +110,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/objects/{kind}/{name}", get(object))
+        .route("/objects/{kind}/{name}/state", post(change_state))
         .route("/runs", get(runs))
         .route("/runs/{id}", get(run))
         .route("/runs/{id}/log", get(run_log))
@@ -440,6 +468,103 @@ async fn overview(
     page(&body, StatusCode::OK)
 }
 
+/// `POST /objects/{kind}/{name}/state` (`state=running|stopped|archived`): a commit on the
+/// followed branch that changes only the descriptor's `state:` line; the next pass applies it.
+async fn change_state(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path((kind, name)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let session = match operator(&state, &headers, &form) {
+        Ok(session) => session,
+        Err(refused) => return refused,
+    };
+    let back = format!("/objects/{kind}/{name}");
+    let key: Option<crate::descriptor::ObjectRef> = format!("{kind}/{name}").parse().ok();
+    let wanted = form
+        .get("state")
+        .and_then(|s| WantedState::from_name(s))
+        .zip(key)
+        .filter(|(wanted, key)| wanted.fits(key.kind));
+    let (Some((wanted, key)), Some(changes)) = (wanted, &state.console.changes) else {
+        return message(
+            &state,
+            Some(&session),
+            StatusCode::BAD_REQUEST,
+            "Refused",
+            "That state is not one this object can be given here.".into(),
+            &back,
+        );
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let change = StateChange {
+        key: key.clone(),
+        state: wanted,
+        requested_by: format!(
+            "the console's {} ({})",
+            session.role.as_str(),
+            state.console.instance
+        ),
+        reply,
+    };
+    if changes.try_send(change).is_err() {
+        return message(
+            &state,
+            Some(&session),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Busy",
+            "Too many changes are waiting for the agent; try again in a moment.".into(),
+            &back,
+        );
+    }
+    let said = match tokio::time::timeout(CHANGE_WAIT, answer).await {
+        Ok(Ok(said)) => said,
+        Ok(Err(_)) => Err("the agent stopped before it made the commit".into()),
+        Err(_) => Err(format!(
+            "the agent did not answer within {}s; the commit may still be made, see the repo",
+            CHANGE_WAIT.as_secs()
+        )),
+    };
+    let (code, heading, text) = match said {
+        Ok(Committed::Pushed {
+            commit,
+            branch,
+            file,
+        }) => (
+            StatusCode::OK,
+            "Committed",
+            format!(
+                "Commit {} on {branch} sets {key} to {} in {file}; the next pass applies it.",
+                short_revision(&commit),
+                wanted.as_str()
+            ),
+        ),
+        Ok(Committed::ToSideBranch {
+            commit,
+            branch,
+            refused,
+            file,
+        }) => (
+            StatusCode::ACCEPTED,
+            "Open a pull request",
+            format!(
+                "The followed branch refused the push ({refused}). Commit {} setting {key} to {} in {file} is on branch {branch}: open a pull request from it.",
+                short_revision(&commit),
+                wanted.as_str()
+            ),
+        ),
+        Ok(Committed::Unchanged) => (
+            StatusCode::OK,
+            "Unchanged",
+            format!("{key} already says {}.", wanted.as_str()),
+        ),
+        Ok(Committed::Refused(why)) => (StatusCode::CONFLICT, "Not committed", why),
+        Err(why) => (StatusCode::BAD_GATEWAY, "Not committed", why),
+    };
+    message(&state, Some(&session), code, heading, text, &back)
+}
+
 /// A pipeline run as the console lists it.
 struct RunRow {
     id: i64,
@@ -491,6 +616,8 @@ impl RunRow {
 struct ObjectPage {
     layout: Layout,
     row: ObjectRow,
+    /// The states the console can commit for it, each with its button's words.
+    states: Vec<(&'static str, &'static str)>,
     message: String,
     /// Each part: its id, state, health and the health's tone.
     parts: Vec<(String, &'static str, &'static str, &'static str)>,
@@ -530,9 +657,14 @@ async fn object(
             .collect(),
         _ => Vec::new(),
     };
+    let states = match (session.role.may_act(), state.console.changes.is_some()) {
+        (true, true) => views::state_buttons(found.kind, found.phase),
+        _ => Vec::new(),
+    };
     let body = ObjectPage {
         layout: Layout::of(&state, Some(&session)),
         row: ObjectRow::of(found),
+        states,
         message: found.message.clone(),
         parts: found
             .parts

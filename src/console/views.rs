@@ -115,6 +115,18 @@ pub fn choices<'a>(all: impl Iterator<Item = &'a str>, chosen: &str) -> Vec<(&'a
     all.map(|value| (value, value == chosen)).collect()
 }
 
+/// The state buttons an object's page offers, as (state, words): a Challenge stops or starts, a
+/// Staging is archived or restored; only the one that changes something.
+pub fn state_buttons(kind: Kind, phase: Option<Phase>) -> Vec<(&'static str, &'static str)> {
+    match (kind, phase) {
+        (Kind::Challenge, Some(Phase::Stopped)) => vec![("running", "Start")],
+        (Kind::Challenge, _) => vec![("stopped", "Stop")],
+        (Kind::Staging, Some(Phase::Archived)) => vec![("running", "Restore")],
+        (Kind::Staging, _) => vec![("archived", "Archive")],
+        (Kind::Pipeline, _) => Vec::new(),
+    }
+}
+
 /// A run's step as its page lists it: `build: exit code 0 in 2.5 s`, or killed.
 pub fn step_line(step: &crate::queue::StepRecord) -> String {
     let ended = match step.exit_code {

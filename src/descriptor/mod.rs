@@ -8,10 +8,12 @@
 //! - [`schema`]: generated schemas and validation messages;
 //! - [`load`]: walking a folder, every problem at once with file, line and column (and what was
 //!   skipped as plainly not berth's, as warnings);
-//! - [`manifests`]: a Staging's manifests or chart, rendered, with its Helm hooks told apart.
+//! - [`manifests`]: a Staging's manifests or chart, rendered, with its Helm hooks told apart;
+//! - [`edit`]: one descriptor's `spec.state` changed in its file, every other byte kept.
 //!
 //! Nothing here talks to an engine.
 
+pub mod edit;
 pub mod load;
 pub mod manifests;
 pub mod model;

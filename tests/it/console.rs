@@ -311,6 +311,71 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         browser.goto(&format!("{base}/runs")).await.unwrap();
         screenshot(&browser, "runs").await;
 
+        // The bad file goes again.
+        let fixed = origin.commit(&[("bad.yaml", None)], "the bad name goes");
+        agent.reconcile();
+        agent.wait_for("the fixed revision applied", || applied(&origin, &fixed));
+
+        // Stopping a challenge is a commit on the followed branch that adds only its state line,
+        // by the agent, naming who asked; the next pass applies it.
+        browser
+            .goto(&format!("{base}/objects/Challenge/web"))
+            .await
+            .unwrap();
+        browser
+            .find(Locator::Css("button[name=state][value=stopped]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until_page(&browser, "the change committed", Duration::from_secs(30), |text| {
+            text.contains("Committed") && text.contains("the next pass applies it")
+        })
+        .await;
+        screenshot(&browser, "committed").await;
+        let diff = origin.bare_git(&["show", "--format=%an <%ae>%n%B", "main"]);
+        assert!(diff.contains("Requested-by: the console's operator"), "{diff}");
+        let changed: Vec<&str> = diff
+            .lines()
+            .filter(|l| (l.starts_with('+') || l.starts_with('-')) && !l.starts_with("+++") && !l.starts_with("---"))
+            .collect();
+        assert_eq!(changed, ["+  state: stopped"], "{diff}");
+        browser.goto(&format!("{base}/")).await.unwrap();
+        until_page(&browser, "the challenge stopped", Duration::from_secs(60), |text| {
+            text.lines().any(|l| l.contains("web") && l.contains("Stopped"))
+        })
+        .await;
+
+        // A protected branch refuses the push: the commit goes to a branch of its own, and the
+        // console says to open a pull request.
+        let hook = origin.bare().join("hooks/pre-receive");
+        std::fs::write(
+            &hook,
+            "#!/bin/sh\nwhile read old new ref; do [ \"$ref\" = refs/heads/main ] && { echo 'main is protected' >&2; exit 1; }; done\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        browser
+            .goto(&format!("{base}/objects/Challenge/web"))
+            .await
+            .unwrap();
+        browser
+            .find(Locator::Css("button[name=state][value=running]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until_page(&browser, "the pull request asked for", Duration::from_secs(30), |text| {
+            text.contains("Open a pull request") && text.contains("berth/console/challenge-web-")
+        })
+        .await;
+        let branches = origin.bare_git(&["branch", "--list", "berth/console/*"]);
+        assert!(branches.contains("berth/console/challenge-web-"), "{branches}");
+        std::fs::remove_file(&hook).unwrap();
+
         // A viewer reads, has no buttons but logging out, and every action is refused.
         browser
             .find(Locator::Css("form.logout button"))
