@@ -330,7 +330,11 @@ pub async fn run(
                     &config.instance.to_string(),
                     config.repo.web_url.as_deref(),
                 )
-                .with_changes(changes_sender.clone()),
+                .with_changes(changes_sender.clone())
+                .with_history(
+                    source.workdir().to_path_buf(),
+                    source.status_target().clone(),
+                ),
             };
             let limits = crate::server::Limits::new(&config);
             if let Some(address) = config.http.health_listen {

@@ -742,9 +742,7 @@ impl Source {
         remote
             .fetch(&[format!("+{from}:{incoming}")], None, None)
             .map_err(PushError::Failed)?;
-        let _ = target
-            .find_reference(incoming)
-            .and_then(|mut r| r.delete());
+        let _ = target.find_reference(incoming).and_then(|mut r| r.delete());
         let parent = target
             .find_commit(commit)
             .map_err(PushError::Failed)?
@@ -850,6 +848,84 @@ fn declaring_file(
         false => Err(e),
     })?;
     Ok(found)
+}
+
+/// One status commit, as the console's history lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The commit.
+    pub commit: String,
+    /// When it was made (RFC 3339).
+    pub when: String,
+    /// Its subject: `berth: status of REVISION (RESULT)`.
+    pub subject: String,
+    /// The status files it changed, relative to the status tree: `status/challenge/web.yaml`.
+    pub changed: Vec<String>,
+    /// The phase `only` says at this commit, when a file was asked for.
+    pub phase: Option<String>,
+}
+
+/// The newest `limit` status commits of `branch` in the clone at `dir` (as last fetched or
+/// pushed), with the status files each changed under `folder`; only those that changed `only`
+/// when it is given. Reads the clone; never fetches.
+pub fn status_history(
+    dir: &Path,
+    target: &StatusTarget,
+    only: Option<&str>,
+    limit: usize,
+) -> Result<Vec<HistoryEntry>, SourceError> {
+    let repo = Repository::open(dir)?;
+    let Ok(tip) = repo.find_reference(&tracking_ref(&target.branch)) else {
+        return Ok(Vec::new());
+    };
+    let mut walk = repo.revwalk()?;
+    walk.push(tip.peel_to_commit()?.id())?;
+    let prefix = match target.folder.as_str() {
+        "" => String::new(),
+        folder => format!("{folder}/"),
+    };
+    let mut entries = Vec::new();
+    // Bounded: a long history with few changes of one object is not read to its root.
+    for id in walk.take(limit.saturating_mul(20)) {
+        let commit = repo.find_commit(id?)?;
+        let tree = commit.tree()?;
+        let parent = commit.parents().next().map(|p| p.tree()).transpose()?;
+        let diff = repo.diff_tree_to_tree(parent.as_ref(), Some(&tree), None)?;
+        let changed: Vec<String> = diff
+            .deltas()
+            .filter_map(|d| d.new_file().path().or(d.old_file().path()))
+            .filter_map(|p| p.to_str()?.strip_prefix(&prefix).map(str::to_string))
+            .filter(|p| p.starts_with("status/"))
+            .collect();
+        if changed.is_empty() || only.is_some_and(|file| !changed.iter().any(|c| c == file)) {
+            continue;
+        }
+        let phase = only.and_then(|file| {
+            let blob = tree
+                .get_path(Path::new(&format!("{prefix}{file}")))
+                .ok()?
+                .to_object(&repo)
+                .ok()?
+                .peel_to_blob()
+                .ok()?;
+            let text = std::str::from_utf8(blob.content()).ok()?;
+            let phase = text.lines().find_map(|l| l.strip_prefix("phase: "))?;
+            Some(phase.trim().to_string())
+        });
+        entries.push(HistoryEntry {
+            commit: commit.id().to_string(),
+            when: chrono::DateTime::from_timestamp(commit.time().seconds(), 0)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            subject: commit.summary().unwrap_or_default().to_string(),
+            changed,
+            phase,
+        });
+        if entries.len() >= limit {
+            break;
+        }
+    }
+    Ok(entries)
 }
 
 /// Packs the clone holds before they are written again as one.

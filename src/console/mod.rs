@@ -56,6 +56,8 @@ pub struct Console {
     web_url: Option<String>,
     /// Where changes of desired state go: the agent commits them, between passes.
     changes: Option<tokio::sync::mpsc::Sender<StateChange>>,
+    /// The agent's clone and where status is committed in it, for the history.
+    history: Option<(std::path::PathBuf, crate::source::StatusTarget)>,
 }
 
 /// A change of one descriptor's state asked for in the console, for the agent to commit.
@@ -93,7 +95,18 @@ impl Console {
             instance: instance.to_string(),
             web_url,
             changes: None,
+            history: None,
         }
+    }
+
+    /// This console, reading the history of status from the clone at `dir`.
+    pub fn with_history(
+        mut self,
+        dir: std::path::PathBuf,
+        target: crate::source::StatusTarget,
+    ) -> Console {
+        self.history = Some((dir, target));
+        self
     }
 
     /// This console, sending changes of desired state to `changes`.
@@ -111,6 +124,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/logout", post(logout))
         .route("/objects/{kind}/{name}", get(object))
         .route("/objects/{kind}/{name}/state", post(change_state))
+        .route("/history", get(history))
         .route("/runs", get(runs))
         .route("/runs/{id}", get(run))
         .route("/runs/{id}/log", get(run_log))
@@ -565,6 +579,49 @@ async fn change_state(
     message(&state, Some(&session), code, heading, text, &back)
 }
 
+/// Status commits a page lists at most: the history page, and an object's phases.
+const HISTORY: usize = 100;
+const OBJECT_HISTORY: usize = 20;
+
+/// Status commits from the agent's clone, newest first (those that changed `only`, when given).
+async fn read_history(
+    state: &ServerState,
+    only: Option<String>,
+    limit: usize,
+) -> Vec<crate::source::HistoryEntry> {
+    let Some((dir, target)) = state.console.history.clone() else {
+        return Vec::new();
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        crate::source::status_history(&dir, &target, only.as_deref(), limit)
+    })
+    .await;
+    match read {
+        Ok(Ok(entries)) => entries,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the status history could not be read");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/history.html")]
+struct HistoryPage {
+    layout: Layout,
+    entries: Vec<crate::source::HistoryEntry>,
+}
+
+/// The status branch's log: what changed, when, at which revision; an audit trail in git.
+async fn history(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+    let body = HistoryPage {
+        layout: Layout::of(&state, Some(&session)),
+        entries: read_history(&state, None, HISTORY).await,
+    };
+    page(&body, StatusCode::OK)
+}
+
 /// A pipeline run as the console lists it.
 struct RunRow {
     id: i64,
@@ -616,6 +673,8 @@ impl RunRow {
 struct ObjectPage {
     layout: Layout,
     row: ObjectRow,
+    /// Its phases as status recorded them, newest first.
+    phases: Vec<crate::source::HistoryEntry>,
     /// The states the console can commit for it, each with its button's words.
     states: Vec<(&'static str, &'static str)>,
     message: String,
@@ -661,9 +720,11 @@ async fn object(
         (true, true) => views::state_buttons(found.kind, found.phase),
         _ => Vec::new(),
     };
+    let file = crate::status::object_path(found.kind, &found.name);
     let body = ObjectPage {
         layout: Layout::of(&state, Some(&session)),
         row: ObjectRow::of(found),
+        phases: read_history(&state, Some(file), OBJECT_HISTORY).await,
         states,
         message: found.message.clone(),
         parts: found

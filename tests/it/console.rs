@@ -347,6 +347,22 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         })
         .await;
 
+        // The object's phases, and the whole history, come from the status branch's log.
+        browser
+            .goto(&format!("{base}/objects/Challenge/web"))
+            .await
+            .unwrap();
+        until_page(&browser, "the phase history", Duration::from_secs(20), |text| {
+            text.contains("Phase history") && text.contains("Stopped") && text.contains("Running")
+        })
+        .await;
+        browser.goto(&format!("{base}/history")).await.unwrap();
+        until_page(&browser, "the status log", Duration::from_secs(5), |text| {
+            text.contains("berth: status of") && text.contains("status/challenge/web.yaml")
+        })
+        .await;
+        screenshot(&browser, "history").await;
+
         // A protected branch refuses the push: the commit goes to a branch of its own, and the
         // console says to open a pull request.
         let hook = origin.bare().join("hooks/pre-receive");
