@@ -26,7 +26,10 @@
     const events = new EventSource("/console/events");
     events.addEventListener("pass", (event) => {
       say("pass " + event.data + ": updated " + new Date().toLocaleTimeString());
-      refresh().catch(() => {});
+      // A run's page changes with its run, not with passes: it is fetched again when the run ends.
+      if (!document.querySelector("pre.log")) {
+        refresh().catch(() => {});
+      }
     });
     events.onerror = () => say("live updates paused; retrying");
   }

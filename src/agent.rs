@@ -433,7 +433,12 @@ pub async fn run(
     loop {
         let batch = tokio::select! {
             Some(change) = changes.recv() => {
-                agent.commit_change(change, leading).await;
+                // The Lease itself says whether this agent still leads, as before a pass.
+                let leads = leading && leadership.confirm().await;
+                tokio::select! {
+                    () = agent.commit_change(change, leads) => {}
+                    () = stop() => break,
+                }
                 continue;
             }
             batch = triggers.next_batch() => batch,
@@ -584,10 +589,13 @@ impl Agent {
         }
         let source = self.source.clone();
         let side_branch = format!(
-            "berth/console/{}-{}-{}",
+            "berth/console/{}-{}-{}-{}",
             key.kind.as_str().to_ascii_lowercase(),
             key.name,
-            chrono::Utc::now().format("%Y%m%d%H%M%S")
+            chrono::Utc::now().format("%Y%m%d%H%M%S"),
+            crate::backend::random_bytes()
+                .map(|b| hex::encode(&b[..3]))
+                .unwrap_or_default()
         );
         let (committing, to) = (key.clone(), side_branch.clone());
         let committed =

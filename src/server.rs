@@ -285,7 +285,16 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         }))
         .with_state(app.clone())
         .merge(spawning)
-        .merge(crate::console::router(app.server))
+        .merge(
+            // The console's forms are small, and held to the same body timeout as the API.
+            crate::console::router(app.server)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::console::MAX_FORM,
+                ))
+                .layer(middleware::from_fn(move |request: Request, next: Next| {
+                    answer_within(body_timeout, request, next)
+                })),
+        )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, holding clients to `limits`; then stops

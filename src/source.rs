@@ -605,7 +605,7 @@ impl Source {
                 .find_reference(&tracking_ref(&self.branch))?
                 .peel_to_commit()?;
             let tree = tip.tree()?;
-            let Some((file, text)) = declaring_file(&repo, &tree, key)? else {
+            let Some((file, text, mode)) = declaring_file(&repo, &tree, key)? else {
                 return Ok(Committed::Refused(format!(
                     "no file on {} declares {key}",
                     self.branch
@@ -620,7 +620,12 @@ impl Source {
             }
             let blob = repo.blob(changed.as_bytes())?;
             let mut update = TreeUpdateBuilder::new();
-            update.upsert(file.as_str(), blob, FileMode::Blob);
+            // The file keeps its mode (an executable bit stays).
+            let mode = match mode == i32::from(FileMode::BlobExecutable) {
+                true => FileMode::BlobExecutable,
+                false => FileMode::Blob,
+            };
+            update.upsert(file.as_str(), blob, mode);
             let new_tree = repo.find_tree(update.create_updated(&repo, &tree)?)?;
             let commit = repo.commit(None, &signature, &signature, &message, &new_tree, &[&tip])?;
             match self.push(&repo, commit, &self.branch) {
@@ -799,24 +804,27 @@ pub enum Committed {
 /// Largest descriptor file the console changes.
 const MAX_EDITED_FILE: usize = 1024 * 1024;
 
-/// The YAML file of `tree` that declares `key`, with its text: the first, in path order, whose
-/// text names it and whose documents declare it (`.berth`, status, is not looked in).
+/// The one YAML file of `tree` that declares `key`, with its text and mode, as the loader reads
+/// a repo: hidden files and folders (`.berth`, status) are not looked in, nor files over
+/// [`MAX_EDITED_FILE`]. `Err` with the reason when two files declare it.
 fn declaring_file(
     repo: &Repository,
     tree: &git2::Tree<'_>,
     key: &crate::descriptor::ObjectRef,
-) -> Result<Option<(String, String)>, SourceError> {
-    let mut found = None;
+) -> Result<Option<(String, String, i32)>, SourceError> {
+    let mut found = Vec::new();
     let name = key.name.as_str();
     tree.walk(git2::TreeWalkMode::PreOrder, |folder, entry| {
-        if folder.starts_with(".berth") || entry.name() == Some(".berth") {
+        let Some(file) = entry.name() else {
+            return git2::TreeWalkResult::Skip;
+        };
+        if file.starts_with('.') {
             return git2::TreeWalkResult::Skip;
         }
-        let Some(file) = entry.name() else {
-            return git2::TreeWalkResult::Ok;
-        };
+        let lower = file.to_ascii_lowercase();
         if entry.kind() != Some(ObjectType::Blob)
-            || !(file.ends_with(".yaml") || file.ends_with(".yml"))
+            || entry.filemode() == i32::from(FileMode::Link)
+            || !(lower.ends_with(".yaml") || lower.ends_with(".yml"))
         {
             return git2::TreeWalkResult::Ok;
         }
@@ -837,17 +845,21 @@ fn declaring_file(
             .iter()
             .any(|d| d.value["kind"] == key.kind.as_str() && d.value["metadata"]["name"] == name);
         if declared {
-            found = Some((format!("{folder}{file}"), text.to_string()));
-            return git2::TreeWalkResult::Abort;
+            found.push((
+                format!("{folder}{file}"),
+                text.to_string(),
+                entry.filemode(),
+            ));
         }
         git2::TreeWalkResult::Ok
-    })
-    .or_else(|e| match found.is_some() {
-        // Abort is how the walk stops at the first match.
-        true => Ok(()),
-        false => Err(e),
     })?;
-    Ok(found)
+    match found.len() {
+        0 | 1 => Ok(found.pop()),
+        _ => Err(SourceError::Local(format!(
+            "{key} is declared in {} and {}; change it by hand",
+            found[0].0, found[1].0
+        ))),
+    }
 }
 
 /// One status commit, as the console's history lists it.

@@ -34,8 +34,8 @@ use futures_util::Stream;
 
 pub use session::Tokens;
 use session::{
-    LOGIN_COOKIE, SESSION_COOKIE, SESSION_LIFETIME, Session, Sessions, cookie, csrf_matches,
-    random_token, set_cookie,
+    SESSION_LIFETIME, Session, Sessions, cookie, csrf_matches, login_cookie, random_token,
+    session_cookie, set_cookie,
 };
 use views::{Filters, ObjectRow};
 
@@ -58,6 +58,8 @@ pub struct Console {
     changes: Option<tokio::sync::mpsc::Sender<StateChange>>,
     /// The agent's clone and where status is committed in it, for the history.
     history: Option<(std::path::PathBuf, crate::source::StatusTarget)>,
+    /// Slots of pages following events.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// A change of one descriptor's state asked for in the console, for the agent to commit.
@@ -72,6 +74,13 @@ pub struct StateChange {
     /// Where the agent answers.
     pub reply: tokio::sync::oneshot::Sender<Result<Committed, String>>,
 }
+
+/// Largest form the console takes, in bytes.
+pub const MAX_FORM: usize = 16 * 1024;
+/// Most pages following events at once; more get 503 (each holds a connection slot).
+const MAX_EVENT_STREAMS: usize = 64;
+/// The most of a run's log its page shows inline: its tail (the whole is followed or fetched).
+const LOG_TAIL: u64 = 256 * 1024;
 
 /// How long a change waits for the agent (a pass in progress ends first).
 const CHANGE_WAIT: Duration = Duration::from_secs(120);
@@ -96,6 +105,7 @@ impl Console {
             web_url,
             changes: None,
             history: None,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
         }
     }
 
@@ -166,15 +176,25 @@ struct Layout {
     signed_in: bool,
     role: &'static str,
     csrf: String,
+    /// What makes this agent's pages not the live truth: standing by, or its passes failing.
+    notice: Option<String>,
 }
 
 impl Layout {
     fn of(state: &ServerState, session: Option<&Session>) -> Layout {
+        let notice = match &*state.shared.readiness.read().expect("lock") {
+            Readiness::Standby(why) => Some(format!(
+                "This agent stands by ({why}): it applies nothing, and what it shows is as of its last pass; the leader's console is live."
+            )),
+            Readiness::Degraded(why) => Some(format!("The last pass did not finish: {why}")),
+            _ => None,
+        };
         Layout {
             instance: state.console.instance.clone(),
             signed_in: session.is_some(),
             role: session.map_or("", |s| s.role.as_str()),
             csrf: session.map(|s| s.csrf.clone()).unwrap_or_default(),
+            notice: session.and(notice),
         }
     }
 }
@@ -222,7 +242,7 @@ fn message(
 /// The session the request's cookie names, if it is live.
 fn session_of(state: &ServerState, headers: &HeaderMap) -> Option<(String, Session)> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
-    let id = cookie(cookies, SESSION_COOKIE)?;
+    let id = cookie(cookies, session_cookie(state.console.secure_cookies))?;
     let session = state.console.sessions.get(id)?;
     Some((id.to_string(), session))
 }
@@ -316,7 +336,7 @@ fn login_form(state: &ServerState, error: Option<String>) -> Response {
         code,
     );
     let set = set_cookie(
-        LOGIN_COOKIE,
+        login_cookie(state.console.secure_cookies),
         &csrf,
         Duration::from_secs(3600),
         state.console.secure_cookies,
@@ -339,7 +359,7 @@ async fn login(
     let expected = headers
         .get(header::COOKIE)
         .and_then(|c| c.to_str().ok())
-        .and_then(|c| cookie(c, LOGIN_COOKIE))
+        .and_then(|c| cookie(c, login_cookie(state.console.secure_cookies)))
         .unwrap_or_default();
     let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
     let fresh = !sent.is_empty()
@@ -362,8 +382,8 @@ async fn login(
     let secure = state.console.secure_cookies;
     let mut response = Redirect::to("/").into_response();
     for set in [
-        set_cookie(SESSION_COOKIE, &id, SESSION_LIFETIME, secure),
-        set_cookie(LOGIN_COOKIE, "", Duration::ZERO, secure),
+        set_cookie(session_cookie(secure), &id, SESSION_LIFETIME, secure),
+        set_cookie(login_cookie(secure), "", Duration::ZERO, secure),
     ] {
         if let Ok(value) = HeaderValue::from_str(&set) {
             response.headers_mut().append(header::SET_COOKIE, value);
@@ -377,17 +397,20 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Some((id, session)) = session_of(&state, &headers)
-        && csrf_matches(
-            &session,
-            form.get("csrf").map(String::as_str).unwrap_or_default(),
-        )
-    {
-        state.console.sessions.close(&id);
+    // Only the session's own form logs it out: another site cannot.
+    let Some((id, session)) = session_of(&state, &headers) else {
+        return Redirect::to("/login").into_response();
+    };
+    if !csrf_matches(
+        &session,
+        form.get("csrf").map(String::as_str).unwrap_or_default(),
+    ) {
+        return Redirect::to("/").into_response();
     }
+    state.console.sessions.close(&id);
     let mut response = Redirect::to("/login").into_response();
     let set = set_cookie(
-        SESSION_COOKIE,
+        session_cookie(state.console.secure_cookies),
         "",
         Duration::ZERO,
         state.console.secure_cookies,
@@ -445,7 +468,8 @@ async fn overview(
             link: match (&state.console.web_url, &agent.last_attempted_revision) {
                 (Some(web), Some(revision)) => Some(format!(
                     "{web}/blob/{revision}/{}#L{}",
-                    problem.file, problem.line
+                    url_path(&problem.file),
+                    problem.line
                 )),
                 _ => None,
             },
@@ -795,8 +819,9 @@ async fn run(
             "/runs",
         );
     };
-    let log = std::fs::read(pipelines.log_path(id))
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    let path = pipelines.log_path(id);
+    let log = tokio::task::spawn_blocking(move || log_tail(&path))
+        .await
         .unwrap_or_default();
     let body = RunPage {
         layout: Layout::of(&state, Some(&session)),
@@ -912,7 +937,16 @@ async fn instances(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let challenge = query.get("challenge").map(String::as_str);
+    let standby = matches!(
+        &*state.shared.readiness.read().expect("lock"),
+        Readiness::Standby(_)
+    );
     let (listed, unavailable) = match &state.instances {
+        // The leader's store holds the instances; a standby's is not the one in use.
+        _ if standby => (
+            Vec::new(),
+            Some("This agent stands by: the leader's console lists the instances.".into()),
+        ),
         Some(instances) => match instances.list(challenge, None) {
             Ok(listed) => (listed, None),
             Err(error) => (Vec::new(), Some(error.to_string())),
@@ -932,11 +966,15 @@ async fn instances(
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            endpoints: view
-                .endpoints
-                .iter()
-                .map(|e| format!("{}:{}/{}", e.host, e.port, e.protocol))
-                .collect(),
+            // Where a team's instance answers is for staff who act on it, not every reader.
+            endpoints: match session.role.may_act() {
+                true => view
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{}:{}/{}", e.host, e.port, e.protocol))
+                    .collect(),
+                false => Vec::new(),
+            },
             expires: view.expires_at.unwrap_or_default(),
         })
         .collect();
@@ -984,23 +1022,50 @@ async fn kill_instance(
 }
 
 /// Server-sent events: `pass` with the revision and result, as each pass's status is published.
-async fn events(State(state): State<ServerState>, _: SignedIn) -> Response {
+async fn events(State(state): State<ServerState>, headers: HeaderMap) -> Response {
+    let Some((id, _)) = session_of(&state, &headers) else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let Ok(slot) = Arc::clone(&state.console.streams).try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "30")],
+            "too many pages follow events already\n",
+        )
+            .into_response();
+    };
     let passes = state.shared.passes.subscribe();
-    let shared = Arc::clone(&state.shared);
-    let stream = pass_events(passes, shared);
+    let following = Following {
+        shared: Arc::clone(&state.shared),
+        sessions: state.console.sessions.clone(),
+        session: id,
+        _slot: slot,
+    };
+    let stream = pass_events(passes, following);
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
+/// What a page following events holds: its slot, and the session it must still have.
+struct Following {
+    shared: Arc<crate::server::Shared>,
+    sessions: Sessions,
+    session: String,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A `pass` event as each status is published, for as long as the session lives.
 fn pass_events(
     passes: tokio::sync::watch::Receiver<u64>,
-    shared: Arc<crate::server::Shared>,
+    following: Following,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures_util::stream::unfold((passes, shared), |(mut passes, shared)| async move {
+    futures_util::stream::unfold((passes, following), |(mut passes, following)| async move {
         passes.changed().await.ok()?;
+        // Logged out or expired: the stream ends, and its slot is freed.
+        following.sessions.get(&following.session)?;
         let data = {
-            let status = shared.status.read().expect("lock");
+            let status = following.shared.status.read().expect("lock");
             let revision = status
                 .agent
                 .last_attempted_revision
@@ -1013,9 +1078,48 @@ fn pass_events(
         };
         Some((
             Ok(Event::default().event("pass").data(data)),
-            (passes, shared),
+            (passes, following),
         ))
     })
+}
+
+/// The tail of a run's log, at most [`LOG_TAIL`] bytes, from the start of a line.
+fn log_tail(path: &std::path::Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let length = file.metadata().map_or(0, |m| m.len());
+    let skipped = length.saturating_sub(LOG_TAIL);
+    if file.seek(SeekFrom::Start(skipped)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(LOG_TAIL).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    match skipped {
+        0 => text.into_owned(),
+        _ => {
+            let from_line = text.find('\n').map_or(0, |i| i + 1);
+            format!(
+                "[berth: the first {skipped} bytes are left out here; the whole log is at /runs/ID/log]\n{}",
+                &text[from_line..]
+            )
+        }
+    }
+}
+
+/// A repo path as it goes into a URL: each segment percent-encoded, the slashes kept.
+fn url_path(path: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    path.split('/')
+        .map(|segment| percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 async fn stylesheet() -> Response {

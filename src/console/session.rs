@@ -17,10 +17,22 @@ use crate::config::Secret;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
 /// Most sessions kept at once.
 pub const MAX_SESSIONS: usize = 1024;
-/// The session cookie's name.
-pub const SESSION_COOKIE: &str = "berth_session";
-/// The login form's CSRF cookie's name.
-pub const LOGIN_COOKIE: &str = "berth_login";
+/// The session cookie's name; `__Host-` first when cookies are `Secure`, so no other service on
+/// the host (a challenge's port) can set one in its place.
+pub fn session_cookie(secure: bool) -> &'static str {
+    match secure {
+        true => "__Host-berth_session",
+        false => "berth_session",
+    }
+}
+
+/// The login form's CSRF cookie's name, prefixed as [`session_cookie`] is.
+pub fn login_cookie(secure: bool) -> &'static str {
+    match secure {
+        true => "__Host-berth_login",
+        false => "berth_login",
+    }
+}
 
 /// What a session may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +136,10 @@ impl Sessions {
         let mut live = self.live.lock().expect("sessions");
         live.retain(|_, s| s.made.elapsed() < SESSION_LIFETIME);
         while live.len() >= MAX_SESSIONS {
+            // Viewers' logins push out viewers first: a flood of them never logs an operator out.
             let oldest = live
                 .iter()
-                .min_by_key(|(_, s)| s.made)
+                .min_by_key(|(_, s)| (s.role == Role::Operator, s.made))
                 .map(|(id, _)| id.clone());
             match oldest {
                 Some(oldest) => live.remove(&oldest),
@@ -211,11 +224,16 @@ mod tests {
         assert!(csrf_matches(&session, &session.csrf));
         assert!(!csrf_matches(&session, ""));
         assert!(!csrf_matches(&session, &first));
+        let (operator, _) = sessions.open(Role::Operator).unwrap();
         for _ in 0..MAX_SESSIONS {
-            sessions.open(Role::Operator).unwrap();
+            sessions.open(Role::Viewer).unwrap();
         }
         assert_eq!(sessions.live.lock().unwrap().len(), MAX_SESSIONS);
         assert!(sessions.get(&first).is_none(), "the oldest was pushed out");
+        assert!(
+            sessions.get(&operator).is_some(),
+            "viewers pushed out an operator"
+        );
         let (id, _) = sessions.open(Role::Operator).unwrap();
         assert_eq!(sessions.get(&id).unwrap().role, Role::Operator);
         sessions.close(&id);
@@ -225,14 +243,14 @@ mod tests {
     #[test]
     fn cookies_are_read_by_name_and_set_strict() {
         assert_eq!(
-            cookie("a=1; berth_session=xyz; b=2", SESSION_COOKIE),
+            cookie("a=1; berth_session=xyz; b=2", session_cookie(false)),
             Some("xyz")
         );
-        assert_eq!(cookie("xberth_session=1", SESSION_COOKIE), None);
-        let set = set_cookie(SESSION_COOKIE, "v", SESSION_LIFETIME, true);
+        assert_eq!(cookie("xberth_session=1", session_cookie(false)), None);
+        let set = set_cookie(session_cookie(true), "v", SESSION_LIFETIME, true);
         assert_eq!(
             set,
-            "berth_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200; Secure"
+            "__Host-berth_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200; Secure"
         );
     }
 }

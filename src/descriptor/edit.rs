@@ -162,8 +162,13 @@ fn add_state(text: &str, at: Position, value: &str) -> Result<String, String> {
     if !indent.chars().all(|c| c == ' ') {
         return Err("the spec's first key does not start its line".into());
     }
+    // The file's own line ends.
+    let end = match text.contains("\r\n") {
+        true => "\r\n",
+        false => "\n",
+    };
     Ok(format!(
-        "{}{indent}state: {value}\n{}",
+        "{}{indent}state: {value}{end}{}",
         &text[..line_start],
         &text[line_start..]
     ))
@@ -205,6 +210,16 @@ mod tests {
                 "spec: {namespace: other}",
                 "spec: {state: archived, namespace: other}"
             )
+        );
+    }
+
+    #[test]
+    fn an_added_line_ends_as_the_files_lines_do() {
+        let text = "kind: Challenge\r\nmetadata: {name: web}\r\nspec:\r\n  image: web:1\r\n";
+        let changed = set_state(text, &key("Challenge/web"), WantedState::Stopped).unwrap();
+        assert_eq!(
+            changed,
+            "kind: Challenge\r\nmetadata: {name: web}\r\nspec:\r\n  state: stopped\r\n  image: web:1\r\n"
         );
     }
 
