@@ -77,8 +77,9 @@ pub struct StateChange {
 
 /// Largest form the console takes, in bytes.
 pub const MAX_FORM: usize = 16 * 1024;
-/// Most pages following events at once; more get 503 (each holds a connection slot).
-const MAX_EVENT_STREAMS: usize = 64;
+/// Most pages following events at once; more get 503. Each holds one of the connection slots
+/// (256 by default), so half stay for everything else.
+const MAX_EVENT_STREAMS: usize = 128;
 /// The most of a run's log its page shows inline: its tail (the whole is followed or fetched).
 const LOG_TAIL: u64 = 256 * 1024;
 
