@@ -23,8 +23,12 @@ use crate::descriptor::model::RunState;
 use crate::metrics::Metrics;
 use crate::status::InstanceCounts;
 
-/// Most containers made at once for spawns; more wait their turn.
-const SPAWNS_AT_ONCE: usize = 8;
+/// Most containers made at once for spawns on the Docker Engine, where the agent's own calls
+/// make each one; more wait their turn.
+const DOCKER_SPAWNS_AT_ONCE: usize = 8;
+/// Most pods made at once for spawns on a cluster: the agent's part is a few API calls and a wait
+/// while the nodes start them, so more go at once.
+const KUBE_SPAWNS_AT_ONCE: usize = 32;
 /// Seconds a client is told to wait when a challenge is full.
 pub const RETRY_AFTER_FULL: u64 = 30;
 
@@ -164,7 +168,9 @@ pub(super) struct Inner {
     pub(super) leading: AtomicBool,
     /// Wakes the background work early (a claim to refill, a new revision).
     pub(super) work: Notify,
-    spawning: Semaphore,
+    /// Turns for spawns, per engine.
+    spawning_docker: Semaphore,
+    spawning_kube: Semaphore,
     /// Replacements that failed, by instance and version: not tried again for that version.
     pub(super) failed_rolls: Mutex<HashSet<(String, String)>>,
 }
@@ -275,7 +281,8 @@ impl Instances {
                 started_ms: now_ms(),
                 leading: AtomicBool::new(false),
                 work: Notify::new(),
-                spawning: Semaphore::new(SPAWNS_AT_ONCE),
+                spawning_docker: Semaphore::new(DOCKER_SPAWNS_AT_ONCE),
+                spawning_kube: Semaphore::new(KUBE_SPAWNS_AT_ONCE),
                 failed_rolls: Default::default(),
             }),
         })
@@ -504,7 +511,11 @@ impl Instances {
                 Ok((self.view(&instance), true))
             }
             Admitted::New(instance) => {
-                let _turn = self.inner.spawning.acquire().await.expect("never closed");
+                let turns = match template.engine() {
+                    crate::descriptor::model::Engine::Docker => &self.inner.spawning_docker,
+                    crate::descriptor::model::Engine::Kubernetes => &self.inner.spawning_kube,
+                };
+                let _turn = turns.acquire().await.expect("never closed");
                 let new = NewInstance {
                     id: &instance.id,
                     host_ports: &instance.host_ports,
