@@ -105,10 +105,15 @@ async fn log_in(browser: &Client, base: &str, token: &str) {
         .send_keys(token)
         .await
         .unwrap();
+    click(browser, "form.login button").await;
+}
+
+/// Clicks the element `css` finds.
+async fn click(browser: &Client, css: &str) {
     browser
-        .find(Locator::Css("form.login button"))
+        .find(Locator::Css(css))
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
         .click()
         .await
         .unwrap();
@@ -254,10 +259,7 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         screenshot(&browser, "rejected").await;
 
         // An object's page.
-        browser
-            .goto(&format!("{base}/objects/Challenge/web"))
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
         until_page(&browser, "the object's page", Duration::from_secs(5), |text| {
             text.contains("Challenge/web") && text.contains("Parts")
         })
@@ -268,17 +270,8 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
 
         // A pipeline run asked for with its button, and its log followed as it is written, with
         // no reload; markup in the log is text.
-        browser
-            .goto(&format!("{base}/objects/Pipeline/ticks"))
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("form.action button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Pipeline/ticks")).await.unwrap();
+        click(&browser, "form.action button").await;
         until_page(&browser, "the run's page", Duration::from_secs(10), |text| {
             text.contains("Run #") && text.contains("tick-1")
         })
@@ -318,17 +311,8 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
 
         // Stopping a challenge is a commit on the followed branch that adds only its state line,
         // by the agent, naming who asked; the next pass applies it.
-        browser
-            .goto(&format!("{base}/objects/Challenge/web"))
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("button[name=state][value=stopped]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
+        click(&browser, "button[name=state][value=stopped]").await;
         until_page(&browser, "the change committed", Duration::from_secs(30), |text| {
             text.contains("Committed") && text.contains("the next pass applies it")
         })
@@ -348,10 +332,7 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         .await;
 
         // The object's phases, and the whole history, come from the status branch's log.
-        browser
-            .goto(&format!("{base}/objects/Challenge/web"))
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
         until_page(&browser, "the phase history", Duration::from_secs(20), |text| {
             text.contains("Phase history") && text.contains("Stopped") && text.contains("Running")
         })
@@ -373,17 +354,8 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         .unwrap();
         std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        browser
-            .goto(&format!("{base}/objects/Challenge/web"))
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("button[name=state][value=running]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
+        click(&browser, "button[name=state][value=running]").await;
         until_page(&browser, "the pull request asked for", Duration::from_secs(30), |text| {
             text.contains("Open a pull request") && text.contains("berth/console/challenge-web-")
         })
@@ -393,13 +365,7 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
         std::fs::remove_file(&hook).unwrap();
 
         // A viewer reads, has no buttons but logging out, and every action is refused.
-        browser
-            .find(Locator::Css("form.logout button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&browser, "form.logout button").await;
         log_in(&browser, &base, VIEWER_TOKEN).await;
         until_page(&browser, "the viewer's overview", Duration::from_secs(5), |text| {
             text.contains("second")
@@ -413,10 +379,7 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
             .await
             .unwrap();
         assert_eq!(role, "signed in as viewer");
-        browser
-            .goto(&format!("{base}/objects/Challenge/web"))
-            .await
-            .unwrap();
+        browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
         let buttons = browser.find_all(Locator::Css("main button")).await.unwrap();
         assert!(buttons.is_empty(), "a viewer is shown buttons");
         let refused = browser
