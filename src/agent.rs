@@ -603,7 +603,7 @@ impl Agent {
         match &committed {
             Ok(crate::source::Committed::Pushed { commit, .. }) => {
                 tracing::info!(object = %key, state = state.as_str(), %commit, "the console's change committed; a pass applies it");
-                self.sender.send(Trigger::Api);
+                self.sender.send(Trigger::ConsoleCommit);
             }
             Ok(crate::source::Committed::ToSideBranch {
                 commit, refused, ..

@@ -897,12 +897,18 @@ pub fn status_history(
         folder => format!("{folder}/"),
     };
     let mut entries = Vec::new();
+    // Only the status files (or the one asked for) are compared: the rest of each tree is skipped.
+    let mut options = git2::DiffOptions::new();
+    options.pathspec(match only {
+        Some(file) => format!("{prefix}{file}"),
+        None => format!("{prefix}status/"),
+    });
     // Bounded: a long history with few changes of one object is not read to its root.
     for id in walk.take(limit.saturating_mul(20)) {
         let commit = repo.find_commit(id?)?;
         let tree = commit.tree()?;
         let parent = commit.parents().next().map(|p| p.tree()).transpose()?;
-        let diff = repo.diff_tree_to_tree(parent.as_ref(), Some(&tree), None)?;
+        let diff = repo.diff_tree_to_tree(parent.as_ref(), Some(&tree), Some(&mut options))?;
         let changed: Vec<String> = diff
             .deltas()
             .filter_map(|d| d.new_file().path().or(d.old_file().path()))

@@ -26,6 +26,8 @@ pub enum Trigger {
     FileChange,
     /// `POST /api/v1/reconcile`.
     Api,
+    /// The console committed a change of desired state to the followed branch.
+    ConsoleCommit,
     /// A retry after a transient failure.
     Retry,
     /// A check of objects still settling (a rollout, a health check not yet passed): the agent
@@ -46,6 +48,7 @@ impl Trigger {
             Trigger::Webhook { .. } => "webhook",
             Trigger::FileChange => "file-change",
             Trigger::Api => "api",
+            Trigger::ConsoleCommit => "console-commit",
             Trigger::Retry => "retry",
             Trigger::Recheck => "recheck",
             Trigger::RunEnded => "run-ended",

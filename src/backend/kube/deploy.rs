@@ -22,9 +22,7 @@ use super::{
     secret_resource,
 };
 use crate::apply::Outcome;
-use crate::backend::{
-    EngineError, LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH,
-};
+use crate::backend::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState};
 
@@ -140,8 +138,7 @@ impl KubeBackend {
                 let Ok(challenge) = owner.parse() else {
                     continue;
                 };
-                // A team's instance is the instance manager's, not a part of its challenge.
-                if !applied_by_berth(&item.metadata) || labels.contains_key(LABEL_INSTANCE_ID) {
+                if !applied_by_berth(&item.metadata) {
                     continue;
                 }
                 let value = serde_json::to_value(&item).unwrap_or_default();
