@@ -214,6 +214,9 @@ pub struct ObservedObject {
     pub archived_at: Option<DateTime<Utc>>,
     /// When it was cleaned up after its ttl: only a marker is left.
     pub expired: Option<DateTime<Utc>>,
+    /// Where it answers, as the engine reports it beyond its parts' specs: a staging's NodePorts
+    /// (`30080/tcp`) and Ingress URLs (`http://shop.example/`).
+    pub reach: Vec<String>,
 }
 
 /// What a step does.
@@ -598,6 +601,7 @@ fn compare(
     for id in by_id.keys().filter(|id| !desired_ids.contains(*id)) {
         changed.push(format!("{id} removed"));
     }
+    let moved = state_change(desired.target, observed, noun);
     if !changed.is_empty() {
         let mut reasons = Vec::new();
         for reason in changed {
@@ -605,7 +609,20 @@ fn compare(
                 reasons.push(reason);
             }
         }
-        return (Action::Update, reasons);
+        // A change and a move of state in one revision say both; an archive or a restore stays
+        // one, as its phases are an archive's or a restore's.
+        let action = match moved {
+            Some((action @ (Action::Archive | Action::Restore), reason)) => {
+                reasons.push(reason);
+                action
+            }
+            Some((_, reason)) => {
+                reasons.push(reason);
+                Action::Update
+            }
+            None => Action::Update,
+        };
+        return (action, reasons);
     }
     if !missing.is_empty() {
         let shown = match missing.len() {
@@ -614,22 +631,33 @@ fn compare(
         };
         return (Action::Create, vec![format!("{noun} missing: {shown}")]);
     }
-    let states: Vec<PartState> = observed.parts.iter().map(|p| p.state).collect();
-    let any = |state: PartState| states.contains(&state);
-    match desired.target {
+    match moved {
+        Some((action, reason)) => (action, vec![reason]),
+        None => (Action::Noop, unwell(desired.target, observed)),
+    }
+}
+
+/// The move from the state its parts are in to `target`, and why; `None` when none is needed.
+fn state_change(
+    target: TargetState,
+    observed: &ObservedObject,
+    noun: &str,
+) -> Option<(Action, String)> {
+    let any = |state: PartState| observed.parts.iter().any(|p| p.state == state);
+    match target {
         TargetState::Running if any(PartState::Archived) => {
-            (Action::Restore, vec!["archived; state: running".into()])
+            Some((Action::Restore, "archived; state: running".into()))
         }
         TargetState::Running if any(PartState::Stopped) => {
-            (Action::Start, vec![format!("{noun} stopped")])
+            Some((Action::Start, format!("{noun} stopped")))
         }
-        TargetState::Stopped if any(PartState::Running) => {
-            (Action::Stop, vec!["state: stopped".into()])
+        TargetState::Stopped if any(PartState::Running) || any(PartState::Archived) => {
+            Some((Action::Stop, "state: stopped".into()))
         }
         TargetState::Archived if any(PartState::Running) || any(PartState::Stopped) => {
-            (Action::Archive, vec!["state: archived".into()])
+            Some((Action::Archive, "state: archived".into()))
         }
-        _ => (Action::Noop, unwell(desired.target, observed)),
+        _ => None,
     }
 }
 
@@ -1038,6 +1066,7 @@ mod tests {
             parts,
             archived_at: None,
             expired: None,
+            reach: Vec::new(),
         }
     }
 
@@ -1421,6 +1450,56 @@ mod tests {
                 at(PartState::Archived, Health::Healthy),
                 Action::Noop,
                 vec![],
+            ),
+            (
+                "an archive and a change in one revision say both",
+                targeted(
+                    "a",
+                    TargetState::Archived,
+                    vec![member("main-1", "h2", json!({"image": "busybox:2"}))],
+                ),
+                at(PartState::Running, Health::Healthy),
+                Action::Archive,
+                vec!["image changed: busybox:1→busybox:2", "state: archived"],
+            ),
+            (
+                "a restore and a change in one revision say both",
+                targeted(
+                    "a",
+                    TargetState::Running,
+                    vec![member("main-1", "h2", json!({"image": "busybox:2"}))],
+                ),
+                at(PartState::Archived, Health::Healthy),
+                Action::Restore,
+                vec![
+                    "image changed: busybox:1→busybox:2",
+                    "archived; state: running",
+                ],
+            ),
+            (
+                "a stop and a change are an update that says both",
+                targeted(
+                    "a",
+                    TargetState::Stopped,
+                    vec![member("main-1", "h2", json!({"image": "busybox:2"}))],
+                ),
+                at(PartState::Running, Health::Healthy),
+                Action::Update,
+                vec!["image changed: busybox:1→busybox:2", "state: stopped"],
+            ),
+            (
+                "stop an archived staging: it rests with no ttl",
+                targeted("a", TargetState::Stopped, vec![part()]),
+                at(PartState::Archived, Health::Healthy),
+                Action::Stop,
+                vec!["state: stopped"],
+            ),
+            (
+                "archive a stopped staging",
+                targeted("a", TargetState::Archived, vec![part()]),
+                at(PartState::Stopped, Health::Healthy),
+                Action::Archive,
+                vec!["state: archived"],
             ),
             (
                 "restore an archived object",

@@ -171,7 +171,8 @@ pub struct ObjectStatus {
     /// The descriptor's spec hash at that revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_hash: Option<String>,
-    /// Where it can be reached: published host ports, `10101/tcp`.
+    /// Where it can be reached: published host ports (`10101/tcp`), a staging's NodePorts and
+    /// Ingress URLs (`http://shop.example/`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
     /// The last thing berth did or found, or why it could not.
@@ -394,6 +395,7 @@ impl StatusSet {
                 engine: status.engine.unwrap_or(Engine::usual_for(key.kind)),
                 archived_at: None,
                 expired: None,
+                reach: Vec::new(),
                 parts: status
                     .parts
                     .iter()
@@ -692,7 +694,7 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
             health,
             revision,
             spec_hash,
-            endpoints: endpoints(&parts),
+            endpoints: endpoints(&parts, observed.get(key).copied()),
             message,
             last_transition,
             engine: Some(step.engine).filter(|e| *e != Engine::usual_for(key.kind)),
@@ -891,7 +893,8 @@ fn object_health(parts: &[PartStatus], phase: Option<Phase>) -> Health {
     }
 }
 
-fn endpoints(parts: &[PartStatus]) -> Vec<String> {
+/// Where an object answers: its parts' published ports, and what the engine reports besides.
+fn endpoints(parts: &[PartStatus], observed: Option<&ObservedObject>) -> Vec<String> {
     let mut endpoints: Vec<String> = parts
         .iter()
         .filter(|p| p.id.starts_with("main-") || p.id.starts_with("Service/"))
@@ -905,6 +908,7 @@ fn endpoints(parts: &[PartStatus]) -> Vec<String> {
                 .unwrap_or("tcp");
             Some(format!("{host}/{protocol}"))
         })
+        .chain(observed.into_iter().flat_map(|o| o.reach.iter().cloned()))
         .collect();
     endpoints.sort();
     endpoints.dedup();
@@ -1033,6 +1037,7 @@ mod tests {
             engine: object.engine,
             archived_at: None,
             expired: None,
+            reach: Vec::new(),
             parts: object
                 .parts
                 .iter()

@@ -136,6 +136,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/objects/{kind}/{name}", get(object))
         .route("/objects/{kind}/{name}/state", post(change_state))
         .route("/history", get(history))
+        .route("/stagings", get(stagings))
         .route("/runs", get(runs))
         .route("/runs/{id}", get(run))
         .route("/runs/{id}/log", get(run_log))
@@ -221,6 +222,8 @@ struct MessagePage {
     heading: String,
     text: String,
     back: String,
+    /// Where to go on from here, with its words: the pull request to open.
+    onward: Option<(String, String)>,
 }
 
 fn message(
@@ -236,6 +239,7 @@ fn message(
         heading: heading.to_string(),
         text,
         back: back.to_string(),
+        onward: None,
     };
     page(&body, code)
 }
@@ -376,7 +380,8 @@ async fn login(
         tracing::warn!("a console login with a wrong token");
         return login_form(&state, Some("That token logs nobody in.".into()));
     };
-    let Some((id, _)) = state.console.sessions.open(role) else {
+    let who = form.get("name").and_then(|name| session::given_name(name));
+    let Some((id, _)) = state.console.sessions.open(role, who) else {
         return login_form(&state, Some("No session can be made now.".into()));
     };
     tracing::info!(role = role.as_str(), "a console login");
@@ -540,11 +545,18 @@ async fn change_state(
     let change = StateChange {
         key: key.clone(),
         state: wanted,
-        requested_by: format!(
-            "the console's {} ({})",
-            session.role.as_str(),
-            state.console.instance
-        ),
+        requested_by: match &session.who {
+            Some(who) => format!(
+                "{who}, as the console's {} ({})",
+                session.role.as_str(),
+                state.console.instance
+            ),
+            None => format!(
+                "the console's {} ({})",
+                session.role.as_str(),
+                state.console.instance
+            ),
+        },
         reply,
     };
     if changes.try_send(change).is_err() {
@@ -565,6 +577,7 @@ async fn change_state(
             CHANGE_WAIT.as_secs()
         )),
     };
+    let mut onward = None;
     let (code, heading, text) = match said {
         Ok(Committed::Pushed {
             commit,
@@ -584,15 +597,23 @@ async fn change_state(
             branch,
             refused,
             file,
-        }) => (
-            StatusCode::ACCEPTED,
-            "Open a pull request",
-            format!(
-                "The followed branch refused the push ({refused}). Commit {} setting {key} to {} in {file} is on branch {branch}: open a pull request from it.",
-                short_revision(&commit),
-                wanted.as_str()
-            ),
-        ),
+        }) => {
+            onward = state.console.web_url.as_ref().map(|web| {
+                (
+                    format!("{web}/compare/{}?expand=1", url_path(&branch)),
+                    format!("Open a pull request from {branch}"),
+                )
+            });
+            (
+                StatusCode::ACCEPTED,
+                "Open a pull request",
+                format!(
+                    "The followed branch refused the push ({refused}). Commit {} setting {key} to {} in {file} is on branch {branch}: open a pull request from it.",
+                    short_revision(&commit),
+                    wanted.as_str()
+                ),
+            )
+        }
         Ok(Committed::Unchanged) => (
             StatusCode::OK,
             "Unchanged",
@@ -601,7 +622,14 @@ async fn change_state(
         Ok(Committed::Refused(why)) => (StatusCode::CONFLICT, "Not committed", why),
         Err(why) => (StatusCode::BAD_GATEWAY, "Not committed", why),
     };
-    message(&state, Some(&session), code, heading, text, &back)
+    let body = MessagePage {
+        layout: Layout::of(&state, Some(&session)),
+        heading: heading.to_string(),
+        text,
+        back,
+        onward,
+    };
+    page(&body, code)
 }
 
 /// Status commits a page lists at most: the history page, and an object's phases.
@@ -708,6 +736,10 @@ struct ObjectPage {
     is_pipeline: bool,
     may_act: bool,
     runs: Vec<RunRow>,
+    /// A Staging's namespace; empty for other kinds.
+    namespace: String,
+    /// The images its parts run.
+    images: Vec<String>,
 }
 
 async fn object(
@@ -767,6 +799,31 @@ async fn object(
         is_pipeline,
         may_act: session.role.may_act(),
         runs,
+        namespace: match found.kind {
+            Kind::Staging => views::namespace_of(found),
+            _ => String::new(),
+        },
+        images: views::images_of(found),
+    };
+    page(&body, StatusCode::OK)
+}
+
+#[derive(Template)]
+#[template(path = "console/stagings.html")]
+struct StagingsPage {
+    layout: Layout,
+    stagings: Vec<views::StagingRow>,
+    may_act: bool,
+}
+
+/// Every staging: its namespace, the images it runs, where it answers, and its state buttons.
+async fn stagings(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let may_change = session.role.may_act() && state.console.changes.is_some();
+    let body = StagingsPage {
+        layout: Layout::of(&state, Some(&session)),
+        stagings: views::stagings(&status, may_change),
+        may_act: may_change,
     };
     page(&body, StatusCode::OK)
 }

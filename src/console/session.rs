@@ -65,7 +65,29 @@ pub struct Session {
     pub role: Role,
     /// The token every form of this session carries.
     pub csrf: String,
+    /// The name given at login, for the `Requested-by:` trailer of the commits it asks for: said,
+    /// not proven (the token is shared by everyone of its role).
+    pub who: Option<String>,
     made: Instant,
+}
+
+/// Longest name a login may give, in characters.
+pub const MAX_NAME: usize = 64;
+
+/// The name a login gave, fit for one line of a commit's trailer: control characters (a newline
+/// would forge another trailer) dropped, spaces trimmed, at most [`MAX_NAME`] characters; `None`
+/// when nothing is left.
+pub fn given_name(sent: &str) -> Option<String> {
+    let name: String = sent
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+        .trim()
+        .chars()
+        .take(MAX_NAME)
+        .collect();
+    let name = name.trim_end().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 /// The tokens that log in.
@@ -122,8 +144,8 @@ pub fn random_token() -> String {
 }
 
 impl Sessions {
-    /// A new session for `role`: its id.
-    pub fn open(&self, role: Role) -> Option<(String, Session)> {
+    /// A new session for `role`, of the person who gave the name `who`: its id.
+    pub fn open(&self, role: Role, who: Option<String>) -> Option<(String, Session)> {
         let (id, csrf) = (random_token(), random_token());
         if id.is_empty() || csrf.is_empty() {
             return None;
@@ -131,6 +153,7 @@ impl Sessions {
         let session = Session {
             role,
             csrf,
+            who,
             made: Instant::now(),
         };
         let mut live = self.live.lock().expect("sessions");
@@ -219,14 +242,14 @@ mod tests {
     #[test]
     fn sessions_are_kept_to_their_bound_and_closed_ones_are_gone() {
         let sessions = Sessions::default();
-        let (first, session) = sessions.open(Role::Viewer).unwrap();
+        let (first, session) = sessions.open(Role::Viewer, None).unwrap();
         assert_eq!(first.len(), 64);
         assert!(csrf_matches(&session, &session.csrf));
         assert!(!csrf_matches(&session, ""));
         assert!(!csrf_matches(&session, &first));
-        let (operator, _) = sessions.open(Role::Operator).unwrap();
+        let (operator, _) = sessions.open(Role::Operator, None).unwrap();
         for _ in 0..MAX_SESSIONS {
-            sessions.open(Role::Viewer).unwrap();
+            sessions.open(Role::Viewer, None).unwrap();
         }
         assert_eq!(sessions.live.lock().unwrap().len(), MAX_SESSIONS);
         assert!(sessions.get(&first).is_none(), "the oldest was pushed out");
@@ -234,10 +257,25 @@ mod tests {
             sessions.get(&operator).is_some(),
             "viewers pushed out an operator"
         );
-        let (id, _) = sessions.open(Role::Operator).unwrap();
+        let (id, _) = sessions.open(Role::Operator, None).unwrap();
         assert_eq!(sessions.get(&id).unwrap().role, Role::Operator);
         sessions.close(&id);
         assert!(sessions.get(&id).is_none());
+    }
+
+    /// A name cannot forge a trailer or a line, nor grow without bound.
+    #[test]
+    fn a_given_name_is_one_short_line() {
+        assert_eq!(given_name("  Ada Lovelace "), Some("Ada Lovelace".into()));
+        assert_eq!(
+            given_name("eve\nRequested-by: admin\r"),
+            Some("eveRequested-by: admin".into())
+        );
+        assert_eq!(given_name(" \t\n"), None);
+        assert_eq!(
+            given_name(&"x".repeat(500)).unwrap().chars().count(),
+            MAX_NAME
+        );
     }
 
     #[test]

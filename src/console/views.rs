@@ -116,15 +116,99 @@ pub fn choices<'a>(all: impl Iterator<Item = &'a str>, chosen: &str) -> Vec<(&'a
 }
 
 /// The state buttons an object's page offers, as (state, words): a Challenge stops or starts, a
-/// Staging is archived or restored; only the one that changes something.
+/// Staging stops, starts, is archived or restored; only those that change something.
 pub fn state_buttons(kind: Kind, phase: Option<Phase>) -> Vec<(&'static str, &'static str)> {
     match (kind, phase) {
         (Kind::Challenge, Some(Phase::Stopped)) => vec![("running", "Start")],
         (Kind::Challenge, _) => vec![("stopped", "Stop")],
         (Kind::Staging, Some(Phase::Archived)) => vec![("running", "Restore")],
-        (Kind::Staging, _) => vec![("archived", "Archive")],
+        (Kind::Staging, Some(Phase::Stopped)) => {
+            vec![("running", "Start"), ("archived", "Archive")]
+        }
+        (Kind::Staging, _) => vec![("stopped", "Stop"), ("archived", "Archive")],
         (Kind::Pipeline, _) => Vec::new(),
     }
+}
+
+/// A Staging as the stagings page lists it: where it lives, what it runs and where it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingRow {
+    /// Its row as the overview has it.
+    pub row: ObjectRow,
+    /// Its namespace, as observed.
+    pub namespace: String,
+    /// The images its workloads run (their tags are the staging's tag).
+    pub images: Vec<String>,
+    /// Its Ingresses' addresses with a host of their own: links.
+    pub urls: Vec<String>,
+    /// Where else it answers: NodePorts (`30080/tcp`, on any node), balancers, any-host paths.
+    pub ports: Vec<String>,
+    /// The state buttons for it.
+    pub states: Vec<(&'static str, &'static str)>,
+}
+
+/// The namespace a staging lives in: of those its status names (an old one lingers, being
+/// deleted, after a change of `spec.namespace`), the healthy one.
+pub fn namespace_of(object: &ObjectStatus) -> String {
+    let namespaces = object
+        .parts
+        .iter()
+        .filter_map(|p| Some((p.id.strip_prefix("Namespace/")?, p.health)));
+    namespaces
+        .min_by_key(|(_, health)| *health != Health::Healthy)
+        .map(|(ns, _)| ns.to_string())
+        .unwrap_or_default()
+}
+
+/// The images an object's parts run, each once.
+pub fn images_of(object: &ObjectStatus) -> Vec<String> {
+    let mut images: Vec<String> = object
+        .parts
+        .iter()
+        .filter_map(|p| p.spec.get("image")?.as_str())
+        .flat_map(|i| i.split(", "))
+        .map(str::to_string)
+        .collect();
+    images.sort();
+    images.dedup();
+    images
+}
+
+/// Whether an endpoint is an address a browser can open: http(s), with a host of its own.
+pub fn is_link(endpoint: &str) -> bool {
+    (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        && !endpoint.contains("://*")
+        && !endpoint
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+}
+
+impl StagingRow {
+    /// The row of the Staging `object`; its buttons only when `may_change`.
+    pub fn of(object: &ObjectStatus, may_change: bool) -> StagingRow {
+        let (urls, ports) = object.endpoints.iter().cloned().partition(|e| is_link(e));
+        StagingRow {
+            row: ObjectRow::of(object),
+            namespace: namespace_of(object),
+            images: images_of(object),
+            urls,
+            ports,
+            states: match may_change {
+                true => state_buttons(object.kind, object.phase),
+                false => Vec::new(),
+            },
+        }
+    }
+}
+
+/// Every Staging in status, in name order.
+pub fn stagings(status: &StatusSet, may_change: bool) -> Vec<StagingRow> {
+    status
+        .objects
+        .values()
+        .filter(|o| o.kind == Kind::Staging)
+        .map(|o| StagingRow::of(o, may_change))
+        .collect()
 }
 
 /// A run's step as its page lists it: `build: exit code 0 in 2.5 s`, or killed.
@@ -188,6 +272,60 @@ mod tests {
             ..Filters::default()
         };
         assert!(healthy.keep(&web) && !healthy.keep(&qa));
+    }
+
+    /// A staging's row names its namespace, the images it runs, its Ingress URLs as links (and
+    /// nothing else as one), and the buttons its phase allows.
+    #[test]
+    fn a_staging_row_says_where_it_lives_what_it_runs_and_where_it_answers() {
+        use crate::plan::PartState;
+        use crate::status::PartStatus;
+        let part = |id: &str, health: Health, spec: serde_json::Value| PartStatus {
+            id: id.into(),
+            hash: "h".into(),
+            state: PartState::Stopped,
+            health,
+            spec,
+        };
+        let mut shop = object(Kind::Staging, "shop", Phase::Stopped, Health::Healthy);
+        shop.parts = vec![
+            part(
+                "Deployment/api",
+                Health::Healthy,
+                serde_json::json!({"image": "shop/api:login-3f2a, sidecar:1"}),
+            ),
+            part(
+                "Deployment/web",
+                Health::Healthy,
+                serde_json::json!({"image": "shop/web:login-3f2a"}),
+            ),
+            part(
+                "Namespace/qa-old",
+                Health::Progressing,
+                serde_json::json!({}),
+            ),
+            part("Namespace/qa-shop", Health::Healthy, serde_json::json!({})),
+        ];
+        shop.endpoints = vec![
+            "30080/tcp".into(),
+            "http://*/".into(),
+            "https://shop.example/api".into(),
+            "javascript:alert(1)".into(),
+        ];
+        let row = StagingRow::of(&shop, true);
+        assert_eq!(row.namespace, "qa-shop");
+        assert_eq!(
+            row.images,
+            ["shop/api:login-3f2a", "shop/web:login-3f2a", "sidecar:1"]
+        );
+        assert_eq!(row.urls, ["https://shop.example/api"]);
+        assert_eq!(row.ports, ["30080/tcp", "http://*/", "javascript:alert(1)"]);
+        assert_eq!(row.states, [("running", "Start"), ("archived", "Archive")]);
+        assert!(StagingRow::of(&shop, false).states.is_empty());
+        let archived = state_buttons(Kind::Staging, Some(Phase::Archived));
+        assert_eq!(archived, [("running", "Restore")]);
+        let running = state_buttons(Kind::Staging, Some(Phase::Running));
+        assert_eq!(running, [("stopped", "Stop"), ("archived", "Archive")]);
     }
 
     #[test]

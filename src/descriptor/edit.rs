@@ -15,7 +15,7 @@ use super::{Kind, ObjectRef};
 pub enum WantedState {
     /// `running`: a Challenge started, a Staging restored.
     Running,
-    /// `stopped`: a Challenge's containers kept but stopped.
+    /// `stopped`: a Challenge's containers kept but stopped, a Staging's workloads scaled to zero.
     Stopped,
     /// `archived`: a Staging scaled to zero, its volumes kept.
     Archived,
@@ -47,7 +47,10 @@ impl WantedState {
         matches!(
             (kind, self),
             (Kind::Challenge, WantedState::Running | WantedState::Stopped)
-                | (Kind::Staging, WantedState::Running | WantedState::Archived)
+                | (
+                    Kind::Staging,
+                    WantedState::Running | WantedState::Stopped | WantedState::Archived
+                )
         )
     }
 }

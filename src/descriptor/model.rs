@@ -640,7 +640,10 @@ pub enum StagingState {
     /// Workloads run.
     #[default]
     Running,
-    /// Workloads are scaled to zero; persistent volumes are kept.
+    /// Workloads are scaled to zero, everything else kept, for as long as it says so (no ttl):
+    /// a QA environment paused overnight.
+    Stopped,
+    /// Workloads are scaled to zero; persistent volumes are kept; cleaned up after `ttl`.
     Archived,
 }
 
@@ -648,7 +651,8 @@ pub enum StagingState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StagingSpec {
-    /// `running` (the default) or `archived` (scaled to zero, volumes kept); `running` again restores.
+    /// `running` (the default), `stopped` (workloads scaled to zero until started again) or
+    /// `archived` (scaled to zero, volumes kept, cleaned up after `ttl`); `running` again restores.
     #[serde(default)]
     pub state: StagingState,
     /// The namespace the staging lives in.

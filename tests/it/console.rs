@@ -141,6 +141,18 @@ async fn until_page(browser: &Client, what: &str, limit: Duration, check: impl F
     }
 }
 
+/// Makes `origin` refuse pushes to `main`, as a protected branch does: the hook to remove.
+fn protect_main(origin: &Origin) -> PathBuf {
+    let hook = origin.bare().join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nwhile read old new ref; do [ \"$ref\" = refs/heads/main ] && { echo 'main is protected' >&2; exit 1; }; done\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    hook
+}
+
 #[test]
 fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everything_and_a_viewer_only_reads()
  {
@@ -346,14 +358,7 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
 
         // A protected branch refuses the push: the commit goes to a branch of its own, and the
         // console says to open a pull request.
-        let hook = origin.bare().join("hooks/pre-receive");
-        std::fs::write(
-            &hook,
-            "#!/bin/sh\nwhile read old new ref; do [ \"$ref\" = refs/heads/main ] && { echo 'main is protected' >&2; exit 1; }; done\nexit 0\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let hook = protect_main(&origin);
         browser.goto(&format!("{base}/objects/Challenge/web")).await.unwrap();
         click(&browser, "button[name=state][value=running]").await;
         until_page(&browser, "the pull request asked for", Duration::from_secs(30), |text| {
@@ -395,6 +400,185 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
             .unwrap();
         assert_eq!(refused, serde_json::json!(403));
         screenshot(&browser, "viewer").await;
+        browser.close().await.unwrap();
+    });
+}
+
+/// A QA person's stagings page on the real cluster: where each staging lives, what it runs and
+/// where it answers; Stop and Archive are commits of the `state:` line alone, naming the person,
+/// that the next pass applies; a protected branch gets a pull request's link.
+#[test]
+fn a_staging_is_stopped_and_archived_from_the_console_by_commits_and_a_protected_branch_gets_a_pull_request()
+ {
+    let Some(cluster) = crate::kube::cluster() else {
+        return;
+    };
+    let Some(driver) = driver() else { return };
+    let name = cluster.instance.name.clone();
+    let ns = format!("{name}-qa");
+    let port = crate::kube::node_port(&name);
+    let manifests = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - name: web\n          image: busybox:${{tag}}\n          imagePullPolicy: IfNotPresent\n          command: [sh, -c, 'echo qa-login > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n          readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080, nodePort: {port}}}]\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: web}}\nspec:\n  rules:\n    - host: qa-login.example.test\n      http:\n        paths:\n          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n"
+    );
+    let descriptor = format!(
+        "# The login feature, for QA.\napiVersion: berth/v1\nkind: Staging\nmetadata: {{name: qa-login}}\nspec:\n  namespace: {ns}   # its own namespace\n  tag: latest\n  manifests: qa\n"
+    );
+    let origin = Origin::new(&[("qa.yaml", &descriptor), ("qa/web.yaml", &manifests)]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let web_url = "https://git.example.test/ops/stagings";
+    let agent = Agent::start_with(
+        &name,
+        &daemon.url(),
+        &format!("  webUrl: {web_url}\n"),
+        &format!("kube: {{kubeconfig: {}}}\n", cluster.kubeconfig.display()),
+    );
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    assert_eq!(crate::kube::fetch(port), "qa-login");
+    let base = format!("http://127.0.0.1:{}", agent.port);
+    let changed_lines = |diff: &str| -> Vec<String> {
+        diff.lines()
+            .filter(|l| {
+                (l.starts_with('+') || l.starts_with('-'))
+                    && !l.starts_with("+++")
+                    && !l.starts_with("---")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let browser = browser(&driver).await;
+        browser.goto(&format!("{base}/login")).await.unwrap();
+        browser
+            .find(Locator::Id("name"))
+            .await
+            .unwrap()
+            .send_keys("Ada QA")
+            .await
+            .unwrap();
+        browser
+            .find(Locator::Id("token"))
+            .await
+            .unwrap()
+            .send_keys(API_TOKEN)
+            .await
+            .unwrap();
+        click(&browser, "form.login button").await;
+        browser.goto(&format!("{base}/stagings")).await.unwrap();
+        until_page(
+            &browser,
+            "the staging listed",
+            Duration::from_secs(10),
+            |text| {
+                text.contains("qa-login")
+                    && text.contains(&ns)
+                    && text.contains("busybox:latest")
+                    && text.contains(&format!("{port}/tcp"))
+                    && text.contains("Running")
+            },
+        )
+        .await;
+        let link = browser
+            .find(Locator::Css("table.stagings a[href^='http://qa-login']"))
+            .await
+            .expect("the Ingress's URL is a link")
+            .attr("href")
+            .await
+            .unwrap();
+        assert_eq!(link.as_deref(), Some("http://qa-login.example.test/"));
+        screenshot(&browser, "stagings").await;
+
+        // Stop: a commit of the state line alone, naming who asked; the pass scales it down.
+        click(&browser, "tr[data-name=qa-login] button[value=stopped]").await;
+        until_page(
+            &browser,
+            "the stop committed",
+            Duration::from_secs(30),
+            |text| text.contains("Committed") && text.contains("the next pass applies it"),
+        )
+        .await;
+        let diff = origin.bare_git(&["show", "--format=%B", "main"]);
+        assert!(
+            diff.contains("Requested-by: Ada QA, as the console's operator"),
+            "{diff}"
+        );
+        assert_eq!(changed_lines(&diff), ["+  state: stopped"], "{diff}");
+        browser.goto(&format!("{base}/stagings")).await.unwrap();
+        until_page(
+            &browser,
+            "the staging stopped",
+            Duration::from_secs(60),
+            |text| {
+                text.lines()
+                    .any(|l| l.contains("qa-login") && l.contains("Stopped"))
+            },
+        )
+        .await;
+        assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
+
+        // Archive from stopped: the line changes in place, comments and layout kept.
+        click(&browser, "tr[data-name=qa-login] button[value=archived]").await;
+        until_page(
+            &browser,
+            "the archive committed",
+            Duration::from_secs(30),
+            |text| text.contains("Committed"),
+        )
+        .await;
+        let diff = origin.bare_git(&["show", "--format=%B", "main"]);
+        assert_eq!(
+            changed_lines(&diff),
+            ["-  state: stopped", "+  state: archived"],
+            "{diff}"
+        );
+        let file = origin.bare_git(&["show", "main:qa.yaml"]);
+        assert!(file.starts_with("# The login feature, for QA.\n"), "{file}");
+        assert!(
+            file.contains(&format!("namespace: {ns}   # its own namespace")),
+            "{file}"
+        );
+        browser.goto(&format!("{base}/stagings")).await.unwrap();
+        until_page(
+            &browser,
+            "the staging archived",
+            Duration::from_secs(60),
+            |text| {
+                text.lines()
+                    .any(|l| l.contains("qa-login") && l.contains("Archived"))
+            },
+        )
+        .await;
+        screenshot(&browser, "stagings-archived").await;
+
+        // A protected branch: the restore goes to a branch of its own, and the page links to
+        // opening a pull request from it in the repo's web view.
+        let hook = protect_main(&origin);
+        click(&browser, "tr[data-name=qa-login] button[value=running]").await;
+        until_page(
+            &browser,
+            "the pull request asked for",
+            Duration::from_secs(30),
+            |text| text.contains("Open a pull request from berth/console/staging-qa-login-"),
+        )
+        .await;
+        let pull = browser
+            .find(Locator::Css("a.onward"))
+            .await
+            .unwrap()
+            .attr("href")
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        assert!(
+            pull.starts_with(&format!(
+                "{web_url}/compare/berth/console/staging-qa-login-"
+            )) && pull.ends_with("?expand=1"),
+            "{pull}"
+        );
+        screenshot(&browser, "pull-request").await;
+        std::fs::remove_file(&hook).unwrap();
         browser.close().await.unwrap();
     });
 }

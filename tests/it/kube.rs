@@ -173,7 +173,7 @@ fn served_eventually(port: u16, expected: &str) -> String {
     }
 }
 
-fn fetch(port: u16) -> String {
+pub(crate) fn fetch(port: u16) -> String {
     let started = Instant::now();
     loop {
         let output = Command::new("curl")
@@ -193,7 +193,7 @@ fn fetch(port: u16) -> String {
 }
 
 /// A NodePort (30000-32767) of this instance's own.
-fn node_port(instance: &str) -> u16 {
+pub(crate) fn node_port(instance: &str) -> u16 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     instance.hash(&mut hasher);
@@ -403,6 +403,32 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
         "{}",
         said(&restored)
     );
+    assert_eq!(fetch(port), "kept across archive");
+
+    // Stop: scaled to zero like an archive, but with no ttl to run out; start brings it back.
+    repo.write("shop.yaml", descriptor(&tag, "stopped"));
+    assert!(cluster.plan(repo.path()).contains("1 to stop"));
+    let stopped = cluster.apply(repo.path(), &[]);
+    assert!(stopped.status.success(), "{}", said(&stopped));
+    assert_eq!(cluster.get(&ns, "deployment/web", "{.spec.replicas}"), "0");
+    let marks = stdout(&cluster.kubectl(&[
+        "get",
+        "namespace",
+        &ns,
+        "-o",
+        "jsonpath={.metadata.annotations.berth\\.stopped-at}|{.metadata.annotations.berth\\.archived-at}",
+    ]));
+    let marks = marks.trim();
+    assert!(
+        marks.len() > 1 && marks.ends_with('|'),
+        "stopped, not archived: {marks}"
+    );
+    let plan = cluster.plan(repo.path());
+    assert!(plan.contains("1 unchanged"), "{plan}");
+    repo.write("shop.yaml", descriptor(&tag, "running"));
+    assert!(cluster.plan(repo.path()).contains("1 to start"));
+    let started = cluster.apply(repo.path(), &[]);
+    assert!(started.status.success(), "{}", said(&started));
     assert_eq!(fetch(port), "kept across archive");
 
     // Cleanup: removed from the repo (its manifests too, or berth would ask what they are), with

@@ -182,6 +182,7 @@ impl DockerBackend {
                     }],
                     archived_at: None,
                     expired: None,
+                    reach: Vec::new(),
                 })
             })
             .collect())

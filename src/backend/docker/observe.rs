@@ -85,6 +85,7 @@ impl DockerBackend {
                 parts,
                 archived_at: None,
                 expired: None,
+                reach: Vec::new(),
             })
             .collect();
         observed.extend(instanced);

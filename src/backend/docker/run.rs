@@ -850,6 +850,7 @@ impl DockerBackend {
                 parts: vec![part],
                 archived_at: None,
                 expired: None,
+                reach: Vec::new(),
             })
             .collect())
     }

@@ -197,6 +197,7 @@ impl KubeBackend {
                         parts: Vec::new(),
                         archived_at: None,
                         expired: None,
+                        reach: Vec::new(),
                     })
                     .parts
                     .push(ObservedPart {

@@ -64,6 +64,8 @@ const FIELD_MANAGER: &str = "berth";
 const ANNOTATION_INVENTORY: &str = "berth.inventory";
 /// Namespace annotation: when the staging was archived (RFC 3339).
 const ANNOTATION_ARCHIVED_AT: &str = "berth.archived-at";
+/// Namespace annotation: when the staging was stopped (RFC 3339).
+const ANNOTATION_STOPPED_AT: &str = "berth.stopped-at";
 /// Namespace annotation: when the staging was cleaned up after its ttl (RFC 3339).
 const ANNOTATION_EXPIRED_AT: &str = "berth.expired-at";
 /// How long cleanup waits for a namespace to go.
@@ -147,6 +149,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Staging
     };
     let target = match spec.state {
         crate::descriptor::model::StagingState::Running => TargetState::Running,
+        crate::descriptor::model::StagingState::Stopped => TargetState::Stopped,
         crate::descriptor::model::StagingState::Archived => TargetState::Archived,
     };
     let parts = match &template.manifests {
@@ -479,11 +482,7 @@ impl KubeBackend {
                     .map(|t| t.with_timezone(&Utc))
             };
             let archived_at = time(ANNOTATION_ARCHIVED_AT);
-            let state = if archived_at.is_some() {
-                PartState::Archived
-            } else {
-                PartState::Running
-            };
+            let state = Resting::of(&annotations).part_state();
             let terminating = namespace.metadata.deletion_timestamp.is_some();
             let hash = labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default();
             let (hash, spec) = match inventory_lost {
@@ -518,6 +517,7 @@ impl KubeBackend {
                 parts: Vec::new(),
                 archived_at,
                 expired: time(ANNOTATION_EXPIRED_AT),
+                reach: Vec::new(),
             });
             object.parts.push(part);
         }
@@ -606,9 +606,14 @@ impl KubeBackend {
                     .map(|p| p.iter().collect())
                     .unwrap_or_default();
                 let condition = health::of(&kind, &value, &pods);
-                let archived = staging.archived_at.is_some();
-                let state = match (condition.state, archived) {
-                    (PartState::Running, true) => PartState::Archived,
+                // A stopped or archived staging's objects are at rest, as its namespace says (a
+                // workload scaled down says only that it is; which rest is the namespace's).
+                let resting = namespace_state(staging, &ns);
+                let state = match (condition.state, resting) {
+                    (
+                        PartState::Running | PartState::Archived,
+                        PartState::Stopped | PartState::Archived,
+                    ) => resting,
                     (state, _) => state,
                 };
                 let secrets =
@@ -623,6 +628,7 @@ impl KubeBackend {
                     health: condition.health,
                     detail: condition.detail,
                 });
+                staging.reach.extend(objects::reach(&value));
                 live.insert(format!("{ns}/{kind}/{name}"), value);
             }
         }
@@ -727,7 +733,7 @@ impl KubeBackend {
             let Ok(manifests) = &template.manifests else {
                 continue;
             };
-            let archived = object.archived_at.is_some();
+            let scaled_down = namespace_state(object, &template.namespace) != PartState::Running;
             for part in object.parts.iter_mut() {
                 let Some(manifest) = manifests.iter().find(|m| m.id() == part.id) else {
                     continue;
@@ -744,7 +750,7 @@ impl KubeBackend {
                     &template.namespace,
                     &labels,
                     &self.pod_labels(&object.key),
-                    archived,
+                    scaled_down,
                 );
                 if let Some(edit) = objects::edited(&applied, seen) {
                     // Shown as the one change: the summary is what berth applied, plus the edit.
@@ -834,9 +840,9 @@ impl KubeBackend {
         };
         // A staging made now has nothing to prune.
         let fresh = existing.is_none();
-        let mut recorded: Option<(BTreeSet<String>, Option<String>)> = None;
+        let mut recorded: Option<(BTreeSet<String>, Resting)> = None;
         let mut inventory: BTreeSet<String> = BTreeSet::new();
-        let mut archived_at = None;
+        let mut resting = Resting::Running;
         if let Some(existing) = &existing {
             let labels = existing.metadata.labels.clone().unwrap_or_default();
             if labels.get(LABEL_INSTANCE).map(String::as_str) != Some(self.ownership.instance())
@@ -876,8 +882,8 @@ impl KubeBackend {
                     );
                 }
             }
-            archived_at = annotations.get(ANNOTATION_ARCHIVED_AT).cloned();
-            recorded = Some((inventory.clone(), archived_at.clone()));
+            resting = Resting::of(&annotations);
+            recorded = Some((inventory.clone(), resting.clone()));
         }
         let mut wanted: BTreeSet<String> = manifests
             .iter()
@@ -886,11 +892,8 @@ impl KubeBackend {
         if !template.secrets.is_empty() {
             wanted.insert("v1/Secret".into());
         }
-        let archived = target == TargetState::Archived;
-        let archived_at = match archived {
-            true => Some(archived_at.unwrap_or_else(|| Utc::now().to_rfc3339())),
-            false => None,
-        };
+        let resting = resting.toward(target);
+        let scaled_down = resting.scaled_down();
         // The inventory is widened first: a crash after this leaves everything findable.
         let widened: BTreeSet<String> = inventory.union(&wanted).cloned().collect();
         let namespace_hash = template.part_hash(&format!("Namespace/{ns}"), parts);
@@ -899,16 +902,9 @@ impl KubeBackend {
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|labels| labels.get(LABEL_SPEC_HASH))
             == Some(&namespace_hash);
-        if !(labelled && recorded == Some((widened.clone(), archived_at.clone()))) {
-            self.apply_namespace(
-                key,
-                template,
-                &namespace_hash,
-                &widened,
-                archived_at.as_deref(),
-                None,
-            )
-            .await?;
+        if !(labelled && recorded == Some((widened.clone(), resting.clone()))) {
+            self.apply_namespace(key, template, &namespace_hash, &widened, &resting, None)
+                .await?;
         }
         if !secret_data.is_empty() {
             let id = format!("Secret/{SECRET_NAME}");
@@ -1012,13 +1008,13 @@ impl KubeBackend {
             if let Some(hook) = manifest.hook {
                 labels.insert(LABEL_HOOK.into(), hook.phase.as_str().into());
             }
-            objects::shaped(manifest, ns, &labels, &pod_labels, archived)
+            objects::shaped(manifest, ns, &labels, &pod_labels, scaled_down)
         };
         // Hooks run around a running staging's apply; archiving runs none.
         let hooks: Vec<hooks::HookObject> = manifests
             .iter()
             .zip(&resources)
-            .filter(|(m, _)| m.hook.is_some() && !archived)
+            .filter(|(m, _)| m.hook.is_some() && !scaled_down)
             .map(|(manifest, resource)| hooks::HookObject {
                 manifest,
                 resource,
@@ -1036,7 +1032,7 @@ impl KubeBackend {
                     .iter()
                     .zip(&resources)
                     .filter(|(m, _)| match wave {
-                        None => !remade.contains(&m.id()) && (m.hook.is_none() || !archived),
+                        None => !remade.contains(&m.id()) && (m.hook.is_none() || !scaled_down),
                         Some(first_wave) => m.hook.is_none() && first(m) == first_wave,
                     })
                     .map(|(manifest, resource)| {
@@ -1157,15 +1153,8 @@ impl KubeBackend {
             }
         }
         if widened != wanted {
-            self.apply_namespace(
-                key,
-                template,
-                &namespace_hash,
-                &wanted,
-                archived_at.as_deref(),
-                None,
-            )
-            .await?;
+            self.apply_namespace(key, template, &namespace_hash, &wanted, &resting, None)
+                .await?;
         }
         // A namespace the staging had before its spec.namespace changed goes, with all in it.
         for other in mine {
@@ -1190,7 +1179,7 @@ impl KubeBackend {
         if !taken_back.is_empty() {
             done.push_str(&format!(", took back {}", taken_back.join(", ")));
         }
-        if archived {
+        if scaled_down {
             done.push_str(", workloads scaled to zero");
         }
         if !pruned.is_empty() {
@@ -1271,7 +1260,7 @@ impl KubeBackend {
         template: &StagingTemplate,
         spec_hash: &str,
         inventory: &BTreeSet<String>,
-        archived_at: Option<&str>,
+        resting: &Resting,
         expired_at: Option<&str>,
     ) -> Result<(), Trouble> {
         let ns = template.namespace.as_str();
@@ -1285,8 +1274,8 @@ impl KubeBackend {
                 .join("\n")
                 .into(),
         );
-        if let Some(at) = archived_at {
-            annotations.insert(ANNOTATION_ARCHIVED_AT.into(), at.into());
+        if let Some((annotation, at)) = resting.annotation() {
+            annotations.insert(annotation.into(), at.into());
         }
         if let Some(at) = expired_at {
             annotations.insert(ANNOTATION_EXPIRED_AT.into(), at.into());
@@ -1388,7 +1377,7 @@ impl KubeBackend {
                 template,
                 &ns_hash,
                 &BTreeSet::new(),
-                Some(&now),
+                &Resting::Archived(now.clone()),
                 Some(&now),
             )
             .await?;
@@ -1402,6 +1391,77 @@ impl KubeBackend {
             false => format!("namespace {} deleted", deleted.join(", ")),
         })
     }
+}
+
+/// Whether a staging's workloads run and, when they rest, since when: written on its namespace
+/// as an annotation, so an agent that starts again (or another one) reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resting {
+    /// Its workloads run.
+    Running,
+    /// Scaled to zero until started again (RFC 3339 time).
+    Stopped(String),
+    /// Scaled to zero, and cleaned up once archived longer than its ttl (RFC 3339 time).
+    Archived(String),
+}
+
+impl Resting {
+    /// What a namespace's annotations say (archived wins over stopped, as the ttl must run).
+    fn of(annotations: &BTreeMap<String, String>) -> Resting {
+        match (
+            annotations.get(ANNOTATION_ARCHIVED_AT),
+            annotations.get(ANNOTATION_STOPPED_AT),
+        ) {
+            (Some(at), _) => Resting::Archived(at.clone()),
+            (None, Some(at)) => Resting::Stopped(at.clone()),
+            (None, None) => Resting::Running,
+        }
+    }
+
+    /// Where it moves for `target`: a rest already taken keeps its time (an archive's ttl runs
+    /// from when it was first archived), a new one starts now.
+    fn toward(self, target: TargetState) -> Resting {
+        let now = || Utc::now().to_rfc3339();
+        match (self, target) {
+            (_, TargetState::Running) => Resting::Running,
+            (Resting::Stopped(at), TargetState::Stopped) => Resting::Stopped(at),
+            (_, TargetState::Stopped) => Resting::Stopped(now()),
+            (Resting::Archived(at), TargetState::Archived) => Resting::Archived(at),
+            (_, TargetState::Archived) => Resting::Archived(now()),
+        }
+    }
+
+    /// Whether its workloads are scaled to zero.
+    fn scaled_down(&self) -> bool {
+        *self != Resting::Running
+    }
+
+    /// The annotation that records it.
+    fn annotation(&self) -> Option<(&'static str, &str)> {
+        match self {
+            Resting::Running => None,
+            Resting::Stopped(at) => Some((ANNOTATION_STOPPED_AT, at)),
+            Resting::Archived(at) => Some((ANNOTATION_ARCHIVED_AT, at)),
+        }
+    }
+
+    /// The state its namespace's part is observed in.
+    fn part_state(&self) -> PartState {
+        match self {
+            Resting::Running => PartState::Running,
+            Resting::Stopped(_) => PartState::Stopped,
+            Resting::Archived(_) => PartState::Archived,
+        }
+    }
+}
+
+/// The state of the staging's namespace `ns` as observed: whether its workloads rest.
+fn namespace_state(staging: &ObservedObject, ns: &str) -> PartState {
+    staging
+        .parts
+        .iter()
+        .find(|part| part.id.strip_prefix("Namespace/") == Some(ns))
+        .map_or(PartState::Running, |part| part.state)
 }
 
 /// The kinds a staging's namespace says berth applied there (`apiVersion/Kind` lines); `None`
@@ -1581,6 +1641,35 @@ fn random_key() -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A staging's rest is read back from its namespace, keeps its time while it lasts (an
+    /// archive's ttl runs from when it was first archived), and stopping never starts a ttl.
+    #[test]
+    fn a_rest_is_read_back_and_keeps_its_time() {
+        let annotated = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let at = "2026-12-01T00:00:00+00:00";
+        let stopped = Resting::of(&annotated(&[(ANNOTATION_STOPPED_AT, at)]));
+        assert_eq!(stopped, Resting::Stopped(at.into()));
+        assert_eq!(stopped.part_state(), PartState::Stopped);
+        assert_eq!(
+            stopped.clone().toward(TargetState::Stopped),
+            Resting::Stopped(at.into())
+        );
+        assert_eq!(stopped.annotation(), Some((ANNOTATION_STOPPED_AT, at)));
+        let archived = stopped.toward(TargetState::Archived);
+        assert!(matches!(&archived, Resting::Archived(when) if when != at));
+        assert!(archived.scaled_down());
+        let both = annotated(&[(ANNOTATION_STOPPED_AT, at), (ANNOTATION_ARCHIVED_AT, at)]);
+        assert_eq!(Resting::of(&both), Resting::Archived(at.into()));
+        let running = Resting::of(&both).toward(TargetState::Running);
+        assert_eq!((running.annotation(), running.scaled_down()), (None, false));
+        assert_eq!(Resting::of(&BTreeMap::new()), Resting::Running);
+    }
 
     /// A refusal of an immutable change names the fields, even past the quoted object, and the
     /// way forward.

@@ -115,6 +115,85 @@ fn entry_value<'m>(map: &'m mut Map<String, Value>, key: &str) -> &'m mut Map<St
     slot.as_object_mut().expect("made a mapping above")
 }
 
+/// Where a live object answers from outside the cluster: a NodePort or LoadBalancer Service's
+/// node ports (`30080/tcp`) and balancer addresses (`192.0.2.7:80/tcp`), an Ingress's URLs
+/// (`https://shop.example/api`, `*` for any host). Read from what the server holds, so a port the
+/// cluster chose is the one shown.
+pub fn reach(object: &Value) -> Vec<String> {
+    let text = |value: &Value, pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let list = |value: &Value, pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    match object["kind"].as_str() {
+        Some("Service") => {
+            let kind = text(object, "/spec/type").unwrap_or_default();
+            if kind != "NodePort" && kind != "LoadBalancer" {
+                return Vec::new();
+            }
+            let ports = list(object, "/spec/ports");
+            let protocol = |port: &Value| {
+                text(port, "/protocol")
+                    .unwrap_or_else(|| "TCP".into())
+                    .to_ascii_lowercase()
+            };
+            let mut reach: Vec<String> = ports
+                .iter()
+                .filter_map(|port| {
+                    Some(format!("{}/{}", port["nodePort"].as_u64()?, protocol(port)))
+                })
+                .collect();
+            for balancer in list(object, "/status/loadBalancer/ingress") {
+                let Some(address) = text(&balancer, "/ip").or_else(|| text(&balancer, "/hostname"))
+                else {
+                    continue;
+                };
+                reach.extend(ports.iter().filter_map(|port| {
+                    Some(format!(
+                        "{address}:{}/{}",
+                        port["port"].as_u64()?,
+                        protocol(port)
+                    ))
+                }));
+            }
+            reach
+        }
+        Some("Ingress") => {
+            let secured: Vec<String> = list(object, "/spec/tls")
+                .iter()
+                .flat_map(|tls| list(tls, "/hosts"))
+                .filter_map(|host| host.as_str().map(str::to_string))
+                .collect();
+            let mut reach = Vec::new();
+            for rule in list(object, "/spec/rules") {
+                let host = text(&rule, "/host");
+                let scheme = match host.as_ref().is_some_and(|h| secured.contains(h)) {
+                    true => "https",
+                    false => "http",
+                };
+                let host = host.unwrap_or_else(|| "*".into());
+                for path in list(&rule, "/http/paths") {
+                    let path = text(&path, "/path").unwrap_or_else(|| "/".into());
+                    reach.push(format!("{scheme}://{host}{path}"));
+                }
+            }
+            if reach.is_empty() && object.pointer("/spec/defaultBackend").is_some() {
+                reach.push("http://*/".into());
+            }
+            reach
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// What a plan shows of an object: its images and replicas, when it has them.
 pub fn summary(object: &Value) -> Value {
     let mut summary = Map::new();
@@ -494,6 +573,37 @@ fn short(value: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A staging shows where it answers as the server holds it: the NodePort the cluster chose,
+    /// a balancer's address, an Ingress's hosts (https where its tls names them); a ClusterIP
+    /// Service answers nowhere outside.
+    #[test]
+    fn reach_is_read_from_the_live_object() {
+        let node_port = json!({"kind": "Service", "spec": {"type": "NodePort", "ports": [
+            {"port": 80, "nodePort": 30080}, {"port": 53, "nodePort": 30053, "protocol": "UDP"}]}});
+        assert_eq!(reach(&node_port), ["30080/tcp", "30053/udp"]);
+        let balancer = json!({"kind": "Service",
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 443, "nodePort": 31443}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}});
+        assert_eq!(reach(&balancer), ["31443/tcp", "192.0.2.7:443/tcp"]);
+        let inside = json!({"kind": "Service", "spec": {"ports": [{"port": 80}]}});
+        assert!(reach(&inside).is_empty());
+        let ingress = json!({"kind": "Ingress", "spec": {
+            "tls": [{"hosts": ["shop.example"]}],
+            "rules": [
+                {"host": "shop.example", "http": {"paths": [{"path": "/api"}, {"path": "/"}]}},
+                {"host": "plain.example", "http": {"paths": [{"path": "/"}]}},
+                {"http": {"paths": [{"pathType": "Prefix"}]}}]}});
+        assert_eq!(
+            reach(&ingress),
+            [
+                "https://shop.example/api",
+                "https://shop.example/",
+                "http://plain.example/",
+                "http://*/"
+            ]
+        );
+    }
 
     /// The plan names every field that changed: replicas and env together, a ConfigMap's keys;
     /// a Secret's values never reach the summary, not even as digests.
