@@ -428,6 +428,12 @@ pub struct HealthCheck {
     #[serde(default = "three")]
     #[schemars(range(min = 1, max = 100))]
     pub retries: u32,
+    /// How long after a start failed checks do not count (a database filling its data folder);
+    /// one `interval` by default. Docker only: on kubernetes a readiness probe that fails while
+    /// starting only keeps the pod unready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
+    pub start_period: Option<Duration>,
 }
 
 fn ten_seconds() -> Duration {
@@ -502,6 +508,15 @@ pub struct Sidecar {
     /// What the sidecar's processes may do beyond the usual.
     #[serde(default, skip_serializing_if = "is_default")]
     pub security: Security,
+    /// How to tell that the sidecar is healthy, as the main container's healthcheck. On docker
+    /// the main containers start only once every sidecar is healthy (or, without a healthcheck,
+    /// running); on kubernetes it is the sidecar's readiness probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+    /// Other sidecars of this challenge that must be healthy before this one starts (docker
+    /// only: a pod's containers start together).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<Name>,
 }
 
 /// A Pipeline: a build that clones a source repo at a commit, runs steps in a container, keeps

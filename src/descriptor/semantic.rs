@@ -571,6 +571,86 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         "",
         found,
     );
+    sidecar_order(spec, found);
+}
+
+/// Each sidecar's `dependsOn` names another sidecar of the challenge, and no chain of them comes
+/// back to where it began (nothing in a circle could ever start).
+fn sidecar_order(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+    let names: Vec<&str> = spec.sidecars.iter().map(|s| s.name.as_str()).collect();
+    for (index, sidecar) in spec.sidecars.iter().enumerate() {
+        if let Some(check) = &sidecar.healthcheck
+            && check.tcp.is_some() == check.http.is_some()
+        {
+            found.push(violation(
+                format!("/spec/sidecars/{index}/healthcheck"),
+                format!("spec.sidecars[{index}].healthcheck: set exactly one of tcp and http"),
+            ));
+        }
+        for (at, wanted) in sidecar.depends_on.iter().enumerate() {
+            let why = if wanted == &sidecar.name {
+                "a sidecar cannot wait for itself".to_string()
+            } else if !names.contains(&wanted.as_str()) {
+                format!(
+                    "names no sidecar of this challenge (its sidecars: {})",
+                    names.join(", ")
+                )
+            } else {
+                continue;
+            };
+            found.push(violation(
+                format!("/spec/sidecars/{index}/dependsOn/{at}"),
+                format!("spec.sidecars[{index}].dependsOn[{at}]: \"{wanted}\" {why}"),
+            ));
+        }
+    }
+    // A walk along dependsOn from each sidecar: a circle is told once, at its first sidecar.
+    let mut told: Vec<&str> = Vec::new();
+    let mut cleared = HashSet::new();
+    for (index, sidecar) in spec.sidecars.iter().enumerate() {
+        let mut path = vec![sidecar.name.as_str()];
+        if let Some(circle) = circle_from(spec, &mut path, &mut cleared)
+            && !circle.iter().any(|name| told.contains(name))
+        {
+            told.extend(circle.iter().copied());
+            found.push(violation(
+                format!("/spec/sidecars/{index}/dependsOn"),
+                format!(
+                    "spec.sidecars[{index}].dependsOn: {} is a circle; none of them could start",
+                    circle.join(" → ")
+                ),
+            ));
+        }
+    }
+}
+
+/// The circle of `dependsOn` reached from the end of `path`, as the names around it (the first
+/// again at the end), if there is one. `cleared` holds the sidecars known to reach none, so each
+/// is walked from once.
+fn circle_from<'a>(
+    spec: &'a ChallengeSpec,
+    path: &mut Vec<&'a str>,
+    cleared: &mut HashSet<&'a str>,
+) -> Option<Vec<&'a str>> {
+    let last = *path.last()?;
+    let sidecar = spec.sidecars.iter().find(|s| s.name.as_str() == last)?;
+    for next in sidecar.depends_on.iter().map(|n| n.as_str()) {
+        if next == last || cleared.contains(next) {
+            continue;
+        }
+        if let Some(start) = path.iter().position(|name| *name == next) {
+            let mut circle = path[start..].to_vec();
+            circle.push(next);
+            return Some(circle);
+        }
+        path.push(next);
+        if let Some(circle) = circle_from(spec, path, cleared) {
+            return Some(circle);
+        }
+        path.pop();
+    }
+    cleared.insert(last);
+    None
 }
 
 /// A name given twice in the list `spec.FIELD` is a problem at the second, saying where the first
@@ -803,6 +883,12 @@ fn check_on_kubernetes(
                 format!("spec.sidecars[{index}].resources.pids: Kubernetes sets the process limit per node (the kubelet's --pod-max-pids), not per container; remove it, or keep this challenge on docker"),
             ));
         }
+    }
+    if let Some(index) = spec.sidecars.iter().position(|s| !s.depends_on.is_empty()) {
+        found.push(violation(
+            format!("/spec/sidecars/{index}/dependsOn"),
+            format!("spec.sidecars[{index}].dependsOn: on kubernetes a pod's containers start together, in no order; give the sidecars a healthcheck (the pod is ready only when they are) and let the containers wait for each other, or keep this challenge on docker"),
+        ));
     }
     if let Some(index) = spec.sidecars.iter().position(|s| s.name.as_str() == "main") {
         found.push(violation(

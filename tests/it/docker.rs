@@ -1021,3 +1021,59 @@ pub fn write_refused(container: &str, path: &str) -> bool {
     }
     refused
 }
+
+/// A web container that needs its database at once (as a PHP challenge with MySQL does) finds it
+/// up: the database, a sidecar that is slow to listen, has a healthcheck, the cache depends on
+/// it, and the main container starts only once both are healthy. A sidecar that never gets
+/// healthy fails the step with its reason, and the main container is not started.
+#[test]
+fn the_main_container_starts_once_its_sidecars_are_healthy_in_their_order() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let shop = |db_command: &str, db_start: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: shop}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'if nc -w 1 db 5432 </dev/null && nc -w 1 cache 6379 </dev/null; then echo both-were-up; else echo one-was-down; fi; exec sleep 3600']\n  sidecars:\n    - name: cache\n      image: busybox:latest\n      command: [sh, -c, 'nc -w 1 db 5432 </dev/null && echo db-was-up || echo db-was-down; mkdir -p /w; exec httpd -f -p 6379 -h /w']\n      dependsOn: [db]\n      healthcheck: {{tcp: 6379, interval: 500ms}}\n    - name: db\n      image: busybox:latest\n      command: [sh, -c, '{db_command}']\n      healthcheck: {{tcp: 5432, interval: 500ms, startPeriod: {db_start}}}\n"
+        )
+    };
+    // Slower to listen than its checks' interval times their retries: its start period covers it.
+    repo.write(
+        "shop.yaml",
+        shop("sleep 3; mkdir -p /w; exec httpd -f -p 5432 -h /w", "20s"),
+    );
+    let applied = instance.apply(&repo, &[]);
+    assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
+    let containers = instance.containers("shop");
+    let main = docker(&["logs", &containers["main-1"].0]);
+    assert_eq!(main.trim(), "both-were-up", "the main container came first");
+    let cache = docker(&["logs", &containers["sidecar-cache"].0]);
+    assert_eq!(
+        cache.trim(),
+        "db-was-up",
+        "the cache came before the database"
+    );
+
+    // A database that never listens: the step fails with why, and the main container waits.
+    instance.apply(&Repo::new(), &["--prune", "--allow-empty"]);
+    repo.write(
+        "shop.yaml",
+        shop("echo no disk for the data >&2; exec sleep 3600", "1s"),
+    );
+    let refused = instance.apply(&repo, &[]);
+    let said = format!(
+        "{}{}",
+        stdout(&refused),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_ne!(refused.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("sidecar-db fails its health check")
+            && said.contains("no disk for the data")
+            && said.contains("starts only once it is healthy"),
+        "{said}"
+    );
+    let containers = instance.containers("shop");
+    assert!(
+        !containers.contains_key("main-1") && !containers.contains_key("sidecar-cache"),
+        "what waits for the database was made: {containers:?}"
+    );
+}

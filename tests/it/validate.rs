@@ -1394,3 +1394,39 @@ fn problems_are(problems: &[berth::descriptor::Problem], expected: &[(&str, usiz
         assert!(found.2.contains(words), "{} lacks {words}", found.2);
     }
 }
+
+#[test]
+fn a_sidecar_waits_only_for_other_sidecars_of_its_challenge_and_never_in_a_circle() {
+    let repo = Repo::new();
+    repo.write(
+        "shop.yaml",
+        challenge(
+            "shop",
+            "  sidecars:\n    - {name: db, image: busybox:latest, dependsOn: [cache]}\n    - {name: cache, image: busybox:latest, dependsOn: [queue]}\n    - {name: queue, image: busybox:latest, dependsOn: [db, queue, mail]}\n    - {name: web, image: busybox:latest, dependsOn: [db], healthcheck: {interval: 1s}}\n",
+        ),
+    )
+    .write(
+        "cluster.yaml",
+        challenge(
+            "cluster",
+            "  target: kubernetes\n  sidecars:\n    - {name: db, image: busybox:latest}\n    - {name: app, image: busybox:latest, dependsOn: [db]}\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        ("cluster.yaml", 10, "a pod's containers start together"),
+        ("shop.yaml", 8, "db → cache → queue → db is a circle"),
+        (
+            "shop.yaml",
+            10,
+            "\"queue\" a sidecar cannot wait for itself",
+        ),
+        (
+            "shop.yaml",
+            10,
+            "\"mail\" names no sidecar of this challenge",
+        ),
+        ("shop.yaml", 11, "set exactly one of tcp and http"),
+    ];
+    problems_are(&problems, &expected);
+}

@@ -29,6 +29,9 @@ use crate::plan::PartState;
 
 /// Longest wait for a host port a socket outside the engine still holds.
 const HOST_PORT_WAIT: Duration = Duration::from_secs(15);
+/// Longest wait for a sidecar to be healthy before what starts after it (a database before its
+/// web container); past it the step fails, naming the sidecar it waited for.
+const SIDECAR_READY_WAIT: Duration = Duration::from_secs(120);
 
 impl DockerBackend {
     /// Makes the challenge match its template: image, network, then each slot's container,
@@ -88,7 +91,9 @@ impl DockerBackend {
             by_slot.entry(slot).or_default().push(container);
         }
         let mut done = Vec::new();
-        for part in &template.parts {
+        // The container in place in each slot so far, for what starts after it to wait for.
+        let mut in_place: HashMap<String, String> = HashMap::new();
+        for part in template.start_order() {
             let secrets = template.secrets_of(&part.id);
             let env_values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let digests: BTreeMap<String, String> = env_values
@@ -111,6 +116,8 @@ impl DockerBackend {
                 // An exited one-shot is `Completed`, not `Stopped`: it is done, not started again.
                 match (run, container_state(container)) {
                     (true, PartState::Stopped) => {
+                        self.wait_for_sidecars(template, &part.id, &in_place)
+                            .await?;
                         // Written again before a start: a container an interrupted pass made
                         // may lack them (the copy overwrites what is there).
                         if takes_files(template, part) {
@@ -126,6 +133,7 @@ impl DockerBackend {
                     }
                     _ => {}
                 }
+                in_place.insert(part.id.clone(), name);
                 continue;
             }
             let config = match part.id.strip_prefix("sidecar-") {
@@ -145,6 +153,10 @@ impl DockerBackend {
                 false => short_hash(&json!([part.hash, digests])),
             };
             let name = self.container_name(&template.key, part, &version);
+            if run {
+                self.wait_for_sidecars(template, &part.id, &in_place)
+                    .await?;
+            }
             // Created, not started: a create that fails (a value the engine rejects) has touched
             // nothing that runs.
             self.create(&name, config).await?;
@@ -162,6 +174,7 @@ impl DockerBackend {
                 (true, false) => format!("created {} (stopped)", part.id),
                 (false, _) => format!("replaced {}", part.id),
             });
+            in_place.insert(part.id.clone(), name);
         }
         for (slot, leftovers) in by_slot {
             for container in leftovers {
@@ -239,6 +252,61 @@ impl DockerBackend {
                 Err(Trouble::Failed(format!("{why}{note}")))
             }
         }
+    }
+
+    /// Waits until each sidecar `slot` waits for is healthy (or, without a healthcheck, running),
+    /// as a database must be before its web container starts. Bounded by
+    /// [`SIDECAR_READY_WAIT`]; a sidecar that stops or fails its checks fails the wait at once,
+    /// with its reason.
+    pub(super) async fn wait_for_sidecars(
+        &self,
+        template: &ChallengeTemplate,
+        slot: &str,
+        in_place: &HashMap<String, String>,
+    ) -> Attempt<()> {
+        use bollard::models::HealthStatusEnum;
+        for wanted in template.waits_for(slot) {
+            let Some(name) = in_place.get(&wanted) else {
+                continue;
+            };
+            let started = Instant::now();
+            loop {
+                let inspected = self
+                    .docker
+                    .inspect_container(name, None::<InspectContainerOptions>)
+                    .await
+                    .map_err(|e| self.trouble(&format!("cannot inspect {name}"), e))?;
+                let state = inspected.state.unwrap_or_default();
+                let health = state.health.as_ref().and_then(|h| h.status);
+                let failed = match (state.running.unwrap_or(false), health) {
+                    (true, Some(HealthStatusEnum::HEALTHY))
+                    | (true, None | Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY)) => {
+                        break;
+                    }
+                    (true, Some(HealthStatusEnum::UNHEALTHY)) => Some("fails its health check"),
+                    (false, _) if state.restarting != Some(true) => Some("is not running"),
+                    _ => None,
+                };
+                if let Some(failed) = failed {
+                    let why = self
+                        .explain(name)
+                        .await
+                        .map(|(detail, _)| format!(": {detail}"))
+                        .unwrap_or_default();
+                    return Err(Trouble::Failed(format!(
+                        "{wanted} {failed}{why}; {slot} starts only once it is healthy"
+                    )));
+                }
+                if started.elapsed() > SIDECAR_READY_WAIT {
+                    return Err(Trouble::Failed(format!(
+                        "{wanted} was not healthy within {}s; {slot} starts only once it is",
+                        SIDECAR_READY_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Removes the new container of a failed update and starts the old ones it stopped; whether

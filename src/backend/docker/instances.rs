@@ -247,8 +247,10 @@ impl DockerBackend {
             }
         };
         let part = &template.parts[0];
-        for sidecar in &spec.sidecars {
-            let secrets = template.secrets_of(&format!("sidecar-{}", sidecar.name));
+        let mut in_place = HashMap::new();
+        for sidecar in template.sidecar_order() {
+            let slot = format!("sidecar-{}", sidecar.name);
+            let secrets = template.secrets_of(&slot);
             let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let mut config =
                 self.sidecar_config(template, part, sidecar, &network, &values, &BTreeMap::new());
@@ -259,9 +261,14 @@ impl DockerBackend {
             labels.insert(LABEL_INSTANCE_MAIN.into(), name.into());
             let sidecar_name = format!("{name}-{}", sidecar.name);
             self.create(&sidecar_name, config).await?;
-            // Sidecars first, as the main container may need its database at once.
+            // Sidecars first, each once those it depends on are healthy, as the main container
+            // may need its database at once.
+            self.wait_for_sidecars(template, &slot, &in_place).await?;
             self.start(&sidecar_name).await?;
+            in_place.insert(slot, sidecar_name);
         }
+        self.wait_for_sidecars(template, INSTANCES_PART, &in_place)
+            .await?;
         let secrets = template.secrets_of(INSTANCES_PART);
         let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
         let mut config =

@@ -57,6 +57,70 @@ impl ChallengeTemplate {
         wall_of(&self.key, &self.spec)
     }
 
+    /// Its sidecars in the order they start: each after those in its `dependsOn`, else as
+    /// written.
+    pub(super) fn sidecar_order(&self) -> Vec<&Sidecar> {
+        let sidecars = &self.spec.sidecars;
+        let mut placed: Vec<&Sidecar> = Vec::new();
+        let is_placed =
+            |placed: &[&Sidecar], name: &str| placed.iter().any(|p| p.name.as_str() == name);
+        while placed.len() < sidecars.len() {
+            let ready = sidecars.iter().find(|s| {
+                !is_placed(&placed, s.name.as_str())
+                    && s.depends_on.iter().all(|d| is_placed(&placed, d.as_str()))
+            });
+            match ready {
+                Some(sidecar) => placed.push(sidecar),
+                // A circle or a name of no sidecar (validation refuses both): the rest as written.
+                None => {
+                    let rest: Vec<&Sidecar> = sidecars
+                        .iter()
+                        .filter(|s| !is_placed(&placed, s.name.as_str()))
+                        .collect();
+                    placed.extend(rest);
+                }
+            }
+        }
+        placed
+    }
+
+    /// Its parts in the order they start: sidecars in [`Self::sidecar_order`], then the main
+    /// containers, which wait for every sidecar.
+    pub(super) fn start_order(&self) -> Vec<&Part> {
+        let mut order: Vec<&Part> = self
+            .sidecar_order()
+            .iter()
+            .filter_map(|sidecar| {
+                let slot = format!("sidecar-{}", sidecar.name);
+                self.parts.iter().find(|p| p.id == slot)
+            })
+            .collect();
+        order.extend(self.parts.iter().filter(|p| !p.id.starts_with("sidecar-")));
+        order
+    }
+
+    /// The slots that must be healthy before `slot` starts: a sidecar's `dependsOn`, and every
+    /// sidecar for a main container.
+    pub(super) fn waits_for(&self, slot: &str) -> Vec<String> {
+        let sidecars = &self.spec.sidecars;
+        match slot.strip_prefix("sidecar-") {
+            Some(name) => sidecars
+                .iter()
+                .find(|s| s.name.as_str() == name)
+                .map(|s| {
+                    s.depends_on
+                        .iter()
+                        .map(|d| format!("sidecar-{d}"))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => sidecars
+                .iter()
+                .map(|s| format!("sidecar-{}", s.name))
+                .collect(),
+        }
+    }
+
     /// Whether any of its containers takes a secret.
     pub fn has_secrets(&self) -> bool {
         !self.spec.secret_env.is_empty()
@@ -373,27 +437,7 @@ impl DockerBackend {
                     });
             }
         }
-        let healthcheck = spec.healthcheck.as_ref().map(|check| {
-            let probe = match (&check.tcp, &check.http) {
-                (Some(port), _) => {
-                    format!("nc -w 1 127.0.0.1 {port} </dev/null >/dev/null 2>&1 || exit 1")
-                }
-                (None, Some(http)) => format!(
-                    "wget -q -O /dev/null http://127.0.0.1:{}{} || exit 1",
-                    http.port, http.path
-                ),
-                (None, None) => "true".into(),
-            };
-            HealthConfig {
-                test: Some(vec!["CMD-SHELL".into(), probe]),
-                interval: Some(check.interval.0.as_nanos() as i64),
-                timeout: Some(check.timeout.0.as_nanos() as i64),
-                retries: Some(i64::from(check.retries)),
-                // Check early and often while starting, so `apply --wait` sees health quickly.
-                start_period: Some(check.interval.0.as_nanos() as i64),
-                start_interval: None,
-            }
-        });
+        let healthcheck = spec.healthcheck.as_ref().map(health_config);
         let mut host_config = contained(spec.resources.as_ref(), &spec.security, spec.init);
         // The group its secret files are readable by, whatever groups the image gives the user.
         if let Some(gid) = template.spec.secret_files_group() {
@@ -437,6 +481,7 @@ impl DockerBackend {
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
             image: Some(sidecar.image.clone()),
+            healthcheck: sidecar.healthcheck.as_ref().map(health_config),
             cmd: sidecar.command.clone(),
             entrypoint: sidecar.entrypoint.clone(),
             env: Some(environment(&sidecar.env, secrets)),
@@ -447,6 +492,30 @@ impl DockerBackend {
             networking_config: Some(network_aliases(network, sidecar.name.as_str())),
             ..Default::default()
         }
+    }
+}
+
+/// A healthcheck as Docker runs it inside the container.
+fn health_config(check: &crate::descriptor::model::HealthCheck) -> HealthConfig {
+    let probe = match (&check.tcp, &check.http) {
+        (Some(port), _) => {
+            format!("nc -w 1 127.0.0.1 {port} </dev/null >/dev/null 2>&1 || exit 1")
+        }
+        (None, Some(http)) => format!(
+            "wget -q -O /dev/null http://127.0.0.1:{}{} || exit 1",
+            http.port, http.path
+        ),
+        (None, None) => "true".into(),
+    };
+    HealthConfig {
+        test: Some(vec!["CMD-SHELL".into(), probe]),
+        interval: Some(check.interval.0.as_nanos() as i64),
+        timeout: Some(check.timeout.0.as_nanos() as i64),
+        retries: Some(i64::from(check.retries)),
+        // Failures while starting do not count; a success counts at once, so `apply --wait`
+        // sees health quickly.
+        start_period: Some(check.start_period.unwrap_or(check.interval).0.as_nanos() as i64),
+        start_interval: None,
     }
 }
 
@@ -563,5 +632,72 @@ pub(super) fn network_aliases(network: &str, alias: &str) -> NetworkingConfig {
     };
     NetworkingConfig {
         endpoints_config: Some(HashMap::from([(network.to_string(), endpoint)])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(sidecars: serde_json::Value) -> ChallengeTemplate {
+        let spec: ChallengeSpec =
+            serde_json::from_value(json!({"image": "web:1", "replicas": 2, "sidecars": sidecars}))
+                .unwrap();
+        let slot = |id: &str| Part {
+            id: id.into(),
+            hash: "h".into(),
+            spec: json!({}).into(),
+            secrets: None,
+            one_shot: false,
+        };
+        let mut parts = vec![slot("main-1"), slot("main-2")];
+        parts.extend(
+            spec.sidecars
+                .iter()
+                .map(|s| slot(&format!("sidecar-{}", s.name))),
+        );
+        ChallengeTemplate {
+            key: "Challenge/shop".parse().unwrap(),
+            spec,
+            labels: BTreeMap::new(),
+            build_digest: None,
+            parts,
+        }
+    }
+
+    /// A database starts before what needs it: sidecars after those they depend on, the main
+    /// containers last, waiting for every sidecar.
+    #[test]
+    fn sidecars_start_after_what_they_depend_on_and_the_main_containers_last() {
+        let shop = template(json!([
+            {"name": "web", "image": "nginx:1", "dependsOn": ["api"]},
+            {"name": "api", "image": "api:1", "dependsOn": ["db", "cache"]},
+            {"name": "cache", "image": "redis:7"},
+            {"name": "db", "image": "mysql:8"},
+        ]));
+        let order: Vec<&str> = shop.start_order().iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "sidecar-cache",
+                "sidecar-db",
+                "sidecar-api",
+                "sidecar-web",
+                "main-1",
+                "main-2"
+            ]
+        );
+        assert_eq!(
+            shop.waits_for("sidecar-api"),
+            ["sidecar-db", "sidecar-cache"]
+        );
+        assert_eq!(shop.waits_for("sidecar-db"), Vec::<String>::new());
+        assert_eq!(shop.waits_for("main-2").len(), 4);
+        // A circle (which validation refuses) still starts everything, as written.
+        let circle = template(json!([
+            {"name": "a", "image": "x:1", "dependsOn": ["b"]},
+            {"name": "b", "image": "x:1", "dependsOn": ["a"]},
+        ]));
+        assert_eq!(circle.start_order().len(), 4);
     }
 }

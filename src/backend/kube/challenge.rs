@@ -295,7 +295,7 @@ impl ChallengeTemplate {
             }
         }
         for sidecar in &self.spec.sidecars {
-            containers.push(container(
+            let mut made = container(
                 sidecar.name.as_str(),
                 &sidecar.image,
                 &sidecar.entrypoint,
@@ -308,7 +308,12 @@ impl ChallengeTemplate {
                 ),
                 &sidecar.resources,
                 &sidecar.security,
-            ));
+            );
+            // The pod is ready, and the Service sends to it, only once the sidecar is too.
+            if let (Some(check), Some(fields)) = (&sidecar.healthcheck, made.as_object_mut()) {
+                fields.insert("readinessProbe".into(), probe(check));
+            }
+            containers.push(made);
         }
         let volumes: Vec<Value> = std::iter::once(("main", &self.spec.security))
             .chain(
@@ -908,7 +913,8 @@ mod tests {
             "ports": [{"container": 8080, "host": 30080}],
             "healthcheck": {"http": {"port": 8080, "path": "/ready"}, "interval": "500ms"},
             "resources": {"cpus": 0.5, "memory": "64Mi"},
-            "sidecars": [{"name": "db", "image": "redis:7", "secretEnv": {"PASS": {"env": "P"}}}],
+            "sidecars": [{"name": "db", "image": "redis:7", "secretEnv": {"PASS": {"env": "P"}},
+                "healthcheck": {"tcp": 6379}}],
         }));
         let deployment = t.deployment(&labels(), "ns", false);
         assert_eq!(deployment["spec"]["replicas"], 2);
@@ -934,6 +940,11 @@ mod tests {
         assert_eq!(
             main["resources"]["limits"],
             json!({"cpu": "500m", "memory": "67108864"})
+        );
+        assert_eq!(
+            containers[1]["readinessProbe"]["tcpSocket"],
+            json!({"port": 6379}),
+            "the pod is ready only once its sidecar is"
         );
         assert_eq!(
             containers[1]["env"][0]["valueFrom"]["secretKeyRef"]["key"],
