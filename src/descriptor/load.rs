@@ -218,7 +218,7 @@ struct AssetUse {
     written: String,
     file: usize,
     doc: usize,
-    pointer: &'static str,
+    pointer: String,
 }
 
 /// A valid descriptor and the document it came from.
@@ -678,6 +678,20 @@ impl Loader {
                 .unwrap_or_else(|error| error);
             descriptor.build_digest = Some(digest);
         }
+        // A folder a volume copies in changes the challenge when its files change.
+        if let Spec::Challenge(spec) = &descriptor.spec {
+            let folders = spec
+                .volumes
+                .iter()
+                .chain(spec.sidecars.iter().flat_map(|s| &s.volumes))
+                .filter_map(|v| v.from.as_deref());
+            for folder in folders {
+                let digest = BuildContext::read(&self.root.join(folder), "")
+                    .and_then(|c| c.digest())
+                    .unwrap_or_else(|error| error);
+                descriptor.folder_digests.insert(folder.to_string(), digest);
+            }
+        }
         // A Pipeline that builds from a folder of this repo runs again when the folder changes,
         // and so does one whose step image is built from a folder that changed.
         if let Spec::Pipeline(spec) = &descriptor.spec {
@@ -697,7 +711,10 @@ impl Loader {
                 descriptor.build_digest = Some(digests.join("+"));
             }
         }
-        let digest = descriptor.build_digest.as_deref().unwrap_or_default();
+        let mut digest = descriptor.build_digest.clone().unwrap_or_default();
+        for (folder, folder_digest) in &descriptor.folder_digests {
+            digest.push_str(&format!("+{folder}:{folder_digest}"));
+        }
         let rendered = match &descriptor.manifests {
             Some(Ok(manifests)) => {
                 serde_json::to_string(&manifests.iter().map(|m| &m.object).collect::<Vec<_>>())
@@ -710,7 +727,7 @@ impl Loader {
             descriptor.kind(),
             &descriptor.metadata,
             &descriptor.spec,
-            &[digest, &rendered],
+            &[&digest, &rendered],
         );
     }
 
@@ -731,14 +748,32 @@ impl Loader {
                 self.asset_files.insert(relative);
             }
         }
-        for pointer in [
+        // Folders a challenge's volumes copy in (`from:`), the main container's and each
+        // sidecar's.
+        let mounts = |pointer: String| {
+            let count = value
+                .pointer(&pointer)
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            (0..count).map(move |index| format!("{pointer}/{index}/from"))
+        };
+        let sidecars = value
+            .pointer("/spec/sidecars")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let pointers = [
             "/spec/build/context",
             "/spec/manifests",
             "/spec/chart",
             "/spec/image/build/context",
-        ] {
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(mounts("/spec/volumes".into()))
+        .chain((0..sidecars).flat_map(|index| mounts(format!("/spec/sidecars/{index}/volumes"))));
+        for pointer in pointers {
             // Folders only: a path to a file is reported by the semantic checks.
-            if let Some(written) = value.pointer(pointer).and_then(Value::as_str)
+            if let Some(written) = value.pointer(&pointer).and_then(Value::as_str)
                 && let Ok(canonical) = self.root.join(written).canonicalize()
                 && canonical.starts_with(&self.root)
                 && canonical.is_dir()
@@ -872,9 +907,10 @@ impl Loader {
 
     /// The problem at `used`: its folder holds the descriptor files `overlap` (at least one).
     fn overlap_problem(&self, used: &AssetUse, overlap: &[usize]) -> Pending {
-        let (what, content) = match used.pointer {
+        let (what, content) = match used.pointer.as_str() {
             "/spec/manifests" => ("manifests folder", "manifests"),
             "/spec/chart" => ("chart folder", "chart"),
+            volume if volume.ends_with("/from") => ("volume folder", "files"),
             _ => ("build context", "build files"),
         };
         let more = match overlap.len() {
@@ -883,7 +919,7 @@ impl Loader {
         };
         let message = format!(
             "{}: {what} \"{}\" holds descriptor {}{more}; move the {content} to a folder of their own",
-            schema::dotted(used.pointer),
+            schema::dotted(&used.pointer),
             used.written,
             self.files[overlap[0]].relative,
         );
@@ -891,7 +927,7 @@ impl Loader {
             file: used.file,
             place: Place::Node {
                 doc: used.doc,
-                pointer: used.pointer.to_string(),
+                pointer: used.pointer.clone(),
                 at_key: false,
             },
             identity: self.files[used.file]
@@ -1145,6 +1181,7 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         line,
         spec_hash: String::new(),
         build_digest: None,
+        folder_digests: BTreeMap::new(),
         manifests: None,
     })
 }

@@ -25,6 +25,7 @@ pub(crate) use semantic::repo_folder;
 pub mod values;
 pub mod yaml;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -132,6 +133,9 @@ pub struct Descriptor {
     pub spec_hash: String,
     /// Digest of the Challenge's build context (or why it could not be read), when it builds one.
     pub build_digest: Option<String>,
+    /// Digests of the repo folders a Challenge's volumes copy in (`from:`), by folder as written
+    /// (or why one could not be read, which changes it all the same).
+    pub folder_digests: BTreeMap<String, String>,
     /// A Staging's objects, rendered from its manifests or chart.
     pub manifests: Option<manifests::Rendered>,
 }

@@ -726,17 +726,52 @@ impl ChallengeSpec {
     }
 }
 
-/// A named volume mounted into a container.
+/// A volume mounted into a container: a named volume of the challenge's, or a folder of this
+/// repo copied in. Exactly one of `name` and `from`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VolumeMount {
-    /// The volume's name, one per challenge: `data`.
-    pub name: Name,
+    /// A named volume, one per challenge: `data`. Kept across updates, removed only with the
+    /// challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// A folder of this repo, copied into a volume of its own and mounted read-only: a
+    /// database's init scripts (`challenges/shop/initdb`). A change to its files is an update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// Where it is mounted, an absolute path: `/var/lib/mysql`.
     pub path: String,
-    /// Mount it read-only.
+    /// Mount it read-only (a folder from the repo always is).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+}
+
+/// What a volume mount holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeSource<'a> {
+    /// The challenge's named volume.
+    Named(&'a Name),
+    /// A folder of the repo, by its path from the repo's root.
+    Folder(&'a str),
+}
+
+impl VolumeMount {
+    /// What it holds; `None` when it names neither or both (validation refuses that).
+    pub fn source(&self) -> Option<VolumeSource<'_>> {
+        match (&self.name, &self.from) {
+            (Some(name), None) => Some(VolumeSource::Named(name)),
+            (None, Some(folder)) => Some(VolumeSource::Folder(folder)),
+            _ => None,
+        }
+    }
+
+    /// The named volume it mounts, if it does.
+    pub fn named(&self) -> Option<&Name> {
+        match self.source()? {
+            VolumeSource::Named(name) => Some(name),
+            VolumeSource::Folder(_) => None,
+        }
+    }
 }
 
 /// A secret written as a file into a challenge's container.

@@ -350,7 +350,7 @@ fn plain_path(path: &str, what: PathOf) -> Result<(), String> {
 
 /// A challenge's volumes: plain absolute paths, one volume per path in each container, not
 /// under a tmpfs or on a secret file; and Docker only so far.
-fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
+fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
     // A pooled instance's flag is put in a volume at /run/berth-flag.
     let pooled_flag = spec
         .instanced
@@ -359,14 +359,21 @@ fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
     if spec.instanced.is_some() {
         // An instance's volumes are its own, one per container: a name two containers mount
         // would be two volumes, not one.
-        let mut mounted_by_main: std::collections::BTreeSet<&str> =
-            spec.volumes.iter().map(|v| v.name.as_str()).collect();
+        let mut mounted_by_main: std::collections::BTreeSet<&str> = spec
+            .volumes
+            .iter()
+            .filter_map(|v| v.named())
+            .map(|name| name.as_str())
+            .collect();
         for (index, sidecar) in spec.sidecars.iter().enumerate() {
             for (at, volume) in sidecar.volumes.iter().enumerate() {
-                if !mounted_by_main.insert(volume.name.as_str()) {
+                let Some(name) = volume.named() else {
+                    continue;
+                };
+                if !mounted_by_main.insert(name.as_str()) {
                     found.push(violation(
                         format!("/spec/sidecars/{index}/volumes/{at}/name"),
-                        format!("spec.sidecars[{index}].volumes[{at}].name: an instance's volumes are its containers' own, so {} cannot be shared; give each container its own", volume.name.as_str()),
+                        format!("spec.sidecars[{index}].volumes[{at}].name: an instance's volumes are its containers' own, so {} cannot be shared; give each container its own", name.as_str()),
                     ));
                 }
             }
@@ -390,11 +397,26 @@ fn check_volumes(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
         if !volumes.is_empty() && spec.target == Some(Engine::Kubernetes) {
             found.push(violation(
                 pointer.clone(),
-                format!("{shown}: named volumes run on docker only so far; on Kubernetes, keep data in a Staging with a PersistentVolumeClaim"),
+                format!("{shown}: volumes run on docker only so far; on Kubernetes, keep data in a Staging with a PersistentVolumeClaim, and files in a ConfigMap"),
             ));
         }
         let mut seen: Vec<std::path::PathBuf> = Vec::new();
         for (index, volume) in volumes.iter().enumerate() {
+            match (&volume.name, &volume.from) {
+                (Some(_), Some(_)) | (None, None) => found.push(violation(
+                    format!("{pointer}/{index}"),
+                    format!("{shown}[{index}]: set exactly one of name (a named volume of the challenge's) and from (a folder of this repo, copied in read-only)"),
+                )),
+                (None, Some(folder)) => {
+                    if let Err(message) = repo_folder(root, folder) {
+                        found.push(violation(
+                            format!("{pointer}/{index}/from"),
+                            format!("{shown}[{index}].from: {message}"),
+                        ));
+                    }
+                }
+                (Some(_), None) => {}
+            }
             let at = format!("{pointer}/{index}/path");
             let said = |why: String| violation(at.clone(), format!("{shown}[{index}].path: {why}"));
             let normal: std::path::PathBuf = Path::new(&volume.path).components().collect();
@@ -450,7 +472,7 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     if let Some(instanced) = &spec.instanced {
         check_instanced(spec, instanced, found);
     }
-    check_volumes(spec, found);
+    check_volumes(root, spec, found);
     // Paths as the file system takes them (`//flag` and `/./flag` are `/flag`): each once, none
     // inside another, none under a tmpfs (mounted over the file at the start, on Docker).
     let mut seen: Vec<std::path::PathBuf> = Vec::new();

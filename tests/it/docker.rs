@@ -1077,3 +1077,90 @@ fn the_main_container_starts_once_its_sidecars_are_healthy_in_their_order() {
         "what waits for the database was made: {containers:?}"
     );
 }
+
+/// A database's init scripts, as a folder of the repo: copied into a volume of their own and
+/// mounted read-only (even root cannot change them) into the containers that name them; a
+/// changed file is an update onto a new copy, and the old copy goes; prune takes the rest.
+#[test]
+fn a_repo_folder_is_copied_in_read_only_and_a_change_to_its_files_is_an_update() {
+    let Some(instance) = engine() else { return };
+    let repo = Repo::new();
+    let shop = "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: shop}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  volumes: [{from: shop/initdb, path: /seed}]\n  sidecars:\n    - name: db\n      image: busybox:latest\n      command: [sleep, \"3600\"]\n      volumes: [{from: shop/initdb, path: /docker-entrypoint-initdb.d}, {name: data, path: /var/lib/db}]\n";
+    repo.write("shop.yaml", shop)
+        .write(
+            "shop/initdb/01-schema.sql",
+            "CREATE TABLE flags (f TEXT);\n",
+        )
+        .write(
+            "shop/initdb/02-seed/users.sql",
+            "INSERT INTO users VALUES ('admin');\n",
+        );
+    let applied = instance.apply(&repo, &[]);
+    assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
+    let containers = instance.containers("shop");
+    let (main, db) = (&containers["main-1"].0, &containers["sidecar-db"].0);
+    assert_eq!(
+        docker(&[
+            "exec",
+            db,
+            "cat",
+            "/docker-entrypoint-initdb.d/01-schema.sql"
+        ]),
+        "CREATE TABLE flags (f TEXT);"
+    );
+    assert_eq!(
+        docker(&["exec", main, "cat", "/seed/02-seed/users.sql"]),
+        "INSERT INTO users VALUES ('admin');"
+    );
+    assert!(write_refused(
+        db,
+        "/docker-entrypoint-initdb.d/01-schema.sql"
+    ));
+    assert!(write_refused(main, "/seed/new.sql"));
+    let copies = || {
+        let listed = docker(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=berth-{}_shop_folder.", instance.name),
+        ]);
+        listed.lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(copies().len(), 2, "one copy and its mark: {:?}", copies());
+
+    // A changed file: the plan says so, and both containers move onto a new copy.
+    repo.write(
+        "shop/initdb/01-schema.sql",
+        "CREATE TABLE flags (f TEXT, team TEXT);\n",
+    );
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(
+        plan.contains("Challenge/shop") && plan.contains("update"),
+        "{plan}"
+    );
+    let updated = instance.apply(&repo, &[]);
+    assert_eq!(updated.status.code(), Some(0), "{}", stdout(&updated));
+    let db = instance.containers("shop")["sidecar-db"].0.clone();
+    assert_eq!(
+        docker(&[
+            "exec",
+            &db,
+            "cat",
+            "/docker-entrypoint-initdb.d/01-schema.sql"
+        ]),
+        "CREATE TABLE flags (f TEXT, team TEXT);"
+    );
+    assert_eq!(copies().len(), 2, "the old copy is left: {:?}", copies());
+
+    std::fs::remove_file(repo.path().join("shop.yaml")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("shop")).unwrap();
+    assert_eq!(
+        instance
+            .apply(&repo, &["--prune", "--allow-empty"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert!(copies().is_empty(), "left after prune: {:?}", copies());
+}

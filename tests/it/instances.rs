@@ -1091,3 +1091,33 @@ fn on_kubernetes_each_team_gets_a_pod_behind_a_node_port_of_its_own_replaced_on_
     });
     assert_eq!(spawn(&agent, "heap", "t3").0, 404);
 }
+
+/// A folder of the repo mounted into an instanced challenge is the same read-only copy in every
+/// team's instance (their named volumes are their own).
+#[test]
+fn every_instance_mounts_the_one_read_only_copy_of_a_repo_folder() {
+    let Some(instance) = engine() else { return };
+    let challenge = "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: pages}\nspec:\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\", -h, /www]\n  ports: [{container: 8080}]\n  instanced: {ttl: 5m}\n  volumes: [{from: pages/www, path: /www}]\n";
+    let origin = Origin::new(&[
+        ("pages.yaml", challenge),
+        ("pages/www/index.html", "the same for every team\n"),
+    ]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let agent = agent(&instance, &daemon);
+    agent.wait_for("the first pass", || applied(&origin, &revision));
+    for team in ["t1", "t2"] {
+        let (code, spawned) = spawn(&agent, "pages", team);
+        assert_eq!(code, 201, "{spawned}");
+        assert_eq!(
+            fetched_eventually(port_of(&spawned), "/index.html").trim(),
+            "the same for every team"
+        );
+        let main = container_of(&instance, spawned["id"].as_str().unwrap());
+        let main = main.lines().next().unwrap().to_string();
+        assert!(
+            crate::docker::write_refused(&main, "/www/index.html"),
+            "team {team} could change the page"
+        );
+    }
+}

@@ -1327,7 +1327,7 @@ fn volumes_are_folders_of_their_own_on_docker() {
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let expected = [
-        ("cluster.yaml", 8, "named volumes run on docker only so far"),
+        ("cluster.yaml", 8, "volumes run on docker only so far"),
         ("paths.yaml", 8, "\"data\" is not a folder's absolute path"),
         (
             "paths.yaml",
@@ -1427,6 +1427,26 @@ fn a_sidecar_waits_only_for_other_sidecars_of_its_challenge_and_never_in_a_circl
             "\"mail\" names no sidecar of this challenge",
         ),
         ("shop.yaml", 11, "set exactly one of tcp and http"),
+    ];
+    problems_are(&problems, &expected);
+}
+
+#[test]
+fn a_volume_is_a_named_volume_or_a_folder_of_the_repo_and_never_both() {
+    let repo = Repo::new();
+    repo.write("shop/initdb/01.sql", "SELECT 1;\n").write(
+        "shop.yaml",
+        challenge(
+            "shop",
+            "  volumes:\n    - {from: shop/initdb, path: /seed}\n    - {name: data, from: shop/initdb, path: /both}\n    - {path: /neither}\n    - {from: ../outside, path: /out}\n    - {from: shop/initdb/01.sql, path: /file}\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        ("shop.yaml", 9, "set exactly one of name"),
+        ("shop.yaml", 10, "set exactly one of name"),
+        ("shop.yaml", 11, "outside"),
+        ("shop.yaml", 12, "is not a folder"),
     ];
     problems_are(&problems, &expected);
 }

@@ -67,6 +67,9 @@ impl DockerBackend {
         // Everything that can fail is prepared before any container is touched.
         let network = self.ensure_wall(&template.wall()).await?;
         let image = self.ensure_image(template, repo_root, &network).await?;
+        let copies = self
+            .ensure_folder_copies(template, &image, repo_root)
+            .await?;
         self.ensure_volumes(template).await?;
         let key = match template
             .parts
@@ -188,6 +191,7 @@ impl DockerBackend {
         if self.remove_networks_of(&template.key, own).await > 0 {
             done.push("removed its old network".into());
         }
+        self.remove_old_folder_copies(template, &copies).await?;
         Ok(done.join(", "))
     }
 
@@ -407,6 +411,69 @@ impl DockerBackend {
         Ok(format!("removed {} container(s)", existing.len()))
     }
 
+    /// Makes the copies of the repo folders the challenge's volumes mount that are missing: the
+    /// volumes it needs, with their marks.
+    pub(super) async fn ensure_folder_copies(
+        &self,
+        template: &ChallengeTemplate,
+        image: &str,
+        repo_root: &Path,
+    ) -> Attempt<std::collections::BTreeSet<String>> {
+        let folders: std::collections::BTreeSet<&str> = template
+            .spec
+            .volumes
+            .iter()
+            .chain(template.spec.sidecars.iter().flat_map(|s| &s.volumes))
+            .filter_map(|v| v.from.as_deref())
+            .collect();
+        let mut wanted = std::collections::BTreeSet::new();
+        for folder in folders {
+            let volume = self
+                .ensure_folder_copy(template, folder, image, repo_root)
+                .await?;
+            wanted.insert(format!("{volume}.done"));
+            wanted.insert(volume);
+        }
+        Ok(wanted)
+    }
+
+    /// Removes the challenge's copies of repo folders (and their marks) other than `wanted`,
+    /// once its containers have moved off them; one still mounted stays for a later pass.
+    pub(super) async fn remove_old_folder_copies(
+        &self,
+        template: &ChallengeTemplate,
+        wanted: &std::collections::BTreeSet<String>,
+    ) -> Attempt<()> {
+        let prefix = self.folder_volume_name(&template.key, "");
+        let (marks, copies): (Vec<String>, Vec<String>) = self
+            .volumes_of(&template.key)
+            .await?
+            .into_iter()
+            .filter(|name| name.starts_with(&prefix) && !wanted.contains(name))
+            .partition(|name| name.ends_with(".done"));
+        // Each copy before its mark; a copy still in use keeps its mark, and both go later.
+        let mut kept = std::collections::HashSet::new();
+        for copy in copies {
+            let removed = self
+                .docker
+                .remove_volume(
+                    &copy,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await;
+            if removed.is_err_and(|error| !is_status(&error, 404)) {
+                kept.insert(format!("{copy}.done"));
+            }
+        }
+        for mark in marks.iter().filter(|mark| !kept.contains(*mark)) {
+            let _ = self
+                .docker
+                .remove_volume(mark, None::<bollard::query_parameters::RemoveVolumeOptions>)
+                .await;
+        }
+        Ok(())
+    }
+
     /// Makes the challenge's named volumes that are missing, labelled as its own.
     async fn ensure_volumes(&self, template: &ChallengeTemplate) -> Attempt<()> {
         let names: std::collections::BTreeSet<&str> = template
@@ -414,7 +481,8 @@ impl DockerBackend {
             .volumes
             .iter()
             .chain(template.spec.sidecars.iter().flat_map(|s| &s.volumes))
-            .map(|v| v.name.as_str())
+            .filter_map(|v| v.named())
+            .map(|name| name.as_str())
             .collect();
         for name in names {
             let request = bollard::models::VolumeCreateRequest {
@@ -431,8 +499,116 @@ impl DockerBackend {
         Ok(())
     }
 
-    /// Removes the challenge's named volumes (once its containers are gone).
-    async fn remove_volumes_of(&self, key: &ObjectRef) -> Attempt<()> {
+    /// Makes the volume holding a copy of the repo folder `folder`, unless a finished one is
+    /// there. It is filled through a container made (never started, with no network) from
+    /// `image`, the challenge's own, with the volume mounted; then an empty second volume marks it
+    /// finished, so a copy cut short (the agent killed mid-way) is never taken for a whole one,
+    /// and is made again. The copy is named by its content: a change is a new volume.
+    async fn ensure_folder_copy(
+        &self,
+        template: &ChallengeTemplate,
+        folder: &str,
+        image: &str,
+        repo_root: &Path,
+    ) -> Attempt<String> {
+        let digest = template.folders.get(folder).map_or("", String::as_str);
+        let volume = self.folder_volume_name(&template.key, digest);
+        let finished = format!("{volume}.done");
+        let exists = |name: String| async move {
+            match self.docker.inspect_volume(&name).await {
+                Ok(_) => Ok(true),
+                Err(error) if is_status(&error, 404) => Ok(false),
+                Err(error) => Err(self.trouble(&format!("cannot inspect volume {name}"), error)),
+            }
+        };
+        if exists(finished.clone()).await? {
+            if exists(volume.clone()).await? {
+                return Ok(volume);
+            }
+            // A mark whose copy is gone (removed by hand, or a cleanup cut short) marks nothing.
+            let _ = self
+                .docker
+                .remove_volume(
+                    &finished,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await;
+        }
+        let labels = self.ownership.labels(&template.key, "");
+        let filler = format!("{volume}-fill");
+        let _ = remove_container(&self.docker, &filler).await;
+        // What an interrupted copy left goes first.
+        match self
+            .docker
+            .remove_volume(
+                &volume,
+                None::<bollard::query_parameters::RemoveVolumeOptions>,
+            )
+            .await
+        {
+            Err(error) if !is_status(&error, 404) => {
+                return Err(self.trouble(&format!("cannot remove volume {volume}"), error));
+            }
+            _ => {}
+        }
+        let create_volume = |name: &str| bollard::models::VolumeCreateRequest {
+            name: Some(name.to_string()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_volume(create_volume(&volume))
+            .await
+            .map_err(|e| self.trouble(&format!("cannot create volume {volume}"), e))?;
+        let mut filler_labels = labels.clone();
+        filler_labels.insert(LABEL_SLOT.into(), "fill".into());
+        let config = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: Some(vec!["/berth-fill".into()]),
+            entrypoint: Some(Vec::new()),
+            network_disabled: Some(true),
+            labels: Some(filler_labels),
+            host_config: Some(bollard::models::HostConfig {
+                network_mode: Some("none".into()),
+                mounts: Some(vec![bollard::models::Mount {
+                    target: Some("/berth-fill".into()),
+                    source: Some(volume.clone()),
+                    typ: Some(bollard::models::MountType::VOLUME),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.create(&filler, config).await?;
+        let copied = match crate::build_context::BuildContext::read(&repo_root.join(folder), "") {
+            Ok(context) => self
+                .docker
+                .upload_to_container(
+                    &filler,
+                    Some(bollard::query_parameters::UploadToContainerOptions {
+                        path: "/berth-fill".into(),
+                        ..Default::default()
+                    }),
+                    bollard::body_try_stream(context.into_stream(())),
+                )
+                .await
+                .map_err(|e| self.trouble(&format!("cannot copy {folder} into {volume}"), e)),
+            Err(why) => Err(Trouble::Failed(format!(
+                "cannot read the folder {folder}: {why}"
+            ))),
+        };
+        let _ = remove_container(&self.docker, &filler).await;
+        copied?;
+        self.docker
+            .create_volume(create_volume(&finished))
+            .await
+            .map_err(|e| self.trouble(&format!("cannot create volume {finished}"), e))?;
+        Ok(volume)
+    }
+
+    /// The names of the challenge `key`'s volumes: named ones, and copies of folders.
+    async fn volumes_of(&self, key: &ObjectRef) -> Attempt<Vec<String>> {
         let filters = HashMap::from([(
             "label".to_string(),
             self.ownership
@@ -445,19 +621,27 @@ impl DockerBackend {
             }))
             .await
             .map_err(|e| self.trouble("cannot list volumes", e))?;
-        for volume in volumes.volumes.unwrap_or_default() {
+        Ok(volumes
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
+    }
+
+    /// Removes the challenge's volumes (once its containers are gone).
+    async fn remove_volumes_of(&self, key: &ObjectRef) -> Attempt<()> {
+        for volume in self.volumes_of(key).await? {
             match self
                 .docker
                 .remove_volume(
-                    &volume.name,
+                    &volume,
                     None::<bollard::query_parameters::RemoveVolumeOptions>,
                 )
                 .await
             {
                 Err(error) if !is_status(&error, 404) => {
-                    return Err(
-                        self.trouble(&format!("cannot remove volume {}", volume.name), error)
-                    );
+                    return Err(self.trouble(&format!("cannot remove volume {volume}"), error));
                 }
                 _ => {}
             }

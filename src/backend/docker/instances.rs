@@ -16,7 +16,7 @@ use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
 
 use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
-use super::template::{ChallengeTemplate, INSTANCES_PART};
+use super::template::{ChallengeTemplate, FOLDER_VOLUME, INSTANCES_PART};
 use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, is_status, remove_container};
 use crate::backend::instances::{InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance};
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
@@ -73,6 +73,12 @@ impl DockerBackend {
             })
             .await?;
         let image = self.ensure_image(template, repo_root, &builds_on).await?;
+        // Copies of repo folders are read-only, so every instance mounts the same one (an older
+        // copy stays while instances of the older version mount it).
+        let copies = self
+            .ensure_folder_copies(template, &image, repo_root)
+            .await?;
+        self.remove_old_folder_copies(template, &copies).await?;
         let wall = instances_wall(template);
         let network = self.ensure_instances_network(template, &wall).await?;
         let stopped = template.spec.state == RunState::Stopped;
@@ -584,7 +590,8 @@ fn instance_container(container: &ContainerSummary) -> Option<InstanceContainer>
 }
 
 /// An instance's volumes are its own: anonymous, made with its containers and removed with them,
-/// never a challenge's named volume that another team's instance would share.
+/// never a challenge's named volume that another team's instance would share; but for copies of
+/// repo folders, read-only and the same for every team.
 fn anonymous_volumes(config: &mut bollard::models::ContainerCreateBody) {
     let mounts = config
         .host_config
@@ -592,8 +599,17 @@ fn anonymous_volumes(config: &mut bollard::models::ContainerCreateBody) {
         .and_then(|host| host.mounts.as_mut())
         .into_iter()
         .flatten();
+    let folder_copy = format!("_{FOLDER_VOLUME}");
     for mount in mounts {
-        mount.source = None;
+        // A repo folder's copy is read-only and shared by every instance.
+        if mount.read_only != Some(true)
+            || !mount
+                .source
+                .as_ref()
+                .is_some_and(|s| s.contains(&folder_copy))
+        {
+            mount.source = None;
+        }
     }
 }
 

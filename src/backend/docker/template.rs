@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
 use crate::descriptor::model::{
-    ChallengeSpec, FILE_KEY_PREFIX, Resources, RestartPolicy, RunState, Sidecar,
+    ChallengeSpec, FILE_KEY_PREFIX, Resources, RestartPolicy, RunState, Sidecar, VolumeMount,
+    VolumeSource,
 };
 use crate::descriptor::security::Security;
 use crate::descriptor::values::SecretRef;
@@ -23,6 +24,8 @@ use crate::plan::{DesiredObject, Part, TargetState, Vocabulary};
 
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
+/// What starts the name of a volume holding a repo folder's copy, after the challenge's name.
+pub(super) const FOLDER_VOLUME: &str = "folder.";
 
 /// One challenge, as containers.
 #[derive(Debug, Clone)]
@@ -35,6 +38,8 @@ pub struct ChallengeTemplate {
     pub labels: BTreeMap<String, String>,
     /// Digest of the build context, for built images.
     pub build_digest: Option<String>,
+    /// Digests of the repo folders its volumes copy in, by folder.
+    pub folders: BTreeMap<String, String>,
     /// The slots, with their hashes and specs.
     pub parts: Vec<Part>,
 }
@@ -293,6 +298,24 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     if let Some(digest) = &build_digest {
         main_object.insert("buildDigest".into(), Value::String(digest.clone()));
     }
+    // The content of a folder a volume copies in is part of the container that mounts it.
+    let folders_of = |volumes: &[VolumeMount]| -> Option<Value> {
+        let folders: BTreeMap<&str, &str> = volumes
+            .iter()
+            .filter_map(|v| v.from.as_deref())
+            .map(|folder| {
+                let digest = descriptor
+                    .folder_digests
+                    .get(folder)
+                    .map_or("", String::as_str);
+                (folder, digest)
+            })
+            .collect();
+        (!folders.is_empty()).then(|| json!(folders))
+    };
+    if let Some(folders) = folders_of(&spec.volumes) {
+        main_object.insert("folderDigests".into(), folders);
+    }
     // Which network the containers join is part of their templates: a container made before
     // the walls, or on another wall, is replaced onto this one.
     let walls = Value::String(wall_of(&key, spec).describe());
@@ -336,6 +359,9 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
             sidecar_spec["labels"] = json!(descriptor.metadata.labels);
         }
         sidecar_spec["walls"] = walls.clone();
+        if let Some(folders) = folders_of(&sidecar.volumes) {
+            sidecar_spec["folderDigests"] = folders;
+        }
         parts.push(Part {
             id: format!("sidecar-{}", sidecar.name),
             hash: short_hash(&sidecar_spec),
@@ -359,6 +385,7 @@ fn challenge_object(
         spec: spec.clone(),
         labels: descriptor.metadata.labels.clone(),
         build_digest,
+        folders: descriptor.folder_digests.clone(),
         parts: parts.clone(),
     };
     let object = DesiredObject {
@@ -446,7 +473,7 @@ impl DockerBackend {
         host_config.port_bindings = Some(bindings);
         host_config.network_mode = Some(network.to_string());
         host_config.restart_policy = Some(restart_policy(spec.restart));
-        host_config.mounts = self.volume_mounts(&template.key, &spec.volumes);
+        host_config.mounts = self.volume_mounts(template, &spec.volumes);
         let own = matches!(template.wall(), Wall::Own { .. });
         ContainerCreateBody {
             image: Some(image.to_string()),
@@ -477,7 +504,7 @@ impl DockerBackend {
     ) -> ContainerCreateBody {
         let mut host_config = contained(sidecar.resources.as_ref(), &sidecar.security, true);
         host_config.network_mode = Some(network.to_string());
-        host_config.mounts = self.volume_mounts(&template.key, &sidecar.volumes);
+        host_config.mounts = self.volume_mounts(template, &sidecar.volumes);
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
             image: Some(sidecar.image.clone()),
@@ -526,24 +553,49 @@ impl DockerBackend {
         format!("berth-{}_{}_{name}", self.instance(), key.name)
     }
 
-    /// `volumes` as mounts of the challenge `key`'s named volumes.
+    /// The engine's name for the volume holding a copy of a repo folder whose content has
+    /// `digest`, for the challenge `key`: named by content, so a changed folder is a new volume
+    /// and a container never sees a half-made one. The [`FOLDER_VOLUME`] mark holds a `.`, which
+    /// no name does, so it never meets a named volume's.
+    pub(super) fn folder_volume_name(&self, key: &ObjectRef, digest: &str) -> String {
+        let digest: String = digest
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(16)
+            .collect();
+        self.volume_name(key, &format!("{FOLDER_VOLUME}{digest}"))
+    }
+
+    /// `volumes` as mounts of the challenge's named volumes and of its folders' copies (those
+    /// read-only, always).
     fn volume_mounts(
         &self,
-        key: &ObjectRef,
-        volumes: &[crate::descriptor::model::VolumeMount],
+        template: &ChallengeTemplate,
+        volumes: &[VolumeMount],
     ) -> Option<Vec<bollard::models::Mount>> {
-        (!volumes.is_empty()).then(|| {
-            volumes
-                .iter()
-                .map(|volume| bollard::models::Mount {
+        let mounts: Vec<bollard::models::Mount> = volumes
+            .iter()
+            .filter_map(|volume| {
+                let (source, read_only) = match volume.source()? {
+                    VolumeSource::Named(name) => (
+                        self.volume_name(&template.key, name.as_str()),
+                        volume.read_only,
+                    ),
+                    VolumeSource::Folder(folder) => {
+                        let digest = template.folders.get(folder).map_or("", String::as_str);
+                        (self.folder_volume_name(&template.key, digest), true)
+                    }
+                };
+                Some(bollard::models::Mount {
                     target: Some(volume.path.clone()),
-                    source: Some(self.volume_name(key, volume.name.as_str())),
+                    source: Some(source),
                     typ: Some(bollard::models::MountType::VOLUME),
-                    read_only: Some(volume.read_only),
+                    read_only: Some(read_only),
                     ..Default::default()
                 })
-                .collect()
-        })
+            })
+            .collect();
+        (!mounts.is_empty()).then_some(mounts)
     }
 }
 
@@ -661,6 +713,7 @@ mod tests {
             spec,
             labels: BTreeMap::new(),
             build_digest: None,
+            folders: BTreeMap::new(),
             parts,
         }
     }
