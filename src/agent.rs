@@ -992,6 +992,7 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?;
         engines.set_workspace_limit(self.config.pipelines.workspace_limit);
+        engines.run_solvers();
         self.engines = Some(engines.clone());
         Ok(engines)
     }

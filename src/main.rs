@@ -754,6 +754,8 @@ async fn apply(
     };
     // A challenge on Kubernetes is waited for as long as a container on Docker.
     engines.set_rollout_wait(wait);
+    // An apply runs the solvers that are due (a plan only reads what they found).
+    engines.run_solvers();
     let desired = reconcile::desired(&loaded);
     // Only pipelines clone (see `main`); nothing has used libgit2 yet.
     if desired.pipelines().next().is_some() {

@@ -549,6 +549,16 @@ impl Engines {
         }
     }
 
+    /// Lets diagnoses start the challenges' solvers that are due (an agent and an apply do; a
+    /// plan, which changes nothing, only reads what they last found).
+    pub fn run_solvers(&mut self) {
+        for backend in &mut self.backends {
+            if let Backend::Docker(docker) = backend {
+                docker.run_solvers();
+            }
+        }
+    }
+
     /// Connects to every engine this berth drives: the Docker Engine, and the Kubernetes cluster
     /// `access` names when one is configured.
     pub async fn connect(

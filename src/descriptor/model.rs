@@ -405,8 +405,9 @@ impl Resources {
     }
 }
 
-/// A health check run inside the container by Docker. Exactly one of `tcp` and `http`.
-/// The image needs `/bin/sh` and `nc` (tcp) or `wget` (http), as busybox has.
+/// A health check: run inside the container by Docker (`tcp`, `http`; the image needs
+/// `/bin/sh` and `nc` or `wget`, as busybox has), or a solver run beside it (`solve`, as kCTF's
+/// healthchecks are). Exactly one of `tcp`, `http` and `solve`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheck {
@@ -416,6 +417,10 @@ pub struct HealthCheck {
     /// Healthy when an HTTP GET of this port and path succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCheck>,
+    /// Healthy when a program that solves the challenge succeeds against it (Docker only):
+    /// a broken jail or a lost flag shows as Degraded, where a port check would pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solve: Option<SolveCheck>,
     /// Time between checks; 10s by default, at least 1ms.
     #[serde(default = "ten_seconds")]
     #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
@@ -444,6 +449,39 @@ fn three_seconds() -> Duration {
 }
 fn three() -> u32 {
     3
+}
+
+/// A solver run against the challenge, in a container of its own that shares the challenge's
+/// network (it reaches it at `CHALLENGE_HOST`, `127.0.0.1`, on `CHALLENGE_PORT`, the first
+/// port), now and then; healthy while its last run exited 0 (and printed the flag, with
+/// `expectFlag`). Its output is masked as a container's is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SolveCheck {
+    /// The solver's image, with its tools (pwntools, a browser): a local or pullable name.
+    pub image: String,
+    /// Its command, in exec form; the image's own when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Time between runs; 5m by default, at least 1ms.
+    #[serde(default = "five_minutes")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
+    pub interval: Duration,
+    /// Time one run may take before it counts as failed; 60s by default.
+    #[serde(default = "sixty_seconds")]
+    #[schemars(extend("format" = NONZERO_DURATION_FORMAT))]
+    pub timeout: Duration,
+    /// The run must also print the flag: a value of the challenge's `secretEnv` or
+    /// `secretFiles`, never handed to the solver.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expect_flag: bool,
+}
+
+fn five_minutes() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
+}
+fn sixty_seconds() -> Duration {
+    Duration(std::time::Duration::from_secs(60))
 }
 
 /// An HTTP health check.

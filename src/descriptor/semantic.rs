@@ -559,13 +559,48 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         ),
         (Some(_), None) => {}
     }
-    if let Some(check) = &spec.healthcheck
-        && check.tcp.is_some() == check.http.is_some()
-    {
-        found.push(violation(
-            "/spec/healthcheck",
-            "spec.healthcheck: set exactly one of tcp and http",
-        ));
+    if let Some(check) = &spec.healthcheck {
+        let kinds = [
+            check.tcp.is_some(),
+            check.http.is_some(),
+            check.solve.is_some(),
+        ];
+        if kinds.iter().filter(|set| **set).count() != 1 {
+            found.push(violation(
+                "/spec/healthcheck",
+                "spec.healthcheck: set exactly one of tcp, http and solve",
+            ));
+        }
+        if let Some(solve) = &check.solve {
+            let why = if spec.target == Some(Engine::Kubernetes) {
+                Some(
+                    "on kubernetes solvers are not run yet; use tcp or http there, or keep this challenge on docker",
+                )
+            } else if spec.instanced.is_some() {
+                Some("per-team instances are not solved yet; use tcp or http")
+            } else if spec.ports.is_empty() {
+                Some("the solver reaches the challenge on its first port, and it has none")
+            } else if solve.expect_flag
+                && spec.secret_env.is_empty()
+                && spec.secret_files.is_empty()
+            {
+                Some("expectFlag needs the flag among secretEnv or secretFiles, and there is none")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                found.push(violation(
+                    "/spec/healthcheck/solve",
+                    format!("spec.healthcheck.solve: {why}"),
+                ));
+            }
+            if let Err(why) = image_within_limits(&solve.image) {
+                found.push(violation(
+                    "/spec/healthcheck/solve/image",
+                    format!("spec.healthcheck.solve.image: {why}"),
+                ));
+            }
+        }
     }
     if spec.replicas > 1
         && spec.target != Some(Engine::Kubernetes)
@@ -602,7 +637,7 @@ fn sidecar_order(spec: &ChallengeSpec, found: &mut Vec<Violation>) {
     let names: Vec<&str> = spec.sidecars.iter().map(|s| s.name.as_str()).collect();
     for (index, sidecar) in spec.sidecars.iter().enumerate() {
         if let Some(check) = &sidecar.healthcheck
-            && check.tcp.is_some() == check.http.is_some()
+            && (check.tcp.is_some() == check.http.is_some() || check.solve.is_some())
         {
             found.push(violation(
                 format!("/spec/sidecars/{index}/healthcheck"),

@@ -1164,3 +1164,56 @@ fn a_repo_folder_is_copied_in_read_only_and_a_change_to_its_files_is_an_update()
     );
     assert!(copies().is_empty(), "left after prune: {:?}", copies());
 }
+
+/// A solver, run beside the challenge, tells a working jail from a broken one where a port check
+/// cannot: healthy while it gets the flag, Degraded with its reason when it does not, and the
+/// flag never shown.
+#[test]
+fn a_solver_beside_the_challenge_is_its_health_and_a_broken_one_is_degraded() {
+    let Some(instance) = engine() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let flag_file = secrets.path().join("flag");
+    std::fs::write(&flag_file, "flag{solved-by-the-checker}\n").unwrap();
+    let jail = |serves: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: jail}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /w; {serves} > /w/flag; exec httpd -f -p 8080 -h /w']\n  ports: [{{container: 8080}}]\n  secretFiles: [{{path: /flag.txt, secret: {{file: {}}}}}]\n  healthcheck:\n    solve: {{image: busybox:latest, command: [sh, -c, 'wget -q -O - http://$CHALLENGE_HOST:$CHALLENGE_PORT/flag'], interval: 1s, timeout: 10s, expectFlag: true}}\n",
+            flag_file.display()
+        )
+    };
+    let repo = Repo::new();
+    repo.write("jail.yaml", jail("cat /flag.txt"));
+    let applied = instance.apply(&repo, &[]);
+    let said = format!(
+        "{}{}",
+        stdout(&applied),
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(applied.status.code(), Some(0), "{said}");
+    assert!(said.contains("0 failed, 0 unhealthy"), "{said}");
+
+    // The jail breaks: the port still answers, the solver no longer gets the flag.
+    repo.write("jail.yaml", jail("echo flag{not-the-real-one}"));
+    let broken = instance.apply(&repo, &[]);
+    let said = format!(
+        "{}{}",
+        stdout(&broken),
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    assert!(
+        said.contains("its solver failed: exited 0 without printing the flag"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("solved-by-the-checker"),
+        "the flag was shown: {said}"
+    );
+    let solvers = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=berth.instance={}", instance.name),
+        "--filter",
+        "label=berth.kind=ChallengeSolver",
+    ]);
+    assert_eq!(solvers, "", "a solver's container was left");
+}

@@ -1450,3 +1450,35 @@ fn a_volume_is_a_named_volume_or_a_folder_of_the_repo_and_never_both() {
     ];
     problems_are(&problems, &expected);
 }
+
+#[test]
+fn a_solver_needs_a_port_to_reach_a_flag_to_expect_and_docker() {
+    let repo = Repo::new();
+    let solve = "  healthcheck:\n    solve: {image: solver:1, expectFlag: true}\n";
+    repo.write("portless.yaml", challenge("portless", solve))
+        .write(
+            "cluster.yaml",
+            challenge(
+                "cluster",
+                &format!("  target: kubernetes\n  ports: [{{container: 80}}]\n  secretEnv: {{FLAG: {{env: F}}}}\n{solve}"),
+            ),
+        )
+        .write(
+            "both.yaml",
+            challenge(
+                "both",
+                "  ports: [{container: 80}]\n  healthcheck: {tcp: 80, solve: {image: solver:1}}\n",
+            ),
+        );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        ("both.yaml", 8, "set exactly one of tcp, http and solve"),
+        ("cluster.yaml", 11, "on kubernetes solvers are not run yet"),
+        (
+            "portless.yaml",
+            8,
+            "the solver reaches the challenge on its first port",
+        ),
+    ];
+    problems_are(&problems, &expected);
+}

@@ -372,6 +372,9 @@ impl DockerBackend {
         for container in &existing {
             self.remove(container).await?;
         }
+        self.remove_solvers_of(key)
+            .await
+            .map_err(|e| Trouble::Transient(format!("cannot remove its solvers: {e}")))?;
         self.remove_volumes_of(key).await?;
         for network in self.networks_of(key).await? {
             let id = network.id.unwrap_or_default();

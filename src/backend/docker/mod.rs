@@ -6,6 +6,7 @@
 //! - [`lock`]: the instance's apply lock and secret-digest key, both kept in the engine itself so
 //!   that berths on other hosts driving the same engine see them;
 //! - [`observe`]: what this instance runs (one list call, by label) and why a container is unwell;
+//! - [`solve`]: solvers, run beside a challenge now and then, whose last result is its health;
 //! - [`converge`]: making one challenge match its template (replace, roll back, delete);
 //! - [`images`]: images named, pulled and built;
 //! - [`run`]: pipeline runs and the images they produce;
@@ -24,6 +25,7 @@ mod meter;
 pub mod network;
 mod observe;
 pub mod run;
+mod solve;
 mod template;
 
 use std::time::Duration;
@@ -132,6 +134,10 @@ pub struct DockerBackend {
     /// Where the engine keeps its volumes, when this process sees them (the engine's host): a
     /// pooled instance's flag is then written there as it is claimed. Read once.
     local_volumes: std::sync::Arc<tokio::sync::OnceCell<Option<std::path::PathBuf>>>,
+    /// What each challenge container's solver last found.
+    solves: solve::Solves,
+    /// Whether diagnoses start the solvers that are due.
+    solving: bool,
 }
 
 impl DockerBackend {
@@ -149,6 +155,8 @@ impl DockerBackend {
             subnet_pool: network::SubnetPool::from_env().map_err(EngineError::Misconfigured)?,
             making_networks: Default::default(),
             local_volumes: Default::default(),
+            solves: Default::default(),
+            solving: false,
             workspace_limit: crate::config::DEFAULT_WORKSPACE_LIMIT,
         })
     }
@@ -157,6 +165,11 @@ impl DockerBackend {
     /// layer) to `limit`.
     pub fn set_workspace_limit(&mut self, limit: crate::descriptor::values::Size) {
         self.workspace_limit = limit.bytes;
+    }
+
+    /// Lets diagnoses start the solvers that are due.
+    pub fn run_solvers(&mut self) {
+        self.solving = true;
     }
 
     fn instance(&self) -> &str {

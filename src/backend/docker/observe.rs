@@ -128,6 +128,7 @@ impl DockerBackend {
                 }
             }
         }
+        self.judge_by_solvers(observed, wanted);
     }
 
     /// `exited with code 1; last log lines: …` for one container, in the engine's words, and

@@ -464,7 +464,12 @@ impl DockerBackend {
                     });
             }
         }
-        let healthcheck = spec.healthcheck.as_ref().map(health_config);
+        // A solver is run beside the container, not in it.
+        let healthcheck = spec
+            .healthcheck
+            .as_ref()
+            .filter(|check| check.solve.is_none())
+            .map(health_config);
         let mut host_config = contained(spec.resources.as_ref(), &spec.security, spec.init);
         // The group its secret files are readable by, whatever groups the image gives the user.
         if let Some(gid) = template.spec.secret_files_group() {
@@ -508,7 +513,11 @@ impl DockerBackend {
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
             image: Some(sidecar.image.clone()),
-            healthcheck: sidecar.healthcheck.as_ref().map(health_config),
+            healthcheck: sidecar
+                .healthcheck
+                .as_ref()
+                .filter(|check| check.solve.is_none())
+                .map(health_config),
             cmd: sidecar.command.clone(),
             entrypoint: sidecar.entrypoint.clone(),
             env: Some(environment(&sidecar.env, secrets)),
