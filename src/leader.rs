@@ -20,7 +20,8 @@ use crate::config::LeaderElectionConfig;
 
 /// Whether this agent leads, kept current.
 pub struct Leadership {
-    /// `None` when there is no election: always the leader.
+    /// `None` when there is no election (always the leader), or while this agent is out of it
+    /// (its election stopped, and it is joining again): then it does not lead.
     state: Option<watch::Receiver<bool>>,
     task: Option<tokio::task::JoinHandle<kube_lease_manager::Result<LeaseManager>>>,
     /// Whether there is an election at all.
@@ -28,6 +29,42 @@ pub struct Leadership {
     identity: String,
     /// Where the Lease is read to confirm the lead: the client, its namespace and name.
     lease: Option<(kube::Client, String, String)>,
+    /// How the election is joined (again, after it stopped), and how long until the next try.
+    joining: Option<(Joining, Duration)>,
+}
+
+/// What joining the election takes: built once, used again whenever the election stops (an API
+/// server out of reach ends it), so an agent cut off is back as a standby once it is reachable.
+#[derive(Clone)]
+struct Joining {
+    client: kube::Client,
+    namespace: String,
+    lease: String,
+    identity: String,
+    seconds: u64,
+}
+
+/// Longest wait between tries to join the election again.
+const REJOIN_MAX: Duration = Duration::from_secs(30);
+
+impl Joining {
+    async fn join(
+        &self,
+    ) -> kube_lease_manager::Result<(
+        watch::Receiver<bool>,
+        tokio::task::JoinHandle<kube_lease_manager::Result<LeaseManager>>,
+    )> {
+        let manager = LeaseManagerBuilder::new(self.client.clone(), self.lease.clone())
+            .with_namespace(self.namespace.clone())
+            .with_identity(self.identity.clone())
+            .with_field_manager(format!("berth-{}", self.identity))
+            .with_duration(self.seconds)
+            // Renewed when a third of the Lease is left: a slow API server is not a lost lead.
+            .with_grace((self.seconds / 3).max(1))
+            .build()
+            .await?;
+        Ok(manager.watch().await)
+    }
 }
 
 /// Why the election could not start.
@@ -47,6 +84,7 @@ impl Leadership {
             elected: false,
             identity: identity(),
             lease: None,
+            joining: None,
         }
     }
 
@@ -82,18 +120,14 @@ impl Leadership {
                 config.lease
             )));
         }
-        let seconds = config.lease_duration.0.as_secs().max(3);
-        let manager = LeaseManagerBuilder::new(client.clone(), config.lease.to_string())
-            .with_namespace(namespace.clone())
-            .with_identity(identity.clone())
-            .with_field_manager(format!("berth-{identity}"))
-            .with_duration(seconds)
-            // Renewed when a third of the Lease is left: a slow API server is not a lost lead.
-            .with_grace((seconds / 3).max(1))
-            .build()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let (state, task) = manager.watch().await;
+        let joining = Joining {
+            client: client.clone(),
+            namespace: namespace.clone(),
+            lease: config.lease.to_string(),
+            identity: identity.clone(),
+            seconds: config.lease_duration.0.as_secs().max(3),
+        };
+        let (state, task) = joining.join().await.map_err(|e| failed(e.to_string()))?;
         tracing::info!(%identity, lease = %config.lease, %namespace, "joined the leader election");
         Ok(Leadership {
             state: Some(state),
@@ -101,6 +135,7 @@ impl Leadership {
             elected: true,
             identity,
             lease: Some((client, namespace, config.lease.to_string())),
+            joining: Some((joining, Duration::from_secs(1))),
         })
     }
 
@@ -147,19 +182,38 @@ impl Leadership {
         &self.identity
     }
 
-    /// Resolves when leadership changes; never without an election.
+    /// Resolves when leadership changes; never without an election. When the election stops
+    /// (its task ends: the API server out of reach), this agent stands by and joins it again,
+    /// trying every second, then less often, up to every [`REJOIN_MAX`]; it resolves when it
+    /// stood by and when it is back in. Cancel-safe: a try cut short is made again.
     pub async fn changed(&mut self) {
-        match self.state.as_mut() {
-            Some(state) => {
-                if state.changed().await.is_err() {
-                    // The election ended (its task failed for good): stand by rather than lead
-                    // blind.
-                    tracing::error!("the leader election stopped; standing by");
-                    self.state = None;
-                    std::future::pending::<()>().await;
-                }
+        if let Some(state) = self.state.as_mut() {
+            if state.changed().await.is_ok() {
+                return;
             }
-            None => std::future::pending().await,
+            // Stand by rather than lead blind.
+            tracing::warn!(
+                "the leader election stopped (is the API server reachable?); standing by, and joining it again"
+            );
+            self.state = None;
+            self.task = None;
+            return;
+        }
+        let Some((joining, wait)) = self.joining.clone() else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(wait).await;
+        match joining.join().await {
+            Ok((state, task)) => {
+                tracing::info!(identity = %joining.identity, lease = %joining.lease, namespace = %joining.namespace, "joined the leader election");
+                self.state = Some(state);
+                self.task = Some(task);
+                self.joining = Some((joining, Duration::from_secs(1)));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot join the leader election yet");
+                self.joining = Some((joining, (wait * 2).min(REJOIN_MAX)));
+            }
         }
     }
 

@@ -2063,3 +2063,83 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
     );
     assert!(pruned.status.success(), "{}", said(&pruned));
 }
+
+/// Issue 19, item 21: a leader cut off from the API server stops leading (it cannot confirm its
+/// Lease), the standby takes over once the Lease runs out, and the old leader, when the API
+/// server is back, is a standby in the election again: it leads once the new leader dies.
+#[test]
+fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it_stays_in_the_election()
+ {
+    use crate::agent::{Agent, applied};
+    use crate::docker::{free_port, web};
+    use crate::gitserver::{GitDaemon, Origin};
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let lease_namespace = format!("{name}-cut-agents");
+    let made = cluster.kubectl(&["create", "namespace", &lease_namespace]);
+    assert!(made.status.success(), "{}", said(&made));
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        &lease_namespace,
+        &format!("berth.instance={name}"),
+    ]);
+    let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
+    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let fronted = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        fronted.path(),
+        text.replace(
+            "https://127.0.0.1:6443",
+            &format!("https://127.0.0.1:{}", proxy.port),
+        ),
+    )
+    .unwrap();
+    let origin = Origin::new(&[("web.yaml", &web("web", free_port(), ""))]);
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(&origin);
+    let election = |kubeconfig: &Path| {
+        format!(
+            "kube: {{kubeconfig: {}}}\nleaderElection: {{namespace: {lease_namespace}, lease: agents, leaseDuration: 6s}}\n",
+            kubeconfig.display()
+        )
+    };
+    let readyz = |agent: &Agent| agent.request("GET", "/readyz", &[], b"").0;
+    // The one that will be cut off leads first.
+    let cut = Agent::start(&cluster.instance, &daemon.url(), &election(fronted.path()));
+    cut.wait_for("the first leader's pass", || applied(&origin, &revision));
+    let mut standby = Agent::start(
+        &cluster.instance,
+        &daemon.url(),
+        &election(&cluster.kubeconfig),
+    );
+    eventually("the second stands by", Duration::from_secs(30), || {
+        readyz(&standby) == 503
+    });
+    assert_eq!(readyz(&cut), 200);
+
+    proxy.set_open(false);
+    let cut_at = Instant::now();
+    eventually("the standby takes over", Duration::from_secs(60), || {
+        readyz(&standby) == 200
+    });
+    let took_over = cut_at.elapsed();
+    eventually(
+        "the cut-off leader stands by",
+        Duration::from_secs(30),
+        || readyz(&cut) == 503,
+    );
+    eprintln!(
+        "cut off: the standby ready {:.1}s after the cut (Lease 6s); the old leader stood by {:.1}s after it",
+        took_over.as_secs_f64(),
+        cut_at.elapsed().as_secs_f64()
+    );
+
+    // The API server is back: the old leader is in the election still, as a standby, and takes
+    // the lead again once the new leader dies.
+    proxy.set_open(true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(readyz(&cut), 503, "{}", cut.log());
+    standby.kill9();
+    cut.wait_for("the old leader leads again", || readyz(&cut) == 200);
+}
