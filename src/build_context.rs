@@ -60,6 +60,18 @@ impl BuildContext {
         self.entries.iter().map(|(path, _)| path.as_str())
     }
 
+    /// Its files (not folders or links), by path from its root, each with whether it is
+    /// executable and its size.
+    pub fn files(&self) -> Vec<(String, bool, u64)> {
+        self.entries
+            .iter()
+            .filter_map(|(path, entry)| match entry {
+                Entry::File { executable, size } => Some((path.clone(), *executable, *size)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Hex SHA-256 over every path, its type, executable bit and content.
     pub fn digest(&self) -> Result<String, String> {
         let mut hasher = Sha256::new();

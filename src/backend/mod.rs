@@ -343,7 +343,7 @@ impl Backend {
             }
             (Backend::Kube(kube), Some(Template::KubeChallenge(template))) if !delete => {
                 let parts = object.map_or(&[][..], |o| o.parts.as_slice());
-                kube.converge_challenge(template, parts).await
+                kube.converge_challenge(template, parts, root).await
             }
             (Backend::Kube(_), _) if delete && step.key.kind == Kind::Challenge => {
                 self.remove(&step.key).await

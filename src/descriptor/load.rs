@@ -686,10 +686,17 @@ impl Loader {
                 .chain(spec.sidecars.iter().flat_map(|s| &s.volumes))
                 .filter_map(|v| v.from.as_deref());
             for folder in folders {
-                let digest = BuildContext::read(&self.root.join(folder), "")
-                    .and_then(|c| c.digest())
-                    .unwrap_or_else(|error| error);
-                descriptor.folder_digests.insert(folder.to_string(), digest);
+                let copy = match BuildContext::read(&self.root.join(folder), "") {
+                    Ok(context) => crate::descriptor::FolderCopy {
+                        digest: context.digest().unwrap_or_else(|error| error),
+                        files: context.files(),
+                    },
+                    Err(error) => crate::descriptor::FolderCopy {
+                        digest: error,
+                        files: Vec::new(),
+                    },
+                };
+                descriptor.folders.insert(folder.to_string(), copy);
             }
         }
         // A Pipeline that builds from a folder of this repo runs again when the folder changes,
@@ -712,8 +719,8 @@ impl Loader {
             }
         }
         let mut digest = descriptor.build_digest.clone().unwrap_or_default();
-        for (folder, folder_digest) in &descriptor.folder_digests {
-            digest.push_str(&format!("+{folder}:{folder_digest}"));
+        for (folder, copy) in &descriptor.folders {
+            digest.push_str(&format!("+{folder}:{}", copy.digest));
         }
         let rendered = match &descriptor.manifests {
             Some(Ok(manifests)) => {
@@ -1181,7 +1188,7 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         line,
         spec_hash: String::new(),
         build_digest: None,
-        folder_digests: BTreeMap::new(),
+        folders: BTreeMap::new(),
         manifests: None,
     })
 }

@@ -133,11 +133,19 @@ pub struct Descriptor {
     pub spec_hash: String,
     /// Digest of the Challenge's build context (or why it could not be read), when it builds one.
     pub build_digest: Option<String>,
-    /// Digests of the repo folders a Challenge's volumes copy in (`from:`), by folder as written
-    /// (or why one could not be read, which changes it all the same).
-    pub folder_digests: BTreeMap<String, String>,
+    /// The repo folders a Challenge's volumes copy in (`from:`), by folder as written.
+    pub folders: BTreeMap<String, FolderCopy>,
     /// A Staging's objects, rendered from its manifests or chart.
     pub manifests: Option<manifests::Rendered>,
+}
+
+/// A folder of the repo a volume copies in, as the loader read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FolderCopy {
+    /// The digest of its files (or why it could not be read, which changes it all the same).
+    pub digest: String,
+    /// Its files, by path from the folder, each with whether it is executable and its size.
+    pub files: Vec<(String, bool, u64)>,
 }
 
 impl Descriptor {

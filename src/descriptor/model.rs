@@ -782,6 +782,11 @@ pub struct VolumeMount {
     /// Mount it read-only (a folder from the repo always is).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// On Kubernetes, the size of a named volume's claim (1Gi by default); Docker's volumes
+    /// have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = MEMORY_LIMIT_FORMAT))]
+    pub size: Option<Size>,
 }
 
 /// What a volume mount holds.

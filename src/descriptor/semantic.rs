@@ -394,10 +394,13 @@ fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) 
         )
     }));
     for (pointer, shown, volumes, security) in containers {
-        if !volumes.is_empty() && spec.target == Some(Engine::Kubernetes) {
+        if !volumes.is_empty()
+            && spec.target == Some(Engine::Kubernetes)
+            && spec.instanced.is_some()
+        {
             found.push(violation(
                 pointer.clone(),
-                format!("{shown}: volumes run on docker only so far; on Kubernetes, keep data in a Staging with a PersistentVolumeClaim, and files in a ConfigMap"),
+                format!("{shown}: per-team instances on kubernetes have no volumes yet; run this challenge's instances on docker, or keep its data in the image"),
             ));
         }
         let mut seen: Vec<std::path::PathBuf> = Vec::new();

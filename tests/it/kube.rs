@@ -2143,3 +2143,98 @@ fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it
     standby.kill9();
     cut.wait_for("the old leader leads again", || readyz(&cut) == 200);
 }
+
+/// Issue 20, item 15 on the cluster: a named volume is a claim that keeps its data across an
+/// update, and a folder of the repo is a ConfigMap named by its content, mounted read-only with
+/// its files (nested ones too) at their paths; a changed file rolls the pods onto a new copy and
+/// the old copy goes; the claim goes only with the challenge.
+#[test]
+fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_config_map() {
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let ns = cluster.challenges();
+    let port = node_port(&name);
+    // A volume on the host for the claim (no provisioner here), bound to this claim alone.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        volume.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let pv = format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}-store-pv\n  labels: {{berth.instance: {name}}}\nspec:\n  capacity: {{storage: 64Mi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  claimRef: {{namespace: {ns}, name: store-data}}\n  hostPath: {{path: {}}}\n",
+        volume.path().display()
+    );
+    let pv_file = volume.path().join("pv.yaml");
+    std::fs::write(&pv_file, pv).unwrap();
+    let made = cluster.kubectl(&["apply", "-f", pv_file.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", said(&made));
+    let script = "mkdir -p /srv && cp -r /www/. /srv/ && echo start >> /data/starts && cp /data/starts /srv/starts && exec httpd -f -p 8080 -h /srv";
+    let repo = Repo::new();
+    repo.write(
+        "store.yaml",
+        crate::util::challenge(
+            "store",
+            &format!("  target: kubernetes\n  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  volumes:\n    - {{name: data, path: /data, size: 64Mi}}\n    - {{from: store/www, path: /www}}\n"),
+        ),
+    )
+    .write("store/www/index.html", "version one\n")
+    .write("store/www/deep/page.html", "nested\n");
+    let apply = |extra: &[&str]| {
+        let mut args = vec!["apply", "--wait", "90s"];
+        args.extend(extra);
+        cluster.berth_with(&args, repo.path(), &[])
+    };
+    let created = apply(&[]);
+    assert!(created.status.success(), "{}", said(&created));
+    assert_eq!(served_eventually(port, "version one"), "version one");
+    assert_eq!(page(port, "deep/page.html"), "nested");
+    assert_eq!(page(port, "starts"), "start");
+    assert_eq!(
+        cluster.get(&ns, "pvc/store-data", "{.status.phase}"),
+        "Bound"
+    );
+    let maps = || {
+        cluster.get(
+            &ns,
+            "configmaps",
+            "{range .items[?(@.metadata.labels.berth\\.folder)]}{.metadata.name} {end}",
+        )
+    };
+    let first_map = maps();
+    assert!(first_map.starts_with("store-folder-"), "{first_map}");
+
+    // A changed file: a new copy, the pods roll onto it, the claim's data is still there.
+    repo.write("store/www/index.html", "version two\n");
+    let plan = stdout(&cluster.berth_with(&["plan"], repo.path(), &[]));
+    assert!(plan.contains("Challenge/store  update"), "{plan}");
+    let updated = apply(&[]);
+    assert!(updated.status.success(), "{}", said(&updated));
+    assert_eq!(served_eventually(port, "version two"), "version two");
+    eventually(
+        "the data outlives the update",
+        Duration::from_secs(30),
+        || page(port, "starts") == "start\nstart",
+    );
+    let second_map = maps();
+    assert!(
+        second_map.starts_with("store-folder-") && second_map != first_map,
+        "the old copy is left: {first_map} → {second_map}"
+    );
+
+    // Pruned: the claim goes with the challenge, and the copy.
+    std::fs::remove_file(repo.path().join("store.yaml")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("store")).unwrap();
+    let pruned = apply(&["--prune", "--allow-empty"]);
+    assert!(pruned.status.success(), "{}", said(&pruned));
+    assert!(
+        said(&pruned).contains("PersistentVolumeClaim/store-data"),
+        "{}",
+        said(&pruned)
+    );
+    eventually("the claim goes", Duration::from_secs(60), || {
+        !cluster.exists(&ns, "pvc/store-data")
+    });
+    assert_eq!(maps(), "");
+    cluster.kubectl(&["delete", "pv", &format!("{name}-store-pv"), "--wait=false"]);
+}

@@ -1308,7 +1308,7 @@ fn volumes_are_folders_of_their_own_on_docker() {
         "cluster.yaml",
         challenge(
             "cluster",
-            "  target: kubernetes\n  volumes: [{name: data, path: /data}]\n",
+            "  target: kubernetes\n  ports: [{container: 80}]\n  instanced: {ttl: 1m}\n  volumes: [{name: data, path: /data}]\n",
         ),
     )
     .write(
@@ -1327,7 +1327,11 @@ fn volumes_are_folders_of_their_own_on_docker() {
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let expected = [
-        ("cluster.yaml", 8, "volumes run on docker only so far"),
+        (
+            "cluster.yaml",
+            10,
+            "per-team instances on kubernetes have no volumes yet",
+        ),
         ("paths.yaml", 8, "\"data\" is not a folder's absolute path"),
         (
             "paths.yaml",

@@ -305,9 +305,9 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
             .filter_map(|v| v.from.as_deref())
             .map(|folder| {
                 let digest = descriptor
-                    .folder_digests
+                    .folders
                     .get(folder)
-                    .map_or("", String::as_str);
+                    .map_or("", |copy| copy.digest.as_str());
                 (folder, digest)
             })
             .collect();
@@ -385,7 +385,11 @@ fn challenge_object(
         spec: spec.clone(),
         labels: descriptor.metadata.labels.clone(),
         build_digest,
-        folders: descriptor.folder_digests.clone(),
+        folders: descriptor
+            .folders
+            .iter()
+            .map(|(folder, copy)| (folder.clone(), copy.digest.clone()))
+            .collect(),
         parts: parts.clone(),
     };
     let object = DesiredObject {

@@ -20,6 +20,10 @@
 //!   except DNS and the challenges named in `network.allowConnectTo`, as kCTF does. With
 //!   `network.egress: false` nothing goes out at all. Enforcing the policy is the network
 //!   plugin's job (Calico, Cilium, …).
+//! - volumes: a named volume is a PersistentVolumeClaim `NAME-VOLUME` (kept across updates,
+//!   deleted only with the challenge), a folder of the repo a ConfigMap `NAME-folder-DIGEST`
+//!   (named by its content, so a change rolls the pods), mounted read-only, its files at their
+//!   paths.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,11 +33,12 @@ use serde_json::{Value, json};
 use super::{OBJECT, hash};
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
-    ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState,
+    ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState, VolumeMount,
+    VolumeSource,
 };
 use crate::descriptor::security::Security;
-use crate::descriptor::values::SecretRef;
-use crate::descriptor::{Descriptor, ObjectRef, Spec};
+use crate::descriptor::values::{SecretRef, Size};
+use crate::descriptor::{Descriptor, FolderCopy, ObjectRef, Spec};
 use crate::plan::{DesiredObject, Part, TargetState};
 
 /// Address ranges a challenge's pods never connect to (unless named in `allowConnectTo`): the
@@ -58,7 +63,16 @@ pub struct ChallengeTemplate {
     labels: BTreeMap<String, String>,
     /// The image's id when a Pipeline produced it (the tag may be built again).
     image_id: Option<String>,
+    /// The repo folders its volumes copy in, as the loader read them.
+    folders: BTreeMap<String, FolderCopy>,
 }
+
+/// The size of a named volume's claim unless its mount says.
+const DEFAULT_CLAIM: u64 = 1024 * 1024 * 1024;
+/// The most a folder copied in may hold: what a ConfigMap holds, less room for its metadata.
+pub const FOLDER_LIMIT: u64 = 1000 * 1024;
+/// Label on the ConfigMaps that hold repo folders: the old ones go after an apply.
+pub const LABEL_FOLDER: &str = "berth.folder";
 
 /// The desired object and template of a Challenge that runs on Kubernetes; `None` for every
 /// other descriptor.
@@ -74,6 +88,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         spec: spec.clone(),
         labels: descriptor.metadata.labels.clone(),
         image_id: None,
+        folders: descriptor.folders.clone(),
     };
     Some((template.desired(descriptor.dependencies()), template))
 }
@@ -152,6 +167,149 @@ impl ChallengeTemplate {
             all.insert(secret_file_key(index), &file.secret);
         }
         all
+    }
+
+    /// Every volume mount of its containers: the main one's, then each sidecar's.
+    fn mounts(&self) -> impl Iterator<Item = &VolumeMount> {
+        self.spec
+            .volumes
+            .iter()
+            .chain(self.spec.sidecars.iter().flat_map(|s| &s.volumes))
+    }
+
+    /// The claim of its named volume `volume`.
+    fn claim_name(&self, volume: &str) -> String {
+        format!("{}-{volume}", self.name())
+    }
+
+    /// The ConfigMap holding the repo folder `folder`, named by its content.
+    fn folder_map_name(&self, folder: &str) -> String {
+        let digest = self.folders.get(folder).map_or("", |f| f.digest.as_str());
+        format!("{}-folder-{}", self.name(), short_digest(digest))
+    }
+
+    /// Its named volumes' claims, each once (the size the first mount of it gives), in
+    /// `namespace` with `labels`.
+    pub fn claims(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+    ) -> Vec<(String, Value)> {
+        let mut sizes: BTreeMap<&str, Option<Size>> = BTreeMap::new();
+        for mount in self.mounts() {
+            if let Some(name) = mount.named() {
+                sizes.entry(name.as_str()).or_insert(mount.size);
+            }
+        }
+        sizes
+            .into_iter()
+            .map(|(volume, size)| {
+                let name = self.claim_name(volume);
+                let bytes = size.map_or(DEFAULT_CLAIM, |s| s.bytes);
+                let claim = json!({
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": metadata(&name, namespace, labels),
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": { "requests": { "storage": bytes.to_string() } },
+                    },
+                });
+                (name, claim)
+            })
+            .collect()
+    }
+
+    /// The ConfigMaps holding the repo folders its containers mount, each once, their files read
+    /// from the repo at `root`, in `namespace` with `labels`. A folder over [`FOLDER_LIMIT`],
+    /// or one that cannot be read, is refused with why.
+    pub fn folder_maps(
+        &self,
+        root: &std::path::Path,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+    ) -> Result<Vec<(String, Value)>, String> {
+        use base64::Engine as _;
+        let folders: std::collections::BTreeSet<&str> =
+            self.mounts().filter_map(|m| m.from.as_deref()).collect();
+        let mut maps = Vec::new();
+        for folder in folders {
+            let copy = self.folders.get(folder).cloned().unwrap_or_default();
+            let total: u64 = copy.files.iter().map(|(_, _, size)| size).sum();
+            if total > FOLDER_LIMIT {
+                return Err(format!(
+                    "the folder {folder} holds {total} bytes; on kubernetes it goes in a ConfigMap, which holds at most {FOLDER_LIMIT}: keep what is copied in small, or put it in the image"
+                ));
+            }
+            let mut data = serde_json::Map::new();
+            for (index, (path, _, _)) in copy.files.iter().enumerate() {
+                let bytes = std::fs::read(root.join(folder).join(path))
+                    .map_err(|e| format!("cannot read {folder}/{path}: {e}"))?;
+                data.insert(
+                    format!("f{index}"),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into(),
+                );
+            }
+            let name = self.folder_map_name(folder);
+            let mut map_labels = labels.clone();
+            map_labels.insert(LABEL_FOLDER.into(), "true".into());
+            let map = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": metadata(&name, namespace, &map_labels),
+                "immutable": true,
+                "binaryData": data,
+            });
+            maps.push((name, map));
+        }
+        Ok(maps)
+    }
+
+    /// The pod's volumes for its named volumes and folders, each once, and each container's
+    /// mounts of them (the main one's first, then each sidecar's).
+    fn volume_mounts(&self) -> (Vec<Value>, Vec<Vec<Value>>) {
+        let mut volumes: BTreeMap<String, Value> = BTreeMap::new();
+        let mut mounts_of = |mounts: &[VolumeMount]| -> Vec<Value> {
+            mounts
+                .iter()
+                .filter_map(|mount| {
+                    let (volume, read_only) = match mount.source()? {
+                        VolumeSource::Named(name) => {
+                            let volume = pod_volume_name("v", name.as_str());
+                            volumes.entry(volume.clone()).or_insert_with(|| {
+                                json!({"name": volume, "persistentVolumeClaim": {"claimName": self.claim_name(name.as_str())}})
+                            });
+                            (volume, mount.read_only)
+                        }
+                        VolumeSource::Folder(folder) => {
+                            let copy = self.folders.get(folder).cloned().unwrap_or_default();
+                            let volume = pod_volume_name("f", &short_digest(&copy.digest));
+                            let items: Vec<Value> = copy
+                                .files
+                                .iter()
+                                .enumerate()
+                                .map(|(index, (path, executable, _))| {
+                                    let mode = if *executable { 0o555 } else { 0o444 };
+                                    json!({"key": format!("f{index}"), "path": path, "mode": mode})
+                                })
+                                .collect();
+                            volumes.entry(volume.clone()).or_insert_with(|| {
+                                json!({"name": volume, "configMap": {"name": self.folder_map_name(folder), "items": items}})
+                            });
+                            (volume, true)
+                        }
+                    };
+                    Some(json!({"name": volume, "mountPath": mount.path, "readOnly": read_only}))
+                })
+                .collect()
+        };
+        let mut per_container = vec![mounts_of(&self.spec.volumes)];
+        for sidecar in &self.spec.sidecars {
+            per_container.push(mounts_of(&sidecar.volumes));
+        }
+        (volumes.into_values().collect(), per_container)
     }
 
     /// The spec as a plan shows it.
@@ -332,6 +490,18 @@ impl ChallengeTemplate {
             })
             .collect();
         let mut volumes = volumes;
+        let (stored, mounts) = self.volume_mounts();
+        volumes.extend(stored);
+        for (container, mounts) in containers.iter_mut().zip(mounts) {
+            if mounts.is_empty() {
+                continue;
+            }
+            let had = container["volumeMounts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            container["volumeMounts"] = had.into_iter().chain(mounts).collect::<Vec<_>>().into();
+        }
         let mut pod_security = json!({});
         if let (false, Some(secret)) = (self.spec.secret_files.is_empty(), &secret) {
             // A user of the container's own reads its files through their group, as Kubernetes
@@ -703,6 +873,31 @@ fn literal(text: &str) -> String {
     text.replace('$', "$$")
 }
 
+/// A pod volume's name: `PREFIX-TEXT`, within a DNS label's 63 characters (a long text is cut,
+/// and a digest of it keeps it apart).
+fn pod_volume_name(prefix: &str, text: &str) -> String {
+    let name = format!("{prefix}-{text}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let cut: String = text.chars().take(50).collect();
+    format!(
+        "{prefix}-{}-{}",
+        cut.trim_end_matches('-'),
+        &hash(&[&json!(text)])[..8]
+    )
+}
+
+/// The first 16 letters and digits of a digest, lower-case, for a name.
+fn short_digest(digest: &str) -> String {
+    digest
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .take(16)
+        .collect()
+}
+
 fn tmpfs_volume(container: &str, index: usize) -> String {
     format!("tmpfs-{container}-{index}")
 }
@@ -866,7 +1061,55 @@ mod tests {
             spec: serde_json::from_value(spec).unwrap(),
             labels: BTreeMap::new(),
             image_id: None,
+            folders: BTreeMap::new(),
         }
+    }
+
+    /// A named volume is a claim the main container and a sidecar share by name; a folder is a
+    /// ConfigMap named by its content, its files (nested too) at their paths, read-only.
+    #[test]
+    fn volumes_are_claims_and_folders_config_maps() {
+        let mut t = template(json!({
+            "volumes": [{"name": "data", "path": "/data", "size": "64Mi"}, {"from": "web/seed", "path": "/seed"}],
+            "sidecars": [{"name": "db", "image": "db:1", "volumes": [{"name": "data", "path": "/var/lib/db", "readOnly": true}]}],
+        }));
+        t.folders.insert(
+            "web/seed".into(),
+            FolderCopy {
+                digest: "ABCDEF0123456789abcdef".into(),
+                files: vec![("01.sql".into(), false, 9), ("bin/run.sh".into(), true, 5)],
+            },
+        );
+        let pod = &t.deployment(&labels(), "ns", false)["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["volumes"],
+            json!([
+                {"name": "f-abcdef0123456789", "configMap": {"name": "web-folder-abcdef0123456789", "items": [
+                    {"key": "f0", "path": "01.sql", "mode": 0o444},
+                    {"key": "f1", "path": "bin/run.sh", "mode": 0o555}]}},
+                {"name": "v-data", "persistentVolumeClaim": {"claimName": "web-data"}},
+            ])
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"],
+            json!([{"name": "v-data", "mountPath": "/data", "readOnly": false},
+                   {"name": "f-abcdef0123456789", "mountPath": "/seed", "readOnly": true}])
+        );
+        assert_eq!(
+            pod["containers"][1]["volumeMounts"],
+            json!([{"name": "v-data", "mountPath": "/var/lib/db", "readOnly": true}])
+        );
+        let claims = t.claims(&labels(), "ns");
+        assert_eq!(claims.len(), 1, "one claim for the volume both mount");
+        assert_eq!(
+            claims[0].1["spec"]["resources"]["requests"]["storage"],
+            "67108864"
+        );
+        let long = pod_volume_name("v", &"x".repeat(63));
+        assert!(
+            long.len() <= 63 && long != pod_volume_name("v", &"x".repeat(62)),
+            "{long}"
+        );
     }
 
     fn labels() -> HashMap<String, String> {

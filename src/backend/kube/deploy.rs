@@ -47,6 +47,9 @@ const RUNNING: &str = "running";
 const STOPPED: &str = "stopped";
 
 const CHALLENGE_KINDS: [&str; 4] = ["Secret", "NetworkPolicy", "Deployment", "Service"];
+/// What a challenge keeps its volumes in: applied with it, never observed as parts, deleted only
+/// with it (and old folder copies once nothing mounts them).
+const STORAGE_KINDS: [&str; 2] = ["ConfigMap", "PersistentVolumeClaim"];
 
 fn deployment_resource() -> kube::discovery::ApiResource {
     kube::discovery::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
@@ -63,6 +66,12 @@ pub(super) fn network_policy_resource() -> kube::discovery::ApiResource {
 fn resource_of(kind: &str) -> kube::discovery::ApiResource {
     match kind {
         "Secret" => secret_resource(),
+        "ConfigMap" => {
+            kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&())
+        }
+        "PersistentVolumeClaim" => kube::discovery::ApiResource::erase::<
+            k8s_openapi::api::core::v1::PersistentVolumeClaim,
+        >(&()),
         "NetworkPolicy" => network_policy_resource(),
         "Deployment" => deployment_resource(),
         _ => service_resource(),
@@ -84,7 +93,9 @@ impl KubeBackend {
     /// else.
     fn all_api(&self, kind: &str) -> Api<DynamicObject> {
         match kind {
-            "Secret" | "NetworkPolicy" => self.challenge_api(kind),
+            "Secret" | "NetworkPolicy" | "ConfigMap" | "PersistentVolumeClaim" => {
+                self.challenge_api(kind)
+            }
             _ => Api::all_with(self.client.clone(), &resource_of(kind)),
         }
     }
@@ -246,14 +257,16 @@ impl KubeBackend {
         &self,
         template: &ChallengeTemplate,
         parts: &[Part],
+        root: &std::path::Path,
     ) -> Outcome {
-        self.outcome(self.try_converge_challenge(template, parts).await)
+        self.outcome(self.try_converge_challenge(template, parts, root).await)
     }
 
     async fn try_converge_challenge(
         &self,
         template: &ChallengeTemplate,
         parts: &[Part],
+        root: &std::path::Path,
     ) -> Result<String, Trouble> {
         let key = &template.key;
         let ns = self.challenge_namespace.clone();
@@ -291,6 +304,18 @@ impl KubeBackend {
         policy["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&policy_id).1 });
         // Before the pods: they never run a moment without their walls.
         objects.push(("NetworkPolicy", name.to_string(), policy));
+        // What the pods mount, before them: claims (kept) and the folders' copies.
+        let storage_labels = self.ownership.labels_over(template.labels(), key, "");
+        for (claim, value) in template.claims(&storage_labels, &ns) {
+            objects.push(("PersistentVolumeClaim", claim, value));
+        }
+        let folder_maps = template
+            .folder_maps(root, &storage_labels, &ns)
+            .map_err(Trouble::Failed)?;
+        let wanted_maps: Vec<String> = folder_maps.iter().map(|(n, _)| n.clone()).collect();
+        for (map, value) in folder_maps {
+            objects.push(("ConfigMap", map, value));
+        }
         // An instanced challenge's pods are its teams' instances, made by the instance manager.
         if !template.instanced() {
             let deployment_id = format!("Deployment/{name}");
@@ -416,6 +441,9 @@ impl KubeBackend {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // Copies of folders the pods no longer mount (the folder changed) go: a pod of the old
+        // version keeps what it mounted.
+        removed.extend(self.remove_old_folder_maps(name, &wanted_maps).await?);
         if !removed.is_empty() {
             done.push_str(&format!(", removed {}", removed.join(", ")));
         }
@@ -433,6 +461,40 @@ impl KubeBackend {
             done.push_str("; scaled to 0");
         }
         Ok(done)
+    }
+
+    /// Deletes the ConfigMaps holding copies of challenge `name`'s folders but those `wanted`,
+    /// and says which.
+    async fn remove_old_folder_maps(
+        &self,
+        name: &str,
+        wanted: &[String],
+    ) -> Result<Vec<String>, Trouble> {
+        let selector = format!(
+            "{},{}=true",
+            self.challenge_selector(Some(name)),
+            super::challenge::LABEL_FOLDER
+        );
+        let api = self.challenge_api("ConfigMap");
+        let listed = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(Trouble::from)?;
+        let mut removed = Vec::new();
+        for map in listed.items {
+            let Some(map_name) = map.metadata.name.clone() else {
+                continue;
+            };
+            if wanted.contains(&map_name) || !applied_by_berth(&map.metadata) {
+                continue;
+            }
+            match api.delete(&map_name, &DeleteParams::background()).await {
+                Ok(_) => removed.push(format!("ConfigMap/{map_name}")),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(Trouble::from(error)),
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes the object the last observation saw as `namespace/Kind/name`, only if it is still
@@ -591,7 +653,7 @@ impl KubeBackend {
             Ok(removed) => deleted.push(format!("{removed} team instance(s)")),
             Err(error) => return Outcome::Transient(error.to_string()),
         }
-        for kind in CHALLENGE_KINDS.iter().rev() {
+        for kind in CHALLENGE_KINDS.iter().rev().chain(&STORAGE_KINDS) {
             let listed = match self.all_api(kind).list(&params).await {
                 Ok(listed) => listed,
                 Err(error) => return Outcome::Transient(self.gone(error).to_string()),
