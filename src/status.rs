@@ -897,7 +897,11 @@ fn object_health(parts: &[PartStatus], phase: Option<Phase>) -> Health {
 fn endpoints(parts: &[PartStatus], observed: Option<&ObservedObject>) -> Vec<String> {
     let mut endpoints: Vec<String> = parts
         .iter()
-        .filter(|p| p.id.starts_with("main-") || p.id.starts_with("Service/"))
+        .filter(|p| {
+            ["main-", "sidecar-", "Service/"]
+                .iter()
+                .any(|slot| p.id.starts_with(slot))
+        })
         .filter_map(|p| p.spec.get("ports")?.as_array().cloned())
         .flatten()
         .filter_map(|port| {

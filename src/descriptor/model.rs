@@ -340,6 +340,39 @@ pub struct PortMapping {
     pub protocol: Protocol,
 }
 
+/// One port of a challenge's containers, and where it is written in the descriptor.
+pub struct PortAt<'a> {
+    /// Its JSON pointer: `/spec/ports/0`, `/spec/sidecars/1/ports/0`.
+    pub pointer: String,
+    /// Its path as problems say it: `spec.ports[0]`, `spec.sidecars[1].ports[0]`.
+    pub dotted: String,
+    /// The port.
+    pub port: &'a PortMapping,
+}
+
+impl ChallengeSpec {
+    /// Every port of its containers: the main container's, then each sidecar's.
+    pub fn all_ports(&self) -> Vec<PortAt<'_>> {
+        let main = self.ports.iter().enumerate().map(|(index, port)| PortAt {
+            pointer: format!("/spec/ports/{index}"),
+            dotted: format!("spec.ports[{index}]"),
+            port,
+        });
+        let sidecars = self.sidecars.iter().enumerate().flat_map(|(at, sidecar)| {
+            sidecar
+                .ports
+                .iter()
+                .enumerate()
+                .map(move |(index, port)| PortAt {
+                    pointer: format!("/spec/sidecars/{at}/ports/{index}"),
+                    dotted: format!("spec.sidecars[{at}].ports[{index}]"),
+                    port,
+                })
+        });
+        main.chain(sidecars).collect()
+    }
+}
+
 /// A transport protocol.
 #[derive(
     Debug,
@@ -555,6 +588,10 @@ pub struct Sidecar {
     /// only: a pod's containers start together).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<Name>,
+    /// Ports the sidecar listens on, published on the host where `host` is set (an admin bot
+    /// that players hand URLs to), as the main container's are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
 }
 
 /// A Pipeline: a build that clones a source repo at a commit, runs steps in a container, keeps

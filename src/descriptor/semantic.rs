@@ -32,25 +32,27 @@ pub(super) fn check_descriptor(
         Spec::Challenge(spec) => {
             check_challenge(root, spec, &mut found);
             check_walls(spec, &options.walls, &mut found);
-            if spec.target != Some(Engine::Kubernetes)
-                && let Some(index) = spec.ports.iter().position(|p| {
-                    p.host
-                        .is_some_and(|host| options.instance_ports.contains(&host.0))
-                })
-            {
-                found.push(violation(
-                    format!("/spec/ports/{index}/host"),
-                    format!(
-                        "spec.ports[{index}].host: {} is in the range per-team instances take (the agent's instances.hostPorts, {}-{}); pick another port, or move the range",
-                        spec.ports[index].host.map_or(0, |h| h.0),
-                        options.instance_ports.start(),
-                        options.instance_ports.end()
-                    ),
-                ));
+            if spec.target != Some(Engine::Kubernetes) {
+                for at in spec.all_ports() {
+                    if let Some(host) = at.port.host
+                        && options.instance_ports.contains(&host.0)
+                    {
+                        found.push(violation(
+                            format!("{}/host", at.pointer),
+                            format!(
+                                "{}.host: {} is in the range per-team instances take (the agent's instances.hostPorts, {}-{}); pick another port, or move the range",
+                                at.dotted,
+                                host.0,
+                                options.instance_ports.start(),
+                                options.instance_ports.end()
+                            ),
+                        ));
+                    }
+                }
             }
             if spec.target == Some(Engine::Kubernetes) {
                 check_on_kubernetes(spec, &options.node_ports, &mut found);
-                if !spec.ports.is_empty()
+                if !spec.all_ports().is_empty()
                     && descriptor
                         .metadata
                         .name
@@ -188,11 +190,14 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
     }
     if !spec.network.egress
         && !on_kubernetes
-        && let Some(index) = spec.ports.iter().position(|p| p.host.is_some())
+        && let Some(at) = spec
+            .all_ports()
+            .into_iter()
+            .find(|at| at.port.host.is_some())
     {
         found.push(violation(
-            format!("/spec/ports/{index}/host"),
-            "spec.ports: on docker, a challenge with network.egress: false is on an internal network, whose ports the engine does not publish; drop the host port, keep egress, or run it with target: kubernetes, where egress is closed by a NetworkPolicy".to_string(),
+            format!("{}/host", at.pointer),
+            format!("{}.host: on docker, a challenge with network.egress: false is on an internal network, whose ports the engine does not publish; drop the host port, keep egress, or run it with target: kubernetes, where egress is closed by a NetworkPolicy", at.dotted),
         ));
     }
 }
@@ -209,6 +214,16 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
             "",
             "spec.instanced: a team reaches its instance through its ports; add one to spec.ports"
                 .into(),
+        ));
+    }
+    if let Some(at) = spec
+        .all_ports()
+        .into_iter()
+        .find(|at| at.pointer.starts_with("/spec/sidecars/"))
+    {
+        found.push(violation(
+            at.pointer,
+            format!("{}: an instance publishes its main container's ports only; serve the sidecar's through the main container, or drop the instancing", at.dotted),
         ));
     }
     if let Some(index) = spec.ports.iter().position(|p| p.host.is_some()) {
@@ -956,14 +971,29 @@ fn check_on_kubernetes(
             format!("spec.sidecars[{index}].name: on kubernetes the challenge's own container is named main; name the sidecar otherwise"),
         ));
     }
-    for (index, port) in spec.ports.iter().enumerate() {
-        if let Some(host) = port.host
+    let mut listening: HashMap<(u16, &str), String> = HashMap::new();
+    for at in spec.all_ports() {
+        // A pod's containers share one network: two cannot listen on one port.
+        let key = (at.port.container.0, at.port.protocol.as_str());
+        if let Some(first) = listening.get(&key) {
+            found.push(violation(
+                format!("{}/container", at.pointer),
+                format!(
+                    "{}.container: {first} listens on {}/{} too, and on kubernetes the containers of a pod share one network; give one of them another port, or keep this challenge on docker",
+                    at.dotted, key.0, key.1
+                ),
+            ));
+        } else {
+            listening.insert(key, at.dotted.clone());
+        }
+        if let Some(host) = at.port.host
             && !node_ports.contains(&host.0)
         {
             found.push(violation(
-                format!("/spec/ports/{index}/host"),
+                format!("{}/host", at.pointer),
                 format!(
-                    "spec.ports[{index}].host: {} is outside the cluster's NodePort range {}-{}, so it cannot be published on every node; pick a port in the range, or leave host out and expose the port with a LoadBalancer Service or an Ingress",
+                    "{}.host: {} is outside the cluster's NodePort range {}-{}, so it cannot be published on every node; pick a port in the range, or leave host out and expose the port with a LoadBalancer Service or an Ingress",
+                    at.dotted,
                     host.0,
                     node_ports.start(),
                     node_ports.end()
@@ -1360,7 +1390,7 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
 }
 
 fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
-    let mut claimed: BTreeMap<(u16, &'static str), (usize, usize)> = BTreeMap::new();
+    let mut claimed: BTreeMap<(u16, &'static str), (usize, String)> = BTreeMap::new();
     let mut found = Vec::new();
     // NodePorts a staging's Services ask for: a challenge on the cluster publishes its host port
     // as a NodePort, and the API server gives each port to one Service.
@@ -1399,37 +1429,42 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
         let Spec::Challenge(spec) = &descriptor.spec else {
             continue;
         };
-        for (position, port) in spec.ports.iter().enumerate() {
-            let Some(host) = port.host else { continue };
-            let key = (host.0, port.protocol.as_str());
+        for at in spec.all_ports() {
+            let Some(host) = at.port.host else { continue };
+            let key = (host.0, at.port.protocol.as_str());
             if spec.target == Some(Engine::Kubernetes)
                 && let Some(service) = node_ports.get(&host.0)
             {
                 found.push(RepoProblem {
                     at: index,
-                    pointer: format!("/spec/ports/{position}/host"),
+                    pointer: format!("{}/host", at.pointer),
                     message: format!(
-                        "spec.ports[{position}].host: on kubernetes host port {}/{} is a NodePort, and {service} asks for it too; choose another",
-                        host.0, key.1
+                        "{}.host: on kubernetes host port {}/{} is a NodePort, and {service} asks for it too; choose another",
+                        at.dotted, host.0, key.1
                     ),
                     also: None,
                 });
                 continue;
             }
             match claimed.get(&key) {
-                Some(&(other, other_position)) => found.push(RepoProblem {
-                    at: index,
-                    pointer: format!("/spec/ports/{position}/host"),
-                    message: format!(
-                        "spec.ports[{position}].host: host port {}/{} is also claimed by {}",
-                        host.0,
-                        key.1,
-                        descriptors[other].key()
-                    ),
-                    also: Some((other, format!("/spec/ports/{other_position}/host"))),
-                }),
+                Some((other, other_pointer)) => {
+                    let other_name = descriptors[*other].key();
+                    let whose = match *other == index {
+                        true => "another container of this challenge".to_string(),
+                        false => other_name.to_string(),
+                    };
+                    found.push(RepoProblem {
+                        at: index,
+                        pointer: format!("{}/host", at.pointer),
+                        message: format!(
+                            "{}.host: host port {}/{} is also claimed by {whose}",
+                            at.dotted, host.0, key.1
+                        ),
+                        also: Some((*other, format!("{other_pointer}/host"))),
+                    });
+                }
                 None => {
-                    claimed.insert(key, (index, position));
+                    claimed.insert(key, (index, at.pointer.clone()));
                 }
             }
         }

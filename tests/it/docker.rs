@@ -1217,3 +1217,52 @@ fn a_solver_beside_the_challenge_is_its_health_and_a_broken_one_is_degraded() {
     ]);
     assert_eq!(solvers, "", "a solver's container was left");
 }
+
+/// An XSS challenge's admin bot: a sidecar publishing a port of its own beside the web
+/// container's; both answer on their host ports, status lists both, and an update of the bot
+/// (which holds a host port) stops the old one first.
+#[test]
+fn a_sidecar_publishes_a_port_of_its_own() {
+    let Some(instance) = engine() else { return };
+    let (web_port, bot_port) = (free_port(), free_port());
+    let xss = |greeting: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: xss}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /w && echo web > /w/index.html && exec httpd -f -p 8080 -h /w']\n  ports: [{{container: 8080, host: {web_port}}}]\n  sidecars:\n    - name: bot\n      image: busybox:latest\n      command: [sh, -c, 'mkdir -p /b && echo {greeting} > /b/index.html && exec httpd -f -p 3000 -h /b']\n      ports: [{{container: 3000, host: {bot_port}}}]\n"
+        )
+    };
+    let repo = Repo::new();
+    repo.write("xss.yaml", xss("bot-one"));
+    let applied = instance.apply(&repo, &[]);
+    assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
+    let page = |port: u16| {
+        let mut answer = String::new();
+        eventually(
+            &format!("port {port} answers"),
+            Duration::from_secs(20),
+            || {
+                answer = crate::agent::http(port, "GET", "/index.html", &[], b"").1;
+                !answer.is_empty()
+            },
+        );
+        answer.trim().to_string()
+    };
+    assert_eq!(page(web_port), "web");
+    assert_eq!(page(bot_port), "bot-one");
+    let plan = stdout(&instance.berth("plan", &repo, &["--format", "json"]));
+    assert!(plan.contains("\"noop\""), "{plan}");
+
+    repo.write("xss.yaml", xss("bot-two"));
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(
+        plan.contains("sidecar bot: command changed") && plan.contains("stop old first"),
+        "{plan}"
+    );
+    let updated = instance.apply(&repo, &[]);
+    assert_eq!(updated.status.code(), Some(0), "{}", stdout(&updated));
+    eventually("the new bot answers", Duration::from_secs(20), || {
+        crate::agent::http(bot_port, "GET", "/index.html", &[], b"")
+            .1
+            .contains("bot-two")
+    });
+    assert_eq!(page(web_port), "web", "the web container was left alone");
+}

@@ -1486,3 +1486,57 @@ fn a_solver_needs_a_port_to_reach_a_flag_to_expect_and_docker() {
     ];
     problems_are(&problems, &expected);
 }
+
+#[test]
+fn a_sidecars_ports_are_checked_as_the_main_containers_are() {
+    let repo = Repo::new();
+    repo.write(
+        "xss.yaml",
+        challenge(
+            "xss",
+            "  ports: [{container: 80, host: 10080}]\n  sidecars:\n    - name: bot\n      image: busybox:latest\n      ports: [{container: 3000, host: 10080}]\n    - name: admin\n      image: busybox:latest\n      ports: [{container: 80, host: 10081}]\n",
+        ),
+    )
+    .write(
+        "other.yaml",
+        challenge("other", "  ports: [{container: 80, host: 10081}]\n"),
+    )
+    .write(
+        "cluster.yaml",
+        challenge(
+            "cluster",
+            "  target: kubernetes\n  ports: [{container: 8080}]\n  sidecars:\n    - {name: bot, image: busybox:latest, ports: [{container: 8080}]}\n",
+        ),
+    )
+    .write(
+        "teams.yaml",
+        challenge(
+            "teams",
+            "  ports: [{container: 80}]\n  instanced: {ttl: 1m}\n  sidecars:\n    - {name: bot, image: busybox:latest, ports: [{container: 3000}]}\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        (
+            "cluster.yaml",
+            10,
+            "the containers of a pod share one network",
+        ),
+        (
+            "teams.yaml",
+            10,
+            "an instance publishes its main container's ports only",
+        ),
+        (
+            "xss.yaml",
+            11,
+            "also claimed by another container of this challenge",
+        ),
+        (
+            "xss.yaml",
+            14,
+            "host port 10081/tcp is also claimed by Challenge/other",
+        ),
+    ];
+    problems_are(&problems, &expected);
+}

@@ -53,7 +53,10 @@ impl ChallengeTemplate {
     /// Whether new containers may start before old ones stop: only when nothing is published on
     /// a host port, which two containers cannot hold at once.
     pub fn start_first(&self) -> bool {
-        self.spec.ports.iter().all(|p| p.host.is_none())
+        self.spec
+            .all_ports()
+            .iter()
+            .all(|at| at.port.host.is_none())
     }
 
     /// The network its containers join: its own when it has replicas or sidecars to reach, else
@@ -450,24 +453,7 @@ impl DockerBackend {
         digests: &BTreeMap<String, String>,
     ) -> ContainerCreateBody {
         let spec = &template.spec;
-        let exposed: Vec<String> = spec
-            .ports
-            .iter()
-            .map(|p| format!("{}/{}", p.container, p.protocol.as_str()))
-            .collect();
-        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
-        for port in &spec.ports {
-            if let Some(host) = port.host {
-                bindings
-                    .entry(format!("{}/{}", port.container, port.protocol.as_str()))
-                    .or_default()
-                    .get_or_insert_default()
-                    .push(PortBinding {
-                        host_ip: None,
-                        host_port: Some(host.to_string()),
-                    });
-            }
-        }
+        let (exposed, bindings) = published(&spec.ports);
         // A solver is run beside the container, not in it.
         let healthcheck = spec
             .healthcheck
@@ -512,11 +498,14 @@ impl DockerBackend {
         digests: &BTreeMap<String, String>,
     ) -> ContainerCreateBody {
         let mut host_config = contained(sidecar.resources.as_ref(), &sidecar.security, true);
+        let (exposed, bindings) = published(&sidecar.ports);
+        host_config.port_bindings = (!bindings.is_empty()).then_some(bindings);
         host_config.network_mode = Some(network.to_string());
         host_config.mounts = self.volume_mounts(template, &sidecar.volumes);
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
             image: Some(sidecar.image.clone()),
+            exposed_ports: (!exposed.is_empty()).then_some(exposed),
             healthcheck: sidecar
                 .healthcheck
                 .as_ref()
@@ -533,6 +522,31 @@ impl DockerBackend {
             ..Default::default()
         }
     }
+}
+
+/// The ports a container exposes (`8080/tcp`), and those of them published on host ports.
+#[allow(clippy::type_complexity)]
+fn published(
+    ports: &[crate::descriptor::model::PortMapping],
+) -> (Vec<String>, HashMap<String, Option<Vec<PortBinding>>>) {
+    let exposed = ports
+        .iter()
+        .map(|p| format!("{}/{}", p.container, p.protocol.as_str()))
+        .collect();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for port in ports {
+        if let Some(host) = port.host {
+            bindings
+                .entry(format!("{}/{}", port.container, port.protocol.as_str()))
+                .or_default()
+                .get_or_insert_default()
+                .push(PortBinding {
+                    host_ip: None,
+                    host_port: Some(host.to_string()),
+                });
+        }
+    }
+    (exposed, bindings)
 }
 
 /// A healthcheck as Docker runs it inside the container.

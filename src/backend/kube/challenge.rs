@@ -33,8 +33,8 @@ use serde_json::{Value, json};
 use super::{OBJECT, hash};
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
-    ChallengeSpec, Engine, HealthCheck, ImageSource, Protocol, Resources, RunState, VolumeMount,
-    VolumeSource,
+    ChallengeSpec, Engine, HealthCheck, ImageSource, PortMapping, Protocol, Resources, RunState,
+    VolumeMount, VolumeSource,
 };
 use crate::descriptor::security::Security;
 use crate::descriptor::values::{SecretRef, Size};
@@ -366,7 +366,7 @@ impl ChallengeTemplate {
             parts.push(Part {
                 id: format!("NetworkPolicy/{}", self.name()),
                 hash: hash(&[&self.network_policy(&HashMap::new(), ""), &labels]),
-                spec: Arc::new(json!({ "network": self.spec.network, "ports": self.spec.ports })),
+                spec: Arc::new(json!({ "network": self.spec.network, "ports": self.ports() })),
                 secrets: None,
                 one_shot: false,
             });
@@ -378,7 +378,7 @@ impl ChallengeTemplate {
             parts.push(Part {
                 id: format!("Service/{}", self.name()),
                 hash: hash(&[&service, &labels]),
-                spec: Arc::new(json!({ "ports": self.spec.ports })),
+                spec: Arc::new(json!({ "ports": self.ports() })),
                 secrets: None,
                 one_shot: false,
             });
@@ -470,6 +470,14 @@ impl ChallengeTemplate {
             // The pod is ready, and the Service sends to it, only once the sidecar is too.
             if let (Some(check), Some(fields)) = (&sidecar.healthcheck, made.as_object_mut()) {
                 fields.insert("readinessProbe".into(), probe(check));
+            }
+            if !sidecar.ports.is_empty() {
+                made["ports"] = sidecar
+                    .ports
+                    .iter()
+                    .map(|p| json!({"containerPort": p.container.0, "protocol": protocol(p.protocol)}))
+                    .collect::<Vec<_>>()
+                    .into();
             }
             containers.push(made);
         }
@@ -574,12 +582,11 @@ impl ChallengeTemplate {
     /// challenges it names in `allowConnectTo`; with `egress: false`, nothing out at all. An
     /// instanced challenge's selects its teams' pods (labelled [`INSTANCE_KIND`]).
     pub fn network_policy(&self, labels: &HashMap<String, String>, namespace: &str) -> Value {
-        let ingress: Vec<Value> = match self.spec.ports.is_empty() {
+        let all = self.ports();
+        let ingress: Vec<Value> = match all.is_empty() {
             true => Vec::new(),
             false => vec![json!({
-                "ports": self
-                    .spec
-                    .ports
+                "ports": all
                     .iter()
                     .map(|p| json!({"port": p.container.0, "protocol": protocol(p.protocol)}))
                     .collect::<Vec<_>>(),
@@ -627,10 +634,18 @@ impl ChallengeTemplate {
 
     /// A Service's ports, one for each of the challenge's, named `port-N`, on the NodePort
     /// `node_port(N)` gives, if any.
-    fn service_ports(&self, node_port: impl Fn(usize) -> Option<u16>) -> Vec<Value> {
+    /// Every port of the pod's containers: the main one's, then each sidecar's.
+    fn ports(&self) -> Vec<&PortMapping> {
         self.spec
-            .ports
-            .iter()
+            .all_ports()
+            .into_iter()
+            .map(|at| at.port)
+            .collect()
+    }
+
+    fn service_ports(&self, node_port: impl Fn(usize) -> Option<u16>) -> Vec<Value> {
+        self.ports()
+            .into_iter()
             .enumerate()
             .map(|(index, port)| {
                 let mut entry = json!({
@@ -649,11 +664,12 @@ impl ChallengeTemplate {
 
     /// The Service, when the challenge has ports: a NodePort when any is published on the host.
     pub fn service(&self, labels: &HashMap<String, String>, namespace: &str) -> Option<Value> {
-        if self.spec.ports.is_empty() {
+        let all = self.ports();
+        if all.is_empty() {
             return None;
         }
-        let published = self.spec.ports.iter().any(|p| p.host.is_some());
-        let ports = self.service_ports(|index| self.spec.ports[index].host.map(|host| host.0));
+        let published = all.iter().any(|p| p.host.is_some());
+        let ports = self.service_ports(|index| all[index].host.map(|host| host.0));
         let selector = selector(labels);
         Some(json!({
             "apiVersion": "v1",
@@ -1157,7 +1173,7 @@ mod tests {
             "healthcheck": {"http": {"port": 8080, "path": "/ready"}, "interval": "500ms"},
             "resources": {"cpus": 0.5, "memory": "64Mi"},
             "sidecars": [{"name": "db", "image": "redis:7", "secretEnv": {"PASS": {"env": "P"}},
-                "healthcheck": {"tcp": 6379}}],
+                "healthcheck": {"tcp": 6379}, "ports": [{"container": 6379, "host": 30379}]}],
         }));
         let deployment = t.deployment(&labels(), "ns", false);
         assert_eq!(deployment["spec"]["replicas"], 2);
@@ -1203,6 +1219,14 @@ mod tests {
         assert_eq!(service["spec"]["type"], "NodePort");
         assert_eq!(service["spec"]["ports"][0]["nodePort"], 30080);
         assert_eq!(service["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(
+            (
+                &service["spec"]["ports"][1]["port"],
+                &service["spec"]["ports"][1]["nodePort"]
+            ),
+            (&json!(6379), &json!(30379)),
+            "the sidecar's port is the Service's too"
+        );
         let ids: Vec<String> = t.parts().into_iter().map(|p| p.id).collect();
         assert_eq!(
             ids,
