@@ -678,6 +678,20 @@ impl Loader {
                 .unwrap_or_else(|error| error);
             descriptor.build_digest = Some(digest);
         }
+        // A sidecar built from a folder changes with its files, as the main container does.
+        if let Spec::Challenge(spec) = &descriptor.spec {
+            for sidecar in &spec.sidecars {
+                if let Some(build) = &sidecar.build {
+                    let digest =
+                        BuildContext::read(&self.root.join(&build.context), &build.dockerfile)
+                            .and_then(|c| c.digest())
+                            .unwrap_or_else(|error| error);
+                    descriptor
+                        .sidecar_builds
+                        .insert(sidecar.name.to_string(), digest);
+                }
+            }
+        }
         // A folder a volume copies in changes the challenge when its files change.
         if let Spec::Challenge(spec) = &descriptor.spec {
             let folders = spec
@@ -722,6 +736,9 @@ impl Loader {
         for (folder, copy) in &descriptor.folders {
             digest.push_str(&format!("+{folder}:{}", copy.digest));
         }
+        for (sidecar, build) in &descriptor.sidecar_builds {
+            digest.push_str(&format!("+sidecar {sidecar}:{build}"));
+        }
         let rendered = match &descriptor.manifests {
             Some(Ok(manifests)) => {
                 serde_json::to_string(&manifests.iter().map(|m| &m.object).collect::<Vec<_>>())
@@ -757,6 +774,11 @@ impl Loader {
         }
         // Folders a challenge's volumes copy in (`from:`), the main container's and each
         // sidecar's.
+        let sidecar_builds = (0..value
+            .pointer("/spec/sidecars")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len))
+            .map(|index| format!("/spec/sidecars/{index}/build/context"));
         let mounts = |pointer: String| {
             let count = value
                 .pointer(&pointer)
@@ -776,6 +798,7 @@ impl Loader {
         ]
         .map(String::from)
         .into_iter()
+        .chain(sidecar_builds)
         .chain(mounts("/spec/volumes".into()))
         .chain((0..sidecars).flat_map(|index| mounts(format!("/spec/sidecars/{index}/volumes"))));
         for pointer in pointers {
@@ -1189,6 +1212,7 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         spec_hash: String::new(),
         build_digest: None,
         folders: BTreeMap::new(),
+        sidecar_builds: BTreeMap::new(),
         manifests: None,
     })
 }

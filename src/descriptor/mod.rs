@@ -135,6 +135,8 @@ pub struct Descriptor {
     pub build_digest: Option<String>,
     /// The repo folders a Challenge's volumes copy in (`from:`), by folder as written.
     pub folders: BTreeMap<String, FolderCopy>,
+    /// Digests of the build contexts of a Challenge's sidecars that build, by sidecar.
+    pub sidecar_builds: BTreeMap<String, String>,
     /// A Staging's objects, rendered from its manifests or chart.
     pub manifests: Option<manifests::Rendered>,
 }

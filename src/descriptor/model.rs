@@ -553,8 +553,13 @@ pub enum RestartPolicy {
 pub struct Sidecar {
     /// The sidecar's name, also its host name on the challenge's network.
     pub name: Name,
-    /// The image to run.
-    pub image: String,
+    /// The image to run: a local or pullable name. Exactly one of `image` and `build`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Build the sidecar's image from a folder of this repo (Docker only), as the main
+    /// container's `build`: an admin bot of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSpec>,
     /// Overrides the image's command, in exec form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,

@@ -552,11 +552,26 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         found.push(violation("/spec/image", format!("spec.image: {why}")));
     }
     for (index, sidecar) in spec.sidecars.iter().enumerate() {
-        if let Err(why) = image_within_limits(&sidecar.image) {
-            found.push(violation(
-                format!("/spec/sidecars/{index}/image"),
-                format!("spec.sidecars[{index}].image: {why}"),
-            ));
+        match (&sidecar.image, &sidecar.build) {
+            (Some(image), None) => {
+                if let Err(why) = image_within_limits(image) {
+                    found.push(violation(
+                        format!("/spec/sidecars/{index}/image"),
+                        format!("spec.sidecars[{index}].image: {why}"),
+                    ));
+                }
+            }
+            (None, Some(build)) => check_build(
+                root,
+                &format!("/spec/sidecars/{index}/build"),
+                &build.context,
+                &build.dockerfile,
+                found,
+            ),
+            _ => found.push(violation(
+                format!("/spec/sidecars/{index}"),
+                format!("spec.sidecars[{index}]: set exactly one of image and build"),
+            )),
         }
     }
     match (&spec.image, &spec.build) {
@@ -958,6 +973,12 @@ fn check_on_kubernetes(
                 format!("spec.sidecars[{index}].resources.pids: Kubernetes sets the process limit per node (the kubelet's --pod-max-pids), not per container; remove it, or keep this challenge on docker"),
             ));
         }
+    }
+    if let Some(index) = spec.sidecars.iter().position(|s| s.build.is_some()) {
+        found.push(violation(
+            format!("/spec/sidecars/{index}/build"),
+            format!("spec.sidecars[{index}].build: a cluster cannot build from the repo; build the image with a Pipeline and name it in image, or keep this challenge on docker"),
+        ));
     }
     if let Some(index) = spec.sidecars.iter().position(|s| !s.depends_on.is_empty()) {
         found.push(violation(

@@ -1266,3 +1266,62 @@ fn a_sidecar_publishes_a_port_of_its_own() {
     });
     assert_eq!(page(web_port), "web", "the web container was left alone");
 }
+
+/// A sidecar built from a folder of the repo, as the main container can be: its image is tagged
+/// by the folder's content, and a changed file builds and rolls only the sidecar.
+#[test]
+fn a_sidecar_is_built_from_a_folder_of_the_repo() {
+    let Some(instance) = engine() else { return };
+    let bot_port = free_port();
+    let repo = Repo::new();
+    let dockerfile = |word: &str| {
+        format!(
+            "FROM busybox:latest\nRUN mkdir -p /b && echo {word} > /b/index.html\nCMD [\"httpd\", \"-f\", \"-p\", \"3000\", \"-h\", \"/b\"]\n"
+        )
+    };
+    repo.write(
+        "xss.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: xss}}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - name: bot\n      build: {{context: xss/bot}}\n      ports: [{{container: 3000, host: {bot_port}}}]\n"
+        ),
+    )
+    .write("xss/bot/Dockerfile", dockerfile("built-one"));
+    let applied = instance.apply(&repo, &[]);
+    assert_eq!(applied.status.code(), Some(0), "{}", stdout(&applied));
+    let answered = |word: &str| {
+        eventually(
+            &format!("the bot says {word}"),
+            Duration::from_secs(20),
+            || {
+                crate::agent::http(bot_port, "GET", "/index.html", &[], b"")
+                    .1
+                    .contains(word)
+            },
+        );
+    };
+    answered("built-one");
+    let main = instance.containers("xss")["main-1"].0.clone();
+
+    repo.write("xss/bot/Dockerfile", dockerfile("built-two"));
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(plan.contains("sidecar bot"), "{plan}");
+    let updated = instance.apply(&repo, &[]);
+    assert_eq!(updated.status.code(), Some(0), "{}", stdout(&updated));
+    answered("built-two");
+    assert_eq!(
+        instance.containers("xss")["main-1"].0,
+        main,
+        "the main container was replaced"
+    );
+    let tags = docker(&[
+        "images",
+        "--format",
+        "{{.Repository}}",
+        "--filter",
+        &format!("reference=berth-{}-xss-bot", instance.name),
+    ]);
+    assert!(
+        !tags.is_empty(),
+        "the sidecar's image is named by its challenge and slot"
+    );
+}

@@ -1540,3 +1540,30 @@ fn a_sidecars_ports_are_checked_as_the_main_containers_are() {
     ];
     problems_are(&problems, &expected);
 }
+
+#[test]
+fn a_sidecar_has_an_image_or_a_build_and_builds_on_docker_only() {
+    let repo = Repo::new();
+    repo.write("bot/Dockerfile", "FROM busybox:latest\n").write(
+        "xss.yaml",
+        challenge(
+            "xss",
+            "  sidecars:\n    - {name: neither}\n    - {name: both, image: busybox:latest, build: {context: bot}}\n    - {name: lost, build: {context: nowhere}}\n    - {name: bot, build: {context: bot}}\n",
+        ),
+    )
+    .write(
+        "cluster.yaml",
+        challenge(
+            "cluster",
+            "  target: kubernetes\n  sidecars:\n    - {name: bot, build: {context: bot}}\n",
+        ),
+    );
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        ("cluster.yaml", 9, "a cluster cannot build from the repo"),
+        ("xss.yaml", 8, "set exactly one of image and build"),
+        ("xss.yaml", 9, "set exactly one of image and build"),
+        ("xss.yaml", 10, "\"nowhere\""),
+    ];
+    problems_are(&problems, &expected);
+}

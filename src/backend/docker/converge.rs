@@ -45,7 +45,9 @@ impl DockerBackend {
             Ok(mut done) => {
                 // Each change of a build context makes an image: keep the newest few (a quick
                 // way back) and the one running, so months of changes do not fill the disk.
-                if template.spec.build.is_some() {
+                if template.spec.build.is_some()
+                    || template.spec.sidecars.iter().any(|s| s.build.is_some())
+                {
                     let removed = self
                         .collect_products(&template.key, run::KEEP_PRODUCTS)
                         .await;
@@ -67,6 +69,8 @@ impl DockerBackend {
         // Everything that can fail is prepared before any container is touched.
         let network = self.ensure_wall(&template.wall()).await?;
         let image = self.ensure_image(template, repo_root, &network).await?;
+        self.ensure_sidecar_images(template, repo_root, &network)
+            .await?;
         let copies = self
             .ensure_folder_copies(template, &image, repo_root)
             .await?;

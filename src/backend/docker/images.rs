@@ -57,6 +57,59 @@ impl DockerBackend {
         }
     }
 
+    /// The image `sidecar` of `template` runs: the one it names, or the tag its build gets.
+    /// Pure.
+    pub(super) fn sidecar_image(
+        &self,
+        template: &ChallengeTemplate,
+        sidecar: &crate::descriptor::model::Sidecar,
+    ) -> String {
+        match &sidecar.image {
+            Some(image) => image.clone(),
+            None => {
+                let digest = template
+                    .sidecar_builds
+                    .get(sidecar.name.as_str())
+                    .map_or("", String::as_str);
+                format!(
+                    "berth-{}-{}-{}:{}",
+                    self.instance(),
+                    template.key.name,
+                    sidecar.name,
+                    &digest[..digest.len().min(16)]
+                )
+            }
+        }
+    }
+
+    /// Makes sure the engine has every sidecar's image: pulled when named and missing, built
+    /// from its folder (behind `network`, within the sidecar's limits) when it builds.
+    pub(super) async fn ensure_sidecar_images(
+        &self,
+        template: &ChallengeTemplate,
+        repo_root: &Path,
+        network: &str,
+    ) -> Attempt<()> {
+        for sidecar in &template.spec.sidecars {
+            let tag = self.sidecar_image(template, sidecar);
+            match &sidecar.build {
+                None => {
+                    self.named_image(&tag).await?;
+                }
+                Some(build) => {
+                    let labels = self.ownership.labels(&template.key, template.main_hash());
+                    let context = repo_root.join(&build.context);
+                    let confined = (network, sidecar.resources.as_ref());
+                    self.build_unless_present(tag, build, labels, confined, || {
+                        BuildContext::read(&context, &build.dockerfile)
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn ensure_image(
         &self,
         template: &ChallengeTemplate,

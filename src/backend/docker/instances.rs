@@ -73,6 +73,8 @@ impl DockerBackend {
             })
             .await?;
         let image = self.ensure_image(template, repo_root, &builds_on).await?;
+        self.ensure_sidecar_images(template, repo_root, &builds_on)
+            .await?;
         // Copies of repo folders are read-only, so every instance mounts the same one (an older
         // copy stays while instances of the older version mount it).
         let copies = self

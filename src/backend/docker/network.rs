@@ -118,22 +118,19 @@ fn overlaps(a: Block, b: Block) -> bool {
     a.0 & mask(shorter) == b.0 & mask(shorter)
 }
 
-/// The first free block of `/prefix` in `pool` that overlaps none of `used`. Pure.
-fn pick_subnet(pool: SubnetPool, used: &[Block], prefix: u8) -> Option<Block> {
+/// The first free block of `/prefix` in `pool` that overlaps none of `used`, looking from the
+/// `start`th block on (and round the pool again): berths that lost a race for the lowest block
+/// spread out instead of all trying the next one. Pure.
+fn pick_subnet(pool: SubnetPool, used: &[Block], prefix: u8, start: u64) -> Option<Block> {
     if prefix < pool.prefix || prefix > 30 {
         return None;
     }
     let step = 1u64 << (32 - u32::from(prefix));
-    let end = u64::from(pool.base) + (1u64 << (32 - u32::from(pool.prefix)));
-    let mut at = u64::from(pool.base);
-    while at < end {
-        let candidate = (at as u32, prefix);
-        if !used.iter().any(|block| overlaps(*block, candidate)) {
-            return Some(candidate);
-        }
-        at += step;
-    }
-    None
+    let count = 1u64 << (u32::from(prefix) - u32::from(pool.prefix));
+    (0..count)
+        .map(|i| u64::from(pool.base) + ((start + i) % count) * step)
+        .map(|at| (at as u32, prefix))
+        .find(|candidate| !used.iter().any(|block| overlaps(*block, *candidate)))
 }
 
 /// The smallest prefix whose block holds `containers` (twice over, for start-first updates), the
@@ -404,10 +401,17 @@ impl DockerBackend {
         // later), so a refused subnet is passed over, not tried again.
         let mut refused = String::new();
         let mut passed_over: Vec<Block> = Vec::new();
-        for _ in 0..16 {
+        for attempt in 0..32 {
             let mut used = self.used_blocks().await?;
             used.extend(&passed_over);
-            let Some(block) = pick_subnet(self.subnet_pool, &used, wall.prefix()) else {
+            // The lowest free block first; after a refusal, from anywhere in the pool.
+            let start = match attempt {
+                0 => 0,
+                _ => crate::backend::random_bytes()
+                    .map(|bytes| u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")))
+                    .unwrap_or(attempt),
+            };
+            let Some(block) = pick_subnet(self.subnet_pool, &used, wall.prefix(), start) else {
                 return Err(Trouble::Failed(format!(
                     "no free /{} left in the subnet pool {} for network {name}; give berth a larger pool with BERTH_SUBNET_POOL",
                     wall.prefix(),
@@ -567,17 +571,29 @@ mod tests {
     #[test]
     fn subnets_are_picked_around_those_in_use() {
         let pool: SubnetPool = "10.213.0.0/16".parse().unwrap();
-        assert_eq!(pick_subnet(pool, &[], 28), Some(block("10.213.0.0/28")));
+        assert_eq!(pick_subnet(pool, &[], 28, 0), Some(block("10.213.0.0/28")));
         let used = [block("10.213.0.0/28"), block("172.17.0.0/16")];
-        assert_eq!(pick_subnet(pool, &used, 28), Some(block("10.213.0.16/28")));
+        assert_eq!(
+            pick_subnet(pool, &used, 28, 0),
+            Some(block("10.213.0.16/28"))
+        );
         // A larger block skips to the next aligned place that is wholly free.
-        assert_eq!(pick_subnet(pool, &used, 20), Some(block("10.213.16.0/20")));
+        assert_eq!(
+            pick_subnet(pool, &used, 20, 0),
+            Some(block("10.213.16.0/20"))
+        );
         // A network covering the whole pool leaves nothing.
-        assert_eq!(pick_subnet(pool, &[block("10.0.0.0/8")], 28), None);
+        assert_eq!(pick_subnet(pool, &[block("10.0.0.0/8")], 28, 0), None);
         // Full.
         let all: Vec<Block> = (0..16).map(|i| (pool.base + (i << 12), 20)).collect();
-        assert_eq!(pick_subnet(pool, &all, 28), None);
-        assert_eq!(pick_subnet(pool, &[], 8), None, "larger than the pool");
+        assert_eq!(pick_subnet(pool, &all, 28, 0), None);
+        assert_eq!(pick_subnet(pool, &[], 8, 0), None, "larger than the pool");
+        // From another start, the first free block at or after it, round the pool again.
+        let from = pick_subnet(pool, &[block("10.213.0.32/28")], 28, 2);
+        assert_eq!(from, Some(block("10.213.0.48/28")));
+        let blocks = 1u64 << (28 - 16);
+        let wrapped = pick_subnet(pool, &[], 28, blocks - 1 + blocks);
+        assert_eq!(wrapped, Some(block("10.213.255.240/28")));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct ChallengeTemplate {
     pub build_digest: Option<String>,
     /// Digests of the repo folders its volumes copy in, by folder.
     pub folders: BTreeMap<String, String>,
+    /// Digests of its sidecars' build contexts, by sidecar, for those that build.
+    pub sidecar_builds: BTreeMap<String, String>,
     /// The slots, with their hashes and specs.
     pub parts: Vec<Part>,
 }
@@ -362,6 +364,9 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
             sidecar_spec["labels"] = json!(descriptor.metadata.labels);
         }
         sidecar_spec["walls"] = walls.clone();
+        if let Some(digest) = descriptor.sidecar_builds.get(sidecar.name.as_str()) {
+            sidecar_spec["buildDigest"] = json!(digest);
+        }
         if let Some(folders) = folders_of(&sidecar.volumes) {
             sidecar_spec["folderDigests"] = folders;
         }
@@ -393,6 +398,7 @@ fn challenge_object(
             .iter()
             .map(|(folder, copy)| (folder.clone(), copy.digest.clone()))
             .collect(),
+        sidecar_builds: descriptor.sidecar_builds.clone(),
         parts: parts.clone(),
     };
     let object = DesiredObject {
@@ -504,7 +510,7 @@ impl DockerBackend {
         host_config.mounts = self.volume_mounts(template, &sidecar.volumes);
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
-            image: Some(sidecar.image.clone()),
+            image: Some(self.sidecar_image(template, sidecar)),
             exposed_ports: (!exposed.is_empty()).then_some(exposed),
             healthcheck: sidecar
                 .healthcheck
@@ -741,6 +747,7 @@ mod tests {
             labels: BTreeMap::new(),
             build_digest: None,
             folders: BTreeMap::new(),
+            sidecar_builds: BTreeMap::new(),
             parts,
         }
     }

@@ -455,7 +455,7 @@ impl ChallengeTemplate {
         for sidecar in &self.spec.sidecars {
             let mut made = container(
                 sidecar.name.as_str(),
-                &sidecar.image,
+                sidecar.image.as_deref().unwrap_or_default(),
                 &sidecar.entrypoint,
                 &sidecar.command,
                 env(
