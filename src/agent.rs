@@ -330,7 +330,7 @@ pub async fn run(
                     &config.instance.to_string(),
                     config.repo.web_url.as_deref(),
                 )
-                .with_changes(changes_sender.clone())
+                .with_changes(changes_sender.clone(), &config.repo.branch)
                 .with_history(
                     source.workdir().to_path_buf(),
                     source.status_target().clone(),

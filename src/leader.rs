@@ -29,8 +29,10 @@ pub struct Leadership {
     identity: String,
     /// Where the Lease is read to confirm the lead: the client, its namespace and name.
     lease: Option<(kube::Client, String, String)>,
-    /// How the election is joined (again, after it stopped), and how long until the next try.
-    joining: Option<(Joining, Duration)>,
+    /// How the election is joined (again, after it stopped), when to try next, and the wait
+    /// after a try that fails. The time is kept here, so a try cut short by other work keeps
+    /// its place rather than waiting afresh.
+    joining: Option<(Joining, tokio::time::Instant, Duration)>,
 }
 
 /// What joining the election takes: built once, used again whenever the election stops (an API
@@ -135,7 +137,7 @@ impl Leadership {
             elected: true,
             identity,
             lease: Some((client, namespace, config.lease.to_string())),
-            joining: Some((joining, Duration::from_secs(1))),
+            joining: Some((joining, tokio::time::Instant::now(), Duration::from_secs(1))),
         })
     }
 
@@ -197,22 +199,26 @@ impl Leadership {
             );
             self.state = None;
             self.task = None;
+            if let Some((_, next, wait)) = self.joining.as_mut() {
+                *next = tokio::time::Instant::now() + *wait;
+            }
             return;
         }
-        let Some((joining, wait)) = self.joining.clone() else {
+        let Some((joining, next, wait)) = self.joining.clone() else {
             return std::future::pending().await;
         };
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep_until(next).await;
         match joining.join().await {
             Ok((state, task)) => {
                 tracing::info!(identity = %joining.identity, lease = %joining.lease, namespace = %joining.namespace, "joined the leader election");
                 self.state = Some(state);
                 self.task = Some(task);
-                self.joining = Some((joining, Duration::from_secs(1)));
+                self.joining = Some((joining, next, Duration::from_secs(1)));
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot join the leader election yet");
-                self.joining = Some((joining, (wait * 2).min(REJOIN_MAX)));
+                let longer = (wait * 2).min(REJOIN_MAX);
+                self.joining = Some((joining, tokio::time::Instant::now() + longer, longer));
             }
         }
     }

@@ -789,6 +789,8 @@ async fn apply(
         true => reconcile::unhealthy(&applied.planned, &applied.observed, false),
         false => reconcile::settle(&mut applied, &engines, wait).await,
     };
+    // Runs of solvers this apply started and did not wait out go with it.
+    engines.stop_solvers().await;
     let done = |action: Action| {
         applied
             .reports

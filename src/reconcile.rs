@@ -434,6 +434,10 @@ pub async fn settle(
             .cloned();
         let mut observed: Vec<ObservedObject> = observed.into_iter().chain(kept).collect();
         observed.sort_by(|a, b| a.key.cmp(&b.key));
+        // Diagnosed each time: a crash loop, or a solver's verdict, is health too.
+        engines
+            .diagnose(&mut observed, &applied.planned.desired)
+            .await;
         applied.observed = observed;
     }
     engines

@@ -559,6 +559,16 @@ impl Engines {
         }
     }
 
+    /// Ends the solvers' runs going on, removing their containers: an apply that started them
+    /// is ending, and leaves none behind.
+    pub async fn stop_solvers(&self) {
+        for backend in &self.backends {
+            if let Backend::Docker(docker) = backend {
+                docker.stop_solvers().await;
+            }
+        }
+    }
+
     /// Connects to every engine this berth drives: the Docker Engine, and the Kubernetes cluster
     /// `access` names when one is configured.
     pub async fn connect(

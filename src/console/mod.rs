@@ -56,6 +56,8 @@ pub struct Console {
     web_url: Option<String>,
     /// Where changes of desired state go: the agent commits them, between passes.
     changes: Option<tokio::sync::mpsc::Sender<StateChange>>,
+    /// The branch the agent follows, where a pull request from a side branch goes.
+    followed: String,
     /// The agent's clone and where status is committed in it, for the history.
     history: Option<(std::path::PathBuf, crate::source::StatusTarget)>,
     /// Slots of pages following events.
@@ -105,6 +107,7 @@ impl Console {
             instance: instance.to_string(),
             web_url,
             changes: None,
+            followed: String::new(),
             history: None,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
         }
@@ -120,9 +123,15 @@ impl Console {
         self
     }
 
-    /// This console, sending changes of desired state to `changes`.
-    pub fn with_changes(mut self, changes: tokio::sync::mpsc::Sender<StateChange>) -> Console {
+    /// This console, sending changes of desired state to `changes`, for the followed branch
+    /// `followed`.
+    pub fn with_changes(
+        mut self,
+        changes: tokio::sync::mpsc::Sender<StateChange>,
+        followed: &str,
+    ) -> Console {
         self.changes = Some(changes);
+        self.followed = followed.to_string();
         self
     }
 }
@@ -600,7 +609,11 @@ async fn change_state(
         }) => {
             onward = state.console.web_url.as_ref().map(|web| {
                 (
-                    format!("{web}/compare/{}?expand=1", url_path(&branch)),
+                    format!(
+                        "{web}/compare/{}...{}?expand=1",
+                        url_path(&state.console.followed),
+                        url_path(&branch)
+                    ),
                     format!("Open a pull request from {branch}"),
                 )
             });

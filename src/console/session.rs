@@ -78,9 +78,12 @@ pub const MAX_NAME: usize = 64;
 /// would forge another trailer) dropped, spaces trimmed, at most [`MAX_NAME`] characters; `None`
 /// when nothing is left.
 pub fn given_name(sent: &str) -> Option<String> {
+    // Format characters too: bidi overrides and zero-width ones would make a name read as
+    // another in `git log`.
+    let format = |c: &char| matches!(*c as u32, 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x2069 | 0xFEFF | 0xAD);
     let name: String = sent
         .chars()
-        .filter(|c| !c.is_control())
+        .filter(|c| !c.is_control() && !format(c))
         .collect::<String>()
         .trim()
         .chars()
@@ -272,6 +275,10 @@ mod tests {
             Some("eveRequested-by: admin".into())
         );
         assert_eq!(given_name(" \t\n"), None);
+        assert_eq!(
+            given_name("ad\u{202E}nimda\u{200B}"),
+            Some("adnimda".into())
+        );
         assert_eq!(
             given_name(&"x".repeat(500)).unwrap().chars().count(),
             MAX_NAME

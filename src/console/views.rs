@@ -186,7 +186,14 @@ pub fn is_link(endpoint: &str) -> bool {
 impl StagingRow {
     /// The row of the Staging `object`; its buttons only when `may_change`.
     pub fn of(object: &ObjectStatus, may_change: bool) -> StagingRow {
-        let (urls, ports) = object.endpoints.iter().cloned().partition(|e| is_link(e));
+        // A staging at rest answers nowhere, whatever its Services say.
+        let answering = !matches!(object.phase, Some(Phase::Stopped | Phase::Archived));
+        let (urls, ports) = object
+            .endpoints
+            .iter()
+            .filter(|_| answering)
+            .cloned()
+            .partition(|e| is_link(e));
         StagingRow {
             row: ObjectRow::of(object),
             namespace: namespace_of(object),
@@ -313,6 +320,13 @@ mod tests {
             "javascript:alert(1)".into(),
         ];
         let row = StagingRow::of(&shop, true);
+        assert!(
+            row.urls.is_empty() && row.ports.is_empty(),
+            "a stopped staging answers nowhere"
+        );
+        shop.phase = Some(Phase::Running);
+        let row = StagingRow::of(&shop, true);
+        shop.phase = Some(Phase::Stopped);
         assert_eq!(row.namespace, "qa-shop");
         assert_eq!(
             row.images,
@@ -320,6 +334,8 @@ mod tests {
         );
         assert_eq!(row.urls, ["https://shop.example/api"]);
         assert_eq!(row.ports, ["30080/tcp", "http://*/", "javascript:alert(1)"]);
+        assert_eq!(row.states, [("stopped", "Stop"), ("archived", "Archive")]);
+        let row = StagingRow::of(&shop, true);
         assert_eq!(row.states, [("running", "Start"), ("archived", "Archive")]);
         assert!(StagingRow::of(&shop, false).states.is_empty());
         let archived = state_buttons(Kind::Staging, Some(Phase::Archived));

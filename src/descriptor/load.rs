@@ -700,14 +700,18 @@ impl Loader {
                 .chain(spec.sidecars.iter().flat_map(|s| &s.volumes))
                 .filter_map(|v| v.from.as_deref());
             for folder in folders {
-                let copy = match BuildContext::read(&self.root.join(folder), "") {
-                    Ok(context) => crate::descriptor::FolderCopy {
-                        digest: context.digest().unwrap_or_else(|error| error),
-                        files: context.files(),
+                let read = BuildContext::read(&self.root.join(folder), "")
+                    .and_then(|context| Ok((context.digest()?, context.files())));
+                let copy = match read {
+                    Ok((digest, files)) => crate::descriptor::FolderCopy {
+                        digest,
+                        files,
+                        unreadable: None,
                     },
                     Err(error) => crate::descriptor::FolderCopy {
-                        digest: error,
+                        digest: error.clone(),
                         files: Vec::new(),
+                        unreadable: Some(error),
                     },
                 };
                 descriptor.folders.insert(folder.to_string(), copy);

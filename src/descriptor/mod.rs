@@ -148,6 +148,8 @@ pub struct FolderCopy {
     pub digest: String,
     /// Its files, by path from the folder, each with whether it is executable and its size.
     pub files: Vec<(String, bool, u64)>,
+    /// Why it could not be read, when it could not: then nothing may be made from it.
+    pub unreadable: Option<String>,
 }
 
 impl Descriptor {

@@ -831,6 +831,13 @@ pub struct VolumeMount {
     pub size: Option<Size>,
 }
 
+/// The most a folder copied into a challenge on Kubernetes may hold, in bytes: what one ConfigMap
+/// holds, less room for its metadata.
+pub const KUBE_FOLDER_LIMIT: u64 = 1000 * 1024;
+
+/// The most files such a folder may hold: each is an item of the pod's volume.
+pub const KUBE_FOLDER_FILES: usize = 1000;
+
 /// What a volume mount holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeSource<'a> {

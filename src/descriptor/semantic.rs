@@ -426,10 +426,14 @@ fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) 
                     format!("{shown}[{index}]: set exactly one of name (a named volume of the challenge's) and from (a folder of this repo, copied in read-only)"),
                 )),
                 (None, Some(folder)) => {
-                    if let Err(message) = repo_folder(root, folder) {
+                    let why = match repo_folder(root, folder) {
+                        Err(message) => Some(message),
+                        Ok(path) => folder_copy_problem(&path, spec),
+                    };
+                    if let Some(why) = why {
                         found.push(violation(
                             format!("{pointer}/{index}/from"),
-                            format!("{shown}[{index}].from: {message}"),
+                            format!("{shown}[{index}].from: {why}"),
                         ));
                     }
                 }
@@ -662,6 +666,65 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
         found,
     );
     sidecar_order(spec, found);
+}
+
+/// Why the repo folder at `path` cannot be copied into the containers of `spec` as it is: a
+/// symbolic link in it (its copy would point out of the folder, or nowhere); on kubernetes, more
+/// than a ConfigMap holds; for per-team instances that may remount it (SYS_ADMIN, privileged),
+/// a copy every team shares. Bounded: it stops at the first problem, or past 10,000 entries.
+fn folder_copy_problem(path: &Path, spec: &ChallengeSpec) -> Option<String> {
+    use super::model::{KUBE_FOLDER_FILES, KUBE_FOLDER_LIMIT};
+    let remounts = |security: &super::security::Security| {
+        security.privileged
+            || security
+                .capabilities
+                .added()
+                .iter()
+                .any(|c| c == "SYS_ADMIN")
+    };
+    if spec.instanced.is_some()
+        && (remounts(&spec.security) || spec.sidecars.iter().any(|s| remounts(&s.security)))
+    {
+        return Some("every team's instance mounts the one copy, and a container with SYS_ADMIN or privileged could remount it writable for all; put the files in the image instead".into());
+    }
+    let (mut bytes, mut files, mut entries) = (0u64, 0usize, 0usize);
+    let mut folders = vec![path.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let listed = std::fs::read_dir(&folder).ok()?;
+        for entry in listed.flatten() {
+            entries += 1;
+            if entries > 10_000 {
+                return Some("holds more than 10,000 entries; copy in what the container needs, or put it in the image".into());
+            }
+            let Ok(metadata) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            let shown = entry.path();
+            let shown = shown.strip_prefix(path).unwrap_or(&shown).display();
+            if metadata.file_type().is_symlink() {
+                return Some(format!(
+                    "holds a symbolic link, {shown}, whose copy would point out of the folder or nowhere; put the file itself there"
+                ));
+            }
+            if metadata.is_dir() {
+                folders.push(entry.path());
+            } else {
+                bytes += metadata.len();
+                files += 1;
+            }
+        }
+    }
+    if spec.target != Some(Engine::Kubernetes) {
+        return None;
+    }
+    if bytes > KUBE_FOLDER_LIMIT {
+        return Some(format!(
+            "holds {bytes} bytes; on kubernetes a folder goes in a ConfigMap, which holds at most {KUBE_FOLDER_LIMIT}: copy in less, or put it in the image"
+        ));
+    }
+    (files > KUBE_FOLDER_FILES).then(|| {
+        format!("holds {files} files; on kubernetes a folder copied in holds at most {KUBE_FOLDER_FILES}")
+    })
 }
 
 /// Each sidecar's `dependsOn` names another sidecar of the challenge, and no chain of them comes

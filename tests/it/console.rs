@@ -573,7 +573,7 @@ fn a_staging_is_stopped_and_archived_from_the_console_by_commits_and_a_protected
             .unwrap_or_default();
         assert!(
             pull.starts_with(&format!(
-                "{web_url}/compare/berth/console/staging-qa-login-"
+                "{web_url}/compare/main...berth/console/staging-qa-login-"
             )) && pull.ends_with("?expand=1"),
             "{pull}"
         );

@@ -1191,6 +1191,27 @@ fn a_solver_beside_the_challenge_is_its_health_and_a_broken_one_is_degraded() {
     assert_eq!(applied.status.code(), Some(0), "{said}");
     assert!(said.contains("0 failed, 0 unhealthy"), "{said}");
 
+    // A solver that fails says what it printed, the flag masked, whether it was to print the
+    // flag or not.
+    let leaky = jail("cat /flag.txt")
+        .replace("/flag'], interval", "/flag; exit 3'], interval")
+        .replace(", expectFlag: true", "");
+    repo.write("jail.yaml", leaky);
+    let failing = instance.apply(&repo, &[]);
+    let said = format!(
+        "{}{}",
+        stdout(&failing),
+        String::from_utf8_lossy(&failing.stderr)
+    );
+    assert!(
+        said.contains("its solver failed: exited with code 3"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("solved-by-the-checker"),
+        "the flag was shown: {said}"
+    );
+
     // The jail breaks: the port still answers, the solver no longer gets the flag.
     repo.write("jail.yaml", jail("echo flag{not-the-real-one}"));
     let broken = instance.apply(&repo, &[]);

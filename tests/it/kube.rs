@@ -2162,7 +2162,7 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
     )
     .unwrap();
     let pv = format!(
-        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}-store-pv\n  labels: {{berth.instance: {name}}}\nspec:\n  capacity: {{storage: 64Mi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  claimRef: {{namespace: {ns}, name: store-data}}\n  hostPath: {{path: {}}}\n",
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}-store-pv\n  labels: {{berth.instance: {name}}}\nspec:\n  capacity: {{storage: 64Mi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  claimRef: {{namespace: {ns}, name: store.data}}\n  hostPath: {{path: {}}}\n",
         volume.path().display()
     );
     let pv_file = volume.path().join("pv.yaml");
@@ -2191,7 +2191,7 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
     assert_eq!(page(port, "deep/page.html"), "nested");
     assert_eq!(page(port, "starts"), "start");
     assert_eq!(
-        cluster.get(&ns, "pvc/store-data", "{.status.phase}"),
+        cluster.get(&ns, "pvc/store.data", "{.status.phase}"),
         "Bound"
     );
     let maps = || {
@@ -2202,7 +2202,7 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
         )
     };
     let first_map = maps();
-    assert!(first_map.starts_with("store-folder-"), "{first_map}");
+    assert!(first_map.starts_with("store.folder-"), "{first_map}");
 
     // A changed file: a new copy, the pods roll onto it, the claim's data is still there.
     repo.write("store/www/index.html", "version two\n");
@@ -2218,7 +2218,7 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
     );
     let second_map = maps();
     assert!(
-        second_map.starts_with("store-folder-") && second_map != first_map,
+        second_map.starts_with("store.folder-") && second_map != first_map,
         "the old copy is left: {first_map} → {second_map}"
     );
 
@@ -2228,12 +2228,12 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
     let pruned = apply(&["--prune", "--allow-empty"]);
     assert!(pruned.status.success(), "{}", said(&pruned));
     assert!(
-        said(&pruned).contains("PersistentVolumeClaim/store-data"),
+        said(&pruned).contains("PersistentVolumeClaim/store.data"),
         "{}",
         said(&pruned)
     );
     eventually("the claim goes", Duration::from_secs(60), || {
-        !cluster.exists(&ns, "pvc/store-data")
+        !cluster.exists(&ns, "pvc/store.data")
     });
     assert_eq!(maps(), "");
     cluster.kubectl(&["delete", "pv", &format!("{name}-store-pv"), "--wait=false"]);

@@ -1567,3 +1567,37 @@ fn a_sidecar_has_an_image_or_a_build_and_builds_on_docker_only() {
     ];
     problems_are(&problems, &expected);
 }
+
+#[test]
+fn a_folder_copied_in_holds_plain_files_within_what_its_engine_takes() {
+    let repo = Repo::new();
+    repo.write("linked/ok.sql", "SELECT 1;\n")
+        .write("big/blob.bin", "x".repeat(1_100_000))
+        .write("plain/ok.sql", "SELECT 1;\n")
+        .write(
+            "linked.yaml",
+            challenge("linked", "  volumes: [{from: linked, path: /seed}]\n"),
+        )
+        .write(
+            "big.yaml",
+            challenge(
+                "big",
+                "  target: kubernetes\n  volumes: [{from: big, path: /seed}]\n",
+            ),
+        )
+        .write(
+            "jail.yaml",
+            challenge(
+                "jail",
+                "  ports: [{container: 1337}]\n  instanced: {ttl: 1m}\n  security: {capabilities: {add: [SYS_ADMIN]}}\n  volumes: [{from: plain, path: /seed}]\n",
+            ),
+        );
+    std::os::unix::fs::symlink("../plain/ok.sql", repo.path().join("linked/escape.sql")).unwrap();
+    let problems = problems_of(repo.path(), &LoadOptions::default());
+    let expected = [
+        ("big.yaml", 8, "on kubernetes a folder goes in a ConfigMap"),
+        ("jail.yaml", 10, "could remount it writable for all"),
+        ("linked.yaml", 7, "holds a symbolic link, escape.sql"),
+    ];
+    problems_are(&problems, &expected);
+}

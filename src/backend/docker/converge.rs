@@ -196,6 +196,18 @@ impl DockerBackend {
             done.push("removed its old network".into());
         }
         self.remove_old_folder_copies(template, &copies).await?;
+        // Solvers of containers this pass replaced go with them.
+        if template
+            .spec
+            .healthcheck
+            .as_ref()
+            .is_some_and(|check| check.solve.is_some())
+        {
+            let current: Vec<String> = in_place.values().cloned().collect();
+            self.remove_solvers_of(&template.key, &current)
+                .await
+                .map_err(|e| Trouble::Transient(format!("cannot remove old solvers: {e}")))?;
+        }
         Ok(done.join(", "))
     }
 
@@ -277,6 +289,19 @@ impl DockerBackend {
             let Some(name) = in_place.get(&wanted) else {
                 continue;
             };
+            // A check that may take longer than the usual bound to pass (a long start period)
+            // is given its time.
+            let limit = template
+                .spec
+                .sidecars
+                .iter()
+                .find(|s| format!("sidecar-{}", s.name) == wanted)
+                .and_then(|s| s.healthcheck.as_ref())
+                .map_or(SIDECAR_READY_WAIT, |check| {
+                    let period = check.start_period.unwrap_or(check.interval).0;
+                    let checks = (check.interval.0 + check.timeout.0) * (check.retries + 1);
+                    SIDECAR_READY_WAIT.max(period + checks)
+                });
             let started = Instant::now();
             loop {
                 let inspected = self
@@ -305,10 +330,10 @@ impl DockerBackend {
                         "{wanted} {failed}{why}; {slot} starts only once it is healthy"
                     )));
                 }
-                if started.elapsed() > SIDECAR_READY_WAIT {
+                if started.elapsed() > limit {
                     return Err(Trouble::Failed(format!(
                         "{wanted} was not healthy within {}s; {slot} starts only once it is",
-                        SIDECAR_READY_WAIT.as_secs()
+                        limit.as_secs()
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -376,7 +401,7 @@ impl DockerBackend {
         for container in &existing {
             self.remove(container).await?;
         }
-        self.remove_solvers_of(key)
+        self.remove_solvers_of(key, &[])
             .await
             .map_err(|e| Trouble::Transient(format!("cannot remove its solvers: {e}")))?;
         self.remove_volumes_of(key).await?;

@@ -27,6 +27,10 @@ use crate::plan::{Health, ObservedObject, PartState};
 
 /// The kind label of a solver's container: it is never taken for a part of its challenge.
 pub(super) const SOLVER_KIND: &str = "ChallengeSolver";
+/// Label on a solver's container naming the challenge container it solves.
+const LABEL_SOLVES: &str = "berth.solves";
+/// The longest a run may take beyond its check's timeout: pulling the solver's image.
+const PULL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// The most of a run's output read, to find the flag in and to quote.
 const OUTPUT_LIMIT: usize = 1024 * 1024;
 
@@ -47,7 +51,8 @@ struct SolveRun {
     container: String,
     check: SolveCheck,
     port: u16,
-    /// The values the solver's output must hold one of (`expectFlag`), and that are masked in it.
+    /// The challenge's secret values: masked in what the solver says, and (with `expectFlag`)
+    /// what it must print one of.
     flags: Vec<String>,
 }
 
@@ -82,7 +87,14 @@ impl DockerBackend {
                     };
                     seen.insert(part.name.clone());
                     let state = solves.entry(part.name.clone()).or_default();
-                    match &state.last {
+                    // A result older than two rounds (a run that never ended, checks that
+                    // stopped) says nothing of now.
+                    let fresh_for = check.interval.0 * 2 + check.timeout.0 + PULL_WAIT;
+                    let last = state
+                        .last
+                        .as_ref()
+                        .filter(|(at, _)| at.elapsed() < fresh_for);
+                    match last {
                         Some((_, Ok(()))) => {}
                         Some((_, Err(why))) => {
                             part.health = Health::Degraded;
@@ -113,10 +125,7 @@ impl DockerBackend {
                         .and_then(Value::as_u64)
                         .and_then(|p| u16::try_from(p).ok())
                         .unwrap_or_default();
-                    let flags = match check.expect_flag {
-                        true => flags_of(&part.spec),
-                        false => Vec::new(),
-                    };
+                    let flags = flags_of(&part.spec);
                     due.push(SolveRun {
                         key: object.key.clone(),
                         container: part.name.clone(),
@@ -132,7 +141,17 @@ impl DockerBackend {
         for run in due {
             let backend = self.clone();
             tokio::spawn(async move {
-                let found = backend.run_solver(&run).await;
+                let bound = run.check.timeout.0 + PULL_WAIT;
+                let found = match tokio::time::timeout(bound, backend.run_solver(&run)).await {
+                    Ok(found) => found,
+                    // Stuck (an image pull that never ends): no word on the challenge, and the
+                    // next look starts a run again.
+                    Err(_) => {
+                        let _ =
+                            remove_container(&backend.docker, &solver_name(&run.container)).await;
+                        None
+                    }
+                };
                 let mut solves = backend.solves.lock().expect("solves");
                 let state = solves.entry(run.container.clone()).or_default();
                 state.running = false;
@@ -146,7 +165,7 @@ impl DockerBackend {
     /// One run of a solver: whether it solved the challenge, or `None` when that could not be
     /// told (the engine gone, the challenge container replaced under it).
     async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), String>> {
-        let name = format!("{}-solver", run.container);
+        let name = solver_name(&run.container);
         let _ = remove_container(&self.docker, &name).await;
         let image = match self.named_image(&run.check.image).await {
             Ok(image) => image,
@@ -155,6 +174,7 @@ impl DockerBackend {
         };
         let mut labels = self.ownership.labels(&run.key, "");
         labels.insert(LABEL_KIND.into(), SOLVER_KIND.into());
+        labels.insert(LABEL_SOLVES.into(), run.container.clone());
         // Bounded as a challenge container is by default: it cannot take the machine.
         let limits = Resources {
             cpus: Some(1.0),
@@ -229,7 +249,7 @@ impl DockerBackend {
             }
         };
         Some(match code {
-            0 if run.flags.is_empty() => Ok(()),
+            0 if !run.check.expect_flag => Ok(()),
             0 if run
                 .flags
                 .iter()
@@ -242,8 +262,14 @@ impl DockerBackend {
         })
     }
 
-    /// Removes the solvers of the challenge `key` that are running (it is being deleted).
-    pub(super) async fn remove_solvers_of(&self, key: &ObjectRef) -> Result<(), String> {
+    /// Removes the solvers of the challenge `key` (it is being deleted), or, with `keep`, those
+    /// whose challenge container is not among `keep` (it was replaced, or an apply that started
+    /// them ended).
+    pub(super) async fn remove_solvers_of(
+        &self,
+        key: &ObjectRef,
+        keep: &[String],
+    ) -> Result<(), String> {
         let options = bollard::query_parameters::ListContainersOptions {
             all: true,
             filters: Some(HashMap::from([(
@@ -262,12 +288,37 @@ impl DockerBackend {
             .await
             .map_err(|e| e.to_string())?;
         for solver in solvers {
+            let solves = solver
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_SOLVES))
+                .cloned()
+                .unwrap_or_default();
+            if keep.contains(&solves) {
+                continue;
+            }
             let id = solver.id.unwrap_or_default();
             remove_container(&self.docker, &id)
                 .await
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Ends the runs going on (an apply that started them is ending): their containers go, and
+    /// no result is taken from them.
+    pub async fn stop_solvers(&self) {
+        let running: Vec<String> = {
+            let solves = self.solves.lock().expect("solves");
+            solves
+                .iter()
+                .filter(|(_, state)| state.running)
+                .map(|(container, _)| container.clone())
+                .collect()
+        };
+        for container in running {
+            let _ = remove_container(&self.docker, &solver_name(&container)).await;
+        }
     }
 
     /// What the container `name` wrote, up to [`OUTPUT_LIMIT`].
@@ -288,6 +339,11 @@ impl DockerBackend {
         }
         String::from_utf8_lossy(&output).into_owned()
     }
+}
+
+/// The name of the solver of the challenge container `container`.
+fn solver_name(container: &str) -> String {
+    format!("{container}-solver")
 }
 
 /// The flag's possible values: each secret the main container's template names (its secret

@@ -70,7 +70,7 @@ pub struct ChallengeTemplate {
 /// The size of a named volume's claim unless its mount says.
 const DEFAULT_CLAIM: u64 = 1024 * 1024 * 1024;
 /// The most a folder copied in may hold: what a ConfigMap holds, less room for its metadata.
-pub const FOLDER_LIMIT: u64 = 1000 * 1024;
+const FOLDER_LIMIT: u64 = crate::descriptor::model::KUBE_FOLDER_LIMIT;
 /// Label on the ConfigMaps that hold repo folders: the old ones go after an apply.
 pub const LABEL_FOLDER: &str = "berth.folder";
 
@@ -179,13 +179,14 @@ impl ChallengeTemplate {
 
     /// The claim of its named volume `volume`.
     fn claim_name(&self, volume: &str) -> String {
-        format!("{}-{volume}", self.name())
+        // A `.`, which no name holds: `a` + `b-c` and `a-b` + `c` never meet.
+        format!("{}.{volume}", self.name())
     }
 
     /// The ConfigMap holding the repo folder `folder`, named by its content.
     fn folder_map_name(&self, folder: &str) -> String {
         let digest = self.folders.get(folder).map_or("", |f| f.digest.as_str());
-        format!("{}-folder-{}", self.name(), short_digest(digest))
+        format!("{}.folder-{}", self.name(), short_digest(digest))
     }
 
     /// Its named volumes' claims, each once (the size the first mount of it gives), in
@@ -235,6 +236,9 @@ impl ChallengeTemplate {
         let mut maps = Vec::new();
         for folder in folders {
             let copy = self.folders.get(folder).cloned().unwrap_or_default();
+            if let Some(why) = &copy.unreadable {
+                return Err(format!("cannot read the folder {folder}: {why}"));
+            }
             let total: u64 = copy.files.iter().map(|(_, _, size)| size).sum();
             if total > FOLDER_LIMIT {
                 return Err(format!(
@@ -1094,16 +1098,17 @@ mod tests {
             FolderCopy {
                 digest: "ABCDEF0123456789abcdef".into(),
                 files: vec![("01.sql".into(), false, 9), ("bin/run.sh".into(), true, 5)],
+                unreadable: None,
             },
         );
         let pod = &t.deployment(&labels(), "ns", false)["spec"]["template"]["spec"];
         assert_eq!(
             pod["volumes"],
             json!([
-                {"name": "f-abcdef0123456789", "configMap": {"name": "web-folder-abcdef0123456789", "items": [
+                {"name": "f-abcdef0123456789", "configMap": {"name": "web.folder-abcdef0123456789", "items": [
                     {"key": "f0", "path": "01.sql", "mode": 0o444},
                     {"key": "f1", "path": "bin/run.sh", "mode": 0o555}]}},
-                {"name": "v-data", "persistentVolumeClaim": {"claimName": "web-data"}},
+                {"name": "v-data", "persistentVolumeClaim": {"claimName": "web.data"}},
             ])
         );
         assert_eq!(

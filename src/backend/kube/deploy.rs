@@ -304,10 +304,26 @@ impl KubeBackend {
         policy["metadata"]["annotations"] = json!({ ANNOTATION_SPEC: hash_of(&policy_id).1 });
         // Before the pods: they never run a moment without their walls.
         objects.push(("NetworkPolicy", name.to_string(), policy));
-        // What the pods mount, before them: claims (kept) and the folders' copies.
+        // What the pods mount, before them: claims and the folders' copies. A claim is made
+        // once and never changed after (the API server refuses most changes to one, and data
+        // is in it): a new size is for the claim of a challenge made anew.
         let storage_labels = self.ownership.labels_over(template.labels(), key, "");
         for (claim, value) in template.claims(&storage_labels, &ns) {
-            objects.push(("PersistentVolumeClaim", claim, value));
+            let found = self
+                .challenge_api("PersistentVolumeClaim")
+                .get_opt(&claim)
+                .await
+                .map_err(Trouble::from)?;
+            let ours = found.as_ref().is_some_and(|found| {
+                let labels = found.metadata.labels.clone().unwrap_or_default();
+                applied_by_berth(&found.metadata)
+                    && labels.get(LABEL_INSTANCE).map(String::as_str)
+                        == Some(self.ownership.instance())
+                    && labels.get(LABEL_NAME).map(String::as_str) == Some(name)
+            });
+            if !ours {
+                objects.push(("PersistentVolumeClaim", claim, value));
+            }
         }
         let folder_maps = template
             .folder_maps(root, &storage_labels, &ns)
@@ -443,7 +459,6 @@ impl KubeBackend {
         );
         // Copies of folders the pods no longer mount (the folder changed) go: a pod of the old
         // version keeps what it mounted.
-        removed.extend(self.remove_old_folder_maps(name, &wanted_maps).await?);
         if !removed.is_empty() {
             done.push_str(&format!(", removed {}", removed.join(", ")));
         }
@@ -459,6 +474,12 @@ impl KubeBackend {
             done.push_str(&format!("; ready in {:.1}s", ready.as_secs_f64()));
         } else {
             done.push_str("; scaled to 0");
+        }
+        // Copies of folders the pods no longer mount go once the new pods are ready (an update
+        // that never got ready keeps them, for the old pods); a later apply takes them.
+        let old_maps = self.remove_old_folder_maps(name, &wanted_maps).await?;
+        if !old_maps.is_empty() {
+            done.push_str(&format!("; removed {}", old_maps.join(", ")));
         }
         Ok(done)
     }

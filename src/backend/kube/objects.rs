@@ -133,8 +133,9 @@ pub fn reach(object: &Value) -> Vec<String> {
             .cloned()
             .unwrap_or_default()
     };
+    let api = object["apiVersion"].as_str().unwrap_or_default();
     match object["kind"].as_str() {
-        Some("Service") => {
+        Some("Service") if api == "v1" => {
             let kind = text(object, "/spec/type").unwrap_or_default();
             if kind != "NodePort" && kind != "LoadBalancer" {
                 return Vec::new();
@@ -166,7 +167,9 @@ pub fn reach(object: &Value) -> Vec<String> {
             }
             reach
         }
-        Some("Ingress") => {
+        Some("Ingress")
+            if api.starts_with("networking.k8s.io/") || api.starts_with("extensions/") =>
+        {
             let secured: Vec<String> = list(object, "/spec/tls")
                 .iter()
                 .flat_map(|tls| list(tls, "/hosts"))
@@ -579,16 +582,21 @@ mod tests {
     /// Service answers nowhere outside.
     #[test]
     fn reach_is_read_from_the_live_object() {
-        let node_port = json!({"kind": "Service", "spec": {"type": "NodePort", "ports": [
+        let node_port = json!({"apiVersion": "v1", "kind": "Service", "spec": {"type": "NodePort", "ports": [
             {"port": 80, "nodePort": 30080}, {"port": 53, "nodePort": 30053, "protocol": "UDP"}]}});
         assert_eq!(reach(&node_port), ["30080/tcp", "30053/udp"]);
-        let balancer = json!({"kind": "Service",
+        let balancer = json!({"apiVersion": "v1", "kind": "Service",
             "spec": {"type": "LoadBalancer", "ports": [{"port": 443, "nodePort": 31443}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}});
         assert_eq!(reach(&balancer), ["31443/tcp", "192.0.2.7:443/tcp"]);
-        let inside = json!({"kind": "Service", "spec": {"ports": [{"port": 80}]}});
+        let inside =
+            json!({"apiVersion": "v1", "kind": "Service", "spec": {"ports": [{"port": 80}]}});
         assert!(reach(&inside).is_empty());
-        let ingress = json!({"kind": "Ingress", "spec": {
+        // A custom resource that calls itself an Ingress gives no link.
+        let lookalike = json!({"apiVersion": "evil.example/v1", "kind": "Ingress", "spec": {
+            "rules": [{"host": "phish.example", "http": {"paths": [{"path": "/"}]}}]}});
+        assert!(reach(&lookalike).is_empty());
+        let ingress = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "spec": {
             "tls": [{"hosts": ["shop.example"]}],
             "rules": [
                 {"host": "shop.example", "http": {"paths": [{"path": "/api"}, {"path": "/"}]}},
