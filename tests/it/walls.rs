@@ -293,7 +293,7 @@ fn privileged_needs_the_agents_consent_and_is_always_shown_in_the_plan() {
         "{said}"
     );
     assert!(
-        said.contains("offline.yaml:7:33: Challenge/offline: spec.ports: on docker, a challenge with network.egress: false is on an internal network"),
+        said.contains("offline.yaml:7:33: Challenge/offline: spec.ports[0].host: on docker, a challenge with network.egress: false is on an internal network"),
         "{said}"
     );
     std::fs::remove_file(repo.path().join("offline.yaml")).unwrap();
