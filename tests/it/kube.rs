@@ -95,6 +95,23 @@ impl Cluster {
             .expect("kubectl runs")
     }
 
+    /// A TCP front to the API server the test can cut, as if the server stopped answering, and a
+    /// kubeconfig that goes through it.
+    fn fronted(&self) -> (EngineProxy, tempfile::NamedTempFile) {
+        let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
+        let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let fronted = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            fronted.path(),
+            text.replace(
+                "https://127.0.0.1:6443",
+                &format!("https://127.0.0.1:{}", proxy.port),
+            ),
+        )
+        .unwrap();
+        (proxy, fronted)
+    }
+
     /// `kubectl get … -o jsonpath=…`, trimmed; empty when the object is missing.
     pub(crate) fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
         let output = self.kubectl(&[
@@ -1154,17 +1171,7 @@ fn a_crash_looping_pod_makes_its_staging_degraded_with_the_reason() {
 fn an_api_server_that_stops_answering_is_transient_and_running_stagings_stay() {
     let Some(cluster) = cluster() else { return };
     // berth talks to the API server through a TCP front the test cuts, as if it stopped.
-    let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
-    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
-    let fronted = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        fronted.path(),
-        text.replace(
-            "https://127.0.0.1:6443",
-            &format!("https://127.0.0.1:{}", proxy.port),
-        ),
-    )
-    .unwrap();
+    let (proxy, fronted) = cluster.fronted();
     let ns = format!("{}-cut", cluster.instance.name);
     let repo = Repo::new();
     repo.write(
@@ -2084,17 +2091,7 @@ fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it
         &lease_namespace,
         &format!("berth.instance={name}"),
     ]);
-    let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
-    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
-    let fronted = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        fronted.path(),
-        text.replace(
-            "https://127.0.0.1:6443",
-            &format!("https://127.0.0.1:{}", proxy.port),
-        ),
-    )
-    .unwrap();
+    let (proxy, fronted) = cluster.fronted();
     let origin = Origin::new(&[("web.yaml", &web("web", free_port(), ""))]);
     let revision = origin.bare_git(&["rev-parse", "main"]);
     let daemon = GitDaemon::start(&origin);

@@ -486,24 +486,28 @@ impl DockerBackend {
         // Each copy before its mark; a copy still in use keeps its mark, and both go later.
         let mut kept = std::collections::HashSet::new();
         for copy in copies {
-            let removed = self
-                .docker
-                .remove_volume(
-                    &copy,
-                    None::<bollard::query_parameters::RemoveVolumeOptions>,
-                )
-                .await;
-            if removed.is_err_and(|error| !is_status(&error, 404)) {
+            if self.remove_volume(&copy).await.is_err() {
                 kept.insert(format!("{copy}.done"));
             }
         }
         for mark in marks.iter().filter(|mark| !kept.contains(*mark)) {
-            let _ = self
-                .docker
-                .remove_volume(mark, None::<bollard::query_parameters::RemoveVolumeOptions>)
-                .await;
+            let _ = self.remove_volume(mark).await;
         }
         Ok(())
+    }
+
+    /// Removes the volume `name`; one gone already is fine. One in use is refused.
+    async fn remove_volume(&self, name: &str) -> Attempt<()> {
+        match self
+            .docker
+            .remove_volume(name, None::<bollard::query_parameters::RemoveVolumeOptions>)
+            .await
+        {
+            Err(error) if !is_status(&error, 404) => {
+                Err(self.trouble(&format!("cannot remove volume {name}"), error))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Makes the challenge's named volumes that are missing, labelled as its own.
@@ -558,31 +562,13 @@ impl DockerBackend {
                 return Ok(volume);
             }
             // A mark whose copy is gone (removed by hand, or a cleanup cut short) marks nothing.
-            let _ = self
-                .docker
-                .remove_volume(
-                    &finished,
-                    None::<bollard::query_parameters::RemoveVolumeOptions>,
-                )
-                .await;
+            let _ = self.remove_volume(&finished).await;
         }
         let labels = self.ownership.labels(&template.key, "");
         let filler = format!("{volume}-fill");
         let _ = remove_container(&self.docker, &filler).await;
         // What an interrupted copy left goes first.
-        match self
-            .docker
-            .remove_volume(
-                &volume,
-                None::<bollard::query_parameters::RemoveVolumeOptions>,
-            )
-            .await
-        {
-            Err(error) if !is_status(&error, 404) => {
-                return Err(self.trouble(&format!("cannot remove volume {volume}"), error));
-            }
-            _ => {}
-        }
+        self.remove_volume(&volume).await?;
         let create_volume = |name: &str| bollard::models::VolumeCreateRequest {
             name: Some(name.to_string()),
             labels: Some(labels.clone()),
@@ -664,19 +650,7 @@ impl DockerBackend {
     /// Removes the challenge's volumes (once its containers are gone).
     async fn remove_volumes_of(&self, key: &ObjectRef) -> Attempt<()> {
         for volume in self.volumes_of(key).await? {
-            match self
-                .docker
-                .remove_volume(
-                    &volume,
-                    None::<bollard::query_parameters::RemoveVolumeOptions>,
-                )
-                .await
-            {
-                Err(error) if !is_status(&error, 404) => {
-                    return Err(self.trouble(&format!("cannot remove volume {volume}"), error));
-                }
-                _ => {}
-            }
+            self.remove_volume(&volume).await?;
         }
         Ok(())
     }

@@ -314,14 +314,10 @@ impl KubeBackend {
                 .get_opt(&claim)
                 .await
                 .map_err(Trouble::from)?;
-            let ours = found.as_ref().is_some_and(|found| {
-                let labels = found.metadata.labels.clone().unwrap_or_default();
-                applied_by_berth(&found.metadata)
-                    && labels.get(LABEL_INSTANCE).map(String::as_str)
-                        == Some(self.ownership.instance())
-                    && labels.get(LABEL_NAME).map(String::as_str) == Some(name)
-            });
-            if !ours {
+            if !found
+                .as_ref()
+                .is_some_and(|found| self.made_for(&found.metadata, name))
+            {
                 objects.push(("PersistentVolumeClaim", claim, value));
             }
         }
@@ -384,17 +380,11 @@ impl KubeBackend {
                 .get_opt(object)
                 .await
                 .map_err(Trouble::from)?
+                && !self.made_for(&found.metadata, name)
             {
-                let labels = found.metadata.labels.clone().unwrap_or_default();
-                let ours = applied_by_berth(&found.metadata)
-                    && labels.get(LABEL_INSTANCE).map(String::as_str)
-                        == Some(self.ownership.instance())
-                    && labels.get(LABEL_NAME).map(String::as_str) == Some(name);
-                if !ours {
-                    return Err(Trouble::Failed(format!(
-                        "{kind}/{object} exists in namespace {ns} and was not made by berth for {key}; delete it, or rename the challenge"
-                    )));
-                }
+                return Err(Trouble::Failed(format!(
+                    "{kind}/{object} exists in namespace {ns} and was not made by berth for {key}; delete it, or rename the challenge"
+                )));
             }
         }
         // A copy in another namespace (the configured one changed) goes first: its NodePorts
@@ -482,6 +472,15 @@ impl KubeBackend {
             done.push_str(&format!("; removed {}", old_maps.join(", ")));
         }
         Ok(done)
+    }
+
+    /// Whether berth applied the object of `metadata` for this instance's challenge `name`.
+    fn made_for(&self, metadata: &kube::api::ObjectMeta, name: &str) -> bool {
+        let labels = metadata.labels.as_ref();
+        let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+        applied_by_berth(metadata)
+            && label(LABEL_INSTANCE) == Some(self.ownership.instance())
+            && label(LABEL_NAME) == Some(name)
     }
 
     /// Deletes the ConfigMaps holding copies of challenge `name`'s folders but those `wanted`,
