@@ -1,5 +1,6 @@
-//! A pipeline run as berth records it: each step's exit code and duration, how the run ended,
-//! the image it produced, and its log, capped and with secret values masked. Pure: the Docker
+//! A pipeline run as berth records it: its state, what queued it, each step's exit code and
+//! duration ([`Run`]), how the run ended, the image it produced, and its log, capped and with
+//! secret values masked. Pure: the Docker
 //! backend runs the steps and feeds output in; the CLI and the agent show and keep what is here.
 //!
 //! The log keeps its head and its tail when a run says more than the cap (as CI systems do),
@@ -9,11 +10,173 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// Largest log kept per run by default, in bytes.
 pub const DEFAULT_LOG_CAP: usize = 10 << 20;
 
 /// What stands in for a secret value in a log.
 pub const MASK: &str = "***";
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker carries it out.
+    Running,
+    /// Every step exited 0, and the image (if any) was built.
+    Succeeded,
+    /// A step failed, it timed out, or it could not be carried out.
+    Failed,
+    /// Cancelled by a person or superseded by a newer commit.
+    Cancelled,
+    /// It was running when the agent stopped.
+    Interrupted,
+}
+
+impl RunState {
+    /// Every state, in order of a run's life.
+    pub const ALL: [RunState; 6] = [
+        RunState::Queued,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Interrupted,
+    ];
+
+    /// The state's name, as the store, the API and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Interrupted => "interrupted",
+        }
+    }
+
+    /// The state named `name`.
+    pub fn from_name(name: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the run is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunState::Queued | RunState::Running)
+    }
+}
+
+/// What queued a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// A webhook announced a push to the pipeline's source repo.
+    Push,
+    /// The pipeline's cron schedule.
+    Schedule,
+    /// The descriptor (or, with no `source`, its folder of the config repo) changed, or the image
+    /// it produces is missing: the pass asks for it.
+    Change,
+    /// A person: `POST /api/v1/pipelines/{name}/runs`.
+    Manual,
+    /// A second attempt of a run the agent's stop interrupted.
+    Retry,
+}
+
+impl Cause {
+    /// Every cause.
+    pub const ALL: [Cause; 5] = [
+        Cause::Push,
+        Cause::Schedule,
+        Cause::Change,
+        Cause::Manual,
+        Cause::Retry,
+    ];
+
+    /// The cause's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Push => "push",
+            Cause::Schedule => "schedule",
+            Cause::Change => "change",
+            Cause::Manual => "manual",
+            Cause::Retry => "retry",
+        }
+    }
+
+    /// The cause named `name`.
+    pub fn from_name(name: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+/// One step as it ran, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    /// The step's name.
+    pub name: String,
+    /// Its exit code; absent when it was killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A run, as the store, the API and `berth runs` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    /// Its number, unique in this agent's state folder.
+    pub id: i64,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Where it is.
+    pub state: RunState,
+    /// What queued it.
+    pub cause: Cause,
+    /// The source commit: known from a push, or once the run cloned its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The branch a push was to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The webhook delivery that queued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+    /// The descriptor's spec hash it was queued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// 1, or 2 for the retry of an interrupted run.
+    pub attempt: u32,
+    /// The interrupted run this one retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<i64>,
+    /// When it was queued (RFC 3339).
+    pub queued_at: String,
+    /// When a worker took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// How long it ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// How it ended, in words (which step failed, what superseded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The image it produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Its steps as they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepRecord>,
+}
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,57 +35,15 @@ use tokio::sync::{Semaphore, watch};
 mod instances;
 
 use crate::config::{AgentConfig, Secret};
+use crate::live::{Readiness, Shared};
 use crate::metrics::Metrics;
 use crate::queue::store::Enqueued;
-use crate::queue::workers::{Follow, ManualError, Pipelines};
+use crate::queue::workers::{ManualError, Pipelines};
+use crate::run_http::{no_run, run_log, store_failed};
 use crate::status::StatusSet;
 use crate::triggers::{Trigger, TriggerSender};
 use crate::webhook::{self, Delivery, Provider, Refusal, SignatureCheck};
 use crate::write_deadline::WriteDeadline;
-
-/// Whether the agent can do its job, for `/readyz`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    /// The repo is not cloned yet.
-    Starting,
-    /// The last pass did not fail on a transient error.
-    Ready,
-    /// The last pass failed on a transient error (git server or engine down): why.
-    Degraded(String),
-    /// Another agent leads (leader election): this one applies nothing until it takes over.
-    Standby(String),
-}
-
-/// What the agent shares with the server: the status as of the last pass, and readiness.
-#[derive(Debug)]
-pub struct Shared {
-    /// Status as of the last pass.
-    pub status: RwLock<Arc<StatusSet>>,
-    /// Readiness.
-    pub readiness: RwLock<Readiness>,
-    /// Why the last attempt to push status failed, while it keeps failing.
-    pub status_push: RwLock<Option<String>>,
-    /// Counts published statuses: the console's pages follow it.
-    pub passes: watch::Sender<u64>,
-}
-
-impl Shared {
-    /// What the agent shares before its first pass: `status`, starting.
-    pub fn new(status: Arc<StatusSet>) -> Shared {
-        Shared {
-            status: RwLock::new(status),
-            readiness: RwLock::new(Readiness::Starting),
-            status_push: RwLock::new(None),
-            passes: watch::Sender::new(0),
-        }
-    }
-
-    /// Publishes the status as of a pass, and tells whoever follows.
-    pub fn publish(&self, status: Arc<StatusSet>) {
-        *self.status.write().expect("lock") = status;
-        self.passes.send_modify(|count| *count += 1);
-    }
-}
 
 /// Everything handlers need.
 #[derive(Debug, Clone)]
@@ -287,13 +245,18 @@ pub fn router(state: ServerState, limits: &Limits) -> Router {
         .merge(spawning)
         .merge(
             // The console's forms are small, and held to the same body timeout as the API.
-            crate::console::router(app.server)
-                .layer(axum::extract::DefaultBodyLimit::max(
-                    crate::console::MAX_FORM,
-                ))
-                .layer(middleware::from_fn(move |request: Request, next: Next| {
-                    answer_within(body_timeout, request, next)
-                })),
+            crate::console::router(crate::console::ConsoleState {
+                console: app.server.console.clone(),
+                shared: app.server.shared.clone(),
+                pipelines: app.server.pipelines.clone(),
+                instances: app.server.instances.clone(),
+            })
+            .layer(axum::extract::DefaultBodyLimit::max(
+                crate::console::MAX_FORM,
+            ))
+            .layer(middleware::from_fn(move |request: Request, next: Next| {
+                answer_within(body_timeout, request, next)
+            })),
         )
 }
 
@@ -723,15 +686,6 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn store_failed(error: impl std::fmt::Display) -> Response {
-    tracing::error!(%error, "the run queue failed");
-    (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
-}
-
-fn no_run(id: i64) -> Response {
-    (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response()
-}
-
 /// `GET /api/v1/runs?pipeline=NAME&limit=N`: the newest runs, newest first.
 async fn runs(
     RunsApi(pipelines): RunsApi,
@@ -769,61 +723,6 @@ async fn run_logs(
 ) -> Response {
     let follow = query.get("follow").is_none_or(|f| f != "false");
     run_log(&pipelines, id, follow)
-}
-
-/// Run `id`'s log as text: followed as it is written while the run goes on, when `follow`.
-pub(crate) fn run_log(pipelines: &Pipelines, id: i64, follow: bool) -> Response {
-    match pipelines.store().get(id) {
-        Ok(Some(_)) => {}
-        Ok(None) => return no_run(id),
-        Err(error) => return store_failed(error),
-    }
-    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if follow {
-        match pipelines.follow(id) {
-            Follow::Running(following) => {
-                return (text, Body::from_stream(follow_stream(following))).into_response();
-            }
-            Follow::Ended => {}
-            Follow::Busy => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, "5")],
-                    format!(
-                        "{} clients follow run logs already; retry later, or ask with follow=false\n",
-                        crate::queue::workers::MAX_FOLLOWERS
-                    ),
-                )
-                    .into_response();
-            }
-        }
-    }
-    match std::fs::read(pipelines.log_path(id)) {
-        Ok(log) => (text, log).into_response(),
-        // Queued, or ended before it wrote anything.
-        Err(_) => (text, Vec::new()).into_response(),
-    }
-}
-
-/// A followed log as a body: what was written, then each piece as it comes, until the run ends;
-/// the follower's slot is held until then.
-fn follow_stream(
-    following: crate::queue::workers::Following,
-) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::convert::Infallible>> {
-    use tokio::sync::broadcast::error::RecvError;
-    let crate::queue::workers::Following { so_far, rest, slot } = following;
-    let rest = futures_util::stream::unfold((rest, slot), |(mut rest, slot)| async move {
-        let piece = match rest.recv().await {
-            Ok(piece) => piece,
-            Err(RecvError::Lagged(missed)) => format!(
-                "\n[berth: {missed} pieces of output skipped here: this reader was too slow]\n"
-            )
-            .into_bytes(),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(piece), (rest, slot)))
-    });
-    futures_util::stream::once(async move { Ok(so_far) }).chain(rest)
 }
 
 /// `POST /api/v1/runs/{id}/cancel`.

@@ -189,7 +189,7 @@ pub struct ObjectStatus {
     pub parts: Vec<PartStatus>,
     /// A Pipeline's newest runs, newest first (their logs stay with the agent, never in git).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub runs: Vec<crate::queue::Run>,
+    pub runs: Vec<crate::run::Run>,
     /// An instanced Challenge's per-team instances, counted (never named by team).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceCounts>,
@@ -426,10 +426,7 @@ impl StatusSet {
 
     /// This status with each Pipeline's newest runs from `history`; `None` when they are already
     /// what it shows.
-    pub fn with_runs(
-        &self,
-        history: &BTreeMap<String, Vec<crate::queue::Run>>,
-    ) -> Option<StatusSet> {
+    pub fn with_runs(&self, history: &BTreeMap<String, Vec<crate::run::Run>>) -> Option<StatusSet> {
         let unchanged = history.iter().all(|(name, runs)| {
             let shown = self
                 .objects

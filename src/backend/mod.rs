@@ -13,6 +13,7 @@
 //! [`ObservedObject`], [`Outcome`] and [`EngineError`].
 
 pub mod docker;
+pub mod instance;
 pub mod instances;
 pub mod kube;
 

@@ -41,8 +41,8 @@ use views::{Filters, ObjectRow};
 
 use crate::descriptor::Kind;
 use crate::descriptor::edit::WantedState;
+use crate::live::{Readiness, Shared};
 use crate::plan::Health;
-use crate::server::{Readiness, ServerState};
 use crate::source::Committed;
 use crate::status::{Phase, short_revision};
 
@@ -136,8 +136,22 @@ impl Console {
     }
 }
 
+/// What the console's handlers read: its sessions and settings, what the agent publishes, and the
+/// run queue and instances where the agent has them.
+#[derive(Debug, Clone)]
+pub struct ConsoleState {
+    /// Sessions and settings.
+    pub console: Console,
+    /// Status and readiness as of the last pass.
+    pub shared: Arc<Shared>,
+    /// The pipeline runs.
+    pub pipelines: Option<crate::queue::workers::Pipelines>,
+    /// Per-team instances.
+    pub instances: Option<crate::instances::Instances>,
+}
+
 /// The console's routes.
-pub fn router(state: ServerState) -> Router {
+pub fn router(state: ConsoleState) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/login", get(login_page).post(login))
@@ -192,7 +206,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn of(state: &ServerState, session: Option<&Session>) -> Layout {
+    fn of(state: &ConsoleState, session: Option<&Session>) -> Layout {
         let notice = match &*state.shared.readiness.read().expect("lock") {
             Readiness::Standby(why) => Some(format!(
                 "This agent stands by ({why}): it applies nothing, and what it shows is as of its last pass; the leader's console is live."
@@ -236,7 +250,7 @@ struct MessagePage {
 }
 
 fn message(
-    state: &ServerState,
+    state: &ConsoleState,
     session: Option<&Session>,
     code: StatusCode,
     heading: &str,
@@ -254,7 +268,7 @@ fn message(
 }
 
 /// The session the request's cookie names, if it is live.
-fn session_of(state: &ServerState, headers: &HeaderMap) -> Option<(String, Session)> {
+fn session_of(state: &ConsoleState, headers: &HeaderMap) -> Option<(String, Session)> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
     let id = cookie(cookies, session_cookie(state.console.secure_cookies))?;
     let session = state.console.sessions.get(id)?;
@@ -263,7 +277,7 @@ fn session_of(state: &ServerState, headers: &HeaderMap) -> Option<(String, Sessi
 
 /// A page's session, or the login page to go to.
 #[allow(clippy::result_large_err)]
-fn viewer(state: &ServerState, headers: &HeaderMap) -> Result<Session, Response> {
+fn viewer(state: &ConsoleState, headers: &HeaderMap) -> Result<Session, Response> {
     session_of(state, headers)
         .map(|(_, session)| session)
         .ok_or_else(|| Redirect::to("/login").into_response())
@@ -272,12 +286,12 @@ fn viewer(state: &ServerState, headers: &HeaderMap) -> Result<Session, Response>
 /// A page's session, taken from its cookie; without one, the page sends to the login form.
 struct SignedIn(Session);
 
-impl axum::extract::FromRequestParts<ServerState> for SignedIn {
+impl axum::extract::FromRequestParts<ConsoleState> for SignedIn {
     type Rejection = Response;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        state: &ServerState,
+        state: &ConsoleState,
     ) -> Result<SignedIn, Response> {
         viewer(state, &parts.headers).map(SignedIn)
     }
@@ -287,7 +301,7 @@ impl axum::extract::FromRequestParts<ServerState> for SignedIn {
 /// the leader (a standby's engines and records are not the ones in use).
 #[allow(clippy::result_large_err)]
 fn operator(
-    state: &ServerState,
+    state: &ConsoleState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
 ) -> Result<Session, Response> {
@@ -335,7 +349,7 @@ struct LoginPage {
 }
 
 /// The login form, with a CSRF token in a cookie of its own (no session exists yet).
-fn login_form(state: &ServerState, error: Option<String>) -> Response {
+fn login_form(state: &ConsoleState, error: Option<String>) -> Response {
     let csrf = random_token();
     let code = match error {
         Some(_) => StatusCode::UNAUTHORIZED,
@@ -361,12 +375,12 @@ fn login_form(state: &ServerState, error: Option<String>) -> Response {
     response
 }
 
-async fn login_page(State(state): State<ServerState>) -> Response {
+async fn login_page(State(state): State<ConsoleState>) -> Response {
     login_form(&state, None)
 }
 
 async fn login(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
@@ -408,7 +422,7 @@ async fn login(
 }
 
 async fn logout(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
@@ -463,7 +477,7 @@ struct OverviewPage {
 }
 
 async fn overview(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     SignedIn(session): SignedIn,
     Query(filters): Query<Filters>,
 ) -> Response {
@@ -524,7 +538,7 @@ async fn overview(
 /// `POST /objects/{kind}/{name}/state` (`state=running|stopped|archived`): a commit on the
 /// followed branch that changes only the descriptor's `state:` line; the next pass applies it.
 async fn change_state(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Path((kind, name)): Path<(String, String)>,
     Form(form): Form<HashMap<String, String>>,
@@ -651,7 +665,7 @@ const OBJECT_HISTORY: usize = 20;
 
 /// Status commits from the agent's clone, newest first (those that changed `only`, when given).
 async fn read_history(
-    state: &ServerState,
+    state: &ConsoleState,
     only: Option<String>,
     limit: usize,
 ) -> Vec<crate::source::HistoryEntry> {
@@ -680,7 +694,7 @@ struct HistoryPage {
 }
 
 /// The status branch's log: what changed, when, at which revision; an audit trail in git.
-async fn history(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+async fn history(State(state): State<ConsoleState>, SignedIn(session): SignedIn) -> Response {
     let body = HistoryPage {
         layout: Layout::of(&state, Some(&session)),
         entries: read_history(&state, None, HISTORY).await,
@@ -756,7 +770,7 @@ struct ObjectPage {
 }
 
 async fn object(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     SignedIn(session): SignedIn,
     Path((kind, name)): Path<(String, String)>,
 ) -> Response {
@@ -830,7 +844,7 @@ struct StagingsPage {
 }
 
 /// Every staging: its namespace, the images it runs, where it answers, and its state buttons.
-async fn stagings(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+async fn stagings(State(state): State<ConsoleState>, SignedIn(session): SignedIn) -> Response {
     let status = Arc::clone(&state.shared.status.read().expect("lock"));
     let may_change = session.role.may_act() && state.console.changes.is_some();
     let body = StagingsPage {
@@ -848,7 +862,7 @@ struct RunsPage {
     runs: Vec<RunRow>,
 }
 
-async fn runs(State(state): State<ServerState>, SignedIn(session): SignedIn) -> Response {
+async fn runs(State(state): State<ConsoleState>, SignedIn(session): SignedIn) -> Response {
     let runs = state
         .pipelines
         .as_ref()
@@ -872,7 +886,7 @@ struct RunPage {
 }
 
 async fn run(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     SignedIn(session): SignedIn,
     Path(id): Path<i64>,
 ) -> Response {
@@ -905,7 +919,7 @@ async fn run(
 }
 
 async fn run_log(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     _: SignedIn,
     Path(id): Path<i64>,
     Query(query): Query<HashMap<String, String>>,
@@ -914,11 +928,11 @@ async fn run_log(
         return StatusCode::NOT_FOUND.into_response();
     };
     let follow = query.get("follow").is_some_and(|f| f == "true");
-    crate::server::run_log(pipelines, id, follow)
+    crate::run_http::run_log(pipelines, id, follow)
 }
 
 async fn start_run(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Path(name): Path<String>,
     Form(form): Form<HashMap<String, String>>,
@@ -946,7 +960,7 @@ async fn start_run(
 
 /// Where an action leads: to `done`'s page, or a page saying why it was not done.
 fn acted(
-    state: &ServerState,
+    state: &ConsoleState,
     session: &Session,
     done: Result<String, impl std::fmt::Display>,
     failed: &str,
@@ -966,7 +980,7 @@ fn acted(
 }
 
 async fn cancel_run(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Path(id): Path<i64>,
     Form(form): Form<HashMap<String, String>>,
@@ -1003,7 +1017,7 @@ struct InstancesPage {
 }
 
 async fn instances(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     SignedIn(session): SignedIn,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
@@ -1059,7 +1073,7 @@ async fn instances(
 }
 
 async fn renew_instance(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
@@ -1076,7 +1090,7 @@ async fn renew_instance(
 }
 
 async fn kill_instance(
-    State(state): State<ServerState>,
+    State(state): State<ConsoleState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
@@ -1093,7 +1107,7 @@ async fn kill_instance(
 }
 
 /// Server-sent events: `pass` with the revision and result, as each pass's status is published.
-async fn events(State(state): State<ServerState>, headers: HeaderMap) -> Response {
+async fn events(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
     let Some((id, _)) = session_of(&state, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
@@ -1120,7 +1134,7 @@ async fn events(State(state): State<ServerState>, headers: HeaderMap) -> Respons
 
 /// What a page following events holds: its slot, and the session it must still have.
 struct Following {
-    shared: Arc<crate::server::Shared>,
+    shared: Arc<Shared>,
     sessions: Sessions,
     session: String,
     _slot: tokio::sync::OwnedSemaphorePermit,

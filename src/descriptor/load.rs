@@ -568,8 +568,8 @@ impl Loader {
                 // the spec hash: a change of defaults is a change the plan shows.
                 let defaults = &self.options.walls.defaults;
                 match &mut descriptor.spec {
-                    Spec::Challenge(spec) => super::security::settle_challenge(spec, defaults),
-                    Spec::Pipeline(spec) => super::security::settle_pipeline(spec, defaults),
+                    Spec::Challenge(spec) => spec.settle_limits(defaults),
+                    Spec::Pipeline(spec) => spec.settle_limits(defaults),
                     Spec::Staging(spec) => {
                         if let (Some(chart), Some(_)) = (&spec.chart, &spec.tag)
                             && !manifests::chart_reads_tag(&self.root, chart, spec)

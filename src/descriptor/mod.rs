@@ -40,7 +40,7 @@ pub use values::{Name, ObjectRef};
 /// The kinds of descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
-    /// Containers on a Docker host.
+    /// A CTF challenge's containers, on Docker or Kubernetes.
     Challenge,
     /// A build.
     Pipeline,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::security::{NetworkSpec, Security};
+use super::security::{Defaults, NetworkSpec, Resources, Security};
 use super::values::{
     CronExpr, Duration, MEMORY_LIMIT_FORMAT, NONZERO_DURATION_FORMAT, Name, ObjectRef, Port,
     SecretRef, Size, VARIABLE_NAME_PATTERN,
@@ -403,37 +403,6 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
-        }
-    }
-}
-
-/// Limits for one container.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Resources {
-    /// CPU cores, e.g. 0.5: from 0.01 (Docker's smallest share) to 1024.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.01, max = 1024))]
-    pub cpus: Option<f64>,
-    /// Memory limit, e.g. 256Mi: at least 6Mi, Docker's smallest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("format" = MEMORY_LIMIT_FORMAT))]
-    pub memory: Option<Size>,
-    /// Most processes the container may run: 1 to 4194304 (Linux's largest pid_max). Leave it out
-    /// for the engine's default; 0 and -1 are refused because engines disagree on whether they mean
-    /// "unlimited" or "keep the current limit".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 4_194_304))]
-    pub pids: Option<i64>,
-}
-
-impl Resources {
-    /// No limit written.
-    pub fn empty() -> Resources {
-        Resources {
-            cpus: None,
-            memory: None,
-            pids: None,
         }
     }
 }
@@ -939,4 +908,30 @@ pub struct Envelope<S> {
     pub metadata: Metadata,
     /// What should exist.
     pub spec: S,
+}
+
+impl ChallengeSpec {
+    /// Fills the challenge's (and its sidecars') limits from the defaults. On Kubernetes, where a
+    /// pod cannot limit processes, `pids` stays as written (validation refuses it there).
+    pub fn settle_limits(&mut self, defaults: &Defaults) {
+        let with_pids = self.target != Some(Engine::Kubernetes);
+        let sidecars = self
+            .sidecars
+            .iter_mut()
+            .map(|sidecar| &mut sidecar.resources);
+        for resources in std::iter::once(&mut self.resources).chain(sidecars) {
+            resources
+                .get_or_insert_with(Resources::empty)
+                .fill_from(&defaults.challenge, with_pids);
+        }
+    }
+}
+
+impl PipelineSpec {
+    /// Fills the step containers' limits from the defaults.
+    pub fn settle_limits(&mut self, defaults: &Defaults) {
+        self.resources
+            .get_or_insert_with(Resources::empty)
+            .fill_from(&defaults.step, true);
+    }
 }

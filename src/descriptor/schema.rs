@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::Kind;
 use super::model::{ChallengeSpec, Envelope, PipelineSpec, StagingSpec};
 use super::values::{self, Duration, Name, ObjectRef, Size};
+use super::yaml::{escaped, show};
 
 /// Most violations reported for one file: enough to fix a file in a few rounds, few enough that
 /// a hostile file cannot make an unbounded list. [`check`] returns one more, so that the loader
@@ -328,16 +329,6 @@ fn definition(keyword_location: &str) -> Option<&str> {
     (!keyword.contains('/')).then_some(name)
 }
 
-/// A written value as messages quote it: as JSON, cut after 40 characters.
-pub(super) fn show(value: &Value) -> String {
-    let text = value.to_string();
-    if text.chars().count() > 40 {
-        format!("{}…", text.chars().take(40).collect::<String>())
-    } else {
-        text
-    }
-}
-
 fn type_name(kind: &TypeKind) -> String {
     let article = |name: String| match name.chars().next() {
         Some('a' | 'e' | 'i' | 'o' | 'u') => format!("an {name}"),
@@ -620,7 +611,7 @@ fn explain_secret(
 
 /// The pointer of `name` in the object at `pointer`.
 fn member(pointer: &str, name: &str) -> String {
-    format!("{pointer}/{}", super::yaml::escaped(name))
+    format!("{pointer}/{}", escaped(name))
 }
 
 /// What names a `propertyNames` schema allows, from its description.

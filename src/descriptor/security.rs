@@ -4,7 +4,7 @@
 //! capabilities, a read-only root, a user, tmpfs mounts, ulimits, and, with the agent's consent,
 //! a privileged container ([`Security`]). Challenges and Pipelines say whether they may reach out
 //! ([`NetworkSpec`]). What nobody wrote is filled in from the agent's [`Defaults`], which are
-//! never unlimited: [`settle_challenge`] and [`settle_pipeline`] do it once, in the loader, so the
+//! never unlimited: the specs' `settle_limits` do it once, in the loader, so the
 //! filled-in values are part of the spec hash and a change of defaults shows in the plan.
 //!
 //! Pure types and pure functions: the backends map them onto an engine.
@@ -16,8 +16,7 @@ use std::str::FromStr;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use super::model::{ChallengeSpec, Engine, PipelineSpec, Resources};
-use super::values::{Size, text_value};
+use super::values::{MEMORY_LIMIT_FORMAT, Size, text_value};
 
 /// The Linux capabilities a container can be given or denied, as Docker and Kubernetes name
 /// them (without `CAP_`). `ALL` stands for every one (useful in `drop`).
@@ -311,6 +310,37 @@ fn yes() -> bool {
     true
 }
 
+/// Limits for one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU cores, e.g. 0.5: from 0.01 (Docker's smallest share) to 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.01, max = 1024))]
+    pub cpus: Option<f64>,
+    /// Memory limit, e.g. 256Mi: at least 6Mi, Docker's smallest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = MEMORY_LIMIT_FORMAT))]
+    pub memory: Option<Size>,
+    /// Most processes the container may run: 1 to 4194304 (Linux's largest pid_max). Leave it out
+    /// for the engine's default; 0 and -1 are refused because engines disagree on whether they mean
+    /// "unlimited" or "keep the current limit".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4_194_304))]
+    pub pids: Option<i64>,
+}
+
+impl Resources {
+    /// No limit written.
+    pub fn empty() -> Resources {
+        Resources {
+            cpus: None,
+            memory: None,
+            pids: None,
+        }
+    }
+}
+
 /// The limits a container gets for what its descriptor leaves out: never unlimited.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -354,8 +384,8 @@ impl Defaults {
     /// partial `defaults:` never means unlimited.
     pub fn completed(mut self) -> Defaults {
         let built_in = Defaults::default();
-        fill(&mut self.challenge, &built_in.challenge, true);
-        fill(&mut self.step, &built_in.step, true);
+        self.challenge.fill_from(&built_in.challenge, true);
+        self.step.fill_from(&built_in.step, true);
         self
     }
 }
@@ -369,41 +399,15 @@ pub struct Walls {
     pub allow_privileged: bool,
 }
 
-/// Fills the fields `resources` leaves out from `defaults` (`pids` only where the engine can
-/// limit it).
-fn fill(resources: &mut Resources, defaults: &Resources, with_pids: bool) {
-    resources.cpus = resources.cpus.or(defaults.cpus);
-    resources.memory = resources.memory.or(defaults.memory);
-    if with_pids {
-        resources.pids = resources.pids.or(defaults.pids);
+impl Resources {
+    /// Fills the fields left out from `defaults` (`pids` only where the engine can limit it).
+    pub fn fill_from(&mut self, defaults: &Resources, with_pids: bool) {
+        self.cpus = self.cpus.or(defaults.cpus);
+        self.memory = self.memory.or(defaults.memory);
+        if with_pids {
+            self.pids = self.pids.or(defaults.pids);
+        }
     }
-}
-
-/// Fills a Challenge's (and its sidecars') limits from the defaults. On Kubernetes, where a pod
-/// cannot limit processes, `pids` stays as written (validation refuses it there).
-pub fn settle_challenge(spec: &mut ChallengeSpec, defaults: &Defaults) {
-    let with_pids = spec.target != Some(Engine::Kubernetes);
-    fill(
-        spec.resources.get_or_insert_with(Resources::empty),
-        &defaults.challenge,
-        with_pids,
-    );
-    for sidecar in &mut spec.sidecars {
-        fill(
-            sidecar.resources.get_or_insert_with(Resources::empty),
-            &defaults.challenge,
-            with_pids,
-        );
-    }
-}
-
-/// Fills a Pipeline's step limits from the defaults.
-pub fn settle_pipeline(spec: &mut PipelineSpec, defaults: &Defaults) {
-    fill(
-        spec.resources.get_or_insert_with(Resources::empty),
-        &defaults.step,
-        true,
-    );
 }
 
 #[cfg(test)]

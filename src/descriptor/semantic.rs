@@ -1020,7 +1020,7 @@ fn check_on_kubernetes(
             "spec.restart: a challenge on kubernetes is a Deployment, whose pods always restart; leave restart out, or keep this one-shot on docker",
         ));
     }
-    let pids = |resources: &Option<super::model::Resources>| {
+    let pids = |resources: &Option<super::security::Resources>| {
         resources.as_ref().is_some_and(|r| r.pids.is_some())
     };
     if pids(&spec.resources) {

@@ -502,7 +502,7 @@ impl<'input> Builder<'input, '_> {
                 let shown = if secret {
                     String::new()
                 } else {
-                    format!(" {}", super::schema::show(&Value::String(key.clone())))
+                    format!(" {}", show(&Value::String(key.clone())))
                 };
                 self.problems.push(YamlProblem {
                     at: key_at,
@@ -800,6 +800,16 @@ impl Scan<'_> {
             self.bump();
         }
         None
+    }
+}
+
+/// A written value as messages quote it: as JSON, cut after 40 characters.
+pub(super) fn show(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 40 {
+        format!("{}…", text.chars().take(40).collect::<String>())
+    } else {
+        text
     }
 }
 

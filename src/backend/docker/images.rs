@@ -9,7 +9,8 @@ use futures_util::StreamExt;
 use super::template::ChallengeTemplate;
 use super::{Attempt, DockerBackend, Trouble, engine_gone, engine_message, is_status};
 use crate::build_context::BuildContext;
-use crate::descriptor::model::{ImageSource, Resources};
+use crate::descriptor::model::ImageSource;
+use crate::descriptor::security::Resources;
 
 /// Puts a build's `RUN` containers behind the same walls as what runs: on `network` (never the
 /// default bridge) and within `resources`' memory and CPU (the build API has no process limit).

@@ -18,7 +18,7 @@ use super::network::Wall;
 use super::observe::{container_name_of, container_state, label};
 use super::template::{ChallengeTemplate, FOLDER_VOLUME, INSTANCES_PART};
 use super::{Attempt, DockerBackend, LABEL_SLOT, LABEL_SPEC, Trouble, is_status, remove_container};
-use crate::backend::instances::{InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance};
+use crate::backend::instance::{InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance};
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::model::RunState;
 use crate::descriptor::{Kind, ObjectRef};

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 
 use super::template::contained;
 use super::{DockerBackend, engine_message};
-use crate::descriptor::model::Resources;
+use crate::descriptor::security::Resources;
 use crate::descriptor::security::Security;
 use crate::descriptor::values::Size;
 

@@ -21,7 +21,8 @@ use super::template::contained;
 use super::{DockerBackend, Trouble, is_status, remove_container};
 use crate::backend::{LABEL_KIND, masked};
 use crate::descriptor::ObjectRef;
-use crate::descriptor::model::{Resources, SolveCheck};
+use crate::descriptor::model::SolveCheck;
+use crate::descriptor::security::Resources;
 use crate::descriptor::values::{SecretRef, Size};
 use crate::plan::{Health, ObservedObject, PartState};
 

@@ -14,9 +14,9 @@ use sha2::{Digest, Sha256};
 use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
 use crate::descriptor::model::{
-    ChallengeSpec, FILE_KEY_PREFIX, Resources, RestartPolicy, RunState, Sidecar, VolumeMount,
-    VolumeSource,
+    ChallengeSpec, FILE_KEY_PREFIX, RestartPolicy, RunState, Sidecar, VolumeMount, VolumeSource,
 };
+use crate::descriptor::security::Resources;
 use crate::descriptor::security::Security;
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, ObjectRef, Spec};

@@ -33,9 +33,10 @@ use serde_json::{Value, json};
 use super::{OBJECT, hash};
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME};
 use crate::descriptor::model::{
-    ChallengeSpec, Engine, HealthCheck, ImageSource, PortMapping, Protocol, Resources, RunState,
-    VolumeMount, VolumeSource,
+    ChallengeSpec, Engine, HealthCheck, ImageSource, PortMapping, Protocol, RunState, VolumeMount,
+    VolumeSource,
 };
+use crate::descriptor::security::Resources;
 use crate::descriptor::security::Security;
 use crate::descriptor::values::{SecretRef, Size};
 use crate::descriptor::{Descriptor, FolderCopy, ObjectRef, Spec};

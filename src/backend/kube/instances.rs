@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::challenge::{ChallengeTemplate, INSTANCE_KIND};
 use super::{KubeBackend, Trouble, apply_params, health, pod_resource, secret_resource};
-use crate::backend::instances::{
+use crate::backend::instance::{
     InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance, Started,
 };
 use crate::backend::{LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
