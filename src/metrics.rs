@@ -266,12 +266,12 @@ impl Metrics {
     }
 
     /// Sets the objects-by-phase gauges.
-    pub fn objects(&self, phases: &std::collections::BTreeMap<String, usize>) {
+    pub fn objects(&self, phases: &std::collections::BTreeMap<crate::status::Phase, usize>) {
         self.objects.clear();
         for (phase, count) in phases {
             self.objects
                 .get_or_create(&PhaseLabel {
-                    phase: phase.clone(),
+                    phase: phase.as_str().to_string(),
                 })
                 .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }

@@ -62,8 +62,7 @@ pub struct Part {
     pub spec: std::sync::Arc<Value>,
     /// Keyed digests of the part's secret values, by secret name; `None` where they cannot be
     /// known (a plan against committed status has no secrets), and then they are not compared.
-    /// A secret that cannot be read has [`UNREADABLE`] and the reason in place of a digest.
-    pub secrets: Option<BTreeMap<String, String>>,
+    pub secrets: Option<BTreeMap<String, SecretDigest>>,
     /// Whether the part runs once and exits (`restart: no`): an exited one-shot is done, not stopped.
     pub one_shot: bool,
 }
@@ -362,11 +361,76 @@ pub struct Policy {
     pub now: Option<DateTime<Utc>>,
 }
 
-/// Starts what stands in a desired part's secret digests for a secret that cannot be read (its
-/// file removed, its variable unset), followed by the reason (which names the file or variable,
-/// never a value). It differs from every digest, so the part is planned as an update, whose apply
-/// fails with the reason before the running container is touched.
-pub const UNREADABLE: &str = "unreadable: ";
+/// What a part of an object is, as its id says: a replica of a challenge's main container
+/// (`main-1`), one of its sidecars (`sidecar-db`), or a Kubernetes object (`Deployment/web`).
+/// Ids are written on the engine (in labels), so they stay strings there; code reads them
+/// through this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot<'a> {
+    /// A replica of the main container.
+    Main,
+    /// The sidecar of this name.
+    Sidecar(&'a str),
+    /// A Kubernetes object, `Kind/name`.
+    Object(&'a str),
+}
+
+impl<'a> Slot<'a> {
+    /// The slot part `id` stands for.
+    pub fn of(id: &'a str) -> Slot<'a> {
+        match id.strip_prefix("sidecar-") {
+            Some(name) => Slot::Sidecar(name),
+            None if id.contains('/') => Slot::Object(id),
+            None => Slot::Main,
+        }
+    }
+
+    /// The id of the main container's replica `replica` (from 1).
+    pub fn main_id(replica: u32) -> String {
+        format!("main-{replica}")
+    }
+
+    /// The id of sidecar `name`.
+    pub fn sidecar_id(name: &str) -> String {
+        format!("sidecar-{name}")
+    }
+}
+
+/// What a desired part's secret is compared by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretDigest {
+    /// The keyed digest of its value, as the engine's labels carry it.
+    Of(String),
+    /// Its value cannot be read (its file removed, its variable unset): why, naming the file or
+    /// variable, never a value. It differs from every digest, so the part is planned as an
+    /// update, whose apply fails with the reason before the running container is touched.
+    Unreadable(String),
+    /// No key to seal it with (the key's volume was removed by hand): it differs from every
+    /// digest, so the part is replaced with the current values rather than called unchanged.
+    Unsealed,
+}
+
+impl SecretDigest {
+    /// The digest of secret `name` as `resolve` read it, sealed by `seal`; its reason otherwise.
+    pub fn sealed(
+        name: &str,
+        resolve: Result<String, String>,
+        seal: impl FnOnce(&str) -> String,
+    ) -> SecretDigest {
+        match resolve {
+            Ok(value) => SecretDigest::Of(seal(&value)),
+            Err(why) => SecretDigest::Unreadable(format!("secret {name}: {why}")),
+        }
+    }
+
+    /// Whether it differs from the digest `seen` on the engine (an unreadable one always does).
+    fn differs_from(&self, seen: &str) -> bool {
+        match self {
+            SecretDigest::Of(digest) => digest != seen,
+            SecretDigest::Unreadable(_) | SecretDigest::Unsealed => true,
+        }
+    }
+}
 
 /// Observed objects by key. An object seen on two engines (moving between them) is the one on
 /// the engine `desired` names for it; an undeclared one, the first seen.
@@ -525,7 +589,7 @@ fn privileged_parts(object: &DesiredObject) -> Option<String> {
         .filter(|part| part.spec.pointer("/security/privileged") == Some(&Value::Bool(true)))
         .map(|part| part.id.as_str())
         .collect();
-    names.dedup_by(|a, b| a.starts_with("main-") && b.starts_with("main-"));
+    names.dedup_by(|a, b| Slot::of(a) == Slot::Main && Slot::of(b) == Slot::Main);
     (!names.is_empty()).then(|| names.join(", "))
 }
 
@@ -589,9 +653,11 @@ fn compare(
                 let prefix = part_prefix(&part.id);
                 for name in secrets_changed(part, old) {
                     let wanted = part.secrets.as_ref().and_then(|s| s.get(name));
-                    match wanted.and_then(|d| d.strip_prefix(UNREADABLE)) {
-                        Some(why) => changed.push(format!("{prefix}{why}")),
-                        None => changed.push(format!("{prefix}secret {name} changed")),
+                    match wanted {
+                        Some(SecretDigest::Unreadable(why)) => {
+                            changed.push(format!("{prefix}{why}"))
+                        }
+                        _ => changed.push(format!("{prefix}secret {name} changed")),
                     }
                 }
             }
@@ -680,16 +746,16 @@ fn secrets_changed<'a>(part: &'a Part, seen: &'a ObservedPart) -> Vec<&'a str> {
         return Vec::new();
     };
     want.iter()
-        .filter(|(name, digest)| have.get(*name).is_some_and(|d| d != *digest))
+        .filter(|(name, digest)| have.get(*name).is_some_and(|d| digest.differs_from(d)))
         .map(|(name, _)| name.as_str())
         .collect()
 }
 
 fn part_prefix(id: &str) -> String {
-    match id.strip_prefix("sidecar-") {
-        Some(name) => format!("sidecar {name}: "),
-        None if id.contains('/') => format!("{id}: "),
-        None => String::new(),
+    match Slot::of(id) {
+        Slot::Sidecar(name) => format!("sidecar {name}: "),
+        Slot::Object(id) => format!("{id}: "),
+        Slot::Main => String::new(),
     }
 }
 
@@ -1593,10 +1659,11 @@ mod tests {
     #[test]
     fn a_rotated_secret_replaces_the_part_and_names_only_the_secret() {
         let spec = json!({"secretEnv": {"FLAG": {"file": "/run/flag"}}});
-        let with = |digest: &str| Part {
-            secrets: Some(BTreeMap::from([("FLAG".to_string(), digest.to_string())])),
+        let sealed = |digest: SecretDigest| Part {
+            secrets: Some(BTreeMap::from([("FLAG".to_string(), digest)])),
             ..member("main-1", "h1", spec.clone())
         };
+        let with = |digest: &str| sealed(SecretDigest::Of(digest.to_string()));
         let running = |digest: &str| {
             vec![observed(
                 "a",
@@ -1619,6 +1686,21 @@ mod tests {
             false,
         );
         assert_eq!(action, Action::Noop);
+        // A secret that cannot be read is a change whose reason says why, never "unchanged".
+        let why = SecretDigest::Unreadable("secret FLAG: /run/flag: not found".into());
+        let (action, reasons) = only_step(
+            vec![desired("a", true, vec![sealed(why)])],
+            running("same"),
+            false,
+        );
+        assert_eq!(action, Action::Update);
+        assert_eq!(reasons, vec!["secret FLAG: /run/flag: not found"]);
+        let (action, _) = only_step(
+            vec![desired("a", true, vec![sealed(SecretDigest::Unsealed)])],
+            running("same"),
+            false,
+        );
+        assert_eq!(action, Action::Update);
         // A plan with no access to the secrets (against committed status) cannot tell.
         let (action, _) = only_step(
             vec![desired(

@@ -261,7 +261,7 @@ pub struct AgentStatus {
     pub problems: Vec<ProblemStatus>,
     /// Objects by phase.
     #[serde(default)]
-    pub phases: BTreeMap<String, usize>,
+    pub phases: BTreeMap<Phase, usize>,
 }
 
 /// A problem as status records it.
@@ -418,7 +418,7 @@ impl StatusSet {
         let mut phases = BTreeMap::new();
         for status in self.objects.values() {
             if let Some(phase) = status.phase {
-                *phases.entry(format!("{phase:?}")).or_insert(0) += 1;
+                *phases.entry(phase).or_insert(0) += 1;
             }
         }
         self.agent.phases = phases;
@@ -960,8 +960,8 @@ pub fn render_table(status: &StatusSet) -> String {
         .map(|(key, s)| {
             [
                 key.to_string(),
-                s.phase.map_or("-".into(), |p| format!("{p:?}")),
-                format!("{:?}", s.health),
+                s.phase.map_or("-", Phase::as_str).to_string(),
+                s.health.as_str().to_string(),
                 s.revision
                     .as_deref()
                     .map_or("-", short_revision)
@@ -1118,7 +1118,7 @@ mod tests {
         assert_eq!(object.message, "created: container missing");
         assert_eq!(object.last_transition.as_deref(), Some("t1"));
         assert_eq!(status.agent.result, Some(PassResult::Applied));
-        assert_eq!(status.agent.phases["Running"], 1);
+        assert_eq!(status.agent.phases[&Phase::Running], 1);
         assert_eq!(status.agent.updated.as_deref(), Some("t1"));
     }
 

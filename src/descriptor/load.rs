@@ -33,7 +33,7 @@ use super::model::{API_VERSION, ChallengeSpec, Envelope, PipelineSpec, StagingSp
 use super::schema::{self, MAX_VIOLATIONS, Violation};
 use super::semantic;
 use super::yaml::{self, Position, Wanted};
-use super::{Descriptor, Kind, Problem, Spec, spec_hash};
+use super::{ContentDigest, Descriptor, FolderCopy, Kind, Problem, Spec, spec_hash};
 use crate::build_context::BuildContext;
 
 /// `errno` for "too many levels of symbolic links" on Linux.
@@ -667,33 +667,31 @@ impl Loader {
 
     /// Reads the build context (once per load) and hashes the descriptor with its digest.
     fn hash(&self, descriptor: &mut Descriptor) {
-        if let Spec::Challenge(ChallengeSpec {
-            build: Some(build), ..
-        }) = &descriptor.spec
+        // The semantic checks proved the folders exist; an unreadable file still changes the
+        // hash rather than failing the load.
+        let digest_of = |folder: &str, dockerfile: &str| match BuildContext::read(
+            &self.root.join(folder),
+            dockerfile,
+        )
+        .and_then(|c| c.digest())
         {
-            // The semantic checks proved the context exists; an unreadable file still
-            // changes the hash rather than failing the load.
-            let digest = BuildContext::read(&self.root.join(&build.context), &build.dockerfile)
-                .and_then(|c| c.digest())
-                .unwrap_or_else(|error| error);
-            descriptor.build_digest = Some(digest);
-        }
-        // A sidecar built from a folder changes with its files, as the main container does.
+            Ok(digest) => ContentDigest::Read(digest),
+            Err(why) => ContentDigest::Unreadable(why),
+        };
         if let Spec::Challenge(spec) = &descriptor.spec {
+            if let Some(build) = &spec.build {
+                descriptor.build_digest = Some(digest_of(&build.context, &build.dockerfile));
+            }
+            // A sidecar built from a folder changes with its files, as the main container does.
             for sidecar in &spec.sidecars {
                 if let Some(build) = &sidecar.build {
-                    let digest =
-                        BuildContext::read(&self.root.join(&build.context), &build.dockerfile)
-                            .and_then(|c| c.digest())
-                            .unwrap_or_else(|error| error);
+                    let digest = digest_of(&build.context, &build.dockerfile);
                     descriptor
                         .sidecar_builds
                         .insert(sidecar.name.to_string(), digest);
                 }
             }
-        }
-        // A folder a volume copies in changes the challenge when its files change.
-        if let Spec::Challenge(spec) = &descriptor.spec {
+            // A folder a volume copies in changes the challenge when its files change.
             let folders = spec
                 .volumes
                 .iter()
@@ -703,15 +701,13 @@ impl Loader {
                 let read = BuildContext::read(&self.root.join(folder), "")
                     .and_then(|context| Ok((context.digest()?, context.files())));
                 let copy = match read {
-                    Ok((digest, files)) => crate::descriptor::FolderCopy {
-                        digest,
+                    Ok((digest, files)) => FolderCopy {
+                        digest: ContentDigest::Read(digest),
                         files,
-                        unreadable: None,
                     },
-                    Err(error) => crate::descriptor::FolderCopy {
-                        digest: error.clone(),
+                    Err(why) => FolderCopy {
+                        digest: ContentDigest::Unreadable(why),
                         files: Vec::new(),
-                        unreadable: Some(error),
                     },
                 };
                 descriptor.folders.insert(folder.to_string(), copy);
@@ -720,28 +716,33 @@ impl Loader {
         // A Pipeline that builds from a folder of this repo runs again when the folder changes,
         // and so does one whose step image is built from a folder that changed.
         if let Spec::Pipeline(spec) = &descriptor.spec {
-            let digest = |folder: &str, dockerfile: &str| {
-                BuildContext::read(&self.root.join(folder), dockerfile)
-                    .and_then(|c| c.digest())
-                    .unwrap_or_else(|error| error)
-            };
             let mut digests = Vec::new();
             if spec.source.is_none() {
-                digests.push(digest(&spec.context, "Dockerfile"));
+                digests.push(digest_of(&spec.context, "Dockerfile"));
             }
             if let crate::descriptor::model::StepImage::Build(image) = &spec.image {
-                digests.push(digest(&image.build.context, &image.build.dockerfile));
+                digests.push(digest_of(&image.build.context, &image.build.dockerfile));
             }
-            if !digests.is_empty() {
-                descriptor.build_digest = Some(digests.join("+"));
-            }
+            let joined = digests
+                .iter()
+                .map(ContentDigest::hashed)
+                .collect::<Vec<_>>()
+                .join("+");
+            descriptor.build_digest = match digests.iter().all(|d| d.short().is_ok()) {
+                _ if digests.is_empty() => None,
+                true => Some(ContentDigest::Read(joined)),
+                false => Some(ContentDigest::Unreadable(joined)),
+            };
         }
-        let mut digest = descriptor.build_digest.clone().unwrap_or_default();
+        let mut digest = descriptor
+            .build_digest
+            .as_ref()
+            .map_or(String::new(), |d| d.hashed().to_string());
         for (folder, copy) in &descriptor.folders {
-            digest.push_str(&format!("+{folder}:{}", copy.digest));
+            digest.push_str(&format!("+{folder}:{}", copy.digest.hashed()));
         }
         for (sidecar, build) in &descriptor.sidecar_builds {
-            digest.push_str(&format!("+sidecar {sidecar}:{build}"));
+            digest.push_str(&format!("+sidecar {sidecar}:{}", build.hashed()));
         }
         let rendered = match &descriptor.manifests {
             Some(Ok(manifests)) => {

@@ -131,25 +131,58 @@ pub struct Descriptor {
     pub line: usize,
     /// Stable hash of the spec, the labels and whatever the spec builds from (a build context's content).
     pub spec_hash: String,
-    /// Digest of the Challenge's build context (or why it could not be read), when it builds one.
-    pub build_digest: Option<String>,
+    /// Digest of the Challenge's build context (a Pipeline's folders it builds from), when it
+    /// builds one.
+    pub build_digest: Option<ContentDigest>,
     /// The repo folders a Challenge's volumes copy in (`from:`), by folder as written.
     pub folders: BTreeMap<String, FolderCopy>,
     /// Digests of the build contexts of a Challenge's sidecars that build, by sidecar.
-    pub sidecar_builds: BTreeMap<String, String>,
+    pub sidecar_builds: BTreeMap<String, ContentDigest>,
     /// A Staging's objects, rendered from its manifests or chart.
     pub manifests: Option<manifests::Rendered>,
+}
+
+/// What a folder of the repo (a build context, a folder copied into a volume) read as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentDigest {
+    /// The SHA-256 of its files, in hex.
+    Read(String),
+    /// Why it could not be read (changed since validation, say): nothing may be made from it.
+    Unreadable(String),
+}
+
+impl Default for ContentDigest {
+    fn default() -> Self {
+        ContentDigest::Unreadable("the loader did not read it".into())
+    }
+}
+
+impl ContentDigest {
+    /// What hashes of a spec take: the digest, or the reason, so that mending the folder changes
+    /// the object as a change of its files does.
+    pub fn hashed(&self) -> &str {
+        match self {
+            ContentDigest::Read(digest) | ContentDigest::Unreadable(digest) => digest,
+        }
+    }
+
+    /// Its first 16 hex digits, as image tags and volume names carry them; why the folder could
+    /// not be read otherwise.
+    pub fn short(&self) -> Result<&str, &str> {
+        match self {
+            ContentDigest::Read(digest) => Ok(&digest[..digest.len().min(16)]),
+            ContentDigest::Unreadable(why) => Err(why),
+        }
+    }
 }
 
 /// A folder of the repo a volume copies in, as the loader read it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FolderCopy {
-    /// The digest of its files (or why it could not be read, which changes it all the same).
-    pub digest: String,
+    /// The digest of its files, or why they could not be read.
+    pub digest: ContentDigest,
     /// Its files, by path from the folder, each with whether it is executable and its size.
     pub files: Vec<(String, bool, u64)>,
-    /// Why it could not be read, when it could not: then nothing may be made from it.
-    pub unreadable: Option<String>,
 }
 
 impl Descriptor {

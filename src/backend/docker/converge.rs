@@ -24,8 +24,8 @@ use super::{
 use crate::apply::Outcome;
 use crate::backend::LABEL_SPEC_HASH;
 use crate::descriptor::model::RunState;
-use crate::descriptor::{Kind, ObjectRef};
-use crate::plan::PartState;
+use crate::descriptor::{ContentDigest, Kind, ObjectRef};
+use crate::plan::{PartState, Slot};
 
 /// Longest wait for a host port a socket outside the engine still holds.
 const HOST_PORT_WAIT: Duration = Duration::from_secs(15);
@@ -143,9 +143,11 @@ impl DockerBackend {
                 in_place.insert(part.id.clone(), name);
                 continue;
             }
-            let config = match part.id.strip_prefix("sidecar-") {
-                None => self.main_config(template, part, &image, &network, &env_values, &digests),
-                Some(name) => {
+            let config = match Slot::of(&part.id) {
+                Slot::Main | Slot::Object(_) => {
+                    self.main_config(template, part, &image, &network, &env_values, &digests)
+                }
+                Slot::Sidecar(name) => {
                     let sidecar = template
                         .spec
                         .sidecars
@@ -295,7 +297,7 @@ impl DockerBackend {
                 .spec
                 .sidecars
                 .iter()
-                .find(|s| format!("sidecar-{}", s.name) == wanted)
+                .find(|s| Slot::of(&wanted) == Slot::Sidecar(s.name.as_str()))
                 .and_then(|s| s.healthcheck.as_ref())
                 .map_or(SIDECAR_READY_WAIT, |check| {
                     let period = check.start_period.unwrap_or(check.interval).0;
@@ -547,7 +549,10 @@ impl DockerBackend {
         image: &str,
         repo_root: &Path,
     ) -> Attempt<String> {
-        let digest = template.folders.get(folder).map_or("", String::as_str);
+        let digest = template
+            .folders
+            .get(folder)
+            .map_or("", ContentDigest::hashed);
         let volume = self.folder_volume_name(&template.key, digest);
         let finished = format!("{volume}.done");
         let exists = |name: String| async move {
@@ -749,5 +754,5 @@ impl DockerBackend {
 
 /// Whether the part's container takes the challenge's secret files (the main one does).
 fn takes_files(template: &ChallengeTemplate, part: &crate::plan::Part) -> bool {
-    !part.id.starts_with("sidecar-") && !template.spec.secret_files.is_empty()
+    Slot::of(&part.id) == Slot::Main && !template.spec.secret_files.is_empty()
 }

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use super::template::ChallengeTemplate;
 use super::{Attempt, DockerBackend, Trouble, engine_gone, engine_message, is_status};
 use crate::build_context::BuildContext;
+use crate::descriptor::ContentDigest;
 use crate::descriptor::model::ImageSource;
 use crate::descriptor::security::Resources;
 
@@ -47,11 +48,13 @@ impl DockerBackend {
             ))),
             (None, Some(_)) => {
                 let digest = template.build_digest.clone().unwrap_or_default();
+                let tag = digest.short().map_err(|why| {
+                    Trouble::Failed(format!("cannot read the build context: {why}"))
+                })?;
                 Ok(format!(
-                    "berth-{}-{}:{}",
+                    "berth-{}-{}:{tag}",
                     self.instance(),
-                    template.key.name,
-                    &digest[..digest.len().min(16)]
+                    template.key.name
                 ))
             }
             (None, None) => Err(Trouble::Failed("no image and no build".into())),
@@ -68,16 +71,16 @@ impl DockerBackend {
         match &sidecar.image {
             Some(image) => image.clone(),
             None => {
-                let digest = template
-                    .sidecar_builds
-                    .get(sidecar.name.as_str())
-                    .map_or("", String::as_str);
+                // An unreadable context's tag names no image, so its build is what fails.
+                let digest = template.sidecar_builds.get(sidecar.name.as_str());
+                let tag = digest
+                    .map_or(Ok(""), ContentDigest::short)
+                    .unwrap_or("unreadable");
                 format!(
-                    "berth-{}-{}-{}:{}",
+                    "berth-{}-{}-{}:{tag}",
                     self.instance(),
                     template.key.name,
                     sidecar.name,
-                    &digest[..digest.len().min(16)]
                 )
             }
         }

@@ -22,7 +22,7 @@ use crate::backend::instance::{InstanceContainer, InstanceObjects, InstanceTroub
 use crate::backend::{LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH};
 use crate::descriptor::model::RunState;
 use crate::descriptor::{Kind, ObjectRef};
-use crate::plan::{Health, ObservedObject, ObservedPart, PartState};
+use crate::plan::{Health, ObservedObject, ObservedPart, PartState, Slot};
 
 /// The slot of every instance's main container.
 pub const INSTANCE_SLOT: &str = "instance";
@@ -257,7 +257,7 @@ impl DockerBackend {
         let part = &template.parts[0];
         let mut in_place = HashMap::new();
         for sidecar in template.sidecar_order() {
-            let slot = format!("sidecar-{}", sidecar.name);
+            let slot = Slot::sidecar_id(sidecar.name.as_str());
             let secrets = template.secrets_of(&slot);
             let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
             let mut config =

@@ -19,7 +19,7 @@ use sha2::Sha256;
 
 use super::template::ChallengeTemplate;
 use super::{DockerBackend, EngineError, engine_message, is_status, remove_container, unreachable};
-use crate::plan::{DesiredObject, UNREADABLE};
+use crate::plan::{DesiredObject, SecretDigest};
 
 /// Label on the lock container naming its holder (`host:pid`).
 const LABEL_LOCK_HOLDER: &str = "berth.lock-holder";
@@ -210,20 +210,18 @@ impl DockerBackend {
                     secrets
                         .iter()
                         .map(|(name, reference)| {
-                            let digest = match reference.resolve() {
-                                Ok(value) => secret_digest(key, name, &value),
-                                Err(why) => format!("{UNREADABLE}secret {name}: {why}"),
-                            };
+                            let digest = SecretDigest::sealed(name, reference.resolve(), |value| {
+                                secret_digest(key, name, value)
+                            });
                             (name.clone(), digest)
                         })
                         .collect(),
                 ),
-                // The key is gone (its volume removed by hand), so no digest can be checked: unknown ones differ from any a container carries, and
-                // the part is replaced with the current values rather than called unchanged.
+                // The key is gone (its volume removed by hand), so no digest can be checked.
                 None => Some(
                     secrets
                         .keys()
-                        .map(|name| (name.clone(), "unknown: no digest key".to_string()))
+                        .map(|name| (name.clone(), SecretDigest::Unsealed))
                         .collect(),
                 ),
             };

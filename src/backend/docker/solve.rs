@@ -24,7 +24,7 @@ use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
 use crate::descriptor::values::{SecretRef, Size};
-use crate::plan::{Health, ObservedObject, PartState};
+use crate::plan::{Health, ObservedObject, PartState, Slot};
 
 /// The kind label of a solver's container: it is never taken for a part of its challenge.
 pub(super) const SOLVER_KIND: &str = "ChallengeSolver";
@@ -77,7 +77,7 @@ impl DockerBackend {
                 let parts = object
                     .parts
                     .iter_mut()
-                    .filter(|p| p.id.starts_with("main-") && p.state == PartState::Running);
+                    .filter(|p| Slot::of(&p.id) == Slot::Main && p.state == PartState::Running);
                 for part in parts {
                     let Some(check) = part
                         .spec

@@ -16,11 +16,10 @@ use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
 use crate::descriptor::model::{
     ChallengeSpec, FILE_KEY_PREFIX, RestartPolicy, RunState, Sidecar, VolumeMount, VolumeSource,
 };
-use crate::descriptor::security::Resources;
-use crate::descriptor::security::Security;
+use crate::descriptor::security::{Resources, Security};
 use crate::descriptor::values::SecretRef;
-use crate::descriptor::{Descriptor, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Part, TargetState, Vocabulary};
+use crate::descriptor::{ContentDigest, Descriptor, ObjectRef, Spec};
+use crate::plan::{DesiredObject, Part, Slot, TargetState, Vocabulary};
 
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
@@ -37,11 +36,11 @@ pub struct ChallengeTemplate {
     /// Labels from the descriptor, copied onto everything made for it.
     pub labels: BTreeMap<String, String>,
     /// Digest of the build context, for built images.
-    pub build_digest: Option<String>,
+    pub build_digest: Option<ContentDigest>,
     /// Digests of the repo folders its volumes copy in, by folder.
-    pub folders: BTreeMap<String, String>,
+    pub folders: BTreeMap<String, ContentDigest>,
     /// Digests of its sidecars' build contexts, by sidecar, for those that build.
-    pub sidecar_builds: BTreeMap<String, String>,
+    pub sidecar_builds: BTreeMap<String, ContentDigest>,
     /// The slots, with their hashes and specs.
     pub parts: Vec<Part>,
 }
@@ -101,11 +100,11 @@ impl ChallengeTemplate {
             .sidecar_order()
             .iter()
             .filter_map(|sidecar| {
-                let slot = format!("sidecar-{}", sidecar.name);
+                let slot = Slot::sidecar_id(sidecar.name.as_str());
                 self.parts.iter().find(|p| p.id == slot)
             })
             .collect();
-        order.extend(self.parts.iter().filter(|p| !p.id.starts_with("sidecar-")));
+        order.extend(self.parts.iter().filter(|p| Slot::of(&p.id) == Slot::Main));
         order
     }
 
@@ -113,20 +112,20 @@ impl ChallengeTemplate {
     /// sidecar for a main container.
     pub(super) fn waits_for(&self, slot: &str) -> Vec<String> {
         let sidecars = &self.spec.sidecars;
-        match slot.strip_prefix("sidecar-") {
-            Some(name) => sidecars
+        match Slot::of(slot) {
+            Slot::Sidecar(name) => sidecars
                 .iter()
                 .find(|s| s.name.as_str() == name)
                 .map(|s| {
                     s.depends_on
                         .iter()
-                        .map(|d| format!("sidecar-{d}"))
+                        .map(|d| Slot::sidecar_id(d.as_str()))
                         .collect()
                 })
                 .unwrap_or_default(),
-            None => sidecars
+            Slot::Main | Slot::Object(_) => sidecars
                 .iter()
-                .map(|s| format!("sidecar-{}", s.name))
+                .map(|s| Slot::sidecar_id(s.name.as_str()))
                 .collect(),
         }
     }
@@ -142,15 +141,15 @@ impl ChallengeTemplate {
     /// container's) secret files by [`SecretFile::key`], so a rotated file replaces the container
     /// as a rotated variable does.
     pub(super) fn secrets_of(&self, slot: &str) -> BTreeMap<String, SecretRef> {
-        match slot.strip_prefix("sidecar-") {
-            None => {
+        match Slot::of(slot) {
+            Slot::Main | Slot::Object(_) => {
                 let mut secrets = self.spec.secret_env.clone();
                 for file in &self.spec.secret_files {
                     secrets.insert(file.key(), file.secret.clone());
                 }
                 secrets
             }
-            Some(name) => self
+            Slot::Sidecar(name) => self
                 .spec
                 .sidecars
                 .iter()
@@ -301,7 +300,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         main_object.insert("state".into(), json!(spec.state));
     }
     if let Some(digest) = &build_digest {
-        main_object.insert("buildDigest".into(), Value::String(digest.clone()));
+        main_object.insert("buildDigest".into(), Value::String(digest.hashed().into()));
     }
     // The content of a folder a volume copies in is part of the container that mounts it.
     let folders_of = |volumes: &[VolumeMount]| -> Option<Value> {
@@ -312,7 +311,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
                 let digest = descriptor
                     .folders
                     .get(folder)
-                    .map_or("", |copy| copy.digest.as_str());
+                    .map_or("", |copy| copy.digest.hashed());
                 (folder, digest)
             })
             .collect();
@@ -351,7 +350,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     }
     let mut parts: Vec<Part> = (1..=spec.replicas)
         .map(|replica| Part {
-            id: format!("main-{replica}"),
+            id: Slot::main_id(replica),
             hash: main_hash.clone(),
             spec: main.clone(),
             secrets: None,
@@ -365,13 +364,13 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         }
         sidecar_spec["walls"] = walls.clone();
         if let Some(digest) = descriptor.sidecar_builds.get(sidecar.name.as_str()) {
-            sidecar_spec["buildDigest"] = json!(digest);
+            sidecar_spec["buildDigest"] = json!(digest.hashed());
         }
         if let Some(folders) = folders_of(&sidecar.volumes) {
             sidecar_spec["folderDigests"] = folders;
         }
         parts.push(Part {
-            id: format!("sidecar-{}", sidecar.name),
+            id: Slot::sidecar_id(sidecar.name.as_str()),
             hash: short_hash(&sidecar_spec),
             spec: sidecar_spec.into(),
             secrets: None,
@@ -385,7 +384,7 @@ fn challenge_object(
     descriptor: &Descriptor,
     key: ObjectRef,
     spec: &ChallengeSpec,
-    build_digest: Option<String>,
+    build_digest: Option<ContentDigest>,
     parts: Vec<Part>,
 ) -> (DesiredObject, ChallengeTemplate) {
     let template = ChallengeTemplate {
@@ -615,7 +614,10 @@ impl DockerBackend {
                         volume.read_only,
                     ),
                     VolumeSource::Folder(folder) => {
-                        let digest = template.folders.get(folder).map_or("", String::as_str);
+                        let digest = template
+                            .folders
+                            .get(folder)
+                            .map_or("", ContentDigest::hashed);
                         (self.folder_volume_name(&template.key, digest), true)
                     }
                 };

@@ -186,7 +186,7 @@ impl ChallengeTemplate {
 
     /// The ConfigMap holding the repo folder `folder`, named by its content.
     fn folder_map_name(&self, folder: &str) -> String {
-        let digest = self.folders.get(folder).map_or("", |f| f.digest.as_str());
+        let digest = self.folders.get(folder).map_or("", |f| f.digest.hashed());
         format!("{}.folder-{}", self.name(), short_digest(digest))
     }
 
@@ -237,7 +237,7 @@ impl ChallengeTemplate {
         let mut maps = Vec::new();
         for folder in folders {
             let copy = self.folders.get(folder).cloned().unwrap_or_default();
-            if let Some(why) = &copy.unreadable {
+            if let Err(why) = copy.digest.short() {
                 return Err(format!("cannot read the folder {folder}: {why}"));
             }
             let total: u64 = copy.files.iter().map(|(_, _, size)| size).sum();
@@ -290,7 +290,7 @@ impl ChallengeTemplate {
                         }
                         VolumeSource::Folder(folder) => {
                             let copy = self.folders.get(folder).cloned().unwrap_or_default();
-                            let volume = pod_volume_name("f", &short_digest(&copy.digest));
+                            let volume = pod_volume_name("f", &short_digest(copy.digest.hashed()));
                             let items: Vec<Value> = copy
                                 .files
                                 .iter()
@@ -1097,9 +1097,8 @@ mod tests {
         t.folders.insert(
             "web/seed".into(),
             FolderCopy {
-                digest: "ABCDEF0123456789abcdef".into(),
+                digest: crate::descriptor::ContentDigest::Read("ABCDEF0123456789abcdef".into()),
                 files: vec![("01.sql".into(), false, 9), ("bin/run.sh".into(), true, 5)],
-                unreadable: None,
             },
         );
         let pod = &t.deployment(&labels(), "ns", false)["spec"]["template"]["spec"];

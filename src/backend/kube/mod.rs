@@ -48,8 +48,8 @@ use crate::descriptor::manifests::{Hook, Manifest, Rendered, SECRET_NAME};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
-    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
-    UNREADABLE, Vocabulary,
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, SecretDigest,
+    TargetState, Vocabulary,
 };
 
 /// The kinds this backend serves: Stagings, and Challenges with `target: kubernetes`.
@@ -701,18 +701,17 @@ impl KubeBackend {
         }
     }
 
-    /// The keyed digest of each secret value, by its key; an unreadable one has [`UNREADABLE`]
-    /// and the reason instead, so the plan shows it as a change that fails before anything moves.
+    /// The keyed digest of each secret value, by its key; an unreadable one says why instead, so
+    /// the plan shows it as a change that fails before anything moves.
     fn sealed<'a>(
         &self,
         secrets: impl Iterator<Item = (String, &'a SecretRef)>,
-    ) -> BTreeMap<String, String> {
+    ) -> BTreeMap<String, SecretDigest> {
         secrets
             .map(|(key, reference)| {
-                let digest = match reference.resolve() {
-                    Ok(value) => self.digest(&key, value.as_bytes()),
-                    Err(why) => format!("{UNREADABLE}secret {key}: {why}"),
-                };
+                let digest = SecretDigest::sealed(&key, reference.resolve(), |value| {
+                    self.digest(&key, value.as_bytes())
+                });
                 (key, digest)
             })
             .collect()
