@@ -3,7 +3,8 @@
 //! Generates 10,000 descriptors (one file each, the three kinds mixed), then times:
 //! - berth's loader in this process (parse, schema check, semantic checks), best of 5;
 //! - its peak RSS, measured in a child process that only loads;
-//! - `benches/support/validate.py` on the same files against the same `schema/` files.
+//! - `benches/support/validate.py` on the same files against the same `schema/` files, and its
+//!   peak RSS.
 //!
 //! Run: `pip install pyyaml jsonschema && cargo bench --bench validate` (`BERTH_BENCH_N` sets the count).
 
@@ -15,9 +16,10 @@ use berth::descriptor::{self, LoadOptions};
 
 fn generate(dir: &Path, count: usize) {
     std::fs::create_dir_all(dir.join("deploy")).unwrap();
+    // One Deployment as people write them, reading the staging's tag and an override.
     std::fs::write(
         dir.join("deploy/app.yaml"),
-        "apiVersion: apps/v1\nkind: Deployment\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: app\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: app}\n  template:\n    metadata:\n      labels: {app: app}\n    spec:\n      containers:\n        - name: app\n          image: app:${tag}\n          env:\n            - {name: LOG_LEVEL, value: \"${overrides.LOG_LEVEL}\"}\n          ports: [{containerPort: 8080}]\n",
     )
     .unwrap();
     for i in 0..count {
@@ -94,13 +96,16 @@ fn main() {
     let elapsed = start.elapsed();
     match python {
         Ok(output) if output.status.success() => {
-            let inner: f64 = String::from_utf8_lossy(&output.stdout)
-                .trim()
-                .parse()
-                .unwrap_or(f64::NAN);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let mut figures = stdout
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(f64::NAN));
+            let inner: f64 = figures.next().unwrap_or(f64::NAN);
+            let python_rss_kib: f64 = figures.next().unwrap_or(f64::NAN);
             println!(
-                "  python jsonschema + PyYAML C    {:>9.1} ms   ({:.1} ms with interpreter start)",
+                "  python jsonschema + PyYAML C    {:>9.1} ms   peak RSS {:.1} MiB ({:.1} ms with interpreter start)",
                 inner,
+                python_rss_kib / 1024.0,
                 ms(elapsed)
             );
             println!(

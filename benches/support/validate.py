@@ -1,10 +1,12 @@
 """The peer of `benches/validate.rs`: PyYAML's C loader plus `jsonschema`, on the same files and schemas.
 
 Usage: validate.py SCHEMA_DIR REPO_DIR. Prints the milliseconds spent loading and validating
-(after imports and schema compilation, so the figure is the work itself).
+(after imports and schema compilation, so the figure is the work itself), then the process's peak
+RSS in KiB.
 """
 import json
 import os
+import resource
 import sys
 import time
 
@@ -32,4 +34,4 @@ for folder, _, files in os.walk(repo):
                 errors += sum(1 for _ in validators[doc["kind"]].iter_errors(doc))
 elapsed = (time.perf_counter() - start) * 1000
 assert errors == 0, f"{errors} errors"
-print(f"{elapsed:.1f}")
+print(f"{elapsed:.1f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")

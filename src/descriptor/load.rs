@@ -153,14 +153,18 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
     let mut visited = HashSet::from([loader.root.clone()]);
     let root = loader.root.clone();
     loader.walk(&root, &berthignore, &mut visited)?;
-    for file in 0..loader.files.len() {
-        loader.read_file(file);
-    }
+    loader.read_files();
     loader.set_asset_files_aside();
     loader.report_manifest_problems();
     loader.check_repo();
     Ok(loader.finish())
 }
+
+/// Most threads reading a repo's files at once.
+const MAX_READERS: usize = 8;
+
+/// Fewest files worth a reader of their own: below it, a thread costs more than it saves.
+const FILES_PER_READER: usize = 64;
 
 /// Where a problem stands, before positions are known.
 #[derive(Debug, Clone)]
@@ -266,6 +270,119 @@ impl Loader {
             warnings: Vec::new(),
             asset_files: HashSet::new(),
             chart_folders: Vec::new(),
+        }
+    }
+
+    /// Reads every file found, on every core: each worker reads every n-th file into a shard of
+    /// its own (files read in order of the walk lie together, and so do their kinds), and the
+    /// shards are merged. What a file gives does not depend on any other file.
+    fn read_files(&mut self) {
+        let count = self.files.len();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(MAX_READERS)
+            .min(count.div_ceil(FILES_PER_READER).max(1));
+        if workers == 1 {
+            (0..count).for_each(|file| self.read_file(file));
+            return;
+        }
+        let shards: Vec<Loader> = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..workers)
+                .map(|worker| {
+                    let mut shard = self.shard();
+                    scope.spawn(move || {
+                        (worker..count)
+                            .step_by(workers)
+                            .for_each(|file| shard.read_file(file));
+                        shard
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|reader| reader.join().expect("a reader of the repo panicked"))
+                .collect()
+        });
+        for (worker, shard) in shards.into_iter().enumerate() {
+            self.absorb(shard, (worker..count).step_by(workers), count);
+        }
+        // In the order of the walk again, as one reader would have left them, so what is
+        // reported first (and kept under a file's cap) does not depend on the threads.
+        for uses in self.asset_folders.values_mut() {
+            uses.sort_by_key(|used| (used.file, used.doc));
+        }
+        let order = |pending: &Pending| match pending.place {
+            Place::At(at) => (pending.file, at.line, at.column),
+            Place::Node { doc, .. } => (pending.file, doc, 0),
+        };
+        self.manifest_problems.sort_by_key(order);
+        self.candidates.sort_by_cached_key(|c| (c.file, c.doc));
+    }
+
+    /// A loader with this one's root, options and files, and nothing read yet.
+    fn shard(&self) -> Loader {
+        let mut shard = Loader::new(self.root.clone(), self.options.clone());
+        shard.files = self
+            .files
+            .iter()
+            .map(|f| SourceFile::new(f.relative.clone(), f.path.clone(), f.readable))
+            .collect();
+        shard
+    }
+
+    /// Takes what `shard` read of `read` (the first `walked` files are this loader's too; files
+    /// it added after them, manifests with problems, are added here as well).
+    fn absorb(&mut self, shard: Loader, read: impl Iterator<Item = usize>, walked: usize) {
+        let Loader {
+            files,
+            pending,
+            candidates,
+            declared,
+            asset_folders,
+            manifest_problems,
+            warnings,
+            asset_files,
+            ..
+        } = shard;
+        let mut files: Vec<Option<SourceFile>> = files.into_iter().map(Some).collect();
+        for file in read {
+            if let Some(read) = files[file].take() {
+                self.files[file] = read;
+            }
+        }
+        // Files the shard added are found here by their path, or added.
+        let mut index_of = |file: usize, files: &mut Vec<Option<SourceFile>>| -> usize {
+            if file < walked {
+                return file;
+            }
+            let added = files[file].take();
+            let relative = added.as_ref().map(|f| f.relative.clone());
+            match self
+                .files
+                .iter()
+                .position(|f| Some(&f.relative) == relative.as_ref())
+            {
+                Some(known) => known,
+                None => {
+                    self.files.push(added.expect("a file added once"));
+                    self.files.len() - 1
+                }
+            }
+        };
+        let mut moved = HashMap::new();
+        for mut problem in manifest_problems {
+            problem.file = *moved
+                .entry(problem.file)
+                .or_insert_with(|| index_of(problem.file, &mut files));
+            self.manifest_problems.push(problem);
+        }
+        self.pending.extend(pending);
+        self.warnings.extend(warnings);
+        self.candidates.extend(candidates);
+        self.declared.extend(declared);
+        self.asset_files.extend(asset_files);
+        for (folder, uses) in asset_folders {
+            self.asset_folders.entry(folder).or_default().extend(uses);
         }
     }
 
@@ -1088,9 +1205,11 @@ impl Loader {
         };
         let problems = sorted(&self.pending);
         let warnings = sorted(&self.warnings);
-        let mut descriptors: Vec<Descriptor> =
-            self.candidates.into_iter().map(|c| c.descriptor).collect();
-        descriptors.sort_by_key(|d| d.key());
+        // Sorted by key (unique by now) before the candidates are unwrapped: a cached key and an
+        // in-place sort, as descriptors are large and a sort's scratch space would be too.
+        let mut candidates = self.candidates;
+        candidates.sort_by_cached_key(|c| (c.descriptor.key(), c.file, c.doc));
+        let descriptors: Vec<Descriptor> = candidates.into_iter().map(|c| c.descriptor).collect();
         Loaded {
             root: self.root,
             descriptors,
@@ -1205,7 +1324,9 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
         Ok((envelope.metadata, envelope.spec))
     }
     let (metadata, spec) = match kind {
-        Kind::Challenge => parts::<ChallengeSpec>(value).map(|(m, s)| (m, Spec::Challenge(s)))?,
+        Kind::Challenge => {
+            parts::<ChallengeSpec>(value).map(|(m, s)| (m, Spec::Challenge(Box::new(s))))?
+        }
         Kind::Pipeline => parts::<PipelineSpec>(value).map(|(m, s)| (m, Spec::Pipeline(s)))?,
         Kind::Staging => parts::<StagingSpec>(value).map(|(m, s)| (m, Spec::Staging(s)))?,
     };

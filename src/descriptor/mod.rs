@@ -106,12 +106,13 @@ impl FromStr for Kind {
     }
 }
 
-/// The spec of a descriptor, by kind.
+/// The spec of a descriptor, by kind. A Challenge's is boxed: it is several times the others'
+/// size, and a repo's descriptors are held together.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Spec {
     /// A Challenge's spec.
-    Challenge(ChallengeSpec),
+    Challenge(Box<ChallengeSpec>),
     /// A Pipeline's spec.
     Pipeline(PipelineSpec),
     /// A Staging's spec.
@@ -218,13 +219,13 @@ impl Descriptor {
     /// The one place that matching is written.
     pub fn pipeline_reference(&self) -> Option<ObjectRef> {
         match &self.spec {
-            Spec::Challenge(ChallengeSpec {
-                image: Some(model::ImageSource::FromPipeline(from)),
-                ..
-            }) => Some(ObjectRef {
-                kind: Kind::Pipeline,
-                name: from.from_pipeline.clone(),
-            }),
+            Spec::Challenge(spec) => match &spec.image {
+                Some(model::ImageSource::FromPipeline(from)) => Some(ObjectRef {
+                    kind: Kind::Pipeline,
+                    name: from.from_pipeline.clone(),
+                }),
+                _ => None,
+            },
             Spec::Staging(StagingSpec {
                 tag: Some(model::TagSource::FromPipeline(from)),
                 ..

@@ -1303,10 +1303,8 @@ pub(super) fn check_repo(
                 });
             }
         }
-        if let Spec::Challenge(ChallengeSpec {
-            image: Some(ImageSource::FromPipeline(from)),
-            ..
-        }) = &descriptor.spec
+        if let Spec::Challenge(spec) = &descriptor.spec
+            && let Some(ImageSource::FromPipeline(from)) = &spec.image
         {
             let reference = ObjectRef {
                 kind: Kind::Pipeline,

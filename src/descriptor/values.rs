@@ -402,66 +402,73 @@ impl JsonSchema for Port {
 
 /// A standard 5-field cron expression (minute, hour, day of month, month, day of week), such as
 /// `*/15 * * * *`; `@daily` and other nicknames work too.
+///
+/// Only the text is kept: a parsed schedule holds croner's bit sets (5 KiB), which 2,000
+/// pipelines' descriptors would carry for nothing between runs. It is parsed again when asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CronExpr {
     text: String,
-    schedule: croner::Cron,
 }
 
 impl CronExpr {
     /// The parsed schedule.
-    pub fn schedule(&self) -> &croner::Cron {
-        &self.schedule
+    pub fn schedule(&self) -> croner::Cron {
+        cron_parser()
+            .parse(&self.text)
+            .expect("a CronExpr is checked when it is made")
     }
 }
 
 impl FromStr for CronExpr {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        // A schedule is parsed twice per document (the schema's format check, then the typed
-        // model), and repos repeat schedules: remember the last few, since parsing one fills
-        // croner's bit sets and was a tenth of `validate`'s time.
+        // A schedule is checked twice per document (the schema's format check, then the typed
+        // model), and repos repeat schedules: remember the last few checked, since parsing one
+        // fills croner's bit sets and was a tenth of `validate`'s time.
         const REMEMBERED: usize = 8;
         thread_local! {
-            static RECENT: std::cell::RefCell<Vec<(String, Result<CronExpr, String>)>> =
+            static RECENT: std::cell::RefCell<Vec<(String, Result<(), String>)>> =
                 const { std::cell::RefCell::new(Vec::new()) };
         }
-        if let Some(known) = RECENT.with_borrow(|recent| {
+        let known = RECENT.with_borrow(|recent| {
             recent
                 .iter()
                 .find(|(seen, _)| seen == text)
-                .map(|(_, parsed)| parsed.clone())
-        }) {
-            return known;
-        }
-        let parsed = parse_cron(text);
-        RECENT.with_borrow_mut(|recent| {
-            if recent.len() == REMEMBERED {
-                drop(recent.remove(0));
-            }
-            recent.push((text.to_string(), parsed.clone()));
+                .map(|(_, checked)| checked.clone())
         });
-        parsed
+        let checked = known.unwrap_or_else(|| {
+            let checked = check_cron(text);
+            RECENT.with_borrow_mut(|recent| {
+                if recent.len() == REMEMBERED {
+                    drop(recent.remove(0));
+                }
+                recent.push((text.to_string(), checked.clone()));
+            });
+            checked
+        });
+        checked.map(|()| CronExpr {
+            text: text.to_string(),
+        })
     }
 }
 
-fn parse_cron(text: &str) -> Result<CronExpr, String> {
+fn cron_parser() -> croner::parser::CronParser {
     use croner::parser::{CronParser, Seconds, Year};
+    CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .build()
+}
+
+fn check_cron(text: &str) -> Result<(), String> {
     let fields = text.split_whitespace().count();
     if !text.trim_start().starts_with('@') && fields != 5 {
         return Err(format!(
             "\"{text}\" is not a cron expression: it has {fields} fields, expected 5 (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
         ));
     }
-    let parser = CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build();
-    match parser.parse(text) {
-        Ok(schedule) => Ok(CronExpr {
-            text: text.to_string(),
-            schedule,
-        }),
+    match cron_parser().parse(text) {
+        Ok(_) => Ok(()),
         Err(error) => Err(format!(
             "\"{text}\" is not a cron expression ({error}); expected 5 fields (minute hour day-of-month month day-of-week), e.g. \"*/15 * * * *\""
         )),

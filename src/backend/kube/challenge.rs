@@ -86,7 +86,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     }
     let template = ChallengeTemplate {
         key: descriptor.key(),
-        spec: spec.clone(),
+        spec: (**spec).clone(),
         labels: descriptor.metadata.labels.clone(),
         image_id: None,
         folders: descriptor.folders.clone(),
