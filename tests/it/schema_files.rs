@@ -7,12 +7,22 @@ fn committed_schemas_are_up_to_date() {
     let out = tempfile::tempdir().unwrap();
     let output = berth(&["schema", "--out", out.path().to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0));
-    for file in [
-        "envelope.json",
-        "challenge.json",
-        "pipeline.json",
-        "staging.json",
-    ] {
+    // Every file it writes (the agent's config schema too, which editors use for the packaged
+    // config), and no committed file it no longer writes.
+    let names = |dir: &std::path::Path| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let written = names(out.path());
+    assert!(written.contains("agent.json"), "{written:?}");
+    assert_eq!(
+        written,
+        names(&crate_root().join("schema")),
+        "schema/ holds other files than `berth schema` writes"
+    );
+    for file in &written {
         let generated = std::fs::read_to_string(out.path().join(file)).unwrap();
         let committed =
             std::fs::read_to_string(crate_root().join("schema").join(file)).unwrap_or_default();
