@@ -7,6 +7,9 @@
 //!   off, then create and start each with no-new-privileges, NET_RAW dropped, an init and the
 //!   default limits), through the API at concurrency 8, with nothing else.
 //!
+//! Then a stop-first update of one challenge on a fixed host port, berth beside docker-compose:
+//! from the apply to the new version serving, and how long the port answered nothing.
+//!
 //! With `BERTH_BENCH_LARGE=1` it also applies 1,000 challenges, 200 of them with a sidecar, and
 //! reports the time and the process's peak memory.
 //!
@@ -273,8 +276,108 @@ fn main() {
             ms(compose_noop) / ms(berth_noop)
         );
     }
+    stop_first(&runtime);
     if std::env::var("BERTH_BENCH_LARGE").as_deref() == Ok("1") {
         large(&runtime);
+    }
+}
+
+/// One challenge whose page says `version`, on host port `port`, as a CTF writes a busybox
+/// service: a shell that writes its page, then `httpd` as PID 1 (which ignores SIGTERM).
+fn versioned_challenge(version: &str, port: u16) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: busybox:latest\n  command: [sh, -c, \"mkdir -p /www && echo $VERSION > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n  env: {{VERSION: {version}}}\n  ports:\n    - {{container: 8080, host: {port}}}\n"
+    )
+}
+
+fn versioned_compose(version: &str, port: u16) -> String {
+    format!(
+        "version: \"3\"\nservices:\n  web:\n    image: busybox:latest\n    command: [sh, -c, \"mkdir -p /www && echo $$VERSION > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n    environment: {{VERSION: {version}}}\n    ports: [\"{port}:8080\"]\n"
+    )
+}
+
+/// What a prober saw of a port while an update ran: when `wanted` was first served (from the
+/// start), and the longest time nothing answered.
+struct Served {
+    new_version_after: Duration,
+    longest_down: Duration,
+}
+
+/// Probes `port` every 10 ms from now until `wanted` is served (at most 60 s).
+fn probe_until(port: u16, wanted: &str) -> std::thread::JoinHandle<Served> {
+    let wanted = wanted.to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let start = Instant::now();
+        let mut last_answer = Instant::now();
+        let mut longest_down = Duration::ZERO;
+        while start.elapsed() < Duration::from_secs(60) {
+            let answer = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+            match answer {
+                Ok(text) if text.contains("200") => {
+                    longest_down = longest_down.max(last_answer.elapsed());
+                    last_answer = Instant::now();
+                    if text.contains(&wanted) {
+                        return Served {
+                            new_version_after: start.elapsed(),
+                            longest_down,
+                        };
+                    }
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{wanted} was not served within 60 s");
+    })
+}
+
+/// A stop-first update (a challenge on a fixed host port) from the apply to the new version
+/// serving, and how long the port was down: berth (its containers run under an init, so the old
+/// one stops at once) beside `docker-compose up -d` of the same change (PID 1 ignores SIGTERM,
+/// so the engine waits its 10 s grace period).
+fn stop_first(runtime: &tokio::runtime::Runtime) {
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("web.yaml");
+    let instance = "benchstopfirst";
+    let label = format!("label=berth.instance={instance}");
+    remove_labelled(&label);
+    std::fs::write(&file, versioned_challenge("v1", port)).unwrap();
+    runtime.block_on(berth_apply(dir.path(), instance));
+    probe_until(port, "v1").join().unwrap();
+    std::fs::write(&file, versioned_challenge("v2", port)).unwrap();
+    let prober = probe_until(port, "v2");
+    runtime.block_on(berth_apply(dir.path(), instance));
+    let berth = prober.join().unwrap();
+    remove_labelled(&label);
+
+    let compose_dir = tempfile::tempdir().unwrap();
+    let compose_file = compose_dir.path().join("compose.yml");
+    let project = "berthbenchstopfirst";
+    std::fs::write(&compose_file, versioned_compose("v1", port)).unwrap();
+    compose(&compose_file, project, &["up", "-d"]);
+    probe_until(port, "v1").join().unwrap();
+    std::fs::write(&compose_file, versioned_compose("v2", port)).unwrap();
+    let prober = probe_until(port, "v2");
+    compose(&compose_file, project, &["up", "-d"]);
+    let peer = prober.join().unwrap();
+    compose(&compose_file, project, &["down", "--remove-orphans"]);
+
+    println!("stop-first update of one challenge on a host port (apply to new version served)");
+    for (who, served) in [("berth apply", berth), ("docker-compose up -d", peer)] {
+        println!(
+            "  {:<32} {:>8.0}ms   port down at most {:.0}ms",
+            who,
+            ms(served.new_version_after),
+            ms(served.longest_down)
+        );
     }
 }
 
