@@ -26,6 +26,9 @@
 //! pass (median of 3) and the same split, beside one `kubectl get` of the Deployments, Services
 //! and Secrets a no-op pass must read, the floor of any tool that compares.
 //!
+//! Last, one staging of 5,000 ConfigMaps: its initial apply, and its no-op pass split the same
+//! way, beside one `kubectl get` of the ConfigMaps.
+//!
 //! Needs root (for kube-up.sh), a Docker Engine and `kubectl`. Run: `cargo bench --bench stagings`.
 
 #[path = "support/common.rs"]
@@ -254,6 +257,39 @@ fn delete_namespaces(kubeconfig: &Path) -> Duration {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// ConfigMaps in the one large staging.
+const BIG_MAPS: usize = 5000;
+
+/// Its namespace, one of the bench's (deleted with them).
+const BIG_NAMESPACE: &str = "bench-berth-big";
+
+/// A repo of one staging whose manifests are [`BIG_MAPS`] ConfigMaps, in files of 1,000.
+fn write_big_staging(dir: &Path) {
+    let maps = dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    for file in 0..BIG_MAPS.div_ceil(1000) {
+        let documents: Vec<String> = (file * 1000..((file + 1) * 1000).min(BIG_MAPS))
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings-{i}\ndata:\n  index: \"{i}\"\n  level: \"${{overrides.LEVEL}}\"\n"
+                )
+            })
+            .collect();
+        std::fs::write(
+            maps.join(format!("part-{file}.yaml")),
+            documents.join("---\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("big.yaml"),
+        format!(
+            "apiVersion: berth/v1\nkind: Staging\nmetadata: {{name: big}}\nspec:\n  namespace: {BIG_NAMESPACE}\n  manifests: maps\n  overrides:\n    app: {{LEVEL: info}}\n"
+        ),
+    )
+    .unwrap();
 }
 
 fn options() -> ApplyOptions {
@@ -493,6 +529,30 @@ fn main() {
             .collect(),
     );
 
+    // One staging of 5,000 ConfigMaps (five files of 1,000 documents): the plan's own work must
+    // not grow with the square of a staging's objects.
+    let big_dir = tempfile::tempdir().unwrap();
+    write_big_staging(big_dir.path());
+    let (big_initial, _) = runtime.block_on(berth_pass(big_dir.path(), &access));
+    let big_engines = runtime
+        .block_on(reconcile::connect(INSTANCE, &access))
+        .unwrap();
+    runtime.block_on(berth_split(big_dir.path(), &big_engines));
+    let big_splits: Vec<[Duration; 4]> = (0..NOOP_RUNS)
+        .map(|_| runtime.block_on(berth_split(big_dir.path(), &big_engines)))
+        .collect();
+    let big_part = |i: usize| median(big_splits.iter().map(|s| s[i]).collect());
+    let big_reads = median(
+        (0..NOOP_RUNS)
+            .map(|_| {
+                run(kubectl(
+                    &kubeconfig,
+                    &["get", "configmaps", "-n", BIG_NAMESPACE, "-o", "json"],
+                ))
+            })
+            .collect(),
+    );
+
     let cleaned = delete_namespaces(&kubeconfig);
 
     eprintln!(
@@ -542,6 +602,15 @@ fn main() {
         ms(challenge_part(3)),
         ms(challenge_part(0)),
         ms(kubectl_reads)
+    );
+    println!(
+        "\none staging of {BIG_MAPS} ConfigMaps\n  berth apply: initial {:.1}s\n  berth no-op, engines connected: plan {:.1}ms; list calls {:.1}ms + berth's own {:.1}ms (target ≤ 1s); load {:.1}ms\n  kubectl get configmaps -o json (the reads alone): {:.1}ms",
+        big_initial.as_secs_f64(),
+        ms(big_part(1)),
+        ms(big_part(2)),
+        ms(big_part(3)),
+        ms(big_part(0)),
+        ms(big_reads)
     );
     println!(
         "  (no-op: median of {NOOP_RUNS}; split on connected engines; namespaces deleted in {:.1}s; bench took {:.1}s)",

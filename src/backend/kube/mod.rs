@@ -218,13 +218,25 @@ impl StagingTemplate {
         }
         parts
     }
+}
 
-    fn part_hash(&self, id: &str, parts: &[Part]) -> String {
-        parts
-            .iter()
-            .find(|p| p.id == id)
-            .map(|p| p.hash.clone())
-            .unwrap_or_default()
+/// Each part's hash by its id: made once per staging, so that thousands of objects are not each
+/// searched for among thousands of parts.
+struct PartHashes<'a>(HashMap<&'a str, &'a str>);
+
+impl<'a> PartHashes<'a> {
+    fn of(parts: &'a [Part]) -> PartHashes<'a> {
+        PartHashes(
+            parts
+                .iter()
+                .map(|p| (p.id.as_str(), p.hash.as_str()))
+                .collect(),
+        )
+    }
+
+    /// The hash of part `id`; empty for a part not desired.
+    fn get(&self, id: &str) -> String {
+        self.0.get(id).copied().unwrap_or_default().to_string()
     }
 }
 
@@ -733,11 +745,13 @@ impl KubeBackend {
                 continue;
             };
             let scaled_down = namespace_state(object, &template.namespace) != PartState::Running;
+            let hashes = PartHashes::of(parts);
+            let by_id: HashMap<String, &Manifest> = manifests.iter().map(|m| (m.id(), m)).collect();
             for part in object.parts.iter_mut() {
-                let Some(manifest) = manifests.iter().find(|m| m.id() == part.id) else {
+                let Some(manifest) = by_id.get(&part.id) else {
                     continue;
                 };
-                if part.hash != template.part_hash(&part.id, parts) {
+                if part.hash != hashes.get(&part.id) {
                     continue;
                 }
                 let Some(seen) = live.get(&part.name) else {
@@ -895,7 +909,8 @@ impl KubeBackend {
         let scaled_down = resting.scaled_down();
         // The inventory is widened first: a crash after this leaves everything findable.
         let widened: BTreeSet<String> = inventory.union(&wanted).cloned().collect();
-        let namespace_hash = template.part_hash(&format!("Namespace/{ns}"), parts);
+        let hashes = PartHashes::of(parts);
+        let namespace_hash = hashes.get(&format!("Namespace/{ns}"));
         let labelled = existing
             .as_ref()
             .and_then(|n| n.metadata.labels.as_ref())
@@ -913,7 +928,7 @@ impl KubeBackend {
                 "metadata": {
                     "name": SECRET_NAME,
                     "namespace": ns,
-                    "labels": self.labels(key, &template.part_hash(&id, parts), &template.labels),
+                    "labels": self.labels(key, &hashes.get(&id), &template.labels),
                 },
                 "type": "Opaque",
                 "data": secret_data,
@@ -958,7 +973,7 @@ impl KubeBackend {
                                 LABEL_SPEC_HASH.replace('/', "~1")
                             ))
                             .and_then(Value::as_str)
-                                != Some(template.part_hash(&m.id(), parts).as_str())
+                                != Some(hashes.get(&m.id()).as_str())
                         })
                 })
                 .collect()
@@ -968,7 +983,7 @@ impl KubeBackend {
         // just made, by someone quick): applying would adopt it, and a later prune would delete
         // what berth never made.
         {
-            let new_objects: Vec<String> = {
+            let new_objects: std::collections::HashSet<String> = {
                 let live = self.live.lock().expect("live objects");
                 manifests
                     .iter()
@@ -999,11 +1014,7 @@ impl KubeBackend {
         // The dry run covers a new staging too: a refused object must not come after others
         // were made.
         let shaped = |manifest: &Manifest| {
-            let mut labels = self.labels(
-                key,
-                &template.part_hash(&manifest.id(), parts),
-                &template.labels,
-            );
+            let mut labels = self.labels(key, &hashes.get(&manifest.id()), &template.labels);
             if let Some(hook) = manifest.hook {
                 labels.insert(LABEL_HOOK.into(), hook.phase.as_str().into());
             }
@@ -1369,7 +1380,7 @@ impl KubeBackend {
             deleted.push(ns);
         }
         if let Some((template, parts)) = expired {
-            let ns_hash = template.part_hash(&format!("Namespace/{}", template.namespace), parts);
+            let ns_hash = PartHashes::of(parts).get(&format!("Namespace/{}", template.namespace));
             let now = Utc::now().to_rfc3339();
             self.apply_namespace(
                 key,
