@@ -1,6 +1,6 @@
 //! The `berth` binary as users and CI scripts call it: output formats and exit codes.
 
-use crate::util::{Repo, berth, challenge, crate_root, fixture, stdout};
+use crate::support::util::{Repo, berth, challenge, crate_root, fixture, stdout};
 
 #[test]
 fn validate_prints_a_summary_and_exits_zero_on_a_valid_repo() {
@@ -163,7 +163,7 @@ fn validate_never_echoes_any_part_of_a_secret() {
 /// went away; a closed pipe now ends the command quietly.
 #[test]
 fn a_reader_that_stops_reading_ends_the_command_quietly() {
-    let repo = crate::util::Repo::new();
+    let repo = crate::support::util::Repo::new();
     for i in 0..200 {
         repo.write(
             &format!("c{i}.yaml"),

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 
-use crate::agent::{API_TOKEN, Agent, VIEWER_TOKEN, applied, http_with_head};
-use crate::docker::{engine, free_port};
-use crate::gitserver::{GitDaemon, Origin};
-use crate::util::{challenge, crate_root};
+use crate::support::agent::{API_TOKEN, Agent, VIEWER_TOKEN, applied, http_with_head};
+use crate::support::engine::{engine, free_port};
+use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::util::{challenge, crate_root};
 
 /// `chromedriver` on a port of its own, stopped when this goes.
 struct Driver {
@@ -410,13 +410,13 @@ fn the_console_logs_in_shows_objects_follows_passes_and_logs_live_escapes_everyt
 #[test]
 fn a_staging_is_stopped_and_archived_from_the_console_by_commits_and_a_protected_branch_gets_a_pull_request()
  {
-    let Some(cluster) = crate::kube::cluster() else {
+    let Some(cluster) = crate::support::cluster::cluster() else {
         return;
     };
     let Some(driver) = driver() else { return };
     let name = cluster.instance.name.clone();
     let ns = format!("{name}-qa");
-    let port = crate::kube::node_port(&name);
+    let port = crate::support::cluster::node_port(&name);
     let manifests = format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n        - name: web\n          image: busybox:${{tag}}\n          imagePullPolicy: IfNotPresent\n          command: [sh, -c, 'echo qa-login > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n          readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080, nodePort: {port}}}]\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: web}}\nspec:\n  rules:\n    - host: qa-login.example.test\n      http:\n        paths:\n          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n"
     );
@@ -434,7 +434,7 @@ fn a_staging_is_stopped_and_archived_from_the_console_by_commits_and_a_protected
         &format!("kube: {{kubeconfig: {}}}\n", cluster.kubeconfig.display()),
     );
     agent.wait_for("the first pass", || applied(&origin, &revision));
-    assert_eq!(crate::kube::fetch(port), "qa-login");
+    assert_eq!(crate::support::cluster::fetch(port), "qa-login");
     let base = format!("http://127.0.0.1:{}", agent.port);
     let changed_lines = |diff: &str| -> Vec<String> {
         diff.lines()

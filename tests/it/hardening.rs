@@ -1,12 +1,31 @@
-//! Regression tests for issue 8 (what a hostile user and a careless operator broke), against the
-//! real Docker Engine: concurrent applies, failed updates, crash loops and one-shots, rotated
-//! secrets. Each test names the issue's item it covers.
+//! What a hostile user and a careless operator tried, against the real Docker Engine, by the
+//! behaviour each test holds (each test's comment says which attack first broke it):
+//!
+//! - **one apply at a time:** `two_applies_at_once_converge_with_one_network_each`,
+//!   `a_held_lock_is_waited_for_then_refused_clearly`,
+//!   `a_berth_removes_only_its_own_lock_container`,
+//!   `a_lock_of_another_machine_with_this_host_name_is_not_taken_over`;
+//! - **an update that fails leaves the old version running:**
+//!   `a_failed_stop_first_update_leaves_the_old_version_running`,
+//!   `an_update_that_crashes_on_start_keeps_the_old_version`,
+//!   `a_removed_secret_file_fails_the_apply_and_keeps_the_running_container`,
+//!   `a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependents`;
+//! - **failures say why:** `crash_loops_show_exit_code_and_log_and_one_shots_are_done`,
+//!   `an_engine_that_vanishes_mid_apply_is_transient_not_a_failure`,
+//!   `a_one_shot_stopped_by_berth_starts_again_when_set_running`;
+//! - **secrets are applied and never shown:** `a_rotated_secret_is_applied_without_showing_it`,
+//!   `a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis`,
+//!   `a_rotated_secret_is_applied_after_the_digest_key_was_removed`;
+//! - **berth touches only what it owns:**
+//!   `a_foreign_container_on_a_duplicate_network_is_not_removed`,
+//!   `descriptor_labels_cannot_use_berths_own_label_keys`.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::docker::{Instance, docker, engine, free_port, web};
-use crate::util::{Repo, stdout};
+use crate::support::engine::{Instance, docker, engine, free_port, web};
+use crate::support::proxy::EngineProxy;
+use crate::support::util::{Repo, stdout};
 
 /// A challenge with a sidecar, so it has a network of its own.
 fn with_sidecar(name: &str) -> String {
@@ -120,7 +139,7 @@ fn serves(port: u16) -> bool {
 /// first's lock in the engine), every challenge gets exactly one network, and a duplicate network
 /// left from before the lock existed is cleaned up by the next apply.
 #[test]
-fn regression_8_2_two_applies_at_once_converge_with_one_network_each() {
+fn two_applies_at_once_converge_with_one_network_each() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     for i in 0..4 {
@@ -163,7 +182,7 @@ fn regression_8_2_two_applies_at_once_converge_with_one_network_each() {
 /// Issue 8, item 2: a lock held by another live berth makes apply wait, then refuse with a clear
 /// message naming the holder and how to remove a stale lock.
 #[test]
-fn regression_8_2_a_held_lock_is_waited_for_then_refused_clearly() {
+fn a_held_lock_is_waited_for_then_refused_clearly() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     repo.write("c.yaml", with_sidecar("c"));
@@ -208,7 +227,7 @@ fn regression_8_2_a_held_lock_is_waited_for_then_refused_clearly() {
 /// Issue 8, item 3: an update that must stop the old container first (a published host port)
 /// and then cannot start the new one restarts the old one: the old version keeps serving.
 #[test]
-fn regression_8_3_a_failed_stop_first_update_leaves_the_old_version_running() {
+fn a_failed_stop_first_update_leaves_the_old_version_running() {
     let Some(instance) = engine() else { return };
     let port = free_port();
     let repo = Repo::new();
@@ -254,7 +273,7 @@ fn regression_8_3_a_failed_stop_first_update_leaves_the_old_version_running() {
 /// one-shot that completes is done (not restarted, not planned again); the summary does not
 /// count failures as created.
 #[test]
-fn regression_8_7_crash_loops_show_exit_code_and_log_and_one_shots_are_done() {
+fn crash_loops_show_exit_code_and_log_and_one_shots_are_done() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     repo.write("loop.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: loop}\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - {name: db, image: \"busybox:latest\", command: [sh, -c, \"echo db cannot open its data; exit 3\"]}\n")
@@ -303,7 +322,7 @@ fn regression_8_7_crash_loops_show_exit_code_and_log_and_one_shots_are_done() {
 /// Issue 8, item 8: a changed secret value replaces the container; the plan names the secret,
 /// never its value, and the digest in the engine's labels is keyed (not a plain hash).
 #[test]
-fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
+fn a_rotated_secret_is_applied_without_showing_it() {
     let Some(instance) = engine() else { return };
     let (_secrets, flag, repo) = vault_repo("flag{first}\n");
     assert_eq!(
@@ -338,110 +357,10 @@ fn regression_8_8_a_rotated_secret_is_applied_without_showing_it() {
     );
 }
 
-/// A TCP front for an engine that a test can cut, as an engine that vanishes mid-pass (a daemon
-/// restart, a remote host lost, an API server stopped). `DOCKER_HOST=tcp://127.0.0.1:PORT` points
-/// berth at the Docker Engine through it; a kubeconfig with `server: https://127.0.0.1:PORT`
-/// points it at the Kubernetes API server.
-pub struct EngineProxy {
-    /// The port it listens on.
-    pub port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-/// A connection to the engine behind the front.
-trait Upstream: std::io::Read + std::io::Write + Send + Sized + 'static {
-    fn again(&self) -> Self;
-    fn close(&self);
-}
-
-impl Upstream for std::os::unix::net::UnixStream {
-    fn again(&self) -> Self {
-        self.try_clone().unwrap()
-    }
-    fn close(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Upstream for std::net::TcpStream {
-    fn again(&self) -> Self {
-        self.try_clone().unwrap()
-    }
-    fn close(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl EngineProxy {
-    /// Starts forwarding to `/var/run/docker.sock`.
-    pub fn start() -> EngineProxy {
-        EngineProxy::forwarding(|| std::os::unix::net::UnixStream::connect("/var/run/docker.sock"))
-    }
-
-    /// Starts forwarding to a TCP address (an API server).
-    pub fn to_tcp(address: std::net::SocketAddr) -> EngineProxy {
-        EngineProxy::forwarding(move || std::net::TcpStream::connect(address))
-    }
-
-    fn forwarding<U: Upstream>(
-        connect: impl Fn() -> std::io::Result<U> + Send + 'static,
-    ) -> EngineProxy {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (flag, held) = (open.clone(), connections.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !flag.load(Ordering::SeqCst) {
-                    continue; // dropped: refused, as a dead engine would
-                }
-                let Ok(engine) = connect() else {
-                    continue;
-                };
-                held.lock().unwrap().push(client.try_clone().unwrap());
-                let (mut client_in, mut engine_out) = (client.try_clone().unwrap(), engine.again());
-                let (mut engine_in, mut client_out) = (engine, client);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut client_in, &mut engine_out);
-                    engine_out.close();
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut engine_in, &mut client_out);
-                    let _ = client_out.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        EngineProxy {
-            port,
-            open,
-            connections,
-        }
-    }
-
-    /// `tcp://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.port)
-    }
-
-    /// Cuts every connection and refuses new ones, or lets them through again.
-    pub fn set_open(&self, open: bool) {
-        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
-        if !open {
-            for connection in self.connections.lock().unwrap().drain(..) {
-                let _ = connection.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-}
-
 /// Issue 9, item 4: an engine that stops answering mid-apply is transient, in words that say
 /// what to do, never a failure of the object and never a pull from a registry.
 #[test]
-fn regression_9_4_an_engine_that_vanishes_mid_apply_is_transient_not_a_failure() {
+fn an_engine_that_vanishes_mid_apply_is_transient_not_a_failure() {
     let Some(instance) = engine() else { return };
     let proxy = EngineProxy::start();
     let repo = Repo::new();
@@ -498,7 +417,7 @@ fn regression_9_4_an_engine_that_vanishes_mid_apply_is_transient_not_a_failure()
 /// the committed status, through the "last log lines" of the diagnosis. Secret values in log
 /// lines must be masked as `<secret>`.
 #[test]
-fn attack_a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis() {
+fn a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis() {
     let Some(instance) = engine() else { return };
     let secrets = tempfile::tempdir().unwrap();
     let flag = secrets.path().join("flag");
@@ -533,7 +452,7 @@ fn attack_a_secret_printed_by_a_crash_loop_is_masked_in_the_diagnosis() {
 /// over, or freshly taken after a dead holder's lock was removed) was removed with it, so two
 /// applies could run at once. Each berth must remove only the lock container it made or found.
 #[test]
-fn attack_a_berth_removes_only_its_own_lock_container() {
+fn a_berth_removes_only_its_own_lock_container() {
     let Some(instance) = engine() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let engines = runtime
@@ -579,7 +498,7 @@ fn attack_a_berth_removes_only_its_own_lock_container() {
 /// pid namespaces, so a live apply's lock was taken over and two applies ran at once. Only a
 /// holder of this very boot and pid namespace whose process is gone is dead.
 #[test]
-fn attack_a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
+fn a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
     let Some(instance) = engine() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let engines = runtime
@@ -639,7 +558,7 @@ fn attack_a_lock_of_another_machine_with_this_host_name_is_not_taken_over() {
 /// network was deleted. berth never touches what it does not own: a foreign container is only
 /// disconnected, and kept.
 #[test]
-fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
+fn a_foreign_container_on_a_duplicate_network_is_not_removed() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     repo.write("c0.yaml", with_sidecar("c0"));
@@ -679,7 +598,7 @@ fn attack_a_foreign_container_on_a_duplicate_network_is_not_removed() {
 /// whose digests cannot be checked must be replaced. (Issue 19, item 5: the key lives in a volume,
 /// which `docker container prune` leaves alone; here it is removed by hand.)
 #[test]
-fn attack_a_rotated_secret_is_applied_after_the_digest_key_was_removed() {
+fn a_rotated_secret_is_applied_after_the_digest_key_was_removed() {
     let Some(instance) = engine() else { return };
     let (_secrets, flag, repo) = vault_repo("flag{before-prune}");
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
@@ -711,7 +630,7 @@ fn attack_a_rotated_secret_is_applied_after_the_digest_key_was_removed() {
 /// (stop-first because of a host port, and start-first without one) leaves the old version
 /// running instead of replacing it with a crash loop.
 #[test]
-fn regression_8_3_an_update_that_crashes_on_start_keeps_the_old_version() {
+fn an_update_that_crashes_on_start_keeps_the_old_version() {
     let Some(instance) = engine() else { return };
     let port = free_port();
     let repo = Repo::new();
@@ -745,7 +664,7 @@ fn regression_8_3_an_update_that_crashes_on_start_keeps_the_old_version() {
 /// no longer be made again. It must be a change whose apply fails naming the file, never a
 /// value, and the running container must be kept.
 #[test]
-fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container() {
+fn a_removed_secret_file_fails_the_apply_and_keeps_the_running_container() {
     let Some(instance) = engine() else { return };
     let (_secrets, flag, repo) = vault_repo("flag{kept-secret}");
     let output = instance.berth("apply", &repo, &["--wait", "0s"]);
@@ -794,7 +713,7 @@ fn attack2_a_removed_secret_file_fails_the_apply_and_keeps_the_running_container
 /// database) did not hold anything back: its dependents were applied as if it were ready. A
 /// dependency that is not ready holds back its dependents, the same in either case.
 #[test]
-fn attack2_a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependents() {
+fn a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependents() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     repo.write("seed.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: seed}\nspec:\n  image: busybox:latest\n  restart: \"no\"\n  command: [sh, -c, \"echo cannot seed; exit 3\"]\n");
@@ -829,10 +748,10 @@ fn attack2_a_dependency_that_is_unchanged_but_unhealthy_holds_back_its_dependent
 /// apply then removed one of the challenge's containers (main-1, then the sidecar, in turn) while
 /// saying "done". Labels starting with `berth.` are refused, each at its key.
 #[test]
-fn attack2_descriptor_labels_cannot_use_berths_own_label_keys() {
+fn descriptor_labels_cannot_use_berths_own_label_keys() {
     let repo = Repo::new();
     repo.write("forged.yaml", "apiVersion: berth/v1\nkind: Challenge\nmetadata:\n  name: forged\n  labels:\n    track: web\n    berth.instance: someone-else\n    berth.secret-digests: \"{}\"\nspec:\n  image: busybox:latest\n  command: [sleep, \"3600\"]\n  sidecars:\n    - {name: db, image: \"busybox:latest\", command: [sleep, \"3600\"]}\n");
-    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let output = crate::support::util::berth(&["validate", repo.path().to_str().unwrap()]);
     let said = text(&output);
     assert_eq!(output.status.code(), Some(1), "{said}");
     assert!(said.contains("forged.yaml:7:5: Challenge/forged: metadata.labels.berth.instance: labels starting with \"berth.\" are berth's own"), "{said}");
@@ -854,7 +773,7 @@ fn attack2_descriptor_labels_cannot_use_berths_own_label_keys() {
 /// it again. The engine does not say whether a container exited by itself or was
 /// stopped, so a one-shot's state is part of its template: switching it recreates the container.
 #[test]
-fn attack2_a_one_shot_stopped_by_berth_starts_again_when_set_running() {
+fn a_one_shot_stopped_by_berth_starts_again_when_set_running() {
     let Some(instance) = engine() else { return };
     let repo = Repo::new();
     let spec = |state: &str| {

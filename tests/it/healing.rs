@@ -6,11 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::agent::{
+use crate::support::agent::{
     Agent, applied, container_ids, github_push, send_github_delivery, served_web, sign,
 };
-use crate::docker::{docker, engine, free_port, web};
-use crate::gitserver::{GitDaemon, Origin, git};
+use crate::support::engine::{docker, engine, free_port, web};
+use crate::support::gitserver::{GitDaemon, Origin, git};
 
 /// Whether the status branch's agent.yaml says `revision` was rejected.
 fn rejected(origin: &Origin, revision: &str) -> bool {
@@ -316,7 +316,7 @@ fn a_revision_that_would_prune_everything_is_held_and_says_why() {
     let replaced = origin.commit(
         &[(
             "challenges/fresh.yaml",
-            Some(&crate::util::challenge(
+            Some(&crate::support::util::challenge(
                 "fresh",
                 "  command: [sleep, \"3600\"]\n",
             )),

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::agent::{API_TOKEN, Agent, applied, http_with_head};
-use crate::docker::{Instance, docker, engine, write_refused};
-use crate::gitserver::{GitDaemon, Origin};
-use crate::util::eventually;
+use crate::support::agent::{API_TOKEN, Agent, applied, http_with_head};
+use crate::support::engine::{Instance, docker, engine, write_refused};
+use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::util::eventually;
 
 /// A range of host ports of its own for each test's agent, below the kernel's outgoing ports.
 fn host_ports() -> (u16, u16) {
@@ -88,7 +88,7 @@ fn fetch(port: u16, path: &str) -> Option<String> {
     stream.read_to_end(&mut answer).ok()?;
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n")?;
-    (crate::agent::status_code(head) == 200).then(|| body.trim().to_string())
+    (crate::support::agent::status_code(head) == 200).then(|| body.trim().to_string())
 }
 
 fn fetched_eventually(port: u16, path: &str) -> String {
@@ -851,7 +851,12 @@ fn an_instance_with_a_sidecar_gets_its_own_and_reaches_no_other_teams() {
 }
 
 /// `kubectl get KIND -l SELECTOR -o jsonpath=…` in the test's challenge namespace, trimmed.
-fn labelled(cluster: &crate::kube::Cluster, kind: &str, selector: &str, jsonpath: &str) -> String {
+fn labelled(
+    cluster: &crate::support::cluster::Cluster,
+    kind: &str,
+    selector: &str,
+    jsonpath: &str,
+) -> String {
     let output = cluster.kubectl(&[
         "get",
         "-n",
@@ -866,7 +871,7 @@ fn labelled(cluster: &crate::kube::Cluster, kind: &str, selector: &str, jsonpath
 }
 
 /// The pods of `challenge`'s instances on the cluster, by name, but those on their way out.
-fn pods(cluster: &crate::kube::Cluster, challenge: &str) -> BTreeSet<String> {
+fn pods(cluster: &crate::support::cluster::Cluster, challenge: &str) -> BTreeSet<String> {
     let selector = format!(
         "berth.instance={},berth.name={challenge},berth.team-instance",
         cluster.instance.name
@@ -892,7 +897,7 @@ fn pods(cluster: &crate::kube::Cluster, challenge: &str) -> BTreeSet<String> {
 #[test]
 fn on_kubernetes_each_team_gets_a_pod_behind_a_node_port_of_its_own_replaced_on_its_port_and_removed()
  {
-    let Some(cluster) = crate::kube::cluster() else {
+    let Some(cluster) = crate::support::cluster::cluster() else {
         return;
     };
     let ns = cluster.challenges();
@@ -1116,7 +1121,7 @@ fn every_instance_mounts_the_one_read_only_copy_of_a_repo_folder() {
         let main = container_of(&instance, spawned["id"].as_str().unwrap());
         let main = main.lines().next().unwrap().to_string();
         assert!(
-            crate::docker::write_refused(&main, "/www/index.html"),
+            crate::support::engine::write_refused(&main, "/www/index.html"),
             "team {team} could change the page"
         );
     }

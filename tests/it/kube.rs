@@ -8,174 +8,12 @@
 //! the first test starts the cluster; tests using it run one at a time. Each test is its own berth
 //! instance and deletes its namespaces when it ends.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::docker::{Instance, engine};
-use crate::hardening::EngineProxy;
-use crate::util::{Repo, crate_root, eventually, stdout};
-
-/// The cluster, for one test at a time.
-pub(crate) struct Cluster {
-    pub(crate) kubeconfig: PathBuf,
-    pub(crate) instance: Instance,
-    _serial: MutexGuard<'static, ()>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let selector = format!("berth.instance={}", self.instance.name);
-        self.kubectl(&["delete", "namespace", "-l", &selector, "--wait=false"]);
-        self.kubectl(&["delete", "pv", "-l", &selector, "--wait=false"]);
-    }
-}
-
-fn kubeconfig() -> Option<PathBuf> {
-    static STARTED: OnceLock<Option<PathBuf>> = OnceLock::new();
-    STARTED
-        .get_or_init(|| {
-            let required = std::env::var("BERTH_REQUIRE_KUBE").as_deref() == Ok("1");
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .map(|c| c.join("berth/kube-v1.20.2-oom0/bin/kube-apiserver"));
-            if !required && !cache.is_some_and(|c| c.is_file()) {
-                eprintln!(
-                    "\n*** SKIPPED: no Kubernetes test cluster is built; run tests/testbed/kube-up.sh once, or set BERTH_REQUIRE_KUBE=1 to build it and make this a failure ***\n"
-                );
-                return None;
-            }
-            let output = Command::new("bash")
-                .arg(crate_root().join("tests/testbed/kube-up.sh"))
-                .output()
-                .expect("bash runs");
-            let path = String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .last()
-                .map(PathBuf::from);
-            match path {
-                Some(path) if output.status.success() && path.is_file() => Some(path),
-                _ => {
-                    let said = String::from_utf8_lossy(&output.stderr);
-                    assert!(
-                        !required,
-                        "BERTH_REQUIRE_KUBE=1 but the test cluster did not start:\n{said}"
-                    );
-                    eprintln!("\n*** SKIPPED: the test cluster did not start:\n{said} ***\n");
-                    None
-                }
-            }
-        })
-        .clone()
-}
-
-/// The cluster and a berth instance of this test's own; `None` (after a loud message) without.
-pub(crate) fn cluster() -> Option<Cluster> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let instance = engine()?;
-    let kubeconfig = kubeconfig()?;
-    let serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    Some(Cluster {
-        kubeconfig,
-        instance,
-        _serial: serial,
-    })
-}
-
-impl Cluster {
-    pub(crate) fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .output()
-            .expect("kubectl runs")
-    }
-
-    /// A TCP front to the API server the test can cut, as if the server stopped answering, and a
-    /// kubeconfig that goes through it.
-    fn fronted(&self) -> (EngineProxy, tempfile::NamedTempFile) {
-        let proxy = EngineProxy::to_tcp("127.0.0.1:6443".parse().unwrap());
-        let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
-        let fronted = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(
-            fronted.path(),
-            text.replace(
-                "https://127.0.0.1:6443",
-                &format!("https://127.0.0.1:{}", proxy.port),
-            ),
-        )
-        .unwrap();
-        (proxy, fronted)
-    }
-
-    /// `kubectl get … -o jsonpath=…`, trimmed; empty when the object is missing.
-    pub(crate) fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
-        let output = self.kubectl(&[
-            "get",
-            "-n",
-            namespace,
-            what,
-            "-o",
-            &format!("jsonpath={jsonpath}"),
-        ]);
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    }
-
-    fn exists(&self, namespace: &str, what: &str) -> bool {
-        self.kubectl(&["get", "-n", namespace, what, "-o", "name"])
-            .status
-            .success()
-    }
-
-    /// Runs berth against the cluster (and `kubeconfig` instead of the admin one, when given).
-    fn berth(
-        &self,
-        args: &[&str],
-        repo: &Path,
-        kubeconfig: Option<&Path>,
-        path: Option<&str>,
-    ) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
-        command
-            .args(args)
-            .arg(repo)
-            .args(["--instance", &self.instance.name])
-            .env("KUBECONFIG", kubeconfig.unwrap_or(&self.kubeconfig))
-            .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value");
-        if let Some(path) = path {
-            command.env("PATH", path);
-        }
-        command.output().expect("berth runs")
-    }
-
-    fn apply(&self, repo: &Path, extra: &[&str]) -> Output {
-        let mut args = vec!["apply", "--wait", "90s"];
-        args.extend(extra);
-        self.berth(&args, repo, None, None)
-    }
-
-    /// Prunes everything the test's instance made, with an empty repo.
-    fn remove_everything(&self) {
-        let cleaned = self.apply(Repo::new().path(), &["--prune", "--allow-empty"]);
-        assert!(cleaned.status.success(), "{}", said(&cleaned));
-    }
-
-    fn plan(&self, repo: &Path) -> String {
-        stdout(&self.berth(&["plan"], repo, None, None))
-    }
-}
-
-fn said(output: &Output) -> String {
-    format!(
-        "{}{}",
-        stdout(output),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use crate::support::cluster::{cluster, fetch, node_port, said};
+use crate::support::util::{Repo, crate_root, eventually, stdout};
 
 /// What the NodePort answers, retried while kube-proxy's rules catch up.
 /// What `port` serves once it serves `expected`, or after 20 s.
@@ -188,33 +26,6 @@ fn served_eventually(port: u16, expected: &str) -> String {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-pub(crate) fn fetch(port: u16) -> String {
-    let started = Instant::now();
-    loop {
-        let output = Command::new("curl")
-            .args([
-                "-s",
-                "-m",
-                "3",
-                &format!("http://127.0.0.1:{port}/index.html"),
-            ])
-            .output()
-            .expect("curl runs");
-        if output.status.success() || started.elapsed() > Duration::from_secs(20) {
-            return String::from_utf8_lossy(&output.stdout).trim().to_string();
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// A NodePort (30000-32767) of this instance's own.
-pub(crate) fn node_port(instance: &str) -> u16 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    instance.hash(&mut hasher);
-    30000 + (hasher.finish() % 2700) as u16
 }
 
 fn staging(name: &str, namespace: &str, extra: &str) -> String {
@@ -331,7 +142,7 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
 
     // Update: a new tag rolls the pods out to the new image.
     let tag = format!("{name}-v2");
-    crate::docker::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
+    crate::support::engine::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
     repo.write("shop.yaml", descriptor(&tag, "running"));
     let plan = cluster.plan(repo.path());
     assert!(
@@ -472,7 +283,7 @@ fn a_staging_lives_through_create_update_hand_edit_prune_archive_restore_and_cle
         !cluster.kubectl(&["get", "namespace", &ns]).status.success(),
         "the namespace is gone when apply returns"
     );
-    crate::docker::docker(&["rmi", &format!("busybox:{tag}")]);
+    crate::support::engine::docker(&["rmi", &format!("busybox:{tag}")]);
 }
 
 #[test]
@@ -633,7 +444,7 @@ fn apply_waits_as_long_as_wait_says_and_a_staging_no_longer_than_its_ready_timeo
     // Never ready: its readiness probe asks a port nothing listens on.
     repo.write(
         "never.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "never",
             "  target: kubernetes\n  command: [sleep, \"3600\"]\n  healthcheck: {tcp: 9999, interval: 1s}\n",
         ),
@@ -977,7 +788,7 @@ fn a_chart_as_written_reads_its_values_runs_its_hooks_and_leaves_its_tests_out()
     // A new tag reaches the chart through values: the plan says so, and the apply rolls it,
     // running the migration again first.
     let tag = format!("{name}-v2");
-    crate::docker::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
+    crate::support::engine::docker(&["tag", "busybox:latest", &format!("busybox:{tag}")]);
     repo.write("shop.yaml", descriptor(&tag));
     let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
     assert!(
@@ -1191,7 +1002,7 @@ fn an_api_server_that_stops_answering_is_transient_and_running_stagings_stay() {
     // only its own kinds.
     repo.write(
         "side.yaml",
-        crate::util::challenge("side", "  command: [sleep, \"3600\"]\n"),
+        crate::support::util::challenge("side", "  command: [sleep, \"3600\"]\n"),
     );
     let gone = format!(
         "the Kubernetes API server at https://127.0.0.1:{}/ is not answering",
@@ -1207,7 +1018,7 @@ fn an_api_server_that_stops_answering_is_transient_and_running_stagings_stay() {
     let text = said(&output);
     assert!(!output.status.success(), "a staging not applied: {text}");
     assert!(text.contains(&gone) && !text.contains("Failure"), "{text}");
-    let side = crate::docker::docker(&[
+    let side = crate::support::engine::docker(&[
         "ps",
         "-q",
         "--filter",
@@ -1239,7 +1050,7 @@ fn validate_places_each_manifest_problem_at_its_file_line_and_column() {
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: other}\ndata:\n  x: ${overrides.MISSING}\n  y: ${overrides.PW}\n",
         )
         .write("m/b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n---\nkind: Service\nmetadata: {name: s}\n");
-    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let output = crate::support::util::berth(&["validate", repo.path().to_str().unwrap()]);
     let text = stdout(&output);
     assert!(!output.status.success(), "{text}");
     for expected in [
@@ -1256,7 +1067,7 @@ fn validate_places_each_manifest_problem_at_its_file_line_and_column() {
         "m/a.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: other}\n",
     );
-    let text = stdout(&crate::util::berth(&[
+    let text = stdout(&crate::support::util::berth(&[
         "validate",
         repo.path().to_str().unwrap(),
     ]));
@@ -1268,8 +1079,8 @@ fn validate_places_each_manifest_problem_at_its_file_line_and_column() {
 
 #[test]
 fn the_agent_follows_a_repo_of_stagings_and_commits_their_phases() {
-    use crate::agent::{Agent, applied};
-    use crate::gitserver::Origin;
+    use crate::support::agent::{Agent, applied};
+    use crate::support::gitserver::Origin;
     let Some(cluster) = cluster() else { return };
     let ns = format!("{}-agent", cluster.instance.name);
     let descriptor = |state: &str| {
@@ -1490,33 +1301,12 @@ fn an_object_made_by_hand_is_never_adopted() {
 /// page its sidecar serves on localhost.
 fn web_challenge(port: u16, greeting: &str, extra: &str) -> String {
     let script = "mkdir -p /www && echo \"$GREETING $FLAG\" > /www/index.html && until wget -qO /www/side.html http://127.0.0.1:9090/index.html; do sleep 0.2; done; exec httpd -f -p 8080 -h /www";
-    crate::util::challenge(
+    crate::support::util::challenge(
         "web",
         &format!(
             "  target: kubernetes\n  command: [sh, -c, '{script}']\n  env: {{GREETING: {greeting}}}\n  secretEnv: {{FLAG: {{env: BERTH_IT_TOKEN}}}}\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  sidecars:\n    - name: side\n      image: busybox:latest\n      command: [sh, -c, 'mkdir -p /s && echo from-the-sidecar > /s/index.html && exec httpd -f -p 9090 -h /s']\n{extra}"
         ),
     )
-}
-
-impl Cluster {
-    /// The challenge namespace of this test's instance.
-    pub(crate) fn challenges(&self) -> String {
-        format!("{}-challenges", self.instance.name)
-    }
-
-    /// `berth ARGS REPO` with this instance's challenge namespace and `env`.
-    fn berth_with(&self, args: &[&str], repo: &Path, env: &[(&str, &str)]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
-        command
-            .args(args)
-            .arg(repo)
-            .args(["--instance", &self.instance.name])
-            .env("BERTH_CHALLENGE_NAMESPACE", self.challenges())
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value")
-            .envs(env.iter().copied());
-        command.output().expect("berth runs")
-    }
 }
 
 fn page(port: u16, path: &str) -> String {
@@ -1656,7 +1446,7 @@ fn a_challenge_on_kubernetes_serves_on_its_node_port_rolls_keeps_the_old_version
     std::fs::remove_file(repo.path().join("web.yaml")).unwrap();
     repo.write(
         "other.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "other",
             "  target: kubernetes\n  command: [sleep, \"3600\"]\n",
         ),
@@ -1679,7 +1469,7 @@ fn a_challenge_moves_from_docker_to_kubernetes_in_one_step_and_docker_is_emptied
     let script = "mkdir -p /www && echo moved > /www/index.html && exec httpd -f -p 8080 -h /www";
     repo.write(
         "web.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "web",
             &format!(
                 "  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n"
@@ -1689,7 +1479,7 @@ fn a_challenge_moves_from_docker_to_kubernetes_in_one_step_and_docker_is_emptied
     let on_docker = cluster.berth_with(&["apply", "--wait", "60s"], repo.path(), &[]);
     assert!(on_docker.status.success(), "{}", said(&on_docker));
     let containers = || {
-        crate::docker::docker(&[
+        crate::support::engine::docker(&[
             "ps",
             "-aq",
             "--filter",
@@ -1773,7 +1563,7 @@ fn a_challenge_follows_its_namespace_and_never_touches_a_stagings_objects_beside
     let script = "mkdir -p /www && echo here > /www/index.html && exec httpd -f -p 8080 -h /www";
     repo.write(
         "web.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "web",
             &format!("  target: kubernetes\n  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n"),
         ),
@@ -1806,9 +1596,9 @@ fn a_challenge_follows_its_namespace_and_never_touches_a_stagings_objects_beside
 
 #[test]
 fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_applying_twice() {
-    use crate::agent::{Agent, applied};
-    use crate::docker::{free_port, web};
-    use crate::gitserver::{GitDaemon, Origin};
+    use crate::support::agent::{Agent, applied};
+    use crate::support::engine::{free_port, web};
+    use crate::support::gitserver::{GitDaemon, Origin};
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-agents");
@@ -1922,9 +1712,9 @@ fn without_a_docker_engine_challenges_on_kubernetes_still_apply() {
     let repo = Repo::new();
     repo.write(
         "cluster.yaml",
-        crate::util::challenge("up", "  target: kubernetes\n  state: stopped\n"),
+        crate::support::util::challenge("up", "  target: kubernetes\n  state: stopped\n"),
     )
-    .write("host.yaml", crate::util::challenge("host", ""));
+    .write("host.yaml", crate::support::util::challenge("host", ""));
     // A pod without the Docker socket.
     let applied = cluster.berth_with(
         &["apply"],
@@ -1959,14 +1749,14 @@ fn a_challenge_on_kubernetes_is_walled_by_a_network_policy_and_runs_in_its_secur
     let repo = Repo::new();
     repo.write(
         "web.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "web",
             &format!("  target: kubernetes\n  command: [sh, -c, 'echo walled > /www/index.html && exec httpd -f -p 8080 -h /www']\n  ports: [{{container: 8080, host: {port}}}]\n  security:\n    capabilities: {{add: [SYS_ADMIN]}}\n    readOnlyRootFilesystem: true\n    user: \"1000:1000\"\n    tmpfs: [{{path: /www, size: 1Mi}}]\n  network:\n    allowConnectTo: [Challenge/db]\n"),
         ),
     )
     .write(
         "offline.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "offline",
             "  target: kubernetes\n  command: [sleep, \"3600\"]\n  network: {egress: false}\n",
         ),
@@ -2048,7 +1838,7 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
     let script = "mkdir -p /tmp/www && cp /home/ctf/flag.txt /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
     repo.write(
         "flagged.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "flagged",
             &format!(
                 "  target: kubernetes\n  command: [sh, -c, '{script}']\n  security: {{user: \"1000:1000\"}}\n  secretFiles: [{{path: /home/ctf/flag.txt, secret: {{env: BERTH_IT_TOKEN}}}}]\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n"
@@ -2077,9 +1867,9 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
 #[test]
 fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it_stays_in_the_election()
  {
-    use crate::agent::{Agent, applied};
-    use crate::docker::{free_port, web};
-    use crate::gitserver::{GitDaemon, Origin};
+    use crate::support::agent::{Agent, applied};
+    use crate::support::engine::{free_port, web};
+    use crate::support::gitserver::{GitDaemon, Origin};
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-cut-agents");
@@ -2170,7 +1960,7 @@ fn a_challenge_on_kubernetes_keeps_its_volume_in_a_claim_and_a_repo_folder_in_a_
     let repo = Repo::new();
     repo.write(
         "store.yaml",
-        crate::util::challenge(
+        crate::support::util::challenge(
             "store",
             &format!("  target: kubernetes\n  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  volumes:\n    - {{name: data, path: /data, size: 64Mi}}\n    - {{from: store/www, path: /www}}\n"),
         ),

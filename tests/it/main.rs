@@ -18,13 +18,12 @@
 //! - `walls`: what a player in a challenge or an outsider's pipeline step can reach and do.
 //! - `console`: the web console in a real headless browser (chromium through chromedriver).
 //!
-//! Helpers shared by every module live in `util`.
+//! The harness they share lives in `support`.
 
 mod agent;
 mod cli;
 mod console;
 mod docker;
-mod gitserver;
 mod hardening;
 mod healing;
 mod instances;
@@ -34,6 +33,6 @@ mod pipeline;
 mod runs;
 mod schema_files;
 mod server_limits;
-mod util;
+mod support;
 mod validate;
 mod walls;

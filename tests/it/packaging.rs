@@ -17,9 +17,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::docker::engine;
-use crate::kube::{Cluster, cluster};
-use crate::util::{berth, crate_root, stdout};
+use crate::support::cluster::{Cluster, cluster};
+use crate::support::engine::engine;
+use crate::support::util::{berth, crate_root, stdout};
 
 /// The image the tests build and run; also what `packaging/kubernetes/deployment.yaml` names.
 const IMAGE: &str = "berth:local";

@@ -3,9 +3,9 @@
 //! masked and capped, the timeout, the produced image, and a source cloned from a real git
 //! repository. Each test is its own instance; its images and containers go when it ends.
 
-use crate::docker::{docker, engine};
-use crate::gitserver::Origin;
-use crate::util::{Repo, stdout};
+use crate::support::engine::{docker, engine};
+use crate::support::gitserver::Origin;
+use crate::support::util::{Repo, stdout};
 
 fn pipeline(name: &str, extra: &str, steps: &str) -> String {
     format!(
@@ -181,7 +181,7 @@ fn a_source_repository_is_cloned_at_the_commit_asked_for() {
 #[test]
 fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
     let Some(instance) = engine() else { return };
-    let port = crate::docker::free_port();
+    let port = crate::support::engine::free_port();
     let repo = Repo::new();
     let image = format!("{}-site", instance.name);
     repo.write(

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::agent::{Agent, applied, sign};
-use crate::docker::{Instance, docker, engine, free_port};
-use crate::gitserver::{GitDaemon, Origin};
+use crate::support::agent::{Agent, applied, sign};
+use crate::support::engine::{Instance, docker, engine, free_port};
+use crate::support::gitserver::{GitDaemon, Origin};
 
 /// A push event as GitHub sends it for the repository at `url`.
 fn push_to(url: &str, commit: &str) -> String {
@@ -461,7 +461,7 @@ fn source_pipeline(name: &str, url: &str, extra: &str) -> String {
 }
 
 fn generic_push(agent: &Agent, body: &str, delivery: &str) -> (u16, String) {
-    let signed = crate::agent::sign(body);
+    let signed = crate::support::agent::sign(body);
     let hex = signed.trim_start_matches("sha256=");
     agent.request(
         "POST",
@@ -645,7 +645,7 @@ fn a_source_that_never_answers_blocks_neither_passes_nor_cancel() {
     let (code, _) = agent.api("POST", "/api/v1/reconcile");
     assert_eq!(code, 202);
     agent.wait_for("the new revision applied despite the hanging clone", || {
-        crate::agent::applied(&config, &second)
+        crate::support::agent::applied(&config, &second)
     });
     // The pipeline's timeout covers the clone.
     agent.wait_for("the hanging run timed out", || state(&agent, 1) == "failed");
@@ -839,7 +839,7 @@ fn followers_that_do_not_read_give_their_slots_back_when_the_run_ends() {
     agent.wait_for("the run running", || state(&agent, 1) == "running");
     let request = format!(
         "GET /api/v1/runs/1/logs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        crate::agent::API_TOKEN
+        crate::support::agent::API_TOKEN
     );
     // Sixteen followers, as many as there are slots, none of which reads.
     let silent: Vec<std::net::TcpStream> = (0..16)

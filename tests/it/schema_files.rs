@@ -1,6 +1,6 @@
 //! The committed JSON Schemas are what the Rust types generate, and they accept the sample repo.
 
-use crate::util::{berth, crate_root};
+use crate::support::util::{berth, crate_root};
 
 #[test]
 fn committed_schemas_are_up_to_date() {

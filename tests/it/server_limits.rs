@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::agent::{API_TOKEN, Agent, http, status_code};
+use crate::support::agent::{API_TOKEN, Agent, http, status_code};
 
 /// No git server listens here.
 const NOWHERE: &str = "git://127.0.0.1:9/nothing.git";
@@ -93,7 +93,7 @@ fn open_descriptors(pid: u32) -> usize {
 /// Issue 8, item 14: `Authorization: bearer TOKEN` got 401, though the scheme is
 /// case-insensitive (RFC 7235).
 #[test]
-fn issue8_item14_the_bearer_scheme_is_case_insensitive() {
+fn the_bearer_scheme_is_case_insensitive() {
     let agent = agent("bearer", "", &[]);
     let accepted = [
         format!("bearer {API_TOKEN}"),
@@ -121,7 +121,7 @@ fn issue8_item14_the_bearer_scheme_is_case_insensitive() {
 /// `webhook.maxBody` was refused only after its whole body was read. Now the headers alone
 /// decide: these clients send no body at all and still get their answer.
 #[test]
-fn issue8_item11_what_the_headers_refuse_is_refused_before_the_body_arrives() {
+fn what_the_headers_refuse_is_refused_before_the_body_arrives() {
     let agent = agent("hooks-early", "", &[]);
     type Headers<'a> = &'a [(&'a str, &'a str)];
     // Provider, headers, declared length, expected answer.
@@ -158,7 +158,7 @@ fn issue8_item11_what_the_headers_refuse_is_refused_before_the_body_arrives() {
 /// as it streams past `webhook.maxBody` (4 KiB in these tests), never read whole. axum's body
 /// limit did this before; the guard stays now that hooks read their bodies themselves.
 #[test]
-fn issue8_item11_a_chunked_body_over_the_limit_is_cut_off_as_it_streams() {
+fn a_chunked_body_over_the_limit_is_cut_off_as_it_streams() {
     let agent = agent("hooks-chunked", "", &[]);
     let mut stream = send(
         agent.port,
@@ -182,7 +182,7 @@ fn issue8_item11_a_chunked_body_over_the_limit_is_cut_off_as_it_streams() {
 /// `webhook.maxConcurrent` are read at once; the next delivery gets 503 with `Retry-After`, and a
 /// slot is free again once a delivery is answered.
 #[test]
-fn issue8_item11_webhook_bodies_read_at_once_are_bounded() {
+fn webhook_bodies_read_at_once_are_bounded() {
     let agent = agent(
         "hooks-busy",
         "",
@@ -230,7 +230,7 @@ fn issue8_item11_webhook_bodies_read_at_once_are_bounded() {
 /// Issue 8, item 11: 300 concurrent 1 MB bodies with bad signatures took the agent to 180 MB of
 /// RSS. The issue's target is a peak under 64 MiB.
 #[test]
-fn issue8_item11_a_flood_of_badly_signed_megabyte_bodies_stays_under_64_mib() {
+fn a_flood_of_badly_signed_megabyte_bodies_stays_under_64_mib() {
     const FLOOD: usize = 300;
     const BODY: usize = 1 << 20;
     let agent = agent(
@@ -273,7 +273,7 @@ fn issue8_item11_a_flood_of_badly_signed_megabyte_bodies_stays_under_64_mib() {
 /// ended, stayed open for ever. Now each is cut off by `http.headerTimeout` or
 /// `http.bodyTimeout`.
 #[test]
-fn issue8_item12_clients_that_stall_are_cut_off() {
+fn clients_that_stall_are_cut_off() {
     let agent = agent(
         "slow",
         "",
@@ -314,7 +314,7 @@ fn issue8_item12_clients_that_stall_are_cut_off() {
 /// agent buffer 400 KiB of them until the header timeout, so 256 of them held 100 MiB. Now a
 /// request's headers may take 16 KiB, and such clients are cut off as they pass it.
 #[test]
-fn issue8_item12_headers_without_end_hold_little_memory() {
+fn headers_without_end_hold_little_memory() {
     const CLIENTS: usize = 200;
     let agent = agent("big-headers", "", &[]);
     let pid = agent.pid();
@@ -350,7 +350,7 @@ fn issue8_item12_headers_without_end_hold_little_memory() {
 /// files the agent had none left for git or the engine. Now open connections stay under half the
 /// process's file limit (here 64, set with `prlimit`) and the agent serves again once they go.
 #[test]
-fn issue8_item12_open_connections_stay_under_half_the_file_limit() {
+fn open_connections_stay_under_half_the_file_limit() {
     const FILE_LIMIT: usize = 64;
     let mut agent = Agent::configure("fd-cap", NOWHERE, "", "");
     agent
@@ -400,7 +400,7 @@ fn issue8_item12_open_connections_stay_under_half_the_file_limit() {
 #[test]
 fn probes_on_the_health_listener_are_answered_within_a_second_under_a_flood() {
     const CLIENTS: usize = 1000;
-    let health = crate::docker::free_port();
+    let health = crate::support::engine::free_port();
     let agent = agent(
         "probes",
         &format!("http: {{healthListen: 127.0.0.1:{health}}}\n"),

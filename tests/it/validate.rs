@@ -2,7 +2,7 @@
 
 use berth::descriptor::{self, LoadOptions, Problem};
 
-use crate::util::{Repo, challenge, crate_root, fixture};
+use crate::support::util::{Repo, challenge, crate_root, fixture};
 
 fn problems_of(dir: &std::path::Path, options: &LoadOptions) -> Vec<Problem> {
     descriptor::load(dir, options).expect("loads").problems
@@ -949,8 +949,8 @@ fn what_is_plainly_not_berths_is_a_warning_and_a_berth_typo_stays_a_problem() {
             .contains("not a berth descriptor (Deployment of apiVersion apps/v1)")
     );
     // `berth validate` says both and exits 0.
-    let output = crate::util::berth(&["validate", repo.path().to_str().unwrap()]);
-    let text = crate::util::stdout(&output);
+    let output = crate::support::util::berth(&["validate", repo.path().to_str().unwrap()]);
+    let text = crate::support::util::stdout(&output);
     assert!(output.status.success(), "{text}");
     assert!(
         text.contains(

@@ -8,8 +8,8 @@
 
 use std::process::Command;
 
-use crate::docker::{docker, engine, free_port};
-use crate::util::{Repo, berth, stdout};
+use crate::support::engine::{docker, engine, free_port};
+use crate::support::util::{Repo, berth, stdout};
 
 /// Every address of every container of `instance` but those of `except` (a challenge's name).
 fn addresses_of_others(instance: &str, except: &str) -> Vec<String> {
@@ -43,7 +43,7 @@ fn addresses_of_others(instance: &str, except: &str) -> Vec<String> {
 
 /// Runs `script` with `sh -c` in the running container of `challenge`'s slot `slot`.
 fn shell_in(
-    instance: &crate::docker::Instance,
+    instance: &crate::support::engine::Instance,
     challenge: &str,
     slot: &str,
     script: &str,

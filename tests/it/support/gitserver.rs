@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::docker::free_port;
+use crate::support::engine::free_port;
 
 /// Runs git with a fixed identity; panics with git's message when it fails.
 pub fn git(dir: &Path, args: &[&str]) -> String {
