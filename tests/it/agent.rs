@@ -10,8 +10,10 @@ use std::time::Duration;
 use crate::support::agent::{
     Agent, WEBHOOK_SECRET, applied, container_ids, github_push, send_github, served_web, sign,
 };
-use crate::support::engine::{docker, engine, free_port, web};
-use crate::support::gitserver::{GitDaemon, GitHttp, HTTP_PASSWORD, HTTP_USER, Origin, git};
+use crate::support::engine::{docker, engine, web};
+use crate::support::gitserver::{GitDaemon, GitHttp, HTTP_PASSWORD, HTTP_USER, Origin};
+use crate::support::net::free_port;
+use crate::support::net::git;
 use crate::support::util::stdout;
 
 /// Waits until `/readyz` answers 503 because the repo cannot be fetched.

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 
-use crate::support::agent::{API_TOKEN, Agent, VIEWER_TOKEN, applied, http_with_head};
-use crate::support::engine::{engine, free_port};
+use crate::support::agent::{API_TOKEN, Agent, VIEWER_TOKEN, applied};
+use crate::support::engine::engine;
 use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::net::free_port;
+use crate::support::net::http_with_head;
 use crate::support::util::{challenge, crate_root};
 
 /// `chromedriver` on a port of its own, stopped when this goes.

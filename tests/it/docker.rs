@@ -8,7 +8,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::engine::{busybox_script, docker, engine, free_port, now, web, write_refused};
+use crate::support::engine::{busybox_script, docker, engine, now, web, write_refused};
+use crate::support::net::free_port;
 use crate::support::util::{Repo, crate_root, eventually, stdout};
 
 /// Issue 8, item 17: the harness trusted any image named `busybox:latest`, and one made by another
@@ -1044,7 +1045,7 @@ fn a_sidecar_publishes_a_port_of_its_own() {
             &format!("port {port} answers"),
             Duration::from_secs(20),
             || {
-                answer = crate::support::agent::http(port, "GET", "/index.html", &[], b"").1;
+                answer = crate::support::net::http(port, "GET", "/index.html", &[], b"").1;
                 !answer.is_empty()
             },
         );
@@ -1064,7 +1065,7 @@ fn a_sidecar_publishes_a_port_of_its_own() {
     let updated = instance.apply(&repo, &[]);
     assert_eq!(updated.status.code(), Some(0), "{}", stdout(&updated));
     eventually("the new bot answers", Duration::from_secs(20), || {
-        crate::support::agent::http(bot_port, "GET", "/index.html", &[], b"")
+        crate::support::net::http(bot_port, "GET", "/index.html", &[], b"")
             .1
             .contains("bot-two")
     });
@@ -1097,7 +1098,7 @@ fn a_sidecar_is_built_from_a_folder_of_the_repo() {
             &format!("the bot says {word}"),
             Duration::from_secs(20),
             || {
-                crate::support::agent::http(bot_port, "GET", "/index.html", &[], b"")
+                crate::support::net::http(bot_port, "GET", "/index.html", &[], b"")
                     .1
                     .contains(word)
             },

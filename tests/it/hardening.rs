@@ -23,7 +23,8 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::support::engine::{Instance, docker, engine, free_port, web};
+use crate::support::engine::{Instance, docker, engine, web};
+use crate::support::net::free_port;
 use crate::support::proxy::EngineProxy;
 use crate::support::util::{Repo, stdout};
 

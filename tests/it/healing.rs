@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use crate::support::agent::{
     Agent, applied, container_ids, github_push, send_github_delivery, served_web, sign,
 };
-use crate::support::engine::{docker, engine, free_port, web};
-use crate::support::gitserver::{GitDaemon, Origin, git};
+use crate::support::engine::{docker, engine, web};
+use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::net::free_port;
+use crate::support::net::git;
 
 /// Whether the status branch's agent.yaml says `revision` was rejected.
 fn rejected(origin: &Origin, revision: &str) -> bool {

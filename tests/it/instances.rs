@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::agent::{API_TOKEN, Agent, applied, http_with_head};
+use crate::support::agent::{API_TOKEN, Agent, applied};
 use crate::support::engine::{Instance, docker, engine, write_refused};
 use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::net::http_with_head;
 use crate::support::util::eventually;
 
 /// A range of host ports of its own for each test's agent, below the kernel's outgoing ports.
@@ -88,7 +89,7 @@ fn fetch(port: u16, path: &str) -> Option<String> {
     stream.read_to_end(&mut answer).ok()?;
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n")?;
-    (crate::support::agent::status_code(head) == 200).then(|| body.trim().to_string())
+    (crate::support::net::status_code(head) == 200).then(|| body.trim().to_string())
 }
 
 fn fetched_eventually(port: u16, path: &str) -> String {

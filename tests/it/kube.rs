@@ -1597,8 +1597,9 @@ fn a_challenge_follows_its_namespace_and_never_touches_a_stagings_objects_beside
 #[test]
 fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_applying_twice() {
     use crate::support::agent::{Agent, applied};
-    use crate::support::engine::{free_port, web};
+    use crate::support::engine::web;
     use crate::support::gitserver::{GitDaemon, Origin};
+    use crate::support::net::free_port;
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-agents");
@@ -1868,8 +1869,9 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
 fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it_stays_in_the_election()
  {
     use crate::support::agent::{Agent, applied};
-    use crate::support::engine::{free_port, web};
+    use crate::support::engine::web;
     use crate::support::gitserver::{GitDaemon, Origin};
+    use crate::support::net::free_port;
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-cut-agents");

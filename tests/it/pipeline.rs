@@ -181,7 +181,7 @@ fn a_source_repository_is_cloned_at_the_commit_asked_for() {
 #[test]
 fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
     let Some(instance) = engine() else { return };
-    let port = crate::support::engine::free_port();
+    let port = crate::support::net::free_port();
     let repo = Repo::new();
     let image = format!("{}-site", instance.name);
     repo.write(

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::agent::{Agent, applied, sign};
-use crate::support::engine::{Instance, docker, engine, free_port};
+use crate::support::engine::{Instance, docker, engine};
 use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::net::free_port;
 
 /// A push event as GitHub sends it for the repository at `url`.
 fn push_to(url: &str, commit: &str) -> String {

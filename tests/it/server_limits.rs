@@ -12,7 +12,8 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::support::agent::{API_TOKEN, Agent, http, status_code};
+use crate::support::agent::{API_TOKEN, Agent};
+use crate::support::net::{http, status_code};
 
 /// No git server listens here.
 const NOWHERE: &str = "git://127.0.0.1:9/nothing.git";
@@ -400,7 +401,7 @@ fn open_connections_stay_under_half_the_file_limit() {
 #[test]
 fn probes_on_the_health_listener_are_answered_within_a_second_under_a_flood() {
     const CLIENTS: usize = 1000;
-    let health = crate::support::engine::free_port();
+    let health = crate::support::net::free_port();
     let agent = agent(
         "probes",
         &format!("http: {{healthListen: 127.0.0.1:{health}}}\n"),

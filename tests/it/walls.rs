@@ -8,7 +8,8 @@
 
 use std::process::Command;
 
-use crate::support::engine::{docker, engine, free_port};
+use crate::support::engine::{docker, engine};
+use crate::support::net::free_port;
 use crate::support::util::{Repo, berth, stdout};
 
 /// Every address of every container of `instance` but those of `except` (a challenge's name).

@@ -1,13 +1,14 @@
 //! A real `berth agent` process for a test ([`Agent`]: its config, its HTTP API, its log, killed
 //! on drop), plain HTTP to it, and signed GitHub webhook deliveries.
 
-use crate::support::engine::{Instance, free_port, web};
-use crate::support::gitserver::{GitDaemon, Origin};
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::support::engine::{Instance, web};
+use crate::support::gitserver::{GitDaemon, Origin};
+use crate::support::net::{free_port, http};
 
 pub(crate) const WEBHOOK_SECRET: &str = "whsec-3b8e1f0a";
 pub(crate) const API_TOKEN: &str = "api-token-71c2d9";
@@ -191,58 +192,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// One HTTP/1.1 request over a fresh connection.
-pub(crate) fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String) {
-    let (code, _, body) = http_with_head(port, method, path, headers, body);
-    (code, body)
-}
-
-/// [`http`], with the answer's head (status line and headers) too.
-pub(crate) fn http_with_head(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    // The server may answer (413) before reading the whole body.
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let code = status_code(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .map(|(h, b)| (h.to_string(), b.to_string()))
-        .unwrap_or_default();
-    (code, head, body)
-}
-
-/// The status code of an HTTP answer; 0 when there is none.
-pub(crate) fn status_code(answer: &str) -> u16 {
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A push event as GitHub sends it (trimmed to the fields a receiver reads, same shape).

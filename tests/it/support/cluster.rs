@@ -5,13 +5,14 @@
 //! `.ci/run`), which makes them fail instead. When the cluster's binaries are cached (or the
 //! variable is set), the first test starts the cluster.
 
-use crate::support::engine::{Instance, engine};
-use crate::support::proxy::EngineProxy;
-use crate::support::util::{Repo, crate_root, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::support::engine::{Instance, engine};
+use crate::support::proxy::EngineProxy;
+use crate::support::util::{Repo, crate_root, stdout};
 
 /// The cluster, for one test at a time.
 pub(crate) struct Cluster {

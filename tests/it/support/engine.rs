@@ -5,12 +5,13 @@
 //! (`tests/testbed/busybox-image.sh`). Without an engine the tests that need one skip loudly,
 //! unless `BERTH_REQUIRE_DOCKER=1` (set by `.ci/run`), which makes them fail instead.
 
-use crate::support::util::{Repo, crate_root, stdout};
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::support::util::{Repo, crate_root, stdout};
 
 /// A berth instance of its own for one test, cleaned up on drop.
 pub struct Instance {
@@ -93,15 +94,6 @@ pub fn engine() -> Option<Instance> {
 /// The script that makes (or checks) the test bed's busybox image.
 pub fn busybox_script() -> std::path::PathBuf {
     crate_root().join("tests/testbed/busybox-image.sh")
-}
-
-/// A loopback port nobody listens on.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub fn now() -> f64 {
