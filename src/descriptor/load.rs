@@ -141,6 +141,16 @@ impl Loaded {
 
 /// Loads every descriptor under `dir`.
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    load_with_readers(dir, options, cores.min(MAX_READERS))
+}
+
+/// [`load`], with at most `readers` threads reading files.
+fn load_with_readers(
+    dir: &Path,
+    options: &LoadOptions,
+    readers: usize,
+) -> Result<Loaded, LoadError> {
     let root = dir.canonicalize().map_err(|source| LoadError::Unreadable {
         path: dir.to_path_buf(),
         source,
@@ -153,7 +163,7 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Loaded, LoadError> {
     let mut visited = HashSet::from([loader.root.clone()]);
     let root = loader.root.clone();
     loader.walk(&root, &berthignore, &mut visited)?;
-    loader.read_files();
+    loader.read_files(readers);
     loader.set_asset_files_aside();
     loader.report_manifest_problems();
     loader.check_repo();
@@ -187,6 +197,7 @@ struct Pending {
     also: Option<(usize, Place)>,
 }
 
+#[derive(Clone)]
 struct SourceFile {
     relative: String,
     path: PathBuf,
@@ -245,7 +256,7 @@ struct Loader {
     asset_folders: HashMap<String, Vec<AssetUse>>,
     /// Problems in a staging's manifests: reported after asset files are set aside, since they
     /// are in those files.
-    manifest_problems: Vec<Pending>,
+    manifest_problems: Vec<((usize, usize), Pending)>,
     /// What is skipped as plainly not berth's, placed as problems are.
     warnings: Vec<Pending>,
     /// Files descriptors use as input (a chart's `valuesFiles`), relative to the root: not
@@ -276,12 +287,9 @@ impl Loader {
     /// Reads every file found, on every core: each worker reads every n-th file into a shard of
     /// its own (files read in order of the walk lie together, and so do their kinds), and the
     /// shards are merged. What a file gives does not depend on any other file.
-    fn read_files(&mut self) {
+    fn read_files(&mut self, readers: usize) {
         let count = self.files.len();
-        let workers = std::thread::available_parallelism()
-            .map_or(1, std::num::NonZero::get)
-            .min(MAX_READERS)
-            .min(count.div_ceil(FILES_PER_READER).max(1));
+        let workers = readers.min(count.div_ceil(FILES_PER_READER)).max(1);
         if workers == 1 {
             (0..count).for_each(|file| self.read_file(file));
             return;
@@ -311,22 +319,17 @@ impl Loader {
         for uses in self.asset_folders.values_mut() {
             uses.sort_by_key(|used| (used.file, used.doc));
         }
-        let order = |pending: &Pending| match pending.place {
-            Place::At(at) => (pending.file, at.line, at.column),
-            Place::Node { doc, .. } => (pending.file, doc, 0),
-        };
-        self.manifest_problems.sort_by_key(order);
+        // A manifest's problems, by the staging (file and document) that rendered it.
+        self.manifest_problems.sort_by_key(|(origin, _)| *origin);
         self.candidates.sort_by_cached_key(|c| (c.file, c.doc));
     }
 
     /// A loader with this one's root, options and files, and nothing read yet.
     fn shard(&self) -> Loader {
         let mut shard = Loader::new(self.root.clone(), self.options.clone());
-        shard.files = self
-            .files
-            .iter()
-            .map(|f| SourceFile::new(f.relative.clone(), f.path.clone(), f.readable))
-            .collect();
+        // Whole copies: what the walk already said of a file (an unreadable one's problem)
+        // comes back with it.
+        shard.files = self.files.clone();
         shard
     }
 
@@ -370,11 +373,11 @@ impl Loader {
             }
         };
         let mut moved = HashMap::new();
-        for mut problem in manifest_problems {
+        for (origin, mut problem) in manifest_problems {
             problem.file = *moved
                 .entry(problem.file)
                 .or_insert_with(|| index_of(problem.file, &mut files));
-            self.manifest_problems.push(problem);
+            self.manifest_problems.push((origin, problem));
         }
         self.pending.extend(pending);
         self.warnings.extend(warnings);
@@ -707,7 +710,7 @@ impl Loader {
                         }
                     }
                 }
-                if !self.render(&mut descriptor, &identity) {
+                if !self.render(&mut descriptor, &identity, (file, doc)) {
                     return;
                 }
                 self.hash(&mut descriptor);
@@ -745,10 +748,13 @@ impl Loader {
 
     /// Renders a Staging's manifests (or its chart); false when they have problems, which are
     /// then reported at their files.
+    /// Renders a Staging's manifests; their problems are kept by `origin`, the staging's file
+    /// and document.
     fn render(
         &mut self,
         descriptor: &mut Descriptor,
         identity: &Option<(String, Option<String>)>,
+        origin: (usize, usize),
     ) -> bool {
         let Spec::Staging(spec) = &descriptor.spec else {
             return true;
@@ -769,13 +775,14 @@ impl Loader {
                             self.files.len() - 1
                         }
                     };
-                    self.manifest_problems.push(Pending {
+                    let pending = Pending {
                         file,
                         place: Place::At(problem.at),
                         identity: identity.clone(),
                         message: problem.message,
                         also: None,
-                    });
+                    };
+                    self.manifest_problems.push((origin, pending));
                 }
                 false
             }
@@ -1052,7 +1059,7 @@ impl Loader {
 
     /// Reports the problems found in staging manifests, which asset files do not hide.
     fn report_manifest_problems(&mut self) {
-        for problem in std::mem::take(&mut self.manifest_problems) {
+        for (_, problem) in std::mem::take(&mut self.manifest_problems) {
             self.report(problem);
         }
     }
@@ -1349,4 +1356,70 @@ fn human_size(bytes: u64) -> String {
         .replace("Ki", " KiB")
         .replace("Mi", " MiB")
         .replace("Gi", " GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repo of a few hundred files with every kind of problem a reader can find: schema and
+    /// semantic problems, a name declared twice in files far apart, a file past the cap on
+    /// problems, manifests with a problem of their own, a file that is not berth's.
+    fn mixed_repo(dir: &Path) {
+        std::fs::create_dir_all(dir.join("deploy")).unwrap();
+        std::fs::write(
+            dir.join("deploy/app.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app}\ndata: {level: \"${overrides.MISSING}\"}\n",
+        )
+        .unwrap();
+        for i in 0..300 {
+            let text = match i % 7 {
+                0 => format!(
+                    "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: bad-{i}}}\nspec:\n  image: busybox:latest\n  ports: [{{container: 99999}}]\n"
+                ),
+                1 => format!(
+                    "apiVersion: berth/v1\nkind: Staging\nmetadata: {{name: stage-{i}}}\nspec:\n  namespace: stage-{i}\n  manifests: deploy\n"
+                ),
+                2 => "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stray}\n".into(),
+                _ => format!(
+                    "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: c-{i}}}\nspec:\n  image: busybox:latest\n  ports: [{{container: 80, host: {}}}]\n",
+                    20000 + i
+                ),
+            };
+            std::fs::write(dir.join(format!("f-{i:03}.yaml")), text).unwrap();
+        }
+        // The same name in the first file and the last, and one file past the cap.
+        std::fs::write(
+            dir.join("a-first.yaml"),
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: twice}\nspec: {image: busybox:latest}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("z-last.yaml"),
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: twice}\nspec: {image: busybox:latest}\n",
+        )
+        .unwrap();
+        let many: String = (0..150).map(|i| format!("---\nkind: Nope{i}\n")).collect();
+        std::fs::write(dir.join("m-many.yaml"), many).unwrap();
+    }
+
+    #[test]
+    fn reading_on_several_threads_finds_exactly_what_one_reader_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        mixed_repo(dir.path());
+        let options = LoadOptions::default();
+        let alone = load_with_readers(dir.path(), &options, 1).unwrap();
+        assert!(alone.problems.len() > 100, "{}", alone.problems.len());
+        assert!(!alone.warnings.is_empty());
+        assert!(
+            alone.problems.iter().any(|p| p.file == "deploy/app.yaml"),
+            "a manifest's problem is found"
+        );
+        for readers in [2, 3, 8] {
+            let together = load_with_readers(dir.path(), &options, readers).unwrap();
+            assert_eq!(together.problems, alone.problems, "{readers} readers");
+            assert_eq!(together.warnings, alone.warnings, "{readers} readers");
+            assert_eq!(together.descriptors, alone.descriptors, "{readers} readers");
+        }
+    }
 }
