@@ -16,6 +16,7 @@ pub mod docker;
 pub mod instance;
 pub mod instances;
 pub mod kube;
+pub(crate) mod solving;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -394,6 +395,16 @@ impl Backend {
                     })
                     .collect();
                 kube.diagnose(observed, &stagings);
+                let challenges: Vec<_> = desired
+                    .templates
+                    .iter()
+                    .filter(|(key, _)| wanted.contains(key))
+                    .filter_map(|(key, template)| match template {
+                        Template::KubeChallenge(template) => Some((key, template.as_ref())),
+                        _ => None,
+                    })
+                    .collect();
+                kube.judge_by_solvers(observed, &challenges);
             }
         }
     }
@@ -554,8 +565,9 @@ impl Engines {
     /// plan, which changes nothing, only reads what they last found).
     pub fn run_solvers(&mut self) {
         for backend in &mut self.backends {
-            if let Backend::Docker(docker) = backend {
-                docker.run_solvers();
+            match backend {
+                Backend::Docker(docker) => docker.run_solvers(),
+                Backend::Kube(kube) => kube.run_solvers(),
             }
         }
     }
@@ -564,8 +576,9 @@ impl Engines {
     /// is ending, and leaves none behind.
     pub async fn stop_solvers(&self) {
         for backend in &self.backends {
-            if let Backend::Docker(docker) = backend {
-                docker.stop_solvers().await;
+            match backend {
+                Backend::Docker(docker) => docker.stop_solvers().await,
+                Backend::Kube(kube) => kube.stop_solvers().await,
             }
         }
     }

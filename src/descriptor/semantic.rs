@@ -609,11 +609,7 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
             ));
         }
         if let Some(solve) = &check.solve {
-            let why = if spec.target == Some(Engine::Kubernetes) {
-                Some(
-                    "on kubernetes solvers are not run yet; use tcp or http there, or keep this challenge on docker",
-                )
-            } else if spec.instanced.is_some() {
+            let why = if spec.instanced.is_some() {
                 Some("per-team instances are not solved yet; use tcp or http")
             } else if spec.ports.is_empty() {
                 Some("the solver reaches the challenge on its first port, and it has none")

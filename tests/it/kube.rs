@@ -517,6 +517,53 @@ fn a_lost_inventory_is_rebuilt_and_a_dropped_kind_is_still_pruned() {
     );
 }
 
+/// A challenge whose Service the API server refuses (its NodePort is another Service's) leaves
+/// nothing behind: the dry run of every object comes before the first write, so no Deployment is
+/// made without its Service, and the failure names the port.
+#[test]
+fn a_challenge_whose_service_is_refused_makes_no_deployment() {
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let foreign = format!("{name}-squatter");
+    let made = cluster.kubectl(&["create", "namespace", &foreign]);
+    assert!(made.status.success(), "{}", said(&made));
+    // Labelled for the test's cleanup only.
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        &foreign,
+        &format!("berth.instance={name}"),
+    ]);
+    let port = node_port(&name);
+    let squatter = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: squatter, namespace: {foreign}}}\nspec:\n  type: NodePort\n  selector: {{app: none}}\n  ports: [{{port: 80, targetPort: 80, nodePort: {port}, protocol: TCP}}]\n"
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), squatter).unwrap();
+    let made = cluster.kubectl(&["apply", "-f", file.path().to_str().unwrap()]);
+    assert!(made.status.success(), "{}", said(&made));
+    let repo = Repo::new();
+    repo.write(
+        "squatted.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: squatted}}\nspec:\n  target: kubernetes\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\"]\n  ports: [{{container: 8080, host: {port}}}]\n"
+        ),
+    );
+    let output = cluster.berth_with(&["apply", "--wait", "10s"], repo.path(), &[]);
+    assert!(!output.status.success(), "{}", said(&output));
+    assert!(
+        said(&output).contains(&format!("{port}: provided port is already allocated")),
+        "{}",
+        said(&output)
+    );
+    let ns = cluster.challenges();
+    assert!(
+        !cluster.exists(&ns, "deployment/squatted"),
+        "a Deployment without its Service"
+    );
+    assert!(!cluster.exists(&ns, "service/squatted"));
+}
+
 /// Issue 19, item 22: a staging whose namespace someone else made is refused by the plan as it
 /// is by the apply (the plan said `create`), and the namespace is left alone.
 #[test]
@@ -1854,6 +1901,64 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
         served_eventually(port, "s3cr3t-t0ken-value"),
         "s3cr3t-t0ken-value"
     );
+    let pruned = cluster.berth_with(
+        &["apply", "--prune", "--allow-empty"],
+        Repo::new().path(),
+        &[],
+    );
+    assert!(pruned.status.success(), "{}", said(&pruned));
+}
+
+/// A solver on the cluster: a pod of its own beside the challenge's, reaching it through its
+/// Service, is the Deployment's health. Healthy while it gets the flag; Degraded with its reason
+/// and its last lines when the jail breaks though the port still answers; its pods never count
+/// as the challenge's and none is left once the apply ends. (This cluster serves no pod logs, so
+/// the solver checks the flag itself, and the last lines come from the termination message.)
+#[test]
+fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded() {
+    let Some(cluster) = cluster() else { return };
+    let jail = |serves: &str| {
+        crate::support::util::challenge(
+            "jail",
+            &format!(
+                "  target: kubernetes\n  command: [sh, -c, 'mkdir -p /tmp/w && {serves} > /tmp/w/flag && exec httpd -f -p 8080 -h /tmp/w']\n  secretFiles: [{{path: /flag.txt, secret: {{env: BERTH_IT_TOKEN}}}}]\n  ports: [{{container: 8080}}]\n  healthcheck:\n    solve: {{image: busybox:latest, command: [sh, -c, 'wget -q -O - http://$CHALLENGE_HOST:$CHALLENGE_PORT/flag | grep s3cr3t-t0ken || {{ echo no flag in the page; exit 1; }}'], interval: 2s, timeout: 30s}}\n"
+            ),
+        )
+    };
+    let solver_pods = || {
+        let listed = cluster.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            &cluster.challenges(),
+            "-l",
+            "berth.kind=ChallengeSolver",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    };
+    let repo = Repo::new();
+    repo.write("jail.yaml", jail("cat /flag.txt"));
+    let applied = cluster.berth_with(&["apply", "--wait", "120s"], repo.path(), &[]);
+    let text = said(&applied);
+    assert!(applied.status.success(), "{text}");
+    assert!(text.contains("0 failed, 0 unhealthy"), "{text}");
+    assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
+
+    // The jail breaks: the port still answers, the solver no longer gets the flag.
+    repo.write("jail.yaml", jail("echo flag{not-the-real-one}"));
+    let broken = cluster.berth_with(&["apply", "--wait", "120s"], repo.path(), &[]);
+    let text = said(&broken);
+    assert!(
+        text.contains("its solver failed: exited with code 1; last lines: no flag in the page"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cr3t-t0ken-value"),
+        "a secret value was shown: {text}"
+    );
+    assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
     let pruned = cluster.berth_with(
         &["apply", "--prune", "--allow-empty"],
         Repo::new().path(),

@@ -357,6 +357,10 @@ const GRANTED: Rights = &[
         Some("berth-challenges"),
     ),
     ("watch", "pods", Some("berth-challenges")),
+    // Per-team instances and solvers' runs are pods in the challenge namespace.
+    ("create", "pods", Some("berth-challenges")),
+    ("delete", "pods", Some("berth-challenges")),
+    ("get", "pods/log", Some("berth-challenges")),
     // What RBAC cannot narrow to namespaces made at run time: it reaches kube-system too, which
     // is why packaging/README.md asks for admission control there.
     ("create", "deployments.apps", Some("kube-system")),

@@ -1456,7 +1456,7 @@ fn a_volume_is_a_named_volume_or_a_folder_of_the_repo_and_never_both() {
 }
 
 #[test]
-fn a_solver_needs_a_port_to_reach_a_flag_to_expect_and_docker() {
+fn a_solver_needs_a_port_to_reach_and_one_kind_of_check() {
     let repo = Repo::new();
     let solve = "  healthcheck:\n    solve: {image: solver:1, expectFlag: true}\n";
     repo.write("portless.yaml", challenge("portless", solve))
@@ -1477,7 +1477,6 @@ fn a_solver_needs_a_port_to_reach_a_flag_to_expect_and_docker() {
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let expected = [
         ("both.yaml", 8, "set exactly one of tcp, http and solve"),
-        ("cluster.yaml", 11, "on kubernetes solvers are not run yet"),
         (
             "portless.yaml",
             8,

@@ -19,29 +19,18 @@ use serde_json::Value;
 
 use super::template::contained;
 use super::{DockerBackend, Trouble, is_status, remove_container};
-use crate::backend::{LABEL_KIND, masked};
+use crate::backend::LABEL_KIND;
+use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, verdict};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
 use crate::descriptor::values::{SecretRef, Size};
-use crate::plan::{Health, ObservedObject, PartState, Slot};
+use crate::plan::{ObservedObject, PartState, Slot};
 
 /// The kind label of a solver's container: it is never taken for a part of its challenge.
 pub(super) const SOLVER_KIND: &str = "ChallengeSolver";
 /// Label on a solver's container naming the challenge container it solves.
 const LABEL_SOLVES: &str = "berth.solves";
-/// The longest a run may take beyond its check's timeout: pulling the solver's image.
-const PULL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
-/// The most of a run's output read, to find the flag in and to quote.
-const OUTPUT_LIMIT: usize = 1024 * 1024;
-
-/// What the solver last found for one container, and whether a run is going on.
-#[derive(Debug, Clone, Default)]
-pub(super) struct SolveState {
-    running: bool,
-    last: Option<(Instant, Result<(), String>)>,
-}
-
 /// The solvers' states, by the challenge container they solve. Cloning shares them.
 pub(super) type Solves = Arc<Mutex<HashMap<String, SolveState>>>;
 
@@ -88,35 +77,11 @@ impl DockerBackend {
                     };
                     seen.insert(part.name.clone());
                     let state = solves.entry(part.name.clone()).or_default();
-                    // A result older than two rounds (a run that never ended, checks that
-                    // stopped) says nothing of now.
-                    let fresh_for = check.interval.0 * 2 + check.timeout.0 + PULL_WAIT;
-                    let last = state
-                        .last
-                        .as_ref()
-                        .filter(|(at, _)| at.elapsed() < fresh_for);
-                    match last {
-                        Some((_, Ok(()))) => {}
-                        Some((_, Err(why))) => {
-                            part.health = Health::Degraded;
-                            part.detail = Some(format!("its solver failed: {why}"));
-                        }
-                        None if part.health == Health::Healthy => {
-                            part.health = Health::Progressing;
-                            part.detail = Some(match self.solving {
-                                true => "its solver's first run has not ended".into(),
-                                false => {
-                                    "not solved yet: an apply or the agent runs its solver".into()
-                                }
-                            });
-                        }
-                        None => {}
+                    if let Some((health, why)) = state.judged(&check, part.health, self.solving) {
+                        part.health = health;
+                        part.detail = Some(why);
                     }
-                    let stale = state
-                        .last
-                        .as_ref()
-                        .is_none_or(|(at, _)| at.elapsed() >= check.interval.0);
-                    if state.running || !stale || !self.solving {
+                    if !state.due(&check) || !self.solving {
                         continue;
                     }
                     state.running = true;
@@ -236,31 +201,7 @@ impl DockerBackend {
             Ok(Some(Err(_)) | None) => return None,
         };
         let output = self.output_of(name).await;
-        let said = |why: String| {
-            let shown: Vec<String> = output
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(|l| masked(l, &run.flags))
-                .collect();
-            let tail = &shown[shown.len().saturating_sub(3)..];
-            match tail.is_empty() {
-                true => why,
-                false => format!("{why}; last lines: {}", tail.join(" | ")),
-            }
-        };
-        Some(match code {
-            0 if !run.check.expect_flag => Ok(()),
-            0 if run
-                .flags
-                .iter()
-                .any(|flag| !flag.is_empty() && output.contains(flag.as_str())) =>
-            {
-                Ok(())
-            }
-            0 => Err(said("exited 0 without printing the flag".into())),
-            code => Err(said(format!("exited with code {code}"))),
-        })
+        Some(verdict(code, &output, &run.check, &run.flags))
     }
 
     /// Removes the solvers of the challenge `key` (it is being deleted), or, with `keep`, those
@@ -349,7 +290,7 @@ fn solver_name(container: &str) -> String {
 
 /// The flag's possible values: each secret the main container's template names (its secret
 /// environment and files), read on this host.
-fn flags_of(spec: &Value) -> Vec<String> {
+pub(crate) fn flags_of(spec: &Value) -> Vec<String> {
     let references = spec
         .get("secretEnv")
         .and_then(Value::as_object)

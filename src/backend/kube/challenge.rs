@@ -437,7 +437,9 @@ impl ChallengeTemplate {
             if !ports.is_empty() {
                 fields.insert("ports".into(), ports.into());
             }
-            if let Some(check) = &self.spec.healthcheck {
+            // A solver is no probe: it runs beside the pod (`super::solve`), and its verdict is
+            // the Deployment's health.
+            if let Some(check) = self.spec.healthcheck.as_ref().filter(|c| c.solve.is_none()) {
                 fields.insert("readinessProbe".into(), probe(check));
             }
             // Each secret file is one key of the Secret, mounted at its path alone.

@@ -28,6 +28,7 @@ pub mod health;
 mod hooks;
 pub mod instances;
 pub mod objects;
+mod solve;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -298,6 +299,10 @@ pub struct KubeBackend {
     digest_key: Arc<[u8; 32]>,
     /// How long an apply waits for a challenge's rollout to be ready; zero: not at all.
     rollout_wait: Duration,
+    /// What the challenges' solvers last found.
+    solves: solve::Solves,
+    /// Whether diagnoses start the solvers that are due (an apply and the agent do).
+    solving: bool,
 }
 
 impl std::fmt::Debug for KubeBackend {
@@ -318,6 +323,16 @@ fn unreachable(cluster: &str, reason: impl std::fmt::Display) -> EngineError {
 }
 
 impl KubeBackend {
+    /// Lets diagnoses start the challenges' solvers that are due.
+    pub fn run_solvers(&mut self) {
+        self.solving = true;
+    }
+
+    /// Ends the solvers' runs going on: their pods go, and no result is taken from them.
+    pub async fn stop_solvers(&self) {
+        self.remove_solvers("").await;
+    }
+
     /// The cluster `access` names; `None` when no cluster is configured at all.
     pub async fn connect(
         ownership: &Ownership,
@@ -341,6 +356,8 @@ impl KubeBackend {
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
             rollout_wait: deploy::ROLLOUT_WAIT,
+            solves: Arc::default(),
+            solving: false,
         }))
     }
 
@@ -1638,6 +1655,11 @@ fn pod_resource() -> ApiResource {
 
 fn secret_resource() -> ApiResource {
     ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&())
+}
+
+/// Eight hex digits from the kernel's random source, for names made anew each time.
+fn random_suffix() -> String {
+    hex::encode(&random_key()[..4])
 }
 
 /// 32 bytes from the kernel's random source, for keys that never leave the process.
