@@ -328,9 +328,10 @@ impl KubeBackend {
         self.solving = true;
     }
 
-    /// Ends the solvers' runs going on: their pods go, and no result is taken from them.
+    /// Ends the solvers' runs this process has going: their pods go, and no result is taken
+    /// from them.
     pub async fn stop_solvers(&self) {
-        self.remove_solvers("").await;
+        self.stop_own_solvers().await;
     }
 
     /// The cluster `access` names; `None` when no cluster is configured at all.
@@ -356,7 +357,7 @@ impl KubeBackend {
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
             rollout_wait: deploy::ROLLOUT_WAIT,
-            solves: Arc::default(),
+            solves: solve::Solves::default(),
             solving: false,
         }))
     }

@@ -35,8 +35,13 @@ const LABEL_SOLVES: &str = "berth.solves";
 /// How often a run's pod is looked at while it runs.
 const POLL: Duration = Duration::from_millis(500);
 
-/// What the solvers last found, by challenge and the Deployment's version. Cloning shares them.
-pub(super) type Solves = Arc<Mutex<HashMap<(ObjectRef, String), SolveState>>>;
+/// What the solvers last found, by challenge and the Deployment's version, and the pods of the
+/// runs this process has going. Cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Solves {
+    found: Arc<Mutex<HashMap<(ObjectRef, String), SolveState>>>,
+    pods: Arc<Mutex<HashSet<String>>>,
+}
 
 /// One run to make.
 struct SolveRun {
@@ -62,7 +67,7 @@ impl KubeBackend {
         let mut due = Vec::new();
         let mut seen = HashSet::new();
         {
-            let mut solves = self.solves.lock().expect("solves");
+            let mut solves = self.solves.found.lock().expect("solves");
             for (key, template) in challenges {
                 let Some(check) = template
                     .spec()
@@ -130,7 +135,7 @@ impl KubeBackend {
                     .ok()
                     .flatten();
                 backend.remove_solvers(run.key.name.as_str()).await;
-                let mut solves = backend.solves.lock().expect("solves");
+                let mut solves = backend.solves.found.lock().expect("solves");
                 let state = solves
                     .entry((run.key.clone(), run.version.clone()))
                     .or_default();
@@ -166,10 +171,28 @@ impl KubeBackend {
                 _ => None,
             };
         }
+        self.solves
+            .pods
+            .lock()
+            .expect("solver pods")
+            .insert(name.clone());
+        let found = self.watch_solver(&pods, &name, run).await;
+        let _ = pods.delete(&name, &DeleteParams::background()).await;
+        self.solves.pods.lock().expect("solver pods").remove(&name);
+        found
+    }
+
+    /// Waits for the run in pod `name` to end, and judges it.
+    async fn watch_solver(
+        &self,
+        pods: &Api<Pod>,
+        name: &str,
+        run: &SolveRun,
+    ) -> Option<Result<(), String>> {
         let started = Instant::now();
         let (code, last_words) = loop {
             tokio::time::sleep(POLL).await;
-            let Ok(pod) = pods.get(&name).await else {
+            let Ok(pod) = pods.get(name).await else {
                 return None;
             };
             let status = pod.status.unwrap_or_default();
@@ -196,7 +219,7 @@ impl KubeBackend {
             limit_bytes: Some(OUTPUT_LIMIT as i64),
             ..Default::default()
         };
-        let output = match pods.logs(&name, &params).await {
+        let output = match pods.logs(name, &params).await {
             Ok(output) => output,
             // A cluster that serves no pod logs (its kubelets unreachable from the API server)
             // cannot tell whether the flag was printed: that is never taken for solved.
@@ -215,17 +238,31 @@ impl KubeBackend {
         Some(verdict(code, &output, &run.check, &run.flags))
     }
 
-    /// Deletes the solver pods of the challenge `name` (every one with `name` empty): a run's
-    /// pod once it ended, and any a berth that was killed left.
-    pub(crate) async fn remove_solvers(&self, name: &str) {
+    /// Deletes the pods of the runs this process has going (an apply that started them is
+    /// ending).
+    pub(super) async fn stop_own_solvers(&self) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
-        let mut selector = format!(
-            "{LABEL_INSTANCE}={},{LABEL_KIND}={SOLVER_KIND}",
+        let own: Vec<String> = self
+            .solves
+            .pods
+            .lock()
+            .expect("solver pods")
+            .iter()
+            .cloned()
+            .collect();
+        for pod in own {
+            let _ = pods.delete(&pod, &DeleteParams::background()).await;
+        }
+    }
+
+    /// Deletes the solver pods of the challenge `name`: one a run timed out on, and any a berth
+    /// that was killed left.
+    async fn remove_solvers(&self, name: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let selector = format!(
+            "{LABEL_INSTANCE}={},{LABEL_KIND}={SOLVER_KIND},{LABEL_SOLVES}={name}",
             self.ownership.instance()
         );
-        if !name.is_empty() {
-            selector.push_str(&format!(",{LABEL_SOLVES}={name}"));
-        }
         let Ok(found) = pods.list(&ListParams::default().labels(&selector)).await else {
             return;
         };
