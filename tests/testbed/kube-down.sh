@@ -69,12 +69,32 @@ remove_pod_containers() {
     docker rm -f -v $ids >/dev/null
 }
 
+# A component whose pid was never recorded or was recorded over (a start cut short, then tried
+# again) is found by the state folder its command line names: seen once left running, a kubelet
+# made the folder again after it was cleaned and held every later start.
+stop_strays() {
+    local pid bin
+    for pid in $(pgrep -f -- "$STATE/" || true); do
+        [ -r "/proc/$pid/cmdline" ] || continue
+        bin=$(tr '\0' '\n' <"/proc/$pid/cmdline" | head -n 1)
+        case "$(basename -- "$bin")" in
+        etcd | kubelet | kube-apiserver | kube-controller-manager | kube-scheduler | kube-proxy)
+            say "stopping $(basename -- "$bin") (pid $pid), which no pid file named"
+            kill -KILL "$pid" 2>/dev/null || true
+            ;;
+        esac
+    done
+}
+
 for c in "${COMPONENTS[@]}"; do
     stop "$c"
     # Containers go as soon as the kubelet is gone, before the API server, so nothing is orphaned
     # even if a later step fails.
     [ "$c" = kubelet ] && remove_pod_containers
 done
+stop_strays
+# A stray kubelet may have made pod containers until it was stopped.
+remove_pod_containers
 
 # kube-proxy's own cleanup knows every chain and rule it writes.
 cache=$(cat "$STATE/cache-dir" 2>/dev/null || true)
