@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::masked;
 use crate::descriptor::model::SolveCheck;
+use crate::descriptor::values::SecretRef;
 use crate::plan::Health;
 
 /// The longest a run may take beyond its check's timeout: pulling the solver's image.
@@ -54,6 +55,15 @@ impl SolveState {
         }
     }
 
+    /// A run ended: what it found, or nothing when that could not be told (the engine gone, a
+    /// run stuck past its bound), in which case the next look starts one again.
+    pub fn ended(&mut self, found: Option<Result<(), String>>) {
+        self.running = false;
+        if let Some(found) = found {
+            self.last = Some((Instant::now(), found));
+        }
+    }
+
     /// Whether a run should start: none going on, and the last older than the interval.
     pub fn due(&self, check: &SolveCheck) -> bool {
         !self.running
@@ -62,6 +72,16 @@ impl SolveState {
                 .as_ref()
                 .is_none_or(|(at, _)| at.elapsed() >= check.interval.0)
     }
+}
+
+/// The flag's possible values: each of the challenge's secrets as read on this host, trimmed,
+/// the empty and unreadable ones left out.
+pub(crate) fn flag_values<'a>(secrets: impl Iterator<Item = &'a SecretRef>) -> Vec<String> {
+    secrets
+        .filter_map(|reference| reference.resolve().ok())
+        .map(|value| value.trim().to_string())
+        .filter(|value| !value.is_empty())
+        .collect()
 }
 
 /// How a run that ended with `code` and printed `output` is judged: it must exit 0, and with

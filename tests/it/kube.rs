@@ -525,15 +525,7 @@ fn a_challenge_whose_service_is_refused_makes_no_deployment() {
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let foreign = format!("{name}-squatter");
-    let made = cluster.kubectl(&["create", "namespace", &foreign]);
-    assert!(made.status.success(), "{}", said(&made));
-    // Labelled for the test's cleanup only.
-    cluster.kubectl(&[
-        "label",
-        "namespace",
-        &foreign,
-        &format!("berth.instance={name}"),
-    ]);
+    cluster.namespace_to_clean(&foreign);
     let port = node_port(&name);
     let squatter = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: squatter, namespace: {foreign}}}\nspec:\n  type: NodePort\n  selector: {{app: none}}\n  ports: [{{port: 80, targetPort: 80, nodePort: {port}, protocol: TCP}}]\n"
@@ -571,10 +563,7 @@ fn the_plan_says_a_namespace_made_by_someone_else_is_refused() {
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let ns = format!("{name}-foreign");
-    let made = cluster.kubectl(&["create", "namespace", &ns]);
-    assert!(made.status.success(), "{}", said(&made));
-    // Labelled for the test's cleanup only; not as a staging of this instance.
-    cluster.kubectl(&["label", "namespace", &ns, &format!("berth.instance={name}")]);
+    cluster.namespace_to_clean(&ns);
     let repo = Repo::new();
     repo.write(
         "shop.yaml",
@@ -1650,14 +1639,7 @@ fn two_agents_elect_one_leader_and_after_kill_9_the_standby_takes_over_without_a
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-agents");
-    let made = cluster.kubectl(&["create", "namespace", &lease_namespace]);
-    assert!(made.status.success(), "{}", said(&made));
-    cluster.kubectl(&[
-        "label",
-        "namespace",
-        &lease_namespace,
-        &format!("berth.instance={name}"),
-    ]);
+    cluster.namespace_to_clean(&lease_namespace);
     let origin = Origin::new(&[("web.yaml", &web("web", free_port(), ""))]);
     let first_revision = origin.bare_git(&["rev-parse", "main"]);
     let daemon = GitDaemon::start(&origin);
@@ -1980,14 +1962,7 @@ fn a_leader_cut_off_from_the_api_server_steps_down_the_standby_takes_over_and_it
     let Some(cluster) = cluster() else { return };
     let name = cluster.instance.name.clone();
     let lease_namespace = format!("{name}-cut-agents");
-    let made = cluster.kubectl(&["create", "namespace", &lease_namespace]);
-    assert!(made.status.success(), "{}", said(&made));
-    cluster.kubectl(&[
-        "label",
-        "namespace",
-        &lease_namespace,
-        &format!("berth.instance={name}"),
-    ]);
+    cluster.namespace_to_clean(&lease_namespace);
     let (proxy, fronted) = cluster.fronted();
     let origin = Origin::new(&[("web.yaml", &web("web", free_port(), ""))]);
     let revision = origin.bare_git(&["rev-parse", "main"]);

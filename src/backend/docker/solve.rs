@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{LogsOptions, WaitContainerOptions};
@@ -20,7 +19,7 @@ use serde_json::Value;
 use super::template::contained;
 use super::{DockerBackend, Trouble, is_status, remove_container};
 use crate::backend::LABEL_KIND;
-use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, verdict};
+use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, flag_values, verdict};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
@@ -119,11 +118,10 @@ impl DockerBackend {
                     }
                 };
                 let mut solves = backend.solves.lock().expect("solves");
-                let state = solves.entry(run.container.clone()).or_default();
-                state.running = false;
-                if let Some(found) = found {
-                    state.last = Some((Instant::now(), found));
-                }
+                solves
+                    .entry(run.container.clone())
+                    .or_default()
+                    .ended(found);
             });
         }
     }
@@ -303,12 +301,10 @@ pub(crate) fn flags_of(spec: &Value) -> Vec<String> {
                 .flatten()
                 .filter_map(|file| file.get("secret").cloned()),
         );
-    references
-        .filter_map(|reference| serde_json::from_value::<SecretRef>(reference).ok())
-        .filter_map(|reference| reference.resolve().ok())
-        .map(|value| value.trim().to_string())
-        .filter(|value| !value.is_empty())
-        .collect()
+    let references: Vec<SecretRef> = references
+        .filter_map(|reference| serde_json::from_value(reference).ok())
+        .collect();
+    flag_values(references.iter())
 }
 
 #[cfg(test)]

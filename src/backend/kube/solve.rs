@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::KubeBackend;
 use super::challenge::ChallengeTemplate;
-use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, verdict};
+use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, flag_values, verdict};
 use crate::backend::{LABEL_INSTANCE, LABEL_KIND};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
@@ -47,6 +47,8 @@ pub(super) struct Solves {
 struct SolveRun {
     key: ObjectRef,
     version: String,
+    /// The name of the run's pod, chosen when the run is: a run cut short still knows it.
+    pod: String,
     check: SolveCheck,
     host: String,
     port: u16,
@@ -107,16 +109,11 @@ impl KubeBackend {
                     .first()
                     .map_or(0, |at| at.port.container.0);
                 state.running = true;
-                let flags = template
-                    .secrets()
-                    .values()
-                    .filter_map(|reference| reference.resolve().ok())
-                    .map(|value| value.trim().to_string())
-                    .filter(|value| !value.is_empty())
-                    .collect();
+                let flags = flag_values(template.secrets().into_values());
                 due.push(SolveRun {
                     key: (*key).clone(),
                     version: version.1,
+                    pod: format!("{}-solver-{}", key.name, super::random_suffix()),
                     check,
                     host,
                     port,
@@ -130,19 +127,20 @@ impl KubeBackend {
             let backend = self.clone();
             tokio::spawn(async move {
                 let bound = run.check.timeout.0 + PULL_WAIT;
-                let found = tokio::time::timeout(bound, backend.run_solver(&run))
-                    .await
-                    .ok()
-                    .flatten();
-                backend.remove_solvers(run.key.name.as_str()).await;
+                let found = match tokio::time::timeout(bound, backend.run_solver(&run)).await {
+                    Ok(found) => found,
+                    // Stuck (an image pull that never ends): its pod goes, and no word on the
+                    // challenge.
+                    Err(_) => {
+                        backend.delete_solver_pod(&run.pod).await;
+                        None
+                    }
+                };
                 let mut solves = backend.solves.found.lock().expect("solves");
-                let state = solves
+                solves
                     .entry((run.key.clone(), run.version.clone()))
-                    .or_default();
-                state.running = false;
-                if let Some(found) = found {
-                    state.last = Some((Instant::now(), found));
-                }
+                    .or_default()
+                    .ended(found);
             });
         }
     }
@@ -160,8 +158,8 @@ impl KubeBackend {
     async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), String>> {
         self.remove_solvers(run.key.name.as_str()).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
-        let name = format!("{}-solver-{}", run.key.name, &super::random_suffix());
-        let pod = solver_pod(&name, self.ownership.instance(), run);
+        let name = &run.pod;
+        let pod = solver_pod(name, self.ownership.instance(), run);
         let pod: Pod = serde_json::from_value(pod).expect("a pod serializes");
         if let Err(error) = pods.create(&PostParams::default(), &pod).await {
             return match error {
@@ -176,9 +174,8 @@ impl KubeBackend {
             .lock()
             .expect("solver pods")
             .insert(name.clone());
-        let found = self.watch_solver(&pods, &name, run).await;
-        let _ = pods.delete(&name, &DeleteParams::background()).await;
-        self.solves.pods.lock().expect("solver pods").remove(&name);
+        let found = self.watch_solver(&pods, name, run).await;
+        self.delete_solver_pod(name).await;
         found
     }
 
@@ -241,7 +238,6 @@ impl KubeBackend {
     /// Deletes the pods of the runs this process has going (an apply that started them is
     /// ending).
     pub(super) async fn stop_own_solvers(&self) {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
         let own: Vec<String> = self
             .solves
             .pods
@@ -251,12 +247,18 @@ impl KubeBackend {
             .cloned()
             .collect();
         for pod in own {
-            let _ = pods.delete(&pod, &DeleteParams::background()).await;
+            self.delete_solver_pod(&pod).await;
         }
     }
 
-    /// Deletes the solver pods of the challenge `name`: one a run timed out on, and any a berth
-    /// that was killed left.
+    /// Deletes the run's pod `name`, which this process made, and forgets it.
+    async fn delete_solver_pod(&self, name: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let _ = pods.delete(name, &DeleteParams::background()).await;
+        self.solves.pods.lock().expect("solver pods").remove(name);
+    }
+
+    /// Deletes the solver pods of the challenge `name` a berth that was killed left.
     async fn remove_solvers(&self, name: &str) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
         let selector = format!(
@@ -331,6 +333,7 @@ mod tests {
         let run = SolveRun {
             key: "Challenge/jail".parse().unwrap(),
             version: "v1".into(),
+            pod: "jail-solver-abc".into(),
             check: serde_json::from_value(json!({
                 "image": "solver:1", "command": ["sh", "-c", "solve"], "timeout": "30s"
             }))

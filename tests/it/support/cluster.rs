@@ -110,6 +110,18 @@ impl Cluster {
     }
 
     /// `kubectl get … -o jsonpath=…`, trimmed; empty when the object is missing.
+    /// Makes namespace `ns`, not berth's, labelled only so that the test's cleanup takes it.
+    pub(crate) fn namespace_to_clean(&self, ns: &str) {
+        let made = self.kubectl(&["create", "namespace", ns]);
+        assert!(made.status.success(), "{}", said(&made));
+        self.kubectl(&[
+            "label",
+            "namespace",
+            ns,
+            &format!("berth.instance={}", self.instance.name),
+        ]);
+    }
+
     pub(crate) fn get(&self, namespace: &str, what: &str, jsonpath: &str) -> String {
         let output = self.kubectl(&[
             "get",
