@@ -216,6 +216,26 @@ pub struct ObservedObject {
     /// Where it answers, as the engine reports it beyond its parts' specs: a staging's NodePorts
     /// (`30080/tcp`) and Ingress URLs (`http://shop.example/`).
     pub reach: Vec<String>,
+    /// A Pipeline's newest image, which the objects that use its product run.
+    pub produced: Option<ProducedImage>,
+}
+
+/// The newest image a Pipeline produced: what objects that use its product run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedImage {
+    /// `name:tag`, which a Staging's tag is taken from.
+    pub tag: String,
+    /// The image's id, which a Challenge on Docker runs (a tag can be built again, an id
+    /// cannot).
+    pub id: String,
+}
+
+impl ProducedImage {
+    /// The tag alone (`v2` of `app:v2`), as a Staging's `${tag}` takes it; `None` for a name
+    /// with no tag.
+    pub fn tag_alone(&self) -> Option<&str> {
+        self.tag.rsplit_once(':').map(|(_, tag)| tag)
+    }
 }
 
 /// What a step does.
@@ -1133,6 +1153,7 @@ mod tests {
             archived_at: None,
             expired: None,
             reach: Vec::new(),
+            produced: None,
         }
     }
 

@@ -16,7 +16,8 @@ use crate::apply::{Outcome, StepReport, execute};
 use crate::backend::{self, Desired, EngineError, Engines, Ownership};
 use crate::descriptor::{self, LoadError, LoadOptions, Loaded, ObjectRef, Problem};
 use crate::plan::{
-    self, Action, Health, Hold, ObservedObject, ObservedPart, Plan, Policy, TargetState,
+    self, Action, Health, Hold, ObservedObject, ObservedPart, Plan, Policy, ProducedImage,
+    TargetState,
 };
 use crate::status::StatusSet;
 
@@ -118,15 +119,9 @@ pub async fn plan(
 /// Pipeline runs the newest image the Pipeline produced; until there is one, it waits, with that
 /// reason (not a failure).
 pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
-    let products: BTreeMap<&ObjectRef, backend::Product> = observed
+    let products: BTreeMap<&ObjectRef, &ProducedImage> = observed
         .iter()
-        .filter(|o| o.key.kind == descriptor::Kind::Pipeline)
-        .filter_map(|o| {
-            let spec = &o.parts.first()?.spec;
-            let tag = spec.get("image")?.as_str()?;
-            let id = spec.get("id").and_then(|id| id.as_str()).unwrap_or(tag);
-            Some((&o.key, backend::Product { tag, id }))
-        })
+        .filter_map(|o| Some((&o.key, o.produced.as_ref()?)))
         .collect();
     let references: Vec<(ObjectRef, ObjectRef)> = desired
         .pipeline_references
@@ -473,7 +468,156 @@ pub async fn connect(
 /// What a loaded revision asks for, as the pass plans it. Pure: no engine, so a pull request's
 /// plan against committed status can make it too.
 pub fn desired(loaded: &Loaded) -> Desired {
-    let mut desired = backend::desired(&loaded.descriptors);
-    desired.root = Some(loaded.root.clone());
-    desired
+    backend::desired(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::ProducedImage;
+
+    /// A repo with a Pipeline, a Challenge on Docker that runs its image and a Staging that takes
+    /// its tag into a manifest, loaded as a pass loads it.
+    fn consumers_of_a_pipeline() -> (tempfile::TempDir, Loaded) {
+        let repo = tempfile::tempdir().unwrap();
+        let files = [
+            (
+                "site.yaml",
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: site}\nspec:\n  context: site\n  image: busybox:latest\n  steps: [{name: render, run: 'true'}]\n  produces: 'site:{commit}'\n",
+            ),
+            ("site/Dockerfile", "FROM busybox:latest\n"),
+            (
+                "web.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: web}\nspec:\n  image: {fromPipeline: site}\n",
+            ),
+            (
+                "shop.yaml",
+                "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: shop}\nspec:\n  namespace: shop\n  tag: {fromPipeline: site}\n  manifests: m\n",
+            ),
+            (
+                "m/web.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: 'site:${tag}'}]\n",
+            ),
+        ];
+        for (path, text) in files {
+            let path = repo.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let loaded = descriptor::load(repo.path(), &LoadOptions::default()).unwrap();
+        assert!(loaded.is_valid(), "{:?}", loaded.problems);
+        (repo, loaded)
+    }
+
+    fn object<'a>(desired: &'a Desired, key: &str) -> &'a plan::DesiredObject {
+        let key: ObjectRef = key.parse().unwrap();
+        desired.objects.iter().find(|o| o.key == key).unwrap()
+    }
+
+    fn produced(tag: &str, id: &str) -> ObservedObject {
+        ObservedObject {
+            key: "Pipeline/site".parse().unwrap(),
+            engine: plan::Engine::Docker,
+            parts: Vec::new(),
+            archived_at: None,
+            expired: None,
+            reach: Vec::new(),
+            produced: Some(ProducedImage {
+                tag: tag.into(),
+                id: id.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn what_uses_a_product_waits_for_it_then_runs_its_image_and_takes_its_tag() {
+        let (_repo, loaded) = consumers_of_a_pipeline();
+        let mut waiting = desired(&loaded);
+        resolve(&mut waiting, &[]);
+        for key in ["Challenge/web", "Staging/shop"] {
+            assert_eq!(
+                object(&waiting, key).hold,
+                Some(Hold::Wait(
+                    "waits for Pipeline/site to produce an image".into()
+                )),
+                "{key}"
+            );
+        }
+
+        let mut first = desired(&loaded);
+        resolve(&mut first, &[produced("site:v1", "sha256:one")]);
+        let web = object(&first, "Challenge/web");
+        assert_eq!(web.hold, None);
+        // On Docker the image runs by its id, which a rebuild of the tag cannot change.
+        assert_eq!(web.parts[0].spec["image"], "sha256:one");
+        let shop = object(&first, "Staging/shop");
+        assert_eq!(shop.hold, None);
+        let deployment = shop
+            .parts
+            .iter()
+            .find(|p| p.id == "Deployment/web")
+            .unwrap();
+        assert_eq!(deployment.spec["image"], "site:v1");
+
+        // The next product is a change of both.
+        let mut second = desired(&loaded);
+        resolve(&mut second, &[produced("site:v2", "sha256:two")]);
+        assert_ne!(
+            object(&second, "Challenge/web").parts[0].hash,
+            web.parts[0].hash
+        );
+        let rolled = object(&second, "Staging/shop")
+            .parts
+            .iter()
+            .find(|p| p.id == "Deployment/web")
+            .unwrap();
+        assert_eq!(rolled.spec["image"], "site:v2");
+        assert_ne!(rolled.hash, deployment.hash);
+    }
+
+    #[test]
+    fn a_plan_from_status_alone_resolves_the_recorded_product() {
+        let (_repo, loaded) = consumers_of_a_pipeline();
+        // The engine's view: the Pipeline's image as the Docker backend observes it.
+        let mut pipeline = produced("site:v1", "sha256:one");
+        pipeline.parts.push(ObservedPart {
+            name: "site:v1".into(),
+            id: "image".into(),
+            hash: "h".into(),
+            spec: serde_json::json!({"image": "site:v1", "id": "sha256:one"}),
+            secrets: None,
+            state: plan::PartState::Completed,
+            health: Health::Healthy,
+            detail: None,
+        });
+        let observed = [pipeline];
+        let mut from_engine = desired(&loaded);
+        resolve(&mut from_engine, &observed);
+
+        // What a pass records of it, written out and read back as a pull request's plan reads it.
+        let plan = plan::diff(&from_engine.objects, &observed, Policy::default());
+        let recorded = crate::status::after_pass(
+            &StatusSet::new("t"),
+            &crate::status::PassRecord {
+                revision: "abc",
+                now: "t1",
+                desired: &from_engine.objects,
+                spec_hashes: &from_engine.spec_hashes,
+                plan: &plan,
+                reports: &[],
+                observed: &observed,
+            },
+        );
+        let files = recorded.files();
+        let read = StatusSet::parse(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))).unwrap();
+        let mut from_status = desired(&loaded);
+        resolve(&mut from_status, &read.observed());
+        for key in ["Challenge/web", "Staging/shop"] {
+            assert_eq!(
+                object(&from_status, key).parts,
+                object(&from_engine, key).parts,
+                "{key}"
+            );
+        }
+    }
 }

@@ -15,7 +15,7 @@ use crate::apply::{Outcome, StepReport};
 use crate::descriptor::{Kind, ObjectRef, Problem, yaml};
 use crate::plan::{
     Action, DesiredObject, Engine, Health, ObservedObject, ObservedPart, PartState, Plan,
-    TargetState,
+    ProducedImage, TargetState,
 };
 
 /// Where an object is in its life, after DM/octopod: pending phases while a step runs, settled
@@ -316,6 +316,21 @@ pub struct StatusError {
 /// The folder, inside a status tree, that holds the files.
 pub const STATUS_FOLDER: &str = "status";
 
+/// A Pipeline's newest image as its status records it (the `image` and `id` of its one part),
+/// so a plan made from status alone resolves what uses it.
+fn recorded_product(key: &ObjectRef, status: &ObjectStatus) -> Option<ProducedImage> {
+    if key.kind != Kind::Pipeline {
+        return None;
+    }
+    let spec = &status.parts.first()?.spec;
+    let tag = spec.get("image")?.as_str()?;
+    let id = spec.get("id").and_then(|id| id.as_str()).unwrap_or(tag);
+    Some(ProducedImage {
+        tag: tag.to_string(),
+        id: id.to_string(),
+    })
+}
+
 impl StatusSet {
     /// An empty status for `instance`.
     pub fn new(instance: &str) -> StatusSet {
@@ -396,6 +411,7 @@ impl StatusSet {
                 archived_at: None,
                 expired: None,
                 reach: Vec::new(),
+                produced: recorded_product(key, status),
                 parts: status
                     .parts
                     .iter()
@@ -1039,6 +1055,7 @@ mod tests {
             archived_at: None,
             expired: None,
             reach: Vec::new(),
+            produced: None,
             parts: object
                 .parts
                 .iter()

@@ -23,9 +23,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::apply::Outcome;
-use crate::descriptor::model::ImageSource;
-use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Engine, Hold, ObservedObject, Step, TargetState, Vocabulary};
+use crate::descriptor::load::Loaded;
+use crate::descriptor::{Kind, ObjectRef};
+use crate::plan::{
+    DesiredObject, Engine, Hold, ObservedObject, ProducedImage, Step, TargetState, Vocabulary,
+};
 
 /// `text` with every secret value, and each line of one of several lines, shown as `<secret>`:
 /// what a container or a pod says (logs, health output) before it is shown anywhere. Longest
@@ -181,20 +183,31 @@ pub struct Desired {
     pub pipeline_references: BTreeMap<ObjectRef, ObjectRef>,
     /// Shared: desired state is copied into every pass, its templates need not be.
     templates: std::sync::Arc<HashMap<ObjectRef, Template>>,
-    /// The descriptors that use a Pipeline's product, made again once it is known.
-    consumers: std::sync::Arc<HashMap<ObjectRef, Descriptor>>,
-    /// The checkout the descriptors were loaded from: a Staging's manifests are rendered again
-    /// from it with a produced tag.
-    pub root: Option<std::path::PathBuf>,
 }
 
-/// The newest image a Pipeline produced.
-#[derive(Debug, Clone, Copy)]
-pub struct Product<'a> {
-    /// `name:tag`, which a Staging's tag is taken from.
-    pub tag: &'a str,
-    /// The image's id, which a Challenge runs (a tag can be built again).
-    pub id: &'a str,
+impl Template {
+    /// The same template taking the image a Pipeline produced; `None` for one that takes none.
+    fn with_product(&self, product: &ProducedImage) -> Option<Template> {
+        Some(match self {
+            Template::Challenge(t) => Template::Challenge(Box::new(t.with_product(product))),
+            Template::KubeChallenge(t) => {
+                Template::KubeChallenge(Box::new(t.with_product(product)))
+            }
+            Template::Staging(t) => Template::Staging(Box::new(t.with_product(product)?)),
+            Template::Pipeline(_) => return None,
+        })
+    }
+
+    /// Sets what `object` plans from this template: its parts (and a staging's failure to
+    /// render them).
+    fn shape(&self, object: &mut DesiredObject) {
+        match self {
+            Template::Challenge(t) => object.parts = t.desired(Vec::new()).parts,
+            Template::KubeChallenge(t) => object.parts = t.desired(Vec::new()).parts,
+            Template::Staging(t) => t.shape(object),
+            Template::Pipeline(_) => {}
+        }
+    }
 }
 
 impl Desired {
@@ -228,59 +241,18 @@ impl Desired {
 
     /// Makes `key`, which uses a Pipeline's product, run it. False when it cannot take one, so
     /// it keeps waiting.
-    pub fn use_product(&mut self, key: &ObjectRef, product: &Product<'_>) -> bool {
-        let Some(mut descriptor) = self.consumers.get(key).cloned() else {
+    pub fn use_product(&mut self, key: &ObjectRef, product: &ProducedImage) -> bool {
+        let Some(template) = self
+            .templates
+            .get(key)
+            .and_then(|t| t.with_product(product))
+        else {
             return false;
         };
-        let (object, template) = match &mut descriptor.spec {
-            Spec::Challenge(_)
-                if matches!(self.templates.get(key), Some(Template::KubeChallenge(_))) =>
-            {
-                // A cluster pulls by name: the tag, with the id to roll pods when it is rebuilt.
-                let Some((_, template)) = kube::challenge::desired_object(&descriptor) else {
-                    return false;
-                };
-                let template = template.with_product(product.tag, product.id);
-                let object = template.desired(descriptor.dependencies());
-                (object, Template::KubeChallenge(Box::new(template)))
-            }
-            Spec::Challenge(spec) => {
-                spec.image = Some(ImageSource::Name(product.id.to_string()));
-                let Some((object, template)) = docker::desired_object(&descriptor) else {
-                    return false;
-                };
-                (object, Template::Challenge(Box::new(template)))
-            }
-            Spec::Staging(spec) => {
-                // A Staging takes the product's tag, and its manifests are rendered with it.
-                let (Some(root), Some((_, tag))) = (&self.root, product.tag.rsplit_once(':'))
-                else {
-                    return false;
-                };
-                spec.tag = Some(crate::descriptor::model::TagSource::Tag(tag.to_string()));
-                let limit = crate::descriptor::load::DEFAULT_MAX_FILE_SIZE;
-                descriptor.manifests = Some(
-                    match crate::descriptor::manifests::render(root, spec, limit) {
-                        Ok(rendered) => rendered,
-                        Err(problems) => Err(problems
-                            .first()
-                            .map(|p| {
-                                format!("{}:{}:{}: {}", p.file, p.at.line, p.at.column, p.message)
-                            })
-                            .unwrap_or_default()),
-                    },
-                );
-                let Some((object, template)) = kube::desired_object(&descriptor) else {
-                    return false;
-                };
-                (object, Template::Staging(Box::new(template)))
-            }
-            Spec::Pipeline(_) => return false,
-        };
-        std::sync::Arc::make_mut(&mut self.templates).insert(key.clone(), template);
-        if let Some(slot) = self.objects.iter_mut().find(|o| &o.key == key) {
-            *slot = object;
+        if let Some(object) = self.objects.iter_mut().find(|o| &o.key == key) {
+            template.shape(object);
         }
+        std::sync::Arc::make_mut(&mut self.templates).insert(key.clone(), template);
         true
     }
 }
@@ -447,20 +419,20 @@ impl Backend {
     }
 }
 
-/// Translates descriptors into desired state: each routed to the backend of its kind, the rest
-/// planned as `skip` with the reason. Pure: no engine, no file system.
-pub fn desired(descriptors: &[Descriptor]) -> Desired {
+/// Translates a loaded revision's descriptors into desired state: each routed to the backend of
+/// its kind, the rest planned as `skip` with the reason. Pure: no engine; the file system only
+/// as the loader left it (a Staging whose tag a Pipeline produces renders from the checkout
+/// once the tag is known).
+pub fn desired(loaded: &Loaded) -> Desired {
     let mut desired = Desired::default();
     let mut templates = HashMap::new();
-    let mut consumers = HashMap::new();
-    for descriptor in descriptors {
+    for descriptor in &loaded.descriptors {
         let key = descriptor.key();
         desired
             .spec_hashes
             .insert(key.clone(), descriptor.spec_hash.clone());
         if let Some(pipeline) = descriptor.pipeline_reference() {
             desired.pipeline_references.insert(key.clone(), pipeline);
-            consumers.insert(key.clone(), descriptor.clone());
         }
         if !serves(descriptor.kind()) {
             desired.objects.push(DesiredObject {
@@ -486,13 +458,14 @@ pub fn desired(descriptors: &[Descriptor]) -> Desired {
         } else if let Some((object, template)) = docker::run::desired_pipeline(descriptor) {
             templates.insert(key, Template::Pipeline(Box::new(template)));
             desired.objects.push(object);
-        } else if let Some((object, template)) = kube::desired_object(descriptor) {
+        } else if let Some((object, template)) =
+            kube::desired_object(descriptor, &loaded.root, loaded.max_file_size)
+        {
             templates.insert(key, Template::Staging(Box::new(template)));
             desired.objects.push(object);
         }
     }
     desired.templates = std::sync::Arc::new(templates);
-    desired.consumers = std::sync::Arc::new(consumers);
     desired
 }
 

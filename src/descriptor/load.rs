@@ -100,6 +100,8 @@ pub enum LoadError {
 pub struct Loaded {
     /// The repo's root, canonical.
     pub root: PathBuf,
+    /// The largest file read, in bytes: a Staging rendered again later reads no larger one.
+    pub max_file_size: u64,
     /// Valid descriptors, sorted by kind and name.
     pub descriptors: Vec<Descriptor>,
     /// Every problem, sorted by file, line and column. The repo is valid when this is empty.
@@ -1219,6 +1221,7 @@ impl Loader {
         let descriptors: Vec<Descriptor> = candidates.into_iter().map(|c| c.descriptor).collect();
         Loaded {
             root: self.root,
+            max_file_size: self.options.max_file_size,
             descriptors,
             problems,
             warnings,

@@ -191,6 +191,7 @@ impl DockerBackend {
                     archived_at: None,
                     expired: None,
                     reach: Vec::new(),
+                    produced: None,
                 })
             })
             .collect())

@@ -86,6 +86,7 @@ impl DockerBackend {
                 archived_at: None,
                 expired: None,
                 reach: Vec::new(),
+                produced: None,
             })
             .collect();
         observed.extend(instanced);

@@ -34,8 +34,8 @@ use crate::descriptor::security::Security;
 use crate::descriptor::values::Size;
 use crate::descriptor::{Kind, Name, ObjectRef};
 use crate::plan::{
-    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, TargetState,
-    Vocabulary,
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, ProducedImage,
+    TargetState, Vocabulary,
 };
 use crate::run::{RunLog, RunReport, RunResult, StepRun};
 
@@ -798,7 +798,7 @@ impl DockerBackend {
         &self,
     ) -> Result<Vec<ObservedObject>, bollard::errors::Error> {
         let images = self.products(None).await?;
-        let mut newest: BTreeMap<ObjectRef, (i64, ObservedPart)> = BTreeMap::new();
+        let mut newest: BTreeMap<ObjectRef, (i64, ObservedPart, ProducedImage)> = BTreeMap::new();
         for image in images {
             let labels = &image.labels;
             let Some(Ok(name)) = labels.get(crate::backend::LABEL_NAME).map(|n| n.parse()) else {
@@ -816,6 +816,12 @@ impl DockerBackend {
             {
                 continue;
             }
+            // Consumers run the image by its id: a tag can be built again (a run of the same
+            // commit), an id cannot.
+            let produced = ProducedImage {
+                tag: tag.clone(),
+                id: image.id.clone(),
+            };
             let part = ObservedPart {
                 name: tag.clone(),
                 id: PRODUCT.into(),
@@ -823,8 +829,7 @@ impl DockerBackend {
                     .get(crate::backend::LABEL_SPEC_HASH)
                     .cloned()
                     .unwrap_or_default(),
-                // Consumers run the image by its id: a tag can be built again (a run of the same
-                // commit), an id cannot.
+                // What status shows of it.
                 spec: serde_json::json!({"image": tag, "id": image.id}),
                 secrets: None,
                 state: PartState::Completed,
@@ -837,20 +842,21 @@ impl DockerBackend {
             };
             if newest
                 .get(&key)
-                .is_none_or(|(created, _)| image.created > *created)
+                .is_none_or(|(created, _, _)| image.created > *created)
             {
-                newest.insert(key, (image.created, part));
+                newest.insert(key, (image.created, part, produced));
             }
         }
         Ok(newest
             .into_iter()
-            .map(|(key, (_, part))| ObservedObject {
+            .map(|(key, (_, part, produced))| ObservedObject {
                 key,
                 engine: crate::plan::Engine::Docker,
                 parts: vec![part],
                 archived_at: None,
                 expired: None,
                 reach: Vec::new(),
+                produced: Some(produced),
             })
             .collect())
     }

@@ -14,12 +14,13 @@ use sha2::{Digest, Sha256};
 use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
 use crate::descriptor::model::{
-    ChallengeSpec, FILE_KEY_PREFIX, RestartPolicy, RunState, Sidecar, VolumeMount, VolumeSource,
+    ChallengeSpec, FILE_KEY_PREFIX, ImageSource, RestartPolicy, RunState, Sidecar, VolumeMount,
+    VolumeSource,
 };
 use crate::descriptor::security::{Resources, Security};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{ContentDigest, Descriptor, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Part, Slot, TargetState, Vocabulary};
+use crate::plan::{DesiredObject, Part, ProducedImage, Slot, TargetState, Vocabulary};
 
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
@@ -286,136 +287,143 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     let Spec::Challenge(spec) = &descriptor.spec else {
         return None;
     };
-    let key = descriptor.key();
-    let build_digest = descriptor.build_digest.clone();
-    let mut main = serde_json::to_value(spec).expect("specs serialize");
-    let main_object = main.as_object_mut().expect("spec is an object");
-    for not_applied in ["state", "sidecars", "info", "instanced"] {
-        main_object.remove(not_applied);
-    }
-    if let Some(instanced) = &spec.instanced {
-        // How the flag reaches an instance is part of its container; its ttl and limits are not
-        // (a longer ttl replaces no instance). A stopped challenge's version is another one.
-        main_object.insert("flag".into(), json!(instanced.flag));
-        main_object.insert("state".into(), json!(spec.state));
-    }
-    if let Some(digest) = &build_digest {
-        main_object.insert("buildDigest".into(), Value::String(digest.hashed().into()));
-    }
-    // The content of a folder a volume copies in is part of the container that mounts it.
-    let folders_of = |volumes: &[VolumeMount]| -> Option<Value> {
-        let folders: BTreeMap<&str, &str> = volumes
-            .iter()
-            .filter_map(|v| v.from.as_deref())
-            .map(|folder| {
-                let digest = descriptor
-                    .folders
-                    .get(folder)
-                    .map_or("", |copy| copy.digest.hashed());
-                (folder, digest)
-            })
-            .collect();
-        (!folders.is_empty()).then(|| json!(folders))
-    };
-    if let Some(folders) = folders_of(&spec.volumes) {
-        main_object.insert("folderDigests".into(), folders);
-    }
-    // Which network the containers join is part of their templates: a container made before
-    // the walls, or on another wall, is replaced onto this one.
-    let walls = Value::String(wall_of(&key, spec).describe());
-    main_object.insert("walls".into(), walls.clone());
-    if !descriptor.metadata.labels.is_empty() {
-        main_object.insert("labels".into(), json!(descriptor.metadata.labels));
-    }
-    let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
-    if one_shot {
-        // The engine cannot tell a one-shot berth stopped from one that finished, so a one-shot's
-        // state is part of its template: switching it makes a new container (run, or only made),
-        // never a restart of an exited one.
-        main_object.insert("state".into(), json!(spec.state));
-    }
-    let main_hash = short_hash(&main);
-    let main = std::sync::Arc::new(main);
-    if spec.instanced.is_some() {
-        // One part, the version ready for spawns: the pass makes its network and image, and
-        // the instances themselves are made through the agent's API.
-        let parts = vec![Part {
-            id: INSTANCES_PART.into(),
-            hash: main_hash,
-            spec: main,
-            secrets: None,
-            one_shot: false,
-        }];
-        return Some(challenge_object(descriptor, key, spec, build_digest, parts));
-    }
-    let mut parts: Vec<Part> = (1..=spec.replicas)
-        .map(|replica| Part {
-            id: Slot::main_id(replica),
-            hash: main_hash.clone(),
-            spec: main.clone(),
-            secrets: None,
-            one_shot,
-        })
-        .collect();
-    for sidecar in &spec.sidecars {
-        let mut sidecar_spec = serde_json::to_value(sidecar).expect("sidecars serialize");
-        if !descriptor.metadata.labels.is_empty() {
-            sidecar_spec["labels"] = json!(descriptor.metadata.labels);
-        }
-        sidecar_spec["walls"] = walls.clone();
-        if let Some(digest) = descriptor.sidecar_builds.get(sidecar.name.as_str()) {
-            sidecar_spec["buildDigest"] = json!(digest.hashed());
-        }
-        if let Some(folders) = folders_of(&sidecar.volumes) {
-            sidecar_spec["folderDigests"] = folders;
-        }
-        parts.push(Part {
-            id: Slot::sidecar_id(sidecar.name.as_str()),
-            hash: short_hash(&sidecar_spec),
-            spec: sidecar_spec.into(),
-            secrets: None,
-            one_shot: false,
-        });
-    }
-    Some(challenge_object(descriptor, key, spec, build_digest, parts))
-}
-
-fn challenge_object(
-    descriptor: &Descriptor,
-    key: ObjectRef,
-    spec: &ChallengeSpec,
-    build_digest: Option<ContentDigest>,
-    parts: Vec<Part>,
-) -> (DesiredObject, ChallengeTemplate) {
-    let template = ChallengeTemplate {
-        key: key.clone(),
-        spec: spec.clone(),
+    let mut template = ChallengeTemplate {
+        key: descriptor.key(),
+        spec: spec.as_ref().clone(),
         labels: descriptor.metadata.labels.clone(),
-        build_digest,
+        build_digest: descriptor.build_digest.clone(),
         folders: descriptor
             .folders
             .iter()
             .map(|(folder, copy)| (folder.clone(), copy.digest.clone()))
             .collect(),
         sidecar_builds: descriptor.sidecar_builds.clone(),
-        parts: parts.clone(),
+        parts: Vec::new(),
     };
-    let object = DesiredObject {
-        key,
-        engine: crate::plan::Engine::Docker,
-        target: match spec.state {
-            RunState::Running => TargetState::Running,
-            RunState::Stopped => TargetState::Stopped,
-        },
-        parts,
-        dependencies: descriptor.dependencies(),
-        start_first: template.start_first(),
-        hold: None,
-        words: Vocabulary::CONTAINER,
-        ttl: None,
-        ready_timeout: None,
-    };
-    (object, template)
+    template.parts = template.slots();
+    let object = template.desired(descriptor.dependencies());
+    Some((object, template))
+}
+
+impl ChallengeTemplate {
+    /// The same challenge running the image a Pipeline produced, by its id.
+    pub fn with_product(&self, product: &ProducedImage) -> ChallengeTemplate {
+        let mut template = self.clone();
+        template.spec.image = Some(ImageSource::Name(product.id.clone()));
+        template.parts = template.slots();
+        template
+    }
+
+    /// The plan's view of it.
+    pub fn desired(&self, dependencies: Vec<ObjectRef>) -> DesiredObject {
+        DesiredObject {
+            key: self.key.clone(),
+            engine: crate::plan::Engine::Docker,
+            target: match self.spec.state {
+                RunState::Running => TargetState::Running,
+                RunState::Stopped => TargetState::Stopped,
+            },
+            parts: self.parts.clone(),
+            dependencies,
+            start_first: self.start_first(),
+            hold: None,
+            words: Vocabulary::CONTAINER,
+            ttl: None,
+            ready_timeout: None,
+        }
+    }
+
+    /// Its slots, each with the spec its containers are made from and that spec's hash.
+    fn slots(&self) -> Vec<Part> {
+        let spec = &self.spec;
+        let mut main = serde_json::to_value(spec).expect("specs serialize");
+        let main_object = main.as_object_mut().expect("spec is an object");
+        for not_applied in ["state", "sidecars", "info", "instanced"] {
+            main_object.remove(not_applied);
+        }
+        if let Some(instanced) = &spec.instanced {
+            // How the flag reaches an instance is part of its container; its ttl and limits are
+            // not (a longer ttl replaces no instance). A stopped challenge's version is another
+            // one.
+            main_object.insert("flag".into(), json!(instanced.flag));
+            main_object.insert("state".into(), json!(spec.state));
+        }
+        if let Some(digest) = &self.build_digest {
+            main_object.insert("buildDigest".into(), Value::String(digest.hashed().into()));
+        }
+        // The content of a folder a volume copies in is part of the container that mounts it.
+        let folders_of = |volumes: &[VolumeMount]| -> Option<Value> {
+            let folders: BTreeMap<&str, &str> = volumes
+                .iter()
+                .filter_map(|v| v.from.as_deref())
+                .map(|folder| {
+                    let digest = self.folders.get(folder).map_or("", ContentDigest::hashed);
+                    (folder, digest)
+                })
+                .collect();
+            (!folders.is_empty()).then(|| json!(folders))
+        };
+        if let Some(folders) = folders_of(&spec.volumes) {
+            main_object.insert("folderDigests".into(), folders);
+        }
+        // Which network the containers join is part of their templates: a container made before
+        // the walls, or on another wall, is replaced onto this one.
+        let walls = Value::String(self.wall().describe());
+        main_object.insert("walls".into(), walls.clone());
+        if !self.labels.is_empty() {
+            main_object.insert("labels".into(), json!(self.labels));
+        }
+        let one_shot = matches!(spec.restart, RestartPolicy::No | RestartPolicy::OnFailure);
+        if one_shot {
+            // The engine cannot tell a one-shot berth stopped from one that finished, so a
+            // one-shot's state is part of its template: switching it makes a new container (run,
+            // or only made), never a restart of an exited one.
+            main_object.insert("state".into(), json!(spec.state));
+        }
+        let main_hash = short_hash(&main);
+        let main = std::sync::Arc::new(main);
+        if spec.instanced.is_some() {
+            // One part, the version ready for spawns: the pass makes its network and image, and
+            // the instances themselves are made through the agent's API.
+            return vec![Part {
+                id: INSTANCES_PART.into(),
+                hash: main_hash,
+                spec: main,
+                secrets: None,
+                one_shot: false,
+            }];
+        }
+        let mut parts: Vec<Part> = (1..=spec.replicas)
+            .map(|replica| Part {
+                id: Slot::main_id(replica),
+                hash: main_hash.clone(),
+                spec: main.clone(),
+                secrets: None,
+                one_shot,
+            })
+            .collect();
+        for sidecar in &spec.sidecars {
+            let mut sidecar_spec = serde_json::to_value(sidecar).expect("sidecars serialize");
+            if !self.labels.is_empty() {
+                sidecar_spec["labels"] = json!(self.labels);
+            }
+            sidecar_spec["walls"] = walls.clone();
+            if let Some(digest) = self.sidecar_builds.get(sidecar.name.as_str()) {
+                sidecar_spec["buildDigest"] = json!(digest.hashed());
+            }
+            if let Some(folders) = folders_of(&sidecar.volumes) {
+                sidecar_spec["folderDigests"] = folders;
+            }
+            parts.push(Part {
+                id: Slot::sidecar_id(sidecar.name.as_str()),
+                hash: short_hash(&sidecar_spec),
+                spec: sidecar_spec.into(),
+                secrets: None,
+                one_shot: false,
+            });
+        }
+        parts
+    }
 }
 
 impl DockerBackend {

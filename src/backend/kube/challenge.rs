@@ -40,7 +40,7 @@ use crate::descriptor::security::Resources;
 use crate::descriptor::security::Security;
 use crate::descriptor::values::{SecretRef, Size};
 use crate::descriptor::{Descriptor, FolderCopy, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Part, TargetState};
+use crate::plan::{DesiredObject, Part, ProducedImage, TargetState};
 
 /// Address ranges a challenge's pods never connect to (unless named in `allowConnectTo`): the
 /// private and link-local ranges where clusters keep pods, Services, nodes and the API server.
@@ -95,12 +95,13 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
 }
 
 impl ChallengeTemplate {
-    /// This template running the image a Pipeline produced: `tag` in the pod, `id` to roll it
-    /// when the tag is built again.
-    pub fn with_product(mut self, tag: &str, id: &str) -> ChallengeTemplate {
-        self.spec.image = Some(ImageSource::Name(tag.to_string()));
-        self.image_id = Some(id.to_string());
-        self
+    /// The same challenge running the image a Pipeline produced: a cluster pulls by name, so
+    /// its tag goes in the pod, and its id rolls the pods when the tag is built again.
+    pub fn with_product(&self, product: &ProducedImage) -> ChallengeTemplate {
+        let mut template = self.clone();
+        template.spec.image = Some(ImageSource::Name(product.tag.clone()));
+        template.image_id = Some(product.id.clone());
+        template
     }
 
     /// The plan's view of it.
@@ -1365,8 +1366,12 @@ mod tests {
 
     #[test]
     fn a_rebuilt_product_rolls_the_pods() {
-        let first = template(json!({})).with_product("app:v1", "sha256:a");
-        let again = template(json!({})).with_product("app:v1", "sha256:b");
+        let product = |id: &str| ProducedImage {
+            tag: "app:v1".into(),
+            id: id.into(),
+        };
+        let first = template(json!({})).with_product(&product("sha256:a"));
+        let again = template(json!({})).with_product(&product("sha256:b"));
         assert_ne!(first.parts()[0].hash, again.parts()[0].hash);
     }
 }

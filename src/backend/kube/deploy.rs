@@ -209,6 +209,7 @@ impl KubeBackend {
                         archived_at: None,
                         expired: None,
                         reach: Vec::new(),
+                        produced: None,
                     })
                     .parts
                     .push(ObservedPart {

@@ -31,7 +31,7 @@ pub mod objects;
 mod solve;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,12 +45,13 @@ use sha2::{Digest, Sha256};
 
 use super::{EngineError, LABEL_INSTANCE, LABEL_KIND, LABEL_NAME, LABEL_SPEC_HASH, Ownership};
 use crate::apply::Outcome;
-use crate::descriptor::manifests::{Hook, Manifest, Rendered, SECRET_NAME};
+use crate::descriptor::manifests::{self, Hook, Manifest, Rendered, SECRET_NAME};
+use crate::descriptor::model::{StagingSpec, StagingState, TagSource};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
-    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, SecretDigest,
-    TargetState, Vocabulary,
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, ProducedImage,
+    SecretDigest, TargetState, Vocabulary,
 };
 
 /// The kinds this backend serves: Stagings, and Challenges with `target: kubernetes`.
@@ -132,14 +133,37 @@ pub struct StagingTemplate {
     manifests: Rendered,
     secrets: BTreeMap<String, SecretRef>,
     labels: BTreeMap<String, String>,
+    /// For a staging whose tag a Pipeline produces: what its manifests are rendered from once
+    /// the tag is known.
+    awaits_tag: Option<Arc<RenderSource>>,
 }
 
-/// The desired object and template of a Staging descriptor.
-pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, StagingTemplate)> {
+/// A staging's spec and the checkout its manifests or chart are in.
+#[derive(Debug)]
+struct RenderSource {
+    spec: StagingSpec,
+    root: PathBuf,
+    max_file_size: u64,
+}
+
+/// The desired object and template of a Staging descriptor, loaded from the checkout at `root`
+/// with files up to `max_file_size` bytes.
+pub fn desired_object(
+    descriptor: &Descriptor,
+    root: &Path,
+    max_file_size: u64,
+) -> Option<(DesiredObject, StagingTemplate)> {
     let Spec::Staging(spec) = &descriptor.spec else {
         return None;
     };
     let key = descriptor.key();
+    let awaits_tag = matches!(spec.tag, Some(TagSource::FromPipeline(_))).then(|| {
+        Arc::new(RenderSource {
+            spec: spec.clone(),
+            root: root.to_path_buf(),
+            max_file_size,
+        })
+    });
     let template = StagingTemplate {
         namespace: spec.namespace.to_string(),
         manifests: descriptor.manifests.clone().unwrap_or_else(|| {
@@ -147,34 +171,62 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Staging
         }),
         secrets: spec.overrides.secret.clone(),
         labels: descriptor.metadata.labels.clone(),
+        awaits_tag,
     };
     let target = match spec.state {
-        crate::descriptor::model::StagingState::Running => TargetState::Running,
-        crate::descriptor::model::StagingState::Stopped => TargetState::Stopped,
-        crate::descriptor::model::StagingState::Archived => TargetState::Archived,
+        StagingState::Running => TargetState::Running,
+        StagingState::Stopped => TargetState::Stopped,
+        StagingState::Archived => TargetState::Archived,
     };
-    let parts = match &template.manifests {
-        Ok(manifests) => template.parts(manifests),
-        Err(_) => Vec::new(),
-    };
-    let hold = template
-        .manifests
-        .as_ref()
-        .err()
-        .map(|why| crate::plan::Hold::Fail(why.clone()));
-    let object = DesiredObject {
+    let mut object = DesiredObject {
         key,
         engine: crate::plan::Engine::Kubernetes,
         target,
-        parts,
+        parts: Vec::new(),
         dependencies: descriptor.dependencies(),
         start_first: true,
-        hold,
+        hold: None,
         words: OBJECT,
         ttl: spec.ttl.map(|d| d.0),
         ready_timeout: spec.ready_timeout.map(|d| d.0),
     };
+    template.shape(&mut object);
     Some((object, template))
+}
+
+impl StagingTemplate {
+    /// The same staging with the tag of the image a Pipeline produced, its manifests rendered
+    /// with it; `None` for a staging that takes no product, or a product with no tag.
+    pub fn with_product(&self, product: &ProducedImage) -> Option<StagingTemplate> {
+        let source = self.awaits_tag.as_ref()?;
+        let mut spec = source.spec.clone();
+        spec.tag = Some(TagSource::Tag(product.tag_alone()?.to_string()));
+        let manifests = match manifests::render(&source.root, &spec, source.max_file_size) {
+            Ok(rendered) => rendered,
+            Err(problems) => Err(problems
+                .first()
+                .map(|p| format!("{}:{}:{}: {}", p.file, p.at.line, p.at.column, p.message))
+                .unwrap_or_default()),
+        };
+        Some(StagingTemplate {
+            manifests,
+            ..self.clone()
+        })
+    }
+
+    /// Sets what `object` plans from this template: its parts, or the failure to render them.
+    pub fn shape(&self, object: &mut DesiredObject) {
+        match &self.manifests {
+            Ok(manifests) => {
+                object.parts = self.parts(manifests);
+                object.hold = None;
+            }
+            Err(why) => {
+                object.parts = Vec::new();
+                object.hold = Some(Hold::Fail(why.clone()));
+            }
+        }
+    }
 }
 
 impl StagingTemplate {
@@ -548,6 +600,7 @@ impl KubeBackend {
                 archived_at,
                 expired: time(ANNOTATION_EXPIRED_AT),
                 reach: Vec::new(),
+                produced: None,
             });
             object.parts.push(part);
         }
