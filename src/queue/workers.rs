@@ -20,7 +20,7 @@ use super::store::{Enqueued, RunStore, StoreError};
 use super::{Cause, ChangeRun, NewRun, Run, RunState, StepRecord, branch_matches, change_run};
 use crate::apply::Outcome;
 use crate::backend::docker::DockerBackend;
-use crate::backend::docker::run::{KEEP_PRODUCTS, RunOptions, RunRequest, Runner};
+use crate::backend::docker::run::{RunOptions, RunSource, Runner, Unprepared};
 use crate::backend::{Desired, Ownership};
 use crate::config::PipelinesConfig;
 use crate::descriptor::model::PipelineSpec;
@@ -808,7 +808,6 @@ impl Pipelines {
         // The clone counts toward the run's timeout, and a cancel stops the wait for it (a
         // server that never answers is given up by libgit2 after its own timeout).
         let deadline = Instant::now() + declared.spec.timeout.0;
-        let mut cancelled = cancelled;
         // Only a pipeline that builds a folder of the checkout holds it still, until its files
         // are in the engine (the run lets go of it then); a clone of a source must not hold back
         // the passes.
@@ -821,34 +820,22 @@ impl Pipelines {
             true => Some(self.inner.checkout.clone().read_owned().await),
             false => None,
         };
-        let prepared = {
-            let (spec, root, credentials) = (
-                declared.spec.clone(),
-                self.inner.root.clone(),
-                self.inner.credentials.clone(),
-            );
-            let preparing = tokio::task::spawn_blocking(move || {
-                RunRequest::prepare(&name, &spec, &root, wanted.as_deref(), Some(&credentials))
-            });
-            let left = deadline.saturating_duration_since(Instant::now());
-            tokio::select! {
-                prepared = preparing => prepared
-                    .unwrap_or_else(|panic| Err(format!("preparing the run panicked: {panic}"))),
-                () = tokio::time::sleep(left) => Err(format!(
-                    "timed out after {}s (its timeout) before its steps: the source did not arrive in time",
-                    declared.spec.timeout.0.as_secs()
-                )),
-                Ok(_) = cancelled.wait_for(|c| *c) => {
-                    return Ended::without_steps(
-                        RunState::Cancelled,
-                        "cancelled while its source was cloned".into(),
-                    );
-                }
-            }
+        let source = RunSource {
+            pipeline: name,
+            spec: declared.spec.clone(),
+            root: self.inner.root.clone(),
+            wanted,
+            credentials: Some(self.inner.credentials.clone()),
         };
-        let request = match prepared {
+        let request = match source.prepare(deadline, Some(cancelled.clone())).await {
             Ok(request) => request.holding(checkout),
-            Err(why) => return Ended::without_steps(RunState::Failed, why),
+            Err(Unprepared::Failed(why)) => return Ended::without_steps(RunState::Failed, why),
+            Err(Unprepared::Cancelled) => {
+                return Ended::without_steps(
+                    RunState::Cancelled,
+                    "cancelled while its source was cloned".into(),
+                );
+            }
         };
         if let Err(error) = self.inner.store.set_commit(run.id, &request.commit) {
             tracing::warn!(%error, run = run.id, "cannot record the run's commit");
@@ -881,8 +868,9 @@ impl Pipelines {
             owner: Some(self.inner.owner.clone()),
             branch: (!of_ref).then(|| run.branch.clone()).flatten(),
         };
-        let report = docker
-            .run_pipeline(
+        let (report, _) = docker
+            .run_to_end(
+                &key,
                 request,
                 &mut log,
                 |bytes| live.lock().expect("lock").write(bytes),
@@ -917,9 +905,6 @@ impl Pipelines {
             RunState::Failed => format!("{}; its log: berth logs {}", report.summary(), run.id),
             _ => report.summary(),
         };
-        if report.image.is_some() {
-            docker.collect_products(&key, KEEP_PRODUCTS).await;
-        }
         if state == RunState::Interrupted {
             // Not the pipeline's fault: the engine went away. Drop the connection; the next run
             // (or the pass that asks for this one again) connects afresh.

@@ -138,6 +138,70 @@ impl RunRequest {
     }
 }
 
+/// Everything a run of a Pipeline is prepared from, however it was asked for (a pass, the run
+/// queue).
+pub struct RunSource {
+    /// The pipeline's name.
+    pub pipeline: Name,
+    /// Its spec.
+    pub spec: PipelineSpec,
+    /// The config repo's checkout.
+    pub root: std::path::PathBuf,
+    /// The commit, branch or tag of the source to build; `None`: the source's `ref`.
+    pub wanted: Option<String>,
+    /// What clones the source, as the agent fetches its config repo.
+    pub credentials: Option<crate::source::Source>,
+}
+
+/// Why a run never reached its steps.
+#[derive(Debug)]
+pub enum Unprepared {
+    /// Its source, secrets or step image could not be had: why.
+    Failed(String),
+    /// It was cancelled while its source was cloned.
+    Cancelled,
+}
+
+impl RunSource {
+    /// Prepares the run off the async threads (a clone, secrets, a step image's context), by
+    /// `deadline`; `cancel` turning true stops the wait.
+    pub async fn prepare(
+        self,
+        deadline: Instant,
+        cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<RunRequest, Unprepared> {
+        let timeout = self.spec.timeout.0.as_secs();
+        let preparing = tokio::task::spawn_blocking(move || {
+            RunRequest::prepare(
+                &self.pipeline,
+                &self.spec,
+                &self.root,
+                self.wanted.as_deref(),
+                self.credentials.as_ref(),
+            )
+        });
+        let cancelled = async {
+            match cancel {
+                Some(mut cancel) => {
+                    if cancel.wait_for(|c| *c).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            prepared = preparing => prepared
+                .unwrap_or_else(|panic| Err(format!("preparing the run panicked: {panic}")))
+                .map_err(Unprepared::Failed),
+            () = tokio::time::sleep_until(deadline.into()) => Err(Unprepared::Failed(format!(
+                "timed out after {timeout}s (its timeout) before its steps: the source did not arrive in time"
+            ))),
+            () = cancelled => Err(Unprepared::Cancelled),
+        }
+    }
+}
+
 /// Who carries a run out; the engine's objects of a run say so, so that an agent that starts
 /// again can stop the runs its predecessor left, and never a person's foreground run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -864,11 +928,19 @@ impl DockerBackend {
     /// Runs the Pipeline on the config repo at `root` and labels what it produces with the
     /// spec's hash, so the next plan sees it produced.
     pub async fn produce(&self, template: &PipelineTemplate, root: &std::path::Path) -> Outcome {
-        let request =
-            match RunRequest::prepare(&template.key.name, &template.spec, root, None, None) {
-                Ok(request) => request,
-                Err(why) => return Outcome::Failed(why),
-            };
+        let source = RunSource {
+            pipeline: template.key.name.clone(),
+            spec: template.spec.clone(),
+            root: root.to_path_buf(),
+            wanted: None,
+            credentials: None,
+        };
+        let deadline = Instant::now() + template.spec.timeout.0;
+        let request = match source.prepare(deadline, None).await {
+            Ok(request) => request,
+            Err(Unprepared::Failed(why)) => return Outcome::Failed(why),
+            Err(Unprepared::Cancelled) => return Outcome::Failed("cancelled".into()),
+        };
         let mut log = RunLog::new(
             crate::run::DEFAULT_LOG_CAP,
             request.secrets.values().cloned(),
@@ -880,10 +952,11 @@ impl DockerBackend {
             owner: None,
             branch: None,
         };
-        let report = self.run_pipeline(request, &mut log, |_| {}, options).await;
+        let (report, removed) = self
+            .run_to_end(&template.key, request, &mut log, |_| {}, options)
+            .await;
         match report.result {
             RunResult::Succeeded => {
-                let removed = self.collect_products(&template.key, KEEP_PRODUCTS).await;
                 let mut done = report.summary();
                 if removed > 0 {
                     done.push_str(&format!("; {removed} older image(s) removed"));
@@ -892,6 +965,25 @@ impl DockerBackend {
             }
             _ => Outcome::Failed(report.failure(&mut log)),
         }
+    }
+
+    /// Carries a prepared run of the Pipeline `key` out, however it was asked for, and once it
+    /// produced an image removes its products but the newest [`KEEP_PRODUCTS`]; says how many
+    /// went.
+    pub async fn run_to_end(
+        &self,
+        key: &ObjectRef,
+        request: RunRequest,
+        log: &mut RunLog,
+        on_output: impl FnMut(&[u8]),
+        options: RunOptions,
+    ) -> (RunReport, usize) {
+        let report = self.run_pipeline(request, log, on_output, options).await;
+        let removed = match report.image {
+            Some(_) => self.collect_products(key, KEEP_PRODUCTS).await,
+            None => 0,
+        };
+        (report, removed)
     }
 
     /// Removes the images berth made for `key` (a Pipeline's products, a Challenge's builds)
