@@ -94,7 +94,8 @@ impl Phase {
             // delete first.
             None => to != CleanupFailed,
             Some(CreatePending) => matches!(to, Running | Stopped | Archived | Failure),
-            Some(UpdatePending) => matches!(to, Running | Stopped | Failure),
+            // An archived staging whose objects changed is updated and stays archived.
+            Some(UpdatePending) => matches!(to, Running | Stopped | Archived | Failure),
             Some(ArchivePending) => matches!(to, Archived | Failure),
             Some(DeletePending) => matches!(to, CleanupFailed),
             // Running turns into a Failure without a step when it stays Progressing past its
@@ -110,7 +111,8 @@ impl Phase {
                 )
             }
             Some(Archived) => matches!(to, CreatePending | UpdatePending | DeletePending),
-            Some(CleanupFailed) => matches!(to, DeletePending | CreatePending),
+            // Declared again after its cleanup failed, it takes whatever step its remains need.
+            Some(CleanupFailed) => !to.is_settled(),
         }
     }
 
@@ -592,6 +594,23 @@ pub struct PassRecord<'a> {
     pub observed: &'a [ObservedObject],
 }
 
+/// Why the move of an object from `from` through the pending phase of `action` to `to` is one
+/// the phase table forbids; `None` when it is legal (or `action` has no pending phase). Pure.
+fn illegal_move(from: Option<Phase>, action: Action, to: Option<Phase>) -> Option<String> {
+    let pending = Phase::pending_for(action)?;
+    let legal = Phase::may_follow(from, pending)
+        && to.is_none_or(|to| Phase::may_follow(Some(pending), to));
+    let shown = |phase: Option<Phase>| phase.map_or("nothing", Phase::as_str);
+    (!legal).then(|| {
+        format!(
+            "berth refused to move it from {} through {} to {}, which its phase table forbids (a bug in berth)",
+            shown(from),
+            pending.as_str(),
+            shown(to)
+        )
+    })
+}
+
 /// The status after a pass that applied `record.revision`.
 pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
     let desired: HashMap<&ObjectRef, &DesiredObject> =
@@ -670,14 +689,21 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
         .map_or((phase, message.clone()), |why| {
             (Some(Phase::Failure), format!("{why}; {message}"))
         });
-        let from = kept_phase;
-        if let (Some(pending), Some(outcome)) = (Phase::pending_for(step.action), outcome)
-            && !matches!(outcome, Outcome::Transient(_))
-            && !(Phase::may_follow(from, pending)
-                && phase.is_none_or(|to| Phase::may_follow(Some(pending), to)))
-        {
-            tracing::error!(object = %key, ?from, to = ?phase, "illegal phase transition (a bug in berth)");
-        }
+        // A step that ran moves the object through its pending phase; a move the phase table
+        // forbids is a bug in berth, and is refused rather than recorded: the phase stays, and
+        // the message says what was refused.
+        let (phase, message) = match outcome {
+            Some(Outcome::Done(_) | Outcome::Failed(_) | Outcome::Skipped(_)) => {
+                match illegal_move(kept_phase, step.action, phase) {
+                    Some(refused) => {
+                        tracing::error!(object = %key, %refused, "illegal phase move refused (a bug in berth)");
+                        (kept_phase, format!("{refused}; {message}"))
+                    }
+                    None => (phase, message),
+                }
+            }
+            _ => (phase, message),
+        };
         let revision = match applied {
             true => Some(record.revision.to_string()),
             false => before
@@ -1434,6 +1460,10 @@ mod tests {
         );
         let archive = staging_pass(&running, keep, Action::Archive, done(), archived, t0);
         assert_eq!(phase(&archive), Some(Archived));
+        // Archived → UpdatePending → Archived: a change to an archived staging's objects.
+        let changed = staging_pass(&archive, keep, Action::Update, done(), archived, t0);
+        assert_eq!(phase(&changed), Some(Archived));
+        assert_eq!(changed.objects[&key].message, "updated");
         // Archived → CreatePending (restore) → Running; Archived → DeletePending → gone | CleanupFailed.
         assert_eq!(
             phase(&staging_pass(
@@ -1461,6 +1491,12 @@ mod tests {
                 t0
             )),
             Some(CleanupFailed)
+        );
+        // CleanupFailed → UpdatePending → Running: declared again, its remains are updated.
+        let held = staging_pass(&archive, keep, Action::Delete, failed(), archived, t0);
+        assert_eq!(
+            phase(&staging_pass(&held, run, Action::Update, done(), up, t0)),
+            Some(Running)
         );
         // Running and still Progressing past readyTimeout (60s) → Failure, kept while it lasts.
         let early = staging_pass(
@@ -1570,9 +1606,63 @@ mod tests {
         assert!(Phase::may_follow(Some(Archived), UpdatePending));
         assert!(Phase::may_follow(Some(DeletePending), CleanupFailed));
         assert!(Phase::may_follow(Some(Failure), UpdatePending));
+        assert!(Phase::may_follow(Some(UpdatePending), Archived));
+        assert!(Phase::may_follow(Some(CleanupFailed), UpdatePending));
         for phase in Phase::ALL {
             assert!(Phase::may_follow(Some(phase), phase), "{phase:?} stays");
         }
+    }
+
+    #[test]
+    fn a_move_the_phase_table_forbids_is_refused_and_said_never_recorded() {
+        let key: ObjectRef = "Staging/x".parse().unwrap();
+        let up = Some((PartState::Running, Health::Healthy));
+        let archived = Some((PartState::Archived, Health::Healthy));
+        let done = || Some(Outcome::Done("applied".into()));
+        let t0 = "2026-11-30T10:00:00Z";
+        let running = staging_pass(
+            &StatusSet::new("ci"),
+            TargetState::Running,
+            Action::Create,
+            done(),
+            up,
+            t0,
+        );
+        let archive = staging_pass(
+            &running,
+            TargetState::Archived,
+            Action::Archive,
+            done(),
+            archived,
+            t0,
+        );
+        // An archive of what is archived already, ending Running: no plan makes it, so it is a
+        // bug in berth, and status keeps what it knew rather than record it.
+        let refused = staging_pass(
+            &archive,
+            TargetState::Running,
+            Action::Archive,
+            done(),
+            up,
+            t0,
+        );
+        let object = &refused.objects[&key];
+        assert_eq!(object.phase, Some(Phase::Archived));
+        assert!(
+            object.message.starts_with(
+                "berth refused to move it from Archived through ArchivePending to Running"
+            ),
+            "{}",
+            object.message
+        );
+        assert_eq!(
+            illegal_move(Some(Phase::Running), Action::Update, Some(Phase::Running)),
+            None
+        );
+        assert_eq!(
+            illegal_move(Some(Phase::Archived), Action::Noop, None),
+            None
+        );
     }
 
     #[test]
