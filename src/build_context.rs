@@ -15,6 +15,32 @@ use std::path::{Path, PathBuf};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use sha2::{Digest, Sha256};
 
+/// Why a build context could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// A file or folder of it could not be read, or the tar written: what was tried, and why.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// `read site/index.html`, `add www to the build context`, …
+        what: String,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+    /// A file changed size while it was read: a tar of it would shift every later entry.
+    #[error("{0} changed while it was read")]
+    Changed(String),
+    /// Its `.dockerignore` does not parse.
+    #[error(".dockerignore: {0}")]
+    Ignore(ignore::Error),
+}
+
+impl ContextError {
+    /// The error of an I/O failure while doing `what`.
+    fn io(what: String) -> impl FnOnce(std::io::Error) -> ContextError {
+        move |source| ContextError::Io { what, source }
+    }
+}
+
 /// One entry of a build context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
@@ -33,7 +59,7 @@ pub struct BuildContext {
 impl BuildContext {
     /// Lists the context at `root`, leaving out what `.dockerignore` excludes. The Dockerfile and
     /// `.dockerignore` are always kept, as Docker keeps them.
-    pub fn read(root: &Path, dockerfile: &str) -> Result<BuildContext, String> {
+    pub fn read(root: &Path, dockerfile: &str) -> Result<BuildContext, ContextError> {
         let ignore = dockerignore(root)?;
         let mut entries = Vec::new();
         collect(root, root, &ignore, dockerfile, &mut entries)?;
@@ -73,7 +99,7 @@ impl BuildContext {
     }
 
     /// Hex SHA-256 over every path, its type, executable bit and content.
-    pub fn digest(&self) -> Result<String, String> {
+    pub fn digest(&self) -> Result<String, ContextError> {
         let mut hasher = Sha256::new();
         for (path, entry) in &self.entries {
             hasher.update(path.as_bytes());
@@ -85,9 +111,9 @@ impl BuildContext {
                     hasher.update(size.to_le_bytes());
                     let mut content = self.open(path, *size)?;
                     std::io::copy(&mut content, &mut HashWriter(&mut hasher))
-                        .map_err(|e| format!("cannot read {path}: {e}"))?;
+                        .map_err(ContextError::io(format!("read {path}")))?;
                     if content.limit() != 0 {
-                        return Err(format!("{path} changed while it was read"));
+                        return Err(ContextError::Changed(path.clone()));
                     }
                 }
                 Entry::Symlink(target) => {
@@ -101,12 +127,12 @@ impl BuildContext {
     }
 
     /// The context as an uncompressed tar, as the engine's build endpoint takes it.
-    pub fn tar(&self) -> Result<Vec<u8>, String> {
+    pub fn tar(&self) -> Result<Vec<u8>, ContextError> {
         self.write_tar(Vec::new())
     }
 
     /// Writes the context as an uncompressed tar into `out`, a buffer at a time.
-    pub fn write_tar<W: Write>(&self, out: W) -> Result<W, String> {
+    pub fn write_tar<W: Write>(&self, out: W) -> Result<W, ContextError> {
         let mut builder = tar::Builder::new(out);
         for (path, entry) in &self.entries {
             let mut header = tar::Header::new_gnu();
@@ -128,7 +154,7 @@ impl BuildContext {
                     let appended = builder.append_data(&mut header, path, &mut content);
                     if appended.is_ok() && content.limit() != 0 {
                         // A shorter file would shift every later entry of the archive.
-                        return Err(format!("{path} changed while it was read"));
+                        return Err(ContextError::Changed(path.clone()));
                     }
                     appended
                 }
@@ -139,11 +165,11 @@ impl BuildContext {
                     builder.append_link(&mut header, path, target)
                 }
             };
-            result.map_err(|e| format!("cannot add {path} to the build context: {e}"))?;
+            result.map_err(ContextError::io(format!("add {path} to the build context")))?;
         }
         builder
             .into_inner()
-            .map_err(|e| format!("cannot finish the build context: {e}"))
+            .map_err(ContextError::io("finish the build context".into()))
     }
 
     /// The tar as a stream of chunks, written on a blocking thread as the reader takes them:
@@ -164,22 +190,24 @@ impl BuildContext {
             };
             let written = self.write_tar(&mut out).and_then(|out| {
                 out.finish()
-                    .map_err(|e| format!("cannot hand the context on: {e}"))
+                    .map_err(ContextError::io("hand the context on".into()))
             });
             if let Err(why) = written {
                 // What was held back is never sent: after a failure the tar writer still ends
                 // the archive, and the engine must not see a clean end of a partial one.
-                let _ = out.sender.blocking_send(Err(std::io::Error::other(why)));
+                let _ = out
+                    .sender
+                    .blocking_send(Err(std::io::Error::other(why.to_string())));
             }
         });
         received(receiver)
     }
 
     /// Opens a file of the context, to be read up to the `size` it had when listed.
-    fn open(&self, path: &str, size: u64) -> Result<std::io::Take<std::fs::File>, String> {
+    fn open(&self, path: &str, size: u64) -> Result<std::io::Take<std::fs::File>, ContextError> {
         std::fs::File::open(self.root.join(path))
             .map(|file| file.take(size))
-            .map_err(|e| format!("cannot read {path}: {e}"))
+            .map_err(ContextError::io(format!("read {path}")))
     }
 }
 
@@ -262,7 +290,7 @@ impl Write for HashWriter<'_> {
 
 /// `.dockerignore` as a matcher. Docker anchors every pattern at the context's root (`foo` means
 /// `./foo`, not any `foo`), so each pattern is anchored before it is given to the gitignore matcher.
-fn dockerignore(root: &Path) -> Result<Gitignore, String> {
+fn dockerignore(root: &Path) -> Result<Gitignore, ContextError> {
     let mut builder = GitignoreBuilder::new(root);
     let path = root.join(".dockerignore");
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -278,10 +306,10 @@ fn dockerignore(root: &Path) -> Result<Gitignore, String> {
             let pattern = pattern.trim_start_matches("./").trim_start_matches('/');
             builder
                 .add_line(None, &format!("{negate}/{pattern}"))
-                .map_err(|e| format!(".dockerignore: {e}"))?;
+                .map_err(ContextError::Ignore)?;
         }
     }
-    builder.build().map_err(|e| format!(".dockerignore: {e}"))
+    builder.build().map_err(ContextError::Ignore)
 }
 
 fn collect(
@@ -290,10 +318,11 @@ fn collect(
     ignore: &Gitignore,
     dockerfile: &str,
     entries: &mut Vec<(String, Entry)>,
-) -> Result<(), String> {
-    let read = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+) -> Result<(), ContextError> {
+    let read =
+        std::fs::read_dir(dir).map_err(ContextError::io(format!("read {}", dir.display())))?;
     for item in read {
-        let item = item.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let item = item.map_err(ContextError::io(format!("read {}", dir.display())))?;
         let path = item.path();
         let relative = path
             .strip_prefix(root)
@@ -302,7 +331,7 @@ fn collect(
             .replace('\\', "/");
         let file_type = item
             .file_type()
-            .map_err(|e| format!("cannot stat {relative}: {e}"))?;
+            .map_err(ContextError::io(format!("stat {relative}")))?;
         // Git's own files are never part of a context: in a clone they change with every fetch
         // and status commit, which would make every build and digest new.
         if item.file_name() == ".git" {
@@ -318,7 +347,7 @@ fn collect(
         }
         if file_type.is_symlink() {
             let target = std::fs::read_link(&path)
-                .map_err(|e| format!("cannot read link {relative}: {e}"))?;
+                .map_err(ContextError::io(format!("read link {relative}")))?;
             entries.push((relative, Entry::Symlink(target)));
         } else if file_type.is_dir() {
             entries.push((relative, Entry::Dir));
@@ -326,7 +355,7 @@ fn collect(
         } else if file_type.is_file() {
             let metadata = item
                 .metadata()
-                .map_err(|e| format!("cannot stat {relative}: {e}"))?;
+                .map_err(ContextError::io(format!("stat {relative}")))?;
             let executable = executable(&metadata);
             let size = metadata.len();
             entries.push((relative, Entry::File { executable, size }));

@@ -950,8 +950,16 @@ async fn run_pipeline(
         eprintln!("berth: no Pipeline {pipeline} in {}", dir.display());
         return ExitCode::from(1);
     };
-    use berth::backend::docker::run::{RunOptions, RunRequest, Runner};
-    let request = match RunRequest::prepare(name, spec, &loaded.root, commit, None) {
+    use berth::backend::docker::run::{RunOptions, RunSource, Runner};
+    let source = RunSource {
+        pipeline: name.clone(),
+        spec: spec.clone(),
+        root: loaded.root.clone(),
+        wanted: commit.map(str::to_string),
+        credentials: None,
+    };
+    let deadline = std::time::Instant::now() + spec.timeout.0;
+    let request = match source.prepare(deadline, None).await {
         Ok(request) => request,
         Err(why) => {
             eprintln!("berth: Pipeline/{pipeline}: {why}");

@@ -434,7 +434,7 @@ impl SecretDigest {
     /// The digest of secret `name` as `resolve` read it, sealed by `seal`; its reason otherwise.
     pub fn sealed(
         name: &str,
-        resolve: Result<String, String>,
+        resolve: Result<String, crate::descriptor::values::SecretError>,
         seal: impl FnOnce(&str) -> String,
     ) -> SecretDigest {
         match resolve {

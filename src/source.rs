@@ -1347,6 +1347,66 @@ impl Workspace {
     }
 }
 
+/// Why a pipeline run's workspace could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// A commit was asked for, but the context is the config repo's folder as it is.
+    #[error(
+        "--commit needs spec.source: without one, the context is taken from the repo folder as it is"
+    )]
+    CommitWithoutSource,
+    /// No temporary folder to clone into.
+    #[error("cannot make a folder to clone into: {0}")]
+    NoFolder(String),
+    /// The source could not be fetched.
+    #[error("cannot clone {url}: {why}")]
+    Clone {
+        /// The source's URL, with any password left out.
+        url: String,
+        /// git's reason.
+        why: String,
+    },
+    /// The source has no such commit, branch or tag.
+    #[error("{url} has no commit, branch or tag {wanted}")]
+    NoSuchRevision {
+        /// The source's URL, with any password left out.
+        url: String,
+        /// What was asked for.
+        wanted: String,
+    },
+    /// What was asked for is no commit.
+    #[error("{wanted} in {url} is not a commit: {why}")]
+    NotACommit {
+        /// The source's URL, with any password left out.
+        url: String,
+        /// What was asked for.
+        wanted: String,
+        /// git's reason.
+        why: String,
+    },
+    /// The commit could not be read or checked out.
+    #[error("cannot check out {wanted} of {url}: {why}")]
+    CheckOut {
+        /// The source's URL, with any password left out.
+        url: String,
+        /// What was asked for.
+        wanted: String,
+        /// git's reason.
+        why: String,
+    },
+    /// `spec.context` is no folder of the source.
+    #[error("spec.context: {0}")]
+    Context(crate::descriptor::RepoPathError),
+    /// The context's files could not be read.
+    #[error("cannot read the context {context}: {source}")]
+    ContextFiles {
+        /// `spec.context`.
+        context: String,
+        /// Why.
+        source: crate::build_context::ContextError,
+    },
+}
+
 /// The workspace of a pipeline run (its `context` folder), and the commit it is at.
 ///
 /// Without `source`, the config repo at `root` is the source (its commit is `HEAD` of the git
@@ -1358,14 +1418,11 @@ pub fn pipeline_workspace(
     spec: &crate::descriptor::PipelineSpec,
     commit: Option<&str>,
     credentials: Option<&Source>,
-) -> Result<(Workspace, String), String> {
+) -> Result<(Workspace, String), WorkspaceError> {
     let mut clone = None;
     let (base, commit) = match &spec.source {
         None if commit.is_some() => {
-            return Err(
-                "--commit needs spec.source: without one, the context is taken from the repo folder as it is"
-                    .into(),
-            );
+            return Err(WorkspaceError::CommitWithoutSource);
         }
         None => {
             let head = Repository::discover(root)
@@ -1378,14 +1435,14 @@ pub fn pipeline_workspace(
             (root.to_path_buf(), commit)
         }
         Some(source) => {
-            let folder = tempfile::tempdir()
-                .map_err(|e| format!("cannot make a folder to clone into: {e}"))?;
+            let folder =
+                tempfile::tempdir().map_err(|e| WorkspaceError::NoFolder(e.to_string()))?;
             let folder = clone.insert(folder);
             let shown = crate::git_url::redact(&source.url);
             // A fetch into a new repository, not a clone: a clone checks out its default branch
             // with libgit2, which reads every file whole (see `large_files`).
             let repo = Repository::init(folder.path())
-                .map_err(|e| format!("cannot make a folder to clone into: {}", e.message()))?;
+                .map_err(|e| WorkspaceError::NoFolder(e.message().into()))?;
             let mut options = git2::FetchOptions::new();
             // The config repo's credentials go to its own server only: a descriptor must not be
             // able to send them anywhere else.
@@ -1406,30 +1463,50 @@ pub fn pipeline_workspace(
                         None,
                     )
                 })
-                .map_err(|e| format!("cannot clone {shown}: {}", e.message()))?;
+                .map_err(|e| WorkspaceError::Clone {
+                    url: shown.clone(),
+                    why: e.message().into(),
+                })?;
             let wanted = commit.unwrap_or(&source.reference);
             let object = repo
                 .revparse_single(wanted)
                 .or_else(|_| repo.revparse_single(&format!("origin/{wanted}")))
-                .map_err(|_| format!("{shown} has no commit, branch or tag {wanted}"))?;
+                .map_err(|_| WorkspaceError::NoSuchRevision {
+                    url: shown.clone(),
+                    wanted: wanted.into(),
+                })?;
             let found = object
                 .peel_to_commit()
-                .map_err(|e| format!("{wanted} in {shown} is not a commit: {}", e.message()))?;
-            let tree = found
-                .tree()
-                .map_err(|e| format!("cannot read {wanted} of {shown}: {}", e.message()))?;
-            crate::large_files::checkout(&repo, &tree)
-                .map_err(|e| format!("cannot check out {wanted} of {shown}: {}", e.message()))?;
+                .map_err(|e| WorkspaceError::NotACommit {
+                    url: shown.clone(),
+                    wanted: wanted.into(),
+                    why: e.message().into(),
+                })?;
+            let tree = found.tree().map_err(|e| WorkspaceError::CheckOut {
+                url: shown.clone(),
+                wanted: wanted.into(),
+                why: e.message().into(),
+            })?;
+            crate::large_files::checkout(&repo, &tree).map_err(|e| WorkspaceError::CheckOut {
+                url: shown.clone(),
+                wanted: wanted.into(),
+                why: e.message().into(),
+            })?;
             let _ = std::fs::remove_dir_all(folder.path().join(".git"));
             (folder.path().to_path_buf(), found.id().to_string())
         }
     };
     // The same rule as for a folder of the config repo: no way out of the clone.
     let base = base.canonicalize().unwrap_or(base);
-    let folder = crate::descriptor::repo_folder(&base, &spec.context)
-        .map_err(|why| format!("spec.context: {why}"))?;
-    let context = crate::build_context::BuildContext::read(&folder, "Dockerfile")
-        .map_err(|e| format!("cannot read the context {}: {e}", spec.context))?;
+    let folder =
+        crate::descriptor::repo_folder(&base, &spec.context).map_err(WorkspaceError::Context)?;
+    let context =
+        crate::build_context::BuildContext::read(&folder, "Dockerfile").map_err(|source| {
+            WorkspaceError::ContextFiles {
+                context: spec.context.clone(),
+                source,
+            }
+        })?;
     let workspace = Workspace {
         context,
         clone: clone.map(std::sync::Arc::new),

@@ -802,7 +802,7 @@ impl Loader {
         .and_then(|c| c.digest())
         {
             Ok(digest) => ContentDigest::Read(digest),
-            Err(why) => ContentDigest::Unreadable(why),
+            Err(why) => ContentDigest::Unreadable(why.to_string()),
         };
         if let Spec::Challenge(spec) = &descriptor.spec {
             if let Some(build) = &spec.build {
@@ -832,7 +832,7 @@ impl Loader {
                         files,
                     },
                     Err(why) => FolderCopy {
-                        digest: ContentDigest::Unreadable(why),
+                        digest: ContentDigest::Unreadable(why.to_string()),
                         files: Vec::new(),
                     },
                 };

@@ -21,7 +21,7 @@ pub mod schema;
 pub mod security;
 mod semantic;
 
-pub(crate) use semantic::repo_folder;
+pub(crate) use semantic::{RepoPathError, repo_folder};
 pub mod values;
 pub mod yaml;
 

@@ -427,7 +427,7 @@ fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) 
                 )),
                 (None, Some(folder)) => {
                     let why = match repo_folder(root, folder) {
-                        Err(message) => Some(message),
+                        Err(message) => Some(message.to_string()),
                         Ok(path) => folder_copy_problem(&path, spec),
                     };
                     if let Some(why) = why {
@@ -1199,55 +1199,104 @@ fn check_build(
 }
 
 /// Resolves a folder named in a descriptor; it must exist and stay inside the repo, symlinks included.
-pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn repo_folder(root: &Path, folder: &str) -> Result<std::path::PathBuf, RepoPathError> {
     let canonical = repo_entry(root, folder, "folder")?;
     if !canonical.is_dir() {
-        return Err(format!("\"{folder}\" is not a folder"));
+        return Err(RepoPathError::NotA {
+            written: folder.into(),
+            noun: "folder",
+        });
     }
     Ok(canonical)
 }
 
 /// A file of the repo, as [`repo_folder`] finds a folder.
-pub(crate) fn repo_file(root: &Path, file: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn repo_file(root: &Path, file: &str) -> Result<std::path::PathBuf, RepoPathError> {
     let canonical = repo_entry(root, file, "file")?;
     if !canonical.is_file() {
-        return Err(format!("\"{file}\" is not a file"));
+        return Err(RepoPathError::NotA {
+            written: file.into(),
+            noun: "file",
+        });
     }
     Ok(canonical)
 }
 
+/// Why a path a descriptor names is not a file or folder of the repo.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoPathError {
+    /// Nothing is named.
+    #[error("the path is empty; name a {0} of the repo")]
+    Empty(&'static str),
+    /// An absolute path.
+    #[error("\"{0}\" is an absolute path; write it relative to the repo's root")]
+    Absolute(String),
+    /// A path through `..`.
+    #[error("\"{0}\" leaves the repo through \"..\"; paths must stay inside the repo")]
+    Parent(String),
+    /// A symlink out of the repo.
+    #[error("\"{0}\" is a symlink that points outside the repo")]
+    Outside(String),
+    /// Nothing is there.
+    #[error("{noun} \"{written}\" does not exist in the repo")]
+    Missing {
+        /// The path as written.
+        written: String,
+        /// `file` or `folder`.
+        noun: &'static str,
+    },
+    /// Something is there, but not a `noun`.
+    #[error("\"{written}\" is not a {noun}")]
+    NotA {
+        /// The path as written.
+        written: String,
+        /// `file` or `folder`.
+        noun: &'static str,
+    },
+    /// The path could not be followed.
+    #[error("cannot resolve \"{written}\": {source}")]
+    Unresolvable {
+        /// The path as written.
+        written: String,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+}
+
 /// The canonical path of `written`, a `noun` (folder or file) that must stay inside the repo.
-fn repo_entry(root: &Path, written: &str, noun: &str) -> Result<std::path::PathBuf, String> {
+fn repo_entry(
+    root: &Path,
+    written: &str,
+    noun: &'static str,
+) -> Result<std::path::PathBuf, RepoPathError> {
     let path = Path::new(written);
     if written.is_empty() {
-        return Err(format!("the path is empty; name a {noun} of the repo"));
+        return Err(RepoPathError::Empty(noun));
     }
     if path.is_absolute() {
-        return Err(format!(
-            "\"{written}\" is an absolute path; write it relative to the repo's root"
-        ));
+        return Err(RepoPathError::Absolute(written.into()));
     }
     if path
         .components()
         .any(|c| matches!(c, std::path::Component::ParentDir))
     {
-        return Err(format!(
-            "\"{written}\" leaves the repo through \"..\"; paths must stay inside the repo"
-        ));
+        return Err(RepoPathError::Parent(written.into()));
     }
     let canonical = root
         .join(path)
         .canonicalize()
-        .map_err(|error| match error.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("{noun} \"{written}\" does not exist in the repo")
-            }
-            _ => format!("cannot resolve \"{written}\": {error}"),
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => RepoPathError::Missing {
+                written: written.into(),
+                noun,
+            },
+            _ => RepoPathError::Unresolvable {
+                written: written.into(),
+                source,
+            },
         })?;
     if !canonical.starts_with(root) {
-        return Err(format!(
-            "\"{written}\" is a symlink that points outside the repo"
-        ));
+        return Err(RepoPathError::Outside(written.into()));
     }
     Ok(canonical)
 }

@@ -514,16 +514,37 @@ pub struct SecretRef {
 
 impl SecretRef {
     /// Reads the secret's value on this host. The error names the reference, never a value.
-    pub fn resolve(&self) -> Result<String, String> {
+    pub fn resolve(&self) -> Result<String, SecretError> {
         match (&self.file, &self.env) {
             (Some(path), None) => std::fs::read_to_string(path)
                 .map(|value| value.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|error| format!("cannot read secret file {path}: {error}")),
-            (None, Some(name)) => std::env::var(name)
-                .map_err(|_| format!("secret environment variable {name} is not set")),
-            _ => Err("a secret reference needs exactly one of file or env".into()),
+                .map_err(|source| SecretError::File {
+                    path: path.clone(),
+                    source,
+                }),
+            (None, Some(name)) => std::env::var(name).map_err(|_| SecretError::Unset(name.clone())),
+            _ => Err(SecretError::NotOne),
         }
     }
+}
+
+/// Why a secret's value could not be read. It names the reference, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file that holds it cannot be read.
+    #[error("cannot read secret file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+    /// The environment variable that holds it is not set.
+    #[error("secret environment variable {0} is not set")]
+    Unset(String),
+    /// The reference names both a file and a variable, or neither.
+    #[error("a secret reference needs exactly one of file or env")]
+    NotOne,
 }
 
 impl fmt::Display for SecretRef {
@@ -778,7 +799,7 @@ mod tests {
             env: Some("BERTH_TEST_SURELY_UNSET".into()),
         };
         assert_eq!(
-            missing.resolve().unwrap_err(),
+            missing.resolve().unwrap_err().to_string(),
             "secret environment variable BERTH_TEST_SURELY_UNSET is not set"
         );
         assert!(

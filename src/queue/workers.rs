@@ -829,13 +829,10 @@ impl Pipelines {
         };
         let request = match source.prepare(deadline, Some(cancelled.clone())).await {
             Ok(request) => request.holding(checkout),
-            Err(Unprepared::Failed(why)) => return Ended::without_steps(RunState::Failed, why),
-            Err(Unprepared::Cancelled) => {
-                return Ended::without_steps(
-                    RunState::Cancelled,
-                    "cancelled while its source was cloned".into(),
-                );
+            Err(why @ Unprepared::Cancelled) => {
+                return Ended::without_steps(RunState::Cancelled, why.to_string());
             }
+            Err(why) => return Ended::without_steps(RunState::Failed, why.to_string()),
         };
         if let Err(error) = self.inner.store.set_commit(run.id, &request.commit) {
             tracing::warn!(%error, run = run.id, "cannot record the run's commit");

@@ -145,7 +145,7 @@ impl DockerBackend {
         build: &crate::descriptor::model::BuildSpec,
         labels: std::collections::HashMap<String, String>,
         (network, resources): (&str, Option<&Resources>),
-        read: impl FnOnce() -> Result<BuildContext, String>,
+        read: impl FnOnce() -> Result<BuildContext, crate::build_context::ContextError>,
     ) -> Attempt<String> {
         match self.docker.inspect_image(&tag).await {
             Ok(_) => return Ok(tag),

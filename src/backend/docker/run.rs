@@ -81,18 +81,19 @@ impl RunRequest {
     /// The run of `spec` on the config repo at `root`: its secrets read and its workspace made
     /// (cloned at `commit`, a branch or tag, or the source's `ref`; or the context folder), or why
     /// it cannot start. `credentials` clones the source as the agent fetches its config repo.
-    pub fn prepare(
+    fn prepare(
         pipeline: &Name,
         spec: &PipelineSpec,
         root: &std::path::Path,
         commit: Option<&str>,
         credentials: Option<&crate::source::Source>,
-    ) -> Result<RunRequest, String> {
+    ) -> Result<RunRequest, PrepareError> {
         let mut secrets = BTreeMap::new();
         for (key, reference) in &spec.secret_env {
-            let value = reference
-                .resolve()
-                .map_err(|why| format!("secret {key}: {why}"))?;
+            let value = reference.resolve().map_err(|source| PrepareError::Secret {
+                key: key.clone(),
+                source,
+            })?;
             secrets.insert(key.clone(), value);
         }
         let (workspace, commit) =
@@ -103,15 +104,14 @@ impl RunRequest {
             StepImage::Build(image) => {
                 let build = &image.build;
                 let folder = crate::descriptor::repo_folder(root, &build.context)
-                    .map_err(|why| format!("spec.image.build.context: {why}"))?;
+                    .map_err(PrepareError::StepImageFolder)?;
+                let unreadable = |source| PrepareError::StepImageFiles {
+                    context: build.context.clone(),
+                    source,
+                };
                 let context = crate::build_context::BuildContext::read(&folder, &build.dockerfile)
-                    .map_err(|e| {
-                        format!(
-                            "cannot read the step image's context {}: {e}",
-                            build.context
-                        )
-                    })?;
-                Some((context.digest()?, context))
+                    .map_err(unreadable)?;
+                Some((context.digest().map_err(unreadable)?, context))
             }
         };
         Ok(RunRequest {
@@ -138,6 +138,33 @@ impl RunRequest {
     }
 }
 
+/// Why a run could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// A secret of its environment could not be read.
+    #[error("secret {key}: {source}")]
+    Secret {
+        /// The variable.
+        key: String,
+        /// Why (naming the reference, never a value).
+        source: crate::descriptor::values::SecretError,
+    },
+    /// Its workspace could not be made.
+    #[error(transparent)]
+    Workspace(#[from] crate::source::WorkspaceError),
+    /// The step image's context is no folder of the repo.
+    #[error("spec.image.build.context: {0}")]
+    StepImageFolder(crate::descriptor::RepoPathError),
+    /// The step image's context could not be read.
+    #[error("cannot read the step image's context {context}: {source}")]
+    StepImageFiles {
+        /// `spec.image.build.context`.
+        context: String,
+        /// Why.
+        source: crate::build_context::ContextError,
+    },
+}
+
 /// Everything a run of a Pipeline is prepared from, however it was asked for (a pass, the run
 /// queue).
 pub struct RunSource {
@@ -154,11 +181,21 @@ pub struct RunSource {
 }
 
 /// Why a run never reached its steps.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Unprepared {
-    /// Its source, secrets or step image could not be had: why.
-    Failed(String),
+    /// Its source, secrets or step image could not be had.
+    #[error(transparent)]
+    Failed(#[from] PrepareError),
+    /// Its timeout passed first, after this many seconds.
+    #[error(
+        "timed out after {0}s (its timeout) before its steps: the source did not arrive in time"
+    )]
+    TimedOut(u64),
+    /// Preparing it panicked (a bug in berth).
+    #[error("preparing the run panicked: {0}")]
+    Panicked(String),
     /// It was cancelled while its source was cloned.
+    #[error("cancelled while its source was cloned")]
     Cancelled,
 }
 
@@ -191,12 +228,11 @@ impl RunSource {
             }
         };
         tokio::select! {
-            prepared = preparing => prepared
-                .unwrap_or_else(|panic| Err(format!("preparing the run panicked: {panic}")))
-                .map_err(Unprepared::Failed),
-            () = tokio::time::sleep_until(deadline.into()) => Err(Unprepared::Failed(format!(
-                "timed out after {timeout}s (its timeout) before its steps: the source did not arrive in time"
-            ))),
+            prepared = preparing => match prepared {
+                Ok(prepared) => Ok(prepared?),
+                Err(panic) => Err(Unprepared::Panicked(panic.to_string())),
+            },
+            () = tokio::time::sleep_until(deadline.into()) => Err(Unprepared::TimedOut(timeout)),
             () = cancelled => Err(Unprepared::Cancelled),
         }
     }
@@ -938,8 +974,7 @@ impl DockerBackend {
         let deadline = Instant::now() + template.spec.timeout.0;
         let request = match source.prepare(deadline, None).await {
             Ok(request) => request,
-            Err(Unprepared::Failed(why)) => return Outcome::Failed(why),
-            Err(Unprepared::Cancelled) => return Outcome::Failed("cancelled".into()),
+            Err(why) => return Outcome::Failed(why.to_string()),
         };
         let mut log = RunLog::new(
             crate::run::DEFAULT_LOG_CAP,

@@ -274,7 +274,12 @@ impl KubeBackend {
         // Secret values are read before anything changes: an unreadable one fails the challenge.
         let mut values = BTreeMap::new();
         for (name, reference) in template.secrets() {
-            values.insert(name, reference.resolve().map_err(Trouble::Failed)?);
+            values.insert(
+                name,
+                reference
+                    .resolve()
+                    .map_err(|e| Trouble::Failed(e.to_string()))?,
+            );
         }
         let hash_of = |id: &str| {
             parts

@@ -902,7 +902,9 @@ impl KubeBackend {
         let mut secret_values = Vec::new();
         for (name, reference) in &template.secrets {
             use base64::Engine as _;
-            let value = reference.resolve().map_err(Trouble::Failed)?;
+            let value = reference
+                .resolve()
+                .map_err(|e| Trouble::Failed(e.to_string()))?;
             secret_values.push(value.clone());
             secret_data.insert(
                 name.clone(),
