@@ -78,7 +78,7 @@ pub enum AgentError {
     Election(#[from] crate::leader::ElectionError),
     /// The instance records or the flag key cannot be opened.
     #[error("instances: {0}")]
-    Instances(String),
+    Instances(crate::instances::OpenError),
 }
 
 /// The revision being applied, loaded and translated; kept between passes so a drift check needs

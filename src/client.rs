@@ -18,15 +18,13 @@ pub struct AgentApi {
 
 impl AgentApi {
     /// The agent at `url` (`http://host:port`), with the API token `token`.
-    pub fn new(url: &str, token: &str) -> Result<AgentApi, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!(
-                "{url}: the agent's API is plain http://host:port (use a tunnel or a proxy for TLS)"
-            )
-        })?;
+    pub fn new(url: &str, token: &str) -> Result<AgentApi, ClientError> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| ClientError::NotPlainHttp(url.into()))?;
         let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') {
-            return Err(format!("{url}: give the agent as http://host:port"));
+            return Err(ClientError::NotHostAndPort(url.into()));
         }
         Ok(AgentApi {
             authority: authority.to_string(),
@@ -36,7 +34,7 @@ impl AgentApi {
 
     /// `GET path`: hands each piece of the body to `piece` as it arrives. An answer other than
     /// a success is an error, with the agent's reason.
-    pub async fn get(&self, path: &str, piece: impl FnMut(&[u8])) -> Result<(), String> {
+    pub async fn get(&self, path: &str, piece: impl FnMut(&[u8])) -> Result<(), ClientError> {
         self.send(hyper::Method::GET, path, Vec::new(), piece).await
     }
 
@@ -47,9 +45,10 @@ impl AgentApi {
         path: &str,
         body: Vec<u8>,
         mut piece: impl FnMut(&[u8]),
-    ) -> Result<(), String> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            format!("cannot reach the agent at http://{}: {e}", self.authority)
+    ) -> Result<(), ClientError> {
+        let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
+            authority: self.authority.clone(),
+            why: e.to_string(),
         };
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
@@ -67,7 +66,10 @@ impl AgentApi {
                 format!("Bearer {}", self.token),
             )
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("bad request {path}: {e}"))?;
+            .map_err(|e| ClientError::BadRequest {
+                path: path.into(),
+                why: e.to_string(),
+            })?;
         let response = sender
             .send_request(request)
             .await
@@ -76,7 +78,7 @@ impl AgentApi {
         let mut body = response.into_body();
         let mut refusal = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("the agent's answer broke off: {e}"))?;
+            let frame = frame.map_err(|e| ClientError::BrokeOff(e.to_string()))?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
@@ -88,12 +90,50 @@ impl AgentApi {
         }
         match status.is_success() {
             true => Ok(()),
-            false => Err(format!(
-                "the agent answered {status}: {}",
-                String::from_utf8_lossy(&refusal).trim()
-            )),
+            false => Err(ClientError::Refused {
+                status,
+                reason: String::from_utf8_lossy(&refusal).trim().to_string(),
+            }),
         }
     }
+}
+
+/// Why the agent's API could not be asked, or said no.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not `http://`.
+    #[error("{0}: the agent's API is plain http://host:port (use a tunnel or a proxy for TLS)")]
+    NotPlainHttp(String),
+    /// The URL is not `http://host:port`.
+    #[error("{0}: give the agent as http://host:port")]
+    NotHostAndPort(String),
+    /// No connection, or it was lost before the answer.
+    #[error("cannot reach the agent at http://{authority}: {why}")]
+    Unreachable {
+        /// `host:port`.
+        authority: String,
+        /// Why.
+        why: String,
+    },
+    /// The request could not be made (a path with characters a URL cannot hold).
+    #[error("bad request {path}: {why}")]
+    BadRequest {
+        /// The path asked for.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// The answer stopped before its end.
+    #[error("the agent's answer broke off: {0}")]
+    BrokeOff(String),
+    /// The agent answered with a failure.
+    #[error("the agent answered {status}: {reason}")]
+    Refused {
+        /// Its status code.
+        status: hyper::StatusCode,
+        /// What it said, up to 4 KiB.
+        reason: String,
+    },
 }
 
 /// Every byte of a URL's part but the unreserved ones (RFC 3986, section 2.3).

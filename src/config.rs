@@ -362,7 +362,7 @@ pub struct KubeConfig {
 }
 
 /// A port range as `FIRST-LAST` (a cluster's NodePorts, instances' host ports), checked.
-pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, NotAPortRange> {
     let parsed = text.split_once('-').and_then(|(first, last)| {
         Some((
             first.trim().parse::<u16>().ok()?,
@@ -371,11 +371,16 @@ pub fn node_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, Stri
     });
     match parsed {
         Some((first, last)) if first >= 1 && first <= last => Ok(first..=last),
-        _ => Err(format!(
-            "port range \"{text}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, such as 30000-32767"
-        )),
+        _ => Err(NotAPortRange(text.into())),
     }
 }
+
+/// A port range as written that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "port range \"{0}\" is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535, such as 30000-32767"
+)]
+pub struct NotAPortRange(pub String);
 
 /// The repo to follow.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]

@@ -257,7 +257,7 @@ impl AgentFlags {
             .ok_or("give the agent's API token as a file, with --token-file or BERTH_TOKEN_FILE")?;
         let token = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        berth::client::AgentApi::new(&self.agent, &token)
+        berth::client::AgentApi::new(&self.agent, &token).map_err(|e| e.to_string())
     }
 }
 
@@ -1042,9 +1042,7 @@ async fn list_runs(
     let runs: Vec<berth::queue::Run> = match serde_json::from_slice(&body) {
         Ok(runs) => runs,
         Err(error) => {
-            return failed(&format!(
-                "the agent's answer is not a list of runs: {error}"
-            ));
+            return failed(format!("the agent's answer is not a list of runs: {error}"));
         }
     };
     outln!(
@@ -1259,7 +1257,7 @@ impl Drop for EscapedEvent {
     }
 }
 
-fn failed(why: &str) -> ExitCode {
+fn failed(why: impl std::fmt::Display) -> ExitCode {
     eprintln!("berth: {why}");
     ExitCode::from(1)
 }

@@ -362,25 +362,27 @@ impl Source {
 
     /// Whether the clone is whole: it opens, and the followed branch's last fetched commit and
     /// every object of its tree can be read. `Err(why)` when not. A clone not made yet is whole.
-    pub fn check_clone(&self) -> Result<(), String> {
+    pub fn check_clone(&self) -> Result<(), BrokenClone> {
         if !self.dir.join(".git").exists() {
             return Ok(());
         }
-        let repo = Repository::open(&self.dir).map_err(|e| e.message().to_string())?;
+        let message = |e: git2::Error| e.message().to_string();
+        let repo = Repository::open(&self.dir).map_err(|e| BrokenClone::Unopenable(message(e)))?;
         repo.find_remote(REMOTE)
-            .map_err(|e| format!("no remote {REMOTE}: {}", e.message()))?;
-        repo.index()
-            .map_err(|e| format!("the index: {}", e.message()))?;
+            .map_err(|e| BrokenClone::NoRemote(message(e)))?;
+        repo.index().map_err(|e| BrokenClone::Index(message(e)))?;
         let tip = match repo.find_reference(&tracking_ref(&self.branch)) {
             Ok(tip) => tip,
             Err(error) if error.code() == git2::ErrorCode::NotFound => return Ok(()),
-            Err(error) => return Err(format!("the branch's ref: {}", error.message())),
+            Err(error) => return Err(BrokenClone::BranchRef(message(error))),
         };
         let tree = tip
             .peel_to_commit()
             .and_then(|commit| commit.tree())
-            .map_err(|e| e.message().to_string())?;
-        let odb = repo.odb().map_err(|e| e.message().to_string())?;
+            .map_err(|e| BrokenClone::Tip(message(e)))?;
+        let odb = repo
+            .odb()
+            .map_err(|e| BrokenClone::Unopenable(message(e)))?;
         let mut broken = None;
         tree.walk(git2::TreeWalkMode::PreOrder, |_, entry| {
             // A submodule's commit lives in another repository, never in this clone.
@@ -390,12 +392,19 @@ impl Source {
             match odb.read_header(entry.id()) {
                 Ok(_) => git2::TreeWalkResult::Ok,
                 Err(error) => {
-                    broken = Some(format!("{}: {}", entry.id(), error.message()));
+                    broken = Some(BrokenClone::Object {
+                        id: entry.id().to_string(),
+                        why: message(error),
+                    });
                     git2::TreeWalkResult::Abort
                 }
             }
         })
-        .map_err(|e| broken.clone().unwrap_or_else(|| e.message().to_string()))?;
+        .map_err(|e| {
+            broken
+                .take()
+                .unwrap_or_else(|| BrokenClone::Tip(message(e)))
+        })?;
         broken.map_or(Ok(()), Err)
     }
 
@@ -1345,6 +1354,35 @@ impl Workspace {
     ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
         self.context.clone().into_stream(self.clone.clone())
     }
+}
+
+/// What is broken in a clone (a truncated pack, a deleted `HEAD`): it is moved aside and made
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokenClone {
+    /// The repository or its object store does not open.
+    #[error("{0}")]
+    Unopenable(String),
+    /// The remote is gone from its configuration.
+    #[error("no remote {REMOTE}: {0}")]
+    NoRemote(String),
+    /// The index does not read.
+    #[error("the index: {0}")]
+    Index(String),
+    /// The followed branch's ref does not read.
+    #[error("the branch's ref: {0}")]
+    BranchRef(String),
+    /// The branch's last fetched commit, or its tree, does not read.
+    #[error("{0}")]
+    Tip(String),
+    /// An object of the tree is missing or unreadable.
+    #[error("{id}: {why}")]
+    Object {
+        /// The object's id.
+        id: String,
+        /// git's reason.
+        why: String,
+    },
 }
 
 /// Why a pipeline run's workspace could not be made.

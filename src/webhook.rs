@@ -266,8 +266,19 @@ pub enum Delivery {
     Ignored(String),
 }
 
+/// Why a verified delivery's payload cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// The payload is not JSON.
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    /// The payload names no ref or branch.
+    #[error("payload names no ref (or branch)")]
+    NoRef,
+}
+
 /// Reads a verified delivery: the provider's event header and its JSON payload.
-pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Delivery, String> {
+pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Delivery, Malformed> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(name) = provider.event_header() {
         let event = header(name).unwrap_or("");
@@ -282,7 +293,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
         }
     }
     let payload: Value =
-        serde_json::from_slice(body).map_err(|e| format!("payload is not JSON: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| Malformed::NotJson(e.to_string()))?;
     let text = |pointer: &str| {
         payload
             .pointer(pointer)
@@ -292,7 +303,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
     };
     let reference = text("/ref").or_else(|| text("/branch").map(|b| format!("refs/heads/{b}")));
     let Some(reference) = reference else {
-        return Err("payload names no ref (or branch)".into());
+        return Err(Malformed::NoRef);
     };
     let Some(branch) = reference.strip_prefix("refs/heads/") else {
         return Ok(Delivery::Ignored(format!("{reference} is not a branch")));

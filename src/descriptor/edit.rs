@@ -55,28 +55,53 @@ impl WantedState {
     }
 }
 
+/// Why a descriptor's state cannot be changed in its file by berth.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EditRefused {
+    /// The kind has no such state.
+    #[error("a {0} cannot be {state}", state = .1.as_str())]
+    NotAState(Kind, WantedState),
+    /// The file does not parse.
+    #[error("the file does not read as YAML: {0}")]
+    NotYaml(String),
+    /// No document of the file declares the object.
+    #[error("the file declares no {0}")]
+    NotDeclared(ObjectRef),
+    /// The object's document has no `spec`.
+    #[error("{0} has no spec to add a state to")]
+    NoSpec(ObjectRef),
+    /// The file is written in a way berth cannot edit in place (what, said).
+    #[error("{0}")]
+    Layout(&'static str),
+    /// The edit would change more than the state.
+    #[error(
+        "the state of {0} cannot be changed alone in its file as it is written; change it by hand"
+    )]
+    NotAlone(ObjectRef),
+}
+
 /// `text` with the `spec.state` of the document that declares `key` set to `state`.
-pub fn set_state(text: &str, key: &ObjectRef, state: WantedState) -> Result<String, String> {
+pub fn set_state(text: &str, key: &ObjectRef, state: WantedState) -> Result<String, EditRefused> {
     if !state.fits(key.kind) {
-        return Err(format!("a {} cannot be {}", key.kind, state.as_str()));
+        return Err(EditRefused::NotAState(key.kind, state));
     }
     let before = yaml::parse(text, true);
     if let Some(fatal) = before.fatal {
-        return Err(format!("the file does not read as YAML: {}", fatal.message));
+        return Err(EditRefused::NotYaml(fatal.message));
     }
     let (index, document) = before
         .documents
         .iter()
         .enumerate()
         .find(|(_, d)| declares(&d.value, key))
-        .ok_or_else(|| format!("the file declares no {key}"))?;
+        .ok_or_else(|| EditRefused::NotDeclared(key.clone()))?;
     let changed = match document.positions.get("/spec/state") {
         Some(at) => replace_scalar(text, at.value, state.as_str())?,
         None => {
             let spec = document
                 .positions
                 .get("/spec")
-                .ok_or_else(|| format!("{key} has no spec to add a state to"))?;
+                .ok_or_else(|| EditRefused::NoSpec(key.clone()))?;
             add_state(text, spec.value, state.as_str())?
         }
     };
@@ -97,9 +122,7 @@ pub fn set_state(text: &str, key: &ObjectRef, state: WantedState) -> Result<Stri
             });
     match same {
         true => Ok(changed),
-        false => Err(format!(
-            "the state of {key} cannot be changed alone in its file as it is written; change it by hand"
-        )),
+        false => Err(EditRefused::NotAlone(key.clone())),
     }
 }
 
@@ -131,14 +154,15 @@ fn offset(text: &str, at: Position) -> Option<usize> {
 }
 
 /// `text` with the scalar that starts at `at` (plain, or quoted) replaced by `value`.
-fn replace_scalar(text: &str, at: Position, value: &str) -> Result<String, String> {
-    let start = offset(text, at).ok_or("the state's place is not in the file")?;
+fn replace_scalar(text: &str, at: Position, value: &str) -> Result<String, EditRefused> {
+    let start =
+        offset(text, at).ok_or(EditRefused::Layout("the state's place is not in the file"))?;
     let rest = &text[start..];
     let length = match rest.chars().next() {
         Some(quote @ ('"' | '\'')) => {
             rest[1..]
                 .find(quote)
-                .ok_or("the state's quote does not end")?
+                .ok_or(EditRefused::Layout("the state's quote does not end"))?
                 + 2
         }
         _ => rest
@@ -150,8 +174,9 @@ fn replace_scalar(text: &str, at: Position, value: &str) -> Result<String, Strin
 
 /// `text` with `state: VALUE` added to the spec mapping that starts at `at`: a line of its own
 /// above the first key of a block mapping, or the first entry of a flow one (`{…}`).
-fn add_state(text: &str, at: Position, value: &str) -> Result<String, String> {
-    let start = offset(text, at).ok_or("the spec's place is not in the file")?;
+fn add_state(text: &str, at: Position, value: &str) -> Result<String, EditRefused> {
+    let start =
+        offset(text, at).ok_or(EditRefused::Layout("the spec's place is not in the file"))?;
     let rest = &text[start..];
     if let Some(inside) = rest.strip_prefix('{') {
         let entry = match inside.trim_start().starts_with('}') {
@@ -163,7 +188,9 @@ fn add_state(text: &str, at: Position, value: &str) -> Result<String, String> {
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let indent = &text[line_start..start];
     if !indent.chars().all(|c| c == ' ') {
-        return Err("the spec's first key does not start its line".into());
+        return Err(EditRefused::Layout(
+            "the spec's first key does not start its line",
+        ));
     }
     // The file's own line ends.
     let end = match text.contains("\r\n") {
@@ -229,19 +256,21 @@ mod tests {
     #[test]
     fn what_cannot_be_changed_alone_is_refused() {
         let text = "kind: Challenge\nmetadata: {name: web}\nspec: {image: web:1}\n";
-        assert!(
-            set_state(text, &key("Challenge/web"), WantedState::Archived)
-                .unwrap_err()
-                .contains("cannot be archived")
-        );
-        assert!(
-            set_state(text, &key("Challenge/api"), WantedState::Stopped)
-                .unwrap_err()
-                .contains("declares no Challenge/api")
+        let archived = set_state(text, &key("Challenge/web"), WantedState::Archived).unwrap_err();
+        assert_eq!(archived.to_string(), "a Challenge cannot be archived");
+        assert_eq!(
+            set_state(text, &key("Challenge/api"), WantedState::Stopped),
+            Err(EditRefused::NotDeclared(key("Challenge/api")))
         );
         // An anchor shared with another value: changing it in place would change both.
         let shared = "kind: Challenge\nmetadata: {name: web}\nspec:\n  state: &s running\n  info: {was: *s}\n  image: web:1\n";
-        assert!(set_state(shared, &key("Challenge/web"), WantedState::Stopped).is_err());
-        assert!(set_state("kind: [", &key("Challenge/web"), WantedState::Stopped).is_err());
+        assert_eq!(
+            set_state(shared, &key("Challenge/web"), WantedState::Stopped),
+            Err(EditRefused::NotAlone(key("Challenge/web")))
+        );
+        assert!(matches!(
+            set_state("kind: [", &key("Challenge/web"), WantedState::Stopped),
+            Err(EditRefused::NotYaml(_))
+        ));
     }
 }

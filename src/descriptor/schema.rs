@@ -414,7 +414,7 @@ fn explain(schema: &Value, error: &ValidationError<'_>, out: &mut Vec<Violation>
                 .as_str()
                 .and_then(|text| values::check_format(format, text))
                 .and_then(Result::err)
-                .unwrap_or_else(|| error.to_string());
+                .map_or_else(|| error.to_string(), |problem| problem.to_string());
             push(pointer, false, format!("{here}{message}"));
         }
         ValidationErrorKind::Required { property } => {

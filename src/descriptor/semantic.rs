@@ -850,16 +850,19 @@ fn image_within_limits(text: &str) -> Result<(), String> {
     }
 }
 
+/// A URL that is no clone URL, as shown: any password left out, any control character escaped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "\"{0}\" is not a clone URL: use https://HOST/PATH, ssh://HOST/PATH, git://HOST/PATH, file:///PATH or USER@HOST:PATH"
+)]
+pub struct NotACloneUrl(String);
+
 /// Whether `url` is a clone URL: `https://`, `http://`, `ssh://` or `git://` with a host, `file://`
 /// with a path, or scp-like `[user@]host:path`; checked here, so a typo is a problem at its place
 /// and never a name looked up on the network.
-pub(crate) fn clone_url(url: &str) -> Result<(), String> {
-    let refused = || {
-        format!(
-            "\"{}\" is not a clone URL: use https://HOST/PATH, ssh://HOST/PATH, git://HOST/PATH, file:///PATH or USER@HOST:PATH",
-            crate::printable::field(&crate::git_url::redact(url))
-        )
-    };
+pub(crate) fn clone_url(url: &str) -> Result<(), NotACloneUrl> {
+    let refused =
+        || NotACloneUrl(crate::printable::field(&crate::git_url::redact(url)).into_owned());
     if url.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(refused());
     }

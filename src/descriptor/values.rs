@@ -42,22 +42,34 @@ pub const MEMORY_LIMIT_FORMAT: &str = "berth-memory-limit";
 pub const NONZERO_DURATION_FORMAT: &str = "berth-nonzero-duration";
 
 /// Why a string does not satisfy a format, if it does not.
-pub type FormatCheck = fn(&str) -> Result<(), String>;
+pub type FormatCheck = fn(&str) -> Result<(), FormatProblem>;
+
+/// What is wrong with a string a schema's `format` names, as its parser or the engine's limit
+/// tells it: shown at the value, as the schema's other problems are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FormatProblem(pub String);
 
 /// What a string must be beyond its schema's pattern, by the `format` name the schemas carry:
 /// the value types' own parsers and the engine's limits. The schema validator runs these, so a
 /// value that matches its pattern but cannot be used (an overflowing size, a memory limit the
 /// engine refuses) is reported with every other problem of its document, at its value.
 pub const FORMATS: &[(&str, FormatCheck)] = &[
-    (DURATION_FORMAT, |text| text.parse::<Duration>().map(drop)),
-    (SIZE_FORMAT, |text| text.parse::<Size>().map(drop)),
-    (CRON_FORMAT, |text| text.parse::<CronExpr>().map(drop)),
+    (DURATION_FORMAT, |text| {
+        text.parse::<Duration>().map(drop).map_err(FormatProblem)
+    }),
+    (SIZE_FORMAT, |text| {
+        text.parse::<Size>().map(drop).map_err(FormatProblem)
+    }),
+    (CRON_FORMAT, |text| {
+        text.parse::<CronExpr>().map(drop).map_err(FormatProblem)
+    }),
     (MEMORY_LIMIT_FORMAT, memory_limit),
     (NONZERO_DURATION_FORMAT, nonzero_duration),
 ];
 
 /// Why `text` does not satisfy `format`, if it does not; `None` for formats berth does not own.
-pub fn check_format(format: &str, text: &str) -> Option<Result<(), String>> {
+pub fn check_format(format: &str, text: &str) -> Option<Result<(), FormatProblem>> {
     FORMATS
         .iter()
         .find(|(name, _)| *name == format)
@@ -65,20 +77,20 @@ pub fn check_format(format: &str, text: &str) -> Option<Result<(), String>> {
 }
 
 /// Texts that are no size at all are left to the size format, so each mistake is told once.
-fn memory_limit(text: &str) -> Result<(), String> {
+fn memory_limit(text: &str) -> Result<(), FormatProblem> {
     match text.parse::<Size>() {
-        Ok(size) if size < MIN_MEMORY_LIMIT => Err(format!(
+        Ok(size) if size < MIN_MEMORY_LIMIT => Err(FormatProblem(format!(
             "\"{text}\" is below the smallest memory limit the engine accepts; write at least {MIN_MEMORY_LIMIT}"
-        )),
+        ))),
         _ => Ok(()),
     }
 }
 
-fn nonzero_duration(text: &str) -> Result<(), String> {
+fn nonzero_duration(text: &str) -> Result<(), FormatProblem> {
     match text.parse::<Duration>() {
-        Ok(duration) if duration.0.is_zero() => {
-            Err(format!("\"{text}\" is too short; write at least 1ms"))
-        }
+        Ok(duration) if duration.0.is_zero() => Err(FormatProblem(format!(
+            "\"{text}\" is too short; write at least 1ms"
+        ))),
         _ => Ok(()),
     }
 }
@@ -675,13 +687,15 @@ mod tests {
             "the size format tells this one"
         );
         assert_eq!(
-            check(MEMORY_LIMIT_FORMAT, "1k").unwrap_err(),
+            check(MEMORY_LIMIT_FORMAT, "1k").unwrap_err().to_string(),
             "\"1k\" is below the smallest memory limit the engine accepts; write at least 6Mi"
         );
         assert!(check(MEMORY_LIMIT_FORMAT, "6291455").is_err());
         assert!(check(NONZERO_DURATION_FORMAT, "1ms").is_ok());
         assert_eq!(
-            check(NONZERO_DURATION_FORMAT, "0s").unwrap_err(),
+            check(NONZERO_DURATION_FORMAT, "0s")
+                .unwrap_err()
+                .to_string(),
             "\"0s\" is too short; write at least 1ms"
         );
         assert!(check(CRON_FORMAT, "61 * * * *").is_err());

@@ -44,7 +44,7 @@ pub enum InstanceError {
     Stopped(String),
     /// The team name is not one.
     #[error("team: {0}")]
-    BadTeam(String),
+    BadTeam(super::NotATeam),
     /// The team has `perTeam` live instances of the challenge.
     #[error("the team has {} live instance(s) of this challenge, its limit; kill one or wait for it to expire", .0.len())]
     TeamAtLimit(Vec<InstanceView>),
@@ -200,19 +200,52 @@ pub(super) fn engine(trouble: InstanceTrouble) -> InstanceError {
     InstanceError::Engine(trouble.to_string())
 }
 
+/// Why the instance records or the flag key could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The state folder cannot be made.
+    #[error("cannot make {}: {source}", .path.display())]
+    StateFolder {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+    /// The records cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The flag key cannot be read, made or written (`doing` says which).
+    #[error("cannot {doing} the flag key {}: {source}", .path.display())]
+    FlagKey {
+        /// `read`, `make` or `write`.
+        doing: &'static str,
+        /// The key's file.
+        path: std::path::PathBuf,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+    /// The flag key is too short to be one.
+    #[error("the flag key {} is shorter than 16 bytes; write 32 random bytes or more", .0.display())]
+    ShortFlagKey(std::path::PathBuf),
+}
+
 /// The key flags are derived from: the configured file, else one made at random in the state
 /// folder on first use.
-fn flag_key(file: Option<&Path>, state_dir: &Path) -> Result<FlagKey, String> {
+fn flag_key(file: Option<&Path>, state_dir: &Path) -> Result<FlagKey, OpenError> {
+    let failed = |doing: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| OpenError::FlagKey {
+            doing,
+            path,
+            source,
+        }
+    };
     let read = |path: &Path| {
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read the flag key {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(failed("read", path))?;
         let trimmed = bytes.trim_ascii_end();
         match trimmed.len() >= 16 {
             true => Ok(FlagKey::new(trimmed.to_vec())),
-            false => Err(format!(
-                "the flag key {} is shorter than 16 bytes; write 32 random bytes or more",
-                path.display()
-            )),
+            false => Err(OpenError::ShortFlagKey(path.to_path_buf())),
         }
     };
     if let Some(file) = file {
@@ -222,7 +255,7 @@ fn flag_key(file: Option<&Path>, state_dir: &Path) -> Result<FlagKey, String> {
     if !path.exists() {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let bytes = crate::backend::random_bytes().map_err(|e| e.to_string())?;
+        let bytes = crate::backend::random_bytes().map_err(failed("make", &path))?;
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -232,15 +265,10 @@ fn flag_key(file: Option<&Path>, state_dir: &Path) -> Result<FlagKey, String> {
             Ok(mut file) => file
                 .write_all(hex::encode(bytes).as_bytes())
                 .and_then(|()| file.sync_all())
-                .map_err(|e| format!("cannot write the flag key {}: {e}", path.display()))?,
+                .map_err(failed("write", &path))?,
             // Made meanwhile: read it.
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(error) => {
-                return Err(format!(
-                    "cannot make the flag key {}: {error}",
-                    path.display()
-                ));
-            }
+            Err(error) => return Err(failed("make", &path)(error)),
         }
     }
     read(&path)
@@ -261,11 +289,12 @@ impl Instances {
         state_dir: &Path,
         config: &crate::config::InstancesConfig,
         metrics: &Metrics,
-    ) -> Result<Instances, String> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
-        let store =
-            InstanceStore::open(&state_dir.join("instances.db")).map_err(|e| e.to_string())?;
+    ) -> Result<Instances, OpenError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| OpenError::StateFolder {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let store = InstanceStore::open(&state_dir.join("instances.db"))?;
         let key = flag_key(config.flag_key_file.as_deref(), state_dir)?;
         Ok(Instances {
             inner: Arc::new(Inner {

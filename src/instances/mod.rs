@@ -28,7 +28,7 @@ use sha2::Sha256;
 use crate::backend::instances::InstanceObjects;
 use crate::descriptor::model::Engine;
 
-pub use manager::{InstanceError, Instances};
+pub use manager::{InstanceError, Instances, OpenError};
 
 /// The longest team name taken, in bytes.
 pub const MAX_TEAM: usize = 128;
@@ -40,14 +40,12 @@ pub struct Team(String);
 
 impl Team {
     /// The team `name`, or why it cannot be one.
-    pub fn new(name: &str) -> Result<Team, String> {
+    pub fn new(name: &str) -> Result<Team, NotATeam> {
         if name.is_empty() || name.len() > MAX_TEAM {
-            return Err(format!("a team is 1 to {MAX_TEAM} bytes"));
+            return Err(NotATeam::Length);
         }
         if name.chars().any(|c| c.is_control() || invisible(c)) {
-            return Err(
-                "a team's name holds no control, invisible or direction-changing characters".into(),
-            );
+            return Err(NotATeam::Hidden);
         }
         Ok(Team(name.to_string()))
     }
@@ -56,6 +54,17 @@ impl Team {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Why a name is not a team's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotATeam {
+    /// Empty, or longer than [`MAX_TEAM`] bytes.
+    #[error("a team is 1 to {MAX_TEAM} bytes")]
+    Length,
+    /// It holds characters that change how text shows without showing themselves.
+    #[error("a team's name holds no control, invisible or direction-changing characters")]
+    Hidden,
 }
 
 /// Whether `c` changes how text around it shows without showing itself (zero-width characters,
