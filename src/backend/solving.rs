@@ -22,7 +22,7 @@ pub(crate) struct SolveState {
     /// A run is going on.
     pub running: bool,
     /// When the last run ended, and what it found.
-    pub last: Option<(Instant, Result<(), String>)>,
+    pub last: Option<(Instant, Result<(), Unsolved>)>,
 }
 
 impl SolveState {
@@ -57,7 +57,7 @@ impl SolveState {
 
     /// A run ended: what it found, or nothing when that could not be told (the engine gone, a
     /// run stuck past its bound), in which case the next look starts one again.
-    pub fn ended(&mut self, found: Option<Result<(), String>>) {
+    pub fn ended(&mut self, found: Option<Result<(), Unsolved>>) {
         self.running = false;
         if let Some(found) = found {
             self.last = Some((Instant::now(), found));
@@ -84,6 +84,46 @@ pub(crate) fn flag_values<'a>(secrets: impl Iterator<Item = &'a SecretRef>) -> V
         .collect()
 }
 
+/// Why a solver's run did not solve the challenge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unsolved {
+    /// Its image could not be had, or its container or pod could not start: the engine's words.
+    #[error("cannot start: {0}")]
+    NotStarted(String),
+    /// It ran past its check's timeout (with the engine's reason, when it gave one).
+    #[error("did not finish within {timeout}{}", .reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    TimedOut {
+        /// The check's timeout, as written.
+        timeout: String,
+        /// Why the engine ended it.
+        reason: Option<String>,
+    },
+    /// It exited with a failure.
+    #[error("exited with code {code}{}", quoted(.last))]
+    Exited {
+        /// Its exit code.
+        code: i64,
+        /// Its last lines, every flag masked.
+        last: Vec<String>,
+    },
+    /// It exited 0, but the flag is not in what it printed.
+    #[error("exited 0 without printing the flag{}", quoted(.0))]
+    NoFlag(Vec<String>),
+    /// It exited 0, but its output cannot be read to find the flag: never taken for solved.
+    #[error(
+        "exited 0, but whether it printed the flag is unknown: its output cannot be read ({0})"
+    )]
+    OutputUnread(String),
+}
+
+/// `; last lines: a | b` for a run's last lines; nothing without any.
+fn quoted(last: &[String]) -> String {
+    match last.is_empty() {
+        true => String::new(),
+        false => format!("; last lines: {}", last.join(" | ")),
+    }
+}
+
 /// How a run that ended with `code` and printed `output` is judged: it must exit 0, and with
 /// `expectFlag` print one of `flags`. What it printed is quoted (its last lines, every flag
 /// masked) when it failed.
@@ -92,19 +132,15 @@ pub(crate) fn verdict(
     output: &str,
     check: &SolveCheck,
     flags: &[String],
-) -> Result<(), String> {
-    let said = |why: String| {
+) -> Result<(), Unsolved> {
+    let last = || {
         let shown: Vec<String> = output
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(|l| masked(l, flags))
             .collect();
-        let tail = &shown[shown.len().saturating_sub(3)..];
-        match tail.is_empty() {
-            true => why,
-            false => format!("{why}; last lines: {}", tail.join(" | ")),
-        }
+        shown[shown.len().saturating_sub(3)..].to_vec()
     };
     match code {
         0 if !check.expect_flag => Ok(()),
@@ -114,8 +150,8 @@ pub(crate) fn verdict(
         {
             Ok(())
         }
-        0 => Err(said("exited 0 without printing the flag".into())),
-        code => Err(said(format!("exited with code {code}"))),
+        0 => Err(Unsolved::NoFlag(last())),
+        code => Err(Unsolved::Exited { code, last: last() }),
     }
 }
 
@@ -134,12 +170,14 @@ mod tests {
         assert_eq!(verdict(0, "got flag{x}\n", &check(true), &flags), Ok(()));
         assert_eq!(verdict(0, "nothing\n", &check(false), &flags), Ok(()));
         assert_eq!(
-            verdict(0, "nope\n", &check(true), &flags).unwrap_err(),
+            verdict(0, "nope\n", &check(true), &flags)
+                .unwrap_err()
+                .to_string(),
             "exited 0 without printing the flag; last lines: nope"
         );
         let failed = verdict(3, "a\nb\nleaked flag{x}\nd\n", &check(false), &flags).unwrap_err();
         assert_eq!(
-            failed,
+            failed.to_string(),
             "exited with code 3; last lines: b | leaked <secret> | d"
         );
     }
@@ -153,7 +191,11 @@ mod tests {
             state.judged(&check, Health::Healthy, true).unwrap().0,
             Health::Progressing
         );
-        state.last = Some((Instant::now(), Err("exited with code 1".into())));
+        let failed = Unsolved::Exited {
+            code: 1,
+            last: Vec::new(),
+        };
+        state.last = Some((Instant::now(), Err(failed)));
         assert_eq!(
             state.judged(&check, Health::Healthy, true),
             Some((

@@ -875,7 +875,7 @@ impl Loader {
                 serde_json::to_string(&manifests.iter().map(|m| &m.object).collect::<Vec<_>>())
                     .expect("JSON serializes")
             }
-            Some(Err(why)) => why.clone(),
+            Some(Err(why)) => why.to_string(),
             None => String::new(),
         };
         descriptor.spec_hash = spec_hash(

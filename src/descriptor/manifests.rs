@@ -196,7 +196,71 @@ impl Manifest {
 }
 
 /// The manifests of one staging, or why they could not be made (a chart that did not render).
-pub type Rendered = Result<Arc<Vec<Manifest>>, String>;
+pub type Rendered = Result<Arc<Vec<Manifest>>, RenderFailure>;
+
+/// Why a staging's objects could not be made: that staging fails with it, the others go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderFailure {
+    /// The chart's values could not be written for helm.
+    #[error("cannot write the chart's values: {0}")]
+    Values(String),
+    /// A variable in the chart's `values` cannot be substituted.
+    #[error("{field}: {message}")]
+    Substitution {
+        /// The field, dotted (`spec.values.image.tag`).
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// helm is not installed.
+    #[error(
+        "cannot render chart {0}: helm is not on PATH; install helm 3 on the agent's host, or render the chart into a manifests folder"
+    )]
+    NoHelm(String),
+    /// helm could not be started.
+    #[error("cannot render chart {chart}: cannot run helm: {why}")]
+    HelmUnstartable {
+        /// The chart.
+        chart: String,
+        /// Why.
+        why: String,
+    },
+    /// `helm template` failed.
+    #[error("cannot render chart {chart}: helm template {status}: {said}")]
+    HelmFailed {
+        /// The chart.
+        chart: String,
+        /// How helm ended.
+        status: String,
+        /// Its first lines of complaint.
+        said: String,
+    },
+    /// The chart rendered nothing: applying that would empty the staging.
+    #[error(
+        "chart {0} renders no objects; check its templates and values (berth will not empty a staging because a chart rendered nothing)"
+    )]
+    Empty(String),
+    /// What the chart rendered has problems: how many, and the first.
+    #[error(
+        "chart {chart} renders {count} problem(s); the first, at line {line} of helm's output: {first}"
+    )]
+    Problems {
+        /// The chart.
+        chart: String,
+        /// How many.
+        count: usize,
+        /// The line of helm's output the first is at.
+        line: usize,
+        /// The first.
+        first: String,
+    },
+    /// A manifest of its folder has a problem, at its place.
+    #[error("{}:{}:{}: {}", .0.file, .0.at.line, .0.at.column, .0.message)]
+    Manifest(ManifestProblem),
+    /// The loader did not render them (a bug in berth).
+    #[error("the staging's manifests were not read (a bug in berth)")]
+    NotRead,
+}
 
 /// Something wrong in a manifest, at its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,11 +444,10 @@ fn render_chart(
     target: Target<'_>,
     variables: &Variables<'_>,
 ) -> Rendered {
-    let written = |values: &Value| -> Result<tempfile::NamedTempFile, String> {
-        let mut file = tempfile::NamedTempFile::new()
-            .map_err(|error| format!("cannot write the chart's values: {error}"))?;
-        std::io::Write::write_all(&mut file, values.to_string().as_bytes())
-            .map_err(|error| format!("cannot write the chart's values: {error}"))?;
+    let written = |values: &Value| -> Result<tempfile::NamedTempFile, RenderFailure> {
+        let failed = |error: std::io::Error| RenderFailure::Values(error.to_string());
+        let mut file = tempfile::NamedTempFile::new().map_err(failed)?;
+        std::io::Write::write_all(&mut file, values.to_string().as_bytes()).map_err(failed)?;
         Ok(file)
     };
     let own = written(&serde_json::json!({
@@ -394,7 +457,10 @@ fn render_chart(
     let values = match &spec.values {
         Some(values) => {
             let values = substituted_values(values, variables).map_err(|(pointer, message)| {
-                format!("{}: {message}", super::schema::dotted(&pointer))
+                RenderFailure::Substitution {
+                    field: super::schema::dotted(&pointer),
+                    message,
+                }
             })?;
             Some(written(&Value::Object(values))?)
         }
@@ -423,10 +489,11 @@ fn render_chart(
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|error| match error.kind() {
-            std::io::ErrorKind::NotFound => format!(
-                "cannot render chart {chart}: helm is not on PATH; install helm 3 on the agent's host, or render the chart into a manifests folder"
-            ),
-            _ => format!("cannot render chart {chart}: cannot run helm: {error}"),
+            std::io::ErrorKind::NotFound => RenderFailure::NoHelm(chart.into()),
+            _ => RenderFailure::HelmUnstartable {
+                chart: chart.into(),
+                why: error.to_string(),
+            },
         })?;
     if !output.status.success() {
         let said = String::from_utf8_lossy(&output.stderr);
@@ -435,27 +502,25 @@ fn render_chart(
             .filter(|l| !l.trim().is_empty())
             .take(5)
             .collect();
-        return Err(format!(
-            "cannot render chart {chart}: helm template {}: {}",
-            output.status,
-            said.join("; ")
-        ));
+        return Err(RenderFailure::HelmFailed {
+            chart: chart.into(),
+            status: output.status.to_string(),
+            said: said.join("; "),
+        });
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let origin = format!("{chart} (rendered)");
     let (manifests, problems) = documents(&origin, &text, target);
     match problems.first() {
         // Nothing rendered would mean deleting everything the staging has.
-        None if manifests.is_empty() => Err(format!(
-            "chart {chart} renders no objects; check its templates and values (berth will not empty a staging because a chart rendered nothing)"
-        )),
+        None if manifests.is_empty() => Err(RenderFailure::Empty(chart.into())),
         None => Ok(Arc::new(manifests)),
-        Some(first) => Err(format!(
-            "chart {chart} renders {} problem(s); the first, at line {} of helm's output: {}",
-            problems.len(),
-            first.at.line,
-            first.message
-        )),
+        Some(first) => Err(RenderFailure::Problems {
+            chart: chart.into(),
+            count: problems.len(),
+            line: first.at.line,
+            first: first.message.clone(),
+        }),
     }
 }
 

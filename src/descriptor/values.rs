@@ -540,6 +540,35 @@ impl SecretRef {
     }
 }
 
+/// A named secret whose value could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("secret {name}: {source}")]
+pub struct SecretUnread {
+    /// The secret's name (its variable, its key).
+    pub name: String,
+    /// Why.
+    pub source: SecretError,
+}
+
+/// Reads each named secret's value; the error names the secret and its reference, never a
+/// value.
+pub fn resolve_all<'a>(
+    secrets: impl IntoIterator<Item = (&'a String, &'a SecretRef)>,
+) -> Result<std::collections::BTreeMap<String, String>, SecretUnread> {
+    secrets
+        .into_iter()
+        .map(|(name, reference)| {
+            reference
+                .resolve()
+                .map(|value| (name.clone(), value))
+                .map_err(|source| SecretUnread {
+                    name: name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
 /// Why a secret's value could not be read. It names the reference, never a value.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {

@@ -102,7 +102,8 @@ impl DockerBackend {
         let mut in_place: HashMap<String, String> = HashMap::new();
         for part in template.start_order() {
             let secrets = template.secrets_of(&part.id);
-            let env_values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+            let env_values = crate::descriptor::values::resolve_all(&secrets)
+                .map_err(|e| Trouble::Failed(e.to_string()))?;
             let digests: BTreeMap<String, String> = env_values
                 .iter()
                 .map(|(name, value)| (name.clone(), secret_digest(&key, name, value)))
@@ -668,7 +669,9 @@ impl DockerBackend {
         template: &ChallengeTemplate,
         values: &BTreeMap<String, String>,
     ) -> Attempt<()> {
-        let tar = template.secret_files_tar(values).map_err(Trouble::Failed)?;
+        let tar = template
+            .secret_files_tar(values)
+            .map_err(|e| Trouble::Failed(e.to_string()))?;
         self.upload_files(name, tar, "the secret files").await
     }
 

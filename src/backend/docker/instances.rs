@@ -260,7 +260,8 @@ impl DockerBackend {
         for sidecar in template.sidecar_order() {
             let slot = Slot::sidecar_id(sidecar.name.as_str());
             let secrets = template.secrets_of(&slot);
-            let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+            let values = crate::descriptor::values::resolve_all(&secrets)
+                .map_err(|e| Trouble::Failed(e.to_string()))?;
             let mut config =
                 self.sidecar_config(template, part, sidecar, &network, &values, &BTreeMap::new());
             anonymous_volumes(&mut config);
@@ -279,7 +280,8 @@ impl DockerBackend {
         self.wait_for_sidecars(template, INSTANCES_PART, &in_place)
             .await?;
         let secrets = template.secrets_of(INSTANCES_PART);
-        let values = super::lock::resolve_secrets(&secrets).map_err(Trouble::Failed)?;
+        let values = crate::descriptor::values::resolve_all(&secrets)
+            .map_err(|e| Trouble::Failed(e.to_string()))?;
         let mut config =
             self.main_config(template, part, &image, &network, &values, &BTreeMap::new());
         config.networking_config = aliases;
@@ -332,7 +334,7 @@ impl DockerBackend {
         self.create(name, config).await?;
         if let (Some(_), Some(path)) = (&pooled_flag, flag_path) {
             let link = super::template::link_tar(path, &format!("{FLAG_MOUNT}/{FLAG_IN_VOLUME}"))
-                .map_err(Trouble::Failed)?;
+                .map_err(|e| Trouble::Failed(e.to_string()))?;
             self.upload_files(name, link, "the flag's link").await?;
         }
         if !spec.secret_files.is_empty() {
@@ -464,7 +466,7 @@ impl DockerBackend {
         match template.flag_file_tar(flag) {
             None => Ok(()),
             Some(tar) => {
-                let tar = tar.map_err(Trouble::Failed)?;
+                let tar = tar.map_err(|e| Trouble::Failed(e.to_string()))?;
                 self.upload_files(container, tar, "the flag").await
             }
         }

@@ -355,21 +355,6 @@ impl DockerBackend {
     }
 }
 
-/// Reads each secret's value; the error names the secret and its reference, never a value.
-pub(super) fn resolve_secrets(
-    secrets: &std::collections::BTreeMap<String, crate::descriptor::values::SecretRef>,
-) -> Result<std::collections::BTreeMap<String, String>, String> {
-    secrets
-        .iter()
-        .map(|(name, reference)| {
-            reference
-                .resolve()
-                .map(|value| (name.clone(), value))
-                .map_err(|e| format!("secret {name}: {e}"))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

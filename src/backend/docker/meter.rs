@@ -52,7 +52,26 @@ pub(super) enum Overrun {
     /// It wrote this many bytes, over the limit.
     Wrote(u64),
     /// What it wrote can no longer be measured.
-    Unmeasurable(String),
+    Unmeasurable(Unmeasured),
+}
+
+/// Why what a run wrote could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Unmeasured {
+    /// The engine did not answer (`what` was being done).
+    #[error("{what}: {why}")]
+    Engine {
+        /// What was being done.
+        what: &'static str,
+        /// The engine's words.
+        why: String,
+    },
+    /// `du` failed, or said something else than sizes.
+    #[error("{0}")]
+    Du(String),
+    /// Measuring took longer than [`MEASURE_TIMEOUT`].
+    #[error("measuring took longer than {}s", MEASURE_TIMEOUT.as_secs())]
+    TimedOut,
 }
 
 /// The meter's container of the run `run`.
@@ -121,7 +140,7 @@ impl DockerBackend {
         // It must measure once now, or it never counts.
         if let Err(why) = self.measure(&meter).await {
             meter.container = None;
-            return (meter, Some(why));
+            return (meter, Some(why.to_string()));
         }
         (meter, None)
     }
@@ -147,13 +166,16 @@ impl DockerBackend {
 
     /// What the run wrote to disk, in bytes: its volumes as `du` in the meter counts them, and
     /// its container's own layer as the engine does; or why that cannot be said.
-    pub(super) async fn measure(&self, meter: &Meter) -> Result<u64, String> {
+    pub(super) async fn measure(&self, meter: &Meter) -> Result<u64, Unmeasured> {
         let measured = async {
             let layer = self
                 .docker
                 .inspect_container(&meter.run, Some(InspectContainerOptions { size: true }))
                 .await
-                .map_err(|e| format!("cannot read the container's size: {}", engine_message(&e)))?
+                .map_err(|e| Unmeasured::Engine {
+                    what: "cannot read the container's size",
+                    why: engine_message(&e),
+                })?
                 .size_rw
                 .and_then(|size| u64::try_from(size).ok())
                 .unwrap_or(0);
@@ -165,19 +187,16 @@ impl DockerBackend {
         };
         tokio::time::timeout(MEASURE_TIMEOUT, measured)
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "measuring took longer than {}s",
-                    MEASURE_TIMEOUT.as_secs()
-                ))
-            })
+            .unwrap_or(Err(Unmeasured::TimedOut))
     }
 
     /// The bytes under `paths` as `du -sk` in the container `meter` counts them; a `du` that
     /// fails (a folder it cannot read, a crash) is an error, never a smaller count.
-    async fn disk_usage(&self, meter: &str, paths: &[String]) -> Result<u64, String> {
-        let failed =
-            |what: &str, e: bollard::errors::Error| format!("{what}: {}", engine_message(&e));
+    async fn disk_usage(&self, meter: &str, paths: &[String]) -> Result<u64, Unmeasured> {
+        let failed = |what: &'static str, e: bollard::errors::Error| Unmeasured::Engine {
+            what,
+            why: engine_message(&e),
+        };
         let mut cmd = vec!["du".to_string(), "-sk".to_string()];
         cmd.extend(paths.iter().cloned());
         let exec = self
@@ -198,14 +217,14 @@ impl DockerBackend {
             .await
             .map_err(|e| failed("cannot run du", e))?;
         let StartExecResults::Attached { mut output, .. } = started else {
-            return Err("du gave no output".into());
+            return Err(Unmeasured::Du("du gave no output".into()));
         };
         let mut text = Vec::new();
         while let Some(chunk) = output.next().await {
             let chunk = chunk.map_err(|e| failed("du's output stopped", e))?;
             text.extend_from_slice(&chunk.into_bytes());
             if text.len() > 64 * 1024 {
-                return Err("du said more than a size per path".into());
+                return Err(Unmeasured::Du("du said more than a size per path".into()));
             }
         }
         let code = self
@@ -215,10 +234,10 @@ impl DockerBackend {
             .map_err(|e| failed("cannot read du's exit code", e))?
             .exit_code;
         if code != Some(0) {
-            return Err(format!(
+            return Err(Unmeasured::Du(format!(
                 "du exited with code {}",
                 code.map_or("?".to_string(), |c| c.to_string())
-            ));
+            )));
         }
         let text = String::from_utf8_lossy(&text);
         let mut total: u64 = 0;
@@ -227,7 +246,7 @@ impl DockerBackend {
                 .split_whitespace()
                 .next()
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| "du said something else than a size".to_string())?;
+                .ok_or_else(|| Unmeasured::Du("du said something else than a size".into()))?;
             total = total.saturating_add(kib.saturating_mul(1024));
         }
         Ok(total)

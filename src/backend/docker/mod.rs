@@ -152,7 +152,8 @@ impl DockerBackend {
         Ok(DockerBackend {
             docker,
             ownership: ownership.clone(),
-            subnet_pool: network::SubnetPool::from_env().map_err(EngineError::Misconfigured)?,
+            subnet_pool: network::SubnetPool::from_env()
+                .map_err(|e| EngineError::Misconfigured(e.to_string()))?,
             making_networks: Default::default(),
             local_volumes: Default::default(),
             solves: Default::default(),

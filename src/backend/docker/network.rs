@@ -46,24 +46,44 @@ pub struct SubnetPool {
     prefix: u8,
 }
 
+/// Why a text is not a subnet pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadSubnetPool {
+    /// Not `a.b.c.d/n`.
+    #[error("\"{0}\" is not an IPv4 block; expected e.g. 10.213.0.0/16")]
+    NotABlock(String),
+    /// A block too large or too small to hold berth's networks.
+    #[error("\"{0}\": a subnet pool must be from /8 to /24, to hold networks of /28 and more")]
+    Size(String),
+    /// Bits set past the prefix: the block meant, and its prefix.
+    #[error("\"{written}\" has host bits set; did you mean {meant}?")]
+    HostBits {
+        /// As written.
+        written: String,
+        /// The block it is in.
+        meant: String,
+    },
+    /// `BERTH_SUBNET_POOL` holds no pool.
+    #[error("BERTH_SUBNET_POOL: {0}")]
+    Environment(Box<BadSubnetPool>),
+}
+
 impl FromStr for SubnetPool {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let invalid = || format!("\"{text}\" is not an IPv4 block; expected e.g. 10.213.0.0/16");
+    type Err = BadSubnetPool;
+    fn from_str(text: &str) -> Result<Self, BadSubnetPool> {
+        let invalid = || BadSubnetPool::NotABlock(text.into());
         let (address, prefix) = text.split_once('/').ok_or_else(invalid)?;
         let address: Ipv4Addr = address.parse().map_err(|_| invalid())?;
         let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
         if !(8..=24).contains(&prefix) {
-            return Err(format!(
-                "\"{text}\": a subnet pool must be from /8 to /24, to hold networks of /28 and more"
-            ));
+            return Err(BadSubnetPool::Size(text.into()));
         }
         let base = u32::from(address);
         if base & !mask(prefix) != 0 {
-            return Err(format!(
-                "\"{text}\" has host bits set; did you mean {}/{prefix}?",
-                Ipv4Addr::from(base & mask(prefix))
-            ));
+            return Err(BadSubnetPool::HostBits {
+                written: text.into(),
+                meant: format!("{}/{prefix}", Ipv4Addr::from(base & mask(prefix))),
+            });
         }
         Ok(SubnetPool { base, prefix })
     }
@@ -85,11 +105,11 @@ impl Default for SubnetPool {
 
 impl SubnetPool {
     /// The pool `BERTH_SUBNET_POOL` names, or the default; the error names the variable.
-    pub fn from_env() -> Result<SubnetPool, String> {
+    pub fn from_env() -> Result<SubnetPool, BadSubnetPool> {
         match std::env::var("BERTH_SUBNET_POOL") {
             Ok(text) if !text.is_empty() => text
                 .parse()
-                .map_err(|e: String| format!("BERTH_SUBNET_POOL: {e}")),
+                .map_err(|e| BadSubnetPool::Environment(Box::new(e))),
             _ => Ok(SubnetPool::default()),
         }
     }

@@ -88,14 +88,7 @@ impl RunRequest {
         commit: Option<&str>,
         credentials: Option<&crate::source::Source>,
     ) -> Result<RunRequest, PrepareError> {
-        let mut secrets = BTreeMap::new();
-        for (key, reference) in &spec.secret_env {
-            let value = reference.resolve().map_err(|source| PrepareError::Secret {
-                key: key.clone(),
-                source,
-            })?;
-            secrets.insert(key.clone(), value);
-        }
+        let secrets = crate::descriptor::values::resolve_all(&spec.secret_env)?;
         let (workspace, commit) =
             crate::source::pipeline_workspace(root, spec, commit, credentials)?;
         // A step image built from a folder of the config repo (whatever the source is).
@@ -142,13 +135,8 @@ impl RunRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// A secret of its environment could not be read.
-    #[error("secret {key}: {source}")]
-    Secret {
-        /// The variable.
-        key: String,
-        /// Why (naming the reference, never a value).
-        source: crate::descriptor::values::SecretError,
-    },
+    #[error(transparent)]
+    Secret(#[from] crate::descriptor::values::SecretUnread),
     /// Its workspace could not be made.
     #[error(transparent)]
     Workspace(#[from] crate::source::WorkspaceError),

@@ -17,9 +17,11 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::template::contained;
-use super::{DockerBackend, Trouble, is_status, remove_container};
+use super::{DockerBackend, DockerError, Trouble, is_status, remove_container};
 use crate::backend::LABEL_KIND;
-use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, flag_values, verdict};
+use crate::backend::solving::{
+    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, flag_values, verdict,
+};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
@@ -128,12 +130,12 @@ impl DockerBackend {
 
     /// One run of a solver: whether it solved the challenge, or `None` when that could not be
     /// told (the engine gone, the challenge container replaced under it).
-    async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), String>> {
+    async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
         let name = solver_name(&run.container);
         let _ = remove_container(&self.docker, &name).await;
         let image = match self.named_image(&run.check.image).await {
             Ok(image) => image,
-            Err(Trouble::Failed(why)) => return Some(Err(why)),
+            Err(Trouble::Failed(why)) => return Some(Err(Unsolved::NotStarted(why))),
             Err(Trouble::Transient(_)) => return None,
         };
         let mut labels = self.ownership.labels(&run.key, "");
@@ -162,7 +164,7 @@ impl DockerBackend {
         };
         if let Err(trouble) = self.create(&name, config).await {
             return match trouble {
-                Trouble::Failed(why) => Some(Err(why)),
+                Trouble::Failed(why) => Some(Err(Unsolved::NotStarted(why))),
                 Trouble::Transient(_) => None,
             };
         }
@@ -172,7 +174,7 @@ impl DockerBackend {
     }
 
     /// Starts the solver `name` and judges how it ends.
-    async fn watch_solver(&self, name: &str, run: &SolveRun) -> Option<Result<(), String>> {
+    async fn watch_solver(&self, name: &str, run: &SolveRun) -> Option<Result<(), Unsolved>> {
         if let Err(error) = self
             .docker
             .start_container(
@@ -185,14 +187,17 @@ impl DockerBackend {
             if is_status(&error, 404) || error.to_string().contains("No such container") {
                 return None;
             }
-            return Some(Err(format!("cannot start: {error}")));
+            return Some(Err(Unsolved::NotStarted(error.to_string())));
         }
         let mut waited = self
             .docker
             .wait_container(name, None::<WaitContainerOptions>);
         let code = match tokio::time::timeout(run.check.timeout.0, waited.next()).await {
             Err(_) => {
-                return Some(Err(format!("did not finish within {}", run.check.timeout)));
+                return Some(Err(Unsolved::TimedOut {
+                    timeout: run.check.timeout.to_string(),
+                    reason: None,
+                }));
             }
             Ok(Some(Ok(answer))) => answer.status_code,
             Ok(Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. }))) => code,
@@ -209,7 +214,7 @@ impl DockerBackend {
         &self,
         key: &ObjectRef,
         keep: &[String],
-    ) -> Result<(), String> {
+    ) -> Result<(), DockerError> {
         let options = bollard::query_parameters::ListContainersOptions {
             all: true,
             filters: Some(HashMap::from([(
@@ -222,11 +227,7 @@ impl DockerBackend {
             )])),
             ..Default::default()
         };
-        let solvers = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| e.to_string())?;
+        let solvers = self.docker.list_containers(Some(options)).await?;
         for solver in solvers {
             let solves = solver
                 .labels
@@ -238,9 +239,7 @@ impl DockerBackend {
                 continue;
             }
             let id = solver.id.unwrap_or_default();
-            remove_container(&self.docker, &id)
-                .await
-                .map_err(|e| e.to_string())?;
+            remove_container(&self.docker, &id).await?;
         }
         Ok(())
     }

@@ -167,7 +167,7 @@ impl ChallengeTemplate {
     pub(super) fn secret_files_tar(
         &self,
         values: &BTreeMap<String, String>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, PackError> {
         let (gid, group_read) = match self.spec.secret_files_group() {
             Some(gid) => (u64::from(gid), 0o040),
             None => (0, 0),
@@ -179,14 +179,14 @@ impl ChallengeTemplate {
             .map(|file| {
                 let value = values
                     .get(&file.key())
-                    .ok_or_else(|| format!("secret file {} was not read", file.path))?;
+                    .ok_or_else(|| PackError::NotRead(file.path.clone()))?;
                 Ok((
                     file.path.as_str(),
                     file.mode_bits() | group_read,
                     value.as_bytes(),
                 ))
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, PackError>>()?;
         root_owned_tar(&files, gid)
     }
 
@@ -198,7 +198,7 @@ impl ChallengeTemplate {
     /// The team's flag as a tar to copy into an instance's container: at the challenge's
     /// `instanced.flag.file`, owned by root and readable by the challenge user's group only, as
     /// a secret file is. `None` when the flag is not a file.
-    pub(super) fn flag_file_tar(&self, flag: &str) -> Option<Result<Vec<u8>, String>> {
+    pub(super) fn flag_file_tar(&self, flag: &str) -> Option<Result<Vec<u8>, PackError>> {
         let path = self.flag_file()?;
         let (gid, mode) = match self.spec.secret_files_group() {
             Some(gid) => (u64::from(gid), 0o440),
@@ -209,7 +209,7 @@ impl ChallengeTemplate {
 }
 
 /// A tar of one symbolic link at `path` (absolute) to `target`, owned by root.
-pub(super) fn link_tar(path: &str, target: &str) -> Result<Vec<u8>, String> {
+pub(super) fn link_tar(path: &str, target: &str) -> Result<Vec<u8>, PackError> {
     let mut builder = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Symlink);
@@ -220,14 +220,35 @@ pub(super) fn link_tar(path: &str, target: &str) -> Result<Vec<u8>, String> {
     header.set_size(0);
     builder
         .append_link(&mut header, path.trim_start_matches('/'), target)
-        .map_err(|e| format!("cannot pack the link {path}: {e}"))?;
-    builder
-        .into_inner()
-        .map_err(|e| format!("cannot pack the link {path}: {e}"))
+        .map_err(PackError::packing(path))?;
+    builder.into_inner().map_err(PackError::packing(path))
+}
+
+/// Why files to copy into a container could not be packed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PackError {
+    /// A secret file's value was not read before (a bug in berth).
+    #[error("secret file {0} was not read")]
+    NotRead(String),
+    /// The tar could not be written.
+    #[error("cannot pack {path}: {source}")]
+    Io {
+        /// The file or link.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl PackError {
+    fn packing(path: &str) -> impl FnOnce(std::io::Error) -> PackError {
+        let path = path.to_string();
+        move |source| PackError::Io { path, source }
+    }
 }
 
 /// Files as a tar of regular files owned by root and group `gid`: (absolute path, mode, bytes).
-fn root_owned_tar(files: &[(&str, u32, &[u8])], gid: u64) -> Result<Vec<u8>, String> {
+fn root_owned_tar(files: &[(&str, u32, &[u8])], gid: u64) -> Result<Vec<u8>, PackError> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, mode, bytes) in files {
         let mut header = tar::Header::new_gnu();
@@ -239,11 +260,11 @@ fn root_owned_tar(files: &[(&str, u32, &[u8])], gid: u64) -> Result<Vec<u8>, Str
         header.set_size(bytes.len() as u64);
         builder
             .append_data(&mut header, path.trim_start_matches('/'), *bytes)
-            .map_err(|e| format!("cannot pack {path}: {e}"))?;
+            .map_err(PackError::packing(path))?;
     }
     builder
         .into_inner()
-        .map_err(|e| format!("cannot pack the files: {e}"))
+        .map_err(PackError::packing("the files"))
 }
 
 fn wall_of(key: &ObjectRef, spec: &ChallengeSpec) -> Wall {

@@ -94,6 +94,37 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
     Some((template.desired(descriptor.dependencies()), template))
 }
 
+/// Why a repo folder a challenge's containers mount cannot go in a ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FolderRefused {
+    /// The folder cannot be read.
+    #[error("cannot read the folder {folder}: {why}")]
+    Unreadable {
+        /// The folder.
+        folder: String,
+        /// Why.
+        why: String,
+    },
+    /// A file of it cannot be read.
+    #[error("cannot read {path}: {why}")]
+    UnreadableFile {
+        /// The file, from the repo's root.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// Its files hold more than a ConfigMap can.
+    #[error(
+        "the folder {folder} holds {bytes} bytes; on kubernetes it goes in a ConfigMap, which holds at most {FOLDER_LIMIT}: keep what is copied in small, or put it in the image"
+    )]
+    TooLarge {
+        /// The folder.
+        folder: String,
+        /// Its files' bytes together.
+        bytes: u64,
+    },
+}
+
 impl ChallengeTemplate {
     /// The same challenge running the image a Pipeline produced: a cluster pulls by name, so
     /// its tag goes in the pod, and its id rolls the pods when the tag is built again.
@@ -231,7 +262,7 @@ impl ChallengeTemplate {
         root: &std::path::Path,
         labels: &HashMap<String, String>,
         namespace: &str,
-    ) -> Result<Vec<(String, Value)>, String> {
+    ) -> Result<Vec<(String, Value)>, FolderRefused> {
         use base64::Engine as _;
         let folders: std::collections::BTreeSet<&str> =
             self.mounts().filter_map(|m| m.from.as_deref()).collect();
@@ -239,18 +270,26 @@ impl ChallengeTemplate {
         for folder in folders {
             let copy = self.folders.get(folder).cloned().unwrap_or_default();
             if let Err(why) = copy.digest.short() {
-                return Err(format!("cannot read the folder {folder}: {why}"));
+                return Err(FolderRefused::Unreadable {
+                    folder: folder.into(),
+                    why: why.to_string(),
+                });
             }
             let total: u64 = copy.files.iter().map(|(_, _, size)| size).sum();
             if total > FOLDER_LIMIT {
-                return Err(format!(
-                    "the folder {folder} holds {total} bytes; on kubernetes it goes in a ConfigMap, which holds at most {FOLDER_LIMIT}: keep what is copied in small, or put it in the image"
-                ));
+                return Err(FolderRefused::TooLarge {
+                    folder: folder.into(),
+                    bytes: total,
+                });
             }
             let mut data = serde_json::Map::new();
             for (index, (path, _, _)) in copy.files.iter().enumerate() {
-                let bytes = std::fs::read(root.join(folder).join(path))
-                    .map_err(|e| format!("cannot read {folder}/{path}: {e}"))?;
+                let bytes = std::fs::read(root.join(folder).join(path)).map_err(|e| {
+                    FolderRefused::UnreadableFile {
+                        path: format!("{folder}/{path}"),
+                        why: e.to_string(),
+                    }
+                })?;
                 data.insert(
                     format!("f{index}"),
                     base64::engine::general_purpose::STANDARD

@@ -329,7 +329,7 @@ impl KubeBackend {
         }
         let folder_maps = template
             .folder_maps(root, &storage_labels, &ns)
-            .map_err(Trouble::Failed)?;
+            .map_err(|e| Trouble::Failed(e.to_string()))?;
         let wanted_maps: Vec<String> = folder_maps.iter().map(|(n, _)| n.clone()).collect();
         for (map, value) in folder_maps {
             objects.push(("ConfigMap", map, value));

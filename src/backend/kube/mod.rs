@@ -166,9 +166,10 @@ pub fn desired_object(
     });
     let template = StagingTemplate {
         namespace: spec.namespace.to_string(),
-        manifests: descriptor.manifests.clone().unwrap_or_else(|| {
-            Err("the staging's manifests were not read (a bug in berth)".into())
-        }),
+        manifests: descriptor
+            .manifests
+            .clone()
+            .unwrap_or_else(|| Err(manifests::RenderFailure::NotRead)),
         secrets: spec.overrides.secret.clone(),
         labels: descriptor.metadata.labels.clone(),
         awaits_tag,
@@ -203,10 +204,10 @@ impl StagingTemplate {
         spec.tag = Some(TagSource::Tag(product.tag_alone()?.to_string()));
         let manifests = match manifests::render(&source.root, &spec, source.max_file_size) {
             Ok(rendered) => rendered,
-            Err(problems) => Err(problems
-                .first()
-                .map(|p| format!("{}:{}:{}: {}", p.file, p.at.line, p.at.column, p.message))
-                .unwrap_or_default()),
+            Err(problems) => Err(problems.into_iter().next().map_or(
+                manifests::RenderFailure::NotRead,
+                manifests::RenderFailure::Manifest,
+            )),
         };
         Some(StagingTemplate {
             manifests,
@@ -223,7 +224,7 @@ impl StagingTemplate {
             }
             Err(why) => {
                 object.parts = Vec::new();
-                object.hold = Some(Hold::Fail(why.clone()));
+                object.hold = Some(Hold::Fail(why.to_string()));
             }
         }
     }
@@ -871,7 +872,7 @@ impl KubeBackend {
         let manifests = template
             .manifests
             .as_ref()
-            .map_err(|why| Trouble::Failed(why.clone()))?;
+            .map_err(|why| Trouble::Failed(why.to_string()))?;
         let ns = template.namespace.as_str();
         // Every kind is resolved before anything is applied: an unknown kind fails the staging
         // and touches nothing.

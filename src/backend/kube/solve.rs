@@ -22,7 +22,9 @@ use serde_json::json;
 
 use super::KubeBackend;
 use super::challenge::ChallengeTemplate;
-use crate::backend::solving::{OUTPUT_LIMIT, PULL_WAIT, SolveState, flag_values, verdict};
+use crate::backend::solving::{
+    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, flag_values, verdict,
+};
 use crate::backend::{LABEL_INSTANCE, LABEL_KIND};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
@@ -155,7 +157,7 @@ impl KubeBackend {
 
     /// One run: whether the solver solved the challenge, or `None` when that could not be told
     /// (the API server gone).
-    async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), String>> {
+    async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
         self.remove_solvers(run.key.name.as_str()).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
         let name = &run.pod;
@@ -164,7 +166,7 @@ impl KubeBackend {
         if let Err(error) = pods.create(&PostParams::default(), &pod).await {
             return match error {
                 kube::Error::Api(refusal) if refusal.code < 500 => {
-                    Some(Err(format!("cannot start: {}", refusal.message)))
+                    Some(Err(Unsolved::NotStarted(refusal.message)))
                 }
                 _ => None,
             };
@@ -185,7 +187,7 @@ impl KubeBackend {
         pods: &Api<Pod>,
         name: &str,
         run: &SolveRun,
-    ) -> Option<Result<(), String>> {
+    ) -> Option<Result<(), Unsolved>> {
         let started = Instant::now();
         let (code, last_words) = loop {
             tokio::time::sleep(POLL).await;
@@ -202,14 +204,16 @@ impl KubeBackend {
                 break (i64::from(terminated.exit_code), terminated.message);
             }
             if status.phase.as_deref() == Some("Failed") {
-                return Some(Err(format!(
-                    "did not finish within {} ({})",
-                    run.check.timeout,
-                    status.reason.unwrap_or_default()
-                )));
+                return Some(Err(Unsolved::TimedOut {
+                    timeout: run.check.timeout.to_string(),
+                    reason: Some(status.reason.unwrap_or_default()),
+                }));
             }
             if started.elapsed() > run.check.timeout.0 + PULL_WAIT {
-                return Some(Err(format!("did not finish within {}", run.check.timeout)));
+                return Some(Err(Unsolved::TimedOut {
+                    timeout: run.check.timeout.to_string(),
+                    reason: None,
+                }));
             }
         };
         let params = LogParams {
@@ -225,9 +229,7 @@ impl KubeBackend {
                     kube::Error::Api(refusal) => refusal.message,
                     other => other.to_string(),
                 };
-                return Some(Err(format!(
-                    "exited 0, but whether it printed the flag is unknown: its output cannot be read ({why})"
-                )));
+                return Some(Err(Unsolved::OutputUnread(why)));
             }
             // Else what the kubelet kept of a failed run's last lines will do.
             Err(_) => last_words.unwrap_or_default(),
