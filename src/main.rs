@@ -327,6 +327,7 @@ impl LoadFlags {
                 allow_privileged: self.allow_privileged,
                 ..Default::default()
             },
+            keep_descriptors: true,
         }
     }
 }
@@ -393,7 +394,14 @@ fn main() -> ExitCode {
         berth::source::set_network_timeouts();
     }
     match cli.command {
-        Command::Validate { dir, format, load } => validate(&dir, format, &load.options()),
+        Command::Validate { dir, format, load } => {
+            // Validating needs no descriptor kept whole, only their problems.
+            let options = LoadOptions {
+                keep_descriptors: false,
+                ..load.options()
+            };
+            validate(&dir, format, &options)
+        }
         Command::Plan {
             dir,
             format,

@@ -65,6 +65,10 @@ pub struct LoadOptions {
     pub instance_ports: std::ops::RangeInclusive<u16>,
     /// The agent's limits for what descriptors leave out, and whether privileged is allowed.
     pub walls: super::security::Walls,
+    /// Whether the valid descriptors are kept, to plan and apply; `berth validate` keeps only
+    /// what the checks across descriptors read of each, so its memory does not follow the size
+    /// of the repo's documents.
+    pub keep_descriptors: bool,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +79,7 @@ impl Default for LoadOptions {
             node_ports: DEFAULT_NODE_PORTS,
             instance_ports: DEFAULT_INSTANCE_PORTS,
             walls: Default::default(),
+            keep_descriptors: true,
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct Loaded {
     pub root: PathBuf,
     /// The largest file read, in bytes: a Staging rendered again later reads no larger one.
     pub max_file_size: u64,
+    /// How many valid descriptors of each kind there are, whether they were kept or not.
+    pub valid: BTreeMap<Kind, usize>,
     /// Valid descriptors, sorted by kind and name.
     pub descriptors: Vec<Descriptor>,
     /// Every problem, sorted by file, line and column. The repo is valid when this is empty.
@@ -122,17 +129,9 @@ impl Loaded {
     pub fn summary(&self) -> String {
         let counts: Vec<String> = Kind::ALL
             .iter()
-            .map(|kind| {
-                format!(
-                    "{} {kind}",
-                    self.descriptors
-                        .iter()
-                        .filter(|d| d.kind() == *kind)
-                        .count()
-                )
-            })
+            .map(|kind| format!("{} {kind}", self.valid.get(kind).copied().unwrap_or(0)))
             .collect();
-        let n = self.descriptors.len();
+        let n: usize = self.valid.values().sum();
         format!(
             "{n} descriptor{} valid ({})",
             if n == 1 { "" } else { "s" },
@@ -238,9 +237,12 @@ struct AssetUse {
     pointer: String,
 }
 
-/// A valid descriptor and the document it came from.
+/// A valid descriptor (or only what the checks across descriptors read of it, when the
+/// descriptors are not kept) and the document it came from.
 struct Candidate {
-    descriptor: Descriptor,
+    facts: semantic::RepoFacts,
+    /// Boxed: a candidate kept without its descriptor is then small.
+    descriptor: Option<Box<Descriptor>>,
     file: usize,
     doc: usize,
 }
@@ -383,7 +385,11 @@ impl Loader {
         }
         self.pending.extend(pending);
         self.warnings.extend(warnings);
-        self.candidates.extend(candidates);
+        // The first shard's candidates are taken as they are, not copied.
+        match self.candidates.is_empty() {
+            true => self.candidates = candidates,
+            false => self.candidates.extend(candidates),
+        }
         self.declared.extend(declared);
         self.asset_files.extend(asset_files);
         for (folder, uses) in asset_folders {
@@ -715,8 +721,14 @@ impl Loader {
                 if !self.render(&mut descriptor, &identity, (file, doc)) {
                     return;
                 }
-                self.hash(&mut descriptor);
+                let facts = semantic::RepoFacts::of(&descriptor);
+                // Hashes read build contexts and copied folders; they matter only to a plan.
+                let descriptor = self.options.keep_descriptors.then(|| {
+                    self.hash(&mut descriptor);
+                    Box::new(descriptor)
+                });
                 self.candidates.push(Candidate {
+                    facts,
                     descriptor,
                     file,
                     doc,
@@ -1102,12 +1114,13 @@ impl Loader {
     }
 
     fn check_repo(&mut self) {
-        let descriptors: Vec<&Descriptor> = self.candidates.iter().map(|c| &c.descriptor).collect();
+        let descriptors: Vec<&semantic::RepoFacts> =
+            self.candidates.iter().map(|c| &c.facts).collect();
         for problem in semantic::check_repo(&descriptors, &self.declared) {
             let at = &self.candidates[problem.at];
             let identity = Some((
-                at.descriptor.kind().to_string(),
-                Some(at.descriptor.metadata.name.to_string()),
+                at.facts.key().kind.to_string(),
+                Some(at.facts.key().name.to_string()),
             ));
             let also = problem.also.map(|(other, pointer)| {
                 let other = &self.candidates[other];
@@ -1214,14 +1227,25 @@ impl Loader {
         };
         let problems = sorted(&self.pending);
         let warnings = sorted(&self.warnings);
-        // Sorted by key (unique by now) before the candidates are unwrapped: a cached key and an
-        // in-place sort, as descriptors are large and a sort's scratch space would be too.
+        // Sorted by key before the candidates are unwrapped. The order is total (keys, then
+        // places), so an unstable sort in place is as good, and needs no scratch space: the
+        // candidates are large.
         let mut candidates = self.candidates;
-        candidates.sort_by_cached_key(|c| (c.descriptor.key(), c.file, c.doc));
-        let descriptors: Vec<Descriptor> = candidates.into_iter().map(|c| c.descriptor).collect();
+        candidates.sort_unstable_by(|a, b| {
+            (a.facts.key(), a.file, a.doc).cmp(&(b.facts.key(), b.file, b.doc))
+        });
+        let mut valid = BTreeMap::new();
+        for candidate in &candidates {
+            *valid.entry(candidate.facts.key().kind).or_insert(0) += 1;
+        }
+        let descriptors: Vec<Descriptor> = candidates
+            .into_iter()
+            .filter_map(|c| c.descriptor.map(|d| *d))
+            .collect();
         Loaded {
             root: self.root,
             max_file_size: self.options.max_file_size,
+            valid,
             descriptors,
             problems,
             warnings,
@@ -1404,6 +1428,102 @@ mod tests {
         .unwrap();
         let many: String = (0..150).map(|i| format!("---\nkind: Nope{i}\n")).collect();
         std::fs::write(dir.join("m-many.yaml"), many).unwrap();
+    }
+
+    #[test]
+    fn validating_without_keeping_descriptors_finds_exactly_the_same_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        mixed_repo(dir.path());
+        // Every check across descriptors, each tripped once.
+        let cross = [
+            (
+                "x-deps.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: needs, dependsOn: [Pipeline/gone]}\nspec: {image: busybox:latest}\n",
+            ),
+            (
+                "x-pipe.yaml",
+                "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {name: quiet}\nspec:\n  context: deploy\n  image: busybox:latest\n  steps: [{name: s, run: 'true'}]\n",
+            ),
+            (
+                "x-uses.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: uses}\nspec: {image: {fromPipeline: quiet}}\n",
+            ),
+            (
+                "x-port-1.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: port-1}\nspec: {image: busybox:latest, ports: [{container: 80, host: 8081}]}\n",
+            ),
+            (
+                "x-port-2.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: port-2}\nspec: {image: busybox:latest, ports: [{container: 81, host: 8081}]}\n",
+            ),
+            (
+                "xm/svc.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 30080}]\n",
+            ),
+            (
+                "x-ns-1.yaml",
+                "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: ns-1}\nspec: {namespace: shared, manifests: xm}\n",
+            ),
+            (
+                "x-ns-2.yaml",
+                "apiVersion: berth/v1\nkind: Staging\nmetadata: {name: ns-2}\nspec: {namespace: shared, manifests: xm}\n",
+            ),
+            (
+                "x-node.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: node}\nspec: {image: busybox:latest, target: kubernetes, ports: [{container: 80, host: 30080}]}\n",
+            ),
+            (
+                "x-a.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: ring-a, dependsOn: [Challenge/ring-b]}\nspec: {image: busybox:latest}\n",
+            ),
+            (
+                "x-b.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: ring-b, dependsOn: [Challenge/ring-a]}\nspec: {image: busybox:latest}\n",
+            ),
+            (
+                "x-team.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: team}\nspec:\n  image: busybox:latest\n  target: kubernetes\n  ports: [{container: 80}]\n  instanced: {ttl: 10m}\n",
+            ),
+            (
+                "x-reach.yaml",
+                "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: reach}\nspec: {image: busybox:latest, target: kubernetes, network: {allowConnectTo: [Challenge/team]}}\n",
+            ),
+        ];
+        std::fs::create_dir_all(dir.path().join("xm")).unwrap();
+        for (file, text) in cross {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let kept = load(dir.path(), &LoadOptions::default()).unwrap();
+        for wanted in [
+            "Pipeline/gone does not exist",
+            "produces no image",
+            "is also claimed by",
+            "is also the namespace of",
+            "is a NodePort, and Service/web of Staging/ns-1",
+            "dependency cycle",
+            "is instanced",
+            "duplicate Challenge/twice",
+        ] {
+            assert!(
+                kept.problems.iter().any(|p| p.message.contains(wanted)),
+                "{wanted}: {:?}",
+                kept.problems
+            );
+        }
+        let validated = load(
+            dir.path(),
+            &LoadOptions {
+                keep_descriptors: false,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(validated.problems, kept.problems);
+        assert_eq!(validated.warnings, kept.warnings);
+        assert_eq!(validated.valid, kept.valid);
+        assert_eq!(validated.summary(), kept.summary());
+        assert!(validated.descriptors.is_empty());
+        assert_eq!(kept.descriptors.len(), kept.valid.values().sum::<usize>());
     }
 
     #[test]

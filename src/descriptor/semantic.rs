@@ -1314,17 +1314,161 @@ pub(super) struct RepoProblem {
     pub also: Option<(usize, String)>,
 }
 
+/// What the checks across descriptors read of one descriptor, and nothing else: kept for each
+/// valid descriptor when the descriptors themselves are not (`berth validate` of a large repo).
+#[derive(Debug, Clone)]
+pub(crate) struct RepoFacts {
+    key: ObjectRef,
+    /// `metadata.dependsOn`, in order.
+    depends_on: Vec<ObjectRef>,
+    /// The Pipeline whose product it uses.
+    from_pipeline: Option<ObjectRef>,
+    /// A Pipeline's: whether it produces an image.
+    produces: bool,
+    /// A Staging's namespace.
+    namespace: Option<String>,
+    /// A Challenge's: whether teams get instances of it.
+    instanced: bool,
+    /// A Challenge's `network.allowConnectTo`, in order.
+    allow_connect_to: Vec<ObjectRef>,
+    /// A Challenge's host ports, in the order of [`ChallengeSpec::all_ports`].
+    host_ports: Vec<HostPort>,
+    /// A Challenge's: whether it runs on Kubernetes.
+    on_kubernetes: bool,
+    /// A Staging's NodePorts its Services ask for, each with where (`Service/web of
+    /// Staging/shop (m/web.yaml:1)`).
+    node_ports: Vec<(u16, String)>,
+}
+
+/// One host port of a challenge's containers, and where it is written.
+#[derive(Debug, Clone, Copy)]
+struct HostPort {
+    /// The sidecar's index, or `None` for the main container.
+    sidecar: Option<usize>,
+    /// The port's index in its container's `ports`.
+    index: usize,
+    port: u16,
+    protocol: &'static str,
+}
+
+impl HostPort {
+    fn pointer(&self) -> String {
+        match self.sidecar {
+            None => format!("/spec/ports/{}", self.index),
+            Some(at) => format!("/spec/sidecars/{at}/ports/{}", self.index),
+        }
+    }
+
+    fn dotted(&self) -> String {
+        match self.sidecar {
+            None => format!("spec.ports[{}]", self.index),
+            Some(at) => format!("spec.sidecars[{at}].ports[{}]", self.index),
+        }
+    }
+}
+
+impl RepoFacts {
+    /// What the checks across descriptors need of `descriptor`.
+    pub(crate) fn of(descriptor: &Descriptor) -> RepoFacts {
+        let mut facts = RepoFacts {
+            key: descriptor.key(),
+            depends_on: descriptor.metadata.depends_on.clone(),
+            from_pipeline: descriptor.pipeline_reference(),
+            produces: false,
+            namespace: None,
+            instanced: false,
+            allow_connect_to: Vec::new(),
+            host_ports: Vec::new(),
+            on_kubernetes: false,
+            node_ports: Vec::new(),
+        };
+        match &descriptor.spec {
+            Spec::Challenge(spec) => {
+                facts.instanced = spec.instanced.is_some();
+                facts.allow_connect_to = spec.network.allow_connect_to.clone();
+                facts.on_kubernetes = spec.target == Some(Engine::Kubernetes);
+                let main = spec
+                    .ports
+                    .iter()
+                    .enumerate()
+                    .map(|(index, port)| (None, index, port));
+                let sidecars = spec.sidecars.iter().enumerate().flat_map(|(at, sidecar)| {
+                    sidecar
+                        .ports
+                        .iter()
+                        .enumerate()
+                        .map(move |(index, port)| (Some(at), index, port))
+                });
+                facts.host_ports = main
+                    .chain(sidecars)
+                    .filter_map(|(sidecar, index, port)| {
+                        Some(HostPort {
+                            sidecar,
+                            index,
+                            port: port.host?.0,
+                            protocol: port.protocol.as_str(),
+                        })
+                    })
+                    .collect();
+            }
+            Spec::Pipeline(spec) => facts.produces = spec.produces.is_some(),
+            Spec::Staging(spec) => {
+                facts.namespace = Some(spec.namespace.to_string());
+                // A challenge on the cluster publishes its host port as a NodePort, and the API
+                // server gives each port to one Service, whatever its protocol.
+                if let Some(Ok(manifests)) = &descriptor.manifests {
+                    for manifest in manifests.iter().filter(|m| m.kind == "Service") {
+                        for port in manifest.object["spec"]["ports"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(node_port) = port["nodePort"]
+                                .as_u64()
+                                .and_then(|p| u16::try_from(p).ok())
+                            {
+                                facts.node_ports.push((
+                                    node_port,
+                                    format!(
+                                        "Service/{} of {} ({}:{})",
+                                        manifest.name, facts.key, manifest.file, manifest.line
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        facts
+    }
+
+    /// Its key: `Kind/name`.
+    pub(crate) fn key(&self) -> &ObjectRef {
+        &self.key
+    }
+
+    /// What it waits for: `dependsOn`, and the Pipeline whose product it uses.
+    fn dependencies(&self) -> impl Iterator<Item = &ObjectRef> {
+        let from = self
+            .from_pipeline
+            .iter()
+            .filter(|reference| !self.depends_on.contains(reference));
+        self.depends_on.iter().chain(from)
+    }
+}
+
 /// Checks across descriptors. `declared` holds every `Kind/name` some document declares, valid or
 /// not, so that a reference to an invalid descriptor is not also reported as missing.
 pub(super) fn check_repo(
-    descriptors: &[&Descriptor],
+    descriptors: &[&RepoFacts],
     declared: &HashSet<(Kind, String)>,
 ) -> Vec<RepoProblem> {
     let mut found = Vec::new();
-    let mut first: HashMap<ObjectRef, usize> = HashMap::new();
+    let mut first: HashMap<&ObjectRef, usize> = HashMap::new();
     for (index, descriptor) in descriptors.iter().enumerate() {
-        let key = descriptor.key();
-        match first.get(&key) {
+        let key = &descriptor.key;
+        match first.get(key) {
             Some(&earlier) => found.push(RepoProblem {
                 at: index,
                 pointer: "/metadata/name".into(),
@@ -1339,7 +1483,7 @@ pub(super) fn check_repo(
     let exists =
         |reference: &ObjectRef| declared.contains(&(reference.kind, reference.name.to_string()));
     for (index, descriptor) in descriptors.iter().enumerate() {
-        for (position, reference) in descriptor.metadata.depends_on.iter().enumerate() {
+        for (position, reference) in descriptor.depends_on.iter().enumerate() {
             if !exists(reference) {
                 found.push(RepoProblem {
                     at: index,
@@ -1351,15 +1495,11 @@ pub(super) fn check_repo(
                 });
             }
         }
-        if let Spec::Challenge(spec) = &descriptor.spec
-            && let Some(ImageSource::FromPipeline(from)) = &spec.image
+        if descriptor.key.kind == Kind::Challenge
+            && let Some(reference) = &descriptor.from_pipeline
         {
-            let reference = ObjectRef {
-                kind: Kind::Pipeline,
-                name: from.from_pipeline.clone(),
-            };
             let pointer = "/spec/image/fromPipeline".to_string();
-            if !exists(&reference) {
+            if !exists(reference) {
                 found.push(RepoProblem {
                     at: index,
                     pointer,
@@ -1368,9 +1508,8 @@ pub(super) fn check_repo(
                     ),
                     also: None,
                 });
-            } else if let Some(&pipeline) = first.get(&reference)
-                && let Spec::Pipeline(spec) = &descriptors[pipeline].spec
-                && spec.produces.is_none()
+            } else if let Some(&pipeline) = first.get(reference)
+                && !descriptors[pipeline].produces
             {
                 found.push(RepoProblem {
                     at: index,
@@ -1389,26 +1528,25 @@ pub(super) fn check_repo(
 }
 
 /// Two Stagings in one namespace: cleaning one up would delete the other.
-fn shared_namespaces(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
+fn shared_namespaces(descriptors: &[&RepoFacts]) -> Vec<RepoProblem> {
     let mut first: HashMap<&str, usize> = HashMap::new();
     let mut found = Vec::new();
     for (index, descriptor) in descriptors.iter().enumerate() {
-        let Spec::Staging(spec) = &descriptor.spec else {
+        let Some(namespace) = descriptor.namespace.as_deref() else {
             continue;
         };
-        if let Some(&earlier) = first.get(spec.namespace.as_str()) {
+        if let Some(&earlier) = first.get(namespace) {
             found.push(RepoProblem {
                 at: index,
                 pointer: "/spec/namespace".into(),
                 message: format!(
-                    "spec.namespace: {} is also the namespace of {}, and a staging owns its namespace; choose another",
-                    spec.namespace,
-                    descriptors[earlier].key()
+                    "spec.namespace: {namespace} is also the namespace of {}, and a staging owns its namespace; choose another",
+                    descriptors[earlier].key
                 ),
                 also: Some((earlier, "/spec/namespace".into())),
             });
         } else {
-            first.insert(spec.namespace.as_str(), index);
+            first.insert(namespace, index);
         }
     }
     found
@@ -1416,20 +1554,15 @@ fn shared_namespaces(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
 
 /// `allowConnectTo` naming an instanced challenge: its instances are each a team's own, and no
 /// other challenge reaches them.
-fn connections_to_instances(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
-    let instanced: HashSet<String> = descriptors
+fn connections_to_instances(descriptors: &[&RepoFacts]) -> Vec<RepoProblem> {
+    let instanced: HashSet<&str> = descriptors
         .iter()
-        .filter_map(|d| match &d.spec {
-            Spec::Challenge(spec) if spec.instanced.is_some() => Some(d.metadata.name.to_string()),
-            _ => None,
-        })
+        .filter(|d| d.key.kind == Kind::Challenge && d.instanced)
+        .map(|d| d.key.name.as_str())
         .collect();
     let mut found = Vec::new();
     for (index, descriptor) in descriptors.iter().enumerate() {
-        let Spec::Challenge(spec) = &descriptor.spec else {
-            continue;
-        };
-        for (position, target) in spec.network.allow_connect_to.iter().enumerate() {
+        for (position, target) in descriptor.allow_connect_to.iter().enumerate() {
             if target.kind == Kind::Challenge && instanced.contains(target.name.as_str()) {
                 found.push(RepoProblem {
                     at: index,
@@ -1444,7 +1577,7 @@ fn connections_to_instances(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
 }
 
 /// Dependency cycles, each reported once, at the edge that closes it.
-fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> Vec<RepoProblem> {
+fn cycles(descriptors: &[&RepoFacts], index_of: &HashMap<&ObjectRef, usize>) -> Vec<RepoProblem> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -1452,8 +1585,8 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
         Done,
     }
     struct Search<'a> {
-        descriptors: &'a [&'a Descriptor],
-        index_of: &'a HashMap<ObjectRef, usize>,
+        descriptors: &'a [&'a RepoFacts],
+        index_of: &'a HashMap<&'a ObjectRef, usize>,
         marks: Vec<Mark>,
         path: Vec<usize>,
         found: Vec<RepoProblem>,
@@ -1464,7 +1597,7 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
             self.path.push(node);
             let descriptor = self.descriptors[node];
             for reference in descriptor.dependencies() {
-                let Some(&next) = self.index_of.get(&reference) else {
+                let Some(&next) = self.index_of.get(reference) else {
                     continue;
                 };
                 match self.marks[next] {
@@ -1473,18 +1606,14 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
                         let start = self.path.iter().position(|&n| n == next).expect("on path");
                         let mut names: Vec<String> = self.path[start..]
                             .iter()
-                            .map(|&n| self.descriptors[n].key().to_string())
+                            .map(|&n| self.descriptors[n].key.to_string())
                             .collect();
                         names.push(reference.to_string());
-                        let pointer = match descriptor
-                            .metadata
-                            .depends_on
-                            .iter()
-                            .position(|d| *d == reference)
-                        {
-                            Some(position) => format!("/metadata/dependsOn/{position}"),
-                            None => "/spec/image/fromPipeline".to_string(),
-                        };
+                        let pointer =
+                            match descriptor.depends_on.iter().position(|d| d == reference) {
+                                Some(position) => format!("/metadata/dependsOn/{position}"),
+                                None => "/spec/image/fromPipeline".to_string(),
+                            };
                         self.found.push(RepoProblem {
                             at: node,
                             pointer,
@@ -1510,7 +1639,7 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
         found: Vec::new(),
     };
     let mut order: Vec<usize> = (0..descriptors.len()).collect();
-    order.sort_by_key(|&i| descriptors[i].key());
+    order.sort_by_key(|&i| &descriptors[i].key);
     for node in order {
         if search.marks[node] == Mark::New {
             search.visit(node);
@@ -1519,58 +1648,30 @@ fn cycles(descriptors: &[&Descriptor], index_of: &HashMap<ObjectRef, usize>) -> 
     search.found
 }
 
-fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
+fn host_port_clashes(descriptors: &[&RepoFacts]) -> Vec<RepoProblem> {
     let mut claimed: BTreeMap<(u16, &'static str), (usize, String)> = BTreeMap::new();
     let mut found = Vec::new();
-    // NodePorts a staging's Services ask for: a challenge on the cluster publishes its host port
-    // as a NodePort, and the API server gives each port to one Service.
-    // By number alone: the API server gives a node port to one Service whatever its protocol.
-    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
+    // NodePorts a staging's Services ask for, by number alone: the first to ask names it.
+    let mut node_ports: BTreeMap<u16, &str> = BTreeMap::new();
     for descriptor in descriptors {
-        let (Spec::Staging(_), Some(Ok(manifests))) = (&descriptor.spec, &descriptor.manifests)
-        else {
-            continue;
-        };
-        for manifest in manifests.iter().filter(|m| m.kind == "Service") {
-            for port in manifest.object["spec"]["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let Some(node_port) = port["nodePort"]
-                    .as_u64()
-                    .and_then(|p| u16::try_from(p).ok())
-                else {
-                    continue;
-                };
-                node_ports.entry(node_port).or_insert_with(|| {
-                    format!(
-                        "Service/{} of {} ({}:{})",
-                        manifest.name,
-                        descriptor.key(),
-                        manifest.file,
-                        manifest.line
-                    )
-                });
-            }
+        for (port, service) in &descriptor.node_ports {
+            node_ports.entry(*port).or_insert(service);
         }
     }
     for (index, descriptor) in descriptors.iter().enumerate() {
-        let Spec::Challenge(spec) = &descriptor.spec else {
-            continue;
-        };
-        for at in spec.all_ports() {
-            let Some(host) = at.port.host else { continue };
-            let key = (host.0, at.port.protocol.as_str());
-            if spec.target == Some(Engine::Kubernetes)
-                && let Some(service) = node_ports.get(&host.0)
+        for at in &descriptor.host_ports {
+            let key = (at.port, at.protocol);
+            if descriptor.on_kubernetes
+                && let Some(service) = node_ports.get(&at.port)
             {
                 found.push(RepoProblem {
                     at: index,
-                    pointer: format!("{}/host", at.pointer),
+                    pointer: format!("{}/host", at.pointer()),
                     message: format!(
                         "{}.host: on kubernetes host port {}/{} is a NodePort, and {service} asks for it too; choose another",
-                        at.dotted, host.0, key.1
+                        at.dotted(),
+                        at.port,
+                        key.1
                     ),
                     also: None,
                 });
@@ -1578,23 +1679,24 @@ fn host_port_clashes(descriptors: &[&Descriptor]) -> Vec<RepoProblem> {
             }
             match claimed.get(&key) {
                 Some((other, other_pointer)) => {
-                    let other_name = descriptors[*other].key();
                     let whose = match *other == index {
                         true => "another container of this challenge".to_string(),
-                        false => other_name.to_string(),
+                        false => descriptors[*other].key.to_string(),
                     };
                     found.push(RepoProblem {
                         at: index,
-                        pointer: format!("{}/host", at.pointer),
+                        pointer: format!("{}/host", at.pointer()),
                         message: format!(
                             "{}.host: host port {}/{} is also claimed by {whose}",
-                            at.dotted, host.0, key.1
+                            at.dotted(),
+                            at.port,
+                            key.1
                         ),
                         also: Some((*other, format!("{other_pointer}/host"))),
                     });
                 }
                 None => {
-                    claimed.insert(key, (index, at.pointer.clone()));
+                    claimed.insert(key, (index, at.pointer()));
                 }
             }
         }
