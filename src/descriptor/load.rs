@@ -1331,6 +1331,11 @@ fn typed(kind: Kind, value: Value, file: String, line: usize) -> Result<Descript
     fn parts<S: serde::de::DeserializeOwned>(
         value: Value,
     ) -> Result<(super::Metadata, S), Violation> {
+        // Tracking the path costs an allocation per key: only a document the types refuse pays
+        // for finding where.
+        if let Ok(envelope) = <Envelope<S> as serde::Deserialize>::deserialize(&value) {
+            return Ok((envelope.metadata, envelope.spec));
+        }
         let envelope: Envelope<S> = serde_path_to_error::deserialize(value).map_err(|error| {
             let mut pointer = String::new();
             for segment in error.path().iter() {
