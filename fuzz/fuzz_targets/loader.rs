@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     // The whole loader, on a repo holding this one file.
     let dir = tempfile::tempdir().expect("temporary folder");
     std::fs::write(dir.path().join("fuzz.yaml"), data).expect("write");
-    let options = berth::descriptor::LoadOptions { max_file_size: 64 * 1024 };
+    let options = berth::descriptor::LoadOptions {
+        max_file_size: 64 * 1024,
+        ..Default::default()
+    };
     let loaded = berth::descriptor::load(dir.path(), &options).expect("the folder exists");
     // Lines as YAML counts them: CR LF, a lone CR and LF each end one.
     let text = String::from_utf8_lossy(data).replace("\r\n", "\n").replace('\r', "\n");

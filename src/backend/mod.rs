@@ -202,7 +202,7 @@ impl Template {
     /// render them).
     fn shape(&self, object: &mut DesiredObject) {
         match self {
-            Template::Challenge(t) => object.parts = t.desired(Vec::new()).parts,
+            Template::Challenge(t) => object.parts = t.parts.clone(),
             Template::KubeChallenge(t) => object.parts = t.desired(Vec::new()).parts,
             Template::Staging(t) => t.shape(object),
             Template::Pipeline(_) => {}
