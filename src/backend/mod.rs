@@ -203,7 +203,7 @@ impl Template {
     fn shape(&self, object: &mut DesiredObject) {
         match self {
             Template::Challenge(t) => object.parts = t.parts.clone(),
-            Template::KubeChallenge(t) => object.parts = t.desired(Vec::new()).parts,
+            Template::KubeChallenge(t) => object.parts = t.parts(),
             Template::Staging(t) => t.shape(object),
             Template::Pipeline(_) => {}
         }

@@ -74,6 +74,23 @@ impl SolveState {
     }
 }
 
+/// One solver run, bounded by its check's timeout and an image pull: what `run` found, or, for a
+/// run stuck past the bound (an image pull that never ends), nothing, after `give_up` removed
+/// what it left; the next look then starts a run again.
+pub(crate) async fn bounded<G: std::future::Future<Output = ()>>(
+    check: &SolveCheck,
+    run: impl std::future::Future<Output = Option<Result<(), Unsolved>>>,
+    give_up: impl FnOnce() -> G,
+) -> Option<Result<(), Unsolved>> {
+    match tokio::time::timeout(check.timeout.0 + PULL_WAIT, run).await {
+        Ok(found) => found,
+        Err(_) => {
+            give_up().await;
+            None
+        }
+    }
+}
+
 /// The flag's possible values: each of the challenge's secrets as read on this host, trimmed,
 /// the empty and unreadable ones left out.
 pub(crate) fn flag_values<'a>(secrets: impl Iterator<Item = &'a SecretRef>) -> Vec<String> {

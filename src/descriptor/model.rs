@@ -340,22 +340,62 @@ pub struct PortMapping {
     pub protocol: Protocol,
 }
 
-/// One port of a challenge's containers, and where it is written in the descriptor.
-pub struct PortAt<'a> {
+/// Where a port is written: the main container's `ports`, or a sidecar's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortPlace {
+    /// The sidecar's index, or `None` for the main container.
+    pub sidecar: Option<usize>,
+    /// The port's index in its container's `ports`.
+    pub index: usize,
+}
+
+impl PortPlace {
     /// Its JSON pointer: `/spec/ports/0`, `/spec/sidecars/1/ports/0`.
-    pub pointer: String,
+    pub fn pointer(&self) -> String {
+        match self.sidecar {
+            None => format!("/spec/ports/{}", self.index),
+            Some(at) => format!("/spec/sidecars/{at}/ports/{}", self.index),
+        }
+    }
+
     /// Its path as problems say it: `spec.ports[0]`, `spec.sidecars[1].ports[0]`.
-    pub dotted: String,
+    pub fn dotted(&self) -> String {
+        match self.sidecar {
+            None => format!("spec.ports[{}]", self.index),
+            Some(at) => format!("spec.sidecars[{at}].ports[{}]", self.index),
+        }
+    }
+}
+
+/// A port of a challenge's containers, and where it is written.
+#[derive(Debug, Clone, Copy)]
+pub struct PortAt<'a> {
+    /// Where it is written.
+    pub place: PortPlace,
     /// The port.
     pub port: &'a PortMapping,
+}
+
+impl PortAt<'_> {
+    /// Its JSON pointer: `/spec/ports/0`, `/spec/sidecars/1/ports/0`.
+    pub fn pointer(&self) -> String {
+        self.place.pointer()
+    }
+
+    /// Its path as problems say it: `spec.ports[0]`, `spec.sidecars[1].ports[0]`.
+    pub fn dotted(&self) -> String {
+        self.place.dotted()
+    }
 }
 
 impl ChallengeSpec {
     /// Every port of its containers: the main container's, then each sidecar's.
     pub fn all_ports(&self) -> Vec<PortAt<'_>> {
         let main = self.ports.iter().enumerate().map(|(index, port)| PortAt {
-            pointer: format!("/spec/ports/{index}"),
-            dotted: format!("spec.ports[{index}]"),
+            place: PortPlace {
+                sidecar: None,
+                index,
+            },
             port,
         });
         let sidecars = self.sidecars.iter().enumerate().flat_map(|(at, sidecar)| {
@@ -364,8 +404,10 @@ impl ChallengeSpec {
                 .iter()
                 .enumerate()
                 .map(move |(index, port)| PortAt {
-                    pointer: format!("/spec/sidecars/{at}/ports/{index}"),
-                    dotted: format!("spec.sidecars[{at}].ports[{index}]"),
+                    place: PortPlace {
+                        sidecar: Some(at),
+                        index,
+                    },
                     port,
                 })
         });

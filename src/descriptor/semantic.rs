@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use super::model::{
-    ChallengeSpec, Engine, ImageSource, Instanced, RestartPolicy, StagingSpec, StepImage,
+    ChallengeSpec, Engine, ImageSource, Instanced, PortPlace, RestartPolicy, StagingSpec, StepImage,
 };
 use super::schema::Violation;
 use super::{Descriptor, Kind, ObjectRef, Spec};
@@ -38,10 +38,10 @@ pub(super) fn check_descriptor(
                         && options.instance_ports.contains(&host.0)
                     {
                         found.push(violation(
-                            format!("{}/host", at.pointer),
+                            format!("{}/host", at.pointer()),
                             format!(
                                 "{}.host: {} is in the range per-team instances take (the agent's instances.hostPorts, {}-{}); pick another port, or move the range",
-                                at.dotted,
+                                at.dotted(),
                                 host.0,
                                 options.instance_ports.start(),
                                 options.instance_ports.end()
@@ -196,8 +196,8 @@ fn check_walls(spec: &ChallengeSpec, walls: &super::security::Walls, found: &mut
             .find(|at| at.port.host.is_some())
     {
         found.push(violation(
-            format!("{}/host", at.pointer),
-            format!("{}.host: on docker, a challenge with network.egress: false is on an internal network, whose ports the engine does not publish; drop the host port, keep egress, or run it with target: kubernetes, where egress is closed by a NetworkPolicy", at.dotted),
+            format!("{}/host", at.pointer()),
+            format!("{}.host: on docker, a challenge with network.egress: false is on an internal network, whose ports the engine does not publish; drop the host port, keep egress, or run it with target: kubernetes, where egress is closed by a NetworkPolicy", at.dotted()),
         ));
     }
 }
@@ -219,11 +219,11 @@ fn check_instanced(spec: &ChallengeSpec, instanced: &Instanced, found: &mut Vec<
     if let Some(at) = spec
         .all_ports()
         .into_iter()
-        .find(|at| at.pointer.starts_with("/spec/sidecars/"))
+        .find(|at| at.place.sidecar.is_some())
     {
         found.push(violation(
-            at.pointer,
-            format!("{}: an instance publishes its main container's ports only; serve the sidecar's through the main container, or drop the instancing", at.dotted),
+            at.pointer(),
+            format!("{}: an instance publishes its main container's ports only; serve the sidecar's through the main container, or drop the instancing", at.dotted()),
         ));
     }
     if let Some(index) = spec.ports.iter().position(|p| p.host.is_some()) {
@@ -1060,23 +1060,23 @@ fn check_on_kubernetes(
         let key = (at.port.container.0, at.port.protocol.as_str());
         if let Some(first) = listening.get(&key) {
             found.push(violation(
-                format!("{}/container", at.pointer),
+                format!("{}/container", at.pointer()),
                 format!(
                     "{}.container: {first} listens on {}/{} too, and on kubernetes the containers of a pod share one network; give one of them another port, or keep this challenge on docker",
-                    at.dotted, key.0, key.1
+                    at.dotted(), key.0, key.1
                 ),
             ));
         } else {
-            listening.insert(key, at.dotted.clone());
+            listening.insert(key, at.dotted());
         }
         if let Some(host) = at.port.host
             && !node_ports.contains(&host.0)
         {
             found.push(violation(
-                format!("{}/host", at.pointer),
+                format!("{}/host", at.pointer()),
                 format!(
                     "{}.host: {} is outside the cluster's NodePort range {}-{}, so it cannot be published on every node; pick a port in the range, or leave host out and expose the port with a LoadBalancer Service or an Ingress",
-                    at.dotted,
+                    at.dotted(),
                     host.0,
                     node_ports.start(),
                     node_ports.end()
@@ -1343,27 +1343,18 @@ pub(crate) struct RepoFacts {
 /// One host port of a challenge's containers, and where it is written.
 #[derive(Debug, Clone, Copy)]
 struct HostPort {
-    /// The sidecar's index, or `None` for the main container.
-    sidecar: Option<usize>,
-    /// The port's index in its container's `ports`.
-    index: usize,
+    place: PortPlace,
     port: u16,
     protocol: &'static str,
 }
 
 impl HostPort {
     fn pointer(&self) -> String {
-        match self.sidecar {
-            None => format!("/spec/ports/{}", self.index),
-            Some(at) => format!("/spec/sidecars/{at}/ports/{}", self.index),
-        }
+        self.place.pointer()
     }
 
     fn dotted(&self) -> String {
-        match self.sidecar {
-            None => format!("spec.ports[{}]", self.index),
-            Some(at) => format!("spec.sidecars[{at}].ports[{}]", self.index),
-        }
+        self.place.dotted()
     }
 }
 
@@ -1387,26 +1378,14 @@ impl RepoFacts {
                 facts.instanced = spec.instanced.is_some();
                 facts.allow_connect_to = spec.network.allow_connect_to.clone();
                 facts.on_kubernetes = spec.target == Some(Engine::Kubernetes);
-                let main = spec
-                    .ports
-                    .iter()
-                    .enumerate()
-                    .map(|(index, port)| (None, index, port));
-                let sidecars = spec.sidecars.iter().enumerate().flat_map(|(at, sidecar)| {
-                    sidecar
-                        .ports
-                        .iter()
-                        .enumerate()
-                        .map(move |(index, port)| (Some(at), index, port))
-                });
-                facts.host_ports = main
-                    .chain(sidecars)
-                    .filter_map(|(sidecar, index, port)| {
+                facts.host_ports = spec
+                    .all_ports()
+                    .into_iter()
+                    .filter_map(|at| {
                         Some(HostPort {
-                            sidecar,
-                            index,
-                            port: port.host?.0,
-                            protocol: port.protocol.as_str(),
+                            place: at.place,
+                            port: at.port.host?.0,
+                            protocol: at.port.protocol.as_str(),
                         })
                     })
                     .collect();

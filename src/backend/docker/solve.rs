@@ -19,9 +19,7 @@ use serde_json::Value;
 use super::template::contained;
 use super::{DockerBackend, DockerError, Trouble, is_status, remove_container};
 use crate::backend::LABEL_KIND;
-use crate::backend::solving::{
-    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, flag_values, verdict,
-};
+use crate::backend::solving::{OUTPUT_LIMIT, SolveState, Unsolved, bounded, flag_values, verdict};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
@@ -108,17 +106,10 @@ impl DockerBackend {
         for run in due {
             let backend = self.clone();
             tokio::spawn(async move {
-                let bound = run.check.timeout.0 + PULL_WAIT;
-                let found = match tokio::time::timeout(bound, backend.run_solver(&run)).await {
-                    Ok(found) => found,
-                    // Stuck (an image pull that never ends): no word on the challenge, and the
-                    // next look starts a run again.
-                    Err(_) => {
-                        let _ =
-                            remove_container(&backend.docker, &solver_name(&run.container)).await;
-                        None
-                    }
-                };
+                let found = bounded(&run.check, backend.run_solver(&run), || async {
+                    let _ = remove_container(&backend.docker, &solver_name(&run.container)).await;
+                })
+                .await;
                 let mut solves = backend.solves.lock().expect("solves");
                 solves
                     .entry(run.container.clone())

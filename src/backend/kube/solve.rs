@@ -23,7 +23,7 @@ use serde_json::json;
 use super::KubeBackend;
 use super::challenge::ChallengeTemplate;
 use crate::backend::solving::{
-    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, flag_values, verdict,
+    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, bounded, flag_values, verdict,
 };
 use crate::backend::{LABEL_INSTANCE, LABEL_KIND};
 use crate::descriptor::ObjectRef;
@@ -128,16 +128,10 @@ impl KubeBackend {
         for run in due {
             let backend = self.clone();
             tokio::spawn(async move {
-                let bound = run.check.timeout.0 + PULL_WAIT;
-                let found = match tokio::time::timeout(bound, backend.run_solver(&run)).await {
-                    Ok(found) => found,
-                    // Stuck (an image pull that never ends): its pod goes, and no word on the
-                    // challenge.
-                    Err(_) => {
-                        backend.delete_solver_pod(&run.pod).await;
-                        None
-                    }
-                };
+                let found = bounded(&run.check, backend.run_solver(&run), || {
+                    backend.delete_solver_pod(&run.pod)
+                })
+                .await;
                 let mut solves = backend.solves.found.lock().expect("solves");
                 solves
                     .entry((run.key.clone(), run.version.clone()))
