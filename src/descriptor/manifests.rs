@@ -510,7 +510,7 @@ fn render_chart(
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let origin = format!("{chart} (rendered)");
-    let (manifests, problems) = documents(&origin, &text, target);
+    let (manifests, problems) = documents(&origin, yaml::parse(&text, true), target);
     match problems.first() {
         // Nothing rendered would mean deleting everything the staging has.
         None if manifests.is_empty() => Err(RenderFailure::Empty(chart.into())),
@@ -658,10 +658,12 @@ pub fn render_text(
     let substituted = substitute(text, |_, name| lookup(name, variables).map(str::to_string));
     match substituted {
         Ok((substituted, occurrences)) => {
-            if let Err((at, message)) = shape_kept(text, &substituted, &occurrences) {
+            // Read once, with positions: the shape check and the manifests share it.
+            let read = yaml::parse(&substituted, true);
+            if let Err((at, message)) = shape_kept(text, &read, &occurrences) {
                 return (Vec::new(), vec![problem(at, message)]);
             }
-            documents(file, &substituted, target)
+            documents(file, read, target)
         }
         Err(found) => (
             Vec::new(),
@@ -683,13 +685,13 @@ struct Occurrence {
 
 /// Checks that substituting changed no manifest's shape: with each variable replaced by a marker
 /// (plain letters, one scalar wherever they stand) the text must parse into the same documents,
-/// mappings and sequences as `substituted` does, each variable standing for one scalar (or, in a
+/// mappings and sequences as the substituted text did (`actual`), each variable standing for one scalar (or, in a
 /// key, for the key its value makes). A value with a line break, `: `, `- `, `{`, `,` or a quote
 /// that would add a key, an item or a whole document (a RoleBinding, a privileged Pod) is refused
 /// at the variable that carried it.
 fn shape_kept(
     text: &str,
-    substituted: &str,
+    actual: &yaml::Stream,
     occurrences: &[Occurrence],
 ) -> Result<(), (Position, String)> {
     if occurrences.is_empty() {
@@ -722,7 +724,6 @@ fn shape_kept(
         )
     };
     let template = yaml::parse(&marked, false);
-    let actual = yaml::parse(substituted, false);
     match (template.fatal.is_some(), actual.fatal.is_some()) {
         // The text itself is not YAML: parsing the substituted text reports it.
         (true, true) => return Ok(()),
@@ -871,14 +872,17 @@ impl Markers<'_> {
     }
 }
 
-/// Checks the documents of `text`, named `file`, as they are.
-fn documents(file: &str, text: &str, target: Target<'_>) -> (Vec<Manifest>, Vec<ManifestProblem>) {
+/// Checks the documents of `stream`, read from the file `file`, as they are.
+fn documents(
+    file: &str,
+    stream: yaml::Stream,
+    target: Target<'_>,
+) -> (Vec<Manifest>, Vec<ManifestProblem>) {
     let problem = |at: Position, message: String| ManifestProblem {
         file: file.to_string(),
         at,
         message,
     };
-    let stream = yaml::parse(text, true);
     let mut manifests = Vec::new();
     let mut problems: Vec<ManifestProblem> = Vec::new();
     if let Some(fatal) = stream.fatal {
