@@ -159,8 +159,9 @@ fn main() {
     let mut log = Log {
         lines: std::io::BufReader::new(agent.stderr.take().unwrap()).lines(),
     };
-    let pushed = log.until("status pushed");
+    // A pass ends ("pass done"), then its status is pushed.
     let first = log.until("pass done");
+    let pushed = log.until("status pushed");
     let initial = started.elapsed();
     println!(
         "\ninitial pass, {OBJECTS} objects created: {:.1} s (pass {} ms)",
