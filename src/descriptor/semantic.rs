@@ -364,7 +364,7 @@ fn plain_path(path: &str, what: PathOf) -> Result<(), String> {
 }
 
 /// A challenge's volumes: plain absolute paths, one volume per path in each container, not
-/// under a tmpfs or on a secret file; and Docker only so far.
+/// under a tmpfs or on a secret file.
 fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) {
     // A pooled instance's flag is put in a volume at /run/berth-flag.
     let pooled_flag = spec
@@ -409,15 +409,6 @@ fn check_volumes(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>) 
         )
     }));
     for (pointer, shown, volumes, security) in containers {
-        if !volumes.is_empty()
-            && spec.target == Some(Engine::Kubernetes)
-            && spec.instanced.is_some()
-        {
-            found.push(violation(
-                pointer.clone(),
-                format!("{shown}: per-team instances on kubernetes have no volumes yet; run this challenge's instances on docker, or keep its data in the image"),
-            ));
-        }
         let mut seen: Vec<std::path::PathBuf> = Vec::new();
         for (index, volume) in volumes.iter().enumerate() {
             match (&volume.name, &volume.from) {

@@ -851,6 +851,24 @@ fn an_instance_with_a_sidecar_gets_its_own_and_reaches_no_other_teams() {
     assert!(!networks.contains(id), "its network stays: {networks}");
 }
 
+/// An agent following `origin` (served by the git daemon returned with it) that runs challenges
+/// and their instances on the test cluster, once its first pass is applied.
+fn kube_agent(cluster: &crate::support::cluster::Cluster, origin: &Origin) -> (GitDaemon, Agent) {
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(origin);
+    let agent = Agent::start(
+        &cluster.instance,
+        &daemon.url(),
+        &format!(
+            "prune: true\nkube: {{kubeconfig: {}, challengeNamespace: {}}}\ninstances: {{host: 127.0.0.1}}\n",
+            cluster.kubeconfig.display(),
+            cluster.challenges()
+        ),
+    );
+    agent.wait_for("the first pass", || applied(origin, &revision));
+    (daemon, agent)
+}
+
 /// `kubectl get KIND -l SELECTOR -o jsonpath=…` in the test's challenge namespace, trimmed.
 fn labelled(
     cluster: &crate::support::cluster::Cluster,
@@ -928,17 +946,7 @@ fn on_kubernetes_each_team_gets_a_pod_behind_a_node_port_of_its_own_replaced_on_
             ),
         ),
     ]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = Agent::start(
-        &cluster.instance,
-        &daemon.url(),
-        &format!(
-            "prune: true\nkube: {{kubeconfig: {}, challengeNamespace: {ns}}}\ninstances: {{host: 127.0.0.1}}\n",
-            cluster.kubeconfig.display()
-        ),
-    );
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = kube_agent(&cluster, &origin);
     // The pass made the walls and no workload of its own.
     assert_eq!(
         cluster.get(
@@ -1125,5 +1133,188 @@ fn every_instance_mounts_the_one_read_only_copy_of_a_repo_folder() {
             crate::support::engine::write_refused(&main, "/www/index.html"),
             "team {team} could change the page"
         );
+    }
+}
+
+/// Binds each pending claim of `challenge`'s instances to a volume on the host made for it
+/// alone (the test cluster has no provisioner), in `store`; the names of the claims bound.
+fn bind_instance_claims(
+    cluster: &crate::support::cluster::Cluster,
+    challenge: &str,
+    store: &std::path::Path,
+) -> BTreeSet<String> {
+    let selector = format!(
+        "berth.instance={},berth.name={challenge},berth.team-instance",
+        cluster.instance.name
+    );
+    let pending = labelled(
+        cluster,
+        "pvc",
+        &selector,
+        "{range .items[?(@.status.phase==\"Pending\")]}{.metadata.name} {end}",
+    );
+    let ns = cluster.challenges();
+    let mut bound = BTreeSet::new();
+    for claim in pending.split_whitespace() {
+        let path = store.join(claim);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let pv = format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}-{claim}\n  labels: {{berth.instance: {name}}}\nspec:\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  claimRef: {{namespace: {ns}, name: {claim}}}\n  hostPath: {{path: {}}}\n",
+            path.display(),
+            name = cluster.instance.name,
+        );
+        let file = store.join(format!("{claim}.yaml"));
+        std::fs::write(&file, pv).unwrap();
+        let made = cluster.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        assert!(made.status.success(), "{made:?}");
+        bound.insert(claim.to_string());
+    }
+    bound
+}
+
+/// Issue 20 on the cluster: a per-team instance keeps its named volume in a claim of its own,
+/// made before its pod, mounted again by the pod that replaces it (the data outlives the
+/// update), and deleted with the instance; no team sees another's data. A folder of the repo is
+/// the challenge's one ConfigMap, which every instance mounts read-only.
+#[test]
+fn on_kubernetes_each_instance_keeps_its_volume_in_a_claim_of_its_own_and_shares_the_folder() {
+    let Some(cluster) = crate::support::cluster::cluster() else {
+        return;
+    };
+    let ns = cluster.challenges();
+    let vault = |round: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: vault}}\nspec:\n  target: kubernetes\n  image: busybox:latest\n  command: [sh, -c, 'echo {round} >> /data/starts; mkdir -p /srv; cp /data/starts /srv/starts; cp /www/page /srv/page; exec httpd -f -p 8080 -h /srv']\n  ports: [{{container: 8080}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  volumes:\n    - {{name: data, path: /data, size: 16Mi}}\n    - {{from: vault/www, path: /www}}\n  instanced: {{ttl: 5m, onUpdate: replace}}\n"
+        )
+    };
+    // Another challenge stays, so that retiring vault is not a prune of everything (held).
+    let origin = Origin::new(&[
+        ("vault.yaml", &vault("one")),
+        ("vault/www/page", "shared page\n"),
+        (
+            "idle.yaml",
+            &instanced("idle", "    ttl: 5m\n", "  target: kubernetes\n"),
+        ),
+    ]);
+    let (_daemon, agent) = kube_agent(&cluster, &origin);
+    // The challenge has no claim of its own; its folder's copy is made by the pass.
+    assert!(!cluster.exists(&ns, "pvc/vault.data"));
+    let folder = cluster.get(
+        &ns,
+        "configmaps",
+        "{range .items[?(@.metadata.labels.berth\\.name==\"vault\")]}{.metadata.name} {end}",
+    );
+    assert!(folder.trim().starts_with("vault.folder-"), "{folder}");
+
+    // Each team's spawn waits on a claim of its own, which the test binds as a provisioner would.
+    let store = tempfile::tempdir().unwrap();
+    let mut spawned = Vec::new();
+    let mut claims = BTreeSet::new();
+    for team in ["t1", "t2"] {
+        let port = agent.port;
+        let asked = std::thread::spawn(move || {
+            let bearer = format!("Bearer {API_TOKEN}");
+            let body = format!(r#"{{"team": "{team}"}}"#);
+            let (code, _, body) = http_with_head(
+                port,
+                "POST",
+                "/api/v1/challenges/vault/instances",
+                &[("Authorization", &bearer)],
+                body.as_bytes(),
+            );
+            (
+                code,
+                serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+            )
+        });
+        eventually(
+            &format!("{team}'s claim is made"),
+            Duration::from_secs(60),
+            || {
+                claims.extend(bind_instance_claims(&cluster, "vault", store.path()));
+                claims.len() == spawned.len() + 1
+            },
+        );
+        let (code, instance) = asked.join().unwrap();
+        assert_eq!(code, 201, "{instance}");
+        spawned.push(instance);
+    }
+    let id = |instance: &Value| instance["id"].as_str().unwrap().to_string();
+    let expected: BTreeSet<String> = spawned
+        .iter()
+        .map(|i| format!("inst-vault-{}.data", id(i)))
+        .collect();
+    assert_eq!(claims, expected);
+    for instance in &spawned {
+        let port = port_of(instance);
+        assert_eq!(fetched_eventually(port, "/page"), "shared page");
+        // Each team's data is its own: one start each, never the other's.
+        assert_eq!(fetched_eventually(port, "/starts"), "one");
+    }
+
+    // A new version replaces each pod; the new one mounts the same claim, so the data stays.
+    let changed = origin.commit(&[("vault.yaml", Some(&vault("two")))], "vault two");
+    agent.reconcile();
+    agent.wait_for("the change applied", || applied(&origin, &changed));
+    let first = &spawned[0];
+    eventually("t1's instance is replaced", Duration::from_secs(90), || {
+        let now = call(
+            &agent,
+            "GET",
+            &format!("/api/v1/instances/{}", id(first)),
+            "",
+        )
+        .2;
+        now["version"] != first["version"] && now["state"] == "live"
+    });
+    eventually(
+        "the replacement reads the data the first pod wrote",
+        Duration::from_secs(30),
+        || fetch(port_of(first), "/starts").as_deref() == Some("one\ntwo"),
+    );
+
+    // A kill deletes that instance's claim; the other team's stays.
+    let second = &spawned[1];
+    let (code, _, _) = call(
+        &agent,
+        "DELETE",
+        &format!("/api/v1/instances/{}", id(second)),
+        "",
+    );
+    assert_eq!(code, 204);
+    // Deleted: gone, or going once its pod has stopped (the cluster keeps a claim in use).
+    let deleted = |claim: &str| {
+        !cluster.exists(&ns, claim)
+            || !cluster
+                .get(&ns, claim, "{.metadata.deletionTimestamp}")
+                .is_empty()
+    };
+    let killed = format!("pvc/inst-vault-{}.data", id(second));
+    eventually(
+        "the killed instance's claim is deleted",
+        Duration::from_secs(60),
+        || deleted(&killed),
+    );
+    let kept = format!("pvc/inst-vault-{}.data", id(first));
+    assert!(!deleted(&kept), "the other team's claim went too");
+
+    // Retired from the repo: every instance goes, claims and all.
+    let removed = origin.commit(&[("vault.yaml", None)], "vault is retired");
+    agent.reconcile();
+    agent.wait_for("the removal applied", || applied(&origin, &removed));
+    eventually(
+        "vault's claims are deleted",
+        Duration::from_secs(60),
+        || deleted(&kept),
+    );
+    for claim in &claims {
+        cluster.kubectl(&[
+            "delete",
+            "pv",
+            &format!("{}-{claim}", cluster.instance.name),
+            "--wait=false",
+        ]);
     }
 }

@@ -1327,11 +1327,6 @@ fn volumes_are_folders_of_their_own_on_docker() {
     );
     let problems = problems_of(repo.path(), &LoadOptions::default());
     let expected = [
-        (
-            "cluster.yaml",
-            10,
-            "per-team instances on kubernetes have no volumes yet",
-        ),
         ("paths.yaml", 8, "\"data\" is not a folder's absolute path"),
         (
             "paths.yaml",

@@ -223,11 +223,38 @@ impl ChallengeTemplate {
     }
 
     /// Its named volumes' claims, each once (the size the first mount of it gives), in
-    /// `namespace` with `labels`.
+    /// `namespace` with `labels`. An instanced challenge has none of its own: each instance has
+    /// its [`Self::instance_claims`].
     pub fn claims(
         &self,
         labels: &HashMap<String, String>,
         namespace: &str,
+    ) -> Vec<(String, Value)> {
+        if self.instanced() {
+            return Vec::new();
+        }
+        self.claims_named(labels, namespace, |volume| self.claim_name(volume))
+    }
+
+    /// The claims of the instance whose objects are named `base`: one per named volume, kept
+    /// while the instance lives (a replacement of its pod mounts them again) and deleted with
+    /// it, so no team ever sees another's data.
+    pub fn instance_claims(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        base: &str,
+    ) -> Vec<(String, Value)> {
+        self.claims_named(labels, namespace, |volume| {
+            instance_claim_name(base, volume)
+        })
+    }
+
+    fn claims_named(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        name_of: impl Fn(&str) -> String,
     ) -> Vec<(String, Value)> {
         let mut sizes: BTreeMap<&str, Option<Size>> = BTreeMap::new();
         for mount in self.mounts() {
@@ -238,7 +265,7 @@ impl ChallengeTemplate {
         sizes
             .into_iter()
             .map(|(volume, size)| {
-                let name = self.claim_name(volume);
+                let name = name_of(volume);
                 let bytes = size.map_or(DEFAULT_CLAIM, |s| s.bytes);
                 let claim = json!({
                     "apiVersion": "v1",
@@ -783,6 +810,12 @@ fn idle_cpu_requests(pod: &mut Value) {
     }
 }
 
+/// The claim of the named volume `volume` of the instance whose objects are named `base`: a `.`
+/// between, as for a challenge's own claims.
+pub fn instance_claim_name(base: &str, volume: &str) -> String {
+    format!("{base}.{volume}")
+}
+
 /// The volume of an instance's flag file.
 const FLAG_VOLUME: &str = "berth-flag";
 /// The key of the flag in an instance's flag Secret.
@@ -797,7 +830,7 @@ impl ChallengeTemplate {
         &self,
         labels: &HashMap<String, String>,
         namespace: &str,
-        name: &str,
+        (base, name): (&str, &str),
         flag_secret: Option<&str>,
     ) -> Value {
         let deployment = self.deployment(labels, namespace, true);
@@ -805,6 +838,25 @@ impl ChallengeTemplate {
         let mut spec = template["spec"].clone();
         spec["restartPolicy"] = "Always".into();
         idle_cpu_requests(&mut spec);
+        // Its named volumes are the instance's own claims, never the challenge's.
+        let named: BTreeMap<String, String> = self
+            .mounts()
+            .filter_map(|mount| mount.named())
+            .map(|volume| {
+                (
+                    self.claim_name(volume.as_str()),
+                    instance_claim_name(base, volume.as_str()),
+                )
+            })
+            .collect();
+        for volume in spec["volumes"].as_array_mut().into_iter().flatten() {
+            let claim = volume.pointer_mut("/persistentVolumeClaim/claimName");
+            if let Some(claim) = claim
+                && let Some(own) = claim.as_str().and_then(|c| named.get(c))
+            {
+                *claim = own.as_str().into();
+            }
+        }
         let given = self.spec.instanced.as_ref().and_then(|i| i.flag.as_ref());
         if let (Some(given), Some(flag_secret)) = (given, flag_secret) {
             let main = &mut spec["containers"][0];
@@ -1322,7 +1374,7 @@ mod tests {
         let mut labels = labels();
         labels.insert(LABEL_INSTANCE_ID.into(), "abc".into());
         labels.insert(LABEL_KIND.into(), INSTANCE_KIND.into());
-        let pod = env.instance_pod(&labels, "ns", "inst-web-abc-1", Some("s"));
+        let pod = env.instance_pod(&labels, "ns", ("inst-web-abc", "inst-web-abc-1"), Some("s"));
         assert_eq!(pod["kind"], "Pod");
         assert_eq!(pod["metadata"]["labels"][LABEL_INSTANCE_ID], "abc");
         assert_eq!(
@@ -1372,7 +1424,12 @@ mod tests {
             "instanced": {"ttl": "10m", "flag": {"file": "/flag.txt"}},
         }));
         assert_ne!(file.version(), env.version());
-        let pod = file.instance_pod(&labels, "ns", "p", Some("inst-web-abc-flag"));
+        let pod = file.instance_pod(
+            &labels,
+            "ns",
+            ("inst-web-abc", "p"),
+            Some("inst-web-abc-flag"),
+        );
         assert_eq!(
             pod["spec"]["containers"][0]["volumeMounts"],
             json!([{"name": "berth-flag", "mountPath": "/flag.txt", "subPath": "flag", "readOnly": true}])
@@ -1387,7 +1444,7 @@ mod tests {
             .unwrap();
         assert_eq!(secret["data"]["flag"], "Znt4fQ==");
         // A pooled pod has no flag at all.
-        let pooled = file.instance_pod(&labels, "ns", "p", None);
+        let pooled = file.instance_pod(&labels, "ns", ("inst-web-abc", "p"), None);
         assert_eq!(pooled["spec"]["volumes"], json!([]));
 
         // An instance requests a hundredth of its CPU limit: a node holds many idle ones.
@@ -1396,10 +1453,33 @@ mod tests {
             "resources": {"cpus": 0.5, "memory": "64Mi"},
             "instanced": {"ttl": "10m"},
         }));
-        let pod = limited.instance_pod(&labels, "ns", "p", None);
+        let pod = limited.instance_pod(&labels, "ns", ("inst-web-abc", "p"), None);
         assert_eq!(
             pod["spec"]["containers"][0]["resources"],
             json!({"limits": {"cpu": "500m", "memory": "67108864"}, "requests": {"cpu": "5m", "memory": "6710886"}})
+        );
+
+        // Each instance's named volume is a claim of its own; a folder is the challenge's one
+        // copy, shared read-only; the challenge itself has no claim.
+        let stored = template(json!({
+            "ports": [{"container": 1337}],
+            "volumes": [{"name": "data", "path": "/data", "size": "64Mi"}],
+            "instanced": {"ttl": "10m"},
+        }));
+        assert!(stored.claims(&labels, "ns").is_empty());
+        let claims = stored.instance_claims(&labels, "ns", "inst-web-abc");
+        let names: Vec<&str> = claims.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["inst-web-abc.data"]);
+        assert_eq!(claims[0].1["metadata"]["labels"][LABEL_INSTANCE_ID], "abc");
+        let pod = stored.instance_pod(&labels, "ns", ("inst-web-abc", "p"), None);
+        assert_eq!(
+            pod["spec"]["volumes"],
+            json!([{"name": "v-data", "persistentVolumeClaim": {"claimName": "inst-web-abc.data"}}])
+        );
+        let other = stored.instance_pod(&labels, "ns", ("inst-web-xyz", "q"), None);
+        assert_eq!(
+            other["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "inst-web-xyz.data"
         );
     }
 

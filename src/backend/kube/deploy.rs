@@ -69,9 +69,7 @@ fn resource_of(kind: &str) -> kube::discovery::ApiResource {
         "ConfigMap" => {
             kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&())
         }
-        "PersistentVolumeClaim" => kube::discovery::ApiResource::erase::<
-            k8s_openapi::api::core::v1::PersistentVolumeClaim,
-        >(&()),
+        "PersistentVolumeClaim" => super::claim_resource(),
         "NetworkPolicy" => network_policy_resource(),
         "Deployment" => deployment_resource(),
         _ => service_resource(),

@@ -1,6 +1,7 @@
 //! Per-team instances on the cluster: for each, in the agent's challenge namespace, a pod of the
-//! challenge's version, a NodePort Service and a NetworkPolicy of its own, and a Secret holding
-//! its team's flag. Their `berth.kind` is [`INSTANCE_KIND`], so nothing that selects the
+//! challenge's version, a NodePort Service and a NetworkPolicy of its own, a Secret holding its
+//! team's flag, and a claim of its own for each named volume (a repo folder is the challenge's
+//! ConfigMap, shared read-only). Their `berth.kind` is [`INSTANCE_KIND`], so nothing that selects the
 //! challenge's own pods (a Service, another challenge's `allowConnectTo`) selects a team's. The
 //! policies, the challenge's (made by its pass) and the instance's, let in only the instance's
 //! ports and let out nothing to another pod, so one team's instance reaches no other.
@@ -15,7 +16,9 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch};
 use serde_json::Value;
 
 use super::challenge::{ChallengeTemplate, INSTANCE_KIND};
-use super::{KubeBackend, Trouble, apply_params, health, pod_resource, secret_resource};
+use super::{
+    KubeBackend, Trouble, apply_params, claim_resource, health, pod_resource, secret_resource,
+};
 use crate::backend::instance::{
     InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance, Started,
 };
@@ -132,7 +135,24 @@ impl KubeBackend {
                 .map_err(|e| Trouble::object("Secret", &secret, e))?;
             flag_secret = Some(secret.as_str());
         }
-        let shape = template.instance_pod(&labels, ns, pod, flag_secret);
+        // Its claims, before the pod that mounts them: made once, kept while the instance lives
+        // (a replacement mounts them again), never changed after (the API server refuses most
+        // changes to a claim).
+        let claims = self.instance_api(&claim_resource());
+        for (claim, value) in template.instance_claims(&labels, ns, &base) {
+            if claims
+                .get_opt(&claim)
+                .await
+                .map_err(Trouble::from)?
+                .is_none()
+            {
+                claims
+                    .patch(&claim, &params, &Patch::Apply(&value))
+                    .await
+                    .map_err(|e| Trouble::object("PersistentVolumeClaim", &claim, e))?;
+            }
+        }
+        let shape = template.instance_pod(&labels, ns, (&base, pod), flag_secret);
         self.instance_api(&pod_resource())
             .patch(pod, &params, &Patch::Apply(&shape))
             .await
@@ -247,16 +267,29 @@ impl KubeBackend {
         delete(&self.instance_api(&pod_resource()), "Pod", pod).await
     }
 
-    /// Deletes instance `id` of `challenge`: its pods, Service and flag Secret (gone already is
-    /// fine).
+    /// Deletes instance `id` of `challenge`: its pods, claims, Service and flag Secret (gone
+    /// already is fine). A claim goes once its pods have (the cluster keeps one a pod uses).
     pub async fn remove_instance(&self, challenge: &str, id: &str) -> Result<(), InstanceTrouble> {
+        let of_instance = ListParams::default().labels(&self.instance_selector(Some(id)));
         let pods = self
             .instance_api(&pod_resource())
-            .list(&ListParams::default().labels(&self.instance_selector(Some(id))))
+            .list(&of_instance)
             .await
             .map_err(|e| InstanceTrouble::from(Trouble::from(e)))?;
         for pod in pods.items.iter().filter_map(|p| p.metadata.name.as_deref()) {
             self.remove_instance_pod(pod).await?;
+        }
+        let claims = self.instance_api(&claim_resource());
+        let listed = claims
+            .list(&of_instance)
+            .await
+            .map_err(|e| InstanceTrouble::from(Trouble::from(e)))?;
+        for claim in listed
+            .items
+            .iter()
+            .filter_map(|c| c.metadata.name.as_deref())
+        {
+            delete(&claims, "PersistentVolumeClaim", claim).await?;
         }
         let base = base_name(challenge, id);
         delete(
@@ -337,19 +370,21 @@ impl KubeBackend {
             .collect())
     }
 
-    /// The instances that have a Service, a flag Secret or a NetworkPolicy here: to find what
-    /// is left of instances with no record (an agent killed mid-removal).
+    /// The instances that have a Service, a flag Secret, a NetworkPolicy or a claim here: to
+    /// find what is left of instances with no record (an agent killed mid-removal).
     pub async fn instance_leftovers(&self) -> Result<Vec<InstanceObjects>, InstanceTrouble> {
         let params = ListParams::default().labels(&self.instance_selector(None));
-        let (services, secrets, policies) = (
+        let (services, secrets, policies, claims) = (
             self.instance_api(&super::deploy::service_resource()),
             self.instance_api(&secret_resource()),
             self.instance_api(&super::deploy::network_policy_resource()),
+            self.instance_api(&claim_resource()),
         );
-        let (services, secrets, policies) = tokio::try_join!(
+        let (services, secrets, policies, claims) = tokio::try_join!(
             services.list(&params),
             secrets.list(&params),
-            policies.list(&params)
+            policies.list(&params),
+            claims.list(&params)
         )
         .map_err(|e| InstanceTrouble::from(Trouble::from(e)))?;
         let mut found: Vec<InstanceObjects> = services
@@ -357,6 +392,7 @@ impl KubeBackend {
             .iter()
             .chain(&secrets.items)
             .chain(&policies.items)
+            .chain(&claims.items)
             .filter_map(|object| {
                 let labels = object.metadata.labels.as_ref()?;
                 Some(InstanceObjects {

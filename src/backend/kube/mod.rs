@@ -1714,6 +1714,10 @@ fn secret_resource() -> ApiResource {
     ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&())
 }
 
+fn claim_resource() -> ApiResource {
+    ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&())
+}
+
 /// Eight hex digits from the kernel's random source, for names made anew each time.
 fn random_suffix() -> String {
     hex::encode(&random_key()[..4])
