@@ -1159,11 +1159,12 @@ async fn instances(
     };
     if listing {
         outln!(
-            "{:<16}  {:<20}  {:<20}  {:<8}  {:<25}  EXPIRES",
+            "{:<16}  {:<20}  {:<20}  {:<8}  {:<11}  {:<25}  EXPIRES",
             "ID",
             "CHALLENGE",
             "TEAM",
             "STATE",
+            "HEALTH",
             "ENDPOINTS"
         );
     }
@@ -1184,12 +1185,15 @@ async fn instances(
                     .collect()
             })
             .unwrap_or_default();
+        // What its solver found; `-` for a challenge without a solve check.
+        let health = printable::field(instance["health"]["state"].as_str().unwrap_or("-"));
         outln!(
-            "{:<16}  {:<20}  {:<20}  {:<8}  {:<25}  {}",
+            "{:<16}  {:<20}  {:<20}  {:<8}  {:<11}  {:<25}  {}",
             text("id"),
             text("challenge"),
             text("team"),
             text("state"),
+            health,
             endpoints.join(","),
             text("expiresAt")
         );

@@ -204,6 +204,13 @@ pub struct InstanceCounts {
     pub live: usize,
     /// Started and ready for the next teams.
     pub pooled: usize,
+    /// Of those, the ones whose last solver run failed (`healthcheck.solve`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub degraded: usize,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 /// How a pass ended.

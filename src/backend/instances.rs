@@ -7,13 +7,14 @@
 //! known, by the engine its record names.
 
 use crate::descriptor::ObjectRef;
-use crate::descriptor::model::{ChallengeSpec, Engine, Instanced};
+use crate::descriptor::model::{ChallengeSpec, Engine, Instanced, SolveCheck};
 
 use super::docker::{self, DockerBackend};
 pub use super::instance::{
     InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance, Started,
 };
 use super::kube::{self, KubeBackend};
+use super::solving::Unsolved;
 
 /// One version of an instanced challenge, as its engine makes instances of it.
 #[derive(Debug, Clone)]
@@ -216,6 +217,34 @@ impl InstanceEngines {
         match engine {
             Engine::Docker => self.docker()?.remove_instance(container).await,
             Engine::Kubernetes => self.kube()?.remove_instance_pod(container).await,
+        }
+    }
+
+    /// One run of `check`, the solver of `template`, against the instance `objects`: whether it
+    /// solved it (printing one of `flags` when the check expects a flag), or `None` when that
+    /// could not be told (the engine gone, the instance replaced or removed under it).
+    pub(crate) async fn solve(
+        &self,
+        template: &InstanceTemplate,
+        objects: &InstanceObjects,
+        check: &SolveCheck,
+        flags: Vec<String>,
+    ) -> Option<Result<(), Unsolved>> {
+        let port = template.spec().ports.first()?.container.0;
+        let key = template.key();
+        match objects.engine {
+            Engine::Docker => {
+                self.docker
+                    .as_ref()?
+                    .solve_instance(key, &objects.container, (check, port), flags)
+                    .await
+            }
+            Engine::Kubernetes => {
+                self.kube
+                    .as_ref()?
+                    .solve_instance(key, &objects.id, (check, port), flags)
+                    .await
+            }
         }
     }
 

@@ -92,9 +92,13 @@ impl ObjectRow {
                 .unwrap_or_default(),
             since: object.last_transition.clone().unwrap_or_default(),
             href: object_href(object.kind, &object.name),
-            instances: object
-                .instances
-                .map(|c| format!("{} live, {} pooled", c.live, c.pooled)),
+            instances: object.instances.map(|c| match c.degraded {
+                0 => format!("{} live, {} pooled", c.live, c.pooled),
+                failing => format!(
+                    "{} live, {} pooled, {failing} failing its solver",
+                    c.live, c.pooled
+                ),
+            }),
         }
     }
 }
@@ -362,7 +366,11 @@ mod tests {
     #[test]
     fn a_row_says_its_state_in_words_and_tone() {
         let mut heap = object(Kind::Challenge, "heap", Phase::Running, Health::Healthy);
-        heap.instances = Some(InstanceCounts { live: 3, pooled: 2 });
+        heap.instances = Some(InstanceCounts {
+            live: 3,
+            pooled: 2,
+            degraded: 0,
+        });
         let row = ObjectRow::of(&heap);
         assert_eq!(row.href, "/objects/Challenge/heap");
         assert_eq!(

@@ -600,15 +600,17 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
             ));
         }
         if let Some(solve) = &check.solve {
-            let why = if spec.instanced.is_some() {
-                Some("per-team instances are not solved yet; use tcp or http")
-            } else if spec.ports.is_empty() {
+            let team_flag = spec.instanced.as_ref().is_some_and(|i| i.flag.is_some());
+            let why = if spec.ports.is_empty() {
                 Some("the solver reaches the challenge on its first port, and it has none")
             } else if solve.expect_flag
                 && spec.secret_env.is_empty()
                 && spec.secret_files.is_empty()
+                && !team_flag
             {
-                Some("expectFlag needs the flag among secretEnv or secretFiles, and there is none")
+                Some(
+                    "expectFlag needs the flag among secretEnv or secretFiles (or a team's, instanced.flag), and there is none",
+                )
             } else {
                 None
             };

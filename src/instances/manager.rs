@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, Semaphore};
 
 use super::store::{Admission, Admitted, InstanceStore, Still, StoreError};
-use super::{FlagKey, Instance, InstanceState, Team, renewed_expiry};
+use super::{FlagKey, Instance, InstanceHealth, InstanceState, Team, renewed_expiry};
 use crate::backend::instances::{InstanceEngines, InstanceTemplate, InstanceTrouble, NewInstance};
 use crate::descriptor::model::RunState;
 use crate::metrics::Metrics;
@@ -115,6 +115,9 @@ pub struct InstanceView {
     pub created_at: String,
     /// The version (template hash) it runs.
     pub version: String,
+    /// What its challenge's solver last found of it; none without a solve check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<InstanceHealth>,
 }
 
 /// The answer to a flag check.
@@ -173,6 +176,8 @@ pub(super) struct Inner {
     spawning_kube: Semaphore,
     /// Replacements that failed, by instance and version: not tried again for that version.
     pub(super) failed_rolls: Mutex<HashSet<(String, String)>>,
+    /// What each instance's solver last found.
+    pub(super) solves: super::solvers::InstanceSolves,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -313,6 +318,7 @@ impl Instances {
                 spawning_docker: Semaphore::new(DOCKER_SPAWNS_AT_ONCE),
                 spawning_kube: Semaphore::new(KUBE_SPAWNS_AT_ONCE),
                 failed_rolls: Default::default(),
+                solves: Default::default(),
             }),
         })
     }
@@ -418,8 +424,8 @@ impl Instances {
 
     /// What the API shows of `instance`.
     pub fn view(&self, instance: &Instance) -> InstanceView {
-        let templates = self.templates();
-        let template = templates.as_ref().and_then(|t| t.get(&instance.challenge));
+        let template = self.version_of(instance);
+        let template = template.as_deref();
         let protocols: Vec<&'static str> = template
             .map(|t| t.spec().ports.iter().map(|p| p.protocol.as_str()).collect())
             .unwrap_or_default();
@@ -445,6 +451,7 @@ impl Instances {
                 .map(rfc3339),
             created_at: rfc3339(instance.created_at),
             version: instance.version.clone(),
+            health: self.solved_health(instance, template),
         }
     }
 
@@ -715,12 +722,16 @@ impl Instances {
             })
             .unwrap_or_default();
         for instance in self.inner.store.list(None, None)? {
+            let solved = self.solved_health(&instance, self.version_of(&instance).as_deref());
             let entry = counts.entry(instance.challenge).or_default();
             // A team's counts as live from its spawn; one for the pool only once it runs.
             match (&instance.team, instance.state) {
                 (Some(_), _) => entry.live += 1,
                 (None, InstanceState::Pooled) => entry.pooled += 1,
                 (None, _) => {}
+            }
+            if solved.is_some_and(|health| health.state == crate::plan::Health::Degraded) {
+                entry.degraded += 1;
             }
         }
         Ok(counts)

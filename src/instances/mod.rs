@@ -8,13 +8,16 @@
 //!   outlive a restart or a `kill -9` of the agent;
 //! - [`manager`]: spawns, claims from the warm pool, renewals, kills and flag checks;
 //! - `upkeep`: the background work (reaping, refilling pools, replacing old versions, making the
-//!   engine match the records).
+//!   engine match the records);
+//! - `solvers`: each instance solved by its challenge's `healthcheck.solve`, and the health that
+//!   gives it.
 //!
 //! The containers themselves are made through [`crate::backend::instances`], on the Docker Engine
 //! or the cluster the challenge runs on. A team's name is
 //! kept only in the store: never in a label, a log line, status or a metric.
 
 pub mod manager;
+mod solvers;
 pub mod store;
 mod upkeep;
 
@@ -29,6 +32,7 @@ use crate::backend::instances::InstanceObjects;
 use crate::descriptor::model::Engine;
 
 pub use manager::{InstanceError, Instances, OpenError};
+pub use solvers::InstanceHealth;
 
 /// The longest team name taken, in bytes.
 pub const MAX_TEAM: usize = 128;

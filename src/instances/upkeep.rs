@@ -52,6 +52,9 @@ impl Instances {
                 continue;
             }
             first = false;
+            if let Ok(instances) = self.inner.store.list(None, None) {
+                self.solve_due(&engines, &instances);
+            }
             let mut more = false;
             for template in templates.values() {
                 more |= self.fill_pool(&engines, template).await;

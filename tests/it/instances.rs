@@ -32,6 +32,16 @@ fn agent(instance: &Instance, daemon: &GitDaemon) -> Agent {
     )
 }
 
+/// [`agent`] following `origin`, served by the git daemon returned with it, once its first pass
+/// is applied.
+fn docker_agent(instance: &Instance, origin: &Origin) -> (GitDaemon, Agent) {
+    let revision = origin.bare_git(&["rev-parse", "main"]);
+    let daemon = GitDaemon::start(origin);
+    let agent = agent(instance, &daemon);
+    agent.wait_for("the first pass", || applied(origin, &revision));
+    (daemon, agent)
+}
+
 /// An instanced challenge: busybox's httpd serving `/` (the flag from `$FLAG` as its index, or
 /// the file system root when the flag is a file).
 fn instanced(name: &str, instanced: &str, extra: &str) -> String {
@@ -162,10 +172,7 @@ fn two_teams_get_their_own_ports_and_flags_reach_only_their_own_and_are_held_to_
             "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: plain}\nspec:\n  image: busybox:latest\n  command: [sleep, \"600\"]\n",
         ),
     ]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
 
     let (code, red) = spawn(&agent, "heap", "red team");
     assert_eq!(code, 201, "{red}");
@@ -383,10 +390,7 @@ fn instances_go_on_time_and_a_pooled_one_is_claimed_with_its_teams_flag_and_refi
             ),
         ),
     ]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
 
     // Reaped within 10 s of its expiry: here within the reaper's second.
     let (code, short) = spawn(&agent, "short", "t1");
@@ -589,10 +593,7 @@ fn a_changed_spec_keeps_or_replaces_live_instances_and_removing_it_removes_them(
         ("keeper.yaml", &keep("one")),
         ("roller.yaml", &replace("one")),
     ]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
     let (_, kept) = spawn(&agent, "keeper", "t1");
     let (_, rolled) = spawn(&agent, "roller", "t1");
     let rolled_flag = fetched_eventually(port_of(&rolled), "/www/index.html");
@@ -678,10 +679,7 @@ fn a_stopped_instanced_challenge_takes_no_spawns_and_its_instances_go() {
     let Some(instance) = engine() else { return };
     let running = instanced("gate", "    ttl: 5m\n", "");
     let origin = Origin::new(&[("gate.yaml", &running)]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
     let (code, live) = spawn(&agent, "gate", "t1");
     assert_eq!(code, 201, "{live}");
     let stopped = origin.commit(
@@ -786,10 +784,7 @@ fn an_instance_with_a_sidecar_gets_its_own_and_reaches_no_other_teams() {
     let Some(instance) = engine() else { return };
     let challenge = "apiVersion: berth/v1\nkind: Challenge\nmetadata: {name: shop}\nspec:\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /www; until printf \"GET /token HTTP/1.0\\r\\n\\r\\n\" | nc db 9000 > /www/db.txt && grep -q token /www/db.txt; do sleep 0.2; done; exec httpd -f -p 8080 -h /']\n  ports: [{container: 8080}]\n  instanced: {ttl: 5m}\n  sidecars:\n    - name: db\n      image: busybox:latest\n      command: [sh, -c, 'mkdir -p /srv; echo token-$HOSTNAME > /srv/token; exec httpd -f -p 9000 -h /srv']\n";
     let origin = Origin::new(&[("shop.yaml", challenge)]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
     let (code, first) = spawn(&agent, "shop", "t1");
     assert_eq!(code, 201, "{first}");
     let (code, second) = spawn(&agent, "shop", "t2");
@@ -1116,10 +1111,7 @@ fn every_instance_mounts_the_one_read_only_copy_of_a_repo_folder() {
         ("pages.yaml", challenge),
         ("pages/www/index.html", "the same for every team\n"),
     ]);
-    let revision = origin.bare_git(&["rev-parse", "main"]);
-    let daemon = GitDaemon::start(&origin);
-    let agent = agent(&instance, &daemon);
-    agent.wait_for("the first pass", || applied(&origin, &revision));
+    let (_daemon, agent) = docker_agent(&instance, &origin);
     for team in ["t1", "t2"] {
         let (code, spawned) = spawn(&agent, "pages", team);
         assert_eq!(code, 201, "{spawned}");
@@ -1317,4 +1309,140 @@ fn on_kubernetes_each_instance_keeps_its_volume_in_a_claim_of_its_own_and_shares
             "--wait=false",
         ]);
     }
+}
+
+/// What the API says of the health of the instance `spawned` (`null` without a solve check).
+fn health_of(agent: &Agent, spawned: &Value) -> Value {
+    let id = spawned["id"].as_str().unwrap();
+    call(agent, "GET", &format!("/api/v1/instances/{id}"), "").2["health"].clone()
+}
+
+/// Waits until the solver of the instance `spawned` finds it Degraded; what the API says why.
+fn degraded(agent: &Agent, spawned: &Value) -> String {
+    eventually(
+        "the instance shows as Degraded",
+        Duration::from_secs(120),
+        || health_of(agent, spawned)["state"] == "Degraded",
+    );
+    let said = health_of(agent, spawned)["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(said.contains("its solver failed"), "{said}");
+    said
+}
+
+/// Issue 20, solvers for per-team instances (Docker): each team's instance is solved by the
+/// challenge's `healthcheck.solve`, expecting that team's own flag, and the health it finds is
+/// the instance's alone: a team whose jail breaks (here its page is removed) shows as Degraded,
+/// with the solver's words and no flag in them, in the API and counted in status, while the
+/// other team's stays Healthy.
+#[test]
+fn each_teams_instance_is_solved_with_its_own_flag_and_a_broken_one_shows_alone() {
+    let Some(instance) = engine() else { return };
+    let origin = Origin::new(&[(
+        "heap.yaml",
+        &instanced(
+            "heap",
+            "    ttl: 5m\n    flag: {env: FLAG, format: \"solve{%s}\"}\n",
+            "",
+        )
+        .replace(
+            "  healthcheck: {tcp: 8080, interval: 1s}\n",
+            "  healthcheck:\n    solve: {image: busybox:latest, command: [sh, -c, 'wget -q -O - http://$CHALLENGE_HOST:$CHALLENGE_PORT/www/index.html'], interval: 1s, timeout: 10s, expectFlag: true}\n",
+        ),
+    )]);
+    let (_daemon, agent) = docker_agent(&instance, &origin);
+    let (code, red) = spawn(&agent, "heap", "red");
+    assert_eq!(code, 201, "{red}");
+    let (code, blue) = spawn(&agent, "heap", "blue");
+    assert_eq!(code, 201, "{blue}");
+    let health = |spawned: &Value| health_of(&agent, spawned);
+    for spawned in [&red, &blue] {
+        eventually(
+            "the solver finds the team's flag",
+            Duration::from_secs(60),
+            || health(spawned)["state"] == "Healthy",
+        );
+    }
+
+    // Red's page goes: red's solver fails, blue's still finds blue's flag.
+    let red_flag = fetched_eventually(port_of(&red), "/www/index.html");
+    let red_container = container_of(&instance, red["id"].as_str().unwrap());
+    let red_container = red_container.lines().next().unwrap();
+    docker(&["exec", red_container, "rm", "/www/index.html"]);
+    let said = degraded(&agent, &red);
+    assert!(
+        !said.contains(&red_flag),
+        "a flag in what the API says: {said}"
+    );
+    assert_eq!(health(&blue)["state"], "Healthy");
+    // `berth instances` shows each one's health in its row.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["instances", "heap", "--agent"])
+        .arg(format!("http://127.0.0.1:{}", agent.port))
+        .arg("--token-file")
+        .arg(agent.dir.path().join("api-token"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        table.starts_with("ID") && table.contains("HEALTH"),
+        "{table}"
+    );
+    let row = |team: &str| {
+        table
+            .lines()
+            .find(|line| line.split_whitespace().nth(2) == Some(team))
+            .unwrap_or_else(|| panic!("no row of {team}: {table}"))
+            .to_string()
+    };
+    assert!(row("red").contains("Degraded"), "{table}");
+    assert!(row("blue").contains("Healthy"), "{table}");
+
+    // Status counts the degraded instance, as of the next pass.
+    agent.reconcile();
+    eventually(
+        "status counts the degraded instance",
+        Duration::from_secs(30),
+        || {
+            origin
+                .show("berth-status:status/challenge/heap.yaml")
+                .unwrap_or_default()
+                .contains("instances:\n  live: 2\n  pooled: 0\n  degraded: 1")
+        },
+    );
+}
+
+/// Issue 20, solvers for per-team instances on the cluster: each team's instance is solved by a
+/// pod of its own that reaches it through the instance's Service. A team whose instance serves
+/// its flag is Healthy; one whose jail is broken (here the page never holds the flag) is
+/// Degraded, with the solver's words. (This cluster serves no pod logs, so the check judges by
+/// the solver's exit code: `expectFlag` needs logs, as the solvers' README section says.)
+#[test]
+fn on_kubernetes_each_teams_instance_is_solved_through_its_own_service() {
+    let Some(cluster) = crate::support::cluster::cluster() else {
+        return;
+    };
+    let solved = |name: &str, writes: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: {name}}}\nspec:\n  target: kubernetes\n  image: busybox:latest\n  command: [sh, -c, 'mkdir -p /tmp/w; {writes} > /tmp/w/page; exec httpd -f -p 8080 -h /tmp/w']\n  ports: [{{container: 8080}}]\n  healthcheck:\n    solve: {{image: busybox:latest, command: [sh, -c, 'wget -q -O - http://$CHALLENGE_HOST:$CHALLENGE_PORT/page | grep -q \"team{{\" || {{ echo no flag on the page; exit 1; }}'], interval: 2s, timeout: 30s}}\n  instanced:\n    ttl: 5m\n    flag: {{env: FLAG, format: \"team{{%s}}\"}}\n"
+        )
+    };
+    let origin = Origin::new(&[
+        ("jail.yaml", &solved("jail", "echo \"$FLAG\"")),
+        ("cracked.yaml", &solved("cracked", "echo nothing here")),
+    ]);
+    let (_daemon, agent) = kube_agent(&cluster, &origin);
+    let (code, whole) = spawn(&agent, "jail", "t1");
+    assert_eq!(code, 201, "{whole}");
+    let (code, broken) = spawn(&agent, "cracked", "t1");
+    assert_eq!(code, 201, "{broken}");
+    let health = |spawned: &Value| health_of(&agent, spawned);
+    eventually("the whole jail is solved", Duration::from_secs(120), || {
+        health(&whole)["state"] == "Healthy"
+    });
+    degraded(&agent, &broken);
+    // Each run's pod is deleted when it ends; none is taken for a team's instance.
+    assert_eq!(pods(&cluster, "jail").len(), 1);
 }

@@ -5,7 +5,8 @@
 //! went missing, shows as Degraded where a port check would pass.
 //!
 //! A pass's diagnosis reads what each solver last found and starts the runs that are due; a run
-//! goes on in the background, so no pass waits for one. What was found is kept in this process's
+//! goes on in the background, so no pass waits for one. A per-team instance's container is
+//! solved the same way, its runs started by the instance manager ([`crate::instances`]). What was found is kept in this process's
 //! memory: a berth that starts again solves again before it calls a challenge Healthy.
 
 use std::collections::{HashMap, HashSet};
@@ -117,6 +118,29 @@ impl DockerBackend {
                     .ended(found);
             });
         }
+    }
+
+    /// One run of `check` against the per-team instance container `container` of the challenge
+    /// `key`, on its `port`, bounded as a challenge's run is: whether it solved it (printing one
+    /// of `flags` when the check expects a flag), or `None` when that could not be told.
+    pub(crate) async fn solve_instance(
+        &self,
+        key: &ObjectRef,
+        container: &str,
+        (check, port): (&SolveCheck, u16),
+        flags: Vec<String>,
+    ) -> Option<Result<(), Unsolved>> {
+        let run = SolveRun {
+            key: key.clone(),
+            container: container.to_string(),
+            check: check.clone(),
+            port,
+            flags,
+        };
+        bounded(check, self.run_solver(&run), || async {
+            let _ = remove_container(&self.docker, &solver_name(container)).await;
+        })
+        .await
     }
 
     /// One run of a solver: whether it solved the challenge, or `None` when that could not be

@@ -261,6 +261,23 @@ impl KubeBackend {
         }
     }
 
+    /// The name of instance `id`'s objects and its Service's cluster address, where a solver
+    /// reaches it; `None` while it has no Service (or the API server does not answer).
+    pub(super) async fn instance_address(
+        &self,
+        challenge: &str,
+        id: &str,
+    ) -> Option<(String, String)> {
+        let base = base_name(challenge, id);
+        let service = self
+            .instance_api(&super::deploy::service_resource())
+            .get_opt(&base)
+            .await
+            .ok()??;
+        let address = service.data.pointer("/spec/clusterIP")?.as_str()?;
+        (!address.is_empty() && address != "None").then(|| (base.clone(), address.to_string()))
+    }
+
     /// Deletes one pod of an instance (gone already is fine): the one a replacement took over
     /// from, or one that did not come up.
     pub async fn remove_instance_pod(&self, pod: &str) -> Result<(), InstanceTrouble> {

@@ -7,8 +7,11 @@
 //! cluster. Its last result is the health of the challenge's Deployment: a jail that broke shows
 //! as Degraded where a readiness probe passes.
 //!
-//! A solver's pod carries `berth.kind: ChallengeSolver` and `berth.solves: NAME`, never the
-//! challenge's `berth.name`, so it is never taken for one of the challenge's pods, nor selected
+//! A per-team instance is solved the same way, through its own Service, its runs started by the
+//! instance manager ([`crate::instances`]).
+//!
+//! A solver's pod carries `berth.kind: ChallengeSolver` and `berth.solves: NAME` (an instance's:
+//! `inst-NAME-ID`), never the challenge's `berth.name`, so it is never taken for one of the challenge's pods, nor selected
 //! by its Service. It is deleted when its run ends; one left by a berth that was killed is
 //! deleted before the next run, and its `activeDeadlineSeconds` ends it meanwhile.
 
@@ -48,6 +51,9 @@ pub(super) struct Solves {
 /// One run to make.
 struct SolveRun {
     key: ObjectRef,
+    /// What its pod's `berth.solves` names, and a berth that starts a run again deletes the
+    /// pods of: the challenge's name, or an instance's objects' name.
+    solves: String,
     version: String,
     /// The name of the run's pod, chosen when the run is: a run cut short still knows it.
     pod: String,
@@ -114,6 +120,7 @@ impl KubeBackend {
                 let flags = flag_values(template.secrets().into_values());
                 due.push(SolveRun {
                     key: (*key).clone(),
+                    solves: key.name.to_string(),
                     version: version.1,
                     pod: format!("{}-solver-{}", key.name, super::random_suffix()),
                     check,
@@ -141,6 +148,34 @@ impl KubeBackend {
         }
     }
 
+    /// One run of `check` against instance `id` of the challenge `key`, through the instance's
+    /// own Service on the challenge's first `port`, bounded as a challenge's run is: whether it
+    /// solved it (printing one of `flags` when the check expects a flag), or `None` when that
+    /// could not be told (the API server gone, the Service not there yet).
+    pub(crate) async fn solve_instance(
+        &self,
+        key: &ObjectRef,
+        id: &str,
+        (check, port): (&SolveCheck, u16),
+        flags: Vec<String>,
+    ) -> Option<Result<(), Unsolved>> {
+        let (solves, host) = self.instance_address(key.name.as_str(), id).await?;
+        let run = SolveRun {
+            key: key.clone(),
+            pod: format!("{solves}-solver-{}", super::random_suffix()),
+            solves,
+            version: String::new(),
+            check: check.clone(),
+            host,
+            port,
+            flags,
+        };
+        bounded(check, self.run_solver(&run), || {
+            self.delete_solver_pod(&run.pod)
+        })
+        .await
+    }
+
     /// The cluster address of the challenge `name`'s Service, as the last observation saw it.
     fn cluster_address(&self, name: &str) -> Option<String> {
         let live = self.live.lock().expect("live objects");
@@ -152,7 +187,7 @@ impl KubeBackend {
     /// One run: whether the solver solved the challenge, or `None` when that could not be told
     /// (the API server gone).
     async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
-        self.remove_solvers(run.key.name.as_str()).await;
+        self.remove_solvers(&run.solves).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
         let name = &run.pod;
         let pod = solver_pod(name, self.ownership.instance(), run);
@@ -307,7 +342,7 @@ fn solver_pod(name: &str, instance: &str, run: &SolveRun) -> serde_json::Value {
             "labels": {
                 LABEL_INSTANCE: instance,
                 LABEL_KIND: SOLVER_KIND,
-                LABEL_SOLVES: run.key.name.as_str(),
+                LABEL_SOLVES: run.solves,
             },
         },
         "spec": {
@@ -328,6 +363,7 @@ mod tests {
     fn a_solver_pod_is_not_the_challenges_and_has_its_address_and_no_rights() {
         let run = SolveRun {
             key: "Challenge/jail".parse().unwrap(),
+            solves: "jail".into(),
             version: "v1".into(),
             pod: "jail-solver-abc".into(),
             check: serde_json::from_value(json!({
