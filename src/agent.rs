@@ -272,6 +272,7 @@ pub async fn run(
     })?;
     let instances = Instances::open(&config.state_dir, &config.instances, &metrics)
         .map_err(AgentError::Instances)?;
+    instances.push_status_through(sender.clone());
     // Only the leader runs pipelines and tends instances: a standby starts them when it takes
     // over.
     let mut leadership = match &config.leader_election {

@@ -22,6 +22,7 @@ use crate::backend::instances::{InstanceEngines, InstanceTemplate, InstanceTroub
 use crate::descriptor::model::RunState;
 use crate::metrics::Metrics;
 use crate::status::InstanceCounts;
+use crate::triggers::TriggerSender;
 
 /// Most containers made at once for spawns on the Docker Engine, where the agent's own calls
 /// make each one; more wait their turn.
@@ -178,6 +179,11 @@ pub(super) struct Inner {
     pub(super) failed_rolls: Mutex<HashSet<(String, String)>>,
     /// What each instance's solver last found.
     pub(super) solves: super::solvers::InstanceSolves,
+    /// The counts last seen by the background work, and where to ask for a status push when
+    /// they change (the agent's triggers), so status says how many run without waiting for a
+    /// pass.
+    pub(super) counted: Mutex<Option<BTreeMap<String, InstanceCounts>>>,
+    pub(super) status_pushes: RwLock<Option<TriggerSender>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -319,6 +325,8 @@ impl Instances {
                 spawning_kube: Semaphore::new(KUBE_SPAWNS_AT_ONCE),
                 failed_rolls: Default::default(),
                 solves: Default::default(),
+                counted: Mutex::new(None),
+                status_pushes: RwLock::new(None),
             }),
         })
     }
@@ -360,6 +368,12 @@ impl Instances {
             *known = known.updated(engines);
         }
         self.inner.work.notify_one();
+    }
+
+    /// Where to ask for a status push when the counts change (spawns, kills, expiries, a solver
+    /// that finds an instance broken or mended).
+    pub fn push_status_through(&self, triggers: TriggerSender) {
+        *self.inner.status_pushes.write().expect("lock") = Some(triggers);
     }
 
     /// Starts (or pauses) the background work: only the leader tends instances.

@@ -20,6 +20,7 @@ use crate::backend::instances::{
     InstanceEngines, InstanceObjects, InstanceTemplate, InstanceTrouble, NewInstance,
 };
 use crate::descriptor::model::{OnUpdate, RunState};
+use crate::triggers::Trigger;
 
 /// How often expiries are looked for: an instance goes within about this of its time.
 const REAP_EVERY: Duration = Duration::from_secs(1);
@@ -67,9 +68,19 @@ impl Instances {
         }
     }
 
+    /// Counts the instances for the metrics, and asks for a status push when the counts
+    /// changed since the last round.
     fn count(&self) {
-        if let Ok(counts) = self.counts() {
-            self.inner.metrics.instances(&counts);
+        let Ok(counts) = self.counts() else { return };
+        self.inner.metrics.instances(&counts);
+        let changed = {
+            let mut counted = self.inner.counted.lock().expect("lock");
+            let changed = counted.as_ref() != Some(&counts);
+            *counted = Some(counts);
+            changed
+        };
+        if changed && let Some(triggers) = &*self.inner.status_pushes.read().expect("lock") {
+            triggers.send(Trigger::PushStatus);
         }
     }
 

@@ -1400,8 +1400,8 @@ fn each_teams_instance_is_solved_with_its_own_flag_and_a_broken_one_shows_alone(
     assert!(row("red").contains("Degraded"), "{table}");
     assert!(row("blue").contains("Healthy"), "{table}");
 
-    // Status counts the degraded instance, as of the next pass.
-    agent.reconcile();
+    // Status counts the degraded instance without waiting for a pass: a change of the counts
+    // asks for a status push.
     eventually(
         "status counts the degraded instance",
         Duration::from_secs(30),
@@ -1412,6 +1412,12 @@ fn each_teams_instance_is_solved_with_its_own_flag_and_a_broken_one_shows_alone(
                 .contains("instances:\n  live: 2\n  pooled: 0\n  degraded: 1")
         },
     );
+    // The challenge itself is ready for instances: its own solver state is theirs, never a
+    // Progressing that waits for a run no container of its own would make.
+    let committed = origin
+        .show("berth-status:status/challenge/heap.yaml")
+        .unwrap_or_default();
+    assert!(committed.contains("\nhealth: Healthy\n"), "{committed}");
 }
 
 /// Issue 20, solvers for per-team instances on the cluster: each team's instance is solved by a

@@ -17,7 +17,7 @@ use bollard::query_parameters::{LogsOptions, WaitContainerOptions};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::template::contained;
+use super::template::{INSTANCES_PART, contained};
 use super::{DockerBackend, DockerError, Trouble, is_status, remove_container};
 use crate::backend::LABEL_KIND;
 use crate::backend::solving::{OUTPUT_LIMIT, SolveState, Unsolved, bounded, flag_values, verdict};
@@ -63,10 +63,13 @@ impl DockerBackend {
                 .iter_mut()
                 .filter(|o| o.engine == crate::plan::Engine::Docker && wanted.contains(&o.key));
             for object in objects {
-                let parts = object
-                    .parts
-                    .iter_mut()
-                    .filter(|p| Slot::of(&p.id) == Slot::Main && p.state == PartState::Running);
+                // An instanced challenge's own part is its instances' network: its instances are
+                // solved one by one by the instance manager.
+                let parts = object.parts.iter_mut().filter(|p| {
+                    Slot::of(&p.id) == Slot::Main
+                        && p.id != INSTANCES_PART
+                        && p.state == PartState::Running
+                });
                 for part in parts {
                     let Some(check) = part
                         .spec
