@@ -169,9 +169,10 @@ fn main() {
         first["took_ms"]
     );
     println!(
-        "status write-back, {} files: tree made (in memory) {:.1} ms; commit stored in the clone {:.1} ms; with the push {} ms",
+        "status write-back, {} files: tree made (in memory) {:.1} ms; packed {:.1} ms; commit stored in the clone (all of it) {:.1} ms; with the push {} ms",
         pushed["files"],
         pushed["tree_ms"].as_f64().unwrap_or(f64::NAN),
+        pushed["pack_ms"].as_f64().unwrap_or(f64::NAN),
         pushed["commit_ms"].as_f64().unwrap_or(f64::NAN),
         pushed["took_ms"]
     );

@@ -1205,12 +1205,14 @@ impl Agent {
                         commit,
                         retries,
                         made,
+                        packed,
                         stored,
                     } => tracing::info!(
                         commit = short_revision(commit),
                         retries,
                         files = self.status.objects.len() + 1,
                         tree_ms = made.as_secs_f64() * 1000.0,
+                        pack_ms = packed.as_secs_f64() * 1000.0,
                         commit_ms = stored.as_secs_f64() * 1000.0,
                         took_ms = started.elapsed().as_millis() as u64,
                         "status pushed"

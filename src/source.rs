@@ -114,6 +114,8 @@ pub enum Published {
         retries: usize,
         /// Time spent making the status tree (blobs and trees, in memory).
         made: std::time::Duration,
+        /// Time spent packing the new objects (libgit2's pack builder, deltas included).
+        packed: std::time::Duration,
         /// Time until the commit was stored in the clone (tree, pack written and indexed, commit).
         stored: std::time::Duration,
     },
@@ -538,8 +540,12 @@ impl Source {
                 .ok()
                 .and_then(|r| r.peel_to_commit().ok());
             let building = std::time::Instant::now();
-            let Some((tree, pack, made)) =
-                build_tree(&repo, base.as_ref(), &self.status.folder, files)?
+            let Some(NewTree {
+                tree,
+                pack,
+                made,
+                packed,
+            }) = build_tree(&repo, base.as_ref(), &self.status.folder, files)?
             else {
                 return Ok(Published::Unchanged);
             };
@@ -566,6 +572,7 @@ impl Source {
                         commit: commit.to_string(),
                         retries,
                         made,
+                        packed,
                         stored,
                     });
                 }
@@ -1125,12 +1132,21 @@ fn join(folder: &str, path: &str) -> String {
 /// only in memory, so a thousand files cost a thousand hashes rather than a thousand object-store
 /// lookups on disk, and returns it with its new objects as one pack and the time making it took
 /// (without the pack). `None`: `base` already holds exactly `files`.
+/// A status tree made in memory: its id, the pack of its new objects, and how long making and
+/// packing took.
+struct NewTree {
+    tree: Oid,
+    pack: git2::Buf,
+    made: std::time::Duration,
+    packed: std::time::Duration,
+}
+
 fn build_tree(
     disk: &Repository,
     base: Option<&git2::Commit>,
     folder: &str,
     files: &BTreeMap<String, String>,
-) -> Result<Option<(Oid, git2::Buf, std::time::Duration)>, SourceError> {
+) -> Result<Option<NewTree>, SourceError> {
     // The new trees list objects that exist only on disk (the base's other files); checking each
     // one would cost the lookups this function avoids. Every object written here is made here.
     git2::opts::strict_object_creation(false);
@@ -1149,6 +1165,7 @@ fn build_tree(
         return Ok(None);
     }
     let made = making.elapsed();
+    let packing = std::time::Instant::now();
     // The pack holds the blobs of `files` and the trees on the way to them: the blobs that
     // exist in memory are the ones made here.
     let mut packer = memory.packbuilder()?;
@@ -1164,7 +1181,12 @@ fn build_tree(
     }
     let mut pack = git2::Buf::new();
     packer.write_buf(&mut pack)?;
-    Ok(Some((tree, pack, made)))
+    Ok(Some(NewTree {
+        tree,
+        pack,
+        made,
+        packed: packing.elapsed(),
+    }))
 }
 
 /// Copies into `memory` the trees a status update walks through: the root, `folder`, and the

@@ -14,7 +14,7 @@ pub use super::instance::{
     InstanceContainer, InstanceObjects, InstanceTrouble, NewInstance, Started,
 };
 use super::kube::{self, KubeBackend};
-use super::solving::Unsolved;
+use super::solving::{SolveFlags, Unsolved};
 
 /// One version of an instanced challenge, as its engine makes instances of it.
 #[derive(Debug, Clone)]
@@ -221,14 +221,14 @@ impl InstanceEngines {
     }
 
     /// One run of `check`, the solver of `template`, against the instance `objects`: whether it
-    /// solved it (printing one of `flags` when the check expects a flag), or `None` when that
+    /// solved it (printing one of the expected `flags` when the check expects a flag), or `None` when that
     /// could not be told (the engine gone, the instance replaced or removed under it).
     pub(crate) async fn solve(
         &self,
         template: &InstanceTemplate,
         objects: &InstanceObjects,
         check: &SolveCheck,
-        flags: Vec<String>,
+        flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
         let port = template.spec().ports.first()?.container.0;
         let key = template.key();

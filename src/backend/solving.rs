@@ -13,6 +13,17 @@ use crate::plan::Health;
 /// The longest a run may take beyond its check's timeout: pulling the solver's image.
 pub(crate) const PULL_WAIT: Duration = Duration::from_secs(300);
 
+/// What a run of a per-team instance's solver is judged by: the flags it must print one of
+/// (with `expectFlag`: the team's own), and the challenge's other secrets, masked in what it says
+/// but never taken for its flag.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SolveFlags {
+    /// What it must print one of.
+    pub expected: Vec<String>,
+    /// Masked too, never expected.
+    pub hidden: Vec<String>,
+}
+
 /// The most of a run's output read, to find the flag in and to quote.
 pub(crate) const OUTPUT_LIMIT: usize = 1024 * 1024;
 

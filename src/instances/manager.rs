@@ -30,6 +30,9 @@ const DOCKER_SPAWNS_AT_ONCE: usize = 8;
 /// Most pods made at once for spawns on a cluster: the agent's part is a few API calls and a wait
 /// while the nodes start them, so more go at once.
 const KUBE_SPAWNS_AT_ONCE: usize = 32;
+/// Most solver runs of instances at once (`healthcheck.solve`): every instance of a challenge
+/// falls due together, and each run is a container or a pod of its own.
+pub(super) const SOLVES_AT_ONCE: usize = 4;
 /// Seconds a client is told to wait when a challenge is full.
 pub const RETRY_AFTER_FULL: u64 = 30;
 
@@ -178,12 +181,17 @@ pub(super) struct Inner {
     /// Replacements that failed, by instance and version: not tried again for that version.
     pub(super) failed_rolls: Mutex<HashSet<(String, String)>>,
     /// What each instance's solver last found.
-    pub(super) solves: super::solvers::InstanceSolves,
+    pub(super) solves: super::InstanceSolves,
     /// The counts last seen by the background work, and where to ask for a status push when
     /// they change (the agent's triggers), so status says how many run without waiting for a
     /// pass.
     pub(super) counted: Mutex<Option<BTreeMap<String, InstanceCounts>>>,
     pub(super) status_pushes: RwLock<Option<TriggerSender>>,
+    /// When the counts last asked for a status push: they ask now and then, so a busy CTF's
+    /// spawns make a commit every few seconds at most, not one each.
+    pub(super) counts_pushed: Mutex<Option<Instant>>,
+    /// Turns for solver runs of instances.
+    pub(super) solving: Semaphore,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -327,6 +335,8 @@ impl Instances {
                 solves: Default::default(),
                 counted: Mutex::new(None),
                 status_pushes: RwLock::new(None),
+                counts_pushed: Mutex::new(None),
+                solving: Semaphore::new(SOLVES_AT_ONCE),
             }),
         })
     }
@@ -382,14 +392,19 @@ impl Instances {
         self.inner.work.notify_one();
     }
 
-    /// The template of the version `instance` runs: its own when known, else the current one.
-    pub(super) fn version_of(&self, instance: &Instance) -> Option<Arc<InstanceTemplate>> {
+    /// The template of the version `instance` runs, when it was declared since the agent started.
+    pub(super) fn declared_version(&self, instance: &Instance) -> Option<Arc<InstanceTemplate>> {
         self.inner
             .versions
             .lock()
             .expect("lock")
             .get(&instance.version)
             .cloned()
+    }
+
+    /// The template of the version `instance` runs: its own when known, else the current one.
+    pub(super) fn version_of(&self, instance: &Instance) -> Option<Arc<InstanceTemplate>> {
+        self.declared_version(instance)
             .or_else(|| self.templates()?.get(&instance.challenge).cloned())
     }
 
@@ -465,7 +480,7 @@ impl Instances {
                 .map(rfc3339),
             created_at: rfc3339(instance.created_at),
             version: instance.version.clone(),
-            health: self.solved_health(instance, template),
+            health: self.solved_health(instance),
         }
     }
 
@@ -736,7 +751,7 @@ impl Instances {
             })
             .unwrap_or_default();
         for instance in self.inner.store.list(None, None)? {
-            let solved = self.solved_health(&instance, self.version_of(&instance).as_deref());
+            let solved = self.solved_health(&instance);
             let entry = counts.entry(instance.challenge).or_default();
             // A team's counts as live from its spawn; one for the pool only once it runs.
             match (&instance.team, instance.state) {

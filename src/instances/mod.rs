@@ -21,18 +21,20 @@ mod solvers;
 pub mod store;
 mod upkeep;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::RangeInclusive;
+use std::sync::Mutex;
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 
 use crate::backend::instances::InstanceObjects;
+use crate::backend::solving::SolveState;
 use crate::descriptor::model::Engine;
+use crate::plan::Health;
 
 pub use manager::{InstanceError, Instances, OpenError};
-pub use solvers::InstanceHealth;
 
 /// The longest team name taken, in bytes.
 pub const MAX_TEAM: usize = 128;
@@ -110,6 +112,20 @@ impl InstanceState {
         }
     }
 }
+
+/// An instance's health as its challenge's solver found it (`healthcheck.solve`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceHealth {
+    /// `Healthy`, `Degraded` (its last run failed) or `Progressing` (no run has ended yet).
+    pub state: Health,
+    /// Why, when it is not healthy: what the solver said, flags masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What each instance's solver last found, by the instance's container.
+type InstanceSolves = Mutex<HashMap<String, SolveState>>;
 
 /// One instance, as the store keeps it. Times are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]

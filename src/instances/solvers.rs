@@ -6,35 +6,20 @@
 //! The leader's background work starts the runs that are due, each in a task of its own, on the
 //! instance's engine. A run expects the team's own flag (with `instanced.flag`), else any of the
 //! challenge's secrets; a pooled instance whose flag comes with its team waits for its team.
+//! The challenge's secrets are masked in what a run says either way. Runs go a few at a time
+//! ([`super::manager::SOLVES_AT_ONCE`]), as every instance of a challenge falls due together.
 //! What was found is kept in memory, by the instance's container (a replacement starts afresh),
 //! as a challenge's solvers are: an agent that starts again solves again before it calls an
 //! instance healthy.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-
-use serde::Serialize;
+use std::collections::HashSet;
 
 use super::manager::Instances;
-use super::{Instance, InstanceState};
+use super::{Instance, InstanceHealth, InstanceState};
 use crate::backend::instances::{InstanceEngines, InstanceTemplate};
-use crate::backend::solving::{SolveState, flag_values};
+use crate::backend::solving::{SolveFlags, flag_values};
 use crate::descriptor::model::SolveCheck;
 use crate::plan::Health;
-
-/// What each instance's solver last found, by the instance's container.
-pub(super) type InstanceSolves = Mutex<HashMap<String, SolveState>>;
-
-/// An instance's health as its solver found it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct InstanceHealth {
-    /// `Healthy`, `Degraded` (its last run failed) or `Progressing` (no run has ended yet).
-    pub state: Health,
-    /// Why, when it is not healthy: what the solver said, flags masked.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
 
 /// The solve check of the version `template`, if it has one.
 fn solve_check(template: &InstanceTemplate) -> Option<&SolveCheck> {
@@ -54,24 +39,31 @@ impl Instances {
                 if instance.state == InstanceState::Starting {
                     continue;
                 }
-                let Some(template) = self.version_of(instance) else {
+                // Only by the version it runs: one from before the agent started is not judged
+                // by a newer version's check or flag.
+                let Some(template) = self.declared_version(instance) else {
                     continue;
                 };
                 let Some(check) = solve_check(&template) else {
                     continue;
                 };
+                let spec = template.spec();
+                let secrets = flag_values(
+                    spec.secret_env
+                        .values()
+                        .chain(spec.secret_files.iter().map(|file| &file.secret)),
+                );
                 let flags = match (&instance.team, template.instanced().flag.is_some()) {
-                    (Some(team), true) => self.flag(&template, team).into_iter().collect(),
+                    (Some(team), true) => SolveFlags {
+                        expected: self.flag(&template, team).into_iter().collect(),
+                        hidden: secrets,
+                    },
                     // Its flag comes with its team: nothing to expect yet.
                     (None, true) => continue,
-                    (_, false) => {
-                        let spec = template.spec();
-                        flag_values(
-                            spec.secret_env
-                                .values()
-                                .chain(spec.secret_files.iter().map(|file| &file.secret)),
-                        )
-                    }
+                    (_, false) => SolveFlags {
+                        expected: secrets,
+                        hidden: Vec::new(),
+                    },
                 };
                 seen.insert(instance.container.clone());
                 let state = solves.entry(instance.container.clone()).or_default();
@@ -87,6 +79,10 @@ impl Instances {
         for (objects, check, flags, template) in due {
             let (this, engines) = (self.clone(), engines.clone());
             tokio::spawn(async move {
+                // A few at a time: every instance of a challenge falls due together.
+                let Ok(_turn) = this.inner.solving.acquire().await else {
+                    return;
+                };
                 let found = engines.solve(&template, &objects, &check, flags).await;
                 if let Some(Err(why)) = &found {
                     tracing::warn!(instance = %objects.id, challenge = %objects.challenge, %why, "an instance's solver failed");
@@ -101,12 +97,9 @@ impl Instances {
     }
 
     /// The health `instance`'s solver gives it; `None` when its challenge has no solve check.
-    pub(super) fn solved_health(
-        &self,
-        instance: &Instance,
-        template: Option<&InstanceTemplate>,
-    ) -> Option<InstanceHealth> {
-        let check = solve_check(template?)?;
+    pub(super) fn solved_health(&self, instance: &Instance) -> Option<InstanceHealth> {
+        let template = self.declared_version(instance)?;
+        let check = solve_check(&template)?;
         let solves = self.inner.solves.lock().expect("solves");
         let state = solves.get(&instance.container).cloned().unwrap_or_default();
         Some(match state.judged(check, Health::Healthy, true) {

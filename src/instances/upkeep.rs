@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
@@ -29,6 +29,8 @@ const TEND_EVERY: Duration = Duration::from_secs(5);
 /// Most pooled instances made, or live ones replaced, per challenge in one round, so a new
 /// revision's work comes in turns.
 const BATCH: usize = 4;
+/// The least time between two status pushes the counts ask for.
+const COUNTS_PUSH_SPACING: Duration = Duration::from_secs(10);
 /// Most containers removed at once when many expire together.
 const REMOVALS_AT_ONCE: usize = 8;
 
@@ -69,17 +71,20 @@ impl Instances {
     }
 
     /// Counts the instances for the metrics, and asks for a status push when the counts
-    /// changed since the last round.
+    /// changed since they last asked, at most once per [`COUNTS_PUSH_SPACING`]: a change within
+    /// it is asked for by a later round.
     fn count(&self) {
         let Ok(counts) = self.counts() else { return };
         self.inner.metrics.instances(&counts);
-        let changed = {
-            let mut counted = self.inner.counted.lock().expect("lock");
-            let changed = counted.as_ref() != Some(&counts);
-            *counted = Some(counts);
-            changed
+        let Some(triggers) = self.inner.status_pushes.read().expect("lock").clone() else {
+            return;
         };
-        if changed && let Some(triggers) = &*self.inner.status_pushes.read().expect("lock") {
+        let mut counted = self.inner.counted.lock().expect("lock");
+        let mut pushed = self.inner.counts_pushed.lock().expect("lock");
+        let spaced = pushed.is_none_or(|at| at.elapsed() >= COUNTS_PUSH_SPACING);
+        if counted.as_ref() != Some(&counts) && spaced {
+            *counted = Some(counts);
+            *pushed = Some(Instant::now());
             triggers.send(Trigger::PushStatus);
         }
     }

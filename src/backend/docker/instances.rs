@@ -475,6 +475,12 @@ impl DockerBackend {
     /// Removes an instance's main container, its sidecars and its own network (gone already is
     /// fine).
     pub async fn remove_instance(&self, container: &str) -> Result<(), InstanceTrouble> {
+        // Its solver first, which shares its network: one a berth killed mid-run left behind
+        // would otherwise outlive it.
+        let solver = super::solve::solver_name(container);
+        remove_container(&self.docker, &solver).await.map_err(|e| {
+            InstanceTrouble::from(self.trouble(&format!("cannot remove {solver}"), e))
+        })?;
         let sidecars = self
             .labelled(&format!("{LABEL_INSTANCE_MAIN}={container}"))
             .await?;

@@ -19,8 +19,10 @@ use serde_json::Value;
 
 use super::template::{INSTANCES_PART, contained};
 use super::{DockerBackend, DockerError, Trouble, is_status, remove_container};
-use crate::backend::LABEL_KIND;
-use crate::backend::solving::{OUTPUT_LIMIT, SolveState, Unsolved, bounded, flag_values, verdict};
+use crate::backend::solving::{
+    OUTPUT_LIMIT, SolveFlags, SolveState, Unsolved, bounded, flag_values, verdict,
+};
+use crate::backend::{LABEL_KIND, masked};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::descriptor::security::Resources;
@@ -44,6 +46,8 @@ struct SolveRun {
     /// The challenge's secret values: masked in what the solver says, and (with `expectFlag`)
     /// what it must print one of.
     flags: Vec<String>,
+    /// Other secrets, masked in what it says but never taken for its flag.
+    hidden: Vec<String>,
 }
 
 impl DockerBackend {
@@ -101,6 +105,7 @@ impl DockerBackend {
                         check,
                         port,
                         flags,
+                        hidden: Vec::new(),
                     });
                 }
             }
@@ -131,14 +136,15 @@ impl DockerBackend {
         key: &ObjectRef,
         container: &str,
         (check, port): (&SolveCheck, u16),
-        flags: Vec<String>,
+        flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
         let run = SolveRun {
             key: key.clone(),
             container: container.to_string(),
             check: check.clone(),
             port,
-            flags,
+            flags: flags.expected,
+            hidden: flags.hidden,
         };
         bounded(check, self.run_solver(&run), || async {
             let _ = remove_container(&self.docker, &solver_name(container)).await;
@@ -222,6 +228,7 @@ impl DockerBackend {
             Ok(Some(Err(_)) | None) => return None,
         };
         let output = self.output_of(name).await;
+        let output = masked(&output, &run.hidden);
         Some(verdict(code, &output, &run.check, &run.flags))
     }
 
@@ -299,7 +306,7 @@ impl DockerBackend {
 }
 
 /// The name of the solver of the challenge container `container`.
-fn solver_name(container: &str) -> String {
+pub(super) fn solver_name(container: &str) -> String {
     format!("{container}-solver")
 }
 

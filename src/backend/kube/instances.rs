@@ -296,6 +296,9 @@ impl KubeBackend {
         for pod in pods.items.iter().filter_map(|p| p.metadata.name.as_deref()) {
             self.remove_instance_pod(pod).await?;
         }
+        let base = base_name(challenge, id);
+        // A solver's pod a berth killed mid-run left behind.
+        self.remove_solvers(&base).await;
         let claims = self.instance_api(&claim_resource());
         let listed = claims
             .list(&of_instance)
@@ -308,7 +311,6 @@ impl KubeBackend {
         {
             delete(&claims, "PersistentVolumeClaim", claim).await?;
         }
-        let base = base_name(challenge, id);
         delete(
             &self.instance_api(&super::deploy::service_resource()),
             "Service",

@@ -26,9 +26,9 @@ use serde_json::json;
 use super::KubeBackend;
 use super::challenge::ChallengeTemplate;
 use crate::backend::solving::{
-    OUTPUT_LIMIT, PULL_WAIT, SolveState, Unsolved, bounded, flag_values, verdict,
+    OUTPUT_LIMIT, PULL_WAIT, SolveFlags, SolveState, Unsolved, bounded, flag_values, verdict,
 };
-use crate::backend::{LABEL_INSTANCE, LABEL_KIND};
+use crate::backend::{LABEL_INSTANCE, LABEL_KIND, masked};
 use crate::descriptor::ObjectRef;
 use crate::descriptor::model::SolveCheck;
 use crate::plan::{ObservedObject, PartState};
@@ -63,6 +63,8 @@ struct SolveRun {
     /// The challenge's secret values: masked in what the solver says, and (with `expectFlag`)
     /// what it must print one of.
     flags: Vec<String>,
+    /// Other secrets, masked in what it says but never taken for its flag.
+    hidden: Vec<String>,
 }
 
 impl KubeBackend {
@@ -127,6 +129,7 @@ impl KubeBackend {
                     host,
                     port,
                     flags,
+                    hidden: Vec::new(),
                 });
             }
             // Versions gone (rolled, removed) are forgotten, but for runs still going on.
@@ -157,7 +160,7 @@ impl KubeBackend {
         key: &ObjectRef,
         id: &str,
         (check, port): (&SolveCheck, u16),
-        flags: Vec<String>,
+        flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
         let (solves, host) = self.instance_address(key.name.as_str(), id).await?;
         let run = SolveRun {
@@ -168,7 +171,8 @@ impl KubeBackend {
             check: check.clone(),
             host,
             port,
-            flags,
+            flags: flags.expected,
+            hidden: flags.hidden,
         };
         bounded(check, self.run_solver(&run), || {
             self.delete_solver_pod(&run.pod)
@@ -263,6 +267,7 @@ impl KubeBackend {
             // Else what the kubelet kept of a failed run's last lines will do.
             Err(_) => last_words.unwrap_or_default(),
         };
+        let output = masked(&output, &run.hidden);
         Some(verdict(code, &output, &run.check, &run.flags))
     }
 
@@ -289,8 +294,9 @@ impl KubeBackend {
         self.solves.pods.lock().expect("solver pods").remove(name);
     }
 
-    /// Deletes the solver pods of the challenge `name` a berth that was killed left.
-    async fn remove_solvers(&self, name: &str) {
+    /// Deletes the solver pods of the challenge (or instance) `name` a berth that was killed
+    /// left.
+    pub(super) async fn remove_solvers(&self, name: &str) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
         let selector = format!(
             "{LABEL_INSTANCE}={},{LABEL_KIND}={SOLVER_KIND},{LABEL_SOLVES}={name}",
@@ -373,6 +379,7 @@ mod tests {
             host: "10.0.0.7".into(),
             port: 1337,
             flags: vec!["flag{x}".into()],
+            hidden: Vec::new(),
         };
         let pod = solver_pod("jail-solver-abc", "ctf", &run);
         let labels = &pod["metadata"]["labels"];
