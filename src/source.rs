@@ -1128,10 +1128,6 @@ fn join(folder: &str, path: &str) -> String {
     }
 }
 
-/// Makes the status tree (`base`'s tree with `files` laid over it) in a repository that lives
-/// only in memory, so a thousand files cost a thousand hashes rather than a thousand object-store
-/// lookups on disk, and returns it with its new objects as one pack and the time making it took
-/// (without the pack). `None`: `base` already holds exactly `files`.
 /// A status tree made in memory: its id, the pack of its new objects, and how long making and
 /// packing took.
 struct NewTree {
@@ -1141,6 +1137,10 @@ struct NewTree {
     packed: std::time::Duration,
 }
 
+/// Makes the status tree (`base`'s tree with `files` laid over it) in a repository that lives
+/// only in memory, so a thousand files cost a thousand hashes rather than a thousand object-store
+/// lookups on disk, and returns it with its new objects as one pack and the times making and
+/// packing took. `None`: `base` already holds exactly `files`.
 fn build_tree(
     disk: &Repository,
     base: Option<&git2::Commit>,

@@ -221,8 +221,8 @@ impl InstanceEngines {
     }
 
     /// One run of `check`, the solver of `template`, against the instance `objects`: whether it
-    /// solved it (printing one of the expected `flags` when the check expects a flag), or `None` when that
-    /// could not be told (the engine gone, the instance replaced or removed under it).
+    /// solved it (printing one of the expected `flags` when the check expects a flag), or `None`
+    /// when that could not be told (the engine gone, the instance replaced or removed under it).
     pub(crate) async fn solve(
         &self,
         template: &InstanceTemplate,

@@ -47,30 +47,34 @@ impl Instances {
                 let Some(check) = solve_check(&template) else {
                     continue;
                 };
-                let spec = template.spec();
-                let secrets = flag_values(
-                    spec.secret_env
-                        .values()
-                        .chain(spec.secret_files.iter().map(|file| &file.secret)),
-                );
-                let flags = match (&instance.team, template.instanced().flag.is_some()) {
-                    (Some(team), true) => SolveFlags {
-                        expected: self.flag(&template, team).into_iter().collect(),
-                        hidden: secrets,
-                    },
-                    // Its flag comes with its team: nothing to expect yet.
-                    (None, true) => continue,
-                    (_, false) => SolveFlags {
-                        expected: secrets,
-                        hidden: Vec::new(),
-                    },
-                };
+                let team_flag = template.instanced().flag.is_some();
+                // Its flag comes with its team: nothing to expect yet.
+                if team_flag && instance.team.is_none() {
+                    continue;
+                }
                 seen.insert(instance.container.clone());
                 let state = solves.entry(instance.container.clone()).or_default();
                 if !state.due(check) {
                     continue;
                 }
                 state.running = true;
+                // Read only for a run: the secrets come from the host, the flag from its key.
+                let spec = template.spec();
+                let secrets = flag_values(
+                    spec.secret_env
+                        .values()
+                        .chain(spec.secret_files.iter().map(|file| &file.secret)),
+                );
+                let flags = match &instance.team {
+                    Some(team) if team_flag => SolveFlags {
+                        expected: self.flag(&template, team).into_iter().collect(),
+                        hidden: secrets,
+                    },
+                    _ => SolveFlags {
+                        expected: secrets,
+                        hidden: Vec::new(),
+                    },
+                };
                 due.push((instance.objects(), check.clone(), flags, template));
             }
             // Instances gone (removed, replaced) are forgotten, but for runs still going on.

@@ -5,9 +5,10 @@
 //! went missing, shows as Degraded where a port check would pass.
 //!
 //! A pass's diagnosis reads what each solver last found and starts the runs that are due; a run
-//! goes on in the background, so no pass waits for one. A per-team instance's container is
-//! solved the same way, its runs started by the instance manager ([`crate::instances`]). What was found is kept in this process's
-//! memory: a berth that starts again solves again before it calls a challenge Healthy.
+//! goes on in the background, so no pass waits for one. What was found is kept in this process's
+//! memory: a berth that starts again solves again before it calls a challenge Healthy. A per-team
+//! instance's container is solved the same way, its runs started by the instance manager
+//! ([`crate::instances`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -115,10 +116,7 @@ impl DockerBackend {
         for run in due {
             let backend = self.clone();
             tokio::spawn(async move {
-                let found = bounded(&run.check, backend.run_solver(&run), || async {
-                    let _ = remove_container(&backend.docker, &solver_name(&run.container)).await;
-                })
-                .await;
+                let found = backend.run_bounded(&run).await;
                 let mut solves = backend.solves.lock().expect("solves");
                 solves
                     .entry(run.container.clone())
@@ -138,16 +136,22 @@ impl DockerBackend {
         (check, port): (&SolveCheck, u16),
         flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
-        let run = SolveRun {
+        self.run_bounded(&SolveRun {
             key: key.clone(),
             container: container.to_string(),
             check: check.clone(),
             port,
             flags: flags.expected,
             hidden: flags.hidden,
-        };
-        bounded(check, self.run_solver(&run), || async {
-            let _ = remove_container(&self.docker, &solver_name(container)).await;
+        })
+        .await
+    }
+
+    /// One run, bounded by its check's timeout and an image pull; a run stuck past it has its
+    /// container removed.
+    async fn run_bounded(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
+        bounded(&run.check, self.run_solver(run), || async {
+            let _ = remove_container(&self.docker, &solver_name(&run.container)).await;
         })
         .await
     }

@@ -339,9 +339,9 @@ impl ChallengeTemplate {
         Ok(maps)
     }
 
-    /// The pod's volumes for its named volumes and folders, each once, and each container's
-    /// mounts of them (the main one's first, then each sidecar's).
-    fn volume_mounts(&self) -> (Vec<Value>, Vec<Vec<Value>>) {
+    /// The pod's volumes for its named volumes (the claims `claim_of` names) and folders, each
+    /// once, and each container's mounts of them (the main one's first, then each sidecar's).
+    fn volume_mounts(&self, claim_of: &dyn Fn(&str) -> String) -> (Vec<Value>, Vec<Vec<Value>>) {
         let mut volumes: BTreeMap<String, Value> = BTreeMap::new();
         let mut mounts_of = |mounts: &[VolumeMount]| -> Vec<Value> {
             mounts
@@ -351,7 +351,7 @@ impl ChallengeTemplate {
                         VolumeSource::Named(name) => {
                             let volume = pod_volume_name("v", name.as_str());
                             volumes.entry(volume.clone()).or_insert_with(|| {
-                                json!({"name": volume, "persistentVolumeClaim": {"claimName": self.claim_name(name.as_str())}})
+                                json!({"name": volume, "persistentVolumeClaim": {"claimName": claim_of(name.as_str())}})
                             });
                             (volume, mount.read_only)
                         }
@@ -476,6 +476,19 @@ impl ChallengeTemplate {
         namespace: &str,
         as_running: bool,
     ) -> Value {
+        self.deployment_claiming(labels, namespace, as_running, &|volume| {
+            self.claim_name(volume)
+        })
+    }
+
+    /// [`Self::deployment`], its named volumes mounting the claims `claim_of` names.
+    fn deployment_claiming(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: &str,
+        as_running: bool,
+        claim_of: &dyn Fn(&str) -> String,
+    ) -> Value {
         let pod_labels = selector(labels);
         let replicas = match (self.spec.state, as_running) {
             (RunState::Stopped, false) => 0,
@@ -572,7 +585,7 @@ impl ChallengeTemplate {
             })
             .collect();
         let mut volumes = volumes;
-        let (stored, mounts) = self.volume_mounts();
+        let (stored, mounts) = self.volume_mounts(claim_of);
         volumes.extend(stored);
         for (container, mounts) in containers.iter_mut().zip(mounts) {
             if mounts.is_empty() {
@@ -833,30 +846,14 @@ impl ChallengeTemplate {
         (base, name): (&str, &str),
         flag_secret: Option<&str>,
     ) -> Value {
-        let deployment = self.deployment(labels, namespace, true);
+        // Its named volumes are the instance's own claims, never the challenge's.
+        let deployment = self.deployment_claiming(labels, namespace, true, &|volume| {
+            instance_claim_name(base, volume)
+        });
         let template = &deployment["spec"]["template"];
         let mut spec = template["spec"].clone();
         spec["restartPolicy"] = "Always".into();
         idle_cpu_requests(&mut spec);
-        // Its named volumes are the instance's own claims, never the challenge's.
-        let named: BTreeMap<String, String> = self
-            .mounts()
-            .filter_map(|mount| mount.named())
-            .map(|volume| {
-                (
-                    self.claim_name(volume.as_str()),
-                    instance_claim_name(base, volume.as_str()),
-                )
-            })
-            .collect();
-        for volume in spec["volumes"].as_array_mut().into_iter().flatten() {
-            let claim = volume.pointer_mut("/persistentVolumeClaim/claimName");
-            if let Some(claim) = claim
-                && let Some(own) = claim.as_str().and_then(|c| named.get(c))
-            {
-                *claim = own.as_str().into();
-            }
-        }
         let given = self.spec.instanced.as_ref().and_then(|i| i.flag.as_ref());
         if let (Some(given), Some(flag_secret)) = (given, flag_secret) {
             let main = &mut spec["containers"][0];

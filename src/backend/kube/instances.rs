@@ -1,10 +1,10 @@
 //! Per-team instances on the cluster: for each, in the agent's challenge namespace, a pod of the
 //! challenge's version, a NodePort Service and a NetworkPolicy of its own, a Secret holding its
 //! team's flag, and a claim of its own for each named volume (a repo folder is the challenge's
-//! ConfigMap, shared read-only). Their `berth.kind` is [`INSTANCE_KIND`], so nothing that selects the
-//! challenge's own pods (a Service, another challenge's `allowConnectTo`) selects a team's. The
-//! policies, the challenge's (made by its pass) and the instance's, let in only the instance's
-//! ports and let out nothing to another pod, so one team's instance reaches no other.
+//! ConfigMap, shared read-only). Their `berth.kind` is [`INSTANCE_KIND`], so nothing that
+//! selects the challenge's own pods (a Service, another challenge's `allowConnectTo`) selects a
+//! team's. The policies, the challenge's (made by its pass) and the instance's, let in only the
+//! instance's ports and let out nothing to another pod, so one team's instance reaches no other.
 //!
 //! The Service selects the instance's pods by its id, not by version: a replacement
 //! (`onUpdate: replace`) is a new pod beside the old one, and the Service sends to it once it is

@@ -10,10 +10,11 @@
 //! A per-team instance is solved the same way, through its own Service, its runs started by the
 //! instance manager ([`crate::instances`]).
 //!
-//! A solver's pod carries `berth.kind: ChallengeSolver` and `berth.solves: NAME` (an instance's:
-//! `inst-NAME-ID`), never the challenge's `berth.name`, so it is never taken for one of the challenge's pods, nor selected
-//! by its Service. It is deleted when its run ends; one left by a berth that was killed is
-//! deleted before the next run, and its `activeDeadlineSeconds` ends it meanwhile.
+//! A solver's pod carries `berth.kind: ChallengeSolver` and `berth.solves: NAME` (an
+//! instance's: `inst-NAME-ID`), never the challenge's `berth.name`, so it is never taken for one
+//! of the challenge's pods, nor selected by its Service. It is deleted when its run ends; one left
+//! by a berth that was killed is deleted before the next run (an instance's, with the instance),
+//! and its `activeDeadlineSeconds` ends it meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -138,10 +139,7 @@ impl KubeBackend {
         for run in due {
             let backend = self.clone();
             tokio::spawn(async move {
-                let found = bounded(&run.check, backend.run_solver(&run), || {
-                    backend.delete_solver_pod(&run.pod)
-                })
-                .await;
+                let found = backend.run_bounded(&run).await;
                 let mut solves = backend.solves.found.lock().expect("solves");
                 solves
                     .entry((run.key.clone(), run.version.clone()))
@@ -163,7 +161,7 @@ impl KubeBackend {
         flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
         let (solves, host) = self.instance_address(key.name.as_str(), id).await?;
-        let run = SolveRun {
+        self.run_bounded(&SolveRun {
             key: key.clone(),
             pod: format!("{solves}-solver-{}", super::random_suffix()),
             solves,
@@ -173,8 +171,14 @@ impl KubeBackend {
             port,
             flags: flags.expected,
             hidden: flags.hidden,
-        };
-        bounded(check, self.run_solver(&run), || {
+        })
+        .await
+    }
+
+    /// One run, bounded by its check's timeout and an image pull; a run stuck past it has its
+    /// pod deleted.
+    async fn run_bounded(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
+        bounded(&run.check, self.run_solver(run), || {
             self.delete_solver_pod(&run.pod)
         })
         .await
