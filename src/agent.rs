@@ -228,7 +228,8 @@ struct Agent {
     healing: Option<String>,
     /// Status as of the last pass; shared with the server and `published`, never copied.
     status: Arc<StatusSet>,
-    /// Status as on the remote; `None` until read (or when there is none).
+    /// Status as on the remote (or the same in all but the time it was made); `None` until read
+    /// (or when there is none).
     published: Option<Arc<StatusSet>>,
     status_read: bool,
     /// When the last pass ended.
@@ -711,6 +712,7 @@ impl Agent {
             "pass done"
         );
         self.publish().await;
+        crate::heap::give_back_freed();
     }
 
     /// A commit a webhook in `batch` announced that is not the tip last fetched: its pass may run
@@ -1184,6 +1186,9 @@ impl Agent {
             .as_ref()
             .is_some_and(|published| !self.status.differs_from(published))
         {
+            // The same in all but the time it was made: one copy is kept, not two (at a thousand
+            // objects, a copy is megabytes).
+            self.published = Some(Arc::clone(&self.status));
             return;
         }
         let files = self.status.files();

@@ -33,6 +33,7 @@ pub mod console;
 pub mod database;
 pub mod descriptor;
 pub mod git_url;
+pub mod heap;
 pub mod instances;
 pub mod large_files;
 pub mod leader;

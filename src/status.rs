@@ -7,6 +7,7 @@
 //! moves through the [`Phase`] state machine, whose legal moves are [`Phase::may_follow`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,7 +15,7 @@ use serde_json::Value;
 use crate::apply::{Outcome, StepReport};
 use crate::descriptor::{Kind, ObjectRef, Problem, yaml};
 use crate::plan::{
-    Action, DesiredObject, Engine, Health, ObservedObject, ObservedPart, PartState, Plan,
+    Action, DesiredObject, Engine, Health, ObservedObject, ObservedPart, Part, PartState, Plan,
     ProducedImage, TargetState,
 };
 
@@ -150,8 +151,9 @@ pub struct PartStatus {
     pub state: PartState,
     /// Its health.
     pub health: Health,
-    /// The template it was made from (secrets only as references).
-    pub spec: Value,
+    /// The template it was made from (secrets only as references); shared with the desired part
+    /// of the same hash, so a thousand objects do not hold their templates twice.
+    pub spec: Arc<Value>,
 }
 
 /// What berth knows of one object.
@@ -428,7 +430,7 @@ impl StatusSet {
                         name: format!("{key} {}", part.id),
                         id: part.id.clone(),
                         hash: part.hash.clone(),
-                        spec: part.spec.clone(),
+                        spec: (*part.spec).clone(),
                         secrets: None,
                         state: part.state,
                         health: part.health,
@@ -635,7 +637,10 @@ pub fn after_pass(previous: &StatusSet, record: &PassRecord<'_>) -> StatusSet {
         let kept_phase = before.and_then(|b| b.phase);
         let parts = observed
             .get(key)
-            .map(|o| part_statuses(&o.parts))
+            .map(|o| {
+                let made_from = desired.get(key).map_or(&[][..], |d| &d.parts[..]);
+                part_statuses(&o.parts, made_from)
+            })
             .unwrap_or_default();
         let outcome = reports.get(key).map(|r| &r.outcome);
         let settled = desired
@@ -887,7 +892,10 @@ pub fn short_revision(revision: &str) -> &str {
     }
 }
 
-fn part_statuses(parts: &[ObservedPart]) -> Vec<PartStatus> {
+/// What status says of `parts`. A part of the same id and hash as a desired one was made from
+/// that template (the hash is the template's), so it takes the desired part's spec rather than a
+/// copy of the one the engine recorded.
+fn part_statuses(parts: &[ObservedPart], desired: &[Part]) -> Vec<PartStatus> {
     let mut statuses: Vec<PartStatus> = parts
         .iter()
         .map(|p| PartStatus {
@@ -895,7 +903,10 @@ fn part_statuses(parts: &[ObservedPart]) -> Vec<PartStatus> {
             hash: p.hash.clone(),
             state: p.state,
             health: p.health,
-            spec: p.spec.clone(),
+            spec: desired
+                .iter()
+                .find(|d| d.id == p.id && d.hash == p.hash)
+                .map_or_else(|| Arc::new(p.spec.clone()), |d| Arc::clone(&d.spec)),
         })
         .collect();
     statuses.sort_by(|a, b| (&a.id, &a.hash).cmp(&(&b.id, &b.hash)));
@@ -1106,6 +1117,17 @@ mod tests {
         }
     }
 
+    /// The status after the pass that created `object`, at `t1`.
+    fn first_pass(object: &DesiredObject) -> StatusSet {
+        pass(
+            &StatusSet::new("ci"),
+            std::slice::from_ref(object),
+            &[],
+            false,
+            "t1",
+        )
+    }
+
     fn done(step: &Step) -> StepReport {
         StepReport {
             step: step.clone(),
@@ -1173,15 +1195,34 @@ mod tests {
     }
 
     #[test]
+    fn a_part_shows_the_template_it_was_made_from_and_shares_it_when_that_is_the_desired_one() {
+        let web = desired("web", "h1", 10101);
+        let status = first_pass(&web);
+        let part = &status.objects[&key("web")].parts[0];
+        assert!(
+            Arc::ptr_eq(&part.spec, &web.parts[0].spec),
+            "one copy, not two"
+        );
+
+        // A failed update leaves the old container: status shows its template, not the new one.
+        let newer = desired("web", "h2", 10102);
+        let failed = pass(
+            &status,
+            std::slice::from_ref(&newer),
+            &[running(&web)],
+            true,
+            "t2",
+        );
+        let part = &failed.objects[&key("web")].parts[0];
+        assert_eq!(part.hash, "h1");
+        assert_eq!(part.spec["ports"][0]["host"], 10101);
+        assert!(!Arc::ptr_eq(&part.spec, &newer.parts[0].spec));
+    }
+
+    #[test]
     fn an_unchanged_pass_changes_nothing_not_even_the_time() {
         let web = desired("web", "h1", 10101);
-        let first = pass(
-            &StatusSet::new("ci"),
-            std::slice::from_ref(&web),
-            &[],
-            false,
-            "t1",
-        );
+        let first = first_pass(&web);
         let second = pass(
             &first,
             std::slice::from_ref(&web),
@@ -1196,13 +1237,7 @@ mod tests {
     #[test]
     fn a_failed_step_is_a_failure_with_the_engines_reason_and_the_old_revision() {
         let web = desired("web", "h1", 10101);
-        let first = pass(
-            &StatusSet::new("ci"),
-            std::slice::from_ref(&web),
-            &[],
-            false,
-            "t1",
-        );
+        let first = first_pass(&web);
         let mut first_at_rev1 = first.clone();
         first_at_rev1.objects.get_mut(&key("web")).unwrap().revision = Some("rev1".into());
         let changed = desired("web", "h2", 10101);
@@ -1237,13 +1272,7 @@ mod tests {
     #[test]
     fn recorded_status_plans_like_the_engine_would() {
         let web = desired("web", "h1", 10101);
-        let status = pass(
-            &StatusSet::new("ci"),
-            std::slice::from_ref(&web),
-            &[],
-            false,
-            "t1",
-        );
+        let status = first_pass(&web);
         let changed = desired("web", "h2", 10102);
         let plan = diff(&[changed], &status.observed(), Policy::default());
         assert_eq!(plan.steps[0].action, Action::Update);
@@ -1320,13 +1349,7 @@ mod tests {
     #[test]
     fn a_transient_step_keeps_the_phase_and_does_not_count_as_applied() {
         let web = desired("web", "h1", 10101);
-        let first = pass(
-            &StatusSet::new("ci"),
-            std::slice::from_ref(&web),
-            &[],
-            false,
-            "t1",
-        );
+        let first = first_pass(&web);
         let changed = desired("web", "h2", 10101);
         let plan = diff(
             std::slice::from_ref(&changed),

@@ -296,7 +296,7 @@ mod tests {
             hash: "h".into(),
             state: PartState::Stopped,
             health,
-            spec,
+            spec: spec.into(),
         };
         let mut shop = object(Kind::Staging, "shop", Phase::Stopped, Health::Healthy);
         shop.parts = vec![
