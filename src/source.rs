@@ -1128,6 +1128,10 @@ fn join(folder: &str, path: &str) -> String {
     }
 }
 
+/// Most threads packing a status commit: a status tree is a few thousand small objects, which
+/// more threads would split into windows too small to find deltas in.
+const PACK_THREADS: u32 = 4;
+
 /// A status tree made in memory: its id, the pack of its new objects, and how long making and
 /// packing took.
 struct NewTree {
@@ -1169,6 +1173,11 @@ fn build_tree(
     // The pack holds the blobs of `files` and the trees on the way to them: the blobs that
     // exist in memory are the ones made here.
     let mut packer = memory.packbuilder()?;
+    // The delta search is most of the packing, and it splits over cores.
+    packer.set_threads(
+        PACK_THREADS
+            .min(std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u32),
+    );
     let new = status_tree(&memory, &memory.find_tree(tree)?, folder)?;
     for id in new.trees_on_the_way {
         packer.insert_object(id, None)?;
