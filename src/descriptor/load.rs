@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use ignore::gitignore::Gitignore;
 use serde_json::Value;
@@ -177,6 +178,10 @@ const MAX_READERS: usize = 8;
 /// Fewest files worth a reader of their own: below it, a thread costs more than it saves.
 const FILES_PER_READER: usize = 64;
 
+/// Files a reader takes at a time: few enough to keep the readers even, enough that taking them
+/// costs nothing.
+const FILES_PER_TAKE: usize = 8;
+
 /// Where a problem stands, before positions are known.
 #[derive(Debug, Clone)]
 enum Place {
@@ -288,9 +293,10 @@ impl Loader {
         }
     }
 
-    /// Reads every file found, on every core: each worker reads every n-th file into a shard of
-    /// its own (files read in order of the walk lie together, and so do their kinds), and the
-    /// shards are merged. What a file gives does not depend on any other file.
+    /// Reads every file found, on every core: each worker takes the next few files not yet
+    /// taken into a shard of its own, so a worker that drew the costly ones (stagings rendering
+    /// their manifests) does not hold the others up, and the shards are merged. What a file gives
+    /// does not depend on any other file.
     fn read_files(&mut self, readers: usize) {
         let count = self.files.len();
         let workers = readers.min(count.div_ceil(FILES_PER_READER)).max(1);
@@ -298,15 +304,24 @@ impl Loader {
             (0..count).for_each(|file| self.read_file(file));
             return;
         }
-        let shards: Vec<Loader> = std::thread::scope(|scope| {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let shards: Vec<(Loader, Vec<usize>)> = std::thread::scope(|scope| {
             let readers: Vec<_> = (0..workers)
-                .map(|worker| {
+                .map(|_| {
                     let mut shard = self.shard();
+                    let next = &next;
                     scope.spawn(move || {
-                        (worker..count)
-                            .step_by(workers)
-                            .for_each(|file| shard.read_file(file));
-                        shard
+                        let mut read = Vec::new();
+                        loop {
+                            let first = next.fetch_add(FILES_PER_TAKE, Ordering::Relaxed);
+                            if first >= count {
+                                break (shard, read);
+                            }
+                            for file in first..(first + FILES_PER_TAKE).min(count) {
+                                shard.read_file(file);
+                                read.push(file);
+                            }
+                        }
                     })
                 })
                 .collect();
@@ -315,8 +330,8 @@ impl Loader {
                 .map(|reader| reader.join().expect("a reader of the repo panicked"))
                 .collect()
         });
-        for (worker, shard) in shards.into_iter().enumerate() {
-            self.absorb(shard, (worker..count).step_by(workers), count);
+        for (shard, read) in shards {
+            self.absorb(shard, read.into_iter(), count);
         }
         // In the order of the walk again, as one reader would have left them, so what is
         // reported first (and kept under a file's cap) does not depend on the threads.
@@ -899,9 +914,12 @@ impl Loader {
     }
 
     fn note_asset_folders(&mut self, file: usize, doc: usize, value: &Value) {
+        let Some(spec) = value.get("spec") else {
+            return;
+        };
         // A chart's values files are its input, not descriptors.
-        for written in value
-            .pointer("/spec/valuesFiles")
+        for written in spec
+            .get("valuesFiles")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -915,39 +933,9 @@ impl Loader {
                 self.asset_files.insert(relative);
             }
         }
-        // Folders a challenge's volumes copy in (`from:`), the main container's and each
-        // sidecar's.
-        let sidecar_builds = (0..value
-            .pointer("/spec/sidecars")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len))
-            .map(|index| format!("/spec/sidecars/{index}/build/context"));
-        let mounts = |pointer: String| {
-            let count = value
-                .pointer(&pointer)
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            (0..count).map(move |index| format!("{pointer}/{index}/from"))
-        };
-        let sidecars = value
-            .pointer("/spec/sidecars")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        let pointers = [
-            "/spec/build/context",
-            "/spec/manifests",
-            "/spec/chart",
-            "/spec/image/build/context",
-        ]
-        .map(String::from)
-        .into_iter()
-        .chain(sidecar_builds)
-        .chain(mounts("/spec/volumes".into()))
-        .chain((0..sidecars).flat_map(|index| mounts(format!("/spec/sidecars/{index}/volumes"))));
-        for pointer in pointers {
+        for (pointer, written) in folders_named(spec) {
             // Folders only: a path to a file is reported by the semantic checks.
-            if let Some(written) = value.pointer(&pointer).and_then(Value::as_str)
-                && let Ok(canonical) = self.root.join(written).canonicalize()
+            if let Ok(canonical) = self.root.join(written).canonicalize()
                 && canonical.starts_with(&self.root)
                 && canonical.is_dir()
             {
@@ -1388,6 +1376,54 @@ fn human_size(bytes: u64) -> String {
         .replace("Ki", " KiB")
         .replace("Mi", " MiB")
         .replace("Gi", " GiB")
+}
+
+/// The folders a descriptor's `spec` names (a build context, manifests, a chart, the folders
+/// volumes copy in, the main container's and each sidecar's), with the JSON pointer each is
+/// written at. Walked field by field: a pointer string is made only for a folder found.
+fn folders_named(spec: &Value) -> Vec<(String, &str)> {
+    fn text(found: Option<&Value>) -> Option<&str> {
+        found.and_then(Value::as_str)
+    }
+    fn context(holder: &Value) -> Option<&Value> {
+        holder.get("build")?.get("context")
+    }
+    let mut named = Vec::new();
+    if let Some(written) = text(context(spec)) {
+        named.push(("/spec/build/context".to_string(), written));
+    }
+    for field in ["manifests", "chart"] {
+        if let Some(written) = text(spec.get(field)) {
+            named.push((format!("/spec/{field}"), written));
+        }
+    }
+    if let Some(written) = text(spec.get("image").and_then(context)) {
+        named.push(("/spec/image/build/context".to_string(), written));
+    }
+    let sidecars = spec
+        .get("sidecars")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for (index, sidecar) in sidecars.iter().enumerate() {
+        if let Some(written) = text(context(sidecar)) {
+            named.push((format!("/spec/sidecars/{index}/build/context"), written));
+        }
+    }
+    volume_folders(spec, "/spec", &mut named);
+    for (index, sidecar) in sidecars.iter().enumerate() {
+        volume_folders(sidecar, &format!("/spec/sidecars/{index}"), &mut named);
+    }
+    named
+}
+
+/// The folders the volumes of `holder` (written at `at`) copy in (`from:`).
+fn volume_folders<'v>(holder: &'v Value, at: &str, named: &mut Vec<(String, &'v str)>) {
+    let volumes = holder.get("volumes").and_then(Value::as_array);
+    for (index, volume) in volumes.into_iter().flatten().enumerate() {
+        if let Some(written) = volume.get("from").and_then(Value::as_str) {
+            named.push((format!("{at}/volumes/{index}/from"), written));
+        }
+    }
 }
 
 #[cfg(test)]
