@@ -723,7 +723,7 @@ fn shape_kept(
             ),
         )
     };
-    let template = yaml::parse(&marked, false);
+    let template = marked_template(&marked);
     match (template.fatal.is_some(), actual.fatal.is_some()) {
         // The text itself is not YAML: parsing the substituted text reports it.
         (true, true) => return Ok(()),
@@ -741,6 +741,26 @@ fn shape_kept(
             .map_err(|index| blame(index.or_else(|| markers.first_in(&template.value))))?;
     }
     Ok(())
+}
+
+/// `marked` (a manifest's text with its variables replaced by markers) parsed. It is the same for
+/// every staging that renders the text, whatever their values, so each thread remembers the last
+/// few small ones: fifty stagings of one app parse its manifests' shape once, not fifty times.
+fn marked_template(marked: &str) -> std::rc::Rc<yaml::Stream> {
+    use std::rc::Rc;
+    /// Texts remembered per thread, and the longest remembered: at most 8 × 16 KiB of text and
+    /// its trees, on threads that load (the agent's pass, or a loader's readers).
+    const REMEMBERED: usize = 8;
+    const LONGEST: usize = 16 * 1024;
+    thread_local! {
+        static RECENT: super::recent::Recent<Rc<yaml::Stream>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let parse = |text: &str| Rc::new(yaml::parse(text, false));
+    match marked.len() > LONGEST {
+        true => parse(marked),
+        false => super::recent::remembered(&RECENT, REMEMBERED, marked, parse),
+    }
 }
 
 /// `text` as YAML reads a number: decimal, or `0x`/`0o` integers.
@@ -1224,6 +1244,12 @@ mod tests {
             assert!(problems.is_empty(), "{fine:?}: {problems:?}");
             assert_eq!(manifests.len(), 1);
         }
+        // The marked text is remembered between stagings that render it: a hostile value after
+        // fine ones is refused all the same.
+        let (manifests, problems) =
+            render_text("m.yaml", config, TARGET, &with("NOTE", attacks[1]));
+        assert!(manifests.is_empty(), "{manifests:?}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
         // A variable in a key: the key its value makes, and what is under it, are checked too.
         let keyed = |key: &'static str, mode: &'static str| Variables {
             tag: Tag::Set("v2"),

@@ -9,7 +9,8 @@
 //! - [`load`]: walking a folder, every problem at once with file, line and column (and what was
 //!   skipped as plainly not berth's, as warnings);
 //! - [`manifests`]: a Staging's manifests or chart, rendered, with its Helm hooks told apart;
-//! - [`edit`]: one descriptor's `spec.state` changed in its file, every other byte kept.
+//! - [`edit`]: one descriptor's `spec.state` changed in its file, every other byte kept;
+//! - `recent`: the last few results of a pure function of a text, remembered per thread.
 //!
 //! Nothing here talks to an engine.
 
@@ -17,6 +18,7 @@ pub mod edit;
 pub mod load;
 pub mod manifests;
 pub mod model;
+mod recent;
 pub mod schema;
 pub mod security;
 mod semantic;

@@ -439,25 +439,10 @@ impl FromStr for CronExpr {
         // fills croner's bit sets and was a tenth of `validate`'s time.
         const REMEMBERED: usize = 8;
         thread_local! {
-            static RECENT: std::cell::RefCell<Vec<(String, Result<(), String>)>> =
+            static RECENT: super::recent::Recent<Result<(), String>> =
                 const { std::cell::RefCell::new(Vec::new()) };
         }
-        let known = RECENT.with_borrow(|recent| {
-            recent
-                .iter()
-                .find(|(seen, _)| seen == text)
-                .map(|(_, checked)| checked.clone())
-        });
-        let checked = known.unwrap_or_else(|| {
-            let checked = check_cron(text);
-            RECENT.with_borrow_mut(|recent| {
-                if recent.len() == REMEMBERED {
-                    drop(recent.remove(0));
-                }
-                recent.push((text.to_string(), checked.clone()));
-            });
-            checked
-        });
+        let checked = super::recent::remembered(&RECENT, REMEMBERED, text, check_cron);
         checked.map(|()| CronExpr {
             text: text.to_string(),
         })

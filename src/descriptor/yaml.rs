@@ -433,7 +433,9 @@ impl<'input> Builder<'input, '_> {
             secret,
         } = path;
         let mut map = Map::new();
-        let mut key_lines: HashMap<String, Position> = HashMap::new();
+        // Where each key of `map` is written, in the map's order: only a duplicate (rare) looks
+        // for its first one, so keys are not copied into a second map.
+        let mut key_positions: Vec<Position> = Vec::new();
         let mut merged: Vec<Map<String, Value>> = Vec::new();
         let mut nodes = 1;
         while let Some((event, span)) = self.next()? {
@@ -497,7 +499,11 @@ impl<'input> Builder<'input, '_> {
                 }
                 continue;
             }
-            if let Some(first) = key_lines.get(&key) {
+            if map.contains_key(&key) {
+                let first = map
+                    .keys()
+                    .position(|known| *known == key)
+                    .map_or(key_at, |index| key_positions[index]);
                 // Inside a secret even a key may be part of the secret: say where, not what.
                 let shown = if secret {
                     String::new()
@@ -513,7 +519,7 @@ impl<'input> Builder<'input, '_> {
                 });
                 continue;
             }
-            key_lines.insert(key.clone(), key_at);
+            key_positions.push(key_at);
             map.insert(key, value);
         }
         for object in merged {
