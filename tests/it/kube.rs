@@ -1894,8 +1894,11 @@ fn a_flag_file_on_kubernetes_is_read_by_the_challenges_user() {
 /// A solver on the cluster: a pod of its own beside the challenge's, reaching it through its
 /// Service, is the Deployment's health. Healthy while it gets the flag; Degraded with its reason
 /// and its last lines when the jail breaks though the port still answers; its pods never count
-/// as the challenge's and none is left once the apply ends. (This cluster serves no pod logs, so
-/// the solver checks the flag itself, and the last lines come from the termination message.)
+/// as the challenge's and none is left once the apply ends. While a run's pod exists, so does its
+/// own NetworkPolicy, and neither is left. (This cluster serves no pod logs, so the solver checks
+/// the flag itself, and the last lines come from the termination message. It does not enforce
+/// NetworkPolicy either: that the policy walls the pod in to the challenge's pods alone is the
+/// unit test's in `kube::solve`.)
 #[test]
 fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded() {
     let Some(cluster) = cluster() else { return };
@@ -1907,10 +1910,10 @@ fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded
             ),
         )
     };
-    let solver_pods = || {
+    let solvers = |kind: &str| -> Vec<String> {
         let listed = cluster.kubectl(&[
             "get",
-            "pods",
+            kind,
             "-n",
             &cluster.challenges(),
             "-l",
@@ -1918,15 +1921,42 @@ fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded
             "-o",
             "jsonpath={.items[*].metadata.name}",
         ]);
-        String::from_utf8_lossy(&listed.stdout).into_owned()
+        String::from_utf8_lossy(&listed.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect()
     };
+    let solver_pods = || solvers("pods").join(" ");
     let repo = Repo::new();
     repo.write("jail.yaml", jail("cat /flag.txt"));
-    let applied = cluster.berth_with(&["apply", "--wait", "120s"], repo.path(), &[]);
+    // Runs are watched while the apply waits for them: a pod seen without its policy, and still
+    // there after the policies were listed, ran unwalled (a policy is made before its pod and
+    // deleted after it is gone).
+    let applied = std::thread::scope(|scope| {
+        let apply =
+            scope.spawn(|| cluster.berth_with(&["apply", "--wait", "120s"], repo.path(), &[]));
+        let mut walled = 0;
+        while !apply.is_finished() {
+            for pod in solvers("pods") {
+                if solvers("networkpolicies").contains(&pod) {
+                    walled += 1;
+                } else {
+                    assert!(
+                        !solvers("pods").contains(&pod),
+                        "solver pod {pod} ran without its NetworkPolicy"
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(walled > 0, "no solver run was seen while the apply waited");
+        apply.join().unwrap()
+    });
     let text = said(&applied);
     assert!(applied.status.success(), "{text}");
     assert!(text.contains("0 failed, 0 unhealthy"), "{text}");
     assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
+    assert_eq!(solvers("networkpolicies"), Vec::<String>::new(), "left");
 
     // The jail breaks: the port still answers, the solver no longer gets the flag.
     repo.write("jail.yaml", jail("echo flag{not-the-real-one}"));
@@ -1941,6 +1971,7 @@ fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded
         "a secret value was shown: {text}"
     );
     assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
+    assert_eq!(solvers("networkpolicies"), Vec::<String>::new(), "left");
     let pruned = cluster.berth_with(
         &["apply", "--prune", "--allow-empty"],
         Repo::new().path(),

@@ -261,21 +261,21 @@ impl KubeBackend {
         }
     }
 
-    /// The name of instance `id`'s objects and its Service's cluster address, where a solver
-    /// reaches it; `None` while it has no Service (or the API server does not answer).
+    /// The name of instance `id`'s objects and how a solver reaches it (its Service's cluster
+    /// address, and the pods behind it); `None` while it has no Service (or the API server does
+    /// not answer).
     pub(super) async fn instance_address(
         &self,
         challenge: &str,
         id: &str,
-    ) -> Option<(String, String)> {
+    ) -> Option<(String, super::solve::Reach)> {
         let base = base_name(challenge, id);
         let service = self
             .instance_api(&super::deploy::service_resource())
             .get_opt(&base)
             .await
             .ok()??;
-        let address = service.data.pointer("/spec/clusterIP")?.as_str()?;
-        (!address.is_empty() && address != "None").then(|| (base.clone(), address.to_string()))
+        Some((base, super::solve::Reach::of_service(&service.data)?))
     }
 
     /// Deletes one pod of an instance (gone already is fine): the one a replacement took over

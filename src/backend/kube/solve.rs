@@ -12,15 +12,19 @@
 //!
 //! A solver's pod carries `berth.kind: ChallengeSolver` and `berth.solves: NAME` (an
 //! instance's: `inst-NAME-ID`), never the challenge's `berth.name`, so it is never taken for one
-//! of the challenge's pods, nor selected by its Service. It is deleted when its run ends; one left
-//! by a berth that was killed is deleted before the next run (an instance's, with the instance),
-//! and its `activeDeadlineSeconds` ends it meanwhile.
+//! of the challenge's pods, nor selected by its Service. A solver parses what the challenge
+//! sends, so a player may own it: a NetworkPolicy of its run's own, made before the pod, lets
+//! nothing in and lets it out only to the pods behind the Service it solves through (not another
+//! team's instance, the API server, the node or the internet). Both are deleted when the run
+//! ends; ones left by a berth that was killed are deleted before the next run (an instance's,
+//! with the instance), and the pod's `activeDeadlineSeconds` ends it meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde_json::json;
 
@@ -38,8 +42,10 @@ use crate::plan::{ObservedObject, PartState};
 const SOLVER_KIND: &str = "ChallengeSolver";
 /// Label on a solver's pod naming the challenge it solves.
 const LABEL_SOLVES: &str = "berth.solves";
-/// How often a run's pod is looked at while it runs.
+/// How often a run's pod is looked at while it runs (and while it goes).
 const POLL: Duration = Duration::from_millis(500);
+/// Longest wait for a deleted solver pod to be gone before its NetworkPolicy is deleted.
+const POD_GONE_WAIT: Duration = Duration::from_secs(30);
 
 /// What the solvers last found, by challenge and the Deployment's version, and the pods of the
 /// runs this process has going. Cloning shares them.
@@ -49,6 +55,30 @@ pub(super) struct Solves {
     pods: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Label on a solver's pod and NetworkPolicy naming its run, so the policy selects that pod alone.
+const LABEL_RUN: &str = "berth.solver-run";
+
+/// How a solver reaches what it solves: the Service's cluster address, and the labels of the
+/// pods behind it (the only pods its run may reach).
+#[derive(Debug, Clone)]
+pub(super) struct Reach {
+    host: String,
+    pods: serde_json::Value,
+}
+
+impl Reach {
+    /// Read from a Service object: `None` for one without a cluster address or a selector.
+    pub(super) fn of_service(service: &serde_json::Value) -> Option<Reach> {
+        let host = service.pointer("/spec/clusterIP")?.as_str()?;
+        let pods = service.pointer("/spec/selector")?;
+        let usable = !host.is_empty() && host != "None" && !pods.as_object()?.is_empty();
+        usable.then(|| Reach {
+            host: host.to_string(),
+            pods: pods.clone(),
+        })
+    }
+}
+
 /// One run to make.
 struct SolveRun {
     key: ObjectRef,
@@ -56,16 +86,24 @@ struct SolveRun {
     /// pods of: the challenge's name, or an instance's objects' name.
     solves: String,
     version: String,
-    /// The name of the run's pod, chosen when the run is: a run cut short still knows it.
-    pod: String,
+    /// The run's own id, chosen when the run is: a run cut short still knows its pod and
+    /// policy, both named [`SolveRun::name`].
+    id: String,
     check: SolveCheck,
-    host: String,
+    reach: Reach,
     port: u16,
     /// The challenge's secret values: masked in what the solver says, and (with `expectFlag`)
     /// what it must print one of.
     flags: Vec<String>,
     /// Other secrets, masked in what it says but never taken for its flag.
     hidden: Vec<String>,
+}
+
+impl SolveRun {
+    /// The name of the run's pod and NetworkPolicy.
+    fn name(&self) -> String {
+        format!("{}-solver-{}", self.solves, self.id)
+    }
 }
 
 impl KubeBackend {
@@ -111,7 +149,7 @@ impl KubeBackend {
                 if !state.due(&check) || !self.solving {
                     continue;
                 }
-                let Some(host) = self.cluster_address(key.name.as_str()) else {
+                let Some(reach) = self.service_reach(key.name.as_str()) else {
                     continue;
                 };
                 let port = template
@@ -125,9 +163,9 @@ impl KubeBackend {
                     key: (*key).clone(),
                     solves: key.name.to_string(),
                     version: version.1,
-                    pod: format!("{}-solver-{}", key.name, super::random_suffix()),
+                    id: super::random_suffix(),
                     check,
-                    host,
+                    reach,
                     port,
                     flags,
                     hidden: Vec::new(),
@@ -160,14 +198,14 @@ impl KubeBackend {
         (check, port): (&SolveCheck, u16),
         flags: SolveFlags,
     ) -> Option<Result<(), Unsolved>> {
-        let (solves, host) = self.instance_address(key.name.as_str(), id).await?;
+        let (solves, reach) = self.instance_address(key.name.as_str(), id).await?;
         self.run_bounded(&SolveRun {
             key: key.clone(),
-            pod: format!("{solves}-solver-{}", super::random_suffix()),
+            id: super::random_suffix(),
             solves,
             version: String::new(),
             check: check.clone(),
-            host,
+            reach,
             port,
             flags: flags.expected,
             hidden: flags.hidden,
@@ -176,20 +214,19 @@ impl KubeBackend {
     }
 
     /// One run, bounded by its check's timeout and an image pull; a run stuck past it has its
-    /// pod deleted.
+    /// pod and policy deleted.
     async fn run_bounded(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
         bounded(&run.check, self.run_solver(run), || {
-            self.delete_solver_pod(&run.pod)
+            self.end_solver_run(run.name())
         })
         .await
     }
 
-    /// The cluster address of the challenge `name`'s Service, as the last observation saw it.
-    fn cluster_address(&self, name: &str) -> Option<String> {
+    /// How a solver reaches the challenge `name`: through its Service, as the last observation
+    /// saw it.
+    fn service_reach(&self, name: &str) -> Option<Reach> {
         let live = self.live.lock().expect("live objects");
-        let service = live.get(&format!("{}/Service/{name}", self.challenge_namespace))?;
-        let address = service.pointer("/spec/clusterIP")?.as_str()?;
-        (!address.is_empty() && address != "None").then(|| address.to_string())
+        Reach::of_service(live.get(&format!("{}/Service/{name}", self.challenge_namespace))?)
     }
 
     /// One run: whether the solver solved the challenge, or `None` when that could not be told
@@ -197,10 +234,24 @@ impl KubeBackend {
     async fn run_solver(&self, run: &SolveRun) -> Option<Result<(), Unsolved>> {
         self.remove_solvers(&run.solves).await;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
-        let name = &run.pod;
-        let pod = solver_pod(name, self.ownership.instance(), run);
-        let pod: Pod = serde_json::from_value(pod).expect("a pod serializes");
-        if let Err(error) = pods.create(&PostParams::default(), &pod).await {
+        let policies: Api<NetworkPolicy> =
+            Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let name = run.name();
+        let instance = self.ownership.instance();
+        let policy = serde_json::from_value(solver_policy(instance, run)).expect("a policy");
+        let pod: Pod = serde_json::from_value(solver_pod(instance, run)).expect("a pod serializes");
+        self.solves
+            .pods
+            .lock()
+            .expect("solver pods")
+            .insert(name.clone());
+        // The walls first: a pod made without them would run unwalled until they came.
+        let made = match policies.create(&PostParams::default(), &policy).await {
+            Ok(_) => pods.create(&PostParams::default(), &pod).await.map(drop),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = made {
+            self.end_solver_run(name).await;
             return match error {
                 kube::Error::Api(refusal) if refusal.code < 500 => {
                     Some(Err(Unsolved::NotStarted(refusal.message)))
@@ -208,13 +259,8 @@ impl KubeBackend {
                 _ => None,
             };
         }
-        self.solves
-            .pods
-            .lock()
-            .expect("solver pods")
-            .insert(name.clone());
-        let found = self.watch_solver(&pods, name, run).await;
-        self.delete_solver_pod(name).await;
+        let found = self.watch_solver(&pods, &name, run).await;
+        self.end_solver_run(name).await;
         found
     }
 
@@ -286,47 +332,107 @@ impl KubeBackend {
             .iter()
             .cloned()
             .collect();
-        for pod in own {
-            self.delete_solver_pod(&pod).await;
+        for run in own {
+            self.end_solver_run(run).await;
         }
     }
 
-    /// Deletes the run's pod `name`, which this process made, and forgets it.
-    async fn delete_solver_pod(&self, name: &str) {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
-        let _ = pods.delete(name, &DeleteParams::background()).await;
-        self.solves.pods.lock().expect("solver pods").remove(name);
+    /// Deletes the pod and then the NetworkPolicy of the run `name`, which this process made,
+    /// and forgets them.
+    async fn end_solver_run(&self, name: String) {
+        self.remove_solver_run(&name).await;
+        self.solves.pods.lock().expect("solver pods").remove(&name);
     }
 
-    /// Deletes the solver pods of the challenge (or instance) `name` a berth that was killed
-    /// left.
-    pub(super) async fn remove_solvers(&self, name: &str) {
+    /// Deletes the solver pod `name` and, once the pod is gone, its NetworkPolicy: a pod is never
+    /// left without its walls. A pod still there after [`POD_GONE_WAIT`] keeps its policy, for
+    /// the next run of its challenge (or the instance's removal) to delete.
+    async fn remove_solver_run(&self, name: &str) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::background()
+        };
+        let _ = pods.delete(name, &now).await;
+        let waiting = Instant::now();
+        loop {
+            match pods.get_opt(name).await {
+                Ok(None) => break,
+                Ok(Some(_)) if waiting.elapsed() < POD_GONE_WAIT => {
+                    tokio::time::sleep(POLL).await;
+                }
+                _ => return,
+            }
+        }
+        let policies: Api<NetworkPolicy> =
+            Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let _ = policies.delete(name, &DeleteParams::background()).await;
+    }
+
+    /// Deletes the solver pods, and then their NetworkPolicies, of the challenge (or instance)
+    /// `name` a berth that was killed left.
+    pub(super) async fn remove_solvers(&self, name: &str) {
         let selector = format!(
             "{LABEL_INSTANCE}={},{LABEL_KIND}={SOLVER_KIND},{LABEL_SOLVES}={name}",
             self.ownership.instance()
         );
-        let Ok(found) = pods.list(&ListParams::default().labels(&selector)).await else {
+        let listing = ListParams::default().labels(&selector);
+        // Runs are named after their pods and policies alike: either may be what is left.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let policies: Api<NetworkPolicy> =
+            Api::namespaced(self.client.clone(), &self.challenge_namespace);
+        let (Ok(pods), Ok(policies)) = (pods.list(&listing).await, policies.list(&listing).await)
+        else {
             return;
         };
-        for pod in found.items {
-            if let Some(pod) = pod.metadata.name {
-                let _ = pods.delete(&pod, &DeleteParams::background()).await;
-            }
+        let left: std::collections::BTreeSet<String> = pods
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .chain(policies.items.into_iter().filter_map(|p| p.metadata.name))
+            .collect();
+        for run in left {
+            self.remove_solver_run(&run).await;
         }
     }
+}
+
+/// The labels of a solver run's pod and NetworkPolicy.
+fn run_labels(instance: &str, run: &SolveRun) -> serde_json::Value {
+    json!({
+        LABEL_INSTANCE: instance,
+        LABEL_KIND: SOLVER_KIND,
+        LABEL_SOLVES: run.solves,
+        LABEL_RUN: run.id,
+    })
+}
+
+/// The NetworkPolicy of one run: it selects the run's pod alone, lets nothing in, and lets it out
+/// only to the pods behind the Service it solves through (no DNS: it is given an address).
+fn solver_policy(instance: &str, run: &SolveRun) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": run.name(), "labels": run_labels(instance, run)},
+        "spec": {
+            "podSelector": {"matchLabels": run_labels(instance, run)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [{"to": [{"podSelector": {"matchLabels": run.reach.pods}}]}],
+        },
+    })
 }
 
 /// The pod of one run: the solver's image and command, the challenge's address in its
 /// environment, bounded as a challenge container is by default, with no rights in the cluster,
 /// and ended by the cluster at the check's timeout.
-fn solver_pod(name: &str, instance: &str, run: &SolveRun) -> serde_json::Value {
+fn solver_pod(instance: &str, run: &SolveRun) -> serde_json::Value {
     let mut container = json!({
         "name": "solver",
         "image": run.check.image,
         "imagePullPolicy": "IfNotPresent",
         "env": [
-            {"name": "CHALLENGE_HOST", "value": run.host},
+            {"name": "CHALLENGE_HOST", "value": run.reach.host},
             {"name": "CHALLENGE_PORT", "value": run.port.to_string()},
         ],
         "resources": {
@@ -347,14 +453,7 @@ fn solver_pod(name: &str, instance: &str, run: &SolveRun) -> serde_json::Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": {
-                LABEL_INSTANCE: instance,
-                LABEL_KIND: SOLVER_KIND,
-                LABEL_SOLVES: run.solves,
-            },
-        },
+        "metadata": {"name": run.name(), "labels": run_labels(instance, run)},
         "spec": {
             "restartPolicy": "Never",
             "activeDeadlineSeconds": run.check.timeout.0.as_secs().max(1) + PULL_WAIT.as_secs(),
@@ -369,23 +468,32 @@ fn solver_pod(name: &str, instance: &str, run: &SolveRun) -> serde_json::Value {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_solver_pod_is_not_the_challenges_and_has_its_address_and_no_rights() {
-        let run = SolveRun {
+    fn jail_run() -> SolveRun {
+        SolveRun {
             key: "Challenge/jail".parse().unwrap(),
             solves: "jail".into(),
             version: "v1".into(),
-            pod: "jail-solver-abc".into(),
+            id: "abc".into(),
             check: serde_json::from_value(json!({
                 "image": "solver:1", "command": ["sh", "-c", "solve"], "timeout": "30s"
             }))
             .unwrap(),
-            host: "10.0.0.7".into(),
+            reach: Reach::of_service(&json!({"spec": {
+                "clusterIP": "10.0.0.7",
+                "selector": {"berth.instance": "ctf", "berth.kind": "Challenge", "berth.name": "jail"},
+            }}))
+            .unwrap(),
             port: 1337,
             flags: vec!["flag{x}".into()],
             hidden: Vec::new(),
-        };
-        let pod = solver_pod("jail-solver-abc", "ctf", &run);
+        }
+    }
+
+    #[test]
+    fn a_solver_pod_is_not_the_challenges_and_has_its_address_and_no_rights() {
+        let run = jail_run();
+        let pod = solver_pod("ctf", &run);
+        assert_eq!(pod["metadata"]["name"], "jail-solver-abc");
         let labels = &pod["metadata"]["labels"];
         assert_eq!(labels["berth.kind"], SOLVER_KIND);
         assert_eq!(labels["berth.solves"], "jail");
@@ -404,5 +512,33 @@ mod tests {
         assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
         assert_eq!(pod["spec"]["restartPolicy"], "Never");
         assert_eq!(pod["spec"]["activeDeadlineSeconds"], 330);
+    }
+
+    #[test]
+    fn a_solver_run_is_walled_in_to_the_pods_it_solves_and_nothing_else() {
+        let run = jail_run();
+        let (pod, policy) = (solver_pod("ctf", &run), solver_policy("ctf", &run));
+        assert_eq!(policy["metadata"]["name"], pod["metadata"]["name"]);
+        // It selects this run's pod, not another run's (nor the challenge's pods).
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"],
+            pod["metadata"]["labels"]
+        );
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"]["berth.solver-run"],
+            "abc"
+        );
+        assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(policy["spec"]["ingress"], json!([]), "nothing comes in");
+        // Out only to the pods behind the challenge's Service: no DNS, no ranges, no internet.
+        assert_eq!(
+            policy["spec"]["egress"],
+            json!([{"to": [{"podSelector": {"matchLabels": {
+                "berth.instance": "ctf", "berth.kind": "Challenge", "berth.name": "jail"
+            }}}]}])
+        );
+        // A Service that selects nothing gives no way to wall a run in: no run.
+        let headless = json!({"spec": {"clusterIP": "10.0.0.7", "selector": {}}});
+        assert!(Reach::of_service(&headless).is_none());
     }
 }
