@@ -892,9 +892,10 @@ pub fn short_revision(revision: &str) -> &str {
     }
 }
 
-/// What status says of `parts`. A part of the same id and hash as a desired one was made from
-/// that template (the hash is the template's), so it takes the desired part's spec rather than a
-/// copy of the one the engine recorded.
+/// What status says of `parts`: each with the spec the engine shows for it. Where that is the
+/// same as the desired part's (the usual case, between passes), status shares the desired one
+/// rather than keeping a copy. The hash alone does not say so: a stopped staging's Deployment
+/// has its manifest's hash and zero replicas.
 fn part_statuses(parts: &[ObservedPart], desired: &[Part]) -> Vec<PartStatus> {
     let mut statuses: Vec<PartStatus> = parts
         .iter()
@@ -905,7 +906,7 @@ fn part_statuses(parts: &[ObservedPart], desired: &[Part]) -> Vec<PartStatus> {
             health: p.health,
             spec: desired
                 .iter()
-                .find(|d| d.id == p.id && d.hash == p.hash)
+                .find(|d| d.id == p.id && d.hash == p.hash && *d.spec == p.spec)
                 .map_or_else(|| Arc::new(p.spec.clone()), |d| Arc::clone(&d.spec)),
         })
         .collect();
@@ -1217,6 +1218,14 @@ mod tests {
         assert_eq!(part.hash, "h1");
         assert_eq!(part.spec["ports"][0]["host"], 10101);
         assert!(!Arc::ptr_eq(&part.spec, &newer.parts[0].spec));
+
+        // The same template, shown otherwise by the engine (a stopped staging's Deployment keeps
+        // its hash and has no replicas): status says what the engine shows.
+        let mut scaled = running(&web);
+        scaled.parts[0].spec["replicas"] = 0.into();
+        // (Nothing to change, so the pass leaves the engine as it found it.)
+        let stopped = pass(&status, std::slice::from_ref(&web), &[scaled], true, "t2");
+        assert_eq!(stopped.objects[&key("web")].parts[0].spec["replicas"], 0);
     }
 
     #[test]
