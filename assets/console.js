@@ -14,16 +14,22 @@
     const fresh = page.getElementById("main");
     const main = document.getElementById("main");
     if (!fresh || !main) { return; }
+    // Two passes in quick succession: an answer that comes late never puts an older page back.
+    if (Number(fresh.dataset.pass) < Number(main.dataset.pass)) { return; }
     // A followed log keeps its place: it is not part of a pass.
     const log = main.querySelector("pre[data-follow]");
     main.replaceChildren(...fresh.childNodes);
+    if (fresh.dataset.pass) { main.dataset.pass = fresh.dataset.pass; }
     if (log && main.querySelector("pre[data-follow]")) {
       main.querySelector("pre[data-follow]").replaceWith(log);
     }
   }
 
-  if (window.EventSource && document.querySelector("header nav")) {
-    const events = new EventSource("/console/events");
+  // The page says which pass it shows: one that ended while the page was on its way is sent at
+  // once, so the page never stays behind it.
+  const main = document.getElementById("main");
+  if (window.EventSource && document.querySelector("header nav") && main) {
+    const events = new EventSource("/console/events?since=" + encodeURIComponent(main.dataset.pass || ""));
     events.addEventListener("pass", (event) => {
       say("pass " + event.data + ": updated " + new Date().toLocaleTimeString());
       // A run's page changes with its run, not with passes: it is fetched again when the run ends.

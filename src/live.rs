@@ -1,7 +1,8 @@
 //! What the agent publishes between passes for its readers (the HTTP API, the console, probes):
 //! the status as of the last pass, whether it is ready, and why status pushes fail.
 //!
-//! The agent writes it only at a pass's end; readers take a snapshot and follow a counter.
+//! The agent writes it only at a pass's end; readers take a snapshot and follow a counter, and a
+//! snapshot says which count it is of.
 
 use std::sync::{Arc, RwLock};
 
@@ -46,9 +47,35 @@ impl Shared {
         }
     }
 
-    /// Publishes the status as of a pass, and tells whoever follows.
+    /// Publishes the status as of a pass, and tells whoever follows. The count moves under the
+    /// status's lock, so [`Shared::published`] never pairs a status with another pass's count.
     pub fn publish(&self, status: Arc<StatusSet>) {
-        *self.status.write().expect("lock") = status;
+        let mut published = self.status.write().expect("lock");
+        *published = status;
         self.passes.send_modify(|count| *count += 1);
     }
+
+    /// The status as of the last pass, with that pass's count.
+    pub fn published(&self) -> Published {
+        let status = self.status.read().expect("lock");
+        Published {
+            status: Arc::clone(&status),
+            pass: *self.passes.borrow(),
+        }
+    }
+
+    /// How many statuses were published so far.
+    pub fn pass(&self) -> u64 {
+        *self.passes.borrow()
+    }
+}
+
+/// A status as published, with the count of the pass that published it: a page shows the count
+/// of what it shows, and a page that missed a pass learns so from it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The status.
+    pub status: Arc<StatusSet>,
+    /// The count of the pass that published it.
+    pub pass: u64,
 }

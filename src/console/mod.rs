@@ -41,7 +41,7 @@ use views::{Filters, ObjectRow};
 
 use crate::descriptor::Kind;
 use crate::descriptor::edit::WantedState;
-use crate::live::{Readiness, Shared};
+use crate::live::{Published, Readiness, Shared};
 use crate::plan::Health;
 use crate::source::Committed;
 use crate::status::{Phase, short_revision};
@@ -203,6 +203,8 @@ struct Layout {
     csrf: String,
     /// What makes this agent's pages not the live truth: standing by, or its passes failing.
     notice: Option<String>,
+    /// The count of the pass whose status the page shows: the page's events start from it.
+    pass: u64,
 }
 
 impl Layout {
@@ -220,7 +222,14 @@ impl Layout {
             role: session.map_or("", |s| s.role.as_str()),
             csrf: session.map(|s| s.csrf.clone()).unwrap_or_default(),
             notice: session.and(notice),
+            pass: state.shared.pass(),
         }
+    }
+
+    /// The layout of a page that shows the status of pass `pass`, which may be older than the
+    /// last: a pass published while the page was made is then sent to it at once.
+    fn showing_pass(self, pass: u64) -> Layout {
+        Layout { pass, ..self }
     }
 }
 
@@ -481,7 +490,7 @@ async fn overview(
     SignedIn(session): SignedIn,
     Query(filters): Query<Filters>,
 ) -> Response {
-    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let Published { status, pass } = state.shared.published();
     let agent = &status.agent;
     let short = |revision: &Option<String>| {
         revision
@@ -517,7 +526,7 @@ async fn overview(
         None => ("no pass yet", "none"),
     };
     let body = OverviewPage {
-        layout: Layout::of(&state, Some(&session)),
+        layout: Layout::of(&state, Some(&session)).showing_pass(pass),
         pass_result,
         pass_tone,
         pass_revision: short(&agent.last_attempted_revision),
@@ -774,7 +783,7 @@ async fn object(
     SignedIn(session): SignedIn,
     Path((kind, name)): Path<(String, String)>,
 ) -> Response {
-    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let Published { status, pass } = state.shared.published();
     let found = status
         .objects
         .values()
@@ -806,7 +815,7 @@ async fn object(
     };
     let file = crate::status::object_path(found.kind, &found.name);
     let body = ObjectPage {
-        layout: Layout::of(&state, Some(&session)),
+        layout: Layout::of(&state, Some(&session)).showing_pass(pass),
         row: ObjectRow::of(found),
         phases: read_history(&state, Some(file), OBJECT_HISTORY).await,
         states,
@@ -845,10 +854,10 @@ struct StagingsPage {
 
 /// Every staging: its namespace, the images it runs, where it answers, and its state buttons.
 async fn stagings(State(state): State<ConsoleState>, SignedIn(session): SignedIn) -> Response {
-    let status = Arc::clone(&state.shared.status.read().expect("lock"));
+    let Published { status, pass } = state.shared.published();
     let may_change = session.role.may_act() && state.console.changes.is_some();
     let body = StagingsPage {
-        layout: Layout::of(&state, Some(&session)),
+        layout: Layout::of(&state, Some(&session)).showing_pass(pass),
         stagings: views::stagings(&status, may_change),
         may_act: may_change,
     };
@@ -1106,8 +1115,15 @@ async fn kill_instance(
     acted(&state, &session, killed, "Not killed", "/instances")
 }
 
-/// Server-sent events: `pass` with the revision and result, as each pass's status is published.
-async fn events(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
+/// Server-sent events: `pass` with the revision and result, as each pass's status is published,
+/// its id the pass's count. A page says which count it shows (`?since=`, or on a reconnect the
+/// browser's `Last-Event-ID`): a pass published before the page began to follow is sent at once,
+/// so a page made while a pass ended never stays behind it.
+async fn events(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let Some((id, _)) = session_of(&state, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
@@ -1119,6 +1135,11 @@ async fn events(State(state): State<ConsoleState>, headers: HeaderMap) -> Respon
         )
             .into_response();
     };
+    let shown = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query.get("since").map(String::as_str))
+        .and_then(|count| count.trim().parse::<u64>().ok());
     let passes = state.shared.passes.subscribe();
     let following = Following {
         shared: Arc::clone(&state.shared),
@@ -1126,7 +1147,7 @@ async fn events(State(state): State<ConsoleState>, headers: HeaderMap) -> Respon
         session: id,
         _slot: slot,
     };
-    let stream = pass_events(passes, following);
+    let stream = pass_events(passes, shown, following);
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
@@ -1140,32 +1161,36 @@ struct Following {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// A `pass` event as each status is published, for as long as the session lives.
+/// A `pass` event as each status is published, for as long as the session lives; first, at
+/// once, the last pass when the page shows another (`shown`).
 fn pass_events(
-    passes: tokio::sync::watch::Receiver<u64>,
+    mut passes: tokio::sync::watch::Receiver<u64>,
+    shown: Option<u64>,
     following: Following,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures_util::stream::unfold((passes, following), |(mut passes, following)| async move {
-        passes.changed().await.ok()?;
-        // Logged out or expired: the stream ends, and its slot is freed.
-        following.sessions.get(&following.session)?;
-        let data = {
-            let status = following.shared.status.read().expect("lock");
+    let missed = shown.is_some_and(|shown| shown != *passes.borrow_and_update());
+    futures_util::stream::unfold(
+        (passes, following, missed),
+        |(mut passes, following, missed)| async move {
+            if !missed {
+                passes.changed().await.ok()?;
+            }
+            // Logged out or expired: the stream ends, and its slot is freed.
+            following.sessions.get(&following.session)?;
+            let Published { status, pass } = following.shared.published();
             let revision = status
                 .agent
                 .last_attempted_revision
                 .as_deref()
-                .map(short_revision)
-                .unwrap_or("-")
-                .to_string();
+                .map_or("-", short_revision);
             let result = status.agent.result.map_or("none", |r| r.as_str());
-            format!("{revision} {result}")
-        };
-        Some((
-            Ok(Event::default().event("pass").data(data)),
-            (passes, following),
-        ))
-    })
+            let event = Event::default()
+                .event("pass")
+                .id(pass.to_string())
+                .data(format!("{revision} {result}"));
+            Some((Ok(event), (passes, following, false)))
+        },
+    )
 }
 
 /// The tail of a run's log, at most [`LOG_TAIL`] bytes, from the start of a line.
@@ -1221,4 +1246,50 @@ async fn script() -> Response {
         include_str!("../../assets/console.js"),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::status::StatusSet;
+
+    /// A page following events, as `events` makes one, for a session that is logged in.
+    fn following(shared: &Arc<Shared>) -> Following {
+        let sessions = Sessions::default();
+        let (session, _) = sessions.open(session::Role::Viewer, None).unwrap();
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        Following {
+            shared: Arc::clone(shared),
+            sessions,
+            session,
+            _slot: slot,
+        }
+    }
+
+    /// The CI run that failed stop 30: a stagings page made just before a pass ended, whose
+    /// events began just after, stayed at Running for good. It is told of that pass at once.
+    #[tokio::test]
+    async fn a_page_made_before_a_pass_ended_is_told_of_it_as_soon_as_it_follows() {
+        let shared = Arc::new(Shared::new(Arc::new(StatusSet::new("test"))));
+        let shown = shared.published().pass;
+        shared.publish(Arc::new(StatusSet::new("test")));
+        let passes = shared.passes.subscribe();
+        let mut events = Box::pin(pass_events(passes, Some(shown), following(&shared)));
+        let first = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(matches!(first, Ok(Some(Ok(_)))), "the missed pass is sent");
+
+        // A page as of the last pass waits for the next one, and gets it.
+        let passes = shared.passes.subscribe();
+        let current = shared.published().pass;
+        let mut events = Box::pin(pass_events(passes, Some(current), following(&shared)));
+        let early = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+        assert!(early.is_err(), "nothing is sent before a pass ends");
+        shared.publish(Arc::new(StatusSet::new("test")));
+        let next = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(matches!(next, Ok(Some(Ok(_)))), "the next pass is sent");
+    }
 }

@@ -189,10 +189,23 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// A test that failed shows the agent's log: what it did is most of why.
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let mut from = log.len().saturating_sub(LOG_SHOWN);
+            while !log.is_char_boundary(from) {
+                from += 1;
+            }
+            let tail = &log[from..];
+            eprintln!("the agent's log, its last {} bytes:\n{tail}", tail.len());
+        }
     }
 }
+
+/// How much of an agent's log a failed test shows.
+const LOG_SHOWN: usize = 12_000;
 
 /// A push event as GitHub sends it (trimmed to the fields a receiver reads, same shape).
 pub(crate) fn github_push(commit: &str, branch: &str) -> String {
