@@ -1972,12 +1972,37 @@ fn a_solver_on_kubernetes_runs_in_a_pod_of_its_own_and_a_broken_jail_is_degraded
     );
     assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
     assert_eq!(solvers("networkpolicies"), Vec::<String>::new(), "left");
+
+    // A berth killed while a run goes leaves its pod and policy; the challenge's prune takes
+    // them (before, they stayed: the cleanup came only with a next run, which a pruned
+    // challenge never has).
+    repo.write("jail.yaml", jail("cat /flag.txt"));
+    let mut killed = cluster
+        .berth_command(&["apply", "--wait", "120s"], repo.path(), &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("berth runs");
+    let seen = Instant::now();
+    // A run's policy is made before its pod: the kill comes as soon as the run has begun.
+    while solvers("networkpolicies").is_empty() {
+        assert!(
+            seen.elapsed() < Duration::from_secs(120),
+            "no solver run began"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(!solvers("networkpolicies").is_empty(), "a run was left");
     let pruned = cluster.berth_with(
         &["apply", "--prune", "--allow-empty"],
         Repo::new().path(),
         &[],
     );
     assert!(pruned.status.success(), "{}", said(&pruned));
+    assert!(solver_pods().trim().is_empty(), "left: {}", solver_pods());
+    assert_eq!(solvers("networkpolicies"), Vec::<String>::new(), "left");
 }
 
 /// Issue 19, item 21: a leader cut off from the API server stops leading (it cannot confirm its

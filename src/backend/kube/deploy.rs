@@ -671,6 +671,9 @@ impl KubeBackend {
         let params =
             ListParams::default().labels(&self.challenge_selector(Some(key.name.as_str())));
         let mut deleted = Vec::new();
+        // Its solver runs, with any a berth that was killed left: no later run of a challenge
+        // that is gone would clean them up.
+        self.remove_solvers(key.name.as_str()).await;
         // Its teams' instances first: none runs a moment without the challenge's policy.
         match self.remove_instances_of(key.name.as_str()).await {
             Ok(0) => {}

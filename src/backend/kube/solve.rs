@@ -16,8 +16,9 @@
 //! sends, so a player may own it: a NetworkPolicy of its run's own, made before the pod, lets
 //! nothing in and lets it out only to the pods behind the Service it solves through (not another
 //! team's instance, the API server, the node or the internet). Both are deleted when the run
-//! ends; ones left by a berth that was killed are deleted before the next run (an instance's,
-//! with the instance), and the pod's `activeDeadlineSeconds` ends it meanwhile.
+//! ends; ones left by a berth that was killed are deleted before the next run, and with the
+//! challenge when it is deleted (an instance's, with the instance); the pod's
+//! `activeDeadlineSeconds` ends it meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -213,6 +213,18 @@ impl Cluster {
 
     /// `berth ARGS REPO` with this instance's challenge namespace and `env`.
     pub(crate) fn berth_with(&self, args: &[&str], repo: &Path, env: &[(&str, &str)]) -> Output {
+        self.berth_command(args, repo, env)
+            .output()
+            .expect("berth runs")
+    }
+
+    /// The command [`Cluster::berth_with`] runs, for a test that starts it itself.
+    pub(crate) fn berth_command(
+        &self,
+        args: &[&str],
+        repo: &Path,
+        env: &[(&str, &str)],
+    ) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
         command
             .args(args)
@@ -222,7 +234,7 @@ impl Cluster {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("BERTH_IT_TOKEN", "s3cr3t-t0ken-value")
             .envs(env.iter().copied());
-        command.output().expect("berth runs")
+        command
     }
 }
 
