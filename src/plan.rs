@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::descriptor::ObjectRef;
+use crate::descriptor::{Name, ObjectRef};
 
 /// What an object should be doing once applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +235,23 @@ impl ProducedImage {
     /// with no tag.
     pub fn tag_alone(&self) -> Option<&str> {
         self.tag.rsplit_once(':').map(|(_, tag)| tag)
+    }
+}
+
+/// The images the Pipelines an object uses produced, by Pipeline: what its `fromPipeline`
+/// images become.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Products(BTreeMap<Name, ProducedImage>);
+
+impl Products {
+    /// Takes `image` as the product of `pipeline`.
+    pub fn insert(&mut self, pipeline: Name, image: ProducedImage) {
+        self.0.insert(pipeline, image);
+    }
+
+    /// The product of the Pipeline `from` names, if there is one.
+    pub fn of(&self, from: &crate::descriptor::model::FromPipeline) -> Option<&ProducedImage> {
+        self.0.get(&from.from_pipeline)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::backend::{self, Desired, EngineError, Engines, Ownership};
 use crate::descriptor::{self, LoadError, LoadOptions, Loaded, ObjectRef, Problem};
 use crate::plan::{
     self, Action, Health, Hold, ObservedObject, ObservedPart, Plan, Policy, ProducedImage,
-    TargetState,
+    Products, TargetState,
 };
 use crate::status::StatusSet;
 
@@ -115,20 +115,20 @@ pub async fn plan(
     })
 }
 
-/// Stage 3, resolve: fills in references between descriptors. An object that uses the image of a
-/// Pipeline runs the newest image the Pipeline produced; until there is one, it waits, with that
+/// Stage 3, resolve: fills in references between descriptors. An object that uses the images of
+/// Pipelines runs the newest image each produced; until every one has one, it waits, with that
 /// reason (not a failure).
 pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
-    let products: BTreeMap<&ObjectRef, &ProducedImage> = observed
+    let produced: BTreeMap<&ObjectRef, &ProducedImage> = observed
         .iter()
         .filter_map(|o| Some((&o.key, o.produced.as_ref()?)))
         .collect();
-    let references: Vec<(ObjectRef, ObjectRef)> = desired
+    let references: Vec<(ObjectRef, Vec<ObjectRef>)> = desired
         .pipeline_references
         .iter()
         .map(|(k, p)| (k.clone(), p.clone()))
         .collect();
-    for (key, pipeline) in references {
+    for (key, pipelines) in references {
         let held = desired
             .objects
             .iter()
@@ -136,10 +136,26 @@ pub fn resolve(desired: &mut Desired, observed: &[ObservedObject]) {
         if held {
             continue;
         }
-        let why = match products.get(&pipeline) {
-            Some(product) if desired.use_product(&key, product) => continue,
-            Some(_) => format!("waits: a {} takes no product of {pipeline} yet", key.kind),
-            None => format!("waits for {pipeline} to produce an image"),
+        let mut products = Products::default();
+        let mut waiting_for = Vec::new();
+        for pipeline in &pipelines {
+            match produced.get(pipeline) {
+                Some(&image) => products.insert(pipeline.name.clone(), image.clone()),
+                None => waiting_for.push(pipeline.to_string()),
+            }
+        }
+        let why = match waiting_for.as_slice() {
+            [] if desired.use_products(&key, &products) => continue,
+            [] => format!(
+                "waits: a {} takes no product of {} yet",
+                key.kind,
+                pipelines
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            waiting => format!("waits for {} to produce an image", waiting.join(" and ")),
         };
         if let Some(object) = desired.objects.iter_mut().find(|o| o.key == key) {
             object.hold = Some(Hold::Wait(why));

@@ -26,7 +26,7 @@ use crate::apply::Outcome;
 use crate::descriptor::load::Loaded;
 use crate::descriptor::{Kind, ObjectRef};
 use crate::plan::{
-    DesiredObject, Engine, Hold, ObservedObject, ProducedImage, Step, TargetState, Vocabulary,
+    DesiredObject, Engine, Hold, ObservedObject, Products, Step, TargetState, Vocabulary,
 };
 
 /// `text` with every secret value, and each line of one of several lines, shown as `<secret>`:
@@ -179,21 +179,22 @@ pub struct Desired {
     pub objects: Vec<DesiredObject>,
     /// Descriptor spec hashes, by object (for status).
     pub spec_hashes: HashMap<ObjectRef, String>,
-    /// References to Pipelines' products, by consuming object: resolved before planning.
-    pub pipeline_references: BTreeMap<ObjectRef, ObjectRef>,
+    /// The Pipelines whose products each object uses: resolved before planning.
+    pub pipeline_references: BTreeMap<ObjectRef, Vec<ObjectRef>>,
     /// Shared: desired state is copied into every pass, its templates need not be.
     templates: std::sync::Arc<HashMap<ObjectRef, Template>>,
 }
 
 impl Template {
-    /// The same template taking the image a Pipeline produced; `None` for one that takes none.
-    fn with_product(&self, product: &ProducedImage) -> Option<Template> {
+    /// The same template taking the images its Pipelines produced; `None` for one that cannot
+    /// take them (a product missing, a tag a Staging cannot read).
+    fn with_products(&self, products: &Products) -> Option<Template> {
         Some(match self {
-            Template::Challenge(t) => Template::Challenge(Box::new(t.with_product(product))),
+            Template::Challenge(t) => Template::Challenge(Box::new(t.with_products(products)?)),
             Template::KubeChallenge(t) => {
-                Template::KubeChallenge(Box::new(t.with_product(product)))
+                Template::KubeChallenge(Box::new(t.with_products(products)?))
             }
-            Template::Staging(t) => Template::Staging(Box::new(t.with_product(product)?)),
+            Template::Staging(t) => Template::Staging(Box::new(t.with_products(products)?)),
             Template::Pipeline(_) => return None,
         })
     }
@@ -239,13 +240,13 @@ impl Desired {
             .collect()
     }
 
-    /// Makes `key`, which uses a Pipeline's product, run it. False when it cannot take one, so
-    /// it keeps waiting.
-    pub fn use_product(&mut self, key: &ObjectRef, product: &ProducedImage) -> bool {
+    /// Makes `key`, which uses Pipelines' products, run them. False when it cannot take them,
+    /// so it keeps waiting.
+    pub fn use_products(&mut self, key: &ObjectRef, products: &Products) -> bool {
         let Some(template) = self
             .templates
             .get(key)
-            .and_then(|t| t.with_product(product))
+            .and_then(|t| t.with_products(products))
         else {
             return false;
         };
@@ -431,8 +432,9 @@ pub fn desired(loaded: &Loaded) -> Desired {
         desired
             .spec_hashes
             .insert(key.clone(), descriptor.spec_hash.clone());
-        if let Some(pipeline) = descriptor.pipeline_reference() {
-            desired.pipeline_references.insert(key.clone(), pipeline);
+        let pipelines = descriptor.pipelines_used();
+        if !pipelines.is_empty() {
+            desired.pipeline_references.insert(key.clone(), pipelines);
         }
         if !serves(descriptor.kind()) {
             desired.objects.push(DesiredObject {

@@ -206,38 +206,76 @@ impl Descriptor {
         }
     }
 
-    /// What this descriptor waits for: its `dependsOn` plus the pipeline whose image it runs.
+    /// What this descriptor waits for: its `dependsOn` plus the Pipelines whose images it runs.
     pub fn dependencies(&self) -> Vec<ObjectRef> {
         let mut dependencies = self.metadata.depends_on.clone();
-        if let Some(reference) = self.pipeline_reference()
-            && !dependencies.contains(&reference)
-        {
-            dependencies.push(reference);
+        for pipeline in self.pipelines_used() {
+            if !dependencies.contains(&pipeline) {
+                dependencies.push(pipeline);
+            }
         }
         dependencies
     }
 
-    /// The Pipeline whose product this descriptor uses (`image: {fromPipeline: NAME}`), if any.
-    /// The one place that matching is written.
-    pub fn pipeline_reference(&self) -> Option<ObjectRef> {
-        match &self.spec {
-            Spec::Challenge(spec) => match &spec.image {
-                Some(model::ImageSource::FromPipeline(from)) => Some(ObjectRef {
-                    kind: Kind::Pipeline,
-                    name: from.from_pipeline.clone(),
-                }),
-                _ => None,
+    /// The Pipelines whose products this descriptor uses, each once.
+    pub fn pipelines_used(&self) -> Vec<ObjectRef> {
+        let mut pipelines: Vec<ObjectRef> = Vec::new();
+        for used in self.pipeline_uses() {
+            if !pipelines.contains(&used.pipeline) {
+                pipelines.push(used.pipeline);
+            }
+        }
+        pipelines
+    }
+
+    /// Every place this descriptor uses a Pipeline's product: a Challenge's `image` and its
+    /// sidecars' (`{fromPipeline: NAME}`), a Staging's `tag`. The one place that matching is
+    /// written.
+    pub fn pipeline_uses(&self) -> Vec<PipelineUse> {
+        let used = |from: &model::FromPipeline, pointer: String| PipelineUse {
+            pipeline: ObjectRef {
+                kind: Kind::Pipeline,
+                name: from.from_pipeline.clone(),
             },
+            pointer,
+        };
+        match &self.spec {
+            Spec::Challenge(spec) => {
+                let main = match &spec.image {
+                    Some(model::ImageSource::FromPipeline(from)) => {
+                        Some(used(from, "/spec/image/fromPipeline".into()))
+                    }
+                    _ => None,
+                };
+                let sidecars = spec
+                    .sidecars
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, sidecar)| match &sidecar.image {
+                        Some(model::ImageSource::FromPipeline(from)) => Some(used(
+                            from,
+                            format!("/spec/sidecars/{index}/image/fromPipeline"),
+                        )),
+                        _ => None,
+                    });
+                main.into_iter().chain(sidecars).collect()
+            }
             Spec::Staging(StagingSpec {
                 tag: Some(model::TagSource::FromPipeline(from)),
                 ..
-            }) => Some(ObjectRef {
-                kind: Kind::Pipeline,
-                name: from.from_pipeline.clone(),
-            }),
-            _ => None,
+            }) => vec![used(from, "/spec/tag/fromPipeline".into())],
+            _ => Vec::new(),
         }
     }
+}
+
+/// One place a descriptor uses a Pipeline's product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineUse {
+    /// The Pipeline.
+    pub pipeline: ObjectRef,
+    /// Where the descriptor names it (a JSON pointer), for problems about it.
+    pub pointer: String,
 }
 
 /// Hash of what makes an object what it is: its kind, labels, spec and any extra inputs (such as

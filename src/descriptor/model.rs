@@ -299,6 +299,17 @@ pub enum ImageSource {
     FromPipeline(FromPipeline),
 }
 
+impl ImageSource {
+    /// The image's name; empty while it is a Pipeline's product not resolved yet (an object
+    /// waiting for it is never applied).
+    pub fn resolved_name(&self) -> &str {
+        match self {
+            ImageSource::Name(name) => name,
+            ImageSource::FromPipeline(_) => "",
+        }
+    }
+}
+
 /// The image produced by a Pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -564,9 +575,11 @@ pub enum RestartPolicy {
 pub struct Sidecar {
     /// The sidecar's name, also its host name on the challenge's network.
     pub name: Name,
-    /// The image to run: a local or pullable name. Exactly one of `image` and `build`.
+    /// The image to run: a local or pullable name, or `{fromPipeline: NAME}` for the image a
+    /// Pipeline produced last (on either engine; the sidecar rolls when it is built again).
+    /// Exactly one of `image` and `build`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
+    pub image: Option<ImageSource>,
     /// Build the sidecar's image from a folder of this repo (Docker only), as the main
     /// container's `build`: an admin bot of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]

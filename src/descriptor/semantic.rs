@@ -548,7 +548,8 @@ fn check_challenge(root: &Path, spec: &ChallengeSpec, found: &mut Vec<Violation>
     }
     for (index, sidecar) in spec.sidecars.iter().enumerate() {
         match (&sidecar.image, &sidecar.build) {
-            (Some(image), None) => {
+            (Some(ImageSource::FromPipeline(_)), None) => {}
+            (Some(ImageSource::Name(image)), None) => {
                 if let Err(why) = image_within_limits(image) {
                     found.push(violation(
                         format!("/spec/sidecars/{index}/image"),
@@ -1032,7 +1033,7 @@ fn check_on_kubernetes(
     if let Some(index) = spec.sidecars.iter().position(|s| s.build.is_some()) {
         found.push(violation(
             format!("/spec/sidecars/{index}/build"),
-            format!("spec.sidecars[{index}].build: a cluster cannot build from the repo; build the image with a Pipeline and name it in image, or keep this challenge on docker"),
+            format!("spec.sidecars[{index}].build: a cluster cannot build from the repo; build the image with a Pipeline and use image: {{fromPipeline: NAME}}, or keep this challenge on docker"),
         ));
     }
     if let Some(index) = spec.sidecars.iter().position(|s| !s.depends_on.is_empty()) {
@@ -1314,8 +1315,8 @@ pub(crate) struct RepoFacts {
     key: ObjectRef,
     /// `metadata.dependsOn`, in order.
     depends_on: Vec<ObjectRef>,
-    /// The Pipeline whose product it uses.
-    from_pipeline: Option<ObjectRef>,
+    /// Where it uses Pipelines' products.
+    pipeline_uses: Vec<crate::descriptor::PipelineUse>,
     /// A Pipeline's: whether it produces an image.
     produces: bool,
     /// A Staging's namespace.
@@ -1357,7 +1358,7 @@ impl RepoFacts {
         let mut facts = RepoFacts {
             key: descriptor.key(),
             depends_on: descriptor.metadata.depends_on.clone(),
-            from_pipeline: descriptor.pipeline_reference(),
+            pipeline_uses: descriptor.pipeline_uses(),
             produces: false,
             namespace: None,
             instanced: false,
@@ -1420,12 +1421,19 @@ impl RepoFacts {
         &self.key
     }
 
-    /// What it waits for: `dependsOn`, and the Pipeline whose product it uses.
+    /// What it waits for: `dependsOn`, and the Pipelines whose products it uses, each once.
     fn dependencies(&self) -> impl Iterator<Item = &ObjectRef> {
         let from = self
-            .from_pipeline
+            .pipeline_uses
             .iter()
-            .filter(|reference| !self.depends_on.contains(reference));
+            .enumerate()
+            .filter(|(index, used)| {
+                !self.depends_on.contains(&used.pipeline)
+                    && !self.pipeline_uses[..*index]
+                        .iter()
+                        .any(|earlier| earlier.pipeline == used.pipeline)
+            })
+            .map(|(_, used)| &used.pipeline);
         self.depends_on.iter().chain(from)
     }
 }
@@ -1467,28 +1475,29 @@ pub(super) fn check_repo(
                 });
             }
         }
-        if descriptor.key.kind == Kind::Challenge
-            && let Some(reference) = &descriptor.from_pipeline
-        {
-            let pointer = "/spec/image/fromPipeline".to_string();
-            if !exists(reference) {
-                found.push(RepoProblem {
-                    at: index,
-                    pointer,
-                    message: format!(
-                        "spec.image.fromPipeline: {reference} does not exist in the repo"
-                    ),
-                    also: None,
-                });
-            } else if let Some(&pipeline) = first.get(reference)
-                && !descriptors[pipeline].produces
-            {
-                found.push(RepoProblem {
-                    at: index,
-                    pointer,
-                    message: format!("spec.image.fromPipeline: {reference} produces no image; set its spec.produces"),
-                    also: None,
-                });
+        if descriptor.key.kind == Kind::Challenge {
+            for used in &descriptor.pipeline_uses {
+                let (reference, pointer) = (&used.pipeline, &used.pointer);
+                let dotted = super::schema::dotted(pointer);
+                if !exists(reference) {
+                    found.push(RepoProblem {
+                        at: index,
+                        pointer: pointer.clone(),
+                        message: format!("{dotted}: {reference} does not exist in the repo"),
+                        also: None,
+                    });
+                } else if let Some(&pipeline) = first.get(reference)
+                    && !descriptors[pipeline].produces
+                {
+                    found.push(RepoProblem {
+                        at: index,
+                        pointer: pointer.clone(),
+                        message: format!(
+                            "{dotted}: {reference} produces no image; set its spec.produces"
+                        ),
+                        also: None,
+                    });
+                }
             }
         }
     }
@@ -1584,7 +1593,11 @@ fn cycles(descriptors: &[&RepoFacts], index_of: &HashMap<&ObjectRef, usize>) -> 
                         let pointer =
                             match descriptor.depends_on.iter().position(|d| d == reference) {
                                 Some(position) => format!("/metadata/dependsOn/{position}"),
-                                None => "/spec/image/fromPipeline".to_string(),
+                                None => descriptor
+                                    .pipeline_uses
+                                    .iter()
+                                    .find(|used| &used.pipeline == reference)
+                                    .map_or_else(String::new, |used| used.pointer.clone()),
                             };
                         self.found.push(RepoProblem {
                             at: node,

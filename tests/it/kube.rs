@@ -1239,13 +1239,7 @@ fn a_staging_takes_the_tag_a_pipeline_produced_and_rolls_to_the_next() {
     let port = node_port(&format!("{name}-built"));
     let repo = Repo::new();
     let git = |args: &[&str]| {
-        let status = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-            .args(args)
-            .current_dir(repo.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        crate::support::net::git(repo.path(), args);
     };
     repo.write(
         "site.yaml",
@@ -1286,6 +1280,72 @@ fn a_staging_takes_the_tag_a_pipeline_produced_and_rolls_to_the_next() {
     // The rollout is complete when apply returns; kube-proxy may route to the old pod a moment
     // longer, while it goes.
     assert_eq!(served_eventually(port, "built two"), "built two");
+}
+
+/// A challenge on Kubernetes with an admin bot that a Pipeline builds (a cluster cannot build
+/// from the repo): the bot's sidecar runs the product's tag, and the pod rolls when the bot is
+/// built again.
+#[test]
+fn a_challenge_on_kubernetes_runs_a_sidecar_a_pipeline_built_and_rolls_when_it_is_built_again() {
+    let Some(cluster) = cluster() else { return };
+    let name = cluster.instance.name.clone();
+    let port = node_port(&format!("{name}-bot"));
+    let repo = Repo::new();
+    let git = |args: &[&str]| {
+        crate::support::net::git(repo.path(), args);
+    };
+    // The main container serves what the bot serves it when the pod starts.
+    let script = "mkdir -p /w && until wget -qO /w/index.html http://127.0.0.1:9090/index.html; do sleep 0.2; done; exec httpd -f -p 8080 -h /w";
+    repo.write(
+        "bot.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Pipeline\nmetadata: {{name: bot}}\nspec:\n  context: bot\n  image: busybox:latest\n  steps:\n    - {{name: render, run: \"mkdir -p www && cp page.txt www/index.html\"}}\n  produces: \"{name}-bot:{{commit}}\"\n"
+        ),
+    )
+    .write("bot/page.txt", "bot one\n")
+    .write("bot/Dockerfile", "FROM busybox:latest\nCOPY www /www\n")
+    .write(
+        "web.yaml",
+        crate::support::util::challenge(
+            "web",
+            &format!(
+                "  target: kubernetes\n  command: [sh, -c, '{script}']\n  ports: [{{container: 8080, host: {port}}}]\n  healthcheck: {{tcp: 8080, interval: 1s}}\n  sidecars:\n    - name: admin\n      image: {{fromPipeline: bot}}\n      command: [httpd, -f, -p, \"9090\", -h, /www]\n"
+            ),
+        ),
+    );
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "one"]);
+    let first = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &[]);
+    assert!(first.status.success(), "{}", said(&first));
+    assert_eq!(served_eventually(port, "bot one"), "bot one");
+    let ns = cluster.challenges();
+    let image = cluster.get(
+        &ns,
+        "deployment/web",
+        "{.spec.template.spec.containers[1].image}",
+    );
+    assert!(
+        image.starts_with(&format!("{name}-bot:")),
+        "the sidecar runs the product by its tag: {image}"
+    );
+
+    repo.write("bot/page.txt", "bot two\n");
+    git(&["commit", "-qam", "two"]);
+    let second = cluster.berth_with(&["apply", "--wait", "90s"], repo.path(), &[]);
+    assert!(second.status.success(), "{}", said(&second));
+    assert!(
+        said(&second).contains("Challenge/web  update"),
+        "{}",
+        said(&second)
+    );
+    assert_eq!(served_eventually(port, "bot two"), "bot two");
+    let pruned = cluster.berth_with(
+        &["apply", "--prune", "--allow-empty"],
+        Repo::new().path(),
+        &[],
+    );
+    assert!(pruned.status.success(), "{}", said(&pruned));
 }
 
 /// Hostile finding: an object made by hand with a manifest's name was adopted, and deleted with

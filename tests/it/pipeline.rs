@@ -13,6 +13,15 @@ fn pipeline(name: &str, extra: &str, steps: &str) -> String {
     )
 }
 
+/// What a challenge serves on host port `port`, trimmed; empty when nothing answers.
+fn served(port: u16) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["-s", "-m", "3", &format!("http://127.0.0.1:{port}/")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
 #[test]
 fn a_run_streams_its_steps_masks_secrets_and_produces_a_labelled_image() {
     let Some(instance) = engine() else { return };
@@ -203,13 +212,7 @@ fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
             "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: {{fromPipeline: site}}\n  ports: [{{container: 8080, host: {port}}}]\n"
         ),
     );
-    let fetch = || {
-        let output = std::process::Command::new("curl")
-            .args(["-s", "-m", "3", &format!("http://127.0.0.1:{port}/")])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    };
+    let fetch = || served(port);
     let first = instance.berth("apply", &repo, &["--wait", "30s"]);
     let text = stdout(&first);
     assert!(first.status.success(), "{text}");
@@ -251,6 +254,52 @@ fn apply_runs_a_pipeline_and_rolls_what_uses_its_image_in_the_same_pass() {
         "label=berth.name=site",
     ]);
     assert_eq!(images.lines().count(), 3, "{images}");
+}
+
+/// An admin bot as CTFs run one: a sidecar whose image a Pipeline builds. The challenge waits
+/// for the bot's first image, runs it beside the main container, and rolls when the bot is
+/// built again.
+#[test]
+fn a_sidecar_runs_the_image_a_pipeline_produced_and_rolls_when_it_is_built_again() {
+    let Some(instance) = engine() else { return };
+    let port = crate::support::net::free_port();
+    let repo = Repo::new();
+    repo.write(
+        "bot.yaml",
+        pipeline(
+            "bot",
+            &format!("  context: bot\n  produces: \"{}-bot:{{commit}}\"\n", instance.name),
+            "    - {name: render, run: \"mkdir -p www && cat page.txt > www/index.html\"}\n",
+        ),
+    )
+    .write("bot/page.txt", "bot one\n")
+    .write("bot/Dockerfile", "FROM busybox:latest\nCOPY www /www\n")
+    .write(
+        "web.yaml",
+        format!(
+            "apiVersion: berth/v1\nkind: Challenge\nmetadata: {{name: web}}\nspec:\n  image: busybox:latest\n  command: [httpd, -f, -p, \"8080\", -h, /www]\n  sidecars:\n    - name: admin\n      image: {{fromPipeline: bot}}\n      command: [httpd, -f, -p, \"8081\", -h, /www]\n      ports: [{{container: 8081, host: {port}}}]\n"
+        ),
+    );
+    let fetch = || served(port);
+    let plan = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(
+        plan.contains("waits for Pipeline/bot to produce an image"),
+        "{plan}"
+    );
+    let first = instance.berth("apply", &repo, &["--wait", "30s"]);
+    let text = stdout(&first);
+    assert!(first.status.success(), "{text}");
+    assert!(text.contains("Challenge/web  create  done"), "{text}");
+    assert_eq!(fetch(), "bot one");
+
+    repo.write("bot/page.txt", "bot two\n");
+    let second = instance.berth("apply", &repo, &["--wait", "30s"]);
+    let text = stdout(&second);
+    assert!(second.status.success(), "{text}");
+    assert!(text.contains("Challenge/web  update  done"), "{text}");
+    assert_eq!(fetch(), "bot two");
+    let settled = stdout(&instance.berth("plan", &repo, &[]));
+    assert!(settled.contains("2 unchanged"), "{settled}");
 }
 
 /// Hostile findings: a secret reached the summary through a failed build's last lines; a

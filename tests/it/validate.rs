@@ -133,6 +133,16 @@ const CASES: &[(&str, &str, usize, usize, &[&str])] = &[
         ],
     ),
     (
+        "missing-sidecar-pipeline",
+        "c.yaml",
+        8,
+        29,
+        &[
+            "spec.sidecars[0].image.fromPipeline",
+            "Pipeline/admin-bot does not exist",
+        ],
+    ),
+    (
         "dependency-cycle",
         "c.yaml",
         12,

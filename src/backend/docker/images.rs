@@ -67,21 +67,25 @@ impl DockerBackend {
         &self,
         template: &ChallengeTemplate,
         sidecar: &crate::descriptor::model::Sidecar,
-    ) -> String {
+    ) -> Attempt<String> {
         match &sidecar.image {
-            Some(image) => image.clone(),
+            Some(ImageSource::Name(name)) => Ok(name.clone()),
+            Some(ImageSource::FromPipeline(from)) => Err(Trouble::Failed(format!(
+                "the image of sidecar {} comes from Pipeline/{}, which has not produced one",
+                sidecar.name, from.from_pipeline
+            ))),
             None => {
                 // An unreadable context's tag names no image, so its build is what fails.
                 let digest = template.sidecar_builds.get(sidecar.name.as_str());
                 let tag = digest
                     .map_or(Ok(""), ContentDigest::short)
                     .unwrap_or("unreadable");
-                format!(
+                Ok(format!(
                     "berth-{}-{}-{}:{tag}",
                     self.instance(),
                     template.key.name,
                     sidecar.name,
-                )
+                ))
             }
         }
     }
@@ -95,7 +99,7 @@ impl DockerBackend {
         network: &str,
     ) -> Attempt<()> {
         for sidecar in &template.spec.sidecars {
-            let tag = self.sidecar_image(template, sidecar);
+            let tag = self.sidecar_image(template, sidecar)?;
             match &sidecar.build {
                 None => {
                     self.named_image(&tag).await?;

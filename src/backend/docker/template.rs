@@ -20,7 +20,7 @@ use crate::descriptor::model::{
 use crate::descriptor::security::{Resources, Security};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{ContentDigest, Descriptor, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Part, ProducedImage, Slot, TargetState, Vocabulary};
+use crate::plan::{DesiredObject, Part, Products, Slot, TargetState, Vocabulary};
 
 /// The one part a pass plans for an instanced challenge: its current version, ready for spawns.
 pub const INSTANCES_PART: &str = "instances";
@@ -327,12 +327,21 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
 }
 
 impl ChallengeTemplate {
-    /// The same challenge running the image a Pipeline produced, by its id.
-    pub fn with_product(&self, product: &ProducedImage) -> ChallengeTemplate {
+    /// The same challenge running the images its Pipelines produced, by their ids (a tag can be
+    /// built again, an id cannot), in the main container and in sidecars alike; `None` when one
+    /// is missing.
+    pub fn with_products(&self, products: &Products) -> Option<ChallengeTemplate> {
         let mut template = self.clone();
-        template.spec.image = Some(ImageSource::Name(product.id.clone()));
+        if let Some(ImageSource::FromPipeline(from)) = &self.spec.image {
+            template.spec.image = Some(ImageSource::Name(products.of(from)?.id.clone()));
+        }
+        for sidecar in &mut template.spec.sidecars {
+            if let Some(ImageSource::FromPipeline(from)) = &sidecar.image {
+                sidecar.image = Some(ImageSource::Name(products.of(from)?.id.clone()));
+            }
+        }
         template.parts = template.slots();
-        template
+        Some(template)
     }
 
     /// The plan's view of it.
@@ -538,7 +547,9 @@ impl DockerBackend {
         host_config.mounts = self.volume_mounts(template, &sidecar.volumes);
         host_config.restart_policy = Some(restart_policy(RestartPolicy::UnlessStopped));
         ContainerCreateBody {
-            image: Some(self.sidecar_image(template, sidecar)),
+            // Unresolved, it has no image to name: its images were ensured before, and that
+            // failed first.
+            image: self.sidecar_image(template, sidecar).ok(),
             exposed_ports: (!exposed.is_empty()).then_some(exposed),
             healthcheck: sidecar
                 .healthcheck

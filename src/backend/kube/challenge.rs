@@ -40,7 +40,7 @@ use crate::descriptor::security::Resources;
 use crate::descriptor::security::Security;
 use crate::descriptor::values::{SecretRef, Size};
 use crate::descriptor::{Descriptor, FolderCopy, ObjectRef, Spec};
-use crate::plan::{DesiredObject, Part, ProducedImage, TargetState};
+use crate::plan::{DesiredObject, Part, Products, TargetState};
 
 /// Address ranges a challenge's pods never connect to (unless named in `allowConnectTo`): the
 /// private and link-local ranges where clusters keep pods, Services, nodes and the API server.
@@ -54,6 +54,8 @@ pub const CLUSTER_RANGES: &[&str] = &[
 
 /// Pod annotation: the id of the image a Pipeline produced, so a rebuilt tag rolls the pods.
 const ANNOTATION_IMAGE_ID: &str = "berth.image-id";
+/// Pod annotation: the ids of the images Pipelines produced for sidecars, by sidecar (JSON).
+const ANNOTATION_SIDECAR_IMAGE_IDS: &str = "berth.sidecar-image-ids";
 
 /// What applying one Challenge on Kubernetes needs beyond its plan.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ pub struct ChallengeTemplate {
     labels: BTreeMap<String, String>,
     /// The image's id when a Pipeline produced it (the tag may be built again).
     image_id: Option<String>,
+    /// The same for sidecars, by sidecar.
+    sidecar_image_ids: BTreeMap<String, String>,
     /// The repo folders its volumes copy in, as the loader read them.
     folders: BTreeMap<String, FolderCopy>,
 }
@@ -89,6 +93,7 @@ pub fn desired_object(descriptor: &Descriptor) -> Option<(DesiredObject, Challen
         spec: (**spec).clone(),
         labels: descriptor.metadata.labels.clone(),
         image_id: None,
+        sidecar_image_ids: BTreeMap::new(),
         folders: descriptor.folders.clone(),
     };
     Some((template.desired(descriptor.dependencies()), template))
@@ -128,11 +133,23 @@ pub enum FolderRefused {
 impl ChallengeTemplate {
     /// The same challenge running the image a Pipeline produced: a cluster pulls by name, so
     /// its tag goes in the pod, and its id rolls the pods when the tag is built again.
-    pub fn with_product(&self, product: &ProducedImage) -> ChallengeTemplate {
+    pub fn with_products(&self, products: &Products) -> Option<ChallengeTemplate> {
         let mut template = self.clone();
-        template.spec.image = Some(ImageSource::Name(product.tag.clone()));
-        template.image_id = Some(product.id.clone());
-        template
+        if let Some(ImageSource::FromPipeline(from)) = &self.spec.image {
+            let product = products.of(from)?;
+            template.spec.image = Some(ImageSource::Name(product.tag.clone()));
+            template.image_id = Some(product.id.clone());
+        }
+        for sidecar in &mut template.spec.sidecars {
+            if let Some(ImageSource::FromPipeline(from)) = &sidecar.image {
+                let product = products.of(from)?;
+                sidecar.image = Some(ImageSource::Name(product.tag.clone()));
+                template
+                    .sidecar_image_ids
+                    .insert(sidecar.name.to_string(), product.id.clone());
+            }
+        }
+        Some(template)
     }
 
     /// The plan's view of it.
@@ -394,6 +411,9 @@ impl ChallengeTemplate {
             if let Some(id) = &self.image_id {
                 fields.insert("imageId".into(), id.clone().into());
             }
+            if !self.sidecar_image_ids.is_empty() {
+                fields.insert("sidecarImageIds".into(), json!(self.sidecar_image_ids));
+            }
         }
         summary
     }
@@ -497,10 +517,10 @@ impl ChallengeTemplate {
         let secret = self.secret_name();
         let mut containers = vec![container(
             "main",
-            self.spec.image.as_ref().map_or("", |image| match image {
-                ImageSource::Name(name) => name.as_str(),
-                ImageSource::FromPipeline(_) => "",
-            }),
+            self.spec
+                .image
+                .as_ref()
+                .map_or("", ImageSource::resolved_name),
             &self.spec.entrypoint,
             &self.spec.command,
             env(&self.spec.env, self.spec.secret_env.keys(), "main", &secret),
@@ -542,7 +562,10 @@ impl ChallengeTemplate {
         for sidecar in &self.spec.sidecars {
             let mut made = container(
                 sidecar.name.as_str(),
-                sidecar.image.as_deref().unwrap_or_default(),
+                sidecar
+                    .image
+                    .as_ref()
+                    .map_or("", ImageSource::resolved_name),
                 &sidecar.entrypoint,
                 &sidecar.command,
                 env(
@@ -628,7 +651,11 @@ impl ChallengeTemplate {
         }
         let mut pod_metadata = json!({ "labels": pod_labels });
         if let Some(id) = &self.image_id {
-            pod_metadata["annotations"] = json!({ ANNOTATION_IMAGE_ID: id });
+            pod_metadata["annotations"][ANNOTATION_IMAGE_ID] = json!(id);
+        }
+        if !self.sidecar_image_ids.is_empty() {
+            pod_metadata["annotations"][ANNOTATION_SIDECAR_IMAGE_IDS] =
+                json!(json!(self.sidecar_image_ids).to_string());
         }
         let mut deployment = json!({
             "apiVersion": "apps/v1",
@@ -1162,6 +1189,7 @@ fn probe(check: &HealthCheck) -> Value {
 mod tests {
     use super::*;
     use crate::backend::Ownership;
+    use crate::plan::ProducedImage;
 
     fn template(yaml_spec: Value) -> ChallengeTemplate {
         let mut spec = json!({"image": "web:1", "target": "kubernetes"});
@@ -1173,6 +1201,7 @@ mod tests {
             spec: serde_json::from_value(spec).unwrap(),
             labels: BTreeMap::new(),
             image_id: None,
+            sidecar_image_ids: BTreeMap::new(),
             folders: BTreeMap::new(),
         }
     }
@@ -1481,13 +1510,55 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuilt_product_rolls_the_pods() {
-        let product = |id: &str| ProducedImage {
-            tag: "app:v1".into(),
-            id: id.into(),
+    fn a_rebuilt_product_rolls_the_pods_whether_the_main_container_or_a_sidecar_runs_it() {
+        let products = |app: &str, bot: &str| {
+            let mut products = Products::default();
+            let image = |tag: &str, id: &str| ProducedImage {
+                tag: tag.into(),
+                id: id.into(),
+            };
+            products.insert("app".parse().unwrap(), image("app:v1", app));
+            products.insert("bot".parse().unwrap(), image("bot:v1", bot));
+            products
         };
-        let first = template(json!({})).with_product(&product("sha256:a"));
-        let again = template(json!({})).with_product(&product("sha256:b"));
-        assert_ne!(first.parts()[0].hash, again.parts()[0].hash);
+        let spec = json!({
+            "image": {"fromPipeline": "app"},
+            "sidecars": [{"name": "admin", "image": {"fromPipeline": "bot"}}],
+        });
+        let first = template(spec.clone())
+            .with_products(&products("sha256:a", "sha256:b"))
+            .unwrap();
+        let deployment = first.deployment(&HashMap::new(), "ns", true);
+        let containers = &deployment["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers[0]["image"], "app:v1");
+        assert_eq!(
+            containers[1]["image"], "bot:v1",
+            "the sidecar runs its product"
+        );
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["annotations"][ANNOTATION_SIDECAR_IMAGE_IDS],
+            r#"{"admin":"sha256:b"}"#
+        );
+        let main_again = template(spec.clone())
+            .with_products(&products("sha256:c", "sha256:b"))
+            .unwrap();
+        let sidecar_again = template(spec.clone())
+            .with_products(&products("sha256:a", "sha256:d"))
+            .unwrap();
+        assert_ne!(first.parts()[0].hash, main_again.parts()[0].hash);
+        assert_ne!(first.parts()[0].hash, sidecar_again.parts()[0].hash);
+
+        let mut missing = Products::default();
+        missing.insert(
+            "app".parse().unwrap(),
+            ProducedImage {
+                tag: "app:v1".into(),
+                id: "sha256:a".into(),
+            },
+        );
+        assert!(
+            template(spec).with_products(&missing).is_none(),
+            "without the sidecar's product it takes none"
+        );
     }
 }

@@ -50,7 +50,7 @@ use crate::descriptor::model::{StagingSpec, StagingState, TagSource};
 use crate::descriptor::values::SecretRef;
 use crate::descriptor::{Descriptor, Kind, ObjectRef, Spec};
 use crate::plan::{
-    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, ProducedImage,
+    DesiredObject, Health, Hold, ObservedObject, ObservedPart, Part, PartState, Products,
     SecretDigest, TargetState, Vocabulary,
 };
 
@@ -196,12 +196,15 @@ pub fn desired_object(
 }
 
 impl StagingTemplate {
-    /// The same staging with the tag of the image a Pipeline produced, its manifests rendered
-    /// with it; `None` for a staging that takes no product, or a product with no tag.
-    pub fn with_product(&self, product: &ProducedImage) -> Option<StagingTemplate> {
+    /// The same staging with the tag of the image its Pipeline produced, its manifests rendered
+    /// with it; `None` for a staging that takes no product, or a product missing or with no tag.
+    pub fn with_products(&self, products: &Products) -> Option<StagingTemplate> {
         let source = self.awaits_tag.as_ref()?;
+        let Some(TagSource::FromPipeline(from)) = &source.spec.tag else {
+            return None;
+        };
         let mut spec = source.spec.clone();
-        spec.tag = Some(TagSource::Tag(product.tag_alone()?.to_string()));
+        spec.tag = Some(TagSource::Tag(products.of(from)?.tag_alone()?.to_string()));
         let manifests = match manifests::render(&source.root, &spec, source.max_file_size) {
             Ok(rendered) => rendered,
             Err(problems) => Err(problems.into_iter().next().map_or(
