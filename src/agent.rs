@@ -21,6 +21,7 @@ use crate::apply::StepReport;
 use crate::backend::{Desired, Engines};
 use crate::config::{AgentConfig, ConfigError, Secrets};
 use crate::descriptor;
+use crate::descriptor::manifests::ClusterFacts;
 use crate::instances::Instances;
 use crate::live::{Readiness, Shared};
 use crate::metrics::Metrics;
@@ -89,6 +90,9 @@ struct Current {
     /// this revision: a rejected revision is checked out only while it is loaded.
     root: std::path::PathBuf,
     desired: Desired,
+    /// The cluster its charts were rendered for: another one that answers since (the first
+    /// after the cluster was down, or an upgraded one) renders them again.
+    cluster: Option<Arc<ClusterFacts>>,
 }
 
 /// The followed branch's tip when it was rejected: status says so after every pass until the tip
@@ -224,6 +228,8 @@ struct Agent {
     false_announcement: bool,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
+    /// What charts are told of the cluster, as of this pass.
+    cluster: Option<Arc<ClusterFacts>>,
     /// Why the clone was set aside, until a pass over a fresh one succeeds.
     healing: Option<String>,
     /// Status as of the last pass; shared with the server and `published`, never copied.
@@ -396,6 +402,7 @@ pub async fn run(
         tip: None,
         false_announcement: false,
         last_content: None,
+        cluster: None,
         healing: None,
         published: None,
         status_read: false,
@@ -764,7 +771,17 @@ impl Agent {
             Ok(content) => content,
             Err(error) => return self.git_failed(GitStage::Fetch, error).await,
         };
-        let moved = self.last_content.as_deref() != Some(content.as_str());
+        let cluster = match self.engines().await {
+            Ok(engines) => engines.cluster_facts().await.map(Arc::new),
+            Err(_) => None,
+        };
+        let cluster_changed = cluster.is_some()
+            && self
+                .current
+                .as_ref()
+                .is_some_and(|current| current.cluster != cluster);
+        self.cluster = cluster;
+        let moved = self.last_content.as_deref() != Some(content.as_str()) || cluster_changed;
         if !moved && (!(self.config.drift_check || recheck) || self.current.is_none()) {
             return PassEnd::ready(PassOutcome::Unchanged, NextPass::AsScheduled);
         }
@@ -944,7 +961,11 @@ impl Agent {
         let applied = self.current.as_ref().map(|c| c.revision.clone());
         // Runs copying a folder of the checkout finish first, and none starts meanwhile.
         let _checkout = self.checkout.write().await;
-        let options = self.config.load_options();
+        let options = descriptor::LoadOptions {
+            cluster: self.cluster.clone(),
+            ..self.config.load_options()
+        };
+        let cluster = self.cluster.clone();
         let loaded = blocking(move || {
             source.checkout(&at)?;
             let loaded = descriptor::load(source.workdir(), &options)
@@ -984,6 +1005,7 @@ impl Agent {
             revision: revision.to_string(),
             root: loaded.root,
             desired,
+            cluster,
         }))
     }
 

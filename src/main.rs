@@ -306,6 +306,19 @@ struct LoadFlags {
     /// Accept Challenges with `security.privileged: true` (refused otherwise).
     #[arg(long, env = "BERTH_ALLOW_PRIVILEGED")]
     allow_privileged: bool,
+    /// The Kubernetes version Staging charts are rendered for, as `helm template --kube-version`
+    /// (`validate`, a plan against status); a cluster berth is connected to tells its own.
+    #[arg(long, env = "BERTH_KUBE_VERSION")]
+    kube_version: Option<String>,
+    /// What that cluster serves (`apps/v1`, `policy/v1beta1/PodDisruptionBudget`), as
+    /// `helm template --api-versions`; with --kube-version.
+    #[arg(
+        long,
+        env = "BERTH_API_VERSIONS",
+        value_delimiter = ',',
+        requires = "kube_version"
+    )]
+    api_versions: Vec<String>,
 }
 
 fn parse_engine(text: &str) -> Result<berth::plan::Engine, String> {
@@ -328,6 +341,12 @@ impl LoadFlags {
                 ..Default::default()
             },
             keep_descriptors: true,
+            cluster: self.kube_version.as_ref().map(|kube_version| {
+                std::sync::Arc::new(berth::descriptor::manifests::ClusterFacts {
+                    kube_version: kube_version.clone(),
+                    api_versions: self.api_versions.clone(),
+                })
+            }),
         }
     }
 }
@@ -517,14 +536,23 @@ async fn load_and_connect(
     flags: &TargetFlags,
     options: &LoadOptions,
 ) -> Result<(descriptor::Loaded, berth::backend::Engines), ExitCode> {
-    let loaded = reconcile::load(dir, options).map_err(unplannable)?;
     let access = berth::backend::kube::Access {
         challenge_namespace: Some(flags.challenge_namespace.clone()),
         ..Default::default()
     };
-    let mut engines = reconcile::connect(&flags.instance, &access)
-        .await
-        .map_err(|e| unplannable(e.into()))?;
+    let engines = reconcile::connect(&flags.instance, &access).await;
+    // Charts are rendered for the cluster they go to. Without engines the repo is still loaded,
+    // so its problems come first.
+    let connected = match &engines {
+        Ok(engines) => engines.cluster_facts().await.map(std::sync::Arc::new),
+        Err(_) => None,
+    };
+    let options = LoadOptions {
+        cluster: connected.or_else(|| options.cluster.clone()),
+        ..options.clone()
+    };
+    let loaded = reconcile::load(dir, &options).map_err(unplannable)?;
+    let mut engines = engines.map_err(|e| unplannable(e.into()))?;
     engines.set_workspace_limit(flags.workspace_limit);
     Ok((loaded, engines))
 }

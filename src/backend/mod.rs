@@ -172,6 +172,9 @@ enum Template {
     Staging(Box<kube::StagingTemplate>),
 }
 
+/// Longest wait for a cluster to tell its version and what it serves, for its charts.
+const CLUSTER_FACTS_WAIT: Duration = Duration::from_secs(5);
+
 /// The desired state of one revision, ready for planning and applying.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
@@ -461,7 +464,7 @@ pub fn desired(loaded: &Loaded) -> Desired {
             templates.insert(key, Template::Pipeline(Box::new(template)));
             desired.objects.push(object);
         } else if let Some((object, template)) =
-            kube::desired_object(descriptor, &loaded.root, loaded.max_file_size)
+            kube::desired_object(descriptor, &loaded.root, &loaded.rendering)
         {
             templates.insert(key, Template::Staging(Box::new(template)));
             desired.objects.push(object);
@@ -578,6 +581,26 @@ impl Engines {
             backends.push(Backend::Kube(cluster));
         }
         Ok(Engines { backends, absent })
+    }
+
+    /// What Staging charts are told of the cluster, when this berth drives one and it answers;
+    /// `None` otherwise, and helm renders for its own defaults.
+    pub async fn cluster_facts(&self) -> Option<crate::descriptor::manifests::ClusterFacts> {
+        let Some(Backend::Kube(cluster)) = self.backend(Engine::Kubernetes) else {
+            return None;
+        };
+        // A server that stops answering holds nothing up: the charts keep their last render.
+        match tokio::time::timeout(CLUSTER_FACTS_WAIT, cluster.cluster_facts()).await {
+            Ok(Ok(facts)) => Some(facts),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "the cluster's version could not be read for its charts");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("the cluster did not tell its version in time for its charts");
+                None
+            }
+        }
     }
 
     /// The backend of `engine`, when this berth drives one.

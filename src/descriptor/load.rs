@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ignore::gitignore::Gitignore;
@@ -70,6 +71,18 @@ pub struct LoadOptions {
     /// what the checks across descriptors read of each, so its memory does not follow the size
     /// of the repo's documents.
     pub keep_descriptors: bool,
+    /// The cluster Staging charts are rendered for, when one is known.
+    pub cluster: Option<Arc<super::manifests::ClusterFacts>>,
+}
+
+impl LoadOptions {
+    /// How Stagings are rendered under these options.
+    pub fn rendering(&self) -> super::manifests::Rendering {
+        super::manifests::Rendering {
+            max_file_size: self.max_file_size,
+            cluster: self.cluster.clone(),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -81,6 +94,7 @@ impl Default for LoadOptions {
             instance_ports: DEFAULT_INSTANCE_PORTS,
             walls: Default::default(),
             keep_descriptors: true,
+            cluster: None,
         }
     }
 }
@@ -106,8 +120,9 @@ pub enum LoadError {
 pub struct Loaded {
     /// The repo's root, canonical.
     pub root: PathBuf,
-    /// The largest file read, in bytes: a Staging rendered again later reads no larger one.
-    pub max_file_size: u64,
+    /// How its Stagings were rendered: one rendered again later (its tag known) is rendered the
+    /// same way.
+    pub rendering: super::manifests::Rendering,
     /// How many valid descriptors of each kind there are, whether they were kept or not.
     pub valid: BTreeMap<Kind, usize>,
     /// Valid descriptors, sorted by kind and name.
@@ -788,7 +803,7 @@ impl Loader {
         let Spec::Staging(spec) = &descriptor.spec else {
             return true;
         };
-        match manifests::render(&self.root, spec, self.options.max_file_size) {
+        match manifests::render(&self.root, spec, &self.options.rendering()) {
             Ok(rendered) => {
                 descriptor.manifests = Some(rendered);
                 true
@@ -1232,7 +1247,7 @@ impl Loader {
             .collect();
         Loaded {
             root: self.root,
-            max_file_size: self.options.max_file_size,
+            rendering: self.options.rendering(),
             valid,
             descriptors,
             problems,

@@ -414,23 +414,51 @@ pub struct Target<'a> {
     pub max_file_size: u64,
 }
 
+/// What a chart is told of the cluster it goes to, as `helm template --kube-version
+/// --api-versions` tell it: the server's version, and every `group/version` and
+/// `group/version/Kind` it serves. So a chart's `kubeVersion` and its `.Capabilities` checks
+/// answer for that cluster, not for helm's own defaults (as Argo CD renders for its destination).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterFacts {
+    /// The server's version, `v1.20.2`.
+    pub kube_version: String,
+    /// What it serves, sorted.
+    pub api_versions: Vec<String>,
+}
+
+/// How a staging's manifests are rendered, beyond its spec: the largest file read, and the
+/// cluster a chart is rendered for (`None`: none known, as for `berth validate`; helm's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Rendering {
+    /// Largest file read, in bytes.
+    pub max_file_size: u64,
+    /// The cluster charts are rendered for.
+    pub cluster: Option<Arc<ClusterFacts>>,
+}
+
 /// The manifests of `spec`: its folder rendered, or its chart. Problems in the folder's files are
 /// the revision's problems; a chart that does not render is that staging's failure.
 pub fn render(
     root: &Path,
     spec: &StagingSpec,
-    max_file_size: u64,
+    rendering: &Rendering,
 ) -> Result<Rendered, Vec<ManifestProblem>> {
     let variables = Variables::of(spec);
     let target = Target {
         namespace: spec.namespace.as_str(),
-        max_file_size,
+        max_file_size: rendering.max_file_size,
     };
     match (&spec.manifests, &spec.chart) {
         (Some(folder), _) => {
             render_folder(root, folder, target, &variables).map(|m| Ok(Arc::new(m)))
         }
-        (None, Some(chart)) => Ok(render_chart(root, chart, spec, target, &variables)),
+        (None, Some(chart)) => Ok(render_chart(
+            root,
+            chart,
+            spec,
+            (target, rendering.cluster.as_deref()),
+            &variables,
+        )),
         (None, None) => Ok(Ok(Arc::new(Vec::new()))),
     }
 }
@@ -441,7 +469,7 @@ fn render_chart(
     root: &Path,
     chart: &str,
     spec: &StagingSpec,
-    target: Target<'_>,
+    (target, cluster): (Target<'_>, Option<&ClusterFacts>),
     variables: &Variables<'_>,
 ) -> Rendered {
     let written = |values: &Value| -> Result<tempfile::NamedTempFile, RenderFailure> {
@@ -483,6 +511,12 @@ fn render_chart(
     }
     if let Some(values) = &values {
         command.arg("--values").arg(values.path());
+    }
+    if let Some(cluster) = cluster {
+        command.args(["--kube-version", &cluster.kube_version]);
+        if !cluster.api_versions.is_empty() {
+            command.args(["--api-versions", &cluster.api_versions.join(",")]);
+        }
     }
     let output = command
         .current_dir(root)

@@ -685,7 +685,13 @@ fn a_chart_is_rendered_by_helm_and_applied_by_berth() {
         .write("chart/values.yaml", "greeting: hello\n")
         .write(
             "chart/templates/cm.yaml",
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-settings\ndata:\n  tag: {{ .Values.tag | quote }}\n  level: {{ .Values.overrides.LEVEL | quote }}\n  greeting: {{ .Values.greeting | quote }}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-settings\ndata:\n  tag: {{ .Values.tag | quote }}\n  level: {{ .Values.overrides.LEVEL | quote }}\n  greeting: {{ .Values.greeting | quote }}\n  kube: {{ .Capabilities.KubeVersion.Version | quote }}\n  deployments: {{ .Capabilities.APIVersions.Has \"apps/v1/Deployment\" | quote }}\n",
+        )
+        // As common charts pick a PodDisruptionBudget's version: by the cluster's version. For
+        // helm's own default version this is policy/v1, which a 1.20 cluster does not serve.
+        .write(
+            "chart/templates/pdb.yaml",
+            "{{- if semverCompare \">=1.21-0\" .Capabilities.KubeVersion.Version }}\napiVersion: policy/v1\n{{- else }}\napiVersion: policy/v1beta1\n{{- end }}\nkind: PodDisruptionBudget\nmetadata:\n  name: {{ .Release.Name }}-web\nspec:\n  maxUnavailable: 1\n  selector: {matchLabels: {app: web}}\n",
         );
     let output = cluster.berth(&["apply", "--wait", "30s"], repo.path(), None, Some(&path));
     assert!(output.status.success(), "{}", said(&output));
@@ -695,6 +701,21 @@ fn a_chart_is_rendered_by_helm_and_applied_by_berth() {
         "{.data.tag} {.data.level} {.data.greeting}",
     );
     assert_eq!(data, "v7 debug hello");
+    // Rendered for the cluster it went to: its version, and what it serves (a kind is in
+    // helm's own defaults only as the cluster serves it).
+    let kube = cluster.get(
+        &ns,
+        "configmap/berth-settings",
+        "{.data.kube} {.data.deployments}",
+    );
+    assert!(
+        kube.starts_with("v1.20.") && kube.ends_with(" true"),
+        "{kube}"
+    );
+    assert_eq!(
+        cluster.get(&ns, "poddisruptionbudget/berth-web", "{.metadata.name}"),
+        "berth-web"
+    );
     // A change in the chart's templates is an update of the rendered object.
     repo.write("chart/values.yaml", "greeting: changed\n");
     let plan = stdout(&cluster.berth(&["plan"], repo.path(), None, Some(&path)));
@@ -702,6 +723,47 @@ fn a_chart_is_rendered_by_helm_and_applied_by_berth() {
         plan.contains("ConfigMap/berth-settings: data changed: greeting"),
         "{plan}"
     );
+}
+
+/// With no cluster to ask (a plan for review, `validate`), the Kubernetes version a chart is
+/// rendered for is the one named on the command line, as `helm template --kube-version` takes
+/// it: a chart that needs a newer cluster says so in the plan.
+#[test]
+fn a_chart_is_rendered_for_the_kubernetes_version_the_command_line_names() {
+    let Some(_instance) = crate::support::engine::engine() else {
+        return;
+    };
+    let (_bin, path) = helm_on_path();
+    let repo = Repo::new();
+    repo.write(
+        "s.yaml",
+        staging("charted", "charted", "  chart: chart\n"),
+    )
+    .write("chart/Chart.yaml", "apiVersion: v2\nname: demo\nversion: 0.1.0\n")
+    .write(
+        "chart/templates/cm.yaml",
+        "{{- if semverCompare \"<1.21-0\" .Capabilities.KubeVersion.Version }}\n{{- fail \"this chart needs Kubernetes 1.21 or later\" }}\n{{- end }}\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n",
+    );
+    let home = tempfile::tempdir().unwrap();
+    let plan = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("plan")
+            .args(extra)
+            .arg(repo.path())
+            .env("PATH", &path)
+            .env("HOME", home.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("berth runs");
+        said(&output)
+    };
+    let old = plan(&["--kube-version", "v1.20.2"]);
+    assert!(
+        old.contains("this chart needs Kubernetes 1.21 or later"),
+        "{old}"
+    );
+    let new = plan(&["--kube-version", "v1.25.0", "--api-versions", "v1,apps/v1"]);
+    assert!(!new.contains("needs Kubernetes"), "{new}");
 }
 
 /// A helm stand-in on PATH (a Python program over Helm's own template engine as a library: no

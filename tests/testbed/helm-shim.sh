@@ -14,6 +14,10 @@
 # The stand-in supports exactly what berth calls, and exits 2 on anything else:
 #   helm version --short
 #   helm template RELEASE CHART [--namespace|-n NS] [--values|-f FILE]...
+#                 [--kube-version V] [--api-versions|-a GV[,GV/Kind]...]
+# `--kube-version` and `--api-versions` set the Capabilities templates read (through the SDK's
+# render options); unlike helm, the stand-in does not refuse a chart whose `kubeVersion` the
+# version does not satisfy.
 #
 # Usage: bash tests/testbed/helm-shim.sh DIR
 #   Makes (once) a virtualenv with the wheel in ${XDG_CACHE_HOME:-$HOME/.cache}/berth/helm-python/,
@@ -64,8 +68,9 @@ tmp=$(mktemp "$dir/.helm.XXXXXX")
     echo '# written by tests/testbed/helm-shim.sh, which says what it supports.'
     printf 'exec %q -I - "$@" <<'\''PYEOF'\''\n' "$py"
     cat <<'PROGRAM'
-import re, sys
+import json, re, sys
 import helm_python as helm
+from helm_python import _native as native
 
 # Helm v4's releaseutil.InstallOrder; kinds not in it come last, alphabetically.
 ORDER = {k: i for i, k in enumerate(
@@ -112,9 +117,10 @@ def head_ok(h):  # would releaseutil.SimpleHead unmarshal it? (null is fine, oth
 
 def template(args):
     pos, ns, files, i = [], "default", [], 0
+    kube_version, api_versions = None, []
     while i < len(args):
         name, eq, val = args[i].partition("=")
-        if name in ("--namespace", "-n", "--values", "-f"):
+        if name in ("--namespace", "-n", "--values", "-f", "--kube-version", "--api-versions", "-a"):
             if not eq:
                 i += 1
                 if i == len(args):
@@ -122,6 +128,10 @@ def template(args):
                 val = args[i]
             if name in ("--namespace", "-n"):
                 ns = val
+            elif name == "--kube-version":
+                kube_version = val
+            elif name in ("--api-versions", "-a"):
+                api_versions += val.split(",")  # a string slice flag in helm
             else:
                 files += val.split(",")  # a string slice flag in helm
         elif args[i].startswith("-"):
@@ -158,7 +168,13 @@ def template(args):
             fail("An error occurred while checking for chart dependencies. You may need to run "
                  "`helm dependency build` to fetch missing dependencies: found in Chart.yaml, "
                  "but missing in charts/ directory: " + ", ".join(missing))
-        rendered = chart.render(values, name=release, namespace=ns, revision=1, is_install=True)
+        # The SDK's render options carry the Capabilities helm template sets from these flags.
+        opts = {"name": release, "namespace": ns, "revision": 1, "is_install": True}
+        if kube_version is not None:
+            opts["kube_version"] = kube_version
+        if api_versions:
+            opts["api_versions"] = api_versions
+        rendered = json.loads(native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
     except helm.HelmError as e:
         fail(e.detail)
     manifests, hooks = [], []

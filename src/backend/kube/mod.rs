@@ -138,20 +138,20 @@ pub struct StagingTemplate {
     awaits_tag: Option<Arc<RenderSource>>,
 }
 
-/// A staging's spec and the checkout its manifests or chart are in.
+/// A staging's spec, the checkout its manifests or chart are in, and how they were rendered.
 #[derive(Debug)]
 struct RenderSource {
     spec: StagingSpec,
     root: PathBuf,
-    max_file_size: u64,
+    rendering: manifests::Rendering,
 }
 
 /// The desired object and template of a Staging descriptor, loaded from the checkout at `root`
-/// with files up to `max_file_size` bytes.
+/// and rendered as `rendering` says.
 pub fn desired_object(
     descriptor: &Descriptor,
     root: &Path,
-    max_file_size: u64,
+    rendering: &manifests::Rendering,
 ) -> Option<(DesiredObject, StagingTemplate)> {
     let Spec::Staging(spec) = &descriptor.spec else {
         return None;
@@ -161,7 +161,7 @@ pub fn desired_object(
         Arc::new(RenderSource {
             spec: spec.clone(),
             root: root.to_path_buf(),
-            max_file_size,
+            rendering: rendering.clone(),
         })
     });
     let template = StagingTemplate {
@@ -205,7 +205,7 @@ impl StagingTemplate {
         };
         let mut spec = source.spec.clone();
         spec.tag = Some(TagSource::Tag(products.of(from)?.tag_alone()?.to_string()));
-        let manifests = match manifests::render(&source.root, &spec, source.max_file_size) {
+        let manifests = match manifests::render(&source.root, &spec, &source.rendering) {
             Ok(rendered) => rendered,
             Err(problems) => Err(problems.into_iter().next().map_or(
                 manifests::RenderFailure::NotRead,
@@ -448,6 +448,47 @@ impl KubeBackend {
         Ok(discovery)
     }
 
+    /// Discovers the served kinds again when the last look is a rediscovery interval old, so a
+    /// CustomResourceDefinition installed since is seen; and only as well as the server
+    /// answers: an aggregated API that is down must not stop the observing of everything else.
+    async fn rediscover_if_due(&self) {
+        let due = self
+            .discovered_at
+            .lock()
+            .expect("discovery time")
+            .is_none_or(|at| at.elapsed() >= REDISCOVERY);
+        if due {
+            match self.discovery(true).await {
+                Ok(_) => *self.discovered_at.lock().expect("discovery time") = Some(Instant::now()),
+                Err(error) => tracing::debug!(%error, "the served kinds could not be listed"),
+            }
+        }
+    }
+
+    /// What a chart is told of this cluster: its version and what it serves (discovered again
+    /// when due, as a plan's look at the served kinds is).
+    pub async fn cluster_facts(&self) -> Result<manifests::ClusterFacts, EngineError> {
+        self.rediscover_if_due().await;
+        let version = self
+            .client
+            .apiserver_version()
+            .await
+            .map_err(|e| self.gone(e))?;
+        let discovery = self.discovery(false).await.map_err(|e| self.gone(e))?;
+        let served = discovery.groups().flat_map(|group| {
+            group.versions().flat_map(move |version| {
+                group
+                    .versioned_resources(version)
+                    .into_iter()
+                    .map(|(resource, _)| (resource.api_version, resource.kind))
+            })
+        });
+        Ok(manifests::ClusterFacts {
+            kube_version: version.git_version,
+            api_versions: api_versions(served),
+        })
+    }
+
     /// The API resource of `apiVersion`/`kind`, rediscovering once when it is not known.
     async fn resource(
         &self,
@@ -484,20 +525,7 @@ impl KubeBackend {
     /// Every staging and challenge this instance runs here, with the health of each object.
     pub async fn observe(&self) -> Result<Vec<ObservedObject>, EngineError> {
         // The kinds the server serves, known before the plan: an unserved one is refused there.
-        // Looked at again at most once a rediscovery interval, so a CustomResourceDefinition
-        // installed since is seen; and only as well as the server answers: an aggregated API
-        // that is down must not stop the observing of everything else.
-        let due = self
-            .discovered_at
-            .lock()
-            .expect("discovery time")
-            .is_none_or(|at| at.elapsed() >= REDISCOVERY);
-        if due {
-            match self.discovery(true).await {
-                Ok(_) => *self.discovered_at.lock().expect("discovery time") = Some(Instant::now()),
-                Err(error) => tracing::debug!(%error, "the served kinds could not be listed"),
-            }
-        }
+        self.rediscover_if_due().await;
         let ((mut objects, mut live), (challenges, challenge_objects)) =
             tokio::try_join!(self.observe_stagings(), self.observe_challenges())?;
         objects.extend(challenges);
@@ -1734,9 +1762,43 @@ fn random_key() -> [u8; 32] {
     })
 }
 
+/// What a cluster serves as `helm template --api-versions` lists it: each `group/version` and
+/// each `group/version/Kind` (the core group's as `v1` and `v1/Kind`), sorted, each once. Pure.
+fn api_versions(served: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut listed = BTreeSet::new();
+    for (api_version, kind) in served {
+        listed.insert(format!("{api_version}/{kind}"));
+        listed.insert(api_version);
+    }
+    listed.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chart_is_told_each_served_version_and_kind_once() {
+        let served = [
+            ("v1", "Service"),
+            ("apps/v1", "Deployment"),
+            ("apps/v1", "StatefulSet"),
+            ("policy/v1beta1", "PodDisruptionBudget"),
+        ]
+        .map(|(version, kind)| (version.to_string(), kind.to_string()));
+        assert_eq!(
+            api_versions(served.into_iter()),
+            [
+                "apps/v1",
+                "apps/v1/Deployment",
+                "apps/v1/StatefulSet",
+                "policy/v1beta1",
+                "policy/v1beta1/PodDisruptionBudget",
+                "v1",
+                "v1/Service",
+            ]
+        );
+    }
 
     /// A staging's rest is read back from its namespace, keeps its time while it lasts (an
     /// archive's ttl runs from when it was first archived), and stopping never starts a ttl.
