@@ -228,8 +228,6 @@ struct Agent {
     false_announcement: bool,
     /// Content id (tree without `.berth`) of the revision last looked at.
     last_content: Option<String>,
-    /// What charts are told of the cluster, as of this pass.
-    cluster: Option<Arc<ClusterFacts>>,
     /// Why the clone was set aside, until a pass over a fresh one succeeds.
     healing: Option<String>,
     /// Status as of the last pass; shared with the server and `published`, never copied.
@@ -402,7 +400,6 @@ pub async fn run(
         tip: None,
         false_announcement: false,
         last_content: None,
-        cluster: None,
         healing: None,
         published: None,
         status_read: false,
@@ -772,7 +769,7 @@ impl Agent {
             Err(error) => return self.git_failed(GitStage::Fetch, error).await,
         };
         let cluster = match self.engines().await {
-            Ok(engines) => engines.cluster_facts().await.map(Arc::new),
+            Ok(engines) => engines.cluster_facts().await,
             Err(_) => None,
         };
         let cluster_changed = cluster.is_some()
@@ -780,20 +777,19 @@ impl Agent {
                 .current
                 .as_ref()
                 .is_some_and(|current| current.cluster != cluster);
-        self.cluster = cluster;
         let moved = self.last_content.as_deref() != Some(content.as_str()) || cluster_changed;
         if !moved && (!(self.config.drift_check || recheck) || self.current.is_none()) {
             return PassEnd::ready(PassOutcome::Unchanged, NextPass::AsScheduled);
         }
         if moved {
-            match self.load(&revision).await {
+            match self.load(&revision, cluster.clone()).await {
                 Ok(Some(current)) => {
                     self.current = Some(current);
                     self.rejection = None;
                 }
                 Ok(None) => {
                     self.last_content = Some(content);
-                    self.keep_running_after_restart().await;
+                    self.keep_running_after_restart(cluster).await;
                     return PassEnd::ready(PassOutcome::Rejected, NextPass::AsScheduled);
                 }
                 Err(error) => return self.git_failed(GitStage::Checkout, error).await,
@@ -882,7 +878,7 @@ impl Agent {
     /// After a restart (or a takeover) at a rejected tip, nothing is loaded yet: the revision
     /// status says was applied last is loaded, so what runs is still checked for drift and
     /// rechecked, as it would be had the agent not restarted.
-    async fn keep_running_after_restart(&mut self) {
+    async fn keep_running_after_restart(&mut self, cluster: Option<Arc<ClusterFacts>>) {
         let (Some(applied), Some(tip)) = (
             self.status
                 .agent
@@ -909,7 +905,7 @@ impl Agent {
         }
         let rejection = self.rejection.take();
         let status = Arc::clone(&self.status);
-        match self.load(&applied).await {
+        match self.load(&applied, cluster).await {
             Ok(Some(current)) => {
                 tracing::info!(
                     revision = short_revision(&applied),
@@ -955,17 +951,21 @@ impl Agent {
     /// Checks `revision` out and loads it. `Ok(None)`: invalid, and the problems are in status
     /// and [`Agent::rejection`]; the checkout is then put back at the applied revision, so drift
     /// correction and retries build from what is applied, never from the rejected revision.
-    async fn load(&mut self, revision: &str) -> Result<Option<Current>, SourceError> {
+    /// Its charts are rendered for `cluster`.
+    async fn load(
+        &mut self,
+        revision: &str,
+        cluster: Option<Arc<ClusterFacts>>,
+    ) -> Result<Option<Current>, SourceError> {
         let source = self.source.clone();
         let at = revision.to_string();
         let applied = self.current.as_ref().map(|c| c.revision.clone());
         // Runs copying a folder of the checkout finish first, and none starts meanwhile.
         let _checkout = self.checkout.write().await;
         let options = descriptor::LoadOptions {
-            cluster: self.cluster.clone(),
+            cluster: cluster.clone(),
             ..self.config.load_options()
         };
-        let cluster = self.cluster.clone();
         let loaded = blocking(move || {
             source.checkout(&at)?;
             let loaded = descriptor::load(source.workdir(), &options)

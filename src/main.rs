@@ -544,7 +544,7 @@ async fn load_and_connect(
     // Charts are rendered for the cluster they go to. Without engines the repo is still loaded,
     // so its problems come first.
     let connected = match &engines {
-        Ok(engines) => engines.cluster_facts().await.map(std::sync::Arc::new),
+        Ok(engines) => engines.cluster_facts().await,
         Err(_) => None,
     };
     let options = LoadOptions {

@@ -253,6 +253,31 @@ impl Products {
     pub fn of(&self, from: &crate::descriptor::model::FromPipeline) -> Option<&ProducedImage> {
         self.0.get(&from.from_pipeline)
     }
+
+    /// Puts in `spec` the images its Pipelines produced, its main container's and its sidecars'
+    /// alike, each as `name` names it (by id on Docker, by tag on Kubernetes); the products
+    /// taken, by container (`None`: the main one). `None` when one is missing.
+    pub fn put_into(
+        &self,
+        spec: &mut crate::descriptor::ChallengeSpec,
+        name: impl Fn(&ProducedImage) -> &str,
+    ) -> Option<Vec<(Option<Name>, &ProducedImage)>> {
+        use crate::descriptor::model::ImageSource;
+        let mut taken = Vec::new();
+        let mut take = |image: &mut Option<ImageSource>, container: Option<Name>| {
+            if let Some(ImageSource::FromPipeline(from)) = image {
+                let product = self.of(from)?;
+                *image = Some(ImageSource::Name(name(product).to_string()));
+                taken.push((container, product));
+            }
+            Some(())
+        };
+        take(&mut spec.image, None)?;
+        for sidecar in &mut spec.sidecars {
+            take(&mut sidecar.image, Some(sidecar.name.clone()))?;
+        }
+        Some(taken)
+    }
 }
 
 /// What a step does.

@@ -585,7 +585,9 @@ impl Engines {
 
     /// What Staging charts are told of the cluster, when this berth drives one and it answers;
     /// `None` otherwise, and helm renders for its own defaults.
-    pub async fn cluster_facts(&self) -> Option<crate::descriptor::manifests::ClusterFacts> {
+    pub async fn cluster_facts(
+        &self,
+    ) -> Option<std::sync::Arc<crate::descriptor::manifests::ClusterFacts>> {
         let Some(Backend::Kube(cluster)) = self.backend(Engine::Kubernetes) else {
             return None;
         };

@@ -14,8 +14,7 @@ use sha2::{Digest, Sha256};
 use super::network::Wall;
 use super::{DockerBackend, LABEL_SECRETS, LABEL_SLOT, LABEL_SPEC};
 use crate::descriptor::model::{
-    ChallengeSpec, FILE_KEY_PREFIX, ImageSource, RestartPolicy, RunState, Sidecar, VolumeMount,
-    VolumeSource,
+    ChallengeSpec, FILE_KEY_PREFIX, RestartPolicy, RunState, Sidecar, VolumeMount, VolumeSource,
 };
 use crate::descriptor::security::{Resources, Security};
 use crate::descriptor::values::SecretRef;
@@ -332,14 +331,7 @@ impl ChallengeTemplate {
     /// is missing.
     pub fn with_products(&self, products: &Products) -> Option<ChallengeTemplate> {
         let mut template = self.clone();
-        if let Some(ImageSource::FromPipeline(from)) = &self.spec.image {
-            template.spec.image = Some(ImageSource::Name(products.of(from)?.id.clone()));
-        }
-        for sidecar in &mut template.spec.sidecars {
-            if let Some(ImageSource::FromPipeline(from)) = &sidecar.image {
-                sidecar.image = Some(ImageSource::Name(products.of(from)?.id.clone()));
-            }
-        }
+        products.put_into(&mut template.spec, |product| &product.id)?;
         template.parts = template.slots();
         Some(template)
     }

@@ -131,22 +131,18 @@ pub enum FolderRefused {
 }
 
 impl ChallengeTemplate {
-    /// The same challenge running the image a Pipeline produced: a cluster pulls by name, so
-    /// its tag goes in the pod, and its id rolls the pods when the tag is built again.
+    /// The same challenge running the images its Pipelines produced, in the main container and
+    /// in sidecars: a cluster pulls by name, so each tag goes in the pod, and each id rolls the
+    /// pods when its tag is built again; `None` when one is missing.
     pub fn with_products(&self, products: &Products) -> Option<ChallengeTemplate> {
         let mut template = self.clone();
-        if let Some(ImageSource::FromPipeline(from)) = &self.spec.image {
-            let product = products.of(from)?;
-            template.spec.image = Some(ImageSource::Name(product.tag.clone()));
-            template.image_id = Some(product.id.clone());
-        }
-        for sidecar in &mut template.spec.sidecars {
-            if let Some(ImageSource::FromPipeline(from)) = &sidecar.image {
-                let product = products.of(from)?;
-                sidecar.image = Some(ImageSource::Name(product.tag.clone()));
-                template
-                    .sidecar_image_ids
-                    .insert(sidecar.name.to_string(), product.id.clone());
+        for (container, product) in products.put_into(&mut template.spec, |product| &product.tag)? {
+            let id = product.id.clone();
+            match container {
+                None => template.image_id = Some(id),
+                Some(sidecar) => {
+                    template.sidecar_image_ids.insert(sidecar.to_string(), id);
+                }
             }
         }
         Some(template)

@@ -126,6 +126,9 @@ impl Access {
     }
 }
 
+/// What charts are told of a cluster, with the discovery it was made from.
+type FactsOf = (Arc<Discovery>, Arc<manifests::ClusterFacts>);
+
 /// What applying one staging needs beyond its plan.
 #[derive(Debug, Clone)]
 pub struct StagingTemplate {
@@ -347,6 +350,9 @@ pub struct KubeBackend {
     discovery: Arc<tokio::sync::Mutex<Option<Arc<Discovery>>>>,
     /// When the plan's look at the served kinds last ran (see [`KubeBackend::observe`]).
     discovered_at: Arc<Mutex<Option<Instant>>>,
+    /// What charts are told of the cluster, and the discovery it was made from: made again only
+    /// when that is discovered again, so a pass asks nothing more of the server.
+    facts: Arc<tokio::sync::Mutex<Option<FactsOf>>>,
     /// The objects the last observation saw, by `namespace/Kind/name`: hand edits are found in them.
     live: Arc<Mutex<HashMap<String, Value>>>,
     /// Every namespace the last observation saw, berth's or not.
@@ -409,6 +415,7 @@ impl KubeBackend {
                 .unwrap_or_else(|| DEFAULT_CHALLENGE_NAMESPACE.to_string()),
             discovery: Arc::default(),
             discovered_at: Arc::default(),
+            facts: Arc::default(),
             live: Arc::default(),
             taken: Arc::default(),
             digest_key: Arc::new(random_key()),
@@ -466,15 +473,21 @@ impl KubeBackend {
     }
 
     /// What a chart is told of this cluster: its version and what it serves (discovered again
-    /// when due, as a plan's look at the served kinds is).
-    pub async fn cluster_facts(&self) -> Result<manifests::ClusterFacts, EngineError> {
+    /// when due, as a plan's look at the served kinds is; the version is read again with it).
+    pub async fn cluster_facts(&self) -> Result<Arc<manifests::ClusterFacts>, EngineError> {
         self.rediscover_if_due().await;
+        let discovery = self.discovery(false).await.map_err(|e| self.gone(e))?;
+        let mut cached = self.facts.lock().await;
+        if let Some((from, facts)) = cached.as_ref()
+            && Arc::ptr_eq(from, &discovery)
+        {
+            return Ok(Arc::clone(facts));
+        }
         let version = self
             .client
             .apiserver_version()
             .await
             .map_err(|e| self.gone(e))?;
-        let discovery = self.discovery(false).await.map_err(|e| self.gone(e))?;
         let served = discovery.groups().flat_map(|group| {
             group.versions().flat_map(move |version| {
                 group
@@ -483,10 +496,12 @@ impl KubeBackend {
                     .map(|(resource, _)| (resource.api_version, resource.kind))
             })
         });
-        Ok(manifests::ClusterFacts {
+        let facts = Arc::new(manifests::ClusterFacts {
             kube_version: version.git_version,
             api_versions: api_versions(served),
-        })
+        });
+        *cached = Some((discovery, Arc::clone(&facts)));
+        Ok(facts)
     }
 
     /// The API resource of `apiVersion`/`kind`, rediscovering once when it is not known.
