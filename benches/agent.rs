@@ -142,6 +142,8 @@ fn main() {
         common::median(cli_fetch.clone())
     );
 
+    status_commits(&source, work.path());
+
     // The agent.
     let state = work.path().join("agent");
     std::fs::create_dir_all(&state).unwrap();
@@ -300,4 +302,79 @@ async fn running_id(name: &str) -> Option<String> {
     };
     let list = docker.list_containers(Some(options)).await.ok()?;
     list.first()?.id.clone()
+}
+
+/// A status file of the shape the agent writes, for object `i` in `round`.
+fn status_file(i: usize, round: usize) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Challenge\nname: c-{i:04}\nphase: Running\nobservedGeneration: {round}\ncontainer:\n  id: {:064x}\n  image: busybox:latest\nsince: \"2026-12-06T11:{:02}:00Z\"\nmessage: started by pass {round}\n",
+        i * 7919 + round,
+        round % 60
+    )
+}
+
+/// The status commit of 1,001 changed files, ten times: berth in process (tree made in memory,
+/// its new objects stored as one pack, the commit; then pushed) against the git CLI adding and
+/// committing the same files in a worktree.
+fn status_commits(source: &Source, work: &std::path::Path) {
+    const ROUNDS: usize = 10;
+    let files = |round: usize| -> std::collections::BTreeMap<String, String> {
+        let mut files: std::collections::BTreeMap<String, String> = (0..OBJECTS)
+            .map(|i| {
+                (
+                    format!("status/challenges/c-{i:04}.yaml"),
+                    status_file(i, round),
+                )
+            })
+            .collect();
+        files.insert("status/agent.yaml".to_string(), format!("round: {round}\n"));
+        files
+    };
+    let (mut made, mut packed, mut stored) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        match source
+            .publish_status(&files(round), "bench: status")
+            .unwrap()
+        {
+            berth::source::Published::Pushed {
+                made: m,
+                packed: p,
+                stored: s,
+                ..
+            } => {
+                made.push(m.as_secs_f64() * 1000.0);
+                packed.push(p.as_secs_f64() * 1000.0);
+                stored.push(s.as_secs_f64() * 1000.0);
+            }
+            berth::source::Published::Unchanged => panic!("round {round} changed every file"),
+        }
+    }
+    let worktree = work.join("cli-status");
+    std::fs::create_dir_all(worktree.join("status/challenges")).unwrap();
+    common::git(work, &["init", "-q", "-b", "berth-status", "cli-status"]);
+    let cli: Vec<f64> = (0..ROUNDS)
+        .map(|round| {
+            for (path, text) in files(round) {
+                std::fs::write(worktree.join(path), text).unwrap();
+            }
+            let started = Instant::now();
+            common::git(&worktree, &["add", "-A"]);
+            common::git(&worktree, &["commit", "-q", "-m", "bench: status"]);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    println!(
+        "\nstatus commit of {} changed files (median of {ROUNDS})",
+        OBJECTS + 1
+    );
+    println!(
+        "  berth, stored in the clone  {:>8.1} ms (tree made {:.1} ms, packed {:.1} ms)",
+        common::median(stored),
+        common::median(made),
+        common::median(packed)
+    );
+    println!(
+        "  git add -A && git commit    {:>8.1} ms",
+        common::median(cli)
+    );
 }

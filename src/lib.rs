@@ -22,6 +22,7 @@
 //! outside is printed through [`printable`], so a terminal never obeys it. Checkouts stream
 //! their large files ([`large_files`]) and build contexts stream to the engine
 //! ([`build_context`]), so the agent's memory does not follow the size of what it carries.
+//! Status commits store their new objects as one [`pack`], written without a delta search.
 
 pub mod agent;
 pub mod apply;
@@ -39,6 +40,7 @@ pub mod large_files;
 pub mod leader;
 pub mod live;
 pub mod metrics;
+pub mod pack;
 pub mod plan;
 pub mod printable;
 pub mod queue;

@@ -114,7 +114,7 @@ pub enum Published {
         retries: usize,
         /// Time spent making the status tree (blobs and trees, in memory).
         made: std::time::Duration,
-        /// Time spent packing the new objects (libgit2's pack builder, deltas included).
+        /// Time spent packing the new objects (deflated whole, no delta search: [`crate::pack`]).
         packed: std::time::Duration,
         /// Time until the commit was stored in the clone (tree, pack written and indexed, commit).
         stored: std::time::Duration,
@@ -1128,15 +1128,11 @@ fn join(folder: &str, path: &str) -> String {
     }
 }
 
-/// Most threads packing a status commit: a status tree is a few thousand small objects, which
-/// more threads would split into windows too small to find deltas in.
-const PACK_THREADS: u32 = 4;
-
 /// A status tree made in memory: its id, the pack of its new objects, and how long making and
 /// packing took.
 struct NewTree {
     tree: Oid,
-    pack: git2::Buf,
+    pack: Vec<u8>,
     made: std::time::Duration,
     packed: std::time::Duration,
 }
@@ -1172,24 +1168,20 @@ fn build_tree(
     let packing = std::time::Instant::now();
     // The pack holds the blobs of `files` and the trees on the way to them: the blobs that
     // exist in memory are the ones made here.
-    let mut packer = memory.packbuilder()?;
-    // The delta search is most of the packing, and it splits over cores.
-    packer.set_threads(
-        PACK_THREADS
-            .min(std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u32),
-    );
+    let mut pack = crate::pack::PlainPack::new();
     let new = status_tree(&memory, &memory.find_tree(tree)?, folder)?;
     for id in new.trees_on_the_way {
-        packer.insert_object(id, None)?;
+        pack.add(ObjectType::Tree, odb.read(id)?.data());
     }
     for entry in new.entries {
-        let is_new_blob = entry.kind == Some(ObjectType::Blob) && odb.exists(entry.id);
-        if entry.kind == Some(ObjectType::Tree) || is_new_blob {
-            packer.insert_object(entry.id, None)?;
-        }
+        let (Some(kind @ (ObjectType::Blob | ObjectType::Tree)), Ok(object)) =
+            (entry.kind, odb.read(entry.id))
+        else {
+            continue;
+        };
+        pack.add(kind, object.data());
     }
-    let mut pack = git2::Buf::new();
-    packer.write_buf(&mut pack)?;
+    let pack = pack.finish();
     Ok(Some(NewTree {
         tree,
         pack,
