@@ -723,8 +723,9 @@ fn agent(config: Option<&std::path::Path>, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Passes run one at a time, so one thread for blocking git work is enough; fewer threads
-    // also mean fewer malloc arenas holding memory while the agent idles.
+    // Passes run one at a time, so one thread for blocking git work is enough; and the threads
+    // share one malloc arena, so none holds memory of its own while the agent idles.
+    berth::heap::share_one_arena();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(1)
