@@ -791,9 +791,7 @@ impl Loader {
     }
 
     /// Renders a Staging's manifests (or its chart); false when they have problems, which are
-    /// then reported at their files.
-    /// Renders a Staging's manifests; their problems are kept by `origin`, the staging's file
-    /// and document.
+    /// kept by `origin` (the staging's file and document) and reported at their own files.
     fn render(
         &mut self,
         descriptor: &mut Descriptor,
