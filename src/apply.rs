@@ -76,6 +76,7 @@ fn held_dependency(step: &Step, actions: &HashMap<&ObjectRef, &Step>) -> Option<
         let why = match held.action {
             Action::Skip => "was skipped",
             Action::Wait => "is waiting",
+            Action::Refuse => "was refused",
             // Not ready, as a dependency must be: the same as a dependency whose step failed.
             Action::Noop if held.unhealthy => "is unhealthy",
             _ => return None,

@@ -306,10 +306,15 @@ pub enum Action {
     Skip,
     /// Declared, but waits for something not there yet.
     Wait,
+    /// Declared, but cannot be made as declared (a chart that does not render, a namespace
+    /// someone else made): the apply reports it failed with its reason and leaves what runs
+    /// alone.
+    Refuse,
 }
 
 impl Action {
-    /// Whether the step changes the engine.
+    /// Whether an apply runs the step: it changes the engine or, refused, fails there with its
+    /// reason, so the apply's report and status say so.
     pub fn changes(self) -> bool {
         matches!(
             self,
@@ -320,6 +325,7 @@ impl Action {
                 | Action::Stop
                 | Action::Archive
                 | Action::Restore
+                | Action::Refuse
         )
     }
 
@@ -337,6 +343,7 @@ impl Action {
             Action::Orphan => "orphan",
             Action::Skip => "skip",
             Action::Wait => "wait",
+            Action::Refuse => "refuse",
         }
     }
 }
@@ -535,10 +542,7 @@ pub fn diff(desired: &[DesiredObject], observed: &[ObservedObject], policy: Poli
         let (mut action, mut reasons) = match &object.hold {
             Some(Hold::Skip(reason)) => (Action::Skip, vec![reason.clone()]),
             Some(Hold::Wait(reason)) => (Action::Wait, vec![reason.clone()]),
-            Some(Hold::Fail(reason)) => match here.is_some() {
-                true => (Action::Update, vec![reason.clone()]),
-                false => (Action::Create, vec![reason.clone()]),
-            },
+            Some(Hold::Fail(reason)) => (Action::Refuse, vec![reason.clone()]),
             None => compare(object, here, policy.now),
         };
         if matches!(action, Action::Create | Action::Update)
@@ -949,6 +953,8 @@ pub struct Summary {
     pub skipped: usize,
     /// Objects waiting for something not there yet.
     pub waiting: usize,
+    /// Objects that cannot be made as declared.
+    pub refused: usize,
 }
 
 impl Plan {
@@ -974,6 +980,7 @@ impl Plan {
                 Action::Orphan => &mut summary.orphaned,
                 Action::Skip => &mut summary.skipped,
                 Action::Wait => &mut summary.waiting,
+                Action::Refuse => &mut summary.refused,
             };
             *count += 1;
         }
@@ -1012,6 +1019,7 @@ impl Plan {
                 (s.orphaned, "orphaned"),
                 (s.skipped, "skipped"),
                 (s.waiting, "waiting"),
+                (s.refused, "refused"),
             ],
         );
         line
@@ -1789,6 +1797,38 @@ mod tests {
         assert_eq!(
             plan.summary_line(),
             "0 to create, 0 to update, 0 to delete, 0 unchanged, 1 waiting"
+        );
+    }
+
+    #[test]
+    fn an_object_that_cannot_be_made_is_planned_refused_never_to_create_or_update() {
+        let why = "cannot render chart shop: helm template exited with 1: needs Kubernetes 1.21";
+        let refused = |name: &str| {
+            let mut object = desired(name, true, vec![]);
+            object.hold = Some(Hold::Fail(why.into()));
+            object
+        };
+        // One new, one already running (its old version stays, and is not "updated").
+        let plan = diff(
+            &[refused("new"), refused("old")],
+            &[observed("old", vec![seen("main", "h1", json!({}), true)])],
+            Policy::default(),
+        );
+        assert!(
+            plan.steps
+                .iter()
+                .all(|s| s.action == Action::Refuse && s.reasons == [why]),
+            "{plan:?}"
+        );
+        // The apply runs the steps, so their failure is reported and recorded.
+        assert!(plan.has_changes());
+        assert_eq!(
+            plan.summary_line(),
+            "0 to create, 0 to update, 0 to delete, 0 unchanged, 2 refused"
+        );
+        assert!(
+            plan.render_text()
+                .contains("refuse  cannot render chart shop")
         );
     }
 

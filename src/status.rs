@@ -125,7 +125,7 @@ impl Phase {
             Action::Update | Action::Start | Action::Stop => Some(Phase::UpdatePending),
             Action::Archive => Some(Phase::ArchivePending),
             Action::Delete => Some(Phase::DeletePending),
-            Action::Noop | Action::Orphan | Action::Skip | Action::Wait => None,
+            Action::Noop | Action::Orphan | Action::Skip | Action::Wait | Action::Refuse => None,
         }
     }
 

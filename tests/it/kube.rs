@@ -557,7 +557,8 @@ fn a_challenge_whose_service_is_refused_makes_no_deployment() {
 }
 
 /// Issue 19, item 22: a staging whose namespace someone else made is refused by the plan as it
-/// is by the apply (the plan said `create`), and the namespace is left alone.
+/// is by the apply, and the namespace is left alone. The plan counts it refused, not "to
+/// create" (it once did, though the apply was sure to fail it).
 #[test]
 fn the_plan_says_a_namespace_made_by_someone_else_is_refused() {
     let Some(cluster) = cluster() else { return };
@@ -575,7 +576,13 @@ fn the_plan_says_a_namespace_made_by_someone_else_is_refused() {
     );
     let planned = cluster.plan(repo.path());
     assert!(
-        planned.contains(&format!("namespace {ns} exists and was not made by berth")),
+        planned.contains(&format!(
+            "Staging/shop  refuse  namespace {ns} exists and was not made by berth"
+        )),
+        "{planned}"
+    );
+    assert!(
+        planned.contains("0 to create, 0 to update, 0 to delete, 0 unchanged, 1 refused"),
         "{planned}"
     );
     let output = cluster.apply(repo.path(), &[]);
