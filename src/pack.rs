@@ -10,13 +10,16 @@
 //! `Documentation/gitformat-pack.txt`, version 2; libgit2's indexer reads the result and checks
 //! every object and the trailer.
 
-use flate2::{Compress, Compression, FlushCompress, Status};
-use git2::ObjectType;
+use std::collections::HashSet;
 
-/// A pack being written: its header, its objects so far, and one deflate stream reused for each.
+use flate2::{Compress, Compression, FlushCompress, Status};
+use git2::{ObjectType, Oid};
+
+/// A pack being written: its header, its objects so far (each once: the indexer refuses a pack
+/// that holds one twice), and one deflate stream reused for each.
 pub struct PlainPack {
     bytes: Vec<u8>,
-    objects: u32,
+    added: HashSet<Oid>,
     deflate: Compress,
 }
 
@@ -32,14 +35,19 @@ impl PlainPack {
         bytes.extend_from_slice(&0u32.to_be_bytes());
         Self {
             bytes,
-            objects: 0,
+            added: HashSet::new(),
             // Stored, not compressed: see the module's doc.
             deflate: Compress::new(Compression::none(), true),
         }
     }
 
-    /// Adds one object, whole. `kind` is a commit, tree, blob or tag.
-    pub fn add(&mut self, kind: ObjectType, data: &[u8]) {
+    /// Adds object `id`, whole, unless the pack holds it already (two status folders can hold
+    /// the same file, so the same tree). `kind` is a commit, tree, blob or tag; `id` must be its
+    /// id, as libgit2 made it.
+    pub fn add(&mut self, id: Oid, kind: ObjectType, data: &[u8]) {
+        if !self.added.insert(id) {
+            return;
+        }
         let code: u8 = match kind {
             ObjectType::Commit => 1,
             ObjectType::Tree => 2,
@@ -70,12 +78,12 @@ impl PlainPack {
                 break;
             }
         }
-        self.objects += 1;
     }
 
     /// The pack's bytes: the count set in the header, and the SHA-1 of it all after.
     pub fn finish(mut self) -> Vec<u8> {
-        self.bytes[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&self.objects.to_be_bytes());
+        let objects = u32::try_from(self.added.len()).expect("a status pack holds few objects");
+        self.bytes[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&objects.to_be_bytes());
         let trailer = openssl::sha::sha1(&self.bytes);
         self.bytes.extend_from_slice(&trailer);
         self.bytes
@@ -114,9 +122,12 @@ mod tests {
         let mut pack = PlainPack::new();
         let mut ids = Vec::new();
         for blob in &blobs {
-            pack.add(ObjectType::Blob, blob);
-            ids.push(git2::Oid::hash_object(ObjectType::Blob, blob).unwrap());
+            let id = Oid::hash_object(ObjectType::Blob, blob).unwrap();
+            pack.add(id, ObjectType::Blob, blob);
+            ids.push(id);
         }
+        // A file met twice (the same status in two folders) is packed once.
+        pack.add(ids[1], ObjectType::Blob, &blobs[1]);
         // The tree is written to a scratch repository only to learn its bytes.
         let scratch = tempfile::tempdir().unwrap();
         let scratch = git2::Repository::init_bare(scratch.path()).unwrap();
@@ -137,7 +148,7 @@ mod tests {
             .unwrap()
             .data()
             .to_vec();
-        pack.add(ObjectType::Tree, &tree_bytes);
+        pack.add(tree_id, ObjectType::Tree, &tree_bytes);
 
         let odb = repo.odb().unwrap();
         let mut writer = odb.packwriter().unwrap();
@@ -157,7 +168,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = git2::Repository::init_bare(dir.path()).unwrap();
         let mut pack = PlainPack::new();
-        pack.add(ObjectType::Blob, b"status: Running\n");
+        let blob = b"status: Running\n";
+        pack.add(
+            Oid::hash_object(ObjectType::Blob, blob).unwrap(),
+            ObjectType::Blob,
+            blob,
+        );
         let mut bytes = pack.finish();
         bytes[HEADER_LEN + 3] ^= 0x01;
         let odb = repo.odb().unwrap();

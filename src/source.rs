@@ -1167,19 +1167,21 @@ fn build_tree(
     let made = making.elapsed();
     let packing = std::time::Instant::now();
     // The pack holds the blobs of `files` and the trees on the way to them: the blobs that
-    // exist in memory are the ones made here.
+    // exist in memory are the ones made here; any other is the base's, already on disk.
     let mut pack = crate::pack::PlainPack::new();
     let new = status_tree(&memory, &memory.find_tree(tree)?, folder)?;
     for id in new.trees_on_the_way {
-        pack.add(ObjectType::Tree, odb.read(id)?.data());
+        pack.add(id, ObjectType::Tree, odb.read(id)?.data());
     }
     for entry in new.entries {
-        let (Some(kind @ (ObjectType::Blob | ObjectType::Tree)), Ok(object)) =
-            (entry.kind, odb.read(entry.id))
-        else {
+        let Some(kind @ (ObjectType::Blob | ObjectType::Tree)) = entry.kind else {
             continue;
         };
-        pack.add(kind, object.data());
+        match odb.read(entry.id) {
+            Ok(object) => pack.add(entry.id, kind, object.data()),
+            Err(e) if kind == ObjectType::Blob && e.code() == git2::ErrorCode::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let pack = pack.finish();
     Ok(Some(NewTree {

@@ -776,12 +776,20 @@ fn five_hundred_status_commits_leave_a_clone_of_few_packs_that_git_finds_whole()
     let config = AgentConfig::load(Some(&config)).unwrap();
     let source = Source::new(&config, &Secrets::read(&config).unwrap());
     source.fetch().unwrap();
-    // Months of passes, each changing what status says.
+    // Months of passes, each changing what status says. Two folders that hold the same file
+    // are the same tree: each pass's pack must hold it once, or git refuses the pack.
     for pass in 0..500 {
-        let files = std::collections::BTreeMap::from([(
-            "status/challenge/web.yaml".to_string(),
-            format!("pass: {pass}\n"),
-        )]);
+        let files = std::collections::BTreeMap::from([
+            (
+                "status/challenge/web.yaml".to_string(),
+                format!("pass: {pass}\n"),
+            ),
+            (
+                "status/pipeline/same.yaml".to_string(),
+                "same\n".to_string(),
+            ),
+            ("status/staging/same.yaml".to_string(), "same\n".to_string()),
+        ]);
         source
             .publish_status(&files, &format!("status of pass {pass}"))
             .unwrap();
@@ -816,6 +824,10 @@ fn five_hundred_status_commits_leave_a_clone_of_few_packs_that_git_finds_whole()
     assert_eq!(
         origin.bare_git(&["rev-list", "--count", "berth-status"]),
         "500"
+    );
+    assert_eq!(
+        origin.bare_git(&["show", "berth-status:status/staging/same.yaml"]),
+        "same"
     );
 }
 
