@@ -958,7 +958,7 @@ pub struct Summary {
 }
 
 impl Plan {
-    /// Whether any step changes the engine.
+    /// Whether an apply has any step to run (see [`Action::changes`]).
     pub fn has_changes(&self) -> bool {
         self.steps.iter().any(|s| s.action.changes())
     }

@@ -606,7 +606,13 @@ pub struct PassRecord<'a> {
 /// Why the move of an object from `from` through the pending phase of `action` to `to` is one
 /// the phase table forbids; `None` when it is legal (or `action` has no pending phase). Pure.
 fn illegal_move(from: Option<Phase>, action: Action, to: Option<Phase>) -> Option<String> {
-    let pending = Phase::pending_for(action)?;
+    // A refused step marks no pending phase (nothing is about to change), but what it records
+    // moves as the create or the update it stands for would.
+    let pending = match (action, from) {
+        (Action::Refuse, None) => Phase::CreatePending,
+        (Action::Refuse, Some(_)) => Phase::UpdatePending,
+        _ => Phase::pending_for(action)?,
+    };
     let legal = Phase::may_follow(from, pending)
         && to.is_none_or(|to| Phase::may_follow(Some(pending), to));
     let shown = |phase: Option<Phase>| phase.map_or("nothing", Phase::as_str);
@@ -1701,6 +1707,21 @@ mod tests {
         assert_eq!(
             illegal_move(Some(Phase::Archived), Action::Noop, None),
             None
+        );
+        // A refused step records its failure as the update or create it stands for would.
+        for from in [None, Some(Phase::Archived), Some(Phase::Stopped)] {
+            assert_eq!(
+                illegal_move(from, Action::Refuse, Some(Phase::Failure)),
+                None
+            );
+        }
+        assert!(
+            illegal_move(
+                Some(Phase::Archived),
+                Action::Refuse,
+                Some(Phase::CleanupFailed)
+            )
+            .is_some()
         );
     }
 
