@@ -142,7 +142,21 @@ fn main() {
         common::median(cli_fetch.clone())
     );
 
-    status_commits(&source, work.path());
+    // On a repo of its own, so the agent below starts from no status.
+    common::git(
+        &served,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            source_dir.to_str().unwrap(),
+            "status-bench.git",
+        ],
+    );
+    status_commits(
+        &format!("git://127.0.0.1:{daemon_port}/status-bench.git"),
+        work.path(),
+    );
 
     // The agent.
     let state = work.path().join("agent");
@@ -304,25 +318,39 @@ async fn running_id(name: &str) -> Option<String> {
     list.first()?.id.clone()
 }
 
-/// A status file of the shape the agent writes, for object `i` in `round`.
+/// A status file as the agent writes one for a running challenge (about 640 bytes), for object
+/// `i` after pass `round`.
 fn status_file(i: usize, round: usize) -> String {
     format!(
-        "apiVersion: berth/v1\nkind: Challenge\nname: c-{i:04}\nphase: Running\nobservedGeneration: {round}\ncontainer:\n  id: {:064x}\n  image: busybox:latest\nsince: \"2026-12-06T11:{:02}:00Z\"\nmessage: started by pass {round}\n",
-        i * 7919 + round,
-        round % 60
+        "# Written by berth; edits are overwritten on the next pass.\nkind: Challenge\nname: c-{i:04}\nphase: Running\nhealth: Healthy\nrevision: {:040x}\nspecHash: {:032x}\nmessage: \"created: container missing\"\nlastTransition: \"2026-12-06T11:{:02}:00Z\"\nparts:\n  - id: main-1\n    hash: {:016x}\n    state: running\n    health: Healthy\n    spec:\n      replicas: 1\n      image: \"busybox:latest\"\n      command:\n        - sleep\n        - \"3600\"\n      env:\n        ROUND: \"{round}\"\n      resources:\n        cpus: 1.0\n        memory: 512Mi\n        pids: 512\n      restart: unlessStopped\n      walls: challenges\n",
+        round * 7919 + 1,
+        i * 104_729 + round,
+        round % 60,
+        i * 31 + round
     )
 }
 
 /// The status commit of 1,001 changed files, ten times: berth in process (tree made in memory,
 /// its new objects stored as one pack, the commit; then pushed) against the git CLI adding and
 /// committing the same files in a worktree.
-fn status_commits(source: &Source, work: &std::path::Path) {
+fn status_commits(url: &str, work: &std::path::Path) {
     const ROUNDS: usize = 10;
+    let config = AgentConfig::from_text(
+        "bench",
+        &format!(
+            "repo: {{url: \"{url}\"}}\nstateDir: {}\n",
+            work.join("status-state").display()
+        ),
+        |_| None,
+    )
+    .unwrap();
+    let source = Source::new(&config, &Secrets::default());
+    source.fetch().unwrap();
     let files = |round: usize| -> std::collections::BTreeMap<String, String> {
         let mut files: std::collections::BTreeMap<String, String> = (0..OBJECTS)
             .map(|i| {
                 (
-                    format!("status/challenges/c-{i:04}.yaml"),
+                    format!("status/challenge/c-{i:04}.yaml"),
                     status_file(i, round),
                 )
             })
@@ -350,7 +378,7 @@ fn status_commits(source: &Source, work: &std::path::Path) {
         }
     }
     let worktree = work.join("cli-status");
-    std::fs::create_dir_all(worktree.join("status/challenges")).unwrap();
+    std::fs::create_dir_all(worktree.join("status/challenge")).unwrap();
     common::git(work, &["init", "-q", "-b", "berth-status", "cli-status"]);
     let cli: Vec<f64> = (0..ROUNDS)
         .map(|round| {
