@@ -549,12 +549,9 @@ impl Source {
             else {
                 return Ok(Published::Unchanged);
             };
-            let odb = repo.odb()?;
-            let mut writer = odb.packwriter()?;
-            writer
-                .write_all(&pack)
+            store_pack(&repo.path().join("objects/pack"), &pack)
                 .map_err(|e| SourceError::Local(format!("cannot write a pack: {e}")))?;
-            writer.commit()?;
+            let odb = repo.odb()?;
             odb.refresh()?;
             let tree = repo.find_tree(tree)?;
             let parents: Vec<&git2::Commit> = base.iter().collect();
@@ -1132,7 +1129,7 @@ fn join(folder: &str, path: &str) -> String {
 /// packing took.
 struct NewTree {
     tree: Oid,
-    pack: Vec<u8>,
+    pack: crate::pack::FinishedPack,
     made: std::time::Duration,
     packed: std::time::Duration,
 }
@@ -1190,6 +1187,24 @@ fn build_tree(
         made,
         packed: packing.elapsed(),
     }))
+}
+
+/// Puts `pack` and its index into the clone's pack folder as git does: each written under a
+/// temporary name and renamed, the index last, so no reader finds an index without its pack.
+fn store_pack(folder: &Path, pack: &crate::pack::FinishedPack) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(folder)?;
+    for (extension, bytes) in [("pack", &pack.pack), ("idx", &pack.index)] {
+        let mut file = tempfile::Builder::new()
+            .prefix("tmp_status_")
+            .tempfile_in(folder)?;
+        file.write_all(bytes)?;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        file.persist(folder.join(format!("pack-{}.{extension}", pack.name)))
+            .map_err(|e| e.error)?;
+    }
+    Ok(())
 }
 
 /// Copies into `memory` the trees a status update walks through: the root, `folder`, and the
