@@ -9,8 +9,9 @@
 //! glibc also gives each thread that allocates an arena of its own (up to eight a core), and what
 //! a thread left live in its arena pins that arena's pages. The agent's threads (the runtime, its
 //! one blocking thread for git work, the file watcher) allocate little at once, so they share one
-//! arena: at 1,000 objects the idle agent's anonymous memory went from 13.6–15.1 MiB to
-//! 12.3–12.4 MiB, and its peak from 52–54 MiB to 48 MiB (`cargo bench --bench agent`).
+//! arena: at 1,000 objects (the agent bench's repo and agent, run twice with each) the idle
+//! agent's anonymous memory went from 13.6–15.1 MiB to 12.3–12.4 MiB, and its peak from
+//! 52–54 MiB to 48 MiB.
 
 /// Makes every thread of the process allocate from one arena (glibc's `M_ARENA_MAX`), as
 /// `MALLOC_ARENA_MAX=1` would. Call before threads start; nothing elsewhere.
