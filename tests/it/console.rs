@@ -110,15 +110,26 @@ async fn log_in(browser: &Client, base: &str, token: &str) {
     click(browser, "form.login button").await;
 }
 
-/// Clicks the element `css` finds.
+/// Clicks the element `css` finds. A live update can swap the page's `main` between the find and
+/// the click (each pass's event refreshes it), leaving the element found stale and the click not
+/// made: it is found again in the new `main` and clicked there, as a user would click again.
 async fn click(browser: &Client, css: &str) {
-    browser
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .click()
-        .await
-        .unwrap();
+    for _ in 0..5 {
+        let element = browser
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"));
+        match element.click().await {
+            Ok(()) => return,
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot click {css}: {e}"),
+        }
+    }
+    panic!("{css} was replaced by a live update each of 5 times it was clicked");
 }
 
 /// How long a page may take to show what a step led to. It is patience, not a speed claim: what
