@@ -77,16 +77,14 @@ fn main() {
     common::git(&source_dir, &["add", "-A"]);
     common::git(&source_dir, &["commit", "-q", "-m", "1,000 challenges"]);
     std::fs::create_dir_all(&served).unwrap();
-    common::git(
-        &served,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            source_dir.to_str().unwrap(),
-            "infra.git",
-        ],
-    );
+    // The repo the agent follows, and one for the status commits alone, so the agent starts from
+    // no status.
+    for name in ["infra.git", "status-bench.git"] {
+        common::git(
+            &served,
+            &["clone", "-q", "--bare", source_dir.to_str().unwrap(), name],
+        );
+    }
     common::git(
         &source_dir,
         &[
@@ -104,16 +102,7 @@ fn main() {
     );
 
     // Fetch with nothing new: berth (git2, in process) against the git CLI.
-    let config = AgentConfig::from_text(
-        "bench",
-        &format!(
-            "repo: {{url: \"{url}\"}}\nstateDir: {}\n",
-            work.path().join("fetch-state").display()
-        ),
-        |_| None,
-    )
-    .unwrap();
-    let source = Source::new(&config, &Secrets::default());
+    let source = source_of(&url, &work.path().join("fetch-state"));
     let head = source.fetch().unwrap();
     let berth_fetch: Vec<f64> = (0..20)
         .map(|_| {
@@ -142,17 +131,6 @@ fn main() {
         common::median(cli_fetch.clone())
     );
 
-    // On a repo of its own, so the agent below starts from no status.
-    common::git(
-        &served,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            source_dir.to_str().unwrap(),
-            "status-bench.git",
-        ],
-    );
     status_commits(
         &format!("git://127.0.0.1:{daemon_port}/status-bench.git"),
         work.path(),
@@ -318,6 +296,17 @@ async fn running_id(name: &str) -> Option<String> {
     list.first()?.id.clone()
 }
 
+/// berth's clone of `url`, kept in `state`, as an agent with no other settings has it.
+fn source_of(url: &str, state: &std::path::Path) -> Source {
+    let config = AgentConfig::from_text(
+        "bench",
+        &format!("repo: {{url: \"{url}\"}}\nstateDir: {}\n", state.display()),
+        |_| None,
+    )
+    .unwrap();
+    Source::new(&config, &Secrets::default())
+}
+
 /// A status file as the agent writes one for a running challenge (about 640 bytes), for object
 /// `i` after pass `round`.
 fn status_file(i: usize, round: usize) -> String {
@@ -335,16 +324,7 @@ fn status_file(i: usize, round: usize) -> String {
 /// committing the same files in a worktree.
 fn status_commits(url: &str, work: &std::path::Path) {
     const ROUNDS: usize = 10;
-    let config = AgentConfig::from_text(
-        "bench",
-        &format!(
-            "repo: {{url: \"{url}\"}}\nstateDir: {}\n",
-            work.join("status-state").display()
-        ),
-        |_| None,
-    )
-    .unwrap();
-    let source = Source::new(&config, &Secrets::default());
+    let source = source_of(url, &work.join("status-state"));
     source.fetch().unwrap();
     let files = |round: usize| -> std::collections::BTreeMap<String, String> {
         let mut files: std::collections::BTreeMap<String, String> = (0..OBJECTS)

@@ -130,13 +130,14 @@ fn index_of(entries: &mut [Entry], pack_checksum: &[u8; 20]) -> Vec<u8> {
     let mut index = Vec::with_capacity(1072 + entries.len() * 28 + 40);
     index.extend_from_slice(b"\xfftOc");
     index.extend_from_slice(&2u32.to_be_bytes());
+    // The fan-out: for each first byte, how many ids start with it or a lower one.
+    let mut starting_with = [0u32; 256];
+    for entry in entries.iter() {
+        starting_with[usize::from(entry.id.as_bytes()[0])] += 1;
+    }
     let mut below = 0u32;
-    for first in 0..=255u8 {
-        below += entries
-            .iter()
-            .skip(below as usize)
-            .take_while(|entry| entry.id.as_bytes()[0] == first)
-            .count() as u32;
+    for count in starting_with {
+        below += count;
         index.extend_from_slice(&below.to_be_bytes());
     }
     for entry in entries.iter() {
